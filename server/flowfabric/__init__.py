@@ -1,0 +1,1 @@
+"""FlowFabric: a durable execution control plane on gRPC and Valkey Functions."""

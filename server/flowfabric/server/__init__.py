@@ -1,0 +1,1 @@
+"""The gRPC server: configuration, Valkey store, servicers and boot."""

@@ -1,0 +1,148 @@
+"""The key schema (spec 00 §5), in one place. Servicers never format key strings.
+
+Execution keys are `<prefix>:{fp:N}:<eid>:<suffix>`; the execution id itself starts with
+`{fp:N}:`, so the literal key carries the tag twice and the first one routes. Every key one
+FCALL receives is built from the same `ExecutionId`, so every call is single-slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flowfabric.server.ids import ExecutionId
+
+PARTITION_CONFIG = "ff:config:partitions"
+
+
+def noop(tag: str) -> str:
+    """Placeholder for an absent optional key; keeps the KEYS list single-slot."""
+    return f"ff:noop:{tag}"
+
+
+@dataclass(frozen=True)
+class ExecKeys:
+    """Every per-execution key of one execution."""
+
+    eid: ExecutionId
+
+    @property
+    def tag(self) -> str:
+        return self.eid.tag
+
+    def _k(self, suffix: str) -> str:
+        return f"ff:exec:{self.tag}:{self.eid}:{suffix}"
+
+    @property
+    def core(self) -> str:
+        return self._k("core")
+
+    @property
+    def payload(self) -> str:
+        return self._k("payload")
+
+    @property
+    def result(self) -> str:
+        return self._k("result")
+
+    @property
+    def policy(self) -> str:
+        return self._k("policy")
+
+    @property
+    def tags(self) -> str:
+        return self._k("tags")
+
+    @property
+    def claim_grant(self) -> str:
+        return self._k("claim_grant")
+
+    @property
+    def lease_current(self) -> str:
+        return self._k("lease:current")
+
+    @property
+    def lease_history(self) -> str:
+        return self._k("lease:history")
+
+    @property
+    def attempts(self) -> str:
+        return self._k("attempts")
+
+    def attempt(self, index: int) -> str:
+        return f"ff:attempt:{self.tag}:{self.eid}:{index}"
+
+    def attempt_usage(self, index: int) -> str:
+        return f"{self.attempt(index)}:usage"
+
+    def attempt_policy(self, index: int) -> str:
+        return f"{self.attempt(index)}:policy"
+
+    def stream(self, index: int) -> str:
+        return f"ff:stream:{self.tag}:{self.eid}:{index}"
+
+    def stream_meta(self, index: int) -> str:
+        return f"{self.stream(index)}:meta"
+
+    def idempotency(self, namespace: str, key: str) -> str:
+        return f"ff:idem:{self.tag}:{namespace}:{key}"
+
+
+@dataclass(frozen=True)
+class PartitionKeys:
+    """Per-partition indexes (spec 00 §5.2) of the flow/execution family."""
+
+    tag: str
+
+    @classmethod
+    def of(cls, partition: int) -> PartitionKeys:
+        return cls(f"{{fp:{partition}}}")
+
+    def lane(self, lane: str, which: str) -> str:
+        """`which`: eligible, delayed, active, suspended, terminal, blocked:<reason>."""
+        return f"ff:idx:{self.tag}:lane:{lane}:{which}"
+
+    def _idx(self, name: str) -> str:
+        return f"ff:idx:{self.tag}:{name}"
+
+    @property
+    def lease_expiry(self) -> str:
+        return self._idx("lease_expiry")
+
+    @property
+    def attempt_timeout(self) -> str:
+        return self._idx("attempt_timeout")
+
+    @property
+    def execution_deadline(self) -> str:
+        return self._idx("execution_deadline")
+
+    @property
+    def suspension_timeout(self) -> str:
+        return self._idx("suspension_timeout")
+
+    @property
+    def pending_waitpoint_expiry(self) -> str:
+        return self._idx("pending_waitpoint_expiry")
+
+    @property
+    def all_executions(self) -> str:
+        return self._idx("all_executions")
+
+    @property
+    def lanes(self) -> str:
+        return self._idx("lanes")
+
+    def worker_leases(self, worker_instance_id: str) -> str:
+        return self._idx(f"worker:{worker_instance_id}:leases")
+
+    @property
+    def exec_events(self) -> str:
+        return f"ff:exec_events:{self.tag}"
+
+    @property
+    def signal_events(self) -> str:
+        return f"ff:signal_events:{self.tag}"
+
+    @property
+    def noop(self) -> str:
+        return noop(self.tag)

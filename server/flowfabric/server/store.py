@@ -1,0 +1,252 @@
+"""The Valkey store: connections, the Functions library, and the one FCALL helper.
+
+Every FCALL in the process (API, scheduler, scanners) goes through `Store.fcall`, which reloads
+the library once (single-flight) when Valkey answers "function not found" (after a failover or
+`FUNCTION FLUSH`) and retries the call once (spec 50 §2.4). Transport faults surface as
+`backend_unavailable`; a failed reload as `library_reload_failed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from flowfabric.server.errors import FlowFabricError
+from flowfabric.server.library import Library, default_library
+
+log = logging.getLogger("flowfabric.store")
+
+MIN_VALKEY_VERSION = (7, 2, 0)
+_NOT_LOADED = ("function not found", "no matching function", "function not loaded")
+
+Arg = str | bytes | int
+
+
+class _Cluster(RedisCluster):  # type: ignore[misc]
+    """RedisCluster that routes FCALL by its first key locally.
+
+    redis-py treats FCALL as a movable-keys command and asks the server `COMMAND GETKEYS` on
+    every call, doubling round trips; our functions always carry their keys, and all keys of
+    one call share a slot, so the first key decides the node.
+    """
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        if str(command).upper() in ("FCALL", "FCALL_RO") and len(args) >= 3 and int(args[1]) > 0:
+            key = args[2]
+            return int(key_slot(key if isinstance(key, bytes) else str(key).encode()))
+        return int(await super()._determine_slot(command, *args))
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    return isinstance(
+        exc,
+        rexc.ConnectionError
+        | rexc.TimeoutError
+        | rexc.BusyLoadingError
+        | rexc.ClusterDownError
+        | rexc.TryAgainError
+        | OSError,
+    )
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """The minimum Valkey version in an `INFO server` body (rejects Redis)."""
+    m = re.search(r"^valkey_version:(\d+)\.(\d+)\.(\d+)", text, re.M)
+    if not m and re.search(r"^server_name:valkey", text, re.M):
+        m = re.search(r"^redis_version:(\d+)\.(\d+)\.(\d+)", text, re.M)
+    if not m:
+        raise ValueError("not a Valkey server (no valkey_version in INFO server)")
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+
+
+class Store:
+    """One logical Valkey (standalone or Cluster) with the flowfabric library loaded."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        *,
+        cluster: bool,
+        library: Library | None = None,
+    ) -> None:
+        self.client = client
+        self.cluster = cluster
+        self.library = library or default_library()
+        self._reload_lock = asyncio.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, *, library: Library | None = None) -> Store:
+        """`valkey://`, `valkeys://`, `redis://`, `rediss://`; `?cluster=1` selects Cluster."""
+        cluster = "cluster=1" in url or "cluster=true" in url
+        norm = re.sub(r"^valkey(s?)://", r"redis\1://", url)
+        norm = re.sub(r"[?&]cluster=(1|true)", "", norm)
+        common: dict[str, Any] = {
+            "socket_connect_timeout": 10,
+            "socket_timeout": 5,
+            "decode_responses": False,
+        }
+        client: aioredis.Redis | RedisCluster
+        if cluster:
+            client = _Cluster.from_url(norm, **common)
+        else:
+            client = aioredis.Redis.from_url(norm, health_check_interval=0, **common)
+        return cls(client, cluster=cluster, library=library)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # -- boot ---------------------------------------------------------------------------------
+
+    async def primaries(self) -> list[Any]:
+        if self.cluster:
+            return list(self.client.get_primaries())
+        return [None]
+
+    async def _on_each_primary(self, *args: Arg) -> list[Any]:
+        if not self.cluster:
+            return [await self.client.execute_command(*args)]
+        out = []
+        for node in self.client.get_primaries():
+            out.append(await self.client.execute_command(*args, target_nodes=node))
+        return out
+
+    async def server_version(self) -> tuple[int, int, int]:
+        """The lowest version across every primary."""
+        bodies = await self._on_each_primary("INFO", "server")
+        versions = []
+        for body in bodies:
+            if isinstance(body, dict):
+                text = "\n".join(f"{k}:{v}" for k, v in body.items())
+            else:
+                text = body.decode() if isinstance(body, bytes) else str(body)
+            versions.append(parse_version(text))
+        return min(versions)
+
+    async def check_version(self) -> tuple[int, int, int]:
+        version = await self.server_version()
+        if version < MIN_VALKEY_VERSION:
+            want = ".".join(map(str, MIN_VALKEY_VERSION))
+            got = ".".join(map(str, version))
+            raise RuntimeError(f"Valkey {got} is too old: flowfabric needs Valkey >= {want}")
+        return version
+
+    async def loaded_versions(self) -> list[str | None]:
+        out: list[str | None] = []
+        nodes = self.client.get_primaries() if self.cluster else [None]
+        for node in nodes:
+            kwargs = {"target_nodes": node} if node is not None else {}
+            try:
+                v = await self.client.execute_command("FCALL", "ff_version", 0, **kwargs)
+            except rexc.ResponseError as exc:
+                if not _is_not_loaded(exc):
+                    raise
+                out.append(None)
+            else:
+                out.append(v.decode() if isinstance(v, bytes) else str(v))
+        return out
+
+    async def ensure_library(self) -> bool:
+        """Load the library on every primary whose version differs. True if anything loaded."""
+        async with self._reload_lock:
+            return await self._ensure_library_locked()
+
+    async def _ensure_library_locked(self) -> bool:
+        versions = await self.loaded_versions()
+        if all(v == self.library.version for v in versions):
+            return False
+        for attempt in range(3):
+            try:
+                await self._on_each_primary(
+                    "FUNCTION", "LOAD", "REPLACE", self.library.source
+                )
+                break
+            except rexc.ResponseError:
+                raise  # a compile error is fatal, not transient
+            except Exception as exc:
+                if attempt == 2 or not is_transport_error(exc):
+                    raise
+                await asyncio.sleep(1)
+        versions = await self.loaded_versions()
+        if any(v != self.library.version for v in versions):
+            raise RuntimeError(f"library version mismatch after load: {versions}")
+        log.info("loaded Functions library flowfabric %s", self.library.version)
+        return True
+
+    # -- calls --------------------------------------------------------------------------------
+
+    async def fcall(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """Run one function; reload the library once if it is missing, then retry once."""
+        try:
+            return await self._raw_fcall(name, keys, args)
+        except rexc.ResponseError as exc:
+            if not _is_not_loaded(exc):
+                raise FlowFabricError("backend_error", message=str(exc)) from exc
+        except Exception as exc:
+            raise _transport(exc) from exc
+        log.critical("function %s not loaded (failover or keyspace reset?); reloading", name)
+        try:
+            await self.ensure_library()
+        except Exception as exc:
+            raise FlowFabricError(
+                "library_reload_failed", message=f"reloading the Functions library failed: {exc}"
+            ) from exc
+        try:
+            return await self._raw_fcall(name, keys, args)
+        except rexc.ResponseError as exc:
+            raise FlowFabricError("backend_error", message=str(exc)) from exc
+        except Exception as exc:
+            raise _transport(exc) from exc
+
+    async def _raw_fcall(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        return await self.client.execute_command("FCALL", name, len(keys), *keys, *args)
+
+    async def call(self, *args: Arg) -> Any:
+        """A plain command (class C reads), with transport errors mapped."""
+        try:
+            return await self.client.execute_command(*args)
+        except rexc.ResponseError as exc:
+            raise FlowFabricError("backend_error", message=str(exc)) from exc
+        except Exception as exc:
+            raise _transport(exc) from exc
+
+    def pipeline(self) -> Any:
+        return self.client.pipeline(transaction=False)
+
+    async def run_pipeline(self, pipe: Any) -> list[Any]:
+        try:
+            return list(await pipe.execute())
+        except rexc.ResponseError as exc:
+            raise FlowFabricError("backend_error", message=str(exc)) from exc
+        except Exception as exc:
+            raise _transport(exc) from exc
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except Exception:
+            return False
+
+
+def _is_not_loaded(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(marker in text for marker in _NOT_LOADED)
+
+
+def _transport(exc: BaseException) -> FlowFabricError:
+    if isinstance(exc, FlowFabricError):
+        return exc
+    if isinstance(exc, rexc.TimeoutError | asyncio.TimeoutError):
+        return FlowFabricError("backend_timeout", message=f"Valkey timed out: {exc}")
+    if is_transport_error(exc):
+        return FlowFabricError(
+            "backend_unavailable", message=f"Valkey is unavailable: {exc}", retry_after_ms=1000
+        )
+    return FlowFabricError("backend_error", message=f"Valkey error: {exc}")
