@@ -46,6 +46,8 @@ class ValkeyProcess:
         self.persistent = persistent
         self.cluster = cluster
         self.port = port or free_port()
+        # Valkey derives the cluster bus port as port + 10000 unless told; pick a free one.
+        self.bus_port = free_port() if cluster else 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,13 +57,20 @@ class ValkeyProcess:
     def argv(self) -> list[str]:
         args = [
             str(valkey_binary()),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--save", "",
-            "--maxmemory-policy", "noeviction",
-            "--protected-mode", "yes",
-            "--logfile", str(self.data_dir / "valkey.log"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            str(self.data_dir / "valkey.log"),
         ]
         if self.persistent:
             args += ["--appendonly", "yes", "--appendfsync", "everysec"]
@@ -69,9 +78,14 @@ class ValkeyProcess:
             args += ["--appendonly", "no"]
         if self.cluster:
             args += [
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", str(self.data_dir / "nodes.conf"),
-                "--cluster-node-timeout", "5000",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(self.data_dir / "nodes.conf"),
+                "--cluster-node-timeout",
+                "5000",
+                "--cluster-port",
+                str(self.bus_port),
             ]
         return args
 
@@ -88,9 +102,10 @@ class ValkeyProcess:
                 return self
             except redis.exceptions.ConnectionError:
                 if self.proc.poll() is not None:
+                    log_file = self.data_dir / "valkey.log"
+                    tail = log_file.read_text()[-2000:] if log_file.exists() else ""
                     raise RuntimeError(
-                        f"valkey-server exited with {self.proc.returncode}; see "
-                        f"{self.data_dir / 'valkey.log'}"
+                        f"valkey-server exited with {self.proc.returncode}:\n{tail}"
                     ) from None
                 if time.monotonic() > deadline:
                     raise
@@ -136,7 +151,9 @@ class ValkeyCluster:
             for i, c in enumerate(clients):
                 c.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
             for c in clients[1:]:
-                c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
+                c.execute_command(
+                    "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.nodes[0].bus_port
+                )
             deadline = time.monotonic() + timeout
             while not all(_cluster_ok(c, n) for c in clients):
                 if time.monotonic() > deadline:

@@ -127,7 +127,9 @@ def _table() -> dict[str, ErrorSpec]:
     )
     put(C.RESOURCE_EXHAUSTED, "cooperative", "budget_exceeded", ("detail",))
     put(
-        C.RESOURCE_EXHAUSTED, "terminal", "signal_limit_exceeded retention_limit_exceeded",
+        C.RESOURCE_EXHAUSTED,
+        "terminal",
+        "signal_limit_exceeded retention_limit_exceeded",
         ("detail",),
     )
     # UNAVAILABLE / DEADLINE_EXCEEDED
@@ -200,7 +202,7 @@ class FlowFabricError(Exception):
         return self.code
 
 
-def InvalidInput(field_name: str, message: str) -> FlowFabricError:  # noqa: N802
+def InvalidInput(field_name: str, message: str) -> FlowFabricError:
     """Server-side `invalid_input` naming the offending field."""
     return FlowFabricError("invalid_input", message=message, metadata={"field": field_name})
 

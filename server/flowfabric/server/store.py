@@ -164,9 +164,7 @@ class Store:
             return False
         for attempt in range(3):
             try:
-                await self._on_each_primary(
-                    "FUNCTION", "LOAD", "REPLACE", self.library.source
-                )
+                await self._on_each_primary("FUNCTION", "LOAD", "REPLACE", self.library.source)
                 break
             except rexc.ResponseError:
                 raise  # a compile error is fatal, not transient
