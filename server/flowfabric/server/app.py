@@ -1,0 +1,259 @@
+"""Boot, serve and shut down, in the order spec 50 §2.2 and §2.5 write down.
+
+Boot: embedded Valkey (when no URL) → connect (retrying for FF_BOOT_RETRY_S) → version gate →
+partition config (atomic first write) → Functions library → servicers, health SERVING,
+reflection, interceptors → bind.
+Shutdown (safe to call twice): health NOT_SERVING → stop accepting and drain in-flight RPCs
+within the grace period → stop background tasks → close Valkey → stop the embedded Valkey
+with a persisting shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from flowfabric.server import limits
+from flowfabric.server.config import Config
+from flowfabric.server.embedded import ValkeyProcess
+from flowfabric.server.functions import Functions
+from flowfabric.server.interceptors import FlowFabricInterceptor
+from flowfabric.server.keys import PARTITION_CONFIG
+from flowfabric.server.servicers import admin, execution
+from flowfabric.server.servicers.base import ServerContext, pending
+from flowfabric.server.store import Store, is_transport_error
+from flowfabric.v1 import (
+    admin_pb2,
+    budget_pb2,
+    budget_pb2_grpc,
+    execution_pb2,
+    flow_pb2,
+    flow_pb2_grpc,
+    signal_pb2,
+    signal_pb2_grpc,
+    stream_pb2,
+    stream_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+
+log = logging.getLogger("flowfabric.server")
+
+HEALTH_PING_INTERVAL_S = 2.0
+
+
+class BootError(RuntimeError):
+    """Boot cannot continue (exit code 1)."""
+
+
+def _pending_servicer(module: object, grpc_module: object, service: str, by: str) -> object:
+    base = getattr(grpc_module, f"{service}Servicer")
+    descriptor = module.DESCRIPTOR.services_by_name[service]  # type: ignore[attr-defined]
+    return pending(descriptor, by)(type(f"{service}Servicer", (base,), {}))()
+
+
+class FlowFabricServer:
+    """One server process: `await start()`, then `await stop()` (idempotent)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.embedded: ValkeyProcess | None = None
+        self.store: Store | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    # -- boot ---------------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        cfg = self.config
+        if cfg.embedded:
+            self.embedded = await asyncio.to_thread(ValkeyProcess(cfg.data_dir).start)
+            log.info("embedded Valkey on %s (data in %s)", self.embedded.url, cfg.data_dir)
+        url = cfg.resolved_valkey_url(self.embedded.url if self.embedded else None)
+        self.store = await self._connect(url)
+        version = await self._retry(self.store.check_version, "Valkey version check")
+        await self._partition_config(self.store)
+        await self._retry(self.store.ensure_library, "Functions library load")
+        ctx = ServerContext(config=cfg, store=self.store, functions=Functions(self.store))
+        self.server = self._build_server(ctx, ".".join(map(str, version)))
+        self.port = self._bind(self.server)
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
+        if not cfg.api_token:
+            log.warning(
+                "FF_API_TOKEN is unset: every RPC is unauthenticated, including "
+                "ListPendingWaitpoints (returns signal credentials), GetExecutionResult and "
+                "AdminService"
+            )
+        log.info("flowfabric serving on port %s", self.port)
+        return self.port
+
+    async def _connect(self, url: str) -> Store:
+        store = Store.from_url(url)
+
+        async def connect() -> None:
+            if store.cluster:
+                await store.client.initialize()
+            if not await store.client.ping():
+                raise BootError("PING did not answer PONG")
+
+        await self._retry(connect, f"connect to Valkey at {_redact(url)}")
+        return store
+
+    async def _retry(self, step: Callable[[], Awaitable[object]], what: str) -> object:
+        """Retry transient failures with backoff 200 ms doubling to 5 s, for FF_BOOT_RETRY_S."""
+        deadline = time.monotonic() + self.config.boot_retry_s
+        delay = 0.2
+        while True:
+            try:
+                return await step()
+            except Exception as exc:
+                if not is_transport_error(exc) or time.monotonic() + delay > deadline:
+                    raise BootError(f"{what} failed: {exc}") from exc
+                log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _partition_config(self, store: Store) -> None:
+        """First boot writes the counts atomically; later boots must agree (spec 00 §4 rule 4)."""
+        cfg = self.config
+        want = {
+            "num_flow_partitions": str(cfg.flow_partitions),
+            "num_budget_partitions": str(cfg.budget_partitions),
+            "num_quota_partitions": str(cfg.quota_partitions),
+        }
+        pipe = store.client.pipeline(transaction=True)
+        for name, value in want.items():
+            pipe.hsetnx(PARTITION_CONFIG, name, value)
+        pipe.hgetall(PARTITION_CONFIG)
+        stored_raw = (await store.run_pipeline(pipe))[-1]
+        stored = {k.decode(): v.decode() for k, v in stored_raw.items()}
+        if any(stored.get(k) != v for k, v in want.items()):
+            raise BootError(
+                "partition counts are fixed at deployment time: the keyspace has "
+                f"{stored}, this server is configured with {want}"
+            )
+
+    def _build_server(self, ctx: ServerContext, valkey_version: str) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            interceptors=[FlowFabricInterceptor(self.config.api_token, self.config.admin_token)],
+            options=[
+                ("grpc.max_receive_message_length", limits.GRPC_MAX_RECEIVE),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
+        )
+        from flowfabric.v1 import admin_pb2_grpc, execution_pb2_grpc
+
+        execution_pb2_grpc.add_ExecutionServiceServicer_to_server(
+            execution.ExecutionServicer(ctx), server
+        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            admin.AdminServicer(ctx, valkey_version), server
+        )
+        later = [
+            (worker_pb2, worker_pb2_grpc, "WorkerService", "the core lifecycle work (issue 3)"),
+            (signal_pb2, signal_pb2_grpc, "SignalService", "the signals work (issue 6)"),
+            (stream_pb2, stream_pb2_grpc, "StreamService", "the streams work (issue 7)"),
+            (flow_pb2, flow_pb2_grpc, "FlowService", "the flows work"),
+            (budget_pb2, budget_pb2_grpc, "BudgetService", "the budgets and quotas work"),
+        ]
+        for module, grpc_module, service, by in later:
+            add = getattr(grpc_module, f"add_{service}Servicer_to_server")
+            add(_pending_servicer(module, grpc_module, service, by), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [
+            m.DESCRIPTOR.services_by_name[s].full_name
+            for m, s in [
+                (execution_pb2, "ExecutionService"),
+                (worker_pb2, "WorkerService"),
+                (signal_pb2, "SignalService"),
+                (stream_pb2, "StreamService"),
+                (flow_pb2, "FlowService"),
+                (budget_pb2, "BudgetService"),
+                (admin_pb2, "AdminService"),
+            ]
+        ]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            server,
+        )
+        return server
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        addr = self.config.listen_addr
+        host = addr.rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1") and not self.config.api_token:
+            log.warning(
+                "LISTENING ON %s WITHOUT FF_API_TOKEN: anyone who can reach this address can "
+                "drive the engine", addr,
+            )
+        if self.config.tls_cert and self.config.tls_key:
+            creds = grpc.ssl_server_credentials(
+                [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
+            )
+            port = server.add_secure_port(addr, creds)
+        else:
+            port = server.add_insecure_port(addr)
+        if port == 0:
+            raise BootError(f"cannot bind {addr}")
+        return int(port)
+
+    async def _health_loop(self) -> None:
+        """NOT_SERVING after two failed pings in a row; SERVING again on success."""
+        failures = 0
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(HEALTH_PING_INTERVAL_S)
+            if await self.store.ping():
+                if failures >= 2:
+                    log.warning("Valkey reachable again; health SERVING")
+                failures = 0
+                await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+            else:
+                failures += 1
+                if failures == 2:
+                    log.error("Valkey unreachable; health NOT_SERVING")
+                if failures >= 2:
+                    await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.store is not None:
+            await self.store.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+        log.info("flowfabric stopped")
+
+
+def _redact(url: str) -> str:
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

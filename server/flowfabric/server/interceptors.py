@@ -1,0 +1,116 @@
+"""Server interceptors: bearer-token auth and the one place errors become gRPC statuses.
+
+Auth (spec 50 §2.3): `authorization: Bearer <FF_API_TOKEN>`, compared in constant time; health
+and reflection are exempt; `FF_ADMIN_TOKEN`, when set, is required for AdminService instead.
+Errors: every handler is wrapped so a `FlowFabricError` aborts with its status and ErrorInfo,
+and anything unexpected becomes INTERNAL without leaking internals.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+
+from flowfabric.server.errors import FlowFabricError
+
+log = logging.getLogger("flowfabric.rpc")
+
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+ADMIN_PREFIX = "/flowfabric.v1.AdminService/"
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+async def abort(context: grpc.aio.ServicerContext, error: FlowFabricError) -> None:
+    await context.abort_with_status(rpc_status.to_status(error.to_status()))
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, deny: FlowFabricError | None) -> Any:
+    """Rebuild `handler` with its behaviour wrapped (or replaced by a denial)."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if deny is not None:
+            await abort(context, deny)
+        behavior = handler.unary_unary or handler.stream_unary
+        try:
+            return await behavior(request, context)
+        except FlowFabricError as exc:
+            await abort(context, exc)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", method)
+            await abort(context, FlowFabricError("protocol_error", message="internal error"))
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if deny is not None:
+            await abort(context, deny)
+        behavior = handler.unary_stream or handler.stream_stream
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except FlowFabricError as exc:
+            await abort(context, exc)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", method)
+            await abort(context, FlowFabricError("protocol_error", message="internal error"))
+
+    codec = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **codec)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **codec)
+    return grpc.stream_stream_rpc_method_handler(streaming, **codec)
+
+
+def _token_ok(metadata: tuple[Any, ...] | None, expected: str) -> bool:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode(), expected.encode()
+            )
+    return False
+
+
+class FlowFabricInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Auth, then error mapping, for every FlowFabric RPC (health and reflection untouched)."""
+
+    def __init__(self, api_token: str | None, admin_token: str | None = None) -> None:
+        self.api_token = api_token
+        self.admin_token = admin_token
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        handler = await continuation(details)
+        if handler is None or method.startswith(EXEMPT_PREFIXES):
+            return handler
+        return _wrap(handler, method, self._deny(method, details.invocation_metadata))
+
+    def _deny(self, method: str, metadata: tuple[Any, ...] | None) -> FlowFabricError | None:
+        if method.startswith(ADMIN_PREFIX) and self.admin_token:
+            if _token_ok(metadata, self.admin_token):
+                return None
+            return FlowFabricError(
+                "admin_token_required", message="AdminService requires the admin token"
+            )
+        if self.api_token and not _token_ok(metadata, self.api_token):
+            return FlowFabricError(
+                "unauthenticated", message="missing or invalid bearer token"
+            )
+        return None

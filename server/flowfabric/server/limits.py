@@ -1,0 +1,20 @@
+"""API limits (spec 50 §1.8)."""
+
+from __future__ import annotations
+
+INPUT_PAYLOAD_MAX = 1 << 20  # CreateExecution input payload
+SIGNAL_PAYLOAD_MAX = 65_536
+FRAME_PAYLOAD_MAX = 65_536
+CONTROL_REQUEST_MAX = 64 << 10  # every other RPC, serialised
+CREATE_REQUEST_MAX = INPUT_PAYLOAD_MAX + CONTROL_REQUEST_MAX
+SIGNAL_REQUEST_MAX = 256 << 10
+GRPC_MAX_RECEIVE = 2 << 20  # transport backstop (gRPC answers RESOURCE_EXHAUSTED itself)
+LIST_PAGE_MAX = 1000
+LIST_PAGE_DEFAULT = 50
+
+# Serialised request caps per method; every other method gets CONTROL_REQUEST_MAX.
+REQUEST_LIMITS = {
+    "/flowfabric.v1.ExecutionService/CreateExecution": CREATE_REQUEST_MAX,
+    "/flowfabric.v1.SignalService/DeliverSignal": SIGNAL_REQUEST_MAX,
+    "/flowfabric.v1.WorkerService/CompleteExecution": CREATE_REQUEST_MAX,
+}

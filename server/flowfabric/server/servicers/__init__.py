@@ -1,0 +1,1 @@
+"""gRPC servicers: decode the request, call one function or read, encode the response."""

@@ -1,0 +1,65 @@
+"""What every servicer shares: the server context and the not-yet-delivered RPC marker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from flowfabric.server.config import Config
+from flowfabric.server.errors import FlowFabricError, not_implemented
+from flowfabric.server.functions import Functions
+from flowfabric.server.ids import ExecutionId, parse_execution_id
+from flowfabric.server.store import Store
+
+
+@dataclass
+class ServerContext:
+    """Shared by every servicer: configuration, the store and the function wrappers."""
+
+    config: Config
+    store: Store
+    functions: Functions
+
+    @property
+    def partitions(self) -> int:
+        return self.config.flow_partitions
+
+    def execution_id(self, value: str, field: str = "execution_id") -> ExecutionId:
+        return parse_execution_id(value, self.partitions, field)
+
+
+T = TypeVar("T", bound=type)
+
+
+def pending(service_descriptor: Any, delivered_by: str) -> Callable[[T], T]:
+    """Give every RPC of the service the class does not implement a clear UNIMPLEMENTED answer.
+
+    The generated base class answers a bare "Method not implemented!"; ours names the RPC and
+    the work that will deliver it, through the same error path as every other failure.
+    """
+
+    def decorate(cls: T) -> T:
+        for method in service_descriptor.methods:
+            if method.name in cls.__dict__:
+                continue
+            error = not_implemented(f"{service_descriptor.name}.{method.name}", delivered_by)
+            setattr(cls, method.name, _streaming(error) if method.server_streaming else _unary(error))
+        return cls
+
+    return decorate
+
+
+def _unary(error: FlowFabricError) -> Callable[..., Any]:
+    async def rpc(self: Any, request: Any, context: Any) -> Any:
+        raise error
+
+    return rpc
+
+
+def _streaming(error: FlowFabricError) -> Callable[..., Any]:
+    async def rpc(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+        raise error
+        yield  # pragma: no cover - makes this an async generator
+
+    return rpc
