@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import grpc
 import pytest
+
+from flowfabric.server.app import FlowFabricServer
+from flowfabric.server.config import Config
 from flowfabric.server.embedded import ValkeyCluster, ValkeyProcess
 from flowfabric.server.store import Store
 
@@ -62,3 +66,56 @@ async def store(_session_store: Store) -> Store:
     """A Store on an empty keyspace with the library loaded (both topologies)."""
     await flush(_session_store)
     return _session_store
+
+
+# -- the gRPC server in-process on port 0 -----------------------------------------------------
+
+API_TOKEN = "test-token"
+
+
+class Api:
+    """Stubs for every service on one channel, plus the store behind the server."""
+
+    def __init__(self, channel: grpc.aio.Channel, store: Store, server: FlowFabricServer) -> None:
+        from flowfabric.v1 import (
+            admin_pb2_grpc,
+            execution_pb2_grpc,
+            signal_pb2_grpc,
+            worker_pb2_grpc,
+        )
+
+        self.channel = channel
+        self.store = store
+        self.server = server
+        self.execution = execution_pb2_grpc.ExecutionServiceStub(channel)
+        self.worker = worker_pb2_grpc.WorkerServiceStub(channel)
+        self.signal = signal_pb2_grpc.SignalServiceStub(channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(channel)
+        self.metadata = (("authorization", f"Bearer {API_TOKEN}"),)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+@pytest.fixture(scope="session")
+async def _session_api(valkey_url: str, _session_store: Store) -> AsyncIterator[Api]:
+    config = Config(
+        valkey_url=valkey_url,
+        listen_addr="127.0.0.1:0",
+        api_token=API_TOKEN,
+        shutdown_grace_s=1.0,
+        boot_retry_s=5.0,
+    )
+    server = FlowFabricServer(config)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    yield Api(channel, _session_store, server)
+    await channel.close()
+    await server.stop()
+
+
+@pytest.fixture
+async def api(_session_api: Api, store: Store) -> Api:
+    """A running server (both topologies) on an empty keyspace, with an authorised channel."""
+    return _session_api

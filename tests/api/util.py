@@ -1,0 +1,34 @@
+"""Helpers for asserting gRPC errors at the client."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+
+def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The `google.rpc.ErrorInfo` detail carried by a failed call."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info
+    raise AssertionError(f"no ErrorInfo in {exc!r}")
+
+
+async def expect_error(
+    call: Awaitable[object], code: grpc.StatusCode, reason: str
+) -> error_details_pb2.ErrorInfo:
+    """Await `call`, assert it fails with `code` and ErrorInfo `reason`; return the ErrorInfo."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+    info = error_info(caught.value)
+    assert info.reason == reason, info
+    assert info.domain == "flowfabric"
+    return info
