@@ -20,9 +20,10 @@ import re
 from pathlib import Path
 from types import ModuleType
 
-import flowfabric.v1
 import pytest
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, json_format
+
+import flowfabric.v1
 
 PKG = "flowfabric.v1"
 SEED = Path(__file__).resolve().parents[2] / "shared/seed/ff_core_contracts_mod.rs"

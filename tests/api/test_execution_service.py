@@ -7,9 +7,8 @@ import uuid
 import grpc
 import pytest
 
-from flowfabric.server.ids import solo_partition
+from flowfabric.server.ids import parse_execution_id, solo_partition
 from flowfabric.server.keys import ExecKeys
-from flowfabric.server.ids import parse_execution_id
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import types_pb2 as t
 from tests.api.util import expect_error
@@ -43,17 +42,21 @@ async def test_client_supplied_id_is_kept_and_read_back(api: Api) -> None:
         api, execution_id=eid, lane_id="gpu", priority=7, namespace="acme", tags={"app.k": "v"}
     )
     assert created.created.execution_id == eid
-    info = (await api.execution.GetExecution(
-        pb.GetExecutionRequest(execution_id=eid), metadata=api.metadata
-    )).execution
+    info = (
+        await api.execution.GetExecution(
+            pb.GetExecutionRequest(execution_id=eid), metadata=api.metadata
+        )
+    ).execution
     assert info.lane_id == "gpu" and info.namespace == "acme" and info.priority == 7
     assert info.public_state == t.PUBLIC_STATE_WAITING
     assert info.state_vector.lifecycle_phase == t.LIFECYCLE_PHASE_RUNNABLE
     assert info.state_vector.eligibility_state == t.ELIGIBILITY_STATE_ELIGIBLE_NOW
     assert info.created_at > 0 and not info.HasField("started_at")
-    snap = (await api.execution.DescribeExecution(
-        pb.DescribeExecutionRequest(execution_id=eid), metadata=api.metadata
-    )).snapshot
+    snap = (
+        await api.execution.DescribeExecution(
+            pb.DescribeExecutionRequest(execution_id=eid), metadata=api.metadata
+        )
+    ).snapshot
     assert dict(snap.tags) == {"app.k": "v"}
     assert snap.total_attempt_count == 0
     assert not snap.HasField("current_attempt") and not snap.HasField("current_lease")
@@ -115,7 +118,9 @@ async def test_set_tags(api: Api) -> None:
 async def test_not_found_and_result_not_found(api: Api) -> None:
     missing = f"{{fp:1}}:{uuid.uuid4()}"
     for call in (
-        api.execution.GetExecution(pb.GetExecutionRequest(execution_id=missing), metadata=api.metadata),
+        api.execution.GetExecution(
+            pb.GetExecutionRequest(execution_id=missing), metadata=api.metadata
+        ),
         api.execution.DescribeExecution(
             pb.DescribeExecutionRequest(execution_id=missing), metadata=api.metadata
         ),
@@ -149,8 +154,11 @@ async def _keyspace_size(api: Api) -> int:
     [
         ({"execution_id": "not-an-id"}, "invalid_input", "execution_id"),
         ({"execution_id": "{fp:999}:" + str(uuid.uuid4())}, "invalid_input", "execution_id"),
-        ({"execution_id": "{fp:1}:" + str(uuid.uuid4()), "partition_id": 2}, "invalid_input",
-         "partition_id"),
+        (
+            {"execution_id": "{fp:1}:" + str(uuid.uuid4()), "partition_id": 2},
+            "invalid_input",
+            "partition_id",
+        ),
         ({"lane_id": "bad\tlane"}, "invalid_input", "lane_id"),
         ({"lane_id": "x" * 65}, "invalid_input", "lane_id"),
         ({"execution_kind": ""}, "invalid_input", "execution_kind"),
@@ -192,9 +200,7 @@ async def test_unknown_enum_value_is_invalid_argument(api: Api) -> None:
 
 async def test_typed_policy_is_stored_as_json(api: Api) -> None:
     policy = t.ExecutionPolicy(
-        retry_policy=t.RetryPolicy(
-            max_retries=2, backoff=t.Backoff(type="fixed", delay_ms=250)
-        ),
+        retry_policy=t.RetryPolicy(max_retries=2, backoff=t.Backoff(type="fixed", delay_ms=250)),
         routing_requirements=t.RoutingRequirements(required_capabilities=["gpu", "cuda"]),
     )
     eid = (await create(api, policy=policy)).created.execution_id
@@ -202,5 +208,8 @@ async def test_typed_policy_is_stored_as_json(api: Api) -> None:
     import json
 
     stored = json.loads(await api.store.call("GET", keys.policy))
-    assert stored["retry_policy"] == {"max_retries": 2, "backoff": {"type": "fixed", "delay_ms": 250}}
+    assert stored["retry_policy"] == {
+        "max_retries": 2,
+        "backoff": {"type": "fixed", "delay_ms": 250},
+    }
     assert await api.store.call("HGET", keys.core, "required_capabilities") == b"cuda,gpu"

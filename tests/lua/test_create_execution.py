@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from flowfabric.server.keys import ExecKeys, PartitionKeys
 from flowfabric.server.store import Store
-
 from tests.lua.util import LANE, create, new_eid, now_ms
 
 

@@ -187,8 +187,11 @@ class FlowFabricServer:
             ]
         ]
         reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         return server
@@ -199,7 +202,8 @@ class FlowFabricServer:
         if host not in ("127.0.0.1", "localhost", "::1") and not self.config.api_token:
             log.warning(
                 "LISTENING ON %s WITHOUT FF_API_TOKEN: anyone who can reach this address can "
-                "drive the engine", addr,
+                "drive the engine",
+                addr,
             )
         if self.config.tls_cert and self.config.tls_key:
             creds = grpc.ssl_server_credentials(

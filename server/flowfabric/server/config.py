@@ -133,79 +133,108 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
-        def get(name: str) -> str | None:
-            raw = env.get(name)
-            return raw if raw not in (None, "") else None
-
+        values = {k: v for k, v in env.items() if v != ""}
+        if "FF_MAX_CONCURRENT_STREAM_OPS" not in values and "FF_MAX_CONCURRENT_TAIL" in values:
+            values["FF_MAX_CONCURRENT_STREAM_OPS"] = values["FF_MAX_CONCURRENT_TAIL"]
         kw: dict[str, Any] = {}
-        if (v := get("FF_VALKEY_URL")) is not None:
-            kw["valkey_url"] = v
-        if (v := get("FF_HOST")) is not None:
-            kw["host"] = v
-        if (v := get("FF_PORT")) is not None:
-            kw["port"] = _int("FF_PORT", v, 1)
-        for var, attr in (("FF_TLS", "tls"), ("FF_CLUSTER", "cluster")):
-            if (v := get(var)) is not None:
-                kw[attr] = _bool(var, v)
-        if (v := get("FF_DATA_DIR")) is not None:
-            kw["data_dir"] = Path(v)
-        if (v := get("FF_LISTEN_ADDR")) is not None:
-            if ":" not in v:
-                raise ConfigError(f"FF_LISTEN_ADDR must be host:port, got: {v!r}")
-            kw["listen_addr"] = v
-        if (v := get("FF_LANES")) is not None:
-            kw["lanes"] = _lanes("FF_LANES", v)
-        for var, attr in (
-            ("FF_FLOW_PARTITIONS", "flow_partitions"),
-            ("FF_BUDGET_PARTITIONS", "budget_partitions"),
-            ("FF_QUOTA_PARTITIONS", "quota_partitions"),
-        ):
-            if (v := get(var)) is not None:
-                kw[attr] = _int(var, v, 1)
-        if kw.get("flow_partitions", 256) > 65536:
-            raise ConfigError("FF_FLOW_PARTITIONS must be <= 65536")
-        for var, attr in (("FF_API_TOKEN", "api_token"), ("FF_ADMIN_TOKEN", "admin_token")):
-            if (v := get(var)) is not None:
-                kw[attr] = v
-        if (v := get("FF_WAITPOINT_HMAC_SECRET")) is not None:
-            kw["waitpoint_hmac_secret"] = _hex("FF_WAITPOINT_HMAC_SECRET", v)
-        if (v := get("FF_WAITPOINT_HMAC_GRACE_MS")) is not None:
-            kw["waitpoint_hmac_grace_ms"] = _int("FF_WAITPOINT_HMAC_GRACE_MS", v)
-        stream_ops = get("FF_MAX_CONCURRENT_STREAM_OPS") or get("FF_MAX_CONCURRENT_TAIL")
-        if stream_ops is not None:
-            kw["max_concurrent_stream_ops"] = _int("FF_MAX_CONCURRENT_STREAM_OPS", stream_ops, 1)
-        for var, attr in (("FF_SHUTDOWN_GRACE_S", "shutdown_grace_s"), ("FF_BOOT_RETRY_S", "boot_retry_s")):
-            if (v := get(var)) is not None:
-                kw[attr] = float(_int(var, v))
-        if (v := get("FF_LOG_LEVEL")) is not None:
-            if v.lower() not in ("debug", "info", "warning", "error", "critical"):
-                raise ConfigError(f"FF_LOG_LEVEL must be debug|info|warning|error, got: {v!r}")
-            kw["log_level"] = v.lower()
-        cert, key = get("FF_TLS_CERT"), get("FF_TLS_KEY")
-        if (cert is None) != (key is None):
+        for var, (attr, parse) in _SETTINGS.items():
+            if var in values:
+                kw[attr] = parse(var, values[var])
+        if (kw.get("tls_cert") is None) != (kw.get("tls_key") is None):
             raise ConfigError("FF_TLS_CERT and FF_TLS_KEY must be set together")
-        if cert and key:
-            kw["tls_cert"], kw["tls_key"] = Path(cert), Path(key)
-        if (v := get("FF_METRICS_ADDR")) is not None:
-            kw["metrics_addr"] = v
         intervals = {}
         for var, (_default, unit) in SCANNER_INTERVALS.items():
-            if (v := get(var)) is not None:
-                intervals[var] = _int(var, v, 1) * unit
+            if var in values:
+                intervals[var] = _int(var, values[var], 1) * unit
                 if intervals[var] < 100:
                     raise ConfigError(f"{var} must be at least 100 ms")
         kw["scanner_intervals_ms"] = intervals
         return cls(**kw)
 
 
+def _str(_name: str, raw: str) -> str:
+    return raw
+
+
+def _path(_name: str, raw: str) -> Path:
+    return Path(raw)
+
+
+def _addr(name: str, raw: str) -> str:
+    if ":" not in raw:
+        raise ConfigError(f"{name} must be host:port, got: {raw!r}")
+    return raw
+
+
+def _count(name: str, raw: str) -> int:
+    value = _int(name, raw, 1)
+    if value > 65536:
+        raise ConfigError(f"{name} must be <= 65536")
+    return value
+
+
+def _seconds(name: str, raw: str) -> float:
+    return float(_int(name, raw))
+
+
+def _level(name: str, raw: str) -> str:
+    if raw.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise ConfigError(f"{name} must be debug|info|warning|error|critical, got: {raw!r}")
+    return raw.lower()
+
+
+_SETTINGS: dict[str, tuple[str, Any]] = {
+    "FF_VALKEY_URL": ("valkey_url", _str),
+    "FF_HOST": ("host", _str),
+    "FF_PORT": ("port", lambda n, r: _int(n, r, 1)),
+    "FF_TLS": ("tls", _bool),
+    "FF_CLUSTER": ("cluster", _bool),
+    "FF_DATA_DIR": ("data_dir", _path),
+    "FF_LISTEN_ADDR": ("listen_addr", _addr),
+    "FF_LANES": ("lanes", _lanes),
+    "FF_FLOW_PARTITIONS": ("flow_partitions", _count),
+    "FF_BUDGET_PARTITIONS": ("budget_partitions", _count),
+    "FF_QUOTA_PARTITIONS": ("quota_partitions", _count),
+    "FF_API_TOKEN": ("api_token", _str),
+    "FF_ADMIN_TOKEN": ("admin_token", _str),
+    "FF_WAITPOINT_HMAC_SECRET": ("waitpoint_hmac_secret", _hex),
+    "FF_WAITPOINT_HMAC_GRACE_MS": ("waitpoint_hmac_grace_ms", _int),
+    "FF_MAX_CONCURRENT_STREAM_OPS": ("max_concurrent_stream_ops", lambda n, r: _int(n, r, 1)),
+    "FF_SHUTDOWN_GRACE_S": ("shutdown_grace_s", _seconds),
+    "FF_BOOT_RETRY_S": ("boot_retry_s", _seconds),
+    "FF_LOG_LEVEL": ("log_level", _level),
+    "FF_TLS_CERT": ("tls_cert", _path),
+    "FF_TLS_KEY": ("tls_key", _path),
+    "FF_METRICS_ADDR": ("metrics_addr", _str),
+}
+
+
 def flag_parser() -> argparse.ArgumentParser:
     """One flag per setting: `--listen-addr` sets `FF_LISTEN_ADDR`, and so on."""
     p = argparse.ArgumentParser(prog="flowfabric serve", add_help=True)
     names = [
-        "valkey_url", "host", "port", "tls", "cluster", "data_dir", "listen_addr", "lanes",
-        "flow_partitions", "budget_partitions", "quota_partitions", "api_token", "admin_token",
-        "waitpoint_hmac_secret", "waitpoint_hmac_grace_ms", "max_concurrent_stream_ops",
-        "shutdown_grace_s", "boot_retry_s", "log_level", "tls_cert", "tls_key", "metrics_addr",
+        "valkey_url",
+        "host",
+        "port",
+        "tls",
+        "cluster",
+        "data_dir",
+        "listen_addr",
+        "lanes",
+        "flow_partitions",
+        "budget_partitions",
+        "quota_partitions",
+        "api_token",
+        "admin_token",
+        "waitpoint_hmac_secret",
+        "waitpoint_hmac_grace_ms",
+        "max_concurrent_stream_ops",
+        "shutdown_grace_s",
+        "boot_retry_s",
+        "log_level",
+        "tls_cert",
+        "tls_key",
+        "metrics_addr",
     ]
     names += [var[3:].lower() for var in SCANNER_INTERVALS]
     for name in names:

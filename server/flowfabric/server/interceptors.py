@@ -8,6 +8,7 @@ and anything unexpected becomes INTERNAL without leaking internals.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
+from flowfabric.server import limits
 from flowfabric.server.errors import FlowFabricError
 
 log = logging.getLogger("flowfabric.rpc")
@@ -30,37 +32,52 @@ async def abort(context: grpc.aio.ServicerContext, error: FlowFabricError) -> No
     await context.abort_with_status(rpc_status.to_status(error.to_status()))
 
 
+async def _guard(call: Awaitable[Any], context: grpc.aio.ServicerContext, method: str) -> Any:
+    """Await one handler call, turning every failure into a status with ErrorInfo."""
+    try:
+        return await call
+    except FlowFabricError as exc:
+        await abort(context, exc)
+    except (grpc.aio.AbortError, grpc.aio.UsageError, asyncio.CancelledError, StopAsyncIteration):
+        raise
+    except Exception:
+        log.exception("unexpected error in %s", method)
+        await abort(context, FlowFabricError("protocol_error", message="internal error"))
+
+
 def _wrap(handler: grpc.RpcMethodHandler, method: str, deny: FlowFabricError | None) -> Any:
     """Rebuild `handler` with its behaviour wrapped (or replaced by a denial)."""
+    limit = limits.REQUEST_LIMITS.get(method, limits.CONTROL_REQUEST_MAX)
+
+    async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if deny is not None:
+            await abort(context, deny)
+        size = request.ByteSize() if hasattr(request, "ByteSize") else 0
+        if size > limit:
+            await abort(
+                context,
+                FlowFabricError(
+                    "payload_too_large",
+                    message=f"request is {size} bytes; the limit for this RPC is {limit}",
+                    metadata={"limit_bytes": str(limit)},
+                ),
+            )
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if deny is not None:
-            await abort(context, deny)
+        await check(request, context)
         behavior = handler.unary_unary or handler.stream_unary
-        try:
-            return await behavior(request, context)
-        except FlowFabricError as exc:
-            await abort(context, exc)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", method)
-            await abort(context, FlowFabricError("protocol_error", message="internal error"))
+        return await _guard(behavior(request, context), context, method)
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if deny is not None:
-            await abort(context, deny)
+        await check(request, context)
         behavior = handler.unary_stream or handler.stream_stream
-        try:
-            async for item in behavior(request, context):
-                yield item
-        except FlowFabricError as exc:
-            await abort(context, exc)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", method)
-            await abort(context, FlowFabricError("protocol_error", message="internal error"))
+        iterator = behavior(request, context).__aiter__()
+        while True:
+            try:
+                item = await _guard(iterator.__anext__(), context, method)
+            except StopAsyncIteration:
+                return
+            yield item
 
     codec = {
         "request_deserializer": handler.request_deserializer,
@@ -110,7 +127,5 @@ class FlowFabricInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 "admin_token_required", message="AdminService requires the admin token"
             )
         if self.api_token and not _token_ok(metadata, self.api_token):
-            return FlowFabricError(
-                "unauthenticated", message="missing or invalid bearer token"
-            )
+            return FlowFabricError("unauthenticated", message="missing or invalid bearer token")
         return None

@@ -52,7 +52,9 @@ def partition_collisions(
     return rows, collision_severity(colliding, max(len(lanes), 1))
 
 
-@pending(pb.DESCRIPTOR.services_by_name["AdminService"], "the suspension and signals work (issue 6)")
+@pending(
+    pb.DESCRIPTOR.services_by_name["AdminService"], "the suspension and signals work (issue 6)"
+)
 class AdminServicer(rpc.AdminServiceServicer):  # type: ignore[misc]
     def __init__(self, ctx: ServerContext, valkey_version: str) -> None:
         self.ctx = ctx

