@@ -173,3 +173,56 @@ def execution_pb2_grpc_stub(channel: grpc.aio.Channel):  # type: ignore[no-untyp
     from flowfabric.v1 import execution_pb2_grpc
 
     return execution_pb2_grpc.ExecutionServiceStub(channel)
+
+
+async def test_health_not_serving_while_valkey_is_down(tmp_path: Path) -> None:
+    from flowfabric.server.embedded import ValkeyProcess
+
+    valkey = await asyncio.to_thread(ValkeyProcess(tmp_path / "v", persistent=False).start)
+    server = FlowFabricServer(
+        Config(valkey_url=valkey.url, listen_addr="127.0.0.1:0", shutdown_grace_s=1)
+    )
+    server.health_ping_interval_s = 0.1
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert (await stub.Check(health_pb2.HealthCheckRequest())).status == serving
+            await asyncio.to_thread(valkey.stop)
+            status = serving
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                status = (await stub.Check(health_pb2.HealthCheckRequest())).status
+                if status != serving:
+                    break
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await expect_error(
+                execution_pb2_grpc_stub(channel).CreateExecution(
+                    execution_pb2.CreateExecutionRequest(execution_kind="x")
+                ),
+                C.UNAVAILABLE,
+                "backend_unavailable",
+            )
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("info", "expected"),
+    [
+        ("redis_version:7.2.4\nserver_name:valkey\n", (7, 2, 4)),
+        ("valkey_version:9.1.2\nredis_version:7.2.4\nserver_name:valkey\n", (9, 1, 2)),
+    ],
+)
+def test_version_parsing(info: str, expected: tuple[int, int, int]) -> None:
+    from flowfabric.server.store import parse_version
+
+    assert parse_version(info) == expected
+
+
+def test_redis_is_refused() -> None:
+    from flowfabric.server.store import parse_version
+
+    with pytest.raises(ValueError, match="not a Valkey"):
+        parse_version("redis_version:7.4.0\nredis_mode:standalone\n")

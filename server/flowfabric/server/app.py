@@ -71,6 +71,7 @@ class FlowFabricServer:
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        self.health_ping_interval_s = HEALTH_PING_INTERVAL_S
 
     # -- boot ---------------------------------------------------------------------------------
 
@@ -221,7 +222,7 @@ class FlowFabricServer:
         failures = 0
         assert self.store is not None
         while True:
-            await asyncio.sleep(HEALTH_PING_INTERVAL_S)
+            await asyncio.sleep(self.health_ping_interval_s)
             if await self.store.ping():
                 if failures >= 2:
                     log.warning("Valkey reachable again; health SERVING")
