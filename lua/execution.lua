@@ -237,3 +237,588 @@ local function set_execution_tags(keys, argv)
 end
 
 redis.register_function('ff_set_execution_tags', set_execution_tags)
+
+-- -------------------------------------------------------------------------------------------
+-- Owner transitions and terminal operations (spec 10 §2.4, §2.8-2.10, §2.12-2.13, §2.17-2.18).
+--
+-- KEYS marked (*) are declared for routing only and never read: the function builds that key
+-- from the tag of KEYS[1] and core fields (spec 00 §4 rule 3), because the holder, lane or
+-- attempt index a caller pre-reads may be stale. Pass the real key or the placeholder
+-- ff:noop:{p}. Fenced functions take ARGV 2-4 = lease_id, lease_epoch, attempt_id.
+-- -------------------------------------------------------------------------------------------
+
+-- Shared validation of complete/fail/delay/move: numeric epoch, core, fence resolution (an
+-- unfenced operator_override gets the server-side fence), then spec 10 §1.2 with marking: an
+-- expired lease is marked and that write is kept behind the lease_expired reply.
+-- Returns x (x.now set) or nil plus the error reply.
+local function owner_mutation(keys, argv, history_key, source)
+  local _, e1 = opt_int('lease_epoch', argv[3])
+  if e1 then
+    return nil, e1
+  end
+  local x = load_exec(keys, argv)
+  if not x then
+    return nil, err('execution_not_found')
+  end
+  local fence, ferr = resolve_fence(x.core, argv[2], argv[3], argv[4], source, true)
+  if not fence then
+    return nil, ferr
+  end
+  x.history = history_key
+  x.now = now_ms()
+  local lerr = check_lease(x, fence, x.now, true)
+  if lerr then
+    return nil, lerr
+  end
+  return x
+end
+
+-- ff_complete_execution
+--   KEYS (12): 1 core, 2 attempt hash (*), 3 lease_expiry, 4 holder's worker leases (*),
+--     5 lane terminal (*), 6 lease current, 7 lease history, 8 lane active (*),
+--     9 stream meta (*), 10 result, 11 attempt_timeout, 12 execution_deadline.
+--   ARGV (7): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 result_payload (bytes,
+--     stored verbatim; "" = none), 6 source ("" = operator_override), 7 result_encoding.
+--   Now: TIME.
+--   Replies: {1,"OK","completed"}
+--   Errors (in order): invalid_input (lease_epoch), execution_not_found, partial_fence_triple,
+--     fence_required (unfenced without operator_override), execution_not_active (enriched:
+--     terminal_outcome, current_lease_epoch, lifecycle_phase, current_attempt_id),
+--     lease_revoked, lease_expired (mark_expired kept), stale_lease.
+--   Writes: core terminal success vector, completed_at, result_encoding, lease mirror cleared;
+--     ZREM attempt_timeout, execution_deadline; ZADD lane terminal; PUBLISH ff:dag:completions
+--     (flow member); attempt ended_success, ended_at; stream meta closed attempt_success +
+--     stream_closed event; SET result when non-empty; lease release (DEL lease current, ZREM
+--     lease_expiry, lane active, SREM holder's lease set, history `released` reason completed).
+local function complete_execution(keys, argv)
+  local x, e = owner_mutation(keys, argv, keys[7], argv[6])
+  if not x then
+    return e
+  end
+  x.lease, x.lease_expiry, x.attempt_timeout, x.deadline = keys[6], keys[3], keys[11], keys[12]
+  local idx, now = x.core.current_attempt_index, x.now
+  terminal_transition(x, 'success', now, lease_cleared({result_encoding = argv[7] or ''}), true)
+  if end_attempt(x, idx, 'ended_success', {}, now) then
+    close_stream(x, idx, 'attempt_success', now, false)
+  end
+  if argv[5] ~= '' then
+    redis.call('SET', keys[10], argv[5])
+  end
+  release_lease(x, 'completed', now)
+  return ok('completed')
+end
+
+redis.register_function('ff_complete_execution', complete_execution)
+
+-- The retry policy: ARGV retry_policy_json when non-empty, else the stored policy's
+-- retry_policy. Anything that is not a JSON object means "no retries".
+local function retry_policy_of(x, json)
+  local rp
+  if json ~= nil and json ~= '' then
+    rp = decode_json(json)
+  else
+    rp = stored_policy(x).retry_policy
+  end
+  if type(rp) ~= 'table' then
+    return nil
+  end
+  return rp
+end
+
+local function json_number(v, default)
+  if type(v) == 'number' then
+    return v
+  end
+  return default
+end
+
+-- Backoff before the next attempt (spec 00 §9), from the retry_count before the increment.
+local function backoff_ms(rp, retry_count)
+  local b = rp.backoff
+  if b == nil or b == cjson.null then
+    b = {type = 'exponential'}
+  end
+  if type(b) ~= 'table' then
+    return 1000
+  end
+  if b.type == 'exponential' then
+    local initial = json_number(b.initial_delay_ms, 1000)
+    local max = json_number(b.max_delay_ms, 60000)
+    local mult = json_number(b.multiplier, 2.0)
+    return math.floor(math.min(initial * mult ^ retry_count, max))
+  elseif b.type == 'fixed' then
+    return math.floor(json_number(b.delay_ms, 1000))
+  end
+  return 1000
+end
+
+-- Retry iff a policy exists, retry_count < max_retries (default 3) and, when
+-- retryable_categories is non-empty, the category is listed (Spec).
+local function retry_allowed(rp, retry_count, category)
+  if not rp or retry_count >= policy_int(rp, 'max_retries', 3) then
+    return false
+  end
+  local cats = rp.retryable_categories
+  if type(cats) ~= 'table' or #cats == 0 then
+    return true
+  end
+  for _, v in ipairs(cats) do
+    if v == category then
+      return true
+    end
+  end
+  return false
+end
+
+-- ff_fail_execution
+--   KEYS (12): 1 core, 2 attempt hash (*), 3 lease_expiry, 4 holder's worker leases (*),
+--     5 lane terminal (*), 6 lane delayed (*), 7 lease current, 8 lease history,
+--     9 lane active (*), 10 stream meta (*), 11 attempt_timeout, 12 execution_deadline.
+--   ARGV (8): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 failure_reason,
+--     6 failure_category, 7 retry_policy_json ("" = read retry_policy from the stored policy
+--     ff:exec:{p}:<eid>:policy, built from the tag; absent or not an object = no retries),
+--     8 source ("" = operator_override).
+--   Now: TIME.
+--   Replies: {1,"OK","retry_scheduled",delay_until,next_attempt_index} | {1,"OK","terminal_failed"}
+--   Errors: as ff_complete_execution.
+--   Writes (both): attempt ended_failure, ended_at, failure_reason, failure_category; stream
+--     meta closed attempt_failure + stream_closed event; lease release (history `released`).
+--     Retry: core retry vector ("retry backoff until <ts> (attempt <idx> failed: <reason>)"),
+--     pending_retry_reason, pending_previous_attempt_index, retry_count+1,
+--     current_attempt_id="", lease mirror cleared, delay_until, failure_reason;
+--     ZADD lane delayed at delay_until (execution_deadline entry kept); release reason
+--     failed_retry_scheduled. Terminal: spec 10 §1.5 with failed (ZADD lane terminal,
+--     ff:dag:completions), failure_reason; release reason failed_terminal.
+local function fail_execution(keys, argv)
+  local x, e = owner_mutation(keys, argv, keys[8], argv[8])
+  if not x then
+    return e
+  end
+  x.lease, x.lease_expiry, x.attempt_timeout, x.deadline = keys[7], keys[3], keys[11], keys[12]
+  local c, now = x.core, x.now
+  local idx, reason, category = c.current_attempt_index or '', argv[5], argv[6]
+  local retry_count = tonumber(c.retry_count or '0') or 0
+  local rp = retry_policy_of(x, argv[7])
+  local retry = retry_allowed(rp, retry_count, category)
+  local delay_until
+  if retry then
+    delay_until = now + backoff_ms(rp, retry_count)
+    write_vector(keys[1], x.eid, {'runnable', 'unowned', 'not_eligible_until_time',
+      'waiting_for_retry_backoff', 'retry backoff until ' .. num(delay_until) .. ' (attempt '
+      .. idx .. ' failed: ' .. reason .. ')', 'none', 'pending_retry_attempt'}, now,
+      lease_cleared({pending_retry_reason = reason, pending_previous_attempt_index = idx,
+        retry_count = num(retry_count + 1), current_attempt_id = '',
+        delay_until = num(delay_until), failure_reason = reason}))
+  else
+    terminal_transition(x, 'failed', now, lease_cleared({failure_reason = reason}), true)
+  end
+  if end_attempt(x, idx, 'ended_failure', {'failure_reason', reason,
+      'failure_category', category}, now) then
+    close_stream(x, idx, 'attempt_failure', now, false)
+  end
+  if not retry then
+    release_lease(x, 'failed_terminal', now)
+    return ok('terminal_failed')
+  end
+  release_lease(x, 'failed_retry_scheduled', now)
+  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'delayed'), num(delay_until), x.eid)
+  return ok('retry_scheduled', num(delay_until), c.total_attempt_count or '0')
+end
+
+redis.register_function('ff_fail_execution', fail_execution)
+
+-- Pauses the current attempt (delay, waiting for children): it is not ended, and resumes on the
+-- same attempt through claim_resumed_execution.
+local function pause_attempt(x, suspension_id, now)
+  local idx = x.core.current_attempt_index
+  if not is_set(idx) then
+    return
+  end
+  local key = attempt_key(x.tag, x.eid, idx)
+  if redis.call('HGET', key, 'attempt_state') == 'started' then
+    redis.call('HSET', key, 'attempt_state', 'suspended', 'suspended_at', num(now),
+      'suspension_id', suspension_id)
+  end
+end
+
+-- ff_delay_execution (worker self-delay)
+--   KEYS (9): 1 core, 2 attempt hash (*), 3 lease current, 4 lease history, 5 lease_expiry,
+--     6 holder's worker leases (*), 7 lane active (*), 8 lane delayed (*), 9 attempt_timeout.
+--   ARGV (6): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 delay_until (ms;
+--     required), 6 source ("" = operator_override).
+--   Now: TIME.
+--   Replies: {1,"OK",delay_until}
+--   Errors: invalid_input (delay_until, lease_epoch), then as ff_complete_execution.
+--   Writes: core worker-delay vector (not_eligible_until_time / waiting_for_delay,
+--     "delayed until <ts>", attempt_interrupted), delay_until, lease mirror cleared (attempt id
+--     and epoch kept); attempt suspended, suspended_at, suspension_id=worker_delay; lease release
+--     reason worker_delay; ZADD lane delayed at delay_until. The stream stays open.
+local function delay_execution(keys, argv)
+  local delay_until, e1 = req_int('delay_until', argv[5])
+  if not delay_until then
+    return e1
+  end
+  local x, e = owner_mutation(keys, argv, keys[4], argv[6])
+  if not x then
+    return e
+  end
+  x.lease, x.lease_expiry, x.attempt_timeout = keys[3], keys[5], keys[9]
+  local now = x.now
+  write_vector(keys[1], x.eid, {'runnable', 'unowned', 'not_eligible_until_time',
+    'waiting_for_delay', 'delayed until ' .. num(delay_until), 'none', 'attempt_interrupted'},
+    now, lease_cleared({delay_until = num(delay_until)}))
+  pause_attempt(x, 'worker_delay', now)
+  release_lease(x, 'worker_delay', now)
+  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  redis.call('ZADD', lane_key(x.tag, x.core.lane_id, 'delayed'), num(delay_until), x.eid)
+  return ok(num(delay_until))
+end
+
+redis.register_function('ff_delay_execution', delay_execution)
+
+-- ff_move_to_waiting_children
+--   KEYS (9): 1 core, 2 attempt hash (*), 3 lease current, 4 lease history, 5 lease_expiry,
+--     6 holder's worker leases (*), 7 lane active (*), 8 lane blocked:dependencies (*),
+--     9 attempt_timeout.
+--   ARGV (5): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 source
+--     ("" = operator_override).
+--   Now: TIME.
+--   Replies: {1,"OK"}
+--   Errors: as ff_complete_execution.
+--   Writes: core waiting-for-children vector (blocked_by_dependencies / waiting_for_children,
+--     "waiting for child executions to complete", attempt_interrupted), lease mirror cleared;
+--     attempt suspended, suspended_at, suspension_id=waiting_children; lease release reason
+--     waiting_children; ZADD lane blocked:dependencies at created_at.
+local function move_to_waiting_children(keys, argv)
+  local x, e = owner_mutation(keys, argv, keys[4], argv[5])
+  if not x then
+    return e
+  end
+  x.lease, x.lease_expiry, x.attempt_timeout = keys[3], keys[5], keys[9]
+  local now = x.now
+  write_vector(keys[1], x.eid, {'runnable', 'unowned', 'blocked_by_dependencies',
+    'waiting_for_children', 'waiting for child executions to complete', 'none',
+    'attempt_interrupted'}, now, lease_cleared({}))
+  pause_attempt(x, 'waiting_children', now)
+  release_lease(x, 'waiting_children', now)
+  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  redis.call('ZADD', lane_key(x.tag, x.core.lane_id, 'blocked:dependencies'),
+    x.core.created_at or num(now), x.eid)
+  return ok()
+end
+
+redis.register_function('ff_move_to_waiting_children', move_to_waiting_children)
+
+-- Cancel by a non-override source of an active execution (spec 10 §2.9, Spec rows included),
+-- in the order of spec 10 §1.2: revoked, no lease id, expired (not marked), stale fence.
+local function holder_may_cancel(c, lease_id, epoch, attempt_id, now)
+  if lease_is_revoked(c) then
+    return err('lease_revoked')
+  elseif lease_id == '' then
+    return err('fence_required')
+  elseif lease_is_expired(c, now) then
+    return err('lease_expired')
+  elseif lease_id ~= (c.current_lease_id or '')
+      or (epoch ~= '' and tonumber(epoch) ~= tonumber(c.current_lease_epoch or ''))
+      or (attempt_id ~= '' and attempt_id ~= (c.current_attempt_id or '')) then
+    return err('stale_lease')
+  end
+  return nil
+end
+
+-- ff_cancel_execution
+--   KEYS (21): 1 core, 2 attempt hash (*), 3 stream meta (*), 4 lease current, 5 lease history,
+--     6 lease_expiry, 7 holder's worker leases (*), 8 suspension current, 9 waitpoint hash (*),
+--     10 waitpoint condition (*), 11 suspension_timeout, 12 lane terminal (*),
+--     13 attempt_timeout, 14 execution_deadline, 15 lane eligible (*), 16 lane delayed (*),
+--     17 lane blocked:dependencies (*), 18 lane blocked:budget (*), 19 lane blocked:quota (*),
+--     20 lane blocked:route (*), 21 lane blocked:operator (*). Lane active and suspended are
+--     built too; waitpoint keys come from core.current_waitpoint_id.
+--   ARGV (6): 1 execution_id, 2 reason, 3 source ("" = operator_override; flow_cascade
+--     suppresses the completion publish), 4 lease_id, 5 lease_epoch, 6 attempt_id.
+--   Now: TIME.
+--   Replies: {1,"OK","cancelled",<previous lifecycle_phase>}
+--   Errors (in order): invalid_input (lease_epoch), execution_not_found, execution_not_active
+--     (already terminal; enriched). Active and source != operator_override: lease_revoked,
+--     fence_required (no lease_id), lease_expired (not marked), stale_lease (lease_id, or a
+--     given epoch / attempt_id, differs).
+--   Writes: core terminal cancelled vector, completed_at, cancellation_reason, cancelled_by,
+--     lease mirror and suspension pointers cleared; ZADD lane terminal; ff:dag:completions
+--     (flow member, not flow_cascade); an open attempt (active, suspended, or paused while
+--     runnable) ended_cancelled, failure_reason "cancelled: <reason>", its stream meta closed
+--     attempt_cancelled + stream_closed event; active: lease release (history `released`,
+--     reason cancelled); suspended: suspension closed_at/close_reason=cancelled, waitpoint
+--     state=closed, condition closed=1 (reason cancelled); the id leaves every other index of
+--     its lane and partition and the holder's lease set.
+local function cancel_execution(keys, argv)
+  local _, e1 = opt_int('lease_epoch', argv[5])
+  if e1 then
+    return e1
+  end
+  local x = load_exec(keys, argv)
+  if not x then
+    return err('execution_not_found')
+  end
+  local c = x.core
+  local phase = c.lifecycle_phase
+  if phase == 'terminal' then
+    return not_active(c)
+  end
+  local source = source_of(argv[3])
+  local now = now_ms()
+  if phase == 'active' and source ~= 'operator_override' then
+    local cerr = holder_may_cancel(c, argv[4], argv[5], argv[6], now)
+    if cerr then
+      return cerr
+    end
+  end
+  x.lease, x.history, x.lease_expiry = keys[4], keys[5], keys[6]
+  x.attempt_timeout, x.deadline = keys[13], keys[14]
+  local idx = c.current_attempt_index
+  terminal_transition(x, 'cancelled', now, lease_cleared({cancellation_reason = argv[2],
+    cancelled_by = source, current_suspension_id = '', current_waitpoint_id = ''}),
+    source ~= 'flow_cascade')
+  if (phase ~= 'runnable' or c.attempt_state == 'attempt_interrupted')
+      and end_attempt(x, idx, 'ended_cancelled', {'failure_reason', 'cancelled: ' .. argv[2]},
+        now) then
+    close_stream(x, idx, 'attempt_cancelled', now, false)
+  end
+  if phase == 'active' then
+    release_lease(x, 'cancelled', now)
+  elseif phase == 'suspended' then
+    close_suspension(x, keys[8], 'cancelled', 'cancelled', now)
+  end
+  remove_from_indexes(x, 'terminal')
+  return ok('cancelled', phase or '')
+end
+
+redis.register_function('ff_cancel_execution', cancel_execution)
+
+-- ff_update_progress (class B)
+--   KEYS (1): 1 core.
+--   ARGV (5): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 progress_pct (0..100, "" = keep),
+--     5 progress_message ("" = keep).
+--   Now: TIME.
+--   Replies: {1,"OK"}
+--   Errors (in order): invalid_input (lease_epoch, progress_pct), execution_not_found,
+--     execution_not_active (enriched), lease_revoked, lease_expired (not marked), stale_lease
+--     (lease_id or epoch differ; attempt_id is not checked).
+--   Writes: core progress_pct / progress_message (those given), progress_updated_at,
+--     last_mutation_at.
+local function update_progress(keys, argv)
+  local _, e1 = opt_int('lease_epoch', argv[3])
+  if e1 then
+    return e1
+  end
+  local pct, e2 = opt_int('progress_pct', argv[4])
+  if e2 then
+    return e2
+  end
+  if pct and (pct < 0 or pct > 100) then
+    return err('invalid_input', 'progress_pct must be between 0 and 100, got: ' .. argv[4])
+  end
+  local x = load_exec(keys, argv)
+  if not x then
+    return err('execution_not_found')
+  end
+  local c = x.core
+  local now = now_ms()
+  if c.lifecycle_phase ~= 'active' then
+    return not_active(c)
+  elseif lease_is_revoked(c) then
+    return err('lease_revoked')
+  elseif lease_is_expired(c, now) then
+    return err('lease_expired')
+  elseif argv[2] ~= (c.current_lease_id or '')
+      or tonumber(argv[3]) ~= tonumber(c.current_lease_epoch or '') then
+    return err('stale_lease')
+  end
+  local args = {'HSET', keys[1], 'progress_updated_at', num(now), 'last_mutation_at', num(now)}
+  if pct then
+    args[#args + 1] = 'progress_pct'
+    args[#args + 1] = num(pct)
+  end
+  if argv[5] ~= nil and argv[5] ~= '' then
+    args[#args + 1] = 'progress_message'
+    args[#args + 1] = argv[5]
+  end
+  redis.call(unpack(args))
+  return ok()
+end
+
+redis.register_function('ff_update_progress', update_progress)
+
+local EXPIRE_REASONS = {attempt_timeout = true, execution_deadline = true}
+
+-- ff_expire_execution (attempt-timeout and execution-deadline scanners)
+--   KEYS (14): 1 core, 2 attempt hash (*), 3 stream meta (*), 4 lease current, 5 lease history,
+--     6 lease_expiry, 7 worker leases (*), 8 lane active (*), 9 lane terminal (*),
+--     10 attempt_timeout, 11 execution_deadline, 12 lane suspended (*), 13 suspension_timeout,
+--     14 suspension current.
+--   ARGV (2): 1 execution_id, 2 expire_reason (attempt_timeout | execution_deadline;
+--     "" = attempt_timeout).
+--   Now: TIME.
+--   Replies: {1,"OK","expired",<previous lifecycle_phase>}
+--     | {1,"OK","not_found_cleaned"} | {1,"OK","already_terminal"} (both ZREM both timeout
+--       indexes; -> AlreadyTerminal)
+--     | {1,"ALREADY_SATISFIED","not_due"}: the reason's index entry is gone or not yet due
+--       (the execution moved on between scan and call); nothing written.
+--   Errors: invalid_input (expire_reason).
+--   Writes: core terminal expired vector, completed_at, failure_reason=<reason>, lease mirror
+--     and suspension pointers cleared; ZADD lane terminal; ff:dag:completions (flow member);
+--     an open attempt (active, suspended, or paused while runnable) ended_failure with
+--     failure_reason=<reason>, its stream meta closed `expired` + stream_closed event;
+--     active: lease release (history `released`, reason expired:<reason>); suspended:
+--     suspension closed_at/close_reason=expired:<reason>, waitpoint state=closed and condition
+--     closed=1 (reason expired); the id leaves every other index of its lane and partition and
+--     the holder's lease set.
+local function expire_execution(keys, argv)
+  local reason = argv[2]
+  if reason == nil or reason == '' then
+    reason = 'attempt_timeout'
+  end
+  if not EXPIRE_REASONS[reason] then
+    return err('invalid_input',
+      'expire_reason must be attempt_timeout or execution_deadline, got: ' .. reason)
+  end
+  local x = load_exec(keys, argv)
+  if not x or x.core.lifecycle_phase == 'terminal' then
+    redis.call('ZREM', keys[10], argv[1])
+    redis.call('ZREM', keys[11], argv[1])
+    return ok(x and 'already_terminal' or 'not_found_cleaned')
+  end
+  local c = x.core
+  local now = now_ms()
+  local index = keys[10]
+  if reason == 'execution_deadline' then
+    index = keys[11]
+  end
+  local due = tonumber(redis.call('ZSCORE', index, x.eid) or '')
+  if not due or due > now then
+    return already('not_due')
+  end
+  x.lease, x.history, x.lease_expiry = keys[4], keys[5], keys[6]
+  x.attempt_timeout, x.deadline = keys[10], keys[11]
+  local phase, idx = c.lifecycle_phase, c.current_attempt_index
+  terminal_transition(x, 'expired', now, lease_cleared({failure_reason = reason,
+    current_suspension_id = '', current_waitpoint_id = ''}), true)
+  if (phase ~= 'runnable' or c.attempt_state == 'attempt_interrupted')
+      and end_attempt(x, idx, 'ended_failure', {'failure_reason', reason}, now) then
+    close_stream(x, idx, 'expired', now, false)
+  end
+  if phase == 'active' then
+    release_lease(x, 'expired:' .. reason, now)
+  elseif phase == 'suspended' then
+    close_suspension(x, keys[14], 'expired:' .. reason, 'expired', now)
+  end
+  remove_from_indexes(x, 'terminal')
+  return ok('expired', phase or '')
+end
+
+redis.register_function('ff_expire_execution', expire_execution)
+
+-- For a skipped flow member: the given inbound edges now `impossible` (to reopen) and the
+-- number of edges unsatisfied after reopening them (deps:unresolved plus the reopened ones).
+-- Keys built from the execution id on the tag of KEYS[1] (spec 00 §4 rule 3).
+local function edges_to_reopen(x, argv)
+  local reopen, pending, n = {}, {}, 0
+  for _, m in ipairs(redis.call('SMEMBERS', exec_key(x.tag, x.eid, 'deps:unresolved'))) do
+    pending[m] = true
+  end
+  for i = 3, #argv do
+    local edge = argv[i]
+    if redis.call('HGET', exec_key(x.tag, x.eid, 'dep:' .. edge), 'state') == 'impossible' then
+      reopen[#reopen + 1] = edge
+      pending[edge] = true
+    end
+  end
+  for _ in pairs(pending) do
+    n = n + 1
+  end
+  return reopen, n
+end
+
+local function reopen_edges(x, reopen, n, now)
+  local unresolved = exec_key(x.tag, x.eid, 'deps:unresolved')
+  for _, edge in ipairs(reopen) do
+    redis.call('HSET', exec_key(x.tag, x.eid, 'dep:' .. edge), 'state', 'unsatisfied',
+      'last_resolved_at', '')
+    redis.call('SADD', unresolved, edge)
+  end
+  redis.call('HSET', exec_key(x.tag, x.eid, 'deps:meta'), 'unsatisfied_required_count', num(n),
+    'impossible_required_count', '0', 'last_dependency_update_at', num(now))
+end
+
+-- ff_replay_execution
+--   KEYS (4, or 7+n for a skipped flow member): 1 core, 2 lane terminal (*), 3 lane eligible (*),
+--     4 lease history; optional 5 lane blocked:dependencies (*), 6 deps:meta (*),
+--     7 deps:unresolved (*), 8.. dep:<edge_i> (*). Deps keys are built from the execution id.
+--   ARGV (2+n): 1 execution_id, 2 now_ms (unused), 3.. inbound edge ids (a skipped flow
+--     member's `in:<eid>` set, pre-read by the server; otherwise none).
+--   Reads: the stored policy (built from the tag) for max_replay_count (default 10).
+--   Now: TIME.
+--   Replies: {1,"OK",public_state}   (waiting, or waiting_children for a skipped member)
+--   Errors: execution_not_found, execution_not_terminal, max_replays_exhausted.
+--   Writes: core replayed vector (pending_replay_attempt), replay_count+1, completed_at="",
+--     pending_previous_attempt_index=current_attempt_index, pending reasons cleared,
+--     failure_reason, cancellation_reason, cancelled_by, result_encoding cleared, retry_count
+--     and lease_reclaim_count reset to 0; DEL result; ZREM lane terminal; history
+--     `replay_initiated` (replay_count, replay_type). Normal: ZADD lane eligible at
+--     -(priority x 10^12) + created_at, replay_type=normal. Skipped flow member with n > 0
+--     unsatisfied edges after reopening: each given `impossible` edge -> unsatisfied
+--     (last_resolved_at="", SADD deps:unresolved), deps:meta unsatisfied_required_count=n,
+--     impossible_required_count=0, last_dependency_update_at; core blocked_by_dependencies /
+--     waiting_for_children "<n> dep(s) unsatisfied after replay"; ZADD lane
+--     blocked:dependencies at created_at; replay_type=skipped_flow_member.
+local function replay_execution(keys, argv)
+  local x = load_exec(keys, argv)
+  if not x then
+    return err('execution_not_found')
+  end
+  local c = x.core
+  if c.lifecycle_phase ~= 'terminal' then
+    return err('execution_not_terminal')
+  end
+  local count = tonumber(c.replay_count or '0') or 0
+  if count >= policy_int(stored_policy(x), 'max_replay_count', 10) then
+    return err('max_replays_exhausted')
+  end
+  local reopen, n = {}, 0
+  if c.terminal_outcome == 'skipped' and is_set(c.flow_id) then
+    reopen, n = edges_to_reopen(x, argv)
+  end
+  local now = now_ms()
+  local extra = {
+    replay_count = num(count + 1), completed_at = '',
+    pending_previous_attempt_index = c.current_attempt_index or '',
+    pending_retry_reason = '', pending_replay_reason = '', pending_replay_requested_by = '',
+    failure_reason = '', cancellation_reason = '', cancelled_by = '', result_encoding = '',
+    retry_count = '0', lease_reclaim_count = '0',
+  }
+  local created = tonumber(c.created_at or '0') or 0
+  local vector, target, score, replay_type
+  if n > 0 then
+    vector = {'runnable', 'unowned', 'blocked_by_dependencies', 'waiting_for_children',
+      n .. ' dep(s) unsatisfied after replay', 'none', 'pending_replay_attempt'}
+    target, score, replay_type = 'blocked:dependencies', created, 'skipped_flow_member'
+  else
+    vector = {'runnable', 'unowned', 'eligible_now', 'waiting_for_worker', '', 'none',
+      'pending_replay_attempt'}
+    target, replay_type = 'eligible', 'normal'
+    score = eligible_score(tonumber(c.priority or '0') or 0, created)
+  end
+  local public = write_vector(keys[1], x.eid, vector, now, extra)
+  -- Lane indexes built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  redis.call('ZREM', lane_key(x.tag, c.lane_id, 'terminal'), x.eid)
+  redis.call('ZADD', lane_key(x.tag, c.lane_id, target), num(score), x.eid)
+  redis.call('DEL', exec_key(x.tag, x.eid, 'result'))
+  if n > 0 then
+    reopen_edges(x, reopen, n, now)
+  end
+  lease_event(keys[4], 'replay_initiated', {'replay_count', num(count + 1),
+    'replay_type', replay_type}, now)
+  return ok(public)
+end
+
+redis.register_function('ff_replay_execution', replay_execution)

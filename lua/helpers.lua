@@ -205,3 +205,486 @@ end
 local function lane_key(tag, lane, which)
   return 'ff:idx:' .. tag .. ':lane:' .. lane .. ':' .. which
 end
+
+-- ---------------------------------------------------------------------------------------------
+-- Lifecycle helpers (spec 10 §1): keys built at run time, lease history, fencing, expiry,
+-- release, terminal effects, attempts and grants. Shared by lease, scheduling and execution.
+--
+-- Key rule (spec 00 §4 rule 3): the builders below are only ever called with the tag taken from
+-- the caller's KEYS[1] (tag_of(KEYS[1])), so every lane index, attempt/stream key, worker lease
+-- set or waitpoint key a function builds from core fields hashes to the same slot as its KEYS.
+-- ---------------------------------------------------------------------------------------------
+
+local function attempt_key(tag, eid, idx)
+  return 'ff:attempt:' .. tag .. ':' .. eid .. ':' .. idx
+end
+
+local function stream_meta_key(tag, eid, idx)
+  return 'ff:stream:' .. tag .. ':' .. eid .. ':' .. idx .. ':meta'
+end
+
+local function partition_key(tag, name)
+  return 'ff:idx:' .. tag .. ':' .. name
+end
+
+local function worker_leases_key(tag, wiid)
+  return 'ff:idx:' .. tag .. ':worker:' .. wiid .. ':leases'
+end
+
+local function waitpoint_key(tag, wpid)
+  return 'ff:wp:' .. tag .. ':' .. wpid
+end
+
+local function is_set(v)
+  return v ~= nil and v ~= false and v ~= ''
+end
+
+-- Execution context of one call: {tag, eid, core_key, core = HGETALL snapshot taken before any
+-- write}; nil when the core does not exist. Functions add the passed keys they use (history,
+-- lease, lease_expiry, ...). ARGV[1] names the index members, so it must be the id of KEYS[1]:
+-- a mismatch is a malformed call and raises (nothing is written).
+local function load_exec(keys, argv)
+  local tag = tag_of(keys[1] or '')
+  if not tag or keys[1] ~= exec_key(tag, argv[1] or '', 'core') then
+    error({err = 'ERR flowfabric: ARGV[1] (execution_id) is not the execution of KEYS[1]'})
+  end
+  local core = hgetall(keys[1])
+  if next(core) == nil then
+    return nil
+  end
+  return {tag = tag, eid = argv[1], core_key = keys[1], core = core}
+end
+
+-- One lease-history event, MAXLEN ~ 1000 (spec 00 §5.1). `fields` = flat name/value list.
+local function lease_event(key, event, fields, now)
+  local args = {'XADD', key, 'MAXLEN', '~', '1000', '*', 'event', event}
+  for i = 1, #fields do
+    args[#args + 1] = tostring(fields[i] or '')
+  end
+  args[#args + 1] = 'ts'
+  args[#args + 1] = num(now)
+  redis.call(unpack(args))
+end
+
+-- The lease fields every history event of the current lease carries.
+local function lease_fields(c, reason)
+  return {'lease_id', c.current_lease_id, 'lease_epoch', c.current_lease_epoch,
+    'attempt_index', c.current_attempt_index, 'attempt_id', c.current_attempt_id,
+    'worker_id', c.current_worker_id, 'reason', reason}
+end
+
+-- Enriched execution_not_active (spec 00 §8.3): lets a caller whose committed call lost its reply
+-- recognise its own success (spec 10 §1.4).
+local function not_active(c)
+  return err('execution_not_active', c.terminal_outcome or '', c.current_lease_epoch or '',
+    c.lifecycle_phase or '', c.current_attempt_id or '')
+end
+
+-- CancelSource: "" is the contract default, operator_override.
+local function source_of(s)
+  if s == nil or s == '' then
+    return 'operator_override'
+  end
+  return s
+end
+
+-- Fence resolution (spec 00 §8.3): all three set -> checked; all empty -> the server-side fence
+-- (the core mirror) when `allow_override` and source is operator_override, else fence_required;
+-- mixed -> partial_fence_triple. Returns {lease_id, epoch, attempt_id} or nil plus an error reply.
+local function resolve_fence(c, lease_id, epoch, attempt_id, source, allow_override)
+  local n = 0
+  for _, v in ipairs({lease_id, epoch, attempt_id}) do
+    if v ~= '' then
+      n = n + 1
+    end
+  end
+  if n == 3 then
+    return {lease_id = lease_id, epoch = epoch, attempt_id = attempt_id}
+  elseif n > 0 then
+    return nil, err('partial_fence_triple')
+  elseif allow_override and source_of(source) == 'operator_override' then
+    return {lease_id = c.current_lease_id or '', epoch = c.current_lease_epoch or '',
+      attempt_id = c.current_attempt_id or ''}
+  end
+  return nil, err('fence_required')
+end
+
+local function lease_is_revoked(c)
+  return c.ownership_state == 'lease_revoked' or is_set(c.lease_revoked_at)
+end
+
+local function lease_is_expired(c, now)
+  local exp = tonumber(c.lease_expires_at or '')
+  return c.ownership_state == 'lease_expired_reclaimable' or exp == nil or exp <= now
+end
+
+local function fence_matches(c, fence)
+  return fence.lease_id == (c.current_lease_id or '')
+    and tonumber(fence.epoch) == tonumber(c.current_lease_epoch or '')
+    and fence.attempt_id == (c.current_attempt_id or '')
+end
+
+-- Closes the stream meta of attempt `idx` if the meta exists (spec 30 §1.4), then publishes
+-- stream_closed on ff:exec_events:{p}. `only_if_open`: leave an existing close alone.
+local function close_stream(x, idx, reason, now, only_if_open)
+  if not is_set(idx) then
+    return
+  end
+  local meta = stream_meta_key(x.tag, x.eid, idx)
+  if redis.call('EXISTS', meta) == 0 then
+    return
+  end
+  if only_if_open and is_set(redis.call('HGET', meta, 'closed_at')) then
+    return
+  end
+  redis.call('HSET', meta, 'closed_at', num(now), 'closed_reason', reason)
+  redis.call('SPUBLISH', 'ff:exec_events:' .. x.tag, cjson.encode({
+    type = 'stream_closed', execution_id = x.eid, attempt_index = tonumber(idx),
+    closed_reason = reason, at = now,
+  }))
+end
+
+-- mark_expired (spec 00 §8.3), idempotent. Needs x.history. Updates the x.core snapshot.
+local function mark_expired(x, now)
+  local c = x.core
+  if c.ownership_state == 'lease_expired_reclaimable' then
+    return false
+  end
+  write_vector(x.core_key, x.eid, {'active', 'lease_expired_reclaimable',
+    c.eligibility_state or 'not_applicable', 'waiting_for_worker',
+    'lease expired, awaiting reclaim', 'none', 'attempt_interrupted'}, now,
+    {lease_expired_at = num(now)})
+  lease_event(x.history, 'expired', lease_fields(c, 'lease_expired'), now)
+  close_stream(x, c.current_attempt_index, 'lease_expired', now, true)
+  c.ownership_state = 'lease_expired_reclaimable'
+  c.attempt_state = 'attempt_interrupted'
+  return true
+end
+
+-- Lease validation of an owner mutation (spec 10 §1.2), in order: not active -> revoked ->
+-- expired -> stale. With `mark` (write paths) an expired lease is first marked, and that write is
+-- kept behind the lease_expired reply. Returns nil when the fence holds, else the error reply.
+local function check_lease(x, fence, now, mark)
+  local c = x.core
+  if c.lifecycle_phase ~= 'active' then
+    return not_active(c)
+  end
+  if lease_is_revoked(c) then
+    return err('lease_revoked')
+  end
+  if lease_is_expired(c, now) then
+    if mark then
+      mark_expired(x, now)
+    end
+    return err('lease_expired')
+  end
+  if not fence_matches(c, fence) then
+    return err('stale_lease')
+  end
+  return nil
+end
+
+-- The lease mirror cleared by every release (spec 10 §1.3); current_lease_epoch always stays.
+local LEASE_MIRROR = {
+  'current_lease_id', 'current_worker_id', 'current_worker_instance_id', 'lease_expires_at',
+  'lease_last_renewed_at', 'lease_renewal_deadline', 'lease_expired_at', 'lease_revoked_at',
+  'lease_revoke_reason',
+}
+
+local function lease_cleared(extra)
+  for _, f in ipairs(LEASE_MIRROR) do
+    extra[f] = ''
+  end
+  return extra
+end
+
+-- Lease release (spec 10 §1.3), after the core was written. Needs x.lease, x.lease_expiry,
+-- x.attempt_timeout, x.history; reads the holder from the pre-write x.core snapshot.
+local function release_lease(x, reason, now)
+  local c = x.core
+  redis.call('DEL', x.lease)
+  redis.call('ZREM', x.lease_expiry, x.eid)
+  -- The holder's lease set and the lane's active index: built from core fields on the tag of
+  -- KEYS[1] (spec 00 §4 rule 3); the caller may not know the holder.
+  if is_set(c.current_worker_instance_id) then
+    redis.call('SREM', worker_leases_key(x.tag, c.current_worker_instance_id), x.eid)
+  end
+  redis.call('ZREM', lane_key(x.tag, c.lane_id, 'active'), x.eid)
+  redis.call('ZREM', x.attempt_timeout, x.eid)
+  lease_event(x.history, 'released', {'lease_id', c.current_lease_id,
+    'lease_epoch', c.current_lease_epoch, 'attempt_index', c.current_attempt_index,
+    'attempt_id', c.current_attempt_id, 'reason', reason}, now)
+end
+
+-- Ends attempt `idx` with `state` (+ `fields`) unless it is missing or already terminal (a
+-- terminal attempt is never modified again, spec 00 §6.5). Returns true when it ended it.
+local function end_attempt(x, idx, state, fields, now)
+  if not is_set(idx) then
+    return false
+  end
+  local key = attempt_key(x.tag, x.eid, idx)
+  local cur = redis.call('HGET', key, 'attempt_state')
+  if cur ~= 'started' and cur ~= 'suspended' then
+    return false
+  end
+  local args = {'HSET', key, 'attempt_state', state, 'ended_at', num(now)}
+  for i = 1, #fields do
+    args[#args + 1] = fields[i]
+  end
+  redis.call(unpack(args))
+  return true
+end
+
+-- Terminal transition common effects (spec 10 §1.5). Writes the core first (vector, completed_at
+-- and `extra`), then ZREM attempt_timeout/execution_deadline, ZADD lane terminal, and PUBLISH
+-- ff:dag:completions for a flow member when `publish`. Needs x.attempt_timeout, x.deadline.
+local function terminal_transition(x, outcome, now, extra, publish)
+  local c = x.core
+  local attempt = 'attempt_terminal'
+  if (tonumber(c.total_attempt_count or '0') or 0) == 0 then
+    attempt = 'none'
+  end
+  extra.completed_at = num(now)
+  local public = write_vector(x.core_key, x.eid,
+    {'terminal', 'unowned', 'not_applicable', 'none', '', outcome, attempt}, now, extra)
+  redis.call('ZREM', x.attempt_timeout, x.eid)
+  redis.call('ZREM', x.deadline, x.eid)
+  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'terminal'), num(now), x.eid)
+  if publish and is_set(c.flow_id) then
+    redis.call('PUBLISH', 'ff:dag:completions', cjson.encode({
+      execution_id = x.eid, flow_id = c.flow_id, outcome = outcome,
+    }))
+  end
+  return public
+end
+
+-- Every scheduling set of a lane and every per-partition timeout/lease index (spec 00 §5.2).
+local LANE_SETS = {
+  'eligible', 'delayed', 'active', 'suspended', 'terminal', 'blocked:dependencies',
+  'blocked:budget', 'blocked:quota', 'blocked:route', 'blocked:operator',
+}
+local PARTITION_SETS = {'lease_expiry', 'attempt_timeout', 'execution_deadline',
+  'suspension_timeout'}
+
+-- Defensive index removal (spec 00 §8.3; cancel, expire): the id leaves every index of its lane
+-- and partition except `keep` (a lane set name), and the holder's lease set. All keys built on
+-- the tag of KEYS[1] (spec 00 §4 rule 3).
+local function remove_from_indexes(x, keep)
+  local c = x.core
+  for _, which in ipairs(LANE_SETS) do
+    if which ~= keep then
+      redis.call('ZREM', lane_key(x.tag, c.lane_id, which), x.eid)
+    end
+  end
+  for _, name in ipairs(PARTITION_SETS) do
+    redis.call('ZREM', partition_key(x.tag, name), x.eid)
+  end
+  if is_set(c.current_worker_instance_id) then
+    redis.call('SREM', worker_leases_key(x.tag, c.current_worker_instance_id), x.eid)
+  end
+end
+
+-- Closes the current suspension, its waitpoint and the waitpoint's condition (cancel, expire of
+-- a suspended execution). Only hashes that exist are written. Waitpoint keys are built from
+-- core.current_waitpoint_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+local function close_suspension(x, suspension_key, reason, wp_reason, now)
+  local c = x.core
+  if redis.call('EXISTS', suspension_key) == 1 then
+    redis.call('HSET', suspension_key, 'closed_at', num(now), 'close_reason', reason)
+  end
+  if is_set(c.current_waitpoint_id) then
+    local wp = waitpoint_key(x.tag, c.current_waitpoint_id)
+    if redis.call('EXISTS', wp) == 1 then
+      redis.call('HSET', wp, 'state', 'closed', 'closed_at', num(now), 'close_reason', wp_reason)
+    end
+    if redis.call('EXISTS', wp .. ':condition') == 1 then
+      redis.call('HSET', wp .. ':condition', 'closed', '1', 'closed_at', num(now),
+        'closed_reason', wp_reason)
+    end
+  end
+end
+
+-- The stored execution policy (ff:exec:{p}:<eid>:policy, built on the tag of KEYS[1]) as a table;
+-- {} when absent or unreadable.
+local function stored_policy(x)
+  local raw = redis.call('GET', exec_key(x.tag, x.eid, 'policy'))
+  local p = raw and decode_json(raw)
+  if type(p) ~= 'table' then
+    return {}
+  end
+  return p
+end
+
+local function policy_int(t, field, default)
+  local v = type(t) == 'table' and t[field]
+  if type(v) == 'number' then
+    return math.floor(v)
+  end
+  return default
+end
+
+local function attempt_timeout_of(policy)
+  local v = policy_int(policy.timeout_policy, 'attempt_timeout_ms', 0)
+  return v > 0 and v or false
+end
+
+-- Attempt policy JSON -> flat field list for the attempt policy hash (nested values JSON-encoded).
+-- "" -> {}. Returns nil plus invalid_input when it is not a JSON object.
+local function flatten_policy(json)
+  if json == nil or json == '' then
+    return {}
+  end
+  local t = decode_json(json)
+  if type(t) ~= 'table' then
+    return nil, err('invalid_input', 'attempt_policy_json must be a JSON object')
+  end
+  local flat = {}
+  for k, v in pairs(t) do
+    if type(v) == 'table' then
+      v = cjson.encode(v)
+    elseif type(v) == 'number' and v == math.floor(v) then
+      v = num(v)
+    else
+      v = tostring(v)
+    end
+    flat[#flat + 1] = tostring(k)
+    flat[#flat + 1] = v
+  end
+  return flat
+end
+
+-- Creates a started attempt and its lease (claim, reclaim): attempt hash, attempts index, usage,
+-- policy snapshot, and lease:current replaced. `a` = {idx, attempt_id, attempt_type, lease_id,
+-- epoch, worker_id, worker_instance_id, expires, renewal, lineage = flat list, policy = flat list}.
+-- Needs x.attempts, x.lease.
+local function start_attempt(x, a, now)
+  local akey = attempt_key(x.tag, x.eid, a.idx)
+  local args = {'HSET', akey, 'attempt_id', a.attempt_id, 'execution_id', x.eid,
+    'attempt_index', num(a.idx), 'attempt_type', a.attempt_type, 'attempt_state', 'started',
+    'created_at', num(now), 'started_at', num(now), 'lease_id', a.lease_id,
+    'lease_epoch', num(a.epoch), 'worker_id', a.worker_id,
+    'worker_instance_id', a.worker_instance_id}
+  for i = 1, #a.lineage do
+    args[#args + 1] = a.lineage[i]
+  end
+  redis.call(unpack(args))
+  redis.call('ZADD', x.attempts, num(now), num(a.idx))
+  redis.call('HSET', akey .. ':usage', 'last_usage_report_seq', '0')
+  if #a.policy > 0 then
+    redis.call('HSET', akey .. ':policy', unpack(a.policy))
+  end
+  redis.call('DEL', x.lease)
+  redis.call('HSET', x.lease, 'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
+    'execution_id', x.eid, 'attempt_id', a.attempt_id, 'worker_id', a.worker_id,
+    'worker_instance_id', a.worker_instance_id, 'acquired_at', num(now),
+    'expires_at', num(a.expires), 'last_renewed_at', num(now),
+    'renewal_deadline', num(a.renewal))
+end
+
+-- Core fields of a fresh lease on attempt `a` (claimed vector extras; spec 10 §2.3 step 5).
+local function claimed_fields(a, lane, now)
+  return {
+    current_attempt_index = num(a.idx), total_attempt_count = num(a.idx + 1),
+    current_attempt_id = a.attempt_id, current_lease_id = a.lease_id,
+    current_lease_epoch = num(a.epoch), current_worker_id = a.worker_id,
+    current_worker_instance_id = a.worker_instance_id, current_lane = lane,
+    lease_acquired_at = num(now), lease_expires_at = num(a.expires),
+    lease_last_renewed_at = num(now), lease_renewal_deadline = num(a.renewal),
+    lease_expired_at = '', lease_revoked_at = '', lease_revoke_reason = '',
+  }
+end
+
+local CLAIMED = {'active', 'leased', 'not_applicable', 'none', '', 'none', 'running_attempt'}
+
+local function split_csv(csv)
+  local toks = {}
+  for t in string.gmatch(csv or '', '[^,]+') do
+    toks[#toks + 1] = t
+  end
+  return toks
+end
+
+-- Grant-time capability check (spec 10 §2.2): size limits of both sides, then the subset test.
+-- A mismatch stamps last_capability_mismatch_at (the only write) and returns capability_mismatch
+-- with the sorted CSV of missing tokens.
+local function check_capabilities(x, worker_csv, now)
+  local required = x.core.required_capabilities or ''
+  local req = split_csv(required)
+  if #required > 4096 then
+    return err('invalid_capabilities', 'required:too_many_bytes')
+  elseif #req > 256 then
+    return err('invalid_capabilities', 'required:too_many_tokens')
+  end
+  local have = split_csv(worker_csv)
+  if #worker_csv > 4096 then
+    return err('invalid_capabilities', 'worker:too_many_bytes')
+  elseif #have > 256 then
+    return err('invalid_capabilities', 'worker:too_many_tokens')
+  end
+  local has = {}
+  for _, t in ipairs(have) do
+    has[t] = true
+  end
+  local missing = {}
+  for _, t in ipairs(req) do
+    if not has[t] then
+      missing[#missing + 1] = t
+    end
+  end
+  if #missing > 0 then
+    table.sort(missing)
+    redis.call('HSET', x.core_key, 'last_capability_mismatch_at', num(now))
+    return err('capability_mismatch', table.concat(missing, ','))
+  end
+  return nil
+end
+
+-- Writes the claim grant hash (spec 00 §5.1) and expires the key at grant_expires_at. `argv` is
+-- the grant-issuer layout: 2 worker_id, 3 worker_instance_id, 4 lane_id, 5 capability_hash,
+-- 7 route_snapshot_json, 8 admission_summary.
+local function write_grant(key, argv, now, ttl)
+  local expires = now + ttl
+  redis.call('HSET', key, 'worker_id', argv[2], 'worker_instance_id', argv[3],
+    'lane_id', argv[4], 'capability_hash', argv[5], 'route_snapshot_json', argv[7],
+    'admission_summary', argv[8], 'created_at', num(now), 'grant_expires_at', num(expires))
+  redis.call('PEXPIREAT', key, num(expires))
+  return expires
+end
+
+-- A grant is consumable by `worker_id` until grant_expires_at. Returns nil or the error reply.
+local function check_grant(key, worker_id, now)
+  local g = hgetall(key)
+  if g.worker_id == nil or g.worker_id ~= worker_id then
+    return err('invalid_claim_grant')
+  end
+  local exp = tonumber(g.grant_expires_at or '')
+  if exp and exp < now then
+    return err('claim_grant_expired')
+  end
+  return nil
+end
+
+-- Required non-empty string ARGV, as {{index, name}, ...} checked in order. Returns nil or the
+-- invalid_input reply.
+local function require_strings(argv, specs)
+  for _, s in ipairs(specs) do
+    local v = argv[s[1]]
+    if v == nil or v == '' then
+      return err('invalid_input', s[2] .. ' must not be empty')
+    end
+  end
+  return nil
+end
+
+-- Required positive integer ARGV.
+local function req_pos(name, v)
+  local n, e = req_int(name, v)
+  if not n then
+    return nil, e
+  end
+  if n <= 0 then
+    return nil, err('invalid_input', name .. ' must be positive, got: ' .. v)
+  end
+  return n, nil
+end

@@ -23,6 +23,7 @@ DOMAINS = (
     "execution",
     "lease",
     "scheduling",
+    "admission",
     "suspension",
     "signal",
     "stream",

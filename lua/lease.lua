@@ -1,0 +1,336 @@
+-- lease.lua: renew, expiry marking, revoke and reclaim of execution leases (spec 10 §2.5-2.7,
+-- §2.15-2.16).
+--
+-- KEYS marked (*) are declared for routing only and never read: the function builds that key
+-- from the tag of KEYS[1] and core fields (spec 00 §4 rule 3), because the holder, lane or attempt
+-- index the caller pre-read may be stale. Pass the real key or the placeholder ff:noop:{p}.
+
+-- ff_renew_lease
+--   KEYS (4): 1 core, 2 lease current, 3 lease history, 4 lease_expiry.
+--   ARGV (7): 1 execution_id, 2 attempt_index, 3 attempt_id, 4 lease_id, 5 lease_epoch,
+--     6 lease_ttl_ms (> 0), 7 lease_history_grace_ms (>= 0).
+--   Now: TIME.
+--   Replies: {1,"OK",expires_at}
+--   Errors (in order): invalid_input (numeric ARGV), execution_not_found, partial_fence_triple,
+--     fence_required (no unfenced renew), execution_not_active (enriched), lease_revoked,
+--     lease_expired (after mark_expired, whose writes are kept), stale_lease (attempt_index,
+--     attempt_id, lease_id or lease_epoch differ from the core).
+--   Writes: core lease_expires_at, lease_renewal_deadline, lease_last_renewed_at,
+--     last_mutation_at; lease current rewritten from the core mirror, PEXPIREAT expires+grace;
+--     ZADD lease_expiry. No history event; epoch unchanged. On lease_expired: mark_expired
+--     (history `expired`, stream meta closed lease_expired + stream_closed event).
+local function renew_lease(keys, argv)
+  local ttl, e1 = req_pos('lease_ttl_ms', argv[6])
+  if not ttl then
+    return e1
+  end
+  local grace, e2 = req_int('lease_history_grace_ms', argv[7])
+  if not grace then
+    return e2
+  end
+  if grace < 0 then
+    return err('invalid_input', 'lease_history_grace_ms must not be negative, got: ' .. argv[7])
+  end
+  local idx, e3 = req_int('attempt_index', argv[2])
+  if not idx then
+    return e3
+  end
+  local _, e4 = opt_int('lease_epoch', argv[5])
+  if e4 then
+    return e4
+  end
+  local x = load_exec(keys, argv)
+  if not x then
+    return err('execution_not_found')
+  end
+  local fence, ferr = resolve_fence(x.core, argv[4], argv[5], argv[3], 'lease_holder', false)
+  if not fence then
+    return ferr
+  end
+  x.history = keys[3]
+  local now = now_ms()
+  local lerr = check_lease(x, fence, now, true)
+  if lerr then
+    return lerr
+  end
+  local c = x.core
+  if tonumber(c.current_attempt_index or '') ~= idx then
+    return err('stale_lease')
+  end
+
+  local expires = now + ttl
+  local renewal = now + math.floor(ttl * 2 / 3)
+  redis.call('HSET', keys[1], 'lease_expires_at', num(expires),
+    'lease_renewal_deadline', num(renewal), 'lease_last_renewed_at', num(now),
+    'last_mutation_at', num(now))
+  redis.call('HSET', keys[2], 'lease_id', c.current_lease_id,
+    'lease_epoch', c.current_lease_epoch, 'execution_id', x.eid,
+    'attempt_id', c.current_attempt_id, 'worker_id', c.current_worker_id or '',
+    'worker_instance_id', c.current_worker_instance_id or '',
+    'acquired_at', c.lease_acquired_at or '', 'expires_at', num(expires),
+    'last_renewed_at', num(now), 'renewal_deadline', num(renewal))
+  redis.call('PEXPIREAT', keys[2], num(expires + grace))
+  redis.call('ZADD', keys[4], num(expires), x.eid)
+  return ok(num(expires))
+end
+
+redis.register_function('ff_renew_lease', renew_lease)
+
+-- ff_mark_lease_expired_if_due (lease-expiry scanner)
+--   KEYS (4): 1 core, 2 lease current, 3 lease_expiry, 4 lease history.
+--   ARGV (1): 1 execution_id.
+--   Now: TIME.
+--   Replies: {1,"OK","marked_expired"}
+--     | {1,"ALREADY_SATISFIED",reason}, reason: execution_not_found (entry removed),
+--       not_active (entry removed), already_expired, already_revoked, unowned (entry removed),
+--       not_yet_expired.
+--   Errors: none.
+--   Writes: mark_expired (spec 00 §8.3): core lease_expired_reclaimable vector +
+--     lease_expired_at; history `expired`; open stream meta of the current attempt closed
+--     lease_expired + stream_closed event. The lease_expiry entry stays for reclaim discovery.
+local function mark_lease_expired_if_due(keys, argv)
+  local x = load_exec(keys, argv)
+  if not x then
+    redis.call('ZREM', keys[3], argv[1])
+    return already('execution_not_found')
+  end
+  local c = x.core
+  if c.lifecycle_phase ~= 'active' then
+    redis.call('ZREM', keys[3], x.eid)
+    return already('not_active')
+  elseif c.ownership_state == 'lease_expired_reclaimable' then
+    return already('already_expired')
+  elseif c.ownership_state == 'lease_revoked' then
+    return already('already_revoked')
+  elseif c.ownership_state ~= 'leased' then
+    redis.call('ZREM', keys[3], x.eid)
+    return already('unowned')
+  end
+  local now = now_ms()
+  local exp = tonumber(c.lease_expires_at or '')
+  if exp and exp > now then
+    return already('not_yet_expired')
+  end
+  x.history = keys[4]
+  mark_expired(x, now)
+  return ok('marked_expired')
+end
+
+redis.register_function('ff_mark_lease_expired_if_due', mark_lease_expired_if_due)
+
+-- ff_revoke_lease (operator)
+--   KEYS (5): 1 core, 2 lease current, 3 lease history, 4 lease_expiry,
+--     5 holder's worker leases (*: built from core.current_worker_instance_id).
+--   ARGV (3): 1 execution_id, 2 expected_lease_id ("" skips the check),
+--     3 revoke_reason ("" = operator_revoke).
+--   Now: TIME.
+--   Replies: {1,"OK","revoked",lease_id,lease_epoch}
+--     | {1,"ALREADY_SATISFIED","already_revoked"} | {1,"ALREADY_SATISFIED","already_expired"}
+--   Errors: execution_not_found, execution_not_active (enriched), no_active_lease,
+--     stale_lease ("expected <x> but current is <y>").
+--   Writes: core lease_revoked vector, blocking_detail "lease revoked: <reason>",
+--     lease_revoked_at, lease_revoke_reason (lease identity kept so the old owner is answered
+--     lease_revoked); DEL lease current; SREM holder's lease set; history `revoked`;
+--     Spec: ZADD lease_expiry now (reclaim discovery). Attempt and lane active entry untouched.
+local function revoke_lease(keys, argv)
+  local x = load_exec(keys, argv)
+  if not x then
+    return err('execution_not_found')
+  end
+  local c = x.core
+  if c.lifecycle_phase ~= 'active' then
+    return not_active(c)
+  elseif c.ownership_state == 'lease_revoked' then
+    return already('already_revoked')
+  elseif c.ownership_state == 'lease_expired_reclaimable' then
+    return already('already_expired')
+  elseif c.ownership_state ~= 'leased' then
+    return err('no_active_lease')
+  end
+  local current = c.current_lease_id or ''
+  if argv[2] ~= '' and argv[2] ~= current then
+    return err('stale_lease', 'expected ' .. argv[2] .. ' but current is ' .. current)
+  end
+  local reason = (argv[3] ~= '' and argv[3]) or 'operator_revoke'
+  local now = now_ms()
+  write_vector(keys[1], x.eid, {'active', 'lease_revoked', c.eligibility_state or 'not_applicable',
+    'waiting_for_worker', 'lease revoked: ' .. reason, 'none', 'attempt_interrupted'}, now,
+    {lease_revoked_at = num(now), lease_revoke_reason = reason})
+  redis.call('DEL', keys[2])
+  -- Holder's lease set built on the tag of KEYS[1] (spec 00 §4 rule 3).
+  if is_set(c.current_worker_instance_id) then
+    redis.call('SREM', worker_leases_key(x.tag, c.current_worker_instance_id), x.eid)
+  end
+  lease_event(keys[3], 'revoked', lease_fields(c, reason), now)
+  redis.call('ZADD', keys[4], num(now), x.eid)
+  return ok('revoked', current, c.current_lease_epoch or '')
+end
+
+redis.register_function('ff_revoke_lease', revoke_lease)
+
+-- ff_issue_reclaim_grant
+--   KEYS (3): 1 core, 2 claim_grant, 3 lease_expiry (declared, unused).
+--   ARGV (9): 1 execution_id, 2 worker_id, 3 worker_instance_id, 4 lane_id, 5 capability_hash,
+--     6 grant_ttl_ms (> 0), 7 route_snapshot_json, 8 admission_summary,
+--     9 worker_capabilities_csv (sorted, comma-joined; "" = none).
+--   Now: TIME.
+--   Replies: {1,"OK",execution_id,grant_expires_at}
+--   Errors: invalid_input (grant_ttl_ms, empty worker ids), execution_not_found,
+--     execution_not_reclaimable (not active, or ownership not lease_expired_reclaimable /
+--     lease_revoked), grant_already_exists, invalid_capabilities (required:/worker:
+--     too_many_bytes|too_many_tokens), capability_mismatch (detail = sorted missing CSV; writes
+--     only core last_capability_mismatch_at).
+--   Writes: claim_grant hash (worker_id, worker_instance_id, lane_id, capability_hash,
+--     route_snapshot_json, admission_summary, created_at, grant_expires_at), PEXPIREAT at
+--     grant_expires_at. The execution stays in lease_expiry.
+local function issue_reclaim_grant(keys, argv)
+  local ttl, e1 = req_pos('grant_ttl_ms', argv[6])
+  if not ttl then
+    return e1
+  end
+  local serr = require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'}})
+  if serr then
+    return serr
+  end
+  local x = load_exec(keys, argv)
+  if not x then
+    return err('execution_not_found')
+  end
+  local c = x.core
+  if c.lifecycle_phase ~= 'active' or (c.ownership_state ~= 'lease_expired_reclaimable'
+      and c.ownership_state ~= 'lease_revoked') then
+    return err('execution_not_reclaimable')
+  end
+  if redis.call('EXISTS', keys[2]) == 1 then
+    return err('grant_already_exists')
+  end
+  local now = now_ms()
+  local cerr = check_capabilities(x, argv[9] or '', now)
+  if cerr then
+    return cerr
+  end
+  local expires = write_grant(keys[2], argv, now, ttl)
+  return ok(x.eid, num(expires))
+end
+
+redis.register_function('ff_issue_reclaim_grant', issue_reclaim_grant)
+
+-- Reclaim limit path (Spec, spec 10 §2.16): a full terminal failure instead of the reference's
+-- committed-state-behind-an-error.
+local function fail_at_reclaim_limit(x, now)
+  local idx = x.core.current_attempt_index
+  terminal_transition(x, 'failed', now, lease_cleared({failure_reason = 'max_reclaims_exceeded'}),
+    true)
+  if end_attempt(x, idx, 'interrupted_reclaimed', {'failure_reason', 'max_reclaims_exceeded'},
+      now) then
+    close_stream(x, idx, 'reclaimed', now, false)
+  end
+  release_lease(x, 'max_reclaims_exceeded', now)
+  return ok('max_reclaims_exceeded')
+end
+
+-- ff_reclaim_execution
+--   KEYS (14): 1 core, 2 claim_grant, 3 old attempt hash (*), 4 old stream meta (*),
+--     5 new attempt hash (*), 6 new attempt usage (*), 7 attempts, 8 lease current,
+--     9 lease history, 10 lease_expiry, 11 new worker's leases (*), 12 lane active (*),
+--     13 attempt_timeout, 14 execution_deadline.
+--     (*) built from the tag of KEYS[1]: attempt keys from core.current_attempt_index and
+--     core.total_attempt_count, the lease set from ARGV[3], the lane from core.lane_id.
+--   ARGV (8): 1 execution_id, 2 worker_id, 3 worker_instance_id, 4 lane (stored as
+--     current_lane; "" = core.lane_id), 5 lease_id, 6 lease_ttl_ms (> 0), 7 attempt_id,
+--     8 attempt_policy_json ("" = none; else a JSON object, flattened into the attempt policy).
+--   Reads: the stored policy (ff:exec:{p}:<eid>:policy, built from the tag) for
+--     max_reclaim_count (default 100) and timeout_policy.attempt_timeout_ms.
+--   Now: TIME.
+--   Replies: {1,"OK",lease_id,lease_epoch,lease_expires_at,attempt_id,attempt_index,"reclaim"}
+--     | {1,"OK","max_reclaims_exceeded"} (execution is now terminal failed).
+--   Errors (in order): invalid_input, execution_not_found, execution_not_reclaimable; then the
+--     reclaim limit (reply above); invalid_claim_grant (missing or another worker's),
+--     claim_grant_expired.
+--   Writes: core claimed vector with the new attempt and lease mirror, current_lane,
+--     lease_reclaim_count+1, expiry/revoke markers cleared; DEL grant; old attempt
+--     interrupted_reclaimed (ended_at, failure_reason = lease_expired|lease_revoked); old stream
+--     meta closed `reclaimed` + stream_closed event; new attempt (type reclaim, reclaim_reason,
+--     previous_attempt_index), attempts, usage, policy snapshot; lease current replaced;
+--     ZADD lease_expiry, lane active; SREM the previous holder's lease set, SADD the new one;
+--     attempt_timeout re-armed from the policy (or removed); history `reclaimed`.
+--     Limit path: terminal failed (failure_reason max_reclaims_exceeded), old attempt
+--     interrupted_reclaimed, stream closed `reclaimed`, lease released, ff:dag:completions.
+local function reclaim_execution(keys, argv)
+  local ttl, e1 = req_pos('lease_ttl_ms', argv[6])
+  if not ttl then
+    return e1
+  end
+  local serr = require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'},
+    {5, 'lease_id'}, {7, 'attempt_id'}})
+  if serr then
+    return serr
+  end
+  local policy_flat, perr = flatten_policy(argv[8])
+  if not policy_flat then
+    return perr
+  end
+  local x = load_exec(keys, argv)
+  if not x then
+    return err('execution_not_found')
+  end
+  local c = x.core
+  if c.lifecycle_phase ~= 'active' or (c.ownership_state ~= 'lease_expired_reclaimable'
+      and c.ownership_state ~= 'lease_revoked') then
+    return err('execution_not_reclaimable')
+  end
+  x.attempts, x.lease, x.history, x.lease_expiry = keys[7], keys[8], keys[9], keys[10]
+  x.attempt_timeout, x.deadline = keys[13], keys[14]
+  local policy = stored_policy(x)
+  local now = now_ms()
+  local reclaims = tonumber(c.lease_reclaim_count or '0') or 0
+  if reclaims >= policy_int(policy, 'max_reclaim_count', 100) then
+    return fail_at_reclaim_limit(x, now)
+  end
+  local gerr = check_grant(keys[2], argv[2], now)
+  if gerr then
+    return gerr
+  end
+
+  local reason = 'lease_expired'
+  if c.ownership_state == 'lease_revoked' then
+    reason = 'lease_revoked'
+  end
+  local old_idx = c.current_attempt_index
+  local a = {
+    idx = tonumber(c.total_attempt_count or '0') or 0, attempt_id = argv[7],
+    attempt_type = 'reclaim', lease_id = argv[5],
+    epoch = (tonumber(c.current_lease_epoch or '0') or 0) + 1,
+    worker_id = argv[2], worker_instance_id = argv[3],
+    expires = now + ttl, renewal = now + math.floor(ttl * 2 / 3),
+    lineage = {'reclaim_reason', reason, 'previous_attempt_index', old_idx or ''},
+    policy = policy_flat,
+  }
+  local extra = claimed_fields(a, (argv[4] ~= '' and argv[4]) or c.lane_id, now)
+  extra.lease_reclaim_count = num(reclaims + 1)
+  write_vector(keys[1], x.eid, CLAIMED, now, extra)
+  redis.call('DEL', keys[2])
+  end_attempt(x, old_idx, 'interrupted_reclaimed', {'failure_reason', reason}, now)
+  close_stream(x, old_idx, 'reclaimed', now, false)
+  start_attempt(x, a, now)
+  redis.call('ZADD', keys[10], num(a.expires), x.eid)
+  -- Lease sets and the lane index are built on the tag of KEYS[1] (spec 00 §4 rule 3).
+  local old_holder = c.current_worker_instance_id
+  if is_set(old_holder) and old_holder ~= argv[3] then
+    redis.call('SREM', worker_leases_key(x.tag, old_holder), x.eid)
+  end
+  redis.call('SADD', worker_leases_key(x.tag, argv[3]), x.eid)
+  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'active'), num(a.expires), x.eid)
+  local timeout = attempt_timeout_of(policy)
+  if timeout then
+    redis.call('ZADD', keys[13], num(now + timeout), x.eid)
+  else
+    redis.call('ZREM', keys[13], x.eid)
+  end
+  lease_event(keys[9], 'reclaimed', {'old_lease_epoch', c.current_lease_epoch,
+    'new_lease_id', a.lease_id, 'new_lease_epoch', num(a.epoch), 'new_attempt_id', a.attempt_id,
+    'new_attempt_index', num(a.idx), 'worker_id', a.worker_id, 'reason', reason}, now)
+  return ok(a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(a.idx), 'reclaim')
+end
+
+redis.register_function('ff_reclaim_execution', reclaim_execution)

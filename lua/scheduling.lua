@@ -1,0 +1,273 @@
+-- scheduling.lua: claim grants, claims, delayed promotion and priority (spec 10 §2.2, §2.3,
+-- §2.11, §2.14).
+--
+-- KEYS marked (*) are declared for routing only and never read: the function builds that key
+-- from the tag of KEYS[1] and core fields or ARGV (spec 00 §4 rule 3). Pass the real key or the
+-- placeholder ff:noop:{p}.
+
+-- ff_issue_claim_grant
+--   KEYS (3): 1 core, 2 claim_grant, 3 lane eligible (*: built from core.lane_id).
+--   ARGV (9): 1 execution_id, 2 worker_id, 3 worker_instance_id, 4 lane_id, 5 capability_hash,
+--     6 grant_ttl_ms (> 0), 7 route_snapshot_json, 8 admission_summary,
+--     9 worker_capabilities_csv (sorted, comma-joined; "" = none; stray empty tokens skipped).
+--   Now: TIME.
+--   Replies: {1,"OK",execution_id,grant_expires_at}
+--   Errors (in order): invalid_input (grant_ttl_ms, empty worker ids), execution_not_found,
+--     execution_not_eligible (not runnable + eligible_now), grant_already_exists,
+--     execution_not_in_eligible_set, invalid_capabilities (required:/worker:
+--     too_many_bytes|too_many_tokens), capability_mismatch (detail = sorted CSV of missing
+--     tokens; writes only core last_capability_mismatch_at).
+--   Writes: claim_grant hash (worker_id, worker_instance_id, lane_id, capability_hash,
+--     route_snapshot_json, admission_summary, created_at, grant_expires_at), PEXPIREAT at
+--     grant_expires_at. The execution stays in eligible (only the claim removes it).
+local function issue_claim_grant(keys, argv)
+  local ttl, e1 = req_pos('grant_ttl_ms', argv[6])
+  if not ttl then
+    return e1
+  end
+  local serr = require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'}})
+  if serr then
+    return serr
+  end
+  local x = load_exec(keys, argv)
+  if not x then
+    return err('execution_not_found')
+  end
+  local c = x.core
+  if c.lifecycle_phase ~= 'runnable' or c.eligibility_state ~= 'eligible_now' then
+    return err('execution_not_eligible')
+  end
+  if redis.call('EXISTS', keys[2]) == 1 then
+    return err('grant_already_exists')
+  end
+  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  if not redis.call('ZSCORE', lane_key(x.tag, c.lane_id, 'eligible'), x.eid) then
+    return err('execution_not_in_eligible_set')
+  end
+  local now = now_ms()
+  local cerr = check_capabilities(x, argv[9] or '', now)
+  if cerr then
+    return cerr
+  end
+  local expires = write_grant(keys[2], argv, now, ttl)
+  return ok(x.eid, num(expires))
+end
+
+redis.register_function('ff_issue_claim_grant', issue_claim_grant)
+
+-- Claim preconditions on the core (spec 10 §2.3 table, before the grant checks).
+local function claimable(c)
+  if c.lifecycle_phase ~= 'runnable' then
+    return err('execution_not_leaseable')
+  elseif c.ownership_state ~= 'unowned' then
+    return err('lease_conflict')
+  elseif c.eligibility_state ~= 'eligible_now' or (c.terminal_outcome or 'none') ~= 'none' then
+    return err('execution_not_leaseable')
+  elseif c.attempt_state == 'running_attempt' then
+    return err('active_attempt_exists')
+  elseif c.attempt_state == 'attempt_interrupted' then
+    return err('use_claim_resumed_execution')
+  end
+  return nil
+end
+
+-- Attempt type and lineage fields of the attempt a claim creates (spec 10 §2.3 step 2).
+local function new_attempt_lineage(c)
+  if c.attempt_state == 'pending_retry_attempt' then
+    return 'retry', {'retry_reason', c.pending_retry_reason or '',
+      'previous_attempt_index', c.pending_previous_attempt_index or ''}
+  elseif c.attempt_state == 'pending_replay_attempt' then
+    return 'replay', {'replay_reason', c.pending_replay_reason or '',
+      'replay_requested_by', c.pending_replay_requested_by or '',
+      'replayed_from_attempt_index', c.pending_previous_attempt_index or ''}
+  end
+  return 'initial', {}
+end
+
+-- ff_claim_execution
+--   KEYS (14): 1 core, 2 claim_grant, 3 lane eligible (*), 4 lease_expiry,
+--     5 claimer's worker leases (*), 6 attempt hash (*), 7 attempt usage (*),
+--     8 attempt policy (*), 9 attempts, 10 lease current, 11 lease history, 12 lane active (*),
+--     13 attempt_timeout, 14 execution_deadline.
+--     (*) built from the tag of KEYS[1]: lanes from core.lane_id, the lease set from ARGV[3],
+--     attempt keys from core.total_attempt_count (the caller's expected index only names them).
+--   ARGV (12): 1 execution_id, 2 worker_id, 3 worker_instance_id, 4 lane (stored as
+--     current_lane; "" = core.lane_id), 5 capability_hash, 6 lease_id, 7 lease_ttl_ms (> 0),
+--     8 renew_before_ms (>= 0; worker passes floor(ttl*2/3)), 9 attempt_id,
+--     10 attempt_policy_json ("" = none; else a JSON object), 11 attempt_timeout_ms
+--     ("" = the stored policy's timeout_policy.attempt_timeout_ms; "0" = none),
+--     12 execution_deadline_at ("" = none).
+--   Now: TIME.
+--   Replies: {1,"OK",lease_id,lease_epoch,lease_expires_at,attempt_id,attempt_index,
+--     attempt_type}   attempt_type: initial | retry | replay.
+--   Errors (in order): invalid_input (numeric ARGV, empty ids, attempt_policy_json),
+--     execution_not_found, execution_not_leaseable (not runnable), lease_conflict (owned),
+--     execution_not_leaseable (not eligible_now, or terminal_outcome set),
+--     active_attempt_exists, use_claim_resumed_execution (attempt_interrupted; grant kept),
+--     invalid_claim_grant (missing or another worker's), claim_grant_expired.
+--   Writes: core claimed vector, attempt pointers, total_attempt_count, lease mirror,
+--     current_lane, started_at (first claim only), pending lineage and expiry/revoke markers
+--     cleared; DEL grant; attempt hash (started, lineage), attempts, usage
+--     (last_usage_report_seq=0), attempt policy; lease current replaced; ZREM eligible;
+--     ZADD lease_expiry, lane active (both at expires); SADD claimer's lease set;
+--     ZADD attempt_timeout (now + timeout) when one applies; ZADD execution_deadline when given;
+--     history `acquired`.
+local function claim_execution(keys, argv)
+  local ttl, e1 = req_pos('lease_ttl_ms', argv[7])
+  if not ttl then
+    return e1
+  end
+  local renew_before, e2 = req_int('renew_before_ms', argv[8])
+  if not renew_before then
+    return e2
+  end
+  local timeout, e3 = opt_int('attempt_timeout_ms', argv[11])
+  if e3 then
+    return e3
+  end
+  local deadline, e4 = opt_int('execution_deadline_at', argv[12])
+  if e4 then
+    return e4
+  end
+  local serr = require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'},
+    {6, 'lease_id'}, {9, 'attempt_id'}})
+  if serr then
+    return serr
+  end
+  local policy_flat, perr = flatten_policy(argv[10])
+  if not policy_flat then
+    return perr
+  end
+  local x = load_exec(keys, argv)
+  if not x then
+    return err('execution_not_found')
+  end
+  local c = x.core
+  local cerr = claimable(c)
+  if cerr then
+    return cerr
+  end
+  local now = now_ms()
+  local gerr = check_grant(keys[2], argv[2], now)
+  if gerr then
+    return gerr
+  end
+
+  local attempt_type, lineage = new_attempt_lineage(c)
+  local a = {
+    idx = tonumber(c.total_attempt_count or '0') or 0, attempt_id = argv[9],
+    attempt_type = attempt_type, lease_id = argv[6],
+    epoch = (tonumber(c.current_lease_epoch or '0') or 0) + 1,
+    worker_id = argv[2], worker_instance_id = argv[3],
+    expires = now + ttl, renewal = now + renew_before, lineage = lineage, policy = policy_flat,
+  }
+  if timeout == false then
+    timeout = attempt_timeout_of(stored_policy(x))
+  end
+  local extra = claimed_fields(a, (argv[4] ~= '' and argv[4]) or c.lane_id, now)
+  extra.pending_retry_reason = ''
+  extra.pending_replay_reason = ''
+  extra.pending_replay_requested_by = ''
+  extra.pending_previous_attempt_index = ''
+  if not is_set(c.started_at) then
+    extra.started_at = num(now)
+  end
+  if deadline then
+    extra.execution_deadline_at = num(deadline)
+  end
+  write_vector(keys[1], x.eid, CLAIMED, now, extra)
+  redis.call('DEL', keys[2])
+  x.attempts, x.lease = keys[9], keys[10]
+  start_attempt(x, a, now)
+  -- Lane indexes and the claimer's lease set built on the tag of KEYS[1] (spec 00 §4 rule 3).
+  redis.call('ZREM', lane_key(x.tag, c.lane_id, 'eligible'), x.eid)
+  redis.call('ZADD', keys[4], num(a.expires), x.eid)
+  redis.call('SADD', worker_leases_key(x.tag, a.worker_instance_id), x.eid)
+  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'active'), num(a.expires), x.eid)
+  if timeout and timeout > 0 then
+    redis.call('ZADD', keys[13], num(now + timeout), x.eid)
+  end
+  if deadline then
+    redis.call('ZADD', keys[14], num(deadline), x.eid)
+  end
+  lease_event(keys[11], 'acquired', {'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
+    'attempt_id', a.attempt_id, 'attempt_index', num(a.idx), 'worker_id', a.worker_id}, now)
+  return ok(a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(a.idx), attempt_type)
+end
+
+redis.register_function('ff_claim_execution', claim_execution)
+
+-- ff_promote_delayed (delayed promoter)
+--   KEYS (3): 1 core, 2 lane delayed (the set being scanned; cleaned when the core says the
+--     entry is stale), 3 lane eligible (*: built from core.lane_id).
+--   ARGV (2): 1 execution_id, 2 now_ms (the scanner's server-time reading; used as "now").
+--   Now: ARGV[2].
+--   Replies: {1,"OK",status}, status: promoted | not_yet_due | not_found_cleaned |
+--     not_runnable_cleaned | not_delayed_cleaned (the *_cleaned ones ZREM KEYS[2]).
+--   Errors: invalid_input (now_ms).
+--   Writes (promoted): core promoted vector (eligible_now / waiting_for_worker, attempt_state
+--     kept), delay_until=""; ZREM lane delayed; ZADD lane eligible at
+--     -(priority x 10^12) + created_at.
+local function promote_delayed(keys, argv)
+  local now, e1 = req_int('now_ms', argv[2])
+  if not now then
+    return e1
+  end
+  local x = load_exec(keys, argv)
+  if not x then
+    redis.call('ZREM', keys[2], argv[1])
+    return ok('not_found_cleaned')
+  end
+  local c = x.core
+  if c.lifecycle_phase ~= 'runnable' then
+    redis.call('ZREM', keys[2], x.eid)
+    return ok('not_runnable_cleaned')
+  elseif c.eligibility_state ~= 'not_eligible_until_time' then
+    redis.call('ZREM', keys[2], x.eid)
+    return ok('not_delayed_cleaned')
+  end
+  local due = tonumber(c.delay_until or '')
+  if due and due > now then
+    return ok('not_yet_due')
+  end
+  write_vector(keys[1], x.eid, {'runnable', 'unowned', 'eligible_now', 'waiting_for_worker', '',
+    'none', c.attempt_state or 'pending_first_attempt'}, now, {delay_until = ''})
+  -- Lane indexes built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  redis.call('ZREM', lane_key(x.tag, c.lane_id, 'delayed'), x.eid)
+  local score = eligible_score(tonumber(c.priority or '0') or 0, tonumber(c.created_at or '0') or 0)
+  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'eligible'), num(score), x.eid)
+  return ok('promoted')
+end
+
+redis.register_function('ff_promote_delayed', promote_delayed)
+
+-- ff_change_priority
+--   KEYS (2): 1 core, 2 lane eligible (*: built from core.lane_id).
+--   ARGV (2): 1 execution_id, 2 new_priority (clamped to 0..9000).
+--   Now: TIME.
+--   Replies: {1,"OK",old_priority,new_priority}
+--   Errors: invalid_input (new_priority), execution_not_found, execution_not_eligible (only a
+--     runnable eligible_now execution can be re-prioritised in v1).
+--   Writes: core priority, last_mutation_at; ZADD lane eligible at -(p x 10^12) + created_at.
+local function change_priority(keys, argv)
+  local p, e1 = req_int('new_priority', argv[2])
+  if not p then
+    return e1
+  end
+  local x = load_exec(keys, argv)
+  if not x then
+    return err('execution_not_found')
+  end
+  local c = x.core
+  if c.lifecycle_phase ~= 'runnable' or c.eligibility_state ~= 'eligible_now' then
+    return err('execution_not_eligible')
+  end
+  p = clamp_priority(p)
+  redis.call('HSET', keys[1], 'priority', num(p), 'last_mutation_at', num(now_ms()))
+  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  local score = eligible_score(p, tonumber(c.created_at or '0') or 0)
+  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'eligible'), num(score), x.eid)
+  return ok(c.priority or '0', num(p))
+end
+
+redis.register_function('ff_change_priority', change_priority)
