@@ -107,7 +107,9 @@ async def _session_api(valkey_url: str, _session_store: Store) -> AsyncIterator[
         shutdown_grace_s=1.0,
         boot_retry_s=5.0,
     )
-    server = FlowFabricServer(config)
+    # No background scanners here: tests that call functions directly share this keyspace.
+    # Tests of scanner-driven behaviour use `engine_api` (scanners on, fast intervals).
+    server = FlowFabricServer(config, run_scanners=False)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     yield Api(channel, _session_store, server)
@@ -119,3 +121,36 @@ async def _session_api(valkey_url: str, _session_store: Store) -> AsyncIterator[
 async def api(_session_api: Api, store: Store) -> Api:
     """A running server (both topologies) on an empty keyspace, with an authorised channel."""
     return _session_api
+
+
+FAST_SCANNERS = {
+    "FF_LEASE_EXPIRY_INTERVAL_MS": 100,
+    "FF_DELAYED_PROMOTER_INTERVAL_MS": 100,
+    "FF_ATTEMPT_TIMEOUT_INTERVAL_S": 100,
+    "FF_EXECUTION_DEADLINE_INTERVAL_S": 100,
+    "FF_UNBLOCK_INTERVAL_S": 100,
+    "FF_INDEX_RECONCILER_INTERVAL_S": 1000,
+    "FF_RETENTION_TRIMMER_INTERVAL_S": 1000,
+}
+
+
+@pytest.fixture
+async def engine_api(valkey_url: str, store: Store) -> AsyncIterator[Api]:
+    """A server of its own with every scanner running at 100 ms (both topologies)."""
+    config = Config(
+        valkey_url=valkey_url,
+        listen_addr="127.0.0.1:0",
+        api_token=API_TOKEN,
+        shutdown_grace_s=1.0,
+        boot_retry_s=5.0,
+        flow_partitions=16,
+        scanner_intervals_ms=FAST_SCANNERS,
+    )
+    server = FlowFabricServer(config)
+    await store.call("DEL", "ff:config:partitions")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    yield Api(channel, store, server)
+    await channel.close()
+    await server.stop()
+    await store.call("DEL", "ff:config:partitions")

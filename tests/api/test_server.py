@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from flowfabric.server.app import BootError, FlowFabricServer
 from flowfabric.server.config import Config
 from flowfabric.server.keys import PARTITION_CONFIG
-from flowfabric.v1 import admin_pb2, execution_pb2, worker_pb2
+from flowfabric.v1 import admin_pb2, execution_pb2, signal_pb2
 from tests.api.util import expect_error
 from tests.conftest import API_TOKEN, Api
 
@@ -59,7 +59,7 @@ async def test_health_needs_no_token(api: Api) -> None:
 
 async def test_undelivered_rpc_answers_unimplemented_clearly(api: Api) -> None:
     info = await expect_error(
-        api.worker.ClaimNext(worker_pb2.ClaimNextRequest(), metadata=api.metadata),
+        api.signal.DeliverSignal(signal_pb2.DeliverSignalRequest(), metadata=api.metadata),
         C.UNIMPLEMENTED,
         "not_implemented",
     )

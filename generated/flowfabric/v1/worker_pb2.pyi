@@ -373,6 +373,7 @@ class ClaimNextRequest(_message.Message):
     GRANT_TTL_MS_FIELD_NUMBER: _builtins.int
     LEASE_TTL_MS_FIELD_NUMBER: _builtins.int
     WAIT_MS_FIELD_NUMBER: _builtins.int
+    MAX_TASKS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     worker_instance_id: _builtins.str
     grant_ttl_ms: _builtins.int
@@ -381,6 +382,10 @@ class ClaimNextRequest(_message.Message):
     """Lease TTL. 0 = 30000."""
     wait_ms: _builtins.int
     """Long-poll up to this long for work, at most 30000. 0 = answer at once."""
+    max_tasks: _builtins.int
+    """Claim up to this many executions in one call (0 or 1 = one). With more than one the
+    response is `batch` (or `no_work`).
+    """
     @_builtins.property
     def lane_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Lanes to serve, at least one."""
@@ -397,10 +402,11 @@ class ClaimNextRequest(_message.Message):
         grant_ttl_ms: _builtins.int = ...,
         lease_ttl_ms: _builtins.int = ...,
         wait_ms: _builtins.int = ...,
+        max_tasks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "grant_ttl_ms", b"grant_ttl_ms", "lane_ids", b"lane_ids", "lease_ttl_ms", b"lease_ttl_ms", "wait_ms", b"wait_ms", "worker_id", b"worker_id", "worker_instance_id", b"worker_instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "grant_ttl_ms", b"grant_ttl_ms", "lane_ids", b"lane_ids", "lease_ttl_ms", b"lease_ttl_ms", "max_tasks", b"max_tasks", "wait_ms", b"wait_ms", "worker_id", b"worker_id", "worker_instance_id", b"worker_instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -412,25 +418,53 @@ class ClaimNextResponse(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     NO_WORK_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> _types_pb2.ClaimedTask: ...
     @_builtins.property
     def no_work(self) -> _types_pb2.NoWork: ...
+    @_builtins.property
+    def batch(self) -> Global___ClaimedTaskBatch:
+        """The executions claimed when `max_tasks` > 1."""
+
     def __init__(
         self,
         *,
         task: _types_pb2.ClaimedTask | None = ...,
         no_work: _types_pb2.NoWork | None = ...,
+        batch: Global___ClaimedTaskBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["no_work", b"no_work", "outcome", b"outcome", "task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "no_work", b"no_work", "outcome", b"outcome", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["no_work", b"no_work", "outcome", b"outcome", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "no_work", b"no_work", "outcome", b"outcome", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["task", "no_work"]  # noqa: Y015
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["task", "no_work", "batch"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 
 Global___ClaimNextResponse: _TypeAlias = ClaimNextResponse  # noqa: Y015
+
+@_typing.final
+class ClaimedTaskBatch(_message.Message):
+    """Several claimed executions (ClaimNext with `max_tasks` > 1)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ClaimedTask]: ...
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[_types_pb2.ClaimedTask] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimedTaskBatch: _TypeAlias = ClaimedTaskBatch  # noqa: Y015
 
 @_typing.final
 class StreamWorkRequest(_message.Message):

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from flowfabric.server.aio import cancel_and_wait
 from flowfabric.server.store import Store
 
 log = logging.getLogger("flowfabric.events")
@@ -46,9 +47,7 @@ class _NodeReader:
             self.wake.set()
 
     async def close(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        await cancel_and_wait([self.task], grace=2.0)
         await self._close_pubsub()
         if self.owns_client:
             await self.client.aclose()

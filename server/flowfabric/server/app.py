@@ -11,7 +11,6 @@ with a persisting shutdown.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,15 +19,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from flowfabric.engine.events import EventHub
+from flowfabric.engine.lifecycle import lifecycle_scanners
+from flowfabric.engine.scanners import ScannerSet
+from flowfabric.engine.scheduler import Scheduler
 from flowfabric.server import limits
+from flowfabric.server.aio import cancel_and_wait
 from flowfabric.server.config import Config
 from flowfabric.server.embedded import ValkeyProcess
-from flowfabric.server.functions import Functions
+from flowfabric.server.functions import LifecycleFunctions
 from flowfabric.server.interceptors import FlowFabricInterceptor
 from flowfabric.server.keys import PARTITION_CONFIG
-from flowfabric.server.servicers import admin, execution
+from flowfabric.server.servicers import admin, execution, worker
 from flowfabric.server.servicers.base import ServerContext, pending
 from flowfabric.server.store import Store, is_transport_error
+from flowfabric.server.workers import WorkerRegistry
 from flowfabric.v1 import (
     admin_pb2,
     budget_pb2,
@@ -62,8 +67,12 @@ def _pending_servicer(module: object, grpc_module: object, service: str, by: str
 class FlowFabricServer:
     """One server process: `await start()`, then `await stop()` (idempotent)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, run_scanners: bool = True) -> None:
         self.config = config
+        self.run_scanners = run_scanners
+        self.hub: EventHub | None = None
+        self.scheduler: Scheduler | None = None
+        self.scanners: ScannerSet | None = None
         self.embedded: ValkeyProcess | None = None
         self.store: Store | None = None
         self.server: grpc.aio.Server | None = None
@@ -85,10 +94,17 @@ class FlowFabricServer:
         version = await self._retry(self.store.check_version, "Valkey version check")
         await self._partition_config(self.store)
         await self._retry(self.store.ensure_library, "Functions library load")
-        ctx = ServerContext(config=cfg, store=self.store, functions=Functions(self.store))
-        self.server = self._build_server(ctx, ".".join(map(str, version)))
+        fn = LifecycleFunctions(self.store)
+        ctx = ServerContext(config=cfg, store=self.store, functions=fn)
+        self.hub = EventHub(self.store)
+        self.scheduler = Scheduler(fn, self.store, cfg.flow_partitions, self.hub)
+        registry = WorkerRegistry(self.store)
+        self.scanners = lifecycle_scanners(cfg, self.store, fn, registry, self.scheduler.wake_local)
+        self.server = self._build_server(ctx, ".".join(map(str, version)), registry)
         self.port = self._bind(self.server)
         await self.server.start()
+        if self.run_scanners:
+            self.scanners.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
         if not cfg.api_token:
@@ -146,7 +162,9 @@ class FlowFabricServer:
                 f"{stored}, this server is configured with {want}"
             )
 
-    def _build_server(self, ctx: ServerContext, valkey_version: str) -> grpc.aio.Server:
+    def _build_server(
+        self, ctx: ServerContext, valkey_version: str, registry: WorkerRegistry
+    ) -> grpc.aio.Server:
         server = grpc.aio.server(
             interceptors=[FlowFabricInterceptor(self.config.api_token, self.config.admin_token)],
             options=[
@@ -158,14 +176,17 @@ class FlowFabricServer:
         )
         from flowfabric.v1 import admin_pb2_grpc, execution_pb2_grpc
 
+        assert self.scheduler is not None
         execution_pb2_grpc.add_ExecutionServiceServicer_to_server(
-            execution.ExecutionServicer(ctx), server
+            execution.ExecutionServicer(ctx, self.hub, self.scheduler.wake_local), server
+        )
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(
+            worker.WorkerServicer(ctx, self.scheduler, registry), server
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             admin.AdminServicer(ctx, valkey_version), server
         )
         later = [
-            (worker_pb2, worker_pb2_grpc, "WorkerService", "the core lifecycle work (issue 3)"),
             (signal_pb2, signal_pb2_grpc, "SignalService", "the signals work (issue 6)"),
             (stream_pb2, stream_pb2_grpc, "StreamService", "the streams work (issue 7)"),
             (flow_pb2, flow_pb2_grpc, "FlowService", "the flows work"),
@@ -243,13 +264,15 @@ class FlowFabricServer:
         self._stopped = True
         grace = self.config.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self.scheduler is not None:
+            self.scheduler.closing.set()  # long-polling claims answer NoWork now
         if self.server is not None:
             await self.server.stop(grace)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self.scanners is not None:
+            await self.scanners.stop()
+        if self.hub is not None:
+            await self.hub.stop()
+        await cancel_and_wait(self._tasks)
         if self.store is not None:
             await self.store.close()
         if self.embedded is not None:

@@ -107,3 +107,27 @@ _TAG_KEY_RE = re.compile(r"^[a-z][a-z0-9_]*\.[^.]")
 def is_valid_tag_key(key: str) -> bool:
     """Caller-owned tag keys: `^[a-z][a-z0-9_]*\\.[^.]` (the engine never writes such keys)."""
     return _TAG_KEY_RE.match(key) is not None
+
+
+def capabilities_csv(tokens: list[str] | tuple[str, ...], side: str = "worker") -> str:
+    """Validate capability tokens (spec 00 §2) and return the sorted, de-duplicated CSV."""
+    from flowfabric.server.errors import FlowFabricError
+
+    unique = sorted(set(tokens))
+    for token in unique:
+        raw = token.encode()
+        why = None
+        if not raw:
+            why = "empty_token"
+        elif b"," in raw:
+            why = "comma_in_token"
+        elif any(b <= 0x20 or b == 0x7F for b in raw):
+            why = "control_or_whitespace"
+        if why:
+            raise FlowFabricError("invalid_capabilities", [f"{side}:{why}"])
+    if len(unique) > 256:
+        raise FlowFabricError("invalid_capabilities", [f"{side}:too_many_tokens"])
+    csv = ",".join(unique)
+    if len(csv.encode()) > 4096:
+        raise FlowFabricError("invalid_capabilities", [f"{side}:too_many_bytes"])
+    return csv

@@ -68,6 +68,10 @@ class ExecKeys:
     def attempts(self) -> str:
         return self._k("attempts")
 
+    @property
+    def suspension_current(self) -> str:
+        return self._k("suspension:current")
+
     def attempt(self, index: int) -> str:
         return f"ff:attempt:{self.tag}:{self.eid}:{index}"
 

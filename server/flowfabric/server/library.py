@@ -30,6 +30,7 @@ DOMAINS = (
     "budget",
     "quota",
     "flow",
+    "maintenance",
 )
 
 

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from google.protobuf import json_format
 
+from flowfabric.engine.events import EventHub
 from flowfabric.server import limits, reads
-from flowfabric.server.codec import enum_text, enum_value
+from flowfabric.server.codec import enum_text, enum_value, text
 from flowfabric.server.errors import FlowFabricError, InvalidInput, not_implemented
-from flowfabric.server.functions import NewExecution
+from flowfabric.server.functions import Fence, LifecycleFunctions, NewExecution
 from flowfabric.server.ids import (
     ExecutionId,
     mint_execution_id,
     solo_partition,
     validate_lane,
 )
+from flowfabric.server.keys import ExecKeys, PartitionKeys
 from flowfabric.server.servicers.base import ServerContext, pending
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import execution_pb2_grpc as rpc
@@ -37,10 +42,31 @@ def policy_json(request: pb.CreateExecutionRequest) -> str:
     return ""
 
 
-@pending(pb.DESCRIPTOR.services_by_name["ExecutionService"], "the core lifecycle work (issue 3)")
+TERMINAL_PUBLIC = frozenset(
+    {
+        t.PUBLIC_STATE_COMPLETED,
+        t.PUBLIC_STATE_FAILED,
+        t.PUBLIC_STATE_CANCELLED,
+        t.PUBLIC_STATE_EXPIRED,
+        t.PUBLIC_STATE_SKIPPED,
+    }
+)
+WATCH_BACKSTOP_S = 30.0
+
+
+@pending(pb.DESCRIPTOR.services_by_name["ExecutionService"], "the suspension and signals work")
 class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(
+        self, ctx: ServerContext, hub: EventHub | None = None, on_created: Any = None
+    ) -> None:
         self.ctx = ctx
+        self.hub = hub
+        self.on_created = on_created
+
+    @property
+    def fn(self) -> LifecycleFunctions:
+        assert isinstance(self.ctx.functions, LifecycleFunctions)
+        return self.ctx.functions
 
     def _new_id(self, request: pb.CreateExecutionRequest, lane: str) -> ExecutionId:
         if request.execution_id:
@@ -97,6 +123,8 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
                 quota_policy_id=request.quota_policy_id,
             )
         )
+        if reply.status == "OK" and self.on_created is not None:
+            self.on_created()
         if reply.status == "DUPLICATE":
             return pb.CreateExecutionResponse(
                 duplicate=pb.CreateExecutionResponse.Duplicate(execution_id=reply.str(0))
@@ -176,3 +204,111 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
             raise InvalidInput("tags", "tags must be non-empty")
         reply = await self.ctx.functions.set_execution_tags(eid, dict(request.tags))
         return pb.SetExecutionTagsResponse(ok=pb.SetExecutionTagsResponse.Ok(count=reply.int(0)))
+
+    async def CancelExecution(
+        self, request: pb.CancelExecutionRequest, context: Any
+    ) -> pb.CancelExecutionResponse:
+        """Operator cancel (operator_override) unless the caller names another source."""
+        eid = self.ctx.execution_id(request.execution_id)
+        source = {
+            t.CANCEL_SOURCE_UNSPECIFIED: "operator_override",
+            t.CANCEL_SOURCE_OPERATOR_OVERRIDE: "operator_override",
+            t.CANCEL_SOURCE_LEASE_HOLDER: "lease_holder",
+            t.CANCEL_SOURCE_FLOW_CASCADE: "flow_cascade",
+            t.CANCEL_SOURCE_SYSTEM_TIMEOUT: "system_timeout",
+        }.get(request.source)
+        if source is None:
+            raise InvalidInput("source", f"unknown source {request.source}")
+        fence = Fence(
+            request.lease_id,
+            request.lease_epoch if request.HasField("lease_epoch") else None,
+            request.attempt_id,
+        )
+        await self.fn.cancel_execution(
+            eid, request.reason or "cancelled by operator", source, fence
+        )
+        return pb.CancelExecutionResponse(
+            cancelled=pb.CancelExecutionResponse.Cancelled(
+                execution_id=str(eid), public_state=t.PUBLIC_STATE_CANCELLED
+            )
+        )
+
+    async def ChangePriority(
+        self, request: pb.ChangePriorityRequest, context: Any
+    ) -> pb.ChangePriorityResponse:
+        eid = self.ctx.execution_id(request.execution_id)
+        await self.fn.change_priority(eid, request.new_priority)
+        return pb.ChangePriorityResponse(
+            changed=pb.ChangePriorityResponse.Changed(execution_id=str(eid))
+        )
+
+    async def ReplayExecution(
+        self, request: pb.ReplayExecutionRequest, context: Any
+    ) -> pb.ReplayExecutionResponse:
+        eid = self.ctx.execution_id(request.execution_id)
+        reply = await self.fn.replay_execution(eid)
+        if self.on_created is not None:
+            self.on_created()
+        return pb.ReplayExecutionResponse(
+            replayed=pb.ReplayExecutionResponse.Replayed(
+                public_state=enum_value(t.PublicState, reply.str(0))
+            )
+        )
+
+    async def RevokeLease(
+        self, request: pb.RevokeLeaseRequest, context: Any
+    ) -> pb.RevokeLeaseResponse:
+        eid = self.ctx.execution_id(request.execution_id)
+        reply = await self.fn.revoke_lease(
+            eid, request.expected_lease_id, request.reason or "operator_revoke"
+        )
+        if reply.status == "ALREADY_SATISFIED":
+            return pb.RevokeLeaseResponse(
+                already_satisfied=pb.RevokeLeaseResponse.AlreadySatisfied(reason=reply.str(0))
+            )
+        return pb.RevokeLeaseResponse(
+            revoked=pb.RevokeLeaseResponse.Revoked(lease_id=reply.str(1), lease_epoch=reply.int(2))
+        )
+
+    async def WatchExecution(
+        self, request: pb.WatchExecutionRequest, context: Any
+    ) -> AsyncIterator[pb.WatchExecutionResponse]:
+        """The current state, then each public-state transition; ends after a terminal state.
+
+        Event-driven: the function making a change publishes on the partition's channel. The
+        stored state is read after subscribing, so nothing between the read and the first
+        event is missed; every event triggers a re-read of the record (authoritative, never
+        out of order), so a slow watcher gets the latest state rather than every intermediate.
+        """
+        eid = self.ctx.execution_id(request.execution_id)
+        if self.hub is None:
+            raise FlowFabricError("backend_unavailable", message="watches are not available")
+        channel = PartitionKeys(eid.tag).exec_events
+        changed = asyncio.Event()
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("execution_id") == str(eid) or event.get("type") == "resync":
+                changed.set()
+
+        async with self.hub.listen(channel, on_event):
+            async with asyncio.timeout(5):
+                await self.hub.wait_subscribed(channel)
+            last: int | None = None
+            while True:
+                info = await reads.get_execution(self.ctx.store, eid)
+                if info.public_state != last:
+                    last = info.public_state
+                    at = await self._transition_at(eid)
+                    yield pb.WatchExecutionResponse(
+                        public_state=info.public_state, at=at, execution=info
+                    )
+                if last in TERMINAL_PUBLIC:
+                    return
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WATCH_BACKSTOP_S):
+                        await changed.wait()
+
+    async def _transition_at(self, eid: ExecutionId) -> int:
+        raw = await self.ctx.store.call("HGET", ExecKeys(eid).core, "last_transition_at")
+        return int(text(raw) or 0)

@@ -1,0 +1,76 @@
+-- maintenance.lua: index repair for the index reconciler (spec 00 §10).
+
+local LANE_SETS = {'eligible', 'delayed', 'active', 'suspended', 'terminal',
+  'blocked:dependencies', 'blocked:budget', 'blocked:quota', 'blocked:route', 'blocked:operator'}
+
+local RUNNABLE_SET = {
+  eligible_now = 'eligible',
+  not_eligible_until_time = 'delayed',
+  blocked_by_dependencies = 'blocked:dependencies',
+  blocked_by_budget = 'blocked:budget',
+  blocked_by_quota = 'blocked:quota',
+  blocked_by_route = 'blocked:route',
+  blocked_by_operator = 'blocked:operator',
+  blocked_by_lane_state = 'blocked:operator',
+}
+
+-- The lane set and score the state vector implies (spec 00 §6.4), or nil when unknown.
+local function expected_set(c, now)
+  local phase = c.lifecycle_phase
+  if phase == 'runnable' then
+    local set = RUNNABLE_SET[c.eligibility_state]
+    if set == 'eligible' then
+      return set, eligible_score(tonumber(c.priority) or 0, tonumber(c.created_at) or now)
+    elseif set == 'delayed' then
+      return set, tonumber(c.delay_until) or now
+    end
+    return set, tonumber(c.last_transition_at) or now
+  elseif phase == 'active' then
+    return 'active', tonumber(c.lease_expires_at) or now
+  elseif phase == 'suspended' then
+    return 'suspended', now
+  elseif phase == 'terminal' then
+    return 'terminal', tonumber(c.completed_at) or now
+  end
+  return nil
+end
+
+-- ff_reconcile_indexes
+--   KEYS (1): 1 core. Lane sets are built from the tag of KEYS[1] and core.lane_id (spec 00 §4
+--     rule 3).
+--   ARGV (1): 1 execution_id.
+--   Now: TIME.
+--   Replies: {1,"OK","ok"} (membership already matches the state vector) |
+--     {1,"OK","repaired",<sets added>,<sets removed>} | {1,"OK","not_found"} | {1,"OK","unknown_state"}
+--   Errors: none.
+--   Writes (repaired only): ZADD the id to the lane set its state implies (spec 00 §6.4) and ZREM
+--     it from every other lane scheduling set, so it is in exactly one. exec_core is not written.
+local function reconcile_indexes(keys, argv)
+  local x = load_exec(keys, argv)
+  if not x then
+    return ok('not_found')
+  end
+  local c = x.core
+  local want, score = expected_set(c, now_ms())
+  if not want then
+    return ok('unknown_state')
+  end
+  local added, removed = {}, {}
+  for _, set in ipairs(LANE_SETS) do
+    local key = lane_key(x.tag, c.lane_id, set)
+    local present = redis.call('ZSCORE', key, argv[1])
+    if set == want and not present then
+      redis.call('ZADD', key, num(score), argv[1])
+      added[#added + 1] = set
+    elseif set ~= want and present then
+      redis.call('ZREM', key, argv[1])
+      removed[#removed + 1] = set
+    end
+  end
+  if #added == 0 and #removed == 0 then
+    return ok('ok')
+  end
+  return ok('repaired', table.concat(added, ','), table.concat(removed, ','))
+end
+
+redis.register_function('ff_reconcile_indexes', reconcile_indexes)

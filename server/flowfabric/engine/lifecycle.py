@@ -1,0 +1,200 @@
+"""The execution-lifecycle scanners (spec 10 §4, spec 50 §2.7), built on `ScannerSet`.
+
+| scanner | index | function |
+|---|---|---|
+| lease_expiry | `lease_expiry` | `ff_mark_lease_expired_if_due` |
+| delayed_promoter | each lane's `delayed` | `ff_promote_delayed` |
+| attempt_timeout | `attempt_timeout` | `ff_expire_execution(attempt_timeout)` |
+| execution_deadline | `execution_deadline` | `ff_expire_execution(execution_deadline)` |
+| unblock (route) | each lane's `blocked:route` | `ff_unblock_execution` once a worker fits |
+| index_reconciler | `all_executions` (SSCAN) | `ff_reconcile_indexes` |
+| retention_trimmer | each lane's `terminal`, older than 24 h | cascade delete (plain commands) |
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from flowfabric.engine.scanners import Scanner, ScannerSet
+from flowfabric.server.codec import text
+from flowfabric.server.config import Config
+from flowfabric.server.errors import FlowFabricError
+from flowfabric.server.functions import LifecycleFunctions
+from flowfabric.server.ids import ExecutionId, parse_execution_id
+from flowfabric.server.keys import ExecKeys, PartitionKeys
+from flowfabric.server.store import Store
+from flowfabric.server.workers import WorkerRegistry
+
+log = logging.getLogger("flowfabric.scanners")
+
+RETENTION_MS = 24 * 3600 * 1000
+RETENTION_BATCH = 20
+UNBLOCK_BATCH = 100
+RECONCILE_BATCH = 100
+WORKER_CACHE_S = 5.0
+
+
+def lifecycle_scanners(
+    config: Config,
+    store: Store,
+    fn: LifecycleFunctions,
+    registry: WorkerRegistry,
+    on_eligible: Callable[[], None] | None = None,
+) -> ScannerSet:
+    """Every lifecycle scanner with the configured intervals."""
+    parts = config.flow_partitions
+    scanners = ScannerSet(store, parts, config.lanes)
+
+    def eid_of(member: str) -> ExecutionId:
+        return parse_execution_id(member, parts)
+
+    def eligible() -> None:
+        if on_eligible is not None:
+            on_eligible()
+
+    async def mark_expired(member: str, now: int, lane: str | None) -> None:
+        await fn.mark_lease_expired_if_due(eid_of(member))
+
+    async def promote(member: str, now: int, lane: str | None) -> None:
+        reply = await fn.promote_delayed(eid_of(member), lane or "", now)
+        if reply.str(0) == "promoted":
+            eligible()
+
+    async def expire_attempt(member: str, now: int, lane: str | None) -> None:
+        await fn.expire_execution(eid_of(member), "attempt_timeout")
+
+    async def expire_deadline(member: str, now: int, lane: str | None) -> None:
+        await fn.expire_execution(eid_of(member), "execution_deadline")
+
+    def interval(var: str) -> int:
+        return config.interval_ms(var)
+
+    route = RouteUnblocker(store, fn, registry, eligible)
+    trimmer = RetentionTrimmer(store, parts)
+    for scanner in (
+        Scanner("lease_expiry", interval("FF_LEASE_EXPIRY_INTERVAL_MS"),
+                lambda p, _: p.lease_expiry, mark_expired),
+        Scanner("delayed_promoter", interval("FF_DELAYED_PROMOTER_INTERVAL_MS"),
+                lambda p, lane: p.lane(lane or "", "delayed"), promote, per_lane=True),
+        Scanner("attempt_timeout", interval("FF_ATTEMPT_TIMEOUT_INTERVAL_S"),
+                lambda p, _: p.attempt_timeout, expire_attempt),
+        Scanner("execution_deadline", interval("FF_EXECUTION_DEADLINE_INTERVAL_S"),
+                lambda p, _: p.execution_deadline, expire_deadline),
+        Scanner("unblock", interval("FF_UNBLOCK_INTERVAL_S"),
+                lambda p, lane: p.lane(lane or "", "blocked:route"), route.action,
+                per_lane=True, batch=UNBLOCK_BATCH, whole_index=True),
+        Scanner("retention_trimmer", interval("FF_RETENTION_TRIMMER_INTERVAL_S"),
+                lambda p, lane: p.lane(lane or "", "terminal"), trimmer.action,
+                per_lane=True, batch=RETENTION_BATCH, age_ms=RETENTION_MS),
+    ):  # fmt: skip
+        scanners.add(scanner)
+    scanners.reconciler = IndexReconciler(
+        store, fn, parts, interval("FF_INDEX_RECONCILER_INTERVAL_S")
+    )
+    return scanners
+
+
+class RouteUnblocker:
+    """Route-blocked executions return to eligible once some single live worker covers them."""
+
+    def __init__(
+        self,
+        store: Store,
+        fn: LifecycleFunctions,
+        registry: WorkerRegistry,
+        on_eligible: Callable[[], None] | None,
+    ) -> None:
+        self.store, self.fn, self.registry, self.on_eligible = store, fn, registry, on_eligible
+        self._sets: list[frozenset[str]] = []
+        self._read_at = 0.0
+
+    async def _worker_sets(self) -> list[frozenset[str]]:
+        if time.monotonic() - self._read_at > WORKER_CACHE_S:
+            self._sets = await self.registry.live_capability_sets()
+            self._read_at = time.monotonic()
+        return self._sets
+
+    async def action(self, member: str, now: int, lane: str | None) -> None:
+        eid = parse_execution_id(member, 1 << 16)
+        reason, required = [
+            text(v) for v in await self.store.call(
+                "HMGET", ExecKeys(eid).core, "blocking_reason", "required_capabilities"
+            )
+        ]  # fmt: skip
+        if reason != "waiting_for_capable_worker":
+            return
+        need = frozenset(t for t in required.split(",") if t)
+        if need and not any(need <= caps for caps in await self._worker_sets()):
+            return
+        try:
+            await self.fn.unblock_execution(eid, "waiting_for_capable_worker")
+        except FlowFabricError as exc:
+            if exc.code != "execution_not_eligible":  # benign: already moved on
+                raise
+            return
+        if self.on_eligible is not None:
+            self.on_eligible()
+
+
+class RetentionTrimmer:
+    """Deletes terminal executions older than the retention window (plain commands, one slot)."""
+
+    def __init__(self, store: Store, partitions: int) -> None:
+        self.store, self.partitions = store, partitions
+
+    async def action(self, member: str, now: int, lane: str | None) -> None:
+        await self.purge(parse_execution_id(member, self.partitions), lane or "")
+
+    async def purge(self, eid: ExecutionId, lane: str) -> None:
+        k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+        core = await self.store.call("HMGET", k.core, "lifecycle_phase", "total_attempt_count")
+        phase, total = text(core[0]), int(text(core[1]) or 0)
+        if phase and phase != "terminal":
+            # replayed since it was indexed: only drop the stale index entry
+            await self.store.call("ZREM", p.lane(lane, "terminal"), str(eid))
+            return
+        keys = [k.core, k.payload, k.result, k.policy, k.tags, k.claim_grant, k.lease_current,
+                k.lease_history, k.attempts, k.suspension_current,
+                f"ff:exec:{eid.tag}:{eid}:suspension:waitpoints",
+                f"ff:exec:{eid.tag}:{eid}:signals"]  # fmt: skip
+        for i in range(total):
+            keys += [k.attempt(i), k.attempt_usage(i), k.attempt_policy(i), k.stream(i),
+                     k.stream_meta(i)]  # fmt: skip
+        pipe = self.store.pipeline()
+        pipe.delete(*keys)
+        pipe.zrem(p.lane(lane, "terminal"), str(eid))
+        pipe.srem(p.all_executions, str(eid))
+        await self.store.run_pipeline(pipe)
+
+
+class IndexReconciler:
+    """Walks `all_executions` (SSCAN) and repairs index membership drift via a function."""
+
+    def __init__(self, store: Store, fn: LifecycleFunctions, partitions: int, interval_ms: int):
+        self.store, self.fn, self.partitions, self.interval_ms = store, fn, partitions, interval_ms
+
+    async def run_cycle(self) -> int:
+        repaired = 0
+        for part in range(self.partitions):
+            key = PartitionKeys.of(part).all_executions
+            cursor = 0
+            while True:
+                cursor, members = await self.store.call(
+                    "SSCAN", key, cursor, "COUNT", RECONCILE_BATCH
+                )
+                for raw in members:
+                    try:
+                        eid = parse_execution_id(text(raw), self.partitions)
+                        reply = await self.fn.reconcile_indexes(eid)
+                    except FlowFabricError as exc:
+                        log.debug("reconcile %s: %s", text(raw), exc.code)
+                        continue
+                    if reply.str(0) == "repaired":
+                        repaired += 1
+                        log.warning("index reconciler repaired %s", text(raw))
+                cursor = int(cursor)
+                if cursor == 0:
+                    break
+        return repaired

@@ -1,0 +1,218 @@
+"""Background scanners (spec 00 §10, spec 50 §2.7): find due work in per-partition sorted sets.
+
+Each cycle walks partitions 0..P-1 (pipelined, 32 at a time), takes due members with
+`ZRANGEBYSCORE <index> -inf <now> LIMIT 0 <batch>`, and calls one idempotent function per
+member. Several server processes may run the same scanners against one Valkey: every function
+re-validates inside its atomic call, so a member handled twice is a no-op the second time.
+A member failing 3 times in a row is skipped for 10 cycles. Never SCAN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowfabric.server.codec import text
+from flowfabric.server.errors import FlowFabricError
+from flowfabric.server.keys import PartitionKeys
+from flowfabric.server.store import Store
+
+log = logging.getLogger("flowfabric.scanners")
+
+PARTITIONS_PER_ROUND = 32
+FAILURES_BEFORE_SKIP = 3
+SKIP_CYCLES = 10
+CRASH_RESTART_S = 5.0
+
+# (partition keys, lane or None) -> index key
+IndexFn = Callable[[PartitionKeys, str | None], str]
+# (member, now_ms, lane or None) -> anything; raises on failure
+ActionFn = Callable[[str, int, str | None], Awaitable[object]]
+
+
+@dataclass
+class Scanner:
+    """One scanner: an index per partition (or per partition and lane) and an action."""
+
+    name: str
+    interval_ms: int
+    index: IndexFn
+    action: ActionFn
+    per_lane: bool = False
+    batch: int = 50
+    # Members due at score <= now - age_ms; "+inf" reads the whole index (unblock).
+    age_ms: int = 0
+    whole_index: bool = False
+    _failures: dict[str, int] = field(default_factory=dict)
+    _skip_until: dict[str, int] = field(default_factory=dict)
+    cycles: int = 0
+
+    def _skipped(self, member: str) -> bool:
+        until = self._skip_until.get(member)
+        if until is None:
+            return False
+        if self.cycles >= until:
+            del self._skip_until[member]
+            return False
+        return True
+
+    def _record(self, member: str, ok: bool) -> None:
+        if ok:
+            self._failures.pop(member, None)
+            return
+        count = self._failures.get(member, 0) + 1
+        if count >= FAILURES_BEFORE_SKIP:
+            self._failures.pop(member, None)
+            self._skip_until[member] = self.cycles + SKIP_CYCLES
+            log.warning(
+                "%s: %s failed %d times; skipping it for %d cycles",
+                self.name,
+                member,
+                count,
+                SKIP_CYCLES,
+            )
+        else:
+            self._failures[member] = count
+
+
+async def server_time_ms(store: Store) -> int:
+    """Valkey's clock (every partition's node shares it closely enough: functions re-check)."""
+    if store.cluster:
+        node = store.client.get_primaries()[0]
+        sec, usec = await store.client.execute_command("TIME", target_nodes=node)
+    else:
+        sec, usec = await store.call("TIME")
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+class ScannerSet:
+    """Runs every scanner as a supervised asyncio task."""
+
+    def __init__(self, store: Store, partitions: int, lanes: Sequence[str]) -> None:
+        self.store = store
+        self.partitions = partitions
+        self.configured_lanes = tuple(lanes)
+        self.scanners: list[Scanner] = []
+        self.reconciler: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    def add(self, scanner: Scanner) -> None:
+        self.scanners.append(scanner)
+
+    def start(self) -> None:
+        for scanner in self.scanners:
+            self._tasks.append(
+                asyncio.create_task(self._supervise(scanner), name=f"scanner-{scanner.name}")
+            )
+        if self.reconciler is not None:
+            self._tasks.append(
+                asyncio.create_task(self._supervise_reconciler(), name="scanner-index_reconciler")
+            )
+
+    async def stop(self, grace: float = 15.0) -> None:
+        """Signal every loop to stop, then cancel what is still running after `grace` s."""
+        self._stopping.set()
+        if not self._tasks:
+            return
+        _done, pending = await asyncio.wait(self._tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                async with asyncio.timeout(1):
+                    await task
+        self._tasks.clear()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the set is stopping."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+
+    async def _supervise(self, scanner: Scanner) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self._loop(scanner)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "scanner %s crashed; restarting in %.0fs", scanner.name, CRASH_RESTART_S
+                )
+                await self._pause(CRASH_RESTART_S)
+
+    async def _supervise_reconciler(self) -> None:
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                await self.reconciler.run_cycle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("index reconciler cycle failed")
+            elapsed_ms = (time.monotonic() - started) * 1000
+            await self._pause(max(self.reconciler.interval_ms - elapsed_ms, 0) / 1000)
+
+    async def _loop(self, scanner: Scanner) -> None:
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                await self.run_cycle(scanner)
+            except FlowFabricError as exc:  # Valkey down: retry next tick
+                log.warning("scanner %s cycle failed: %s", scanner.name, exc)
+            elapsed_ms = (time.monotonic() - started) * 1000
+            await self._pause(max(scanner.interval_ms - elapsed_ms, 0) / 1000)
+
+    async def lanes_by_partition(self, partitions: Sequence[int]) -> dict[int, list[str]]:
+        """Each partition's lane registry (`ff:idx:{p}:lanes`) unioned with FF_LANES."""
+        pipe = self.store.pipeline()
+        for p in partitions:
+            pipe.smembers(PartitionKeys.of(p).lanes)
+        rows = await self.store.run_pipeline(pipe)
+        out = {}
+        for p, members in zip(partitions, rows, strict=True):
+            lanes = set(self.configured_lanes) | {text(m) for m in members}
+            out[p] = sorted(lanes)
+        return out
+
+    async def run_cycle(self, scanner: Scanner) -> int:
+        """One pass over every partition; returns how many members were acted on."""
+        scanner.cycles += 1
+        acted = 0
+        now = await server_time_ms(self.store)
+        for start in range(0, self.partitions, PARTITIONS_PER_ROUND):
+            batch = list(range(start, min(start + PARTITIONS_PER_ROUND, self.partitions)))
+            keys: list[tuple[str, str | None]] = []
+            if scanner.per_lane:
+                lanes = await self.lanes_by_partition(batch)
+                for p in batch:
+                    keys += [(scanner.index(PartitionKeys.of(p), ln), ln) for ln in lanes[p]]
+            else:
+                keys = [(scanner.index(PartitionKeys.of(p), None), None) for p in batch]
+            upper: int | str = "+inf" if scanner.whole_index else now - scanner.age_ms
+            pipe = self.store.pipeline()
+            for key, _lane in keys:
+                pipe.zrangebyscore(key, "-inf", upper, start=0, num=scanner.batch)
+            rows = await self.store.run_pipeline(pipe)
+            for (_key, lane), members in zip(keys, rows, strict=True):
+                for raw in members:
+                    member = text(raw)
+                    if scanner._skipped(member):
+                        continue
+                    acted += 1
+                    try:
+                        await scanner.action(member, now, lane)
+                    except FlowFabricError as exc:
+                        if exc.code in ("backend_unavailable", "backend_timeout"):
+                            raise
+                        scanner._record(member, ok=False)
+                        log.debug("%s: %s -> %s", scanner.name, member, exc.code)
+                    else:
+                        scanner._record(member, ok=True)
+        return acted

@@ -1,0 +1,352 @@
+"""The claim cycle (spec 10 §3, spec 50 §4): find work for a worker and lease it.
+
+Per lane (lanes tried in rotating order): probe the lane's solo partition first, then a window
+of up to 32 partitions starting at the worker's FNV-1a offset plus a process-wide cursor that
+advances every 250 ms, so every partition is visited and workers spread out. Heads of each
+partition's `eligible` set are fetched in one pipeline; each candidate gets a claim grant
+(`ff_issue_claim_grant`: the capability check happens there, and a mismatch blocks the
+execution into `blocked:route`) and is claimed (`ff_claim_execution`). When the probed
+partitions have nothing eligible, expired or revoked leases in them are reclaimed
+(`ff_issue_reclaim_grant` + `ff_reclaim_execution`), so a crashed worker's execution is handed
+to another worker.
+
+`claim_next` long-polls: it waits for a `waiting` watch event on the lanes' solo partitions (or
+an in-process wake from a create in this server) and re-scans, with a 1 s backstop for work that
+appears on partitions it does not listen to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowfabric.engine.events import EventHub
+from flowfabric.engine.scanners import server_time_ms
+from flowfabric.server.codec import Reply, hash_to_dict, text
+from flowfabric.server.errors import FlowFabricError
+from flowfabric.server.functions import Claimer, LifecycleFunctions
+from flowfabric.server.ids import ExecutionId, parse_execution_id, solo_partition
+from flowfabric.server.keys import ExecKeys, PartitionKeys
+from flowfabric.server.store import Store
+
+log = logging.getLogger("flowfabric.scheduler")
+
+FNV_BASIS = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+MAX_PARTITIONS_PER_SCAN = 32
+ROTATION_WINDOW_MS = 250
+WAIT_BACKSTOP_S = 1.0
+RECLAIM_CANDIDATES_PER_PARTITION = 4
+RECLAIM_PARK_S = 10.0
+CAPABLE_WORKER_DETAIL = "no connected worker satisfies required_capabilities"
+NO_MATCH = (
+    "execution_not_eligible", "execution_not_in_eligible_set", "grant_already_exists",
+    "execution_not_leaseable", "lease_conflict", "invalid_claim_grant", "claim_grant_expired",
+    "execution_not_found", "use_claim_resumed_execution", "execution_not_reclaimable",
+)  # fmt: skip
+
+
+def worker_offset(worker_instance_id: str, partitions: int) -> int:
+    """Low 16 bits of FNV-1a-64(worker_instance_id), mod P."""
+    h = FNV_BASIS
+    for b in worker_instance_id.encode():
+        h = ((h ^ b) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return (h & 0xFFFF) % partitions
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    worker_id: str
+    worker_instance_id: str
+    lanes: tuple[str, ...]
+    capabilities_csv: str
+    lease_ttl_ms: int
+    grant_ttl_ms: int = 10_000
+    max_tasks: int = 1
+
+
+@dataclass
+class Claimed:
+    """A leased execution with what the worker needs to run it."""
+
+    execution_id: ExecutionId
+    lane_id: str
+    lease_id: str
+    lease_epoch: int
+    lease_expires_at: int
+    attempt_id: str
+    attempt_index: int
+    attempt_type: str
+    payload: bytes = b""
+    payload_encoding: str = ""
+    execution_kind: str = ""
+    namespace: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    priority: int = 0
+    flow_id: str = ""
+
+
+def claimed_from_reply(eid: ExecutionId, lane: str, reply: Reply) -> Claimed:
+    return Claimed(
+        execution_id=eid,
+        lane_id=lane,
+        lease_id=reply.str(0),
+        lease_epoch=reply.int(1),
+        lease_expires_at=reply.int(2),
+        attempt_id=reply.str(3),
+        attempt_index=reply.int(4),
+        attempt_type=reply.str(5) or "initial",
+    )
+
+
+class Scheduler:
+    def __init__(
+        self, functions: LifecycleFunctions, store: Store, partitions: int, hub: EventHub | None
+    ) -> None:
+        self.functions = functions
+        self.store = store
+        self.partitions = partitions
+        self.hub = hub
+        self._cursor = 0
+        self._window = 0
+        self._lane_rotation = itertools.count()
+        self._local_wake: set[asyncio.Event] = set()
+        self._parked: dict[str, float] = {}
+        self.closing = asyncio.Event()
+
+    # -- partition choice ---------------------------------------------------------------------
+
+    def probe_order(self, lane: str, worker_instance_id: str) -> list[int]:
+        window = int(time.monotonic() * 1000) // ROTATION_WINDOW_MS
+        if window != self._window:
+            self._window = window
+            self._cursor = (self._cursor + MAX_PARTITIONS_PER_SCAN) % self.partitions
+        start = (
+            worker_offset(worker_instance_id, self.partitions) + self._cursor
+        ) % self.partitions
+        count = min(MAX_PARTITIONS_PER_SCAN, self.partitions)
+        solo = solo_partition(lane, self.partitions)
+        window_parts = [(start + i) % self.partitions for i in range(count)]
+        return [solo, *(p for p in window_parts if p != solo)]
+
+    # -- one pass -----------------------------------------------------------------------------
+
+    async def claim(self, req: ClaimRequest) -> list[Claimed]:
+        """One pass over the worker's lanes; at most `max_tasks` claims."""
+        out: list[Claimed] = []
+        lanes = list(req.lanes)
+        shift = next(self._lane_rotation) % len(lanes)
+        for lane in lanes[shift:] + lanes[:shift]:
+            want = req.max_tasks - len(out)
+            if want <= 0:
+                break
+            out += await self._claim_lane(req, lane, want)
+        if out:
+            await self._attach_inputs(out)
+        return out
+
+    async def _claim_lane(self, req: ClaimRequest, lane: str, want: int) -> list[Claimed]:
+        parts = self.probe_order(lane, req.worker_instance_id)
+        pipe = self.store.pipeline()
+        for p in parts:
+            pipe.zrange(PartitionKeys.of(p).lane(lane, "eligible"), 0, want - 1)
+        heads = await self.store.run_pipeline(pipe)
+        who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
+        out: list[Claimed] = []
+        for members in heads:
+            for raw in members:
+                if len(out) >= want:
+                    return out
+                try:
+                    eid = parse_execution_id(text(raw), self.partitions)
+                except FlowFabricError:
+                    continue  # unparsable index members are skipped
+                got = await self._try_claim(eid, who, req)
+                if got is not None:
+                    out.append(got)
+        if len(out) < want:
+            out += await self._reclaim(parts, who, req, want - len(out))
+        return out
+
+    async def _try_claim(self, eid: ExecutionId, who: Claimer, req: ClaimRequest) -> Claimed | None:
+        try:
+            await self.functions.issue_claim_grant(eid, who, req.grant_ttl_ms)
+        except FlowFabricError as exc:
+            if exc.code == "capability_mismatch":
+                await self._block_for_route(eid)
+            elif exc.code not in NO_MATCH:
+                raise
+            return None
+        try:
+            reply = await self.functions.claim_execution(
+                eid, who, str(uuid.uuid4()), req.lease_ttl_ms, str(uuid.uuid4())
+            )
+        except FlowFabricError as exc:
+            if exc.code not in NO_MATCH:
+                raise
+            return None
+        return claimed_from_reply(eid, who.lane_id, reply)
+
+    async def grant(self, req: ClaimRequest, who: Claimer) -> tuple[ExecutionId, Reply] | None:
+        """Two-step claim, step one: a grant for the first grantable head (ClaimForWorker)."""
+        parts = self.probe_order(who.lane_id, req.worker_instance_id)
+        pipe = self.store.pipeline()
+        for p in parts:
+            pipe.zrange(PartitionKeys.of(p).lane(who.lane_id, "eligible"), 0, 0)
+        for members in await self.store.run_pipeline(pipe):
+            for raw in members:
+                try:
+                    eid = parse_execution_id(text(raw), self.partitions)
+                    return eid, await self.functions.issue_claim_grant(eid, who, req.grant_ttl_ms)
+                except FlowFabricError as exc:
+                    if exc.code == "capability_mismatch":
+                        await self._block_for_route(eid)
+                    elif exc.code not in (*NO_MATCH, "invalid_input"):
+                        raise
+        return None
+
+    async def claim_granted(
+        self, eid: ExecutionId, who: Claimer, lease_ttl_ms: int, lease_id: str, attempt_id: str
+    ) -> Claimed:
+        """Two-step claim, step two: consume the grant (ClaimFromGrant)."""
+        reply = await self.functions.claim_execution(
+            eid, who, lease_id or str(uuid.uuid4()), lease_ttl_ms, attempt_id or str(uuid.uuid4())
+        )
+        claimed = claimed_from_reply(eid, who.lane_id, reply)
+        await self._attach_inputs([claimed])
+        return claimed
+
+    async def _block_for_route(self, eid: ExecutionId) -> None:
+        try:
+            await self.functions.block_execution(
+                eid, "waiting_for_capable_worker", CAPABLE_WORKER_DETAIL
+            )
+        except FlowFabricError as exc:  # a failed block is only logged (spec 30 §7)
+            log.debug("block of %s failed: %s", eid, exc.code)
+
+    async def _reclaim(
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int
+    ) -> list[Claimed]:
+        """Expired or revoked leases in the probed partitions go to this worker (spec 50 §4.5)."""
+        now = await server_time_ms(self.store)
+        pipe = self.store.pipeline()
+        for p in parts:
+            pipe.zrangebyscore(
+                PartitionKeys.of(p).lease_expiry, "-inf", now, start=0,
+                num=RECLAIM_CANDIDATES_PER_PARTITION,
+            )  # fmt: skip
+        rows = await self.store.run_pipeline(pipe)
+        out: list[Claimed] = []
+        mono = time.monotonic()
+        for raw in itertools.chain.from_iterable(rows):
+            if len(out) >= want:
+                break
+            member = text(raw)
+            if self._parked.get(member, 0) > mono:
+                continue
+            try:
+                eid = parse_execution_id(member, self.partitions)
+            except FlowFabricError:
+                continue
+            got = await self._try_reclaim(eid, who, req)
+            if got is not None:
+                out.append(got)
+        return out
+
+    async def _try_reclaim(
+        self, eid: ExecutionId, who: Claimer, req: ClaimRequest
+    ) -> Claimed | None:
+        core = hash_to_dict(await self.store.call("HGETALL", ExecKeys(eid).core))
+        if core.get("lane_id") != who.lane_id or core.get("lifecycle_phase") != "active":
+            return None
+        if core.get("ownership_state") == "leased":
+            # due but not yet marked by the scanner: mark it now (idempotent)
+            await self.functions.mark_lease_expired_if_due(eid)
+        try:
+            await self.functions.issue_reclaim_grant(eid, who, req.grant_ttl_ms)
+            reply = await self.functions.reclaim_execution(
+                eid, who, str(uuid.uuid4()), req.lease_ttl_ms, str(uuid.uuid4())
+            )
+        except FlowFabricError as exc:
+            if exc.code == "capability_mismatch":
+                self._parked[str(eid)] = time.monotonic() + RECLAIM_PARK_S
+            elif exc.code not in NO_MATCH:
+                raise
+            return None
+        if reply.str(0) == "max_reclaims_exceeded":
+            return None
+        return claimed_from_reply(eid, who.lane_id, reply)
+
+    async def _attach_inputs(self, claims: list[Claimed]) -> None:
+        pipe = self.store.pipeline()
+        for c in claims:
+            k = ExecKeys(c.execution_id)
+            pipe.get(k.payload)
+            pipe.hmget(
+                k.core, ["payload_encoding", "execution_kind", "namespace", "priority", "flow_id"]
+            )
+            pipe.hgetall(k.tags)
+        rows = await self.store.run_pipeline(pipe)
+        for i, c in enumerate(claims):
+            payload, (encoding, kind, namespace, priority, flow_id), tags = rows[3 * i : 3 * i + 3]
+            c.payload = bytes(payload or b"")
+            c.payload_encoding, c.execution_kind, c.namespace = (
+                text(encoding), text(kind), text(namespace),
+            )  # fmt: skip
+            c.priority = int(text(priority) or 0)
+            c.flow_id = text(flow_id)
+            c.tags = hash_to_dict(tags)
+
+    # -- long poll ----------------------------------------------------------------------------
+
+    def wake_local(self) -> None:
+        """Something became claimable in this process (a create, an unblock): wake waiters."""
+        for event in list(self._local_wake):
+            event.set()
+
+    async def claim_next(self, req: ClaimRequest, wait_ms: int) -> list[Claimed]:
+        """Claim now, or wait up to `wait_ms` for work to arrive; [] = no work."""
+        got = await self.claim(req)
+        if got or wait_ms <= 0:
+            return got
+        deadline = time.monotonic() + wait_ms / 1000
+        wake = asyncio.Event()
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("public_state") == "waiting" or event.get("type") == "resync":
+                wake.set()
+
+        self._local_wake.add(wake)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if self.hub is not None:
+                    for lane in set(req.lanes):
+                        part = PartitionKeys.of(solo_partition(lane, self.partitions))
+                        await stack.enter_async_context(self.hub.listen(part.exec_events, on_event))
+                while not self.closing.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return []
+                    wake.clear()
+                    closing = asyncio.ensure_future(self.closing.wait())
+                    woken = asyncio.ensure_future(wake.wait())
+                    await asyncio.wait(
+                        {closing, woken},
+                        timeout=min(remaining, WAIT_BACKSTOP_S),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    closing.cancel()
+                    woken.cancel()
+                    got = await self.claim(req)
+                    if got:
+                        return got
+                return []
+        finally:
+            self._local_wake.discard(wake)

@@ -1,0 +1,434 @@
+"""WorkerService: claims, lease renewal and every lease-scoped transition (spec 10, spec 50 §3-4).
+
+Terminal calls reconcile a retry after a lost reply in the server (spec 50 §3.3): when the
+engine answers `execution_not_active` and its detail shows this caller's own committed
+outcome, the success variant is returned with `replayed = true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from flowfabric.engine.scheduler import Claimed, ClaimRequest, Scheduler
+from flowfabric.server.codec import Reply, enum_value, text
+from flowfabric.server.errors import FlowFabricError, InvalidInput
+from flowfabric.server.functions import Claimer, Fence, LifecycleFunctions
+from flowfabric.server.ids import (
+    ExecutionId,
+    capabilities_csv,
+    validate_identifier,
+    validate_lane,
+)
+from flowfabric.server.keys import ExecKeys
+from flowfabric.server.servicers.base import ServerContext, pending
+from flowfabric.server.workers import WorkerRegistry
+from flowfabric.v1 import types_pb2 as t
+from flowfabric.v1 import worker_pb2 as pb
+from flowfabric.v1 import worker_pb2_grpc as rpc
+
+DEFAULT_LEASE_TTL_MS = 30_000
+DEFAULT_GRANT_TTL_MS = 10_000
+MAX_GRANT_TTL_MS = 60_000
+MAX_WAIT_MS = 30_000
+MAX_BATCH = 100
+
+SOURCES = {
+    t.CANCEL_SOURCE_OPERATOR_OVERRIDE: "operator_override",
+    t.CANCEL_SOURCE_LEASE_HOLDER: "lease_holder",
+    t.CANCEL_SOURCE_FLOW_CASCADE: "flow_cascade",
+    t.CANCEL_SOURCE_SYSTEM_TIMEOUT: "system_timeout",
+}
+
+
+def source_text(source: int, fenced: bool) -> str:
+    """Unfenced worker calls must say OPERATOR_OVERRIDE explicitly (UNSPECIFIED is refused)."""
+    if source == t.CANCEL_SOURCE_UNSPECIFIED:
+        if not fenced:
+            raise FlowFabricError(
+                "fence_required",
+                message="unfenced calls need source = CANCEL_SOURCE_OPERATOR_OVERRIDE",
+            )
+        return "lease_holder"
+    if source not in SOURCES:
+        raise InvalidInput("source", f"unknown source {source}")
+    return SOURCES[source]
+
+
+def task_message(c: Claimed, who: Claimer, lease_ttl_ms: int) -> t.ClaimedTask:
+    return t.ClaimedTask(
+        lease=t.LeaseHandle(
+            execution_id=str(c.execution_id),
+            lane_id=c.lane_id,
+            worker_id=who.worker_id,
+            worker_instance_id=who.worker_instance_id,
+            attempt_index=c.attempt_index,
+            attempt_id=c.attempt_id,
+            lease_id=c.lease_id,
+            lease_epoch=c.lease_epoch,
+            lease_ttl_ms=lease_ttl_ms,
+            lease_expires_at=c.lease_expires_at,
+        ),
+        payload=c.payload,
+        payload_encoding=c.payload_encoding,
+        execution_kind=c.execution_kind,
+        tags=c.tags,
+        attempt_type=enum_value(t.AttemptType, c.attempt_type),
+        namespace=c.namespace,
+        priority=c.priority,
+        flow_id=c.flow_id or None,
+    )
+
+
+@pending(pb.DESCRIPTOR.services_by_name["WorkerService"], "the signals and streams work")
+class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
+    def __init__(self, ctx: ServerContext, scheduler: Scheduler, registry: WorkerRegistry) -> None:
+        self.ctx = ctx
+        self.scheduler = scheduler
+        self.registry = registry
+
+    @property
+    def fn(self) -> LifecycleFunctions:
+        assert isinstance(self.ctx.functions, LifecycleFunctions)
+        return self.ctx.functions
+
+    # -- request decoding ---------------------------------------------------------------------
+
+    def _fenced(self, request: Any) -> tuple[ExecutionId, Fence, int]:
+        """Execution, fence and attempt index from the LeaseHandle or the contract fields."""
+        has_lease = request.HasField("lease")
+        has_fence = (
+            request.HasField("fence") if "fence" in request.DESCRIPTOR.fields_by_name else False
+        )
+        if has_lease:
+            h = request.lease
+            if request.execution_id and request.execution_id != h.execution_id:
+                raise InvalidInput("execution_id", "execution_id differs from lease.execution_id")
+            eid = self.ctx.execution_id(h.execution_id, "lease.execution_id")
+            fence = Fence(h.lease_id, h.lease_epoch, h.attempt_id)
+            if has_fence and (request.fence.lease_id, request.fence.lease_epoch,
+                              request.fence.attempt_id) != (h.lease_id, h.lease_epoch,
+                                                            h.attempt_id):  # fmt: skip
+                raise InvalidInput("fence", "fence differs from the lease handle")
+            return eid, fence, h.attempt_index
+        eid = self.ctx.execution_id(request.execution_id)
+        if has_fence:
+            f = request.fence
+            return eid, Fence(f.lease_id, f.lease_epoch, f.attempt_id), request.attempt_index
+        if "lease_id" in request.DESCRIPTOR.fields_by_name:
+            return eid, Fence(request.lease_id, request.lease_epoch, request.attempt_id), 0
+        return eid, Fence(), getattr(request, "attempt_index", 0)
+
+    def _claim_request(self, request: Any, lanes: list[str], max_tasks: int) -> ClaimRequest:
+        worker_id = validate_identifier(request.worker_id, "worker_id")
+        instance = validate_identifier(request.worker_instance_id, "worker_instance_id")
+        if not lanes:
+            raise InvalidInput("lane_ids", "at least one lane is required")
+        for lane in lanes:
+            validate_lane(lane, "lane_ids")
+        grant_ttl = request.grant_ttl_ms or DEFAULT_GRANT_TTL_MS
+        if not 1 <= grant_ttl <= MAX_GRANT_TTL_MS:
+            raise InvalidInput("grant_ttl_ms", f"grant_ttl_ms must be 1..{MAX_GRANT_TTL_MS}")
+        return ClaimRequest(
+            worker_id=worker_id,
+            worker_instance_id=instance,
+            lanes=tuple(dict.fromkeys(lanes)),
+            capabilities_csv=capabilities_csv(list(request.capabilities)),
+            lease_ttl_ms=request.lease_ttl_ms or DEFAULT_LEASE_TTL_MS,
+            grant_ttl_ms=grant_ttl,
+            max_tasks=max_tasks,
+        )
+
+    # -- worker registry ----------------------------------------------------------------------
+
+    async def RegisterWorker(
+        self, request: pb.RegisterWorkerRequest, context: Any
+    ) -> pb.RegisterWorkerResponse:
+        validate_identifier(request.worker_id, "worker_id")
+        validate_identifier(request.worker_instance_id, "worker_instance_id")
+        for lane in request.lane_ids:
+            validate_lane(lane, "lane_ids")
+        caps = capabilities_csv(list(request.capabilities))
+        ttl = request.lease_ttl_ms or DEFAULT_LEASE_TTL_MS
+        expires = await self.registry.register(
+            request.worker_id, request.worker_instance_id, caps, list(request.lane_ids), ttl
+        )
+        return pb.RegisterWorkerResponse(expires_at=expires, heartbeat_interval_ms=ttl // 3)
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
+        validate_identifier(request.worker_instance_id, "worker_instance_id")
+        caps = capabilities_csv(list(request.capabilities))
+        ttl = request.lease_ttl_ms or DEFAULT_LEASE_TTL_MS
+        expires = await self.registry.heartbeat(
+            request.worker_id, request.worker_instance_id, caps, ttl
+        )
+        return pb.HeartbeatResponse(expires_at=expires)
+
+    async def DeregisterWorker(
+        self, request: pb.DeregisterWorkerRequest, context: Any
+    ) -> pb.DeregisterWorkerResponse:
+        validate_identifier(request.worker_instance_id, "worker_instance_id")
+        existed = await self.registry.deregister(request.worker_instance_id)
+        return pb.DeregisterWorkerResponse(was_registered=existed)
+
+    # -- claims -------------------------------------------------------------------------------
+
+    async def ClaimNext(self, request: pb.ClaimNextRequest, context: Any) -> pb.ClaimNextResponse:
+        if request.wait_ms > MAX_WAIT_MS:
+            raise InvalidInput("wait_ms", f"wait_ms must be at most {MAX_WAIT_MS}")
+        if request.max_tasks > MAX_BATCH:
+            raise InvalidInput("max_tasks", f"max_tasks must be at most {MAX_BATCH}")
+        batch = request.max_tasks > 1
+        req = self._claim_request(request, list(request.lane_ids), max(request.max_tasks, 1))
+        claimed = await self.scheduler.claim_next(req, request.wait_ms)
+        if not claimed:
+            return pb.ClaimNextResponse(no_work=t.NoWork())
+        who = Claimer(req.worker_id, req.worker_instance_id, "", req.capabilities_csv)
+        tasks = [task_message(c, who, req.lease_ttl_ms) for c in claimed]
+        if batch:
+            return pb.ClaimNextResponse(batch=pb.ClaimedTaskBatch(tasks=tasks))
+        return pb.ClaimNextResponse(task=tasks[0])
+
+    async def ClaimForWorker(
+        self, request: pb.ClaimForWorkerRequest, context: Any
+    ) -> pb.ClaimForWorkerResponse:
+        lane = validate_lane(request.lane_id or "default")
+        req = self._claim_request(request, [lane], 1)
+        req = ClaimRequest(**{**req.__dict__, "capabilities_csv": capabilities_csv(
+            list(request.worker_capabilities))})  # fmt: skip
+        who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv,
+                      request.capability_hash)  # fmt: skip
+        if request.execution_id:
+            eid = self.ctx.execution_id(request.execution_id)
+            reply = await self.fn.issue_claim_grant(eid, who, req.grant_ttl_ms)
+        else:
+            found = await self.scheduler.grant(req, who)
+            if found is None:
+                return pb.ClaimForWorkerResponse(no_work=t.NoWork())
+            eid, reply = found
+        grant = t.ClaimGrant(
+            execution_id=str(eid),
+            partition_key=eid.tag,
+            grant_key=ExecKeys(eid).claim_grant,
+            expires_at_ms=reply.int(1),
+        )
+        return pb.ClaimForWorkerResponse(
+            granted=pb.ClaimForWorkerResponse.Granted(execution_id=str(eid), grant=grant)
+        )
+
+    async def ClaimFromGrant(
+        self, request: pb.ClaimFromGrantRequest, context: Any
+    ) -> pb.ClaimFromGrantResponse:
+        validate_identifier(request.worker_id, "worker_id")
+        validate_identifier(request.worker_instance_id, "worker_instance_id")
+        lane = validate_lane(request.lane_id or "default")
+        eid = self.ctx.execution_id(request.grant.execution_id, "grant.execution_id")
+        who = Claimer(request.worker_id, request.worker_instance_id, lane)
+        ttl = request.lease_ttl_ms or DEFAULT_LEASE_TTL_MS
+        claimed = await self.scheduler.claim_granted(
+            eid, who, ttl, request.lease_id, request.attempt_id
+        )
+        return pb.ClaimFromGrantResponse(claimed=task_message(claimed, who, ttl))
+
+    # -- lease --------------------------------------------------------------------------------
+
+    async def RenewLease(
+        self, request: pb.RenewLeaseRequest, context: Any
+    ) -> pb.RenewLeaseResponse:
+        eid, fence, attempt_index = self._fenced(request)
+        ttl = request.lease_ttl_ms or (request.lease.lease_ttl_ms if request.HasField("lease")
+                                        else 0) or DEFAULT_LEASE_TTL_MS  # fmt: skip
+        grace = request.lease_history_grace_ms if request.HasField(
+            "lease_history_grace_ms") else 5000  # fmt: skip
+        reply = await self.fn.renew_lease(eid, attempt_index, fence, ttl, grace)
+        return pb.RenewLeaseResponse(renewed=pb.RenewLeaseResponse.Renewed(expires_at=reply.int(0)))
+
+    async def RenewLeases(
+        self, request: pb.RenewLeasesRequest, context: Any
+    ) -> pb.RenewLeasesResponse:
+        if len(request.renewals) > 1000:
+            raise InvalidInput("renewals", "at most 1000 renewals per call")
+
+        async def one(item: pb.RenewLeaseRequest) -> pb.RenewLeasesResponse.Result:
+            eid_text = item.lease.execution_id if item.HasField("lease") else item.execution_id
+            try:
+                renewed = await self.RenewLease(item, context)
+            except FlowFabricError as exc:
+                status = exc.to_status()
+                return pb.RenewLeasesResponse.Result(
+                    execution_id=eid_text,
+                    error=pb.RenewLeasesResponse.ItemError(
+                        code=status.code, reason=exc.code, message=exc.describe(),
+                        metadata={k: v for k, v in _metadata(exc).items()},
+                    ),
+                )  # fmt: skip
+            return pb.RenewLeasesResponse.Result(execution_id=eid_text, renewed=renewed.renewed)
+
+        results = await asyncio.gather(*(one(r) for r in request.renewals))
+        return pb.RenewLeasesResponse(results=results)
+
+    async def UpdateProgress(
+        self, request: pb.UpdateProgressRequest, context: Any
+    ) -> pb.UpdateProgressResponse:
+        eid, fence, _ = self._fenced(request)
+        pct = request.progress_pct if request.HasField("progress_pct") else None
+        if pct is not None and pct > 100:
+            raise InvalidInput("progress_pct", "progress_pct must be 0..100")
+        await self.fn.update_progress(eid, fence, pct, request.progress_message)
+        return pb.UpdateProgressResponse(updated=pb.UpdateProgressResponse.Updated())
+
+    # -- terminal and pausing transitions -----------------------------------------------------
+
+    async def _reconciled(
+        self,
+        call: Callable[[], Awaitable[Reply]],
+        fence: Fence,
+        accept: Callable[[dict[str, str]], bool],
+    ) -> tuple[Reply | None, dict[str, str] | None]:
+        """Run `call`; on `execution_not_active` whose detail shows our own committed outcome,
+        return (None, detail) so the caller answers with the success variant (replayed)."""
+        try:
+            return await call(), None
+        except FlowFabricError as exc:
+            if exc.code != "execution_not_active" or len(exc.details) < 4:
+                raise
+            detail = dict(
+                zip(("terminal_outcome", "lease_epoch", "lifecycle_phase", "attempt_id"),
+                    exc.details, strict=False)
+            )  # fmt: skip
+            same_epoch = detail["lease_epoch"] == str(fence.lease_epoch)
+            if fence.lease_id and same_epoch and accept(detail):
+                return None, detail
+            raise
+
+    async def CompleteExecution(
+        self, request: pb.CompleteExecutionRequest, context: Any
+    ) -> pb.CompleteExecutionResponse:
+        eid, fence, _ = self._fenced(request)
+        source = source_text(request.source, bool(fence.lease_id))
+        _, replayed = await self._reconciled(
+            lambda: self.fn.complete_execution(
+                eid, fence, request.result_payload, request.result_encoding, source
+            ),
+            fence,
+            lambda d: d["terminal_outcome"] == "success" and d["attempt_id"] == fence.attempt_id,
+        )
+        done = pb.CompleteExecutionResponse.Completed(
+            execution_id=str(eid), public_state=t.PUBLIC_STATE_COMPLETED
+        )
+        return pb.CompleteExecutionResponse(completed=done, replayed=replayed is not None)
+
+    async def FailExecution(
+        self, request: pb.FailExecutionRequest, context: Any
+    ) -> pb.FailExecutionResponse:
+        eid, fence, _ = self._fenced(request)
+        source = source_text(request.source, bool(fence.lease_id))
+
+        def accept(d: dict[str, str]) -> bool:
+            if d["lifecycle_phase"] == "terminal":
+                return d["terminal_outcome"] == "failed" and d["attempt_id"] == fence.attempt_id
+            return d["lifecycle_phase"] == "runnable"
+
+        reply, replayed = await self._reconciled(
+            lambda: self.fn.fail_execution(
+                eid, fence, request.failure_reason, request.failure_category, source
+            ),
+            fence,
+            accept,
+        )
+        if replayed is not None:
+            if replayed["lifecycle_phase"] == "terminal":
+                return pb.FailExecutionResponse(
+                    terminal_failed=pb.FailExecutionResponse.TerminalFailed(), replayed=True
+                )
+            delay_until, total = await self.ctx.store.call(
+                "HMGET", ExecKeys(eid).core, "delay_until", "total_attempt_count"
+            )
+            return pb.FailExecutionResponse(
+                retry_scheduled=pb.FailExecutionResponse.RetryScheduled(
+                    delay_until=int(text(delay_until) or 0),
+                    next_attempt_index=int(text(total) or 0),
+                ),
+                replayed=True,
+            )
+        assert reply is not None
+        if reply.str(0) == "retry_scheduled":
+            return pb.FailExecutionResponse(
+                retry_scheduled=pb.FailExecutionResponse.RetryScheduled(
+                    delay_until=reply.int(1), next_attempt_index=reply.int(2)
+                )
+            )
+        return pb.FailExecutionResponse(terminal_failed=pb.FailExecutionResponse.TerminalFailed())
+
+    async def CancelLeasedExecution(
+        self, request: pb.CancelLeasedExecutionRequest, context: Any
+    ) -> pb.CancelLeasedExecutionResponse:
+        eid, fence, _ = self._fenced(request)
+        if not fence.lease_id:
+            raise FlowFabricError("fence_required", message="CancelLeasedExecution needs a fence")
+        _, replayed = await self._reconciled(
+            lambda: self.fn.cancel_execution(eid, request.reason, "lease_holder", fence),
+            fence,
+            lambda d: d["terminal_outcome"] == "cancelled" and d["attempt_id"] == fence.attempt_id,
+        )
+        done = pb.CancelLeasedExecutionResponse.Cancelled(
+            execution_id=str(eid), public_state=t.PUBLIC_STATE_CANCELLED
+        )
+        return pb.CancelLeasedExecutionResponse(cancelled=done, replayed=replayed is not None)
+
+    async def DelayExecution(
+        self, request: pb.DelayExecutionRequest, context: Any
+    ) -> pb.DelayExecutionResponse:
+        eid, fence, _ = self._fenced(request)
+        source = source_text(request.source, bool(fence.lease_id))
+        if request.delay_until <= 0:
+            raise InvalidInput("delay_until", "delay_until is required (ms since the epoch)")
+        _, replayed = await self._reconciled(
+            lambda: self.fn.delay_execution(eid, fence, request.delay_until, source),
+            fence,
+            lambda d: d["lifecycle_phase"] == "runnable" and d["attempt_id"] == fence.attempt_id,
+        )
+        if replayed is not None:
+            await self._expect_state(eid, "delayed", "delay_until", str(request.delay_until))
+        done = pb.DelayExecutionResponse.Delayed(
+            execution_id=str(eid), public_state=t.PUBLIC_STATE_DELAYED
+        )
+        return pb.DelayExecutionResponse(delayed=done, replayed=replayed is not None)
+
+    async def MoveToWaitingChildren(
+        self, request: pb.MoveToWaitingChildrenRequest, context: Any
+    ) -> pb.MoveToWaitingChildrenResponse:
+        eid, fence, _ = self._fenced(request)
+        source = source_text(request.source, bool(fence.lease_id))
+        _, replayed = await self._reconciled(
+            lambda: self.fn.move_to_waiting_children(eid, fence, source),
+            fence,
+            lambda d: d["lifecycle_phase"] == "runnable" and d["attempt_id"] == fence.attempt_id,
+        )
+        if replayed is not None:
+            await self._expect_state(eid, "waiting_children", None, None)
+        done = pb.MoveToWaitingChildrenResponse.Moved(
+            execution_id=str(eid), public_state=t.PUBLIC_STATE_WAITING_CHILDREN
+        )
+        return pb.MoveToWaitingChildrenResponse(moved=done, replayed=replayed is not None)
+
+    async def _expect_state(
+        self, eid: ExecutionId, public: str, field: str | None, value: str | None
+    ) -> None:
+        """A pause replay counts only if the execution is still in the state the call made."""
+        names = ["public_state", field] if field else ["public_state"]
+        row = [text(v) for v in await self.ctx.store.call("HMGET", ExecKeys(eid).core, *names)]
+        if row[0] != public or (field and row[1] != value):
+            raise FlowFabricError(
+                "execution_not_active",
+                message=f"execution is {row[0]}, not {public}: another transition won",
+            )
+
+
+def _metadata(exc: FlowFabricError) -> dict[str, str]:
+    from google.rpc import error_details_pb2
+
+    info = error_details_pb2.ErrorInfo()
+    exc.to_status().details[0].Unpack(info)
+    return dict(info.metadata)
