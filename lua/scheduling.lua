@@ -197,6 +197,96 @@ end
 
 redis.register_function('ff_claim_execution', claim_execution)
 
+-- ff_claim_resumed_execution (spec 20 §5.8): lease a runnable, attempt_interrupted execution
+-- (resumed suspension, worker self-delay, waiting-children) reusing its attempt.
+--   KEYS (11): 1 core, 2 claim_grant, 3 lane eligible (*), 4 lease_expiry, 5 claimer's worker
+--     leases (*), 6 attempt hash (*), 7 lease current, 8 lease history, 9 lane active (*),
+--     10 attempt_timeout, 11 execution_deadline (unused).
+--     (*) built from the tag of KEYS[1] (spec 00 §4 rule 3): lanes from core.lane_id, the lease
+--     set from ARGV[3], the attempt from core.current_attempt_index.
+--   ARGV (8): 1 execution_id, 2 worker_id, 3 worker_instance_id, 4 lane (stored as current_lane;
+--     "" = core.lane_id), 5 lease_id, 6 lease_ttl_ms (> 0), 7 current_attempt_index (informational),
+--     8 remaining_attempt_timeout_ms ("" or "0" = none).
+--   Now: TIME.
+--   Replies: {1,"OK",lease_id,lease_epoch,lease_expires_at,attempt_id,attempt_index,"resumed"}
+--   Errors (in order): invalid_input (numeric ARGV, empty ids), execution_not_found,
+--     execution_not_leaseable (not runnable, or not eligible_now), not_a_resumed_execution
+--     (attempt_state not attempt_interrupted), invalid_claim_grant (missing or another worker's),
+--     claim_grant_expired (grant deleted).
+--   Writes: core claimed vector with the same attempt and a new lease (epoch + 1); DEL grant;
+--     attempt started, resumed_at, lease and worker ids, suspended_at/suspension_id cleared;
+--     lease current replaced; ZREM eligible; ZADD lease_expiry and lane active at expires; SADD
+--     claimer's lease set; ZADD attempt_timeout at now + remaining when > 0; history `acquired`
+--     (reason claim_resumed).
+local function claim_resumed_execution(keys, argv)
+  local ttl, e1 = req_pos('lease_ttl_ms', argv[6])
+  if not ttl then
+    return e1
+  end
+  local remaining, e2 = opt_int('remaining_attempt_timeout_ms', argv[8])
+  if e2 then
+    return e2
+  end
+  local serr = require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'},
+    {5, 'lease_id'}})
+  if serr then
+    return serr
+  end
+  local x = load_exec(keys, argv)
+  if not x then
+    return err('execution_not_found')
+  end
+  local c = x.core
+  if c.lifecycle_phase ~= 'runnable' or c.eligibility_state ~= 'eligible_now' then
+    return err('execution_not_leaseable')
+  end
+  if c.attempt_state ~= 'attempt_interrupted' then
+    return err('not_a_resumed_execution')
+  end
+  local now = now_ms()
+  local gerr = check_grant(keys[2], argv[2], now)
+  if gerr then
+    if gerr[2] == 'claim_grant_expired' then
+      redis.call('DEL', keys[2])
+    end
+    return gerr
+  end
+  local idx = tonumber(c.current_attempt_index or '0') or 0
+  local a = {
+    idx = idx, attempt_id = c.current_attempt_id, lease_id = argv[5],
+    epoch = (tonumber(c.current_lease_epoch or '0') or 0) + 1,
+    worker_id = argv[2], worker_instance_id = argv[3],
+    expires = now + ttl, renewal = now + math.floor(ttl * 2 / 3),
+  }
+  local extra = claimed_fields(a, (argv[4] ~= '' and argv[4]) or c.lane_id, now)
+  write_vector(keys[1], x.eid, CLAIMED, now, extra)
+  redis.call('DEL', keys[2])
+  redis.call('HSET', attempt_key(x.tag, x.eid, idx), 'attempt_state', 'started',
+    'resumed_at', num(now), 'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
+    'worker_id', a.worker_id, 'worker_instance_id', a.worker_instance_id,
+    'suspended_at', '', 'suspension_id', '')
+  redis.call('DEL', keys[7])
+  redis.call('HSET', keys[7], 'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
+    'execution_id', x.eid, 'attempt_id', a.attempt_id, 'worker_id', a.worker_id,
+    'worker_instance_id', a.worker_instance_id, 'acquired_at', num(now),
+    'expires_at', num(a.expires), 'last_renewed_at', num(now),
+    'renewal_deadline', num(a.renewal))
+  -- Lane indexes and the claimer's lease set built on the tag of KEYS[1] (spec 00 §4 rule 3).
+  redis.call('ZREM', lane_key(x.tag, c.lane_id, 'eligible'), x.eid)
+  redis.call('ZADD', keys[4], num(a.expires), x.eid)
+  redis.call('SADD', worker_leases_key(x.tag, a.worker_instance_id), x.eid)
+  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'active'), num(a.expires), x.eid)
+  if remaining and remaining > 0 then
+    redis.call('ZADD', keys[10], num(now + remaining), x.eid)
+  end
+  lease_event(keys[8], 'acquired', {'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
+    'attempt_id', a.attempt_id, 'attempt_index', num(idx), 'worker_id', a.worker_id,
+    'reason', 'claim_resumed'}, now)
+  return ok(a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(idx), 'resumed')
+end
+
+redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
+
 -- ff_promote_delayed (delayed promoter)
 --   KEYS (3): 1 core, 2 lane delayed (the set being scanned; cleaned when the core says the
 --     entry is stale), 3 lane eligible (*: built from core.lane_id).

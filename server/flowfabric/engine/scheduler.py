@@ -91,6 +91,7 @@ class Claimed:
     tags: dict[str, str] = field(default_factory=dict)
     priority: int = 0
     flow_id: str = ""
+    resumed: bool = False
 
 
 def claimed_from_reply(eid: ExecutionId, lane: str, reply: Reply) -> Claimed:
@@ -185,13 +186,29 @@ class Scheduler:
                 raise
             return None
         try:
-            reply = await self.functions.claim_execution(
-                eid, who, str(uuid.uuid4()), req.lease_ttl_ms, str(uuid.uuid4())
-            )
+            return await self._consume_grant(eid, who, req.lease_ttl_ms, "", "")
         except FlowFabricError as exc:
             if exc.code not in NO_MATCH:
                 raise
             return None
+
+    async def _consume_grant(
+        self, eid: ExecutionId, who: Claimer, lease_ttl_ms: int, lease_id: str, attempt_id: str
+    ) -> Claimed:
+        """Claim with a grant: a new attempt, or the same attempt when it was interrupted
+        (delay, waiting for children, resumed suspension), transparently for the worker."""
+        lease_id = lease_id or str(uuid.uuid4())
+        try:
+            reply = await self.functions.claim_execution(
+                eid, who, lease_id, lease_ttl_ms, attempt_id or str(uuid.uuid4())
+            )
+        except FlowFabricError as exc:
+            if exc.code != "use_claim_resumed_execution":
+                raise
+            reply = await self.functions.claim_resumed_execution(eid, who, lease_id, lease_ttl_ms)
+            claimed = claimed_from_reply(eid, who.lane_id, reply)
+            claimed.resumed = True
+            return claimed
         return claimed_from_reply(eid, who.lane_id, reply)
 
     async def grant(self, req: ClaimRequest, who: Claimer) -> tuple[ExecutionId, Reply] | None:
@@ -216,10 +233,7 @@ class Scheduler:
         self, eid: ExecutionId, who: Claimer, lease_ttl_ms: int, lease_id: str, attempt_id: str
     ) -> Claimed:
         """Two-step claim, step two: consume the grant (ClaimFromGrant)."""
-        reply = await self.functions.claim_execution(
-            eid, who, lease_id or str(uuid.uuid4()), lease_ttl_ms, attempt_id or str(uuid.uuid4())
-        )
-        claimed = claimed_from_reply(eid, who.lane_id, reply)
+        claimed = await self._consume_grant(eid, who, lease_ttl_ms, lease_id, attempt_id)
         await self._attach_inputs([claimed])
         return claimed
 
@@ -293,9 +307,14 @@ class Scheduler:
                 k.core, ["payload_encoding", "execution_kind", "namespace", "priority", "flow_id"]
             )
             pipe.hgetall(k.tags)
+            pipe.hget(k.attempt(c.attempt_index), "attempt_type")
         rows = await self.store.run_pipeline(pipe)
         for i, c in enumerate(claims):
-            payload, (encoding, kind, namespace, priority, flow_id), tags = rows[3 * i : 3 * i + 3]
+            payload, (encoding, kind, namespace, priority, flow_id), tags, attempt_type = rows[
+                4 * i : 4 * i + 4
+            ]
+            if c.resumed:
+                c.attempt_type = text(attempt_type) or "initial"
             c.payload = bytes(payload or b"")
             c.payload_encoding, c.execution_kind, c.namespace = (
                 text(encoding), text(kind), text(namespace),

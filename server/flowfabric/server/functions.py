@@ -311,3 +311,18 @@ class LifecycleFunctions(Functions):
     async def reconcile_indexes(self, eid: ExecutionId) -> Reply:
         """`OK ok` | `OK repaired <added> <removed>` | `OK not_found` | `OK unknown_state`."""
         return await self._call("ff_reconcile_indexes", [ExecKeys(eid).core], [str(eid)])
+
+    async def claim_resumed_execution(
+        self, eid: ExecutionId, who: Claimer, lease_id: str, lease_ttl_ms: int
+    ) -> Reply:
+        """`OK lease_id epoch expires_at attempt_id attempt_index resumed` (spec 20 §5.8)."""
+        k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+        keys = [
+            k.core, k.claim_grant, p.noop, p.lease_expiry, p.noop, p.noop, k.lease_current,
+            k.lease_history, p.noop, p.attempt_timeout, p.execution_deadline,
+        ]  # fmt: skip
+        args: list[str | bytes] = [
+            str(eid), who.worker_id, who.worker_instance_id, who.lane_id, lease_id,
+            str(lease_ttl_ms), "", "",
+        ]  # fmt: skip
+        return await self._call("ff_claim_resumed_execution", keys, args)
