@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 from flowfabric.engine.scanners import Scanner, ScannerSet
@@ -33,7 +32,6 @@ RETENTION_MS = 24 * 3600 * 1000
 RETENTION_BATCH = 20
 UNBLOCK_BATCH = 100
 RECONCILE_BATCH = 100
-WORKER_CACHE_S = 5.0
 
 
 def lifecycle_scanners(
@@ -108,12 +106,14 @@ class RouteUnblocker:
     ) -> None:
         self.store, self.fn, self.registry, self.on_eligible = store, fn, registry, on_eligible
         self._sets: list[frozenset[str]] = []
-        self._read_at = 0.0
+        self._read_for: int | None = None
 
-    async def _worker_sets(self) -> list[frozenset[str]]:
-        if time.monotonic() - self._read_at > WORKER_CACHE_S:
+    async def _worker_sets(self, cycle_now: int) -> list[frozenset[str]]:
+        """Read once per scanner cycle (`now` is the cycle's server time), so a worker that
+        registers is seen by the next unblock pass (spec 50 §6 #38), not after a cache TTL."""
+        if cycle_now != self._read_for:
             self._sets = await self.registry.live_capability_sets()
-            self._read_at = time.monotonic()
+            self._read_for = cycle_now
         return self._sets
 
     async def action(self, member: str, now: int, lane: str | None) -> None:
@@ -126,7 +126,7 @@ class RouteUnblocker:
         if reason != "waiting_for_capable_worker":
             return
         need = frozenset(t for t in required.split(",") if t)
-        if need and not any(need <= caps for caps in await self._worker_sets()):
+        if need and not any(need <= caps for caps in await self._worker_sets(now)):
             return
         try:
             await self.fn.unblock_execution(eid, "waiting_for_capable_worker")

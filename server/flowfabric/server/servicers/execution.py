@@ -259,6 +259,16 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
         self, request: pb.RevokeLeaseRequest, context: Any
     ) -> pb.RevokeLeaseResponse:
         eid = self.ctx.execution_id(request.execution_id)
+        # No holder: answered by the server without calling (spec 10 §2.7, spec 50 §6 #21).
+        phase, holder = await self.ctx.store.call(
+            "HMGET", ExecKeys(eid).core, "lifecycle_phase", "current_worker_instance_id"
+        )
+        if phase is None:
+            raise FlowFabricError("execution_not_found", message=f"no execution {eid}")
+        if not text(holder):
+            raise FlowFabricError(
+                "no_active_lease", message=f"execution {eid} has no lease holder to revoke"
+            )
         reply = await self.fn.revoke_lease(
             eid, request.expected_lease_id, request.reason or "operator_revoke"
         )

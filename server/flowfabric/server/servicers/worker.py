@@ -78,6 +78,7 @@ def task_message(c: Claimed, who: Claimer, lease_ttl_ms: int) -> t.ClaimedTask:
         namespace=c.namespace,
         priority=c.priority,
         flow_id=c.flow_id or None,
+        resumed=c.resumed,
     )
 
 
@@ -96,7 +97,11 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
     # -- request decoding ---------------------------------------------------------------------
 
     def _fenced(self, request: Any) -> tuple[ExecutionId, Fence, int]:
-        """Execution, fence and attempt index from the LeaseHandle or the contract fields."""
+        """Execution, fence and attempt index from the LeaseHandle or the contract fields.
+
+        Epochs start at 1, so a proto3 `lease_epoch` of 0 is "absent": a fence missing only its
+        epoch is `partial_fence_triple`, and an empty fence message is no fence at all.
+        """
         has_lease = request.HasField("lease")
         has_fence = (
             request.HasField("fence") if "fence" in request.DESCRIPTOR.fields_by_name else False
@@ -106,7 +111,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
             if request.execution_id and request.execution_id != h.execution_id:
                 raise InvalidInput("execution_id", "execution_id differs from lease.execution_id")
             eid = self.ctx.execution_id(h.execution_id, "lease.execution_id")
-            fence = Fence(h.lease_id, h.lease_epoch, h.attempt_id)
+            fence = Fence(h.lease_id, h.lease_epoch or None, h.attempt_id)
             if has_fence and (request.fence.lease_id, request.fence.lease_epoch,
                               request.fence.attempt_id) != (h.lease_id, h.lease_epoch,
                                                             h.attempt_id):  # fmt: skip
@@ -115,12 +120,19 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         eid = self.ctx.execution_id(request.execution_id)
         if has_fence:
             f = request.fence
-            return eid, Fence(f.lease_id, f.lease_epoch, f.attempt_id), request.attempt_index
+            return (
+                eid,
+                Fence(f.lease_id, f.lease_epoch or None, f.attempt_id),
+                request.attempt_index,
+            )
         if "lease_id" in request.DESCRIPTOR.fields_by_name:
-            return eid, Fence(request.lease_id, request.lease_epoch, request.attempt_id), 0
+            fence = Fence(request.lease_id, request.lease_epoch or None, request.attempt_id)
+            return eid, fence, 0
         return eid, Fence(), getattr(request, "attempt_index", 0)
 
-    def _claim_request(self, request: Any, lanes: list[str], max_tasks: int) -> ClaimRequest:
+    def _claim_request(
+        self, request: Any, lanes: list[str], caps: list[str], max_tasks: int
+    ) -> ClaimRequest:
         worker_id = validate_identifier(request.worker_id, "worker_id")
         instance = validate_identifier(request.worker_instance_id, "worker_instance_id")
         if not lanes:
@@ -134,8 +146,9 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
             worker_id=worker_id,
             worker_instance_id=instance,
             lanes=tuple(dict.fromkeys(lanes)),
-            capabilities_csv=capabilities_csv(list(request.capabilities)),
-            lease_ttl_ms=request.lease_ttl_ms or DEFAULT_LEASE_TTL_MS,
+            capabilities_csv=capabilities_csv(caps),
+            # ClaimForWorker has no lease TTL (the lease is taken by ClaimFromGrant)
+            lease_ttl_ms=getattr(request, "lease_ttl_ms", 0) or DEFAULT_LEASE_TTL_MS,
             grant_ttl_ms=grant_ttl,
             max_tasks=max_tasks,
         )
@@ -180,7 +193,9 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         if request.max_tasks > MAX_BATCH:
             raise InvalidInput("max_tasks", f"max_tasks must be at most {MAX_BATCH}")
         batch = request.max_tasks > 1
-        req = self._claim_request(request, list(request.lane_ids), max(request.max_tasks, 1))
+        req = self._claim_request(
+            request, list(request.lane_ids), list(request.capabilities), max(request.max_tasks, 1)
+        )
         claimed = await self.scheduler.claim_next(req, request.wait_ms)
         if not claimed:
             return pb.ClaimNextResponse(no_work=t.NoWork())
@@ -194,9 +209,9 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         self, request: pb.ClaimForWorkerRequest, context: Any
     ) -> pb.ClaimForWorkerResponse:
         lane = validate_lane(request.lane_id or "default")
-        req = self._claim_request(request, [lane], 1)
-        req = ClaimRequest(**{**req.__dict__, "capabilities_csv": capabilities_csv(
-            list(request.worker_capabilities))})  # fmt: skip
+        if request.grant_ttl_ms == 0:  # no default here: "Grant lifetime, 1..60000 ms"
+            raise InvalidInput("grant_ttl_ms", f"grant_ttl_ms must be 1..{MAX_GRANT_TTL_MS}")
+        req = self._claim_request(request, [lane], list(request.worker_capabilities), 1)
         who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv,
                       request.capability_hash)  # fmt: skip
         if request.execution_id:
