@@ -1532,6 +1532,7 @@ class FailExecutionRequest(_message.Message):
     NEXT_ATTEMPT_POLICY_JSON_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     attempt_index: _builtins.int
     failure_reason: _builtins.str
@@ -1543,6 +1544,12 @@ class FailExecutionRequest(_message.Message):
     """Ignored: the server uses the execution's stored policy."""
     source: _types_pb2.CancelSource.ValueType
     """Only consulted without a fence (see CompleteExecutionRequest)."""
+    retry_after_ms: _builtins.int
+    """"Retry after N ms": when set, a scheduled retry waits exactly this long instead of the
+    policy's backoff. The retry budget is the stored policy's `max_retries` (3 when the execution
+    has no retry policy: asking for a retry means wanting one). Mutually exclusive with
+    `retry_policy_json`.
+    """
     @_builtins.property
     def fence(self) -> _types_pb2.LeaseFence:
         """Required unless `source` is OPERATOR_OVERRIDE (or `lease` is set)."""
@@ -1565,12 +1572,15 @@ class FailExecutionRequest(_message.Message):
         next_attempt_policy_json: _builtins.str = ...,
         source: _types_pb2.CancelSource.ValueType = ...,
         lease: _types_pb2.LeaseHandle | None = ...,
+        retry_after_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "lease", b"lease"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_retry_after_ms", b"_retry_after_ms", "fence", b"fence", "lease", b"lease", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_index", b"attempt_index", "execution_id", b"execution_id", "failure_category", b"failure_category", "failure_reason", b"failure_reason", "fence", b"fence", "lease", b"lease", "next_attempt_policy_json", b"next_attempt_policy_json", "retry_policy_json", b"retry_policy_json", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retry_after_ms", b"_retry_after_ms", "attempt_index", b"attempt_index", "execution_id", b"execution_id", "failure_category", b"failure_category", "failure_reason", b"failure_reason", "fence", b"fence", "lease", b"lease", "next_attempt_policy_json", b"next_attempt_policy_json", "retry_after_ms", b"retry_after_ms", "retry_policy_json", b"retry_policy_json", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__retry_after_ms: _TypeAlias = _typing.Literal["retry_after_ms"]  # noqa: Y015
+    _WhichOneofArgType__retry_after_ms: _TypeAlias = _typing.Literal["_retry_after_ms", b"_retry_after_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_after_ms) -> _WhichOneofReturnType__retry_after_ms | None: ...
 
 Global___FailExecutionRequest: _TypeAlias = FailExecutionRequest  # noqa: Y015
 
