@@ -1,8 +1,17 @@
 """The `flowfabric` command line.
 
-`flowfabric serve [--flag value ...]` runs the server; every `FF_*` setting is also a flag
-(`--listen-addr` for `FF_LISTEN_ADDR`). Exit codes: 0 clean stop, 1 configuration or boot
-failure, 2 usage error.
+    flowfabric serve [--flag value ...]       run the server (every FF_* setting is also a flag)
+    flowfabric submit KIND [--payload ...]    create an execution
+    flowfabric get | cancel | replay | watch EXECUTION_ID
+    flowfabric list [--lane L] [--state S]
+    flowfabric worker MODULE:ATTRIBUTE        run a module's flowfabric.Worker
+    flowfabric admin info
+
+Client commands talk gRPC to `--target` (env FF_TARGET, default 127.0.0.1:50051) with the bearer
+token `--token` (env FF_API_TOKEN). Tables by default, `--json` for scripts.
+
+Exit codes: 0 ok; 1 the server refused (the ErrorInfo reason is printed); 2 usage error;
+3 not found; 4 server unreachable; 5 (`watch`) the execution ended other than completed.
 """
 
 from __future__ import annotations
@@ -11,12 +20,147 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-from flowfabric.server.config import Config, ConfigError, flag_parser
+import click
+import grpc
+from google.protobuf import json_format
+from google.rpc import error_details_pb2, status_pb2
+
+from flowfabric.v1 import admin_pb2, admin_pb2_grpc, execution_pb2, execution_pb2_grpc
+from flowfabric.v1 import types_pb2 as t
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_NOT_COMPLETED = 1, 2, 3, 4, 5
+TERMINAL = {"completed", "failed", "cancelled", "expired", "skipped"}
 
 
-async def serve(config: Config) -> None:
+def _state_name(number: int) -> str:
+    return str(t.PublicState.Name(number)).removeprefix("PUBLIC_STATE_").lower()
+
+
+def _reason(exc: grpc.RpcError) -> str:
+    for key, value in exc.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return str(info.reason)
+    return ""
+
+
+class Connection:
+    """A gRPC channel plus the call options every client command shares."""
+
+    def __init__(self, target: str, token: str | None, timeout: float) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        self.execution = execution_pb2_grpc.ExecutionServiceStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+
+    def call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            _fail(exc)
+
+    def stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
+        try:
+            yield from method(request, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            _fail(exc)
+
+
+def _fail(exc: grpc.RpcError) -> None:
+    code = exc.code()  # type: ignore[attr-defined]
+    reason = _reason(exc)
+    click.echo(f"error: {code.name} {reason}: {exc.details()}", err=True)  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.NOT_FOUND:
+        raise SystemExit(EXIT_NOT_FOUND)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        raise SystemExit(EXIT_UNREACHABLE)
+    raise SystemExit(EXIT_REFUSED)
+
+
+def _print(obj: Any, as_json: bool, rows: Sequence[tuple[str, Any]] = ()) -> None:
+    if as_json:
+        click.echo(json_format.MessageToJson(obj, preserving_proto_field_name=True, indent=None))
+        return
+    width = max((len(k) for k, _ in rows), default=0)
+    for key, value in rows:
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--target",
+    envvar="FF_TARGET",
+    default="127.0.0.1:50051",
+    show_default=True,
+    help="Server address (env FF_TARGET).",
+)
+@click.option(
+    "--token", envvar="FF_API_TOKEN", default=None, help="Bearer token (env FF_API_TOKEN)."
+)
+@click.option("--timeout", default=10.0, show_default=True, help="Per-call deadline in seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.pass_context
+def main(ctx: click.Context, target: str, token: str | None, timeout: float, as_json: bool) -> None:
+    """FlowFabric: a durable execution control plane on gRPC and Valkey Functions."""
+    ctx.obj = {"target": target, "token": token or None, "timeout": timeout, "json": as_json}
+
+
+def _conn(ctx: click.Context) -> Connection:
+    obj = ctx.find_root().obj
+    return Connection(obj["target"], obj["token"], obj["timeout"])
+
+
+@main.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    }
+)
+@click.argument("flags", nargs=-1, type=click.UNPROCESSED)
+def serve(flags: tuple[str, ...]) -> None:
+    """Run the server (embedded Valkey unless FF_VALKEY_URL is set). `serve --help` lists flags."""
+    from flowfabric.server.config import Config, ConfigError, flag_parser
+
+    if "-h" in flags or "--help" in flags:
+        flag_parser().print_help()
+        return
+    try:
+        config = Config.load(list(flags))
+    except ConfigError as exc:
+        click.echo(f"flowfabric: configuration error: {exc}", err=True)
+        raise SystemExit(1) from None
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("audit").setLevel(logging.INFO)
+    try:
+        asyncio.run(_serve(config))
+    except Exception as exc:  # boot failures: one line, exit 1
+        from flowfabric.server.app import BootError
+
+        if isinstance(exc, BootError | OSError | RuntimeError):
+            click.echo(f"flowfabric: {exc}", err=True)
+            raise SystemExit(1) from None
+        raise
+
+
+async def _serve(config: Any) -> None:
     from flowfabric.server.app import FlowFabricServer
 
     server = FlowFabricServer(config)
@@ -26,40 +170,225 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         port = await server.start()
-        print(f"flowfabric listening on {config.listen_addr.rsplit(':', 1)[0]}:{port}", flush=True)
+        host = config.listen_addr.rsplit(":", 1)[0]
+        print(f"flowfabric listening on {host}:{port}", flush=True)
         await stop.wait()
     finally:
         await server.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print("usage: flowfabric serve [--flag value ...]   (flowfabric serve --help for flags)")
-        raise SystemExit(0 if args else 2)
-    command, rest = args[0], args[1:]
-    if command != "serve":
-        print(f"flowfabric: unknown command {command!r}", file=sys.stderr)
-        raise SystemExit(2)
-    if "-h" in rest or "--help" in rest:
-        flag_parser().print_help()
-        raise SystemExit(0)
-    try:
-        config = Config.load(rest)
-    except ConfigError as exc:
-        print(f"flowfabric: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("audit").setLevel(logging.INFO)
-    try:
-        asyncio.run(serve(config))
-    except Exception as exc:  # boot failures: one line, exit 1
-        from flowfabric.server.app import BootError
+@main.command()
+@click.argument("kind")
+@click.option("--payload", default="", help="Input payload (text); use @FILE to read a file.")
+@click.option("--lane", default="default", show_default=True)
+@click.option("--priority", default=0, show_default=True, type=int)
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--idempotency-key", default=None)
+@click.option("--delay-ms", default=None, type=int, help="Start no earlier than now + this.")
+@click.option("--tag", "tags", multiple=True, help="key=value (key like app.name); repeatable.")
+@click.option("--policy", "policy_json", default=None, help="Execution policy as JSON.")
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    kind: str,
+    payload: str,
+    lane: str,
+    priority: int,
+    namespace: str,
+    idempotency_key: str | None,
+    delay_ms: int | None,
+    tags: tuple[str, ...],
+    policy_json: str | None,
+) -> None:
+    """Create an execution of KIND."""
+    import time
 
-        if isinstance(exc, BootError | OSError | RuntimeError):
-            print(f"flowfabric: {exc}", file=sys.stderr)
-            raise SystemExit(1) from None
-        raise
+    data = open(payload[1:], "rb").read() if payload.startswith("@") else payload.encode()  # noqa: SIM115
+    tag_map = {}
+    for item in tags:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--tag needs key=value, got {item!r}")
+        tag_map[key] = value
+    request = execution_pb2.CreateExecutionRequest(
+        execution_kind=kind,
+        input_payload=data,
+        lane_id=lane,
+        priority=priority,
+        namespace=namespace,
+        tags=tag_map,
+    )
+    if idempotency_key:
+        request.idempotency_key = idempotency_key
+    if delay_ms is not None:
+        request.delay_until = int(time.time() * 1000) + delay_ms
+    if policy_json:
+        request.policy_json = policy_json
+    conn = _conn(ctx)
+    reply = conn.call(conn.execution.CreateExecution, request)
+    which = reply.WhichOneof("outcome")
+    if which == "created":
+        rows = [
+            ("execution_id", reply.created.execution_id),
+            ("state", _state_name(reply.created.public_state)),
+        ]
+    else:
+        rows = [("execution_id", reply.duplicate.execution_id), ("duplicate", "yes")]
+    _print(reply, ctx.obj["json"], rows)
+
+
+@main.command()
+@click.argument("execution_id")
+@click.pass_context
+def get(ctx: click.Context, execution_id: str) -> None:
+    """Show one execution."""
+    conn = _conn(ctx)
+    snap = conn.call(
+        conn.execution.DescribeExecution,
+        execution_pb2.DescribeExecutionRequest(execution_id=execution_id),
+    ).snapshot
+    rows: list[tuple[str, Any]] = [
+        ("execution_id", snap.execution_id),
+        ("state", _state_name(snap.public_state)),
+        ("lane", snap.lane_id),
+        ("namespace", snap.namespace),
+        ("attempts", snap.total_attempt_count),
+        ("created_at", snap.created_at),
+    ]
+    if snap.HasField("blocking_detail"):
+        rows.append(("blocked", snap.blocking_detail))
+    if snap.HasField("current_lease"):
+        rows.append(
+            (
+                "lease",
+                f"epoch {snap.current_lease.lease_epoch} held by "
+                f"{snap.current_lease.worker_instance_id}",
+            )
+        )
+    rows += [(f"tag {k}", v) for k, v in sorted(snap.tags.items())]
+    _print(snap, ctx.obj["json"], rows)
+
+
+@main.command(name="list")
+@click.option("--lane", default="default", show_default=True)
+@click.option(
+    "--state",
+    type=click.Choice(["eligible", "delayed", "active", "suspended", "terminal"]),
+    default="eligible",
+    show_default=True,
+)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--partition", default=None, type=int)
+@click.pass_context
+def list_(ctx: click.Context, lane: str, state: str, limit: int, partition: int | None) -> None:
+    """List executions in one lane index (priority order for eligible)."""
+    conn = _conn(ctx)
+    request = execution_pb2.ListExecutionsRequest(
+        lane=lane,
+        limit=limit,
+        state=execution_pb2.ExecutionIndex.Value(f"EXECUTION_INDEX_{state.upper()}"),
+    )
+    if partition is not None:
+        request.partition = partition
+    reply = conn.call(conn.execution.ListExecutions, request)
+    if ctx.obj["json"]:
+        _print(reply, True)
+        return
+    _table(
+        ["execution_id", "kind", "state", "priority", "created_at"],
+        [
+            (
+                e.execution_id,
+                e.execution_kind,
+                _state_name(e.public_state),
+                e.priority,
+                e.created_at,
+            )
+            for e in reply.executions
+        ],
+    )
+    if reply.next_page_token:
+        click.echo(f"(more: next page token {reply.next_page_token})", err=True)
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--reason", default="cancelled from the CLI", show_default=True)
+@click.pass_context
+def cancel(ctx: click.Context, execution_id: str, reason: str) -> None:
+    """Cancel an execution (operator override)."""
+    conn = _conn(ctx)
+    reply = conn.call(
+        conn.execution.CancelExecution,
+        execution_pb2.CancelExecutionRequest(execution_id=execution_id, reason=reason),
+    )
+    _print(reply, ctx.obj["json"], [("execution_id", execution_id), ("state", "cancelled")])
+
+
+@main.command()
+@click.argument("execution_id")
+@click.pass_context
+def replay(ctx: click.Context, execution_id: str) -> None:
+    """Run a terminal execution again."""
+    conn = _conn(ctx)
+    reply = conn.call(
+        conn.execution.ReplayExecution,
+        execution_pb2.ReplayExecutionRequest(execution_id=execution_id),
+    )
+    _print(
+        reply,
+        ctx.obj["json"],
+        [("execution_id", execution_id), ("state", _state_name(reply.replayed.public_state))],
+    )
+
+
+@main.command()
+@click.argument("execution_id")
+@click.pass_context
+def watch(ctx: click.Context, execution_id: str) -> None:
+    """Print each state transition until the execution ends (exit 5 unless completed)."""
+    conn = _conn(ctx)
+    last = ""
+    request = execution_pb2.WatchExecutionRequest(execution_id=execution_id)
+    for event in conn.stream(conn.execution.WatchExecution, request):
+        last = _state_name(event.public_state)
+        if ctx.obj["json"]:
+            _print(event, True)
+        else:
+            click.echo(f"{event.at}  {last}")
+    if last in TERMINAL and last != "completed":
+        raise SystemExit(EXIT_NOT_COMPLETED)
+
+
+@main.group()
+def admin() -> None:
+    """Operator commands."""
+
+
+@admin.command()
+@click.pass_context
+def info(ctx: click.Context) -> None:
+    """Server, library and Valkey versions, partition counts, lanes."""
+    conn = _conn(ctx.find_root())
+    reply = conn.call(conn.admin.GetServerInfo, admin_pb2.GetServerInfoRequest())
+    _print(
+        reply,
+        ctx.find_root().obj["json"],
+        [
+            ("server", reply.server_version),
+            ("library", reply.library_version),
+            ("valkey", reply.valkey_version),
+            ("flow partitions", reply.num_flow_partitions),
+            ("budget partitions", reply.num_budget_partitions),
+            ("quota partitions", reply.num_quota_partitions),
+            ("lanes", ", ".join(reply.lanes)),
+        ],
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    main(args=list(sys.argv[1:] if argv is None else argv), prog_name="flowfabric")
+
+
+if __name__ == "__main__":
+    run()
