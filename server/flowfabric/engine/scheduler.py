@@ -119,7 +119,9 @@ class Scheduler:
         self._window = 0
         self._lane_rotation = itertools.count()
         self._local_wake: set[asyncio.Event] = set()
-        self._parked: dict[str, float] = {}
+        # reclaim candidates a capability set cannot take, until a monotonic deadline; keyed
+        # by (execution, capabilities CSV) so a capable worker is never held back by the park
+        self._parked: dict[tuple[str, str], float] = {}
         self.closing = asyncio.Event()
 
     # -- partition choice ---------------------------------------------------------------------
@@ -259,11 +261,13 @@ class Scheduler:
         rows = await self.store.run_pipeline(pipe)
         out: list[Claimed] = []
         mono = time.monotonic()
+        if len(self._parked) > 1024:  # drop lapsed parks so the map stays bounded
+            self._parked = {k: v for k, v in self._parked.items() if v > mono}
         for raw in itertools.chain.from_iterable(rows):
             if len(out) >= want:
                 break
             member = text(raw)
-            if self._parked.get(member, 0) > mono:
+            if self._parked.get((member, who.capabilities_csv), 0) > mono:
                 continue
             try:
                 eid = parse_execution_id(member, self.partitions)
@@ -290,7 +294,8 @@ class Scheduler:
             )
         except FlowFabricError as exc:
             if exc.code == "capability_mismatch":
-                self._parked[str(eid)] = time.monotonic() + RECLAIM_PARK_S
+                park = (str(eid), who.capabilities_csv)
+                self._parked[park] = time.monotonic() + RECLAIM_PARK_S
             elif exc.code not in NO_MATCH:
                 raise
             return None
