@@ -413,6 +413,38 @@ async def test_non_retryable_category_fails_at_once(api: Api) -> None:
     assert (await fail(api, h, category="timeout")).WhichOneof("outcome") == "retry_scheduled"
 
 
+async def test_retry_after_is_the_handlers_delay_within_the_budget(api: Api) -> None:
+    def fail_after(h: t.LeaseHandle, ms: int, **kw: Any) -> Awaitable[wpb.FailExecutionResponse]:
+        request = wpb.FailExecutionRequest(
+            lease=h,
+            failure_reason="rate limited",
+            failure_category="throttled",
+            retry_after_ms=ms,
+            **kw,
+        )
+        return api.worker.FailExecution(request, metadata=api.metadata)  # type: ignore[no-any-return]
+
+    # no stored policy: asking for a retry gets the default budget, with exactly this delay
+    eid = await create(api)
+    h = (await claim_one(api)).lease
+    reply = await fail_after(h, 300)
+    assert reply.WhichOneof("outcome") == "retry_scheduled"
+    c = await core(api, eid)
+    assert int(c[b"delay_until"]) - int(c[b"last_transition_at"]) == 300
+    assert reply.retry_scheduled.delay_until == int(c[b"delay_until"])
+    # a policy with no retries left still ends the execution
+    eid = await create(api, policy=retry_policy(max_retries=0))
+    h = (await claim_one(api)).lease
+    assert (await fail_after(h, 300)).WhichOneof("outcome") == "terminal_failed"
+    # both ways of choosing the retry policy at once is a bad request
+    eid = await create(api)
+    h = (await claim_one(api)).lease
+    await expect_error(
+        fail_after(h, 10, retry_policy_json="{}"), grpc.StatusCode.INVALID_ARGUMENT, "invalid_input"
+    )
+    assert await state(api, eid) == t.PUBLIC_STATE_ACTIVE
+
+
 # -- 5. execution deadline and attempt timeout --------------------------------------------------
 
 
@@ -676,11 +708,14 @@ async def test_capability_routing_blocks_then_unblocks(engine_api: Api) -> None:
 
     await api.worker.RegisterWorker(
         wpb.RegisterWorkerRequest(
-            worker_id=WORKER, worker_instance_id="gpu-1", capabilities=["gpu", "cuda"],
-            lane_ids=[LANE], lease_ttl_ms=10_000,
+            worker_id=WORKER,
+            worker_instance_id="gpu-1",
+            capabilities=["gpu", "cuda"],
+            lane_ids=[LANE],
+            lease_ttl_ms=10_000,
         ),
         metadata=api.metadata,
-    )  # fmt: skip
+    )
 
     async def unblocked() -> bool:
         return (await get(api, eid)).state_vector.eligibility_state == (
@@ -707,11 +742,14 @@ def claim_for_worker(api: Api, worker: str = WORKER, **kw: Any) -> Awaitable[Any
 def claim_from_grant(api: Api, grant: t.ClaimGrant, worker: str = WORKER) -> Awaitable[Any]:
     return api.worker.ClaimFromGrant(
         wpb.ClaimFromGrantRequest(
-            worker_id=worker, worker_instance_id=f"{worker}-1", lane_id=LANE, grant=grant,
+            worker_id=worker,
+            worker_instance_id=f"{worker}-1",
+            lane_id=LANE,
+            grant=grant,
             lease_ttl_ms=30_000,
         ),
         metadata=api.metadata,
-    )  # fmt: skip
+    )
 
 
 async def test_two_step_grant_then_claim(api: Api) -> None:
@@ -825,11 +863,14 @@ async def test_progress_and_batch_renewals(api: Api) -> None:
     assert stored[b"progress_pct"] == b"40" and stored[b"progress_message"] == b"halfway"
     await api.worker.UpdateProgress(
         wpb.UpdateProgressRequest(
-            execution_id=eid, lease_id=h.lease_id, lease_epoch=h.lease_epoch,
-            attempt_id=h.attempt_id, progress_message="almost",
+            execution_id=eid,
+            lease_id=h.lease_id,
+            lease_epoch=h.lease_epoch,
+            attempt_id=h.attempt_id,
+            progress_message="almost",
         ),
         metadata=api.metadata,
-    )  # fmt: skip
+    )
     stored = await core(api, eid)
     assert stored[b"progress_pct"] == b"40" and stored[b"progress_message"] == b"almost"
     await expect_error(
@@ -891,85 +932,172 @@ async def test_bad_input_is_rejected_and_changes_nothing(api: Api) -> None:
     md = api.metadata
 
     def claim_req(**kw: Any) -> wpb.ClaimNextRequest:
-        base: dict[str, Any] = {"worker_id": WORKER, "worker_instance_id": "w-1",
-                                "lane_ids": [LANE]}  # fmt: skip
+        base: dict[str, Any] = {
+            "worker_id": WORKER,
+            "worker_instance_id": "w-1",
+            "lane_ids": [LANE],
+        }
         return wpb.ClaimNextRequest(**{**base, **kw})
 
     cases: list[tuple[Awaitable[Any], str]] = [
         # unfenced without operator_override
-        (w.CompleteExecution(wpb.CompleteExecutionRequest(execution_id=eid), metadata=md),
-         "fence_required"),
-        (w.FailExecution(wpb.FailExecutionRequest(execution_id=eid), metadata=md),
-         "fence_required"),
-        (w.CompleteExecution(
-            wpb.CompleteExecutionRequest(
-                execution_id=eid, source=t.CANCEL_SOURCE_LEASE_HOLDER), metadata=md),
-         "fence_required"),
+        (
+            w.CompleteExecution(wpb.CompleteExecutionRequest(execution_id=eid), metadata=md),
+            "fence_required",
+        ),
+        (
+            w.FailExecution(wpb.FailExecutionRequest(execution_id=eid), metadata=md),
+            "fence_required",
+        ),
+        (
+            w.CompleteExecution(
+                wpb.CompleteExecutionRequest(execution_id=eid, source=t.CANCEL_SOURCE_LEASE_HOLDER),
+                metadata=md,
+            ),
+            "fence_required",
+        ),
         (w.RenewLease(wpb.RenewLeaseRequest(execution_id=eid), metadata=md), "fence_required"),
         # partial fences
-        (w.CompleteExecution(
-            wpb.CompleteExecutionRequest(
-                execution_id=eid, fence=t.LeaseFence(lease_id=h.lease_id,
-                                                     lease_epoch=h.lease_epoch)),
-            metadata=md),
-         "partial_fence_triple"),
-        (w.RenewLease(wpb.RenewLeaseRequest(
-            execution_id=eid, fence=t.LeaseFence(lease_id=h.lease_id, attempt_id=h.attempt_id)),
-            metadata=md),
-         "partial_fence_triple"),
+        (
+            w.CompleteExecution(
+                wpb.CompleteExecutionRequest(
+                    execution_id=eid,
+                    fence=t.LeaseFence(lease_id=h.lease_id, lease_epoch=h.lease_epoch),
+                ),
+                metadata=md,
+            ),
+            "partial_fence_triple",
+        ),
+        (
+            w.RenewLease(
+                wpb.RenewLeaseRequest(
+                    execution_id=eid,
+                    fence=t.LeaseFence(lease_id=h.lease_id, attempt_id=h.attempt_id),
+                ),
+                metadata=md,
+            ),
+            "partial_fence_triple",
+        ),
         # execution ids outside the deployment's partitions, or malformed
-        (w.CompleteExecution(wpb.CompleteExecutionRequest(
-            lease=t.LeaseHandle(execution_id=bad_eid, lease_id=h.lease_id,
-                                lease_epoch=h.lease_epoch, attempt_id=h.attempt_id)),
-            metadata=md),
-         "invalid_input"),
-        (w.RenewLease(wpb.RenewLeaseRequest(execution_id=bad_eid, fence=t.LeaseFence(
-            lease_id=h.lease_id, lease_epoch=1, attempt_id=h.attempt_id)), metadata=md),
-         "invalid_input"),
-        (w.ClaimFromGrant(wpb.ClaimFromGrantRequest(
-            worker_id=WORKER, worker_instance_id="w-1", lane_id=LANE,
-            grant=t.ClaimGrant(execution_id=bad_eid)), metadata=md),
-         "invalid_input"),
-        (w.ClaimForWorker(wpb.ClaimForWorkerRequest(
-            execution_id=bad_eid, lane_id=LANE, worker_id=WORKER, worker_instance_id="w-1",
-            grant_ttl_ms=1000), metadata=md),
-         "invalid_input"),
-        (api.execution.CancelExecution(
-            pb.CancelExecutionRequest(execution_id=bad_eid), metadata=md), "invalid_input"),
-        (api.execution.RevokeLease(
-            pb.RevokeLeaseRequest(execution_id="{fp:1}:nope"), metadata=md), "invalid_input"),
+        (
+            w.CompleteExecution(
+                wpb.CompleteExecutionRequest(
+                    lease=t.LeaseHandle(
+                        execution_id=bad_eid,
+                        lease_id=h.lease_id,
+                        lease_epoch=h.lease_epoch,
+                        attempt_id=h.attempt_id,
+                    )
+                ),
+                metadata=md,
+            ),
+            "invalid_input",
+        ),
+        (
+            w.RenewLease(
+                wpb.RenewLeaseRequest(
+                    execution_id=bad_eid,
+                    fence=t.LeaseFence(lease_id=h.lease_id, lease_epoch=1, attempt_id=h.attempt_id),
+                ),
+                metadata=md,
+            ),
+            "invalid_input",
+        ),
+        (
+            w.ClaimFromGrant(
+                wpb.ClaimFromGrantRequest(
+                    worker_id=WORKER,
+                    worker_instance_id="w-1",
+                    lane_id=LANE,
+                    grant=t.ClaimGrant(execution_id=bad_eid),
+                ),
+                metadata=md,
+            ),
+            "invalid_input",
+        ),
+        (
+            w.ClaimForWorker(
+                wpb.ClaimForWorkerRequest(
+                    execution_id=bad_eid,
+                    lane_id=LANE,
+                    worker_id=WORKER,
+                    worker_instance_id="w-1",
+                    grant_ttl_ms=1000,
+                ),
+                metadata=md,
+            ),
+            "invalid_input",
+        ),
+        (
+            api.execution.CancelExecution(
+                pb.CancelExecutionRequest(execution_id=bad_eid), metadata=md
+            ),
+            "invalid_input",
+        ),
+        (
+            api.execution.RevokeLease(
+                pb.RevokeLeaseRequest(execution_id="{fp:1}:nope"), metadata=md
+            ),
+            "invalid_input",
+        ),
         # lease handle and explicit fields disagree
-        (w.CompleteExecution(wpb.CompleteExecutionRequest(execution_id=waiting, lease=h),
-                             metadata=md),
-         "invalid_input"),
+        (
+            w.CompleteExecution(
+                wpb.CompleteExecutionRequest(execution_id=waiting, lease=h), metadata=md
+            ),
+            "invalid_input",
+        ),
         # lanes with control characters
         (w.ClaimNext(claim_req(lane_ids=["L\x07"]), metadata=md), "invalid_input"),
         (w.ClaimNext(claim_req(lane_ids=[]), metadata=md), "invalid_input"),
-        (w.ClaimForWorker(wpb.ClaimForWorkerRequest(
-            lane_id="L\n", worker_id=WORKER, worker_instance_id="w-1", grant_ttl_ms=1000),
-            metadata=md),
-         "invalid_input"),
-        (w.ClaimFromGrant(wpb.ClaimFromGrantRequest(
-            worker_id=WORKER, worker_instance_id="w-1", lane_id="\x00",
-            grant=t.ClaimGrant(execution_id=waiting)), metadata=md),
-         "invalid_input"),
+        (
+            w.ClaimForWorker(
+                wpb.ClaimForWorkerRequest(
+                    lane_id="L\n", worker_id=WORKER, worker_instance_id="w-1", grant_ttl_ms=1000
+                ),
+                metadata=md,
+            ),
+            "invalid_input",
+        ),
+        (
+            w.ClaimFromGrant(
+                wpb.ClaimFromGrantRequest(
+                    worker_id=WORKER,
+                    worker_instance_id="w-1",
+                    lane_id="\x00",
+                    grant=t.ClaimGrant(execution_id=waiting),
+                ),
+                metadata=md,
+            ),
+            "invalid_input",
+        ),
         # grant TTL outside 1..60000 (ClaimNext documents 0 as the 10000 default)
         (w.ClaimNext(claim_req(grant_ttl_ms=60_001), metadata=md), "invalid_input"),
-        (w.ClaimForWorker(wpb.ClaimForWorkerRequest(
-            lane_id=LANE, worker_id=WORKER, worker_instance_id="w-1", grant_ttl_ms=0),
-            metadata=md),
-         "invalid_input"),
-        (w.ClaimForWorker(wpb.ClaimForWorkerRequest(
-            lane_id=LANE, worker_id=WORKER, worker_instance_id="w-1", grant_ttl_ms=60_001),
-            metadata=md),
-         "invalid_input"),
+        (
+            w.ClaimForWorker(
+                wpb.ClaimForWorkerRequest(
+                    lane_id=LANE, worker_id=WORKER, worker_instance_id="w-1", grant_ttl_ms=0
+                ),
+                metadata=md,
+            ),
+            "invalid_input",
+        ),
+        (
+            w.ClaimForWorker(
+                wpb.ClaimForWorkerRequest(
+                    lane_id=LANE, worker_id=WORKER, worker_instance_id="w-1", grant_ttl_ms=60_001
+                ),
+                metadata=md,
+            ),
+            "invalid_input",
+        ),
         # long poll over 30 s; bad worker identities
         (w.ClaimNext(claim_req(wait_ms=30_001), metadata=md), "invalid_input"),
         (w.ClaimNext(claim_req(worker_instance_id="w 1"), metadata=md), "invalid_input"),
         (w.ClaimNext(claim_req(worker_id=""), metadata=md), "invalid_input"),
         (w.ClaimNext(claim_req(capabilities=["g,pu"]), metadata=md), "invalid_capabilities"),
         (w.DelayExecution(wpb.DelayExecutionRequest(lease=h), metadata=md), "invalid_input"),
-    ]  # fmt: skip
+    ]
     for i, (call, reason) in enumerate(cases):
         try:
             await expect_error(call, C.INVALID_ARGUMENT, reason)

@@ -161,15 +161,24 @@ class LifecycleFunctions(Functions):
         return await self._call("ff_complete_execution", keys, args)
 
     async def fail_execution(
-        self, eid: ExecutionId, fence: Fence, reason: str, category: str, source: str
+        self,
+        eid: ExecutionId,
+        fence: Fence,
+        reason: str,
+        category: str,
+        source: str,
+        retry_policy_json: str = "",
     ) -> Reply:
-        """`OK retry_scheduled delay_until next_index` or `OK terminal_failed`."""
+        """`OK retry_scheduled delay_until next_index` or `OK terminal_failed`.
+
+        `retry_policy_json` "" = the function reads the stored policy's retry_policy.
+        """
         k, p = ExecKeys(eid), PartitionKeys(eid.tag)
         keys = [
             k.core, p.noop, p.lease_expiry, p.noop, p.noop, p.noop, k.lease_current,
             k.lease_history, p.noop, p.noop, p.attempt_timeout, p.execution_deadline,
         ]  # fmt: skip
-        args = [str(eid), *fence.args(), reason, category, "", source]
+        args = [str(eid), *fence.args(), reason, category, retry_policy_json, source]
         return await self._call("ff_fail_execution", keys, args)
 
     async def delay_execution(

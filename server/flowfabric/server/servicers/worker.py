@@ -8,6 +8,7 @@ outcome, the success variant is returned with `replayed = true`.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -345,9 +346,10 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
                 return d["terminal_outcome"] == "failed" and d["attempt_id"] == fence.attempt_id
             return d["lifecycle_phase"] == "runnable"
 
+        retry_json = await self._retry_policy_json(eid, request)
         reply, replayed = await self._reconciled(
             lambda: self.fn.fail_execution(
-                eid, fence, request.failure_reason, request.failure_category, source
+                eid, fence, request.failure_reason, request.failure_category, source, retry_json
             ),
             fence,
             accept,
@@ -375,6 +377,25 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
                 )
             )
         return pb.FailExecutionResponse(terminal_failed=pb.FailExecutionResponse.TerminalFailed())
+
+    async def _retry_policy_json(self, eid: ExecutionId, request: pb.FailExecutionRequest) -> str:
+        """The retry policy for this fail: the caller's, or the stored one with the handler's
+        `retry_after_ms` as a fixed backoff (budget: the stored max_retries, 3 without a policy)."""
+        if not request.HasField("retry_after_ms"):
+            return request.retry_policy_json
+        if request.retry_policy_json:
+            raise InvalidInput(
+                "retry_after_ms", "retry_after_ms and retry_policy_json are mutually exclusive"
+            )
+        stored = text(await self.ctx.store.call("GET", ExecKeys(eid).policy)) or "{}"
+        try:
+            policy = json.loads(stored)
+        except ValueError:
+            policy = {}
+        retry = policy.get("retry_policy") if isinstance(policy, dict) else None
+        retry = dict(retry) if isinstance(retry, dict) else {"max_retries": 3}
+        retry["backoff"] = {"type": "fixed", "delay_ms": int(request.retry_after_ms)}
+        return json.dumps(retry)
 
     async def CancelLeasedExecution(
         self, request: pb.CancelLeasedExecutionRequest, context: Any
