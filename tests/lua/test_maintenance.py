@@ -1,0 +1,65 @@
+"""The index reconciler and the retention trimmer (spec 00 §10), run one cycle at a time."""
+
+from __future__ import annotations
+
+import uuid
+
+from flowfabric.engine.lifecycle import IndexReconciler, RetentionTrimmer, lifecycle_scanners
+from flowfabric.server.config import Config
+from flowfabric.server.functions import Claimer, Fence, LifecycleFunctions, NewExecution
+from flowfabric.server.ids import ExecutionId
+from flowfabric.server.keys import ExecKeys, PartitionKeys
+from flowfabric.server.store import Store
+from flowfabric.server.workers import WorkerRegistry
+
+LANE = "default"
+PARTITIONS = 8
+
+
+async def make(fn: LifecycleFunctions, partition: int = 3) -> ExecutionId:
+    eid = ExecutionId(partition, str(uuid.uuid4()))
+    await fn.create_execution(NewExecution(eid, "ns", LANE, "k", b"in", 0, "t"))
+    return eid
+
+
+async def test_reconciler_repairs_lost_and_stray_index_entries(store: Store) -> None:
+    fn = LifecycleFunctions(store)
+    lost, stray, fine = await make(fn), await make(fn), await make(fn)
+    p = PartitionKeys(lost.tag)
+    await store.call("ZREM", p.lane(LANE, "eligible"), str(lost))  # lost its index entry
+    await store.call("ZADD", p.lane(LANE, "terminal"), 1, str(stray))  # in two sets
+    reconciler = IndexReconciler(store, fn, PARTITIONS, 1000)
+    assert await reconciler.run_cycle() == 2
+    assert await store.call("ZSCORE", p.lane(LANE, "eligible"), str(lost)) is not None
+    assert await store.call("ZSCORE", p.lane(LANE, "terminal"), str(stray)) is None
+    assert await store.call("ZSCORE", p.lane(LANE, "eligible"), str(fine)) is not None
+    assert await reconciler.run_cycle() == 0  # nothing left to repair
+
+
+async def test_retention_trimmer_deletes_old_terminal_executions(store: Store) -> None:
+    fn = LifecycleFunctions(store)
+    old, live = await make(fn), await make(fn)
+    who = Claimer("w", "wi", LANE)
+    await fn.issue_claim_grant(old, who, 5000)
+    r = await fn.claim_execution(old, who, str(uuid.uuid4()), 30_000, str(uuid.uuid4()))
+    await fn.complete_execution(
+        old, Fence(r.str(0), r.int(1), r.str(3)), b"out", "", "lease_holder"
+    )
+    p = PartitionKeys(old.tag)
+    # age the terminal entry past the 24 h cutoff
+    await store.call("ZADD", p.lane(LANE, "terminal"), 1, str(old))
+    config = Config(flow_partitions=PARTITIONS, lanes=(LANE,))
+    scanners = lifecycle_scanners(config, store, fn, WorkerRegistry(store))
+    trimmer = next(s for s in scanners.scanners if s.name == "retention_trimmer")
+    assert await scanners.run_cycle(trimmer) == 1
+    k = ExecKeys(old)
+    for key in (k.core, k.payload, k.result, k.attempt(0), k.lease_history, k.attempts):
+        assert await store.call("EXISTS", key) == 0, key
+    assert await store.call("SISMEMBER", p.all_executions, str(old)) == 0
+    assert await store.call("ZSCORE", p.lane(LANE, "terminal"), str(old)) is None
+    assert await store.call("EXISTS", ExecKeys(live).core) == 1  # others untouched
+    # a replayed execution left in the index is only unindexed, never deleted
+    await store.call("ZADD", p.lane(LANE, "terminal"), 1, str(live))
+    await RetentionTrimmer(store, PARTITIONS).purge(live, LANE)
+    assert await store.call("EXISTS", ExecKeys(live).core) == 1
+    assert await store.call("ZSCORE", p.lane(LANE, "terminal"), str(live)) is None
