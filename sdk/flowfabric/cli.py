@@ -257,6 +257,8 @@ def get(ctx: click.Context, execution_id: str) -> None:
     ]
     if snap.HasField("blocking_detail"):
         rows.append(("blocked", snap.blocking_detail))
+    if snap.HasField("progress_pct") or snap.HasField("progress_message"):
+        rows.append(("progress", f"{snap.progress_pct}% {snap.progress_message}".strip()))
     if snap.HasField("current_lease"):
         rows.append(
             (

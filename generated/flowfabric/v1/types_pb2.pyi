@@ -847,6 +847,9 @@ class ExecutionSnapshot(_message.Message):
     LAST_MUTATION_AT_FIELD_NUMBER: _builtins.int
     TOTAL_ATTEMPT_COUNT_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    PROGRESS_PCT_FIELD_NUMBER: _builtins.int
+    PROGRESS_MESSAGE_FIELD_NUMBER: _builtins.int
+    PROGRESS_UPDATED_AT_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     flow_id: _builtins.str
     lane_id: _builtins.str
@@ -861,6 +864,10 @@ class ExecutionSnapshot(_message.Message):
     last_mutation_at: _builtins.int
     """Time of the last write to the execution record."""
     total_attempt_count: _builtins.int
+    progress_pct: _builtins.int
+    """Last progress the holder reported (UpdateProgress), if any."""
+    progress_message: _builtins.str
+    progress_updated_at: _builtins.int
     @_builtins.property
     def current_attempt(self) -> Global___AttemptSummary:
         """Absent before the first claim."""
@@ -890,10 +897,13 @@ class ExecutionSnapshot(_message.Message):
         last_mutation_at: _builtins.int = ...,
         total_attempt_count: _builtins.int = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        progress_pct: _builtins.int | None = ...,
+        progress_message: _builtins.str | None = ...,
+        progress_updated_at: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_current_waitpoint", b"_current_waitpoint", "_flow_id", b"_flow_id", "blocking_detail", b"blocking_detail", "current_attempt", b"current_attempt", "current_lease", b"current_lease", "current_waitpoint", b"current_waitpoint", "flow_id", b"flow_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_current_waitpoint", b"_current_waitpoint", "_flow_id", b"_flow_id", "_progress_message", b"_progress_message", "_progress_pct", b"_progress_pct", "_progress_updated_at", b"_progress_updated_at", "blocking_detail", b"blocking_detail", "current_attempt", b"current_attempt", "current_lease", b"current_lease", "current_waitpoint", b"current_waitpoint", "flow_id", b"flow_id", "progress_message", b"progress_message", "progress_pct", b"progress_pct", "progress_updated_at", b"progress_updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_current_waitpoint", b"_current_waitpoint", "_flow_id", b"_flow_id", "blocking_detail", b"blocking_detail", "blocking_reason", b"blocking_reason", "created_at", b"created_at", "current_attempt", b"current_attempt", "current_lease", b"current_lease", "current_waitpoint", b"current_waitpoint", "execution_id", b"execution_id", "flow_id", b"flow_id", "lane_id", b"lane_id", "last_mutation_at", b"last_mutation_at", "namespace", b"namespace", "public_state", b"public_state", "tags", b"tags", "total_attempt_count", b"total_attempt_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_current_waitpoint", b"_current_waitpoint", "_flow_id", b"_flow_id", "_progress_message", b"_progress_message", "_progress_pct", b"_progress_pct", "_progress_updated_at", b"_progress_updated_at", "blocking_detail", b"blocking_detail", "blocking_reason", b"blocking_reason", "created_at", b"created_at", "current_attempt", b"current_attempt", "current_lease", b"current_lease", "current_waitpoint", b"current_waitpoint", "execution_id", b"execution_id", "flow_id", b"flow_id", "lane_id", b"lane_id", "last_mutation_at", b"last_mutation_at", "namespace", b"namespace", "progress_message", b"progress_message", "progress_pct", b"progress_pct", "progress_updated_at", b"progress_updated_at", "public_state", b"public_state", "tags", b"tags", "total_attempt_count", b"total_attempt_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__blocking_detail: _TypeAlias = _typing.Literal["blocking_detail"]  # noqa: Y015
     _WhichOneofArgType__blocking_detail: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail"]  # noqa: Y015
@@ -901,12 +911,24 @@ class ExecutionSnapshot(_message.Message):
     _WhichOneofArgType__current_waitpoint: _TypeAlias = _typing.Literal["_current_waitpoint", b"_current_waitpoint"]  # noqa: Y015
     _WhichOneofReturnType__flow_id: _TypeAlias = _typing.Literal["flow_id"]  # noqa: Y015
     _WhichOneofArgType__flow_id: _TypeAlias = _typing.Literal["_flow_id", b"_flow_id"]  # noqa: Y015
+    _WhichOneofReturnType__progress_message: _TypeAlias = _typing.Literal["progress_message"]  # noqa: Y015
+    _WhichOneofArgType__progress_message: _TypeAlias = _typing.Literal["_progress_message", b"_progress_message"]  # noqa: Y015
+    _WhichOneofReturnType__progress_pct: _TypeAlias = _typing.Literal["progress_pct"]  # noqa: Y015
+    _WhichOneofArgType__progress_pct: _TypeAlias = _typing.Literal["_progress_pct", b"_progress_pct"]  # noqa: Y015
+    _WhichOneofReturnType__progress_updated_at: _TypeAlias = _typing.Literal["progress_updated_at"]  # noqa: Y015
+    _WhichOneofArgType__progress_updated_at: _TypeAlias = _typing.Literal["_progress_updated_at", b"_progress_updated_at"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__blocking_detail) -> _WhichOneofReturnType__blocking_detail | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__current_waitpoint) -> _WhichOneofReturnType__current_waitpoint | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__flow_id) -> _WhichOneofReturnType__flow_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__progress_message) -> _WhichOneofReturnType__progress_message | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__progress_pct) -> _WhichOneofReturnType__progress_pct | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__progress_updated_at) -> _WhichOneofReturnType__progress_updated_at | None: ...
 
 Global___ExecutionSnapshot: _TypeAlias = ExecutionSnapshot  # noqa: Y015
 

@@ -99,6 +99,9 @@ async def describe_execution(store: Store, eid: ExecutionId) -> t.ExecutionSnaps
         last_mutation_at=_int(f, "last_mutation_at"),
         total_attempt_count=_int(f, "total_attempt_count", 0),
         tags=hash_to_dict(tags_raw),
+        progress_pct=opt_int(f.get("progress_pct", "")),
+        progress_message=f.get("progress_message") or None,
+        progress_updated_at=opt_int(f.get("progress_updated_at", "")),
     )
     if f.get("current_attempt_id"):
         snap.current_attempt.CopyFrom(
