@@ -1539,7 +1539,9 @@ class FailExecutionRequest(_message.Message):
     failure_category: _builtins.str
     """Matched against the retry policy's `retryable_categories`."""
     retry_policy_json: _builtins.str
-    """Ignored: the server uses the execution's stored retry policy."""
+    """The retry policy for this failure as JSON (spec 00 §9 `retry_policy` shape); empty = the
+    execution's stored policy. `{"max_retries":0}` makes this failure terminal.
+    """
     next_attempt_policy_json: _builtins.str
     """Ignored: the server uses the execution's stored policy."""
     source: _types_pb2.CancelSource.ValueType

@@ -36,13 +36,14 @@ class _NodeReader:
         self.owns_client = owns_client
         self.pubsub: Any = None
         self.subscribed: set[str] = set()
+        self.confirming: set[str] = set()
         self.pending: set[str] = set()
         self.wake = asyncio.Event()
         self.changed = asyncio.Condition()
         self.task = asyncio.create_task(self._run(), name="event-reader")
 
     def add(self, channel: str) -> None:
-        if channel not in self.subscribed:
+        if channel not in self.subscribed and channel not in self.confirming:
             self.pending.add(channel)
             self.wake.set()
 
@@ -67,8 +68,9 @@ class _NodeReader:
             except Exception as exc:
                 log.warning("event subscriber lost (%s); reconnecting in 1s", exc)
                 await self._close_pubsub()
-                self.pending |= self.subscribed
+                self.pending |= self.subscribed | self.confirming
                 self.subscribed.clear()
+                self.confirming.clear()
                 await asyncio.sleep(1.0)
                 for channel in self.pending:
                     self.hub.publish_local(channel, RESYNC | {"channel": channel})
@@ -82,19 +84,27 @@ class _NodeReader:
                     # one channel per SSUBSCRIBE: several must share a slot
                     await self.pubsub.ssubscribe(channel)
                     self.pending.discard(channel)
-                    self.subscribed.add(channel)
-                async with self.changed:
-                    self.changed.notify_all()
-            if not self.subscribed:
+                    self.confirming.add(channel)
+            if not self.subscribed and not self.confirming:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
             message = await self.pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=READ_SLICE_S
+                ignore_subscribe_messages=False, timeout=READ_SLICE_S
             )
-            if not isinstance(message, dict) or _text(message.get("type")) != "smessage":
+            if not isinstance(message, dict):
                 continue
-            channel = _text(message.get("channel"))
+            kind, channel = _text(message.get("type")), _text(message.get("channel"))
+            if kind == "ssubscribe":
+                # Subscribed only once Valkey confirms: events published before the
+                # confirmation are not delivered, so watchers wait for this point.
+                self.confirming.discard(channel)
+                self.subscribed.add(channel)
+                async with self.changed:
+                    self.changed.notify_all()
+                continue
+            if kind != "smessage":
+                continue
             try:
                 event = json.loads(message.get("data") or b"{}")
             except ValueError:

@@ -1,0 +1,239 @@
+"""Errors: server failures typed from `google.rpc.ErrorInfo`, and handler-raised outcomes.
+
+Every server failure carries an ErrorInfo in the `grpc-status-details-bin` trailer (spec 50
+§1.7): its `reason` is the contract code verbatim and its metadata holds `class`, `retryable`
+and the code's detail slots. The class raised here is chosen from the reason first, then the
+status code — never from message text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+#: Reasons that mean "this lease is gone; stop working on the task".
+LEASE_LOST_REASONS = frozenset(
+    {"stale_lease", "lease_expired", "lease_revoked", "execution_not_active", "execution_not_found"}
+)
+
+
+class FlowFabricError(Exception):
+    """A failed FlowFabric RPC.
+
+    Attributes:
+        code: The gRPC status code.
+        reason: The ErrorInfo reason (the contract code, e.g. `stale_lease`); empty when the
+            failure did not come from the FlowFabric server (e.g. a transport error).
+        metadata: ErrorInfo metadata: `class`, `retryable` and the code's detail slots.
+        retryable: Whether the same call may succeed if retried.
+        retry_delay: The server's suggested delay in seconds (google.rpc.RetryInfo), if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        retry_delay: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.retry_delay = retry_delay
+
+    @property
+    def retryable(self) -> bool:
+        if "retryable" in self.metadata:
+            return self.metadata["retryable"] == "true"
+        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    @property
+    def non_retryable(self) -> bool:
+        return not self.retryable
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(code={self.code.name}, reason={self.reason!r}, {self.message!r})"
+
+
+class InvalidArgument(FlowFabricError):
+    """INVALID_ARGUMENT: bad input; nothing was changed."""
+
+
+class NotFound(FlowFabricError):
+    """NOT_FOUND: e.g. `execution_not_found`."""
+
+
+class ResultNotReady(NotFound):
+    """NOT_FOUND `result_not_found`: the execution has not completed successfully."""
+
+
+class AlreadyExists(FlowFabricError):
+    """ALREADY_EXISTS: e.g. `duplicate_worker_instance`."""
+
+
+class PermissionDenied(FlowFabricError):
+    """PERMISSION_DENIED: e.g. `admin_token_required`."""
+
+
+class Unauthenticated(FlowFabricError):
+    """UNAUTHENTICATED: a missing or wrong bearer token."""
+
+
+class FailedPrecondition(FlowFabricError):
+    """FAILED_PRECONDITION: the execution is in the wrong state for the call."""
+
+
+class ExecutionNotActive(FailedPrecondition):
+    """FAILED_PRECONDITION `execution_not_active`; the metadata says what really happened."""
+
+    @property
+    def terminal_outcome(self) -> str:
+        return self.metadata.get("terminal_outcome", "")
+
+    @property
+    def lifecycle_phase(self) -> str:
+        return self.metadata.get("lifecycle_phase", "")
+
+
+class Aborted(FlowFabricError):
+    """ABORTED: a fence or grant conflict."""
+
+
+class StaleLease(Aborted):
+    """ABORTED `stale_lease`, `lease_expired` or `lease_revoked`: the lease is no longer ours."""
+
+
+class ResourceExhausted(FlowFabricError):
+    """RESOURCE_EXHAUSTED: rate, concurrency, budget or size limits."""
+
+
+class Unavailable(FlowFabricError):
+    """UNAVAILABLE: the server or its Valkey cannot be reached right now."""
+
+
+class DeadlineExceeded(FlowFabricError):
+    """DEADLINE_EXCEEDED: the call ran past its deadline (it may still have been applied)."""
+
+
+_BY_REASON: dict[str, type[FlowFabricError]] = {
+    "result_not_found": ResultNotReady,
+    "execution_not_active": ExecutionNotActive,
+    "stale_lease": StaleLease,
+    "lease_expired": StaleLease,
+    "lease_revoked": StaleLease,
+}
+_BY_CODE: dict[grpc.StatusCode, type[FlowFabricError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def _status_details(
+    trailers: grpc.aio.Metadata | None,
+) -> tuple[error_details_pb2.ErrorInfo | None, float | None]:
+    info: error_details_pb2.ErrorInfo | None = None
+    delay: float | None = None
+    for key, value in trailers or ():
+        if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                delay = retry.retry_delay.ToMilliseconds() / 1000
+    return info, delay
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> FlowFabricError:
+    """The typed error for a failed call (reason first, then status code)."""
+    code = exc.code()
+    info, delay = _status_details(exc.trailing_metadata())
+    reason = info.reason if info is not None else ""
+    metadata = dict(info.metadata) if info is not None else {}
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(code, FlowFabricError)
+    return cls(
+        exc.details() or code.name,
+        code=code,
+        reason=reason,
+        metadata=metadata,
+        retry_delay=delay,
+    )
+
+
+# -- raised by handlers -------------------------------------------------------------------------
+
+
+class HandlerError(Exception):
+    """Raise from a handler to choose how the attempt fails.
+
+    Any other exception fails the attempt with the execution's stored retry policy deciding
+    (category = the exception class name).
+
+    Attributes:
+        message: The failure reason recorded on the execution.
+        category: The failure category (matched against the policy's `retryable_categories`).
+        non_retryable: End the execution now, whatever its retry policy says.
+        retry_after_ms: Retry after exactly this delay instead of the policy's backoff (still
+            within the policy's retry budget).
+    """
+
+    default_category: ClassVar[str] = "handler_error"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        category: str | None = None,
+        non_retryable: bool = False,
+        retry_after_ms: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        if retry_after_ms is not None and retry_after_ms < 0:
+            raise ValueError("retry_after_ms must be >= 0")
+        self.message = message
+        self.category = category or self.default_category
+        self.non_retryable = non_retryable
+        self.retry_after_ms = retry_after_ms
+
+
+class NonRetryableError(HandlerError):
+    """Fail the execution at once (FAILED), whatever its retry policy allows."""
+
+    default_category = "non_retryable"
+
+    def __init__(self, message: str = "", *, category: str | None = None) -> None:
+        super().__init__(message, category=category, non_retryable=True)
+
+
+class RetryAfter(HandlerError):
+    """Fail this attempt and retry after `delay_ms` (within the policy's retry budget)."""
+
+    default_category = "retry_after"
+
+    def __init__(self, delay_ms: int, message: str = "", *, category: str | None = None) -> None:
+        super().__init__(
+            message or f"retry after {delay_ms} ms", category=category, retry_after_ms=delay_ms
+        )
+        self.delay_ms = delay_ms

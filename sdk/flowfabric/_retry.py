@@ -1,0 +1,94 @@
+"""Retries: the execution retry policy helper, and transport retries of the SDK's own calls."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from flowfabric._errors import FlowFabricError, from_rpc_error
+from flowfabric.v1 import types_pb2
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How an execution is retried after a failed attempt (stored at submit).
+
+    Attributes:
+        max_retries: Retries allowed (max_retries + 1 runs in all).
+        backoff_ms: The delay before the first retry (exponential) or every retry (fixed).
+        exponential: Grow the delay by `multiplier` per retry, capped at `max_backoff_ms`.
+        max_backoff_ms: Cap of the exponential delay.
+        multiplier: Growth per retry of the exponential delay.
+        retryable_categories: Failure categories that may retry; empty = every category.
+    """
+
+    max_retries: int = 3
+    backoff_ms: int = 1_000
+    exponential: bool = True
+    max_backoff_ms: int = 60_000
+    multiplier: float = 2.0
+    retryable_categories: tuple[str, ...] = ()
+
+    @classmethod
+    def fixed(cls, max_retries: int, backoff_ms: int) -> RetryPolicy:
+        """Retry `max_retries` times, `backoff_ms` apart."""
+        return cls(max_retries=max_retries, backoff_ms=backoff_ms, exponential=False)
+
+    def to_proto(self) -> types_pb2.ExecutionPolicy:
+        if self.exponential:
+            backoff = types_pb2.Backoff(
+                type="exponential",
+                initial_delay_ms=self.backoff_ms,
+                max_delay_ms=self.max_backoff_ms,
+                multiplier=self.multiplier,
+            )
+        else:
+            backoff = types_pb2.Backoff(type="fixed", delay_ms=self.backoff_ms)
+        return types_pb2.ExecutionPolicy(
+            retry_policy=types_pb2.RetryPolicy(
+                max_retries=self.max_retries,
+                backoff=backoff,
+                retryable_categories=list(self.retryable_categories),
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter for transport retries (100 ms → 5 s, bounded attempts)."""
+
+    initial_s: float = 0.1
+    max_s: float = 5.0
+    multiplier: float = 2.0
+    max_attempts: int = 6
+
+    def delay(self, retry: int) -> float:
+        """Delay before retry number `retry` (0-based): half fixed, half random."""
+        base = min(self.initial_s * self.multiplier**retry, self.max_s)
+        return base / 2 + random.uniform(0, base / 2)
+
+
+RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+async def with_retries(
+    attempt: Callable[[], Awaitable[T]], backoff: Backoff, *, retry: bool = True
+) -> T:
+    """Run `attempt` (one RPC), retrying UNAVAILABLE with backoff; raise typed errors."""
+    tries = 0
+    while True:
+        try:
+            return await attempt()
+        except grpc.aio.AioRpcError as exc:
+            error: FlowFabricError = from_rpc_error(exc)
+            tries += 1
+            if not retry or error.code not in RETRY_CODES or tries >= backoff.max_attempts:
+                raise error from exc
+        await asyncio.sleep(max(backoff.delay(tries - 1), error.retry_delay or 0.0))

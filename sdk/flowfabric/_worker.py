@@ -1,0 +1,528 @@
+"""The asyncio worker: claim, run handlers with automatic lease renewal, report outcomes.
+
+Order of life: `start` (RegisterWorker, heartbeat every lease_ttl/3) → `run` (ClaimNext long
+polls for the free slots, one task per claimed execution) → `stop` (no more claims; in-flight
+handlers get `shutdown_grace_s`, then are cancelled and their executions released at once with
+DelayExecution(now) for another worker) → DeregisterWorker.
+
+A handler's outcome becomes exactly one terminal call, retried on UNAVAILABLE with the same
+lease handle; the server reconciles a retry whose first call committed (`replayed = true`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from flowfabric._client import Client, encode_payload
+from flowfabric._errors import LEASE_LOST_REASONS, FlowFabricError, HandlerError
+from flowfabric._retry import Backoff
+from flowfabric._task import TaskContext
+from flowfabric.v1 import types_pb2, worker_pb2
+
+log = logging.getLogger("flowfabric.worker")
+
+HandlerResult = bytes | str | Mapping[str, Any] | Sequence[Any] | None
+Handler = Callable[[TaskContext], Coroutine[Any, Any, HandlerResult]]
+H = TypeVar("H", bound=Handler)
+
+MAX_CLAIM_BATCH = 100
+MAX_REASON_CHARS = 4_000
+#: Terminal calls keep retrying UNAVAILABLE for about half a minute (the lease is renewed
+#: meanwhile), so a short server outage does not turn finished work into a re-run.
+TERMINAL_BACKOFF = Backoff(max_attempts=10)
+#: The fail's own retry policy for a non-retryable error: no retries, whatever is stored.
+NO_RETRIES = '{"max_retries":0}'
+FATAL_CLAIM_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """Counters of one worker since it started.
+
+    Attributes:
+        claimed: Executions claimed.
+        completed: Completed (CompleteExecution answered OK).
+        failed: Attempts failed (FailExecution or a non-retryable end answered OK).
+        released: Handed back unfinished on shutdown (DelayExecution to now).
+        lease_lost: Handlers stopped, or outcomes refused, because the lease was lost.
+        replayed: Terminal calls answered by the server's replay reconciliation.
+    """
+
+    claimed: int = 0
+    completed: int = 0
+    failed: int = 0
+    released: int = 0
+    lease_lost: int = 0
+    replayed: int = 0
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.values = dict.fromkeys(WorkerStats.__dataclass_fields__, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.values[name] += n
+
+    def snapshot(self) -> WorkerStats:
+        return WorkerStats(**self.values)
+
+
+class Worker:
+    """Runs registered handlers for the executions it claims.
+
+    ```python
+    worker = Worker("localhost:50051", token=..., lanes=["default"], concurrency=16)
+
+    @worker.handler("resize")
+    async def resize(ctx: TaskContext) -> dict:
+        await ctx.progress(50, "half way")
+        return {"ok": True}
+
+    async with worker:
+        await worker.run()          # until worker.stop()
+    ```
+
+    Args:
+        target: `host:port` of the server, or a `Client` to share (then `token`, `tls` and
+            `default_timeout` are the client's and the worker does not close it).
+        lanes: Lanes to claim from (at least one).
+        capabilities: Capability tokens advertised and matched against executions' routing
+            requirements.
+        concurrency: Handlers running at once (slots).
+        lease_ttl_ms: Lease TTL; renewed every ttl/3 while a handler runs.
+        worker_id: Worker pool name.
+        worker_instance_id: Unique per process; default `<hostname>-<pid>-<random>`.
+        claim_wait_ms: How long one ClaimNext long-polls for work (at most 30000).
+        batch: Claim up to every free slot in one ClaimNext (`max_tasks`).
+        shutdown_grace_s: On stop, how long in-flight handlers may finish before they are
+            cancelled and their executions released.
+        token: Bearer token (when `target` is an address).
+        tls: TLS for the channel (when `target` is an address).
+        default_timeout: Per-call deadline in seconds (when `target` is an address).
+    """
+
+    def __init__(
+        self,
+        target: str | Client,
+        *,
+        lanes: Iterable[str] = ("default",),
+        capabilities: Iterable[str] = (),
+        concurrency: int = 16,
+        lease_ttl_ms: int = 30_000,
+        worker_id: str = "flowfabric-worker",
+        worker_instance_id: str | None = None,
+        claim_wait_ms: int = 1_000,
+        batch: bool = True,
+        shutdown_grace_s: float = 10.0,
+        token: str | None = None,
+        tls: bool | grpc.ChannelCredentials = False,
+        default_timeout: float = 10.0,
+    ) -> None:
+        self.lanes = tuple(lanes)
+        if not self.lanes:
+            raise ValueError("a worker needs at least one lane")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if lease_ttl_ms < 3:
+            raise ValueError("lease_ttl_ms must be at least 3")
+        if not 0 <= claim_wait_ms <= 30_000:
+            raise ValueError("claim_wait_ms must be 0..30000")
+        self.capabilities = tuple(capabilities)
+        self.concurrency = concurrency
+        self.lease_ttl_ms = lease_ttl_ms
+        self.worker_id = worker_id
+        self.worker_instance_id = worker_instance_id or default_instance_id()
+        self.claim_wait_ms = claim_wait_ms
+        self.batch = batch
+        self.shutdown_grace_s = shutdown_grace_s
+        self._target = target
+        self._client_options: dict[str, Any] = {
+            "token": token,
+            "tls": tls,
+            "default_timeout": default_timeout,
+        }
+        self._client: Client | None = target if isinstance(target, Client) else None
+        self._handlers: dict[str, Handler] = {}
+        self._running: dict[asyncio.Task[None], TaskContext] = {}
+        self._slot_free = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._started = False
+        self._run_active = False
+        self._counters = _Counters()
+
+    # -- registration -------------------------------------------------------------------------
+
+    def handler(self, kind: str) -> Callable[[H], H]:
+        """Decorator registering `async def fn(ctx) -> bytes | str | dict | list | None`."""
+
+        def register(fn: H) -> H:
+            if kind in self._handlers:
+                raise ValueError(f"a handler for {kind!r} is already registered")
+            if not asyncio.iscoroutinefunction(fn):
+                raise TypeError(f"the handler for {kind!r} must be an async function")
+            self._handlers[kind] = fn
+            return fn
+
+        return register
+
+    @property
+    def stats(self) -> WorkerStats:
+        return self._counters.snapshot()
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise RuntimeError("the worker is not started")
+        return self._client
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (if given an address), RegisterWorker and start heartbeating."""
+        if self._started:
+            return
+        if self._client is None:
+            assert isinstance(self._target, str)
+            self._client = await Client.connect(self._target, **self._client_options)
+        request = worker_pb2.RegisterWorkerRequest(
+            worker_id=self.worker_id,
+            worker_instance_id=self.worker_instance_id,
+            capabilities=list(self.capabilities),
+            lane_ids=list(self.lanes),
+            lease_ttl_ms=self.lease_ttl_ms,
+        )
+        try:
+            reply = await self.client._call(self.client._workers.RegisterWorker, request)
+        except BaseException:
+            if not isinstance(self._target, Client):
+                await self.client.close()
+                self._client = None
+            raise
+        interval = (reply.heartbeat_interval_ms or self.lease_ttl_ms // 3) / 1000
+        self._heartbeat = asyncio.create_task(self._heartbeat_forever(max(interval, 0.05)))
+        self._started = True
+        log.info("worker %s registered (lanes %s)", self.worker_instance_id, self.lanes)
+
+    def stop(self) -> None:
+        """Stop claiming; `run` then drains in-flight handlers and returns.
+
+        Call it on the worker's event loop (e.g. `loop.add_signal_handler(SIGTERM, worker.stop)`).
+        """
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Claim and run tasks until `stop()`; then finish or release in-flight work.
+
+        Raises:
+            FlowFabricError: A claim was refused for a reason retrying cannot fix (bad lanes or
+                capabilities, authentication).
+        """
+        if not self._started:
+            async with self:
+                await self.run()
+            return
+        if self._run_active:
+            raise RuntimeError("the worker is already running")
+        self._run_active = True
+        self._drained.clear()
+        try:
+            await self._claim_loop()
+        finally:
+            await self._drain()
+            self._run_active = False
+            self._drained.set()
+
+    async def run_until(self, stop_event: asyncio.Event) -> None:
+        """`run` until `stop_event` is set."""
+        waiter = asyncio.create_task(stop_event.wait())
+        waiter.add_done_callback(lambda _: self.stop())
+        try:
+            await self.run()
+        finally:
+            waiter.cancel()
+
+    async def shutdown(self) -> None:
+        """Stop, drain, DeregisterWorker and close the channel (if the worker opened it)."""
+        self.stop()
+        if self._run_active:
+            await self._drained.wait()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+        if self._started and self._client is not None:
+            try:
+                await self._client._call(
+                    self._client._workers.DeregisterWorker,
+                    worker_pb2.DeregisterWorkerRequest(
+                        worker_id=self.worker_id, worker_instance_id=self.worker_instance_id
+                    ),
+                    deadline=min(self._client.default_timeout, 5.0),
+                    retry=False,
+                )
+            except FlowFabricError as exc:
+                log.warning("deregistering %s failed: %r", self.worker_instance_id, exc)
+        self._started = False
+        self._stopping.clear()  # a later start() may run again
+        if self._client is not None and not isinstance(self._target, Client):
+            await self._client.close()
+            self._client = None
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    async def _heartbeat_forever(self, interval: float) -> None:
+        request = worker_pb2.HeartbeatRequest(
+            worker_id=self.worker_id,
+            worker_instance_id=self.worker_instance_id,
+            capabilities=list(self.capabilities),
+            lease_ttl_ms=self.lease_ttl_ms,
+        )
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.client._call(self.client._workers.Heartbeat, request, retry=False)
+            except FlowFabricError as exc:
+                log.warning("heartbeat of %s failed: %r", self.worker_instance_id, exc)
+
+    # -- claiming -----------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        failures = 0
+        backoff = Backoff(max_attempts=1 << 30)
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._first(self._slot_free.wait())
+                continue
+            try:
+                tasks = await self._claim_unless_stopped(free)
+            except FlowFabricError as exc:
+                if exc.code in FATAL_CLAIM_CODES or exc.reason == "unknown_lane":
+                    raise
+                log.warning("claim failed (%d in a row): %r", failures + 1, exc)
+                await self._first(asyncio.sleep(backoff.delay(failures)))
+                failures += 1
+                continue
+            failures = 0
+            for task in tasks:
+                self._spawn(task)
+
+    async def _first(self, aw: Awaitable[Any]) -> None:
+        """Await `aw` or the stop request, whichever comes first."""
+        main = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (main, stop):
+                fut.cancel()
+
+    async def _claim_unless_stopped(self, free: int) -> list[types_pb2.ClaimedTask]:
+        """One ClaimNext; on stop the long poll is still awaited (bounded by the grace) so
+        nothing it claimed is stranded until lease expiry."""
+        claim = asyncio.ensure_future(self._claim(free))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({claim, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not claim.done():
+                await asyncio.wait({claim}, timeout=self.shutdown_grace_s)
+        except asyncio.CancelledError:
+            claim.cancel()
+            raise
+        finally:
+            stop.cancel()
+        if not claim.done():
+            claim.cancel()
+            return []
+        return claim.result()
+
+    async def _claim(self, free: int) -> list[types_pb2.ClaimedTask]:
+        max_tasks = min(free, MAX_CLAIM_BATCH) if self.batch else 1
+        request = worker_pb2.ClaimNextRequest(
+            worker_id=self.worker_id,
+            worker_instance_id=self.worker_instance_id,
+            lane_ids=list(self.lanes),
+            capabilities=list(self.capabilities),
+            lease_ttl_ms=self.lease_ttl_ms,
+            wait_ms=self.claim_wait_ms,
+            max_tasks=max_tasks,
+        )
+        reply = await self.client._call(
+            self.client._workers.ClaimNext,
+            request,
+            deadline=self.claim_wait_ms / 1000 + self.client.default_timeout,
+            retry=False,
+        )
+        which = reply.WhichOneof("outcome")
+        if which == "task":
+            return [reply.task]
+        if which == "batch":
+            return list(reply.batch.tasks)
+        return []
+
+    def _spawn(self, claimed: types_pb2.ClaimedTask) -> None:
+        self._counters.add("claimed")
+        ctx = TaskContext(claimed, self.client)
+        task = asyncio.create_task(self._run_task(ctx))
+        self._running[task] = ctx
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._running.pop(t, None)
+            self._slot_free.set()
+
+        task.add_done_callback(done)
+
+    # -- running one task ---------------------------------------------------------------------
+
+    async def _run_task(self, ctx: TaskContext) -> None:
+        renew = asyncio.create_task(ctx._renew_forever())
+        try:
+            fn = self._handlers.get(ctx.kind)
+            if fn is None:
+                error = HandlerError(
+                    f"no handler for kind {ctx.kind!r} on worker {self.worker_id} "
+                    f"(registered: {sorted(self._handlers)})",
+                    category="unknown_kind",
+                    non_retryable=True,
+                )
+                await self._fail(ctx, error)
+                return
+            handler: asyncio.Task[HandlerResult] = asyncio.create_task(fn(ctx))
+            ctx._handler = handler
+            await asyncio.wait({handler})
+            await self._finish(ctx, handler)
+        except Exception:
+            log.exception("worker error on %s", ctx.execution_id)
+        finally:
+            renew.cancel()
+
+    async def _finish(self, ctx: TaskContext, handler: asyncio.Task[HandlerResult]) -> None:
+        if handler.cancelled():
+            if ctx.lease_lost.is_set():
+                self._counters.add("lease_lost")
+            else:
+                await self._release(ctx)
+            return
+        exc = handler.exception()
+        if exc is None:
+            await self._complete(ctx, handler.result())
+        else:
+            await self._fail(ctx, exc)
+
+    async def _terminal(self, ctx: TaskContext, rpc: str, request: Any) -> Any | None:
+        """One terminal call, retried on UNAVAILABLE with the same handle; None if refused."""
+        method = getattr(self.client._workers, rpc)
+        try:
+            reply = await self.client._call(method, request, backoff=TERMINAL_BACKOFF)
+        except FlowFabricError as exc:
+            if exc.reason in LEASE_LOST_REASONS:
+                self._counters.add("lease_lost")
+                log.warning("%s of %s refused: %r", rpc, ctx.execution_id, exc)
+            else:
+                log.error("%s of %s failed: %r", rpc, ctx.execution_id, exc)
+            return None
+        if reply.replayed:
+            self._counters.add("replayed")
+        return reply
+
+    async def _complete(self, ctx: TaskContext, result: HandlerResult) -> None:
+        try:
+            data, encoding = encode_payload(result)
+        except (TypeError, ValueError) as exc:  # a result JSON cannot encode fails the attempt
+            await self._fail(ctx, exc)
+            return
+        request = worker_pb2.CompleteExecutionRequest(lease=ctx._task.lease)
+        if data is not None:
+            request.result_payload = data
+        if encoding is not None:
+            request.result_encoding = encoding
+        if await self._terminal(ctx, "CompleteExecution", request):
+            self._counters.add("completed")
+
+    async def _fail(self, ctx: TaskContext, exc: BaseException) -> None:
+        if isinstance(exc, HandlerError):
+            reason, category = exc.message or exc.category, exc.category
+        else:
+            reason, category = f"{type(exc).__name__}: {exc}", type(exc).__name__
+            log.warning("handler for %s raised %r", ctx.execution_id, exc)
+        reason = reason[:MAX_REASON_CHARS]
+        request = worker_pb2.FailExecutionRequest(
+            lease=ctx._task.lease, failure_reason=reason, failure_category=category
+        )
+        non_retryable = isinstance(exc, HandlerError) and exc.non_retryable
+        if non_retryable:
+            # A retry policy given with the fail replaces the stored one for this call only.
+            request.retry_policy_json = NO_RETRIES
+        elif isinstance(exc, HandlerError) and exc.retry_after_ms is not None:
+            request.retry_after_ms = exc.retry_after_ms
+        reply = await self._terminal(ctx, "FailExecution", request)
+        if reply is None:
+            return
+        self._counters.add("failed")
+        if non_retryable and reply.WhichOneof("outcome") != "terminal_failed":
+            log.error(
+                "non-retryable failure of %s was scheduled for retry: the server ignored "
+                "FailExecutionRequest.retry_policy_json",
+                ctx.execution_id,
+            )
+
+    async def _release(self, ctx: TaskContext) -> None:
+        """Hand an unfinished execution back at once (same attempt, claimable by any worker
+        once the delayed promoter runs)."""
+        request = worker_pb2.DelayExecutionRequest(
+            lease=ctx._task.lease, delay_until=int(time.time() * 1000)
+        )
+        if await self._terminal(ctx, "DelayExecution", request):
+            self._counters.add("released")
+
+    async def _drain(self) -> None:
+        """Give in-flight handlers the grace, then cancel them (they release their work)."""
+        running = dict(self._running)
+        if not running:
+            return
+        log.info("draining %d in-flight task(s)", len(running))
+        _, pending = await asyncio.wait(running, timeout=self.shutdown_grace_s)
+        for task in pending:
+            running[task]._cancel_for_shutdown()
+        if pending:
+            # a handler that swallows cancellation is abandoned: its lease expires
+            _, stuck = await asyncio.wait(pending, timeout=self.client.default_timeout)
+            for task in stuck:
+                task.cancel()

@@ -1,0 +1,62 @@
+"""The public surface is pinned: changing it is a deliberate, reviewed act."""
+
+from __future__ import annotations
+
+import flowfabric
+
+EXPORTS = [
+    "Aborted",
+    "AlreadyExists",
+    "Client",
+    "DeadlineExceeded",
+    "ExecutionNotActive",
+    "ExecutionState",
+    "FailedPrecondition",
+    "FlowFabricError",
+    "HandlerError",
+    "InvalidArgument",
+    "NonRetryableError",
+    "NotFound",
+    "Page",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ResultNotReady",
+    "RetryAfter",
+    "RetryPolicy",
+    "StaleLease",
+    "Submitted",
+    "SyncClient",
+    "TaskContext",
+    "Unauthenticated",
+    "Unavailable",
+    "Worker",
+    "WorkerStats",
+]
+
+
+def test_all_is_pinned() -> None:
+    assert sorted(flowfabric.__all__) == EXPORTS
+
+
+def test_exports_come_from_private_modules() -> None:
+    for name in flowfabric.__all__:
+        assert getattr(flowfabric, name).__module__.startswith("flowfabric._"), name
+
+
+def test_error_hierarchy() -> None:
+    ff = flowfabric
+    server_errors = [
+        ff.Aborted, ff.AlreadyExists, ff.DeadlineExceeded, ff.FailedPrecondition,
+        ff.InvalidArgument, ff.NotFound, ff.PermissionDenied, ff.ResourceExhausted,
+        ff.Unauthenticated, ff.Unavailable,
+    ]  # fmt: skip
+    assert all(issubclass(cls, ff.FlowFabricError) for cls in server_errors)
+    assert issubclass(ff.ResultNotReady, ff.NotFound)
+    assert issubclass(ff.StaleLease, ff.Aborted)
+    assert issubclass(ff.ExecutionNotActive, ff.FailedPrecondition)
+    # raised by handlers, not by the server
+    assert issubclass(ff.NonRetryableError, ff.HandlerError)
+    assert issubclass(ff.RetryAfter, ff.HandlerError)
+    assert not issubclass(ff.HandlerError, ff.FlowFabricError)
+    assert ff.NonRetryableError("x").non_retryable
+    assert ff.RetryAfter(300).retry_after_ms == 300

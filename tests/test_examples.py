@@ -1,0 +1,31 @@
+"""Every example runs in one command against its own embedded server and exits 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("quickstart.py", 'result: {"greeting":"hello, world"}'),
+        ("retries_and_cancel.py", "as expected"),
+        ("pipeline.py", "summary: incident-42.md: The cache expired early."),
+    ],
+)
+def test_example_runs(script: str, expected: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=EXAMPLES,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert expected in done.stdout, done.stdout
