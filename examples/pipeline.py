@@ -1,8 +1,9 @@
 """A document pipeline with progress: `python examples/pipeline.py`.
 
-Three documents go through `extract` (page by page, reporting progress) and then `summarize`,
-which needs a worker with the `llm` capability: a general worker cannot take it, so it waits
-(blocked on routing) until the model worker comes up. The client chains the stages, watches
+Three documents go through `extract` (lane `docs`, page by page, reporting progress) and then
+`summarize` (lane `summaries`), which needs a worker with the `llm` capability: the general worker
+serves both lanes but cannot take it, so it waits (blocked on routing) until the model worker
+comes up. A lane is a queue: every worker serving a lane must handle every kind sent to it. The client chains the stages, watches
 progress, and prints each summary. Exits non-zero on any unexpected outcome.
 """
 
@@ -23,8 +24,8 @@ DOCUMENTS = {
 
 async def main() -> int:
     async with server() as target, Client(target) as client:
-        general = Worker(target, lanes=["docs"], concurrency=4, worker_id="general")
-        model = Worker(target, lanes=["docs"], capabilities=["llm"], worker_id="model")
+        general = Worker(target, lanes=["docs", "summaries"], concurrency=4, worker_id="general")
+        model = Worker(target, lanes=["summaries"], capabilities=["llm"], worker_id="model")
 
         @general.handler("extract")
         async def extract(ctx: TaskContext) -> dict:
@@ -65,7 +66,7 @@ async def main() -> int:
                 routing_requirements=types_pb2.RoutingRequirements(required_capabilities=["llm"])
             )
             step = await client.submit(
-                "summarize", text, lane="docs", policy=policy, payload_encoding="json"
+                "summarize", text, lane="summaries", policy=policy, payload_encoding="json"
             )
             if await client.wait(step.execution_id, timeout=30) != ExecutionState.COMPLETED:
                 raise RuntimeError(f"summary of {name} did not complete")
