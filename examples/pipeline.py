@@ -1,9 +1,10 @@
 """A document pipeline with progress: `python examples/pipeline.py`.
 
-Three documents go through `extract` (lane `docs`, page by page, reporting progress) and then
-`summarize` (lane `summaries`), which needs a worker with the `llm` capability: the general worker
-serves both lanes but cannot take it, so it waits (blocked on routing) until the model worker
-comes up. A lane is a queue: every worker serving a lane must handle every kind sent to it. The client chains the stages, watches
+Three documents go through `extract` (lane `docs`, page by page, reporting progress) and
+then `summarize` (lane `summaries`), which needs a worker with the `llm` capability: the
+general worker serves both lanes but cannot take it, so it waits (blocked on routing) until
+the model worker comes up. A lane is a queue: every worker serving a lane must handle every
+kind sent to it. The client chains the stages, watches
 progress, and prints each summary. Exits non-zero on any unexpected outcome.
 """
 
