@@ -25,7 +25,14 @@ import grpc
 
 from flowfabric._errors import DeadlineExceeded, ResultNotReady, from_rpc_error
 from flowfabric._retry import RETRY_CODES, Backoff, RetryPolicy, with_retries
-from flowfabric.v1 import execution_pb2, execution_pb2_grpc, types_pb2, worker_pb2_grpc
+from flowfabric.v1 import (
+    execution_pb2,
+    execution_pb2_grpc,
+    stream_pb2,
+    stream_pb2_grpc,
+    types_pb2,
+    worker_pb2_grpc,
+)
 
 T = TypeVar("T")
 
@@ -176,6 +183,7 @@ class Client:
         self._backoff = Backoff()
         self._executions = execution_pb2_grpc.ExecutionServiceStub(self._channel)
         self._workers = worker_pb2_grpc.WorkerServiceStub(self._channel)
+        self._streams = stream_pb2_grpc.StreamServiceStub(self._channel)
 
     @classmethod
     async def connect(
@@ -467,3 +475,92 @@ class Client:
             execution_pb2.GetExecutionStateRequest(execution_id=execution_id),
         )
         return ExecutionState(reply.public_state)
+
+    # -- StreamService --------------------------------------------------------------------------
+
+    async def read_stream(
+        self,
+        execution_id: str,
+        attempt_index: int = 0,
+        *,
+        start: str = "start",
+        end: str = "end",
+        limit: int = 100,
+    ) -> types_pb2.StreamFrames:
+        """One page of an attempt's output frames in [start, end] (both inclusive), plus the close
+        markers (`closed_at`/`closed_reason`, absent while open). Cursors: `start`, `end`,
+        `<ms>` or `<ms>-<seq>`; `limit` 1..1000. To continue after frame `<ms>-<seq>`, pass
+        `start=f"{ms}-{seq + 1}"`."""
+        request = stream_pb2.ReadAttemptStreamRequest(
+            execution_id=execution_id,
+            attempt_index=attempt_index,
+            from_id=start,
+            to_id=end,
+            count_limit=limit,
+        )
+        reply = await self._call(self._streams.ReadAttemptStream, request)
+        return reply.frames
+
+    async def tail(
+        self,
+        execution_id: str,
+        attempt_index: int = 0,
+        *,
+        after: str = "0-0",
+        follow: bool = True,
+        idle_timeout_ms: int | None = None,
+        batch: int | None = None,
+    ) -> AsyncGenerator[types_pb2.StreamFrame, None]:
+        """The attempt's frames strictly after `after`, in order, each once, as they are appended.
+
+        Ends when the stream is closed and drained, after `idle_timeout_ms` without a frame, or
+        (with `follow=False`) once what is available was read. A broken stream (UNAVAILABLE,
+        e.g. a server restart) is resumed from the last frame received, so no frame is lost or
+        repeated.
+        """
+        async for message in self._tail_messages(
+            execution_id, attempt_index, after=after, follow=follow,
+            idle_timeout_ms=idle_timeout_ms, batch=batch,
+        ):  # fmt: skip
+            for frame in message.frames:
+                yield frame
+
+    async def _tail_messages(
+        self,
+        execution_id: str,
+        attempt_index: int = 0,
+        *,
+        after: str = "0-0",
+        follow: bool = True,
+        idle_timeout_ms: int | None = None,
+        batch: int | None = None,
+    ) -> AsyncGenerator[stream_pb2.TailAttemptStreamResponse, None]:
+        """TailAttemptStream messages (frames and, last, the close markers), resuming on
+        UNAVAILABLE from the last frame id seen."""
+        cursor = after
+        retries = 0
+        while True:
+            request = stream_pb2.TailAttemptStreamRequest(
+                execution_id=execution_id, attempt_index=attempt_index, after=cursor,
+                follow=follow,
+            )  # fmt: skip
+            if idle_timeout_ms is not None:
+                request.idle_timeout_ms = idle_timeout_ms
+            if batch is not None:
+                request.batch = batch
+            call = self._streams.TailAttemptStream(request, metadata=self._metadata)
+            try:
+                async for message in call:
+                    retries = 0
+                    if message.frames:
+                        cursor = message.frames[-1].id
+                    yield message
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+                if error.code not in RETRY_CODES or retries >= self._backoff.max_attempts:
+                    raise error from exc
+            finally:
+                call.cancel()
+            await asyncio.sleep(self._backoff.delay(retries))
+            retries += 1

@@ -434,6 +434,8 @@ class Worker:
             renew.cancel()
 
     async def _finish(self, ctx: TaskContext, handler: asyncio.Task[HandlerResult]) -> None:
+        if not ctx.lease_lost.is_set():
+            await ctx._flush_for_terminal()  # emitted frames land before the stream closes
         if handler.cancelled():
             if ctx.lease_lost.is_set():
                 self._counters.add("lease_lost")

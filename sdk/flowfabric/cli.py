@@ -4,6 +4,7 @@
     flowfabric submit KIND [--payload ...]    create an execution
     flowfabric get | cancel | replay | watch EXECUTION_ID
     flowfabric list [--lane L] [--state S]
+    flowfabric tail EXECUTION_ID [--attempt N] [-f] [--after CURSOR]   print an attempt's frames
     flowfabric worker MODULE:ATTRIBUTE        run a module's flowfabric.Worker
     flowfabric admin info
 
@@ -28,7 +29,14 @@ import grpc
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
-from flowfabric.v1 import admin_pb2, admin_pb2_grpc, execution_pb2, execution_pb2_grpc
+from flowfabric.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    execution_pb2,
+    execution_pb2_grpc,
+    stream_pb2,
+    stream_pb2_grpc,
+)
 from flowfabric.v1 import types_pb2 as t
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_NOT_COMPLETED = 1, 2, 3, 4, 5
@@ -59,6 +67,7 @@ class Connection:
         self.timeout = timeout
         self.execution = execution_pb2_grpc.ExecutionServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self.streams = stream_pb2_grpc.StreamServiceStub(self.channel)
 
     def call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
         try:
@@ -360,6 +369,48 @@ def watch(ctx: click.Context, execution_id: str) -> None:
             click.echo(f"{event.at}  {last}")
     if last in TERMINAL and last != "completed":
         raise SystemExit(EXIT_NOT_COMPLETED)
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--attempt", default=0, show_default=True, type=click.IntRange(0), help="Attempt.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new frames until it closes.")
+@click.option("--after", default="0-0", show_default=True, help="Print frames after this id.")
+@click.option("--raw", is_flag=True, help="Write only the payload bytes, frame after frame.")
+@click.pass_context
+def tail(
+    ctx: click.Context, execution_id: str, attempt: int, follow: bool, after: str, raw: bool
+) -> None:
+    """Print an attempt's output frames (`-f`: live, until the stream closes)."""
+    conn = _conn(ctx)
+    request = stream_pb2.TailAttemptStreamRequest(
+        execution_id=execution_id, attempt_index=attempt, after=after, follow=follow
+    )
+    out = click.get_binary_stream("stdout")
+    for message in conn.stream(conn.streams.TailAttemptStream, request):
+        for frame in message.frames:
+            if ctx.obj["json"]:
+                _print(frame, True)
+            elif raw:
+                out.write(frame.payload)
+            else:
+                click.echo(f"{frame.id}  {frame.frame_type}  {_payload_text(frame)}")
+            sys.stdout.flush()
+            out.flush()
+        if message.HasField("closed_at") and not raw:
+            if ctx.obj["json"]:
+                click.echo(json_format.MessageToJson(
+                    message, preserving_proto_field_name=True, indent=None))  # fmt: skip
+            else:
+                click.echo(f"-- closed: {message.closed_reason} at {message.closed_at}", err=True)
+
+
+def _payload_text(frame: t.StreamFrame) -> str:
+    """Text payloads as text; anything that is not UTF-8 as hex."""
+    try:
+        return bytes(frame.payload).decode("utf-8")
+    except UnicodeDecodeError:
+        return "0x" + bytes(frame.payload).hex()
 
 
 @main.group()

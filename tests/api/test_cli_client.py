@@ -71,3 +71,31 @@ async def test_exit_codes(api: Api) -> None:
         timeout=60,
     )
     assert unreachable.returncode == 4
+
+
+async def test_tail_prints_frames_live(api: Api) -> None:
+    from tests.api.test_lifecycle import claim_one, complete, create
+    from tests.api.test_streams import append
+
+    eid = await create(api)
+    lease = (await claim_one(api)).lease
+    await append(api, lease, b"hello", "log")
+    await append(api, lease, b"\xff\x00", "bin")
+    once = await cli(api, "tail", eid)
+    assert once.returncode == 0, once.stderr
+    lines = once.stdout.splitlines()
+    assert [ln.split("  ", 1)[1] for ln in lines] == ["log  hello", "bin  0xff00"]
+    base = [*CLI, "--target", api.address, "--token", API_TOKEN]
+    proc = await asyncio.create_subprocess_exec(
+        *base, "tail", eid, "-f", "--after", lines[0].split()[0],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(proc.stdout.readline(), 20)
+    assert b"bin  0xff00" in first
+    await append(api, lease, b"live!", "log")
+    live = await asyncio.wait_for(proc.stdout.readline(), 10)
+    assert live.decode().rstrip().endswith("log  live!")
+    await complete(api, lease)
+    _, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0 and b"closed: attempt_success" in err

@@ -30,9 +30,10 @@ from flowfabric.server.embedded import ValkeyProcess
 from flowfabric.server.functions import LifecycleFunctions
 from flowfabric.server.interceptors import FlowFabricInterceptor
 from flowfabric.server.keys import PARTITION_CONFIG
-from flowfabric.server.servicers import admin, execution, worker
+from flowfabric.server.servicers import admin, execution, stream, worker
 from flowfabric.server.servicers.base import ServerContext, pending
 from flowfabric.server.store import Store, is_transport_error
+from flowfabric.server.streams import StreamSlots
 from flowfabric.server.workers import WorkerRegistry
 from flowfabric.v1 import (
     admin_pb2,
@@ -75,6 +76,8 @@ class FlowFabricServer:
         self.scanners: ScannerSet | None = None
         self.embedded: ValkeyProcess | None = None
         self.store: Store | None = None
+        self.stream_store: Store | None = None  # dedicated pool for blocking stream reads
+        self.streams: stream.StreamServicer | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -91,6 +94,7 @@ class FlowFabricServer:
             log.info("embedded Valkey on %s (data in %s)", self.embedded.url, cfg.data_dir)
         url = cfg.resolved_valkey_url(self.embedded.url if self.embedded else None)
         self.store = await self._connect(url)
+        self.stream_store = await self._connect(url)
         version = await self._retry(self.store.check_version, "Valkey version check")
         await self._partition_config(self.store)
         await self._retry(self.store.ensure_library, "Functions library load")
@@ -186,9 +190,13 @@ class FlowFabricServer:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             admin.AdminServicer(ctx, valkey_version), server
         )
+        assert self.stream_store is not None
+        self.streams = stream.StreamServicer(
+            ctx, self.hub, self.stream_store, StreamSlots(self.config.max_concurrent_stream_ops)
+        )
+        stream_pb2_grpc.add_StreamServiceServicer_to_server(self.streams, server)
         later = [
             (signal_pb2, signal_pb2_grpc, "SignalService", "the signals work (issue 6)"),
-            (stream_pb2, stream_pb2_grpc, "StreamService", "the streams work (issue 7)"),
             (flow_pb2, flow_pb2_grpc, "FlowService", "the flows work"),
             (budget_pb2, budget_pb2_grpc, "BudgetService", "the budgets and quotas work"),
         ]
@@ -266,6 +274,8 @@ class FlowFabricServer:
         await self.health.enter_graceful_shutdown()
         if self.scheduler is not None:
             self.scheduler.closing.set()  # long-polling claims answer NoWork now
+        if self.streams is not None:
+            self.streams.shutdown()  # live tails end with UNAVAILABLE shutting_down
         if self.server is not None:
             await self.server.stop(grace)
         if self.scanners is not None:
@@ -275,6 +285,8 @@ class FlowFabricServer:
         await cancel_and_wait(self._tasks)
         if self.store is not None:
             await self.store.close()
+        if self.stream_store is not None:
+            await self.stream_store.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
         log.info("flowfabric stopped")

@@ -335,3 +335,48 @@ class LifecycleFunctions(Functions):
             str(lease_ttl_ms), "", "",
         ]  # fmt: skip
         return await self._call("ff_claim_resumed_execution", keys, args)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame to append (spec 30 §2.1); `None`/"" fields take the function's defaults."""
+
+    frame_type: str
+    payload: bytes
+    timestamp: int | None = None
+    encoding: str = ""
+    metadata_json: str = ""
+    correlation_id: str = ""
+    source: str = ""
+    retention_maxlen: int | None = None
+    max_payload_bytes: int | None = None
+
+
+class StreamFunctions(Functions):
+    """Attempt output streams (spec 30 §2.1-§2.2)."""
+
+    async def append_frame(
+        self, eid: ExecutionId, attempt_index: int, fence: Fence, frame: Frame
+    ) -> Reply:
+        """`OK entry_id frame_count`."""
+        k = ExecKeys(eid)
+        args: list[str | bytes] = [
+            str(eid), str(attempt_index), fence.lease_id,
+            "" if fence.lease_epoch is None else str(fence.lease_epoch), fence.attempt_id,
+            frame.frame_type, _opt(frame.timestamp), frame.payload, frame.encoding,
+            frame.metadata_json, frame.correlation_id, frame.source,
+            _opt(frame.retention_maxlen), _opt(frame.max_payload_bytes),
+        ]  # fmt: skip
+        keys = [k.core, k.stream(attempt_index), k.stream_meta(attempt_index)]
+        return await self._call("ff_append_frame", keys, args)
+
+    async def read_attempt_stream(
+        self, eid: ExecutionId, attempt_index: int, from_id: str, to_id: str, count_limit: int
+    ) -> Reply:
+        """`OK entries closed_at closed_reason`; cursors already lowered (`-`, `+`, ids)."""
+        k = ExecKeys(eid)
+        return await self._call(
+            "ff_read_attempt_stream",
+            [k.stream(attempt_index), k.stream_meta(attempt_index)],
+            [from_id, to_id, str(count_limit)],
+        )

@@ -17,4 +17,5 @@ REQUEST_LIMITS = {
     "/flowfabric.v1.ExecutionService/CreateExecution": CREATE_REQUEST_MAX,
     "/flowfabric.v1.SignalService/DeliverSignal": SIGNAL_REQUEST_MAX,
     "/flowfabric.v1.WorkerService/CompleteExecution": CREATE_REQUEST_MAX,
+    "/flowfabric.v1.WorkerService/AppendFrame": FRAME_PAYLOAD_MAX + CONTROL_REQUEST_MAX,
 }

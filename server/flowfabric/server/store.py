@@ -25,6 +25,7 @@ from flowfabric.server.library import Library, default_library
 log = logging.getLogger("flowfabric.store")
 
 MIN_VALKEY_VERSION = (7, 2, 0)
+MAX_CONNECTIONS = 256
 _NOT_LOADED = ("function not found", "no matching function", "function not loaded")
 
 Arg = str | bytes | int
@@ -97,7 +98,12 @@ class Store:
         if cluster:
             client = _Cluster.from_url(norm, **common)
         else:
-            client = aioredis.Redis.from_url(norm, health_check_interval=0, **common)
+            # A burst beyond the pool waits for a free connection (up to the request timeout)
+            # instead of failing at once with "Too many connections".
+            pool = aioredis.BlockingConnectionPool.from_url(
+                norm, max_connections=MAX_CONNECTIONS, timeout=5, **common
+            )
+            client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
         return cls(client, cluster=cluster, library=library)
 
     async def close(self) -> None:

@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from flowfabric.engine.scheduler import Claimed, ClaimRequest, Scheduler
+from flowfabric.server import limits
 from flowfabric.server.codec import Reply, enum_value, text
 from flowfabric.server.errors import FlowFabricError, InvalidInput
-from flowfabric.server.functions import Claimer, Fence, LifecycleFunctions
+from flowfabric.server.functions import Claimer, Fence, Frame, LifecycleFunctions, StreamFunctions
 from flowfabric.server.ids import (
     ExecutionId,
     capabilities_csv,
@@ -89,6 +90,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         self.ctx = ctx
         self.scheduler = scheduler
         self.registry = registry
+        self.streams = StreamFunctions(ctx.store)
 
     @property
     def fn(self) -> LifecycleFunctions:
@@ -293,6 +295,60 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
             raise InvalidInput("progress_pct", "progress_pct must be 0..100")
         await self.fn.update_progress(eid, fence, pct, request.progress_message)
         return pb.UpdateProgressResponse(updated=pb.UpdateProgressResponse.Updated())
+
+    # -- attempt output streams (spec 30 §2.1) --------------------------------------------------
+
+    async def _append(self, request: pb.AppendFrameRequest) -> Reply:
+        """One fenced `ff_append_frame`; the payload is passed through as bytes."""
+        eid, fence, idx = self._fenced(request)
+        if not request.HasField("lease"):
+            idx = request.attempt_index
+        frame = Frame(
+            frame_type=request.frame_type,
+            payload=request.payload,
+            timestamp=request.timestamp or None,
+            encoding=request.encoding,
+            metadata_json=request.metadata_json,
+            correlation_id=request.correlation_id,
+            source=request.source,
+            retention_maxlen=request.retention_maxlen
+            if request.HasField("retention_maxlen") else None,
+            max_payload_bytes=request.max_payload_bytes
+            if request.HasField("max_payload_bytes") else None,
+        )  # fmt: skip
+        return await self.streams.append_frame(eid, idx, fence, frame)
+
+    async def AppendFrame(
+        self, request: pb.AppendFrameRequest, context: Any
+    ) -> pb.AppendFrameResponse:
+        reply = await self._append(request)
+        return pb.AppendFrameResponse(
+            appended=pb.AppendFrameResponse.Appended(
+                entry_id=reply.str(0), frame_count=reply.int(1)
+            )
+        )
+
+    async def AppendFrames(self, request_iterator: Any, context: Any) -> pb.AppendFramesResponse:
+        """Frames in order, each fenced on its own; the first failure ends the call with that
+        frame's error and `appended_count` = frames appended before it."""
+        limit = limits.REQUEST_LIMITS["/flowfabric.v1.WorkerService/AppendFrame"]
+        out = pb.AppendFramesResponse()
+        async for item in request_iterator:
+            try:
+                if item.ByteSize() > limit:
+                    raise FlowFabricError(
+                        "payload_too_large",
+                        message=f"frame message is {item.ByteSize()} bytes; the limit is {limit}",
+                        metadata={"limit_bytes": str(limit)},
+                    )
+                reply = await self._append(item.frame)
+            except FlowFabricError as exc:
+                exc.metadata["appended_count"] = str(out.appended_count)
+                raise
+            out.appended_count += 1
+            out.last_entry_id = reply.str(0)
+            out.frame_count = reply.int(1)
+        return out
 
     # -- terminal and pausing transitions -----------------------------------------------------
 
