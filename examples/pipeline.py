@@ -1,11 +1,12 @@
 """A document pipeline with progress: `python examples/pipeline.py`.
 
-Three documents go through `extract` (lane `docs`, page by page, reporting progress) and
+Three documents go through `extract` (lane `docs`, page by page: it reports progress and
+streams each page as a frame of the attempt's output stream, which the client tails live) and
 then `summarize` (lane `summaries`), which needs a worker with the `llm` capability: the
 general worker serves both lanes but cannot take it, so it waits (blocked on routing) until
 the model worker comes up. A lane is a queue: every worker serving a lane must handle every
-kind sent to it. The client chains the stages, watches
-progress, and prints each summary. Exits non-zero on any unexpected outcome.
+kind sent to it. The client chains the stages and prints each summary. Exits non-zero on any
+unexpected outcome.
 """
 
 import asyncio
@@ -36,6 +37,8 @@ async def main() -> int:
                 await asyncio.sleep(0.2)  # pretend to OCR a page
                 pages.append(page)
                 await ctx.progress(100 * n // len(doc["pages"]), f"page {n}/{len(doc['pages'])}")
+                await ctx.emit("page", page)  # the attempt's output stream, read by tails
+                await ctx.flush()  # send now, so a live tail shows each page as it is read
             return {"name": doc["name"], "text": " ".join(pages)}
 
         @model.handler("summarize")
@@ -44,22 +47,23 @@ async def main() -> int:
             first = doc["text"].split(".")[0]
             return f"{doc['name']}: {first}."
 
-        async def progress(eid: str, name: str) -> None:
-            seen = None
-            while True:
+        async def follow(eid: str, name: str) -> None:
+            """Tail the extract attempt's stream live, with its reported progress."""
+            async for event in client.watch(eid):  # wait until claimed: then it has an attempt
+                if ExecutionState(event.public_state) not in (
+                    ExecutionState.WAITING,
+                    ExecutionState.DELAYED,
+                ):
+                    break
+            async for frame in client.tail(eid, 0):
                 snap = await client.describe(eid)
-                if snap.HasField("progress_message") and snap.progress_message != seen:
-                    seen = snap.progress_message
-                    print(f"  {name:15} extract {snap.progress_pct:3}%  {seen}")
-                if ExecutionState(snap.public_state).is_terminal:
-                    return
-                await asyncio.sleep(0.05)
+                print(f"  {name:15} {snap.progress_pct:3}%  {frame.payload.decode()}")
 
         async def process(name: str, pages: list[str], priority: int) -> str:
             job = await client.submit(
                 "extract", {"name": name, "pages": pages}, lane="docs", priority=priority
             )
-            await progress(job.execution_id, name)
+            await follow(job.execution_id, name)
             if await client.wait(job.execution_id, timeout=30) != ExecutionState.COMPLETED:
                 raise RuntimeError(f"extract of {name} did not complete")
             text = await client.result(job.execution_id)
