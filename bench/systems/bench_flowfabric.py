@@ -1,0 +1,338 @@
+"""FlowFabric S1 (submit → claim → complete) through the full stack: `flowfabric serve` (its
+own process, FF_VALKEY_URL at the shared Valkey) and workers in separate processes.
+
+Enqueue: CreateExecution over gRPC, `--enqueue-concurrency` (64) in flight, through the SDK
+`Client.submit` (kind `noop`, empty payload, lane `default`).
+
+Workers (`--impl`):
+* `sdk`: `flowfabric.Worker` (RegisterWorker + heartbeat, ClaimNext long-poll with
+  `max_tasks` = free slots, one asyncio task per execution with lease renewal armed, a no-op
+  handler, CompleteExecution with the lease handle).
+* `raw`: the generated stubs only: ClaimNext(max_tasks = free slots, wait_ms 1000) and one
+  CompleteExecution(lease) per task; no heartbeat, no renewal task.
+
+`--procs P` splits the `slots` over P worker processes. The server is started after the
+orchestrator's FLUSHALL (the partition config key lives in the keyspace) and stopped at the
+end of the run; its CPU is read from /proc around each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common
+
+LANE = "default"
+KIND = "noop"
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, valkey_url: str, log_dir: str) -> None:
+        exe = Path(sys.executable).parent / "flowfabric"
+        env = {
+            **os.environ,
+            "FF_VALKEY_URL": valkey_url.replace("redis://", "valkey://"),
+            "FF_LISTEN_ADDR": "127.0.0.1:0",
+            "FF_LOG_LEVEL": os.environ.get("FF_BENCH_SERVER_LOG_LEVEL", "warning"),
+        }
+        os.makedirs(log_dir, exist_ok=True)
+        self.log_path = os.path.join(log_dir, "server.log")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115
+        argv = [str(exe), "serve"]
+        wrap = os.environ.get("FF_BENCH_SERVER_WRAP")  # e.g. a profiler command prefix
+        if wrap:
+            argv = [*wrap.split(), *argv]
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True
+        )
+        deadline = time.monotonic() + 60
+        self.target = ""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server exited ({self.proc.poll()}); see {self.log_path}")
+            if line.startswith("flowfabric listening on "):
+                self.target = line.split()[-1]
+                break
+        if not self.target:
+            raise RuntimeError("server did not start")
+        self.pid = self.server_pid()
+
+    def server_pid(self) -> int:
+        """The python process (a profiler wrapper may sit in between)."""
+        if not os.environ.get("FF_BENCH_SERVER_WRAP"):
+            return self.proc.pid
+        try:
+            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            return int(kids[0]) if kids else self.proc.pid
+        except OSError:
+            return self.proc.pid
+
+    def cpu(self) -> float:
+        return common.proc_cpu(self.pid)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+# -- enqueue ------------------------------------------------------------------------------------
+
+
+class Submitter:
+    """CreateExecution through the SDK `Client.submit` (or the raw stub if the SDK is absent)."""
+
+    def __init__(self, target: str) -> None:
+        try:
+            from flowfabric import Client
+        except ImportError:
+            import grpc
+
+            from flowfabric.v1 import execution_pb2, execution_pb2_grpc
+
+            self.client = None
+            self.channel = grpc.aio.insecure_channel(target)
+            stub = execution_pb2_grpc.ExecutionServiceStub(self.channel)
+
+            async def raw() -> str:
+                req = execution_pb2.CreateExecutionRequest(lane_id=LANE, execution_kind=KIND)
+                return (await stub.CreateExecution(req)).created.execution_id
+
+            self.submit = raw
+        else:
+            self.client = Client(target)
+            self.channel = self.client._channel
+
+            async def sdk() -> str:
+                return (await self.client.submit(KIND, lane=LANE)).execution_id
+
+            self.submit = sdk
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def submit_all(target: str, jobs: int, concurrency: int) -> None:
+    sub = Submitter(target)
+    it = iter(range(jobs))
+
+    async def one() -> None:
+        for _ in it:
+            await sub.submit()
+
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    await sub.close()
+
+
+async def submit_open_loop(target: str, rate: float, duration: float) -> tuple[dict, float]:
+    sub = Submitter(target)
+    await sub.channel.channel_ready()  # connect before the clock starts
+
+    async def send(_: int) -> str:
+        return await sub.submit()
+
+    try:
+        return await common.open_loop_async(rate, duration, send)
+    finally:
+        await sub.close()
+
+
+# -- workers ------------------------------------------------------------------------------------
+
+
+async def worker_sdk(args: argparse.Namespace, progress: common.Progress, records: dict) -> None:
+    from flowfabric import Worker
+
+    keep = args.records is not None
+    starts: dict[str, float] = {}
+
+    class BenchWorker(Worker):
+        async def _complete(self, ctx, result) -> None:
+            await super()._complete(ctx, result)
+            t1 = progress.finished()
+            if keep:
+                records[ctx.execution_id] = [starts.pop(ctx.execution_id), t1]
+
+    worker = BenchWorker(
+        args.target, lanes=[LANE], concurrency=args.slots, claim_wait_ms=1000, batch=True,
+        worker_id="bench-sdk", lease_ttl_ms=30_000,
+    )  # fmt: skip
+
+    @worker.handler(KIND)
+    async def noop(ctx) -> None:
+        t0 = progress.started()
+        if keep:
+            starts[ctx.execution_id] = t0
+
+    await worker.start()
+    await common.async_ready_then_wait_go(
+        progress.board, args.index, lambda: common.dump_records(args.records, records)
+    )
+    await worker.run()
+
+
+async def worker_raw(args: argparse.Namespace, progress: common.Progress, records: dict) -> None:
+    import grpc
+
+    from flowfabric.v1 import worker_pb2, worker_pb2_grpc
+
+    keep = args.records is not None
+    channel = grpc.aio.insecure_channel(args.target)
+    stub = worker_pb2_grpc.WorkerServiceStub(channel)
+    wid, iid = "bench-raw", f"bench-raw-{os.getpid()}"
+    await stub.RegisterWorker(
+        worker_pb2.RegisterWorkerRequest(worker_id=wid, worker_instance_id=iid, lane_ids=[LANE])
+    )
+    await common.async_ready_then_wait_go(
+        progress.board, args.index, lambda: common.dump_records(args.records, records)
+    )
+    running: set[asyncio.Task] = set()
+    slot_free = asyncio.Event()
+
+    async def run(task) -> None:
+        t0 = progress.started()
+        # the no-op handler runs here
+        await stub.CompleteExecution(worker_pb2.CompleteExecutionRequest(lease=task.lease))
+        t1 = progress.finished()
+        if keep:
+            records[task.lease.execution_id] = [t0, t1]
+
+    def done(t: asyncio.Task) -> None:
+        running.discard(t)
+        slot_free.set()
+        if not t.cancelled() and t.exception() is not None:
+            print("task failed:", repr(t.exception()), file=sys.stderr)
+
+    while True:
+        free = args.slots - len(running)
+        if free <= 0:
+            slot_free.clear()
+            await slot_free.wait()
+            continue
+        reply = await stub.ClaimNext(
+            worker_pb2.ClaimNextRequest(
+                worker_id=wid,
+                worker_instance_id=iid,
+                lane_ids=[LANE],
+                lease_ttl_ms=30_000,
+                wait_ms=1000,
+                max_tasks=free,
+            )
+        )
+        which = reply.WhichOneof("outcome")
+        tasks = [reply.task] if which == "task" else list(reply.batch.tasks)
+        for task in tasks:
+            t = asyncio.create_task(run(task))
+            running.add(t)
+            t.add_done_callback(done)
+
+
+async def worker_main(args: argparse.Namespace) -> None:
+    board = common.Board(args.board, args.slots_total)
+    progress = common.Progress(board, args.index)
+    records: dict[str, list[float]] = {}
+    if args.impl == "sdk":
+        await worker_sdk(args, progress, records)
+    else:
+        await worker_raw(args, progress, records)
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    common.common_args(p)
+    p.add_argument("--impl", choices=("sdk", "raw"), default="sdk")
+    p.add_argument("--procs", type=int, default=1, help="worker processes sharing the slots")
+    p.add_argument("--enqueue-concurrency", type=int, default=64)
+    p.add_argument("--target", help="(worker) server address")
+    args = p.parse_args()
+    if args.worker:
+        asyncio.run(worker_main(args))
+        return
+    if args.slots % args.procs:
+        raise SystemExit("--slots must be a multiple of --procs")
+    impl_note = args.impl
+    if args.impl == "sdk":
+        try:
+            from flowfabric import Worker  # noqa: F401
+        except ImportError as exc:  # the SDK is being written elsewhere: fall back to stubs
+            print(f"flowfabric.Worker unavailable ({exc}); using raw stubs", file=sys.stderr)
+            args.impl, impl_note = "raw", "raw (sdk unavailable)"
+    server = Server(args.url, args.log_dir)
+    try:
+        per = args.slots // args.procs
+        me = [sys.executable, os.path.abspath(__file__), "--worker", "--url", args.url,
+              "--slots", str(per), "--impl", args.impl, "--target", server.target]  # fmt: skip
+        argvs = [list(me) for _ in range(args.procs)]
+        if args.mode == "latency":
+            c0: list[float] = []
+            out = common.run_latency(
+                args,
+                lambda: asyncio.run(submit_open_loop(server.target, args.rate, args.duration)),
+                argvs, around=(lambda: c0.append(server.cpu()),
+                               lambda: {"server_cpu_process_s": round(server.cpu() - c0[0], 3)}),
+            )  # fmt: skip
+        else:
+            cpu: dict[str, float] = {}
+
+            def enqueue() -> None:
+                c0 = server.cpu()
+                asyncio.run(submit_all(server.target, args.jobs, args.enqueue_concurrency))
+                cpu["enqueue"] = server.cpu() - c0
+
+            profiler: list[subprocess.Popen] = []
+
+            def at_go() -> None:
+                cpu["go"] = server.cpu()
+                spy = os.environ.get("FF_BENCH_PYSPY")  # path to py-spy: profile the server
+                if spy:
+                    out = os.path.join(args.log_dir, "server-profile.txt")
+                    extra = os.environ.get("FF_BENCH_PYSPY_ARGS", "").split()
+                    if "--native" not in extra:  # --native needs the blocking mode
+                        extra.append("--nonblocking")
+                    profiler.append(subprocess.Popen(
+                        [spy, "record", "--pid", str(server.pid), "--rate", "250",
+                         "--format", "raw", "--output", out, *extra],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    ))  # fmt: skip
+                    time.sleep(0.5)  # let it attach before the clock starts
+
+            def at_done() -> dict:
+                out = {
+                    "server_cpu_enqueue_s": round(cpu["enqueue"], 3),
+                    "server_cpu_process_s": round(server.cpu() - cpu["go"], 3),
+                }
+                for prof in profiler:
+                    prof.send_signal(signal.SIGINT)
+                    prof.wait(30)
+                return out
+
+            out = common.run_burn(
+                args, enqueue, argvs, around=(at_go, at_done),
+                extra=lambda: {"impl": impl_note, "enqueue_concurrency": args.enqueue_concurrency},
+            )  # fmt: skip
+    finally:
+        server.stop()
+    common.emit(out)
+
+
+if __name__ == "__main__":
+    main()
