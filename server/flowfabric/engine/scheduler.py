@@ -45,6 +45,7 @@ ROTATION_WINDOW_MS = 250
 WAIT_BACKSTOP_S = 1.0
 RECLAIM_CANDIDATES_PER_PARTITION = 4
 RECLAIM_PARK_S = 10.0
+RECLAIM_EVERY = 16
 CAPABLE_WORKER_DETAIL = "no connected worker satisfies required_capabilities"
 NO_MATCH = (
     "execution_not_eligible", "execution_not_in_eligible_set", "grant_already_exists",
@@ -122,6 +123,7 @@ class Scheduler:
         # reclaim candidates a capability set cannot take, until a monotonic deadline; keyed
         # by (execution, capabilities CSV) so a capable worker is never held back by the park
         self._parked: dict[tuple[str, str], float] = {}
+        self._lane_calls = 0
         self.closing = asyncio.Event()
 
     # -- partition choice ---------------------------------------------------------------------
@@ -157,11 +159,27 @@ class Scheduler:
 
     async def _claim_lane(self, req: ClaimRequest, lane: str, want: int) -> list[Claimed]:
         parts = self.probe_order(lane, req.worker_instance_id)
+        who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
+        # The lane's solo partition first, alone: when it fills the request (the common case
+        # for solo work) the 32-partition window probe is skipped.
+        out = await self._claim_heads(parts[:1], who, req, want)
+        if len(out) < want:
+            out += await self._claim_heads(parts[1:], who, req, want - len(out))
+        self._lane_calls += 1
+        # Reclaim discovery when this call found nothing eligible, and every RECLAIM_EVERY-th
+        # call so a steady stream of new work cannot starve an expired lease.
+        if len(out) < want and (not out or self._lane_calls % RECLAIM_EVERY == 0):
+            out += await self._reclaim(parts, who, req, want - len(out))
+        return out
+
+    async def _claim_heads(
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int
+    ) -> list[Claimed]:
+        """Claim up to `want` heads of the lane's eligible sets in `parts`, in order."""
         pipe = self.store.pipeline()
         for p in parts:
-            pipe.zrange(PartitionKeys.of(p).lane(lane, "eligible"), 0, want - 1)
+            pipe.zrange(PartitionKeys.of(p).lane(who.lane_id, "eligible"), 0, want - 1)
         heads = await self.store.run_pipeline(pipe)
-        who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
         out: list[Claimed] = []
         for members in heads:
             for raw in members:
@@ -174,8 +192,6 @@ class Scheduler:
                 got = await self._try_claim(eid, who, req)
                 if got is not None:
                     out.append(got)
-        if len(out) < want:
-            out += await self._reclaim(parts, who, req, want - len(out))
         return out
 
     async def _try_claim(self, eid: ExecutionId, who: Claimer, req: ClaimRequest) -> Claimed | None:
