@@ -101,5 +101,17 @@ def enum_text(enum: EnumTypeWrapper, number: int) -> str:
     return str(enum.Name(number))[len(_prefix(enum.DESCRIPTOR)) :].lower()
 
 
+def cancel_source(number: int, default: str) -> str:
+    """A CancelSource enum value as the stored source string; UNSPECIFIED -> `default`."""
+    from flowfabric.server.errors import InvalidInput
+    from flowfabric.v1 import types_pb2
+
+    if number == 0:
+        return default
+    if number not in types_pb2.CancelSource.values():
+        raise InvalidInput("source", f"unknown source {number}")
+    return enum_text(types_pb2.CancelSource, number)
+
+
 def opt_int(value: str) -> int | None:
     return int(value) if value else None

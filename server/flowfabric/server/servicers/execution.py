@@ -11,7 +11,7 @@ from google.protobuf import json_format
 
 from flowfabric.engine.events import EventHub
 from flowfabric.server import limits, reads
-from flowfabric.server.codec import enum_text, enum_value, text
+from flowfabric.server.codec import cancel_source, enum_text, enum_value, text
 from flowfabric.server.errors import FlowFabricError, InvalidInput, not_implemented
 from flowfabric.server.functions import Fence, LifecycleFunctions, NewExecution
 from flowfabric.server.ids import (
@@ -210,15 +210,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
     ) -> pb.CancelExecutionResponse:
         """Operator cancel (operator_override) unless the caller names another source."""
         eid = self.ctx.execution_id(request.execution_id)
-        source = {
-            t.CANCEL_SOURCE_UNSPECIFIED: "operator_override",
-            t.CANCEL_SOURCE_OPERATOR_OVERRIDE: "operator_override",
-            t.CANCEL_SOURCE_LEASE_HOLDER: "lease_holder",
-            t.CANCEL_SOURCE_FLOW_CASCADE: "flow_cascade",
-            t.CANCEL_SOURCE_SYSTEM_TIMEOUT: "system_timeout",
-        }.get(request.source)
-        if source is None:
-            raise InvalidInput("source", f"unknown source {request.source}")
+        source = cancel_source(request.source, "operator_override")
         fence = Fence(
             request.lease_id,
             request.lease_epoch if request.HasField("lease_epoch") else None,

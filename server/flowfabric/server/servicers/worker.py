@@ -14,7 +14,7 @@ from typing import Any
 
 from flowfabric.engine.scheduler import Claimed, ClaimRequest, Scheduler
 from flowfabric.server import limits
-from flowfabric.server.codec import Reply, enum_value, text
+from flowfabric.server.codec import Reply, cancel_source, enum_value, text
 from flowfabric.server.errors import FlowFabricError, InvalidInput
 from flowfabric.server.functions import Claimer, Fence, Frame, LifecycleFunctions, StreamFunctions
 from flowfabric.server.ids import (
@@ -36,26 +36,15 @@ MAX_GRANT_TTL_MS = 60_000
 MAX_WAIT_MS = 30_000
 MAX_BATCH = 100
 
-SOURCES = {
-    t.CANCEL_SOURCE_OPERATOR_OVERRIDE: "operator_override",
-    t.CANCEL_SOURCE_LEASE_HOLDER: "lease_holder",
-    t.CANCEL_SOURCE_FLOW_CASCADE: "flow_cascade",
-    t.CANCEL_SOURCE_SYSTEM_TIMEOUT: "system_timeout",
-}
-
 
 def source_text(source: int, fenced: bool) -> str:
     """Unfenced worker calls must say OPERATOR_OVERRIDE explicitly (UNSPECIFIED is refused)."""
-    if source == t.CANCEL_SOURCE_UNSPECIFIED:
-        if not fenced:
-            raise FlowFabricError(
-                "fence_required",
-                message="unfenced calls need source = CANCEL_SOURCE_OPERATOR_OVERRIDE",
-            )
-        return "lease_holder"
-    if source not in SOURCES:
-        raise InvalidInput("source", f"unknown source {source}")
-    return SOURCES[source]
+    if source == t.CANCEL_SOURCE_UNSPECIFIED and not fenced:
+        raise FlowFabricError(
+            "fence_required",
+            message="unfenced calls need source = CANCEL_SOURCE_OPERATOR_OVERRIDE",
+        )
+    return cancel_source(source, "lease_holder")
 
 
 def task_message(c: Claimed, who: Claimer, lease_ttl_ms: int) -> t.ClaimedTask:
