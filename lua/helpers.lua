@@ -554,6 +554,16 @@ local function flatten_policy(json)
   return flat
 end
 
+-- Replaces lease:current with lease `a` (spec 00 §5.1 fields).
+local function write_lease(key, eid, a, now)
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
+    'execution_id', eid, 'attempt_id', a.attempt_id, 'worker_id', a.worker_id,
+    'worker_instance_id', a.worker_instance_id, 'acquired_at', num(now),
+    'expires_at', num(a.expires), 'last_renewed_at', num(now),
+    'renewal_deadline', num(a.renewal))
+end
+
 -- Creates a started attempt and its lease (claim, reclaim): attempt hash, attempts index, usage,
 -- policy snapshot, and lease:current replaced. `a` = {idx, attempt_id, attempt_type, lease_id,
 -- epoch, worker_id, worker_instance_id, expires, renewal, lineage = flat list, policy = flat list}.
@@ -574,12 +584,17 @@ local function start_attempt(x, a, now)
   if #a.policy > 0 then
     redis.call('HSET', akey .. ':policy', unpack(a.policy))
   end
-  redis.call('DEL', x.lease)
-  redis.call('HSET', x.lease, 'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
-    'execution_id', x.eid, 'attempt_id', a.attempt_id, 'worker_id', a.worker_id,
-    'worker_instance_id', a.worker_instance_id, 'acquired_at', num(now),
-    'expires_at', num(a.expires), 'last_renewed_at', num(now),
-    'renewal_deadline', num(a.renewal))
+  write_lease(x.lease, x.eid, a, now)
+end
+
+-- A fresh lease on lane `lane`: out of eligible, into lease_expiry and lane active at its
+-- expiry, into the claimer's lease set. Lane keys and the lease set are built on the tag of
+-- the caller's KEYS[1] (spec 00 §4 rule 3).
+local function index_lease(x, lane, lease_expiry_key, a)
+  redis.call('ZREM', lane_key(x.tag, lane, 'eligible'), x.eid)
+  redis.call('ZADD', lease_expiry_key, num(a.expires), x.eid)
+  redis.call('SADD', worker_leases_key(x.tag, a.worker_instance_id), x.eid)
+  redis.call('ZADD', lane_key(x.tag, lane, 'active'), num(a.expires), x.eid)
 end
 
 -- Core fields of a fresh lease on attempt `a` (claimed vector extras; spec 10 §2.3 step 5).

@@ -179,11 +179,7 @@ local function claim_execution(keys, argv)
   redis.call('DEL', keys[2])
   x.attempts, x.lease = keys[9], keys[10]
   start_attempt(x, a, now)
-  -- Lane indexes and the claimer's lease set built on the tag of KEYS[1] (spec 00 §4 rule 3).
-  redis.call('ZREM', lane_key(x.tag, c.lane_id, 'eligible'), x.eid)
-  redis.call('ZADD', keys[4], num(a.expires), x.eid)
-  redis.call('SADD', worker_leases_key(x.tag, a.worker_instance_id), x.eid)
-  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'active'), num(a.expires), x.eid)
+  index_lease(x, c.lane_id, keys[4], a)
   if timeout and timeout > 0 then
     redis.call('ZADD', keys[13], num(now + timeout), x.eid)
   end
@@ -265,17 +261,8 @@ local function claim_resumed_execution(keys, argv)
     'resumed_at', num(now), 'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
     'worker_id', a.worker_id, 'worker_instance_id', a.worker_instance_id,
     'suspended_at', '', 'suspension_id', '')
-  redis.call('DEL', keys[7])
-  redis.call('HSET', keys[7], 'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
-    'execution_id', x.eid, 'attempt_id', a.attempt_id, 'worker_id', a.worker_id,
-    'worker_instance_id', a.worker_instance_id, 'acquired_at', num(now),
-    'expires_at', num(a.expires), 'last_renewed_at', num(now),
-    'renewal_deadline', num(a.renewal))
-  -- Lane indexes and the claimer's lease set built on the tag of KEYS[1] (spec 00 §4 rule 3).
-  redis.call('ZREM', lane_key(x.tag, c.lane_id, 'eligible'), x.eid)
-  redis.call('ZADD', keys[4], num(a.expires), x.eid)
-  redis.call('SADD', worker_leases_key(x.tag, a.worker_instance_id), x.eid)
-  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'active'), num(a.expires), x.eid)
+  write_lease(keys[7], x.eid, a, now)
+  index_lease(x, c.lane_id, keys[4], a)
   if remaining and remaining > 0 then
     redis.call('ZADD', keys[10], num(now + remaining), x.eid)
   end
