@@ -11,7 +11,7 @@ from flowfabric.server.ids import parse_execution_id, solo_partition
 from flowfabric.server.keys import ExecKeys
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import types_pb2 as t
-from tests.api.util import expect_error
+from tests.api.util import expect_error, keyspace_size
 from tests.conftest import Api
 
 C = grpc.StatusCode
@@ -139,16 +139,6 @@ async def test_not_found_and_result_not_found(api: Api) -> None:
     )
 
 
-async def _keyspace_size(api: Api) -> int:
-    store = api.store
-    if store.cluster:
-        total = 0
-        for node in store.client.get_primaries():
-            total += await store.client.execute_command("DBSIZE", target_nodes=node)
-        return total
-    return int(await store.call("DBSIZE"))
-
-
 @pytest.mark.parametrize(
     ("fields", "reason", "field"),
     [
@@ -170,12 +160,12 @@ async def _keyspace_size(api: Api) -> int:
 async def test_bad_create_input_changes_nothing(
     api: Api, fields: dict[str, object], reason: str, field: str | None
 ) -> None:
-    before = await _keyspace_size(api)
+    before = await keyspace_size(api.store)
     info = await expect_error(create(api, **fields), C.INVALID_ARGUMENT, reason)
     if field:
         assert info.metadata["field"] == field
     assert info.metadata["class"] == "terminal" and info.metadata["retryable"] == "false"
-    assert await _keyspace_size(api) == before
+    assert await keyspace_size(api.store) == before
 
 
 async def test_unknown_enum_value_is_invalid_argument(api: Api) -> None:

@@ -24,7 +24,7 @@ from flowfabric.server.keys import ExecKeys, PartitionKeys
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as wpb
-from tests.api.util import error_info, expect_error
+from tests.api.util import error_info, expect_error, keyspace_size
 from tests.conftest import Api
 
 C = grpc.StatusCode
@@ -160,16 +160,6 @@ def keys(eid: str) -> ExecKeys:
 
 async def core(api: Api, eid: str) -> dict[bytes, bytes]:
     return dict(await api.store.call("HGETALL", keys(eid).core))
-
-
-async def keyspace_size(api: Api) -> int:
-    store = api.store
-    if store.cluster:
-        total = 0
-        for node in store.client.get_primaries():
-            total += await store.client.execute_command("DBSIZE", target_nodes=node)
-        return total
-    return int(await store.call("DBSIZE"))
 
 
 def retry_policy(**retry: Any) -> t.ExecutionPolicy:
@@ -926,7 +916,7 @@ async def test_bad_input_is_rejected_and_changes_nothing(api: Api) -> None:
     waiting = await create(api)
     h = (await claim_one(api)).lease
     assert h.execution_id == eid
-    before = (await keyspace_size(api), await core(api, eid), await core(api, waiting))
+    before = (await keyspace_size(api.store), await core(api, eid), await core(api, waiting))
     bad_eid = f"{{fp:{api.server.config.flow_partitions}}}:{uuid.uuid4()}"
     w = api.worker
     md = api.metadata
@@ -1103,7 +1093,7 @@ async def test_bad_input_is_rejected_and_changes_nothing(api: Api) -> None:
             await expect_error(call, C.INVALID_ARGUMENT, reason)
         except AssertionError as exc:
             raise AssertionError(f"case {i} ({reason}): {exc}") from exc
-    after = (await keyspace_size(api), await core(api, eid), await core(api, waiting))
+    after = (await keyspace_size(api.store), await core(api, eid), await core(api, waiting))
     assert after == before
     # the rightful holder is unaffected
     assert (await complete(api, h)).completed.public_state == t.PUBLIC_STATE_COMPLETED

@@ -8,6 +8,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from flowfabric.server.store import Store
+
 
 def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     """The `google.rpc.ErrorInfo` detail carried by a failed call."""
@@ -32,3 +34,13 @@ async def expect_error(
     assert info.reason == reason, info
     assert info.domain == "flowfabric"
     return info
+
+
+async def keyspace_size(store: Store) -> int:
+    """Keys in the whole keyspace (every primary on Cluster): "bad input changes nothing"."""
+    if store.cluster:
+        total = 0
+        for node in store.client.get_primaries():
+            total += await store.client.execute_command("DBSIZE", target_nodes=node)
+        return total
+    return int(await store.call("DBSIZE"))

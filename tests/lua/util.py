@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from flowfabric.engine.scanners import server_time_ms
 from flowfabric.server.ids import ExecutionId
 from flowfabric.server.keys import ExecKeys, PartitionKeys
 from flowfabric.server.store import Store
@@ -68,13 +69,7 @@ async def create(store: Store, eid: ExecutionId, idem: str | None = None, **over
 
 
 async def now_ms(store: Store) -> int:
-    sec, usec = await store.call("TIME") if not store.cluster else await _time(store)
-    return int(sec) * 1000 + int(usec) // 1000
-
-
-async def _time(store: Store) -> list:
-    node = store.client.get_primaries()[0]
-    return await store.client.execute_command("TIME", target_nodes=node)  # type: ignore[no-any-return]
+    return await server_time_ms(store)
 
 
 # -- lifecycle helpers ----------------------------------------------------------------------------
