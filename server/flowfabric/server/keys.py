@@ -72,6 +72,16 @@ class ExecKeys:
     def suspension_current(self) -> str:
         return self._k("suspension:current")
 
+    @property
+    def waitpoints(self) -> str:
+        """Set of every waitpoint id of the execution (pending ones included)."""
+        return self._k("waitpoints")
+
+    @property
+    def signals(self) -> str:
+        """Zset of every accepted signal id, scored by accepted_at; never trimmed."""
+        return self._k("signals")
+
     def attempt(self, index: int) -> str:
         return f"ff:attempt:{self.tag}:{self.eid}:{index}"
 
@@ -89,6 +99,38 @@ class ExecKeys:
 
     def idempotency(self, namespace: str, key: str) -> str:
         return f"ff:idem:{self.tag}:{namespace}:{key}"
+
+
+@dataclass(frozen=True)
+class WaitpointKeys:
+    """Keys of one waitpoint (and its signals) on the execution's tag."""
+
+    tag: str
+    waitpoint_id: str
+
+    @property
+    def waitpoint(self) -> str:
+        return f"ff:wp:{self.tag}:{self.waitpoint_id}"
+
+    @property
+    def condition(self) -> str:
+        return f"{self.waitpoint}:condition"
+
+    @property
+    def stream(self) -> str:
+        """Per-waitpoint signal history (stream, MAXLEN ~ signal_maxlen)."""
+        return f"{self.waitpoint}:signals"
+
+    def dedup(self, idempotency_key: str) -> str:
+        return f"ff:sigdedup:{self.tag}:{self.waitpoint_id}:{idempotency_key}"
+
+
+def signal_key(tag: str, signal_id: str) -> str:
+    return f"ff:signal:{tag}:{signal_id}"
+
+
+def signal_payload_key(tag: str, signal_id: str) -> str:
+    return f"{signal_key(tag, signal_id)}:payload"
 
 
 @dataclass(frozen=True)
@@ -138,6 +180,11 @@ class PartitionKeys:
 
     def worker_leases(self, worker_instance_id: str) -> str:
         return self._idx(f"worker:{worker_instance_id}:leases")
+
+    @property
+    def hmac_keystore(self) -> str:
+        """Waitpoint HMAC keystore; identical on every partition (spec 20 §4.4)."""
+        return f"ff:sec:{self.tag}:waitpoint_hmac"
 
     @property
     def exec_events(self) -> str:

@@ -1,0 +1,100 @@
+"""Stored signal and waitpoint records -> API messages, and the reads that fetch them by id.
+
+Shared by the unary signal RPCs (GetResumeSignals, ListPendingWaitpoints) and the watch
+streams, so a signal or waitpoint looks the same whichever way a client receives it. Tokens
+appear only in `PendingWaitpointInfo` (the disclosure points of spec 20 §4.6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flowfabric.server.codec import hash_to_dict, text
+from flowfabric.server.ids import ExecutionId
+from flowfabric.server.keys import WaitpointKeys, signal_key, signal_payload_key
+from flowfabric.server.store import Store
+from flowfabric.v1 import types_pb2 as t
+
+
+def _int(fields: Mapping[str, str], name: str) -> int:
+    try:
+        return int(fields.get(name) or 0)
+    except ValueError:
+        return 0
+
+
+def _opt_int(fields: Mapping[str, str], name: str) -> int | None:
+    raw = fields.get(name) or ""
+    try:
+        return int(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def signal_record(fields: Mapping[str, str], payload: bytes, stream_id: str = "") -> t.SignalRecord:
+    """A stored signal hash (spec 20 §2) and its payload bytes as a SignalRecord."""
+    return t.SignalRecord(
+        signal_id=fields.get("signal_id", ""),
+        execution_id=fields.get("target_execution_id", ""),
+        waitpoint_id=fields.get("target_waitpoint_id", ""),
+        signal_name=fields.get("signal_name", ""),
+        signal_category=fields.get("signal_category", ""),
+        source_type=fields.get("source_type", ""),
+        source_identity=fields.get("source_identity", ""),
+        correlation_id=fields.get("correlation_id") or None,
+        payload=payload,
+        payload_encoding=fields.get("payload_encoding") or "json",
+        observed_effect=fields.get("observed_effect", ""),
+        created_at=_int(fields, "created_at"),
+        accepted_at=_int(fields, "accepted_at"),
+        stream_id=stream_id or fields.get("stream_id", ""),
+    )
+
+
+def waitpoint_info(
+    fields: Mapping[str, str], required_signal_names: list[str]
+) -> t.PendingWaitpointInfo:
+    """A waitpoint hash as PendingWaitpointInfo (carries the token: never log it)."""
+    return t.PendingWaitpointInfo(
+        waitpoint_id=fields.get("waitpoint_id", ""),
+        waitpoint_key=fields.get("waitpoint_key", ""),
+        state=fields.get("state", ""),
+        waitpoint_token=fields.get("waitpoint_token", ""),
+        required_signal_names=required_signal_names,
+        created_at=_int(fields, "created_at"),
+        activated_at=_opt_int(fields, "activated_at"),
+        expires_at=_opt_int(fields, "expires_at"),
+    )
+
+
+async def read_signal(
+    store: Store, eid: ExecutionId, signal_id: str, stream_id: str = ""
+) -> t.SignalRecord | None:
+    """One signal by id (hash + payload, one slot); None when it does not exist."""
+    key = signal_key(eid.tag, signal_id)
+    pipe = store.pipeline()
+    pipe.hgetall(key)
+    pipe.get(signal_payload_key(eid.tag, signal_id))
+    fields_raw, payload = await store.run_pipeline(pipe)
+    fields = hash_to_dict(fields_raw)
+    if not fields:
+        return None
+    raw = payload if isinstance(payload, bytes) else text(payload).encode() if payload else b""
+    return signal_record(fields, raw, stream_id)
+
+
+async def read_waitpoint(
+    store: Store, eid: ExecutionId, waitpoint_id: str
+) -> t.PendingWaitpointInfo | None:
+    """One waitpoint (with its matcher names) by id; None when it does not exist."""
+    wk = WaitpointKeys(eid.tag, waitpoint_id)
+    pipe = store.pipeline()
+    pipe.hgetall(wk.waitpoint)
+    pipe.hgetall(wk.condition)
+    fields_raw, cond_raw = await store.run_pipeline(pipe)
+    fields = hash_to_dict(fields_raw)
+    if not fields:
+        return None
+    cond = hash_to_dict(cond_raw)
+    names = [cond.get(f"matcher:{i}:name", "") for i in range(_int(cond, "total_matchers"))]
+    return waitpoint_info(fields, [n for n in names if n])
