@@ -71,6 +71,8 @@ async def store(_session_store: Store) -> Store:
 # -- the gRPC server in-process on port 0 -----------------------------------------------------
 
 API_TOKEN = "test-token"
+# FF_WAITPOINT_HMAC_SECRET for servers on the fixture Valkey (required with an external Valkey).
+HMAC_SECRET = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 
 
 class Api:
@@ -104,6 +106,7 @@ async def _session_api(valkey_url: str, _session_store: Store) -> AsyncIterator[
         valkey_url=valkey_url,
         listen_addr="127.0.0.1:0",
         api_token=API_TOKEN,
+        waitpoint_hmac_secret=HMAC_SECRET,
         shutdown_grace_s=1.0,
         boot_retry_s=5.0,
     )
@@ -131,6 +134,8 @@ FAST_SCANNERS = {
     "FF_UNBLOCK_INTERVAL_S": 100,
     "FF_INDEX_RECONCILER_INTERVAL_S": 1000,
     "FF_RETENTION_TRIMMER_INTERVAL_S": 1000,
+    "FF_SUSPENSION_TIMEOUT_INTERVAL_S": 100,
+    "FF_PENDING_WP_EXPIRY_INTERVAL_S": 100,
 }
 
 
@@ -141,6 +146,7 @@ async def engine_api(valkey_url: str, store: Store) -> AsyncIterator[Api]:
         valkey_url=valkey_url,
         listen_addr="127.0.0.1:0",
         api_token=API_TOKEN,
+        waitpoint_hmac_secret=HMAC_SECRET,
         shutdown_grace_s=1.0,
         boot_retry_s=5.0,
         flow_partitions=16,

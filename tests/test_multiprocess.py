@@ -40,7 +40,8 @@ def valkey(tmp_path: Path) -> Iterator[ValkeyProcess]:
 
 @pytest.fixture
 def servers(valkey: ValkeyProcess, tmp_path: Path) -> Iterator[list[str]]:
-    env = {**os.environ, **FAST, "FF_VALKEY_URL": valkey.url, "FF_FLOW_PARTITIONS": "16"}
+    env = {**os.environ, **FAST, "FF_VALKEY_URL": valkey.url, "FF_FLOW_PARTITIONS": "16",
+           "FF_WAITPOINT_HMAC_SECRET": "ab" * 32}  # fmt: skip
     procs, addresses = [], []
     for i in range(2):
         log = (tmp_path / f"server{i}.log").open("w")

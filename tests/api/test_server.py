@@ -17,9 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from flowfabric.server.app import BootError, FlowFabricServer
 from flowfabric.server.config import Config
 from flowfabric.server.keys import PARTITION_CONFIG
-from flowfabric.v1 import admin_pb2, execution_pb2, signal_pb2
+from flowfabric.v1 import admin_pb2, execution_pb2, flow_pb2, flow_pb2_grpc
 from tests.api.util import expect_error
-from tests.conftest import API_TOKEN, Api
+from tests.conftest import API_TOKEN, HMAC_SECRET, Api
 
 C = grpc.StatusCode
 
@@ -58,8 +58,9 @@ async def test_health_needs_no_token(api: Api) -> None:
 
 
 async def test_undelivered_rpc_answers_unimplemented_clearly(api: Api) -> None:
+    flows = flow_pb2_grpc.FlowServiceStub(api.channel)
     info = await expect_error(
-        api.signal.DeliverSignal(signal_pb2.DeliverSignalRequest(), metadata=api.metadata),
+        flows.CreateFlow(flow_pb2.CreateFlowRequest(), metadata=api.metadata),
         C.UNIMPLEMENTED,
         "not_implemented",
     )
@@ -138,7 +139,13 @@ async def test_boot_refuses_a_different_partition_count(api: Api) -> None:
     )
     url = api.server.config.valkey_url
     other = FlowFabricServer(
-        Config(valkey_url=url, listen_addr="127.0.0.1:0", flow_partitions=128, boot_retry_s=1)
+        Config(
+            valkey_url=url,
+            listen_addr="127.0.0.1:0",
+            flow_partitions=128,
+            boot_retry_s=1,
+            waitpoint_hmac_secret=HMAC_SECRET,
+        )
     )
     with pytest.raises(BootError, match="fixed at deployment"):
         await other.start()
@@ -180,7 +187,12 @@ async def test_health_not_serving_while_valkey_is_down(tmp_path: Path) -> None:
 
     valkey = await asyncio.to_thread(ValkeyProcess(tmp_path / "v", persistent=False).start)
     server = FlowFabricServer(
-        Config(valkey_url=valkey.url, listen_addr="127.0.0.1:0", shutdown_grace_s=1)
+        Config(
+            valkey_url=valkey.url,
+            listen_addr="127.0.0.1:0",
+            shutdown_grace_s=1,
+            waitpoint_hmac_secret=HMAC_SECRET,
+        )
     )
     server.health_ping_interval_s = 0.1
     port = await server.start()

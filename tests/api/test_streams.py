@@ -22,7 +22,7 @@ from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as wpb
 from tests.api.test_lifecycle import claim_one, complete, create, fail, with_epoch
 from tests.api.util import error_info, expect_error
-from tests.conftest import API_TOKEN, Api
+from tests.conftest import API_TOKEN, HMAC_SECRET, Api
 
 C = grpc.StatusCode
 
@@ -328,6 +328,7 @@ async def small_api(valkey_url: str, store: Store) -> AsyncIterator[Api]:
         valkey_url=valkey_url,
         listen_addr="127.0.0.1:0",
         api_token=API_TOKEN,
+        waitpoint_hmac_secret=HMAC_SECRET,
         shutdown_grace_s=1.0,
         boot_retry_s=5.0,
         max_concurrent_stream_ops=2,

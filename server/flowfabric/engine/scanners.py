@@ -48,6 +48,9 @@ class Scanner:
     # Members due at score <= now - age_ms; "+inf" reads the whole index (unblock).
     age_ms: int = 0
     whole_index: bool = False
+    # The action's third argument is the partition's tag instead of a lane (indexes whose
+    # members carry no partition, e.g. pending-waitpoint expiry: waitpoint ids).
+    by_partition: bool = False
     _failures: dict[str, int] = field(default_factory=dict)
     _skip_until: dict[str, int] = field(default_factory=dict)
     cycles: int = 0
@@ -194,7 +197,10 @@ class ScannerSet:
                 for p in batch:
                     keys += [(scanner.index(PartitionKeys.of(p), ln), ln) for ln in lanes[p]]
             else:
-                keys = [(scanner.index(PartitionKeys.of(p), None), None) for p in batch]
+                keys = [
+                    (scanner.index(pk, None), pk.tag if scanner.by_partition else None)
+                    for pk in map(PartitionKeys.of, batch)
+                ]
             upper: int | str = "+inf" if scanner.whole_index else now - scanner.age_ms
             pipe = self.store.pipeline()
             for key, _lane in keys:

@@ -1,8 +1,8 @@
 """Boot, serve and shut down, in the order spec 50 §2.2 and §2.5 write down.
 
 Boot: embedded Valkey (when no URL) → connect (retrying for FF_BOOT_RETRY_S) → version gate →
-partition config (atomic first write) → Functions library → servicers, health SERVING,
-reflection, interceptors → bind.
+partition config (atomic first write) → Functions library → waitpoint HMAC secret on every
+partition → servicers, health SERVING, reflection, interceptors → bind.
 Shutdown (safe to call twice): health NOT_SERVING → stop accepting and drain in-flight RPCs
 within the grace period → stop background tasks → close Valkey → stop the embedded Valkey
 with a persisting shutdown.
@@ -23,17 +23,21 @@ from flowfabric.engine.events import EventHub
 from flowfabric.engine.lifecycle import lifecycle_scanners
 from flowfabric.engine.scanners import ScannerSet
 from flowfabric.engine.scheduler import Scheduler
+from flowfabric.engine.suspension import suspension_scanners
 from flowfabric.server import limits
 from flowfabric.server.aio import cancel_and_wait
-from flowfabric.server.config import Config
+from flowfabric.server.config import Config, ConfigError
 from flowfabric.server.embedded import ValkeyProcess
-from flowfabric.server.functions import LifecycleFunctions
+from flowfabric.server.errors import FlowFabricError
+from flowfabric.server.functions import SignalFunctions
 from flowfabric.server.interceptors import FlowFabricInterceptor
 from flowfabric.server.keys import PARTITION_CONFIG
-from flowfabric.server.servicers import admin, execution, stream, worker
+from flowfabric.server.keystore import install_secret, resolve_secret
+from flowfabric.server.servicers import admin, execution, signal, stream, worker
 from flowfabric.server.servicers.base import ServerContext, pending
 from flowfabric.server.store import Store, is_transport_error
 from flowfabric.server.streams import StreamSlots
+from flowfabric.server.watches import SignalWatches
 from flowfabric.server.workers import WorkerRegistry
 from flowfabric.v1 import (
     admin_pb2,
@@ -78,6 +82,7 @@ class FlowFabricServer:
         self.store: Store | None = None
         self.stream_store: Store | None = None  # dedicated pool for blocking stream reads
         self.streams: stream.StreamServicer | None = None
+        self.signal_watches: SignalWatches | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -89,6 +94,10 @@ class FlowFabricServer:
 
     async def start(self) -> int:
         cfg = self.config
+        try:
+            secret = resolve_secret(cfg)
+        except ConfigError as exc:
+            raise BootError(str(exc)) from None
         if cfg.embedded:
             self.embedded = await asyncio.to_thread(ValkeyProcess(cfg.data_dir).start)
             log.info("embedded Valkey on %s (data in %s)", self.embedded.url, cfg.data_dir)
@@ -98,12 +107,18 @@ class FlowFabricServer:
         version = await self._retry(self.store.check_version, "Valkey version check")
         await self._partition_config(self.store)
         await self._retry(self.store.ensure_library, "Functions library load")
-        fn = LifecycleFunctions(self.store)
+        fn = SignalFunctions(self.store, secret)
+        try:
+            await install_secret(fn, cfg.flow_partitions, secret)
+        except FlowFabricError as exc:
+            raise BootError(f"installing the waitpoint HMAC secret failed: {exc.code}") from exc
         ctx = ServerContext(config=cfg, store=self.store, functions=fn)
         self.hub = EventHub(self.store)
         self.scheduler = Scheduler(fn, self.store, cfg.flow_partitions, self.hub)
         registry = WorkerRegistry(self.store)
         self.scanners = lifecycle_scanners(cfg, self.store, fn, registry, self.scheduler.wake_local)
+        for scanner in suspension_scanners(cfg, self.store, fn):
+            self.scanners.add(scanner)
         self.server = self._build_server(ctx, ".".join(map(str, version)), registry)
         self.port = self._bind(self.server)
         await self.server.start()
@@ -190,13 +205,17 @@ class FlowFabricServer:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             admin.AdminServicer(ctx, valkey_version), server
         )
+        assert self.store is not None and self.hub is not None
+        self.signal_watches = SignalWatches(self.store, self.hub)
+        signal_pb2_grpc.add_SignalServiceServicer_to_server(
+            signal.SignalServicer(ctx, self.signal_watches), server
+        )
         assert self.stream_store is not None
         self.streams = stream.StreamServicer(
             ctx, self.hub, self.stream_store, StreamSlots(self.config.max_concurrent_stream_ops)
         )
         stream_pb2_grpc.add_StreamServiceServicer_to_server(self.streams, server)
         later = [
-            (signal_pb2, signal_pb2_grpc, "SignalService", "the signals work (issue 6)"),
             (flow_pb2, flow_pb2_grpc, "FlowService", "the flows work"),
             (budget_pb2, budget_pb2_grpc, "BudgetService", "the budgets and quotas work"),
         ]
@@ -276,6 +295,8 @@ class FlowFabricServer:
             self.scheduler.closing.set()  # long-polling claims answer NoWork now
         if self.streams is not None:
             self.streams.shutdown()  # live tails end with UNAVAILABLE shutting_down
+        if self.signal_watches is not None:
+            self.signal_watches.shutdown()  # likewise the signal and waitpoint watches
         if self.server is not None:
             await self.server.stop(grace)
         if self.scanners is not None:

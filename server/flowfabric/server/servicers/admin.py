@@ -1,15 +1,25 @@
-"""AdminService: server information and lane/partition collision analysis (spec 50 §2.8)."""
+"""AdminService: waitpoint HMAC secret rotation and keystore inspection (spec 20 §5.10-§5.11),
+server information and lane/partition collision analysis (spec 50 §2.8)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import defaultdict
 from typing import Any
 
-from flowfabric.server.errors import InvalidInput
+from flowfabric.server.config import MAX_GRACE_MS
+from flowfabric.server.errors import FlowFabricError, InvalidInput
+from flowfabric.server.functions import SignalFunctions
 from flowfabric.server.ids import solo_partition, validate_lane
-from flowfabric.server.servicers.base import ServerContext, pending
+from flowfabric.server.keys import PartitionKeys
+from flowfabric.server.keystore import ROTATION_DEADLINE_S, audit, rotate_secret
+from flowfabric.server.servicers.base import ServerContext
 from flowfabric.v1 import admin_pb2 as pb
 from flowfabric.v1 import admin_pb2_grpc as rpc
+from flowfabric.v1 import types_pb2 as t
+
+log = logging.getLogger("flowfabric.admin")
 
 SERVER_VERSION = "0.1.0"
 
@@ -52,13 +62,99 @@ def partition_collisions(
     return rows, collision_severity(colliding, max(len(lanes), 1))
 
 
-@pending(
-    pb.DESCRIPTOR.services_by_name["AdminService"], "the suspension and signals work (issue 6)"
-)
+def validate_rotation(request: pb.RotateWaitpointSecretRequest, default_grace_ms: int) -> int:
+    """Check a rotation before any partition is touched; returns the grace in ms.
+
+    Error messages never carry the secret."""
+    kid = request.new_kid
+    if not kid or ":" in kid or len(kid.encode()) > 64 or not kid.isprintable() or " " in kid:
+        raise FlowFabricError(
+            "invalid_kid", message="new_kid must be 1..64 printable bytes without ':' or spaces"
+        )
+    hexed = request.new_secret_hex
+    if not hexed or len(hexed) % 2 or any(c not in "0123456789abcdefABCDEF" for c in hexed):
+        raise FlowFabricError(
+            "invalid_secret_hex",
+            message="new_secret_hex must be a non-empty even-length hex string",
+        )
+    grace = request.grace_ms if request.HasField("grace_ms") else default_grace_ms
+    if grace > MAX_GRACE_MS:
+        raise FlowFabricError("invalid_grace_ms", message=f"grace_ms must be <= {MAX_GRACE_MS}")
+    return int(grace)
+
+
+def _all_failed(codes: dict[str, int]) -> FlowFabricError:
+    if set(codes) == {"rotation_conflict"}:
+        return FlowFabricError(
+            "rotation_conflict",
+            message="the kid already exists with another secret on every partition; pick a new kid",
+        )
+    return FlowFabricError(
+        "backend_unavailable",
+        message=f"the rotation failed on every partition ({', '.join(sorted(codes))}); "
+        "retrying the same rotation is safe",
+        retry_after_ms=1000,
+    )
+
+
 class AdminServicer(rpc.AdminServiceServicer):  # type: ignore[misc]
     def __init__(self, ctx: ServerContext, valkey_version: str) -> None:
         self.ctx = ctx
         self.valkey_version = valkey_version
+        self._rotation = asyncio.Lock()  # single-flight: a concurrent rotation fails fast
+
+    @property
+    def fn(self) -> SignalFunctions:
+        assert isinstance(self.ctx.functions, SignalFunctions)
+        return self.ctx.functions
+
+    async def RotateWaitpointSecret(
+        self, request: pb.RotateWaitpointSecretRequest, context: Any
+    ) -> pb.RotateWaitpointSecretResponse:
+        grace = validate_rotation(request, self.ctx.config.waitpoint_hmac_grace_ms)
+        if self._rotation.locked():
+            raise FlowFabricError(
+                "concurrency_limit",
+                message="another waitpoint secret rotation is running; retry when it ends",
+                metadata={"pool": "admin_rotate", "max": "1"},
+                retry_after_ms=1000,
+            )
+        async with self._rotation:
+            kid, parts = request.new_kid, self.ctx.partitions
+            try:
+                async with asyncio.timeout(ROTATION_DEADLINE_S):
+                    result = await rotate_secret(self.fn, parts, kid, request.new_secret_hex, grace)
+            except TimeoutError:
+                audit.error(
+                    "waitpoint_hmac_rotation_timeout new_kid=%s timeout_s=%d",
+                    kid,
+                    ROTATION_DEADLINE_S,
+                )
+                raise FlowFabricError(
+                    "backend_timeout",
+                    message=f"the rotation exceeded {ROTATION_DEADLINE_S:.0f} s; retrying the "
+                    "same rotation is safe",
+                ) from None
+        if result.rotated == 0:
+            raise _all_failed(dict(result.codes))
+        return pb.RotateWaitpointSecretResponse(
+            rotated=result.rotated, failed=result.failed, new_kid=kid
+        )
+
+    async def ListWaitpointKids(
+        self, request: pb.ListWaitpointKidsRequest, context: Any
+    ) -> pb.ListWaitpointKidsResponse:
+        part = request.partition if request.HasField("partition") else 0
+        if part >= self.ctx.partitions:
+            raise InvalidInput(
+                "partition", f"partition must be < num_flow_partitions ({self.ctx.partitions})"
+            )
+        current, verifying = await self.fn.list_waitpoint_hmac_kids(PartitionKeys.of(part).tag)
+        kids = t.WaitpointHmacKids(
+            current_kid=current or None,
+            verifying=[t.VerifyingKid(kid=k, expires_at_ms=e) for k, e in verifying],
+        )
+        return pb.ListWaitpointKidsResponse(partition=part, kids=kids)
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: Any

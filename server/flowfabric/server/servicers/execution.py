@@ -13,7 +13,7 @@ from flowfabric.engine.events import EventHub
 from flowfabric.server import limits, reads
 from flowfabric.server.codec import cancel_source, enum_text, enum_value, text
 from flowfabric.server.errors import FlowFabricError, InvalidInput, not_implemented
-from flowfabric.server.functions import Fence, LifecycleFunctions, NewExecution
+from flowfabric.server.functions import Fence, LifecycleFunctions, NewExecution, SignalFunctions
 from flowfabric.server.ids import (
     ExecutionId,
     mint_execution_id,
@@ -52,6 +52,8 @@ TERMINAL_PUBLIC = frozenset(
     }
 )
 WATCH_BACKSTOP_S = 30.0
+RESUME_TRIGGERS = ("operator", "auto_resume", "signal")
+MAX_RESUME_DELAY_MS = (1 << 53) - 1
 
 
 @pending(pb.DESCRIPTOR.services_by_name["ExecutionService"], "the suspension and signals work")
@@ -66,6 +68,11 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
     @property
     def fn(self) -> LifecycleFunctions:
         assert isinstance(self.ctx.functions, LifecycleFunctions)
+        return self.ctx.functions
+
+    @property
+    def sfn(self) -> SignalFunctions:
+        assert isinstance(self.ctx.functions, SignalFunctions)
         return self.ctx.functions
 
     def _new_id(self, request: pb.CreateExecutionRequest, lane: str) -> ExecutionId:
@@ -243,6 +250,30 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
             self.on_created()
         return pb.ReplayExecutionResponse(
             replayed=pb.ReplayExecutionResponse.Replayed(
+                public_state=enum_value(t.PublicState, reply.str(0))
+            )
+        )
+
+    async def ResumeExecution(
+        self, request: pb.ResumeExecutionRequest, context: Any
+    ) -> pb.ResumeExecutionResponse:
+        """Operator resume of a suspended execution (spec 20 §5.5); the trigger is recorded as
+        the waitpoint's close reason."""
+        eid = self.ctx.execution_id(request.execution_id)
+        trigger = request.trigger_type or "operator"
+        if trigger not in RESUME_TRIGGERS:
+            raise InvalidInput(
+                "trigger_type", f"trigger_type must be one of {', '.join(RESUME_TRIGGERS)}"
+            )
+        if request.resume_delay_ms > MAX_RESUME_DELAY_MS:
+            raise InvalidInput(
+                "resume_delay_ms", f"resume_delay_ms must be <= {MAX_RESUME_DELAY_MS}"
+            )
+        reply = await self.sfn.resume_execution(eid, trigger, request.resume_delay_ms)
+        if self.on_created is not None:
+            self.on_created()
+        return pb.ResumeExecutionResponse(
+            resumed=pb.ResumeExecutionResponse.Resumed(
                 public_state=enum_value(t.PublicState, reply.str(0))
             )
         )

@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from flowfabric.engine.scheduler import Claimed, ClaimRequest, Scheduler
 from flowfabric.server import limits
-from flowfabric.server.codec import Reply, cancel_source, enum_value, text
+from flowfabric.server.codec import Reply, cancel_source, enum_value, hash_to_dict, text
 from flowfabric.server.errors import FlowFabricError, InvalidInput
-from flowfabric.server.functions import Claimer, Fence, Frame, LifecycleFunctions, StreamFunctions
+from flowfabric.server.functions import (
+    Claimer,
+    Fence,
+    Frame,
+    LifecycleFunctions,
+    SignalFunctions,
+    StreamFunctions,
+    Suspension,
+)
 from flowfabric.server.ids import (
     ExecutionId,
     capabilities_csv,
+    parse_uuid,
     validate_identifier,
     validate_lane,
 )
-from flowfabric.server.keys import ExecKeys
+from flowfabric.server.keys import ExecKeys, WaitpointKeys
 from flowfabric.server.servicers.base import ServerContext, pending
+from flowfabric.server.signal_records import signal_record
 from flowfabric.server.workers import WorkerRegistry
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
@@ -35,6 +46,48 @@ DEFAULT_GRANT_TTL_MS = 10_000
 MAX_GRANT_TTL_MS = 60_000
 MAX_WAIT_MS = 30_000
 MAX_BATCH = 100
+MAX_WAITPOINT_KEY_BYTES = 256
+REQUESTERS = ("worker", "operator", "policy", "system_timeout_policy")
+
+
+def waitpoint_id_of(value: str, field: str = "waitpoint_id") -> str:
+    """A caller's waitpoint id (a UUID) or a fresh one."""
+    return parse_uuid(value, field) if value else str(uuid.uuid4())
+
+
+def waitpoint_key_of(value: str, waitpoint_id: str) -> str:
+    """Opaque label, at most 256 bytes; default `wpk:<waitpoint_id>` (spec 20 §2)."""
+    key = value or f"wpk:{waitpoint_id}"
+    if len(key.encode()) > MAX_WAITPOINT_KEY_BYTES:
+        raise FlowFabricError(
+            "invalid_waitpoint_key",
+            message=f"waitpoint_key must be at most {MAX_WAITPOINT_KEY_BYTES} bytes",
+        )
+    return key
+
+
+def suspension_of(request: pb.SuspendRequest) -> Suspension:
+    """Validate a Suspend request's own fields and fill the defaults."""
+    if request.use_pending_waitpoint and not request.waitpoint_id:
+        raise InvalidInput("waitpoint_id", "use_pending_waitpoint needs the pending waitpoint_id")
+    wp = waitpoint_id_of(request.waitpoint_id)
+    requested_by = request.requested_by or "worker"
+    if requested_by not in REQUESTERS:
+        raise InvalidInput("requested_by", f"requested_by must be one of {', '.join(REQUESTERS)}")
+    return Suspension(
+        suspension_id=validate_identifier(request.suspension_id, "suspension_id")
+        if request.suspension_id else str(uuid.uuid4()),
+        waitpoint_id=wp,
+        waitpoint_key=waitpoint_key_of(request.waitpoint_key, wp),
+        reason_code=validate_identifier(request.reason_code or "waiting_for_signal", "reason_code"),
+        requested_by=requested_by,
+        resume_condition_json=request.resume_condition_json or "{}",
+        resume_policy_json=request.resume_policy_json or "{}",
+        continuation_metadata_pointer=request.continuation_metadata_pointer,
+        timeout_at=request.timeout_at if request.HasField("timeout_at") else None,
+        use_pending_waitpoint=request.use_pending_waitpoint,
+        timeout_behavior=request.timeout_behavior,
+    )  # fmt: skip
 
 
 def source_text(source: int, fenced: bool) -> str:
@@ -84,6 +137,11 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
     @property
     def fn(self) -> LifecycleFunctions:
         assert isinstance(self.ctx.functions, LifecycleFunctions)
+        return self.ctx.functions
+
+    @property
+    def sfn(self) -> SignalFunctions:
+        assert isinstance(self.ctx.functions, SignalFunctions)
         return self.ctx.functions
 
     # -- request decoding ---------------------------------------------------------------------
@@ -338,6 +396,91 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
             out.last_entry_id = reply.str(0)
             out.frame_count = reply.int(1)
         return out
+
+    # -- waitpoints and suspension (spec 20 §5.1, §5.2, §5.6, §5.8) ---------------------------
+
+    async def CreatePendingWaitpoint(
+        self, request: pb.CreatePendingWaitpointRequest, context: Any
+    ) -> pb.CreatePendingWaitpointResponse:
+        eid, fence, idx = self._fenced(request)
+        if not request.HasField("lease"):
+            idx = request.attempt_index
+        wp = waitpoint_id_of(request.waitpoint_id)
+        key = waitpoint_key_of(request.waitpoint_key, wp)
+        if request.expires_in_ms <= 0:
+            raise InvalidInput("expires_in_ms", "expires_in_ms is required (> 0)")
+        reply = await self.sfn.create_pending_waitpoint(
+            eid, fence, idx, wp, key, request.expires_in_ms
+        )
+        return pb.CreatePendingWaitpointResponse(
+            created=pb.CreatePendingWaitpointResponse.Created(
+                waitpoint_id=reply.str(0), waitpoint_key=reply.str(1), waitpoint_token=reply.str(2)
+            )
+        )
+
+    async def Suspend(self, request: pb.SuspendRequest, context: Any) -> pb.SuspendResponse:
+        eid, fence, idx = self._fenced(request)
+        s = suspension_of(request)
+        try:
+            reply = await self.sfn.suspend_execution(eid, fence, idx, s)
+        except FlowFabricError as exc:
+            if exc.code not in ("execution_not_active", "already_suspended"):
+                raise
+            stored = await self._own_suspension(eid, idx, s) if request.suspension_id else None
+            if stored is None:
+                raise
+            # a retry after a lost reply: this call's suspension is the stored one
+            token = text(
+                await self.ctx.store.call(
+                    "HGET", WaitpointKeys(eid.tag, s.waitpoint_id).waitpoint, "waitpoint_token"
+                )
+            )
+            done = pb.SuspendResponse.Suspended(
+                suspension_id=s.suspension_id, waitpoint_id=s.waitpoint_id,
+                waitpoint_key=stored.get("waitpoint_key", ""), waitpoint_token=token,
+            )  # fmt: skip
+            return pb.SuspendResponse(suspended=done, replayed=True)
+        values = {
+            "suspension_id": reply.str(0), "waitpoint_id": reply.str(1),
+            "waitpoint_key": reply.str(2), "waitpoint_token": reply.str(3),
+        }  # fmt: skip
+        if reply.status == "ALREADY_SATISFIED":
+            return pb.SuspendResponse(
+                already_satisfied=pb.SuspendResponse.AlreadySatisfied(**values)
+            )
+        return pb.SuspendResponse(suspended=pb.SuspendResponse.Suspended(**values))
+
+    async def _own_suspension(
+        self, eid: ExecutionId, attempt_index: int, s: Suspension
+    ) -> dict[str, str] | None:
+        """The stored suspension record if it is the one this call (same id, attempt and
+        waitpoint) made, else None."""
+        raw = await self.ctx.store.call("HGETALL", ExecKeys(eid).suspension_current)
+        stored = hash_to_dict(raw)
+        mine = (
+            stored.get("suspension_id") == s.suspension_id
+            and stored.get("attempt_index") == str(attempt_index)
+            and stored.get("waitpoint_id") == s.waitpoint_id
+        )
+        return stored if mine else None
+
+    async def GetResumeSignals(
+        self, request: pb.GetResumeSignalsRequest, context: Any
+    ) -> pb.GetResumeSignalsResponse:
+        eid, _fence, idx = self._fenced(request)
+        rows = await self.sfn.read_resume_signals(eid, idx)
+        return pb.GetResumeSignalsResponse(
+            signals=[signal_record(fields, payload) for fields, payload in rows]
+        )
+
+    async def CloseWaitpoint(
+        self, request: pb.CloseWaitpointRequest, context: Any
+    ) -> pb.CloseWaitpointResponse:
+        eid = self.ctx.execution_id(request.execution_id)
+        wp = parse_uuid(request.waitpoint_id, "waitpoint_id")
+        reason = validate_identifier(request.reason, "reason") if request.reason else ""
+        await self.sfn.close_waitpoint(eid, wp, reason)
+        return pb.CloseWaitpointResponse(closed=pb.CloseWaitpointResponse.Closed())
 
     # -- terminal and pausing transitions -----------------------------------------------------
 
