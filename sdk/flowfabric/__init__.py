@@ -1,8 +1,9 @@
 """FlowFabric: a durable execution control plane on gRPC and Valkey Functions.
 
-The Python SDK: `Client` (async) and `SyncClient` submit and operate on executions; `Worker`
-runs `async` handlers for the executions it claims. Everything public is re-exported here from
-private modules; `tests/sdk/test_exports.py` pins the list.
+The Python SDK: `Client` (async) and `SyncClient` submit and operate on executions and deliver
+signals; `Worker` runs `async` handlers for the executions it claims, which may suspend until
+signals arrive (`TaskContext.suspend`, `TaskContext.wait_for_signal`). Everything public is
+re-exported here from private modules; `tests/sdk/test_exports.py` pins the list.
 """
 
 from flowfabric._client import Client, ExecutionState, Page, Submitted
@@ -15,6 +16,7 @@ from flowfabric._errors import (
     FlowFabricError,
     HandlerError,
     InvalidArgument,
+    InvalidWaitpointToken,
     NonRetryableError,
     NotFound,
     PermissionDenied,
@@ -22,12 +24,22 @@ from flowfabric._errors import (
     ResultNotReady,
     RetryAfter,
     StaleLease,
+    TaskSuspended,
     Unauthenticated,
     Unavailable,
+    WaitpointClosed,
 )
 from flowfabric._retry import RetryPolicy
+from flowfabric._signals import (
+    SecretRotation,
+    Signal,
+    SignalDelivery,
+    Waitpoint,
+    WaitpointEvent,
+    WaitpointKids,
+)
 from flowfabric._sync import SyncClient
-from flowfabric._task import TaskContext
+from flowfabric._task import PendingWaitpoint, TaskContext
 from flowfabric._worker import Worker, WorkerStats
 
 __all__ = [
@@ -41,20 +53,30 @@ __all__ = [
     "FlowFabricError",
     "HandlerError",
     "InvalidArgument",
+    "InvalidWaitpointToken",
     "NonRetryableError",
     "NotFound",
     "Page",
+    "PendingWaitpoint",
     "PermissionDenied",
     "ResourceExhausted",
     "ResultNotReady",
     "RetryAfter",
     "RetryPolicy",
+    "SecretRotation",
+    "Signal",
+    "SignalDelivery",
     "StaleLease",
     "Submitted",
     "SyncClient",
     "TaskContext",
+    "TaskSuspended",
     "Unauthenticated",
     "Unavailable",
+    "Waitpoint",
+    "WaitpointClosed",
+    "WaitpointEvent",
+    "WaitpointKids",
     "Worker",
     "WorkerStats",
 ]

@@ -23,11 +23,26 @@ from typing import Any, TypeVar
 
 import grpc
 
-from flowfabric._errors import DeadlineExceeded, ResultNotReady, from_rpc_error
+from flowfabric._errors import DeadlineExceeded, NotFound, ResultNotReady, from_rpc_error
 from flowfabric._retry import RETRY_CODES, Backoff, RetryPolicy, with_retries
+from flowfabric._signals import (
+    Duration,
+    SecretRotation,
+    Signal,
+    SignalDelivery,
+    Waitpoint,
+    WaitpointEvent,
+    WaitpointKids,
+    choose_waitpoints,
+    duration_ms,
+)
 from flowfabric.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
     execution_pb2,
     execution_pb2_grpc,
+    signal_pb2,
+    signal_pb2_grpc,
     stream_pb2,
     stream_pb2_grpc,
     types_pb2,
@@ -48,6 +63,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 
 #: While waiting, the state is re-read this often in case a watch event was lost.
 WAIT_RECHECK_S = 2.0
+#: RotateWaitpointSecret fans out to every partition; the server gives up after 120 s.
+ROTATE_DEADLINE_S = 130.0
 
 Time = datetime | timedelta | int
 """An absolute time: a datetime, a delay from now (timedelta), or ms since the Unix epoch."""
@@ -184,6 +201,8 @@ class Client:
         self._executions = execution_pb2_grpc.ExecutionServiceStub(self._channel)
         self._workers = worker_pb2_grpc.WorkerServiceStub(self._channel)
         self._streams = stream_pb2_grpc.StreamServiceStub(self._channel)
+        self._signals = signal_pb2_grpc.SignalServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     @classmethod
     async def connect(
@@ -348,6 +367,24 @@ class Client:
             self._executions.ChangePriority,
             execution_pb2.ChangePriorityRequest(execution_id=execution_id, new_priority=priority),
         )
+
+    async def resume(self, execution_id: str, *, delay: Duration = 0) -> ExecutionState:
+        """Operator resume of a suspended execution without its signals (ResumeExecution).
+
+        The same attempt becomes claimable again (after `delay`: seconds or a timedelta) and
+        its handler re-runs with empty `resume_signals`. Not retried: a repeat answers
+        `execution_not_suspended`.
+
+        Returns:
+            WAITING, or DELAYED with a delay.
+        """
+        request = execution_pb2.ResumeExecutionRequest(
+            execution_id=execution_id,
+            trigger_type="operator",
+            resume_delay_ms=duration_ms(delay, "delay"),
+        )
+        reply = await self._call(self._executions.ResumeExecution, request, retry=False)
+        return ExecutionState(reply.resumed.public_state)
 
     async def list(
         self,
@@ -564,3 +601,250 @@ class Client:
                 call.cancel()
             await asyncio.sleep(self._backoff.delay(retries))
             retries += 1
+
+    # -- SignalService --------------------------------------------------------------------------
+
+    async def deliver_signal(
+        self,
+        execution_id: str,
+        waitpoint_id: str,
+        name: str,
+        token: str,
+        payload: Payload | None = None,
+        *,
+        idempotency_key: str | None = None,
+        category: str = "",
+        source_type: str = "",
+        source_identity: str = "",
+        correlation_id: str | None = None,
+        payload_encoding: str | None = None,
+        resume_delay: Duration | None = None,
+        created_at: Time | None = None,
+    ) -> SignalDelivery:
+        """Deliver signal `name` to a waitpoint, presenting its token.
+
+        On an active waitpoint the signal is evaluated and may resume the execution; on a
+        pending one it is buffered and evaluated when the suspension activates it. Retried on
+        UNAVAILABLE only with an `idempotency_key` (a repeat then answers `duplicate`).
+
+        Args:
+            payload: bytes verbatim, str as UTF-8, mappings and lists as JSON; ≤ 65 536 bytes.
+            idempotency_key: Dedup key, scoped to the waitpoint (24 h window).
+            category: Free-form (e.g. `approval`, `callback`).
+            source_type: Who sends it (e.g. `user`, `webhook`).
+            source_identity: Which one of them.
+            resume_delay: If this signal resumes the execution: eligible only after this long.
+            created_at: The sender's timestamp (default: acceptance time).
+
+        Raises:
+            InvalidWaitpointToken: The token is wrong, expired or missing (also for an unknown
+                waitpoint).
+            WaitpointClosed: The waitpoint no longer takes signals, or the execution ended.
+            ResourceExhausted: `signal_limit_exceeded`.
+            InvalidArgument: `payload_too_large`.
+        """
+        data, encoding = encode_payload(payload)
+        request = signal_pb2.DeliverSignalRequest(
+            execution_id=execution_id,
+            waitpoint_id=waitpoint_id,
+            signal_name=name,
+            signal_category=category,
+            source_type=source_type,
+            source_identity=source_identity,
+            waitpoint_token=token,
+        )
+        if data is not None:
+            request.payload = data
+        if payload_encoding or encoding:
+            request.payload_encoding = payload_encoding or encoding or ""
+        if correlation_id is not None:
+            request.correlation_id = correlation_id
+        if idempotency_key is not None:
+            request.idempotency_key = idempotency_key
+        if resume_delay is not None:
+            request.resume_delay_ms = duration_ms(resume_delay, "resume_delay")
+        if created_at is not None:
+            request.created_at = to_ms(created_at)
+        reply = await self._call(
+            self._signals.DeliverSignal, request, retry=idempotency_key is not None
+        )
+        if reply.WhichOneof("outcome") == "duplicate":
+            return SignalDelivery(reply.duplicate.existing_signal_id, "duplicate", duplicate=True)
+        return SignalDelivery(reply.accepted.signal_id, reply.accepted.effect)
+
+    async def signal(
+        self,
+        execution_id: str,
+        name: str,
+        payload: Payload | None = None,
+        **options: Any,
+    ) -> SignalDelivery:
+        """`deliver_signal` to the execution's one open waitpoint that takes `name` (found with
+        `find_waitpoint`); `options` are `deliver_signal`'s keyword arguments."""
+        wp = await self.find_waitpoint(execution_id, name)
+        return await self.deliver_signal(execution_id, wp.id, name, wp.token, payload, **options)
+
+    async def list_waitpoints(self, execution_id: str) -> builtins.list[Waitpoint]:
+        """The execution's open (`pending` and `active`) waitpoints with their tokens, ordered
+        by id. The tokens are credentials: do not log them.
+
+        Raises:
+            NotFound: No such execution.
+        """
+        out: builtins.list[Waitpoint] = []
+        page_token = ""
+        while True:
+            reply = await self._call(
+                self._signals.ListPendingWaitpoints,
+                signal_pb2.ListPendingWaitpointsRequest(
+                    execution_id=execution_id, page_token=page_token
+                ),
+            )
+            out += [Waitpoint.from_proto(info) for info in reply.waitpoints]
+            if not reply.next_page_token:
+                return out
+            page_token = reply.next_page_token
+
+    async def find_waitpoint(self, execution_id: str, name: str | None = None) -> Waitpoint:
+        """The one open waitpoint a signal `name` should go to: among those that may take it
+        (any, without `name`), active ones win over pending ones, then those naming it over
+        wildcards.
+
+        Raises:
+            NotFound: `waitpoint_not_found`: no open waitpoint takes it (or no execution).
+            ValueError: Several do; choose one with `list_waitpoints`.
+        """
+        candidates = choose_waitpoints(await self.list_waitpoints(execution_id), name)
+        if not candidates:
+            what = f" takes signal {name!r}" if name is not None else ""
+            raise NotFound(
+                f"no open waitpoint of {execution_id}{what}",
+                code=grpc.StatusCode.NOT_FOUND,
+                reason="waitpoint_not_found",
+            )
+        if len(candidates) > 1:
+            ids = ", ".join(wp.id for wp in candidates)
+            raise ValueError(f"{len(candidates)} open waitpoints of {execution_id} fit: {ids}")
+        return candidates[0]
+
+    async def watch_signals(
+        self,
+        execution_id: str,
+        waitpoint_id: str | None = None,
+        *,
+        after: str | int | None = None,
+    ) -> AsyncGenerator[Signal, None]:
+        """Accepted (and buffered) signals with their payloads: the stored history after
+        `after`, then live, each once; ends when the execution is terminal.
+
+        Args:
+            waitpoint_id: Only this waitpoint's signals.
+            after: Resume cursor: with `waitpoint_id`, the `stream_id` of the last signal
+                handled; without, its `accepted_at` (ms). None = the whole history.
+
+        A stream broken by UNAVAILABLE is re-opened from the last signal received.
+        """
+        if waitpoint_id is None and isinstance(after, str):
+            raise TypeError("without waitpoint_id, `after` is an accepted_at time in ms")
+        cursor: str | int | None = after
+        seen: set[str] = set()
+
+        def request() -> signal_pb2.WatchSignalsRequest:
+            req = signal_pb2.WatchSignalsRequest(execution_id=execution_id)
+            if waitpoint_id is not None:
+                req.waitpoint_id = waitpoint_id
+                if cursor is not None:
+                    req.after_stream_id = str(cursor)
+            elif cursor is not None:
+                req.after_accepted_at = int(cursor)
+            return req
+
+        async for message in self._open_stream(self._signals.WatchSignals, request):
+            signal = Signal.from_proto(message.signal)
+            if signal.signal_id in seen:
+                continue
+            seen.add(signal.signal_id)
+            if waitpoint_id is not None:
+                cursor = signal.stream_id or cursor
+            else:  # re-read the last millisecond on a reconnect; `seen` drops the repeats
+                cursor = max(signal.accepted_at - 1, 0)
+            yield signal
+
+    async def watch_waitpoints(self, execution_id: str) -> AsyncGenerator[WaitpointEvent, None]:
+        """Each open waitpoint (with its token), then each that opens or closes; ends when the
+        execution is terminal. A stream broken by UNAVAILABLE is re-opened; waitpoints already
+        reported are not repeated. The tokens are credentials: do not log the events."""
+        opened: set[str] = set()
+        closed: set[str] = set()
+
+        def request() -> signal_pb2.WatchWaitpointsRequest:
+            return signal_pb2.WatchWaitpointsRequest(execution_id=execution_id)
+
+        async for message in self._open_stream(self._signals.WatchWaitpoints, request):
+            event = WaitpointEvent.from_proto(message)
+            seen = opened if event.kind == "opened" else closed
+            if event.waitpoint_id in seen:
+                continue
+            seen.add(event.waitpoint_id)
+            yield event
+
+    async def _open_stream(
+        self, method: Callable[..., Any], request: Callable[[], Any]
+    ) -> AsyncGenerator[Any, None]:
+        """A server stream, re-opened with a fresh `request()` after UNAVAILABLE (backoff,
+        bounded attempts); other failures raise typed errors."""
+        retries = 0
+        while True:
+            call = method(request(), metadata=self._metadata)
+            try:
+                async for message in call:
+                    retries = 0
+                    yield message
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+                if error.code not in RETRY_CODES or retries >= self._backoff.max_attempts:
+                    raise error from exc
+            finally:
+                call.cancel()
+            await asyncio.sleep(self._backoff.delay(retries))
+            retries += 1
+
+    # -- AdminService ---------------------------------------------------------------------------
+
+    async def rotate_waitpoint_secret(
+        self, kid: str, secret_hex: str, *, grace: Duration | None = None
+    ) -> SecretRotation:
+        """Sign new waitpoint tokens with (`kid`, `secret_hex`) on every partition; tokens of
+        the outgoing kid stay valid for `grace` (default: the server's
+        FF_WAITPOINT_HMAC_GRACE_MS). Retrying the same kid and secret is safe and converges, so
+        the call is retried on UNAVAILABLE. Use a kid never used before.
+
+        Raises:
+            InvalidArgument: `invalid_kid`, `invalid_secret_hex`, `invalid_grace_ms`.
+            AlreadyExists: `rotation_conflict`: the kid exists with another secret.
+            ResourceExhausted: Another rotation is running.
+        """
+        request = admin_pb2.RotateWaitpointSecretRequest(new_kid=kid, new_secret_hex=secret_hex)
+        if grace is not None:
+            request.grace_ms = duration_ms(grace, "grace")
+        reply = await self._call(
+            self._admin.RotateWaitpointSecret,
+            request,
+            deadline=max(self.default_timeout, ROTATE_DEADLINE_S),
+        )
+        return SecretRotation(reply.new_kid, reply.rotated, tuple(reply.failed))
+
+    async def waitpoint_kids(self, partition: int | None = None) -> WaitpointKids:
+        """One partition's keystore (default 0): the signing kid and the older kids still in
+        their grace period. No secrets."""
+        request = admin_pb2.ListWaitpointKidsRequest()
+        if partition is not None:
+            request.partition = partition
+        reply = await self._call(self._admin.ListWaitpointKids, request)
+        kids = reply.kids
+        return WaitpointKids(
+            reply.partition,
+            kids.current_kid if kids.HasField("current_kid") else None,
+            {v.kid: v.expires_at_ms for v in kids.verifying},
+        )

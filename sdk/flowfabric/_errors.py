@@ -85,12 +85,33 @@ class PermissionDenied(FlowFabricError):
     """PERMISSION_DENIED: e.g. `admin_token_required`."""
 
 
+class InvalidWaitpointToken(PermissionDenied):
+    """PERMISSION_DENIED `invalid_token`, `token_expired`, `missing_token` or
+    `waitpoint_not_token_bound`: the token does not authorise a signal to this waitpoint.
+
+    A waitpoint that does not exist (or belongs to another execution) also answers
+    `invalid_token`, so existence cannot be probed. The token itself is never part of the
+    message.
+    """
+
+    @property
+    def expired(self) -> bool:
+        """True for `token_expired`: signed by a key whose grace period has ended."""
+        return self.reason == "token_expired"
+
+
 class Unauthenticated(FlowFabricError):
     """UNAUTHENTICATED: a missing or wrong bearer token."""
 
 
 class FailedPrecondition(FlowFabricError):
     """FAILED_PRECONDITION: the execution is in the wrong state for the call."""
+
+
+class WaitpointClosed(FailedPrecondition):
+    """FAILED_PRECONDITION `waitpoint_closed` or `target_not_signalable`: the waitpoint no
+    longer takes signals (its condition was met, it was closed or timed out, or the execution
+    ended)."""
 
 
 class ExecutionNotActive(FailedPrecondition):
@@ -131,6 +152,12 @@ _BY_REASON: dict[str, type[FlowFabricError]] = {
     "stale_lease": StaleLease,
     "lease_expired": StaleLease,
     "lease_revoked": StaleLease,
+    "invalid_token": InvalidWaitpointToken,
+    "token_expired": InvalidWaitpointToken,
+    "missing_token": InvalidWaitpointToken,
+    "waitpoint_not_token_bound": InvalidWaitpointToken,
+    "waitpoint_closed": WaitpointClosed,
+    "target_not_signalable": WaitpointClosed,
 }
 _BY_CODE: dict[grpc.StatusCode, type[FlowFabricError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
@@ -237,3 +264,35 @@ class RetryAfter(HandlerError):
             message or f"retry after {delay_ms} ms", category=category, retry_after_ms=delay_ms
         )
         self.delay_ms = delay_ms
+
+
+# -- control flow -------------------------------------------------------------------------------
+
+
+class TaskSuspended(BaseException):
+    """Raised by `TaskContext.suspend` once the execution is suspended: the lease is released
+    and the handler must stop. Let it propagate; the worker catches it and neither completes nor
+    fails the task. The execution comes back (same attempt, the handler re-run from the top)
+    when its resume condition is met, an operator resumes it, or its timeout auto-resumes it.
+
+    It derives from BaseException, like `asyncio.CancelledError`, so that a handler's
+    `except Exception:` does not swallow it; `finally:` blocks and context managers still run.
+
+    Attributes:
+        suspension_id: The suspension.
+        waitpoint_id: The waitpoint signals must target.
+        waitpoint_key: The waitpoint's label.
+        waitpoint_token: The token senders must present (a credential: not in `repr`).
+    """
+
+    def __init__(
+        self, suspension_id: str, waitpoint_id: str, waitpoint_key: str, waitpoint_token: str
+    ) -> None:
+        super().__init__(f"suspended on waitpoint {waitpoint_id}")
+        self.suspension_id = suspension_id
+        self.waitpoint_id = waitpoint_id
+        self.waitpoint_key = waitpoint_key
+        self.waitpoint_token = waitpoint_token
+
+    def __repr__(self) -> str:
+        return f"TaskSuspended(waitpoint_id={self.waitpoint_id!r})"

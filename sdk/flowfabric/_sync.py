@@ -7,8 +7,9 @@ coroutine to that loop and waits for it. Safe to call from several threads.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import threading
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -16,6 +17,15 @@ import grpc
 
 from flowfabric._client import Client, ExecutionState, Page, Payload, Submitted, Time
 from flowfabric._retry import RetryPolicy
+from flowfabric._signals import (
+    Duration,
+    SecretRotation,
+    Signal,
+    SignalDelivery,
+    Waitpoint,
+    WaitpointEvent,
+    WaitpointKids,
+)
 from flowfabric.v1 import execution_pb2, types_pb2
 
 T = TypeVar("T")
@@ -166,20 +176,70 @@ class SyncClient:
     def watch(
         self, execution_id: str, *, timeout: float | None = None
     ) -> Iterator[execution_pb2.WatchExecutionResponse]:
-        stream = self._client.watch(execution_id, timeout=timeout)
+        return self._iterate(self._client.watch(execution_id, timeout=timeout))
 
-        async def step() -> execution_pb2.WatchExecutionResponse | None:
+    def _iterate(self, stream: AsyncGenerator[T, None]) -> Iterator[T]:
+        """An async generator of the client, stepped on the private loop."""
+
+        async def step() -> tuple[bool, T | None]:
             try:
-                return await anext(stream)
+                return True, await anext(stream)
             except StopAsyncIteration:
-                return None
+                return False, None
 
         try:
-            while (message := self._run(step())) is not None:
-                yield message
+            while True:
+                more, item = self._run(step())
+                if not more:
+                    return
+                yield item  # type: ignore[misc]
         finally:
             if not self._closed:
                 self._run(stream.aclose())
 
     def wait(self, execution_id: str, timeout: float | None = None) -> ExecutionState:
         return self._run(self._client.wait(execution_id, timeout))
+
+    def resume(self, execution_id: str, *, delay: Duration = 0) -> ExecutionState:
+        return self._run(self._client.resume(execution_id, delay=delay))
+
+    def deliver_signal(
+        self,
+        execution_id: str,
+        waitpoint_id: str,
+        name: str,
+        token: str,
+        payload: Payload | None = None,
+        **options: Any,
+    ) -> SignalDelivery:
+        """`Client.deliver_signal`; `options` are its keyword arguments."""
+        return self._run(
+            self._client.deliver_signal(execution_id, waitpoint_id, name, token, payload, **options)
+        )
+
+    def signal(
+        self, execution_id: str, name: str, payload: Payload | None = None, **options: Any
+    ) -> SignalDelivery:
+        return self._run(self._client.signal(execution_id, name, payload, **options))
+
+    def list_waitpoints(self, execution_id: str) -> builtins.list[Waitpoint]:
+        return self._run(self._client.list_waitpoints(execution_id))
+
+    def find_waitpoint(self, execution_id: str, name: str | None = None) -> Waitpoint:
+        return self._run(self._client.find_waitpoint(execution_id, name))
+
+    def watch_signals(
+        self, execution_id: str, waitpoint_id: str | None = None, *, after: str | int | None = None
+    ) -> Iterator[Signal]:
+        return self._iterate(self._client.watch_signals(execution_id, waitpoint_id, after=after))
+
+    def watch_waitpoints(self, execution_id: str) -> Iterator[WaitpointEvent]:
+        return self._iterate(self._client.watch_waitpoints(execution_id))
+
+    def rotate_waitpoint_secret(
+        self, kid: str, secret_hex: str, *, grace: Duration | None = None
+    ) -> SecretRotation:
+        return self._run(self._client.rotate_waitpoint_secret(kid, secret_hex, grace=grace))
+
+    def waitpoint_kids(self, partition: int | None = None) -> WaitpointKids:
+        return self._run(self._client.waitpoint_kids(partition))

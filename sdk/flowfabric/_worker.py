@@ -7,6 +7,8 @@ DelayExecution(now) for another worker) → DeregisterWorker.
 
 A handler's outcome becomes exactly one terminal call, retried on UNAVAILABLE with the same
 lease handle; the server reconciles a retry whose first call committed (`replayed = true`).
+A handler that suspended (`TaskSuspended`) has none: its lease is already released, and a
+resumed claim fetches the signals that resumed it (GetResumeSignals) before the handler re-runs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import grpc
 from flowfabric._client import Client, encode_payload
 from flowfabric._errors import LEASE_LOST_REASONS, FlowFabricError, HandlerError
 from flowfabric._retry import Backoff
+from flowfabric._signals import Signal
 from flowfabric._task import TaskContext
 from flowfabric.v1 import types_pb2, worker_pb2
 
@@ -67,6 +70,7 @@ class WorkerStats:
         completed: Completed (CompleteExecution answered OK).
         failed: Attempts failed (FailExecution or a non-retryable end answered OK).
         released: Handed back unfinished on shutdown (DelayExecution to now).
+        suspended: Handlers that ended by suspending (`TaskContext.suspend`).
         lease_lost: Handlers stopped, or outcomes refused, because the lease was lost.
         replayed: Terminal calls answered by the server's replay reconciliation.
     """
@@ -75,6 +79,7 @@ class WorkerStats:
     completed: int = 0
     failed: int = 0
     released: int = 0
+    suspended: int = 0
     lease_lost: int = 0
     replayed: int = 0
 
@@ -424,6 +429,8 @@ class Worker:
                 )
                 await self._fail(ctx, error)
                 return
+            if ctx.resumed and not await self._load_resume_signals(ctx):
+                return
             handler: asyncio.Task[HandlerResult] = asyncio.create_task(fn(ctx))
             ctx._handler = handler
             await asyncio.wait({handler})
@@ -433,7 +440,37 @@ class Worker:
         finally:
             renew.cancel()
 
+    async def _load_resume_signals(self, ctx: TaskContext) -> bool:
+        """Before a resumed handler runs: the signals that met its suspension's condition
+        (GetResumeSignals). False when the task cannot run (lease lost, or failed)."""
+        request = worker_pb2.GetResumeSignalsRequest(lease=ctx._task.lease)
+        try:
+            reply = await self.client._call(self.client._workers.GetResumeSignals, request)
+        except FlowFabricError as exc:
+            if exc.reason in LEASE_LOST_REASONS:
+                ctx._lose(exc.reason)
+                self._counters.add("lease_lost")
+                return False
+            log.error("resume signals of %s unavailable: %r", ctx.execution_id, exc)
+            error = HandlerError(
+                f"resume signals unavailable: {exc.reason or exc.code.name}",
+                category="resume_signals_unavailable",
+            )
+            await self._fail(ctx, error)
+            return False
+        ctx.resume_signals = [Signal.from_proto(record) for record in reply.signals]
+        return True
+
     async def _finish(self, ctx: TaskContext, handler: asyncio.Task[HandlerResult]) -> None:
+        if ctx._suspended is not None:
+            # the lease is released: nothing to complete, fail or flush
+            self._counters.add("suspended")
+            if handler.cancelled() or handler.exception() is not ctx._suspended:
+                log.warning(
+                    "handler of %s went on after suspending (its outcome is ignored)",
+                    ctx.execution_id,
+                )
+            return
         if not ctx.lease_lost.is_set():
             await ctx._flush_for_terminal()  # emitted frames land before the stream closes
         if handler.cancelled():

@@ -5,8 +5,12 @@
     flowfabric get | cancel | replay | watch EXECUTION_ID
     flowfabric list [--lane L] [--state S]
     flowfabric tail EXECUTION_ID [--attempt N] [-f] [--after CURSOR]   print an attempt's frames
+    flowfabric signal EXECUTION_ID NAME [--payload JSON] [--waitpoint ID] [--token T]
+    flowfabric waitpoints EXECUTION_ID        open waitpoints with their tokens
+    flowfabric watch-signals EXECUTION_ID [--waitpoint ID]
+    flowfabric resume EXECUTION_ID [--delay-ms N]   operator resume of a suspended execution
     flowfabric worker MODULE:ATTRIBUTE        run a module's flowfabric.Worker
-    flowfabric admin info
+    flowfabric admin info | kids [--partition N] | rotate-secret --kid K [--secret-hex H]
 
 Client commands talk gRPC to `--target` (env FF_TARGET, default 127.0.0.1:50051) with the bearer
 token `--token` (env FF_API_TOKEN). Tables by default, `--json` for scripts.
@@ -18,7 +22,10 @@ Exit codes: 0 ok; 1 the server refused (the ErrorInfo reason is printed); 2 usag
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -29,11 +36,14 @@ import grpc
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
+from flowfabric._signals import Waitpoint, choose_waitpoints
 from flowfabric.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     execution_pb2,
     execution_pb2_grpc,
+    signal_pb2,
+    signal_pb2_grpc,
     stream_pb2,
     stream_pb2_grpc,
 )
@@ -41,6 +51,7 @@ from flowfabric.v1 import types_pb2 as t
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_NOT_COMPLETED = 1, 2, 3, 4, 5
 TERMINAL = {"completed", "failed", "cancelled", "expired", "skipped"}
+ROTATE_ATTEMPTS = 3
 
 
 def _state_name(number: int) -> str:
@@ -68,6 +79,7 @@ class Connection:
         self.execution = execution_pb2_grpc.ExecutionServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
         self.streams = stream_pb2_grpc.StreamServiceStub(self.channel)
+        self.signals = signal_pb2_grpc.SignalServiceStub(self.channel)
 
     def call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
         try:
@@ -405,12 +417,188 @@ def tail(
                 click.echo(f"-- closed: {message.closed_reason} at {message.closed_at}", err=True)
 
 
-def _payload_text(frame: t.StreamFrame) -> str:
+def _payload_text(frame: t.StreamFrame | t.SignalRecord) -> str:
     """Text payloads as text; anything that is not UTF-8 as hex."""
     try:
         return bytes(frame.payload).decode("utf-8")
     except UnicodeDecodeError:
         return "0x" + bytes(frame.payload).hex()
+
+
+@main.command(name="signal")
+@click.argument("execution_id")
+@click.argument("name")
+@click.option("--payload", default=None, help="JSON payload; @FILE reads it from a file.")
+@click.option("--waitpoint", "waitpoint_id", default=None, help="Target waitpoint id.")
+@click.option(
+    "--token", "wp_token", default=None, help="The waitpoint's token (not the API token)."
+)
+@click.option("--idempotency-key", default=None, help="Dedup key (scoped to the waitpoint).")
+@click.option("--category", default="", help="Signal category, e.g. approval.")
+@click.option("--source-type", default="cli", show_default=True)
+@click.option("--source-identity", default="", help="Who sends it.")
+@click.pass_context
+def signal_(
+    ctx: click.Context,
+    execution_id: str,
+    name: str,
+    payload: str | None,
+    waitpoint_id: str | None,
+    wp_token: str | None,
+    idempotency_key: str | None,
+    category: str,
+    source_type: str,
+    source_identity: str,
+) -> None:
+    """Deliver signal NAME to a waitpoint of EXECUTION_ID.
+
+    Without --waitpoint and --token, the one open waitpoint that takes NAME is looked up
+    (ListPendingWaitpoints) and its token used.
+    """
+    data = _json_payload(payload)
+    conn = _conn(ctx)
+    if waitpoint_id is None or wp_token is None:
+        wp = _pick_waitpoint(conn, execution_id, name, waitpoint_id)
+        waitpoint_id, wp_token = wp.id, wp_token or wp.token
+    request = signal_pb2.DeliverSignalRequest(
+        execution_id=execution_id,
+        waitpoint_id=waitpoint_id,
+        signal_name=name,
+        signal_category=category,
+        source_type=source_type,
+        source_identity=source_identity,
+        waitpoint_token=wp_token,
+    )
+    if data is not None:
+        request.payload = data
+        request.payload_encoding = "json"
+    if idempotency_key:
+        request.idempotency_key = idempotency_key
+    reply = conn.call(conn.signals.DeliverSignal, request)
+    if reply.WhichOneof("outcome") == "duplicate":
+        rows = [("signal_id", reply.duplicate.existing_signal_id), ("effect", "duplicate")]
+    else:
+        rows = [("signal_id", reply.accepted.signal_id), ("effect", reply.accepted.effect)]
+    _print(reply, ctx.obj["json"], [("waitpoint_id", waitpoint_id), *rows])
+
+
+def _json_payload(payload: str | None) -> bytes | None:
+    if payload is None:
+        return None
+    if payload.startswith("@"):
+        with open(payload[1:], "rb") as f:
+            payload = f.read().decode()
+    try:
+        json.loads(payload)
+    except ValueError as exc:
+        raise click.UsageError(f"--payload is not JSON: {exc}") from None
+    return payload.encode()
+
+
+def _open_waitpoints(conn: Connection, execution_id: str) -> list[Waitpoint]:
+    out: list[Waitpoint] = []
+    page = ""
+    while True:
+        reply = conn.call(
+            conn.signals.ListPendingWaitpoints,
+            signal_pb2.ListPendingWaitpointsRequest(execution_id=execution_id, page_token=page),
+        )
+        out += [Waitpoint.from_proto(info) for info in reply.waitpoints]
+        if not reply.next_page_token:
+            return out
+        page = reply.next_page_token
+
+
+def _pick_waitpoint(
+    conn: Connection, execution_id: str, name: str, waitpoint_id: str | None
+) -> Waitpoint:
+    waitpoints = _open_waitpoints(conn, execution_id)
+    if waitpoint_id is not None:
+        chosen = [wp for wp in waitpoints if wp.id == waitpoint_id]
+    else:
+        chosen = choose_waitpoints(waitpoints, name)
+    if not chosen:
+        which = waitpoint_id or f"that takes {name!r}"
+        click.echo(f"error: no open waitpoint {which} on {execution_id}", err=True)
+        raise SystemExit(EXIT_NOT_FOUND)
+    if len(chosen) > 1:
+        raise click.UsageError(
+            f"{len(chosen)} open waitpoints take {name!r}: pass --waitpoint "
+            f"({', '.join(wp.id for wp in chosen)})"
+        )
+    return chosen[0]
+
+
+@main.command()
+@click.argument("execution_id")
+@click.pass_context
+def waitpoints(ctx: click.Context, execution_id: str) -> None:
+    """List the open waitpoints of EXECUTION_ID with their tokens (credentials: keep them out of
+    logs)."""
+    conn = _conn(ctx)
+    if ctx.obj["json"]:
+        listed = _open_waitpoints(conn, execution_id)
+        for wp in listed:
+            click.echo(json.dumps(dataclasses.asdict(wp)))
+        return
+    _table(
+        ["waitpoint_id", "state", "signals", "token", "expires_at"],
+        [
+            (
+                wp.id,
+                wp.state,
+                ",".join(wp.signal_names) or "*",
+                wp.token,
+                wp.expires_at if wp.expires_at is not None else "-",
+            )
+            for wp in _open_waitpoints(conn, execution_id)
+        ],
+    )
+
+
+@main.command(name="watch-signals")
+@click.argument("execution_id")
+@click.option("--waitpoint", "waitpoint_id", default="", help="Only this waitpoint's signals.")
+@click.option("--after", default="", help="Stream id (with --waitpoint) or accepted_at ms.")
+@click.pass_context
+def watch_signals(ctx: click.Context, execution_id: str, waitpoint_id: str, after: str) -> None:
+    """Print each signal (stored ones first, then live) until the execution ends."""
+    conn = _conn(ctx)
+    request = signal_pb2.WatchSignalsRequest(execution_id=execution_id, waitpoint_id=waitpoint_id)
+    if after and waitpoint_id:
+        request.after_stream_id = after
+    elif after:
+        if not after.isdigit():
+            raise click.UsageError("without --waitpoint, --after is an accepted_at time in ms")
+        request.after_accepted_at = int(after)
+    for message in conn.stream(conn.signals.WatchSignals, request):
+        sig = message.signal
+        if ctx.obj["json"]:
+            _print(sig, True)
+        else:
+            text = _payload_text(sig) if sig.payload else "-"
+            click.echo(f"{sig.accepted_at}  {sig.signal_name}  {sig.observed_effect}  {text}")
+        sys.stdout.flush()
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--delay-ms", default=0, show_default=True, type=click.IntRange(0))
+@click.pass_context
+def resume(ctx: click.Context, execution_id: str, delay_ms: int) -> None:
+    """Resume a suspended execution without its signals (operator override)."""
+    conn = _conn(ctx)
+    reply = conn.call(
+        conn.execution.ResumeExecution,
+        execution_pb2.ResumeExecutionRequest(
+            execution_id=execution_id, trigger_type="operator", resume_delay_ms=delay_ms
+        ),
+    )
+    _print(
+        reply,
+        ctx.obj["json"],
+        [("execution_id", execution_id), ("state", _state_name(reply.resumed.public_state))],
+    )
 
 
 @main.group()
@@ -437,6 +625,61 @@ def info(ctx: click.Context) -> None:
             ("lanes", ", ".join(reply.lanes)),
         ],
     )
+
+
+@admin.command()
+@click.option("--partition", default=None, type=click.IntRange(0), help="Default 0.")
+@click.pass_context
+def kids(ctx: click.Context, partition: int | None) -> None:
+    """The waitpoint HMAC kids of one partition: the signing kid and those in their grace."""
+    conn = _conn(ctx.find_root())
+    request = admin_pb2.ListWaitpointKidsRequest()
+    if partition is not None:
+        request.partition = partition
+    reply = conn.call(conn.admin.ListWaitpointKids, request)
+    if ctx.find_root().obj["json"]:
+        _print(reply, True)
+        return
+    current = reply.kids.current_kid if reply.kids.HasField("current_kid") else "(none)"
+    click.echo(f"partition {reply.partition}: signing kid {current}")
+    verifying = sorted(reply.kids.verifying, key=lambda v: v.expires_at_ms)
+    if verifying:
+        _table(["kid", "valid_until_ms"], [(v.kid, v.expires_at_ms) for v in verifying])
+
+
+@admin.command(name="rotate-secret")
+@click.option("--kid", required=True, help="New key id: non-empty, no ':', never used before.")
+@click.option("--secret-hex", default=None, help="New secret (hex); default: 32 random bytes.")
+@click.option("--grace-ms", default=None, type=click.IntRange(0), help="Old kid's grace.")
+@click.option("--show-secret", is_flag=True, help="Print a generated secret.")
+@click.pass_context
+def rotate_secret(
+    ctx: click.Context, kid: str, secret_hex: str | None, grace_ms: int | None, show_secret: bool
+) -> None:
+    """Sign new waitpoint tokens with a new kid and secret on every partition; tokens of the old
+    kid stay valid for the grace period. Re-running with the same kid and secret is safe."""
+    root = ctx.find_root()
+    conn = _conn(root)
+    generated = secret_hex is None
+    secret = secret_hex if secret_hex is not None else secrets.token_hex(32)
+    request = admin_pb2.RotateWaitpointSecretRequest(new_kid=kid, new_secret_hex=secret)
+    if grace_ms is not None:
+        request.grace_ms = grace_ms
+    for _ in range(ROTATE_ATTEMPTS):  # the same kid and secret converge on failed partitions
+        reply = conn.call(
+            conn.admin.RotateWaitpointSecret, request, timeout=max(conn.timeout, 130.0)
+        )
+        if not reply.failed:
+            break
+    rows: list[tuple[str, Any]] = [("new_kid", reply.new_kid), ("rotated", reply.rotated)]
+    if reply.failed:
+        rows.append(("failed", ",".join(str(p) for p in reply.failed)))
+    if generated and (show_secret or reply.failed):  # a retry needs the same secret
+        rows.append(("secret_hex", secret))
+    _print(reply, root.obj["json"], rows)
+    if reply.failed:
+        click.echo("error: some partitions failed; re-run with the same kid and secret", err=True)
+        raise SystemExit(EXIT_REFUSED)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -15,20 +15,30 @@ EXPORTS = [
     "FlowFabricError",
     "HandlerError",
     "InvalidArgument",
+    "InvalidWaitpointToken",
     "NonRetryableError",
     "NotFound",
     "Page",
+    "PendingWaitpoint",
     "PermissionDenied",
     "ResourceExhausted",
     "ResultNotReady",
     "RetryAfter",
     "RetryPolicy",
+    "SecretRotation",
+    "Signal",
+    "SignalDelivery",
     "StaleLease",
     "Submitted",
     "SyncClient",
     "TaskContext",
+    "TaskSuspended",
     "Unauthenticated",
     "Unavailable",
+    "Waitpoint",
+    "WaitpointClosed",
+    "WaitpointEvent",
+    "WaitpointKids",
     "Worker",
     "WorkerStats",
 ]
@@ -54,6 +64,11 @@ def test_error_hierarchy() -> None:
     assert issubclass(ff.ResultNotReady, ff.NotFound)
     assert issubclass(ff.StaleLease, ff.Aborted)
     assert issubclass(ff.ExecutionNotActive, ff.FailedPrecondition)
+    assert issubclass(ff.InvalidWaitpointToken, ff.PermissionDenied)
+    assert issubclass(ff.WaitpointClosed, ff.FailedPrecondition)
+    # control flow: a handler's `except Exception` must not swallow a suspension
+    assert issubclass(ff.TaskSuspended, BaseException)
+    assert not issubclass(ff.TaskSuspended, Exception)
     # raised by handlers, not by the server
     assert issubclass(ff.NonRetryableError, ff.HandlerError)
     assert issubclass(ff.RetryAfter, ff.HandlerError)
