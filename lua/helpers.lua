@@ -486,8 +486,9 @@ local function remove_from_indexes(x, keep)
 end
 
 -- Closes the current suspension, its waitpoint and the waitpoint's condition (cancel, expire of
--- a suspended execution). Only hashes that exist are written. Waitpoint keys are built from
--- core.current_waitpoint_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+-- a suspended execution) and publishes waitpoint_closed on ff:signal_events:{p}. Only hashes
+-- that exist are written. Waitpoint keys are built from core.current_waitpoint_id on the tag of
+-- KEYS[1] (spec 00 §4 rule 3).
 local function close_suspension(x, suspension_key, reason, wp_reason, now)
   local c = x.core
   if redis.call('EXISTS', suspension_key) == 1 then
@@ -502,6 +503,11 @@ local function close_suspension(x, suspension_key, reason, wp_reason, now)
       redis.call('HSET', wp .. ':condition', 'closed', '1', 'closed_at', num(now),
         'closed_reason', wp_reason)
     end
+    -- Watchers of the waitpoint learn it closed (spec 20 §8; no token or payload).
+    redis.call('SPUBLISH', 'ff:signal_events:' .. x.tag, cjson.encode({
+      type = 'waitpoint_closed', execution_id = x.eid, waitpoint_id = c.current_waitpoint_id,
+      close_reason = wp_reason, at = now,
+    }))
   end
 end
 
@@ -702,4 +708,337 @@ local function req_pos(name, v)
     return nil, err('invalid_input', name .. ' must be positive, got: ' .. v)
   end
   return n, nil
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- Suspension, waitpoints and signals (spec 20): HMAC-SHA1 waitpoint tokens and the keystore,
+-- the resume-condition language, the resume transition, waitpoint closure and signal events.
+-- Shared by suspension.lua and signal.lua. Keys built here (waitpoint, condition, lane sets)
+-- always use the tag of the caller's KEYS[1] (spec 00 §4 rule 3).
+-- ---------------------------------------------------------------------------------------------
+
+-- Lane-suspended score of a suspension without a timeout (spec 20 §7).
+local NO_TIMEOUT_SCORE = '9999999999999'
+
+-- Hex string -> bytes; nil for an empty, odd-length or non-hex input (no coercion).
+local function hex_to_bytes(hex)
+  if type(hex) ~= 'string' or hex == '' or #hex % 2 ~= 0 or string.find(hex, '[^0-9a-fA-F]') then
+    return nil
+  end
+  return (string.gsub(hex, '..', function(h)
+    return string.char(tonumber(h, 16))
+  end))
+end
+
+-- Every byte of `s` XOR `b`.
+local function xor_bytes(s, b)
+  local out = {}
+  for i = 1, #s do
+    out[i] = string.char(bit.bxor(string.byte(s, i), b))
+  end
+  return table.concat(out)
+end
+
+-- RFC 2104 HMAC-SHA1 over redis.sha1hex (spec 20 §4.2): lowercase hex digest. `key` = raw bytes.
+local function hmac_sha1_hex(key, msg)
+  if #key > 64 then
+    key = hex_to_bytes(redis.sha1hex(key))
+  end
+  key = key .. string.rep('\0', 64 - #key)
+  local inner = hex_to_bytes(redis.sha1hex(xor_bytes(key, 0x36) .. msg))
+  return redis.sha1hex(xor_bytes(key, 0x5c) .. inner)
+end
+
+-- Constant-time equality of two 40-char digests: OR-accumulated byte XORs over all 40 bytes.
+local function digest_equal(a, b)
+  if #a ~= 40 or #b ~= 40 then
+    return false
+  end
+  local acc = 0
+  for i = 1, 40 do
+    acc = bit.bor(acc, bit.bxor(string.byte(a, i), string.byte(b, i)))
+  end
+  return acc == 0
+end
+
+-- The signed message (spec 20 §4.1).
+local function token_message(wpid, wpkey, created_at)
+  return wpid .. '|' .. wpkey .. '|' .. created_at
+end
+
+-- A keystore key was supplied (not absent, not the ff:noop placeholder).
+local function keystore_given(key)
+  return type(key) == 'string' and string.sub(key, 1, 7) == 'ff:sec:'
+end
+
+-- expires_at:<kid> as a positive integer, or nil (missing/malformed fails closed).
+local function kid_expiry(v)
+  if type(v) ~= 'string' or not string.match(v, '^%d+$') then
+    return nil
+  end
+  local n = tonumber(v)
+  if n <= 0 then
+    return nil
+  end
+  return n
+end
+
+-- Mint (spec 20 §4.3): the token for (wpid, wpkey, created_at) under the current kid, or nil
+-- plus the error reply.
+local function mint_token(keystore, wpid, wpkey, created_at)
+  if not keystore_given(keystore) then
+    return nil, err('invalid_keys_missing_hmac')
+  end
+  local kid = redis.call('HGET', keystore, 'current_kid')
+  if not kid or kid == '' then
+    return nil, err('hmac_secret_not_initialized')
+  end
+  local hex = redis.call('HGET', keystore, 'secret:' .. kid)
+  if not hex or hex == '' then
+    return nil, err('hmac_secret_not_initialized')
+  end
+  local key = hex_to_bytes(hex)
+  if not key then
+    return nil, err('invalid_secret')
+  end
+  return kid .. ':' .. hmac_sha1_hex(key, token_message(wpid, wpkey, created_at)), nil
+end
+
+-- Validate (spec 20 §4.5), first failing step wins. Returns nil when valid, else the error reply.
+local function validate_token(keystore, token, wpid, wpkey, created_at, now)
+  if not keystore_given(keystore) then
+    return err('invalid_keys_missing_hmac')
+  end
+  if type(token) ~= 'string' or token == '' then
+    return err('missing_token')
+  end
+  local sep = string.find(token, ':', 1, true)
+  if not sep or sep == 1 or sep == #token then
+    return err('invalid_token')
+  end
+  local kid, digest = string.sub(token, 1, sep - 1), string.sub(token, sep + 1)
+  if #digest ~= 40 then
+    return err('invalid_token')
+  end
+  local current = redis.call('HGET', keystore, 'current_kid')
+  if not current or current == '' then
+    return err('hmac_secret_not_initialized')
+  end
+  local hex = redis.call('HGET', keystore, 'secret:' .. kid)
+  if kid ~= current then
+    if not hex then
+      return err('invalid_token')
+    end
+    local exp = kid_expiry(redis.call('HGET', keystore, 'expires_at:' .. kid))
+    if not exp or exp < now then
+      return err('token_expired')
+    end
+  elseif not hex then
+    return err('invalid_token')
+  end
+  local key = hex_to_bytes(hex)
+  if not key then
+    return err('invalid_secret')
+  end
+  if not digest_equal(hmac_sha1_hex(key, token_message(wpid, wpkey, created_at)), digest) then
+    return err('invalid_token')
+  end
+  return nil
+end
+
+-- Resume condition (spec 20 §3.1, Recommended validation). Returns {condition_type, match_mode,
+-- min, names = {...}} or nil plus invalid_resume_condition. "" = all defaults.
+local ZERO_MATCHER_TYPES = {operator_only = true, timeout_only = true}
+
+local function parse_condition(json)
+  local t = {}
+  if json ~= nil and json ~= '' then
+    t = decode_json(json)
+    if type(t) ~= 'table' then
+      return nil, err('invalid_resume_condition', 'malformed JSON or not an object')
+    end
+  end
+  local function field(name, default)
+    local v = t[name]
+    if v == nil or v == cjson.null then
+      return default
+    end
+    return v
+  end
+  local c = {condition_type = field('condition_type', 'signal_set'),
+    match_mode = field('signal_match_mode', 'any'), min = field('minimum_signal_count', 1)}
+  if type(c.condition_type) ~= 'string' or type(c.match_mode) ~= 'string' then
+    return nil, err('invalid_resume_condition', 'condition_type and signal_match_mode are strings')
+  end
+  if type(c.min) ~= 'number' or c.min ~= math.floor(c.min) or c.min < 1 then
+    return nil, err('invalid_resume_condition', 'minimum_signal_count must be an integer >= 1')
+  end
+  local names = field('required_signal_names', {})
+  if type(names) ~= 'table' then
+    return nil, err('invalid_resume_condition', 'required_signal_names must be an array')
+  end
+  c.names = {}
+  if not ZERO_MATCHER_TYPES[c.condition_type] then
+    for i = 1, #names do
+      if type(names[i]) ~= 'string' then
+        return nil, err('invalid_resume_condition', 'required_signal_names must be strings')
+      end
+      c.names[i] = names[i]
+    end
+    if #c.names == 0 then
+      c.names[1] = ''
+    end
+    if c.min > #c.names then
+      return nil, err('invalid_resume_condition', 'minimum_signal_count exceeds the matchers')
+    end
+  end
+  return c, nil
+end
+
+-- In-memory condition state from a parsed condition: {type, mode, min, total, count, matchers}.
+local function new_condition_state(c)
+  local st = {condition_type = c.condition_type, match_mode = c.match_mode, min = c.min,
+    total = #c.names, count = 0, matchers = {}}
+  for i, name in ipairs(c.names) do
+    st.matchers[i] = {name = name, satisfied = false, signal_id = ''}
+  end
+  return st
+end
+
+-- In-memory condition state from a stored condition hash (nil when absent).
+local function load_condition(key)
+  local h = hgetall(key)
+  if next(h) == nil then
+    return nil
+  end
+  local st = {condition_type = h.condition_type or '', match_mode = h.match_mode or 'any',
+    min = tonumber(h.minimum_signal_count or '1') or 1,
+    total = tonumber(h.total_matchers or '0') or 0,
+    count = tonumber(h.satisfied_count or '0') or 0, matchers = {}, closed = h.closed == '1'}
+  for i = 1, st.total do
+    local p = 'matcher:' .. (i - 1) .. ':'
+    st.matchers[i] = {name = h[p .. 'name'] or '', satisfied = h[p .. 'satisfied'] == '1',
+      signal_id = h[p .. 'signal_id'] or ''}
+  end
+  return st
+end
+
+-- Step 4 of spec 20 §3.1; a zero-matcher condition is never satisfied.
+local function condition_satisfied(st)
+  if st.total == 0 then
+    return false
+  elseif st.match_mode == 'all' then
+    return st.count >= st.total
+  end
+  return st.count >= st.min
+end
+
+-- Steps 1-3 of spec 20 §3.1: the lowest unsatisfied matcher named "" or `name` consumes the
+-- signal. Returns true when a matcher took it.
+local function match_signal(st, name, signal_id)
+  for _, m in ipairs(st.matchers) do
+    if not m.satisfied and (m.name == '' or m.name == name) then
+      m.satisfied, m.signal_id = true, signal_id
+      st.count = st.count + 1
+      return true
+    end
+  end
+  return false
+end
+
+-- Writes the whole condition hash from the in-memory state.
+local function write_condition(key, st, now, closed_reason)
+  local args = {'HSET', key, 'condition_type', st.condition_type, 'match_mode', st.match_mode,
+    'minimum_signal_count', num(st.min), 'total_matchers', num(st.total),
+    'satisfied_count', num(st.count), 'closed', closed_reason and '1' or '0',
+    'closed_at', closed_reason and num(now) or '', 'closed_reason', closed_reason or '',
+    'updated_at', num(now)}
+  for i, m in ipairs(st.matchers) do
+    local p = 'matcher:' .. (i - 1) .. ':'
+    args[#args + 1] = p .. 'name'
+    args[#args + 1] = m.name
+    args[#args + 1] = p .. 'satisfied'
+    args[#args + 1] = m.satisfied and '1' or '0'
+    args[#args + 1] = p .. 'signal_id'
+    args[#args + 1] = m.signal_id
+  end
+  redis.call(unpack(args))
+end
+
+-- One JSON event on ff:signal_events:{p} (spec 20 §8). Never tokens, secrets or payloads.
+local function signal_event(tag, ev)
+  redis.call('SPUBLISH', 'ff:signal_events:' .. tag, cjson.encode(ev))
+end
+
+-- Closes waitpoint `wpid` (state closed, or `state` when given), its condition hash when
+-- present (closed=1 with `cond_reason`), and publishes waitpoint_closed. `satisfied` also
+-- stamps satisfied_at.
+local function close_waitpoint_at(x, wpid, reason, cond_reason, now, satisfied, state)
+  local wp = waitpoint_key(x.tag, wpid)
+  local args = {'HSET', wp, 'state', state or 'closed', 'closed_at', num(now),
+    'close_reason', reason}
+  if satisfied then
+    args[#args + 1] = 'satisfied_at'
+    args[#args + 1] = num(now)
+  end
+  redis.call(unpack(args))
+  if redis.call('EXISTS', wp .. ':condition') == 1 then
+    redis.call('HSET', wp .. ':condition', 'closed', '1', 'closed_at', num(now),
+      'closed_reason', cond_reason, 'updated_at', num(now))
+  end
+  signal_event(x.tag, {type = 'waitpoint_closed', execution_id = x.eid, waitpoint_id = wpid,
+    close_reason = reason, at = now})
+end
+
+-- The resume_delay_ms of a stored resume_policy_json (0 when absent or unreadable).
+local function policy_resume_delay(policy_json)
+  local p = policy_json and policy_json ~= '' and decode_json(policy_json)
+  if type(p) ~= 'table' or type(p.resume_delay_ms) ~= 'number' or p.resume_delay_ms < 0 then
+    return 0
+  end
+  return math.floor(p.resume_delay_ms)
+end
+
+-- Resume transition of a suspended execution (spec 20 §1 rows "resume"): core first (current
+-- suspension/waitpoint cleared, delay_until on a delayed resume), then the lane moves and the
+-- suspension-timeout entry. `detail` = blocking_detail of a delayed resume. Returns
+-- public_state. Lane keys built from core.lane_id on the tag of KEYS[1].
+local function resume_core(x, timeout_idx, delay, detail, now)
+  local c = x.core
+  local public
+  if delay > 0 then
+    public = write_vector(x.core_key, x.eid, {'runnable', 'unowned', 'not_eligible_until_time',
+      'waiting_for_resume_delay', detail, 'none', 'attempt_interrupted'}, now,
+      {current_suspension_id = '', current_waitpoint_id = '', delay_until = num(now + delay)})
+  else
+    public = write_vector(x.core_key, x.eid, {'runnable', 'unowned', 'eligible_now',
+      'waiting_for_worker', '', 'none', 'attempt_interrupted'}, now,
+      {current_suspension_id = '', current_waitpoint_id = '', delay_until = ''})
+  end
+  redis.call('ZREM', lane_key(x.tag, c.lane_id, 'suspended'), x.eid)
+  if delay > 0 then
+    redis.call('ZADD', lane_key(x.tag, c.lane_id, 'delayed'), num(now + delay), x.eid)
+  else
+    local score = eligible_score(tonumber(c.priority or '0') or 0,
+      tonumber(c.created_at or '0') or 0)
+    redis.call('ZADD', lane_key(x.tag, c.lane_id, 'eligible'), num(score), x.eid)
+  end
+  redis.call('ZREM', timeout_idx, x.eid)
+  return public
+end
+
+-- A KEYS entry that must be the key built from ARGV (a waitpoint or signal id): a mismatch is a
+-- malformed call and raises before anything is written.
+local function expect_key(actual, expected, what)
+  if actual ~= expected then
+    error({err = 'ERR flowfabric: KEYS entry for ' .. what .. ' does not match its ARGV id'})
+  end
+end
+
+-- A list of strings as a JSON array ("[]" when empty; cjson would encode {} as an object).
+local function json_array(list)
+  if #list == 0 then
+    return '[]'
+  end
+  return cjson.encode(list)
 end

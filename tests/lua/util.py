@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +14,7 @@ import redis.asyncio as aioredis
 
 from flowfabric.engine.scanners import server_time_ms
 from flowfabric.server.ids import ExecutionId
-from flowfabric.server.keys import ExecKeys, PartitionKeys
+from flowfabric.server.keys import ExecKeys, PartitionKeys, WaitpointKeys, signal_key
 from flowfabric.server.store import Store
 
 LANE = "default"
@@ -671,3 +673,255 @@ async def fake_suspend(store: Store, lease: Lease, timeout_at: int) -> str:
 async def make_flow_member(store: Store, eid: ExecutionId, flow_id: str = "flow-1") -> None:
     """What add_execution_to_flow (flows area, not built yet) stamps on the core."""
     await store.call("HSET", ExecKeys(eid).core, "flow_id", flow_id)
+
+
+# -- suspension, waitpoints and signals (spec 20) -------------------------------------------------
+
+HMAC_SECRET = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+
+def keystore(eid: ExecutionId) -> str:
+    return PartitionKeys(eid.tag).hmac_keystore
+
+
+async def install_secret(
+    store: Store, eid: ExecutionId, secret: str = HMAC_SECRET, kid: str = "k1"
+) -> list:
+    return await store.fcall(  # type: ignore[no-any-return]
+        "ff_install_waitpoint_hmac_secret", [keystore(eid)], [kid, secret]
+    )
+
+
+def hmac_token(secret_hex: str, wpid: str, wpkey: str, created_at: object, kid: str = "k1") -> str:
+    """Spec 20 §4.2, computed with Python's hmac module."""
+    msg = f"{wpid}|{wpkey}|{created_at}".encode()
+    return f"{kid}:{hmac.new(bytes.fromhex(secret_hex), msg, hashlib.sha1).hexdigest()}"
+
+
+def flip_last(token: str) -> str:
+    return token[:-1] + ("0" if token[-1] != "0" else "1")
+
+
+def wp_key(eid: ExecutionId, wpid: str) -> str:
+    return WaitpointKeys(eid.tag, wpid).waitpoint
+
+
+async def create_pending(
+    store: Store,
+    lease: Lease,
+    wpid: str | None = None,
+    expires_in_ms: object = 60_000,
+    fence: list[str] | None = None,
+    idx: object = None,
+    ks: str | None = None,
+    wpkey: str | None = None,
+) -> list:
+    eid = lease.eid
+    wpid = wpid or str(uuid.uuid4())
+    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+    keys = [
+        k.core,
+        wp_key(eid, wpid),
+        p.pending_waitpoint_expiry,
+        ks or keystore(eid),
+        k.waitpoints,
+    ]
+    args = [
+        str(eid),
+        *(fence if fence is not None else lease.fence),
+        str(lease.attempt_index if idx is None else idx),
+        wpid,
+        f"wpk:{wpid}" if wpkey is None else wpkey,
+        str(expires_in_ms),
+    ]
+    return await store.fcall("ff_create_pending_waitpoint", keys, args)  # type: ignore[no-any-return]
+
+
+def condition(*names: str, mode: str | None = None, minimum: int = 1, **extra: object) -> str:
+    """resume_condition_json as the reference SDK builds it (any for <= 1 name, all for >= 2)."""
+    body: dict[str, object] = {
+        "condition_type": "signal_set",
+        "required_signal_names": list(names),
+        "signal_match_mode": mode or ("all" if len(names) >= 2 else "any"),
+        "minimum_signal_count": minimum,
+    }
+    body.update(extra)
+    return json.dumps(body)
+
+
+async def suspend(
+    store: Store,
+    lease: Lease,
+    cond: str | None = None,
+    wpid: str | None = None,
+    reason: str = "waiting_for_signal",
+    timeout_at: object = "",
+    behavior: str = "",
+    use_pending: bool = False,
+    policy: str = "",
+    fence: list[str] | None = None,
+    idx: object = None,
+    sid: str | None = None,
+    ks: str | None = None,
+) -> list:
+    eid = lease.eid
+    wpid = wpid or str(uuid.uuid4())
+    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+    keys = [
+        k.core,
+        k.suspension_current,
+        wp_key(eid, wpid),
+        ks or keystore(eid),
+        k.lease_current,
+        k.lease_history,
+        p.lease_expiry,
+        p.attempt_timeout,
+        p.suspension_timeout,
+        p.pending_waitpoint_expiry,
+        k.waitpoints,
+        k.signals,
+    ]
+    args = [
+        str(eid),
+        *(fence if fence is not None else lease.fence),
+        str(lease.attempt_index if idx is None else idx),
+        sid or str(uuid.uuid4()),
+        wpid,
+        f"wpk:{wpid}",
+        reason,
+        "worker",
+        condition("go") if cond is None else cond,
+        policy,
+        "cont-ptr",
+        str(timeout_at),
+        "1" if use_pending else "0",
+        behavior,
+    ]
+    return await store.fcall("ff_suspend_execution", keys, args)  # type: ignore[no-any-return]
+
+
+def signal_keys(eid: ExecutionId, wpid: str, sig: str, idem: str = "") -> list[str]:
+    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+    return [
+        k.core,
+        wp_key(eid, wpid),
+        keystore(eid),
+        k.signals,
+        signal_key(eid.tag, sig),
+        WaitpointKeys(eid.tag, wpid).dedup(idem) if idem else p.noop,
+        k.suspension_current,
+        p.suspension_timeout,
+    ]
+
+
+async def send_signal(
+    store: Store,
+    eid: ExecutionId,
+    wpid: str,
+    token: str,
+    name: str = "go",
+    buffer: bool = False,
+    sig: str | None = None,
+    payload: bytes = b"",
+    idem: str = "",
+    delay: object = "",
+    limit: object = "",
+    ttl: object = "",
+    maxlen: object = "",
+    keys: list[str] | None = None,
+) -> list:
+    """ff_deliver_signal (or the buffer function) with everything else defaulted."""
+    sig = sig or str(uuid.uuid4())
+    args = [
+        str(eid),
+        wpid,
+        sig,
+        name,
+        "callback",
+        "webhook",
+        "tester",
+        payload,
+        "",
+        "corr-1",
+        idem,
+        "",
+        "",
+        str(ttl),
+        str(delay),
+        str(limit),
+        str(maxlen),
+        token,
+    ]
+    fn = "ff_buffer_signal_for_pending_waitpoint" if buffer else "ff_deliver_signal"
+    return await store.fcall(fn, keys or signal_keys(eid, wpid, sig, idem), args)  # type: ignore[no-any-return]
+
+
+async def resume(
+    store: Store, eid: ExecutionId, trigger: str = "operator", delay: object = ""
+) -> list:
+    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+    keys = [k.core, k.suspension_current, p.suspension_timeout]
+    return await store.fcall("ff_resume_execution", keys, [str(eid), trigger, str(delay)])  # type: ignore[no-any-return]
+
+
+async def close_wp(store: Store, eid: ExecutionId, wpid: str, reason: str = "") -> list:
+    keys = [ExecKeys(eid).core, wp_key(eid, wpid), PartitionKeys(eid.tag).pending_waitpoint_expiry]
+    return await store.fcall("ff_close_waitpoint", keys, [str(eid), wpid, reason])  # type: ignore[no-any-return]
+
+
+async def expire_suspension(store: Store, eid: ExecutionId) -> list:
+    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+    keys = [
+        k.core,
+        k.suspension_current,
+        p.suspension_timeout,
+        p.attempt_timeout,
+        p.execution_deadline,
+    ]
+    return await store.fcall("ff_expire_suspension", keys, [str(eid)])  # type: ignore[no-any-return]
+
+
+async def resume_signals(store: Store, eid: ExecutionId, idx: int = 0) -> list[tuple[dict, bytes]]:
+    k = ExecKeys(eid)
+    reply = await store.fcall(
+        "ff_read_resume_signals", [k.core, k.suspension_current], [str(eid), str(idx)]
+    )
+    assert reply[:2] == [1, b"OK"], reply
+    n, rest = int(reply[2]), reply[3:]
+    out = []
+    for i in range(n):
+        flat = rest[2 * i]
+        fields = {flat[j].decode(): flat[j + 1].decode() for j in range(0, len(flat), 2)}
+        out.append((fields, rest[2 * i + 1]))
+    return out
+
+
+async def list_waitpoints(store: Store, eid: ExecutionId) -> list:
+    k = ExecKeys(eid)
+    return await store.fcall("ff_list_waitpoints", [k.core, k.waitpoints], [str(eid)])  # type: ignore[no-any-return]
+
+
+async def rotate(store: Store, ks: str, kid: str, secret: str, grace: object = 600_000) -> list:
+    return await store.fcall("ff_rotate_waitpoint_hmac_secret", [ks], [kid, secret, str(grace)])  # type: ignore[no-any-return]
+
+
+async def list_kids(store: Store, ks: str) -> list:
+    return await store.fcall("ff_list_waitpoint_hmac_kids", [ks], [])  # type: ignore[no-any-return]
+
+
+async def leased(store: Store, **create_over: object) -> Lease:
+    """A claimed execution on a partition whose keystore holds HMAC_SECRET as k1."""
+    lease = await create_and_claim(store, **create_over)
+    await install_secret(store, lease.eid)
+    return lease
+
+
+async def suspended(
+    store: Store, cond: str | None = None, **over: object
+) -> tuple[Lease, str, str]:
+    """A leased execution suspended on a fresh waitpoint: (lease, waitpoint id, token)."""
+    lease = await leased(store)
+    wpid = str(uuid.uuid4())
+    reply = await suspend(store, lease, cond, wpid=wpid, **over)  # type: ignore[arg-type]
+    assert reply[:2] == [1, b"OK"], reply
+    return lease, wpid, reply[5].decode()

@@ -1,0 +1,431 @@
+-- signal.lua: signal delivery and buffering, and the waitpoint HMAC keystore (spec 20 §4,
+-- §5.3, §5.4, §5.10, §5.11).
+--
+-- Every key is on the tag of KEYS[1]. The waitpoint condition and signal stream, the signal
+-- payload key and lane sets are built at run time from that tag (spec 00 §4 rule 3). Events go
+-- to ff:signal_events:{p} (spec 20 §8) after the writes, never for rejected or duplicate calls,
+-- and never carry tokens, secrets or payload bytes.
+
+local DEFAULT_SIGNAL_DEDUP_TTL_MS = 86400000
+local DEFAULT_MAX_SIGNALS = 10000
+local DEFAULT_SIGNAL_MAXLEN = 1000
+local MAX_GRACE_MS = 9007199254740991
+
+-- Shape checks of the signal ARGV (deliver and buffer share the layout). Returns the parsed
+-- numbers or nil plus the invalid_input reply.
+local function signal_args(argv)
+  local a = {}
+  local specs = {
+    {13, 'created_at', 'created_at', false, 0},
+    {14, 'dedup_ttl_ms', 'ttl', DEFAULT_SIGNAL_DEDUP_TTL_MS, 0},
+    {15, 'resume_delay_ms', 'delay', 0, 0},
+    {16, 'max_signals_per_execution', 'limit', DEFAULT_MAX_SIGNALS, 0},
+    {17, 'signal_maxlen', 'maxlen', DEFAULT_SIGNAL_MAXLEN, 1},
+  }
+  for _, s in ipairs(specs) do
+    local v, e = opt_int(s[2], argv[s[1]])
+    if e then
+      return nil, e
+    end
+    if v and v < s[5] then
+      return nil, err('invalid_input', s[2] .. ' must be >= ' .. s[5] .. ', got: ' .. argv[s[1]])
+    end
+    if v == false then
+      v = s[4]
+    end
+    a[s[3]] = v
+  end
+  local serr = require_strings(argv, {{2, 'waitpoint_id'}, {3, 'signal_id'},
+    {4, 'signal_name'}})
+  if serr then
+    return nil, serr
+  end
+  return a, nil
+end
+
+-- Steps 1-3b of spec 20 §5.3 (also the buffer's front): core, waitpoint existence and binding,
+-- token, then the dedup key. A token failure stamps last_hmac_validation_failed_at (the only
+-- write of a rejected call). Returns x, the waitpoint hash and the dedup key (or nil), or nil
+-- plus the reply (error or DUPLICATE).
+local function authenticate(keys, argv)
+  local x = load_exec(keys, argv)
+  if not x then
+    return nil, err('execution_not_found')
+  end
+  local wpid, sid, idem = argv[2], argv[3], argv[11]
+  expect_key(keys[2], waitpoint_key(x.tag, wpid), 'waitpoint')
+  expect_key(keys[5], 'ff:signal:' .. x.tag .. ':' .. sid, 'signal')
+  local dedup
+  if idem ~= nil and idem ~= '' then
+    dedup = 'ff:sigdedup:' .. x.tag .. ':' .. wpid .. ':' .. idem
+    expect_key(keys[6], dedup, 'dedup')
+  end
+  local now = now_ms()
+  x.now = now
+  local wp = hgetall(keys[2])
+  local terr
+  if not is_set(wp.created_at) or wp.execution_id ~= x.eid then
+    terr = err('invalid_token')
+  else
+    terr = validate_token(keys[3], argv[18], wpid, wp.waitpoint_key or '', wp.created_at, now)
+  end
+  if terr then
+    redis.call('HSET', x.core_key, 'last_hmac_validation_failed_at', num(now))
+    return nil, terr
+  end
+  if dedup then
+    local existing = redis.call('GET', dedup)
+    if existing then
+      return nil, {1, 'DUPLICATE', existing}
+    end
+  end
+  return x, wp, dedup
+end
+
+-- Dedup key, stream entry, signal hash (with its stream_id) and payload of an accepted signal.
+-- Returns the stream id.
+local function record_signal(x, keys, argv, a, dedup, effect, matched)
+  local now, wpid, sid = x.now, argv[2], argv[3]
+  if dedup and a.ttl > 0 then
+    redis.call('SET', dedup, sid, 'NX', 'PX', num(a.ttl))
+  end
+  local stream_id = redis.call('XADD', keys[2] .. ':signals', 'MAXLEN', '~', num(a.maxlen), '*',
+    'signal_id', sid, 'signal_name', argv[4], 'signal_category', argv[5],
+    'source_type', argv[6], 'source_identity', argv[7], 'matched', '0',
+    'accepted_at', num(now))
+  redis.call('HSET', keys[5], 'signal_id', sid, 'target_execution_id', x.eid,
+    'target_waitpoint_id', wpid, 'target_scope', (argv[12] ~= '' and argv[12]) or 'waitpoint',
+    'signal_name', argv[4], 'signal_category', argv[5], 'source_type', argv[6],
+    'source_identity', argv[7], 'correlation_id', argv[10], 'idempotency_key', argv[11],
+    'created_at', num(a.created_at or now), 'accepted_at', num(now),
+    'matched_waitpoint_id', (matched and wpid) or '',
+    'payload_encoding', (argv[9] ~= '' and argv[9]) or 'json', 'observed_effect', effect,
+    'stream_id', stream_id)
+  if argv[8] ~= '' then
+    redis.call('SET', keys[5] .. ':payload', argv[8])
+  end
+  return stream_id
+end
+
+local function accepted_event(x, argv, kind, effect, stream_id)
+  signal_event(x.tag, {type = kind, execution_id = x.eid, waitpoint_id = argv[2],
+    signal_id = argv[3], signal_name = argv[4], signal_category = argv[5],
+    source_type = argv[6], source_identity = argv[7], correlation_id = argv[10],
+    observed_effect = effect, stream_id = stream_id, accepted_at = x.now, at = x.now})
+end
+
+-- Steps 4-9 of spec 20 §5.3 after authentication. Returns the condition state or the reply.
+local function deliverable(x, keys, wp, a)
+  local c = x.core
+  if c.lifecycle_phase == 'terminal' then
+    return nil, err('target_not_signalable')
+  elseif wp.state == 'pending' then
+    return nil, err('waitpoint_pending_use_buffer_script')
+  elseif c.lifecycle_phase ~= 'suspended' and wp.state ~= 'active' then
+    if wp.state == 'closed' or wp.state == 'expired' then
+      return nil, err('waitpoint_closed')
+    end
+    return nil, err('target_not_signalable')
+  end
+  local st = load_condition(keys[2] .. ':condition')
+  if not st then
+    if wp.state == 'closed' or wp.state == 'expired' then
+      return nil, err('waitpoint_closed')
+    end
+    return nil, err('waitpoint_not_found')
+  elseif st.closed then
+    return nil, err('waitpoint_closed')
+  elseif a.limit > 0 and redis.call('ZCARD', keys[4]) >= a.limit then
+    return nil, err('signal_limit_exceeded')
+  end
+  return st, nil
+end
+
+-- ff_deliver_signal
+--   KEYS (8): 1 core, 2 waitpoint (ff:wp:{p}:<ARGV[2]>), 3 HMAC keystore, 4 exec signals zset,
+--     5 signal hash (ff:signal:{p}:<ARGV[3]>), 6 dedup key ff:sigdedup:{p}:<wp>:<ARGV[11]> (or
+--     ff:noop:{p} without an idempotency key), 7 suspension current, 8 suspension_timeout.
+--     Built: condition, signal stream and payload keys, lane suspended/eligible/delayed.
+--   ARGV (18): 1 execution_id, 2 waitpoint_id, 3 signal_id, 4 signal_name, 5 signal_category,
+--     6 source_type, 7 source_identity, 8 payload (raw bytes, stored verbatim; "" = none),
+--     9 payload_encoding ("" = json), 10 correlation_id, 11 idempotency_key ("" = none),
+--     12 target_scope ("" = waitpoint), 13 created_at ("" = now), 14 dedup_ttl_ms
+--     ("" = 86400000; 0 disables), 15 resume_delay_ms ("" = 0; 0 falls back to the stored
+--     resume_policy_json's resume_delay_ms), 16 max_signals_per_execution ("" = 10000;
+--     0 disables), 17 signal_maxlen ("" = 1000), 18 waitpoint_token.
+--   Now: TIME.
+--   Replies: {1,"OK",signal_id,observed_effect,stream_id,accepted_at}
+--       observed_effect: no_op | appended_to_waitpoint | resume_condition_satisfied
+--     | {1,"DUPLICATE",existing_signal_id} (nothing written, nothing published)
+--   Errors (in order): invalid_input (numeric ARGV, empty ids/name), execution_not_found,
+--     invalid_token (waitpoint missing or of another execution), the token codes of spec 20
+--     §4.5 (invalid_keys_missing_hmac, missing_token, invalid_token, hmac_secret_not_initialized,
+--     token_expired, invalid_secret) -- each of these stamps core last_hmac_validation_failed_at
+--     --, then DUPLICATE, target_not_signalable (terminal; or not suspended and the waitpoint
+--     not active), waitpoint_pending_use_buffer_script (pending waitpoint), waitpoint_closed
+--     (closed/expired waitpoint or closed condition), waitpoint_not_found (no condition),
+--     signal_limit_exceeded.
+--   Writes (accepted): when the condition is satisfied and the execution is suspended on this
+--     waitpoint: core resume vector (delayed: "resume delay <n>ms after signal <name>",
+--     delay_until), current ids cleared, ZREM lane suspended and suspension_timeout, ZADD lane
+--     eligible or delayed. Always: ZADD exec signals (accepted_at); dedup SET NX PX ttl;
+--     XADD signal stream MAXLEN ~ signal_maxlen; signal hash (+ stream_id) and payload;
+--     condition matcher fields; waitpoint signal_count, matched_signal_count, last_signal_at;
+--     suspension last_signal_at. Satisfied: condition closed=1 (satisfied), waitpoint closed
+--     (resumed, satisfied_at), suspension closed (resumed). Events: signal_accepted,
+--     execution_resumed, waitpoint_closed.
+local function deliver_signal(keys, argv)
+  local a, aerr = signal_args(argv)
+  if not a then
+    return aerr
+  end
+  local x, wp, dedup = authenticate(keys, argv)
+  if not x then
+    return wp
+  end
+  local st, derr = deliverable(x, keys, wp, a)
+  if not st then
+    return derr
+  end
+  local c, now, wpid, sid, name = x.core, x.now, argv[2], argv[3], argv[4]
+  local matched = match_signal(st, name, sid)
+  local satisfied = matched and condition_satisfied(st)
+  local effect = 'no_op'
+  if satisfied then
+    effect = 'resume_condition_satisfied'
+  elseif matched then
+    effect = 'appended_to_waitpoint'
+  end
+  local s = hgetall(keys[7])
+  local own = is_set(s.suspension_id) and s.waitpoint_id == wpid and not is_set(s.closed_at)
+  local public
+  if satisfied and c.lifecycle_phase == 'suspended' and c.current_waitpoint_id == wpid then
+    local delay = a.delay
+    if delay == 0 then
+      delay = policy_resume_delay(s.resume_policy_json)
+    end
+    public = resume_core(x, keys[8], delay,
+      'resume delay ' .. delay .. 'ms after signal ' .. name, now)
+  end
+  redis.call('ZADD', keys[4], num(now), sid)
+  local stream_id = record_signal(x, keys, argv, a, dedup, effect, matched)
+  write_condition(keys[2] .. ':condition', st, now, satisfied and 'satisfied' or nil)
+  redis.call('HINCRBY', keys[2], 'signal_count', 1)
+  if matched then
+    redis.call('HINCRBY', keys[2], 'matched_signal_count', 1)
+  end
+  redis.call('HSET', keys[2], 'last_signal_at', num(now))
+  if own then
+    redis.call('HSET', keys[7], 'last_signal_at', num(now))
+    if satisfied then
+      redis.call('HSET', keys[7], 'satisfied_at', num(now), 'closed_at', num(now),
+        'close_reason', 'resumed')
+    end
+  end
+  accepted_event(x, argv, 'signal_accepted', effect, stream_id)
+  if public then
+    signal_event(x.tag, {type = 'execution_resumed', execution_id = x.eid, waitpoint_id = wpid,
+      public_state = public, trigger = 'signal', signal_id = sid, at = now})
+  end
+  if satisfied then
+    close_waitpoint_at(x, wpid, 'resumed', 'satisfied', now, true)
+  end
+  return ok(sid, effect, stream_id, num(now))
+end
+
+redis.register_function('ff_deliver_signal', deliver_signal)
+
+-- ff_buffer_signal_for_pending_waitpoint
+--   KEYS (8) and ARGV (18): as ff_deliver_signal (KEYS 7, 8 and ARGV 15 unused; empty ARGV
+--     take the defaults).
+--   Now: TIME.
+--   Replies: {1,"OK",signal_id,"buffered_for_pending_waitpoint",stream_id,accepted_at}
+--     | {1,"DUPLICATE",existing_signal_id} (nothing written, nothing published)
+--   Errors (in order): invalid_input, execution_not_found, invalid_token (waitpoint missing or
+--     of another execution) and the token codes (each stamps last_hmac_validation_failed_at),
+--     then DUPLICATE, target_not_signalable (terminal execution), waitpoint_closed
+--     (closed/expired), waitpoint_not_pending (active), signal_limit_exceeded.
+--   Writes: ZADD exec signals; dedup SET NX PX ttl; XADD signal stream; signal hash
+--     (observed_effect buffered_for_pending_waitpoint) and payload; waitpoint signal_count+1,
+--     last_signal_at. No evaluation, no state change. Event: signal_buffered.
+local function buffer_signal(keys, argv)
+  local a, aerr = signal_args(argv)
+  if not a then
+    return aerr
+  end
+  local x, wp, dedup = authenticate(keys, argv)
+  if not x then
+    return wp
+  end
+  if x.core.lifecycle_phase == 'terminal' then
+    return err('target_not_signalable')
+  elseif wp.state == 'closed' or wp.state == 'expired' then
+    return err('waitpoint_closed')
+  elseif wp.state ~= 'pending' then
+    return err('waitpoint_not_pending')
+  elseif a.limit > 0 and redis.call('ZCARD', keys[4]) >= a.limit then
+    return err('signal_limit_exceeded')
+  end
+  local now, effect = x.now, 'buffered_for_pending_waitpoint'
+  redis.call('ZADD', keys[4], num(now), argv[3])
+  local stream_id = record_signal(x, keys, argv, a, dedup, effect, false)
+  redis.call('HINCRBY', keys[2], 'signal_count', 1)
+  redis.call('HSET', keys[2], 'last_signal_at', num(now))
+  accepted_event(x, argv, 'signal_buffered', effect, stream_id)
+  return ok(argv[3], effect, stream_id, num(now))
+end
+
+redis.register_function('ff_buffer_signal_for_pending_waitpoint', buffer_signal)
+
+-- -------------------------------------------------------------------------------------------
+-- The waitpoint HMAC keystore ff:sec:{p}:waitpoint_hmac (spec 20 §4.4): current_kid,
+-- secret:<kid>, expires_at:<kid> (non-current kids only), previous_kid/previous_expires_at
+-- (audit mirror). Secrets never appear in replies or errors.
+-- -------------------------------------------------------------------------------------------
+
+local function valid_kid(kid)
+  return type(kid) == 'string' and kid ~= '' and not string.find(kid, ':', 1, true)
+end
+
+-- ff_rotate_waitpoint_hmac_secret (one partition; the server fans out)
+--   KEYS (1): 1 HMAC keystore.
+--   ARGV (3): 1 new_kid, 2 new_secret_hex, 3 grace_ms (integer 0..2^53-1).
+--   Now: TIME.
+--   Replies: {1,"OK","rotated",previous_kid or "",new_kid,gc_count} | {1,"OK","noop",kid}
+--   Errors (in order): invalid_kid (empty or contains ':'), invalid_secret_hex (empty, odd,
+--     non-hex), invalid_grace_ms, rotation_conflict (detail = kid: new_kid is current with
+--     another secret, or a still-held verifying kid with another secret). Nothing is written on
+--     an error.
+--   Writes: noop: secret:<current> when it was missing (torn). Rotated: GC of every
+--     expires_at:<kid> not a positive integer >= now (with its secret:<kid>); when a current
+--     kid exists: previous_kid, previous_expires_at and expires_at:<old> = now + grace;
+--     current_kid = new_kid, secret:<new_kid>; a re-used verifying kid (same secret) is
+--     reinstated and its expires_at:<new_kid> deleted.
+local function rotate_hmac_secret(keys, argv)
+  local kid, hex = argv[1], argv[2]
+  if not valid_kid(kid) then
+    return err('invalid_kid')
+  end
+  if not hex_to_bytes(hex) then
+    return err('invalid_secret_hex')
+  end
+  local grace = is_int(argv[3]) and tonumber(argv[3]) or nil
+  if not grace or grace < 0 or grace > MAX_GRACE_MS then
+    return err('invalid_grace_ms')
+  end
+  local ks = hgetall(keys[1])
+  local current = ks.current_kid
+  if current == kid then
+    local stored = ks['secret:' .. kid]
+    if stored == nil then
+      redis.call('HSET', keys[1], 'secret:' .. kid, hex)
+    elseif stored ~= hex then
+      return err('rotation_conflict', kid)
+    end
+    return ok('noop', kid)
+  end
+  local now = now_ms()
+  local collect = {}
+  for field in pairs(ks) do
+    local held = string.match(field, '^expires_at:(.*)$')
+    if held then
+      local exp = kid_expiry(ks[field])
+      if not exp or exp < now then
+        collect[#collect + 1] = held
+      end
+    end
+  end
+  local reused = ks['secret:' .. kid]
+  for _, held in ipairs(collect) do
+    if held == kid then
+      reused = nil
+    end
+  end
+  if reused and reused ~= hex then
+    return err('rotation_conflict', kid)
+  end
+  for _, held in ipairs(collect) do
+    redis.call('HDEL', keys[1], 'expires_at:' .. held, 'secret:' .. held)
+  end
+  local prev = ''
+  if is_set(current) then
+    prev = current
+    local until_ms = num(now + grace)
+    redis.call('HSET', keys[1], 'previous_kid', current, 'previous_expires_at', until_ms,
+      'expires_at:' .. current, until_ms)
+  end
+  redis.call('HDEL', keys[1], 'expires_at:' .. kid)
+  redis.call('HSET', keys[1], 'current_kid', kid, 'secret:' .. kid, hex)
+  return ok('rotated', prev, kid, num(#collect))
+end
+
+redis.register_function('ff_rotate_waitpoint_hmac_secret', rotate_hmac_secret)
+
+-- ff_list_waitpoint_hmac_kids (read-only, no-writes)
+--   KEYS (1): 1 HMAC keystore.
+--   ARGV: none.
+--   Now: TIME.
+--   Replies: {1,"OK",current_kid or "",n,kid_1,expires_at_1,...}: every non-current kid whose
+--     expires_at is a positive integer >= now, in hash order. Never secrets.
+--   Errors: none.
+--   Writes: none.
+local function list_hmac_kids(keys, _)
+  local flat = redis.call('HGETALL', keys[1])
+  local ks = {}
+  for i = 1, #flat, 2 do
+    ks[flat[i]] = flat[i + 1]
+  end
+  local current = ks.current_kid or ''
+  local now = now_ms()
+  local out = {1, 'OK', current, '0'}
+  for i = 1, #flat, 2 do
+    local held = string.match(flat[i], '^expires_at:(.*)$')
+    local exp = held and kid_expiry(flat[i + 1])
+    if exp and exp >= now and held ~= current then
+      out[#out + 1] = held
+      out[#out + 1] = num(exp)
+    end
+  end
+  out[4] = num((#out - 4) / 2)
+  return out
+end
+
+redis.register_function{
+  function_name = 'ff_list_waitpoint_hmac_kids',
+  callback = list_hmac_kids,
+  flags = {'no-writes'},
+}
+
+-- ff_install_waitpoint_hmac_secret (boot initialisation, spec 20 §4.7)
+--   KEYS (1): 1 HMAC keystore.
+--   ARGV (2): 1 kid (the initial kid, k1), 2 secret_hex (FF_WAITPOINT_HMAC_SECRET).
+--   Replies: {1,"OK",status}: installed (no current_kid: current_kid + secret written in one
+--     HSET) | repaired (current_kid without its secret: the given secret written there) |
+--     unchanged (the current secret equals the given one, case-insensitively) | mismatch (the
+--     stored secret differs: kept, an operator rotated).
+--   Errors: invalid_kid, invalid_secret_hex.
+--   Writes: as the status says.
+local function install_hmac_secret(keys, argv)
+  local kid, hex = argv[1], argv[2]
+  if not valid_kid(kid) then
+    return err('invalid_kid')
+  end
+  if not hex_to_bytes(hex) then
+    return err('invalid_secret_hex')
+  end
+  local current = redis.call('HGET', keys[1], 'current_kid')
+  if not current or current == '' then
+    redis.call('HSET', keys[1], 'current_kid', kid, 'secret:' .. kid, hex)
+    return ok('installed')
+  end
+  local stored = redis.call('HGET', keys[1], 'secret:' .. current)
+  if not stored or stored == '' then
+    redis.call('HSET', keys[1], 'secret:' .. current, hex)
+    return ok('repaired')
+  elseif string.lower(stored) == string.lower(hex) then
+    return ok('unchanged')
+  end
+  return ok('mismatch')
+end
+
+redis.register_function('ff_install_waitpoint_hmac_secret', install_hmac_secret)
