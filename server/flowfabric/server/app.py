@@ -83,6 +83,7 @@ class FlowFabricServer:
         self.stream_store: Store | None = None  # dedicated pool for blocking stream reads
         self.streams: stream.StreamServicer | None = None
         self.signal_watches: SignalWatches | None = None
+        self.admin: admin.AdminServicer | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -202,9 +203,8 @@ class FlowFabricServer:
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             worker.WorkerServicer(ctx, self.scheduler, registry), server
         )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            admin.AdminServicer(ctx, valkey_version), server
-        )
+        self.admin = admin.AdminServicer(ctx, valkey_version)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
         assert self.store is not None and self.hub is not None
         self.signal_watches = SignalWatches(self.store, self.hub)
         signal_pb2_grpc.add_SignalServiceServicer_to_server(
