@@ -1,16 +1,21 @@
-"""`flowfabric serve` as a real process: boots on the embedded Valkey, stops cleanly on SIGTERM."""
+"""`flowfabric serve` as a real process: boots on the embedded Valkey, stops cleanly on SIGTERM;
+the signal, waitpoint, resume and key-rotation commands as real processes against a server."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowfabric.server.config import Config, ConfigError
+from tests.conftest import API_TOKEN, Api
 
 CLI = [sys.executable, "-c", "from flowfabric.cli import main; main()"]
 
@@ -80,3 +85,99 @@ def test_config_from_env_and_flags() -> None:
             assert next(iter(bad)) in str(exc) or "FF_TLS" in str(exc)
         else:
             raise AssertionError(f"{bad} was accepted")
+
+
+# -- signals, waitpoints, resume, key rotation (client commands against the in-process server) --
+
+
+async def _cli(api: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    base = [*CLI, "--target", api.address, "--token", API_TOKEN]
+    return await asyncio.to_thread(
+        subprocess.run, [*base, *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_signal_waitpoints_watch_signals_resume(api: Api) -> None:
+    from flowfabric import Client, ExecutionState, TaskContext, Worker
+    from tests.sdk.conftest import running
+
+    async with Client(api.address, token=API_TOKEN) as client:
+        worker = Worker(client, lanes=["cli-signals"], claim_wait_ms=200)
+
+        @worker.handler("review")
+        async def review(ctx: TaskContext) -> Any:
+            if ctx.resumed and not ctx.resume_signals:
+                return "operator"
+            return (await ctx.wait_for_signal("review")).json()
+
+        first = (await client.submit("review", lane="cli-signals")).execution_id
+        second = (await client.submit("review", lane="cli-signals")).execution_id
+        async with running(worker):
+            wp = await _suspended(client, first)
+            await _suspended(client, second)
+            listed = await _cli(api, "waitpoints", first)
+            assert listed.returncode == 0, listed.stderr
+            header, row = listed.stdout.splitlines()
+            assert header.split() == ["WAITPOINT_ID", "STATE", "SIGNALS", "TOKEN", "EXPIRES_AT"]
+            assert row.split() == [wp.id, "active", "review", wp.token, "-"]
+
+            tampered = wp.token[:-1] + ("0" if wp.token[-1] != "0" else "1")
+            denied = await _cli(api, "signal", first, "review", "--waitpoint", wp.id,
+                                "--token", tampered)  # fmt: skip
+            assert denied.returncode == 1 and "PERMISSION_DENIED invalid_token" in denied.stderr
+            assert tampered not in denied.stderr + denied.stdout
+            not_json = await _cli(api, "signal", first, "review", "--payload", "{nope")
+            assert not_json.returncode == 2 and "not JSON" in not_json.stderr
+            no_wp = await _cli(api, "signal", first, "other-name", "--waitpoint", "x")
+            assert no_wp.returncode == 3
+
+            sent = await _cli(api, "signal", first, "review", "--payload", '{"approved": true}',
+                              "--idempotency-key", "cli-review")  # fmt: skip
+            assert sent.returncode == 0, sent.stderr
+            assert "resume_condition_satisfied" in sent.stdout and wp.id in sent.stdout
+            assert await client.wait(first, timeout=20) is ExecutionState.COMPLETED
+            assert await client.result(first) == b'{"approved":true}'
+
+            resumed = await _cli(api, "resume", second)
+            assert resumed.returncode == 0 and "waiting" in resumed.stdout, resumed.stderr
+            assert await client.wait(second, timeout=20) is ExecutionState.COMPLETED
+            again = await _cli(api, "resume", second)
+            assert again.returncode == 1 and "execution_not_suspended" in again.stderr
+
+        watched = await _cli(api, "watch-signals", first)  # stored history, then ends: terminal
+        assert watched.returncode == 0, watched.stderr
+        (line,) = watched.stdout.splitlines()
+        assert line.split("  ")[1:] == [
+            "review",
+            "resume_condition_satisfied",
+            '{"approved": true}',
+        ]
+        missing = await _cli(api, "signal", "{fp:1}:00000000-0000-4000-8000-000000000000", "x")
+        assert missing.returncode == 3 and "execution_not_found" in missing.stderr
+
+
+async def _suspended(client: Any, eid: str) -> Any:
+    async for event in client.watch_waitpoints(eid):
+        if event.kind == "opened" and event.waitpoint.state == "active":
+            return event.waitpoint
+    raise AssertionError("no active waitpoint")
+
+
+async def test_admin_kids_and_rotate_secret(api: Api) -> None:
+    bad = await _cli(api, "admin", "rotate-secret", "--kid", "k:2")
+    assert bad.returncode == 1 and "invalid_kid" in bad.stderr
+    rotated = await _cli(api, "admin", "rotate-secret", "--kid", "k2", "--grace-ms", "60000")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "new_kid  k2" in rotated.stdout and "secret_hex" not in rotated.stdout
+    kids = await _cli(api, "admin", "kids", "--partition", "3")
+    assert kids.returncode == 0 and "signing kid k2" in kids.stdout, kids.stdout
+    shown = await _cli(api, "admin", "rotate-secret", "--kid", "k3", "--show-secret")
+    assert shown.returncode == 0 and "secret_hex" in shown.stdout
+    secret = shown.stdout.split("secret_hex", 1)[1].split()[0]
+    assert len(secret) == 64 and int(secret, 16) >= 0
+    repeat = await _cli(api, "admin", "rotate-secret", "--kid", "k3", "--secret-hex", secret)
+    assert repeat.returncode == 0  # the same kid and secret: a safe no-op
+    conflict = await _cli(api, "admin", "rotate-secret", "--kid", "k3", "--secret-hex", "ab" * 32)
+    assert conflict.returncode == 1 and "rotation_conflict" in conflict.stderr
+    kids = await _cli(api, "--json", "admin", "kids", "--partition", "3")
+    assert json.loads(kids.stdout)["kids"]["current_kid"] == "k3"
