@@ -20,6 +20,25 @@
 --   Writes: claim_grant hash (worker_id, worker_instance_id, lane_id, capability_hash,
 --     route_snapshot_json, admission_summary, created_at, grant_expires_at), PEXPIREAT at
 --     grant_expires_at. The execution stays in eligible (only the claim removes it).
+-- Grant preconditions once the core is loaded (spec 10 §2.2), in order: eligible, no grant
+-- outstanding, in the lane's eligible set, capabilities (a mismatch stamps the core's
+-- last_capability_mismatch_at, the only write). Returns nil or the error reply. Shared by
+-- ff_issue_claim_grant and ff_claim_batch.
+local function grant_denied(x, grant_key, worker_csv, now)
+  local c = x.core
+  if c.lifecycle_phase ~= 'runnable' or c.eligibility_state ~= 'eligible_now' then
+    return err('execution_not_eligible')
+  end
+  if redis.call('EXISTS', grant_key) == 1 then
+    return err('grant_already_exists')
+  end
+  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  if not redis.call('ZSCORE', lane_key(x.tag, c.lane_id, 'eligible'), x.eid) then
+    return err('execution_not_in_eligible_set')
+  end
+  return check_capabilities(x, worker_csv, now)
+end
+
 local function issue_claim_grant(keys, argv)
   local ttl, e1 = req_pos('grant_ttl_ms', argv[6])
   if not ttl then
@@ -33,21 +52,10 @@ local function issue_claim_grant(keys, argv)
   if not x then
     return err('execution_not_found')
   end
-  local c = x.core
-  if c.lifecycle_phase ~= 'runnable' or c.eligibility_state ~= 'eligible_now' then
-    return err('execution_not_eligible')
-  end
-  if redis.call('EXISTS', keys[2]) == 1 then
-    return err('grant_already_exists')
-  end
-  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
-  if not redis.call('ZSCORE', lane_key(x.tag, c.lane_id, 'eligible'), x.eid) then
-    return err('execution_not_in_eligible_set')
-  end
   local now = now_ms()
-  local cerr = check_capabilities(x, argv[9] or '', now)
-  if cerr then
-    return cerr
+  local gerr = grant_denied(x, keys[2], argv[9] or '', now)
+  if gerr then
+    return gerr
   end
   local expires = write_grant(keys[2], argv, now, ttl)
   return ok(x.eid, num(expires))
@@ -82,6 +90,85 @@ local function new_attempt_lineage(c)
       'replayed_from_attempt_index', c.pending_previous_attempt_index or ''}
   end
   return 'initial', {}
+end
+
+-- The writes of a claim that starts a new attempt (spec 10 §2.3 steps 2-6), once every check
+-- passed. k = {grant, attempts, lease, history, lease_expiry, attempt_timeout, deadline} (keys);
+-- p = {worker_id, worker_instance_id, lane ("" = core.lane_id; stored as current_lane),
+-- lease_id, attempt_id, ttl, renew_before, timeout (false = the stored policy's), deadline
+-- (false = none), policy (flat list)}. Returns the attempt table. Shared by ff_claim_execution
+-- and ff_claim_batch.
+local function claim_new_attempt(x, k, p, now)
+  local c = x.core
+  local attempt_type, lineage = new_attempt_lineage(c)
+  local a = {
+    idx = tonumber(c.total_attempt_count or '0') or 0, attempt_id = p.attempt_id,
+    attempt_type = attempt_type, lease_id = p.lease_id,
+    epoch = (tonumber(c.current_lease_epoch or '0') or 0) + 1,
+    worker_id = p.worker_id, worker_instance_id = p.worker_instance_id,
+    expires = now + p.ttl, renewal = now + p.renew_before, lineage = lineage, policy = p.policy,
+  }
+  local timeout = p.timeout
+  if timeout == false then
+    timeout = attempt_timeout_of(stored_policy(x))
+  end
+  local extra = claimed_fields(a, (p.lane ~= '' and p.lane) or c.lane_id, now)
+  extra.pending_retry_reason = ''
+  extra.pending_replay_reason = ''
+  extra.pending_replay_requested_by = ''
+  extra.pending_previous_attempt_index = ''
+  if not is_set(c.started_at) then
+    extra.started_at = num(now)
+  end
+  if p.deadline then
+    extra.execution_deadline_at = num(p.deadline)
+  end
+  write_vector(x.core_key, x.eid, CLAIMED, now, extra)
+  redis.call('DEL', k.grant)
+  x.attempts, x.lease = k.attempts, k.lease
+  start_attempt(x, a, now)
+  index_lease(x, c.lane_id, k.lease_expiry, a)
+  if timeout and timeout > 0 then
+    redis.call('ZADD', k.attempt_timeout, num(now + timeout), x.eid)
+  end
+  if p.deadline then
+    redis.call('ZADD', k.deadline, num(p.deadline), x.eid)
+  end
+  lease_event(k.history, 'acquired', {'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
+    'attempt_id', a.attempt_id, 'attempt_index', num(a.idx), 'worker_id', a.worker_id}, now)
+  return a
+end
+
+-- The writes of a claim that resumes the interrupted attempt (spec 20 §5.8), once every check
+-- passed. k as claim_new_attempt (attempts unused); p = {worker_id, worker_instance_id, lane,
+-- lease_id, ttl, remaining (attempt timeout left; false or <= 0 = none)}. The renewal deadline
+-- is now + floor(ttl x 2/3). Returns the attempt table. Shared by ff_claim_resumed_execution
+-- and ff_claim_batch.
+local function claim_same_attempt(x, k, p, now)
+  local c = x.core
+  local idx = tonumber(c.current_attempt_index or '0') or 0
+  local a = {
+    idx = idx, attempt_id = c.current_attempt_id, lease_id = p.lease_id,
+    epoch = (tonumber(c.current_lease_epoch or '0') or 0) + 1,
+    worker_id = p.worker_id, worker_instance_id = p.worker_instance_id,
+    expires = now + p.ttl, renewal = now + math.floor(p.ttl * 2 / 3),
+  }
+  local extra = claimed_fields(a, (p.lane ~= '' and p.lane) or c.lane_id, now)
+  write_vector(x.core_key, x.eid, CLAIMED, now, extra)
+  redis.call('DEL', k.grant)
+  redis.call('HSET', attempt_key(x.tag, x.eid, idx), 'attempt_state', 'started',
+    'resumed_at', num(now), 'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
+    'worker_id', a.worker_id, 'worker_instance_id', a.worker_instance_id,
+    'suspended_at', '', 'suspension_id', '')
+  write_lease(k.lease, x.eid, a, now)
+  index_lease(x, c.lane_id, k.lease_expiry, a)
+  if p.remaining and p.remaining > 0 then
+    redis.call('ZADD', k.attempt_timeout, num(now + p.remaining), x.eid)
+  end
+  lease_event(k.history, 'acquired', {'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
+    'attempt_id', a.attempt_id, 'attempt_index', num(idx), 'worker_id', a.worker_id,
+    'reason', 'claim_resumed'}, now)
+  return a
 end
 
 -- ff_claim_execution
@@ -142,8 +229,7 @@ local function claim_execution(keys, argv)
   if not x then
     return err('execution_not_found')
   end
-  local c = x.core
-  local cerr = claimable(c)
+  local cerr = claimable(x.core)
   if cerr then
     return cerr
   end
@@ -152,43 +238,12 @@ local function claim_execution(keys, argv)
   if gerr then
     return gerr
   end
-
-  local attempt_type, lineage = new_attempt_lineage(c)
-  local a = {
-    idx = tonumber(c.total_attempt_count or '0') or 0, attempt_id = argv[9],
-    attempt_type = attempt_type, lease_id = argv[6],
-    epoch = (tonumber(c.current_lease_epoch or '0') or 0) + 1,
-    worker_id = argv[2], worker_instance_id = argv[3],
-    expires = now + ttl, renewal = now + renew_before, lineage = lineage, policy = policy_flat,
-  }
-  if timeout == false then
-    timeout = attempt_timeout_of(stored_policy(x))
-  end
-  local extra = claimed_fields(a, (argv[4] ~= '' and argv[4]) or c.lane_id, now)
-  extra.pending_retry_reason = ''
-  extra.pending_replay_reason = ''
-  extra.pending_replay_requested_by = ''
-  extra.pending_previous_attempt_index = ''
-  if not is_set(c.started_at) then
-    extra.started_at = num(now)
-  end
-  if deadline then
-    extra.execution_deadline_at = num(deadline)
-  end
-  write_vector(keys[1], x.eid, CLAIMED, now, extra)
-  redis.call('DEL', keys[2])
-  x.attempts, x.lease = keys[9], keys[10]
-  start_attempt(x, a, now)
-  index_lease(x, c.lane_id, keys[4], a)
-  if timeout and timeout > 0 then
-    redis.call('ZADD', keys[13], num(now + timeout), x.eid)
-  end
-  if deadline then
-    redis.call('ZADD', keys[14], num(deadline), x.eid)
-  end
-  lease_event(keys[11], 'acquired', {'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
-    'attempt_id', a.attempt_id, 'attempt_index', num(a.idx), 'worker_id', a.worker_id}, now)
-  return ok(a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(a.idx), attempt_type)
+  local a = claim_new_attempt(x, {grant = keys[2], attempts = keys[9], lease = keys[10],
+    history = keys[11], lease_expiry = keys[4], attempt_timeout = keys[13],
+    deadline = keys[14]}, {worker_id = argv[2], worker_instance_id = argv[3], lane = argv[4],
+    lease_id = argv[6], attempt_id = argv[9], ttl = ttl, renew_before = renew_before,
+    timeout = timeout, deadline = deadline, policy = policy_flat}, now)
+  return ok(a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(a.idx), a.attempt_type)
 end
 
 redis.register_function('ff_claim_execution', claim_execution)
@@ -247,32 +302,153 @@ local function claim_resumed_execution(keys, argv)
     end
     return gerr
   end
-  local idx = tonumber(c.current_attempt_index or '0') or 0
-  local a = {
-    idx = idx, attempt_id = c.current_attempt_id, lease_id = argv[5],
-    epoch = (tonumber(c.current_lease_epoch or '0') or 0) + 1,
-    worker_id = argv[2], worker_instance_id = argv[3],
-    expires = now + ttl, renewal = now + math.floor(ttl * 2 / 3),
-  }
-  local extra = claimed_fields(a, (argv[4] ~= '' and argv[4]) or c.lane_id, now)
-  write_vector(keys[1], x.eid, CLAIMED, now, extra)
-  redis.call('DEL', keys[2])
-  redis.call('HSET', attempt_key(x.tag, x.eid, idx), 'attempt_state', 'started',
-    'resumed_at', num(now), 'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
-    'worker_id', a.worker_id, 'worker_instance_id', a.worker_instance_id,
-    'suspended_at', '', 'suspension_id', '')
-  write_lease(keys[7], x.eid, a, now)
-  index_lease(x, c.lane_id, keys[4], a)
-  if remaining and remaining > 0 then
-    redis.call('ZADD', keys[10], num(now + remaining), x.eid)
-  end
-  lease_event(keys[8], 'acquired', {'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
-    'attempt_id', a.attempt_id, 'attempt_index', num(idx), 'worker_id', a.worker_id,
-    'reason', 'claim_resumed'}, now)
-  return ok(a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(idx), 'resumed')
+  local a = claim_same_attempt(x, {grant = keys[2], lease = keys[7], history = keys[8],
+    lease_expiry = keys[4], attempt_timeout = keys[10]}, {worker_id = argv[2],
+    worker_instance_id = argv[3], lane = argv[4], lease_id = argv[5], ttl = ttl,
+    remaining = remaining}, now)
+  return ok(a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(a.idx), 'resumed')
 end
 
 redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
+
+-- ff_claim_batch: one claimer leases up to max_tasks heads of one lane's eligible set on one
+-- partition in one call. Per head, in eligible order, it does what ff_issue_claim_grant then
+-- ff_claim_execution (or ff_claim_resumed_execution, for an attempt_interrupted execution) do,
+-- through the same checks and writes: the grant checks (a grant held by anyone skips the head;
+-- a capability mismatch reports it), then the claim checks, then the claim writes with the
+-- server's defaults (no attempt policy, the stored attempt timeout, no deadline; a resumed
+-- claim sets no attempt timeout). The grant itself is never written: it would be consumed by
+-- the same call.
+--   KEYS (4): 1 lane eligible (ARGV[3]'s), 2 lease_expiry, 3 attempt_timeout,
+--     4 execution_deadline, all on one partition's tag. Every other key (cores, grants,
+--     attempts, leases, histories, lane active, the claimer's lease set) is built from the tag
+--     of KEYS[1] and the eligible members (spec 00 §4 rule 3).
+--   ARGV (9 + 2 x max_tasks): 1 worker_id, 2 worker_instance_id, 3 lane_id, 4 capability_hash
+--     (unused, as in the claim), 5 worker_capabilities_csv, 6 lease_ttl_ms (> 0),
+--     7 renew_before_ms (>= 0), 8 max_tasks (> 0), 9 max_scanned (>= max_tasks: heads examined
+--     at most), then max_tasks pairs lease_id, attempt_id (the i-th lease takes the i-th pair).
+--   Now: TIME, once.
+--   Replies: {1,"OK",claimed,mismatched}
+--     claimed: one array per lease, in eligible order: {execution_id, lease_id, lease_epoch,
+--       lease_expires_at, attempt_id, attempt_index, attempt_type (initial | retry | replay; a
+--       resumed claim gives its attempt's stored type), resumed ("1" | "0"), payload,
+--       payload_encoding, execution_kind, namespace, priority, flow_id, tags (flat name/value)}.
+--     mismatched: ids that failed the capability check (only core last_capability_mismatch_at
+--       written, as by the grant; the caller blocks them for route).
+--   Errors (before any write): invalid_input (numeric ARGV, empty ids, pair count, KEYS not
+--     the lane's eligible set and the indexes of its tag), invalid_capabilities (worker side).
+--   Skipped, nothing written: heads whose core is missing, that are not eligible, hold a grant,
+--     are not leaseable (claim checks), or have invalid required capabilities.
+--   Writes per lease: those of ff_claim_execution (or ff_claim_resumed_execution).
+local function claim_batch_args(keys, argv)
+  local ttl, e1 = req_pos('lease_ttl_ms', argv[6])
+  if not ttl then
+    return nil, e1
+  end
+  local renew_before, e2 = req_int('renew_before_ms', argv[7])
+  if not renew_before then
+    return nil, e2
+  end
+  local max, e3 = req_pos('max_tasks', argv[8])
+  if not max then
+    return nil, e3
+  end
+  local scan, e4 = req_int('max_scanned', argv[9])
+  if not scan then
+    return nil, e4
+  elseif scan < max then
+    return nil, err('invalid_input', 'max_scanned must be at least max_tasks')
+  elseif #argv ~= 9 + 2 * max then
+    return nil, err('invalid_input', 'expected max_tasks pairs of lease_id, attempt_id')
+  end
+  local specs = {{1, 'worker_id'}, {2, 'worker_instance_id'}, {3, 'lane_id'}}
+  for i = 10, #argv do
+    specs[#specs + 1] = {i, (i % 2 == 0) and 'lease_id' or 'attempt_id'}
+  end
+  local serr = require_strings(argv, specs)
+  if serr then
+    return nil, serr
+  end
+  local tag = tag_of(keys[1] or '')
+  if not tag or keys[1] ~= lane_key(tag, argv[3], 'eligible')
+      or keys[2] ~= partition_key(tag, 'lease_expiry')
+      or keys[3] ~= partition_key(tag, 'attempt_timeout')
+      or keys[4] ~= partition_key(tag, 'execution_deadline') then
+    return nil, err('invalid_input', 'KEYS must be the lane eligible set and the partition '
+      .. 'lease_expiry, attempt_timeout, execution_deadline of one tag')
+  end
+  -- The worker side of the capability check once, before any write (no required tokens here).
+  local cerr = check_capabilities({core = {}}, argv[5] or '', 0)
+  if cerr then
+    return nil, cerr
+  end
+  return {tag = tag, ttl = ttl, renew_before = renew_before, max = max, scan = scan}
+end
+
+-- What the worker needs of one lease (the ff_claim_batch `claimed` row).
+local function claimed_row(x, a, attempt_type, resumed)
+  local c = x.core
+  return {x.eid, a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(a.idx),
+    attempt_type, resumed and '1' or '0',
+    redis.call('GET', exec_key(x.tag, x.eid, 'payload')) or '', c.payload_encoding or '',
+    c.execution_kind or '', c.namespace or '', c.priority or '0', c.flow_id or '',
+    redis.call('HGETALL', exec_key(x.tag, x.eid, 'tags'))}
+end
+
+-- One head of ff_claim_batch: the claimed row, 'mismatch', or nil (skipped).
+local function claim_head(eid, b, argv, pair, now)
+  local tag = b.tag
+  local x = {tag = tag, eid = eid, core_key = exec_key(tag, eid, 'core')}
+  x.core = hgetall(x.core_key)
+  if next(x.core) == nil then
+    return nil
+  end
+  local k = {grant = exec_key(tag, eid, 'claim_grant'), attempts = exec_key(tag, eid, 'attempts'),
+    lease = exec_key(tag, eid, 'lease:current'), history = exec_key(tag, eid, 'lease:history'),
+    lease_expiry = b.keys[2], attempt_timeout = b.keys[3], deadline = b.keys[4]}
+  local gerr = grant_denied(x, k.grant, argv[5] or '', now)
+  if gerr then
+    return gerr[2] == 'capability_mismatch' and 'mismatch' or nil
+  end
+  local p = {worker_id = argv[1], worker_instance_id = argv[2], lane = argv[3],
+    lease_id = argv[pair], attempt_id = argv[pair + 1], ttl = b.ttl,
+    renew_before = b.renew_before, timeout = false, deadline = false, policy = {},
+    remaining = false}
+  local cerr = claimable(x.core)
+  if cerr == nil then
+    local a = claim_new_attempt(x, k, p, now)
+    return claimed_row(x, a, a.attempt_type, false)
+  elseif cerr[2] == 'use_claim_resumed_execution' then
+    local a = claim_same_attempt(x, k, p, now)
+    local stored = redis.call('HGET', attempt_key(tag, eid, a.idx), 'attempt_type')
+    return claimed_row(x, a, stored or 'initial', true)
+  end
+  return nil
+end
+
+local function claim_batch(keys, argv)
+  local b, aerr = claim_batch_args(keys, argv)
+  if not b then
+    return aerr
+  end
+  b.keys = keys
+  local now = now_ms()
+  local claimed, mismatched = {}, {}
+  for _, eid in ipairs(redis.call('ZRANGE', keys[1], 0, b.scan - 1)) do
+    if #claimed >= b.max then
+      break
+    end
+    local got = claim_head(eid, b, argv, 10 + 2 * #claimed, now)
+    if got == 'mismatch' then
+      mismatched[#mismatched + 1] = eid
+    elseif got then
+      claimed[#claimed + 1] = got
+    end
+  end
+  return ok(claimed, mismatched)
+end
+
+redis.register_function('ff_claim_batch', claim_batch)
 
 -- ff_promote_delayed (delayed promoter)
 --   KEYS (3): 1 core, 2 lane delayed (the set being scanned; cleaned when the core says the

@@ -90,3 +90,29 @@ async def test_reclaim_skips_an_incapable_worker_without_starving_a_capable_one(
     task = await claim_one(api, "gpu-2", caps=("gpu",))
     assert task.lease.execution_id == eid and task.attempt_type == t.ATTEMPT_TYPE_RECLAIM
     assert task.lease.lease_epoch == 2
+
+
+async def test_batch_claim_carries_inputs_and_blocks_what_the_worker_cannot_run(api: Api) -> None:
+    policy = t.ExecutionPolicy(
+        routing_requirements=t.RoutingRequirements(required_capabilities=["gpu"])
+    )
+    gpu = await create(api, policy=policy, priority=9)
+    low = await create(api, input_payload=b"\x00a", tags={"app.k": "a"}, priority=1)
+    high = await create(api, input_payload=b"\x00b", payload_encoding="raw", priority=5)
+    reply = await claim_next(api, caps=("cpu",), max_tasks=4)
+    tasks = reply.batch.tasks
+    assert [task.lease.execution_id for task in tasks] == [high, low], "priority order"
+    assert (tasks[0].payload, tasks[0].payload_encoding, tasks[0].priority) == (b"\x00b", "raw", 5)
+    assert (tasks[1].payload, dict(tasks[1].tags), tasks[1].priority) == (
+        b"\x00a",
+        {"app.k": "a"},
+        1,
+    )
+    for task in tasks:
+        assert task.attempt_type == t.ATTEMPT_TYPE_INITIAL and not task.resumed
+        assert task.lease.lease_epoch == 1 and task.execution_kind == "demo"
+        assert await state(api, task.lease.execution_id) == t.PUBLIC_STATE_ACTIVE
+    # the head no connected capability can take is moved out of the way, not claimed
+    info = await get(api, gpu)
+    assert info.state_vector.eligibility_state == t.ELIGIBILITY_STATE_BLOCKED_BY_ROUTE
+    assert not info.HasField("started_at")

@@ -1,14 +1,17 @@
 """The claim cycle (spec 10 §3, spec 50 §4): find work for a worker and lease it.
 
-Per lane (lanes tried in rotating order): probe the lane's solo partition first, then a window
-of up to 32 partitions starting at the worker's FNV-1a offset plus a process-wide cursor that
-advances every 250 ms, so every partition is visited and workers spread out. Heads of each
-partition's `eligible` set are fetched in one pipeline; each candidate gets a claim grant
-(`ff_issue_claim_grant`: the capability check happens there, and a mismatch blocks the
-execution into `blocked:route`) and is claimed (`ff_claim_execution`). When the probed
-partitions have nothing eligible, expired or revoked leases in them are reclaimed
+Per lane (lanes tried in rotating order): the lane's solo partition first, then a window of up
+to 32 partitions starting at the worker's FNV-1a offset plus a process-wide cursor that advances
+every 250 ms, so every partition is visited and workers spread out. A partition is claimed from
+with one `ff_claim_batch` call: it leases up to the wanted number of eligible heads (the checks
+and writes of a claim grant plus a claim, or a resumed claim for an interrupted attempt) and
+returns what the worker needs (payload, tags, ...), plus the heads whose required capabilities
+the worker lacks, which are then blocked into `blocked:route`. The window is probed in one
+pipeline and only partitions with eligible work get a claim call. When the probed partitions
+have nothing eligible (and every 16th call), expired or revoked leases in them are reclaimed
 (`ff_issue_reclaim_grant` + `ff_reclaim_execution`), so a crashed worker's execution is handed
-to another worker.
+to another worker. ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
+then `ff_claim_execution` or `ff_claim_resumed_execution`).
 
 `claim_next` long-polls: it waits for a `waiting` watch event on the lanes' solo partitions (or
 an in-process wake from a create in this server) and re-scans, with a 1 s backstop for work that
@@ -46,6 +49,7 @@ WAIT_BACKSTOP_S = 1.0
 RECLAIM_CANDIDATES_PER_PARTITION = 4
 RECLAIM_PARK_S = 10.0
 RECLAIM_EVERY = 16
+SCAN_SLACK = 16  # heads a batch claim may examine beyond the ones it wants
 CAPABLE_WORKER_DETAIL = "no connected worker satisfies required_capabilities"
 NO_MATCH = (
     "execution_not_eligible", "execution_not_in_eligible_set", "grant_already_exists",
@@ -108,6 +112,30 @@ def claimed_from_reply(eid: ExecutionId, lane: str, reply: Reply) -> Claimed:
     )
 
 
+def claimed_from_row(row: Sequence[Any], lane: str, partitions: int) -> Claimed:
+    """One `claimed` row of ff_claim_batch."""
+    (eid, lease_id, epoch, expires, attempt_id, index, attempt_type, resumed, payload, encoding,
+     kind, namespace, priority, flow_id, tags) = row  # fmt: skip
+    return Claimed(
+        execution_id=parse_execution_id(text(eid), partitions),
+        lane_id=lane,
+        lease_id=text(lease_id),
+        lease_epoch=int(text(epoch)),
+        lease_expires_at=int(text(expires)),
+        attempt_id=text(attempt_id),
+        attempt_index=int(text(index)),
+        attempt_type=text(attempt_type) or "initial",
+        payload=bytes(payload or b""),
+        payload_encoding=text(encoding),
+        execution_kind=text(kind),
+        namespace=text(namespace),
+        tags=hash_to_dict(tags),
+        priority=int(text(priority) or 0),
+        flow_id=text(flow_id),
+        resumed=text(resumed) == "1",
+    )
+
+
 class Scheduler:
     def __init__(
         self, functions: LifecycleFunctions, store: Store, partitions: int, hub: EventHub | None
@@ -153,18 +181,16 @@ class Scheduler:
             if want <= 0:
                 break
             out += await self._claim_lane(req, lane, want)
-        if out:
-            await self._attach_inputs(out)
         return out
 
     async def _claim_lane(self, req: ClaimRequest, lane: str, want: int) -> list[Claimed]:
         parts = self.probe_order(lane, req.worker_instance_id)
         who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
-        # The lane's solo partition first, alone: when it fills the request (the common case
-        # for solo work) the 32-partition window probe is skipped.
-        out = await self._claim_heads(parts[:1], who, req, want)
+        # The lane's solo partition first, alone and without a probe: when it fills the
+        # request (the common case for solo work) the window is never looked at.
+        out = await self._claim_partition(parts[0], who, req, want)
         if len(out) < want:
-            out += await self._claim_heads(parts[1:], who, req, want - len(out))
+            out += await self._claim_window(parts[1:], who, req, want - len(out))
         self._lane_calls += 1
         # Reclaim discovery when this call found nothing eligible, and every RECLAIM_EVERY-th
         # call so a steady stream of new work cannot starve an expired lease.
@@ -172,43 +198,40 @@ class Scheduler:
             out += await self._reclaim(parts, who, req, want - len(out))
         return out
 
-    async def _claim_heads(
+    async def _claim_window(
         self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int
     ) -> list[Claimed]:
-        """Claim up to `want` heads of the lane's eligible sets in `parts`, in order."""
+        """Probe `parts` in one pipeline; claim from those with eligible heads, in order."""
+        if not parts:
+            return []
         pipe = self.store.pipeline()
         for p in parts:
-            pipe.zrange(PartitionKeys.of(p).lane(who.lane_id, "eligible"), 0, want - 1)
-        heads = await self.store.run_pipeline(pipe)
+            pipe.exists(PartitionKeys.of(p).lane(who.lane_id, "eligible"))
+        found = await self.store.run_pipeline(pipe)
         out: list[Claimed] = []
-        for members in heads:
-            for raw in members:
-                if len(out) >= want:
-                    return out
-                try:
-                    eid = parse_execution_id(text(raw), self.partitions)
-                except FlowFabricError:
-                    continue  # unparsable index members are skipped
-                got = await self._try_claim(eid, who, req)
-                if got is not None:
-                    out.append(got)
+        for p, present in zip(parts, found, strict=True):
+            if len(out) >= want:
+                break
+            if present:
+                out += await self._claim_partition(p, who, req, want - len(out))
         return out
 
-    async def _try_claim(self, eid: ExecutionId, who: Claimer, req: ClaimRequest) -> Claimed | None:
-        try:
-            await self.functions.issue_claim_grant(eid, who, req.grant_ttl_ms)
-        except FlowFabricError as exc:
-            if exc.code == "capability_mismatch":
-                await self._block_for_route(eid)
-            elif exc.code not in NO_MATCH:
-                raise
-            return None
-        try:
-            return await self._consume_grant(eid, who, req.lease_ttl_ms, "", "")
-        except FlowFabricError as exc:
-            if exc.code not in NO_MATCH:
-                raise
-            return None
+    async def _claim_partition(
+        self, partition: int, who: Claimer, req: ClaimRequest, want: int
+    ) -> list[Claimed]:
+        """Lease up to `want` heads of the lane's eligible set on `partition` (one FCALL);
+        heads the worker's capabilities cannot take are blocked for route."""
+        ids = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(want)]
+        reply = await self.functions.claim_batch(
+            partition, who, req.lease_ttl_ms, ids, want + SCAN_SLACK
+        )
+        out = [claimed_from_row(row, who.lane_id, self.partitions) for row in reply.values[0]]
+        for raw in reply.values[1]:
+            try:
+                await self._block_for_route(parse_execution_id(text(raw), self.partitions))
+            except FlowFabricError:
+                continue  # unparsable index members are skipped
+        return out
 
     async def _consume_grant(
         self, eid: ExecutionId, who: Claimer, lease_ttl_ms: int, lease_id: str, attempt_id: str
@@ -292,6 +315,8 @@ class Scheduler:
             got = await self._try_reclaim(eid, who, req)
             if got is not None:
                 out.append(got)
+        if out:
+            await self._attach_inputs(out)
         return out
 
     async def _try_reclaim(
