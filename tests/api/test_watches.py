@@ -14,19 +14,30 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import pytest
 
 from flowfabric.engine.events import RESYNC, EventHub
+from flowfabric.server.app import FlowFabricServer
+from flowfabric.server.config import Config
 from flowfabric.server.errors import FlowFabricError
 from flowfabric.server.ids import ExecutionId
 from flowfabric.server.keys import ExecKeys, PartitionKeys, WaitpointKeys, signal_key
 from flowfabric.server.keys import signal_payload_key as payload_key
 from flowfabric.server.store import Store
 from flowfabric.server.watches import SignalWatches, parse_stream_id
+from flowfabric.v1 import execution_pb2 as epb
 from flowfabric.v1 import signal_pb2
+from flowfabric.v1 import signal_pb2 as spb
+from flowfabric.v1 import types_pb2 as t
+from flowfabric.v1 import worker_pb2 as wpb
+from tests.api.test_lifecycle import claim_one, create
+from tests.api.util import error_info, expect_error
+from tests.conftest import API_TOKEN, HMAC_SECRET, Api
 
 WAIT_S = 10.0  # bound on any single wait: a hang fails, nothing is timed
 
@@ -74,9 +85,6 @@ class Synth:
             "matched_waitpoint_id": waitpoint_id, "payload_encoding": "json",
             "observed_effect": "appended_to_waitpoint",
         }  # fmt: skip
-        await self.store.call("HSET", signal_key(tag, sid), *_flat(fields))
-        if payload:
-            await self.store.call("SET", payload_key(tag, sid), payload)
         stream_id = text(
             await self.store.call(
                 "XADD", WaitpointKeys(tag, waitpoint_id).stream, f"{accepted_at}-*",
@@ -85,6 +93,10 @@ class Synth:
                 "accepted_at", str(accepted_at),
             )
         )  # fmt: skip
+        fields["stream_id"] = stream_id  # the functions store it with the signal
+        await self.store.call("HSET", signal_key(tag, sid), *_flat(fields))
+        if payload:
+            await self.store.call("SET", payload_key(tag, sid), payload)
         await self.store.call("ZADD", ExecKeys(eid).signals, str(accepted_at), sid)
         if publish:
             await self.publish_signal(waitpoint_id, sid, name, stream_id, accepted_at, eid=eid)
@@ -209,6 +221,12 @@ class Probe:
                 await self.changed.wait()
 
 
+async def close(stream: AsyncIterator[Any]) -> None:
+    """Close a watch the way a cancelled RPC does (its listeners go away)."""
+    assert isinstance(stream, AsyncGenerator)
+    await stream.aclose()
+
+
 def ids(messages: list[signal_pb2.WatchSignalsResponse]) -> list[str]:
     return [m.signal.signal_id for m in messages]
 
@@ -274,7 +292,7 @@ async def test_waitpoint_replay_then_live_once_each_in_order(store: Store, hub: 
     await s.signal(wp, "ignored", eid=new_eid())  # another execution, same partition
     fresh = [await s.signal(wp, f"m{i}") for i in range(2)]
     assert ids(await take(stream, 2)) == [x[0] for x in fresh]
-    await stream.aclose()
+    await close(stream)
 
 
 async def test_stream_cursor_is_exclusive(store: Store, hub: EventHub) -> None:
@@ -284,11 +302,11 @@ async def test_stream_cursor_is_exclusive(store: Store, hub: EventHub) -> None:
     stored = [await s.signal(wp, publish=False) for _ in range(4)]
     stream = SignalWatches(store, hub).signals(s.eid, wp, stored[1][1], 0)
     assert ids(await take(stream, 2)) == [x[0] for x in stored[2:]]
-    await stream.aclose()
+    await close(stream)
     ms_only = str(parse_stream_id(stored[0][1], "x")[0])  # `<ms>` = `<ms>-0`: after it
     stream = SignalWatches(store, hub).signals(s.eid, wp, ms_only, 0)
     assert ids(await take(stream, 3)) == [x[0] for x in stored[1:]]
-    await stream.aclose()
+    await close(stream)
 
 
 async def test_execution_replay_orders_by_accepted_at_then_stream_id(
@@ -310,11 +328,11 @@ async def test_execution_replay_orders_by_accepted_at_then_stream_id(
     assert [m.signal.stream_id for m in got] == [
         dict((x[0], x[1]) for x in stored)[i] for i in ids(got)
     ]
-    await stream.aclose()
+    await close(stream)
     # after_accepted_at is exclusive
     stream = SignalWatches(store, hub).signals(s.eid, "", "", 5000)
     assert ids(await take(stream)) == [later[0]]
-    await stream.aclose()
+    await close(stream)
 
 
 async def test_execution_replay_pages_keep_same_millisecond_groups_whole(
@@ -328,7 +346,7 @@ async def test_execution_replay_pages_keep_same_millisecond_groups_whole(
     stream = SignalWatches(store, hub).signals(s.eid, "", "", 0)
     got = await take(stream, 250)
     assert ids(got) == [x[0] for x in stored]
-    await stream.aclose()
+    await close(stream)
 
 
 async def test_execution_cursor_with_stream_id_tie_break(store: Store, hub: EventHub) -> None:
@@ -338,7 +356,7 @@ async def test_execution_cursor_with_stream_id_tie_break(store: Store, hub: Even
     stored = [await s.signal(wp, accepted_at=9000, publish=False) for _ in range(3)]
     stream = SignalWatches(store, hub).signals(s.eid, "", stored[0][1], 9000)
     assert ids(await take(stream, 2)) == [x[0] for x in stored[1:]]
-    await stream.aclose()
+    await close(stream)
 
 
 @pytest.mark.parametrize("by_waitpoint", [True, False])
@@ -357,7 +375,7 @@ async def test_signal_in_history_and_live_is_delivered_once(
     await s.publish_signal(wp, a[0], "s", a[1], a[2])
     b = await s.signal(wp)
     assert ids(await take(stream, 2)) == [a[0], b[0]]
-    await stream.aclose()
+    await close(stream)
 
 
 @pytest.mark.parametrize("by_waitpoint", [True, False])
@@ -375,7 +393,7 @@ async def test_resync_rereads_history_lost_while_disconnected(
     assert ids(await take(stream, 2)) == [x[0] for x in lost]
     b = await s.signal(wp)
     assert ids(await take(stream)) == [b[0]]
-    await stream.aclose()
+    await close(stream)
 
 
 async def test_ends_after_terminal_with_everything_stored(store: Store, hub: EventHub) -> None:
@@ -419,7 +437,7 @@ async def test_slow_watcher_ends_resource_exhausted_others_continue(
     assert caught.value.code == "concurrency_limit"
     assert caught.value.spec.status.name == "RESOURCE_EXHAUSTED"
     assert caught.value.metadata == {"pool": "watch_queue", "max": "3"}
-    await fast.aclose()
+    await close(fast)
 
 
 async def test_shutdown_ends_live_watches_shutting_down(store: Store, hub: EventHub) -> None:
@@ -451,7 +469,7 @@ async def test_client_cancel_removes_the_listeners(store: Store, hub: EventHub) 
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await stream.aclose()
+    await close(stream)
     assert not hub._listeners[s.p.signal_events]
     assert not hub._listeners[s.p.exec_events]
 
@@ -521,4 +539,268 @@ async def test_waitpoints_resync_and_overflow_reread(store: Store, hub: EventHub
         await probe.until(lambda evs: len(evs) >= 5)
     got = await take(stream, 5)
     assert sorted(m.opened.waitpoint.waitpoint_id for m in got) == sorted(many)
-    await stream.aclose()
+    await close(stream)
+
+
+# -- end to end through gRPC on the real functions -------------------------------------------
+
+C = grpc.StatusCode
+CONDITION = json.dumps(
+    {
+        "condition_type": "signal_set",
+        "required_signal_names": ["done"],
+        "signal_match_mode": "any",
+        "minimum_signal_count": 1,
+    }
+)
+
+
+@dataclass
+class Suspended:
+    eid: str
+    waitpoint_id: str
+    token: str
+
+
+async def suspend(api: Api, lease: t.LeaseHandle, **kw: Any) -> wpb.SuspendResponse:
+    kw.setdefault("reason_code", "waiting_for_signal")
+    kw.setdefault("requested_by", "worker")
+    kw.setdefault("resume_condition_json", CONDITION)
+    kw.setdefault("resume_policy_json", "{}")
+    return await api.worker.Suspend(  # type: ignore[no-any-return]
+        wpb.SuspendRequest(lease=lease, **kw), metadata=api.metadata
+    )
+
+
+async def suspended(api: Api) -> Suspended:
+    """A claimed execution suspended on `done`; other signal names are accepted as no_op."""
+    await create(api)
+    lease = (await claim_one(api)).lease
+    reply = await suspend(api, lease)
+    assert reply.WhichOneof("outcome") == "suspended", reply
+    return Suspended(lease.execution_id, reply.suspended.waitpoint_id,
+                     reply.suspended.waitpoint_token)  # fmt: skip
+
+
+async def deliver(api: Api, s: Suspended, name: str = "tick", payload: bytes = b"") -> str:
+    reply = await api.signal.DeliverSignal(
+        spb.DeliverSignalRequest(
+            execution_id=s.eid, waitpoint_id=s.waitpoint_id, signal_name=name,
+            signal_category="custom", source_type="test", source_identity="t",
+            payload=payload, waitpoint_token=s.token,
+        ),
+        metadata=api.metadata,
+    )  # fmt: skip
+    assert reply.WhichOneof("outcome") == "accepted", reply
+    return str(reply.accepted.signal_id)
+
+
+async def cancel(api: Api, eid: str) -> None:
+    await api.execution.CancelExecution(
+        epb.CancelExecutionRequest(execution_id=eid, reason="test"), metadata=api.metadata
+    )
+
+
+def watch_signals(api: Api, eid: str, waitpoint_id: str = "", **kw: Any) -> Any:
+    return api.signal.WatchSignals(
+        spb.WatchSignalsRequest(execution_id=eid, waitpoint_id=waitpoint_id, **kw),
+        metadata=api.metadata,
+    )
+
+
+def watch_waitpoints(api: Api, eid: str) -> Any:
+    return api.signal.WatchWaitpoints(
+        spb.WatchWaitpointsRequest(execution_id=eid), metadata=api.metadata
+    )
+
+
+async def read(call: Any, n: int) -> list[Any]:
+    """The next `n` messages of a gRPC stream (bounded wait)."""
+    out: list[Any] = []
+    async with asyncio.timeout(WAIT_S):
+        for _ in range(n):
+            msg = await call.read()
+            assert msg is not grpc.aio.EOF, f"stream ended after {len(out)} of {n}"
+            out.append(msg)
+    return out
+
+
+async def rest(call: Any) -> list[Any]:
+    """Every remaining message until the stream ends OK (bounded wait)."""
+    out: list[Any] = []
+    async with asyncio.timeout(WAIT_S):
+        while (msg := await call.read()) is not grpc.aio.EOF:
+            out.append(msg)
+    assert await call.code() == C.OK
+    return out
+
+
+async def test_three_watchers_each_receive_100_signals_once_in_order(api: Api) -> None:
+    s = await suspended(api)
+    first = await deliver(api, s, payload=b"p0")
+    calls = [watch_signals(api, s.eid, s.waitpoint_id), watch_signals(api, s.eid, s.waitpoint_id),
+             watch_signals(api, s.eid)]  # fmt: skip
+    for call in calls:  # each is live: its replay is done
+        assert ids(await read(call, 1)) == [first]
+
+    async def send() -> list[str]:
+        return [await deliver(api, s, payload=f"p{i}".encode()) for i in range(1, 100)]
+
+    sent, *received = await asyncio.gather(send(), *(read(call, 99) for call in calls))
+    for got in received:
+        assert ids(got) == sent
+        assert [m.signal.payload for m in got] == [f"p{i}".encode() for i in range(1, 100)]
+        assert all(m.signal.observed_effect == "no_op" and m.signal.stream_id for m in got)
+        stream_ids = [parse_stream_id(m.signal.stream_id, "x") for m in got]
+        assert stream_ids == sorted(stream_ids) and len(set(stream_ids)) == 99
+    await cancel(api, s.eid)
+    for call in calls:
+        assert await rest(call) == []
+
+
+async def test_joining_midway_or_resuming_misses_none_duplicates_none(api: Api) -> None:
+    s = await suspended(api)
+    sent = [await deliver(api, s) for _ in range(50)]
+    late = [watch_signals(api, s.eid, s.waitpoint_id), watch_signals(api, s.eid)]
+
+    async def send() -> list[str]:
+        return [await deliver(api, s) for _ in range(50)]
+
+    more, *received = await asyncio.gather(send(), *(read(call, 100) for call in late))
+    sent += more
+    for got in received:
+        assert ids(got) == sent
+    # resume from a cursor: by stream id on the waitpoint, by accepted_at on the execution
+    cursor = received[0][29].signal
+    resumed = watch_signals(api, s.eid, s.waitpoint_id, after_stream_id=cursor.stream_id)
+    assert ids(await read(resumed, 70)) == sent[30:]
+    by_time = watch_signals(api, s.eid, after_accepted_at=cursor.accepted_at)
+    got = await read(by_time, 1)
+    assert got[0].signal.accepted_at > cursor.accepted_at
+    assert got[0].signal.signal_id in sent[30:]
+    done = await deliver(api, s, "done")  # satisfies the condition: the execution resumes
+    for call in (*late, resumed):
+        assert ids(await read(call, 1)) == [done]
+    await cancel(api, s.eid)
+    for call in (*late, resumed):
+        assert await rest(call) == []
+    by_time.cancel()
+
+
+async def test_slow_watcher_resource_exhausted_does_not_stall_others(api: Api) -> None:
+    watches = api.server.signal_watches
+    assert watches is not None
+    limit, watches.queue_limit = watches.queue_limit, 5
+    try:
+        s = await suspended(api)
+        first = await deliver(api, s)
+        slow, fast = watch_signals(api, s.eid, s.waitpoint_id), watch_signals(api, s.eid)
+        for call in (slow, fast):
+            assert ids(await read(call, 1)) == [first]
+        # the slow client stops reading; the payloads exceed every transport buffer on the
+        # way, so its server-side watcher blocks and its queue overflows
+        big = b"x" * 65_536
+
+        async def send() -> list[str]:
+            return [await deliver(api, s, payload=big) for _ in range(300)]
+
+        sent, got = await asyncio.gather(send(), read(fast, 300))
+        assert ids(got) == sent
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(WAIT_S):
+                while (msg := await slow.read()) is not grpc.aio.EOF:
+                    assert msg.signal.signal_id in sent
+        assert caught.value.code() == C.RESOURCE_EXHAUSTED
+        info = error_info(caught.value)
+        assert (info.reason, info.metadata["pool"], info.metadata["max"]) == (
+            "concurrency_limit", "watch_queue", "5",
+        )  # fmt: skip
+        await cancel(api, s.eid)
+        assert await rest(fast) == []
+    finally:
+        watches.queue_limit = limit
+
+
+async def test_watch_waitpoints_opened_with_token_then_closed(api: Api) -> None:
+    await create(api)
+    lease = (await claim_one(api)).lease
+    eid = lease.execution_id
+    call = watch_waitpoints(api, eid)
+    created = await api.worker.CreatePendingWaitpoint(
+        wpb.CreatePendingWaitpointRequest(lease=lease, expires_in_ms=60_000),
+        metadata=api.metadata,
+    )
+    wp, token = created.created.waitpoint_id, created.created.waitpoint_token
+    [opened] = await read(call, 1)
+    info = opened.opened.waitpoint
+    assert (info.waitpoint_id, info.state, info.waitpoint_token) == (wp, "pending", token)
+    assert opened.at > 0
+    reply = await suspend(api, lease, waitpoint_id=wp, use_pending_waitpoint=True)
+    assert reply.WhichOneof("outcome") == "suspended", reply
+    [active] = await read(call, 1)
+    info = active.opened.waitpoint
+    assert (info.waitpoint_id, info.state, info.waitpoint_token) == (wp, "active", token)
+    assert list(info.required_signal_names) == ["done"]
+    await deliver(api, Suspended(eid, wp, token), "done")
+    [closed] = await read(call, 1)
+    assert closed.WhichOneof("event") == "closed"
+    assert (closed.closed.waitpoint_id, closed.closed.close_reason) == (wp, "resumed")
+    # a watcher joining now sees nothing open; both end when the execution is terminal
+    late = watch_waitpoints(api, eid)
+    await cancel(api, eid)
+    assert await rest(call) == []
+    assert await rest(late) == []
+
+
+async def test_watch_waitpoints_replays_open_and_shows_cancel_closure(api: Api) -> None:
+    s = await suspended(api)
+    call = watch_waitpoints(api, s.eid)
+    [opened] = await read(call, 1)
+    assert (opened.opened.waitpoint.waitpoint_id, opened.opened.waitpoint.waitpoint_token) == (
+        s.waitpoint_id, s.token,
+    )  # fmt: skip
+    await cancel(api, s.eid)
+    [closed] = await rest(call)
+    assert closed.closed.waitpoint_id == s.waitpoint_id
+    assert closed.closed.close_reason
+
+
+async def test_watches_errors(api: Api) -> None:
+    missing = f"{{fp:0}}:{uuid.uuid4()}"
+    await expect_error(rest(watch_signals(api, missing)), C.NOT_FOUND, "execution_not_found")
+    await expect_error(rest(watch_waitpoints(api, missing)), C.NOT_FOUND, "execution_not_found")
+    s = await suspended(api)
+    for kw in ({"after_stream_id": "+"}, {"after_stream_id": "1-"}, {"waitpoint_id": "x"}):
+        await expect_error(rest(watch_signals(api, s.eid, **kw)), C.INVALID_ARGUMENT,
+                           "invalid_input")  # fmt: skip
+
+
+async def test_shutdown_ends_watches_unavailable(small_api: Api) -> None:
+    api = small_api
+    s = await suspended(api)
+    first = await deliver(api, s)
+    sig, wps = watch_signals(api, s.eid), watch_waitpoints(api, s.eid)
+    assert ids(await read(sig, 1)) == [first]
+    assert len(await read(wps, 1)) == 1
+    stop = asyncio.create_task(api.server.stop())
+    for call in (sig, wps):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await rest(call)
+        assert caught.value.code() == C.UNAVAILABLE
+        assert error_info(caught.value).reason == "shutting_down"
+    await stop
+
+
+@pytest.fixture
+async def small_api(valkey_url: str, store: Store) -> AsyncIterator[Api]:
+    """A server of its own (it is stopped by the test)."""
+    config = Config(
+        valkey_url=valkey_url, listen_addr="127.0.0.1:0", api_token=API_TOKEN,
+        waitpoint_hmac_secret=HMAC_SECRET, shutdown_grace_s=1.0, boot_retry_s=5.0,
+    )  # fmt: skip
+    server = FlowFabricServer(config, run_scanners=False)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    yield Api(channel, store, server)
+    await channel.close()
+    await server.stop()

@@ -274,24 +274,7 @@ class _SignalLog:
                 payload = raw[2 * n + 1]
                 body = payload if isinstance(payload, bytes) else text(payload).encode()
                 records.append(signal_record(fields, body, stream_id))
-        await self._fill_stream_ids([r for r in records if not r.stream_id])
         return records
-
-    async def _fill_stream_ids(self, records: list[t.SignalRecord]) -> None:
-        """Signal hashes without `stream_id`: find the entry in the waitpoint's stream (its id's
-        millisecond is the acceptance time); trimmed entries keep an empty stream id."""
-        if not records:
-            return
-        pipe = self.store.pipeline()
-        for r in records:
-            key = WaitpointKeys(self.eid.tag, r.waitpoint_id).stream
-            pipe.xrange(key, str(r.accepted_at), f"{r.accepted_at}-{U64_MAX}")
-        replies = await self.store.run_pipeline(pipe)
-        for r, entries in zip(records, replies, strict=True):
-            for entry_id, raw in entries or []:
-                if hash_to_dict(raw).get("signal_id") == r.signal_id:
-                    r.stream_id = text(entry_id)
-                    break
 
 
 def _group_start(held: list[tuple[str, int]]) -> int:
