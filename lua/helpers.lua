@@ -854,7 +854,7 @@ local function parse_condition(json)
   local t = {}
   if json ~= nil and json ~= '' then
     t = decode_json(json)
-    if type(t) ~= 'table' then
+    if type(t) ~= 'table' or #t > 0 then
       return nil, err('invalid_resume_condition', 'malformed JSON or not an object')
     end
   end

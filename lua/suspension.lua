@@ -141,7 +141,8 @@ local function suspend_args(argv)
   if not cond then
     return nil, cerr
   end
-  if argv[12] ~= '' and type(decode_json(argv[12])) ~= 'table' then
+  local policy = argv[12] ~= '' and decode_json(argv[12])
+  if policy ~= false and (type(policy) ~= 'table' or #policy > 0) then
     return nil, err('invalid_input', 'resume_policy_json must be a JSON object')
   end
   return {idx = idx, timeout = timeout, behavior = behavior, pending = flag == '1',
