@@ -17,11 +17,14 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
         ("quickstart.py", 'result: {"greeting":"hello, world"}'),
         ("retries_and_cancel.py", "as expected"),
         ("pipeline.py", "summary: incident-42.md: The cache expired early."),
+        ("approval.py --auto-approve --tamper", "tampered token refused: PERMISSION_DENIED"),
+        ("approval.py --reject", "draft     failed"),
     ],
 )
 def test_example_runs(script: str, expected: str) -> None:
+    name, *args = script.split()
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / script)],
+        [sys.executable, str(EXAMPLES / name), *args],
         capture_output=True,
         text=True,
         timeout=110,
@@ -29,3 +32,5 @@ def test_example_runs(script: str, expected: str) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert expected in done.stdout, done.stdout
+    if name == "approval.py":
+        assert "as expected" in done.stdout, done.stdout
