@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ PAYLOAD = b"x" * 64
 
 def start_server(valkey_url: str) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "FF_VALKEY_URL": valkey_url, "FF_LOG_LEVEL": "warning"}
+    env.setdefault("FF_WAITPOINT_HMAC_SECRET", secrets.token_hex(32))  # required externally
     cli = [sys.executable, "-c", "from flowfabric.cli import run; run()"]
     proc = subprocess.Popen(
         [*cli, "serve", "--listen-addr", "127.0.0.1:0"],

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -45,6 +46,10 @@ class Server:
             "FF_VALKEY_URL": valkey_url.replace("redis://", "valkey://"),
             "FF_LISTEN_ADDR": "127.0.0.1:0",
             "FF_LOG_LEVEL": os.environ.get("FF_BENCH_SERVER_LOG_LEVEL", "warning"),
+            # required with an external Valkey (waitpoint tokens); S1 never signs one
+            "FF_WAITPOINT_HMAC_SECRET": os.environ.get(
+                "FF_WAITPOINT_HMAC_SECRET", secrets.token_hex(32)
+            ),
         }
         os.makedirs(log_dir, exist_ok=True)
         self.log_path = os.path.join(log_dir, "server.log")
