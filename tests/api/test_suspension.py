@@ -227,7 +227,7 @@ async def test_pending_waitpoint_expiry_scanner_closes_it(engine_api: Api) -> No
     await expect_error(
         deliver(api, eid, created.waitpoint_id, created.waitpoint_token, "x"),
         C.FAILED_PRECONDITION,
-        "target_not_signalable",
+        "waitpoint_closed",
     )
     await expect_error(
         suspend(api, lease, "x", use_pending_waitpoint=True, waitpoint_id=created.waitpoint_id),
@@ -265,7 +265,7 @@ async def test_close_waitpoint_is_idempotent(api: Api) -> None:
     await expect_error(
         deliver(api, eid, created.waitpoint_id, created.waitpoint_token, "x"),
         C.FAILED_PRECONDITION,
-        "target_not_signalable",
+        "waitpoint_closed",
     )
 
 
@@ -291,7 +291,7 @@ async def test_operator_resume_then_no_resume_signals(api: Api) -> None:
     await expect_error(
         deliver(api, eid, s.waitpoint_id, s.waitpoint_token, "approve"),
         C.FAILED_PRECONDITION,
-        "target_not_signalable",
+        "waitpoint_closed",
     )
     again = await claim(api, "w-2")
     assert again.lease.attempt_index == lease.attempt_index
