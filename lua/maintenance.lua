@@ -14,8 +14,16 @@ local RUNNABLE_SET = {
   blocked_by_lane_state = 'blocked:operator',
 }
 
+-- Lane-suspended score of a suspended execution (spec 20 §5.2): its open suspension's timeout_at,
+-- or 9999999999999 without one. The suspension key is built on the tag of KEYS[1].
+local function suspended_score(x)
+  local t = redis.call('HGET', exec_key(x.tag, x.eid, 'suspension:current'), 'timeout_at')
+  return tonumber(t or '') or tonumber(NO_TIMEOUT_SCORE)
+end
+
 -- The lane set and score the state vector implies (spec 00 §6.4), or nil when unknown.
-local function expected_set(c, now)
+local function expected_set(x, now)
+  local c = x.core
   local phase = c.lifecycle_phase
   if phase == 'runnable' then
     local set = RUNNABLE_SET[c.eligibility_state]
@@ -28,7 +36,7 @@ local function expected_set(c, now)
   elseif phase == 'active' then
     return 'active', tonumber(c.lease_expires_at) or now
   elseif phase == 'suspended' then
-    return 'suspended', now
+    return 'suspended', suspended_score(x)
   elseif phase == 'terminal' then
     return 'terminal', tonumber(c.completed_at) or now
   end
@@ -37,7 +45,7 @@ end
 
 -- ff_reconcile_indexes
 --   KEYS (1): 1 core. Lane sets are built from the tag of KEYS[1] and core.lane_id (spec 00 §4
---     rule 3).
+--     rule 3); a suspended execution's score is read from its suspension:current (same tag).
 --   ARGV (1): 1 execution_id.
 --   Now: TIME.
 --   Replies: {1,"OK","ok"} (membership already matches the state vector) |
@@ -51,7 +59,7 @@ local function reconcile_indexes(keys, argv)
     return ok('not_found')
   end
   local c = x.core
-  local want, score = expected_set(c, now_ms())
+  local want, score = expected_set(x, now_ms())
   if not want then
     return ok('unknown_state')
   end

@@ -310,13 +310,13 @@ local function suspend_execution(keys, argv)
   -- Validated: from here on every branch commits.
   local st = new_condition_state(a.cond)
   local summary, effects, matched = '{"total_count":0,"matched_count":0,"signal_names":[]}', {}, 0
-  if is_set(prev.waitpoint_id) then
-    redis.call('SADD', keys[11], prev.waitpoint_id)
-  end
   if a.pending then
     local satisfied
     satisfied, effects, summary, matched = replay_buffered(keys[3], st)
     if satisfied then
+      if is_set(prev.waitpoint_id) then
+        redis.call('SADD', keys[11], prev.waitpoint_id)
+      end
       redis.call('DEL', keys[2])
       return already_satisfied(x, keys, argv, wp, st, effects, matched, now)
     end
@@ -337,6 +337,9 @@ local function suspend_execution(keys, argv)
   end
   redis.call('ZREM', keys[10], wpid)
   redis.call('SADD', keys[11], wpid)
+  if is_set(prev.waitpoint_id) then
+    redis.call('SADD', keys[11], prev.waitpoint_id)
+  end
 
   local akey = attempt_key(x.tag, x.eid, a.idx)
   if redis.call('EXISTS', akey) == 1 then

@@ -346,3 +346,13 @@ async def test_buffer_state_checks(store: Store) -> None:
         0,
         b"waitpoint_closed",
     ]
+
+
+async def test_waitpoint_stream_is_trimmed_the_zset_is_not(store: Store) -> None:
+    lease, wpid, token = await suspended(store, condition("never"))
+    for _ in range(250):
+        reply = await send_signal(store, lease.eid, wpid, token, name="x", maxlen=10, limit=0)
+        assert reply[3] == b"no_op"
+    assert await store.call("XLEN", f"{wp_key(lease.eid, wpid)}:signals") < 250
+    assert await store.call("ZCARD", ExecKeys(lease.eid).signals) == 250
+    assert (await hash_of(store, wp_key(lease.eid, wpid)))["signal_count"] == "250"

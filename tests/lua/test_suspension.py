@@ -788,3 +788,16 @@ async def test_list_waitpoints(store: Store) -> None:
 async def test_lane_membership_after_suspend(store: Store) -> None:
     lease, _, _ = await suspended(store)
     assert await lane_sets_of(store, lease.eid) == ["suspended"]
+
+
+async def test_reconciler_restores_the_suspended_score(store: Store) -> None:
+    lease, _, _ = await suspended(store)
+    timed = await leased(store)
+    timeout = await now_ms(store) + 60_000
+    assert (await suspend(store, timed, timeout_at=timeout))[:2] == [1, b"OK"]
+    p = PartitionKeys(lease.eid.tag)
+    for lz, score in ((lease, NO_TIMEOUT), (timed, timeout)):
+        await store.call("ZREM", p.lane(LANE, "suspended"), str(lz.eid))
+        reply = await store.fcall("ff_reconcile_indexes", [ExecKeys(lz.eid).core], [str(lz.eid)])
+        assert reply == [1, b"OK", b"repaired", b"suspended", b""]
+        assert int(await store.call("ZSCORE", p.lane(LANE, "suspended"), str(lz.eid))) == score
