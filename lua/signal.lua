@@ -43,6 +43,10 @@ local function signal_args(argv)
   return a, nil
 end
 
+-- Token failures (spec 20 §4.6 failure stamp). Keystore faults (invalid_keys_missing_hmac,
+-- hmac_secret_not_initialized, invalid_secret) are the server's, not the sender's: no stamp.
+local TOKEN_FAILURES = {missing_token = true, invalid_token = true, token_expired = true}
+
 -- Steps 1-3b of spec 20 §5.3 (also the buffer's front): core, waitpoint existence and binding,
 -- token, then the dedup key. A token failure stamps last_hmac_validation_failed_at (the only
 -- write of a rejected call). Returns x, the waitpoint hash and the dedup key (or nil), or nil
@@ -70,7 +74,9 @@ local function authenticate(keys, argv)
     terr = validate_token(keys[3], argv[18], wpid, wp.waitpoint_key or '', wp.created_at, now)
   end
   if terr then
-    redis.call('HSET', x.core_key, 'last_hmac_validation_failed_at', num(now))
+    if TOKEN_FAILURES[terr[2]] then
+      redis.call('HSET', x.core_key, 'last_hmac_validation_failed_at', num(now))
+    end
     return nil, terr
   end
   if dedup then
@@ -160,8 +166,8 @@ end
 --   Errors (in order): invalid_input (numeric ARGV, empty ids/name), execution_not_found,
 --     invalid_token (waitpoint missing or of another execution), the token codes of spec 20
 --     §4.5 (invalid_keys_missing_hmac, missing_token, invalid_token, hmac_secret_not_initialized,
---     token_expired, invalid_secret) -- each of these stamps core last_hmac_validation_failed_at
---     --, then DUPLICATE, target_not_signalable (terminal; or not suspended and the waitpoint
+--     token_expired, invalid_secret; missing_token, invalid_token and token_expired stamp core
+--     last_hmac_validation_failed_at, the only write of a rejected call), then DUPLICATE, target_not_signalable (terminal; or not suspended and the waitpoint
 --     not active), waitpoint_pending_use_buffer_script (pending waitpoint), waitpoint_closed
 --     (closed/expired waitpoint or closed condition), waitpoint_not_found (no condition),
 --     signal_limit_exceeded.
@@ -242,7 +248,7 @@ redis.register_function('ff_deliver_signal', deliver_signal)
 --   Replies: {1,"OK",signal_id,"buffered_for_pending_waitpoint",stream_id,accepted_at}
 --     | {1,"DUPLICATE",existing_signal_id} (nothing written, nothing published)
 --   Errors (in order): invalid_input, execution_not_found, invalid_token (waitpoint missing or
---     of another execution) and the token codes (each stamps last_hmac_validation_failed_at),
+--     of another execution) and the token codes (stamped as in ff_deliver_signal),
 --     then DUPLICATE, target_not_signalable (terminal execution), waitpoint_closed
 --     (closed/expired), waitpoint_not_pending (active), signal_limit_exceeded.
 --   Writes: ZADD exec signals; dedup SET NX PX ttl; XADD signal stream; signal hash

@@ -143,6 +143,7 @@ async def test_keystore_faults(store: Store) -> None:
     await store.call("DEL", ks)
     reply = await send_signal(store, eid, wpid, token, buffer=True)
     assert reply == [0, b"hmac_secret_not_initialized"]
+    assert "last_hmac_validation_failed_at" not in await core_of(store, eid), "not a token failure"
     before = await snapshot(store, eid)
     other = str(uuid.uuid4())
     assert (await create_pending(store, lease, wpid=other)) == [0, b"hmac_secret_not_initialized"]
