@@ -20,14 +20,11 @@ import argparse
 import asyncio
 import logging
 import os
-import secrets
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from streams import fcall_rtt_us, pct
+from streams import fcall_rtt_us, pct, start_server
 
 from flowfabric import Client, TaskContext, Worker
 from flowfabric.server.embedded import ValkeyProcess
@@ -40,29 +37,6 @@ STEPS = (
     ("reclaim", "signal accepted → resumed handler running (claim + GetResumeSignals)"),
     ("total", "**suspend → signal → resumed handler, total**"),
 )
-
-
-def start_server(valkey_url: str) -> tuple[subprocess.Popen[str], str]:
-    """`flowfabric serve` on the shared Valkey (an external Valkey needs an HMAC secret)."""
-    env = {
-        **os.environ,
-        "FF_VALKEY_URL": valkey_url,
-        "FF_LOG_LEVEL": "warning",
-        "FF_WAITPOINT_HMAC_SECRET": secrets.token_hex(32),
-    }
-    cli = [sys.executable, "-c", "from flowfabric.cli import run; run()"]
-    proc = subprocess.Popen(
-        [*cli, "serve", "--listen-addr", "127.0.0.1:0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        raise RuntimeError(f"server did not start: {line!r}")
-    return proc, line.strip().rsplit(" ", 1)[1]
 
 
 class Marks:
