@@ -21,7 +21,7 @@ from flowfabric.server.ids import (
     validate_lane,
 )
 from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.servicers.base import ServerContext, pending
+from flowfabric.server.servicers.base import ServerContext
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import execution_pb2_grpc as rpc
 from flowfabric.v1 import types_pb2 as t
@@ -56,7 +56,6 @@ RESUME_TRIGGERS = ("operator", "auto_resume", "signal")
 MAX_RESUME_DELAY_MS = (1 << 53) - 1
 
 
-@pending(pb.DESCRIPTOR.services_by_name["ExecutionService"], "the suspension and signals work")
 class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
     def __init__(
         self, ctx: ServerContext, hub: EventHub | None = None, on_created: Any = None
