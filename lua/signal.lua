@@ -128,15 +128,20 @@ local function deliverable(x, keys, wp, a)
   elseif wp.state == 'pending' then
     return nil, err('waitpoint_pending_use_buffer_script')
   elseif c.lifecycle_phase ~= 'suspended' and wp.state ~= 'active' then
-    if wp.state == 'closed' or wp.state == 'expired' then
+    -- A waitpoint closed after use (resumed, proactive close, timeout) says so, so a replay of
+    -- the signal that resumed gets waitpoint_closed (spec 20 §4.6, §5.3 #8); one that expired
+    -- never activated (never_committed) was never signalable (spec 50 #26).
+    if wp.state == 'closed' then
       return nil, err('waitpoint_closed')
     end
     return nil, err('target_not_signalable')
   end
   local st = load_condition(keys[2] .. ':condition')
   if not st then
-    if wp.state == 'closed' or wp.state == 'expired' then
+    if wp.state == 'closed' then
       return nil, err('waitpoint_closed')
+    elseif wp.state == 'expired' then
+      return nil, err('target_not_signalable')
     end
     return nil, err('waitpoint_not_found')
   elseif st.closed then
@@ -167,9 +172,10 @@ end
 --     invalid_token (waitpoint missing or of another execution), the token codes of spec 20
 --     §4.5 (invalid_keys_missing_hmac, missing_token, invalid_token, hmac_secret_not_initialized,
 --     token_expired, invalid_secret; missing_token, invalid_token and token_expired stamp core
---     last_hmac_validation_failed_at, the only write of a rejected call), then DUPLICATE, target_not_signalable (terminal; or not suspended and the waitpoint
---     not active), waitpoint_pending_use_buffer_script (pending waitpoint), waitpoint_closed
---     (closed/expired waitpoint or closed condition), waitpoint_not_found (no condition),
+--     last_hmac_validation_failed_at, the only write of a rejected call), then DUPLICATE,
+--     target_not_signalable (terminal; or not suspended and the waitpoint neither active nor
+--     closed, e.g. expired without activation), waitpoint_pending_use_buffer_script (pending
+--     waitpoint), waitpoint_closed (closed waitpoint or closed condition), waitpoint_not_found (no condition),
 --     signal_limit_exceeded.
 --   Writes (accepted): when the condition is satisfied and the execution is suspended on this
 --     waitpoint: core resume vector (delayed: "resume delay <n>ms after signal <name>",

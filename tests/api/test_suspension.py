@@ -224,10 +224,11 @@ async def test_pending_waitpoint_expiry_scanner_closes_it(engine_api: Api) -> No
     expiry_index = PartitionKeys(tag).pending_waitpoint_expiry
     assert await api.store.call("ZSCORE", expiry_index, created.waitpoint_id) is None
     assert (await list_waitpoints(api, eid)).waitpoints == []
+    # never activated: not signalable (spec 50 #26), unlike a waitpoint closed after use
     await expect_error(
         deliver(api, eid, created.waitpoint_id, created.waitpoint_token, "x"),
         C.FAILED_PRECONDITION,
-        "waitpoint_closed",
+        "target_not_signalable",
     )
     await expect_error(
         suspend(api, lease, "x", use_pending_waitpoint=True, waitpoint_id=created.waitpoint_id),

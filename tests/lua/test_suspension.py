@@ -801,3 +801,19 @@ async def test_reconciler_restores_the_suspended_score(store: Store) -> None:
         reply = await store.fcall("ff_reconcile_indexes", [ExecKeys(lz.eid).core], [str(lz.eid)])
         assert reply == [1, b"OK", b"repaired", b"suspended", b""]
         assert int(await store.call("ZSCORE", p.lane(LANE, "suspended"), str(lz.eid))) == score
+
+
+async def test_expired_pending_waitpoint_is_not_signalable(store: Store) -> None:
+    """Never activated (spec 50 #26): deliver -> target_not_signalable; buffer -> closed."""
+    lease = await leased(store)
+    reply = await create_pending(store, lease)
+    wpid, token = reply[2].decode(), reply[4].decode()
+    assert await close_wp(store, lease.eid, wpid, "never_committed") == [1, b"OK", b"closed"]
+    before = await hash_of(store, wp_key(lease.eid, wpid))
+    assert await send_signal(store, lease.eid, wpid, token) == [0, b"target_not_signalable"]
+    assert await send_signal(store, lease.eid, wpid, token, buffer=True) == [
+        0,
+        b"waitpoint_closed",
+    ]
+    assert await hash_of(store, wp_key(lease.eid, wpid)) == before
+    assert (await check_invariants(store, lease.eid))["public_state"] == "active"
