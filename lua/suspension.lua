@@ -218,7 +218,13 @@ local function already_satisfied(x, keys, argv, wp, st, effects, matched, now)
     'matched_signal_count', num(matched), 'expires_at', '')
   close_waitpoint_at(x, wpid, 'resumed', 'satisfied', now, true)
   write_replay_effects(x.tag, wpid, effects)
-  return {1, 'ALREADY_SATISFIED', argv[6], wpid, wp.waitpoint_key, wp.waitpoint_token}
+  local reply = {1, 'ALREADY_SATISFIED', argv[6], wpid, wp.waitpoint_key, wp.waitpoint_token}
+  for _, m in ipairs(st.matchers) do
+    if m.satisfied then
+      reply[#reply + 1] = m.signal_id
+    end
+  end
+  return reply
 end
 
 -- ff_suspend_execution
@@ -235,7 +241,8 @@ end
 --     ("" = fail; fail|cancel|expire|auto_resume|auto_resume_with_timeout_signal|escalate).
 --   Now: TIME.
 --   Replies: {1,"OK",suspension_id,waitpoint_id,waitpoint_key,waitpoint_token}
---     | {1,"ALREADY_SATISFIED",suspension_id,waitpoint_id,waitpoint_key,waitpoint_token}
+--     | {1,"ALREADY_SATISFIED",suspension_id,waitpoint_id,waitpoint_key,waitpoint_token,
+--        matched_signal_id...} (the satisfying signals, in matcher order)
 --       (pending waitpoint whose buffered signals satisfy the condition: the waitpoint closes
 --       `resumed`, the condition closes `satisfied`, the caller keeps its lease).
 --   Errors (in order, nothing written unless noted): invalid_input (numeric ARGV, ids,

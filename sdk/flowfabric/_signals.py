@@ -7,7 +7,7 @@ part of their `repr`, so logging one of them does not leak it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
@@ -277,17 +277,6 @@ class ResumeCondition:
             raise ValueError(f"min_count must be 1..{matchers} (one per signal name)")
         return cls(names, mode, count)
 
-    @classmethod
-    def from_mapping(cls, condition: Mapping[str, Any]) -> ResumeCondition:
-        names = tuple(condition.get("required_signal_names") or ())
-        kind = str(condition.get("condition_type") or "signal_set")
-        return cls(
-            names,
-            str(condition.get("signal_match_mode") or "any"),
-            int(condition.get("minimum_signal_count") or 1),
-            kind,
-        )
-
     def to_json(self) -> str:
         return json.dumps(
             {
@@ -298,24 +287,3 @@ class ResumeCondition:
             },
             separators=(",", ":"),
         )
-
-    def match(self, signals: Iterable[Signal]) -> list[Signal] | None:
-        """The signals that satisfy the condition, in matcher order, when fed in delivery
-        order through the engine's greedy rule (lowest unsatisfied matcher with that name or a
-        wildcard); None if they do not satisfy it."""
-        if self.condition_type in ("operator_only", "timeout_only"):
-            return None
-        matchers = list(self.names) or [""]
-        taken: list[Signal | None] = [None] * len(matchers)
-        for signal in signals:
-            for i, name in enumerate(matchers):
-                if taken[i] is None and name in ("", signal.name):
-                    taken[i] = signal
-                    break
-            else:
-                continue
-            matched = [s for s in taken if s is not None]
-            need = len(matchers) if self.mode == "all" else self.min_count
-            if len(matched) >= need:
-                return matched
-        return None

@@ -439,14 +439,7 @@ class TaskContext:
                 out.suspension_id, out.waitpoint_id, out.waitpoint_key, out.waitpoint_token
             )
             raise self._suspended
-        cond = (
-            ResumeCondition.from_mapping(condition)
-            if condition is not None
-            else ResumeCondition.build(signals, mode, min_count)
-        )
-        self.resume_signals = await self._buffered_matches(
-            cond, reply.already_satisfied.waitpoint_id
-        )
+        self.resume_signals = [Signal.from_proto(r) for r in reply.already_satisfied.signals]
         return list(self.resume_signals)
 
     async def wait_for_signal(
@@ -508,29 +501,6 @@ class TaskContext:
         if continuation is not None:
             request.continuation_metadata_pointer = continuation
         return request
-
-    async def _buffered_matches(self, cond: ResumeCondition, waitpoint_id: str) -> list[Signal]:
-        """The buffered signals that met `cond` at activation. The Suspend answer does not
-        carry them and GetResumeSignals only covers resumed suspensions, so the waitpoint's
-        signal history is replayed (WatchSignals) through the engine's matching rule, in the
-        order the engine replayed it, until the condition is met."""
-        seen: list[Signal] = []
-        stream = self._client.watch_signals(self.execution_id, waitpoint_id)
-        try:
-            async with asyncio.timeout(self._client.default_timeout):
-                async for signal in stream:
-                    seen.append(signal)
-                    matched = cond.match(seen)
-                    if matched is not None:
-                        return matched
-        except TimeoutError:
-            pass
-        finally:
-            await stream.aclose()
-        raise RuntimeError(
-            f"waitpoint {waitpoint_id} was already satisfied but its {len(seen)} signal(s) "
-            "read back do not meet the condition"
-        )
 
     async def _call_fenced(self, rpc: str, request: Any, backoff: Backoff | None = None) -> Any:
         """A lease-scoped call; a lease-lost answer sets `lease_lost` before it is raised."""

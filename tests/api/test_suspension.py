@@ -172,6 +172,11 @@ async def test_pending_waitpoint_buffers_then_suspend_is_already_satisfied(api: 
     )  # fmt: skip
     assert reply.WhichOneof("outcome") == "already_satisfied"
     assert reply.already_satisfied.waitpoint_token == created.waitpoint_token
+    [matched] = reply.already_satisfied.signals
+    assert (matched.signal_id, matched.signal_name, matched.payload) == (
+        early.accepted.signal_id, "callback_result", b"early",
+    )  # fmt: skip
+    assert matched.observed_effect == "resume_condition_satisfied"
     assert await state(api, eid) == t.PUBLIC_STATE_ACTIVE  # lease kept
     assert (await waitpoint(api, eid, created.waitpoint_id))["state"] == "closed"
     done = await api.worker.CompleteExecution(

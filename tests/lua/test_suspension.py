@@ -335,6 +335,7 @@ async def test_buffered_signal_satisfies_a_later_suspend(store: Store) -> None:
         wpid.encode(),
         f"wpk:{wpid}".encode(),
         token.encode(),
+        sig.encode(),  # the satisfying signal
     ]
     c = await check_invariants(store, eid)
     assert (c["lifecycle_phase"], c["ownership_state"]) == ("active", "leased")

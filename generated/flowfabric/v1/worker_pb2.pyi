@@ -1255,10 +1255,17 @@ class SuspendResponse(_message.Message):
         WAITPOINT_ID_FIELD_NUMBER: _builtins.int
         WAITPOINT_KEY_FIELD_NUMBER: _builtins.int
         WAITPOINT_TOKEN_FIELD_NUMBER: _builtins.int
+        SIGNALS_FIELD_NUMBER: _builtins.int
         suspension_id: _builtins.str
         waitpoint_id: _builtins.str
         waitpoint_key: _builtins.str
         waitpoint_token: _builtins.str
+        @_builtins.property
+        def signals(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.SignalRecord]:
+            """The buffered signals that met the condition, in matcher order, with
+            payloads (GetResumeSignals covers resumed suspensions only).
+            """
+
         def __init__(
             self,
             *,
@@ -1266,10 +1273,11 @@ class SuspendResponse(_message.Message):
             waitpoint_id: _builtins.str = ...,
             waitpoint_key: _builtins.str = ...,
             waitpoint_token: _builtins.str = ...,
+            signals: _abc.Iterable[_types_pb2.SignalRecord] | None = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["suspension_id", b"suspension_id", "waitpoint_id", b"waitpoint_id", "waitpoint_key", b"waitpoint_key", "waitpoint_token", b"waitpoint_token"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["signals", b"signals", "suspension_id", b"suspension_id", "waitpoint_id", b"waitpoint_id", "waitpoint_key", b"waitpoint_key", "waitpoint_token", b"waitpoint_token"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 

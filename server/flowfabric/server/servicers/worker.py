@@ -35,7 +35,7 @@ from flowfabric.server.ids import (
 )
 from flowfabric.server.keys import ExecKeys, WaitpointKeys
 from flowfabric.server.servicers.base import ServerContext, pending
-from flowfabric.server.signal_records import signal_record
+from flowfabric.server.signal_records import read_signal, signal_record
 from flowfabric.server.workers import WorkerRegistry
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
@@ -445,8 +445,12 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
             "waitpoint_key": reply.str(2), "waitpoint_token": reply.str(3),
         }  # fmt: skip
         if reply.status == "ALREADY_SATISFIED":
+            matched = [reply.str(i) for i in range(4, len(reply.values))]
+            records = [await read_signal(self.ctx.store, eid, sid) for sid in matched]
             return pb.SuspendResponse(
-                already_satisfied=pb.SuspendResponse.AlreadySatisfied(**values)
+                already_satisfied=pb.SuspendResponse.AlreadySatisfied(
+                    **values, signals=[r for r in records if r is not None]
+                )
             )
         return pb.SuspendResponse(suspended=pb.SuspendResponse.Suspended(**values))
 
