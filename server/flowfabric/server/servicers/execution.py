@@ -327,6 +327,9 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
                 await self.hub.wait_subscribed(channel)
             last: int | None = None
             while True:
+                # cleared before the read: an event landing during the read or the yield
+                # below triggers another read instead of being lost
+                changed.clear()
                 info = await reads.get_execution(self.ctx.store, eid)
                 if info.public_state != last:
                     last = info.public_state
@@ -336,7 +339,6 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
                     )
                 if last in TERMINAL_PUBLIC:
                     return
-                changed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(WATCH_BACKSTOP_S):
                         await changed.wait()
