@@ -773,19 +773,21 @@ class Client:
     async def watch_waitpoints(self, execution_id: str) -> AsyncGenerator[WaitpointEvent, None]:
         """Each open waitpoint (with its token), then each that opens or closes; ends when the
         execution is terminal. A stream broken by UNAVAILABLE is re-opened; waitpoints already
-        reported are not repeated. The tokens are credentials: do not log the events."""
-        opened: set[str] = set()
-        closed: set[str] = set()
+        reported are not repeated. A pending waitpoint is reported again (`opened`, state
+        `active`) when a suspension activates it. The tokens are credentials: do not log the
+        events."""
+        seen: set[tuple[str, str, str]] = set()
 
         def request() -> signal_pb2.WatchWaitpointsRequest:
             return signal_pb2.WatchWaitpointsRequest(execution_id=execution_id)
 
         async for message in self._open_stream(self._signals.WatchWaitpoints, request):
             event = WaitpointEvent.from_proto(message)
-            seen = opened if event.kind == "opened" else closed
-            if event.waitpoint_id in seen:
+            state = event.waitpoint.state if event.waitpoint is not None else ""
+            key = (event.kind, event.waitpoint_id, state)
+            if key in seen:
                 continue
-            seen.add(event.waitpoint_id)
+            seen.add(key)
             yield event
 
     async def _open_stream(

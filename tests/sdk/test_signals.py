@@ -307,3 +307,43 @@ async def _take(stream: Any, n: int) -> Any:
 
 async def _collect(stream: Any) -> list[Any]:
     return [item async for item in stream]
+
+
+async def test_watch_waitpoints_reports_a_pending_waitpoint_again_when_activated(
+    client: Client,
+) -> None:
+    proceed = asyncio.Event()
+    worker = new_worker(client)
+
+    @worker.handler("staged")
+    async def staged(ctx: TaskContext) -> str:
+        if ctx.resume_signals:
+            return ctx.resume_signals[0].name
+        wp = await ctx.create_waitpoint(expires_in=60)
+        await proceed.wait()
+        await ctx.suspend("go", waitpoint=wp, timeout=60)
+        return "unreachable"
+
+    sub = await client.submit("staged", lane=LANE)
+    eid = sub.execution_id
+    events: list[WaitpointEvent] = []
+    seen_pending = asyncio.Event()
+
+    async def watch() -> None:
+        async for event in client.watch_waitpoints(eid):
+            events.append(event)
+            if event.waitpoint is not None and event.waitpoint.state == "pending":
+                seen_pending.set()
+
+    watcher = asyncio.create_task(watch())
+    async with running(worker):
+        await asyncio.wait_for(seen_pending.wait(), 10)
+        proceed.set()
+        wp = await active_waitpoint(client, eid)
+        await client.deliver_signal(eid, wp.id, "go", wp.token)
+        assert await client.wait(eid, timeout=20) is ExecutionState.COMPLETED
+        await asyncio.wait_for(watcher, 10)
+    states = [(e.kind, e.waitpoint.state if e.waitpoint else e.close_reason) for e in events]
+    assert states == [("opened", "pending"), ("opened", "active"), ("closed", "resumed")]
+    assert {e.waitpoint_id for e in events} == {wp.id}
+    assert await client.result(eid) == b"go"
