@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowfabric.server.config import Config, ConfigError
@@ -20,20 +22,25 @@ from tests.conftest import API_TOKEN, Api
 CLI = [sys.executable, "-c", "from flowfabric.cli import main; main()"]
 
 
-def test_serve_boots_embedded_and_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("data_dir", ["absolute", "default"])
+def test_serve_boots_embedded_and_stops_on_sigterm(tmp_path: Path, data_dir: str) -> None:
+    """`default` is the README's first command: the relative `./.flowfabric` data dir."""
     log = tmp_path / "serve.log"
+    argv = [*CLI, "serve", "--listen-addr", "127.0.0.1:0"]
+    if data_dir == "absolute":
+        argv += ["--data-dir", str(tmp_path / "d")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FF_")}
     with (
         log.open("w") as stderr,
         subprocess.Popen(
-            [*CLI, "serve", "--data-dir", str(tmp_path / "d"), "--listen-addr", "127.0.0.1:0"],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
+            argv, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=tmp_path, env=env
         ) as proc,
     ):
         _serve_and_stop(proc, log)
-    # the embedded Valkey was stopped with its data on disk
-    assert (tmp_path / "d" / "appendonlydir").is_dir()
+    # the embedded Valkey was stopped with its data (and the generated token secret) on disk
+    stored = tmp_path / ("d" if data_dir == "absolute" else ".flowfabric")
+    assert (stored / "appendonlydir").is_dir()
+    assert (stored / "waitpoint_hmac_secret").stat().st_mode & 0o777 == 0o600
 
 
 def _serve_and_stop(proc: subprocess.Popen[str], log: Path) -> None:

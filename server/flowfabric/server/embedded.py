@@ -42,7 +42,8 @@ class ValkeyProcess:
         port: int | None = None,
     ) -> None:
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="ff-valkey-")
-        self.data_dir = Path(data_dir or self._tmp or ".")
+        # absolute: valkey-server chdirs into --dir before it opens --logfile
+        self.data_dir = Path(data_dir or self._tmp or ".").resolve()
         self.persistent = persistent
         self.cluster = cluster
         self.port = port or free_port()
