@@ -43,6 +43,28 @@ def test_serve_boots_embedded_and_stops_on_sigterm(tmp_path: Path, data_dir: str
     assert (stored / "waitpoint_hmac_secret").stat().st_mode & 0o777 == 0o600
 
 
+def test_serve_refuses_a_taken_port(tmp_path: Path) -> None:
+    """No silent SO_REUSEPORT sharing: a second server on the same port exits 1."""
+    first = [*CLI, "serve", "--data-dir", str(tmp_path / "a"), "--listen-addr", "127.0.0.1:0"]
+    with subprocess.Popen(
+        first, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline().rsplit(":", 1)[1])
+            second = subprocess.run(
+                [*CLI, "serve", "--data-dir", str(tmp_path / "b"),
+                 "--listen-addr", f"127.0.0.1:{port}"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert second.returncode == 1, second.stderr
+            assert f"cannot bind 127.0.0.1:{port}" in second.stderr
+            assert proc.poll() is None, "the first server is unaffected"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
 def _serve_and_stop(proc: subprocess.Popen[str], log: Path) -> None:
     try:
         assert proc.stdout is not None

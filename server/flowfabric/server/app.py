@@ -192,6 +192,9 @@ class FlowFabricServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.http2.max_pings_without_data", 0),
+                # gRPC binds with SO_REUSEPORT by default: a second server on a taken port would
+                # silently share it (each with its own store), so binding must fail instead
+                ("grpc.so_reuseport", 0),
             ],
         )
         from flowfabric.v1 import admin_pb2_grpc, execution_pb2_grpc
@@ -254,13 +257,18 @@ class FlowFabricServer:
                 "drive the engine",
                 addr,
             )
+        creds = None
         if self.config.tls_cert and self.config.tls_key:
             creds = grpc.ssl_server_credentials(
                 [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
             )
-            port = server.add_secure_port(addr, creds)
-        else:
-            port = server.add_insecure_port(addr)
+        try:
+            if creds is not None:
+                port = server.add_secure_port(addr, creds)
+            else:
+                port = server.add_insecure_port(addr)
+        except RuntimeError as exc:  # grpc raises when the address is taken
+            raise BootError(f"cannot bind {addr}: {exc}") from None
         if port == 0:
             raise BootError(f"cannot bind {addr}")
         return int(port)
