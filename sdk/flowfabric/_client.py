@@ -443,27 +443,12 @@ class Client:
         end = None if timeout is None else time.monotonic() + timeout
         request = execution_pb2.WatchExecutionRequest(execution_id=execution_id)
         last: int | None = None
-        retries = 0
-        while True:
-            remaining = None if end is None else max(end - time.monotonic(), 0.001)
-            call = self._executions.WatchExecution(
-                request, timeout=remaining, metadata=self._metadata
-            )
-            try:
-                async for message in call:
-                    retries = 0
-                    if message.public_state != last:
-                        last = message.public_state
-                        yield message
-                return
-            except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc)
-                if error.code not in RETRY_CODES or retries >= self._backoff.max_attempts:
-                    raise error from exc
-            finally:
-                call.cancel()
-            await asyncio.sleep(self._backoff.delay(retries))
-            retries += 1
+        async for message in self._open_stream(
+            self._executions.WatchExecution, lambda: request, end=end
+        ):
+            if message.public_state != last:
+                last = message.public_state
+                yield message
 
     async def wait(
         self,
@@ -791,13 +776,15 @@ class Client:
             yield event
 
     async def _open_stream(
-        self, method: Callable[..., Any], request: Callable[[], Any]
+        self, method: Callable[..., Any], request: Callable[[], Any], end: float | None = None
     ) -> AsyncGenerator[Any, None]:
         """A server stream, re-opened with a fresh `request()` after UNAVAILABLE (backoff,
-        bounded attempts); other failures raise typed errors."""
+        bounded attempts); other failures raise typed errors. `end` (monotonic) is the
+        deadline of the whole stream across re-opens."""
         retries = 0
         while True:
-            call = method(request(), metadata=self._metadata)
+            remaining = None if end is None else max(end - time.monotonic(), 0.001)
+            call = method(request(), timeout=remaining, metadata=self._metadata)
             try:
                 async for message in call:
                     retries = 0
