@@ -377,10 +377,13 @@ class Scheduler:
             event.set()
 
     async def claim_next(self, req: ClaimRequest, wait_ms: int) -> list[Claimed]:
-        """Claim now, or wait up to `wait_ms` for work to arrive; [] = no work."""
-        got = await self.claim(req)
-        if got or wait_ms <= 0:
-            return got
+        """Claim now, or wait up to `wait_ms` for work to arrive; [] = no work.
+
+        The waiter listens before it claims and clears its wake flag before each claim, so an
+        event that lands while a claim is in flight triggers another claim instead of being
+        lost until the backstop."""
+        if wait_ms <= 0:
+            return await self.claim(req)
         deadline = time.monotonic() + wait_ms / 1000
         wake = asyncio.Event()
 
@@ -395,11 +398,12 @@ class Scheduler:
                     for lane in set(req.lanes):
                         part = PartitionKeys.of(solo_partition(lane, self.partitions))
                         await stack.enter_async_context(self.hub.listen(part.exec_events, on_event))
-                while not self.closing.is_set():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return []
+                while True:
                     wake.clear()
+                    got = await self.claim(req)
+                    remaining = deadline - time.monotonic()
+                    if got or remaining <= 0 or self.closing.is_set():
+                        return got
                     closing = asyncio.ensure_future(self.closing.wait())
                     woken = asyncio.ensure_future(wake.wait())
                     await asyncio.wait(
@@ -409,9 +413,5 @@ class Scheduler:
                     )
                     closing.cancel()
                     woken.cancel()
-                    got = await self.claim(req)
-                    if got:
-                        return got
-                return []
         finally:
             self._local_wake.discard(wake)
