@@ -654,6 +654,7 @@ SERVICES: dict[str, dict[str, str]] = {
         "GetResumeSignals": "",
         "CloseWaitpoint": "",
         "CompleteExecution": "",
+        "CompleteExecutions": "",
         "FailExecution": "",
         "CancelLeasedExecution": "",
         "DelayExecution": "",

@@ -193,6 +193,9 @@ def _status_details(
     return info, delay
 
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> FlowFabricError:
     """The typed error for a failed call (reason first, then status code)."""
     code = exc.code()
@@ -207,6 +210,16 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> FlowFabricError:
         metadata=metadata,
         retry_delay=delay,
     )
+
+
+def from_item_error(
+    code: int, reason: str, message: str, metadata: Mapping[str, str]
+) -> FlowFabricError:
+    """The typed error for one failed item of a batch call (`RenewLeasesResponse.ItemError`):
+    the same class the single call's status would have raised."""
+    status = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(status, FlowFabricError)
+    return cls(message or status.name, code=status, reason=reason, metadata=metadata)
 
 
 # -- raised by handlers -------------------------------------------------------------------------

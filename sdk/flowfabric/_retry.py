@@ -81,7 +81,8 @@ RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 async def with_retries(
     attempt: Callable[[], Awaitable[T]], backoff: Backoff, *, retry: bool = True
 ) -> T:
-    """Run `attempt` (one RPC), retrying UNAVAILABLE with backoff; raise typed errors."""
+    """Run `attempt` (one RPC, or anything raising typed errors such as one item of a batch
+    call), retrying UNAVAILABLE with backoff; raise typed errors."""
     tries = 0
     while True:
         try:
@@ -91,4 +92,9 @@ async def with_retries(
             tries += 1
             if not retry or error.code not in RETRY_CODES or tries >= backoff.max_attempts:
                 raise error from exc
+        except FlowFabricError as exc:
+            error = exc
+            tries += 1
+            if not retry or error.code not in RETRY_CODES or tries >= backoff.max_attempts:
+                raise
         await asyncio.sleep(max(backoff.delay(tries - 1), error.retry_delay or 0.0))

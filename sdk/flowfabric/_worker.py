@@ -7,6 +7,8 @@ DelayExecution(now) for another worker) → DeregisterWorker.
 
 A handler's outcome becomes exactly one terminal call, retried on UNAVAILABLE with the same
 lease handle; the server reconciles a retry whose first call committed (`replayed = true`).
+Completions of handlers that finish while another completion is in flight share the next
+CompleteExecutions call (`batch_completions`); each handler still gets its own outcome.
 A handler that suspended (`TaskSuspended`) has none: its lease is already released, and a
 resumed claim fetches the signals that resumed it (GetResumeSignals) before the handler re-runs.
 """
@@ -27,6 +29,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from flowfabric._batching import CompletionBatcher
 from flowfabric._client import Client, encode_payload
 from flowfabric._errors import LEASE_LOST_REASONS, FlowFabricError, HandlerError
 from flowfabric._retry import Backoff
@@ -122,6 +125,10 @@ class Worker:
         worker_instance_id: Unique per process; default `<hostname>-<pid>-<random>`.
         claim_wait_ms: How long one ClaimNext long-polls for work (at most 30000).
         batch: Claim up to every free slot in one ClaimNext (`max_tasks`).
+        batch_completions: Send the completions of handlers that finish while another
+            completion is in flight together, in one CompleteExecutions call (at most 64);
+            a completion with none in flight is sent at once. False = one CompleteExecution
+            per handler.
         shutdown_grace_s: On stop, how long in-flight handlers may finish before they are
             cancelled and their executions released.
         token: Bearer token (when `target` is an address).
@@ -141,6 +148,7 @@ class Worker:
         worker_instance_id: str | None = None,
         claim_wait_ms: int = 1_000,
         batch: bool = True,
+        batch_completions: bool = True,
         shutdown_grace_s: float = 10.0,
         token: str | None = None,
         tls: bool | grpc.ChannelCredentials = False,
@@ -162,6 +170,7 @@ class Worker:
         self.worker_instance_id = worker_instance_id or default_instance_id()
         self.claim_wait_ms = claim_wait_ms
         self.batch = batch
+        self.batch_completions = batch_completions
         self.shutdown_grace_s = shutdown_grace_s
         self._target = target
         self._client_options: dict[str, Any] = {
@@ -176,6 +185,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._completions: CompletionBatcher | None = None
         self._started = False
         self._run_active = False
         self._counters = _Counters()
@@ -229,6 +239,7 @@ class Worker:
                 self._client = None
             raise
         interval = (reply.heartbeat_interval_ms or self.lease_ttl_ms // 3) / 1000
+        self._completions = CompletionBatcher(self.client, TERMINAL_BACKOFF)
         self._heartbeat = asyncio.create_task(self._heartbeat_forever(max(interval, 0.05)))
         self._started = True
         log.info("worker %s registered (lanes %s)", self.worker_instance_id, self.lanes)
@@ -281,6 +292,9 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
             self._heartbeat = None
+        if self._completions is not None:
+            await self._completions.aclose()
+            self._completions = None
         if self._started and self._client is not None:
             try:
                 await self._client._call(
@@ -486,10 +500,14 @@ class Worker:
             await self._fail(ctx, exc)
 
     async def _terminal(self, ctx: TaskContext, rpc: str, request: Any) -> Any | None:
-        """One terminal call, retried on UNAVAILABLE with the same handle; None if refused."""
-        method = getattr(self.client._workers, rpc)
+        """One terminal call, retried on UNAVAILABLE with the same handle; None if refused.
+        A completion goes through the batcher (same retries, its own outcome)."""
         try:
-            reply = await self.client._call(method, request, backoff=TERMINAL_BACKOFF)
+            if rpc == "CompleteExecution" and self._completions and self.batch_completions:
+                reply = await self._completions.complete(request)
+            else:
+                method = getattr(self.client._workers, rpc)
+                reply = await self.client._call(method, request, backoff=TERMINAL_BACKOFF)
         except FlowFabricError as exc:
             if exc.reason in LEASE_LOST_REASONS:
                 self._counters.add("lease_lost")

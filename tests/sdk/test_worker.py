@@ -173,8 +173,9 @@ async def test_cancel_stops_the_running_handler_within_one_renewal(client: Clien
 
 
 class LoseFirstCompleteReply(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Lets the first CompleteExecution reach the server and commit, then reports UNAVAILABLE
-    to the caller as if the reply had been lost."""
+    """Lets the first completion call (CompleteExecution or the worker's CompleteExecutions
+    batch) reach the server and commit, then reports UNAVAILABLE to the caller as if the reply
+    had been lost."""
 
     def __init__(self) -> None:
         self.completes = 0
@@ -182,7 +183,7 @@ class LoseFirstCompleteReply(grpc.aio.UnaryUnaryClientInterceptor):  # type: ign
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         call = await continuation(details, request)
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        if method.endswith("/CompleteExecution"):
+        if method.endswith(("/CompleteExecution", "/CompleteExecutions")):
             self.completes += 1
             if self.completes == 1:
                 await call

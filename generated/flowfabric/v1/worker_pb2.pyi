@@ -1528,6 +1528,82 @@ class CompleteExecutionResponse(_message.Message):
 Global___CompleteExecutionResponse: _TypeAlias = CompleteExecutionResponse  # noqa: Y015
 
 @_typing.final
+class CompleteExecutionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompleteExecutionRequest]:
+        """1..1000 completions."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___CompleteExecutionRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteExecutionsRequest: _TypeAlias = CompleteExecutionsRequest  # noqa: Y015
+
+@_typing.final
+class CompleteExecutionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Result(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        EXECUTION_ID_FIELD_NUMBER: _builtins.int
+        COMPLETED_FIELD_NUMBER: _builtins.int
+        ERROR_FIELD_NUMBER: _builtins.int
+        execution_id: _builtins.str
+        """The item's execution id as sent (from `lease` or `execution_id`)."""
+        @_builtins.property
+        def completed(self) -> Global___CompleteExecutionResponse:
+            """What CompleteExecution would have answered."""
+
+        @_builtins.property
+        def error(self) -> Global___RenewLeasesResponse.ItemError:
+            """The status CompleteExecution would have failed with."""
+
+        def __init__(
+            self,
+            *,
+            execution_id: _builtins.str = ...,
+            completed: Global___CompleteExecutionResponse | None = ...,
+            error: Global___RenewLeasesResponse.ItemError | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "error", b"error", "outcome", b"outcome"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "error", b"error", "execution_id", b"execution_id", "outcome", b"outcome"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["completed", "error"]  # noqa: Y015
+        _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+        def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompleteExecutionsResponse.Result]:
+        """One per item, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CompleteExecutionsResponse.Result] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteExecutionsResponse: _TypeAlias = CompleteExecutionsResponse  # noqa: Y015
+
+@_typing.final
 class FailExecutionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

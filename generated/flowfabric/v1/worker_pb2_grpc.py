@@ -135,6 +135,11 @@ class WorkerServiceStub:
                 request_serializer=flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionRequest.SerializeToString,
                 response_deserializer=flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionResponse.FromString,
                 _registered_method=True)
+        self.CompleteExecutions = channel.unary_unary(
+                '/flowfabric.v1.WorkerService/CompleteExecutions',
+                request_serializer=flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionsRequest.SerializeToString,
+                response_deserializer=flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionsResponse.FromString,
+                _registered_method=True)
         self.FailExecution = channel.unary_unary(
                 '/flowfabric.v1.WorkerService/FailExecution',
                 request_serializer=flowfabric_dot_v1_dot_worker__pb2.FailExecutionRequest.SerializeToString,
@@ -355,6 +360,19 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompleteExecutions(self, request, context):
+        """Completes several executions in one round trip. Each item is handled
+        exactly as a CompleteExecution (same validation, fencing and replay
+        reconciliation) and succeeds or fails on its own; results are in request
+        order. An item over the CompleteExecution request limit fails alone with
+        INVALID_ARGUMENT `payload_too_large`.
+        Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
+        more than 1000 items.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FailExecution(self, request, context):
         """Fails the current attempt. Retries per the execution's stored retry
         policy (the retry is scheduled after a backoff), else the execution
@@ -479,6 +497,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.CompleteExecution,
                     request_deserializer=flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionRequest.FromString,
                     response_serializer=flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionResponse.SerializeToString,
+            ),
+            'CompleteExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteExecutions,
+                    request_deserializer=flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionsRequest.FromString,
+                    response_serializer=flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionsResponse.SerializeToString,
             ),
             'FailExecution': grpc.unary_unary_rpc_method_handler(
                     servicer.FailExecution,
@@ -976,6 +999,33 @@ class WorkerService:
             '/flowfabric.v1.WorkerService/CompleteExecution',
             flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionRequest.SerializeToString,
             flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowfabric.v1.WorkerService/CompleteExecutions',
+            flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionsRequest.SerializeToString,
+            flowfabric_dot_v1_dot_worker__pb2.CompleteExecutionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -160,6 +160,15 @@ class WorkerServiceStub:
     """Completes the execution successfully, storing the result payload.
     Errors: the lease-scoped errors.
     """
+    CompleteExecutions: _grpc.UnaryUnaryMultiCallable[_worker_pb2.CompleteExecutionsRequest, _worker_pb2.CompleteExecutionsResponse]
+    """Completes several executions in one round trip. Each item is handled
+    exactly as a CompleteExecution (same validation, fencing and replay
+    reconciliation) and succeeds or fails on its own; results are in request
+    order. An item over the CompleteExecution request limit fails alone with
+    INVALID_ARGUMENT `payload_too_large`.
+    Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
+    more than 1000 items.
+    """
     FailExecution: _grpc.UnaryUnaryMultiCallable[_worker_pb2.FailExecutionRequest, _worker_pb2.FailExecutionResponse]
     """Fails the current attempt. Retries per the execution's stored retry
     policy (the retry is scheduled after a backoff), else the execution
@@ -313,6 +322,15 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     CompleteExecution: _aio.UnaryUnaryMultiCallable[_worker_pb2.CompleteExecutionRequest, _worker_pb2.CompleteExecutionResponse]  # type: ignore[assignment]
     """Completes the execution successfully, storing the result payload.
     Errors: the lease-scoped errors.
+    """
+    CompleteExecutions: _aio.UnaryUnaryMultiCallable[_worker_pb2.CompleteExecutionsRequest, _worker_pb2.CompleteExecutionsResponse]  # type: ignore[assignment]
+    """Completes several executions in one round trip. Each item is handled
+    exactly as a CompleteExecution (same validation, fencing and replay
+    reconciliation) and succeeds or fails on its own; results are in request
+    order. An item over the CompleteExecution request limit fails alone with
+    INVALID_ARGUMENT `payload_too_large`.
+    Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
+    more than 1000 items.
     """
     FailExecution: _aio.UnaryUnaryMultiCallable[_worker_pb2.FailExecutionRequest, _worker_pb2.FailExecutionResponse]  # type: ignore[assignment]
     """Fails the current attempt. Retries per the execution's stored retry
@@ -566,6 +584,21 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_worker_pb2.CompleteExecutionResponse, _abc.Awaitable[_worker_pb2.CompleteExecutionResponse]]:
         """Completes the execution successfully, storing the result payload.
         Errors: the lease-scoped errors.
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteExecutions(
+        self,
+        request: _worker_pb2.CompleteExecutionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.CompleteExecutionsResponse, _abc.Awaitable[_worker_pb2.CompleteExecutionsResponse]]:
+        """Completes several executions in one round trip. Each item is handled
+        exactly as a CompleteExecution (same validation, fencing and replay
+        reconciliation) and succeeds or fails on its own; results are in request
+        order. An item over the CompleteExecution request limit fails alone with
+        INVALID_ARGUMENT `payload_too_large`.
+        Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
+        more than 1000 items.
         """
 
     @_abc_1.abstractmethod

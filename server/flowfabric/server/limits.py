@@ -17,5 +17,7 @@ REQUEST_LIMITS = {
     "/flowfabric.v1.ExecutionService/CreateExecution": CREATE_REQUEST_MAX,
     "/flowfabric.v1.SignalService/DeliverSignal": SIGNAL_REQUEST_MAX,
     "/flowfabric.v1.WorkerService/CompleteExecution": CREATE_REQUEST_MAX,
+    # each item is held to CompleteExecution's limit on its own
+    "/flowfabric.v1.WorkerService/CompleteExecutions": GRPC_MAX_RECEIVE,
     "/flowfabric.v1.WorkerService/AppendFrame": FRAME_PAYLOAD_MAX + CONTROL_REQUEST_MAX,
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,8 +47,11 @@ DEFAULT_GRANT_TTL_MS = 10_000
 MAX_GRANT_TTL_MS = 60_000
 MAX_WAIT_MS = 30_000
 MAX_BATCH = 100
+MAX_COMPLETIONS = 1000
 MAX_WAITPOINT_KEY_BYTES = 256
 REQUESTERS = ("worker", "operator", "policy", "system_timeout_policy")
+
+log = logging.getLogger("flowfabric.rpc")
 
 
 def waitpoint_id_of(value: str, field: str = "waitpoint_id") -> str:
@@ -320,14 +324,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
             try:
                 renewed = await self.RenewLease(item, context)
             except FlowFabricError as exc:
-                status = exc.to_status()
-                return pb.RenewLeasesResponse.Result(
-                    execution_id=eid_text,
-                    error=pb.RenewLeasesResponse.ItemError(
-                        code=status.code, reason=exc.code, message=exc.describe(),
-                        metadata={k: v for k, v in _metadata(exc).items()},
-                    ),
-                )  # fmt: skip
+                return pb.RenewLeasesResponse.Result(execution_id=eid_text, error=item_error(exc))
             return pb.RenewLeasesResponse.Result(execution_id=eid_text, renewed=renewed.renewed)
 
         results = await asyncio.gather(*(one(r) for r in request.renewals))
@@ -527,6 +524,38 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         )
         return pb.CompleteExecutionResponse(completed=done, replayed=replayed is not None)
 
+    async def CompleteExecutions(
+        self, request: pb.CompleteExecutionsRequest, context: Any
+    ) -> pb.CompleteExecutionsResponse:
+        """Each item through CompleteExecution, concurrently; one result per item, in order."""
+        if not request.items:
+            raise InvalidInput("items", "at least one completion is required")
+        if len(request.items) > MAX_COMPLETIONS:
+            raise InvalidInput("items", f"at most {MAX_COMPLETIONS} completions per call")
+        limit = limits.REQUEST_LIMITS["/flowfabric.v1.WorkerService/CompleteExecution"]
+        result = pb.CompleteExecutionsResponse.Result
+
+        async def one(item: pb.CompleteExecutionRequest) -> pb.CompleteExecutionsResponse.Result:
+            eid_text = item.lease.execution_id if item.HasField("lease") else item.execution_id
+            try:
+                if item.ByteSize() > limit:
+                    raise FlowFabricError(
+                        "payload_too_large",
+                        message=f"item is {item.ByteSize()} bytes; the limit is {limit}",
+                        metadata={"limit_bytes": str(limit)},
+                    )
+                done = await self.CompleteExecution(item, context)
+            except FlowFabricError as exc:
+                return result(execution_id=eid_text, error=item_error(exc))
+            except Exception:  # as the interceptor does for a whole call: logged, not leaked
+                log.exception("unexpected error completing %s in a batch", eid_text)
+                internal = FlowFabricError("protocol_error", message="internal error")
+                return result(execution_id=eid_text, error=item_error(internal))
+            return result(execution_id=eid_text, completed=done)
+
+        results = await asyncio.gather(*(one(item) for item in request.items))
+        return pb.CompleteExecutionsResponse(results=results)
+
     async def FailExecution(
         self, request: pb.FailExecutionRequest, context: Any
     ) -> pb.FailExecutionResponse:
@@ -652,6 +681,14 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
                 "execution_not_active",
                 message=f"execution is {row[0]}, not {public}: another transition won",
             )
+
+
+def item_error(exc: FlowFabricError) -> pb.RenewLeasesResponse.ItemError:
+    """One batch item's failure: the status the single call would have ended with."""
+    status = exc.to_status()
+    return pb.RenewLeasesResponse.ItemError(
+        code=status.code, reason=exc.code, message=exc.describe(), metadata=_metadata(exc)
+    )
 
 
 def _metadata(exc: FlowFabricError) -> dict[str, str]:

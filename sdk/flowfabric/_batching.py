@@ -1,0 +1,155 @@
+"""Natural batching of completions: concurrent CompleteExecution calls share one round trip.
+
+A completion is queued; if no batch call is in flight it is sent at once (a batch of one: no
+added latency at low load), otherwise it joins the next batch, sent as soon as the one in
+flight answers. Each caller awaits its own item's outcome, typed exactly as the single call's
+(`CompleteExecutions` runs every item through CompleteExecution on the server). A server
+without `CompleteExecutions` (UNIMPLEMENTED) gets single calls from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+import grpc
+
+from flowfabric._client import Client
+from flowfabric._errors import FlowFabricError, from_item_error
+from flowfabric._retry import Backoff, with_retries
+from flowfabric.v1 import worker_pb2
+
+log = logging.getLogger("flowfabric.worker")
+
+#: Items per CompleteExecutions call.
+MAX_ITEMS = 64
+#: Serialised items per call (the server takes 2 MiB per request); a larger item is sent alone
+#: as a CompleteExecution, so an oversized result fails only its own completion.
+MAX_BYTES = 1 << 20
+
+Pending = tuple[worker_pb2.CompleteExecutionRequest, int, "asyncio.Future[Reply]"]
+Reply = worker_pb2.CompleteExecutionResponse
+
+
+class CompletionBatcher:
+    """Coalesces one worker's completions into CompleteExecutions calls (one in flight)."""
+
+    def __init__(
+        self,
+        client: Client,
+        backoff: Backoff,
+        *,
+        max_items: int = MAX_ITEMS,
+        max_bytes: int = MAX_BYTES,
+    ) -> None:
+        self.client = client
+        self.backoff = backoff
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.batched = True  # False once the server answered UNIMPLEMENTED
+        self._queue: collections.deque[Pending] = collections.deque()
+        self._sender: asyncio.Task[None] | None = None
+
+    async def complete(self, request: worker_pb2.CompleteExecutionRequest) -> Reply:
+        """Complete one execution; retried on UNAVAILABLE with the same request (the server
+        reconciles a retry whose first call committed)."""
+        return await with_retries(lambda: self._once(request), self.backoff)
+
+    async def aclose(self) -> None:
+        """Wait for the call in flight (if any) to answer."""
+        if self._sender is not None:
+            await asyncio.wait({self._sender})
+
+    async def _once(self, request: worker_pb2.CompleteExecutionRequest) -> Reply:
+        size = request.ByteSize()
+        if not self.batched or size > self.max_bytes:
+            return await self._single(request)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, size, future))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._drain())
+        return await future
+
+    async def _single(self, request: worker_pb2.CompleteExecutionRequest) -> Reply:
+        return await self.client._call(self.client._workers.CompleteExecution, request, retry=False)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._take()
+            if batch:
+                await self._send(batch)
+
+    def _take(self) -> list[Pending]:
+        """The next batch: queued items in order, up to the item and byte caps; items whose
+        caller gave up (cancelled) are dropped."""
+        batch: list[Pending] = []
+        total = 0
+        while self._queue and len(batch) < self.max_items:
+            request, size, future = self._queue[0]
+            if future.done():
+                self._queue.popleft()
+                continue
+            if batch and total + size > self.max_bytes:
+                break
+            self._queue.popleft()
+            batch.append((request, size, future))
+            total += size
+        return batch
+
+    async def _send(self, batch: list[Pending]) -> None:
+        try:
+            if self.batched:
+                await self._send_batch(batch)
+            else:
+                await self._send_singles(batch)
+        except BaseException as exc:  # never strand a caller (cancelled sender, a bug)
+            error = FlowFabricError(f"completion batch failed: {exc!r}")
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            log.exception("completion batch failed")
+
+    async def _send_batch(self, batch: list[Pending]) -> None:
+        request = worker_pb2.CompleteExecutionsRequest(items=[r for r, _, _ in batch])
+        try:
+            reply = await self.client._call(
+                self.client._workers.CompleteExecutions, request, retry=False
+            )
+        except FlowFabricError as exc:
+            if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                log.info("the server has no CompleteExecutions: completing one call at a time")
+                self.batched = False
+                await self._send_singles(batch)
+                return
+            for _, _, future in batch:  # e.g. UNAVAILABLE: every caller retries its own item
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        if len(reply.results) != len(batch):
+            raise ValueError(f"{len(reply.results)} results for {len(batch)} completions")
+        for (_, _, future), result in zip(batch, reply.results, strict=True):
+            if future.done():
+                continue
+            if result.WhichOneof("outcome") == "completed":
+                future.set_result(result.completed)
+            else:
+                e = result.error
+                future.set_exception(from_item_error(e.code, e.reason, e.message, e.metadata))
+
+    async def _send_singles(self, batch: list[Pending]) -> None:
+        async def one(
+            request: worker_pb2.CompleteExecutionRequest, future: asyncio.Future[Reply]
+        ) -> None:
+            try:
+                reply = await self._single(request)
+            except FlowFabricError as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                return
+            if not future.done():
+                future.set_result(reply)
+
+        await asyncio.gather(*(one(request, future) for request, _, future in batch))
