@@ -46,6 +46,12 @@ SYSTEMS: dict[str, tuple[str | None, str, list[str], str]] = {
                    "FlowFabric S1, SDK Worker, 1 process x 16"),
     "flowfabric-raw": (None, "bench_flowfabric.py", ["--impl", "raw", "--procs", "1"],
                        "FlowFabric S1, raw stubs, 1 process x 16"),
+    "flowfabric-single": (None, "bench_flowfabric.py",
+                          ["--impl", "sdk", "--procs", "1", "--complete", "single"],
+                          "FlowFabric S1, SDK Worker, 1 x 16, one CompleteExecution per job"),
+    "flowfabric-raw-single": (None, "bench_flowfabric.py",
+                              ["--impl", "raw", "--procs", "1", "--complete", "single"],
+                              "FlowFabric S1, raw stubs, 1 x 16, one CompleteExecution per job"),
     "flowfabric-2p": (None, "bench_flowfabric.py", ["--impl", "sdk", "--procs", "2"],
                       "FlowFabric S1, SDK Worker, 2 processes x 8"),
     "flowfabric-raw-2p": (None, "bench_flowfabric.py", ["--impl", "raw", "--procs", "2"],
@@ -58,7 +64,7 @@ SYSTEMS: dict[str, tuple[str | None, str, list[str], str]] = {
     "dramatiq": ("dramatiq", "bench_dramatiq.py", [], "dramatiq 2.2, 1 process, 16 threads"),
 }  # fmt: skip
 DEFAULT_SYSTEMS = "floor,fcall,flowfabric,flowfabric-raw,arq,saq,celery,rq,dramatiq"
-LATENCY_SYSTEMS = ("floor", "fcall", "flowfabric")
+LATENCY_SYSTEMS = ("floor", "fcall", "flowfabric-single", "flowfabric")
 BASELINE = "floor"
 
 # What each system does per job, so readers see which comparisons are like for like.
@@ -95,7 +101,8 @@ SEMANTICS["flowfabric-raw"] = SEMANTICS["flowfabric-raw-2p"] = (
     "as fcall",
     "as fcall",
 )
-SEMANTICS["flowfabric-2p"] = SEMANTICS["flowfabric"]
+SEMANTICS["flowfabric-2p"] = SEMANTICS["flowfabric-single"] = SEMANTICS["flowfabric"]
+SEMANTICS["flowfabric-raw-single"] = SEMANTICS["flowfabric-raw"]
 SEMANTICS["rq1"] = SEMANTICS["rq"]
 
 

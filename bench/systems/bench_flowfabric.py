@@ -7,9 +7,13 @@ Enqueue: CreateExecution over gRPC, `--enqueue-concurrency` (64) in flight, thro
 Workers (`--impl`):
 * `sdk`: `flowfabric.Worker` (RegisterWorker + heartbeat, ClaimNext long-poll with
   `max_tasks` = free slots, one asyncio task per execution with lease renewal armed, a no-op
-  handler, CompleteExecution with the lease handle).
-* `raw`: the generated stubs only: ClaimNext(max_tasks = free slots, wait_ms 1000) and one
-  CompleteExecution(lease) per task; no heartbeat, no renewal task.
+  handler, completion with the lease handle).
+* `raw`: the generated stubs only: ClaimNext(max_tasks = free slots, wait_ms 1000) and the
+  completion with the lease handle; no heartbeat, no renewal task.
+
+`--complete`: `batch` (default) = natural batching, as the SDK Worker does: a completion with
+none in flight is sent at once, the ones finishing meanwhile share the next CompleteExecutions
+call; `single` = one CompleteExecution per task (the SDK's `batch_completions=False`).
 
 `--procs P` splits the `slots` over P worker processes. The server is started after the
 orchestrator's FLUSHALL (the partition config key lives in the keyspace) and stopped at the
@@ -177,6 +181,7 @@ async def worker_sdk(args: argparse.Namespace, progress: common.Progress, record
     worker = BenchWorker(
         args.target, lanes=[LANE], concurrency=args.slots, claim_wait_ms=1000, batch=True,
         worker_id="bench-sdk", lease_ttl_ms=30_000,
+        batch_completions=args.complete == "batch",
     )  # fmt: skip
 
     @worker.handler(KIND)
@@ -190,6 +195,45 @@ async def worker_sdk(args: argparse.Namespace, progress: common.Progress, record
         progress.board, args.index, lambda: common.dump_records(args.records, records)
     )
     await worker.run()
+
+
+class RawCompleter:
+    """The raw worker's completions: one CompleteExecution each, or natural batching (a
+    completion with none in flight is sent at once; the ones finishing meanwhile share the
+    next CompleteExecutions call, at most 64)."""
+
+    def __init__(self, stub, pb, batch: bool) -> None:
+        self.stub, self.pb, self.batch = stub, pb, batch
+        self.queue: list[tuple[object, asyncio.Future]] = []
+        self.sender: asyncio.Task | None = None
+
+    async def complete(self, lease) -> None:
+        if not self.batch:
+            await self.stub.CompleteExecution(self.pb.CompleteExecutionRequest(lease=lease))
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.append((lease, fut))
+        if self.sender is None or self.sender.done():
+            self.sender = asyncio.create_task(self.send_batches())
+        await fut
+
+    async def send_batches(self) -> None:
+        while self.queue:
+            batch = self.queue[:64]
+            del self.queue[:64]
+            items = [self.pb.CompleteExecutionRequest(lease=lease) for lease, _ in batch]
+            request = self.pb.CompleteExecutionsRequest(items=items)
+            try:
+                reply = await self.stub.CompleteExecutions(request)
+            except Exception as exc:
+                for _, fut in batch:
+                    fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(batch, reply.results, strict=True):
+                if result.WhichOneof("outcome") == "error":
+                    fut.set_exception(RuntimeError(f"complete failed: {result.error.reason}"))
+                else:
+                    fut.set_result(None)
 
 
 async def worker_raw(args: argparse.Namespace, progress: common.Progress, records: dict) -> None:
@@ -209,11 +253,12 @@ async def worker_raw(args: argparse.Namespace, progress: common.Progress, record
     )
     running: set[asyncio.Task] = set()
     slot_free = asyncio.Event()
+    complete = RawCompleter(stub, worker_pb2, args.complete == "batch").complete
 
     async def run(task) -> None:
         t0 = progress.started()
         # the no-op handler runs here
-        await stub.CompleteExecution(worker_pb2.CompleteExecutionRequest(lease=task.lease))
+        await complete(task.lease)
         t1 = progress.finished()
         if keep:
             records[task.lease.execution_id] = [t0, t1]
@@ -266,6 +311,12 @@ def main() -> None:
     common.common_args(p)
     p.add_argument("--impl", choices=("sdk", "raw"), default="sdk")
     p.add_argument("--procs", type=int, default=1, help="worker processes sharing the slots")
+    p.add_argument(
+        "--complete",
+        choices=("batch", "single"),
+        default="batch",
+        help="completions: natural batching (CompleteExecutions) or one call each",
+    )
     p.add_argument("--enqueue-concurrency", type=int, default=64)
     p.add_argument("--target", help="(worker) server address")
     args = p.parse_args()
@@ -285,7 +336,8 @@ def main() -> None:
     try:
         per = args.slots // args.procs
         me = [sys.executable, os.path.abspath(__file__), "--worker", "--url", args.url,
-              "--slots", str(per), "--impl", args.impl, "--target", server.target]  # fmt: skip
+              "--slots", str(per), "--impl", args.impl, "--target", server.target,
+              "--complete", args.complete]  # fmt: skip
         argvs = [list(me) for _ in range(args.procs)]
         if args.mode == "latency":
             c0: list[float] = []
@@ -332,7 +384,8 @@ def main() -> None:
 
             out = common.run_burn(
                 args, enqueue, argvs, around=(at_go, at_done),
-                extra=lambda: {"impl": impl_note, "enqueue_concurrency": args.enqueue_concurrency},
+                extra=lambda: {"impl": impl_note, "complete": args.complete,
+                               "enqueue_concurrency": args.enqueue_concurrency},
             )  # fmt: skip
     finally:
         server.stop()
