@@ -5,6 +5,11 @@ added latency at low load), otherwise it joins the next batch, sent as soon as t
 flight answers. Each caller awaits its own item's outcome, typed exactly as the single call's
 (`CompleteExecutions` runs every item through CompleteExecution on the server). A server
 without `CompleteExecutions` (UNIMPLEMENTED) gets single calls from then on.
+
+With a `ClaimAhead` (the worker's slot accounting) each batch call also asks for new work
+(`CompleteExecutionsRequest.claim`): `reserve` says how many tasks to claim, given the slots the
+batch's completions free, and `settle` takes the tasks the reply brought (exactly once per
+reservation, also when the call failed).
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from typing import Any, Protocol
 
 import grpc
 
 from flowfabric._client import Client
 from flowfabric._errors import FlowFabricError, from_item_error
 from flowfabric._retry import Backoff, with_retries
-from flowfabric.v1 import worker_pb2
+from flowfabric.v1 import types_pb2, worker_pb2
 
 log = logging.getLogger("flowfabric.worker")
 
@@ -28,8 +34,19 @@ MAX_ITEMS = 64
 #: as a CompleteExecution, so an oversized result fails only its own completion.
 MAX_BYTES = 1 << 20
 
-Pending = tuple[worker_pb2.CompleteExecutionRequest, int, "asyncio.Future[Reply]"]
+Pending = tuple[worker_pb2.CompleteExecutionRequest, int, "asyncio.Future[Reply]", Any]
 Reply = worker_pb2.CompleteExecutionResponse
+
+
+class ClaimAhead(Protocol):
+    """Slot accounting of a worker that claims with its completions."""
+
+    def reserve(self, owners: list[Any]) -> tuple[worker_pb2.ClaimNextRequest, Any] | None:
+        """The claim to send with the completions of `owners` and a ticket for `settle`, or
+        None to claim nothing."""
+
+    def settle(self, ticket: Any, claimed: list[types_pb2.ClaimedTask], sent: bool) -> None:
+        """The reply's tasks (maybe none); `sent` is False if the call failed as a whole."""
 
 
 class CompletionBatcher:
@@ -42,31 +59,35 @@ class CompletionBatcher:
         *,
         max_items: int = MAX_ITEMS,
         max_bytes: int = MAX_BYTES,
+        claims: ClaimAhead | None = None,
     ) -> None:
         self.client = client
         self.backoff = backoff
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.claims = claims
         self.batched = True  # False once the server answered UNIMPLEMENTED
         self._queue: collections.deque[Pending] = collections.deque()
         self._sender: asyncio.Task[None] | None = None
 
-    async def complete(self, request: worker_pb2.CompleteExecutionRequest) -> Reply:
+    async def complete(
+        self, request: worker_pb2.CompleteExecutionRequest, owner: Any = None
+    ) -> Reply:
         """Complete one execution; retried on UNAVAILABLE with the same request (the server
-        reconciles a retry whose first call committed)."""
-        return await with_retries(lambda: self._once(request), self.backoff)
+        reconciles a retry whose first call committed). `owner` is passed to `ClaimAhead`."""
+        return await with_retries(lambda: self._once(request, owner), self.backoff)
 
     async def aclose(self) -> None:
         """Wait for the call in flight (if any) to answer."""
         if self._sender is not None:
             await asyncio.wait({self._sender})
 
-    async def _once(self, request: worker_pb2.CompleteExecutionRequest) -> Reply:
+    async def _once(self, request: worker_pb2.CompleteExecutionRequest, owner: Any) -> Reply:
         size = request.ByteSize()
         if not self.batched or size > self.max_bytes:
             return await self._single(request)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._queue.append((request, size, future))
+        self._queue.append((request, size, future, owner))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._drain())
         return await future
@@ -86,14 +107,15 @@ class CompletionBatcher:
         batch: list[Pending] = []
         total = 0
         while self._queue and len(batch) < self.max_items:
-            request, size, future = self._queue[0]
+            pending = self._queue[0]
+            size, future = pending[1], pending[2]
             if future.done():
                 self._queue.popleft()
                 continue
             if batch and total + size > self.max_bytes:
                 break
             self._queue.popleft()
-            batch.append((request, size, future))
+            batch.append(pending)
             total += size
         return batch
 
@@ -105,7 +127,7 @@ class CompletionBatcher:
                 await self._send_singles(batch)
         except BaseException as exc:  # never strand a caller (cancelled sender, a bug)
             error = FlowFabricError(f"completion batch failed: {exc!r}")
-            for _, _, future in batch:
+            for _, _, future, _ in batch:
                 if not future.done():
                     future.set_exception(error)
             if not isinstance(exc, Exception):
@@ -113,24 +135,33 @@ class CompletionBatcher:
             log.exception("completion batch failed")
 
     async def _send_batch(self, batch: list[Pending]) -> None:
-        request = worker_pb2.CompleteExecutionsRequest(items=[r for r, _, _ in batch])
+        request = worker_pb2.CompleteExecutionsRequest(items=[p[0] for p in batch])
+        reserved = self.claims.reserve([p[3] for p in batch]) if self.claims else None
+        if reserved is not None:
+            request.claim.CopyFrom(reserved[0])
+        reply = None
         try:
             reply = await self.client._call(
                 self.client._workers.CompleteExecutions, request, retry=False
             )
         except FlowFabricError as exc:
+            self._settle(reserved, None)
             if exc.code == grpc.StatusCode.UNIMPLEMENTED:
                 log.info("the server has no CompleteExecutions: completing one call at a time")
                 self.batched = False
                 await self._send_singles(batch)
                 return
-            for _, _, future in batch:  # e.g. UNAVAILABLE: every caller retries its own item
+            for _, _, future, _ in batch:  # e.g. UNAVAILABLE: every caller retries its own item
                 if not future.done():
                     future.set_exception(exc)
             return
+        except BaseException:
+            self._settle(reserved, None)
+            raise
+        self._settle(reserved, reply)
         if len(reply.results) != len(batch):
             raise ValueError(f"{len(reply.results)} results for {len(batch)} completions")
-        for (_, _, future), result in zip(batch, reply.results, strict=True):
+        for (_, _, future, _), result in zip(batch, reply.results, strict=True):
             if future.done():
                 continue
             if result.WhichOneof("outcome") == "completed":
@@ -152,4 +183,17 @@ class CompletionBatcher:
             if not future.done():
                 future.set_result(reply)
 
-        await asyncio.gather(*(one(request, future) for request, _, future in batch))
+        await asyncio.gather(*(one(p[0], p[2]) for p in batch))
+
+    def _settle(
+        self,
+        reserved: tuple[worker_pb2.ClaimNextRequest, Any] | None,
+        reply: worker_pb2.CompleteExecutionsResponse | None,
+    ) -> None:
+        if reserved is None or self.claims is None:
+            return
+        if reply is not None and reply.HasField("claim_error"):
+            e = reply.claim_error
+            log.warning("claim after completions failed: %s %s", e.reason, e.message)
+        claimed = list(reply.claimed) if reply is not None else []
+        self.claims.settle(reserved[1], claimed, reply is not None)

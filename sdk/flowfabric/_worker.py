@@ -9,6 +9,11 @@ A handler's outcome becomes exactly one terminal call, retried on UNAVAILABLE wi
 lease handle; the server reconciles a retry whose first call committed (`replayed = true`).
 Completions of handlers that finish while another completion is in flight share the next
 CompleteExecutions call (`batch_completions`); each handler still gets its own outcome.
+That call also claims new work for the slots its completions free, plus any free slot no
+other call has reserved (`claim_with_completions`): the server claims after the completions
+committed, so the worker never holds more than `concurrency` leases, and a busy worker keeps
+its slots full without a ClaimNext round trip per cycle. The ClaimNext long poll claims only
+the slots no call has reserved.
 A handler that suspended (`TaskSuspended`) has none: its lease is already released, and a
 resumed claim fetches the signals that resumed it (GetResumeSignals) before the handler re-runs.
 """
@@ -129,6 +134,9 @@ class Worker:
             completion is in flight together, in one CompleteExecutions call (at most 64);
             a completion with none in flight is sent at once. False = one CompleteExecution
             per handler.
+        claim_with_completions: With `batch_completions`, each CompleteExecutions call also
+            claims work for the slots it frees (and the free slots not already being
+            claimed). False = claims only through ClaimNext.
         shutdown_grace_s: On stop, how long in-flight handlers may finish before they are
             cancelled and their executions released.
         token: Bearer token (when `target` is an address).
@@ -149,6 +157,7 @@ class Worker:
         claim_wait_ms: int = 1_000,
         batch: bool = True,
         batch_completions: bool = True,
+        claim_with_completions: bool = True,
         shutdown_grace_s: float = 10.0,
         token: str | None = None,
         tls: bool | grpc.ChannelCredentials = False,
@@ -171,6 +180,7 @@ class Worker:
         self.claim_wait_ms = claim_wait_ms
         self.batch = batch
         self.batch_completions = batch_completions
+        self.claim_with_completions = claim_with_completions
         self.shutdown_grace_s = shutdown_grace_s
         self._target = target
         self._client_options: dict[str, Any] = {
@@ -181,6 +191,13 @@ class Worker:
         self._client: Client | None = target if isinstance(target, Client) else None
         self._handlers: dict[str, Handler] = {}
         self._running: dict[asyncio.Task[None], TaskContext] = {}
+        # Slot accounting: a running task whose completion is in a call that claims for its
+        # slot is `handed` (its slot belongs to that call's reservation until the reply);
+        # `_claiming` = max_tasks of the ClaimNext in flight; `_ahead` = slots reserved by
+        # CompleteExecutions calls in flight.
+        self._handed: set[asyncio.Task[None]] = set()
+        self._claiming = 0
+        self._ahead = 0
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
@@ -239,7 +256,8 @@ class Worker:
                 self._client = None
             raise
         interval = (reply.heartbeat_interval_ms or self.lease_ttl_ms // 3) / 1000
-        self._completions = CompletionBatcher(self.client, TERMINAL_BACKOFF)
+        claims = self if self.claim_with_completions else None
+        self._completions = CompletionBatcher(self.client, TERMINAL_BACKOFF, claims=claims)
         self._heartbeat = asyncio.create_task(self._heartbeat_forever(max(interval, 0.05)))
         self._started = True
         log.info("worker %s registered (lanes %s)", self.worker_instance_id, self.lanes)
@@ -345,17 +363,24 @@ class Worker:
         failures = 0
         backoff = Backoff(max_attempts=1 << 30)
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._running)
+            free = self._free()
             if free <= 0:
                 self._slot_free.clear()
                 await self._first(self._slot_free.wait())
                 continue
+            max_tasks = min(free, MAX_CLAIM_BATCH) if self.batch else 1
+            self._claiming += max_tasks  # reserved from now: a completion call must not take them
+            error: FlowFabricError | None = None
             try:
-                tasks = await self._claim_unless_stopped(free)
+                tasks = await self._claim_unless_stopped(max_tasks)
             except FlowFabricError as exc:
-                if exc.code in FATAL_CLAIM_CODES or exc.reason == "unknown_lane":
-                    raise
-                log.warning("claim failed (%d in a row): %r", failures + 1, exc)
+                tasks, error = [], exc
+            finally:
+                self._claiming -= max_tasks
+            if error is not None:
+                if error.code in FATAL_CLAIM_CODES or error.reason == "unknown_lane":
+                    raise error
+                log.warning("claim failed (%d in a row): %r", failures + 1, error)
                 await self._first(asyncio.sleep(backoff.delay(failures)))
                 failures += 1
                 continue
@@ -373,10 +398,10 @@ class Worker:
             for fut in (main, stop):
                 fut.cancel()
 
-    async def _claim_unless_stopped(self, free: int) -> list[types_pb2.ClaimedTask]:
+    async def _claim_unless_stopped(self, max_tasks: int) -> list[types_pb2.ClaimedTask]:
         """One ClaimNext; on stop the long poll is still awaited (bounded by the grace) so
         nothing it claimed is stranded until lease expiry."""
-        claim = asyncio.ensure_future(self._claim(free))
+        claim = asyncio.ensure_future(self._claim(max_tasks))
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({claim, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -392,17 +417,24 @@ class Worker:
             return []
         return claim.result()
 
-    async def _claim(self, free: int) -> list[types_pb2.ClaimedTask]:
-        max_tasks = min(free, MAX_CLAIM_BATCH) if self.batch else 1
-        request = worker_pb2.ClaimNextRequest(
+    def _free(self) -> int:
+        """Slots neither running an unhanded task nor reserved by a call in flight."""
+        busy = len(self._running) - len(self._handed) + self._claiming + self._ahead
+        return self.concurrency - busy
+
+    def _claim_request(self, max_tasks: int, wait_ms: int) -> worker_pb2.ClaimNextRequest:
+        return worker_pb2.ClaimNextRequest(
             worker_id=self.worker_id,
             worker_instance_id=self.worker_instance_id,
             lane_ids=list(self.lanes),
             capabilities=list(self.capabilities),
             lease_ttl_ms=self.lease_ttl_ms,
-            wait_ms=self.claim_wait_ms,
+            wait_ms=wait_ms,
             max_tasks=max_tasks,
         )
+
+    async def _claim(self, max_tasks: int) -> list[types_pb2.ClaimedTask]:
+        request = self._claim_request(max_tasks, self.claim_wait_ms)
         reply = await self.client._call(
             self.client._workers.ClaimNext,
             request,
@@ -416,6 +448,36 @@ class Worker:
             return list(reply.batch.tasks)
         return []
 
+    # -- claiming with completions (CompletionBatcher's ClaimAhead) -----------------------------
+
+    def reserve(self, owners: list[Any]) -> tuple[worker_pb2.ClaimNextRequest, Any] | None:
+        """The claim for a CompleteExecutions call completing `owners`' executions: their
+        slots plus the free ones; those slots are reserved until `settle`."""
+        if self._stopping.is_set() or not self._run_active:
+            return None
+        handed = [t for t in owners if t in self._running and t not in self._handed]
+        self._handed.update(handed)
+        slots = self._free()
+        if not self.batch:
+            slots = min(slots, 1)
+        slots = min(slots, MAX_CLAIM_BATCH)
+        if slots <= 0:
+            self._handed.difference_update(handed)
+            return None
+        self._ahead += slots
+        return self._claim_request(slots, 0), (handed, slots)
+
+    def settle(self, ticket: Any, claimed: list[types_pb2.ClaimedTask], sent: bool) -> None:
+        """The reply of a call `reserve` claimed for: spawn its tasks, free the reservation.
+        A call that failed hands its slots back to their tasks (still completing)."""
+        handed, slots = ticket
+        self._ahead -= slots
+        if not sent:
+            self._handed.difference_update(handed)
+        for task in claimed:
+            self._spawn(task)
+        self._slot_free.set()
+
     def _spawn(self, claimed: types_pb2.ClaimedTask) -> None:
         self._counters.add("claimed")
         ctx = TaskContext(claimed, self.client)
@@ -424,6 +486,7 @@ class Worker:
 
         def done(t: asyncio.Task[None]) -> None:
             self._running.pop(t, None)
+            self._handed.discard(t)
             self._slot_free.set()
 
         task.add_done_callback(done)
@@ -504,7 +567,7 @@ class Worker:
         A completion goes through the batcher (same retries, its own outcome)."""
         try:
             if rpc == "CompleteExecution" and self._completions and self.batch_completions:
-                reply = await self._completions.complete(request)
+                reply = await self._completions.complete(request, asyncio.current_task())
             else:
                 method = getattr(self.client._workers, rpc)
                 reply = await self.client._call(method, request, backoff=TERMINAL_BACKOFF)
@@ -570,16 +633,20 @@ class Worker:
             self._counters.add("released")
 
     async def _drain(self) -> None:
-        """Give in-flight handlers the grace, then cancel them (they release their work)."""
-        running = dict(self._running)
-        if not running:
-            return
-        log.info("draining %d in-flight task(s)", len(running))
-        _, pending = await asyncio.wait(running, timeout=self.shutdown_grace_s)
-        for task in pending:
-            running[task]._cancel_for_shutdown()
-        if pending:
-            # a handler that swallows cancellation is abandoned: its lease expires
-            _, stuck = await asyncio.wait(pending, timeout=self.client.default_timeout)
-            for task in stuck:
-                task.cancel()
+        """Give in-flight handlers the grace, then cancel them (they release their work).
+        Tasks a completion call in flight at stop brings are drained too, in the same grace."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_grace_s
+        seen: set[asyncio.Task[None]] = set()
+        while running := {t: c for t, c in self._running.items() if t not in seen}:
+            seen.update(running)
+            log.info("draining %d in-flight task(s)", len(running))
+            timeout = max(deadline - loop.time(), 0)
+            _, pending = await asyncio.wait(running, timeout=timeout)
+            for task in pending:
+                running[task]._cancel_for_shutdown()
+            if pending:
+                # a handler that swallows cancellation is abandoned: its lease expires
+                _, stuck = await asyncio.wait(pending, timeout=self.client.default_timeout)
+                for task in stuck:
+                    task.cancel()

@@ -1,21 +1,27 @@
 """CompleteExecutions: several completions in one call, each handled exactly as a
 CompleteExecution (validation, fencing, replay reconciliation), one result per item in request
-order; a bad batch as a whole is refused and changes nothing (both topologies)."""
+order; a bad batch as a whole is refused and changes nothing (both topologies). With `claim`
+the call then claims new work as ClaimNext (wait_ms 0) would, after the completions."""
 
 from __future__ import annotations
 
 import grpc
+import pytest
 
 from flowfabric.server import limits
+from flowfabric.server.errors import FlowFabricError
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as wpb
 from tests.api.test_lifecycle import (
+    LANE,
+    WORKER,
     claim_one,
     complete,
     core,
     create,
     describe,
+    get,
     result_of,
     state,
     with_epoch,
@@ -143,3 +149,118 @@ async def test_an_empty_or_oversized_batch_is_refused_and_changes_nothing(api: A
     assert info.metadata["field"] == "items"
     assert (await keyspace_size(api.store), await core(api, h.execution_id)) == before
     assert await state(api, h.execution_id) == t.PUBLIC_STATE_ACTIVE
+
+
+def claim(max_tasks: int = 0, caps: tuple[str, ...] = (), **fields: object) -> wpb.ClaimNextRequest:
+    return wpb.ClaimNextRequest(
+        worker_id=WORKER,
+        worker_instance_id="w-2",
+        lane_ids=[LANE],
+        capabilities=list(caps),
+        lease_ttl_ms=30_000,
+        max_tasks=max_tasks,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def complete_and_claim(
+    api: Api, items: list[wpb.CompleteExecutionRequest], request: wpb.ClaimNextRequest
+) -> wpb.CompleteExecutionsResponse:
+    reply: wpb.CompleteExecutionsResponse = await api.worker.CompleteExecutions(
+        wpb.CompleteExecutionsRequest(items=items, claim=request), metadata=api.metadata
+    )
+    return reply
+
+
+async def test_a_claim_runs_after_the_completions_and_respects_max_tasks(api: Api) -> None:
+    first = await create(api)
+    h = (await claim_one(api)).lease
+    waiting = [await create(api) for _ in range(3)]
+
+    reply = await complete_and_claim(api, [item(h, b"done")], claim(max_tasks=2))
+
+    assert [r.WhichOneof("outcome") for r in reply.results] == ["completed"]
+    assert await result_of(api, first) == b"done"
+    assert not reply.HasField("claim_error")
+    assert [c.lease.execution_id for c in reply.claimed] == waiting[:2]  # FIFO, at most 2
+    for task in reply.claimed:
+        assert task.lease.worker_instance_id == "w-2" and task.lease.lease_epoch >= 1
+        assert task.execution_kind == "demo"
+        assert await state(api, task.lease.execution_id) == t.PUBLIC_STATE_ACTIVE
+    assert await state(api, waiting[2]) == t.PUBLIC_STATE_WAITING
+    # the claimed leases are ordinary leases: they complete like any other
+    again = await complete_and_claim(api, [item(c.lease) for c in reply.claimed], claim())
+    assert [r.WhichOneof("outcome") for r in again.results] == ["completed", "completed"]
+    assert [c.lease.execution_id for c in again.claimed] == [waiting[2]]  # max_tasks 0 = one
+
+
+async def test_a_claim_matches_capabilities_as_claim_next_does(api: Api) -> None:
+    policy = t.ExecutionPolicy(
+        routing_requirements=t.RoutingRequirements(required_capabilities=["gpu"])
+    )
+    await create(api)
+    h = (await claim_one(api)).lease
+    gpu = await create(api, policy=policy, priority=9)
+    cpu = await create(api, priority=1)
+
+    reply = await complete_and_claim(api, [item(h)], claim(max_tasks=4, caps=("cpu",)))
+    assert [r.WhichOneof("outcome") for r in reply.results] == ["completed"]
+    assert [c.lease.execution_id for c in reply.claimed] == [cpu]
+    info = await get(api, gpu)  # not claimed: moved out of the way, as by ClaimNext
+    assert info.state_vector.eligibility_state == t.ELIGIBILITY_STATE_BLOCKED_BY_ROUTE
+
+    gpu2 = await create(api, policy=policy)
+    reply = await complete_and_claim(
+        api, [item(reply.claimed[0].lease)], claim(max_tasks=4, caps=("gpu",))
+    )
+    assert [r.WhichOneof("outcome") for r in reply.results] == ["completed"]
+    assert gpu2 in [c.lease.execution_id for c in reply.claimed]
+
+    # nothing left to claim: the completions alone
+    h3 = reply.claimed[0].lease
+    reply = await complete_and_claim(api, [item(h3)], claim(max_tasks=4, caps=("cpu",)))
+    assert [r.WhichOneof("outcome") for r in reply.results] == ["completed"]
+    assert list(reply.claimed) == [] and not reply.HasField("claim_error")
+
+
+async def test_a_bad_claim_is_refused_before_any_completion(api: Api) -> None:
+    await create(api)
+    h = (await claim_one(api)).lease
+    await create(api)
+    before = await keyspace_size(api.store), await core(api, h.execution_id)
+    for bad, field in [
+        (claim(wait_ms=10), "claim.wait_ms"),
+        (claim(max_tasks=101), "claim.max_tasks"),
+        (wpb.ClaimNextRequest(worker_id=WORKER, worker_instance_id="w-2"), "lane_ids"),
+        (wpb.ClaimNextRequest(worker_id=WORKER, lane_ids=[LANE]), "worker_instance_id"),
+    ]:
+        info = await expect_error(
+            complete_and_claim(api, [item(h)], bad), C.INVALID_ARGUMENT, "invalid_input"
+        )
+        assert info.metadata["field"] == field
+    assert (await keyspace_size(api.store), await core(api, h.execution_id)) == before
+    assert await state(api, h.execution_id) == t.PUBLIC_STATE_ACTIVE
+
+
+async def test_a_failed_claim_is_reported_and_the_completions_stand(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eid = await create(api)
+    h = (await claim_one(api)).lease
+    waiting = await create(api)
+
+    async def unavailable(*_: object) -> list[object]:
+        raise FlowFabricError("backend_unavailable", message="injected", retry_after_ms=1000)
+
+    assert api.server.scheduler is not None
+    monkeypatch.setattr(api.server.scheduler, "claim_next", unavailable)
+    reply = await complete_and_claim(api, [item(h, b"kept")], claim(max_tasks=2))
+    monkeypatch.undo()
+
+    assert [r.WhichOneof("outcome") for r in reply.results] == ["completed"]
+    assert await result_of(api, eid) == b"kept"
+    assert (await core(api, eid))[b"public_state"] == b"completed"
+    assert list(reply.claimed) == []
+    assert reply.claim_error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert reply.claim_error.reason == "backend_unavailable"
+    assert await state(api, waiting) == t.PUBLIC_STATE_WAITING

@@ -167,3 +167,132 @@ async def test_batch_completions_off_sends_one_call_per_handler(api: Api, client
     assert calls.calls == [("CompleteExecution", 1)] * 3
     for sub in subs:
         assert await client.state(sub.execution_id) is ExecutionState.COMPLETED
+
+
+class LeaseLedger(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """The worker's leases as its replies show them: a lease is held from the claim reply that
+    brought it (ClaimNext or a CompleteExecutions with `claim`) until the reply of its
+    completion; `peak` is the most held at once. Delays every CompleteExecutions by `delay`
+    (wider windows for a ClaimNext to race it); with `fail_first`, the first one carrying a
+    claim fails UNAVAILABLE before it reaches the server; `hold` parks that first one until set."""
+
+    def __init__(self, delay: float = 0.0, *, fail_first: bool = False) -> None:
+        self.held: set[str] = set()
+        self.peak = 0
+        self.claim_calls = 0
+        self.claimed_with_completions = 0
+        self.delay = delay
+        self.fail_first = fail_first
+        self.combined = 0
+        self.hold: asyncio.Event | None = None
+        self.holding = asyncio.Event()
+
+    def _took(self, tasks: Any) -> None:
+        self.held.update(task.lease.execution_id for task in tasks)
+        self.peak = max(self.peak, len(self.held))
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        name = method.rsplit("/", 1)[-1]
+        if name == "CompleteExecutions":
+            await asyncio.sleep(self.delay)
+            if request.HasField("claim"):
+                self.combined += 1
+                if self.combined == 1 and self.fail_first:
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata()
+                    )
+                if self.combined == 1 and self.hold is not None:
+                    self.holding.set()
+                    await self.hold.wait()
+        call = await continuation(details, request)
+        if name == "ClaimNext":
+            self.claim_calls += 1
+            reply = await call
+            which = reply.WhichOneof("outcome")
+            self._took([reply.task] if which == "task" else reply.batch.tasks)
+        elif name == "DelayExecution":  # released on shutdown
+            await call
+            self.held.discard(request.lease.execution_id)
+        elif name == "CompleteExecutions":
+            reply = await call
+            for result in reply.results:
+                self.held.discard(result.execution_id)
+            self.claimed_with_completions += len(reply.claimed)
+            self._took(reply.claimed)
+        return call
+
+
+async def drain_queue(
+    api: Api, client: Client, n: int, concurrency: int, ledger: LeaseLedger, **options: Any
+) -> Worker:
+    """Submit `n` jobs of varied length, run a worker until all are completed."""
+    subs = [await client.submit("vary", {"i": i}, lane=LANE) for i in range(n)]
+    async with Client(api.address, token=API_TOKEN, interceptors=[ledger]) as worker_client:
+        worker = Worker(
+            worker_client, lanes=[LANE], concurrency=concurrency, claim_wait_ms=100, **options
+        )
+
+        @worker.handler("vary")
+        async def vary(ctx: TaskContext) -> int:
+            i = ctx.json()["i"]
+            await asyncio.sleep((i % 4) * 0.003)
+            return int(i)
+
+        async with running(worker):
+            await eventually(lambda: asyncio.sleep(0, worker.stats), lambda s: s.completed == n)
+    for i, sub in enumerate(subs):
+        assert await client.result(sub.execution_id) == str(i).encode()
+    return worker
+
+
+async def test_completion_calls_claim_for_the_slots_they_free_never_more(
+    api: Api, client: Client
+) -> None:
+    n, concurrency = 60, 4
+    combined = LeaseLedger(delay=0.005)
+    worker = await drain_queue(api, client, n, concurrency, combined)
+    assert worker.stats.claimed == n and worker.stats.lease_lost == 0
+    assert combined.held == set()
+    assert 0 < combined.peak <= concurrency
+    assert combined.claimed_with_completions > 0
+    # the same queue claimed through ClaimNext only: more ClaimNext round trips
+    claim_next_only = LeaseLedger(delay=0.005)
+    await drain_queue(api, client, n, concurrency, claim_next_only, claim_with_completions=False)
+    assert claim_next_only.claimed_with_completions == 0 and claim_next_only.combined == 0
+    assert 0 < claim_next_only.peak <= concurrency
+    assert combined.claim_calls < claim_next_only.claim_calls
+
+
+async def test_a_failed_completion_call_hands_its_slots_back(api: Api, client: Client) -> None:
+    n, concurrency = 24, 3
+    ledger = LeaseLedger(delay=0.002, fail_first=True)
+    worker = await drain_queue(api, client, n, concurrency, ledger)
+    assert ledger.combined > 1  # the failed one, then the retries and the rest
+    assert worker.stats.claimed == n and worker.stats.completed == n
+    assert 0 < ledger.peak <= concurrency and ledger.held == set()
+
+
+async def test_tasks_a_completion_call_brings_during_shutdown_are_drained(
+    api: Api, client: Client
+) -> None:
+    subs = [await client.submit("quick", lane=LANE) for _ in range(8)]
+    ledger = LeaseLedger()
+    ledger.hold = asyncio.Event()
+    async with Client(api.address, token=API_TOKEN, interceptors=[ledger]) as worker_client:
+        worker = Worker(worker_client, lanes=[LANE], concurrency=2, claim_wait_ms=100)
+
+        @worker.handler("quick")
+        async def quick(ctx: TaskContext) -> str:
+            return "ok"
+
+        async with running(worker):
+            await asyncio.wait_for(ledger.holding.wait(), 10)
+            worker.stop()  # the completion call in flight claimed before the stop
+            ledger.hold.set()
+    assert ledger.claimed_with_completions > 0
+    assert worker.stats.claimed == worker.stats.completed + worker.stats.released
+    assert ledger.held == set()  # every lease it took was completed or released
+    states = [await client.state(sub.execution_id) for sub in subs]
+    assert ExecutionState.ACTIVE not in states
+    assert states.count(ExecutionState.COMPLETED) == worker.stats.completed

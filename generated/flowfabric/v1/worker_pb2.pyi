@@ -1532,18 +1532,26 @@ class CompleteExecutionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ITEMS_FIELD_NUMBER: _builtins.int
+    CLAIM_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompleteExecutionRequest]:
         """1..1000 completions."""
+
+    @_builtins.property
+    def claim(self) -> Global___ClaimNextRequest:
+        """Optional: claim new work after the completions, as ClaimNext with the
+        same fields would (`wait_ms` must be 0; `max_tasks` 0 or 1 = one task).
+        """
 
     def __init__(
         self,
         *,
         items: _abc.Iterable[Global___CompleteExecutionRequest] | None = ...,
+        claim: Global___ClaimNextRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "items", b"items"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1586,18 +1594,32 @@ class CompleteExecutionsResponse(_message.Message):
         def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    CLAIMED_FIELD_NUMBER: _builtins.int
+    CLAIM_ERROR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompleteExecutionsResponse.Result]:
         """One per item, in request order."""
+
+    @_builtins.property
+    def claimed(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ClaimedTask]:
+        """With `claim`: the executions claimed after the completions (none when
+        there was no work or the claim failed).
+        """
+
+    @_builtins.property
+    def claim_error(self) -> Global___RenewLeasesResponse.ItemError:
+        """With `claim`: why the claim failed (the completions above stand)."""
 
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___CompleteExecutionsResponse.Result] | None = ...,
+        claimed: _abc.Iterable[_types_pb2.ClaimedTask] | None = ...,
+        claim_error: Global___RenewLeasesResponse.ItemError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["claim_error", b"claim_error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_error", b"claim_error", "claimed", b"claimed", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

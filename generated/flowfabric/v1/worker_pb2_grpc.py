@@ -366,8 +366,14 @@ class WorkerServiceServicer:
         reconciliation) and succeeds or fails on its own; results are in request
         order. An item over the CompleteExecution request limit fails alone with
         INVALID_ARGUMENT `payload_too_large`.
+        With `claim`, the same call then asks for new work: after every item has
+        been handled, up to `claim.max_tasks` executions are claimed exactly as a
+        ClaimNext with `wait_ms` = 0 would (no long poll: claim now or none), so a
+        worker refills the slots its completions free without a second round trip.
         Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
-        more than 1000 items.
+        more than 1000 items, or for a `claim` ClaimNext would refuse (or with a
+        non-zero `wait_ms`); then nothing is completed. A claim that fails after
+        the completions ran is reported in `claim_error`: the completions stand.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

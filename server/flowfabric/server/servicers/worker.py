@@ -527,11 +527,13 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
     async def CompleteExecutions(
         self, request: pb.CompleteExecutionsRequest, context: Any
     ) -> pb.CompleteExecutionsResponse:
-        """Each item through CompleteExecution, concurrently; one result per item, in order."""
+        """Each item through CompleteExecution, concurrently; one result per item, in order.
+        With `claim`, then claims as ClaimNext with `wait_ms` = 0 would."""
         if not request.items:
             raise InvalidInput("items", "at least one completion is required")
         if len(request.items) > MAX_COMPLETIONS:
             raise InvalidInput("items", f"at most {MAX_COMPLETIONS} completions per call")
+        claim = self._claim_after(request.claim) if request.HasField("claim") else None
         limit = limits.REQUEST_LIMITS["/flowfabric.v1.WorkerService/CompleteExecution"]
         result = pb.CompleteExecutionsResponse.Result
 
@@ -554,7 +556,35 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
             return result(execution_id=eid_text, completed=done)
 
         results = await asyncio.gather(*(one(item) for item in request.items))
-        return pb.CompleteExecutionsResponse(results=results)
+        reply = pb.CompleteExecutionsResponse(results=results)
+        if claim is not None:
+            await self._claim_into(claim, reply)
+        return reply
+
+    def _claim_after(self, claim: pb.ClaimNextRequest) -> ClaimRequest:
+        """The claim of a CompleteExecutions, validated before any item runs."""
+        if claim.wait_ms:
+            raise InvalidInput("claim.wait_ms", "a claim after completions cannot wait")
+        if claim.max_tasks > MAX_BATCH:
+            raise InvalidInput("claim.max_tasks", f"max_tasks must be at most {MAX_BATCH}")
+        lanes, caps = list(claim.lane_ids), list(claim.capabilities)
+        return self._claim_request(claim, lanes, caps, max(claim.max_tasks, 1))
+
+    async def _claim_into(self, req: ClaimRequest, reply: pb.CompleteExecutionsResponse) -> None:
+        """Claim after the completions committed; a failure is reported, never raised (the
+        completions stand)."""
+        try:
+            claimed = await self.scheduler.claim_next(req, 0)
+        except FlowFabricError as exc:
+            reply.claim_error.CopyFrom(item_error(exc))
+            return
+        except Exception:  # as the interceptor does for a whole call: logged, not leaked
+            log.exception("unexpected error claiming after completions")
+            internal = FlowFabricError("protocol_error", message="internal error")
+            reply.claim_error.CopyFrom(item_error(internal))
+            return
+        who = Claimer(req.worker_id, req.worker_instance_id, "", req.capabilities_csv)
+        reply.claimed.extend(task_message(c, who, req.lease_ttl_ms) for c in claimed)
 
     async def FailExecution(
         self, request: pb.FailExecutionRequest, context: Any
