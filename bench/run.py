@@ -49,6 +49,9 @@ SYSTEMS: dict[str, tuple[str | None, str, list[str], str]] = {
     "flowfabric-single": (None, "bench_flowfabric.py",
                           ["--impl", "sdk", "--procs", "1", "--complete", "single"],
                           "FlowFabric S1, SDK Worker, 1 x 16, one CompleteExecution per job"),
+    "flowfabric-noclaim": (None, "bench_flowfabric.py",
+                           ["--impl", "sdk", "--procs", "1", "--complete", "noclaim"],
+                           "FlowFabric S1, SDK Worker, 1 x 16, claims through ClaimNext only"),
     "flowfabric-raw-single": (None, "bench_flowfabric.py",
                               ["--impl", "raw", "--procs", "1", "--complete", "single"],
                               "FlowFabric S1, raw stubs, 1 x 16, one CompleteExecution per job"),
@@ -64,7 +67,7 @@ SYSTEMS: dict[str, tuple[str | None, str, list[str], str]] = {
     "dramatiq": ("dramatiq", "bench_dramatiq.py", [], "dramatiq 2.2, 1 process, 16 threads"),
 }  # fmt: skip
 DEFAULT_SYSTEMS = "floor,fcall,flowfabric,flowfabric-raw,arq,saq,celery,rq,dramatiq"
-LATENCY_SYSTEMS = ("floor", "fcall", "flowfabric-single", "flowfabric")
+LATENCY_SYSTEMS = ("floor", "fcall", "flowfabric-single", "flowfabric-noclaim", "flowfabric")
 BASELINE = "floor"
 
 # What each system does per job, so readers see which comparisons are like for like.
@@ -102,6 +105,7 @@ SEMANTICS["flowfabric-raw"] = SEMANTICS["flowfabric-raw-2p"] = (
     "as fcall",
 )
 SEMANTICS["flowfabric-2p"] = SEMANTICS["flowfabric-single"] = SEMANTICS["flowfabric"]
+SEMANTICS["flowfabric-noclaim"] = SEMANTICS["flowfabric"]
 SEMANTICS["flowfabric-raw-single"] = SEMANTICS["flowfabric-raw"]
 SEMANTICS["rq1"] = SEMANTICS["rq"]
 

@@ -13,7 +13,11 @@ Workers (`--impl`):
 
 `--complete`: `batch` (default) = natural batching, as the SDK Worker does: a completion with
 none in flight is sent at once, the ones finishing meanwhile share the next CompleteExecutions
-call; `single` = one CompleteExecution per task (the SDK's `batch_completions=False`).
+call, and with the SDK worker that call also claims work for the slots it frees (the SDK's
+default `claim_with_completions`); `noclaim` = natural batching, claims through ClaimNext only
+(the SDK's `claim_with_completions=False`: the lock-step cycle of 1153a33); `single` = one
+CompleteExecution per task (the SDK's `batch_completions=False`). The raw stubs never claim
+with their completions (`batch` and `noclaim` are the same there).
 
 `--procs P` splits the `slots` over P worker processes. The server is started after the
 orchestrator's FLUSHALL (the partition config key lives in the keyspace) and stopped at the
@@ -181,7 +185,8 @@ async def worker_sdk(args: argparse.Namespace, progress: common.Progress, record
     worker = BenchWorker(
         args.target, lanes=[LANE], concurrency=args.slots, claim_wait_ms=1000, batch=True,
         worker_id="bench-sdk", lease_ttl_ms=30_000,
-        batch_completions=args.complete == "batch",
+        batch_completions=args.complete != "single",
+        claim_with_completions=args.complete == "batch",
     )  # fmt: skip
 
     @worker.handler(KIND)
@@ -253,7 +258,7 @@ async def worker_raw(args: argparse.Namespace, progress: common.Progress, record
     )
     running: set[asyncio.Task] = set()
     slot_free = asyncio.Event()
-    complete = RawCompleter(stub, worker_pb2, args.complete == "batch").complete
+    complete = RawCompleter(stub, worker_pb2, args.complete != "single").complete
 
     async def run(task) -> None:
         t0 = progress.started()
@@ -313,7 +318,7 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=1, help="worker processes sharing the slots")
     p.add_argument(
         "--complete",
-        choices=("batch", "single"),
+        choices=("batch", "noclaim", "single"),
         default="batch",
         help="completions: natural batching (CompleteExecutions) or one call each",
     )
