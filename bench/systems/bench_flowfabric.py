@@ -187,6 +187,7 @@ async def worker_sdk(args: argparse.Namespace, progress: common.Progress, record
         worker_id="bench-sdk", lease_ttl_ms=30_000,
         batch_completions=args.complete != "single",
         claim_with_completions=args.complete == "batch",
+        completion_calls=args.completion_calls,
     )  # fmt: skip
 
     @worker.handler(KIND)
@@ -322,6 +323,8 @@ def main() -> None:
         default="batch",
         help="completions: natural batching (CompleteExecutions) or one call each",
     )
+    p.add_argument("--completion-calls", type=int, default=2,
+                   help="SDK worker: CompleteExecutions calls in flight at once")  # fmt: skip
     p.add_argument("--enqueue-concurrency", type=int, default=64)
     p.add_argument("--target", help="(worker) server address")
     args = p.parse_args()
@@ -342,7 +345,8 @@ def main() -> None:
         per = args.slots // args.procs
         me = [sys.executable, os.path.abspath(__file__), "--worker", "--url", args.url,
               "--slots", str(per), "--impl", args.impl, "--target", server.target,
-              "--complete", args.complete]  # fmt: skip
+              "--complete", args.complete,
+              "--completion-calls", str(args.completion_calls)]  # fmt: skip
         argvs = [list(me) for _ in range(args.procs)]
         if args.mode == "latency":
             c0: list[float] = []

@@ -60,6 +60,7 @@ class CompletionBatcher:
         max_items: int = MAX_ITEMS,
         max_bytes: int = MAX_BYTES,
         claims: ClaimAhead | None = None,
+        max_in_flight: int = 1,
     ) -> None:
         self.client = client
         self.backoff = backoff
@@ -68,7 +69,8 @@ class CompletionBatcher:
         self.claims = claims
         self.batched = True  # False once the server answered UNIMPLEMENTED
         self._queue: collections.deque[Pending] = collections.deque()
-        self._sender: asyncio.Task[None] | None = None
+        self.max_in_flight = max_in_flight
+        self._senders: set[asyncio.Task[None]] = set()
 
     async def complete(
         self, request: worker_pb2.CompleteExecutionRequest, owner: Any = None
@@ -79,8 +81,8 @@ class CompletionBatcher:
 
     async def aclose(self) -> None:
         """Wait for the call in flight (if any) to answer."""
-        if self._sender is not None:
-            await asyncio.wait({self._sender})
+        if self._senders:
+            await asyncio.wait(set(self._senders))
 
     async def _once(self, request: worker_pb2.CompleteExecutionRequest, owner: Any) -> Reply:
         size = request.ByteSize()
@@ -88,8 +90,10 @@ class CompletionBatcher:
             return await self._single(request)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._queue.append((request, size, future, owner))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._drain())
+        if len(self._senders) < self.max_in_flight:
+            sender = asyncio.create_task(self._drain())
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
         return await future
 
     async def _single(self, request: worker_pb2.CompleteExecutionRequest) -> Reply:

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from flowfabric._batching import MAX_ITEMS as MAX_COMPLETION_ITEMS
 from flowfabric._batching import CompletionBatcher
 from flowfabric._client import Client, encode_payload
 from flowfabric._errors import LEASE_LOST_REASONS, FlowFabricError, HandlerError
@@ -137,6 +138,11 @@ class Worker:
         claim_with_completions: With `batch_completions`, each CompleteExecutions call also
             claims work for the slots it frees (and the free slots not already being
             claimed). False = claims only through ClaimNext.
+        completion_calls: With `batch_completions`, CompleteExecutions calls in flight at
+            once (a completion is sent at once while fewer are in flight, else it joins the
+            next call), each of at most concurrency / completion_calls items: the slots
+            split into groups, so one group runs handlers while another's call is at the
+            server.
         shutdown_grace_s: On stop, how long in-flight handlers may finish before they are
             cancelled and their executions released.
         token: Bearer token (when `target` is an address).
@@ -158,6 +164,7 @@ class Worker:
         batch: bool = True,
         batch_completions: bool = True,
         claim_with_completions: bool = True,
+        completion_calls: int = 2,
         shutdown_grace_s: float = 10.0,
         token: str | None = None,
         tls: bool | grpc.ChannelCredentials = False,
@@ -170,6 +177,8 @@ class Worker:
             raise ValueError("concurrency must be at least 1")
         if lease_ttl_ms < 3:
             raise ValueError("lease_ttl_ms must be at least 3")
+        if completion_calls < 1:
+            raise ValueError("completion_calls must be at least 1")
         if not 0 <= claim_wait_ms <= 30_000:
             raise ValueError("claim_wait_ms must be 0..30000")
         self.capabilities = tuple(capabilities)
@@ -181,6 +190,7 @@ class Worker:
         self.batch = batch
         self.batch_completions = batch_completions
         self.claim_with_completions = claim_with_completions
+        self.completion_calls = completion_calls
         self.shutdown_grace_s = shutdown_grace_s
         self._target = target
         self._client_options: dict[str, Any] = {
@@ -257,7 +267,15 @@ class Worker:
             raise
         interval = (reply.heartbeat_interval_ms or self.lease_ttl_ms // 3) / 1000
         claims = self if self.claim_with_completions else None
-        self._completions = CompletionBatcher(self.client, TERMINAL_BACKOFF, claims=claims)
+        # the slots split into `completion_calls` groups whose calls alternate at the server
+        per_call = min(MAX_COMPLETION_ITEMS, -(-self.concurrency // self.completion_calls))
+        self._completions = CompletionBatcher(
+            self.client,
+            TERMINAL_BACKOFF,
+            claims=claims,
+            max_in_flight=self.completion_calls,
+            max_items=per_call,
+        )
         self._heartbeat = asyncio.create_task(self._heartbeat_forever(max(interval, 0.05)))
         self._started = True
         log.info("worker %s registered (lanes %s)", self.worker_instance_id, self.lanes)

@@ -60,7 +60,9 @@ async def test_completions_finishing_during_a_call_share_the_next_one(
     started: list[int] = []
     go_first, go_rest = asyncio.Event(), asyncio.Event()
     async with Client(api.address, token=API_TOKEN, interceptors=[calls]) as worker_client:
-        worker = Worker(worker_client, lanes=[LANE], concurrency=8, claim_wait_ms=100)
+        worker = Worker(
+            worker_client, lanes=[LANE], concurrency=8, claim_wait_ms=100, completion_calls=1
+        )
 
         @worker.handler("echo")
         async def echo(ctx: TaskContext) -> dict[str, Any]:
@@ -94,7 +96,9 @@ async def test_each_handler_gets_its_own_outcome_from_a_shared_call(
     go = {k: asyncio.Event() for k in ("first", "kept", "cancelled")}
     running_ids: set[str] = set()
     async with Client(api.address, token=API_TOKEN, interceptors=[calls]) as worker_client:
-        worker = Worker(worker_client, lanes=[LANE], concurrency=4, claim_wait_ms=100)
+        worker = Worker(
+            worker_client, lanes=[LANE], concurrency=4, claim_wait_ms=100, completion_calls=1
+        )
 
         @worker.handler("step")
         async def step(ctx: TaskContext) -> str:
@@ -144,7 +148,8 @@ async def test_a_server_without_the_batch_call_gets_single_completions(
             await eventually(lambda: asyncio.sleep(0, worker.stats), lambda s: s.completed == 3)
     batches = [size for name, size in calls.calls if name == "CompleteExecutions"]
     singles = [size for name, size in calls.calls if name == "CompleteExecution"]
-    assert len(batches) == 1 and singles == [1, 1, 1]  # asked once, then single calls only
+    # asked once per call in flight (2 by default), then single calls only
+    assert 1 <= len(batches) <= 2 and singles == [1, 1, 1]
     assert worker.stats.completed == 3 and worker.stats.lease_lost == 0
     for sub in subs:
         assert await client.result(sub.execution_id) == b"ok"
@@ -186,6 +191,7 @@ class LeaseLedger(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         self.combined = 0
         self.hold: asyncio.Event | None = None
         self.holding = asyncio.Event()
+        self.in_flight = self.most_in_flight = self.most_items = 0
 
     def _took(self, tasks: Any) -> None:
         self.held.update(task.lease.execution_id for task in tasks)
@@ -195,16 +201,13 @@ class LeaseLedger(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         name = method.rsplit("/", 1)[-1]
         if name == "CompleteExecutions":
-            await asyncio.sleep(self.delay)
-            if request.HasField("claim"):
-                self.combined += 1
-                if self.combined == 1 and self.fail_first:
-                    raise grpc.aio.AioRpcError(
-                        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata()
-                    )
-                if self.combined == 1 and self.hold is not None:
-                    self.holding.set()
-                    await self.hold.wait()
+            self.most_items = max(self.most_items, len(request.items))
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            try:
+                return await self._complete(continuation, details, request)
+            finally:
+                self.in_flight -= 1
         call = await continuation(details, request)
         if name == "ClaimNext":
             self.claim_calls += 1
@@ -214,12 +217,25 @@ class LeaseLedger(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         elif name == "DelayExecution":  # released on shutdown
             await call
             self.held.discard(request.lease.execution_id)
-        elif name == "CompleteExecutions":
-            reply = await call
-            for result in reply.results:
-                self.held.discard(result.execution_id)
-            self.claimed_with_completions += len(reply.claimed)
-            self._took(reply.claimed)
+        return call
+
+    async def _complete(self, continuation: Any, details: Any, request: Any) -> Any:
+        await asyncio.sleep(self.delay)
+        if request.HasField("claim"):
+            self.combined += 1
+            if self.combined == 1 and self.fail_first:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata()
+                )
+            if self.combined == 1 and self.hold is not None:
+                self.holding.set()
+                await self.hold.wait()
+        call = await continuation(details, request)
+        reply = await call  # a completion call's reply: releases, then new leases
+        for result in reply.results:
+            self.held.discard(result.execution_id)
+        self.claimed_with_completions += len(reply.claimed)
+        self._took(reply.claimed)
         return call
 
 
@@ -256,12 +272,19 @@ async def test_completion_calls_claim_for_the_slots_they_free_never_more(
     assert combined.held == set()
     assert 0 < combined.peak <= concurrency
     assert combined.claimed_with_completions > 0
+    # two completion calls in flight at most (the default), each of at most 4 / 2 items
+    assert combined.most_in_flight <= 2 and 0 < combined.most_items <= 2
     # the same queue claimed through ClaimNext only: more ClaimNext round trips
     claim_next_only = LeaseLedger(delay=0.005)
     await drain_queue(api, client, n, concurrency, claim_next_only, claim_with_completions=False)
     assert claim_next_only.claimed_with_completions == 0 and claim_next_only.combined == 0
     assert 0 < claim_next_only.peak <= concurrency
     assert combined.claim_calls < claim_next_only.claim_calls
+    # one call in flight: up to every slot's completion in one call
+    one_call = LeaseLedger(delay=0.005)
+    await drain_queue(api, client, n, concurrency, one_call, completion_calls=1)
+    assert one_call.most_in_flight == 1 and one_call.most_items <= concurrency
+    assert 0 < one_call.peak <= concurrency and one_call.claimed_with_completions > 0
 
 
 async def test_a_failed_completion_call_hands_its_slots_back(api: Api, client: Client) -> None:
