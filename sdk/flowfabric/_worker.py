@@ -10,7 +10,8 @@ lease handle; the server reconciles a retry whose first call committed (`replaye
 Completions of handlers that finish while another completion is in flight share the next
 CompleteExecutions call (`batch_completions`); each handler still gets its own outcome.
 That call also claims new work for the slots its completions free, plus any free slot no
-other call has reserved (`claim_with_completions`): the server claims after the completions
+other call has reserved (`claim_with_completions`), as long as the last claim filled every
+slot it asked for (work is queued); the server claims after the completions
 committed, so the worker never holds more than `concurrency` leases, and a busy worker keeps
 its slots full without a ClaimNext round trip per cycle. The ClaimNext long poll claims only
 the slots no call has reserved.
@@ -208,6 +209,10 @@ class Worker:
         self._handed: set[asyncio.Task[None]] = set()
         self._claiming = 0
         self._ahead = 0
+        # Did the last claim fill every slot it asked for? Only then do completion calls claim
+        # too: a claim that finds nothing costs the server a full probe, so when the queue
+        # is (nearly) empty the ClaimNext long poll alone waits for work.
+        self._work_likely = False
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
@@ -403,6 +408,7 @@ class Worker:
                 failures += 1
                 continue
             failures = 0
+            self._work_likely = len(tasks) >= max_tasks
             for task in tasks:
                 self._spawn(task)
 
@@ -471,7 +477,7 @@ class Worker:
     def reserve(self, owners: list[Any]) -> tuple[worker_pb2.ClaimNextRequest, Any] | None:
         """The claim for a CompleteExecutions call completing `owners`' executions: their
         slots plus the free ones; those slots are reserved until `settle`."""
-        if self._stopping.is_set() or not self._run_active:
+        if self._stopping.is_set() or not self._run_active or not self._work_likely:
             return None
         handed = [t for t in owners if t in self._running and t not in self._handed]
         self._handed.update(handed)
@@ -492,6 +498,8 @@ class Worker:
         self._ahead -= slots
         if not sent:
             self._handed.difference_update(handed)
+        else:
+            self._work_likely = len(claimed) >= slots
         for task in claimed:
             self._spawn(task)
         self._slot_free.set()
