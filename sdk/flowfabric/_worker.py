@@ -335,6 +335,8 @@ class Worker:
             self._heartbeat = None
         if self._completions is not None:
             await self._completions.aclose()
+            if self._running:  # brought by a call whose callers had given up: drain them too
+                await self._drain()
             self._completions = None
         if self._started and self._client is not None:
             try:
