@@ -59,6 +59,9 @@ SYSTEMS: dict[str, tuple[str | None, str, list[str], str]] = {
     "flowfabric-4calls": (None, "bench_flowfabric.py",
                          ["--impl", "sdk", "--procs", "1", "--completion-calls", "4"],
                          "FlowFabric S1, SDK Worker, 1 x 16, 4 completion calls"),
+    "flowfabric-raw-noclaim": (None, "bench_flowfabric.py",
+                               ["--impl", "raw", "--procs", "1", "--complete", "noclaim"],
+                               "FlowFabric S1, raw stubs, 1 x 16, claims through ClaimNext only"),
     "flowfabric-raw-single": (None, "bench_flowfabric.py",
                               ["--impl", "raw", "--procs", "1", "--complete", "single"],
                               "FlowFabric S1, raw stubs, 1 x 16, one CompleteExecution per job"),
@@ -114,7 +117,9 @@ SEMANTICS["flowfabric-raw"] = SEMANTICS["flowfabric-raw-2p"] = (
 SEMANTICS["flowfabric-2p"] = SEMANTICS["flowfabric-single"] = SEMANTICS["flowfabric"]
 SEMANTICS["flowfabric-noclaim"] = SEMANTICS["flowfabric-1call"] = SEMANTICS["flowfabric"]
 SEMANTICS["flowfabric-4calls"] = SEMANTICS["flowfabric"]
-SEMANTICS["flowfabric-raw-single"] = SEMANTICS["flowfabric-raw"]
+SEMANTICS["flowfabric-raw-single"] = SEMANTICS["flowfabric-raw-noclaim"] = SEMANTICS[
+    "flowfabric-raw"
+]
 SEMANTICS["rq1"] = SEMANTICS["rq"]
 
 

@@ -16,8 +16,10 @@ none in flight is sent at once, the ones finishing meanwhile share the next Comp
 call, and with the SDK worker that call also claims work for the slots it frees (the SDK's
 default `claim_with_completions`); `noclaim` = natural batching, claims through ClaimNext only
 (the SDK's `claim_with_completions=False`: the lock-step cycle of 1153a33); `single` = one
-CompleteExecution per task (the SDK's `batch_completions=False`). The raw stubs never claim
-with their completions (`batch` and `noclaim` are the same there).
+CompleteExecution per task (the SDK's `batch_completions=False`). The raw stubs do the same
+with their own slot accounting (`RawSlots`): `batch` = `--completion-calls` calls of at most
+slots / calls items, each claiming for the slots it frees while the last claim came back
+full; `noclaim` = one call in flight, ClaimNext only.
 
 `--procs P` splits the `slots` over P worker processes. The server is started after the
 orchestrator's FLUSHALL (the partition config key lives in the keyspace) and stopped at the
@@ -205,41 +207,100 @@ async def worker_sdk(args: argparse.Namespace, progress: common.Progress, record
 
 class RawCompleter:
     """The raw worker's completions: one CompleteExecution each, or natural batching (a
-    completion with none in flight is sent at once; the ones finishing meanwhile share the
-    next CompleteExecutions call, at most 64)."""
+    completion is sent at once while fewer than `calls` calls are in flight; the ones
+    finishing meanwhile share the next CompleteExecutions call, at most `max_items`). With
+    `slots`, each call also claims (CompleteExecutionsRequest.claim) for the slots it frees
+    plus the free unreserved ones, as the SDK worker does."""
 
-    def __init__(self, stub, pb, batch: bool) -> None:
+    def __init__(self, stub, pb, batch: bool, calls: int = 1, max_items: int = 64,
+                 slots: RawSlots | None = None) -> None:  # fmt: skip
         self.stub, self.pb, self.batch = stub, pb, batch
-        self.queue: list[tuple[object, asyncio.Future]] = []
-        self.sender: asyncio.Task | None = None
+        self.calls, self.max_items, self.slots = calls, max_items, slots
+        self.queue: list[tuple[object, asyncio.Future, object]] = []
+        self.senders: set[asyncio.Task] = set()
 
-    async def complete(self, lease) -> None:
+    async def complete(self, lease, owner=None) -> None:
         if not self.batch:
             await self.stub.CompleteExecution(self.pb.CompleteExecutionRequest(lease=lease))
             return
         fut = asyncio.get_running_loop().create_future()
-        self.queue.append((lease, fut))
-        if self.sender is None or self.sender.done():
-            self.sender = asyncio.create_task(self.send_batches())
+        self.queue.append((lease, fut, owner))
+        if len(self.senders) < self.calls:
+            sender = asyncio.create_task(self.send_batches())
+            self.senders.add(sender)
+            sender.add_done_callback(self.senders.discard)
         await fut
 
     async def send_batches(self) -> None:
         while self.queue:
-            batch = self.queue[:64]
-            del self.queue[:64]
-            items = [self.pb.CompleteExecutionRequest(lease=lease) for lease, _ in batch]
+            batch = self.queue[: self.max_items]
+            del self.queue[: self.max_items]
+            items = [self.pb.CompleteExecutionRequest(lease=lease) for lease, _, _ in batch]
             request = self.pb.CompleteExecutionsRequest(items=items)
+            ticket = self.slots.reserve([o for _, _, o in batch]) if self.slots else None
+            if ticket is not None:
+                request.claim.CopyFrom(ticket[0])
             try:
                 reply = await self.stub.CompleteExecutions(request)
             except Exception as exc:
-                for _, fut in batch:
+                if ticket is not None:
+                    self.slots.settle(ticket, [], sent=False)
+                for _, fut, _ in batch:
                     fut.set_exception(exc)
                 continue
-            for (_, fut), result in zip(batch, reply.results, strict=True):
+            if ticket is not None:
+                self.slots.settle(ticket, list(reply.claimed), sent=True)
+            for (_, fut, _), result in zip(batch, reply.results, strict=True):
                 if result.WhichOneof("outcome") == "error":
                     fut.set_exception(RuntimeError(f"complete failed: {result.error.reason}"))
                 else:
                     fut.set_result(None)
+
+
+class RawSlots:
+    """The raw worker's slot accounting (the SDK worker's, minus shutdown): a task whose
+    completion is in a claiming call hands its slot to that call until the reply; ClaimNext
+    asks only for slots nobody reserved; calls claim only while the last claim came back full."""
+
+    def __init__(self, slots: int, claim_request, spawn) -> None:
+        self.slots, self.claim_request, self.spawn = slots, claim_request, spawn
+        self.running: set[asyncio.Task] = set()
+        self.handed: set[asyncio.Task] = set()
+        self.claiming = self.ahead = 0
+        self.work_likely = False
+        self.slot_free = asyncio.Event()
+
+    def free(self) -> int:
+        busy = len(self.running) - len(self.handed) + self.claiming + self.ahead
+        return self.slots - busy
+
+    def reserve(self, owners: list):
+        if not self.work_likely:
+            return None
+        handed = [t for t in owners if t in self.running and t not in self.handed]
+        self.handed.update(handed)
+        n = self.free()
+        if n <= 0:
+            self.handed.difference_update(handed)
+            return None
+        self.ahead += n
+        return self.claim_request(n, 0), handed, n
+
+    def settle(self, ticket, claimed: list, sent: bool) -> None:
+        _, handed, n = ticket
+        self.ahead -= n
+        if not sent:
+            self.handed.difference_update(handed)
+        else:
+            self.work_likely = len(claimed) >= n
+        for task in claimed:
+            self.spawn(task)
+        self.slot_free.set()
+
+    def done(self, t: asyncio.Task) -> None:
+        self.running.discard(t)
+        self.handed.discard(t)
+        self.slot_free.set()
 
 
 async def worker_raw(args: argparse.Namespace, progress: common.Progress, records: dict) -> None:
@@ -257,46 +318,55 @@ async def worker_raw(args: argparse.Namespace, progress: common.Progress, record
     await common.async_ready_then_wait_go(
         progress.board, args.index, lambda: common.dump_records(args.records, records)
     )
-    running: set[asyncio.Task] = set()
-    slot_free = asyncio.Event()
-    complete = RawCompleter(stub, worker_pb2, args.complete != "single").complete
+
+    def claim_request(max_tasks: int, wait_ms: int):
+        return worker_pb2.ClaimNextRequest(
+            worker_id=wid, worker_instance_id=iid, lane_ids=[LANE], lease_ttl_ms=30_000,
+            wait_ms=wait_ms, max_tasks=max_tasks,
+        )  # fmt: skip
+
+    def spawn(task) -> None:
+        t = asyncio.create_task(run(task))
+        slots.running.add(t)
+        t.add_done_callback(done)
+
+    slots = RawSlots(args.slots, claim_request, spawn)
+    claims = args.complete == "batch"
+    calls = args.completion_calls if claims else 1
+    complete = RawCompleter(
+        stub, worker_pb2, args.complete != "single", calls=calls,
+        max_items=min(64, -(-args.slots // calls)), slots=slots if claims else None,
+    ).complete  # fmt: skip
 
     async def run(task) -> None:
         t0 = progress.started()
         # the no-op handler runs here
-        await complete(task.lease)
+        await complete(task.lease, asyncio.current_task())
         t1 = progress.finished()
         if keep:
             records[task.lease.execution_id] = [t0, t1]
 
     def done(t: asyncio.Task) -> None:
-        running.discard(t)
-        slot_free.set()
+        slots.done(t)
         if not t.cancelled() and t.exception() is not None:
             print("task failed:", repr(t.exception()), file=sys.stderr)
 
     while True:
-        free = args.slots - len(running)
+        free = slots.free()
         if free <= 0:
-            slot_free.clear()
-            await slot_free.wait()
+            slots.slot_free.clear()
+            await slots.slot_free.wait()
             continue
-        reply = await stub.ClaimNext(
-            worker_pb2.ClaimNextRequest(
-                worker_id=wid,
-                worker_instance_id=iid,
-                lane_ids=[LANE],
-                lease_ttl_ms=30_000,
-                wait_ms=1000,
-                max_tasks=free,
-            )
-        )
+        slots.claiming += free
+        try:
+            reply = await stub.ClaimNext(claim_request(free, 1000))
+        finally:
+            slots.claiming -= free
         which = reply.WhichOneof("outcome")
         tasks = [reply.task] if which == "task" else list(reply.batch.tasks)
+        slots.work_likely = len(tasks) >= free
         for task in tasks:
-            t = asyncio.create_task(run(task))
-            running.add(t)
-            t.add_done_callback(done)
+            spawn(task)
 
 
 async def worker_main(args: argparse.Namespace) -> None:
