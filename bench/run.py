@@ -407,8 +407,9 @@ def main() -> None:  # noqa: C901
     p.add_argument(
         "--latency-rates",
         default="auto,100",
-        help="offered jobs/s for the open-loop runs, comma list; auto = 50%% of "
-        "FlowFabric's median burn-down rate in this run (500 if not measured)",
+        help="offered jobs/s for the open-loop runs, comma list; auto = 50%% of the rate "
+        "one FlowFabric server sustains serving submits and burn-down, 1 / (1 / enqueue + "
+        "1 / process) from this run's medians (500 if not measured)",
     )
     p.add_argument("--latency-duration", type=float, help="seconds (default 10; --quick 5)")
     p.add_argument("--settle", type=float, default=0.5, help="pause before each run (s)")
@@ -490,7 +491,11 @@ def main() -> None:  # noqa: C901
                 results[n].append(best)
         summary = summarize(results)
         if not args.no_latency:
-            ff = summary.get("flowfabric", {}).get("rate")
+            # one server serves the open loop's submits and its processing: auto is half of
+            # the rate it sustains doing both, 1 / (1 / enqueue rate + 1 / burn-down rate)
+            s_ff = summary.get("flowfabric", {})
+            ff = (1 / (1 / s_ff["enq_rate"] + 1 / s_ff["rate"])
+                  if s_ff.get("rate") and s_ff.get("enq_rate") else None)  # fmt: skip
             rates = [
                 (round(0.5 * ff, -1) if ff else 500.0) if x.strip() == "auto" else float(x)
                 for x in args.latency_rates.split(",") if x.strip()
@@ -542,7 +547,8 @@ def main() -> None:  # noqa: C901
     ]
     if latency:
         md.append("\nOpen loop (S1 latency): one run per system and offered rate "
-                  f"({args.latency_rates}; auto = 50% of FlowFabric's median burn-down rate), "
+                  f"({args.latency_rates}; auto = 50% of the rate one FlowFabric server sustains "
+                  "serving both the submits and the burn-down, from their median rates), "
                   f"{args.latency_duration:.0f} s each; × floor = against the floor at the same "
                   "rate. Submit call = until the submit returned (CreateExecution, FCALL or "
                   "LPUSH); start = the worker's handler began; complete = the completion "
