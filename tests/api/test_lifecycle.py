@@ -906,6 +906,12 @@ async def test_progress_and_batch_renewals(api: Api) -> None:
     assert stale.error.code == grpc.StatusCode.ABORTED.value[0]
     assert stale.error.reason == "stale_lease"
     assert (await describe(api, other)).current_lease.expires_at == h2.lease_expires_at
+    # an empty batch is refused, as the proto documents
+    await expect_error(
+        api.worker.RenewLeases(wpb.RenewLeasesRequest(), metadata=api.metadata),
+        C.INVALID_ARGUMENT,
+        "invalid_input",
+    )
 
 
 # -- 17. bad input changes nothing --------------------------------------------------------------

@@ -316,6 +316,8 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
     async def RenewLeases(
         self, request: pb.RenewLeasesRequest, context: Any
     ) -> pb.RenewLeasesResponse:
+        if not request.renewals:
+            raise InvalidInput("renewals", "at least one renewal is required")
         if len(request.renewals) > 1000:
             raise InvalidInput("renewals", "at most 1000 renewals per call")
 
