@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -497,7 +496,7 @@ class TaskContext:
             timeout_behavior=on_timeout,
         )
         if timeout is not None:
-            request.timeout_at = int(time.time() * 1000) + duration_ms(timeout, "timeout")
+            request.timeout_in_ms = duration_ms(timeout, "timeout")  # on the server's clock
         if continuation is not None:
             request.continuation_metadata_pointer = continuation
         return request

@@ -346,6 +346,24 @@ async def test_suspension_timeout_behaviours(
     assert await api.store.call("ZSCORE", PartitionKeys(tag).suspension_timeout, eid) is None
 
 
+async def test_relative_timeout_uses_the_server_clock(api: Api) -> None:
+    before = await server_time_ms(api.store)
+    lease, _ = await suspended(api, "never", timeout_in_ms=60_000)
+    after = await server_time_ms(api.store)
+    eid = lease.execution_id
+    tag = parse_execution_id(eid, 1 << 16).tag
+    score = await api.store.call("ZSCORE", PartitionKeys(tag).suspension_timeout, eid)
+    assert before + 60_000 <= float(score) <= after + 60_000
+    # both forms at once is refused and changes nothing
+    other = await started(api)
+    await expect_error(
+        suspend(api, other, "x", timeout_at=before + 1, timeout_in_ms=1),
+        C.INVALID_ARGUMENT,
+        "invalid_input",
+    )
+    assert await state(api, other.execution_id) == t.PUBLIC_STATE_ACTIVE
+
+
 async def test_escalate_keeps_it_suspended_for_an_operator(engine_api: Api) -> None:
     api = engine_api
     now = await server_time_ms(api.store)

@@ -1128,6 +1128,7 @@ class SuspendRequest(_message.Message):
     USE_PENDING_WAITPOINT_FIELD_NUMBER: _builtins.int
     TIMEOUT_BEHAVIOR_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_IN_MS_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     attempt_index: _builtins.int
     suspension_id: _builtins.str
@@ -1159,12 +1160,19 @@ class SuspendRequest(_message.Message):
     continuation_metadata_pointer: _builtins.str
     """Opaque worker-owned pointer, stored with the suspension."""
     timeout_at: _builtins.int
-    """Absolute time at which `timeout_behavior` applies; absent = never."""
+    """Absolute time at which `timeout_behavior` applies; absent = never.
+    Prefer `timeout_in_ms`, which does not depend on the caller's clock.
+    """
     use_pending_waitpoint: _builtins.bool
     """Activate the pending waitpoint `waitpoint_id` instead of creating one."""
     timeout_behavior: _builtins.str
     """`fail` (default when empty), `cancel`, `expire`, `auto_resume` or
     `escalate`.
+    """
+    timeout_in_ms: _builtins.int
+    """Relative alternative to `timeout_at`: `timeout_behavior` applies this
+    long after the suspension, measured on the server's (Valkey) clock.
+    Give at most one of the two.
     """
     @_builtins.property
     def fence(self) -> _types_pb2.LeaseFence:
@@ -1194,19 +1202,24 @@ class SuspendRequest(_message.Message):
         use_pending_waitpoint: _builtins.bool = ...,
         timeout_behavior: _builtins.str = ...,
         lease: _types_pb2.LeaseHandle | None = ...,
+        timeout_in_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_continuation_metadata_pointer", b"_continuation_metadata_pointer", "_timeout_at", b"_timeout_at", "continuation_metadata_pointer", b"continuation_metadata_pointer", "fence", b"fence", "lease", b"lease", "timeout_at", b"timeout_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_continuation_metadata_pointer", b"_continuation_metadata_pointer", "_timeout_at", b"_timeout_at", "_timeout_in_ms", b"_timeout_in_ms", "continuation_metadata_pointer", b"continuation_metadata_pointer", "fence", b"fence", "lease", b"lease", "timeout_at", b"timeout_at", "timeout_in_ms", b"timeout_in_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_continuation_metadata_pointer", b"_continuation_metadata_pointer", "_timeout_at", b"_timeout_at", "attempt_index", b"attempt_index", "continuation_metadata_pointer", b"continuation_metadata_pointer", "execution_id", b"execution_id", "fence", b"fence", "lease", b"lease", "reason_code", b"reason_code", "requested_by", b"requested_by", "resume_condition_json", b"resume_condition_json", "resume_policy_json", b"resume_policy_json", "suspension_id", b"suspension_id", "timeout_at", b"timeout_at", "timeout_behavior", b"timeout_behavior", "use_pending_waitpoint", b"use_pending_waitpoint", "waitpoint_id", b"waitpoint_id", "waitpoint_key", b"waitpoint_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_continuation_metadata_pointer", b"_continuation_metadata_pointer", "_timeout_at", b"_timeout_at", "_timeout_in_ms", b"_timeout_in_ms", "attempt_index", b"attempt_index", "continuation_metadata_pointer", b"continuation_metadata_pointer", "execution_id", b"execution_id", "fence", b"fence", "lease", b"lease", "reason_code", b"reason_code", "requested_by", b"requested_by", "resume_condition_json", b"resume_condition_json", "resume_policy_json", b"resume_policy_json", "suspension_id", b"suspension_id", "timeout_at", b"timeout_at", "timeout_behavior", b"timeout_behavior", "timeout_in_ms", b"timeout_in_ms", "use_pending_waitpoint", b"use_pending_waitpoint", "waitpoint_id", b"waitpoint_id", "waitpoint_key", b"waitpoint_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__continuation_metadata_pointer: _TypeAlias = _typing.Literal["continuation_metadata_pointer"]  # noqa: Y015
     _WhichOneofArgType__continuation_metadata_pointer: _TypeAlias = _typing.Literal["_continuation_metadata_pointer", b"_continuation_metadata_pointer"]  # noqa: Y015
     _WhichOneofReturnType__timeout_at: _TypeAlias = _typing.Literal["timeout_at"]  # noqa: Y015
     _WhichOneofArgType__timeout_at: _TypeAlias = _typing.Literal["_timeout_at", b"_timeout_at"]  # noqa: Y015
+    _WhichOneofReturnType__timeout_in_ms: _TypeAlias = _typing.Literal["timeout_in_ms"]  # noqa: Y015
+    _WhichOneofArgType__timeout_in_ms: _TypeAlias = _typing.Literal["_timeout_in_ms", b"_timeout_in_ms"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__continuation_metadata_pointer) -> _WhichOneofReturnType__continuation_metadata_pointer | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_at) -> _WhichOneofReturnType__timeout_at | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_in_ms) -> _WhichOneofReturnType__timeout_in_ms | None: ...
 
 Global___SuspendRequest: _TypeAlias = SuspendRequest  # noqa: Y015
 

@@ -8,12 +8,14 @@ outcome, the success variant is returned with `replayed = true`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from flowfabric.engine.scanners import server_time_ms
 from flowfabric.engine.scheduler import Claimed, ClaimRequest, Scheduler
 from flowfabric.server import limits
 from flowfabric.server.codec import Reply, cancel_source, enum_value, hash_to_dict, text
@@ -420,6 +422,11 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
     async def Suspend(self, request: pb.SuspendRequest, context: Any) -> pb.SuspendResponse:
         eid, fence, idx = self._fenced(request)
         s = suspension_of(request)
+        if request.HasField("timeout_in_ms"):
+            if request.HasField("timeout_at"):
+                raise InvalidInput("timeout_in_ms", "give timeout_at or timeout_in_ms, not both")
+            now = await server_time_ms(self.ctx.store)
+            s = dataclasses.replace(s, timeout_at=now + request.timeout_in_ms)
         try:
             reply = await self.sfn.suspend_execution(eid, fence, idx, s)
         except FlowFabricError as exc:
