@@ -12,11 +12,12 @@ import dataclasses
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from flowfabric.engine.scanners import server_time_ms
 from flowfabric.engine.scheduler import Claimed, ClaimRequest, Scheduler
+from flowfabric.engine.workstream import StreamClosed, WorkStream
 from flowfabric.server import limits
 from flowfabric.server.codec import Reply, cancel_source, enum_value, hash_to_dict, text
 from flowfabric.server.errors import FlowFabricError, InvalidInput
@@ -50,6 +51,7 @@ MAX_GRANT_TTL_MS = 60_000
 MAX_WAIT_MS = 30_000
 MAX_BATCH = 100
 MAX_COMPLETIONS = 1000
+MAX_IN_FLIGHT = 1000
 MAX_WAITPOINT_KEY_BYTES = 256
 REQUESTERS = ("worker", "operator", "policy", "system_timeout_policy")
 
@@ -260,6 +262,29 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         if batch:
             return pb.ClaimNextResponse(batch=pb.ClaimedTaskBatch(tasks=tasks))
         return pb.ClaimNextResponse(task=tasks[0])
+
+    async def StreamWork(
+        self, request: pb.StreamWorkRequest, context: Any
+    ) -> AsyncIterator[pb.StreamWorkResponse]:
+        """Claims on the worker's behalf (ClaimNext's validation and Scheduler pass) and streams
+        the tasks, at most `max_in_flight` unfinished at once (engine/workstream.py). Ends with
+        UNAVAILABLE `shutting_down` on server stop; a client cancel leaves its tasks leased."""
+        if request.max_in_flight > MAX_IN_FLIGHT:
+            raise InvalidInput("max_in_flight", f"max_in_flight must be at most {MAX_IN_FLIGHT}")
+        req = self._claim_request(request, list(request.lane_ids), list(request.capabilities), 1)
+        who = Claimer(req.worker_id, req.worker_instance_id, "", req.capabilities_csv)
+        stream = WorkStream(
+            self.scheduler, self.ctx.store, self.scheduler.hub, req, request.max_in_flight or 1
+        )
+        try:
+            async for claimed in stream.run():
+                for c in claimed:
+                    yield pb.StreamWorkResponse(task=task_message(c, who, req.lease_ttl_ms))
+        except StreamClosed:
+            raise FlowFabricError(
+                "shutting_down", message="the server is shutting down; resume elsewhere",
+                retry_after_ms=1000,
+            ) from None  # fmt: skip
 
     async def ClaimForWorker(
         self, request: pb.ClaimForWorkerRequest, context: Any
