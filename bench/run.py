@@ -65,6 +65,14 @@ SYSTEMS: dict[str, tuple[str | None, str, list[str], str]] = {
     "flowfabric-raw-single": (None, "bench_flowfabric.py",
                               ["--impl", "raw", "--procs", "1", "--complete", "single"],
                               "FlowFabric S1, raw stubs, 1 x 16, one CompleteExecution per job"),
+    "flowfabric-raw-stream": (None, "bench_flowfabric.py",
+                              ["--impl", "raw", "--procs", "1", "--complete", "stream"],
+                              "FlowFabric S1, raw stubs, 1 x 16, work pushed by StreamWork"),
+    "flowfabric-raw-stream-1call": (None, "bench_flowfabric.py",
+                                    ["--impl", "raw", "--procs", "1", "--complete", "stream",
+                                     "--completion-calls", "1"],
+                                    "FlowFabric S1, raw stubs, 1 x 16, StreamWork, "
+                                    "one completion call in flight"),
     "flowfabric-2p": (None, "bench_flowfabric.py", ["--impl", "sdk", "--procs", "2"],
                       "FlowFabric S1, SDK Worker, 2 processes x 8"),
     "flowfabric-raw-2p": (None, "bench_flowfabric.py", ["--impl", "raw", "--procs", "2"],
@@ -117,6 +125,8 @@ SEMANTICS["flowfabric-raw"] = SEMANTICS["flowfabric-raw-2p"] = (
 SEMANTICS["flowfabric-2p"] = SEMANTICS["flowfabric-single"] = SEMANTICS["flowfabric"]
 SEMANTICS["flowfabric-noclaim"] = SEMANTICS["flowfabric-1call"] = SEMANTICS["flowfabric"]
 SEMANTICS["flowfabric-4calls"] = SEMANTICS["flowfabric"]
+SEMANTICS["flowfabric-raw-stream"] = SEMANTICS["flowfabric-raw"]
+SEMANTICS["flowfabric-raw-stream-1call"] = SEMANTICS["flowfabric-raw"]
 SEMANTICS["flowfabric-raw-single"] = SEMANTICS["flowfabric-raw-noclaim"] = SEMANTICS[
     "flowfabric-raw"
 ]

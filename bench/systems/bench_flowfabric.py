@@ -19,7 +19,9 @@ default `claim_with_completions`); `noclaim` = natural batching, claims through 
 CompleteExecution per task (the SDK's `batch_completions=False`). The raw stubs do the same
 with their own slot accounting (`RawSlots`): `batch` = `--completion-calls` calls of at most
 slots / calls items, each claiming for the slots it frees while the last claim came back
-full; `noclaim` = one call in flight, ClaimNext only.
+full; `noclaim` = one call in flight, ClaimNext only; `stream` = the server pushes work over one
+`StreamWork` stream (max_in_flight = slots) and the completions are plain CompleteExecutions
+batches (`--completion-calls` in flight), no claims at all.
 
 `--procs P` splits the `slots` over P worker processes. The server is started after the
 orchestrator's FLUSHALL (the partition config key lives in the keyspace) and stopped at the
@@ -332,7 +334,7 @@ async def worker_raw(args: argparse.Namespace, progress: common.Progress, record
 
     slots = RawSlots(args.slots, claim_request, spawn)
     claims = args.complete == "batch"
-    calls = args.completion_calls if claims else 1
+    calls = args.completion_calls if args.complete in ("batch", "stream") else 1
     complete = RawCompleter(
         stub, worker_pb2, args.complete != "single", calls=calls,
         max_items=min(64, -(-args.slots // calls)), slots=slots if claims else None,
@@ -351,6 +353,9 @@ async def worker_raw(args: argparse.Namespace, progress: common.Progress, record
         if not t.cancelled() and t.exception() is not None:
             print("task failed:", repr(t.exception()), file=sys.stderr)
 
+    if args.complete == "stream":
+        await stream_loop(stub, worker_pb2, wid, iid, args.slots, spawn)
+        return
     while True:
         free = slots.free()
         if free <= 0:
@@ -367,6 +372,19 @@ async def worker_raw(args: argparse.Namespace, progress: common.Progress, record
         slots.work_likely = len(tasks) >= free
         for task in tasks:
             spawn(task)
+
+
+async def stream_loop(stub, pb, wid: str, iid: str, slots: int, spawn) -> None:
+    """`--complete stream`: the server pushes work (StreamWork, max_in_flight = slots) and
+    frees a slot once the task's execution leaves its lease; the worker never claims."""
+    call = stub.StreamWork(
+        pb.StreamWorkRequest(
+            worker_id=wid, worker_instance_id=iid, lane_ids=[LANE], lease_ttl_ms=30_000,
+            max_in_flight=slots,
+        )
+    )  # fmt: skip
+    async for reply in call:
+        spawn(reply.task)
 
 
 async def worker_main(args: argparse.Namespace) -> None:
@@ -389,7 +407,7 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=1, help="worker processes sharing the slots")
     p.add_argument(
         "--complete",
-        choices=("batch", "noclaim", "single"),
+        choices=("batch", "noclaim", "single", "stream"),
         default="batch",
         help="completions: natural batching (CompleteExecutions) or one call each",
     )
