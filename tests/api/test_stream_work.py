@@ -1,12 +1,15 @@
 """WorkerService.StreamWork: server-pushed work with at most `max_in_flight` unfinished tasks.
 
 Both topologies. A task frees its slot once its execution leaves the lease the stream handed out
-(complete, fail, suspend, delay, operator cancel or revoke); no assertion depends on timing.
+(complete, fail, suspend, delay, operator cancel, revoke or lease expiry); no assertion depends
+on timing. Each test serves a lane of its own: the server can learn of a client's cancel only at
+its next write to the stream, so a cancelled stream of one test may still claim on its lanes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import grpc
@@ -18,35 +21,47 @@ from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as wpb
 from tests.api.suspend_util import suspend
 from tests.api.test_lifecycle import (
-    LANE,
     WORKER,
     complete,
-    create,
     describe,
     eventually,
     fail,
     get,
     state,
 )
+from tests.api.test_lifecycle import create as lifecycle_create
 from tests.api.test_watches import small_api  # noqa: F401 (fixture)
 from tests.api.util import error_info, expect_error, keyspace_size
 from tests.conftest import Api
 
 C = grpc.StatusCode
+CURRENT = {"lane": ""}
+
+
+@pytest.fixture(autouse=True)
+def own_lane() -> str:
+    CURRENT["lane"] = f"sw-{uuid.uuid4().hex[:12]}"
+    return CURRENT["lane"]
+
+
+def create(api: Api, **fields: Any) -> Any:
+    fields.setdefault("lane_id", CURRENT["lane"])
+    return lifecycle_create(api, **fields)
 
 
 def stream_work(
     api: Api,
     instance: str = "w-1",
     *,
-    lanes: tuple[str, ...] = (LANE,),
+    lanes: tuple[str, ...] = (),
     caps: tuple[str, ...] = (),
     max_in_flight: int = 0,
     **kw: Any,
 ) -> Any:
     return api.worker.StreamWork(
         wpb.StreamWorkRequest(
-            worker_id=WORKER, worker_instance_id=instance, lane_ids=list(lanes),
+            worker_id=WORKER, worker_instance_id=instance,
+            lane_ids=list(lanes or (CURRENT["lane"],)),
             capabilities=list(caps), max_in_flight=max_in_flight, **kw,
         ),
         metadata=api.metadata,
@@ -154,14 +169,15 @@ async def test_operator_cancel_and_revoke_free_their_slots(api: Api) -> None:
         call.cancel()
 
 
-async def test_stream_serves_several_lanes(api: Api) -> None:
-    a = await create(api, lane_id="lane-a")
-    b = await create(api, lane_id="lane-b")
-    call = stream_work(api, lanes=("lane-a", "lane-b"), max_in_flight=4)
+async def test_stream_serves_several_lanes(api: Api, own_lane: str) -> None:
+    lanes = (f"{own_lane}-a", f"{own_lane}-b")
+    a = await create(api, lane_id=lanes[0])
+    b = await create(api, lane_id=lanes[1])
+    call = stream_work(api, lanes=lanes, max_in_flight=4)
     try:
         got = await take(call, 2)
         assert {task.lease.execution_id for task in got} == {a, b}
-        assert {task.lease.lane_id for task in got} == {"lane-a", "lane-b"}
+        assert {task.lease.lane_id for task in got} == set(lanes)
     finally:
         call.cancel()
 
@@ -184,7 +200,7 @@ async def test_capability_routing_as_claim_next(engine_api: Api) -> None:
     await api.worker.RegisterWorker(
         wpb.RegisterWorkerRequest(
             worker_id=WORKER, worker_instance_id="gpu-1", capabilities=["gpu"],
-            lane_ids=[LANE], lease_ttl_ms=10_000,
+            lane_ids=[CURRENT["lane"]], lease_ttl_ms=10_000,
         ),
         metadata=api.metadata,
     )  # fmt: skip
@@ -221,7 +237,7 @@ async def test_validation_errors(api: Api) -> None:
     await create(api)
     before = await keyspace_size(api.store)
     bad: list[dict[str, Any]] = [
-        {"lanes": ()},
+        {"lanes": ("",)},
         {"lanes": ("x" * 65,)},
         {"max_in_flight": 1001},
         {"grant_ttl_ms": 60_001},
@@ -230,6 +246,10 @@ async def test_validation_errors(api: Api) -> None:
         await expect_error(first_reply(stream_work(api, **kw)), C.INVALID_ARGUMENT,
                            "invalid_input")  # fmt: skip
     await expect_error(first_reply(stream_work(api, "")), C.INVALID_ARGUMENT, "invalid_input")
+    no_lanes = api.worker.StreamWork(
+        wpb.StreamWorkRequest(worker_id=WORKER, worker_instance_id="w-1"), metadata=api.metadata
+    )
+    await expect_error(first_reply(no_lanes), C.INVALID_ARGUMENT, "invalid_input")
     assert await keyspace_size(api.store) == before
 
 
@@ -250,3 +270,21 @@ async def test_shutdown_ends_the_stream_unavailable(small_api: Api) -> None:  # 
     assert caught.value.code() == C.UNAVAILABLE
     assert error_info(caught.value).reason == "shutting_down"
     await stop
+
+
+async def test_lease_expiry_frees_the_slot(engine_api: Api) -> None:
+    api = engine_api
+    first, second = await create(api, priority=9), await create(api, priority=1)
+    call = stream_work(api, max_in_flight=1, lease_ttl_ms=200)
+    try:
+        [one] = await take(call, 1)
+        assert one.lease.execution_id == first
+        # the worker never renews: the scanner marks the lease expired, which frees the slot
+        [two] = await take(call, 1)
+        assert two.lease.execution_id in (first, second)
+        assert two.lease.lease_id != one.lease.lease_id
+        # the expired lease is fenced out
+        with pytest.raises(grpc.aio.AioRpcError):
+            await complete(api, one.lease)
+    finally:
+        call.cancel()

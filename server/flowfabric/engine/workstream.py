@@ -14,6 +14,10 @@ With free slots it claims; with nothing to claim it long-polls like `claim_next`
 with a 1 s backstop for work on partitions it does not listen to. When the Scheduler closes
 (server stop) the stream ends; the caller turns that into UNAVAILABLE `shutting_down`. A client
 cancel ends it where it stands: its tasks stay leased to the worker, who still owns them.
+Known limit: grpc.aio does not always tell the handler of a client's cancel at once (seen in
+the API tests, server and client in one process); the stream then ends at its next write, and
+the tasks it claimed for that write stay leased until their lease expires and are reclaimed,
+as after a worker crash.
 """
 
 from __future__ import annotations
