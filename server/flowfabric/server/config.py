@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from flowfabric.server.ids import is_secret_hex
+
 
 class ConfigError(ValueError):
     """A configuration value is malformed; the message names the variable."""
@@ -37,7 +39,7 @@ def _int(name: str, raw: str, minimum: int = 0) -> int:
 
 
 def _hex(name: str, raw: str) -> str:
-    if not raw or len(raw) % 2 or any(c not in "0123456789abcdefABCDEF" for c in raw):
+    if not is_secret_hex(raw):
         raise ConfigError(f"{name} must be a non-empty even-length hex string")
     return raw
 

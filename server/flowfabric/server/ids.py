@@ -7,6 +7,7 @@ Everything here is pure: no I/O. Validation failures raise `InvalidInput` (an
 from __future__ import annotations
 
 import re
+import string
 import uuid
 from dataclasses import dataclass
 
@@ -102,6 +103,11 @@ def validate_identifier(value: str, field: str) -> str:
 
 
 _TAG_KEY_RE = re.compile(r"^[a-z][a-z0-9_]*\.[^.]")
+
+
+def is_secret_hex(value: str) -> bool:
+    """A waitpoint HMAC secret: non-empty, even-length hex (spec 20 §4.2; no coercion)."""
+    return bool(value) and len(value) % 2 == 0 and all(c in string.hexdigits for c in value)
 
 
 def is_valid_tag_key(key: str) -> bool:

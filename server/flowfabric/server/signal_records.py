@@ -67,20 +67,36 @@ def waitpoint_info(
     )
 
 
+async def read_signals(
+    store: Store, eid: ExecutionId, signal_ids: list[str]
+) -> list[t.SignalRecord]:
+    """Signals by id (hash + payload each, one pipeline on one slot), in the given order;
+    ids that do not exist are left out."""
+    pipe = store.pipeline()
+    for sid in signal_ids:
+        pipe.hgetall(signal_key(eid.tag, sid))
+        pipe.get(signal_payload_key(eid.tag, sid))
+    rows = await store.run_pipeline(pipe) if signal_ids else []
+    out = []
+    for i in range(0, len(rows), 2):
+        fields = hash_to_dict(rows[i])
+        if fields:
+            payload = rows[i + 1] or b""
+            raw = payload if isinstance(payload, bytes) else text(payload).encode()
+            out.append(signal_record(fields, raw))
+    return out
+
+
 async def read_signal(
     store: Store, eid: ExecutionId, signal_id: str, stream_id: str = ""
 ) -> t.SignalRecord | None:
-    """One signal by id (hash + payload, one slot); None when it does not exist."""
-    key = signal_key(eid.tag, signal_id)
-    pipe = store.pipeline()
-    pipe.hgetall(key)
-    pipe.get(signal_payload_key(eid.tag, signal_id))
-    fields_raw, payload = await store.run_pipeline(pipe)
-    fields = hash_to_dict(fields_raw)
-    if not fields:
+    """One signal by id; None when it does not exist."""
+    found = await read_signals(store, eid, [signal_id])
+    if not found:
         return None
-    raw = payload if isinstance(payload, bytes) else text(payload).encode() if payload else b""
-    return signal_record(fields, raw, stream_id)
+    if stream_id:
+        found[0].stream_id = stream_id
+    return found[0]
 
 
 async def read_waitpoint(

@@ -11,7 +11,7 @@ from typing import Any
 from flowfabric.server.config import MAX_GRACE_MS
 from flowfabric.server.errors import FlowFabricError, InvalidInput
 from flowfabric.server.functions import SignalFunctions
-from flowfabric.server.ids import solo_partition, validate_lane
+from flowfabric.server.ids import is_secret_hex, solo_partition, validate_lane
 from flowfabric.server.keys import PartitionKeys
 from flowfabric.server.keystore import ROTATION_DEADLINE_S, audit, rotate_secret
 from flowfabric.server.servicers.base import ServerContext
@@ -72,7 +72,7 @@ def validate_rotation(request: pb.RotateWaitpointSecretRequest, default_grace_ms
             "invalid_kid", message="new_kid must be 1..64 printable bytes without ':' or spaces"
         )
     hexed = request.new_secret_hex
-    if not hexed or len(hexed) % 2 or any(c not in "0123456789abcdefABCDEF" for c in hexed):
+    if not is_secret_hex(hexed):
         raise FlowFabricError(
             "invalid_secret_hex",
             message="new_secret_hex must be a non-empty even-length hex string",

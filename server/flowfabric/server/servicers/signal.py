@@ -14,17 +14,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from flowfabric.server import limits
-from flowfabric.server.errors import FlowFabricError, InvalidInput, not_implemented
+from flowfabric.server.errors import FlowFabricError, InvalidInput
 from flowfabric.server.functions import Signal, SignalFunctions
 from flowfabric.server.ids import ExecutionId, parse_uuid
 from flowfabric.server.servicers.base import ServerContext
 from flowfabric.server.signal_records import waitpoint_info
+from flowfabric.server.watches import SignalWatches
 from flowfabric.v1 import signal_pb2 as pb
 from flowfabric.v1 import signal_pb2_grpc as rpc
 
 MAX_NAME_BYTES = 256
 PAGE_MAX = 1000
-WATCHES_BY = "the signal watches (issue 6)"
 
 
 def _opt(request: Any, name: str) -> Any:
@@ -79,9 +79,9 @@ def signal_from_request(request: pb.DeliverSignalRequest) -> Signal:
 
 
 class SignalServicer(rpc.SignalServiceServicer):  # type: ignore[misc]
-    def __init__(self, ctx: ServerContext, watches: Any = None) -> None:
+    def __init__(self, ctx: ServerContext, watches: SignalWatches) -> None:
         self.ctx = ctx
-        self.watches = watches  # flowfabric.server.watches.SignalWatches
+        self.watches = watches
 
     @property
     def fn(self) -> SignalFunctions:
@@ -135,12 +135,7 @@ class SignalServicer(rpc.SignalServiceServicer):  # type: ignore[misc]
         self, request: pb.WatchSignalsRequest, context: Any
     ) -> AsyncIterator[pb.WatchSignalsResponse]:
         eid = self.ctx.execution_id(request.execution_id)
-        if request.waitpoint_id:
-            parse_uuid(request.waitpoint_id, "waitpoint_id")
-        if request.after_accepted_at < 0:
-            raise InvalidInput("after_accepted_at", "after_accepted_at must not be negative")
-        if self.watches is None:
-            raise not_implemented("SignalService.WatchSignals", WATCHES_BY)
+        # the watch validates the waitpoint id and the cursors before subscribing
         async for msg in self.watches.signals(
             eid, request.waitpoint_id, request.after_stream_id, request.after_accepted_at
         ):
@@ -150,7 +145,5 @@ class SignalServicer(rpc.SignalServiceServicer):  # type: ignore[misc]
         self, request: pb.WatchWaitpointsRequest, context: Any
     ) -> AsyncIterator[pb.WatchWaitpointsResponse]:
         eid = self.ctx.execution_id(request.execution_id)
-        if self.watches is None:
-            raise not_implemented("SignalService.WatchWaitpoints", WATCHES_BY)
         async for msg in self.watches.waitpoints(eid):
             yield msg

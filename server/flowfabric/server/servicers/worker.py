@@ -39,7 +39,7 @@ from flowfabric.server.ids import (
 )
 from flowfabric.server.keys import ExecKeys, WaitpointKeys
 from flowfabric.server.servicers.base import ServerContext, pending
-from flowfabric.server.signal_records import read_signal, signal_record
+from flowfabric.server.signal_records import read_signals, signal_record
 from flowfabric.server.workers import WorkerRegistry
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
@@ -477,11 +477,9 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         }  # fmt: skip
         if reply.status == "ALREADY_SATISFIED":
             matched = [reply.str(i) for i in range(4, len(reply.values))]
-            records = [await read_signal(self.ctx.store, eid, sid) for sid in matched]
+            records = await read_signals(self.ctx.store, eid, matched)
             return pb.SuspendResponse(
-                already_satisfied=pb.SuspendResponse.AlreadySatisfied(
-                    **values, signals=[r for r in records if r is not None]
-                )
+                already_satisfied=pb.SuspendResponse.AlreadySatisfied(**values, signals=records)
             )
         return pb.SuspendResponse(suspended=pb.SuspendResponse.Suspended(**values))
 
