@@ -26,7 +26,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -376,6 +376,15 @@ class Scheduler:
         for event in list(self._local_wake):
             event.set()
 
+    @contextlib.contextmanager
+    def local_wakes(self, event: asyncio.Event) -> Iterator[None]:
+        """Set `event` whenever work becomes claimable in this process, while open."""
+        self._local_wake.add(event)
+        try:
+            yield
+        finally:
+            self._local_wake.discard(event)
+
     async def claim_next(self, req: ClaimRequest, wait_ms: int) -> list[Claimed]:
         """Claim now, or wait up to `wait_ms` for work to arrive; [] = no work.
 
@@ -391,8 +400,7 @@ class Scheduler:
             if event.get("public_state") == "waiting" or event.get("type") == "resync":
                 wake.set()
 
-        self._local_wake.add(wake)
-        try:
+        with self.local_wakes(wake):
             async with contextlib.AsyncExitStack() as stack:
                 if self.hub is not None:
                     for lane in set(req.lanes):
@@ -413,5 +421,3 @@ class Scheduler:
                     )
                     closing.cancel()
                     woken.cancel()
-        finally:
-            self._local_wake.discard(wake)

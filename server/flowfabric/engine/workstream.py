@@ -119,9 +119,8 @@ class WorkStream:
 
         Raises StreamClosed when the Scheduler closes."""
         closing = self.scheduler.closing
-        local = self.scheduler._local_wake  # in-process creates wake this stream like claim_next
-        local.add(self.wake)
-        try:
+        # in-process creates wake this stream as they wake claim_next
+        with self.scheduler.local_wakes(self.wake):
             async with self._stack:
                 for lane in set(self.req.lanes):
                     part = PartitionKeys.of(solo_partition(lane, self.scheduler.partitions))
@@ -144,8 +143,6 @@ class WorkStream:
                             yield got
                             continue
                     await self._wait(closing, next_full)
-        finally:
-            local.discard(self.wake)
 
     async def _wait(self, closing: asyncio.Event, next_full: float) -> None:
         timeout = max(0.0, min(WAIT_BACKSTOP_S, next_full - time.monotonic()))
