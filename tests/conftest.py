@@ -15,7 +15,7 @@ import pytest
 from flowfabric.server.app import FlowFabricServer
 from flowfabric.server.config import Config
 from flowfabric.server.embedded import ValkeyCluster, ValkeyProcess
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.store import Store
 
 TOPOLOGIES = ["standalone", "cluster"]
 

@@ -1,6 +1,6 @@
 """The FCALL floor: FlowFabric's own Valkey Functions driven straight from Python, no gRPC.
 
-Uses the server's wrappers (`flowfabric.server.functions.LifecycleFunctions` over `Store`):
+Uses the server's wrappers (`flowfabric.server.valkey.functions.LifecycleFunctions` over `Store`):
 the same KEYS/ARGV encoding, reply decoding and FCALL path the server uses, minus gRPC, the
 scheduler's partition probe (ZRANGE pipeline) and the servicers.
 
@@ -31,8 +31,8 @@ PARTITIONS = 256
 async def functions(url: str, pool: int):
     import redis.asyncio as aioredis
 
-    from flowfabric.server.functions import LifecycleFunctions
-    from flowfabric.server.store import Store
+    from flowfabric.server.valkey.functions import LifecycleFunctions
+    from flowfabric.server.valkey.store import Store
 
     store = Store.from_url(url.replace("redis://", "valkey://"))
     # a pool as large as the concurrency (Store.from_url uses the redis-py default)
@@ -44,8 +44,8 @@ async def functions(url: str, pool: int):
 
 
 def new_execution(partition: int):
-    from flowfabric.server.functions import NewExecution
-    from flowfabric.server.ids import mint_execution_id
+    from flowfabric.server.valkey.functions import NewExecution
+    from flowfabric.server.valkey.ids import mint_execution_id
 
     return NewExecution(
         execution_id=mint_execution_id(partition), namespace="default", lane_id=LANE,
@@ -54,7 +54,7 @@ def new_execution(partition: int):
 
 
 async def create_all(url: str, jobs: int, concurrency: int, ids_path: str) -> None:
-    from flowfabric.server.ids import solo_partition
+    from flowfabric.server.valkey.ids import solo_partition
 
     store, fn = await functions(url, concurrency)
     part = solo_partition(LANE, PARTITIONS)
@@ -74,8 +74,8 @@ async def create_all(url: str, jobs: int, concurrency: int, ids_path: str) -> No
 
 
 async def worker_main(args: argparse.Namespace) -> None:
-    from flowfabric.server.functions import Claimer, Fence
-    from flowfabric.server.ids import parse_execution_id
+    from flowfabric.server.valkey.functions import Claimer, Fence
+    from flowfabric.server.valkey.ids import parse_execution_id
 
     board = common.Board(args.board, args.slots_total)
     progress = common.Progress(board, args.index)
@@ -124,7 +124,7 @@ async def worker_main(args: argparse.Namespace) -> None:
 async def open_loop(url: str, rate: float, duration: float, feed: str) -> tuple[dict, float]:
     """Create at the offered rate and hand each id to the workers through a list (LPUSH):
     one extra command per job that the FCALL path itself would not need."""
-    from flowfabric.server.ids import solo_partition
+    from flowfabric.server.valkey.ids import solo_partition
 
     store, fn = await functions(url, 256)
     part = solo_partition(LANE, PARTITIONS)

@@ -21,12 +21,9 @@ Exit codes: 0 ok; 1 the server refused (the ErrorInfo reason is printed); 2 usag
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
-import logging
 import secrets
-import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -156,46 +153,10 @@ def _conn(ctx: click.Context) -> Connection:
 @click.argument("flags", nargs=-1, type=click.UNPROCESSED)
 def serve(flags: tuple[str, ...]) -> None:
     """Run the server (embedded Valkey unless FF_VALKEY_URL is set). `serve --help` lists flags."""
-    from flowfabric.server.config import Config, ConfigError, flag_parser
+    # The server's entry point: the only place the SDK loads the server (tests/test_layers.py).
+    from flowfabric.server.main import serve_command
 
-    if "-h" in flags or "--help" in flags:
-        flag_parser().print_help()
-        return
-    try:
-        config = Config.load(list(flags))
-    except ConfigError as exc:
-        click.echo(f"flowfabric: configuration error: {exc}", err=True)
-        raise SystemExit(1) from None
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("audit").setLevel(logging.INFO)
-    try:
-        asyncio.run(_serve(config))
-    except Exception as exc:  # boot failures: one line, exit 1
-        from flowfabric.server.app import BootError
-
-        if isinstance(exc, BootError | OSError | RuntimeError):
-            click.echo(f"flowfabric: {exc}", err=True)
-            raise SystemExit(1) from None
-        raise
-
-
-async def _serve(config: Any) -> None:
-    from flowfabric.server.app import FlowFabricServer
-
-    server = FlowFabricServer(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        port = await server.start()
-        host = config.listen_addr.rsplit(":", 1)[0]
-        print(f"flowfabric listening on {host}:{port}", flush=True)
-        await stop.wait()
-    finally:
-        await server.stop()
+    serve_command(list(flags))
 
 
 @main.command()

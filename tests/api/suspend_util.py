@@ -8,10 +8,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from flowfabric.engine.scanners import server_time_ms
-from flowfabric.server.codec import hash_to_dict
-from flowfabric.server.ids import parse_execution_id
-from flowfabric.server.keys import ExecKeys, WaitpointKeys
+from flowfabric.server.engine.scanners import server_time_ms
+from flowfabric.server.valkey.codec import hash_to_dict
+from flowfabric.server.valkey.ids import parse_execution_id
+from flowfabric.server.valkey.keys import ExecKeys, WaitpointKeys
 from flowfabric.v1 import execution_pb2 as epb
 from flowfabric.v1 import signal_pb2 as spb
 from flowfabric.v1 import types_pb2 as t

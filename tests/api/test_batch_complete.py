@@ -8,8 +8,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from flowfabric.server import limits
-from flowfabric.server.errors import FlowFabricError
+from flowfabric.server.api import limits
+from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as wpb

@@ -7,8 +7,8 @@ import uuid
 import grpc
 import pytest
 
-from flowfabric.server.ids import parse_execution_id, solo_partition
-from flowfabric.server.keys import ExecKeys
+from flowfabric.server.valkey.ids import parse_execution_id, solo_partition
+from flowfabric.server.valkey.keys import ExecKeys
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import types_pb2 as t
 from tests.api.util import expect_error, keyspace_size

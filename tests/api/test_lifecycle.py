@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from flowfabric.engine.scanners import server_time_ms
-from flowfabric.server.ids import parse_execution_id
-from flowfabric.server.keys import ExecKeys, PartitionKeys
+from flowfabric.server.engine.scanners import server_time_ms
+from flowfabric.server.valkey.ids import parse_execution_id
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as wpb

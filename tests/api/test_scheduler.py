@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from flowfabric.server.ids import solo_partition
+from flowfabric.server.valkey.ids import solo_partition
 from flowfabric.v1 import types_pb2 as t
 from tests.api.test_lifecycle import (
     LANE,

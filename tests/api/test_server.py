@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowfabric.server.app import BootError, FlowFabricServer
 from flowfabric.server.config import Config
-from flowfabric.server.keys import PARTITION_CONFIG
+from flowfabric.server.valkey.keys import PARTITION_CONFIG
 from flowfabric.v1 import admin_pb2, execution_pb2, flow_pb2, flow_pb2_grpc
 from tests.api.util import expect_error
 from tests.conftest import API_TOKEN, HMAC_SECRET, Api
@@ -228,13 +228,13 @@ async def test_health_not_serving_while_valkey_is_down(tmp_path: Path) -> None:
     ],
 )
 def test_version_parsing(info: str, expected: tuple[int, int, int]) -> None:
-    from flowfabric.server.store import parse_version
+    from flowfabric.server.valkey.store import parse_version
 
     assert parse_version(info) == expected
 
 
 def test_redis_is_refused() -> None:
-    from flowfabric.server.store import parse_version
+    from flowfabric.server.valkey.store import parse_version
 
     with pytest.raises(ValueError, match="not a Valkey"):
         parse_version("redis_version:7.4.0\nredis_mode:standalone\n")

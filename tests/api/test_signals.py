@@ -17,14 +17,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from flowfabric.engine.scanners import server_time_ms
 from flowfabric.server.app import BootError, FlowFabricServer
-from flowfabric.server.codec import hash_to_dict
 from flowfabric.server.config import Config, ConfigError
-from flowfabric.server.ids import parse_execution_id
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.keystore import SECRET_FILE
-from flowfabric.server.store import Store
+from flowfabric.server.engine.keystore import SECRET_FILE
+from flowfabric.server.engine.scanners import server_time_ms
+from flowfabric.server.valkey.codec import hash_to_dict
+from flowfabric.server.valkey.ids import parse_execution_id
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
 from flowfabric.v1 import admin_pb2 as apb
 from flowfabric.v1 import execution_pb2 as epb
 from flowfabric.v1 import signal_pb2 as spb

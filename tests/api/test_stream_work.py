@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from flowfabric.engine.scanners import server_time_ms
+from flowfabric.server.engine.scanners import server_time_ms
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as wpb

@@ -15,7 +15,7 @@ import pytest
 
 from flowfabric.server.app import FlowFabricServer
 from flowfabric.server.config import Config
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.store import Store
 from flowfabric.v1 import stream_pb2 as spb
 from flowfabric.v1 import stream_pb2_grpc
 from flowfabric.v1 import types_pb2 as t

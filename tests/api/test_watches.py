@@ -21,15 +21,15 @@ from typing import Any
 import grpc
 import pytest
 
-from flowfabric.engine.events import RESYNC, EventHub
+from flowfabric.server.api.watches import SignalWatches, parse_stream_id
 from flowfabric.server.app import FlowFabricServer
 from flowfabric.server.config import Config
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.ids import ExecutionId
-from flowfabric.server.keys import ExecKeys, PartitionKeys, WaitpointKeys, signal_key
-from flowfabric.server.keys import signal_payload_key as payload_key
-from flowfabric.server.store import Store
-from flowfabric.server.watches import SignalWatches, parse_stream_id
+from flowfabric.server.engine.events import RESYNC, EventHub
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.ids import ExecutionId
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys, WaitpointKeys, signal_key
+from flowfabric.server.valkey.keys import signal_payload_key as payload_key
+from flowfabric.server.valkey.store import Store
 from flowfabric.v1 import execution_pb2 as epb
 from flowfabric.v1 import signal_pb2
 from flowfabric.v1 import signal_pb2 as spb

@@ -6,11 +6,11 @@ import uuid
 
 import pytest
 
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.functions import Claimer, Fence, LifecycleFunctions, NewExecution
-from flowfabric.server.ids import ExecutionId
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.functions import Claimer, Fence, LifecycleFunctions, NewExecution
+from flowfabric.server.valkey.ids import ExecutionId
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
 
 LANE = "default"
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
 from tests.lua.util import LANE, create, new_eid, now_ms
 
 

@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from flowfabric.server.ids import ExecutionId
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.ids import ExecutionId
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
 from tests.lua.util import (
     INSTANCE,
     LANE,

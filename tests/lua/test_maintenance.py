@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import uuid
 
-from flowfabric.engine.lifecycle import IndexReconciler, RetentionTrimmer, lifecycle_scanners
 from flowfabric.server.config import Config
-from flowfabric.server.functions import Claimer, Fence, LifecycleFunctions, NewExecution
-from flowfabric.server.ids import ExecutionId
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.store import Store
-from flowfabric.server.workers import WorkerRegistry
+from flowfabric.server.engine.lifecycle import IndexReconciler, RetentionTrimmer, lifecycle_scanners
+from flowfabric.server.valkey.functions import Claimer, Fence, LifecycleFunctions, NewExecution
+from flowfabric.server.valkey.ids import ExecutionId
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
+from flowfabric.server.valkey.workers import WorkerRegistry
 
 LANE = "default"
 PARTITIONS = 8

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from flowfabric.server.codec import hash_to_dict
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.functions import Claimer, Fence, LifecycleFunctions, NewExecution
-from flowfabric.server.ids import ExecutionId
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.codec import hash_to_dict
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.functions import Claimer, Fence, LifecycleFunctions, NewExecution
+from flowfabric.server.valkey.ids import ExecutionId
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
 from tests.conftest import flush
 
 LANE = "default"

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
 from tests.lua.util import (
     INSTANCE,
     LANE,

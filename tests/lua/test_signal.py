@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 
-from flowfabric.server.keys import ExecKeys, PartitionKeys, signal_key
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys, signal_key
+from flowfabric.server.valkey.store import Store
 from tests.lua.util import (
     LANE,
     Lease,

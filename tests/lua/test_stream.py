@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from flowfabric.server.ids import ExecutionId
-from flowfabric.server.keys import ExecKeys
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.ids import ExecutionId
+from flowfabric.server.valkey.keys import ExecKeys
+from flowfabric.server.valkey.store import Store
 from tests.lua.util import (
     Lease,
     cancel,

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
 from tests.lua.util import (
     INSTANCE,
     LANE,

@@ -21,9 +21,9 @@ from flowfabric import (
     TaskContext,
     Worker,
 )
-from flowfabric.server.ids import parse_execution_id
-from flowfabric.server.keys import ExecKeys
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.ids import parse_execution_id
+from flowfabric.server.valkey.keys import ExecKeys
+from flowfabric.server.valkey.store import Store
 from tests.conftest import API_TOKEN, Api
 from tests.sdk.conftest import eventually, running
 

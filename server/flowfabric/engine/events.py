@@ -17,8 +17,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from flowfabric.server.aio import cancel_and_wait
-from flowfabric.server.store import Store
+from flowfabric.server.engine.aio import cancel_and_wait
+from flowfabric.server.valkey.store import Store
 
 log = logging.getLogger("flowfabric.events")
 

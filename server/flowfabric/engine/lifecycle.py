@@ -16,15 +16,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flowfabric.engine.scanners import Scanner, ScannerSet
-from flowfabric.server.codec import text
 from flowfabric.server.config import Config
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.functions import LifecycleFunctions
-from flowfabric.server.ids import ExecutionId, parse_execution_id
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.store import Store
-from flowfabric.server.workers import WorkerRegistry
+from flowfabric.server.engine.scanners import Scanner, ScannerSet
+from flowfabric.server.valkey.codec import text
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.functions import LifecycleFunctions
+from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
+from flowfabric.server.valkey.workers import WorkerRegistry
 
 log = logging.getLogger("flowfabric.scanners")
 

@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowfabric.server.codec import text
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.keys import PartitionKeys
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.codec import text
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.keys import PartitionKeys
+from flowfabric.server.valkey.store import Store
 
 log = logging.getLogger("flowfabric.scanners")
 

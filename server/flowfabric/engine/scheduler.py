@@ -30,14 +30,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowfabric.engine.events import EventHub
-from flowfabric.engine.scanners import server_time_ms
-from flowfabric.server.codec import Reply, hash_to_dict, text
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.functions import Claimer, LifecycleFunctions
-from flowfabric.server.ids import ExecutionId, parse_execution_id, solo_partition
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.store import Store
+from flowfabric.server.engine.events import EventHub
+from flowfabric.server.engine.scanners import server_time_ms
+from flowfabric.server.valkey.codec import Reply, hash_to_dict, text
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.functions import Claimer, LifecycleFunctions
+from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id, solo_partition
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
 
 log = logging.getLogger("flowfabric.scheduler")
 

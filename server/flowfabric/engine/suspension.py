@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import logging
 
-from flowfabric.engine.scanners import Scanner
-from flowfabric.server.codec import text
 from flowfabric.server.config import Config
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.functions import SignalFunctions
-from flowfabric.server.ids import parse_execution_id
-from flowfabric.server.keys import PartitionKeys, WaitpointKeys
-from flowfabric.server.store import Store
+from flowfabric.server.engine.scanners import Scanner
+from flowfabric.server.valkey.codec import text
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.functions import SignalFunctions
+from flowfabric.server.valkey.ids import parse_execution_id
+from flowfabric.server.valkey.keys import PartitionKeys, WaitpointKeys
+from flowfabric.server.valkey.store import Store
 
 log = logging.getLogger("flowfabric.scanners")
 

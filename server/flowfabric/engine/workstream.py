@@ -29,12 +29,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from flowfabric.engine.events import EventHub
-from flowfabric.engine.scheduler import WAIT_BACKSTOP_S, Claimed, ClaimRequest, Scheduler
-from flowfabric.server.codec import text
-from flowfabric.server.ids import ExecutionId, solo_partition
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.store import Store
+from flowfabric.server.engine.events import EventHub
+from flowfabric.server.engine.scheduler import WAIT_BACKSTOP_S, Claimed, ClaimRequest, Scheduler
+from flowfabric.server.valkey.codec import text
+from flowfabric.server.valkey.ids import ExecutionId, solo_partition
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
 
 RECHECK_S = 1.0
 MAX_CLAIM = 100  # claims per Scheduler pass, as ClaimNext's max_tasks

@@ -13,13 +13,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from flowfabric.server import limits
-from flowfabric.server.errors import FlowFabricError, InvalidInput
-from flowfabric.server.functions import Signal, SignalFunctions
-from flowfabric.server.ids import ExecutionId, parse_uuid
-from flowfabric.server.servicers.base import ServerContext
-from flowfabric.server.signal_records import waitpoint_info
-from flowfabric.server.watches import SignalWatches
+from flowfabric.server.api import limits
+from flowfabric.server.api.servicers.base import ServerContext
+from flowfabric.server.api.watches import SignalWatches
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
+from flowfabric.server.valkey.functions import Signal, SignalFunctions
+from flowfabric.server.valkey.ids import ExecutionId, parse_uuid
+from flowfabric.server.valkey.records import waitpoint_info
 from flowfabric.v1 import signal_pb2 as pb
 from flowfabric.v1 import signal_pb2_grpc as rpc
 

@@ -11,11 +11,11 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flowfabric.server.codec import Reply, decode, hash_to_dict, text
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.ids import ExecutionId
-from flowfabric.server.keys import ExecKeys, PartitionKeys, WaitpointKeys, signal_key
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.codec import Reply, decode, hash_to_dict, text
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.ids import ExecutionId
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys, WaitpointKeys, signal_key
+from flowfabric.server.valkey.store import Store
 
 log = logging.getLogger("flowfabric.functions")
 

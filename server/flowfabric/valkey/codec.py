@@ -14,7 +14,7 @@ from typing import Any
 from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
-from flowfabric.server.errors import FlowFabricError
+from flowfabric.server.valkey.errors import FlowFabricError
 
 OUTCOMES = ("OK", "ALREADY_SATISFIED", "DUPLICATE")
 
@@ -103,7 +103,7 @@ def enum_text(enum: EnumTypeWrapper, number: int) -> str:
 
 def cancel_source(number: int, default: str) -> str:
     """A CancelSource enum value as the stored source string; UNSPECIFIED -> `default`."""
-    from flowfabric.server.errors import InvalidInput
+    from flowfabric.server.valkey.errors import InvalidInput
     from flowfabric.v1 import types_pb2
 
     if number == 0:

@@ -15,13 +15,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from flowfabric.engine.scanners import server_time_ms
-from flowfabric.engine.scheduler import Claimed, ClaimRequest, Scheduler
-from flowfabric.engine.workstream import StreamClosed, WorkStream
-from flowfabric.server import limits
-from flowfabric.server.codec import Reply, cancel_source, enum_value, hash_to_dict, text
-from flowfabric.server.errors import FlowFabricError, InvalidInput
-from flowfabric.server.functions import (
+from flowfabric.server.api import limits
+from flowfabric.server.api.servicers.base import ServerContext, pending
+from flowfabric.server.engine.scanners import server_time_ms
+from flowfabric.server.engine.scheduler import Claimed, ClaimRequest, Scheduler
+from flowfabric.server.engine.workstream import StreamClosed, WorkStream
+from flowfabric.server.valkey.codec import Reply, cancel_source, enum_value, hash_to_dict, text
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
+from flowfabric.server.valkey.functions import (
     Claimer,
     Fence,
     Frame,
@@ -30,17 +31,16 @@ from flowfabric.server.functions import (
     StreamFunctions,
     Suspension,
 )
-from flowfabric.server.ids import (
+from flowfabric.server.valkey.ids import (
     ExecutionId,
     capabilities_csv,
     parse_uuid,
     validate_identifier,
     validate_lane,
 )
-from flowfabric.server.keys import ExecKeys, WaitpointKeys
-from flowfabric.server.servicers.base import ServerContext, pending
-from flowfabric.server.signal_records import read_signals, signal_record
-from flowfabric.server.workers import WorkerRegistry
+from flowfabric.server.valkey.keys import ExecKeys, WaitpointKeys
+from flowfabric.server.valkey.records import read_signals, signal_record
+from flowfabric.server.valkey.workers import WorkerRegistry
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
 from flowfabric.v1 import worker_pb2_grpc as rpc

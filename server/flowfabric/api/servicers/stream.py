@@ -22,15 +22,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from flowfabric.engine.events import EventHub
-from flowfabric.server.codec import text
-from flowfabric.server.errors import FlowFabricError, InvalidInput
-from flowfabric.server.functions import StreamFunctions
-from flowfabric.server.ids import ExecutionId
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.servicers.base import ServerContext
-from flowfabric.server.store import Store, is_transport_error
-from flowfabric.server.streams import StreamSlots, chunks, lower_cursor, to_frame
+from flowfabric.server.api.servicers.base import ServerContext
+from flowfabric.server.api.streams import StreamSlots, chunks, lower_cursor, to_frame
+from flowfabric.server.engine.events import EventHub
+from flowfabric.server.valkey.codec import text
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
+from flowfabric.server.valkey.functions import StreamFunctions
+from flowfabric.server.valkey.ids import ExecutionId
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store, is_transport_error
 from flowfabric.v1 import stream_pb2 as pb
 from flowfabric.v1 import stream_pb2_grpc as rpc
 from flowfabric.v1 import types_pb2 as t

@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
-from flowfabric.server import limits
-from flowfabric.server.errors import FlowFabricError
+from flowfabric.server.api import limits
+from flowfabric.server.valkey.errors import FlowFabricError
 
 log = logging.getLogger("flowfabric.rpc")
 

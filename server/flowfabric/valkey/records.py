@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flowfabric.server.codec import hash_to_dict, text
-from flowfabric.server.ids import ExecutionId
-from flowfabric.server.keys import WaitpointKeys, signal_key, signal_payload_key
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.codec import hash_to_dict, text
+from flowfabric.server.valkey.ids import ExecutionId
+from flowfabric.server.valkey.keys import WaitpointKeys, signal_key, signal_payload_key
+from flowfabric.server.valkey.store import Store
 from flowfabric.v1 import types_pb2 as t
 
 

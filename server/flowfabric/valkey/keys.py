@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flowfabric.server.ids import ExecutionId
+from flowfabric.server.valkey.ids import ExecutionId
 
 PARTITION_CONFIG = "ff:config:partitions"
 

@@ -45,7 +45,7 @@ class Library:
 def lua_dir() -> Path:
     """Where the Lua sources live: inside an installed wheel, or the repository's `lua/`."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "lua", here.parents[2] / "lua"):
+    for candidate in (here.parents[1] / "lua", here.parents[2] / "lua"):
         if (candidate / f"{HELPERS}.lua").is_file():
             return candidate
     raise FileNotFoundError("cannot find the flowfabric Lua sources (lua/helpers.lua)")

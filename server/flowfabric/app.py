@@ -19,26 +19,26 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from flowfabric.engine.events import EventHub
-from flowfabric.engine.lifecycle import lifecycle_scanners
-from flowfabric.engine.scanners import ScannerSet
-from flowfabric.engine.scheduler import Scheduler
-from flowfabric.engine.suspension import suspension_scanners
-from flowfabric.server import limits
-from flowfabric.server.aio import cancel_and_wait
+from flowfabric.server.api import limits
+from flowfabric.server.api.interceptors import FlowFabricInterceptor
+from flowfabric.server.api.servicers import admin, execution, signal, stream, worker
+from flowfabric.server.api.servicers.base import ServerContext, pending
+from flowfabric.server.api.streams import StreamSlots
+from flowfabric.server.api.watches import SignalWatches
 from flowfabric.server.config import Config, ConfigError
 from flowfabric.server.embedded import ValkeyProcess
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.functions import SignalFunctions
-from flowfabric.server.interceptors import FlowFabricInterceptor
-from flowfabric.server.keys import PARTITION_CONFIG
-from flowfabric.server.keystore import install_secret, resolve_secret
-from flowfabric.server.servicers import admin, execution, signal, stream, worker
-from flowfabric.server.servicers.base import ServerContext, pending
-from flowfabric.server.store import Store, is_transport_error
-from flowfabric.server.streams import StreamSlots
-from flowfabric.server.watches import SignalWatches
-from flowfabric.server.workers import WorkerRegistry
+from flowfabric.server.engine.aio import cancel_and_wait
+from flowfabric.server.engine.events import EventHub
+from flowfabric.server.engine.keystore import install_secret, resolve_secret
+from flowfabric.server.engine.lifecycle import lifecycle_scanners
+from flowfabric.server.engine.scanners import ScannerSet
+from flowfabric.server.engine.scheduler import Scheduler
+from flowfabric.server.engine.suspension import suspension_scanners
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.functions import SignalFunctions
+from flowfabric.server.valkey.keys import PARTITION_CONFIG
+from flowfabric.server.valkey.store import Store, is_transport_error
+from flowfabric.server.valkey.workers import WorkerRegistry
 from flowfabric.v1 import (
     admin_pb2,
     budget_pb2,

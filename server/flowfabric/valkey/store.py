@@ -19,8 +19,8 @@ from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.library import Library, default_library
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.library import Library, default_library
 
 log = logging.getLogger("flowfabric.store")
 

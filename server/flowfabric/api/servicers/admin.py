@@ -8,13 +8,13 @@ import logging
 from collections import defaultdict
 from typing import Any
 
+from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.config import MAX_GRACE_MS
-from flowfabric.server.errors import FlowFabricError, InvalidInput
-from flowfabric.server.functions import SignalFunctions
-from flowfabric.server.ids import is_secret_hex, solo_partition, validate_lane
-from flowfabric.server.keys import PartitionKeys
-from flowfabric.server.keystore import ROTATION_DEADLINE_S, audit, rotate_secret
-from flowfabric.server.servicers.base import ServerContext
+from flowfabric.server.engine.keystore import ROTATION_DEADLINE_S, audit, rotate_secret
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
+from flowfabric.server.valkey.functions import SignalFunctions
+from flowfabric.server.valkey.ids import is_secret_hex, solo_partition, validate_lane
+from flowfabric.server.valkey.keys import PartitionKeys
 from flowfabric.v1 import admin_pb2 as pb
 from flowfabric.v1 import admin_pb2_grpc as rpc
 from flowfabric.v1 import types_pb2 as t

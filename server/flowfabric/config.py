@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from flowfabric.server.ids import is_secret_hex
+from flowfabric.server.valkey.ids import is_secret_hex
 
 
 class ConfigError(ValueError):

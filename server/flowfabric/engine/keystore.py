@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flowfabric.server.codec import Reply
 from flowfabric.server.config import Config, ConfigError, _hex
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.functions import INITIAL_KID, SignalFunctions
-from flowfabric.server.keys import PartitionKeys
+from flowfabric.server.valkey.codec import Reply
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.functions import INITIAL_KID, SignalFunctions
+from flowfabric.server.valkey.keys import PartitionKeys
 
 log = logging.getLogger("flowfabric.keystore")
 audit = logging.getLogger("flowfabric.audit")

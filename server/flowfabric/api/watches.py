@@ -25,14 +25,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from flowfabric.engine.events import EventHub
-from flowfabric.server.codec import hash_to_dict, text
-from flowfabric.server.errors import FlowFabricError, InvalidInput
-from flowfabric.server.ids import ExecutionId, parse_uuid
-from flowfabric.server.keys import ExecKeys, PartitionKeys, WaitpointKeys, signal_key
-from flowfabric.server.keys import signal_payload_key as payload_key
-from flowfabric.server.signal_records import read_signal, read_waitpoint, signal_record
-from flowfabric.server.store import Store
+from flowfabric.server.engine.events import EventHub
+from flowfabric.server.valkey.codec import hash_to_dict, text
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
+from flowfabric.server.valkey.ids import ExecutionId, parse_uuid
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys, WaitpointKeys, signal_key
+from flowfabric.server.valkey.keys import signal_payload_key as payload_key
+from flowfabric.server.valkey.records import read_signal, read_waitpoint, signal_record
+from flowfabric.server.valkey.store import Store
 from flowfabric.v1 import signal_pb2
 from flowfabric.v1 import types_pb2 as t
 

@@ -15,8 +15,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from flowfabric.server.codec import text
-from flowfabric.server.errors import FlowFabricError, InvalidInput
+from flowfabric.server.valkey.codec import text
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.v1 import types_pb2 as t
 
 U64_MAX = (1 << 64) - 1

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 
-from flowfabric.server.codec import text
-from flowfabric.server.errors import FlowFabricError
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.codec import text
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.store import Store
 
 WORKERS_INDEX = "ff:idx:workers"
 

@@ -11,7 +11,7 @@ import string
 import uuid
 from dataclasses import dataclass
 
-from flowfabric.server.errors import InvalidInput
+from flowfabric.server.valkey.errors import InvalidInput
 
 _CRC16_TABLE: list[int] = []
 for _byte in range(256):
@@ -117,7 +117,7 @@ def is_valid_tag_key(key: str) -> bool:
 
 def capabilities_csv(tokens: list[str] | tuple[str, ...], side: str = "worker") -> str:
     """Validate capability tokens (spec 00 §2) and return the sorted, de-duplicated CSV."""
-    from flowfabric.server.errors import FlowFabricError
+    from flowfabric.server.valkey.errors import FlowFabricError
 
     unique = sorted(set(tokens))
     for token in unique:

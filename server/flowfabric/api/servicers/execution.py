@@ -9,19 +9,25 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from flowfabric.engine.events import EventHub
-from flowfabric.server import limits, reads
-from flowfabric.server.codec import cancel_source, enum_text, enum_value, text
-from flowfabric.server.errors import FlowFabricError, InvalidInput, not_implemented
-from flowfabric.server.functions import Fence, LifecycleFunctions, NewExecution, SignalFunctions
-from flowfabric.server.ids import (
+from flowfabric.server.api import limits
+from flowfabric.server.api.servicers.base import ServerContext
+from flowfabric.server.engine.events import EventHub
+from flowfabric.server.valkey import reads
+from flowfabric.server.valkey.codec import cancel_source, enum_text, enum_value, text
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput, not_implemented
+from flowfabric.server.valkey.functions import (
+    Fence,
+    LifecycleFunctions,
+    NewExecution,
+    SignalFunctions,
+)
+from flowfabric.server.valkey.ids import (
     ExecutionId,
     mint_execution_id,
     solo_partition,
     validate_lane,
 )
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.servicers.base import ServerContext
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import execution_pb2_grpc as rpc
 from flowfabric.v1 import types_pb2 as t

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flowfabric.server.config import Config
-from flowfabric.server.errors import FlowFabricError, not_implemented
-from flowfabric.server.functions import Functions
-from flowfabric.server.ids import ExecutionId, parse_execution_id
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.errors import FlowFabricError, not_implemented
+from flowfabric.server.valkey.functions import Functions
+from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
+from flowfabric.server.valkey.store import Store
 
 
 @dataclass

@@ -9,11 +9,11 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from flowfabric.server.codec import enum_value, hash_to_dict, opt_int, text
-from flowfabric.server.errors import FlowFabricError, InvalidInput
-from flowfabric.server.ids import ExecutionId, parse_execution_id
-from flowfabric.server.keys import ExecKeys, PartitionKeys
-from flowfabric.server.store import Store
+from flowfabric.server.valkey.codec import enum_value, hash_to_dict, opt_int, text
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
+from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.store import Store
 from flowfabric.v1 import types_pb2 as t
 
 LIST_STATES = ("eligible", "delayed", "terminal", "suspended", "active")

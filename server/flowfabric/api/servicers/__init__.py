@@ -1,0 +1,1 @@
+"""gRPC servicers: decode the request, call the engine or one function, encode the response."""

@@ -1,0 +1,50 @@
+"""`flowfabric serve`: parse flags, configure logging, run the server until SIGINT/SIGTERM.
+
+The SDK's CLI hands `serve` here, so the SDK itself never imports the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from flowfabric.server.app import BootError, FlowFabricServer
+from flowfabric.server.config import Config, ConfigError, flag_parser
+
+
+def serve_command(flags: list[str]) -> None:
+    """Boot from `flags` (and FF_* variables); a boot failure prints one line and exits 1."""
+    if "-h" in flags or "--help" in flags:
+        flag_parser().print_help()
+        return
+    try:
+        config = Config.load(flags)
+    except ConfigError as exc:
+        print(f"flowfabric: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("audit").setLevel(logging.INFO)
+    try:
+        asyncio.run(_serve(config))
+    except (BootError, OSError, RuntimeError) as exc:
+        print(f"flowfabric: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+async def _serve(config: Config) -> None:
+    server = FlowFabricServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        port = await server.start()
+        host = config.listen_addr.rsplit(":", 1)[0]
+        print(f"flowfabric listening on {host}:{port}", flush=True)
+        await stop.wait()
+    finally:
+        await server.stop()

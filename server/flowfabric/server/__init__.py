@@ -1,1 +1,0 @@
-"""The gRPC server: configuration, Valkey store, servicers and boot."""
