@@ -145,6 +145,8 @@ def venv_python(name: str | None) -> str:
     installed from bench/requirements/<name>.txt when missing or when the pins changed)."""
     if name is None:
         return sys.executable
+    if name.endswith("/bin/python"):  # a baseline revision's venv (add_baseline)
+        return name
     req = BENCH / "requirements" / f"{name}.txt"
     venv = BENCH / ".venvs" / name
     py = venv / "bin" / "python"
@@ -227,6 +229,45 @@ def git_sha() -> str:
         return "?"
 
 
+# -- a baseline revision of this project, measured in the same run ----------------------------
+
+# name -> the baseline checkout whose own driver and server it runs
+REV_ROOTS: dict[str, Path] = {}
+
+
+def add_baseline(rev: str) -> list[str]:
+    """Check out `rev` into bench/.venvs/rev-<sha>/src (a git worktree) with its own venv, and
+    register `<system>@<sha>` for each FlowFabric S1 system, run with that revision's own driver,
+    SDK and server. Returns the new system names."""
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True,
+        check=True,
+    ).stdout.strip()  # fmt: skip
+    home = BENCH / ".venvs" / f"rev-{sha}"
+    src, py = home / "src", home / "bin" / "python"
+    if not (src / ".git").exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(src), sha],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    if not py.exists():
+        print(f"[bench] creating the baseline venv for {sha}", flush=True)
+        subprocess.run([base_python(), "-m", "venv", str(home)], check=True)
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", str(src)],
+            check=True,
+        )  # fmt: skip
+    names = []
+    for name in ("flowfabric", "flowfabric-raw"):
+        _venv, script, sys_args, label = SYSTEMS[name]
+        alias = f"{name}@{sha}"
+        SYSTEMS[alias] = (str(py), script, sys_args, f"{label} (at {sha})")
+        REV_ROOTS[alias] = src
+        names.append(alias)
+    return names
+
+
 # -- running one driver -------------------------------------------------------------------------
 
 
@@ -234,17 +275,18 @@ def run_driver(name: str, url: str, args: argparse.Namespace, log_dir: Path,
                extra: list[str] | None = None) -> dict:  # fmt: skip
     venv, script, sys_args, _ = SYSTEMS[name]
     py = venv_python(venv)
+    root = REV_ROOTS.get(name, ROOT)
     reset(url)
     time.sleep(args.settle)
     argv = [
-        py, str(BENCH / "systems" / script), "--url", url, "--jobs", str(args.jobs),
+        py, str(root / "bench" / "systems" / script), "--url", url, "--jobs", str(args.jobs),
         "--slots", str(args.slots), "--log-dir", str(log_dir), "--timeout", str(args.timeout),
         *sys_args, *(extra or []),
     ]  # fmt: skip
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=args.timeout + 180, cwd=str(ROOT)
+        argv, capture_output=True, text=True, timeout=args.timeout + 180, cwd=str(root)
     )
     (log_dir / "driver.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     for line in proc.stdout.splitlines():
@@ -437,6 +479,11 @@ def main() -> None:  # noqa: C901
         default=2,
         help="repeats per run (default 2); the attempt with the least other load is kept",
     )
+    p.add_argument(
+        "--baseline-rev",
+        help="also measure the FlowFabric S1 systems at this git revision (its own driver, SDK "
+        "and server, in a worktree and venv under bench/.venvs/), interleaved in the same run",
+    )
     p.add_argument("--out", default=str(BENCH / "results"))
     args = p.parse_args()  # fmt: skip
     quick = {"jobs": 2_000, "runs": 2, "latency_duration": 5.0}
@@ -445,6 +492,8 @@ def main() -> None:  # noqa: C901
         if getattr(args, k) is None:
             setattr(args, k, v)
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
+    if args.baseline_rev:
+        names += add_baseline(args.baseline_rev)
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         raise SystemExit(f"unknown systems: {unknown}; known: {list(SYSTEMS)}")
