@@ -227,7 +227,7 @@ class Worker:
     # -- registration -------------------------------------------------------------------------
 
     def handler(self, kind: str) -> Callable[[H], H]:
-        """Decorator registering `async def fn(run) -> bytes | str | dict | list | None`."""
+        """Decorator registering `async def fn(ctx) -> bytes | str | dict | list | None`."""
 
         def register(fn: H) -> H:
             if kind in self._handlers:
