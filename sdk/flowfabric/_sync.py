@@ -66,6 +66,7 @@ class SyncClient:
         default_timeout: Deadline in seconds of each call attempt.
     """
 
+    #: The client class wrapped (the CLI wraps a subclass that adds its own calls).
     _client_class: ClassVar[type[Client]] = Client
 
     def __init__(
