@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import grpc
 
-from flowfabric._client import Client
 from flowfabric._errors import FlowFabricError, from_item_error
 from flowfabric._retry import Backoff, with_retries
+from flowfabric._transport import Transport
 from flowfabric.v1 import types_pb2, worker_pb2
 
 log = logging.getLogger("flowfabric.worker")
@@ -54,7 +54,7 @@ class CompletionBatcher:
 
     def __init__(
         self,
-        client: Client,
+        transport: Transport,
         backoff: Backoff,
         *,
         max_items: int = MAX_ITEMS,
@@ -62,7 +62,7 @@ class CompletionBatcher:
         claims: ClaimAhead | None = None,
         max_in_flight: int = 1,
     ) -> None:
-        self.client = client
+        self.transport = transport
         self.backoff = backoff
         self.max_items = max_items
         self.max_bytes = max_bytes
@@ -97,7 +97,8 @@ class CompletionBatcher:
         return await future
 
     async def _single(self, request: worker_pb2.CompleteExecutionRequest) -> Reply:
-        return await self.client._call(self.client._workers.CompleteExecution, request, retry=False)
+        workers = self.transport.workers
+        return await self.transport.unary(workers.CompleteExecution, request, retry=False)
 
     async def _drain(self) -> None:
         while self._queue:
@@ -145,8 +146,8 @@ class CompletionBatcher:
             request.claim.CopyFrom(reserved[0])
         reply = None
         try:
-            reply = await self.client._call(
-                self.client._workers.CompleteExecutions, request, retry=False
+            reply = await self.transport.unary(
+                self.transport.workers.CompleteExecutions, request, retry=False
             )
         except FlowFabricError as exc:
             self._settle(reserved, None)

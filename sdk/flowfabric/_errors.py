@@ -1,15 +1,15 @@
 """Errors: server failures typed from `google.rpc.ErrorInfo`, and handler-raised outcomes.
 
-Every server failure carries an ErrorInfo in the `grpc-status-details-bin` trailer (spec 50
-§1.7): its `reason` is the contract code verbatim and its metadata holds `class`, `retryable`
-and the code's detail slots. The class raised here is chosen from the reason first, then the
+Every server failure carries an ErrorInfo in the `grpc-status-details-bin` trailer: its
+`reason` is the contract code verbatim and its metadata holds `class`, `retryable` and the
+code's detail slots. The class raised here is chosen from the reason first, then the
 status code — never from message text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -199,7 +199,9 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> FlowFabricError:
     """The typed error for a failed call (reason first, then status code)."""
     code = exc.code()
-    info, delay = _status_details(exc.trailing_metadata())
+    # typed by grpc's stubs as the sync RpcError's tuple; on an aio error it is aio Metadata
+    trailers = cast("grpc.aio.Metadata | None", exc.trailing_metadata())
+    info, delay = _status_details(trailers)
     reason = info.reason if info is not None else ""
     metadata = dict(info.metadata) if info is not None else {}
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, FlowFabricError)

@@ -254,8 +254,8 @@ def choose_waitpoints(waitpoints: Iterable[Waitpoint], name: str | None) -> list
 
 @dataclass(frozen=True)
 class ResumeCondition:
-    """What `TaskContext.suspend` waits for (spec 20 §3.1): one matcher per name, in order
-    (an empty name is a wildcard; no names = any one signal)."""
+    """What `TaskContext.suspend` waits for (see docs/suspension.md): one matcher per name, in
+    order (an empty name is a wildcard; no names = any one signal)."""
 
     names: tuple[str, ...]
     mode: str

@@ -40,8 +40,10 @@ from flowfabric._batching import CompletionBatcher
 from flowfabric._client import Client, encode_payload
 from flowfabric._errors import LEASE_LOST_REASONS, FlowFabricError, HandlerError
 from flowfabric._retry import Backoff
+from flowfabric._running import RunningTask
 from flowfabric._signals import Signal
 from flowfabric._task import TaskContext
+from flowfabric._transport import Transport, transport_of
 from flowfabric.v1 import types_pb2, worker_pb2
 
 log = logging.getLogger("flowfabric.worker")
@@ -201,7 +203,7 @@ class Worker:
         }
         self._client: Client | None = target if isinstance(target, Client) else None
         self._handlers: dict[str, Handler] = {}
-        self._running: dict[asyncio.Task[None], TaskContext] = {}
+        self._running: dict[asyncio.Task[None], RunningTask] = {}
         # Slot accounting: a running task whose completion is in a call that claims for its
         # slot is `handed` (its slot belongs to that call's reservation until the reply);
         # `_claiming` = max_tasks of the ClaimNext in flight; `_ahead` = slots reserved by
@@ -247,6 +249,11 @@ class Worker:
             raise RuntimeError("the worker is not started")
         return self._client
 
+    @property
+    def _transport(self) -> Transport:
+        """The client's transport: every call of the worker and its tasks goes through it."""
+        return transport_of(self.client)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -264,7 +271,7 @@ class Worker:
             lease_ttl_ms=self.lease_ttl_ms,
         )
         try:
-            reply = await self.client._call(self.client._workers.RegisterWorker, request)
+            reply = await self._transport.unary(self._transport.workers.RegisterWorker, request)
         except BaseException:
             if not isinstance(self._target, Client):
                 await self.client.close()
@@ -275,7 +282,7 @@ class Worker:
         # the slots split into `completion_calls` groups whose calls alternate at the server
         per_call = min(MAX_COMPLETION_ITEMS, -(-self.concurrency // self.completion_calls))
         self._completions = CompletionBatcher(
-            self.client,
+            self._transport,
             TERMINAL_BACKOFF,
             claims=claims,
             max_in_flight=self.completion_calls,
@@ -340,8 +347,8 @@ class Worker:
             self._completions = None
         if self._started and self._client is not None:
             try:
-                await self._client._call(
-                    self._client._workers.DeregisterWorker,
+                await self._transport.unary(
+                    self._transport.workers.DeregisterWorker,
                     worker_pb2.DeregisterWorkerRequest(
                         worker_id=self.worker_id, worker_instance_id=self.worker_instance_id
                     ),
@@ -378,7 +385,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.client._call(self.client._workers.Heartbeat, request, retry=False)
+                await self._transport.unary(self._transport.workers.Heartbeat, request, retry=False)
             except FlowFabricError as exc:
                 log.warning("heartbeat of %s failed: %r", self.worker_instance_id, exc)
 
@@ -461,8 +468,8 @@ class Worker:
 
     async def _claim(self, max_tasks: int) -> list[types_pb2.ClaimedTask]:
         request = self._claim_request(max_tasks, self.claim_wait_ms)
-        reply = await self.client._call(
-            self.client._workers.ClaimNext,
+        reply = await self._transport.unary(
+            self._transport.workers.ClaimNext,
             request,
             deadline=self.claim_wait_ms / 1000 + self.client.default_timeout,
             retry=False,
@@ -508,9 +515,9 @@ class Worker:
 
     def _spawn(self, claimed: types_pb2.ClaimedTask) -> None:
         self._counters.add("claimed")
-        ctx = TaskContext(claimed, self.client)
-        task = asyncio.create_task(self._run_task(ctx))
-        self._running[task] = ctx
+        run = RunningTask(claimed, self.client)
+        task = asyncio.create_task(self._run_task(run))
+        self._running[task] = run
 
         def done(t: asyncio.Task[None]) -> None:
             self._running.pop(t, None)
@@ -521,118 +528,119 @@ class Worker:
 
     # -- running one task ---------------------------------------------------------------------
 
-    async def _run_task(self, ctx: TaskContext) -> None:
-        renew = asyncio.create_task(ctx._renew_forever())
+    async def _run_task(self, run: RunningTask) -> None:
+        renew = asyncio.create_task(run.renew_forever())
+        kind = run.task.execution_kind
         try:
-            fn = self._handlers.get(ctx.kind)
+            fn = self._handlers.get(kind)
             if fn is None:
                 error = HandlerError(
-                    f"no handler for kind {ctx.kind!r} on worker {self.worker_id} "
+                    f"no handler for kind {kind!r} on worker {self.worker_id} "
                     f"(registered: {sorted(self._handlers)})",
                     category="unknown_kind",
                     non_retryable=True,
                 )
-                await self._fail(ctx, error)
+                await self._fail(run, error)
                 return
-            if ctx.resumed and not await self._load_resume_signals(ctx):
+            if run.task.resumed and not await self._load_resume_signals(run):
                 return
-            handler: asyncio.Task[HandlerResult] = asyncio.create_task(fn(ctx))
-            ctx._handler = handler
+            handler: asyncio.Task[HandlerResult] = asyncio.create_task(fn(TaskContext(run)))
+            run.handler = handler
             await asyncio.wait({handler})
-            await self._finish(ctx, handler)
+            await self._finish(run, handler)
         except Exception:
-            log.exception("worker error on %s", ctx.execution_id)
+            log.exception("worker error on %s", run.execution_id)
         finally:
             renew.cancel()
 
-    async def _load_resume_signals(self, ctx: TaskContext) -> bool:
+    async def _load_resume_signals(self, run: RunningTask) -> bool:
         """Before a resumed handler runs: the signals that met its suspension's condition
         (GetResumeSignals). False when the task cannot run (lease lost, or failed)."""
-        request = worker_pb2.GetResumeSignalsRequest(lease=ctx._task.lease)
+        request = worker_pb2.GetResumeSignalsRequest(lease=run.lease)
         try:
-            reply = await self.client._call(self.client._workers.GetResumeSignals, request)
+            reply = await self._transport.unary(self._transport.workers.GetResumeSignals, request)
         except FlowFabricError as exc:
             if exc.reason in LEASE_LOST_REASONS:
-                ctx._lose(exc.reason)
+                run.lose(exc.reason)
                 self._counters.add("lease_lost")
                 return False
-            log.error("resume signals of %s unavailable: %r", ctx.execution_id, exc)
+            log.error("resume signals of %s unavailable: %r", run.execution_id, exc)
             error = HandlerError(
                 f"resume signals unavailable: {exc.reason or exc.code.name}",
                 category="resume_signals_unavailable",
             )
-            await self._fail(ctx, error)
+            await self._fail(run, error)
             return False
-        ctx.resume_signals = [Signal.from_proto(record) for record in reply.signals]
+        run.resume_signals = [Signal.from_proto(record) for record in reply.signals]
         return True
 
-    async def _finish(self, ctx: TaskContext, handler: asyncio.Task[HandlerResult]) -> None:
-        if ctx._suspended is not None:
+    async def _finish(self, run: RunningTask, handler: asyncio.Task[HandlerResult]) -> None:
+        if run.suspended is not None:
             # the lease is released: nothing to complete, fail or flush
             self._counters.add("suspended")
-            if handler.cancelled() or handler.exception() is not ctx._suspended:
+            if handler.cancelled() or handler.exception() is not run.suspended:
                 log.warning(
                     "handler of %s went on after suspending (its outcome is ignored)",
-                    ctx.execution_id,
+                    run.execution_id,
                 )
             return
-        if not ctx.lease_lost.is_set():
-            await ctx._flush_for_terminal()  # emitted frames land before the stream closes
+        if not run.lease_lost.is_set():
+            await run.flush_for_terminal()  # emitted frames land before the stream closes
         if handler.cancelled():
-            if ctx.lease_lost.is_set():
+            if run.lease_lost.is_set():
                 self._counters.add("lease_lost")
             else:
-                await self._release(ctx)
+                await self._release(run)
             return
         exc = handler.exception()
         if exc is None:
-            await self._complete(ctx, handler.result())
+            await self._complete(run, handler.result())
         else:
-            await self._fail(ctx, exc)
+            await self._fail(run, exc)
 
-    async def _terminal(self, ctx: TaskContext, rpc: str, request: Any) -> Any | None:
+    async def _terminal(self, run: RunningTask, rpc: str, request: Any) -> Any | None:
         """One terminal call, retried on UNAVAILABLE with the same handle; None if refused.
         A completion goes through the batcher (same retries, its own outcome)."""
         try:
             if rpc == "CompleteExecution" and self._completions and self.batch_completions:
                 reply = await self._completions.complete(request, asyncio.current_task())
             else:
-                method = getattr(self.client._workers, rpc)
-                reply = await self.client._call(method, request, backoff=TERMINAL_BACKOFF)
+                method = getattr(self._transport.workers, rpc)
+                reply = await self._transport.unary(method, request, backoff=TERMINAL_BACKOFF)
         except FlowFabricError as exc:
             if exc.reason in LEASE_LOST_REASONS:
                 self._counters.add("lease_lost")
-                log.warning("%s of %s refused: %r", rpc, ctx.execution_id, exc)
+                log.warning("%s of %s refused: %r", rpc, run.execution_id, exc)
             else:
-                log.error("%s of %s failed: %r", rpc, ctx.execution_id, exc)
+                log.error("%s of %s failed: %r", rpc, run.execution_id, exc)
             return None
         if reply.replayed:
             self._counters.add("replayed")
         return reply
 
-    async def _complete(self, ctx: TaskContext, result: HandlerResult) -> None:
+    async def _complete(self, run: RunningTask, result: HandlerResult) -> None:
         try:
             data, encoding = encode_payload(result)
         except (TypeError, ValueError) as exc:  # a result JSON cannot encode fails the attempt
-            await self._fail(ctx, exc)
+            await self._fail(run, exc)
             return
-        request = worker_pb2.CompleteExecutionRequest(lease=ctx._task.lease)
+        request = worker_pb2.CompleteExecutionRequest(lease=run.lease)
         if data is not None:
             request.result_payload = data
         if encoding is not None:
             request.result_encoding = encoding
-        if await self._terminal(ctx, "CompleteExecution", request):
+        if await self._terminal(run, "CompleteExecution", request):
             self._counters.add("completed")
 
-    async def _fail(self, ctx: TaskContext, exc: BaseException) -> None:
+    async def _fail(self, run: RunningTask, exc: BaseException) -> None:
         if isinstance(exc, HandlerError):
             reason, category = exc.message or exc.category, exc.category
         else:
             reason, category = f"{type(exc).__name__}: {exc}", type(exc).__name__
-            log.warning("handler for %s raised %r", ctx.execution_id, exc)
+            log.warning("handler for %s raised %r", run.execution_id, exc)
         reason = reason[:MAX_REASON_CHARS]
         request = worker_pb2.FailExecutionRequest(
-            lease=ctx._task.lease, failure_reason=reason, failure_category=category
+            lease=run.lease, failure_reason=reason, failure_category=category
         )
         non_retryable = isinstance(exc, HandlerError) and exc.non_retryable
         if non_retryable:
@@ -640,7 +648,7 @@ class Worker:
             request.retry_policy_json = NO_RETRIES
         elif isinstance(exc, HandlerError) and exc.retry_after_ms is not None:
             request.retry_after_ms = exc.retry_after_ms
-        reply = await self._terminal(ctx, "FailExecution", request)
+        reply = await self._terminal(run, "FailExecution", request)
         if reply is None:
             return
         self._counters.add("failed")
@@ -648,16 +656,16 @@ class Worker:
             log.error(
                 "non-retryable failure of %s was scheduled for retry: the server ignored "
                 "FailExecutionRequest.retry_policy_json",
-                ctx.execution_id,
+                run.execution_id,
             )
 
-    async def _release(self, ctx: TaskContext) -> None:
+    async def _release(self, run: RunningTask) -> None:
         """Hand an unfinished execution back at once (same attempt, claimable by any worker
         once the delayed promoter runs)."""
         request = worker_pb2.DelayExecutionRequest(
-            lease=ctx._task.lease, delay_until=int(time.time() * 1000)
+            lease=run.lease, delay_until=int(time.time() * 1000)
         )
-        if await self._terminal(ctx, "DelayExecution", request):
+        if await self._terminal(run, "DelayExecution", request):
             self._counters.add("released")
 
     async def _drain(self) -> None:
@@ -672,7 +680,7 @@ class Worker:
             timeout = max(deadline - loop.time(), 0)
             _, pending = await asyncio.wait(running, timeout=timeout)
             for task in pending:
-                running[task]._cancel_for_shutdown()
+                running[task].cancel_for_shutdown()
             if pending:
                 # a handler that swallows cancellation is abandoned: its lease expires
                 _, stuck = await asyncio.wait(pending, timeout=self.client.default_timeout)

@@ -21,85 +21,90 @@ Exit codes: 0 ok; 1 the server refused (the ErrorInfo reason is printed); 2 usag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import secrets
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from datetime import timedelta
 from typing import Any
 
 import click
 import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2, status_pb2
 
-from flowfabric._signals import Waitpoint, choose_waitpoints
-from flowfabric.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    execution_pb2,
-    execution_pb2_grpc,
-    signal_pb2,
-    signal_pb2_grpc,
-    stream_pb2,
-    stream_pb2_grpc,
-)
+from flowfabric._client import Client, ExecutionState
+from flowfabric._errors import FlowFabricError
+from flowfabric._signals import Signal, Waitpoint, choose_waitpoints
+from flowfabric._sync import SyncClient, blocking, blocking_iter
+from flowfabric.v1 import admin_pb2, execution_pb2, signal_pb2, stream_pb2
 from flowfabric.v1 import types_pb2 as t
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_NOT_COMPLETED = 1, 2, 3, 4, 5
-TERMINAL = {"completed", "failed", "cancelled", "expired", "skipped"}
 ROTATE_ATTEMPTS = 3
+_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+class _CommandClient(Client):
+    """`Client` plus the calls only the CLI makes: a create from a request as given (the
+    `--policy` JSON goes to the server verbatim), the server's versions, and the tail's raw
+    messages (with the close markers)."""
+
+    async def create(
+        self, request: execution_pb2.CreateExecutionRequest
+    ) -> execution_pb2.CreateExecutionResponse:
+        """CreateExecution, retried on UNAVAILABLE only when an idempotency key or an id makes
+        a repeat harmless (as `submit`)."""
+        safe = bool(request.idempotency_key or request.execution_id)
+        transport = self._transport
+        return await transport.unary(transport.executions.CreateExecution, request, retry=safe)
+
+    async def server_info(self) -> admin_pb2.GetServerInfoResponse:
+        transport = self._transport
+        return await transport.unary(
+            transport.admin.GetServerInfo, admin_pb2.GetServerInfoRequest()
+        )
+
+    def tail_messages(
+        self, execution_id: str, attempt_index: int, *, after: str, follow: bool
+    ) -> AsyncGenerator[stream_pb2.TailAttemptStreamResponse, None]:
+        return self._tail_messages(execution_id, attempt_index, after=after, follow=follow)
+
+
+class CommandClient(SyncClient):
+    """The blocking client of the commands: `SyncClient` and the CLI's own calls."""
+
+    _client_class = _CommandClient
+    create = blocking(_CommandClient.create)
+    server_info = blocking(_CommandClient.server_info)
+    tail_messages = blocking_iter(_CommandClient.tail_messages)
 
 
 def _state_name(number: int) -> str:
-    return str(t.PublicState.Name(number)).removeprefix("PUBLIC_STATE_").lower()
+    return ExecutionState(number).name.lower()
 
 
-def _reason(exc: grpc.RpcError) -> str:
-    for key, value in exc.trailing_metadata() or ():  # type: ignore[attr-defined]
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return str(info.reason)
-    return ""
-
-
-class Connection:
-    """A gRPC channel plus the call options every client command shares."""
-
-    def __init__(self, target: str, token: str | None, timeout: float) -> None:
-        self.channel = grpc.insecure_channel(target)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.timeout = timeout
-        self.execution = execution_pb2_grpc.ExecutionServiceStub(self.channel)
-        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
-        self.streams = stream_pb2_grpc.StreamServiceStub(self.channel)
-        self.signals = signal_pb2_grpc.SignalServiceStub(self.channel)
-
-    def call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
-        try:
-            return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            _fail(exc)
-
-    def stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
-        try:
-            yield from method(request, metadata=self.metadata)
-        except grpc.RpcError as exc:
-            _fail(exc)
-
-
-def _fail(exc: grpc.RpcError) -> None:
-    code = exc.code()  # type: ignore[attr-defined]
-    reason = _reason(exc)
-    click.echo(f"error: {code.name} {reason}: {exc.details()}", err=True)  # type: ignore[attr-defined]
-    if code == grpc.StatusCode.NOT_FOUND:
+def _fail(exc: FlowFabricError) -> None:
+    click.echo(f"error: {exc.code.name} {exc.reason}: {exc.message}", err=True)
+    if exc.code == grpc.StatusCode.NOT_FOUND:
         raise SystemExit(EXIT_NOT_FOUND)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if exc.code in _UNREACHABLE:
         raise SystemExit(EXIT_UNREACHABLE)
     raise SystemExit(EXIT_REFUSED)
+
+
+@contextlib.contextmanager
+def _client(ctx: click.Context) -> Iterator[CommandClient]:
+    """The command's client; a refused call prints its error and exits with its code."""
+    obj = ctx.find_root().obj
+    client = CommandClient(obj["target"], token=obj["token"], default_timeout=obj["timeout"])
+    try:
+        yield client
+    except FlowFabricError as exc:
+        _fail(exc)
+    finally:
+        client.close()
 
 
 def _print(obj: Any, as_json: bool, rows: Sequence[tuple[str, Any]] = ()) -> None:
@@ -136,11 +141,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 def main(ctx: click.Context, target: str, token: str | None, timeout: float, as_json: bool) -> None:
     """FlowFabric: a durable execution control plane on gRPC and Valkey Functions."""
     ctx.obj = {"target": target, "token": token or None, "timeout": timeout, "json": as_json}
-
-
-def _conn(ctx: click.Context) -> Connection:
-    obj = ctx.find_root().obj
-    return Connection(obj["target"], obj["token"], obj["timeout"])
 
 
 @main.command(
@@ -206,8 +206,8 @@ def submit(
         request.delay_until = int(time.time() * 1000) + delay_ms
     if policy_json:
         request.policy_json = policy_json
-    conn = _conn(ctx)
-    reply = conn.call(conn.execution.CreateExecution, request)
+    with _client(ctx) as client:
+        reply = client.create(request)
     which = reply.WhichOneof("outcome")
     if which == "created":
         rows = [
@@ -224,11 +224,8 @@ def submit(
 @click.pass_context
 def get(ctx: click.Context, execution_id: str) -> None:
     """Show one execution."""
-    conn = _conn(ctx)
-    snap = conn.call(
-        conn.execution.DescribeExecution,
-        execution_pb2.DescribeExecutionRequest(execution_id=execution_id),
-    ).snapshot
+    with _client(ctx) as client:
+        snap = client.describe(execution_id)
     rows: list[tuple[str, Any]] = [
         ("execution_id", snap.execution_id),
         ("state", _state_name(snap.public_state)),
@@ -266,16 +263,14 @@ def get(ctx: click.Context, execution_id: str) -> None:
 @click.pass_context
 def list_(ctx: click.Context, lane: str, state: str, limit: int, partition: int | None) -> None:
     """List executions in one lane index (priority order for eligible)."""
-    conn = _conn(ctx)
-    request = execution_pb2.ListExecutionsRequest(
-        lane=lane,
-        limit=limit,
-        state=execution_pb2.ExecutionIndex.Value(f"EXECUTION_INDEX_{state.upper()}"),
-    )
-    if partition is not None:
-        request.partition = partition
-    reply = conn.call(conn.execution.ListExecutions, request)
+    with _client(ctx) as client:
+        page = client.list(lane=lane, state=state, limit=limit, partition=partition)
     if ctx.obj["json"]:
+        reply = execution_pb2.ListExecutionsResponse(
+            executions=page.executions,
+            total_returned=len(page.executions),
+            next_page_token=page.next_page_token,
+        )
         _print(reply, True)
         return
     _table(
@@ -288,11 +283,11 @@ def list_(ctx: click.Context, lane: str, state: str, limit: int, partition: int 
                 e.priority,
                 e.created_at,
             )
-            for e in reply.executions
+            for e in page.executions
         ],
     )
-    if reply.next_page_token:
-        click.echo(f"(more: next page token {reply.next_page_token})", err=True)
+    if page.next_page_token:
+        click.echo(f"(more: next page token {page.next_page_token})", err=True)
 
 
 @main.command()
@@ -301,10 +296,12 @@ def list_(ctx: click.Context, lane: str, state: str, limit: int, partition: int 
 @click.pass_context
 def cancel(ctx: click.Context, execution_id: str, reason: str) -> None:
     """Cancel an execution (operator override)."""
-    conn = _conn(ctx)
-    reply = conn.call(
-        conn.execution.CancelExecution,
-        execution_pb2.CancelExecutionRequest(execution_id=execution_id, reason=reason),
+    with _client(ctx) as client:
+        state = client.cancel(execution_id, reason)
+    reply = execution_pb2.CancelExecutionResponse(
+        cancelled=execution_pb2.CancelExecutionResponse.Cancelled(
+            execution_id=execution_id, public_state=state.value
+        )
     )
     _print(reply, ctx.obj["json"], [("execution_id", execution_id), ("state", "cancelled")])
 
@@ -314,16 +311,12 @@ def cancel(ctx: click.Context, execution_id: str, reason: str) -> None:
 @click.pass_context
 def replay(ctx: click.Context, execution_id: str) -> None:
     """Run a terminal execution again."""
-    conn = _conn(ctx)
-    reply = conn.call(
-        conn.execution.ReplayExecution,
-        execution_pb2.ReplayExecutionRequest(execution_id=execution_id),
+    with _client(ctx) as client:
+        state = client.replay(execution_id)
+    reply = execution_pb2.ReplayExecutionResponse(
+        replayed=execution_pb2.ReplayExecutionResponse.Replayed(public_state=state.value)
     )
-    _print(
-        reply,
-        ctx.obj["json"],
-        [("execution_id", execution_id), ("state", _state_name(reply.replayed.public_state))],
-    )
+    _print(reply, ctx.obj["json"], [("execution_id", execution_id), ("state", _state_name(state))])
 
 
 @main.command()
@@ -331,16 +324,15 @@ def replay(ctx: click.Context, execution_id: str) -> None:
 @click.pass_context
 def watch(ctx: click.Context, execution_id: str) -> None:
     """Print each state transition until the execution ends (exit 5 unless completed)."""
-    conn = _conn(ctx)
-    last = ""
-    request = execution_pb2.WatchExecutionRequest(execution_id=execution_id)
-    for event in conn.stream(conn.execution.WatchExecution, request):
-        last = _state_name(event.public_state)
-        if ctx.obj["json"]:
-            _print(event, True)
-        else:
-            click.echo(f"{event.at}  {last}")
-    if last in TERMINAL and last != "completed":
+    last: ExecutionState | None = None
+    with _client(ctx) as client:
+        for event in client.watch(execution_id):
+            last = ExecutionState(event.public_state)
+            if ctx.obj["json"]:
+                _print(event, True)
+            else:
+                click.echo(f"{event.at}  {_state_name(last)}")
+    if last is not None and last.is_terminal and last is not ExecutionState.COMPLETED:
         raise SystemExit(EXIT_NOT_COMPLETED)
 
 
@@ -355,35 +347,37 @@ def tail(
     ctx: click.Context, execution_id: str, attempt: int, follow: bool, after: str, raw: bool
 ) -> None:
     """Print an attempt's output frames (`-f`: live, until the stream closes)."""
-    conn = _conn(ctx)
-    request = stream_pb2.TailAttemptStreamRequest(
-        execution_id=execution_id, attempt_index=attempt, after=after, follow=follow
-    )
-    out = click.get_binary_stream("stdout")
-    for message in conn.stream(conn.streams.TailAttemptStream, request):
-        for frame in message.frames:
-            if ctx.obj["json"]:
-                _print(frame, True)
-            elif raw:
-                out.write(frame.payload)
-            else:
-                click.echo(f"{frame.id}  {frame.frame_type}  {_payload_text(frame)}")
-            sys.stdout.flush()
-            out.flush()
-        if message.HasField("closed_at") and not raw:
-            if ctx.obj["json"]:
-                click.echo(json_format.MessageToJson(
-                    message, preserving_proto_field_name=True, indent=None))  # fmt: skip
-            else:
-                click.echo(f"-- closed: {message.closed_reason} at {message.closed_at}", err=True)
+    out = sys.stdout.buffer
+    with _client(ctx) as client:
+        messages = client.tail_messages(execution_id, attempt, after=after, follow=follow)
+        for message in messages:
+            for frame in message.frames:
+                if ctx.obj["json"]:
+                    _print(frame, True)
+                elif raw:
+                    out.write(frame.payload)
+                else:
+                    click.echo(f"{frame.id}  {frame.frame_type}  {_payload_text(frame)}")
+                sys.stdout.flush()
+                out.flush()
+            if message.HasField("closed_at") and not raw:
+                if ctx.obj["json"]:
+                    text = json_format.MessageToJson(
+                        message, preserving_proto_field_name=True, indent=None
+                    )
+                    click.echo(text)
+                else:
+                    click.echo(
+                        f"-- closed: {message.closed_reason} at {message.closed_at}", err=True
+                    )
 
 
-def _payload_text(frame: t.StreamFrame | t.SignalRecord) -> str:
+def _payload_text(item: t.StreamFrame | Signal) -> str:
     """Text payloads as text; anything that is not UTF-8 as hex."""
     try:
-        return bytes(frame.payload).decode("utf-8")
+        return bytes(item.payload).decode("utf-8")
     except UnicodeDecodeError:
-        return "0x" + bytes(frame.payload).hex()
+        return "0x" + bytes(item.payload).hex()
 
 
 @main.command(name="signal")
@@ -417,29 +411,30 @@ def signal_(
     (ListPendingWaitpoints) and its token used.
     """
     data = _json_payload(payload)
-    conn = _conn(ctx)
-    if waitpoint_id is None or wp_token is None:
-        wp = _pick_waitpoint(conn, execution_id, name, waitpoint_id)
-        waitpoint_id, wp_token = wp.id, wp_token or wp.token
-    request = signal_pb2.DeliverSignalRequest(
-        execution_id=execution_id,
-        waitpoint_id=waitpoint_id,
-        signal_name=name,
-        signal_category=category,
-        source_type=source_type,
-        source_identity=source_identity,
-        waitpoint_token=wp_token,
-    )
-    if data is not None:
-        request.payload = data
-        request.payload_encoding = "json"
-    if idempotency_key:
-        request.idempotency_key = idempotency_key
-    reply = conn.call(conn.signals.DeliverSignal, request)
-    if reply.WhichOneof("outcome") == "duplicate":
-        rows = [("signal_id", reply.duplicate.existing_signal_id), ("effect", "duplicate")]
+    with _client(ctx) as client:
+        if waitpoint_id is None or wp_token is None:
+            wp = _pick_waitpoint(client, execution_id, name, waitpoint_id)
+            waitpoint_id, wp_token = wp.id, wp_token or wp.token
+        delivery = client.deliver_signal(
+            execution_id,
+            waitpoint_id,
+            name,
+            wp_token,
+            data,
+            payload_encoding="json" if data is not None else None,
+            idempotency_key=idempotency_key or None,
+            category=category,
+            source_type=source_type,
+            source_identity=source_identity,
+        )
+    reply = signal_pb2.DeliverSignalResponse()
+    if delivery.duplicate:
+        reply.duplicate.existing_signal_id = delivery.signal_id
+        rows = [("signal_id", delivery.signal_id), ("effect", "duplicate")]
     else:
-        rows = [("signal_id", reply.accepted.signal_id), ("effect", reply.accepted.effect)]
+        reply.accepted.signal_id = delivery.signal_id
+        reply.accepted.effect = delivery.effect
+        rows = [("signal_id", delivery.signal_id), ("effect", delivery.effect)]
     _print(reply, ctx.obj["json"], [("waitpoint_id", waitpoint_id), *rows])
 
 
@@ -456,24 +451,10 @@ def _json_payload(payload: str | None) -> bytes | None:
     return payload.encode()
 
 
-def _open_waitpoints(conn: Connection, execution_id: str) -> list[Waitpoint]:
-    out: list[Waitpoint] = []
-    page = ""
-    while True:
-        reply = conn.call(
-            conn.signals.ListPendingWaitpoints,
-            signal_pb2.ListPendingWaitpointsRequest(execution_id=execution_id, page_token=page),
-        )
-        out += [Waitpoint.from_proto(info) for info in reply.waitpoints]
-        if not reply.next_page_token:
-            return out
-        page = reply.next_page_token
-
-
 def _pick_waitpoint(
-    conn: Connection, execution_id: str, name: str, waitpoint_id: str | None
+    client: CommandClient, execution_id: str, name: str, waitpoint_id: str | None
 ) -> Waitpoint:
-    waitpoints = _open_waitpoints(conn, execution_id)
+    waitpoints = client.list_waitpoints(execution_id)
     if waitpoint_id is not None:
         chosen = [wp for wp in waitpoints if wp.id == waitpoint_id]
     else:
@@ -496,9 +477,9 @@ def _pick_waitpoint(
 def waitpoints(ctx: click.Context, execution_id: str) -> None:
     """List the open waitpoints of EXECUTION_ID with their tokens (credentials: keep them out of
     logs)."""
-    conn = _conn(ctx)
+    with _client(ctx) as client:
+        listed = client.list_waitpoints(execution_id)
     if ctx.obj["json"]:
-        listed = _open_waitpoints(conn, execution_id)
         for wp in listed:
             click.echo(json.dumps(dataclasses.asdict(wp)))
         return
@@ -512,7 +493,7 @@ def waitpoints(ctx: click.Context, execution_id: str) -> None:
                 wp.token,
                 wp.expires_at if wp.expires_at is not None else "-",
             )
-            for wp in _open_waitpoints(conn, execution_id)
+            for wp in listed
         ],
     )
 
@@ -524,22 +505,43 @@ def waitpoints(ctx: click.Context, execution_id: str) -> None:
 @click.pass_context
 def watch_signals(ctx: click.Context, execution_id: str, waitpoint_id: str, after: str) -> None:
     """Print each signal (stored ones first, then live) until the execution ends."""
-    conn = _conn(ctx)
-    request = signal_pb2.WatchSignalsRequest(execution_id=execution_id, waitpoint_id=waitpoint_id)
+    cursor: str | int | None = None
     if after and waitpoint_id:
-        request.after_stream_id = after
+        cursor = after
     elif after:
         if not after.isdigit():
             raise click.UsageError("without --waitpoint, --after is an accepted_at time in ms")
-        request.after_accepted_at = int(after)
-    for message in conn.stream(conn.signals.WatchSignals, request):
-        sig = message.signal
-        if ctx.obj["json"]:
-            _print(sig, True)
-        else:
-            text = _payload_text(sig) if sig.payload else "-"
-            click.echo(f"{sig.accepted_at}  {sig.signal_name}  {sig.observed_effect}  {text}")
-        sys.stdout.flush()
+        cursor = int(after)
+    with _client(ctx) as client:
+        for sig in client.watch_signals(execution_id, waitpoint_id or None, after=cursor):
+            if ctx.obj["json"]:
+                _print(_signal_record(sig), True)
+            else:
+                text = _payload_text(sig) if sig.payload else "-"
+                click.echo(f"{sig.accepted_at}  {sig.name}  {sig.effect}  {text}")
+            sys.stdout.flush()
+
+
+def _signal_record(sig: Signal) -> t.SignalRecord:
+    """The signal as the server sent it."""
+    record = t.SignalRecord(
+        signal_id=sig.signal_id,
+        execution_id=sig.execution_id,
+        waitpoint_id=sig.waitpoint_id,
+        signal_name=sig.name,
+        signal_category=sig.category,
+        source_type=sig.source_type,
+        source_identity=sig.source_identity,
+        payload=sig.payload,
+        payload_encoding=sig.payload_encoding,
+        observed_effect=sig.effect,
+        created_at=sig.created_at,
+        accepted_at=sig.accepted_at,
+        stream_id=sig.stream_id,
+    )
+    if sig.correlation_id is not None:
+        record.correlation_id = sig.correlation_id
+    return record
 
 
 @main.command()
@@ -548,18 +550,12 @@ def watch_signals(ctx: click.Context, execution_id: str, waitpoint_id: str, afte
 @click.pass_context
 def resume(ctx: click.Context, execution_id: str, delay_ms: int) -> None:
     """Resume a suspended execution without its signals (operator override)."""
-    conn = _conn(ctx)
-    reply = conn.call(
-        conn.execution.ResumeExecution,
-        execution_pb2.ResumeExecutionRequest(
-            execution_id=execution_id, trigger_type="operator", resume_delay_ms=delay_ms
-        ),
+    with _client(ctx) as client:
+        state = client.resume(execution_id, delay=timedelta(milliseconds=delay_ms))
+    reply = execution_pb2.ResumeExecutionResponse(
+        resumed=execution_pb2.ResumeExecutionResponse.Resumed(public_state=state.value)
     )
-    _print(
-        reply,
-        ctx.obj["json"],
-        [("execution_id", execution_id), ("state", _state_name(reply.resumed.public_state))],
-    )
+    _print(reply, ctx.obj["json"], [("execution_id", execution_id), ("state", _state_name(state))])
 
 
 @main.group()
@@ -571,8 +567,8 @@ def admin() -> None:
 @click.pass_context
 def info(ctx: click.Context) -> None:
     """Server, library and Valkey versions, partition counts, lanes."""
-    conn = _conn(ctx.find_root())
-    reply = conn.call(conn.admin.GetServerInfo, admin_pb2.GetServerInfoRequest())
+    with _client(ctx) as client:
+        reply = client.server_info()
     _print(
         reply,
         ctx.find_root().obj["json"],
@@ -593,19 +589,21 @@ def info(ctx: click.Context) -> None:
 @click.pass_context
 def kids(ctx: click.Context, partition: int | None) -> None:
     """The waitpoint HMAC kids of one partition: the signing kid and those in their grace."""
-    conn = _conn(ctx.find_root())
-    request = admin_pb2.ListWaitpointKidsRequest()
-    if partition is not None:
-        request.partition = partition
-    reply = conn.call(conn.admin.ListWaitpointKids, request)
+    with _client(ctx) as client:
+        keystore = client.waitpoint_kids(partition)
+    reply = admin_pb2.ListWaitpointKidsResponse(partition=keystore.partition)
+    if keystore.current_kid is not None:
+        reply.kids.current_kid = keystore.current_kid
+    for kid, expires_at_ms in keystore.verifying.items():
+        reply.kids.verifying.add(kid=kid, expires_at_ms=expires_at_ms)
     if ctx.find_root().obj["json"]:
         _print(reply, True)
         return
-    current = reply.kids.current_kid if reply.kids.HasField("current_kid") else "(none)"
-    click.echo(f"partition {reply.partition}: signing kid {current}")
-    verifying = sorted(reply.kids.verifying, key=lambda v: v.expires_at_ms)
+    current = keystore.current_kid if keystore.current_kid is not None else "(none)"
+    click.echo(f"partition {keystore.partition}: signing kid {current}")
+    verifying = sorted(keystore.verifying.items(), key=lambda kv: kv[1])
     if verifying:
-        _table(["kid", "valid_until_ms"], [(v.kid, v.expires_at_ms) for v in verifying])
+        _table(["kid", "valid_until_ms"], verifying)
 
 
 @admin.command(name="rotate-secret")
@@ -620,18 +618,17 @@ def rotate_secret(
     """Sign new waitpoint tokens with a new kid and secret on every partition; tokens of the old
     kid stay valid for the grace period. Re-running with the same kid and secret is safe."""
     root = ctx.find_root()
-    conn = _conn(root)
     generated = secret_hex is None
     secret = secret_hex if secret_hex is not None else secrets.token_hex(32)
-    request = admin_pb2.RotateWaitpointSecretRequest(new_kid=kid, new_secret_hex=secret)
-    if grace_ms is not None:
-        request.grace_ms = grace_ms
-    for _ in range(ROTATE_ATTEMPTS):  # the same kid and secret converge on failed partitions
-        reply = conn.call(
-            conn.admin.RotateWaitpointSecret, request, timeout=max(conn.timeout, 130.0)
-        )
-        if not reply.failed:
-            break
+    grace = timedelta(milliseconds=grace_ms) if grace_ms is not None else None
+    with _client(ctx) as client:
+        for _ in range(ROTATE_ATTEMPTS):  # the same kid and secret converge on failed partitions
+            rotation = client.rotate_waitpoint_secret(kid, secret, grace=grace)
+            if not rotation.failed:
+                break
+    reply = admin_pb2.RotateWaitpointSecretResponse(
+        rotated=rotation.rotated, failed=rotation.failed, new_kid=rotation.new_kid
+    )
     rows: list[tuple[str, Any]] = [("new_kid", reply.new_kid), ("rotated", reply.rotated)]
     if reply.failed:
         rows.append(("failed", ",".join(str(p) for p in reply.failed)))

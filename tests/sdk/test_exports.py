@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import flowfabric
 
 EXPORTS = [
@@ -75,3 +78,17 @@ def test_error_hierarchy() -> None:
     assert not issubclass(ff.HandlerError, ff.FlowFabricError)
     assert ff.NonRetryableError("x").non_retryable
     assert ff.RetryAfter(300).retry_after_ms == 300
+
+
+def test_sdk_modules_keep_out_of_each_others_private_members() -> None:
+    """Client, Worker, the running task and the CLI share the transport instead of calling
+    each other's internals."""
+    root = Path(flowfabric.__file__).parent
+    reach = re.compile(r"\b(?:client|ctx|worker|context|run)\._[a-z]|\._call\(")
+    hits = [
+        f"{path.name}:{n}: {line.strip()}"
+        for path in sorted(root.glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if reach.search(line)
+    ]
+    assert hits == []

@@ -1,0 +1,275 @@
+"""The client's ExecutionService part: submit, read, operate on and wait for executions."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Mapping
+
+from flowfabric._errors import DeadlineExceeded, ResultNotReady
+from flowfabric._models import (
+    INDEXES,
+    ExecutionState,
+    Page,
+    Payload,
+    Submitted,
+    Time,
+    encode_payload,
+    to_ms,
+)
+from flowfabric._retry import RetryPolicy
+from flowfabric._signals import Duration, duration_ms
+from flowfabric._transport import Connected
+from flowfabric.v1 import execution_pb2, types_pb2
+
+#: While waiting, the state is re-read this often in case a watch event was lost.
+WAIT_RECHECK_S = 2.0
+
+
+class ExecutionsMixin(Connected):
+    """Submitting, reading and operating on executions (ExecutionService)."""
+
+    async def submit(
+        self,
+        kind: str,
+        payload: Payload = b"",
+        *,
+        lane: str = "default",
+        priority: int = 0,
+        delay_until: Time | None = None,
+        deadline: Time | None = None,
+        policy: types_pb2.ExecutionPolicy | RetryPolicy | None = None,
+        tags: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        namespace: str = "default",
+        execution_id: str | None = None,
+        payload_encoding: str | None = None,
+    ) -> Submitted:
+        """Create an execution of `kind` on `lane`.
+
+        Retried on UNAVAILABLE only when `idempotency_key` or `execution_id` makes a repeat
+        harmless (it then answers `duplicate`); otherwise the error is raised.
+        """
+        data, encoding = encode_payload(payload)
+        request = execution_pb2.CreateExecutionRequest(
+            execution_id=execution_id or "",
+            namespace=namespace,
+            lane_id=lane,
+            execution_kind=kind,
+            input_payload=data or b"",
+            priority=priority,
+            tags=dict(tags or {}),
+        )
+        if payload_encoding or encoding:
+            request.payload_encoding = payload_encoding or encoding or ""
+        if isinstance(policy, RetryPolicy):
+            request.policy.CopyFrom(policy.to_proto())
+        elif policy is not None:
+            request.policy.CopyFrom(policy)
+        if idempotency_key is not None:
+            request.idempotency_key = idempotency_key
+        if delay_until is not None:
+            request.delay_until = to_ms(delay_until)
+        if deadline is not None:
+            request.execution_deadline_at = to_ms(deadline)
+        safe = bool(idempotency_key or execution_id)
+        reply = await self._transport.unary(
+            self._transport.executions.CreateExecution, request, retry=safe
+        )
+        if reply.WhichOneof("outcome") == "duplicate":
+            eid = reply.duplicate.execution_id
+            return Submitted(eid, True, await self.state(eid))
+        created = reply.created
+        return Submitted(created.execution_id, False, ExecutionState(created.public_state))
+
+    async def get(self, execution_id: str) -> types_pb2.ExecutionInfo:
+        """The full execution record (state vector included)."""
+        reply: execution_pb2.GetExecutionResponse = await self._transport.unary(
+            self._transport.executions.GetExecution,
+            execution_pb2.GetExecutionRequest(execution_id=execution_id),
+        )
+        return reply.execution
+
+    async def describe(self, execution_id: str) -> types_pb2.ExecutionSnapshot:
+        """A snapshot: current attempt and lease, tags, totals."""
+        reply: execution_pb2.DescribeExecutionResponse = await self._transport.unary(
+            self._transport.executions.DescribeExecution,
+            execution_pb2.DescribeExecutionRequest(execution_id=execution_id),
+        )
+        return reply.snapshot
+
+    async def result(self, execution_id: str) -> bytes:
+        """The result bytes of a completed execution, verbatim (b"" if it completed without one).
+
+        Raises:
+            ResultNotReady: The execution has not completed successfully.
+            NotFound: No such execution.
+        """
+        try:
+            reply: execution_pb2.GetExecutionResultResponse = await self._transport.unary(
+                self._transport.executions.GetExecutionResult,
+                execution_pb2.GetExecutionResultRequest(execution_id=execution_id),
+            )
+        except ResultNotReady:
+            info = await self.get(execution_id)
+            if info.public_state == types_pb2.PUBLIC_STATE_COMPLETED:
+                return b""
+            raise
+        return reply.result_payload
+
+    async def cancel(self, execution_id: str, reason: str = "") -> ExecutionState:
+        """Operator cancel of a non-terminal execution; a running handler loses its lease."""
+        reply = await self._transport.unary(
+            self._transport.executions.CancelExecution,
+            execution_pb2.CancelExecutionRequest(execution_id=execution_id, reason=reason),
+        )
+        return ExecutionState(reply.cancelled.public_state)
+
+    async def replay(self, execution_id: str) -> ExecutionState:
+        """Re-run a terminal execution under the same id (a new `replay` attempt)."""
+        reply = await self._transport.unary(
+            self._transport.executions.ReplayExecution,
+            execution_pb2.ReplayExecutionRequest(execution_id=execution_id),
+        )
+        return ExecutionState(reply.replayed.public_state)
+
+    async def change_priority(self, execution_id: str, priority: int) -> None:
+        """Re-prioritise a waiting execution (clamped to 0..9000 by the server)."""
+        await self._transport.unary(
+            self._transport.executions.ChangePriority,
+            execution_pb2.ChangePriorityRequest(execution_id=execution_id, new_priority=priority),
+        )
+
+    async def resume(self, execution_id: str, *, delay: Duration = 0) -> ExecutionState:
+        """Operator resume of a suspended execution without its signals (ResumeExecution).
+
+        The same attempt becomes claimable again (after `delay`: seconds or a timedelta) and
+        its handler re-runs with empty `resume_signals`. Not retried: a repeat answers
+        `execution_not_suspended`.
+
+        Returns:
+            WAITING, or DELAYED with a delay.
+        """
+        request = execution_pb2.ResumeExecutionRequest(
+            execution_id=execution_id,
+            trigger_type="operator",
+            resume_delay_ms=duration_ms(delay, "delay"),
+        )
+        reply = await self._transport.unary(
+            self._transport.executions.ResumeExecution, request, retry=False
+        )
+        return ExecutionState(reply.resumed.public_state)
+
+    async def list(
+        self,
+        *,
+        lane: str = "default",
+        state: str | int = "eligible",
+        limit: int = 50,
+        page_token: str = "",
+        partition: int | None = None,
+    ) -> Page:
+        """One page of one lane's executions in one index (`eligible`, `delayed`, `active`,
+        `suspended` or `terminal`)."""
+        request = execution_pb2.ListExecutionsRequest(
+            lane=lane,
+            state=INDEXES[state] if isinstance(state, str) else state,  # type: ignore[arg-type]
+            limit=limit,
+            page_token=page_token,
+        )
+        if partition is not None:
+            request.partition = partition
+        reply = await self._transport.unary(self._transport.executions.ListExecutions, request)
+        return Page(builtins.list(reply.executions), reply.next_page_token)
+
+    async def list_all(
+        self,
+        *,
+        lane: str = "default",
+        state: str | int = "eligible",
+        page_size: int = 200,
+        partition: int | None = None,
+    ) -> AsyncGenerator[types_pb2.ExecutionSummary, None]:
+        """Every execution of the index, page by page."""
+        token = ""
+        while True:
+            page = await self.list(
+                lane=lane, state=state, limit=page_size, page_token=token, partition=partition
+            )
+            for row in page.executions:
+                yield row
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    async def watch(
+        # `timeout` is the stream's gRPC deadline, which asyncio.timeout cannot set
+        self,
+        execution_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AsyncGenerator[execution_pb2.WatchExecutionResponse, None]:
+        """The current state, then every public-state change; ends after a terminal state.
+
+        A stream broken by UNAVAILABLE is re-opened (the server re-sends the current state;
+        repeats are dropped). `timeout` bounds the whole watch (DeadlineExceeded).
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        request = execution_pb2.WatchExecutionRequest(execution_id=execution_id)
+        last: int | None = None
+        async for message in self._transport.server_stream(
+            self._transport.executions.WatchExecution, lambda: request, end=end
+        ):
+            if message.public_state != last:
+                last = message.public_state
+                yield message
+
+    async def wait(
+        self,
+        execution_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (the watch's deadline, see `watch`)
+    ) -> ExecutionState:
+        """Wait (via watch) until the execution is terminal and return its final state.
+
+        The server's watch events are at-most-once (pub/sub), so the state is also re-read
+        every couple of seconds while waiting: a lost event delays the answer, never loses it.
+
+        Raises:
+            TimeoutError: Not terminal within `timeout` seconds.
+        """
+        watcher = asyncio.ensure_future(self._watch_until_terminal(execution_id, timeout))
+        try:
+            while True:
+                done, _ = await asyncio.wait({watcher}, timeout=WAIT_RECHECK_S)
+                if done:
+                    return watcher.result()
+                state = await self.state(execution_id)
+                if state.is_terminal:
+                    return state
+        finally:
+            watcher.cancel()
+
+    async def _watch_until_terminal(
+        self,
+        execution_id: str,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> ExecutionState:
+        try:
+            async with contextlib.aclosing(self.watch(execution_id, timeout=timeout)) as stream:
+                async for message in stream:
+                    state = ExecutionState(message.public_state)
+                    if state.is_terminal:
+                        return state
+        except DeadlineExceeded as exc:
+            raise TimeoutError(f"{execution_id} not terminal after {timeout} s") from exc
+        return await self.state(execution_id)  # the stream ended without a terminal state
+
+    async def state(self, execution_id: str) -> ExecutionState:
+        """The public state only (a cheaper read than `get`)."""
+        reply = await self._transport.unary(
+            self._transport.executions.GetExecutionState,
+            execution_pb2.GetExecutionStateRequest(execution_id=execution_id),
+        )
+        return ExecutionState(reply.public_state)
