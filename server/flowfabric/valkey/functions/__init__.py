@@ -41,14 +41,21 @@ class Functions:
 def all_declarations() -> tuple[Decl[object], ...]:
     """Every declaration, for the contract tests."""
     from flowfabric.server.valkey.functions import (
-        admission, execution, lease, maintenance, scheduling, signal, stream, suspension,
+        admission,
+        execution,
+        lease,
+        maintenance,
+        scheduling,
+        signal,
+        stream,
+        suspension,
     )  # fmt: skip
 
     mods = (admission, execution, lease, maintenance, scheduling, signal, stream, suspension)
-    return tuple(d for m in mods for d in m.DECLS)  # type: ignore[attr-defined]
+    return tuple(d for m in mods for d in m.DECLS)
 
 
 __all__ = [
-    "INITIAL_KID", "Claimer", "Fence", "Frame", "Functions", "Leased", "NewExecution",
+    "INITIAL_KID", "Claimer", "Fence", "Frame", "Functions", "Keystore", "Leased", "NewExecution",
     "Outcome", "ReclaimLimit", "Signal", "Suspension", "WaitpointRow", "all_declarations",
 ]  # fmt: skip

@@ -170,14 +170,14 @@ PROGRESS: Decl[Outcome] = Decl(
      arg("progress_message")),
     ok(record(Outcome)),
 )  # fmt: skip
-EXPIRE: Decl[Ended] = Decl(
+EXPIRE: Decl[Ended | Outcome] = Decl(
     "ff_expire_execution",
     (ek("core"), routed("attempt hash"), routed("stream meta"), ek("lease_current"),
      ek("lease_history"), pk("lease_expiry"), routed("worker leases"), routed("lane active"),
      routed("lane terminal"), pk("attempt_timeout"), pk("execution_deadline"),
      routed("lane suspended"), pk("suspension_timeout"), ek("suspension_current")),
     (arg("execution_id"), arg("expire_reason")),
-    {"OK": record(Ended), "ALREADY_SATISFIED": record(Ended)},
+    {"OK": record(Ended), "ALREADY_SATISFIED": record(Outcome)},
 )  # fmt: skip
 REPLAY: Decl[PublicState] = Decl(
     "ff_replay_execution",
@@ -238,7 +238,9 @@ class ExecutionFunctions:
             "source": source,
         })  # fmt: skip
 
-    async def move_to_waiting_children(self, eid: ExecutionId, fence: Fence, source: str) -> Outcome:
+    async def move_to_waiting_children(
+        self, eid: ExecutionId, fence: Fence, source: str
+    ) -> Outcome:
         values = {"execution_id": str(eid), **fence.values(), "source": source}
         return await call(self.store, WAIT_CHILDREN, exec_ctx(eid), values)
 
@@ -256,7 +258,7 @@ class ExecutionFunctions:
             "lease_epoch": fence.lease_epoch, "progress_pct": pct, "progress_message": message,
         })  # fmt: skip
 
-    async def expire_execution(self, eid: ExecutionId, reason: str) -> Ended:
+    async def expire_execution(self, eid: ExecutionId, reason: str) -> Ended | Outcome:
         values = {"execution_id": str(eid), "expire_reason": reason}
         return await call(self.store, EXPIRE, exec_ctx(eid), values)
 

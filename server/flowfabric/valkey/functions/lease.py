@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flowfabric.server.valkey.codec import Reply
 from flowfabric.server.valkey.functions.core import (
     Claimer,
     Decl,
@@ -21,7 +22,6 @@ from flowfabric.server.valkey.functions.core import (
     record,
     routed,
 )
-from flowfabric.server.valkey.codec import Reply
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.store import Store
 
@@ -139,7 +139,9 @@ class LeaseFunctions:
                   "revoke_reason": reason}  # fmt: skip
         return await call(self.store, REVOKE, exec_ctx(eid), values)
 
-    async def issue_reclaim_grant(self, eid: ExecutionId, who: Claimer, grant_ttl_ms: int) -> Granted:
+    async def issue_reclaim_grant(
+        self, eid: ExecutionId, who: Claimer, grant_ttl_ms: int
+    ) -> Granted:
         values = grant_values(eid, who, grant_ttl_ms)
         return await call(self.store, RECLAIM_GRANT, exec_ctx(eid), values)
 

@@ -222,5 +222,3 @@ class SignalFunctions:
 
     async def list_waitpoint_hmac_kids(self, tag: str) -> Kids:
         return await self.keystore.list_kids(tag)
-
-

@@ -109,5 +109,3 @@ class StreamFunctions:
         """Cursors already lowered (`-`, `+`, ids)."""
         values = {"from_id": from_id, "to_id": to_id, "count_limit": count_limit}
         return await call(self.store, READ, exec_ctx(eid, attempt_index=attempt_index), values)
-
-

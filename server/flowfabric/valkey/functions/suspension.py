@@ -72,10 +72,10 @@ class PublicState:
 
 @dataclass(frozen=True)
 class SuspensionExpired:
-    """OK `behavior public_state`; ALREADY_SATISFIED `reason` (public_state "")."""
+    """OK `behavior public_state` (ALREADY_SATISFIED `reason` decodes as `Outcome`)."""
 
-    outcome: str
-    public_state: str = ""
+    behavior: str
+    public_state: str
 
 
 @dataclass(frozen=True)
@@ -186,12 +186,12 @@ CLOSE_WAITPOINT: Decl[Outcome] = Decl(
     (arg("execution_id"), arg("waitpoint_id"), arg("reason")),
     ok(record(Outcome)),
 )
-EXPIRE_SUSPENSION: Decl[SuspensionExpired] = Decl(
+EXPIRE_SUSPENSION: Decl[SuspensionExpired | Outcome] = Decl(
     "ff_expire_suspension",
     (ek("core"), ek("suspension_current"), pk("suspension_timeout"), pk("attempt_timeout"),
      pk("execution_deadline")),
     (arg("execution_id"),),
-    {"OK": record(SuspensionExpired), "ALREADY_SATISFIED": record(SuspensionExpired)},
+    {"OK": record(SuspensionExpired), "ALREADY_SATISFIED": record(Outcome)},
 )  # fmt: skip
 READ_RESUME_SIGNALS: Decl[tuple[ResumeSignal, ...]] = Decl(
     "ff_read_resume_signals",
@@ -258,7 +258,7 @@ class SuspensionFunctions:
         return await call(self.store, CLOSE_WAITPOINT, exec_ctx(eid, waitpoint_id=waitpoint_id),
                           values)  # fmt: skip
 
-    async def expire_suspension(self, eid: ExecutionId) -> SuspensionExpired:
+    async def expire_suspension(self, eid: ExecutionId) -> SuspensionExpired | Outcome:
         return await call(self.store, EXPIRE_SUSPENSION, exec_ctx(eid), {"execution_id": str(eid)})
 
     async def read_resume_signals(
