@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.functions import Claimer, LifecycleFunctions
+from flowfabric.server.valkey.functions import Claimer, Functions
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
@@ -263,13 +263,13 @@ async def records(store: Store, eid: ExecutionId) -> dict:
 
 
 async def claim_through_grant(store: Store, eid: ExecutionId, resumed: bool) -> None:
-    fn = LifecycleFunctions(store)
+    fn = Functions(store)
     who = Claimer(WORKER, INSTANCE, LANE, "", "caphash")
-    await fn.issue_claim_grant(eid, who, 10_000)
+    await fn.scheduling.issue_claim_grant(eid, who, 10_000)
     if resumed:
-        await fn.claim_resumed_execution(eid, who, str(uuid.uuid4()), TTL)
+        await fn.scheduling.claim_resumed_execution(eid, who, str(uuid.uuid4()), TTL)
     else:
-        await fn.claim_execution(eid, who, str(uuid.uuid4()), TTL, str(uuid.uuid4()))
+        await fn.scheduling.claim_execution(eid, who, str(uuid.uuid4()), TTL, str(uuid.uuid4()))
 
 
 @pytest.mark.parametrize("resumed", [False, True], ids=["new_attempt", "resumed"])
@@ -290,11 +290,11 @@ async def test_same_records_as_grant_and_claim(store: Store, resumed: bool) -> N
 
 async def test_wrapper_round_trip(store: Store) -> None:
     eid = await created(store, priority="3")
-    fn = LifecycleFunctions(store)
+    fn = Functions(store)
     who = Claimer(WORKER, INSTANCE, LANE)
-    reply = await fn.claim_batch(PARTITION, who, TTL, minted(2), 10)
-    [raw] = reply.values[0]
-    assert raw[0].decode() == str(eid) and reply.values[1] == []
+    reply = await fn.scheduling.claim_batch(PARTITION, who, TTL, minted(2), 10)
+    [row] = reply.claimed
+    assert row.execution_id == str(eid) and reply.mismatched == ()
     await check_invariants(store, eid)
 
 
@@ -343,7 +343,7 @@ async def test_invalid_worker_capabilities_change_nothing(store: Store) -> None:
     ]  # fmt: skip
     assert await snapshot(store, eid) == before
     with pytest.raises(FlowFabricError) as caught:
-        await LifecycleFunctions(store).claim_batch(
+        await Functions(store).scheduling.claim_batch(
             PARTITION, Claimer(WORKER, INSTANCE, LANE, many), TTL, minted(1), 1
         )
     assert caught.value.code == "invalid_capabilities"
