@@ -95,7 +95,7 @@ RECLAIM: Decl[Leased | ReclaimLimit] = Decl(
      ek("lease_current"), ek("lease_history"), pk("lease_expiry"),
      key("new worker's leases", lambda c: c.part.worker_leases(c.worker_instance_id)),
      routed("lane active"), pk("attempt_timeout"), pk("execution_deadline")),
-    (arg("execution_id"), arg("worker_id"), arg("worker_instance_id"), arg("lane"),
+    (arg("execution_id"), arg("worker_id"), arg("worker_instance_id"), arg("lane_id"),
      arg("lease_id"), arg("lease_ttl_ms", "int"), arg("attempt_id"),
      arg("attempt_policy_json", default="")),
     ok(_reclaimed),
@@ -151,6 +151,6 @@ class LeaseFunctions:
         ctx = exec_ctx(eid, worker_instance_id=who.worker_instance_id)
         return await call(self.store, RECLAIM, ctx, {
             "execution_id": str(eid), "worker_id": who.worker_id,
-            "worker_instance_id": who.worker_instance_id, "lane": who.lane_id,
+            "worker_instance_id": who.worker_instance_id, "lane_id": who.lane_id,
             "lease_id": lease_id, "lease_ttl_ms": lease_ttl_ms, "attempt_id": attempt_id,
         })  # fmt: skip

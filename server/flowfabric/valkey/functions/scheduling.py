@@ -103,7 +103,7 @@ CLAIM: Decl[Leased] = Decl(
      key("claimer's worker leases", _worker_leases), routed("attempt hash"),
      routed("attempt usage"), routed("attempt policy"), ek("attempts"), ek("lease_current"),
      ek("lease_history"), lane("active"), pk("attempt_timeout"), pk("execution_deadline")),
-    (arg("execution_id"), arg("worker_id"), arg("worker_instance_id"), arg("lane"),
+    (arg("execution_id"), arg("worker_id"), arg("worker_instance_id"), arg("lane_id"),
      arg("capability_hash"), arg("lease_id"), arg("lease_ttl_ms", "int"),
      arg("renew_before_ms", "int"), arg("attempt_id"), arg("attempt_policy_json", default=""),
      arg("attempt_timeout_ms", default=""), arg("execution_deadline_at", default="")),
@@ -115,7 +115,7 @@ CLAIM_RESUMED: Decl[Leased] = Decl(
      routed("claimer's worker leases"), routed("attempt hash"), ek("lease_current"),
      ek("lease_history"), routed("lane active"), pk("attempt_timeout"),
      pk("execution_deadline")),
-    (arg("execution_id"), arg("worker_id"), arg("worker_instance_id"), arg("lane"),
+    (arg("execution_id"), arg("worker_id"), arg("worker_instance_id"), arg("lane_id"),
      arg("lease_id"), arg("lease_ttl_ms", "int"), arg("current_attempt_index", default=""),
      arg("remaining_attempt_timeout_ms", default="")),
     ok(record(Leased)),
@@ -158,7 +158,7 @@ class SchedulingFunctions:
         ctx = exec_ctx(eid, lane=who.lane_id, worker_instance_id=who.worker_instance_id)
         return await call(self.store, CLAIM, ctx, {
             "execution_id": str(eid), "worker_id": who.worker_id,
-            "worker_instance_id": who.worker_instance_id, "lane": who.lane_id,
+            "worker_instance_id": who.worker_instance_id, "lane_id": who.lane_id,
             "capability_hash": who.capability_hash, "lease_id": lease_id,
             "lease_ttl_ms": lease_ttl_ms, "renew_before_ms": lease_ttl_ms * 2 // 3,
             "attempt_id": attempt_id,
@@ -169,7 +169,7 @@ class SchedulingFunctions:
     ) -> Leased:
         return await call(self.store, CLAIM_RESUMED, exec_ctx(eid), {
             "execution_id": str(eid), "worker_id": who.worker_id,
-            "worker_instance_id": who.worker_instance_id, "lane": who.lane_id,
+            "worker_instance_id": who.worker_instance_id, "lane_id": who.lane_id,
             "lease_id": lease_id, "lease_ttl_ms": lease_ttl_ms,
         })  # fmt: skip
 
