@@ -111,7 +111,9 @@ async def worker_main(args: argparse.Namespace) -> None:
             t0 = progress.started()
             eid = parse_execution_id(raw, PARTITIONS)
             await fn.scheduling.issue_claim_grant(eid, who, 10_000)
-            c = await fn.scheduling.claim_execution(eid, who, str(uuid.uuid4()), 30_000, str(uuid.uuid4()))
+            c = await fn.scheduling.claim_execution(
+                eid, who, str(uuid.uuid4()), 30_000, str(uuid.uuid4())
+            )
             fence = Fence(c.lease_id, c.lease_epoch, c.attempt_id)
             await fn.execution.complete_execution(eid, fence, b"", "", "lease_holder")
             t1 = progress.finished()

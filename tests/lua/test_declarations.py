@@ -211,7 +211,7 @@ EXCEPTIONS: dict[str, tuple[set[str], set[str]]] = {
             "signal_maxlen",
         },
         set(),
-    ),  # fmt: skip
+    ),
     # The server also passes the grant's capability hash and the renew hint; the expected
     # attempt index only names the attempt keys (the function builds them from the core).
     "ff_claim_execution": ({"capability_hash", "renew_before_ms"}, {"expected_attempt_index"}),
@@ -222,7 +222,7 @@ EXCEPTIONS: dict[str, tuple[set[str], set[str]]] = {
     "ff_reclaim_execution": (
         set(),
         {"capability_hash", "current_attempt_index", "max_reclaim_count", "old_worker_instance_id"},
-    ),  # fmt: skip
+    ),
 }
 
 

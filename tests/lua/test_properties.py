@@ -125,13 +125,17 @@ class Ctx:
 
 async def _claim(x: Ctx) -> None:
     await x.fn.scheduling.issue_claim_grant(x.eid, x.who, 5000)
-    r = await x.fn.scheduling.claim_execution(x.eid, x.who, str(uuid.uuid4()), 60_000, str(uuid.uuid4()))
+    r = await x.fn.scheduling.claim_execution(
+        x.eid, x.who, str(uuid.uuid4()), 60_000, str(uuid.uuid4())
+    )
     x.fences.append(Fence(r.lease_id, r.lease_epoch, r.attempt_id))
 
 
 async def _reclaim(x: Ctx) -> None:
     await x.fn.lease.issue_reclaim_grant(x.eid, x.who, 5000)
-    r = await x.fn.lease.reclaim_execution(x.eid, x.who, str(uuid.uuid4()), 60_000, str(uuid.uuid4()))
+    r = await x.fn.lease.reclaim_execution(
+        x.eid, x.who, str(uuid.uuid4()), 60_000, str(uuid.uuid4())
+    )
     if isinstance(r, Leased):
         x.fences.append(Fence(r.lease_id, r.lease_epoch, r.attempt_id))
 
@@ -140,12 +144,24 @@ ACTIONS = {
     "claim": _claim,
     "reclaim": _reclaim,
     "renew": lambda x: x.fn.lease.renew_lease(x.eid, 0, x.fence, 60_000),
-    "complete": lambda x: x.fn.execution.complete_execution(x.eid, x.fence, b"ok", "", "lease_holder"),
-    "fail": lambda x: x.fn.execution.fail_execution(x.eid, x.fence, "boom", "error", "lease_holder"),
-    "cancel": lambda x: x.fn.execution.cancel_execution(x.eid, "test", "operator_override", Fence()),
-    "cancel_holder": lambda x: x.fn.execution.cancel_execution(x.eid, "test", "lease_holder", x.fence),
-    "delay": lambda x: x.fn.execution.delay_execution(x.eid, x.fence, FAR_FUTURE - 1, "lease_holder"),
-    "wait_children": lambda x: x.fn.execution.move_to_waiting_children(x.eid, x.fence, "lease_holder"),
+    "complete": lambda x: x.fn.execution.complete_execution(
+        x.eid, x.fence, b"ok", "", "lease_holder"
+    ),
+    "fail": lambda x: x.fn.execution.fail_execution(
+        x.eid, x.fence, "boom", "error", "lease_holder"
+    ),
+    "cancel": lambda x: x.fn.execution.cancel_execution(
+        x.eid, "test", "operator_override", Fence()
+    ),
+    "cancel_holder": lambda x: x.fn.execution.cancel_execution(
+        x.eid, "test", "lease_holder", x.fence
+    ),
+    "delay": lambda x: x.fn.execution.delay_execution(
+        x.eid, x.fence, FAR_FUTURE - 1, "lease_holder"
+    ),
+    "wait_children": lambda x: x.fn.execution.move_to_waiting_children(
+        x.eid, x.fence, "lease_holder"
+    ),
     "revoke": lambda x: x.fn.lease.revoke_lease(x.eid, "", "test"),
     "promote": lambda x: x.fn.scheduling.promote_delayed(x.eid, LANE, FAR_FUTURE),
     "replay": lambda x: x.fn.execution.replay_execution(x.eid),
