@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from flowfabric.server.engine.scanners import server_time_ms
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys, WaitpointKeys, signal_key
-from flowfabric.server.valkey.store import Store
+from flowfabric.server.valkey.store import Store, server_time_ms
 
 LANE = "default"
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowfabric.server.engine.events import EventHub
-from flowfabric.server.engine.scanners import server_time_ms
 from flowfabric.server.valkey.codec import hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Claimer, Functions, Leased, ReclaimLimit
@@ -39,7 +38,7 @@ from flowfabric.server.valkey.functions.lease import Granted
 from flowfabric.server.valkey.functions.scheduling import BatchClaim
 from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id, solo_partition
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
-from flowfabric.server.valkey.store import Store
+from flowfabric.server.valkey.store import Store, server_time_ms
 
 log = logging.getLogger("flowfabric.scheduler")
 

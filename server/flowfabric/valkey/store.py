@@ -238,11 +238,26 @@ class Store:
         except Exception as exc:
             raise _transport(exc) from exc
 
+    async def time_ms(self) -> int:
+        """Valkey's clock in ms (every partition's node shares it closely enough: functions
+        re-check). In a cluster, the first primary's."""
+        if self.cluster:
+            node = self.client.get_primaries()[0]
+            sec, usec = await self.client.execute_command("TIME", target_nodes=node)
+        else:
+            sec, usec = await self.call("TIME")
+        return int(sec) * 1000 + int(usec) // 1000
+
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())
         except Exception:
             return False
+
+
+async def server_time_ms(store: Store) -> int:
+    """Valkey's clock in ms (`Store.time_ms`)."""
+    return await store.time_ms()
 
 
 def _is_not_loaded(exc: BaseException) -> bool:

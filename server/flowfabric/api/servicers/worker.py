@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 from flowfabric.server.api import limits
 from flowfabric.server.api.servicers.base import ServerContext, pending
-from flowfabric.server.engine.scanners import server_time_ms
 from flowfabric.server.engine.scheduler import Claimed, ClaimRequest, Scheduler
 from flowfabric.server.engine.workstream import StreamClosed, WorkStream
 from flowfabric.server.valkey.codec import cancel_source, enum_value, hash_to_dict, text
@@ -33,6 +32,7 @@ from flowfabric.server.valkey.ids import (
 )
 from flowfabric.server.valkey.keys import ExecKeys, WaitpointKeys
 from flowfabric.server.valkey.records import read_signals, signal_record
+from flowfabric.server.valkey.store import server_time_ms
 from flowfabric.server.valkey.workers import WorkerRegistry
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
