@@ -282,7 +282,7 @@ async def test_claim_ignores_routing_only_keys(store: Store) -> None:
     eid = await created(store)
     assert (await issue_grant(store, eid))[1] == b"OK"
     p = PartitionKeys(eid.tag)
-    keys = claim_keys(eid, 9, "someone-else")
+    keys = claim_keys(eid, "someone-else")
     for i in (2, 4, 5, 6, 7, 11):
         keys[i] = p.noop
     args = [str(eid), WORKER, INSTANCE, LANE, "", "L", "30000", "20000", "A", "{}", "", ""]
