@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.functions import Claimer, Functions
+from flowfabric.server.valkey.functions import Claimer, Functions, scheduling
+from flowfabric.server.valkey.functions.core import KeyCtx
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
@@ -23,6 +24,7 @@ from tests.lua.util import (
     create,
     delay,
     fail,
+    fcall,
     hash_of,
     history_events,
     issue_grant,
@@ -65,7 +67,7 @@ async def batch_raw(
         "worker_instance_id": INSTANCE,
         "lane_id": LANE,
         "capability_hash": "caphash",
-        "capabilities": caps,
+        "worker_capabilities_csv": caps,
         "lease_ttl_ms": str(TTL),
         "renew_before_ms": str(TTL * 2 // 3),
         "max_tasks": str(n),
@@ -75,9 +77,9 @@ async def batch_raw(
     args.update(over)
     pairs = ids if ids is not None else minted(n)
     flat = [v for pair in pairs for v in pair]
-    return await store.fcall(  # type: ignore[no-any-return]
-        "ff_claim_batch", keys or batch_keys(), [*args.values(), *flat]
-    )
+    args["lease_and_attempt_ids"] = flat
+    ctx = KeyCtx(tag=PartitionKeys.of(PARTITION).tag, lane=LANE)
+    return await fcall(store, scheduling.CLAIM_BATCH, ctx, args, keys=keys or batch_keys())
 
 
 def rows(reply: list) -> list[dict]:
