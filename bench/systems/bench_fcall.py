@@ -1,6 +1,6 @@
 """The FCALL floor: FlowFabric's own Valkey Functions driven straight from Python, no gRPC.
 
-Uses the server's wrappers (`flowfabric.server.valkey.functions.LifecycleFunctions` over `Store`):
+Uses the server's wrappers (`flowfabric.server.valkey.functions.Functions` over `Store`):
 the same KEYS/ARGV encoding, reply decoding and FCALL path the server uses, minus gRPC, the
 scheduler's partition probe (ZRANGE pipeline) and the servicers.
 
@@ -31,7 +31,7 @@ PARTITIONS = 256
 async def functions(url: str, pool: int):
     import redis.asyncio as aioredis
 
-    from flowfabric.server.valkey.functions import LifecycleFunctions
+    from flowfabric.server.valkey.functions import Functions
     from flowfabric.server.valkey.store import Store
 
     store = Store.from_url(url.replace("redis://", "valkey://"))
@@ -40,7 +40,7 @@ async def functions(url: str, pool: int):
         url, max_connections=pool + 4, socket_timeout=10, health_check_interval=0
     )
     await store.ensure_library()
-    return store, LifecycleFunctions(store)
+    return store, Functions(store)
 
 
 def new_execution(partition: int):
@@ -54,6 +54,7 @@ def new_execution(partition: int):
 
 
 async def create_all(url: str, jobs: int, concurrency: int, ids_path: str) -> None:
+    from flowfabric.server.valkey.functions.execution import Created
     from flowfabric.server.valkey.ids import solo_partition
 
     store, fn = await functions(url, concurrency)
@@ -64,8 +65,8 @@ async def create_all(url: str, jobs: int, concurrency: int, ids_path: str) -> No
     async def one() -> None:
         for _ in it:
             x = new_execution(part)
-            reply = await fn.create_execution(x)
-            assert reply.status == "OK", reply
+            reply = await fn.execution.create_execution(x)
+            assert isinstance(reply, Created), reply  # not a DUPLICATE
             ids.append(str(x.execution_id))
 
     await asyncio.gather(*(one() for _ in range(concurrency)))
@@ -109,10 +110,12 @@ async def worker_main(args: argparse.Namespace) -> None:
                     return
             t0 = progress.started()
             eid = parse_execution_id(raw, PARTITIONS)
-            await fn.issue_claim_grant(eid, who, 10_000)
-            c = await fn.claim_execution(eid, who, str(uuid.uuid4()), 30_000, str(uuid.uuid4()))
-            fence = Fence(c.str(0), c.int(1), c.str(3))
-            await fn.complete_execution(eid, fence, b"", "", "lease_holder")
+            await fn.scheduling.issue_claim_grant(eid, who, 10_000)
+            c = await fn.scheduling.claim_execution(
+                eid, who, str(uuid.uuid4()), 30_000, str(uuid.uuid4())
+            )
+            fence = Fence(c.lease_id, c.lease_epoch, c.attempt_id)
+            await fn.execution.complete_execution(eid, fence, b"", "", "lease_holder")
             t1 = progress.finished()
             if keep:
                 records[raw] = [t0, t1]
@@ -131,7 +134,7 @@ async def open_loop(url: str, rate: float, duration: float, feed: str) -> tuple[
 
     async def send(i: int) -> str:
         x = new_execution(part)
-        await fn.create_execution(x)
+        await fn.execution.create_execution(x)
         await store.client.lpush(feed, str(x.execution_id))
         return str(x.execution_id)
 

@@ -35,7 +35,7 @@ from flowfabric.server.engine.scanners import ScannerSet
 from flowfabric.server.engine.scheduler import Scheduler
 from flowfabric.server.engine.suspension import suspension_scanners
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.functions import SignalFunctions
+from flowfabric.server.valkey.functions import Functions
 from flowfabric.server.valkey.keys import PARTITION_CONFIG
 from flowfabric.server.valkey.store import Store, is_transport_error
 from flowfabric.server.valkey.workers import WorkerRegistry
@@ -108,9 +108,9 @@ class FlowFabricServer:
         version = await self._retry(self.store.check_version, "Valkey version check")
         await self._partition_config(self.store)
         await self._retry(self.store.ensure_library, "Functions library load")
-        fn = SignalFunctions(self.store, secret)
+        fn = Functions(self.store, secret)
         try:
-            await install_secret(fn, cfg.flow_partitions, secret)
+            await install_secret(fn.keystore, cfg.flow_partitions, secret)
         except FlowFabricError as exc:
             raise BootError(f"installing the waitpoint HMAC secret failed: {exc.code}") from exc
         ctx = ServerContext(config=cfg, store=self.store, functions=fn)

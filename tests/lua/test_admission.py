@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from flowfabric.server.valkey.functions import admission
+from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
-from tests.lua.util import LANE, create, new_eid
+from tests.lua.util import LANE, create, ctx_of, fcall, new_eid
 
 
-async def block(store: Store, eid: object, reason: str, detail: str = "d") -> list:
-    p = PartitionKeys(eid.tag)  # type: ignore[attr-defined]
-    return await store.fcall(  # type: ignore[no-any-return]
-        "ff_block_execution_for_admission",
-        [ExecKeys(eid).core, p.noop, p.noop],  # type: ignore[arg-type]
-        [str(eid), reason, detail],
-    )
+async def block(store: Store, eid: ExecutionId, reason: str, detail: str = "d") -> list:
+    values = {"execution_id": str(eid), "blocking_reason": reason, "blocking_detail": detail}
+    return await fcall(store, admission.BLOCK, ctx_of(eid), values)
 
 
-async def unblock(store: Store, eid: object, expected: str = "") -> list:
-    p = PartitionKeys(eid.tag)  # type: ignore[attr-defined]
-    return await store.fcall(  # type: ignore[no-any-return]
-        "ff_unblock_execution",
-        [ExecKeys(eid).core, p.noop, p.noop],
-        [str(eid), expected],  # type: ignore[arg-type]
-    )
+async def unblock(store: Store, eid: ExecutionId, expected: str = "") -> list:
+    values = {"execution_id": str(eid), "expected_blocking_reason": expected}
+    return await fcall(store, admission.UNBLOCK, ctx_of(eid), values)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.functions import Claimer, LifecycleFunctions
+from flowfabric.server.valkey.functions import Claimer, Functions, scheduling
+from flowfabric.server.valkey.functions.core import KeyCtx
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
@@ -23,6 +24,7 @@ from tests.lua.util import (
     create,
     delay,
     fail,
+    fcall,
     hash_of,
     history_events,
     issue_grant,
@@ -65,7 +67,7 @@ async def batch_raw(
         "worker_instance_id": INSTANCE,
         "lane_id": LANE,
         "capability_hash": "caphash",
-        "capabilities": caps,
+        "worker_capabilities_csv": caps,
         "lease_ttl_ms": str(TTL),
         "renew_before_ms": str(TTL * 2 // 3),
         "max_tasks": str(n),
@@ -75,9 +77,9 @@ async def batch_raw(
     args.update(over)
     pairs = ids if ids is not None else minted(n)
     flat = [v for pair in pairs for v in pair]
-    return await store.fcall(  # type: ignore[no-any-return]
-        "ff_claim_batch", keys or batch_keys(), [*args.values(), *flat]
-    )
+    args["lease_and_attempt_ids"] = flat
+    ctx = KeyCtx(tag=PartitionKeys.of(PARTITION).tag, lane=LANE)
+    return await fcall(store, scheduling.CLAIM_BATCH, ctx, args, keys=keys or batch_keys())
 
 
 def rows(reply: list) -> list[dict]:
@@ -263,13 +265,13 @@ async def records(store: Store, eid: ExecutionId) -> dict:
 
 
 async def claim_through_grant(store: Store, eid: ExecutionId, resumed: bool) -> None:
-    fn = LifecycleFunctions(store)
+    fn = Functions(store)
     who = Claimer(WORKER, INSTANCE, LANE, "", "caphash")
-    await fn.issue_claim_grant(eid, who, 10_000)
+    await fn.scheduling.issue_claim_grant(eid, who, 10_000)
     if resumed:
-        await fn.claim_resumed_execution(eid, who, str(uuid.uuid4()), TTL)
+        await fn.scheduling.claim_resumed_execution(eid, who, str(uuid.uuid4()), TTL)
     else:
-        await fn.claim_execution(eid, who, str(uuid.uuid4()), TTL, str(uuid.uuid4()))
+        await fn.scheduling.claim_execution(eid, who, str(uuid.uuid4()), TTL, str(uuid.uuid4()))
 
 
 @pytest.mark.parametrize("resumed", [False, True], ids=["new_attempt", "resumed"])
@@ -290,11 +292,11 @@ async def test_same_records_as_grant_and_claim(store: Store, resumed: bool) -> N
 
 async def test_wrapper_round_trip(store: Store) -> None:
     eid = await created(store, priority="3")
-    fn = LifecycleFunctions(store)
+    fn = Functions(store)
     who = Claimer(WORKER, INSTANCE, LANE)
-    reply = await fn.claim_batch(PARTITION, who, TTL, minted(2), 10)
-    [raw] = reply.values[0]
-    assert raw[0].decode() == str(eid) and reply.values[1] == []
+    reply = await fn.scheduling.claim_batch(PARTITION, who, TTL, minted(2), 10)
+    [row] = reply.claimed
+    assert row.execution_id == str(eid) and reply.mismatched == ()
     await check_invariants(store, eid)
 
 
@@ -343,7 +345,7 @@ async def test_invalid_worker_capabilities_change_nothing(store: Store) -> None:
     ]  # fmt: skip
     assert await snapshot(store, eid) == before
     with pytest.raises(FlowFabricError) as caught:
-        await LifecycleFunctions(store).claim_batch(
+        await Functions(store).scheduling.claim_batch(
             PARTITION, Claimer(WORKER, INSTANCE, LANE, many), TTL, minted(1), 1
         )
     assert caught.value.code == "invalid_capabilities"

@@ -6,9 +6,11 @@ import json
 
 import pytest
 
+from flowfabric.server.valkey.functions import execution
+from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
-from tests.lua.util import LANE, create, new_eid, now_ms
+from tests.lua.util import LANE, create, ctx_of, fcall, new_eid, now_ms
 
 
 async def test_created_waiting_with_priority_score(store: Store) -> None:
@@ -126,12 +128,16 @@ async def test_deadline_from_policy(store: Store) -> None:
     assert before + 10_000 <= int(float(score)) <= before + 11_000
 
 
+async def set_tags(store: Store, eid: ExecutionId, pairs: list[str]) -> list:
+    return await fcall(store, execution.SET_TAGS, ctx_of(eid), {"pairs": pairs})
+
+
 @pytest.mark.parametrize("key", ["cairn.task_id", "app.sub.field"])
 async def test_set_tags_accepts(store: Store, key: str) -> None:
     eid = new_eid()
     await create(store, eid)
     k = ExecKeys(eid)
-    assert await store.fcall("ff_set_execution_tags", [k.core, k.tags], [key, "v"]) == [
+    assert await set_tags(store, eid, [key, "v"]) == [
         1,
         b"OK",
         b"1",
@@ -144,16 +150,16 @@ async def test_set_tags_rejects_and_writes_nothing(store: Store, key: str) -> No
     eid = new_eid()
     await create(store, eid)
     k = ExecKeys(eid)
-    reply = await store.fcall("ff_set_execution_tags", [k.core, k.tags], ["ok.key", "1", key, "v"])
+    reply = await set_tags(store, eid, ["ok.key", "1", key, "v"])
     assert reply == [0, b"invalid_tag_key", key.encode()]
     assert await store.call("EXISTS", k.tags) == 0
 
 
 async def test_set_tags_missing_execution_and_odd_args(store: Store) -> None:
-    k = ExecKeys(new_eid())
-    assert await store.fcall("ff_set_execution_tags", [k.core, k.tags], ["a.b", "1"]) == [
+    eid = new_eid()
+    assert await set_tags(store, eid, ["a.b", "1"]) == [
         0,
         b"execution_not_found",
     ]
-    reply = await store.fcall("ff_set_execution_tags", [k.core, k.tags], ["a.b"])
+    reply = await set_tags(store, eid, ["a.b"])
     assert reply[:2] == [0, b"invalid_input"]

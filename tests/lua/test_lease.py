@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from flowfabric.server.valkey.functions import lease as lease_fns
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
@@ -21,9 +22,11 @@ from tests.lua.util import (
     core_of,
     create,
     create_and_claim,
+    ctx_of,
     delay,
     fail,
-    grant_args,
+    fcall,
+    grant_values,
     hash_of,
     history_events,
     lease_from_core,
@@ -296,16 +299,11 @@ async def test_revoke_runnable_and_expired(store: Store) -> None:
 # -- issue_reclaim_grant / reclaim_execution ---------------------------------------------------
 
 
-def reclaim_grant_keys(eid: ExecutionId) -> list[str]:
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    return [k.core, k.claim_grant, p.lease_expiry]
-
-
 async def reclaim_grant(
     store: Store, eid: ExecutionId, worker: str = "w2", caps: str = "", ttl: object = 10_000
 ) -> list:
-    args = grant_args(eid, worker, f"{worker}-i1", ttl, caps)
-    return await store.fcall("ff_issue_reclaim_grant", reclaim_grant_keys(eid), args)  # type: ignore[no-any-return]
+    values = grant_values(eid, worker, f"{worker}-i1", ttl, caps)
+    return await fcall(store, lease_fns.RECLAIM_GRANT, ctx_of(eid), values)
 
 
 async def reclaim(
@@ -315,28 +313,15 @@ async def reclaim(
     ttl: object = 30_000,
     policy: str = "",
 ) -> list:
-    c = await core_of(store, eid)
-    old, new = int(c["current_attempt_index"]), int(c["total_attempt_count"])
+    new = int((await core_of(store, eid))["total_attempt_count"])
     instance = f"{worker}-i1"
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    keys = [
-        k.core,
-        k.claim_grant,
-        k.attempt(old),
-        k.stream_meta(old),
-        k.attempt(new),
-        k.attempt_usage(new),
-        k.attempts,
-        k.lease_current,
-        k.lease_history,
-        p.lease_expiry,
-        p.worker_leases(instance),
-        p.lane(LANE, "active"),
-        p.attempt_timeout,
-        p.execution_deadline,
-    ]
-    args = [str(eid), worker, instance, LANE, f"lease-r{new}", str(ttl), f"att-r{new}", policy]
-    return await store.fcall("ff_reclaim_execution", keys, args)  # type: ignore[no-any-return]
+    values = {
+        "execution_id": str(eid), "worker_id": worker, "worker_instance_id": instance,
+        "lane_id": LANE, "lease_id": f"lease-r{new}", "lease_ttl_ms": ttl,
+        "attempt_id": f"att-r{new}", "attempt_policy_json": policy,
+    }  # fmt: skip
+    ctx = ctx_of(eid, worker_instance_id=instance)
+    return await fcall(store, lease_fns.RECLAIM, ctx, values)
 
 
 async def test_reclaim_grant_only_for_lost_leases(store: Store) -> None:

@@ -6,7 +6,7 @@ import uuid
 
 from flowfabric.server.config import Config
 from flowfabric.server.engine.lifecycle import IndexReconciler, RetentionTrimmer, lifecycle_scanners
-from flowfabric.server.valkey.functions import Claimer, Fence, LifecycleFunctions, NewExecution
+from flowfabric.server.valkey.functions import Claimer, Fence, Functions, NewExecution
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
@@ -16,14 +16,14 @@ LANE = "default"
 PARTITIONS = 8
 
 
-async def make(fn: LifecycleFunctions, partition: int = 3) -> ExecutionId:
+async def make(fn: Functions, partition: int = 3) -> ExecutionId:
     eid = ExecutionId(partition, str(uuid.uuid4()))
-    await fn.create_execution(NewExecution(eid, "ns", LANE, "k", b"in", 0, "t"))
+    await fn.execution.create_execution(NewExecution(eid, "ns", LANE, "k", b"in", 0, "t"))
     return eid
 
 
 async def test_reconciler_repairs_lost_and_stray_index_entries(store: Store) -> None:
-    fn = LifecycleFunctions(store)
+    fn = Functions(store)
     lost, stray, fine = await make(fn), await make(fn), await make(fn)
     p = PartitionKeys(lost.tag)
     await store.call("ZREM", p.lane(LANE, "eligible"), str(lost))  # lost its index entry
@@ -37,13 +37,13 @@ async def test_reconciler_repairs_lost_and_stray_index_entries(store: Store) -> 
 
 
 async def test_retention_trimmer_deletes_old_terminal_executions(store: Store) -> None:
-    fn = LifecycleFunctions(store)
+    fn = Functions(store)
     old, live = await make(fn), await make(fn)
     who = Claimer("w", "wi", LANE)
-    await fn.issue_claim_grant(old, who, 5000)
-    r = await fn.claim_execution(old, who, str(uuid.uuid4()), 30_000, str(uuid.uuid4()))
-    await fn.complete_execution(
-        old, Fence(r.str(0), r.int(1), r.str(3)), b"out", "", "lease_holder"
+    await fn.scheduling.issue_claim_grant(old, who, 5000)
+    r = await fn.scheduling.claim_execution(old, who, str(uuid.uuid4()), 30_000, str(uuid.uuid4()))
+    await fn.execution.complete_execution(
+        old, Fence(r.lease_id, r.lease_epoch, r.attempt_id), b"out", "", "lease_holder"
     )
     p = PartitionKeys(old.tag)
     # age the terminal entry past the 24 h cutoff

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from flowfabric.server.valkey.codec import hash_to_dict
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.functions import Claimer, Fence, LifecycleFunctions, NewExecution
+from flowfabric.server.valkey.functions import Claimer, Fence, Functions, Leased, NewExecution
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
@@ -115,7 +115,7 @@ async def check_invariants(store: Store, eid: ExecutionId) -> None:
 
 @dataclass
 class Ctx:
-    fn: LifecycleFunctions
+    fn: Functions
     eid: ExecutionId
     fence: Fence
     fences: list[Fence]
@@ -124,42 +124,58 @@ class Ctx:
 
 
 async def _claim(x: Ctx) -> None:
-    await x.fn.issue_claim_grant(x.eid, x.who, 5000)
-    r = await x.fn.claim_execution(x.eid, x.who, str(uuid.uuid4()), 60_000, str(uuid.uuid4()))
-    x.fences.append(Fence(r.str(0), r.int(1), r.str(3)))
+    await x.fn.scheduling.issue_claim_grant(x.eid, x.who, 5000)
+    r = await x.fn.scheduling.claim_execution(
+        x.eid, x.who, str(uuid.uuid4()), 60_000, str(uuid.uuid4())
+    )
+    x.fences.append(Fence(r.lease_id, r.lease_epoch, r.attempt_id))
 
 
 async def _reclaim(x: Ctx) -> None:
-    await x.fn.issue_reclaim_grant(x.eid, x.who, 5000)
-    r = await x.fn.reclaim_execution(x.eid, x.who, str(uuid.uuid4()), 60_000, str(uuid.uuid4()))
-    if r.str(0) != "max_reclaims_exceeded":
-        x.fences.append(Fence(r.str(0), r.int(1), r.str(3)))
+    await x.fn.lease.issue_reclaim_grant(x.eid, x.who, 5000)
+    r = await x.fn.lease.reclaim_execution(
+        x.eid, x.who, str(uuid.uuid4()), 60_000, str(uuid.uuid4())
+    )
+    if isinstance(r, Leased):
+        x.fences.append(Fence(r.lease_id, r.lease_epoch, r.attempt_id))
 
 
 ACTIONS = {
     "claim": _claim,
     "reclaim": _reclaim,
-    "renew": lambda x: x.fn.renew_lease(x.eid, 0, x.fence, 60_000),
-    "complete": lambda x: x.fn.complete_execution(x.eid, x.fence, b"ok", "", "lease_holder"),
-    "fail": lambda x: x.fn.fail_execution(x.eid, x.fence, "boom", "error", "lease_holder"),
-    "cancel": lambda x: x.fn.cancel_execution(x.eid, "test", "operator_override", Fence()),
-    "cancel_holder": lambda x: x.fn.cancel_execution(x.eid, "test", "lease_holder", x.fence),
-    "delay": lambda x: x.fn.delay_execution(x.eid, x.fence, FAR_FUTURE - 1, "lease_holder"),
-    "wait_children": lambda x: x.fn.move_to_waiting_children(x.eid, x.fence, "lease_holder"),
-    "revoke": lambda x: x.fn.revoke_lease(x.eid, "", "test"),
-    "promote": lambda x: x.fn.promote_delayed(x.eid, LANE, FAR_FUTURE),
-    "replay": lambda x: x.fn.replay_execution(x.eid),
-    "priority": lambda x: x.fn.change_priority(x.eid, x.n),
-    "progress": lambda x: x.fn.update_progress(x.eid, x.fence, x.n % 101, "p"),
+    "renew": lambda x: x.fn.lease.renew_lease(x.eid, 0, x.fence, 60_000),
+    "complete": lambda x: x.fn.execution.complete_execution(
+        x.eid, x.fence, b"ok", "", "lease_holder"
+    ),
+    "fail": lambda x: x.fn.execution.fail_execution(
+        x.eid, x.fence, "boom", "error", "lease_holder"
+    ),
+    "cancel": lambda x: x.fn.execution.cancel_execution(
+        x.eid, "test", "operator_override", Fence()
+    ),
+    "cancel_holder": lambda x: x.fn.execution.cancel_execution(
+        x.eid, "test", "lease_holder", x.fence
+    ),
+    "delay": lambda x: x.fn.execution.delay_execution(
+        x.eid, x.fence, FAR_FUTURE - 1, "lease_holder"
+    ),
+    "wait_children": lambda x: x.fn.execution.move_to_waiting_children(
+        x.eid, x.fence, "lease_holder"
+    ),
+    "revoke": lambda x: x.fn.lease.revoke_lease(x.eid, "", "test"),
+    "promote": lambda x: x.fn.scheduling.promote_delayed(x.eid, LANE, FAR_FUTURE),
+    "replay": lambda x: x.fn.execution.replay_execution(x.eid),
+    "priority": lambda x: x.fn.scheduling.change_priority(x.eid, x.n),
+    "progress": lambda x: x.fn.execution.update_progress(x.eid, x.fence, x.n % 101, "p"),
 }
 
 
-async def step(fn: LifecycleFunctions, model: Model, op: str, pick: int, stale: bool,
+async def step(fn: Functions, model: Model, op: str, pick: int, stale: bool,
                n: int) -> None:  # fmt: skip
     if op == "create" or not model.eids:
         if len(model.eids) < 2:
             eid = ExecutionId(7, str(uuid.uuid4()))
-            await fn.create_execution(NewExecution(eid, "ns", LANE, "k", b"x", n, "prop",
+            await fn.execution.create_execution(NewExecution(eid, "ns", LANE, "k", b"x", n, "prop",
                                                    policy_json=POLICY))  # fmt: skip
             model.eids.append(eid)
             model.fences[str(eid)] = []
@@ -189,7 +205,7 @@ async def test_random_operations_keep_invariants(
     store: Store, steps: list[tuple[str, int, bool, int]]
 ) -> None:
     await flush(store)
-    fn = LifecycleFunctions(store)
+    fn = Functions(store)
     model = Model()
     for op, pick, stale, n in steps:
         try:

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.functions import scheduling
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
 from tests.lua.util import (
@@ -21,9 +22,10 @@ from tests.lua.util import (
     claim_raw,
     core_of,
     create,
+    ctx_of,
     delay,
     fail,
-    grant_keys,
+    fcall,
     hash_of,
     history_events,
     issue_grant,
@@ -282,11 +284,15 @@ async def test_claim_ignores_routing_only_keys(store: Store) -> None:
     eid = await created(store)
     assert (await issue_grant(store, eid))[1] == b"OK"
     p = PartitionKeys(eid.tag)
-    keys = claim_keys(eid, 9, "someone-else")
+    keys = claim_keys(eid, "someone-else")
     for i in (2, 4, 5, 6, 7, 11):
         keys[i] = p.noop
-    args = [str(eid), WORKER, INSTANCE, LANE, "", "L", "30000", "20000", "A", "{}", "", ""]
-    reply = await store.fcall("ff_claim_execution", keys, args)
+    values = {
+        "execution_id": str(eid), "worker_id": WORKER, "worker_instance_id": INSTANCE,
+        "lane_id": LANE, "capability_hash": "", "lease_id": "L", "lease_ttl_ms": 30000,
+        "renew_before_ms": 20000, "attempt_id": "A", "attempt_policy_json": "{}",
+    }  # fmt: skip
+    reply = await fcall(store, scheduling.CLAIM, ctx_of(eid), values, keys=keys)
     assert reply[:4] == [1, b"OK", b"L", b"1"]
     await check_invariants(store, eid)
     assert await store.call("EXISTS", ExecKeys(eid).attempt(0)) == 1
@@ -343,7 +349,8 @@ async def test_retry_promotion_keeps_pending_retry(store: Store) -> None:
 
 
 async def change_priority(store: Store, eid, value: object) -> list:
-    return await store.fcall("ff_change_priority", grant_keys(eid)[::2], [str(eid), str(value)])  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid), "new_priority": value}
+    return await fcall(store, scheduling.CHANGE_PRIORITY, ctx_of(eid), values)
 
 
 async def test_raised_priority_becomes_the_head(store: Store) -> None:
@@ -374,5 +381,10 @@ async def test_mismatched_execution_id_is_a_malformed_call(store: Store) -> None
     eid, other = await created(store), new_eid()
     before = await snapshot(store, eid)
     with pytest.raises(FlowFabricError, match="is not the execution of KEYS"):
-        await store.fcall("ff_change_priority", grant_keys(eid)[::2], [str(other), "5"])
+        await fcall(
+            store,
+            scheduling.CHANGE_PRIORITY,
+            ctx_of(eid),
+            {"execution_id": str(other), "new_priority": 5},
+        )
     assert await snapshot(store, eid) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from flowfabric.server.valkey.functions import stream
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys
 from flowfabric.server.valkey.store import Store
@@ -15,8 +16,11 @@ from tests.lua.util import (
     complete,
     create,
     create_and_claim,
+    ctx_of,
     expire,
     fail,
+    fcall,
+    fence_values,
     hash_of,
     mark_expired,
     new_eid,
@@ -41,22 +45,22 @@ async def append(
     maxlen: str = "",
     cap: str = "",
 ) -> list:
-    k = ExecKeys(lease.eid)
     index = lease.attempt_index if idx is None else idx
-    lid, epoch, aid = fence if fence is not None else lease.fence
-    keys = [k.core, k.stream(index), k.stream_meta(index)]
-    args = [str(lease.eid), str(index), lid, epoch, aid, frame_type, ts, payload, encoding,
-            metadata_json, correlation_id, source, maxlen, cap]  # fmt: skip
-    return await store.fcall("ff_append_frame", keys, args)  # type: ignore[no-any-return]
+    values = {
+        "execution_id": str(lease.eid), "attempt_index": index,
+        **fence_values(fence if fence is not None else lease.fence), "frame_type": frame_type,
+        "timestamp": ts, "payload": payload, "encoding": encoding, "metadata_json": metadata_json,
+        "correlation_id": correlation_id, "source": source, "retention_maxlen": maxlen,
+        "max_payload_bytes": cap,
+    }  # fmt: skip
+    return await fcall(store, stream.APPEND, ctx_of(lease.eid, attempt_index=index), values)
 
 
 async def read(
     store: Store, eid: ExecutionId, idx: int = 0, frm: str = "-", to: str = "+", n: object = 100
 ) -> list:
-    k = ExecKeys(eid)
-    return await store.fcall(  # type: ignore[no-any-return]
-        "ff_read_attempt_stream", [k.stream(idx), k.stream_meta(idx)], [frm, to, str(n)]
-    )
+    values = {"from_id": frm, "to_id": to, "count_limit": n}
+    return await fcall(store, stream.READ, ctx_of(eid, attempt_index=idx), values)
 
 
 def fields_of(entry: list) -> dict[bytes, bytes]:

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from flowfabric.server.valkey.functions import maintenance, scheduling
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
 from tests.lua.util import (
@@ -22,9 +23,11 @@ from tests.lua.util import (
     condition,
     core_of,
     create_pending,
+    ctx_of,
     exec_key,
     expire,
     expire_suspension,
+    fcall,
     flip_last,
     hash_of,
     history_events,
@@ -56,22 +59,12 @@ def sig_channel(lease: Lease) -> str:
 
 
 async def claim_resumed(store: Store, lease: Lease) -> list:
-    k, p = ExecKeys(lease.eid), PartitionKeys(lease.eid.tag)
-    keys = [
-        k.core,
-        k.claim_grant,
-        p.lane(LANE, "eligible"),
-        p.lease_expiry,
-        p.worker_leases(INSTANCE),
-        k.attempt(lease.attempt_index),
-        k.lease_current,
-        k.lease_history,
-        p.lane(LANE, "active"),
-        p.attempt_timeout,
-        p.execution_deadline,
-    ]
-    args = [str(lease.eid), WORKER, INSTANCE, LANE, f"lease-{uuid.uuid4()}", "30000", "0", ""]
-    return await store.fcall("ff_claim_resumed_execution", keys, args)  # type: ignore[no-any-return]
+    values = {
+        "execution_id": str(lease.eid), "worker_id": WORKER, "worker_instance_id": INSTANCE,
+        "lane_id": LANE, "lease_id": f"lease-{uuid.uuid4()}", "lease_ttl_ms": "30000",
+        "current_attempt_index": "0", "remaining_attempt_timeout_ms": "",
+    }  # fmt: skip
+    return await fcall(store, scheduling.CLAIM_RESUMED, ctx_of(lease.eid), values)
 
 
 # -- create_pending_waitpoint (§5.1) ---------------------------------------------------------------
@@ -799,7 +792,8 @@ async def test_reconciler_restores_the_suspended_score(store: Store) -> None:
     p = PartitionKeys(lease.eid.tag)
     for lz, score in ((lease, NO_TIMEOUT), (timed, timeout)):
         await store.call("ZREM", p.lane(LANE, "suspended"), str(lz.eid))
-        reply = await store.fcall("ff_reconcile_indexes", [ExecKeys(lz.eid).core], [str(lz.eid)])
+        values = {"execution_id": str(lz.eid)}
+        reply = await fcall(store, maintenance.RECONCILE, ctx_of(lz.eid), values)
         assert reply == [1, b"OK", b"repaired", b"suspended", b""]
         assert int(await store.call("ZSCORE", p.lane(LANE, "suspended"), str(lz.eid))) == score
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from flowfabric.server.valkey.functions import execution
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
@@ -23,11 +24,13 @@ from tests.lua.util import (
     core_of,
     create,
     create_and_claim,
+    ctx_of,
     delay,
     exec_key,
     expire,
     fail,
     fake_suspend,
+    fcall,
     hash_of,
     history_events,
     issue_grant,
@@ -495,8 +498,11 @@ async def test_move_with_an_expired_lease(store: Store) -> None:
 async def progress(
     store: Store, lease: Lease, pct: str = "", msg: str = "", epoch: str = ""
 ) -> list:
-    args = [str(lease.eid), lease.lease_id, epoch or lease.epoch, pct, msg]
-    return await store.fcall("ff_update_progress", [ExecKeys(lease.eid).core], args)  # type: ignore[no-any-return]
+    values = {
+        "execution_id": str(lease.eid), "lease_id": lease.lease_id,
+        "lease_epoch": epoch or lease.epoch, "progress_pct": pct, "progress_message": msg,
+    }  # fmt: skip
+    return await fcall(store, execution.PROGRESS, ctx_of(lease.eid), values)
 
 
 async def test_progress(store: Store) -> None:

@@ -6,16 +6,20 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from flowfabric.server.engine.scanners import server_time_ms
+from flowfabric.server.valkey.functions import execution, scheduling, signal
+from flowfabric.server.valkey.functions import lease as lease_fns
+from flowfabric.server.valkey.functions import suspension as suspension_fns
+from flowfabric.server.valkey.functions.core import Decl, KeyCtx, Raw, build, exec_ctx
 from flowfabric.server.valkey.ids import ExecutionId
-from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys, WaitpointKeys, signal_key
-from flowfabric.server.valkey.store import Store
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys, WaitpointKeys
+from flowfabric.server.valkey.store import Store, server_time_ms
 
 LANE = "default"
 
@@ -24,23 +28,55 @@ def new_eid(partition: int = 7) -> ExecutionId:
     return ExecutionId(partition, str(uuid.uuid4()))
 
 
-def create_keys(eid: ExecutionId, idem: str | None = None, namespace: str = "ns") -> list[str]:
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    return [
-        k.core,
-        k.payload,
-        k.policy,
-        k.tags,
-        p.lane(LANE, "eligible"),
-        p.lane(LANE, "delayed"),
-        k.idempotency(namespace, idem) if idem else p.noop,
-        p.execution_deadline,
-        p.all_executions,
-        p.lanes,
-    ]
+# -- the server's builder, with every value sent verbatim ------------------------------------------
 
 
-def create_args(eid: ExecutionId, **over: object) -> list[object]:
+def _raw(value: object) -> object:
+    if isinstance(value, list | tuple):
+        return [_raw(v) for v in value]
+    return Raw(value if isinstance(value, bytes) else str(value))
+
+
+def call_args(
+    decl: Decl[Any],
+    ctx: KeyCtx,
+    values: Mapping[str, object],
+    *,
+    keys: Sequence[str] | None = None,
+    patch: Mapping[int, str] | None = None,
+) -> tuple[list[str], list[str | bytes]]:
+    """(KEYS, ARGV) as `core.build` makes them for the server, each value sent as given (tests
+    send malformed ones on purpose); `keys` replaces the KEYS, `patch` swaps single slots."""
+    k, a = build(decl, ctx, {n: _raw(v) for n, v in values.items()}, keys=keys)
+    for i, key in (patch or {}).items():
+        k[i] = key
+    return k, a
+
+
+async def fcall(
+    store: Store,
+    decl: Decl[Any],
+    ctx: KeyCtx,
+    values: Mapping[str, object],
+    *,
+    keys: Sequence[str] | None = None,
+    patch: Mapping[int, str] | None = None,
+) -> list:
+    """The raw reply of one call built by the server's builder (see `call_args`)."""
+    k, a = call_args(decl, ctx, values, keys=keys, patch=patch)
+    return await store.fcall(decl.name, k, a, read_only=decl.read_only)  # type: ignore[no-any-return]
+
+
+def ctx_of(eid: ExecutionId, **more: Any) -> KeyCtx:
+    return exec_ctx(eid, lane=LANE, **{"worker_instance_id": INSTANCE, **more})
+
+
+def fence_values(fence: Sequence[str]) -> dict[str, object]:
+    lid, epoch, aid = fence
+    return {"lease_id": lid, "lease_epoch": epoch, "attempt_id": aid}
+
+
+def create_args(eid: ExecutionId, **over: object) -> dict[str, object]:
     base: dict[str, object] = {
         "execution_id": str(eid),
         "namespace": "ns",
@@ -61,13 +97,12 @@ def create_args(eid: ExecutionId, **over: object) -> list[object]:
     unknown = set(over) - set(base)
     assert not unknown, f"not create arguments: {unknown}"
     base.update(over)
-    return list(base.values())
+    return base
 
 
 async def create(store: Store, eid: ExecutionId, idem: str | None = None, **over: object) -> list:
-    return await store.fcall(  # type: ignore[no-any-return]
-        "ff_create_execution", create_keys(eid, idem), create_args(eid, **over)
-    )
+    ctx = ctx_of(eid, namespace="ns", idempotency_key=idem or "")
+    return await fcall(store, execution.CREATE, ctx, create_args(eid, **over))
 
 
 async def now_ms(store: Store) -> int:
@@ -171,24 +206,18 @@ async def hash_of(store: Store, key: str) -> dict[str, str]:
     return {a.decode(): b.decode() for a, b in raw.items()}
 
 
-async def _pre_read(store: Store, eid: ExecutionId) -> tuple[str, str, str, str]:
-    """What the server pre-reads to build keys: attempt index, holder, waitpoint, lane."""
-    c = await core_of(store, eid)
-    return (
-        c.get("current_attempt_index") or "0",
-        c.get("current_worker_instance_id") or "none",
-        c.get("current_waitpoint_id") or "",
-        c.get("lane_id") or LANE,
-    )
-
-
 def grant_keys(eid: ExecutionId) -> list[str]:
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    return [k.core, k.claim_grant, p.lane(LANE, "eligible")]
+    return call_args(scheduling.ISSUE_GRANT, ctx_of(eid), grant_values(eid, "", "", 0, ""))[0]
 
 
-def grant_args(eid: ExecutionId, worker: str, instance: str, ttl: object, caps: str) -> list:
-    return [str(eid), worker, instance, LANE, "caphash", str(ttl), "{}", "", caps]
+def grant_values(
+    eid: ExecutionId, worker: str, instance: str, ttl: object, caps: str
+) -> dict[str, object]:
+    return {
+        "execution_id": str(eid), "worker_id": worker, "worker_instance_id": instance,
+        "lane_id": LANE, "capability_hash": "caphash", "grant_ttl_ms": ttl,
+        "route_snapshot_json": "{}", "admission_summary": "", "worker_capabilities_csv": caps,
+    }  # fmt: skip
 
 
 async def issue_grant(
@@ -199,29 +228,13 @@ async def issue_grant(
     ttl: object = 10_000,
     caps: str = "",
 ) -> list:
-    return await store.fcall(  # type: ignore[no-any-return]
-        "ff_issue_claim_grant", grant_keys(eid), grant_args(eid, worker, instance, ttl, caps)
-    )
+    values = grant_values(eid, worker, instance, ttl, caps)
+    return await fcall(store, scheduling.ISSUE_GRANT, ctx_of(eid), values)
 
 
-def claim_keys(eid: ExecutionId, idx: int, instance: str) -> list[str]:
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    return [
-        k.core,
-        k.claim_grant,
-        p.lane(LANE, "eligible"),
-        p.lease_expiry,
-        p.worker_leases(instance),
-        k.attempt(idx),
-        k.attempt_usage(idx),
-        k.attempt_policy(idx),
-        k.attempts,
-        k.lease_current,
-        k.lease_history,
-        p.lane(LANE, "active"),
-        p.attempt_timeout,
-        p.execution_deadline,
-    ]
+def claim_keys(eid: ExecutionId, instance: str) -> list[str]:
+    values = {a.name: "" for a in scheduling.CLAIM.argv}
+    return call_args(scheduling.CLAIM, ctx_of(eid, worker_instance_id=instance), values)[0]
 
 
 async def claim_raw(
@@ -235,26 +248,17 @@ async def claim_raw(
     deadline: str = "",
     renew_before: object | None = None,
 ) -> list:
-    idx = int((await core_of(store, eid)).get("total_attempt_count") or 0)
     if renew_before is None:
-        renew_before = int(ttl) * 2 // 3 if str(ttl).isdigit() else 0
-    args = [
-        str(eid),
-        worker,
-        instance,
-        LANE,
-        "caphash",
-        f"lease-{uuid.uuid4()}",
-        str(ttl),
-        str(renew_before),
-        f"attempt-{uuid.uuid4()}",
-        attempt_policy_json,
-        attempt_timeout_ms,
-        deadline,
-    ]
-    return await store.fcall(  # type: ignore[no-any-return]
-        "ff_claim_execution", claim_keys(eid, idx, instance), args
-    )
+        renew_before = int(str(ttl)) * 2 // 3 if str(ttl).isdigit() else 0
+    values = {
+        "execution_id": str(eid), "worker_id": worker, "worker_instance_id": instance,
+        "lane_id": LANE, "capability_hash": "caphash", "lease_id": f"lease-{uuid.uuid4()}",
+        "lease_ttl_ms": ttl, "renew_before_ms": renew_before,
+        "attempt_id": f"attempt-{uuid.uuid4()}", "attempt_policy_json": attempt_policy_json,
+        "attempt_timeout_ms": attempt_timeout_ms, "execution_deadline_at": deadline,
+    }  # fmt: skip
+    ctx = ctx_of(eid, worker_instance_id=instance)
+    return await fcall(store, scheduling.CLAIM, ctx, values)
 
 
 async def claim(
@@ -286,11 +290,6 @@ async def create_and_claim(
     return await claim(store, eid, ttl=ttl, caps=caps, attempt_timeout_ms=attempt_timeout_ms)
 
 
-def renew_keys(eid: ExecutionId) -> list[str]:
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    return [k.core, k.lease_current, k.lease_history, p.lease_expiry]
-
-
 async def renew(
     store: Store,
     lease: Lease,
@@ -298,10 +297,12 @@ async def renew(
     fence: list[str] | None = None,
     idx: object = None,
 ) -> list:
-    lid, epoch, aid = fence if fence is not None else lease.fence
-    index = lease.attempt_index if idx is None else idx
-    args = [str(lease.eid), str(index), aid, lid, epoch, str(ttl), "5000"]
-    return await store.fcall("ff_renew_lease", renew_keys(lease.eid), args)  # type: ignore[no-any-return]
+    values = {
+        "execution_id": str(lease.eid), **fence_values(fence or lease.fence),
+        "attempt_index": lease.attempt_index if idx is None else idx, "lease_ttl_ms": ttl,
+        "lease_history_grace_ms": 5000,
+    }  # fmt: skip
+    return await fcall(store, lease_fns.RENEW, ctx_of(lease.eid), values)
 
 
 async def complete(
@@ -312,24 +313,11 @@ async def complete(
     source: str = "lease_holder",
     encoding: str = "",
 ) -> list:
-    idx, holder, _, _ = await _pre_read(store, eid)
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    keys = [
-        k.core,
-        k.attempt(int(idx)),
-        p.lease_expiry,
-        p.worker_leases(holder),
-        p.lane(LANE, "terminal"),
-        k.lease_current,
-        k.lease_history,
-        p.lane(LANE, "active"),
-        k.stream_meta(int(idx)),
-        k.result,
-        p.attempt_timeout,
-        p.execution_deadline,
-    ]
-    args = [str(eid), *fence, payload, source, encoding]
-    return await store.fcall("ff_complete_execution", keys, args)  # type: ignore[no-any-return]
+    values = {
+        "execution_id": str(eid), **fence_values(fence), "result_payload": payload,
+        "source": source, "result_encoding": encoding,
+    }  # fmt: skip
+    return await fcall(store, execution.COMPLETE, ctx_of(eid), values)
 
 
 async def fail(
@@ -341,56 +329,26 @@ async def fail(
     retry_policy_json: str = "",
     source: str = "lease_holder",
 ) -> list:
-    idx, holder, _, _ = await _pre_read(store, eid)
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    keys = [
-        k.core,
-        k.attempt(int(idx)),
-        p.lease_expiry,
-        p.worker_leases(holder),
-        p.lane(LANE, "terminal"),
-        p.lane(LANE, "delayed"),
-        k.lease_current,
-        k.lease_history,
-        p.lane(LANE, "active"),
-        k.stream_meta(int(idx)),
-        p.attempt_timeout,
-        p.execution_deadline,
-    ]
-    args = [str(eid), *fence, reason, category, retry_policy_json, source]
-    return await store.fcall("ff_fail_execution", keys, args)  # type: ignore[no-any-return]
-
-
-async def _pause_keys(store: Store, eid: ExecutionId, target: str) -> list[str]:
-    idx, holder, _, _ = await _pre_read(store, eid)
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    return [
-        k.core,
-        k.attempt(int(idx)),
-        k.lease_current,
-        k.lease_history,
-        p.lease_expiry,
-        p.worker_leases(holder),
-        p.lane(LANE, "active"),
-        p.lane(LANE, target),
-        p.attempt_timeout,
-    ]
+    values = {
+        "execution_id": str(eid), **fence_values(fence), "failure_reason": reason,
+        "failure_category": category, "retry_policy_json": retry_policy_json, "source": source,
+    }  # fmt: skip
+    return await fcall(store, execution.FAIL, ctx_of(eid), values)
 
 
 async def delay(
     store: Store, eid: ExecutionId, fence: list[str], until: object, source: str = "lease_holder"
 ) -> list:
-    keys = await _pause_keys(store, eid, "delayed")
-    args = [str(eid), *fence, str(until), source]
-    return await store.fcall("ff_delay_execution", keys, args)  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid), **fence_values(fence), "delay_until": until,
+              "source": source}  # fmt: skip
+    return await fcall(store, execution.DELAY, ctx_of(eid), values)
 
 
 async def move_to_children(
     store: Store, eid: ExecutionId, fence: list[str], source: str = "lease_holder"
 ) -> list:
-    keys = await _pause_keys(store, eid, "blocked:dependencies")
-    args = [str(eid), *fence, source]
-    return await store.fcall("ff_move_to_waiting_children", keys, args)  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid), **fence_values(fence), "source": source}
+    return await fcall(store, execution.WAIT_CHILDREN, ctx_of(eid), values)
 
 
 async def cancel(
@@ -400,96 +358,47 @@ async def cancel(
     source: str = "operator_override",
     fence: list[str] | None = None,
 ) -> list:
-    idx, holder, wp, _ = await _pre_read(store, eid)
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    wp_key = f"ff:wp:{eid.tag}:{wp}" if wp else p.noop
-    keys = [
-        k.core,
-        k.attempt(int(idx)),
-        k.stream_meta(int(idx)),
-        k.lease_current,
-        k.lease_history,
-        p.lease_expiry,
-        p.worker_leases(holder),
-        exec_key(eid, "suspension:current"),
-        wp_key,
-        f"{wp_key}:condition" if wp else p.noop,
-        p.suspension_timeout,
-        p.lane(LANE, "terminal"),
-        p.attempt_timeout,
-        p.execution_deadline,
-        *(
-            p.lane(LANE, w)
-            for w in (
-                "eligible",
-                "delayed",
-                "blocked:dependencies",
-                "blocked:budget",
-                "blocked:quota",
-                "blocked:route",
-                "blocked:operator",
-            )
-        ),
-    ]
-    args = [str(eid), reason, source, *(fence or ["", "", ""])]
-    return await store.fcall("ff_cancel_execution", keys, args)  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid), "reason": reason, "source": source,
+              **fence_values(fence or ["", "", ""])}  # fmt: skip
+    return await fcall(store, execution.CANCEL, ctx_of(eid), values)
 
 
 async def expire(store: Store, eid: ExecutionId, reason: str = "attempt_timeout") -> list:
-    idx, holder, _, _ = await _pre_read(store, eid)
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    keys = [
-        k.core,
-        k.attempt(int(idx)),
-        k.stream_meta(int(idx)),
-        k.lease_current,
-        k.lease_history,
-        p.lease_expiry,
-        p.worker_leases(holder),
-        p.lane(LANE, "active"),
-        p.lane(LANE, "terminal"),
-        p.attempt_timeout,
-        p.execution_deadline,
-        p.lane(LANE, "suspended"),
-        p.suspension_timeout,
-        exec_key(eid, "suspension:current"),
-    ]
-    return await store.fcall("ff_expire_execution", keys, [str(eid), reason])  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid), "expire_reason": reason}
+    return await fcall(store, execution.EXPIRE, ctx_of(eid), values)
 
 
 async def promote(store: Store, eid: ExecutionId, now: int) -> list:
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    keys = [k.core, p.lane(LANE, "delayed"), p.lane(LANE, "eligible")]
-    return await store.fcall("ff_promote_delayed", keys, [str(eid), str(now)])  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid), "now_ms": now}
+    return await fcall(store, scheduling.PROMOTE, ctx_of(eid), values)
 
 
 async def replay(store: Store, eid: ExecutionId, edges: tuple[str, ...] = ()) -> list:
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    keys = [k.core, p.lane(LANE, "terminal"), p.lane(LANE, "eligible"), k.lease_history]
-    if edges:
+    p = PartitionKeys(eid.tag)
+    ctx = ctx_of(eid)
+    keys = call_args(execution.REPLAY, ctx, {"execution_id": str(eid)})[0]
+    if edges:  # the optional keys of a skipped flow member (the server never sends them)
         keys += [
             p.lane(LANE, "blocked:dependencies"),
             exec_key(eid, "deps:meta"),
             exec_key(eid, "deps:unresolved"),
             *(exec_key(eid, f"dep:{e}") for e in edges),
         ]
-    return await store.fcall("ff_replay_execution", keys, [str(eid), "0", *edges])  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid), "now_ms": "0", "inbound_edge_ids": list(edges)}
+    return await fcall(store, execution.REPLAY, ctx, values, keys=keys)
 
 
 def mark_keys(eid: ExecutionId) -> list[str]:
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    return [k.core, k.lease_current, p.lease_expiry, k.lease_history]
+    return call_args(lease_fns.MARK_EXPIRED, ctx_of(eid), {"execution_id": ""})[0]
 
 
 async def mark_expired(store: Store, eid: ExecutionId) -> list:
-    return await store.fcall("ff_mark_lease_expired_if_due", mark_keys(eid), [str(eid)])  # type: ignore[no-any-return]
+    return await fcall(store, lease_fns.MARK_EXPIRED, ctx_of(eid), {"execution_id": str(eid)})
 
 
 async def revoke(store: Store, eid: ExecutionId, expected: str = "", reason: str = "") -> list:
-    _, holder, _, _ = await _pre_read(store, eid)
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    keys = [k.core, k.lease_current, k.lease_history, p.lease_expiry, p.worker_leases(holder)]
-    return await store.fcall("ff_revoke_lease", keys, [str(eid), expected, reason])  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid), "expected_lease_id": expected, "revoke_reason": reason}
+    return await fcall(store, lease_fns.REVOKE, ctx_of(eid), values)
 
 
 async def history_events(store: Store, eid: ExecutionId) -> list[dict[str, str]]:
@@ -687,9 +596,7 @@ def keystore(eid: ExecutionId) -> str:
 async def install_secret(
     store: Store, eid: ExecutionId, secret: str = HMAC_SECRET, kid: str = "k1"
 ) -> list:
-    return await store.fcall(  # type: ignore[no-any-return]
-        "ff_install_waitpoint_hmac_secret", [keystore(eid)], [kid, secret]
-    )
+    return await fcall(store, signal.INSTALL, ctx_of(eid), {"kid": kid, "secret_hex": secret})
 
 
 def hmac_token(secret_hex: str, wpid: str, wpkey: str, created_at: object, kid: str = "k1") -> str:
@@ -718,23 +625,15 @@ async def create_pending(
 ) -> list:
     eid = lease.eid
     wpid = wpid or str(uuid.uuid4())
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    keys = [
-        k.core,
-        wp_key(eid, wpid),
-        p.pending_waitpoint_expiry,
-        ks or keystore(eid),
-        k.waitpoints,
-    ]
-    args = [
-        str(eid),
-        *(fence if fence is not None else lease.fence),
-        str(lease.attempt_index if idx is None else idx),
-        wpid,
-        f"wpk:{wpid}" if wpkey is None else wpkey,
-        str(expires_in_ms),
-    ]
-    return await store.fcall("ff_create_pending_waitpoint", keys, args)  # type: ignore[no-any-return]
+    values = {
+        "execution_id": str(eid), **fence_values(lease.fence if fence is None else fence),
+        "attempt_index": lease.attempt_index if idx is None else idx, "waitpoint_id": wpid,
+        "waitpoint_key": f"wpk:{wpid}" if wpkey is None else wpkey,
+        "expires_in_ms": expires_in_ms,
+    }  # fmt: skip
+    ctx = ctx_of(eid, waitpoint_id=wpid)
+    patch = {3: ks} if ks else None
+    return await fcall(store, suspension_fns.CREATE_PENDING, ctx, values, patch=patch)
 
 
 def condition(*names: str, mode: str | None = None, minimum: int = 1, **extra: object) -> str:
@@ -766,52 +665,28 @@ async def suspend(
 ) -> list:
     eid = lease.eid
     wpid = wpid or str(uuid.uuid4())
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    keys = [
-        k.core,
-        k.suspension_current,
-        wp_key(eid, wpid),
-        ks or keystore(eid),
-        k.lease_current,
-        k.lease_history,
-        p.lease_expiry,
-        p.attempt_timeout,
-        p.suspension_timeout,
-        p.pending_waitpoint_expiry,
-        k.waitpoints,
-        k.signals,
-    ]
-    args = [
-        str(eid),
-        *(fence if fence is not None else lease.fence),
-        str(lease.attempt_index if idx is None else idx),
-        sid or str(uuid.uuid4()),
-        wpid,
-        f"wpk:{wpid}",
-        reason,
-        "worker",
-        condition("go") if cond is None else cond,
-        policy,
-        "cont-ptr",
-        str(timeout_at),
-        "1" if use_pending else "0",
-        behavior,
-    ]
-    return await store.fcall("ff_suspend_execution", keys, args)  # type: ignore[no-any-return]
+    values = {
+        "execution_id": str(eid), **fence_values(lease.fence if fence is None else fence),
+        "attempt_index": lease.attempt_index if idx is None else idx,
+        "suspension_id": sid or str(uuid.uuid4()), "waitpoint_id": wpid,
+        "waitpoint_key": f"wpk:{wpid}", "reason_code": reason, "requested_by": "worker",
+        "resume_condition_json": condition("go") if cond is None else cond,
+        "resume_policy_json": policy, "continuation_metadata_pointer": "cont-ptr",
+        "timeout_at": timeout_at, "use_pending_waitpoint": "1" if use_pending else "0",
+        "timeout_behavior": behavior,
+    }  # fmt: skip
+    ctx = ctx_of(eid, waitpoint_id=wpid)
+    patch = {3: ks} if ks else None
+    return await fcall(store, suspension_fns.SUSPEND, ctx, values, patch=patch)
+
+
+def _signal_ctx(eid: ExecutionId, wpid: str, sig: str, idem: str = "") -> KeyCtx:
+    return ctx_of(eid, waitpoint_id=wpid, signal_id=sig, idempotency_key=idem)
 
 
 def signal_keys(eid: ExecutionId, wpid: str, sig: str, idem: str = "") -> list[str]:
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    return [
-        k.core,
-        wp_key(eid, wpid),
-        keystore(eid),
-        k.signals,
-        signal_key(eid.tag, sig),
-        WaitpointKeys(eid.tag, wpid).dedup(idem) if idem else p.noop,
-        k.suspension_current,
-        p.suspension_timeout,
-    ]
+    values = {a.name: "" for a in signal.DELIVER.argv}
+    return call_args(signal.DELIVER, _signal_ctx(eid, wpid, sig, idem), values)[0]
 
 
 async def send_signal(
@@ -832,60 +707,40 @@ async def send_signal(
 ) -> list:
     """ff_deliver_signal (or the buffer function) with everything else defaulted."""
     sig = sig or str(uuid.uuid4())
-    args = [
-        str(eid),
-        wpid,
-        sig,
-        name,
-        "callback",
-        "webhook",
-        "tester",
-        payload,
-        "",
-        "corr-1",
-        idem,
-        "",
-        "",
-        str(ttl),
-        str(delay),
-        str(limit),
-        str(maxlen),
-        token,
-    ]
-    fn = "ff_buffer_signal_for_pending_waitpoint" if buffer else "ff_deliver_signal"
-    return await store.fcall(fn, keys or signal_keys(eid, wpid, sig, idem), args)  # type: ignore[no-any-return]
+    values = {
+        "execution_id": str(eid), "waitpoint_id": wpid, "signal_id": sig, "signal_name": name,
+        "signal_category": "callback", "source_type": "webhook", "source_identity": "tester",
+        "payload": payload, "payload_encoding": "", "correlation_id": "corr-1",
+        "idempotency_key": idem, "target_scope": "", "created_at": "", "dedup_ttl_ms": ttl,
+        "resume_delay_ms": delay, "max_signals_per_execution": limit, "signal_maxlen": maxlen,
+        "waitpoint_token": token,
+    }  # fmt: skip
+    decl = signal.BUFFER if buffer else signal.DELIVER
+    return await fcall(store, decl, _signal_ctx(eid, wpid, sig, idem), values, keys=keys)
 
 
 async def resume(
     store: Store, eid: ExecutionId, trigger: str = "operator", delay: object = ""
 ) -> list:
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    keys = [k.core, k.suspension_current, p.suspension_timeout]
-    return await store.fcall("ff_resume_execution", keys, [str(eid), trigger, str(delay)])  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid), "trigger_type": trigger, "resume_delay_ms": delay}
+    return await fcall(store, suspension_fns.RESUME, ctx_of(eid), values)
 
 
 async def close_wp(store: Store, eid: ExecutionId, wpid: str, reason: str = "") -> list:
-    keys = [ExecKeys(eid).core, wp_key(eid, wpid), PartitionKeys(eid.tag).pending_waitpoint_expiry]
-    return await store.fcall("ff_close_waitpoint", keys, [str(eid), wpid, reason])  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid), "waitpoint_id": wpid, "reason": reason}
+    return await fcall(
+        store, suspension_fns.CLOSE_WAITPOINT, ctx_of(eid, waitpoint_id=wpid), values
+    )
 
 
 async def expire_suspension(store: Store, eid: ExecutionId) -> list:
-    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
-    keys = [
-        k.core,
-        k.suspension_current,
-        p.suspension_timeout,
-        p.attempt_timeout,
-        p.execution_deadline,
-    ]
-    return await store.fcall("ff_expire_suspension", keys, [str(eid)])  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid)}
+    return await fcall(store, suspension_fns.EXPIRE_SUSPENSION, ctx_of(eid), values)
 
 
 async def resume_signals(store: Store, eid: ExecutionId, idx: int = 0) -> list[tuple[dict, bytes]]:
-    k = ExecKeys(eid)
-    reply = await store.fcall(
-        "ff_read_resume_signals", [k.core, k.suspension_current], [str(eid), str(idx)]
-    )
+    values = {"execution_id": str(eid), "attempt_index": idx}
+    reply = await fcall(store, suspension_fns.READ_RESUME_SIGNALS, ctx_of(eid), values)
     assert reply[:2] == [1, b"OK"], reply
     n, rest = int(reply[2]), reply[3:]
     out = []
@@ -897,16 +752,17 @@ async def resume_signals(store: Store, eid: ExecutionId, idx: int = 0) -> list[t
 
 
 async def list_waitpoints(store: Store, eid: ExecutionId) -> list:
-    k = ExecKeys(eid)
-    return await store.fcall("ff_list_waitpoints", [k.core, k.waitpoints], [str(eid)])  # type: ignore[no-any-return]
+    values = {"execution_id": str(eid)}
+    return await fcall(store, suspension_fns.LIST_WAITPOINTS, ctx_of(eid), values)
 
 
 async def rotate(store: Store, ks: str, kid: str, secret: str, grace: object = 600_000) -> list:
-    return await store.fcall("ff_rotate_waitpoint_hmac_secret", [ks], [kid, secret, str(grace)])  # type: ignore[no-any-return]
+    values = {"new_kid": kid, "new_secret_hex": secret, "grace_ms": grace}
+    return await fcall(store, signal.ROTATE, KeyCtx(tag="-"), values, keys=[ks])
 
 
 async def list_kids(store: Store, ks: str) -> list:
-    return await store.fcall("ff_list_waitpoint_hmac_kids", [ks], [])  # type: ignore[no-any-return]
+    return await fcall(store, signal.LIST_KIDS, KeyCtx(tag="-"), {}, keys=[ks])
 
 
 async def leased(store: Store, **create_over: object) -> Lease:

@@ -16,11 +16,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from flowfabric.server.config import Config, ConfigError, _hex
-from flowfabric.server.valkey.codec import Reply
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.functions import INITIAL_KID, SignalFunctions
+from flowfabric.server.valkey.functions import INITIAL_KID, Keystore, Outcome
+from flowfabric.server.valkey.functions.signal import Rotated
 from flowfabric.server.valkey.keys import PartitionKeys
 
 log = logging.getLogger("flowfabric.keystore")
@@ -29,6 +30,7 @@ audit = logging.getLogger("flowfabric.audit")
 PARALLELISM = 16
 ROTATION_DEADLINE_S = 120.0
 SECRET_FILE = "waitpoint_hmac_secret"
+R = TypeVar("R")
 
 
 def embedded_secret(data_dir: Path) -> str:
@@ -65,13 +67,13 @@ def resolve_secret(config: Config) -> str:
 
 
 async def for_each_partition(
-    partitions: int, call: Callable[[int], Awaitable[Reply]], parallelism: int = PARALLELISM
-) -> dict[int, Reply | FlowFabricError]:
+    partitions: int, call: Callable[[int], Awaitable[R]], parallelism: int = PARALLELISM
+) -> dict[int, R | FlowFabricError]:
     """Run `call(partition)` for every partition, at most `parallelism` at once; each partition
     ends with its reply or its error."""
     gate = asyncio.Semaphore(parallelism)
 
-    async def one(p: int) -> Reply | FlowFabricError:
+    async def one(p: int) -> R | FlowFabricError:
         async with gate:
             try:
                 return await call(p)
@@ -82,19 +84,19 @@ async def for_each_partition(
     return dict(enumerate(results))
 
 
-async def install_secret(fn: SignalFunctions, partitions: int, secret_hex: str) -> Counter[str]:
+async def install_secret(fn: Keystore, partitions: int, secret_hex: str) -> Counter[str]:
     """Boot step (spec 20 §4.7): install `k1` on every partition. Returns the outcome counts;
     raises the first Valkey error (boot aborts). One aggregated warning per fault class."""
 
-    def call(p: int) -> Awaitable[Reply]:
-        return fn.install_waitpoint_hmac_secret(PartitionKeys.of(p).tag, INITIAL_KID, secret_hex)
+    def call(p: int) -> Awaitable[Outcome]:
+        return fn.install(PartitionKeys.of(p).tag, INITIAL_KID, secret_hex)
 
     results = await for_each_partition(partitions, call)
     errors = {p: r for p, r in results.items() if isinstance(r, FlowFabricError)}
     if errors:
         first = min(errors)
         raise errors[first]
-    counts = Counter(r.str(0) for r in results.values() if isinstance(r, Reply))
+    counts = Counter(r.outcome for r in results.values() if isinstance(r, Outcome))
     if counts["repaired"]:
         log.warning(
             "waitpoint HMAC keystore: the current kid's secret was missing on %d partition(s); "
@@ -119,13 +121,12 @@ class RotationResult:
 
 
 async def rotate_secret(
-    fn: SignalFunctions, partitions: int, new_kid: str, new_secret_hex: str, grace_ms: int
+    fn: Keystore, partitions: int, new_kid: str, new_secret_hex: str, grace_ms: int
 ) -> RotationResult:
     """Rotate every partition (spec 20 §5.10); `Rotated` and `Noop` count as success."""
 
-    def call(p: int) -> Awaitable[Reply]:
-        tag = PartitionKeys.of(p).tag
-        return fn.rotate_waitpoint_hmac_secret(tag, new_kid, new_secret_hex, grace_ms)
+    def call(p: int) -> Awaitable[Rotated]:
+        return fn.rotate(PartitionKeys.of(p).tag, new_kid, new_secret_hex, grace_ms)
 
     out = RotationResult()
     for p, r in sorted((await for_each_partition(partitions, call)).items()):
@@ -135,7 +136,7 @@ async def rotate_secret(
             audit.error("waitpoint_hmac_rotation_failed partition=%d err=%s", p, r.code)
         else:
             out.rotated += 1
-            log.debug("waitpoint HMAC rotation partition=%d outcome=%s", p, r.str(0))
+            log.debug("waitpoint HMAC rotation partition=%d outcome=%s", p, r.outcome)
     audit.info(
         "waitpoint_hmac_rotation_complete new_kid=%s total_partitions=%d rotated=%d "
         "failed_count=%d",

@@ -20,7 +20,7 @@ from flowfabric.server.config import Config
 from flowfabric.server.engine.scanners import Scanner, ScannerSet
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.functions import LifecycleFunctions
+from flowfabric.server.valkey.functions import Functions
 from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
@@ -37,7 +37,7 @@ RECONCILE_BATCH = 100
 def lifecycle_scanners(
     config: Config,
     store: Store,
-    fn: LifecycleFunctions,
+    fn: Functions,
     registry: WorkerRegistry,
     on_eligible: Callable[[], None] | None = None,
 ) -> ScannerSet:
@@ -53,18 +53,18 @@ def lifecycle_scanners(
             on_eligible()
 
     async def mark_expired(member: str, now: int, lane: str | None) -> None:
-        await fn.mark_lease_expired_if_due(eid_of(member))
+        await fn.lease.mark_lease_expired_if_due(eid_of(member))
 
     async def promote(member: str, now: int, lane: str | None) -> None:
-        reply = await fn.promote_delayed(eid_of(member), lane or "", now)
-        if reply.str(0) == "promoted":
+        reply = await fn.scheduling.promote_delayed(eid_of(member), lane or "", now)
+        if reply.outcome == "promoted":
             eligible()
 
     async def expire_attempt(member: str, now: int, lane: str | None) -> None:
-        await fn.expire_execution(eid_of(member), "attempt_timeout")
+        await fn.execution.expire_execution(eid_of(member), "attempt_timeout")
 
     async def expire_deadline(member: str, now: int, lane: str | None) -> None:
-        await fn.expire_execution(eid_of(member), "execution_deadline")
+        await fn.execution.expire_execution(eid_of(member), "execution_deadline")
 
     def interval(var: str) -> int:
         return config.interval_ms(var)
@@ -100,7 +100,7 @@ class RouteUnblocker:
     def __init__(
         self,
         store: Store,
-        fn: LifecycleFunctions,
+        fn: Functions,
         registry: WorkerRegistry,
         on_eligible: Callable[[], None] | None,
     ) -> None:
@@ -129,7 +129,7 @@ class RouteUnblocker:
         if need and not any(need <= caps for caps in await self._worker_sets(now)):
             return
         try:
-            await self.fn.unblock_execution(eid, "waiting_for_capable_worker")
+            await self.fn.admission.unblock_execution(eid, "waiting_for_capable_worker")
         except FlowFabricError as exc:
             if exc.code != "execution_not_eligible":  # benign: already moved on
                 raise
@@ -172,7 +172,7 @@ class RetentionTrimmer:
 class IndexReconciler:
     """Walks `all_executions` (SSCAN) and repairs index membership drift via a function."""
 
-    def __init__(self, store: Store, fn: LifecycleFunctions, partitions: int, interval_ms: int):
+    def __init__(self, store: Store, fn: Functions, partitions: int, interval_ms: int):
         self.store, self.fn, self.partitions, self.interval_ms = store, fn, partitions, interval_ms
 
     async def run_cycle(self) -> int:
@@ -187,11 +187,11 @@ class IndexReconciler:
                 for raw in members:
                     try:
                         eid = parse_execution_id(text(raw), self.partitions)
-                        reply = await self.fn.reconcile_indexes(eid)
+                        reply = await self.fn.maintenance.reconcile_indexes(eid)
                     except FlowFabricError as exc:
                         log.debug("reconcile %s: %s", text(raw), exc.code)
                         continue
-                    if reply.str(0) == "repaired":
+                    if reply.outcome == "repaired":
                         repaired += 1
                         log.warning("index reconciler repaired %s", text(raw))
                 cursor = int(cursor)

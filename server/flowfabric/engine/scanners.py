@@ -20,7 +20,9 @@ from typing import Any
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.keys import PartitionKeys
-from flowfabric.server.valkey.store import Store
+from flowfabric.server.valkey.store import Store, server_time_ms
+
+__all__ = ["server_time_ms"]  # re-exported: the TIME read lives in the valkey layer
 
 log = logging.getLogger("flowfabric.scanners")
 
@@ -81,16 +83,6 @@ class Scanner:
             )
         else:
             self._failures[member] = count
-
-
-async def server_time_ms(store: Store) -> int:
-    """Valkey's clock (every partition's node shares it closely enough: functions re-check)."""
-    if store.cluster:
-        node = store.client.get_primaries()[0]
-        sec, usec = await store.client.execute_command("TIME", target_nodes=node)
-    else:
-        sec, usec = await store.call("TIME")
-    return int(sec) * 1000 + int(usec) // 1000
 
 
 class ScannerSet:

@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowfabric.server.engine.events import EventHub
-from flowfabric.server.engine.scanners import server_time_ms
-from flowfabric.server.valkey.codec import Reply, hash_to_dict, text
+from flowfabric.server.valkey.codec import hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.functions import Claimer, LifecycleFunctions
+from flowfabric.server.valkey.functions import Claimer, Functions, Leased, ReclaimLimit
+from flowfabric.server.valkey.functions.lease import Granted
+from flowfabric.server.valkey.functions.scheduling import BatchClaim
 from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id, solo_partition
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
-from flowfabric.server.valkey.store import Store
+from flowfabric.server.valkey.store import Store, server_time_ms
 
 log = logging.getLogger("flowfabric.scheduler")
 
@@ -99,46 +100,44 @@ class Claimed:
     resumed: bool = False
 
 
-def claimed_from_reply(eid: ExecutionId, lane: str, reply: Reply) -> Claimed:
+def claimed_from_reply(eid: ExecutionId, lane: str, reply: Leased) -> Claimed:
     return Claimed(
         execution_id=eid,
         lane_id=lane,
-        lease_id=reply.str(0),
-        lease_epoch=reply.int(1),
-        lease_expires_at=reply.int(2),
-        attempt_id=reply.str(3),
-        attempt_index=reply.int(4),
-        attempt_type=reply.str(5) or "initial",
+        lease_id=reply.lease_id,
+        lease_epoch=reply.lease_epoch,
+        lease_expires_at=reply.lease_expires_at,
+        attempt_id=reply.attempt_id,
+        attempt_index=reply.attempt_index,
+        attempt_type=reply.attempt_type or "initial",
     )
 
 
-def claimed_from_row(row: Sequence[Any], lane: str, partitions: int) -> Claimed:
+def claimed_from_row(row: BatchClaim, lane: str, partitions: int) -> Claimed:
     """One `claimed` row of ff_claim_batch."""
-    (eid, lease_id, epoch, expires, attempt_id, index, attempt_type, resumed, payload, encoding,
-     kind, namespace, priority, flow_id, tags) = row  # fmt: skip
     return Claimed(
-        execution_id=parse_execution_id(text(eid), partitions),
+        execution_id=parse_execution_id(row.execution_id, partitions),
         lane_id=lane,
-        lease_id=text(lease_id),
-        lease_epoch=int(text(epoch)),
-        lease_expires_at=int(text(expires)),
-        attempt_id=text(attempt_id),
-        attempt_index=int(text(index)),
-        attempt_type=text(attempt_type) or "initial",
-        payload=bytes(payload or b""),
-        payload_encoding=text(encoding),
-        execution_kind=text(kind),
-        namespace=text(namespace),
-        tags=hash_to_dict(tags),
-        priority=int(text(priority) or 0),
-        flow_id=text(flow_id),
-        resumed=text(resumed) == "1",
+        lease_id=row.lease_id,
+        lease_epoch=row.lease_epoch,
+        lease_expires_at=row.lease_expires_at,
+        attempt_id=row.attempt_id,
+        attempt_index=row.attempt_index,
+        attempt_type=row.attempt_type or "initial",
+        payload=row.payload,
+        payload_encoding=row.payload_encoding,
+        execution_kind=row.execution_kind,
+        namespace=row.namespace,
+        tags=dict(row.tags),
+        priority=row.priority,
+        flow_id=row.flow_id,
+        resumed=row.resumed,
     )
 
 
 class Scheduler:
     def __init__(
-        self, functions: LifecycleFunctions, store: Store, partitions: int, hub: EventHub | None
+        self, functions: Functions, store: Store, partitions: int, hub: EventHub | None
     ) -> None:
         self.functions = functions
         self.store = store
@@ -222,13 +221,13 @@ class Scheduler:
         """Lease up to `want` heads of the lane's eligible set on `partition` (one FCALL);
         heads the worker's capabilities cannot take are blocked for route."""
         ids = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(want)]
-        reply = await self.functions.claim_batch(
+        reply = await self.functions.scheduling.claim_batch(
             partition, who, req.lease_ttl_ms, ids, want + SCAN_SLACK
         )
-        out = [claimed_from_row(row, who.lane_id, self.partitions) for row in reply.values[0]]
-        for raw in reply.values[1]:
+        out = [claimed_from_row(row, who.lane_id, self.partitions) for row in reply.claimed]
+        for raw in reply.mismatched:
             try:
-                await self._block_for_route(parse_execution_id(text(raw), self.partitions))
+                await self._block_for_route(parse_execution_id(raw, self.partitions))
             except FlowFabricError:
                 continue  # unparsable index members are skipped
         return out
@@ -240,19 +239,21 @@ class Scheduler:
         (delay, waiting for children, resumed suspension), transparently for the worker."""
         lease_id = lease_id or str(uuid.uuid4())
         try:
-            reply = await self.functions.claim_execution(
+            reply = await self.functions.scheduling.claim_execution(
                 eid, who, lease_id, lease_ttl_ms, attempt_id or str(uuid.uuid4())
             )
         except FlowFabricError as exc:
             if exc.code != "use_claim_resumed_execution":
                 raise
-            reply = await self.functions.claim_resumed_execution(eid, who, lease_id, lease_ttl_ms)
+            reply = await self.functions.scheduling.claim_resumed_execution(
+                eid, who, lease_id, lease_ttl_ms
+            )
             claimed = claimed_from_reply(eid, who.lane_id, reply)
             claimed.resumed = True
             return claimed
         return claimed_from_reply(eid, who.lane_id, reply)
 
-    async def grant(self, req: ClaimRequest, who: Claimer) -> tuple[ExecutionId, Reply] | None:
+    async def grant(self, req: ClaimRequest, who: Claimer) -> tuple[ExecutionId, Granted] | None:
         """Two-step claim, step one: a grant for the first grantable head (ClaimForWorker)."""
         parts = self.probe_order(who.lane_id, req.worker_instance_id)
         pipe = self.store.pipeline()
@@ -262,7 +263,9 @@ class Scheduler:
             for raw in members:
                 try:
                     eid = parse_execution_id(text(raw), self.partitions)
-                    return eid, await self.functions.issue_claim_grant(eid, who, req.grant_ttl_ms)
+                    return eid, await self.functions.scheduling.issue_claim_grant(
+                        eid, who, req.grant_ttl_ms
+                    )
                 except FlowFabricError as exc:
                     if exc.code == "capability_mismatch":
                         await self._block_for_route(eid)
@@ -280,7 +283,7 @@ class Scheduler:
 
     async def _block_for_route(self, eid: ExecutionId) -> None:
         try:
-            await self.functions.block_execution(
+            await self.functions.admission.block_execution(
                 eid, "waiting_for_capable_worker", CAPABLE_WORKER_DETAIL
             )
         except FlowFabricError as exc:  # a failed block is only logged (spec 30 §7)
@@ -327,10 +330,10 @@ class Scheduler:
             return None
         if core.get("ownership_state") == "leased":
             # due but not yet marked by the scanner: mark it now (idempotent)
-            await self.functions.mark_lease_expired_if_due(eid)
+            await self.functions.lease.mark_lease_expired_if_due(eid)
         try:
-            await self.functions.issue_reclaim_grant(eid, who, req.grant_ttl_ms)
-            reply = await self.functions.reclaim_execution(
+            await self.functions.lease.issue_reclaim_grant(eid, who, req.grant_ttl_ms)
+            reply = await self.functions.lease.reclaim_execution(
                 eid, who, str(uuid.uuid4()), req.lease_ttl_ms, str(uuid.uuid4())
             )
         except FlowFabricError as exc:
@@ -340,7 +343,7 @@ class Scheduler:
             elif exc.code not in NO_MATCH:
                 raise
             return None
-        if reply.str(0) == "max_reclaims_exceeded":
+        if isinstance(reply, ReclaimLimit):
             return None
         return claimed_from_reply(eid, who.lane_id, reply)
 

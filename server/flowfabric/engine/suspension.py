@@ -19,7 +19,8 @@ from flowfabric.server.config import Config
 from flowfabric.server.engine.scanners import Scanner
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.functions import SignalFunctions
+from flowfabric.server.valkey.functions import Functions
+from flowfabric.server.valkey.functions.suspension import SuspensionExpired
 from flowfabric.server.valkey.ids import parse_execution_id
 from flowfabric.server.valkey.keys import PartitionKeys, WaitpointKeys
 from flowfabric.server.valkey.store import Store
@@ -30,13 +31,13 @@ SUSPENSION_TIMEOUT_BATCH = 50
 PENDING_EXPIRY_BATCH = 100
 
 
-def suspension_scanners(config: Config, store: Store, fn: SignalFunctions) -> list[Scanner]:
+def suspension_scanners(config: Config, store: Store, fn: Functions) -> list[Scanner]:
     parts = config.flow_partitions
 
     async def expire(member: str, now: int, lane: str | None) -> None:
-        reply = await fn.expire_suspension(parse_execution_id(member, parts))
-        if reply.status == "OK":
-            log.info("suspension of %s timed out: %s", member, reply.str(0))
+        reply = await fn.suspension.expire_suspension(parse_execution_id(member, parts))
+        if isinstance(reply, SuspensionExpired):
+            log.info("suspension of %s timed out: %s", member, reply.behavior)
 
     async def close_pending(member: str, now: int, tag: str | None) -> None:
         assert tag is not None  # by_partition: the index's partition tag
@@ -48,7 +49,7 @@ def suspension_scanners(config: Config, store: Store, fn: SignalFunctions) -> li
             # retried forever (spec 20 §5.6)
             await store.call("ZREM", PartitionKeys(tag).pending_waitpoint_expiry, member)
             return
-        await fn.close_waitpoint(eid, member, "never_committed")
+        await fn.suspension.close_waitpoint(eid, member, "never_committed")
 
     return [
         Scanner(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from flowfabric.server.valkey.ids import ExecutionId
 
 PARTITION_CONFIG = "ff:config:partitions"
+WORKERS_INDEX = "ff:idx:workers"
 
 
 def noop(tag: str) -> str:
@@ -197,3 +198,22 @@ class PartitionKeys:
     @property
     def noop(self) -> str:
         return noop(self.tag)
+
+
+@dataclass(frozen=True)
+class WorkerKeys:
+    """The registry keys of one worker instance: global (no hash tag), not execution state."""
+
+    instance: str
+
+    @property
+    def info(self) -> str:
+        return f"ff:worker:{self.instance}"
+
+    @property
+    def caps(self) -> str:
+        return f"{self.info}:caps"
+
+    @property
+    def alive(self) -> str:
+        return f"{self.info}:alive"

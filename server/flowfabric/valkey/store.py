@@ -186,10 +186,13 @@ class Store:
 
     # -- calls --------------------------------------------------------------------------------
 
-    async def fcall(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        """Run one function; reload the library once if it is missing, then retry once."""
+    async def fcall(
+        self, name: str, keys: Sequence[str], args: Sequence[Arg], *, read_only: bool = False
+    ) -> Any:
+        """Run one function (FCALL_RO when `read_only`: the function is registered
+        `no-writes`); reload the library once if it is missing, then retry once."""
         try:
-            return await self._raw_fcall(name, keys, args)
+            return await self._raw_fcall(name, keys, args, read_only)
         except rexc.ResponseError as exc:
             if not _is_not_loaded(exc):
                 raise FlowFabricError("backend_error", message=str(exc)) from exc
@@ -203,14 +206,17 @@ class Store:
                 "library_reload_failed", message=f"reloading the Functions library failed: {exc}"
             ) from exc
         try:
-            return await self._raw_fcall(name, keys, args)
+            return await self._raw_fcall(name, keys, args, read_only)
         except rexc.ResponseError as exc:
             raise FlowFabricError("backend_error", message=str(exc)) from exc
         except Exception as exc:
             raise _transport(exc) from exc
 
-    async def _raw_fcall(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        return await self.client.execute_command("FCALL", name, len(keys), *keys, *args)
+    async def _raw_fcall(
+        self, name: str, keys: Sequence[str], args: Sequence[Arg], read_only: bool = False
+    ) -> Any:
+        command = "FCALL_RO" if read_only else "FCALL"
+        return await self.client.execute_command(command, name, len(keys), *keys, *args)
 
     async def call(self, *args: Arg) -> Any:
         """A plain command (class C reads), with transport errors mapped."""
@@ -232,11 +238,26 @@ class Store:
         except Exception as exc:
             raise _transport(exc) from exc
 
+    async def time_ms(self) -> int:
+        """Valkey's clock in ms (every partition's node shares it closely enough: functions
+        re-check). In a cluster, the first primary's."""
+        if self.cluster:
+            node = self.client.get_primaries()[0]
+            sec, usec = await self.client.execute_command("TIME", target_nodes=node)
+        else:
+            sec, usec = await self.call("TIME")
+        return int(sec) * 1000 + int(usec) // 1000
+
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())
         except Exception:
             return False
+
+
+async def server_time_ms(store: Store) -> int:
+    """Valkey's clock in ms (`Store.time_ms`)."""
+    return await store.time_ms()
 
 
 def _is_not_loaded(exc: BaseException) -> bool:

@@ -6,18 +6,17 @@ scanner reads them to decide whether some live worker can run a route-blocked ex
 
 from __future__ import annotations
 
-import time
-
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.keys import WORKERS_INDEX, WorkerKeys
 from flowfabric.server.valkey.store import Store
 
-WORKERS_INDEX = "ff:idx:workers"
+__all__ = ["WORKERS_INDEX", "WorkerRegistry", "alive_ttl_ms"]
 
 
 def _keys(instance: str) -> tuple[str, str, str]:
-    base = f"ff:worker:{instance}"
-    return base, f"{base}:caps", f"{base}:alive"
+    k = WorkerKeys(instance)
+    return k.info, k.caps, k.alive
 
 
 def alive_ttl_ms(lease_ttl_ms: int) -> int:
@@ -40,7 +39,7 @@ class WorkerRegistry:
                 "duplicate_worker_instance",
                 message=f"worker instance {instance} is already registered and alive",
             )
-        now = int(time.time() * 1000)
+        now = await self.store.time_ms()
         await self.store.call(
             "HSET", info, "worker_id", worker_id, "lanes", ",".join(lanes),
             "registered_at", now, "last_heartbeat_at", now,
@@ -54,7 +53,7 @@ class WorkerRegistry:
     ) -> int:
         info, caps, alive = _keys(instance)
         ttl = alive_ttl_ms(lease_ttl_ms)
-        now = int(time.time() * 1000)
+        now = await self.store.time_ms()
         await self.store.call("SET", alive, worker_id, "PX", ttl)
         await self.store.call("SET", caps, caps_csv, "PX", ttl)
         await self.store.call("HSET", info, "worker_id", worker_id, "last_heartbeat_at", now)

@@ -12,7 +12,7 @@ from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.config import MAX_GRACE_MS
 from flowfabric.server.engine.keystore import ROTATION_DEADLINE_S, audit, rotate_secret
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
-from flowfabric.server.valkey.functions import SignalFunctions
+from flowfabric.server.valkey.functions import Keystore
 from flowfabric.server.valkey.ids import is_secret_hex, solo_partition, validate_lane
 from flowfabric.server.valkey.keys import PartitionKeys
 from flowfabric.v1 import admin_pb2 as pb
@@ -104,9 +104,8 @@ class AdminServicer(rpc.AdminServiceServicer):  # type: ignore[misc]
         self._rotation = asyncio.Lock()  # single-flight: a concurrent rotation fails fast
 
     @property
-    def fn(self) -> SignalFunctions:
-        assert isinstance(self.ctx.functions, SignalFunctions)
-        return self.ctx.functions
+    def keystore(self) -> Keystore:
+        return self.ctx.functions.keystore
 
     async def RotateWaitpointSecret(
         self, request: pb.RotateWaitpointSecretRequest, context: Any
@@ -123,7 +122,9 @@ class AdminServicer(rpc.AdminServiceServicer):  # type: ignore[misc]
             kid, parts = request.new_kid, self.ctx.partitions
             try:
                 async with asyncio.timeout(ROTATION_DEADLINE_S):
-                    result = await rotate_secret(self.fn, parts, kid, request.new_secret_hex, grace)
+                    result = await rotate_secret(
+                        self.keystore, parts, kid, request.new_secret_hex, grace
+                    )
             except TimeoutError:
                 audit.error(
                     "waitpoint_hmac_rotation_timeout new_kid=%s timeout_s=%d",
@@ -149,10 +150,10 @@ class AdminServicer(rpc.AdminServiceServicer):  # type: ignore[misc]
             raise InvalidInput(
                 "partition", f"partition must be < num_flow_partitions ({self.ctx.partitions})"
             )
-        current, verifying = await self.fn.list_waitpoint_hmac_kids(PartitionKeys.of(part).tag)
+        listed = await self.keystore.list_kids(PartitionKeys.of(part).tag)
         kids = t.WaitpointHmacKids(
-            current_kid=current or None,
-            verifying=[t.VerifyingKid(kid=k, expires_at_ms=e) for k, e in verifying],
+            current_kid=listed.current_kid or None,
+            verifying=[t.VerifyingKid(kid=k, expires_at_ms=e) for k, e in listed.verifying],
         )
         return pb.ListWaitpointKidsResponse(partition=part, kids=kids)
 

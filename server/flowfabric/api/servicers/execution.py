@@ -15,12 +15,9 @@ from flowfabric.server.engine.events import EventHub
 from flowfabric.server.valkey import reads
 from flowfabric.server.valkey.codec import cancel_source, enum_text, enum_value, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput, not_implemented
-from flowfabric.server.valkey.functions import (
-    Fence,
-    LifecycleFunctions,
-    NewExecution,
-    SignalFunctions,
-)
+from flowfabric.server.valkey.functions import Fence, Functions, NewExecution
+from flowfabric.server.valkey.functions.execution import Duplicate
+from flowfabric.server.valkey.functions.lease import Revoked
 from flowfabric.server.valkey.ids import (
     ExecutionId,
     mint_execution_id,
@@ -71,13 +68,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
         self.on_created = on_created
 
     @property
-    def fn(self) -> LifecycleFunctions:
-        assert isinstance(self.ctx.functions, LifecycleFunctions)
-        return self.ctx.functions
-
-    @property
-    def sfn(self) -> SignalFunctions:
-        assert isinstance(self.ctx.functions, SignalFunctions)
+    def fn(self) -> Functions:
         return self.ctx.functions
 
     def _new_id(self, request: pb.CreateExecutionRequest, lane: str) -> ExecutionId:
@@ -113,7 +104,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
         if request.HasField("flow_id"):
             raise not_implemented("CreateExecution with flow_id", "the flows work")
         eid = self._new_id(request, lane)
-        reply = await self.ctx.functions.create_execution(
+        reply = await self.fn.execution.create_execution(
             NewExecution(
                 execution_id=eid,
                 namespace=request.namespace or DEFAULT_NAMESPACE,
@@ -135,16 +126,16 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
                 quota_policy_id=request.quota_policy_id,
             )
         )
-        if reply.status == "OK" and self.on_created is not None:
-            self.on_created()
-        if reply.status == "DUPLICATE":
+        if isinstance(reply, Duplicate):
             return pb.CreateExecutionResponse(
-                duplicate=pb.CreateExecutionResponse.Duplicate(execution_id=reply.str(0))
+                duplicate=pb.CreateExecutionResponse.Duplicate(execution_id=reply.existing_id)
             )
+        if self.on_created is not None:
+            self.on_created()
         return pb.CreateExecutionResponse(
             created=pb.CreateExecutionResponse.Created(
-                execution_id=reply.str(0),
-                public_state=enum_value(t.PublicState, reply.str(1)),
+                execution_id=reply.execution_id,
+                public_state=enum_value(t.PublicState, reply.public_state),
             )
         )
 
@@ -214,8 +205,8 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
         eid = self.ctx.execution_id(request.execution_id)
         if not request.tags:
             raise InvalidInput("tags", "tags must be non-empty")
-        reply = await self.ctx.functions.set_execution_tags(eid, dict(request.tags))
-        return pb.SetExecutionTagsResponse(ok=pb.SetExecutionTagsResponse.Ok(count=reply.int(0)))
+        reply = await self.fn.execution.set_execution_tags(eid, dict(request.tags))
+        return pb.SetExecutionTagsResponse(ok=pb.SetExecutionTagsResponse.Ok(count=reply.count))
 
     async def CancelExecution(
         self, request: pb.CancelExecutionRequest, context: Any
@@ -228,7 +219,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
             request.lease_epoch if request.HasField("lease_epoch") else None,
             request.attempt_id,
         )
-        await self.fn.cancel_execution(
+        await self.fn.execution.cancel_execution(
             eid, request.reason or "cancelled by operator", source, fence
         )
         return pb.CancelExecutionResponse(
@@ -241,7 +232,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
         self, request: pb.ChangePriorityRequest, context: Any
     ) -> pb.ChangePriorityResponse:
         eid = self.ctx.execution_id(request.execution_id)
-        await self.fn.change_priority(eid, request.new_priority)
+        await self.fn.scheduling.change_priority(eid, request.new_priority)
         return pb.ChangePriorityResponse(
             changed=pb.ChangePriorityResponse.Changed(execution_id=str(eid))
         )
@@ -250,12 +241,12 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
         self, request: pb.ReplayExecutionRequest, context: Any
     ) -> pb.ReplayExecutionResponse:
         eid = self.ctx.execution_id(request.execution_id)
-        reply = await self.fn.replay_execution(eid)
+        reply = await self.fn.execution.replay_execution(eid)
         if self.on_created is not None:
             self.on_created()
         return pb.ReplayExecutionResponse(
             replayed=pb.ReplayExecutionResponse.Replayed(
-                public_state=enum_value(t.PublicState, reply.str(0))
+                public_state=enum_value(t.PublicState, reply.public_state)
             )
         )
 
@@ -274,12 +265,12 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
             raise InvalidInput(
                 "resume_delay_ms", f"resume_delay_ms must be <= {MAX_RESUME_DELAY_MS}"
             )
-        reply = await self.sfn.resume_execution(eid, trigger, request.resume_delay_ms)
+        reply = await self.fn.suspension.resume_execution(eid, trigger, request.resume_delay_ms)
         if self.on_created is not None:
             self.on_created()
         return pb.ResumeExecutionResponse(
             resumed=pb.ResumeExecutionResponse.Resumed(
-                public_state=enum_value(t.PublicState, reply.str(0))
+                public_state=enum_value(t.PublicState, reply.public_state)
             )
         )
 
@@ -297,15 +288,17 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
             raise FlowFabricError(
                 "no_active_lease", message=f"execution {eid} has no lease holder to revoke"
             )
-        reply = await self.fn.revoke_lease(
+        reply = await self.fn.lease.revoke_lease(
             eid, request.expected_lease_id, request.reason or "operator_revoke"
         )
-        if reply.status == "ALREADY_SATISFIED":
+        if not isinstance(reply, Revoked):
             return pb.RevokeLeaseResponse(
-                already_satisfied=pb.RevokeLeaseResponse.AlreadySatisfied(reason=reply.str(0))
+                already_satisfied=pb.RevokeLeaseResponse.AlreadySatisfied(reason=reply.outcome)
             )
         return pb.RevokeLeaseResponse(
-            revoked=pb.RevokeLeaseResponse.Revoked(lease_id=reply.str(1), lease_epoch=reply.int(2))
+            revoked=pb.RevokeLeaseResponse.Revoked(
+                lease_id=reply.lease_id, lease_epoch=reply.lease_epoch
+            )
         )
 
     async def WatchExecution(

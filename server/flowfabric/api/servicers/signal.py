@@ -17,7 +17,8 @@ from flowfabric.server.api import limits
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.api.watches import SignalWatches
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
-from flowfabric.server.valkey.functions import Signal, SignalFunctions
+from flowfabric.server.valkey.functions import Functions, Signal
+from flowfabric.server.valkey.functions.signal import Accepted, Duplicate
 from flowfabric.server.valkey.ids import ExecutionId, parse_uuid
 from flowfabric.server.valkey.records import waitpoint_info
 from flowfabric.v1 import signal_pb2 as pb
@@ -84,34 +85,37 @@ class SignalServicer(rpc.SignalServiceServicer):  # type: ignore[misc]
         self.watches = watches
 
     @property
-    def fn(self) -> SignalFunctions:
-        assert isinstance(self.ctx.functions, SignalFunctions)
+    def fn(self) -> Functions:
         return self.ctx.functions
 
-    async def _deliver(self, eid: ExecutionId, s: Signal) -> Any:
+    async def _deliver(self, eid: ExecutionId, s: Signal) -> Accepted | Duplicate:
         try:
-            return await self.fn.deliver_signal(eid, s)
+            return await self.fn.signal.deliver_signal(eid, s)
         except FlowFabricError as exc:
             if exc.code != "waitpoint_pending_use_buffer_script":
                 raise
         try:
-            return await self.fn.buffer_signal_for_pending_waitpoint(eid, s)
+            return await self.fn.signal.buffer_signal_for_pending_waitpoint(eid, s)
         except FlowFabricError as exc:
             if exc.code != "waitpoint_not_pending":
                 raise
-        return await self.fn.deliver_signal(eid, s)  # activated in between: evaluate it now
+        return await self.fn.signal.deliver_signal(eid, s)  # activated in between: evaluate it now
 
     async def DeliverSignal(
         self, request: pb.DeliverSignalRequest, context: Any
     ) -> pb.DeliverSignalResponse:
         eid = self.ctx.execution_id(request.execution_id)
         reply = await self._deliver(eid, signal_from_request(request))
-        if reply.status == "DUPLICATE":
+        if isinstance(reply, Duplicate):
             return pb.DeliverSignalResponse(
-                duplicate=pb.DeliverSignalResponse.Duplicate(existing_signal_id=reply.str(0))
+                duplicate=pb.DeliverSignalResponse.Duplicate(
+                    existing_signal_id=reply.existing_signal_id
+                )
             )
         return pb.DeliverSignalResponse(
-            accepted=pb.DeliverSignalResponse.Accepted(signal_id=reply.str(0), effect=reply.str(1))
+            accepted=pb.DeliverSignalResponse.Accepted(
+                signal_id=reply.signal_id, effect=reply.effect
+            )
         )
 
     async def ListPendingWaitpoints(
@@ -123,7 +127,7 @@ class SignalServicer(rpc.SignalServiceServicer):  # type: ignore[misc]
             raise InvalidInput("page_size", f"page_size must be at most {PAGE_MAX}")
         size = request.page_size or PAGE_MAX
         after = parse_uuid(request.page_token, "page_token") if request.page_token else ""
-        rows = [r for r in await self.fn.list_waitpoints(eid) if r.waitpoint_id > after]
+        rows = [r for r in await self.fn.suspension.list_waitpoints(eid) if r.waitpoint_id > after]
         page = rows[:size]
         more = len(rows) > size
         return pb.ListPendingWaitpointsResponse(

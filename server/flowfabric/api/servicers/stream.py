@@ -27,7 +27,6 @@ from flowfabric.server.api.streams import StreamSlots, chunks, lower_cursor, to_
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
-from flowfabric.server.valkey.functions import StreamFunctions
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store, is_transport_error
@@ -72,7 +71,7 @@ class StreamServicer(rpc.StreamServiceServicer):  # type: ignore[misc]
         self.hub = hub
         self.reader = reader  # the dedicated stream connection pool (blocking reads)
         self.slots = slots
-        self.fn = StreamFunctions(ctx.store)
+        self.fn = ctx.functions.stream
         self.stopping = asyncio.Event()
 
     def shutdown(self) -> None:
@@ -98,12 +97,12 @@ class StreamServicer(rpc.StreamServiceServicer):  # type: ignore[misc]
             reply = await self.fn.read_attempt_stream(
                 eid, request.attempt_index, from_id, to_id, limit
             )
-        frames = [to_frame(e) for e in (reply.values[0] or [])]
+        frames = [to_frame(e) for e in reply.entries]
         page = next(chunks(frames, MESSAGE_BYTE_BUDGET), [])
         out = t.StreamFrames(frames=page)
-        if reply.str(1):
-            out.closed_at = int(reply.str(1))
-            out.closed_reason = reply.str(2)
+        if reply.closed_at is not None:
+            out.closed_at = reply.closed_at
+            out.closed_reason = reply.closed_reason
         return pb.ReadAttemptStreamResponse(frames=out)
 
     # -- TailAttemptStream --------------------------------------------------------------------

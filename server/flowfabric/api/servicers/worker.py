@@ -13,24 +13,16 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from flowfabric.server.api import limits
 from flowfabric.server.api.servicers.base import ServerContext, pending
-from flowfabric.server.engine.scanners import server_time_ms
 from flowfabric.server.engine.scheduler import Claimed, ClaimRequest, Scheduler
 from flowfabric.server.engine.workstream import StreamClosed, WorkStream
-from flowfabric.server.valkey.codec import Reply, cancel_source, enum_value, hash_to_dict, text
+from flowfabric.server.valkey.codec import cancel_source, enum_value, hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
-from flowfabric.server.valkey.functions import (
-    Claimer,
-    Fence,
-    Frame,
-    LifecycleFunctions,
-    SignalFunctions,
-    StreamFunctions,
-    Suspension,
-)
+from flowfabric.server.valkey.functions import Claimer, Fence, Frame, Functions, Suspension
+from flowfabric.server.valkey.functions.stream import Appended
 from flowfabric.server.valkey.ids import (
     ExecutionId,
     capabilities_csv,
@@ -40,11 +32,13 @@ from flowfabric.server.valkey.ids import (
 )
 from flowfabric.server.valkey.keys import ExecKeys, WaitpointKeys
 from flowfabric.server.valkey.records import read_signals, signal_record
+from flowfabric.server.valkey.store import server_time_ms
 from flowfabric.server.valkey.workers import WorkerRegistry
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
 from flowfabric.v1 import worker_pb2_grpc as rpc
 
+R = TypeVar("R")
 DEFAULT_LEASE_TTL_MS = 30_000
 DEFAULT_GRANT_TTL_MS = 10_000
 MAX_GRANT_TTL_MS = 60_000
@@ -140,16 +134,9 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         self.ctx = ctx
         self.scheduler = scheduler
         self.registry = registry
-        self.streams = StreamFunctions(ctx.store)
 
     @property
-    def fn(self) -> LifecycleFunctions:
-        assert isinstance(self.ctx.functions, LifecycleFunctions)
-        return self.ctx.functions
-
-    @property
-    def sfn(self) -> SignalFunctions:
-        assert isinstance(self.ctx.functions, SignalFunctions)
+    def fn(self) -> Functions:
         return self.ctx.functions
 
     # -- request decoding ---------------------------------------------------------------------
@@ -297,7 +284,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
                       request.capability_hash)  # fmt: skip
         if request.execution_id:
             eid = self.ctx.execution_id(request.execution_id)
-            reply = await self.fn.issue_claim_grant(eid, who, req.grant_ttl_ms)
+            reply = await self.fn.scheduling.issue_claim_grant(eid, who, req.grant_ttl_ms)
         else:
             found = await self.scheduler.grant(req, who)
             if found is None:
@@ -307,7 +294,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
             execution_id=str(eid),
             partition_key=eid.tag,
             grant_key=ExecKeys(eid).claim_grant,
-            expires_at_ms=reply.int(1),
+            expires_at_ms=reply.grant_expires_at,
         )
         return pb.ClaimForWorkerResponse(
             granted=pb.ClaimForWorkerResponse.Granted(execution_id=str(eid), grant=grant)
@@ -337,8 +324,9 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
                                         else 0) or DEFAULT_LEASE_TTL_MS  # fmt: skip
         grace = request.lease_history_grace_ms if request.HasField(
             "lease_history_grace_ms") else 5000  # fmt: skip
-        reply = await self.fn.renew_lease(eid, attempt_index, fence, ttl, grace)
-        return pb.RenewLeaseResponse(renewed=pb.RenewLeaseResponse.Renewed(expires_at=reply.int(0)))
+        reply = await self.fn.lease.renew_lease(eid, attempt_index, fence, ttl, grace)
+        renewed = pb.RenewLeaseResponse.Renewed(expires_at=reply.expires_at)
+        return pb.RenewLeaseResponse(renewed=renewed)
 
     async def RenewLeases(
         self, request: pb.RenewLeasesRequest, context: Any
@@ -366,12 +354,12 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         pct = request.progress_pct if request.HasField("progress_pct") else None
         if pct is not None and pct > 100:
             raise InvalidInput("progress_pct", "progress_pct must be 0..100")
-        await self.fn.update_progress(eid, fence, pct, request.progress_message)
+        await self.fn.execution.update_progress(eid, fence, pct, request.progress_message)
         return pb.UpdateProgressResponse(updated=pb.UpdateProgressResponse.Updated())
 
     # -- attempt output streams (spec 30 §2.1) --------------------------------------------------
 
-    async def _append(self, request: pb.AppendFrameRequest) -> Reply:
+    async def _append(self, request: pb.AppendFrameRequest) -> Appended:
         """One fenced `ff_append_frame`; the payload is passed through as bytes."""
         eid, fence, idx = self._fenced(request)
         if not request.HasField("lease"):
@@ -389,7 +377,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
             max_payload_bytes=request.max_payload_bytes
             if request.HasField("max_payload_bytes") else None,
         )  # fmt: skip
-        return await self.streams.append_frame(eid, idx, fence, frame)
+        return await self.fn.stream.append_frame(eid, idx, fence, frame)
 
     async def AppendFrame(
         self, request: pb.AppendFrameRequest, context: Any
@@ -397,7 +385,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         reply = await self._append(request)
         return pb.AppendFrameResponse(
             appended=pb.AppendFrameResponse.Appended(
-                entry_id=reply.str(0), frame_count=reply.int(1)
+                entry_id=reply.entry_id, frame_count=reply.frame_count
             )
         )
 
@@ -419,8 +407,8 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
                 exc.metadata["appended_count"] = str(out.appended_count)
                 raise
             out.appended_count += 1
-            out.last_entry_id = reply.str(0)
-            out.frame_count = reply.int(1)
+            out.last_entry_id = reply.entry_id
+            out.frame_count = reply.frame_count
         return out
 
     # -- waitpoints and suspension (spec 20 §5.1, §5.2, §5.6, §5.8) ---------------------------
@@ -435,12 +423,14 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         key = waitpoint_key_of(request.waitpoint_key, wp)
         if request.expires_in_ms <= 0:
             raise InvalidInput("expires_in_ms", "expires_in_ms is required (> 0)")
-        reply = await self.sfn.create_pending_waitpoint(
+        reply = await self.fn.suspension.create_pending_waitpoint(
             eid, fence, idx, wp, key, request.expires_in_ms
         )
         return pb.CreatePendingWaitpointResponse(
             created=pb.CreatePendingWaitpointResponse.Created(
-                waitpoint_id=reply.str(0), waitpoint_key=reply.str(1), waitpoint_token=reply.str(2)
+                waitpoint_id=reply.waitpoint_id,
+                waitpoint_key=reply.waitpoint_key,
+                waitpoint_token=reply.waitpoint_token,
             )
         )
 
@@ -453,7 +443,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
             now = await server_time_ms(self.ctx.store)
             s = dataclasses.replace(s, timeout_at=now + request.timeout_in_ms)
         try:
-            reply = await self.sfn.suspend_execution(eid, fence, idx, s)
+            reply = await self.fn.suspension.suspend_execution(eid, fence, idx, s)
         except FlowFabricError as exc:
             if exc.code not in ("execution_not_active", "already_suspended"):
                 raise
@@ -472,11 +462,11 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
             )  # fmt: skip
             return pb.SuspendResponse(suspended=done, replayed=True)
         values = {
-            "suspension_id": reply.str(0), "waitpoint_id": reply.str(1),
-            "waitpoint_key": reply.str(2), "waitpoint_token": reply.str(3),
+            "suspension_id": reply.suspension_id, "waitpoint_id": reply.waitpoint_id,
+            "waitpoint_key": reply.waitpoint_key, "waitpoint_token": reply.waitpoint_token,
         }  # fmt: skip
-        if reply.status == "ALREADY_SATISFIED":
-            matched = [reply.str(i) for i in range(4, len(reply.values))]
+        if reply.already_satisfied:
+            matched = list(reply.matched_signal_ids)
             records = await read_signals(self.ctx.store, eid, matched)
             return pb.SuspendResponse(
                 already_satisfied=pb.SuspendResponse.AlreadySatisfied(**values, signals=records)
@@ -501,9 +491,9 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         self, request: pb.GetResumeSignalsRequest, context: Any
     ) -> pb.GetResumeSignalsResponse:
         eid, _fence, idx = self._fenced(request)
-        rows = await self.sfn.read_resume_signals(eid, idx)
+        rows = await self.fn.suspension.read_resume_signals(eid, idx)
         return pb.GetResumeSignalsResponse(
-            signals=[signal_record(fields, payload) for fields, payload in rows]
+            signals=[signal_record(r.fields, r.payload) for r in rows]
         )
 
     async def CloseWaitpoint(
@@ -512,17 +502,17 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         eid = self.ctx.execution_id(request.execution_id)
         wp = parse_uuid(request.waitpoint_id, "waitpoint_id")
         reason = validate_identifier(request.reason, "reason") if request.reason else ""
-        await self.sfn.close_waitpoint(eid, wp, reason)
+        await self.fn.suspension.close_waitpoint(eid, wp, reason)
         return pb.CloseWaitpointResponse(closed=pb.CloseWaitpointResponse.Closed())
 
     # -- terminal and pausing transitions -----------------------------------------------------
 
     async def _reconciled(
         self,
-        call: Callable[[], Awaitable[Reply]],
+        call: Callable[[], Awaitable[R]],
         fence: Fence,
         accept: Callable[[dict[str, str]], bool],
-    ) -> tuple[Reply | None, dict[str, str] | None]:
+    ) -> tuple[R | None, dict[str, str] | None]:
         """Run `call`; on `execution_not_active` whose detail shows our own committed outcome,
         return (None, detail) so the caller answers with the success variant (replayed)."""
         try:
@@ -545,7 +535,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         eid, fence, _ = self._fenced(request)
         source = source_text(request.source, bool(fence.lease_id))
         _, replayed = await self._reconciled(
-            lambda: self.fn.complete_execution(
+            lambda: self.fn.execution.complete_execution(
                 eid, fence, request.result_payload, request.result_encoding, source
             ),
             fence,
@@ -631,7 +621,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
 
         retry_json = await self._retry_policy_json(eid, request)
         reply, replayed = await self._reconciled(
-            lambda: self.fn.fail_execution(
+            lambda: self.fn.execution.fail_execution(
                 eid, fence, request.failure_reason, request.failure_category, source, retry_json
             ),
             fence,
@@ -653,10 +643,11 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
                 replayed=True,
             )
         assert reply is not None
-        if reply.str(0) == "retry_scheduled":
+        if reply.outcome == "retry_scheduled":
             return pb.FailExecutionResponse(
                 retry_scheduled=pb.FailExecutionResponse.RetryScheduled(
-                    delay_until=reply.int(1), next_attempt_index=reply.int(2)
+                    delay_until=reply.delay_until or 0,
+                    next_attempt_index=reply.next_attempt_index or 0,
                 )
             )
         return pb.FailExecutionResponse(terminal_failed=pb.FailExecutionResponse.TerminalFailed())
@@ -687,7 +678,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         if not fence.lease_id:
             raise FlowFabricError("fence_required", message="CancelLeasedExecution needs a fence")
         _, replayed = await self._reconciled(
-            lambda: self.fn.cancel_execution(eid, request.reason, "lease_holder", fence),
+            lambda: self.fn.execution.cancel_execution(eid, request.reason, "lease_holder", fence),
             fence,
             lambda d: d["terminal_outcome"] == "cancelled" and d["attempt_id"] == fence.attempt_id,
         )
@@ -704,7 +695,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         if request.delay_until <= 0:
             raise InvalidInput("delay_until", "delay_until is required (ms since the epoch)")
         _, replayed = await self._reconciled(
-            lambda: self.fn.delay_execution(eid, fence, request.delay_until, source),
+            lambda: self.fn.execution.delay_execution(eid, fence, request.delay_until, source),
             fence,
             lambda d: d["lifecycle_phase"] == "runnable" and d["attempt_id"] == fence.attempt_id,
         )
@@ -721,7 +712,7 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         eid, fence, _ = self._fenced(request)
         source = source_text(request.source, bool(fence.lease_id))
         _, replayed = await self._reconciled(
-            lambda: self.fn.move_to_waiting_children(eid, fence, source),
+            lambda: self.fn.execution.move_to_waiting_children(eid, fence, source),
             fence,
             lambda d: d["lifecycle_phase"] == "runnable" and d["attempt_id"] == fence.attempt_id,
         )

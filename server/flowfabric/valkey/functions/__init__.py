@@ -1,0 +1,61 @@
+"""The Valkey Functions, declared once (`core.Decl`) and called through one builder.
+
+`Functions(store)` exposes one concrete object per `lua/<domain>.lua` as an attribute; each
+method takes explicit parameters and returns a frozen record of the reply.
+"""
+
+from __future__ import annotations
+
+from flowfabric.server.valkey.functions.admission import AdmissionFunctions
+from flowfabric.server.valkey.functions.core import Claimer, Decl, Fence, Leased, Outcome
+from flowfabric.server.valkey.functions.execution import ExecutionFunctions, NewExecution
+from flowfabric.server.valkey.functions.lease import LeaseFunctions, ReclaimLimit
+from flowfabric.server.valkey.functions.maintenance import MaintenanceFunctions
+from flowfabric.server.valkey.functions.scheduling import SchedulingFunctions
+from flowfabric.server.valkey.functions.signal import INITIAL_KID, Keystore, Signal, SignalFunctions
+from flowfabric.server.valkey.functions.stream import Frame, StreamFunctions
+from flowfabric.server.valkey.functions.suspension import (
+    Suspension,
+    SuspensionFunctions,
+    WaitpointRow,
+)
+from flowfabric.server.valkey.store import Store
+
+
+class Functions:
+    """Every Valkey Function, by domain."""
+
+    def __init__(self, store: Store, hmac_secret: str | None = None) -> None:
+        self.store = store
+        self.keystore = Keystore(store, hmac_secret)
+        self.execution = ExecutionFunctions(store)
+        self.lease = LeaseFunctions(store)
+        self.scheduling = SchedulingFunctions(store)
+        self.admission = AdmissionFunctions(store)
+        self.suspension = SuspensionFunctions(store, self.keystore)
+        self.signal = SignalFunctions(store, self.keystore)
+        self.stream = StreamFunctions(store)
+        self.maintenance = MaintenanceFunctions(store)
+
+
+def all_declarations() -> tuple[Decl[object], ...]:
+    """Every declaration, for the contract tests."""
+    from flowfabric.server.valkey.functions import (
+        admission,
+        execution,
+        lease,
+        maintenance,
+        scheduling,
+        signal,
+        stream,
+        suspension,
+    )  # fmt: skip
+
+    mods = (admission, execution, lease, maintenance, scheduling, signal, stream, suspension)
+    return tuple(d for m in mods for d in m.DECLS)
+
+
+__all__ = [
+    "INITIAL_KID", "Claimer", "Fence", "Frame", "Functions", "Keystore", "Leased", "NewExecution",
+    "Outcome", "ReclaimLimit", "Signal", "Suspension", "WaitpointRow", "all_declarations",
+]  # fmt: skip
