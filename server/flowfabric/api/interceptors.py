@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_status import rpc_status
@@ -25,14 +25,22 @@ log = logging.getLogger("flowfabric.rpc")
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_PREFIX = "/flowfabric.v1.AdminService/"
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+if TYPE_CHECKING:  # generic only in the stubs, not at run time
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Handler, Context = grpc.RpcMethodHandler, grpc.aio.ServicerContext
+    Interceptor = grpc.aio.ServerInterceptor
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
 
 
-async def abort(context: grpc.aio.ServicerContext, error: FlowFabricError) -> None:
-    await context.abort_with_status(rpc_status.to_status(error.to_status()))
+async def abort(context: Context, error: FlowFabricError) -> None:
+    # abort_with_status is missing from the grpc stubs' aio ServicerContext
+    await context.abort_with_status(rpc_status.to_status(error.to_status()))  # type: ignore[attr-defined]
 
 
-async def _guard(call: Awaitable[Any], context: grpc.aio.ServicerContext, method: str) -> Any:
+async def _guard(call: Awaitable[Any], context: Context, method: str) -> Any:
     """Await one handler call, turning every failure into a status with ErrorInfo."""
     try:
         return await call
@@ -45,11 +53,11 @@ async def _guard(call: Awaitable[Any], context: grpc.aio.ServicerContext, method
         await abort(context, FlowFabricError("protocol_error", message="internal error"))
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, deny: FlowFabricError | None) -> Any:
+def _wrap(handler: Handler, method: str, deny: FlowFabricError | None) -> Handler:
     """Rebuild `handler` with its behaviour wrapped (or replaced by a denial)."""
     limit = limits.REQUEST_LIMITS.get(method, limits.CONTROL_REQUEST_MAX)
 
-    async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def check(request: Any, context: Context) -> None:
         if deny is not None:
             await abort(context, deny)
         size = request.ByteSize() if hasattr(request, "ByteSize") else 0
@@ -63,14 +71,15 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, deny: FlowFabricError | N
                 ),
             )
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(request: Any, context: Context) -> Any:
         await check(request, context)
-        behavior = handler.unary_unary or handler.stream_unary
+        # the stubs type handler behaviours as sync callables; under grpc.aio they are async
+        behavior: Any = handler.unary_unary or handler.stream_unary
         return await _guard(behavior(request, context), context, method)
 
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
         await check(request, context)
-        behavior = handler.unary_stream or handler.stream_stream
+        behavior: Any = handler.unary_stream or handler.stream_stream
         iterator = behavior(request, context).__aiter__()
         while True:
             try:
@@ -103,7 +112,7 @@ def _token_ok(metadata: tuple[Any, ...] | None, expected: str) -> bool:
     return False
 
 
-class FlowFabricInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class FlowFabricInterceptor(Interceptor):
     """Auth, then error mapping, for every FlowFabric RPC (health and reflection untouched)."""
 
     def __init__(self, api_token: str | None, admin_token: str | None = None) -> None:
@@ -112,11 +121,11 @@ class FlowFabricInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler:
         method = details.method
-        handler = await continuation(details)
+        handler: Handler | None = await continuation(details)
         if handler is None or method.startswith(EXEMPT_PREFIXES):
-            return handler
+            return handler  # type: ignore[return-value]  # grpc.aio accepts None: unknown method
         return _wrap(handler, method, self._deny(method, details.invocation_metadata))
 
     def _deny(self, method: str, metadata: tuple[Any, ...] | None) -> FlowFabricError | None:

@@ -131,7 +131,9 @@ class EventHub:
 
     def _reader_for(self, channel: str) -> _NodeReader:
         if self.store.cluster:
-            node = self.store.client.get_node_from_key(channel)
+            node = self.store.cluster_client.get_node_from_key(channel)
+            if node is None:
+                raise RuntimeError(f"no cluster node serves {channel}")
             name = node.name
         else:
             name = "standalone"

@@ -7,16 +7,21 @@ Anything else is a `protocol_error`, never a success.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.descriptor import EnumDescriptor
-from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from flowfabric.server.valkey.errors import FlowFabricError
 
+if TYPE_CHECKING:
+    # The stubs' generic base of every generated enum's metaclass (it carries the value type).
+    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
+
 OUTCOMES = ("OK", "ALREADY_SATISFIED", "DUPLICATE")
+V = TypeVar("V", bound=int)
 
 
 def text(value: Any) -> str:
@@ -34,10 +39,10 @@ class Reply:
     status: str
     values: tuple[Any, ...]
 
-    def str(self, i: int) -> str:
+    def str(self, i: builtins.int) -> builtins.str:
         return text(self.values[i]) if i < len(self.values) else ""
 
-    def int(self, i: int) -> int:
+    def int(self, i: builtins.int) -> builtins.int:
         raw = self.str(i)
         try:
             return int(raw)
@@ -46,7 +51,7 @@ class Reply:
                 "protocol_error", message=f"expected an integer at reply slot {i}, got {raw!r}"
             ) from None
 
-    def raw(self, i: int) -> bytes:
+    def raw(self, i: builtins.int) -> bytes:
         v = self.values[i] if i < len(self.values) else b""
         return v if isinstance(v, bytes) else text(v).encode()
 
@@ -83,18 +88,18 @@ def _prefix(descriptor: EnumDescriptor) -> str:
     return zero[: -len("UNSPECIFIED")]
 
 
-def enum_value(enum: EnumTypeWrapper, stored: str, *, field: str = "") -> int:
+def enum_value(enum: _EnumTypeWrapper[V], stored: str, *, field: str = "") -> V:
     """Stored string -> enum number; an unknown value is a corrupt record, not a default."""
     name = _prefix(enum.DESCRIPTOR) + stored.upper()
     try:
-        return int(enum.Value(name))
+        return enum.Value(name)
     except ValueError:
         raise FlowFabricError(
             "corrupt_record", message=f"unknown stored value {stored!r} for {field or name}"
         ) from None
 
 
-def enum_text(enum: EnumTypeWrapper, number: int) -> str:
+def enum_text(enum: _EnumTypeWrapper[Any], number: int) -> str:
     """Enum number -> stored string ("" for UNSPECIFIED)."""
     if number == 0:
         return ""

@@ -31,7 +31,7 @@ _NOT_LOADED = ("function not found", "no matching function", "function not loade
 Arg = str | bytes | int
 
 
-class _Cluster(RedisCluster):  # type: ignore[misc]
+class _Cluster(RedisCluster):
     """RedisCluster that routes FCALL by its first key locally.
 
     redis-py treats FCALL as a movable-keys command and asks the server `COMMAND GETKEYS` on
@@ -106,6 +106,13 @@ class Store:
             client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
         return cls(client, cluster=cluster, library=library)
 
+    @property
+    def cluster_client(self) -> RedisCluster:
+        """The client as a Cluster client (node routing); only valid when `cluster` is true."""
+        if not isinstance(self.client, RedisCluster):
+            raise TypeError("not a Valkey Cluster store")
+        return self.client
+
     async def close(self) -> None:
         await self.client.aclose()
 
@@ -113,14 +120,14 @@ class Store:
 
     async def primaries(self) -> list[Any]:
         if self.cluster:
-            return list(self.client.get_primaries())
+            return list(self.cluster_client.get_primaries())
         return [None]
 
     async def _on_each_primary(self, *args: Arg) -> list[Any]:
         if not self.cluster:
             return [await self.client.execute_command(*args)]
         out = []
-        for node in self.client.get_primaries():
+        for node in self.cluster_client.get_primaries():
             out.append(await self.client.execute_command(*args, target_nodes=node))
         return out
 
@@ -146,7 +153,7 @@ class Store:
 
     async def loaded_versions(self) -> list[str | None]:
         out: list[str | None] = []
-        nodes = self.client.get_primaries() if self.cluster else [None]
+        nodes = self.cluster_client.get_primaries() if self.cluster else [None]
         for node in nodes:
             kwargs = {"target_nodes": node} if node is not None else {}
             try:
@@ -242,7 +249,7 @@ class Store:
         """Valkey's clock in ms (every partition's node shares it closely enough: functions
         re-check). In a cluster, the first primary's."""
         if self.cluster:
-            node = self.client.get_primaries()[0]
+            node = self.cluster_client.get_primaries()[0]
             sec, usec = await self.client.execute_command("TIME", target_nodes=node)
         else:
             sec, usec = await self.call("TIME")

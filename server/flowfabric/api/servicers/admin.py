@@ -97,7 +97,7 @@ def _all_failed(codes: dict[str, int]) -> FlowFabricError:
     )
 
 
-class AdminServicer(rpc.AdminServiceServicer):  # type: ignore[misc]
+class AdminServicer(rpc.AdminServiceServicer):
     def __init__(self, ctx: ServerContext, valkey_version: str) -> None:
         self.ctx = ctx
         self.valkey_version = valkey_version

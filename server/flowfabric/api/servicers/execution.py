@@ -59,7 +59,7 @@ RESUME_TRIGGERS = ("operator", "auto_resume", "signal")
 MAX_RESUME_DELAY_MS = (1 << 53) - 1
 
 
-class ExecutionServicer(rpc.ExecutionServiceServicer):  # type: ignore[misc]
+class ExecutionServicer(rpc.ExecutionServiceServicer):
     def __init__(
         self, ctx: ServerContext, hub: EventHub | None = None, on_created: Any = None
     ) -> None:

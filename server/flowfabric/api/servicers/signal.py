@@ -79,7 +79,7 @@ def signal_from_request(request: pb.DeliverSignalRequest) -> Signal:
     )
 
 
-class SignalServicer(rpc.SignalServiceServicer):  # type: ignore[misc]
+class SignalServicer(rpc.SignalServiceServicer):
     def __init__(self, ctx: ServerContext, watches: SignalWatches) -> None:
         self.ctx = ctx
         self.watches = watches

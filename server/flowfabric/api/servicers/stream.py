@@ -63,7 +63,7 @@ OUTCOME_REASON = {
 Closed = tuple[int, str]
 
 
-class StreamServicer(rpc.StreamServiceServicer):  # type: ignore[misc]
+class StreamServicer(rpc.StreamServiceServicer):
     def __init__(
         self, ctx: ServerContext, hub: EventHub | None, reader: Store, slots: StreamSlots
     ) -> None:
@@ -247,7 +247,11 @@ class StreamServicer(rpc.StreamServiceServicer):  # type: ignore[misc]
             args += ["BLOCK", str(max(1, block_ms))]
         args += ["STREAMS", key, cursor]
         client = self.reader.client
-        kwargs = {"target_nodes": client.get_node_from_key(key)} if self.reader.cluster else {}
+        kwargs = (
+            {"target_nodes": self.reader.cluster_client.get_node_from_key(key)}
+            if self.reader.cluster
+            else {}
+        )
         try:
             raw = await client.execute_command(*args, **kwargs)
         except asyncio.CancelledError:
