@@ -101,27 +101,21 @@ end
 --     routing_requirements:not_object), invalid_capabilities (required:<why>), invalid_tag_key.
 --   Writes: core, payload, policy, tags, eligible|delayed, execution_deadline, all_executions,
 --     lanes, idempotency key (PX ttl); SPUBLISH ff:exec_events:{p} state_changed.
+local CREATE_ARGV = {
+  {5, 'priority', 'int'},
+  {9, 'delay_until', 'int?'},
+  {10, 'dedup_ttl_ms', 'int?'},
+  {12, 'execution_deadline_at', 'int?'},
+  {13, 'partition_id', 'int'},
+}
+
 local function create_execution(keys, argv)
-  local priority, e1 = Argv.req_int('priority', argv[5])
-  if not priority then
-    return e1
+  local a, e = Argv.parse(argv, CREATE_ARGV)
+  if not a then
+    return e
   end
-  local delay_until, e2 = Argv.opt_int('delay_until', argv[9])
-  if e2 then
-    return e2
-  end
-  local dedup_ttl, e3 = Argv.opt_int('dedup_ttl_ms', argv[10])
-  if e3 then
-    return e3
-  end
-  local deadline, e4 = Argv.opt_int('execution_deadline_at', argv[12])
-  if e4 then
-    return e4
-  end
-  local partition, e5 = Argv.req_int('partition_id', argv[13])
-  if not partition then
-    return e5
-  end
+  local priority, delay_until, dedup_ttl = a.priority, a.delay_until, a.dedup_ttl_ms
+  local deadline, partition = a.execution_deadline_at, a.partition_id
 
   local eid = argv[1]
   if string.sub(keys[7], 1, 8) == 'ff:idem:' then
@@ -253,8 +247,10 @@ redis.register_function('ff_set_execution_tags', set_execution_tags)
 -- unfenced operator_override gets the server-side fence), then spec 10 §1.2 with marking: an
 -- expired lease is marked and that write is kept behind the lease_expired reply.
 -- Returns x (x.now set) or nil plus the error reply.
+local OWNER_ARGV = {{3, 'lease_epoch', 'int?'}}
+
 local function owner_mutation(keys, argv, history_key, source)
-  local _, e1 = Argv.opt_int('lease_epoch', argv[3])
+  local _, e1 = Argv.parse(argv, OWNER_ARGV)
   if e1 then
     return nil, e1
   end
@@ -456,11 +452,14 @@ end
 --     "delayed until <ts>", attempt_interrupted), delay_until, lease mirror cleared (attempt id
 --     and epoch kept); attempt suspended, suspended_at, suspension_id=worker_delay; lease release
 --     reason worker_delay; ZADD lane delayed at delay_until. The stream stays open.
+local DELAY_ARGV = {{5, 'delay_until', 'int'}}
+
 local function delay_execution(keys, argv)
-  local delay_until, e1 = Argv.req_int('delay_until', argv[5])
-  if not delay_until then
+  local a, e1 = Argv.parse(argv, DELAY_ARGV)
+  if not a then
     return e1
   end
+  local delay_until = a.delay_until
   local x, e = owner_mutation(keys, argv, keys[4], argv[6])
   if not x then
     return e
@@ -553,8 +552,10 @@ end
 --     reason cancelled); suspended: suspension closed_at/close_reason=cancelled, waitpoint
 --     state=closed, condition closed=1 (reason cancelled); the id leaves every other index of
 --     its lane and partition and the holder's lease set.
+local CANCEL_ARGV = {{5, 'lease_epoch', 'int?'}}
+
 local function cancel_execution(keys, argv)
-  local _, e1 = Argv.opt_int('lease_epoch', argv[5])
+  local _, e1 = Argv.parse(argv, CANCEL_ARGV)
   if e1 then
     return e1
   end
@@ -608,18 +609,17 @@ redis.register_function('ff_cancel_execution', cancel_execution)
 --     (lease_id or epoch differ; attempt_id is not checked).
 --   Writes: core progress_pct / progress_message (those given), progress_updated_at,
 --     last_mutation_at.
+local PROGRESS_ARGV = {
+  {3, 'lease_epoch', 'int?'},
+  {4, 'progress_pct', 'int?', min = 0, max = 100, says = 'be between 0 and 100'},
+}
+
 local function update_progress(keys, argv)
-  local _, e1 = Argv.opt_int('lease_epoch', argv[3])
-  if e1 then
+  local a, e1 = Argv.parse(argv, PROGRESS_ARGV)
+  if not a then
     return e1
   end
-  local pct, e2 = Argv.opt_int('progress_pct', argv[4])
-  if e2 then
-    return e2
-  end
-  if pct and (pct < 0 or pct > 100) then
-    return Reply.err('invalid_input', 'progress_pct must be between 0 and 100, got: ' .. argv[4])
-  end
+  local pct = a.progress_pct
   local x = State.load_exec(keys, argv)
   if not x then
     return Reply.err('execution_not_found')

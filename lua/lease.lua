@@ -21,26 +21,19 @@
 --     last_mutation_at; lease current rewritten from the core mirror, PEXPIREAT expires+grace;
 --     ZADD lease_expiry. No history event; epoch unchanged. On lease_expired: mark_expired
 --     (history `expired`, stream meta closed lease_expired + stream_closed event).
+local RENEW_ARGV = {
+  {6, 'lease_ttl_ms', 'int', min = 1},
+  {7, 'lease_history_grace_ms', 'int', min = 0},
+  {2, 'attempt_index', 'int'},
+  {5, 'lease_epoch', 'int?'},
+}
+
 local function renew_lease(keys, argv)
-  local ttl, e1 = Argv.req_pos('lease_ttl_ms', argv[6])
-  if not ttl then
-    return e1
+  local a, e = Argv.parse(argv, RENEW_ARGV)
+  if not a then
+    return e
   end
-  local grace, e2 = Argv.req_int('lease_history_grace_ms', argv[7])
-  if not grace then
-    return e2
-  end
-  if grace < 0 then
-    return Reply.err('invalid_input', 'lease_history_grace_ms must not be negative, got: ' .. argv[7])
-  end
-  local idx, e3 = Argv.req_int('attempt_index', argv[2])
-  if not idx then
-    return e3
-  end
-  local _, e4 = Argv.opt_int('lease_epoch', argv[5])
-  if e4 then
-    return e4
-  end
+  local ttl, grace, idx = a.lease_ttl_ms, a.lease_history_grace_ms, a.attempt_index
   local x = State.load_exec(keys, argv)
   if not x then
     return Reply.err('execution_not_found')
@@ -185,15 +178,18 @@ redis.register_function('ff_revoke_lease', revoke_lease)
 --   Writes: claim_grant hash (worker_id, worker_instance_id, lane_id, capability_hash,
 --     route_snapshot_json, admission_summary, created_at, grant_expires_at), PEXPIREAT at
 --     grant_expires_at. The execution stays in lease_expiry.
+local GRANT_ARGV = {
+  {6, 'grant_ttl_ms', 'int', min = 1},
+  {2, 'worker_id', 'str'},
+  {3, 'worker_instance_id', 'str'},
+}
+
 local function issue_reclaim_grant(keys, argv)
-  local ttl, e1 = Argv.req_pos('grant_ttl_ms', argv[6])
-  if not ttl then
-    return e1
+  local a, e = Argv.parse(argv, GRANT_ARGV)
+  if not a then
+    return e
   end
-  local serr = Argv.require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'}})
-  if serr then
-    return serr
-  end
+  local ttl = a.grant_ttl_ms
   local x = State.load_exec(keys, argv)
   if not x then
     return Reply.err('execution_not_found')
@@ -258,16 +254,20 @@ end
 --     attempt_timeout re-armed from the policy (or removed); history `reclaimed`.
 --     Limit path: terminal failed (failure_reason max_reclaims_exceeded), old attempt
 --     interrupted_reclaimed, stream closed `reclaimed`, lease released, ff:dag:completions.
+local RECLAIM_ARGV = {
+  {6, 'lease_ttl_ms', 'int', min = 1},
+  {2, 'worker_id', 'str'},
+  {3, 'worker_instance_id', 'str'},
+  {5, 'lease_id', 'str'},
+  {7, 'attempt_id', 'str'},
+}
+
 local function reclaim_execution(keys, argv)
-  local ttl, e1 = Argv.req_pos('lease_ttl_ms', argv[6])
-  if not ttl then
-    return e1
+  local args, e = Argv.parse(argv, RECLAIM_ARGV)
+  if not args then
+    return e
   end
-  local serr = Argv.require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'},
-    {5, 'lease_id'}, {7, 'attempt_id'}})
-  if serr then
-    return serr
-  end
+  local ttl = args.lease_ttl_ms
   local policy_flat, perr = Policy.flatten(argv[8])
   if not policy_flat then
     return perr

@@ -41,15 +41,18 @@ local function grant_denied(x, grant_key, worker_csv, now)
   return Caps.check(x, worker_csv, now)
 end
 
+local GRANT_ARGV = {
+  {6, 'grant_ttl_ms', 'int', min = 1},
+  {2, 'worker_id', 'str'},
+  {3, 'worker_instance_id', 'str'},
+}
+
 local function issue_claim_grant(keys, argv)
-  local ttl, e1 = Argv.req_pos('grant_ttl_ms', argv[6])
-  if not ttl then
-    return e1
+  local a, e = Argv.parse(argv, GRANT_ARGV)
+  if not a then
+    return e
   end
-  local serr = Argv.require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'}})
-  if serr then
-    return serr
-  end
+  local ttl = a.grant_ttl_ms
   local x = State.load_exec(keys, argv)
   if not x then
     return Reply.err('execution_not_found')
@@ -201,28 +204,24 @@ end
 --     ZADD lease_expiry, lane active (both at expires); SADD claimer's lease set;
 --     ZADD attempt_timeout (now + timeout) when one applies; ZADD execution_deadline when given;
 --     history `acquired`.
+local CLAIM_ARGV = {
+  {7, 'lease_ttl_ms', 'int', min = 1},
+  {8, 'renew_before_ms', 'int'},
+  {11, 'attempt_timeout_ms', 'int?'},
+  {12, 'execution_deadline_at', 'int?'},
+  {2, 'worker_id', 'str'},
+  {3, 'worker_instance_id', 'str'},
+  {6, 'lease_id', 'str'},
+  {9, 'attempt_id', 'str'},
+}
+
 local function claim_execution(keys, argv)
-  local ttl, e1 = Argv.req_pos('lease_ttl_ms', argv[7])
-  if not ttl then
-    return e1
+  local args, e = Argv.parse(argv, CLAIM_ARGV)
+  if not args then
+    return e
   end
-  local renew_before, e2 = Argv.req_int('renew_before_ms', argv[8])
-  if not renew_before then
-    return e2
-  end
-  local timeout, e3 = Argv.opt_int('attempt_timeout_ms', argv[11])
-  if e3 then
-    return e3
-  end
-  local deadline, e4 = Argv.opt_int('execution_deadline_at', argv[12])
-  if e4 then
-    return e4
-  end
-  local serr = Argv.require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'},
-    {6, 'lease_id'}, {9, 'attempt_id'}})
-  if serr then
-    return serr
-  end
+  local ttl, renew_before = args.lease_ttl_ms, args.renew_before_ms
+  local timeout, deadline = args.attempt_timeout_ms, args.execution_deadline_at
   local policy_flat, perr = Policy.flatten(argv[10])
   if not policy_flat then
     return perr
@@ -271,20 +270,20 @@ redis.register_function('ff_claim_execution', claim_execution)
 --     lease current replaced; ZREM eligible; ZADD lease_expiry and lane active at expires; SADD
 --     claimer's lease set; ZADD attempt_timeout at now + remaining when > 0; history `acquired`
 --     (reason claim_resumed).
+local CLAIM_RESUMED_ARGV = {
+  {6, 'lease_ttl_ms', 'int', min = 1},
+  {8, 'remaining_attempt_timeout_ms', 'int?'},
+  {2, 'worker_id', 'str'},
+  {3, 'worker_instance_id', 'str'},
+  {5, 'lease_id', 'str'},
+}
+
 local function claim_resumed_execution(keys, argv)
-  local ttl, e1 = Argv.req_pos('lease_ttl_ms', argv[6])
-  if not ttl then
-    return e1
+  local args, e = Argv.parse(argv, CLAIM_RESUMED_ARGV)
+  if not args then
+    return e
   end
-  local remaining, e2 = Argv.opt_int('remaining_attempt_timeout_ms', argv[8])
-  if e2 then
-    return e2
-  end
-  local serr = Argv.require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'},
-    {5, 'lease_id'}})
-  if serr then
-    return serr
-  end
+  local ttl, remaining = args.lease_ttl_ms, args.remaining_attempt_timeout_ms
   local x = State.load_exec(keys, argv)
   if not x then
     return Reply.err('execution_not_found')
@@ -342,32 +341,31 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --   Skipped, nothing written: heads whose core is missing, that are not eligible, hold a grant,
 --     are not leaseable (claim checks), or have invalid required capabilities.
 --   Writes per lease: those of ff_claim_execution (or ff_claim_resumed_execution).
+local CLAIM_BATCH_ARGV = {
+  {6, 'lease_ttl_ms', 'int', min = 1},
+  {7, 'renew_before_ms', 'int'},
+  {8, 'max_tasks', 'int', min = 1},
+  {9, 'max_scanned', 'int'},
+}
+
 local function claim_batch_args(keys, argv)
-  local ttl, e1 = Argv.req_pos('lease_ttl_ms', argv[6])
-  if not ttl then
-    return nil, e1
+  local a, e = Argv.parse(argv, CLAIM_BATCH_ARGV)
+  if not a then
+    return nil, e
   end
-  local renew_before, e2 = Argv.req_int('renew_before_ms', argv[7])
-  if not renew_before then
-    return nil, e2
-  end
-  local max, e3 = Argv.req_pos('max_tasks', argv[8])
-  if not max then
-    return nil, e3
-  end
-  local scan, e4 = Argv.req_int('max_scanned', argv[9])
-  if not scan then
-    return nil, e4
-  elseif scan < max then
+  local ttl, renew_before, max, scan = a.lease_ttl_ms, a.renew_before_ms, a.max_tasks,
+    a.max_scanned
+  if scan < max then
     return nil, Reply.err('invalid_input', 'max_scanned must be at least max_tasks')
   elseif #argv ~= 9 + 2 * max then
     return nil, Reply.err('invalid_input', 'expected max_tasks pairs of lease_id, attempt_id')
   end
-  local specs = {{1, 'worker_id'}, {2, 'worker_instance_id'}, {3, 'lane_id'}}
+  -- The ids: the claimer's, then one lease_id, attempt_id pair per task.
+  local ids = {{1, 'worker_id', 'str'}, {2, 'worker_instance_id', 'str'}, {3, 'lane_id', 'str'}}
   for i = 10, #argv do
-    specs[#specs + 1] = {i, (i % 2 == 0) and 'lease_id' or 'attempt_id'}
+    ids[#ids + 1] = {i, (i % 2 == 0) and 'lease_id' or 'attempt_id', 'str'}
   end
-  local serr = Argv.require_strings(argv, specs)
+  local _, serr = Argv.parse(argv, ids)
   if serr then
     return nil, serr
   end
@@ -463,11 +461,14 @@ redis.register_function('ff_claim_batch', claim_batch)
 --   Writes (promoted): core promoted vector (eligible_now / waiting_for_worker, attempt_state
 --     kept), delay_until=""; ZREM lane delayed; ZADD lane eligible at
 --     -(priority x 10^12) + created_at.
+local PROMOTE_ARGV = {{2, 'now_ms', 'int'}}
+
 local function promote_delayed(keys, argv)
-  local now, e1 = Argv.req_int('now_ms', argv[2])
-  if not now then
+  local a, e1 = Argv.parse(argv, PROMOTE_ARGV)
+  if not a then
     return e1
   end
+  local now = a.now_ms
   local x = State.load_exec(keys, argv)
   if not x then
     redis.call('ZREM', keys[2], argv[1])
@@ -504,11 +505,14 @@ redis.register_function('ff_promote_delayed', promote_delayed)
 --   Errors: invalid_input (new_priority), execution_not_found, execution_not_eligible (only a
 --     runnable eligible_now execution can be re-prioritised in v1).
 --   Writes: core priority, last_mutation_at; ZADD lane eligible at -(p x 10^12) + created_at.
+local PRIORITY_ARGV = {{2, 'new_priority', 'int'}}
+
 local function change_priority(keys, argv)
-  local p, e1 = Argv.req_int('new_priority', argv[2])
-  if not p then
+  local a, e1 = Argv.parse(argv, PRIORITY_ARGV)
+  if not a then
     return e1
   end
+  local p = a.new_priority
   local x = State.load_exec(keys, argv)
   if not x then
     return Reply.err('execution_not_found')

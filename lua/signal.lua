@@ -15,34 +15,25 @@ local MAX_GRACE_MS = 9007199254740991
 
 -- Shape checks of the signal ARGV (deliver and buffer share the layout). Returns the parsed
 -- numbers or nil plus the invalid_input reply.
+local SIGNAL_ARGV = {
+  {13, 'created_at', 'int?', min = 0, says = 'be >= 0'},
+  {14, 'dedup_ttl_ms', 'int?', min = 0, says = 'be >= 0', default = DEFAULT_SIGNAL_DEDUP_TTL_MS},
+  {15, 'resume_delay_ms', 'int?', min = 0, says = 'be >= 0', default = 0},
+  {16, 'max_signals_per_execution', 'int?', min = 0, says = 'be >= 0',
+    default = DEFAULT_MAX_SIGNALS},
+  {17, 'signal_maxlen', 'int?', min = 1, says = 'be >= 1', default = DEFAULT_SIGNAL_MAXLEN},
+  {2, 'waitpoint_id', 'str'},
+  {3, 'signal_id', 'str'},
+  {4, 'signal_name', 'str'},
+}
+
 local function signal_args(argv)
-  local a = {}
-  local specs = {
-    {13, 'created_at', 'created_at', false, 0},
-    {14, 'dedup_ttl_ms', 'ttl', DEFAULT_SIGNAL_DEDUP_TTL_MS, 0},
-    {15, 'resume_delay_ms', 'delay', 0, 0},
-    {16, 'max_signals_per_execution', 'limit', DEFAULT_MAX_SIGNALS, 0},
-    {17, 'signal_maxlen', 'maxlen', DEFAULT_SIGNAL_MAXLEN, 1},
-  }
-  for _, s in ipairs(specs) do
-    local v, e = Argv.opt_int(s[2], argv[s[1]])
-    if e then
-      return nil, e
-    end
-    if v and v < s[5] then
-      return nil, Reply.err('invalid_input', s[2] .. ' must be >= ' .. s[5] .. ', got: ' .. argv[s[1]])
-    end
-    if v == false then
-      v = s[4]
-    end
-    a[s[3]] = v
+  local a, e = Argv.parse(argv, SIGNAL_ARGV)
+  if not a then
+    return nil, e
   end
-  local serr = Argv.require_strings(argv, {{2, 'waitpoint_id'}, {3, 'signal_id'},
-    {4, 'signal_name'}})
-  if serr then
-    return nil, serr
-  end
-  return a, nil
+  return {created_at = a.created_at, ttl = a.dedup_ttl_ms, delay = a.resume_delay_ms,
+    limit = a.max_signals_per_execution, maxlen = a.signal_maxlen}, nil
 end
 
 -- Token failures (spec 20 §4.6 failure stamp). Keystore faults (invalid_keys_missing_hmac,

@@ -52,36 +52,21 @@ end
 --     last_frame_at ""); XADD frame_type, ts, payload, encoding, source, [correlation_id],
 --     [metadata_json]; meta frame_count += 1, total_bytes += #payload, last_sequence,
 --     last_frame_at; XTRIM per retention. State vector untouched. Not idempotent.
+local APPEND_ARGV = {
+  {2, 'attempt_index', 'int'},
+  {4, 'lease_epoch', 'int?'},
+  {7, 'timestamp', 'int?'},
+  {13, 'retention_maxlen', 'int?', min = 0, default = 0},
+  {14, 'max_payload_bytes', 'int?', min = 1, max = MAX_PAYLOAD_BYTES, default = MAX_PAYLOAD_BYTES},
+}
+
 local function append_frame(keys, argv)
-  local idx, e1 = Argv.req_int('attempt_index', argv[2])
-  if not idx then
-    return e1
+  local a, e = Argv.parse(argv, APPEND_ARGV)
+  if not a then
+    return e
   end
-  local _, e2 = Argv.opt_int('lease_epoch', argv[4])
-  if e2 then
-    return e2
-  end
-  local ts, e3 = Argv.opt_int('timestamp', argv[7])
-  if e3 then
-    return e3
-  end
-  local maxlen, e4 = Argv.opt_int('retention_maxlen', argv[13])
-  if e4 then
-    return e4
-  end
-  maxlen = maxlen or 0
-  if maxlen < 0 then
-    return Reply.err('invalid_input', 'retention_maxlen must not be negative, got: ' .. argv[13])
-  end
-  local cap, e5 = Argv.opt_int('max_payload_bytes', argv[14])
-  if e5 then
-    return e5
-  end
-  cap = cap or MAX_PAYLOAD_BYTES
-  if cap < 1 or cap > MAX_PAYLOAD_BYTES then
-    return Reply.err('invalid_input', 'max_payload_bytes must be 1..' .. MAX_PAYLOAD_BYTES
-      .. ', got: ' .. argv[14])
-  end
+  local idx, ts, maxlen, cap = a.attempt_index, a.timestamp, a.retention_maxlen,
+    a.max_payload_bytes
   local frame_type = argv[6] or ''
   if frame_type == '' then
     return Reply.err('invalid_frame_type', 'frame_type must not be empty')

@@ -48,23 +48,20 @@ end
 --     SADD waitpoints set; waitpoint hash (state pending, created_at now, token minted over it;
 --     a closed/expired record at that id is replaced with its condition and stream);
 --     waitpoint_opened (state pending). Core and lease untouched.
+local PENDING_ARGV = {
+  {8, 'expires_in_ms', 'int', min = 1},
+  {5, 'attempt_index', 'int'},
+  {3, 'lease_epoch', 'int?'},
+  {6, 'waitpoint_id', 'str'},
+  {7, 'waitpoint_key', 'str'},
+}
+
 local function create_pending_waitpoint(keys, argv)
-  local ttl, e1 = Argv.req_pos('expires_in_ms', argv[8])
-  if not ttl then
-    return e1
+  local a, e = Argv.parse(argv, PENDING_ARGV)
+  if not a then
+    return e
   end
-  local idx, e2 = Argv.req_int('attempt_index', argv[5])
-  if not idx then
-    return e2
-  end
-  local _, e3 = Argv.opt_int('lease_epoch', argv[3])
-  if e3 then
-    return e3
-  end
-  local serr = Argv.require_strings(argv, {{6, 'waitpoint_id'}, {7, 'waitpoint_key'}})
-  if serr then
-    return serr
-  end
+  local ttl, idx = a.expires_in_ms, a.attempt_index
   local x = State.load_exec(keys, argv)
   if not x then
     return Reply.err('execution_not_found')
@@ -111,19 +108,19 @@ end
 redis.register_function('ff_create_pending_waitpoint', create_pending_waitpoint)
 
 -- Shape checks of the suspend ARGV (nothing read yet). Returns a table or nil plus the reply.
+local SUSPEND_NUMBERS = {
+  {5, 'attempt_index', 'int'},
+  {3, 'lease_epoch', 'int?'},
+  {14, 'timeout_at', 'int?'},
+}
+local SUSPEND_IDS = {{6, 'suspension_id', 'str'}, {7, 'waitpoint_id', 'str'}}
+
 local function suspend_args(argv)
-  local idx, e1 = Argv.req_int('attempt_index', argv[5])
-  if not idx then
-    return nil, e1
+  local a, e = Argv.parse(argv, SUSPEND_NUMBERS)
+  if not a then
+    return nil, e
   end
-  local _, e2 = Argv.opt_int('lease_epoch', argv[3])
-  if e2 then
-    return nil, e2
-  end
-  local timeout, e3 = Argv.opt_int('timeout_at', argv[14])
-  if e3 then
-    return nil, e3
-  end
+  local idx, timeout = a.attempt_index, a.timeout_at
   local behavior = (argv[16] ~= '' and argv[16]) or 'fail'
   if not TIMEOUT_BEHAVIORS[behavior] then
     return nil, Reply.err('invalid_input', 'unknown timeout_behavior: ' .. behavior)
@@ -132,7 +129,7 @@ local function suspend_args(argv)
   if flag ~= '1' and flag ~= '0' and flag ~= '' then
     return nil, Reply.err('invalid_input', 'use_pending_waitpoint must be "1" or "0"')
   end
-  local serr = Argv.require_strings(argv, {{6, 'suspension_id'}, {7, 'waitpoint_id'}})
+  local _, serr = Argv.parse(argv, SUSPEND_IDS)
   if serr then
     return nil, serr
   end
@@ -436,19 +433,19 @@ end
 --     -(priority x 10^12) + created_at or lane delayed at now + delay; suspension and waitpoint
 --     satisfied_at, closed_at, close_reason (resumed | operator_resume | timed_out_auto_resume),
 --     condition closed=1 with the same reason; execution_resumed, waitpoint_closed.
+local RESUME_ARGV = {{3, 'resume_delay_ms', 'int?', min = 0}}
+
 local function resume_execution(keys, argv)
   local trigger = (argv[2] ~= '' and argv[2]) or 'signal'
   local reason = TRIGGER_REASON[trigger]
   if not reason then
     return Reply.err('invalid_input', 'unknown trigger_type: ' .. trigger)
   end
-  local delay, e1 = Argv.opt_int('resume_delay_ms', argv[3])
-  if e1 then
+  local a, e1 = Argv.parse(argv, RESUME_ARGV)
+  if not a then
     return e1
   end
-  if delay and delay < 0 then
-    return Reply.err('invalid_input', 'resume_delay_ms must not be negative, got: ' .. argv[3])
-  end
+  local delay = a.resume_delay_ms
   local x = State.load_exec(keys, argv)
   if not x then
     return Reply.err('execution_not_found')
@@ -487,8 +484,10 @@ redis.register_function('ff_resume_execution', resume_execution)
 --   Writes: ZREM pending_waitpoint_expiry; waitpoint state closed (expired for never_committed),
 --     closed_at, close_reason; an active waitpoint's condition closed=1 (same reason);
 --     waitpoint_closed.
+local CLOSE_WAITPOINT_ARGV = {{2, 'waitpoint_id', 'str'}}
+
 local function close_waitpoint(keys, argv)
-  local serr = Argv.require_strings(argv, {{2, 'waitpoint_id'}})
+  local _, serr = Argv.parse(argv, CLOSE_WAITPOINT_ARGV)
   if serr then
     return serr
   end
@@ -642,11 +641,14 @@ redis.register_function('ff_expire_suspension', expire_suspension)
 --     record's attempt_index equals ARGV[2] and its close_reason is `resumed`; else n = 0.
 --   Errors: invalid_input (attempt_index), execution_not_found.
 --   Writes: none.
+local READ_SIGNALS_ARGV = {{2, 'attempt_index', 'int'}}
+
 local function read_resume_signals(keys, argv)
-  local idx, e1 = Argv.req_int('attempt_index', argv[2])
-  if not idx then
+  local a, e1 = Argv.parse(argv, READ_SIGNALS_ARGV)
+  if not a then
     return e1
   end
+  local idx = a.attempt_index
   local x = State.load_exec(keys, argv)
   if not x then
     return Reply.err('execution_not_found')
