@@ -1,4 +1,6 @@
 -- admission.lua: admission blocks and unblocks of runnable executions (spec 30 §6).
+--
+-- uses: reply, util, keys, state
 
 -- Reason -> {eligibility_state, blocked index suffix} (spec 30 §6.1).
 local BLOCK_REASONS = {
@@ -29,30 +31,30 @@ local BLOCKED_ELIGIBILITY = {
 --   Writes: core vector (runnable, unowned, mapped eligibility, reason, detail, none, attempt
 --     state kept); ZREM lane eligible; ZADD target index at now; SPUBLISH state_changed.
 local function block_execution(keys, argv)
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local c = x.core
   if c.lifecycle_phase == 'terminal' then
-    return not_active(c)
+    return Reply.not_active(c)
   end
   if c.lifecycle_phase ~= 'runnable' then
-    return err('execution_not_eligible', 'phase ' .. tostring(c.lifecycle_phase))
+    return Reply.err('execution_not_eligible', 'phase ' .. tostring(c.lifecycle_phase))
   end
   local target = BLOCK_REASONS[argv[2]]
   if not target then
-    return err('invalid_blocking_reason', argv[2])
+    return Reply.err('invalid_blocking_reason', argv[2])
   end
   if c.eligibility_state ~= 'eligible_now' and c.eligibility_state ~= target[1] then
-    return err('execution_not_eligible', c.eligibility_state)
+    return Reply.err('execution_not_eligible', c.eligibility_state)
   end
-  local now = now_ms()
-  write_vector(keys[1], argv[1], {'runnable', 'unowned', target[1], argv[2], argv[3] or '',
-    'none', is_set(c.attempt_state) and c.attempt_state or 'pending_first_attempt'}, now)
-  redis.call('ZREM', lane_key(x.tag, c.lane_id, 'eligible'), argv[1])
-  redis.call('ZADD', lane_key(x.tag, c.lane_id, target[2]), num(now), argv[1])
-  return ok('blocked')
+  local now = Util.now_ms()
+  State.write_vector(keys[1], argv[1], {'runnable', 'unowned', target[1], argv[2], argv[3] or '',
+    'none', Util.is_set(c.attempt_state) and c.attempt_state or 'pending_first_attempt'}, now)
+  redis.call('ZREM', Keys.lane(x.tag, c.lane_id, 'eligible'), argv[1])
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, target[2]), Util.num(now), argv[1])
+  return Reply.ok('blocked')
 end
 
 redis.register_function('ff_block_execution_for_admission', block_execution)
@@ -69,28 +71,28 @@ redis.register_function('ff_block_execution_for_admission', block_execution)
 --     state kept); ZREM source index; ZADD lane eligible at -(priority x 10^12) + created_at;
 --     SPUBLISH state_changed.
 local function unblock_execution(keys, argv)
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local c = x.core
   if c.lifecycle_phase ~= 'runnable' then
-    return err('execution_not_eligible', 'phase ' .. tostring(c.lifecycle_phase))
+    return Reply.err('execution_not_eligible', 'phase ' .. tostring(c.lifecycle_phase))
   end
   local source = BLOCKED_ELIGIBILITY[c.eligibility_state]
   if not source then
-    return err('execution_not_eligible', c.eligibility_state)
+    return Reply.err('execution_not_eligible', c.eligibility_state)
   end
-  if is_set(argv[2]) and argv[2] ~= c.blocking_reason then
-    return err('execution_not_eligible', 'blocking_reason is ' .. tostring(c.blocking_reason))
+  if Util.is_set(argv[2]) and argv[2] ~= c.blocking_reason then
+    return Reply.err('execution_not_eligible', 'blocking_reason is ' .. tostring(c.blocking_reason))
   end
-  local now = now_ms()
-  write_vector(keys[1], argv[1], {'runnable', 'unowned', 'eligible_now', 'waiting_for_worker', '',
+  local now = Util.now_ms()
+  State.write_vector(keys[1], argv[1], {'runnable', 'unowned', 'eligible_now', 'waiting_for_worker', '',
     'none', c.attempt_state}, now)
-  redis.call('ZREM', lane_key(x.tag, c.lane_id, source), argv[1])
-  local score = eligible_score(tonumber(c.priority) or 0, tonumber(c.created_at) or now)
-  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'eligible'), num(score), argv[1])
-  return ok('unblocked')
+  redis.call('ZREM', Keys.lane(x.tag, c.lane_id, source), argv[1])
+  local score = State.eligible_score(tonumber(c.priority) or 0, tonumber(c.created_at) or now)
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'eligible'), Util.num(score), argv[1])
+  return Reply.ok('unblocked')
 end
 
 redis.register_function('ff_unblock_execution', unblock_execution)

@@ -1,4 +1,6 @@
 -- execution.lua: creating executions and caller-owned metadata (spec 10 §2.1, §2.19).
+--
+-- uses: reply, util, argv, keys, state, stream, lease, attempt, terminal, policy, capabilities
 
 -- Every exec_core field of spec 00 §5.5 that create initialises to "" (unset).
 local CORE_EMPTY_FIELDS = {
@@ -24,22 +26,22 @@ local function parse_policy(policy_json)
   if policy_json == '' or policy_json == '{}' then
     return false, ''
   end
-  local policy = decode_json(policy_json)
+  local policy = Util.decode_json(policy_json)
   if type(policy) ~= 'table' then
-    return nil, nil, err('invalid_policy_json', 'malformed')
+    return nil, nil, Reply.err('invalid_policy_json', 'malformed')
   end
   local routing = policy.routing_requirements
   if routing == nil or routing == cjson.null then
     return policy, ''
   end
   if type(routing) ~= 'table' then
-    return nil, nil, err('invalid_policy_json', 'routing_requirements:not_object')
+    return nil, nil, Reply.err('invalid_policy_json', 'routing_requirements:not_object')
   end
   local caps = routing.required_capabilities
   if caps == nil or caps == cjson.null then
     return policy, ''
   end
-  local csv, cerr = capabilities_csv('required', caps)
+  local csv, cerr = Caps.csv('required', caps)
   if not csv then
     return nil, nil, cerr
   end
@@ -51,16 +53,16 @@ local function parse_tags(tags_json)
   if tags_json == '' or tags_json == '{}' then
     return {}
   end
-  local tags = decode_json(tags_json)
+  local tags = Util.decode_json(tags_json)
   if type(tags) ~= 'table' then
-    return nil, err('invalid_input', 'tags_json must be a JSON object')
+    return nil, Reply.err('invalid_input', 'tags_json must be a JSON object')
   end
   for k, v in pairs(tags) do
-    if not valid_tag_key(k) then
-      return nil, err('invalid_tag_key', tostring(k))
+    if not State.valid_tag_key(k) then
+      return nil, Reply.err('invalid_tag_key', tostring(k))
     end
     if type(v) == 'table' then
-      return nil, err('invalid_input', 'tag values must be scalars: ' .. k)
+      return nil, Reply.err('invalid_input', 'tag values must be scalars: ' .. k)
     end
   end
   return tags
@@ -99,27 +101,21 @@ end
 --     routing_requirements:not_object), invalid_capabilities (required:<why>), invalid_tag_key.
 --   Writes: core, payload, policy, tags, eligible|delayed, execution_deadline, all_executions,
 --     lanes, idempotency key (PX ttl); SPUBLISH ff:exec_events:{p} state_changed.
+local CREATE_ARGV = {
+  {5, 'priority', 'int'},
+  {9, 'delay_until', 'int?'},
+  {10, 'dedup_ttl_ms', 'int?'},
+  {12, 'execution_deadline_at', 'int?'},
+  {13, 'partition_id', 'int'},
+}
+
 local function create_execution(keys, argv)
-  local priority, e1 = req_int('priority', argv[5])
-  if not priority then
-    return e1
+  local a, e = Argv.parse(argv, CREATE_ARGV)
+  if not a then
+    return e
   end
-  local delay_until, e2 = opt_int('delay_until', argv[9])
-  if e2 then
-    return e2
-  end
-  local dedup_ttl, e3 = opt_int('dedup_ttl_ms', argv[10])
-  if e3 then
-    return e3
-  end
-  local deadline, e4 = opt_int('execution_deadline_at', argv[12])
-  if e4 then
-    return e4
-  end
-  local partition, e5 = req_int('partition_id', argv[13])
-  if not partition then
-    return e5
-  end
+  local priority, delay_until, dedup_ttl = a.priority, a.delay_until, a.dedup_ttl_ms
+  local deadline, partition = a.execution_deadline_at, a.partition_id
 
   local eid = argv[1]
   if string.sub(keys[7], 1, 8) == 'ff:idem:' then
@@ -141,8 +137,8 @@ local function create_execution(keys, argv)
     return terr
   end
 
-  local now = now_ms()
-  priority = clamp_priority(priority)
+  local now = Util.now_ms()
+  priority = State.clamp_priority(priority)
   if not deadline then
     local rel = policy_number(policy, 'timeout_policy', 'execution_deadline_ms')
     if rel and rel > 0 then
@@ -160,8 +156,8 @@ local function create_execution(keys, argv)
     partition_id = partition, priority = priority, creator_identity = argv[6],
     payload_encoding = (argv[14] ~= '' and argv[14]) or 'json',
     total_attempt_count = 0, current_lease_epoch = 0, retry_count = 0, replay_count = 0,
-    lease_reclaim_count = 0, current_lane = argv[3], created_at = num(now),
-    delay_until = delay_until and num(delay_until) or '',
+    lease_reclaim_count = 0, current_lane = argv[3], created_at = Util.num(now),
+    delay_until = delay_until and Util.num(delay_until) or '',
   }
   for _, f in ipairs(CORE_EMPTY_FIELDS) do
     extra[f] = ''
@@ -169,17 +165,17 @@ local function create_execution(keys, argv)
   extra.required_capabilities = caps_csv
   extra.budget_ids = budget_ids
   extra.quota_policy_id = argv[15]
-  extra.execution_deadline_at = deadline and num(deadline) or ''
+  extra.execution_deadline_at = deadline and Util.num(deadline) or ''
 
   local vector
   if delayed then
     vector = {'runnable', 'unowned', 'not_eligible_until_time', 'waiting_for_delay',
-      'delayed until ' .. num(delay_until), 'none', 'pending_first_attempt'}
+      'delayed until ' .. Util.num(delay_until), 'none', 'pending_first_attempt'}
   else
     vector = {'runnable', 'unowned', 'eligible_now', 'waiting_for_worker', '', 'none',
       'pending_first_attempt'}
   end
-  local public = write_vector(keys[1], eid, vector, now, extra)
+  local public = State.write_vector(keys[1], eid, vector, now, extra)
 
   redis.call('SET', keys[2], argv[8])
   if argv[7] ~= '' then
@@ -188,25 +184,25 @@ local function create_execution(keys, argv)
     redis.call('SET', keys[3], '{}')
   end
   if next(tags) ~= nil then
-    hmset(keys[4], tags)
+    Util.hmset(keys[4], tags)
   end
   if delayed then
-    redis.call('ZADD', keys[6], num(delay_until), eid)
+    redis.call('ZADD', keys[6], Util.num(delay_until), eid)
   else
-    redis.call('ZADD', keys[5], num(eligible_score(priority, now)), eid)
+    redis.call('ZADD', keys[5], Util.num(State.eligible_score(priority, now)), eid)
   end
   redis.call('SADD', keys[9], eid)
   redis.call('SADD', keys[10], argv[3])
   if deadline then
-    redis.call('ZADD', keys[8], num(deadline), eid)
+    redis.call('ZADD', keys[8], Util.num(deadline), eid)
   end
   if string.sub(keys[7], 1, 8) == 'ff:idem:' then
     local ttl = dedup_ttl or policy_number(policy, nil, 'dedup_window_ms') or DEFAULT_DEDUP_WINDOW_MS
     if ttl > 0 then
-      redis.call('SET', keys[7], eid, 'PX', num(ttl))
+      redis.call('SET', keys[7], eid, 'PX', Util.num(ttl))
     end
   end
-  return ok(eid, public)
+  return Reply.ok(eid, public)
 end
 
 redis.register_function('ff_create_execution', create_execution)
@@ -221,19 +217,19 @@ redis.register_function('ff_create_execution', create_execution)
 --   Writes: tags (HSET), core last_mutation_at.
 local function set_execution_tags(keys, argv)
   if #argv == 0 or #argv % 2 == 1 then
-    return err('invalid_input', 'tags must be non-empty even-length key/value pairs')
+    return Reply.err('invalid_input', 'tags must be non-empty even-length key/value pairs')
   end
   if redis.call('EXISTS', keys[1]) == 0 then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   for i = 1, #argv, 2 do
-    if not valid_tag_key(argv[i]) then
-      return err('invalid_tag_key', argv[i])
+    if not State.valid_tag_key(argv[i]) then
+      return Reply.err('invalid_tag_key', argv[i])
     end
   end
   redis.call('HSET', keys[2], unpack(argv))
-  redis.call('HSET', keys[1], 'last_mutation_at', num(now_ms()))
-  return ok(tostring(#argv / 2))
+  redis.call('HSET', keys[1], 'last_mutation_at', Util.num(Util.now_ms()))
+  return Reply.ok(tostring(#argv / 2))
 end
 
 redis.register_function('ff_set_execution_tags', set_execution_tags)
@@ -251,22 +247,24 @@ redis.register_function('ff_set_execution_tags', set_execution_tags)
 -- unfenced operator_override gets the server-side fence), then spec 10 §1.2 with marking: an
 -- expired lease is marked and that write is kept behind the lease_expired reply.
 -- Returns x (x.now set) or nil plus the error reply.
+local OWNER_ARGV = {{3, 'lease_epoch', 'int?'}}
+
 local function owner_mutation(keys, argv, history_key, source)
-  local _, e1 = opt_int('lease_epoch', argv[3])
+  local _, e1 = Argv.parse(argv, OWNER_ARGV)
   if e1 then
     return nil, e1
   end
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return nil, err('execution_not_found')
+    return nil, Reply.err('execution_not_found')
   end
-  local fence, ferr = resolve_fence(x.core, argv[2], argv[3], argv[4], source, true)
+  local fence, ferr = Lease.resolve_fence(x.core, argv[2], argv[3], argv[4], source, true)
   if not fence then
     return nil, ferr
   end
   x.history = history_key
-  x.now = now_ms()
-  local lerr = check_lease(x, fence, x.now, true)
+  x.now = Util.now_ms()
+  local lerr = Lease.check(x, fence, x.now, true)
   if lerr then
     return nil, lerr
   end
@@ -297,15 +295,15 @@ local function complete_execution(keys, argv)
   end
   x.lease, x.lease_expiry, x.attempt_timeout, x.deadline = keys[6], keys[3], keys[11], keys[12]
   local idx, now = x.core.current_attempt_index, x.now
-  terminal_transition(x, 'success', now, lease_cleared({result_encoding = argv[7] or ''}), true)
-  if end_attempt(x, idx, 'ended_success', {}, now) then
-    close_stream(x, idx, 'attempt_success', now, false)
+  Terminal.transition(x, 'success', now, Lease.cleared({result_encoding = argv[7] or ''}), true)
+  if Attempt.finish(x, idx, 'ended_success', {}, now) then
+    Stream.close(x, idx, 'attempt_success', now, false)
   end
   if argv[5] ~= '' then
     redis.call('SET', keys[10], argv[5])
   end
-  release_lease(x, 'completed', now)
-  return ok('completed')
+  Lease.release(x, 'completed', now)
+  return Reply.ok('completed')
 end
 
 redis.register_function('ff_complete_execution', complete_execution)
@@ -315,9 +313,9 @@ redis.register_function('ff_complete_execution', complete_execution)
 local function retry_policy_of(x, json)
   local rp
   if json ~= nil and json ~= '' then
-    rp = decode_json(json)
+    rp = Util.decode_json(json)
   else
-    rp = stored_policy(x).retry_policy
+    rp = Policy.stored(x).retry_policy
   end
   if type(rp) ~= 'table' then
     return nil
@@ -355,7 +353,7 @@ end
 -- Retry iff a policy exists, retry_count < max_retries (default 3) and, when
 -- retryable_categories is non-empty, the category is listed (Spec).
 local function retry_allowed(rp, retry_count, category)
-  if not rp or retry_count >= policy_int(rp, 'max_retries', 3) then
+  if not rp or retry_count >= Policy.int(rp, 'max_retries', 3) then
     return false
   end
   local cats = rp.retryable_categories
@@ -403,27 +401,27 @@ local function fail_execution(keys, argv)
   local delay_until
   if retry then
     delay_until = now + backoff_ms(rp, retry_count)
-    write_vector(keys[1], x.eid, {'runnable', 'unowned', 'not_eligible_until_time',
-      'waiting_for_retry_backoff', 'retry backoff until ' .. num(delay_until) .. ' (attempt '
+    State.write_vector(keys[1], x.eid, {'runnable', 'unowned', 'not_eligible_until_time',
+      'waiting_for_retry_backoff', 'retry backoff until ' .. Util.num(delay_until) .. ' (attempt '
       .. idx .. ' failed: ' .. reason .. ')', 'none', 'pending_retry_attempt'}, now,
-      lease_cleared({pending_retry_reason = reason, pending_previous_attempt_index = idx,
-        retry_count = num(retry_count + 1), current_attempt_id = '',
-        delay_until = num(delay_until), failure_reason = reason}))
+      Lease.cleared({pending_retry_reason = reason, pending_previous_attempt_index = idx,
+        retry_count = Util.num(retry_count + 1), current_attempt_id = '',
+        delay_until = Util.num(delay_until), failure_reason = reason}))
   else
-    terminal_transition(x, 'failed', now, lease_cleared({failure_reason = reason}), true)
+    Terminal.transition(x, 'failed', now, Lease.cleared({failure_reason = reason}), true)
   end
-  if end_attempt(x, idx, 'ended_failure', {'failure_reason', reason,
+  if Attempt.finish(x, idx, 'ended_failure', {'failure_reason', reason,
       'failure_category', category}, now) then
-    close_stream(x, idx, 'attempt_failure', now, false)
+    Stream.close(x, idx, 'attempt_failure', now, false)
   end
   if not retry then
-    release_lease(x, 'failed_terminal', now)
-    return ok('terminal_failed')
+    Lease.release(x, 'failed_terminal', now)
+    return Reply.ok('terminal_failed')
   end
-  release_lease(x, 'failed_retry_scheduled', now)
+  Lease.release(x, 'failed_retry_scheduled', now)
   -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
-  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'delayed'), num(delay_until), x.eid)
-  return ok('retry_scheduled', num(delay_until), c.total_attempt_count or '0')
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'delayed'), Util.num(delay_until), x.eid)
+  return Reply.ok('retry_scheduled', Util.num(delay_until), c.total_attempt_count or '0')
 end
 
 redis.register_function('ff_fail_execution', fail_execution)
@@ -432,12 +430,12 @@ redis.register_function('ff_fail_execution', fail_execution)
 -- same attempt through claim_resumed_execution.
 local function pause_attempt(x, suspension_id, now)
   local idx = x.core.current_attempt_index
-  if not is_set(idx) then
+  if not Util.is_set(idx) then
     return
   end
-  local key = attempt_key(x.tag, x.eid, idx)
+  local key = Keys.attempt(x.tag, x.eid, idx)
   if redis.call('HGET', key, 'attempt_state') == 'started' then
-    redis.call('HSET', key, 'attempt_state', 'suspended', 'suspended_at', num(now),
+    redis.call('HSET', key, 'attempt_state', 'suspended', 'suspended_at', Util.num(now),
       'suspension_id', suspension_id)
   end
 end
@@ -454,25 +452,28 @@ end
 --     "delayed until <ts>", attempt_interrupted), delay_until, lease mirror cleared (attempt id
 --     and epoch kept); attempt suspended, suspended_at, suspension_id=worker_delay; lease release
 --     reason worker_delay; ZADD lane delayed at delay_until. The stream stays open.
+local DELAY_ARGV = {{5, 'delay_until', 'int'}}
+
 local function delay_execution(keys, argv)
-  local delay_until, e1 = req_int('delay_until', argv[5])
-  if not delay_until then
+  local a, e1 = Argv.parse(argv, DELAY_ARGV)
+  if not a then
     return e1
   end
+  local delay_until = a.delay_until
   local x, e = owner_mutation(keys, argv, keys[4], argv[6])
   if not x then
     return e
   end
   x.lease, x.lease_expiry, x.attempt_timeout = keys[3], keys[5], keys[9]
   local now = x.now
-  write_vector(keys[1], x.eid, {'runnable', 'unowned', 'not_eligible_until_time',
-    'waiting_for_delay', 'delayed until ' .. num(delay_until), 'none', 'attempt_interrupted'},
-    now, lease_cleared({delay_until = num(delay_until)}))
+  State.write_vector(keys[1], x.eid, {'runnable', 'unowned', 'not_eligible_until_time',
+    'waiting_for_delay', 'delayed until ' .. Util.num(delay_until), 'none', 'attempt_interrupted'},
+    now, Lease.cleared({delay_until = Util.num(delay_until)}))
   pause_attempt(x, 'worker_delay', now)
-  release_lease(x, 'worker_delay', now)
+  Lease.release(x, 'worker_delay', now)
   -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
-  redis.call('ZADD', lane_key(x.tag, x.core.lane_id, 'delayed'), num(delay_until), x.eid)
-  return ok(num(delay_until))
+  redis.call('ZADD', Keys.lane(x.tag, x.core.lane_id, 'delayed'), Util.num(delay_until), x.eid)
+  return Reply.ok(Util.num(delay_until))
 end
 
 redis.register_function('ff_delay_execution', delay_execution)
@@ -497,15 +498,15 @@ local function move_to_waiting_children(keys, argv)
   end
   x.lease, x.lease_expiry, x.attempt_timeout = keys[3], keys[5], keys[9]
   local now = x.now
-  write_vector(keys[1], x.eid, {'runnable', 'unowned', 'blocked_by_dependencies',
+  State.write_vector(keys[1], x.eid, {'runnable', 'unowned', 'blocked_by_dependencies',
     'waiting_for_children', 'waiting for child executions to complete', 'none',
-    'attempt_interrupted'}, now, lease_cleared({}))
+    'attempt_interrupted'}, now, Lease.cleared({}))
   pause_attempt(x, 'waiting_children', now)
-  release_lease(x, 'waiting_children', now)
+  Lease.release(x, 'waiting_children', now)
   -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
-  redis.call('ZADD', lane_key(x.tag, x.core.lane_id, 'blocked:dependencies'),
-    x.core.created_at or num(now), x.eid)
-  return ok()
+  redis.call('ZADD', Keys.lane(x.tag, x.core.lane_id, 'blocked:dependencies'),
+    x.core.created_at or Util.num(now), x.eid)
+  return Reply.ok()
 end
 
 redis.register_function('ff_move_to_waiting_children', move_to_waiting_children)
@@ -513,16 +514,16 @@ redis.register_function('ff_move_to_waiting_children', move_to_waiting_children)
 -- Cancel by a non-override source of an active execution (spec 10 §2.9, Spec rows included),
 -- in the order of spec 10 §1.2: revoked, no lease id, expired (not marked), stale fence.
 local function holder_may_cancel(c, lease_id, epoch, attempt_id, now)
-  if lease_is_revoked(c) then
-    return err('lease_revoked')
+  if Lease.is_revoked(c) then
+    return Reply.err('lease_revoked')
   elseif lease_id == '' then
-    return err('fence_required')
-  elseif lease_is_expired(c, now) then
-    return err('lease_expired')
+    return Reply.err('fence_required')
+  elseif Lease.is_expired(c, now) then
+    return Reply.err('lease_expired')
   elseif lease_id ~= (c.current_lease_id or '')
       or (epoch ~= '' and tonumber(epoch) ~= tonumber(c.current_lease_epoch or ''))
       or (attempt_id ~= '' and attempt_id ~= (c.current_attempt_id or '')) then
-    return err('stale_lease')
+    return Reply.err('stale_lease')
   end
   return nil
 end
@@ -551,22 +552,24 @@ end
 --     reason cancelled); suspended: suspension closed_at/close_reason=cancelled, waitpoint
 --     state=closed, condition closed=1 (reason cancelled); the id leaves every other index of
 --     its lane and partition and the holder's lease set.
+local CANCEL_ARGV = {{5, 'lease_epoch', 'int?'}}
+
 local function cancel_execution(keys, argv)
-  local _, e1 = opt_int('lease_epoch', argv[5])
+  local _, e1 = Argv.parse(argv, CANCEL_ARGV)
   if e1 then
     return e1
   end
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local c = x.core
   local phase = c.lifecycle_phase
   if phase == 'terminal' then
-    return not_active(c)
+    return Reply.not_active(c)
   end
-  local source = source_of(argv[3])
-  local now = now_ms()
+  local source = Lease.source_of(argv[3])
+  local now = Util.now_ms()
   if phase == 'active' and source ~= 'operator_override' then
     local cerr = holder_may_cancel(c, argv[4], argv[5], argv[6], now)
     if cerr then
@@ -576,21 +579,21 @@ local function cancel_execution(keys, argv)
   x.lease, x.history, x.lease_expiry = keys[4], keys[5], keys[6]
   x.attempt_timeout, x.deadline = keys[13], keys[14]
   local idx = c.current_attempt_index
-  terminal_transition(x, 'cancelled', now, lease_cleared({cancellation_reason = argv[2],
+  Terminal.transition(x, 'cancelled', now, Lease.cleared({cancellation_reason = argv[2],
     cancelled_by = source, current_suspension_id = '', current_waitpoint_id = ''}),
     source ~= 'flow_cascade')
   if (phase ~= 'runnable' or c.attempt_state == 'attempt_interrupted')
-      and end_attempt(x, idx, 'ended_cancelled', {'failure_reason', 'cancelled: ' .. argv[2]},
+      and Attempt.finish(x, idx, 'ended_cancelled', {'failure_reason', 'cancelled: ' .. argv[2]},
         now) then
-    close_stream(x, idx, 'attempt_cancelled', now, false)
+    Stream.close(x, idx, 'attempt_cancelled', now, false)
   end
   if phase == 'active' then
-    release_lease(x, 'cancelled', now)
+    Lease.release(x, 'cancelled', now)
   elseif phase == 'suspended' then
-    close_suspension(x, keys[8], 'cancelled', 'cancelled', now)
+    Terminal.close_suspension(x, keys[8], 'cancelled', 'cancelled', now)
   end
-  remove_from_indexes(x, 'terminal')
-  return ok('cancelled', phase or '')
+  Terminal.remove_from_indexes(x, 'terminal')
+  return Reply.ok('cancelled', phase or '')
 end
 
 redis.register_function('ff_cancel_execution', cancel_execution)
@@ -606,45 +609,44 @@ redis.register_function('ff_cancel_execution', cancel_execution)
 --     (lease_id or epoch differ; attempt_id is not checked).
 --   Writes: core progress_pct / progress_message (those given), progress_updated_at,
 --     last_mutation_at.
+local PROGRESS_ARGV = {
+  {3, 'lease_epoch', 'int?'},
+  {4, 'progress_pct', 'int?', min = 0, max = 100, says = 'be between 0 and 100'},
+}
+
 local function update_progress(keys, argv)
-  local _, e1 = opt_int('lease_epoch', argv[3])
-  if e1 then
+  local a, e1 = Argv.parse(argv, PROGRESS_ARGV)
+  if not a then
     return e1
   end
-  local pct, e2 = opt_int('progress_pct', argv[4])
-  if e2 then
-    return e2
-  end
-  if pct and (pct < 0 or pct > 100) then
-    return err('invalid_input', 'progress_pct must be between 0 and 100, got: ' .. argv[4])
-  end
-  local x = load_exec(keys, argv)
+  local pct = a.progress_pct
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local c = x.core
-  local now = now_ms()
+  local now = Util.now_ms()
   if c.lifecycle_phase ~= 'active' then
-    return not_active(c)
-  elseif lease_is_revoked(c) then
-    return err('lease_revoked')
-  elseif lease_is_expired(c, now) then
-    return err('lease_expired')
+    return Reply.not_active(c)
+  elseif Lease.is_revoked(c) then
+    return Reply.err('lease_revoked')
+  elseif Lease.is_expired(c, now) then
+    return Reply.err('lease_expired')
   elseif argv[2] ~= (c.current_lease_id or '')
       or tonumber(argv[3]) ~= tonumber(c.current_lease_epoch or '') then
-    return err('stale_lease')
+    return Reply.err('stale_lease')
   end
-  local args = {'HSET', keys[1], 'progress_updated_at', num(now), 'last_mutation_at', num(now)}
+  local args = {'HSET', keys[1], 'progress_updated_at', Util.num(now), 'last_mutation_at', Util.num(now)}
   if pct then
     args[#args + 1] = 'progress_pct'
-    args[#args + 1] = num(pct)
+    args[#args + 1] = Util.num(pct)
   end
   if argv[5] ~= nil and argv[5] ~= '' then
     args[#args + 1] = 'progress_message'
     args[#args + 1] = argv[5]
   end
   redis.call(unpack(args))
-  return ok()
+  return Reply.ok()
 end
 
 redis.register_function('ff_update_progress', update_progress)
@@ -679,41 +681,41 @@ local function expire_execution(keys, argv)
     reason = 'attempt_timeout'
   end
   if not EXPIRE_REASONS[reason] then
-    return err('invalid_input',
+    return Reply.err('invalid_input',
       'expire_reason must be attempt_timeout or execution_deadline, got: ' .. reason)
   end
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x or x.core.lifecycle_phase == 'terminal' then
     redis.call('ZREM', keys[10], argv[1])
     redis.call('ZREM', keys[11], argv[1])
-    return ok(x and 'already_terminal' or 'not_found_cleaned')
+    return Reply.ok(x and 'already_terminal' or 'not_found_cleaned')
   end
   local c = x.core
-  local now = now_ms()
+  local now = Util.now_ms()
   local index = keys[10]
   if reason == 'execution_deadline' then
     index = keys[11]
   end
   local due = tonumber(redis.call('ZSCORE', index, x.eid) or '')
   if not due or due > now then
-    return already('not_due')
+    return Reply.already('not_due')
   end
   x.lease, x.history, x.lease_expiry = keys[4], keys[5], keys[6]
   x.attempt_timeout, x.deadline = keys[10], keys[11]
   local phase, idx = c.lifecycle_phase, c.current_attempt_index
-  terminal_transition(x, 'expired', now, lease_cleared({failure_reason = reason,
+  Terminal.transition(x, 'expired', now, Lease.cleared({failure_reason = reason,
     current_suspension_id = '', current_waitpoint_id = ''}), true)
   if (phase ~= 'runnable' or c.attempt_state == 'attempt_interrupted')
-      and end_attempt(x, idx, 'ended_failure', {'failure_reason', reason}, now) then
-    close_stream(x, idx, 'expired', now, false)
+      and Attempt.finish(x, idx, 'ended_failure', {'failure_reason', reason}, now) then
+    Stream.close(x, idx, 'expired', now, false)
   end
   if phase == 'active' then
-    release_lease(x, 'expired:' .. reason, now)
+    Lease.release(x, 'expired:' .. reason, now)
   elseif phase == 'suspended' then
-    close_suspension(x, keys[14], 'expired:' .. reason, 'expired', now)
+    Terminal.close_suspension(x, keys[14], 'expired:' .. reason, 'expired', now)
   end
-  remove_from_indexes(x, 'terminal')
-  return ok('expired', phase or '')
+  Terminal.remove_from_indexes(x, 'terminal')
+  return Reply.ok('expired', phase or '')
 end
 
 redis.register_function('ff_expire_execution', expire_execution)
@@ -723,12 +725,12 @@ redis.register_function('ff_expire_execution', expire_execution)
 -- Keys built from the execution id on the tag of KEYS[1] (spec 00 §4 rule 3).
 local function edges_to_reopen(x, argv)
   local reopen, pending, n = {}, {}, 0
-  for _, m in ipairs(redis.call('SMEMBERS', exec_key(x.tag, x.eid, 'deps:unresolved'))) do
+  for _, m in ipairs(redis.call('SMEMBERS', Keys.exec(x.tag, x.eid, 'deps:unresolved'))) do
     pending[m] = true
   end
   for i = 3, #argv do
     local edge = argv[i]
-    if redis.call('HGET', exec_key(x.tag, x.eid, 'dep:' .. edge), 'state') == 'impossible' then
+    if redis.call('HGET', Keys.exec(x.tag, x.eid, 'dep:' .. edge), 'state') == 'impossible' then
       reopen[#reopen + 1] = edge
       pending[edge] = true
     end
@@ -740,14 +742,14 @@ local function edges_to_reopen(x, argv)
 end
 
 local function reopen_edges(x, reopen, n, now)
-  local unresolved = exec_key(x.tag, x.eid, 'deps:unresolved')
+  local unresolved = Keys.exec(x.tag, x.eid, 'deps:unresolved')
   for _, edge in ipairs(reopen) do
-    redis.call('HSET', exec_key(x.tag, x.eid, 'dep:' .. edge), 'state', 'unsatisfied',
+    redis.call('HSET', Keys.exec(x.tag, x.eid, 'dep:' .. edge), 'state', 'unsatisfied',
       'last_resolved_at', '')
     redis.call('SADD', unresolved, edge)
   end
-  redis.call('HSET', exec_key(x.tag, x.eid, 'deps:meta'), 'unsatisfied_required_count', num(n),
-    'impossible_required_count', '0', 'last_dependency_update_at', num(now))
+  redis.call('HSET', Keys.exec(x.tag, x.eid, 'deps:meta'), 'unsatisfied_required_count', Util.num(n),
+    'impossible_required_count', '0', 'last_dependency_update_at', Util.num(now))
 end
 
 -- ff_replay_execution
@@ -772,25 +774,25 @@ end
 --     waiting_for_children "<n> dep(s) unsatisfied after replay"; ZADD lane
 --     blocked:dependencies at created_at; replay_type=skipped_flow_member.
 local function replay_execution(keys, argv)
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local c = x.core
   if c.lifecycle_phase ~= 'terminal' then
-    return err('execution_not_terminal')
+    return Reply.err('execution_not_terminal')
   end
   local count = tonumber(c.replay_count or '0') or 0
-  if count >= policy_int(stored_policy(x), 'max_replay_count', 10) then
-    return err('max_replays_exhausted')
+  if count >= Policy.int(Policy.stored(x), 'max_replay_count', 10) then
+    return Reply.err('max_replays_exhausted')
   end
   local reopen, n = {}, 0
-  if c.terminal_outcome == 'skipped' and is_set(c.flow_id) then
+  if c.terminal_outcome == 'skipped' and Util.is_set(c.flow_id) then
     reopen, n = edges_to_reopen(x, argv)
   end
-  local now = now_ms()
+  local now = Util.now_ms()
   local extra = {
-    replay_count = num(count + 1), completed_at = '',
+    replay_count = Util.num(count + 1), completed_at = '',
     pending_previous_attempt_index = c.current_attempt_index or '',
     pending_retry_reason = '', pending_replay_reason = '', pending_replay_requested_by = '',
     failure_reason = '', cancellation_reason = '', cancelled_by = '', result_encoding = '',
@@ -806,19 +808,19 @@ local function replay_execution(keys, argv)
     vector = {'runnable', 'unowned', 'eligible_now', 'waiting_for_worker', '', 'none',
       'pending_replay_attempt'}
     target, replay_type = 'eligible', 'normal'
-    score = eligible_score(tonumber(c.priority or '0') or 0, created)
+    score = State.eligible_score(tonumber(c.priority or '0') or 0, created)
   end
-  local public = write_vector(keys[1], x.eid, vector, now, extra)
+  local public = State.write_vector(keys[1], x.eid, vector, now, extra)
   -- Lane indexes built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
-  redis.call('ZREM', lane_key(x.tag, c.lane_id, 'terminal'), x.eid)
-  redis.call('ZADD', lane_key(x.tag, c.lane_id, target), num(score), x.eid)
-  redis.call('DEL', exec_key(x.tag, x.eid, 'result'))
+  redis.call('ZREM', Keys.lane(x.tag, c.lane_id, 'terminal'), x.eid)
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, target), Util.num(score), x.eid)
+  redis.call('DEL', Keys.exec(x.tag, x.eid, 'result'))
   if n > 0 then
     reopen_edges(x, reopen, n, now)
   end
-  lease_event(keys[4], 'replay_initiated', {'replay_count', num(count + 1),
+  Lease.event(keys[4], 'replay_initiated', {'replay_count', Util.num(count + 1),
     'replay_type', replay_type}, now)
-  return ok(public)
+  return Reply.ok(public)
 end
 
 redis.register_function('ff_replay_execution', replay_execution)

@@ -4,6 +4,8 @@
 -- KEYS marked (*) are declared for routing only and never read: the function builds that key
 -- from the tag of KEYS[1] and core fields (spec 00 §4 rule 3), because the holder, lane or attempt
 -- index the caller pre-read may be stale. Pass the real key or the placeholder ff:noop:{p}.
+--
+-- uses: reply, util, argv, keys, state, stream, lease, attempt, terminal, policy, capabilities, grant
 
 -- ff_renew_lease
 --   KEYS (4): 1 core, 2 lease current, 3 lease history, 4 lease_expiry.
@@ -19,59 +21,52 @@
 --     last_mutation_at; lease current rewritten from the core mirror, PEXPIREAT expires+grace;
 --     ZADD lease_expiry. No history event; epoch unchanged. On lease_expired: mark_expired
 --     (history `expired`, stream meta closed lease_expired + stream_closed event).
+local RENEW_ARGV = {
+  {6, 'lease_ttl_ms', 'int', min = 1},
+  {7, 'lease_history_grace_ms', 'int', min = 0},
+  {2, 'attempt_index', 'int'},
+  {5, 'lease_epoch', 'int?'},
+}
+
 local function renew_lease(keys, argv)
-  local ttl, e1 = req_pos('lease_ttl_ms', argv[6])
-  if not ttl then
-    return e1
+  local a, e = Argv.parse(argv, RENEW_ARGV)
+  if not a then
+    return e
   end
-  local grace, e2 = req_int('lease_history_grace_ms', argv[7])
-  if not grace then
-    return e2
-  end
-  if grace < 0 then
-    return err('invalid_input', 'lease_history_grace_ms must not be negative, got: ' .. argv[7])
-  end
-  local idx, e3 = req_int('attempt_index', argv[2])
-  if not idx then
-    return e3
-  end
-  local _, e4 = opt_int('lease_epoch', argv[5])
-  if e4 then
-    return e4
-  end
-  local x = load_exec(keys, argv)
+  local ttl, grace, idx = a.lease_ttl_ms, a.lease_history_grace_ms, a.attempt_index
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
-  local fence, ferr = resolve_fence(x.core, argv[4], argv[5], argv[3], 'lease_holder', false)
+  local fence, ferr = Lease.resolve_fence(x.core, argv[4], argv[5], argv[3], 'lease_holder', false)
   if not fence then
     return ferr
   end
   x.history = keys[3]
-  local now = now_ms()
-  local lerr = check_lease(x, fence, now, true)
+  local now = Util.now_ms()
+  local lerr = Lease.check(x, fence, now, true)
   if lerr then
     return lerr
   end
   local c = x.core
   if tonumber(c.current_attempt_index or '') ~= idx then
-    return err('stale_lease')
+    return Reply.err('stale_lease')
   end
 
   local expires = now + ttl
   local renewal = now + math.floor(ttl * 2 / 3)
-  redis.call('HSET', keys[1], 'lease_expires_at', num(expires),
-    'lease_renewal_deadline', num(renewal), 'lease_last_renewed_at', num(now),
-    'last_mutation_at', num(now))
+  redis.call('HSET', keys[1], 'lease_expires_at', Util.num(expires),
+    'lease_renewal_deadline', Util.num(renewal), 'lease_last_renewed_at', Util.num(now),
+    'last_mutation_at', Util.num(now))
   redis.call('HSET', keys[2], 'lease_id', c.current_lease_id,
     'lease_epoch', c.current_lease_epoch, 'execution_id', x.eid,
     'attempt_id', c.current_attempt_id, 'worker_id', c.current_worker_id or '',
     'worker_instance_id', c.current_worker_instance_id or '',
-    'acquired_at', c.lease_acquired_at or '', 'expires_at', num(expires),
-    'last_renewed_at', num(now), 'renewal_deadline', num(renewal))
-  redis.call('PEXPIREAT', keys[2], num(expires + grace))
-  redis.call('ZADD', keys[4], num(expires), x.eid)
-  return ok(num(expires))
+    'acquired_at', c.lease_acquired_at or '', 'expires_at', Util.num(expires),
+    'last_renewed_at', Util.num(now), 'renewal_deadline', Util.num(renewal))
+  redis.call('PEXPIREAT', keys[2], Util.num(expires + grace))
+  redis.call('ZADD', keys[4], Util.num(expires), x.eid)
+  return Reply.ok(Util.num(expires))
 end
 
 redis.register_function('ff_renew_lease', renew_lease)
@@ -89,31 +84,31 @@ redis.register_function('ff_renew_lease', renew_lease)
 --     lease_expired_at; history `expired`; open stream meta of the current attempt closed
 --     lease_expired + stream_closed event. The lease_expiry entry stays for reclaim discovery.
 local function mark_lease_expired_if_due(keys, argv)
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
     redis.call('ZREM', keys[3], argv[1])
-    return already('execution_not_found')
+    return Reply.already('execution_not_found')
   end
   local c = x.core
   if c.lifecycle_phase ~= 'active' then
     redis.call('ZREM', keys[3], x.eid)
-    return already('not_active')
+    return Reply.already('not_active')
   elseif c.ownership_state == 'lease_expired_reclaimable' then
-    return already('already_expired')
+    return Reply.already('already_expired')
   elseif c.ownership_state == 'lease_revoked' then
-    return already('already_revoked')
+    return Reply.already('already_revoked')
   elseif c.ownership_state ~= 'leased' then
     redis.call('ZREM', keys[3], x.eid)
-    return already('unowned')
+    return Reply.already('unowned')
   end
-  local now = now_ms()
+  local now = Util.now_ms()
   local exp = tonumber(c.lease_expires_at or '')
   if exp and exp > now then
-    return already('not_yet_expired')
+    return Reply.already('not_yet_expired')
   end
   x.history = keys[4]
-  mark_expired(x, now)
-  return ok('marked_expired')
+  Lease.mark_expired(x, now)
+  return Reply.ok('marked_expired')
 end
 
 redis.register_function('ff_mark_lease_expired_if_due', mark_lease_expired_if_due)
@@ -133,37 +128,37 @@ redis.register_function('ff_mark_lease_expired_if_due', mark_lease_expired_if_du
 --     lease_revoked); DEL lease current; SREM holder's lease set; history `revoked`;
 --     Spec: ZADD lease_expiry now (reclaim discovery). Attempt and lane active entry untouched.
 local function revoke_lease(keys, argv)
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local c = x.core
   if c.lifecycle_phase ~= 'active' then
-    return not_active(c)
+    return Reply.not_active(c)
   elseif c.ownership_state == 'lease_revoked' then
-    return already('already_revoked')
+    return Reply.already('already_revoked')
   elseif c.ownership_state == 'lease_expired_reclaimable' then
-    return already('already_expired')
+    return Reply.already('already_expired')
   elseif c.ownership_state ~= 'leased' then
-    return err('no_active_lease')
+    return Reply.err('no_active_lease')
   end
   local current = c.current_lease_id or ''
   if argv[2] ~= '' and argv[2] ~= current then
-    return err('stale_lease', 'expected ' .. argv[2] .. ' but current is ' .. current)
+    return Reply.err('stale_lease', 'expected ' .. argv[2] .. ' but current is ' .. current)
   end
   local reason = (argv[3] ~= '' and argv[3]) or 'operator_revoke'
-  local now = now_ms()
-  write_vector(keys[1], x.eid, {'active', 'lease_revoked', c.eligibility_state or 'not_applicable',
+  local now = Util.now_ms()
+  State.write_vector(keys[1], x.eid, {'active', 'lease_revoked', c.eligibility_state or 'not_applicable',
     'waiting_for_worker', 'lease revoked: ' .. reason, 'none', 'attempt_interrupted'}, now,
-    {lease_revoked_at = num(now), lease_revoke_reason = reason})
+    {lease_revoked_at = Util.num(now), lease_revoke_reason = reason})
   redis.call('DEL', keys[2])
   -- Holder's lease set built on the tag of KEYS[1] (spec 00 §4 rule 3).
-  if is_set(c.current_worker_instance_id) then
-    redis.call('SREM', worker_leases_key(x.tag, c.current_worker_instance_id), x.eid)
+  if Util.is_set(c.current_worker_instance_id) then
+    redis.call('SREM', Keys.worker_leases(x.tag, c.current_worker_instance_id), x.eid)
   end
-  lease_event(keys[3], 'revoked', lease_fields(c, reason), now)
-  redis.call('ZADD', keys[4], num(now), x.eid)
-  return ok('revoked', current, c.current_lease_epoch or '')
+  Lease.event(keys[3], 'revoked', Lease.fields(c, reason), now)
+  redis.call('ZADD', keys[4], Util.num(now), x.eid)
+  return Reply.ok('revoked', current, c.current_lease_epoch or '')
 end
 
 redis.register_function('ff_revoke_lease', revoke_lease)
@@ -183,34 +178,37 @@ redis.register_function('ff_revoke_lease', revoke_lease)
 --   Writes: claim_grant hash (worker_id, worker_instance_id, lane_id, capability_hash,
 --     route_snapshot_json, admission_summary, created_at, grant_expires_at), PEXPIREAT at
 --     grant_expires_at. The execution stays in lease_expiry.
+local GRANT_ARGV = {
+  {6, 'grant_ttl_ms', 'int', min = 1},
+  {2, 'worker_id', 'str'},
+  {3, 'worker_instance_id', 'str'},
+}
+
 local function issue_reclaim_grant(keys, argv)
-  local ttl, e1 = req_pos('grant_ttl_ms', argv[6])
-  if not ttl then
-    return e1
+  local a, e = Argv.parse(argv, GRANT_ARGV)
+  if not a then
+    return e
   end
-  local serr = require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'}})
-  if serr then
-    return serr
-  end
-  local x = load_exec(keys, argv)
+  local ttl = a.grant_ttl_ms
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local c = x.core
   if c.lifecycle_phase ~= 'active' or (c.ownership_state ~= 'lease_expired_reclaimable'
       and c.ownership_state ~= 'lease_revoked') then
-    return err('execution_not_reclaimable')
+    return Reply.err('execution_not_reclaimable')
   end
   if redis.call('EXISTS', keys[2]) == 1 then
-    return err('grant_already_exists')
+    return Reply.err('grant_already_exists')
   end
-  local now = now_ms()
-  local cerr = check_capabilities(x, argv[9] or '', now)
+  local now = Util.now_ms()
+  local cerr = Caps.check(x, argv[9] or '', now)
   if cerr then
     return cerr
   end
-  local expires = write_grant(keys[2], argv, now, ttl)
-  return ok(x.eid, num(expires))
+  local expires = Grant.write(keys[2], argv, now, ttl)
+  return Reply.ok(x.eid, Util.num(expires))
 end
 
 redis.register_function('ff_issue_reclaim_grant', issue_reclaim_grant)
@@ -219,14 +217,14 @@ redis.register_function('ff_issue_reclaim_grant', issue_reclaim_grant)
 -- committed-state-behind-an-error.
 local function fail_at_reclaim_limit(x, now)
   local idx = x.core.current_attempt_index
-  terminal_transition(x, 'failed', now, lease_cleared({failure_reason = 'max_reclaims_exceeded'}),
+  Terminal.transition(x, 'failed', now, Lease.cleared({failure_reason = 'max_reclaims_exceeded'}),
     true)
-  if end_attempt(x, idx, 'interrupted_reclaimed', {'failure_reason', 'max_reclaims_exceeded'},
+  if Attempt.finish(x, idx, 'interrupted_reclaimed', {'failure_reason', 'max_reclaims_exceeded'},
       now) then
-    close_stream(x, idx, 'reclaimed', now, false)
+    Stream.close(x, idx, 'reclaimed', now, false)
   end
-  release_lease(x, 'max_reclaims_exceeded', now)
-  return ok('max_reclaims_exceeded')
+  Lease.release(x, 'max_reclaims_exceeded', now)
+  return Reply.ok('max_reclaims_exceeded')
 end
 
 -- ff_reclaim_execution
@@ -256,38 +254,42 @@ end
 --     attempt_timeout re-armed from the policy (or removed); history `reclaimed`.
 --     Limit path: terminal failed (failure_reason max_reclaims_exceeded), old attempt
 --     interrupted_reclaimed, stream closed `reclaimed`, lease released, ff:dag:completions.
+local RECLAIM_ARGV = {
+  {6, 'lease_ttl_ms', 'int', min = 1},
+  {2, 'worker_id', 'str'},
+  {3, 'worker_instance_id', 'str'},
+  {5, 'lease_id', 'str'},
+  {7, 'attempt_id', 'str'},
+}
+
 local function reclaim_execution(keys, argv)
-  local ttl, e1 = req_pos('lease_ttl_ms', argv[6])
-  if not ttl then
-    return e1
+  local args, e = Argv.parse(argv, RECLAIM_ARGV)
+  if not args then
+    return e
   end
-  local serr = require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'},
-    {5, 'lease_id'}, {7, 'attempt_id'}})
-  if serr then
-    return serr
-  end
-  local policy_flat, perr = flatten_policy(argv[8])
+  local ttl = args.lease_ttl_ms
+  local policy_flat, perr = Policy.flatten(argv[8])
   if not policy_flat then
     return perr
   end
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local c = x.core
   if c.lifecycle_phase ~= 'active' or (c.ownership_state ~= 'lease_expired_reclaimable'
       and c.ownership_state ~= 'lease_revoked') then
-    return err('execution_not_reclaimable')
+    return Reply.err('execution_not_reclaimable')
   end
   x.attempts, x.lease, x.history, x.lease_expiry = keys[7], keys[8], keys[9], keys[10]
   x.attempt_timeout, x.deadline = keys[13], keys[14]
-  local policy = stored_policy(x)
-  local now = now_ms()
+  local policy = Policy.stored(x)
+  local now = Util.now_ms()
   local reclaims = tonumber(c.lease_reclaim_count or '0') or 0
-  if reclaims >= policy_int(policy, 'max_reclaim_count', 100) then
+  if reclaims >= Policy.int(policy, 'max_reclaim_count', 100) then
     return fail_at_reclaim_limit(x, now)
   end
-  local gerr = check_grant(keys[2], argv[2], now)
+  local gerr = Grant.check(keys[2], argv[2], now)
   if gerr then
     return gerr
   end
@@ -306,31 +308,31 @@ local function reclaim_execution(keys, argv)
     lineage = {'reclaim_reason', reason, 'previous_attempt_index', old_idx or ''},
     policy = policy_flat,
   }
-  local extra = claimed_fields(a, (argv[4] ~= '' and argv[4]) or c.lane_id, now)
-  extra.lease_reclaim_count = num(reclaims + 1)
-  write_vector(keys[1], x.eid, CLAIMED, now, extra)
+  local extra = Lease.claimed_fields(a, (argv[4] ~= '' and argv[4]) or c.lane_id, now)
+  extra.lease_reclaim_count = Util.num(reclaims + 1)
+  State.write_vector(keys[1], x.eid, Lease.CLAIMED, now, extra)
   redis.call('DEL', keys[2])
-  end_attempt(x, old_idx, 'interrupted_reclaimed', {'failure_reason', reason}, now)
-  close_stream(x, old_idx, 'reclaimed', now, false)
-  start_attempt(x, a, now)
-  redis.call('ZADD', keys[10], num(a.expires), x.eid)
+  Attempt.finish(x, old_idx, 'interrupted_reclaimed', {'failure_reason', reason}, now)
+  Stream.close(x, old_idx, 'reclaimed', now, false)
+  Attempt.start(x, a, now)
+  redis.call('ZADD', keys[10], Util.num(a.expires), x.eid)
   -- Lease sets and the lane index are built on the tag of KEYS[1] (spec 00 §4 rule 3).
   local old_holder = c.current_worker_instance_id
-  if is_set(old_holder) and old_holder ~= argv[3] then
-    redis.call('SREM', worker_leases_key(x.tag, old_holder), x.eid)
+  if Util.is_set(old_holder) and old_holder ~= argv[3] then
+    redis.call('SREM', Keys.worker_leases(x.tag, old_holder), x.eid)
   end
-  redis.call('SADD', worker_leases_key(x.tag, argv[3]), x.eid)
-  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'active'), num(a.expires), x.eid)
-  local timeout = attempt_timeout_of(policy)
+  redis.call('SADD', Keys.worker_leases(x.tag, argv[3]), x.eid)
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'active'), Util.num(a.expires), x.eid)
+  local timeout = Policy.attempt_timeout_of(policy)
   if timeout then
-    redis.call('ZADD', keys[13], num(now + timeout), x.eid)
+    redis.call('ZADD', keys[13], Util.num(now + timeout), x.eid)
   else
     redis.call('ZREM', keys[13], x.eid)
   end
-  lease_event(keys[9], 'reclaimed', {'old_lease_epoch', c.current_lease_epoch,
-    'new_lease_id', a.lease_id, 'new_lease_epoch', num(a.epoch), 'new_attempt_id', a.attempt_id,
-    'new_attempt_index', num(a.idx), 'worker_id', a.worker_id, 'reason', reason}, now)
-  return ok(a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(a.idx), 'reclaim')
+  Lease.event(keys[9], 'reclaimed', {'old_lease_epoch', c.current_lease_epoch,
+    'new_lease_id', a.lease_id, 'new_lease_epoch', Util.num(a.epoch), 'new_attempt_id', a.attempt_id,
+    'new_attempt_index', Util.num(a.idx), 'worker_id', a.worker_id, 'reason', reason}, now)
+  return Reply.ok(a.lease_id, Util.num(a.epoch), Util.num(a.expires), a.attempt_id, Util.num(a.idx), 'reclaim')
 end
 
 redis.register_function('ff_reclaim_execution', reclaim_execution)

@@ -1,4 +1,6 @@
 -- maintenance.lua: index repair for the index reconciler (spec 00 §10).
+--
+-- uses: reply, util, keys, state, suspend
 
 local LANE_SETS = {'eligible', 'delayed', 'active', 'suspended', 'terminal',
   'blocked:dependencies', 'blocked:budget', 'blocked:quota', 'blocked:route', 'blocked:operator'}
@@ -17,8 +19,8 @@ local RUNNABLE_SET = {
 -- Lane-suspended score of a suspended execution (spec 20 §5.2): its open suspension's timeout_at,
 -- or 9999999999999 without one. The suspension key is built on the tag of KEYS[1].
 local function suspended_score(x)
-  local t = redis.call('HGET', exec_key(x.tag, x.eid, 'suspension:current'), 'timeout_at')
-  return tonumber(t or '') or tonumber(NO_TIMEOUT_SCORE)
+  local t = redis.call('HGET', Keys.exec(x.tag, x.eid, 'suspension:current'), 'timeout_at')
+  return tonumber(t or '') or tonumber(Suspend.NO_TIMEOUT_SCORE)
 end
 
 -- The lane set and score the state vector implies (spec 00 §6.4), or nil when unknown.
@@ -28,7 +30,7 @@ local function expected_set(x, now)
   if phase == 'runnable' then
     local set = RUNNABLE_SET[c.eligibility_state]
     if set == 'eligible' then
-      return set, eligible_score(tonumber(c.priority) or 0, tonumber(c.created_at) or now)
+      return set, State.eligible_score(tonumber(c.priority) or 0, tonumber(c.created_at) or now)
     elseif set == 'delayed' then
       return set, tonumber(c.delay_until) or now
     end
@@ -54,21 +56,21 @@ end
 --   Writes (repaired only): ZADD the id to the lane set its state implies (spec 00 §6.4) and ZREM
 --     it from every other lane scheduling set, so it is in exactly one. exec_core is not written.
 local function reconcile_indexes(keys, argv)
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return ok('not_found')
+    return Reply.ok('not_found')
   end
   local c = x.core
-  local want, score = expected_set(x, now_ms())
+  local want, score = expected_set(x, Util.now_ms())
   if not want then
-    return ok('unknown_state')
+    return Reply.ok('unknown_state')
   end
   local added, removed = {}, {}
   for _, set in ipairs(LANE_SETS) do
-    local key = lane_key(x.tag, c.lane_id, set)
+    local key = Keys.lane(x.tag, c.lane_id, set)
     local present = redis.call('ZSCORE', key, argv[1])
     if set == want and not present then
-      redis.call('ZADD', key, num(score), argv[1])
+      redis.call('ZADD', key, Util.num(score), argv[1])
       added[#added + 1] = set
     elseif set ~= want and present then
       redis.call('ZREM', key, argv[1])
@@ -76,9 +78,9 @@ local function reconcile_indexes(keys, argv)
     end
   end
   if #added == 0 and #removed == 0 then
-    return ok('ok')
+    return Reply.ok('ok')
   end
-  return ok('repaired', table.concat(added, ','), table.concat(removed, ','))
+  return Reply.ok('repaired', table.concat(added, ','), table.concat(removed, ','))
 end
 
 redis.register_function('ff_reconcile_indexes', reconcile_indexes)

@@ -4,6 +4,8 @@
 -- KEYS marked (*) are declared for routing only and never read: the function builds that key
 -- from the tag of KEYS[1] and core fields or ARGV (spec 00 §4 rule 3). Pass the real key or the
 -- placeholder ff:noop:{p}.
+--
+-- uses: reply, util, argv, keys, state, lease, attempt, policy, capabilities, grant
 
 -- ff_issue_claim_grant
 --   KEYS (3): 1 core, 2 claim_grant, 3 lane eligible (*: built from core.lane_id).
@@ -27,38 +29,41 @@
 local function grant_denied(x, grant_key, worker_csv, now)
   local c = x.core
   if c.lifecycle_phase ~= 'runnable' or c.eligibility_state ~= 'eligible_now' then
-    return err('execution_not_eligible')
+    return Reply.err('execution_not_eligible')
   end
   if redis.call('EXISTS', grant_key) == 1 then
-    return err('grant_already_exists')
+    return Reply.err('grant_already_exists')
   end
   -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
-  if not redis.call('ZSCORE', lane_key(x.tag, c.lane_id, 'eligible'), x.eid) then
-    return err('execution_not_in_eligible_set')
+  if not redis.call('ZSCORE', Keys.lane(x.tag, c.lane_id, 'eligible'), x.eid) then
+    return Reply.err('execution_not_in_eligible_set')
   end
-  return check_capabilities(x, worker_csv, now)
+  return Caps.check(x, worker_csv, now)
 end
 
+local GRANT_ARGV = {
+  {6, 'grant_ttl_ms', 'int', min = 1},
+  {2, 'worker_id', 'str'},
+  {3, 'worker_instance_id', 'str'},
+}
+
 local function issue_claim_grant(keys, argv)
-  local ttl, e1 = req_pos('grant_ttl_ms', argv[6])
-  if not ttl then
-    return e1
+  local a, e = Argv.parse(argv, GRANT_ARGV)
+  if not a then
+    return e
   end
-  local serr = require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'}})
-  if serr then
-    return serr
-  end
-  local x = load_exec(keys, argv)
+  local ttl = a.grant_ttl_ms
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
-  local now = now_ms()
+  local now = Util.now_ms()
   local gerr = grant_denied(x, keys[2], argv[9] or '', now)
   if gerr then
     return gerr
   end
-  local expires = write_grant(keys[2], argv, now, ttl)
-  return ok(x.eid, num(expires))
+  local expires = Grant.write(keys[2], argv, now, ttl)
+  return Reply.ok(x.eid, Util.num(expires))
 end
 
 redis.register_function('ff_issue_claim_grant', issue_claim_grant)
@@ -66,15 +71,15 @@ redis.register_function('ff_issue_claim_grant', issue_claim_grant)
 -- Claim preconditions on the core (spec 10 §2.3 table, before the grant checks).
 local function claimable(c)
   if c.lifecycle_phase ~= 'runnable' then
-    return err('execution_not_leaseable')
+    return Reply.err('execution_not_leaseable')
   elseif c.ownership_state ~= 'unowned' then
-    return err('lease_conflict')
+    return Reply.err('lease_conflict')
   elseif c.eligibility_state ~= 'eligible_now' or (c.terminal_outcome or 'none') ~= 'none' then
-    return err('execution_not_leaseable')
+    return Reply.err('execution_not_leaseable')
   elseif c.attempt_state == 'running_attempt' then
-    return err('active_attempt_exists')
+    return Reply.err('active_attempt_exists')
   elseif c.attempt_state == 'attempt_interrupted' then
-    return err('use_claim_resumed_execution')
+    return Reply.err('use_claim_resumed_execution')
   end
   return nil
 end
@@ -110,32 +115,32 @@ local function claim_new_attempt(x, k, p, now)
   }
   local timeout = p.timeout
   if timeout == false then
-    timeout = attempt_timeout_of(stored_policy(x))
+    timeout = Policy.attempt_timeout_of(Policy.stored(x))
   end
-  local extra = claimed_fields(a, (p.lane ~= '' and p.lane) or c.lane_id, now)
+  local extra = Lease.claimed_fields(a, (p.lane ~= '' and p.lane) or c.lane_id, now)
   extra.pending_retry_reason = ''
   extra.pending_replay_reason = ''
   extra.pending_replay_requested_by = ''
   extra.pending_previous_attempt_index = ''
-  if not is_set(c.started_at) then
-    extra.started_at = num(now)
+  if not Util.is_set(c.started_at) then
+    extra.started_at = Util.num(now)
   end
   if p.deadline then
-    extra.execution_deadline_at = num(p.deadline)
+    extra.execution_deadline_at = Util.num(p.deadline)
   end
-  write_vector(x.core_key, x.eid, CLAIMED, now, extra)
+  State.write_vector(x.core_key, x.eid, Lease.CLAIMED, now, extra)
   redis.call('DEL', k.grant)
   x.attempts, x.lease = k.attempts, k.lease
-  start_attempt(x, a, now)
-  index_lease(x, c.lane_id, k.lease_expiry, a)
+  Attempt.start(x, a, now)
+  Lease.index(x, c.lane_id, k.lease_expiry, a)
   if timeout and timeout > 0 then
-    redis.call('ZADD', k.attempt_timeout, num(now + timeout), x.eid)
+    redis.call('ZADD', k.attempt_timeout, Util.num(now + timeout), x.eid)
   end
   if p.deadline then
-    redis.call('ZADD', k.deadline, num(p.deadline), x.eid)
+    redis.call('ZADD', k.deadline, Util.num(p.deadline), x.eid)
   end
-  lease_event(k.history, 'acquired', {'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
-    'attempt_id', a.attempt_id, 'attempt_index', num(a.idx), 'worker_id', a.worker_id}, now)
+  Lease.event(k.history, 'acquired', {'lease_id', a.lease_id, 'lease_epoch', Util.num(a.epoch),
+    'attempt_id', a.attempt_id, 'attempt_index', Util.num(a.idx), 'worker_id', a.worker_id}, now)
   return a
 end
 
@@ -153,20 +158,20 @@ local function claim_same_attempt(x, k, p, now)
     worker_id = p.worker_id, worker_instance_id = p.worker_instance_id,
     expires = now + p.ttl, renewal = now + math.floor(p.ttl * 2 / 3),
   }
-  local extra = claimed_fields(a, (p.lane ~= '' and p.lane) or c.lane_id, now)
-  write_vector(x.core_key, x.eid, CLAIMED, now, extra)
+  local extra = Lease.claimed_fields(a, (p.lane ~= '' and p.lane) or c.lane_id, now)
+  State.write_vector(x.core_key, x.eid, Lease.CLAIMED, now, extra)
   redis.call('DEL', k.grant)
-  redis.call('HSET', attempt_key(x.tag, x.eid, idx), 'attempt_state', 'started',
-    'resumed_at', num(now), 'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
+  redis.call('HSET', Keys.attempt(x.tag, x.eid, idx), 'attempt_state', 'started',
+    'resumed_at', Util.num(now), 'lease_id', a.lease_id, 'lease_epoch', Util.num(a.epoch),
     'worker_id', a.worker_id, 'worker_instance_id', a.worker_instance_id,
     'suspended_at', '', 'suspension_id', '')
-  write_lease(k.lease, x.eid, a, now)
-  index_lease(x, c.lane_id, k.lease_expiry, a)
+  Lease.write(k.lease, x.eid, a, now)
+  Lease.index(x, c.lane_id, k.lease_expiry, a)
   if p.remaining and p.remaining > 0 then
-    redis.call('ZADD', k.attempt_timeout, num(now + p.remaining), x.eid)
+    redis.call('ZADD', k.attempt_timeout, Util.num(now + p.remaining), x.eid)
   end
-  lease_event(k.history, 'acquired', {'lease_id', a.lease_id, 'lease_epoch', num(a.epoch),
-    'attempt_id', a.attempt_id, 'attempt_index', num(idx), 'worker_id', a.worker_id,
+  Lease.event(k.history, 'acquired', {'lease_id', a.lease_id, 'lease_epoch', Util.num(a.epoch),
+    'attempt_id', a.attempt_id, 'attempt_index', Util.num(idx), 'worker_id', a.worker_id,
     'reason', 'claim_resumed'}, now)
   return a
 end
@@ -199,42 +204,38 @@ end
 --     ZADD lease_expiry, lane active (both at expires); SADD claimer's lease set;
 --     ZADD attempt_timeout (now + timeout) when one applies; ZADD execution_deadline when given;
 --     history `acquired`.
+local CLAIM_ARGV = {
+  {7, 'lease_ttl_ms', 'int', min = 1},
+  {8, 'renew_before_ms', 'int'},
+  {11, 'attempt_timeout_ms', 'int?'},
+  {12, 'execution_deadline_at', 'int?'},
+  {2, 'worker_id', 'str'},
+  {3, 'worker_instance_id', 'str'},
+  {6, 'lease_id', 'str'},
+  {9, 'attempt_id', 'str'},
+}
+
 local function claim_execution(keys, argv)
-  local ttl, e1 = req_pos('lease_ttl_ms', argv[7])
-  if not ttl then
-    return e1
+  local args, e = Argv.parse(argv, CLAIM_ARGV)
+  if not args then
+    return e
   end
-  local renew_before, e2 = req_int('renew_before_ms', argv[8])
-  if not renew_before then
-    return e2
-  end
-  local timeout, e3 = opt_int('attempt_timeout_ms', argv[11])
-  if e3 then
-    return e3
-  end
-  local deadline, e4 = opt_int('execution_deadline_at', argv[12])
-  if e4 then
-    return e4
-  end
-  local serr = require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'},
-    {6, 'lease_id'}, {9, 'attempt_id'}})
-  if serr then
-    return serr
-  end
-  local policy_flat, perr = flatten_policy(argv[10])
+  local ttl, renew_before = args.lease_ttl_ms, args.renew_before_ms
+  local timeout, deadline = args.attempt_timeout_ms, args.execution_deadline_at
+  local policy_flat, perr = Policy.flatten(argv[10])
   if not policy_flat then
     return perr
   end
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local cerr = claimable(x.core)
   if cerr then
     return cerr
   end
-  local now = now_ms()
-  local gerr = check_grant(keys[2], argv[2], now)
+  local now = Util.now_ms()
+  local gerr = Grant.check(keys[2], argv[2], now)
   if gerr then
     return gerr
   end
@@ -243,7 +244,7 @@ local function claim_execution(keys, argv)
     deadline = keys[14]}, {worker_id = argv[2], worker_instance_id = argv[3], lane = argv[4],
     lease_id = argv[6], attempt_id = argv[9], ttl = ttl, renew_before = renew_before,
     timeout = timeout, deadline = deadline, policy = policy_flat}, now)
-  return ok(a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(a.idx), a.attempt_type)
+  return Reply.ok(a.lease_id, Util.num(a.epoch), Util.num(a.expires), a.attempt_id, Util.num(a.idx), a.attempt_type)
 end
 
 redis.register_function('ff_claim_execution', claim_execution)
@@ -269,33 +270,33 @@ redis.register_function('ff_claim_execution', claim_execution)
 --     lease current replaced; ZREM eligible; ZADD lease_expiry and lane active at expires; SADD
 --     claimer's lease set; ZADD attempt_timeout at now + remaining when > 0; history `acquired`
 --     (reason claim_resumed).
+local CLAIM_RESUMED_ARGV = {
+  {6, 'lease_ttl_ms', 'int', min = 1},
+  {8, 'remaining_attempt_timeout_ms', 'int?'},
+  {2, 'worker_id', 'str'},
+  {3, 'worker_instance_id', 'str'},
+  {5, 'lease_id', 'str'},
+}
+
 local function claim_resumed_execution(keys, argv)
-  local ttl, e1 = req_pos('lease_ttl_ms', argv[6])
-  if not ttl then
-    return e1
+  local args, e = Argv.parse(argv, CLAIM_RESUMED_ARGV)
+  if not args then
+    return e
   end
-  local remaining, e2 = opt_int('remaining_attempt_timeout_ms', argv[8])
-  if e2 then
-    return e2
-  end
-  local serr = require_strings(argv, {{2, 'worker_id'}, {3, 'worker_instance_id'},
-    {5, 'lease_id'}})
-  if serr then
-    return serr
-  end
-  local x = load_exec(keys, argv)
+  local ttl, remaining = args.lease_ttl_ms, args.remaining_attempt_timeout_ms
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local c = x.core
   if c.lifecycle_phase ~= 'runnable' or c.eligibility_state ~= 'eligible_now' then
-    return err('execution_not_leaseable')
+    return Reply.err('execution_not_leaseable')
   end
   if c.attempt_state ~= 'attempt_interrupted' then
-    return err('not_a_resumed_execution')
+    return Reply.err('not_a_resumed_execution')
   end
-  local now = now_ms()
-  local gerr = check_grant(keys[2], argv[2], now)
+  local now = Util.now_ms()
+  local gerr = Grant.check(keys[2], argv[2], now)
   if gerr then
     if gerr[2] == 'claim_grant_expired' then
       redis.call('DEL', keys[2])
@@ -306,7 +307,7 @@ local function claim_resumed_execution(keys, argv)
     lease_expiry = keys[4], attempt_timeout = keys[10]}, {worker_id = argv[2],
     worker_instance_id = argv[3], lane = argv[4], lease_id = argv[5], ttl = ttl,
     remaining = remaining}, now)
-  return ok(a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(a.idx), 'resumed')
+  return Reply.ok(a.lease_id, Util.num(a.epoch), Util.num(a.expires), a.attempt_id, Util.num(a.idx), 'resumed')
 end
 
 redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
@@ -340,45 +341,44 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --   Skipped, nothing written: heads whose core is missing, that are not eligible, hold a grant,
 --     are not leaseable (claim checks), or have invalid required capabilities.
 --   Writes per lease: those of ff_claim_execution (or ff_claim_resumed_execution).
+local CLAIM_BATCH_ARGV = {
+  {6, 'lease_ttl_ms', 'int', min = 1},
+  {7, 'renew_before_ms', 'int'},
+  {8, 'max_tasks', 'int', min = 1},
+  {9, 'max_scanned', 'int'},
+}
+
 local function claim_batch_args(keys, argv)
-  local ttl, e1 = req_pos('lease_ttl_ms', argv[6])
-  if not ttl then
-    return nil, e1
+  local a, e = Argv.parse(argv, CLAIM_BATCH_ARGV)
+  if not a then
+    return nil, e
   end
-  local renew_before, e2 = req_int('renew_before_ms', argv[7])
-  if not renew_before then
-    return nil, e2
-  end
-  local max, e3 = req_pos('max_tasks', argv[8])
-  if not max then
-    return nil, e3
-  end
-  local scan, e4 = req_int('max_scanned', argv[9])
-  if not scan then
-    return nil, e4
-  elseif scan < max then
-    return nil, err('invalid_input', 'max_scanned must be at least max_tasks')
+  local ttl, renew_before, max, scan = a.lease_ttl_ms, a.renew_before_ms, a.max_tasks,
+    a.max_scanned
+  if scan < max then
+    return nil, Reply.err('invalid_input', 'max_scanned must be at least max_tasks')
   elseif #argv ~= 9 + 2 * max then
-    return nil, err('invalid_input', 'expected max_tasks pairs of lease_id, attempt_id')
+    return nil, Reply.err('invalid_input', 'expected max_tasks pairs of lease_id, attempt_id')
   end
-  local specs = {{1, 'worker_id'}, {2, 'worker_instance_id'}, {3, 'lane_id'}}
+  -- The ids: the claimer's, then one lease_id, attempt_id pair per task.
+  local ids = {{1, 'worker_id', 'str'}, {2, 'worker_instance_id', 'str'}, {3, 'lane_id', 'str'}}
   for i = 10, #argv do
-    specs[#specs + 1] = {i, (i % 2 == 0) and 'lease_id' or 'attempt_id'}
+    ids[#ids + 1] = {i, (i % 2 == 0) and 'lease_id' or 'attempt_id', 'str'}
   end
-  local serr = require_strings(argv, specs)
+  local _, serr = Argv.parse(argv, ids)
   if serr then
     return nil, serr
   end
-  local tag = tag_of(keys[1] or '')
-  if not tag or keys[1] ~= lane_key(tag, argv[3], 'eligible')
-      or keys[2] ~= partition_key(tag, 'lease_expiry')
-      or keys[3] ~= partition_key(tag, 'attempt_timeout')
-      or keys[4] ~= partition_key(tag, 'execution_deadline') then
-    return nil, err('invalid_input', 'KEYS must be the lane eligible set and the partition '
+  local tag = Util.tag_of(keys[1] or '')
+  if not tag or keys[1] ~= Keys.lane(tag, argv[3], 'eligible')
+      or keys[2] ~= Keys.partition(tag, 'lease_expiry')
+      or keys[3] ~= Keys.partition(tag, 'attempt_timeout')
+      or keys[4] ~= Keys.partition(tag, 'execution_deadline') then
+    return nil, Reply.err('invalid_input', 'KEYS must be the lane eligible set and the partition '
       .. 'lease_expiry, attempt_timeout, execution_deadline of one tag')
   end
   -- The worker side of the capability check once, before any write (no required tokens here).
-  local cerr = check_capabilities({core = {}}, argv[5] or '', 0)
+  local cerr = Caps.check({core = {}}, argv[5] or '', 0)
   if cerr then
     return nil, cerr
   end
@@ -388,23 +388,23 @@ end
 -- What the worker needs of one lease (the ff_claim_batch `claimed` row).
 local function claimed_row(x, a, attempt_type, resumed)
   local c = x.core
-  return {x.eid, a.lease_id, num(a.epoch), num(a.expires), a.attempt_id, num(a.idx),
+  return {x.eid, a.lease_id, Util.num(a.epoch), Util.num(a.expires), a.attempt_id, Util.num(a.idx),
     attempt_type, resumed and '1' or '0',
-    redis.call('GET', exec_key(x.tag, x.eid, 'payload')) or '', c.payload_encoding or '',
+    redis.call('GET', Keys.exec(x.tag, x.eid, 'payload')) or '', c.payload_encoding or '',
     c.execution_kind or '', c.namespace or '', c.priority or '0', c.flow_id or '',
-    redis.call('HGETALL', exec_key(x.tag, x.eid, 'tags'))}
+    redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags'))}
 end
 
 -- One head of ff_claim_batch: the claimed row, 'mismatch', or nil (skipped).
 local function claim_head(eid, b, argv, pair, now)
   local tag = b.tag
-  local x = {tag = tag, eid = eid, core_key = exec_key(tag, eid, 'core')}
-  x.core = hgetall(x.core_key)
+  local x = {tag = tag, eid = eid, core_key = Keys.exec(tag, eid, 'core')}
+  x.core = Util.hgetall(x.core_key)
   if next(x.core) == nil then
     return nil
   end
-  local k = {grant = exec_key(tag, eid, 'claim_grant'), attempts = exec_key(tag, eid, 'attempts'),
-    lease = exec_key(tag, eid, 'lease:current'), history = exec_key(tag, eid, 'lease:history'),
+  local k = {grant = Keys.exec(tag, eid, 'claim_grant'), attempts = Keys.exec(tag, eid, 'attempts'),
+    lease = Keys.exec(tag, eid, 'lease:current'), history = Keys.exec(tag, eid, 'lease:history'),
     lease_expiry = b.keys[2], attempt_timeout = b.keys[3], deadline = b.keys[4]}
   local gerr = grant_denied(x, k.grant, argv[5] or '', now)
   if gerr then
@@ -420,7 +420,7 @@ local function claim_head(eid, b, argv, pair, now)
     return claimed_row(x, a, a.attempt_type, false)
   elseif cerr[2] == 'use_claim_resumed_execution' then
     local a = claim_same_attempt(x, k, p, now)
-    local stored = redis.call('HGET', attempt_key(tag, eid, a.idx), 'attempt_type')
+    local stored = redis.call('HGET', Keys.attempt(tag, eid, a.idx), 'attempt_type')
     return claimed_row(x, a, stored or 'initial', true)
   end
   return nil
@@ -432,7 +432,7 @@ local function claim_batch(keys, argv)
     return aerr
   end
   b.keys = keys
-  local now = now_ms()
+  local now = Util.now_ms()
   local claimed, mismatched = {}, {}
   for _, eid in ipairs(redis.call('ZRANGE', keys[1], 0, b.scan - 1)) do
     if #claimed >= b.max then
@@ -445,7 +445,7 @@ local function claim_batch(keys, argv)
       claimed[#claimed + 1] = got
     end
   end
-  return ok(claimed, mismatched)
+  return Reply.ok(claimed, mismatched)
 end
 
 redis.register_function('ff_claim_batch', claim_batch)
@@ -461,35 +461,38 @@ redis.register_function('ff_claim_batch', claim_batch)
 --   Writes (promoted): core promoted vector (eligible_now / waiting_for_worker, attempt_state
 --     kept), delay_until=""; ZREM lane delayed; ZADD lane eligible at
 --     -(priority x 10^12) + created_at.
+local PROMOTE_ARGV = {{2, 'now_ms', 'int'}}
+
 local function promote_delayed(keys, argv)
-  local now, e1 = req_int('now_ms', argv[2])
-  if not now then
+  local a, e1 = Argv.parse(argv, PROMOTE_ARGV)
+  if not a then
     return e1
   end
-  local x = load_exec(keys, argv)
+  local now = a.now_ms
+  local x = State.load_exec(keys, argv)
   if not x then
     redis.call('ZREM', keys[2], argv[1])
-    return ok('not_found_cleaned')
+    return Reply.ok('not_found_cleaned')
   end
   local c = x.core
   if c.lifecycle_phase ~= 'runnable' then
     redis.call('ZREM', keys[2], x.eid)
-    return ok('not_runnable_cleaned')
+    return Reply.ok('not_runnable_cleaned')
   elseif c.eligibility_state ~= 'not_eligible_until_time' then
     redis.call('ZREM', keys[2], x.eid)
-    return ok('not_delayed_cleaned')
+    return Reply.ok('not_delayed_cleaned')
   end
   local due = tonumber(c.delay_until or '')
   if due and due > now then
-    return ok('not_yet_due')
+    return Reply.ok('not_yet_due')
   end
-  write_vector(keys[1], x.eid, {'runnable', 'unowned', 'eligible_now', 'waiting_for_worker', '',
+  State.write_vector(keys[1], x.eid, {'runnable', 'unowned', 'eligible_now', 'waiting_for_worker', '',
     'none', c.attempt_state or 'pending_first_attempt'}, now, {delay_until = ''})
   -- Lane indexes built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
-  redis.call('ZREM', lane_key(x.tag, c.lane_id, 'delayed'), x.eid)
-  local score = eligible_score(tonumber(c.priority or '0') or 0, tonumber(c.created_at or '0') or 0)
-  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'eligible'), num(score), x.eid)
-  return ok('promoted')
+  redis.call('ZREM', Keys.lane(x.tag, c.lane_id, 'delayed'), x.eid)
+  local score = State.eligible_score(tonumber(c.priority or '0') or 0, tonumber(c.created_at or '0') or 0)
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'eligible'), Util.num(score), x.eid)
+  return Reply.ok('promoted')
 end
 
 redis.register_function('ff_promote_delayed', promote_delayed)
@@ -502,25 +505,28 @@ redis.register_function('ff_promote_delayed', promote_delayed)
 --   Errors: invalid_input (new_priority), execution_not_found, execution_not_eligible (only a
 --     runnable eligible_now execution can be re-prioritised in v1).
 --   Writes: core priority, last_mutation_at; ZADD lane eligible at -(p x 10^12) + created_at.
+local PRIORITY_ARGV = {{2, 'new_priority', 'int'}}
+
 local function change_priority(keys, argv)
-  local p, e1 = req_int('new_priority', argv[2])
-  if not p then
+  local a, e1 = Argv.parse(argv, PRIORITY_ARGV)
+  if not a then
     return e1
   end
-  local x = load_exec(keys, argv)
+  local p = a.new_priority
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local c = x.core
   if c.lifecycle_phase ~= 'runnable' or c.eligibility_state ~= 'eligible_now' then
-    return err('execution_not_eligible')
+    return Reply.err('execution_not_eligible')
   end
-  p = clamp_priority(p)
-  redis.call('HSET', keys[1], 'priority', num(p), 'last_mutation_at', num(now_ms()))
+  p = State.clamp_priority(p)
+  redis.call('HSET', keys[1], 'priority', Util.num(p), 'last_mutation_at', Util.num(Util.now_ms()))
   -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
-  local score = eligible_score(p, tonumber(c.created_at or '0') or 0)
-  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'eligible'), num(score), x.eid)
-  return ok(c.priority or '0', num(p))
+  local score = State.eligible_score(p, tonumber(c.created_at or '0') or 0)
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'eligible'), Util.num(score), x.eid)
+  return Reply.ok(c.priority or '0', Util.num(p))
 end
 
 redis.register_function('ff_change_priority', change_priority)

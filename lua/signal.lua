@@ -5,6 +5,8 @@
 -- payload key and lane sets are built at run time from that tag (spec 00 §4 rule 3). Events go
 -- to ff:signal_events:{p} (spec 20 §8) after the writes, never for rejected or duplicate calls,
 -- and never carry tokens, secrets or payload bytes.
+--
+-- uses: reply, util, argv, keys, state, policy, hmac, condition, suspend
 
 local DEFAULT_SIGNAL_DEDUP_TTL_MS = 86400000
 local DEFAULT_MAX_SIGNALS = 10000
@@ -13,34 +15,25 @@ local MAX_GRACE_MS = 9007199254740991
 
 -- Shape checks of the signal ARGV (deliver and buffer share the layout). Returns the parsed
 -- numbers or nil plus the invalid_input reply.
+local SIGNAL_ARGV = {
+  {13, 'created_at', 'int?', min = 0, says = 'be >= 0'},
+  {14, 'dedup_ttl_ms', 'int?', min = 0, says = 'be >= 0', default = DEFAULT_SIGNAL_DEDUP_TTL_MS},
+  {15, 'resume_delay_ms', 'int?', min = 0, says = 'be >= 0', default = 0},
+  {16, 'max_signals_per_execution', 'int?', min = 0, says = 'be >= 0',
+    default = DEFAULT_MAX_SIGNALS},
+  {17, 'signal_maxlen', 'int?', min = 1, says = 'be >= 1', default = DEFAULT_SIGNAL_MAXLEN},
+  {2, 'waitpoint_id', 'str'},
+  {3, 'signal_id', 'str'},
+  {4, 'signal_name', 'str'},
+}
+
 local function signal_args(argv)
-  local a = {}
-  local specs = {
-    {13, 'created_at', 'created_at', false, 0},
-    {14, 'dedup_ttl_ms', 'ttl', DEFAULT_SIGNAL_DEDUP_TTL_MS, 0},
-    {15, 'resume_delay_ms', 'delay', 0, 0},
-    {16, 'max_signals_per_execution', 'limit', DEFAULT_MAX_SIGNALS, 0},
-    {17, 'signal_maxlen', 'maxlen', DEFAULT_SIGNAL_MAXLEN, 1},
-  }
-  for _, s in ipairs(specs) do
-    local v, e = opt_int(s[2], argv[s[1]])
-    if e then
-      return nil, e
-    end
-    if v and v < s[5] then
-      return nil, err('invalid_input', s[2] .. ' must be >= ' .. s[5] .. ', got: ' .. argv[s[1]])
-    end
-    if v == false then
-      v = s[4]
-    end
-    a[s[3]] = v
+  local a, e = Argv.parse(argv, SIGNAL_ARGV)
+  if not a then
+    return nil, e
   end
-  local serr = require_strings(argv, {{2, 'waitpoint_id'}, {3, 'signal_id'},
-    {4, 'signal_name'}})
-  if serr then
-    return nil, serr
-  end
-  return a, nil
+  return {created_at = a.created_at, ttl = a.dedup_ttl_ms, delay = a.resume_delay_ms,
+    limit = a.max_signals_per_execution, maxlen = a.signal_maxlen}, nil
 end
 
 -- Token failures (spec 20 §4.6 failure stamp). Keystore faults (invalid_keys_missing_hmac,
@@ -52,30 +45,30 @@ local TOKEN_FAILURES = {missing_token = true, invalid_token = true, token_expire
 -- write of a rejected call). Returns x, the waitpoint hash and the dedup key (or nil), or nil
 -- plus the reply (error or DUPLICATE).
 local function authenticate(keys, argv)
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return nil, err('execution_not_found')
+    return nil, Reply.err('execution_not_found')
   end
   local wpid, sid, idem = argv[2], argv[3], argv[11]
-  expect_key(keys[2], waitpoint_key(x.tag, wpid), 'waitpoint')
-  expect_key(keys[5], 'ff:signal:' .. x.tag .. ':' .. sid, 'signal')
+  Util.expect_key(keys[2], Keys.waitpoint(x.tag, wpid), 'waitpoint')
+  Util.expect_key(keys[5], 'ff:signal:' .. x.tag .. ':' .. sid, 'signal')
   local dedup
   if idem ~= nil and idem ~= '' then
     dedup = 'ff:sigdedup:' .. x.tag .. ':' .. wpid .. ':' .. idem
-    expect_key(keys[6], dedup, 'dedup')
+    Util.expect_key(keys[6], dedup, 'dedup')
   end
-  local now = now_ms()
+  local now = Util.now_ms()
   x.now = now
-  local wp = hgetall(keys[2])
+  local wp = Util.hgetall(keys[2])
   local terr
-  if not is_set(wp.created_at) or wp.execution_id ~= x.eid then
-    terr = err('invalid_token')
+  if not Util.is_set(wp.created_at) or wp.execution_id ~= x.eid then
+    terr = Reply.err('invalid_token')
   else
-    terr = validate_token(keys[3], argv[18], wpid, wp.waitpoint_key or '', wp.created_at, now)
+    terr = Hmac.validate(keys[3], argv[18], wpid, wp.waitpoint_key or '', wp.created_at, now)
   end
   if terr then
     if TOKEN_FAILURES[terr[2]] then
-      redis.call('HSET', x.core_key, 'last_hmac_validation_failed_at', num(now))
+      redis.call('HSET', x.core_key, 'last_hmac_validation_failed_at', Util.num(now))
     end
     return nil, terr
   end
@@ -93,17 +86,17 @@ end
 local function record_signal(x, keys, argv, a, dedup, effect, matched)
   local now, wpid, sid = x.now, argv[2], argv[3]
   if dedup and a.ttl > 0 then
-    redis.call('SET', dedup, sid, 'NX', 'PX', num(a.ttl))
+    redis.call('SET', dedup, sid, 'NX', 'PX', Util.num(a.ttl))
   end
-  local stream_id = redis.call('XADD', keys[2] .. ':signals', 'MAXLEN', '~', num(a.maxlen), '*',
+  local stream_id = redis.call('XADD', keys[2] .. ':signals', 'MAXLEN', '~', Util.num(a.maxlen), '*',
     'signal_id', sid, 'signal_name', argv[4], 'signal_category', argv[5],
     'source_type', argv[6], 'source_identity', argv[7], 'matched', '0',
-    'accepted_at', num(now))
+    'accepted_at', Util.num(now))
   redis.call('HSET', keys[5], 'signal_id', sid, 'target_execution_id', x.eid,
     'target_waitpoint_id', wpid, 'target_scope', (argv[12] ~= '' and argv[12]) or 'waitpoint',
     'signal_name', argv[4], 'signal_category', argv[5], 'source_type', argv[6],
     'source_identity', argv[7], 'correlation_id', argv[10], 'idempotency_key', argv[11],
-    'created_at', num(a.created_at or now), 'accepted_at', num(now),
+    'created_at', Util.num(a.created_at or now), 'accepted_at', Util.num(now),
     'matched_waitpoint_id', (matched and wpid) or '',
     'payload_encoding', (argv[9] ~= '' and argv[9]) or 'json', 'observed_effect', effect,
     'stream_id', stream_id)
@@ -114,7 +107,7 @@ local function record_signal(x, keys, argv, a, dedup, effect, matched)
 end
 
 local function accepted_event(x, argv, kind, effect, stream_id)
-  signal_event(x.tag, {type = kind, execution_id = x.eid, waitpoint_id = argv[2],
+  Suspend.signal_event(x.tag, {type = kind, execution_id = x.eid, waitpoint_id = argv[2],
     signal_id = argv[3], signal_name = argv[4], signal_category = argv[5],
     source_type = argv[6], source_identity = argv[7], correlation_id = argv[10],
     observed_effect = effect, stream_id = stream_id, accepted_at = x.now, at = x.now})
@@ -124,30 +117,30 @@ end
 local function deliverable(x, keys, wp, a)
   local c = x.core
   if c.lifecycle_phase == 'terminal' then
-    return nil, err('target_not_signalable')
+    return nil, Reply.err('target_not_signalable')
   elseif wp.state == 'pending' then
-    return nil, err('waitpoint_pending_use_buffer_script')
+    return nil, Reply.err('waitpoint_pending_use_buffer_script')
   elseif c.lifecycle_phase ~= 'suspended' and wp.state ~= 'active' then
     -- A waitpoint closed after use (resumed, proactive close, timeout) says so, so a replay of
     -- the signal that resumed gets waitpoint_closed (spec 20 §4.6, §5.3 #8); one that expired
     -- never activated (never_committed) was never signalable (spec 50 #26).
     if wp.state == 'closed' then
-      return nil, err('waitpoint_closed')
+      return nil, Reply.err('waitpoint_closed')
     end
-    return nil, err('target_not_signalable')
+    return nil, Reply.err('target_not_signalable')
   end
-  local st = load_condition(keys[2] .. ':condition')
+  local st = Condition.load(keys[2] .. ':condition')
   if not st then
     if wp.state == 'closed' then
-      return nil, err('waitpoint_closed')
+      return nil, Reply.err('waitpoint_closed')
     elseif wp.state == 'expired' then
-      return nil, err('target_not_signalable')
+      return nil, Reply.err('target_not_signalable')
     end
-    return nil, err('waitpoint_not_found')
+    return nil, Reply.err('waitpoint_not_found')
   elseif st.closed then
-    return nil, err('waitpoint_closed')
+    return nil, Reply.err('waitpoint_closed')
   elseif a.limit > 0 and redis.call('ZCARD', keys[4]) >= a.limit then
-    return nil, err('signal_limit_exceeded')
+    return nil, Reply.err('signal_limit_exceeded')
   end
   return st, nil
 end
@@ -200,49 +193,49 @@ local function deliver_signal(keys, argv)
     return derr
   end
   local c, now, wpid, sid, name = x.core, x.now, argv[2], argv[3], argv[4]
-  local matched = match_signal(st, name, sid)
-  local satisfied = matched and condition_satisfied(st)
+  local matched = Condition.match(st, name, sid)
+  local satisfied = matched and Condition.satisfied(st)
   local effect = 'no_op'
   if satisfied then
     effect = 'resume_condition_satisfied'
   elseif matched then
     effect = 'appended_to_waitpoint'
   end
-  local s = hgetall(keys[7])
-  local own = is_set(s.suspension_id) and s.waitpoint_id == wpid and not is_set(s.closed_at)
+  local s = Util.hgetall(keys[7])
+  local own = Util.is_set(s.suspension_id) and s.waitpoint_id == wpid and not Util.is_set(s.closed_at)
   local public
   if satisfied and c.lifecycle_phase == 'suspended' and c.current_waitpoint_id == wpid then
     local delay = a.delay
     if delay == 0 then
-      delay = policy_resume_delay(s.resume_policy_json)
+      delay = Policy.resume_delay(s.resume_policy_json)
     end
-    public = resume_core(x, keys[8], delay,
+    public = Suspend.resume_core(x, keys[8], delay,
       'resume delay ' .. delay .. 'ms after signal ' .. name, now)
   end
-  redis.call('ZADD', keys[4], num(now), sid)
+  redis.call('ZADD', keys[4], Util.num(now), sid)
   local stream_id = record_signal(x, keys, argv, a, dedup, effect, matched)
-  write_condition(keys[2] .. ':condition', st, now, satisfied and 'satisfied' or nil)
+  Condition.write(keys[2] .. ':condition', st, now, satisfied and 'satisfied' or nil)
   redis.call('HINCRBY', keys[2], 'signal_count', 1)
   if matched then
     redis.call('HINCRBY', keys[2], 'matched_signal_count', 1)
   end
-  redis.call('HSET', keys[2], 'last_signal_at', num(now))
+  redis.call('HSET', keys[2], 'last_signal_at', Util.num(now))
   if own then
-    redis.call('HSET', keys[7], 'last_signal_at', num(now))
+    redis.call('HSET', keys[7], 'last_signal_at', Util.num(now))
     if satisfied then
-      redis.call('HSET', keys[7], 'satisfied_at', num(now), 'closed_at', num(now),
+      redis.call('HSET', keys[7], 'satisfied_at', Util.num(now), 'closed_at', Util.num(now),
         'close_reason', 'resumed')
     end
   end
   accepted_event(x, argv, 'signal_accepted', effect, stream_id)
   if public then
-    signal_event(x.tag, {type = 'execution_resumed', execution_id = x.eid, waitpoint_id = wpid,
+    Suspend.signal_event(x.tag, {type = 'execution_resumed', execution_id = x.eid, waitpoint_id = wpid,
       public_state = public, trigger = 'signal', signal_id = sid, at = now})
   end
   if satisfied then
-    close_waitpoint_at(x, wpid, 'resumed', 'satisfied', now, true)
+    Suspend.close_waitpoint(x, wpid, 'resumed', 'satisfied', now, true)
   end
-  return ok(sid, effect, stream_id, num(now))
+  return Reply.ok(sid, effect, stream_id, Util.num(now))
 end
 
 redis.register_function('ff_deliver_signal', deliver_signal)
@@ -270,21 +263,21 @@ local function buffer_signal(keys, argv)
     return wp
   end
   if x.core.lifecycle_phase == 'terminal' then
-    return err('target_not_signalable')
+    return Reply.err('target_not_signalable')
   elseif wp.state == 'closed' or wp.state == 'expired' then
-    return err('waitpoint_closed')
+    return Reply.err('waitpoint_closed')
   elseif wp.state ~= 'pending' then
-    return err('waitpoint_not_pending')
+    return Reply.err('waitpoint_not_pending')
   elseif a.limit > 0 and redis.call('ZCARD', keys[4]) >= a.limit then
-    return err('signal_limit_exceeded')
+    return Reply.err('signal_limit_exceeded')
   end
   local now, effect = x.now, 'buffered_for_pending_waitpoint'
-  redis.call('ZADD', keys[4], num(now), argv[3])
+  redis.call('ZADD', keys[4], Util.num(now), argv[3])
   local stream_id = record_signal(x, keys, argv, a, dedup, effect, false)
   redis.call('HINCRBY', keys[2], 'signal_count', 1)
-  redis.call('HSET', keys[2], 'last_signal_at', num(now))
+  redis.call('HSET', keys[2], 'last_signal_at', Util.num(now))
   accepted_event(x, argv, 'signal_buffered', effect, stream_id)
-  return ok(argv[3], effect, stream_id, num(now))
+  return Reply.ok(argv[3], effect, stream_id, Util.num(now))
 end
 
 redis.register_function('ff_buffer_signal_for_pending_waitpoint', buffer_signal)
@@ -316,32 +309,32 @@ end
 local function rotate_hmac_secret(keys, argv)
   local kid, hex = argv[1], argv[2]
   if not valid_kid(kid) then
-    return err('invalid_kid')
+    return Reply.err('invalid_kid')
   end
-  if not hex_to_bytes(hex) then
-    return err('invalid_secret_hex')
+  if not Hmac.hex_to_bytes(hex) then
+    return Reply.err('invalid_secret_hex')
   end
-  local grace = is_int(argv[3]) and tonumber(argv[3]) or nil
+  local grace = Argv.is_int(argv[3]) and tonumber(argv[3]) or nil
   if not grace or grace < 0 or grace > MAX_GRACE_MS then
-    return err('invalid_grace_ms')
+    return Reply.err('invalid_grace_ms')
   end
-  local ks = hgetall(keys[1])
+  local ks = Util.hgetall(keys[1])
   local current = ks.current_kid
   if current == kid then
     local stored = ks['secret:' .. kid]
     if stored == nil then
       redis.call('HSET', keys[1], 'secret:' .. kid, hex)
     elseif stored ~= hex then
-      return err('rotation_conflict', kid)
+      return Reply.err('rotation_conflict', kid)
     end
-    return ok('noop', kid)
+    return Reply.ok('noop', kid)
   end
-  local now = now_ms()
+  local now = Util.now_ms()
   local collect = {}
   for field in pairs(ks) do
     local held = string.match(field, '^expires_at:(.*)$')
     if held then
-      local exp = kid_expiry(ks[field])
+      local exp = Hmac.kid_expiry(ks[field])
       if not exp or exp < now then
         collect[#collect + 1] = held
       end
@@ -354,21 +347,21 @@ local function rotate_hmac_secret(keys, argv)
     end
   end
   if reused and reused ~= hex then
-    return err('rotation_conflict', kid)
+    return Reply.err('rotation_conflict', kid)
   end
   for _, held in ipairs(collect) do
     redis.call('HDEL', keys[1], 'expires_at:' .. held, 'secret:' .. held)
   end
   local prev = ''
-  if is_set(current) then
+  if Util.is_set(current) then
     prev = current
-    local until_ms = num(now + grace)
+    local until_ms = Util.num(now + grace)
     redis.call('HSET', keys[1], 'previous_kid', current, 'previous_expires_at', until_ms,
       'expires_at:' .. current, until_ms)
   end
   redis.call('HDEL', keys[1], 'expires_at:' .. kid)
   redis.call('HSET', keys[1], 'current_kid', kid, 'secret:' .. kid, hex)
-  return ok('rotated', prev, kid, num(#collect))
+  return Reply.ok('rotated', prev, kid, Util.num(#collect))
 end
 
 redis.register_function('ff_rotate_waitpoint_hmac_secret', rotate_hmac_secret)
@@ -388,17 +381,17 @@ local function list_hmac_kids(keys, _)
     ks[flat[i]] = flat[i + 1]
   end
   local current = ks.current_kid or ''
-  local now = now_ms()
+  local now = Util.now_ms()
   local out = {1, 'OK', current, '0'}
   for i = 1, #flat, 2 do
     local held = string.match(flat[i], '^expires_at:(.*)$')
-    local exp = held and kid_expiry(flat[i + 1])
+    local exp = held and Hmac.kid_expiry(flat[i + 1])
     if exp and exp >= now and held ~= current then
       out[#out + 1] = held
-      out[#out + 1] = num(exp)
+      out[#out + 1] = Util.num(exp)
     end
   end
-  out[4] = num((#out - 4) / 2)
+  out[4] = Util.num((#out - 4) / 2)
   return out
 end
 
@@ -420,24 +413,24 @@ redis.register_function{
 local function install_hmac_secret(keys, argv)
   local kid, hex = argv[1], argv[2]
   if not valid_kid(kid) then
-    return err('invalid_kid')
+    return Reply.err('invalid_kid')
   end
-  if not hex_to_bytes(hex) then
-    return err('invalid_secret_hex')
+  if not Hmac.hex_to_bytes(hex) then
+    return Reply.err('invalid_secret_hex')
   end
   local current = redis.call('HGET', keys[1], 'current_kid')
   if not current or current == '' then
     redis.call('HSET', keys[1], 'current_kid', kid, 'secret:' .. kid, hex)
-    return ok('installed')
+    return Reply.ok('installed')
   end
   local stored = redis.call('HGET', keys[1], 'secret:' .. current)
   if not stored or stored == '' then
     redis.call('HSET', keys[1], 'secret:' .. current, hex)
-    return ok('repaired')
+    return Reply.ok('repaired')
   elseif string.lower(stored) == string.lower(hex) then
-    return ok('unchanged')
+    return Reply.ok('unchanged')
   end
-  return ok('mismatch')
+  return Reply.ok('mismatch')
 end
 
 redis.register_function('ff_install_waitpoint_hmac_secret', install_hmac_secret)

@@ -6,6 +6,8 @@
 -- A tail of an attempt that never appended learns it ended from the attempt hash (spec 30 §2.4
 -- step 5, W7); the server does that, not these functions. Blocking reads (XREAD BLOCK) are not
 -- allowed in Functions: the server issues them itself.
+--
+-- uses: reply, util, argv, state
 
 -- Payload cap (spec 30 §1.3): callers may lower it, never raise it (W4).
 local MAX_PAYLOAD_BYTES = 65536
@@ -21,7 +23,7 @@ end
 -- KEYS[2]/KEYS[3] must be the stream and meta of (ARGV execution_id, attempt_index): a mismatch
 -- is a malformed call and raises before anything is read or written.
 local function check_stream_keys(keys, tag, eid, idx)
-  local s = stream_key(tag, eid, num(idx))
+  local s = stream_key(tag, eid, Util.num(idx))
   if keys[2] ~= s or keys[3] ~= s .. ':meta' then
     error({err = 'ERR flowfabric: KEYS[2]/KEYS[3] are not the stream of ARGV[1]/ARGV[2]'})
   end
@@ -50,106 +52,91 @@ end
 --     last_frame_at ""); XADD frame_type, ts, payload, encoding, source, [correlation_id],
 --     [metadata_json]; meta frame_count += 1, total_bytes += #payload, last_sequence,
 --     last_frame_at; XTRIM per retention. State vector untouched. Not idempotent.
+local APPEND_ARGV = {
+  {2, 'attempt_index', 'int'},
+  {4, 'lease_epoch', 'int?'},
+  {7, 'timestamp', 'int?'},
+  {13, 'retention_maxlen', 'int?', min = 0, default = 0},
+  {14, 'max_payload_bytes', 'int?', min = 1, max = MAX_PAYLOAD_BYTES, default = MAX_PAYLOAD_BYTES},
+}
+
 local function append_frame(keys, argv)
-  local idx, e1 = req_int('attempt_index', argv[2])
-  if not idx then
-    return e1
+  local a, e = Argv.parse(argv, APPEND_ARGV)
+  if not a then
+    return e
   end
-  local _, e2 = opt_int('lease_epoch', argv[4])
-  if e2 then
-    return e2
-  end
-  local ts, e3 = opt_int('timestamp', argv[7])
-  if e3 then
-    return e3
-  end
-  local maxlen, e4 = opt_int('retention_maxlen', argv[13])
-  if e4 then
-    return e4
-  end
-  maxlen = maxlen or 0
-  if maxlen < 0 then
-    return err('invalid_input', 'retention_maxlen must not be negative, got: ' .. argv[13])
-  end
-  local cap, e5 = opt_int('max_payload_bytes', argv[14])
-  if e5 then
-    return e5
-  end
-  cap = cap or MAX_PAYLOAD_BYTES
-  if cap < 1 or cap > MAX_PAYLOAD_BYTES then
-    return err('invalid_input', 'max_payload_bytes must be 1..' .. MAX_PAYLOAD_BYTES
-      .. ', got: ' .. argv[14])
-  end
+  local idx, ts, maxlen, cap = a.attempt_index, a.timestamp, a.retention_maxlen,
+    a.max_payload_bytes
   local frame_type = argv[6] or ''
   if frame_type == '' then
-    return err('invalid_frame_type', 'frame_type must not be empty')
+    return Reply.err('invalid_frame_type', 'frame_type must not be empty')
   end
   local payload = argv[8] or ''
 
   -- 1. payload cap
   if #payload > cap then
-    return err('retention_limit_exceeded', 'payload is ' .. #payload .. ' bytes; the cap is '
+    return Reply.err('retention_limit_exceeded', 'payload is ' .. #payload .. ' bytes; the cap is '
       .. cap)
   end
   -- 2. execution active (a missing core is stream_closed too, W6)
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('stream_closed', 'execution not found')
+    return Reply.err('stream_closed', 'execution not found')
   end
   check_stream_keys(keys, x.tag, x.eid, idx)
   local c = x.core
   if c.lifecycle_phase ~= 'active' then
-    return err('stream_closed', 'execution is ' .. (c.lifecycle_phase or ''))
+    return Reply.err('stream_closed', 'execution is ' .. (c.lifecycle_phase or ''))
   end
   -- 3-6. the caller still owns the current attempt's lease
-  local now = now_ms()
+  local now = Util.now_ms()
   if c.ownership_state == 'lease_expired_reclaimable' or c.ownership_state == 'lease_revoked' then
-    return err('stale_owner_cannot_append', c.ownership_state)
+    return Reply.err('stale_owner_cannot_append', c.ownership_state)
   end
   local exp = tonumber(c.lease_expires_at or '')
   if exp == nil or exp <= now then
-    return err('stale_owner_cannot_append', 'lease_expired')
+    return Reply.err('stale_owner_cannot_append', 'lease_expired')
   end
   if tonumber(c.current_attempt_index or '') ~= idx then
-    return err('stale_owner_cannot_append', 'attempt_index')
+    return Reply.err('stale_owner_cannot_append', 'attempt_index')
   end
   if argv[3] ~= (c.current_lease_id or '')
     or tonumber(argv[4]) ~= tonumber(c.current_lease_epoch or '') then
-    return err('stale_owner_cannot_append', 'lease')
+    return Reply.err('stale_owner_cannot_append', 'lease')
   end
   -- 7. lazily create the meta hash; 8. closed?
   local meta = keys[3]
   if redis.call('EXISTS', meta) == 0 then
-    redis.call('HSET', meta, 'stream_id', x.eid .. ':' .. num(idx), 'execution_id', x.eid,
-      'attempt_id', argv[5] or '', 'attempt_index', num(idx), 'created_at', num(now),
+    redis.call('HSET', meta, 'stream_id', x.eid .. ':' .. Util.num(idx), 'execution_id', x.eid,
+      'attempt_id', argv[5] or '', 'attempt_index', Util.num(idx), 'created_at', Util.num(now),
       'closed_at', '', 'closed_reason', '', 'durability_mode', 'durable_full',
       'retention_maxlen', argv[13] or '', 'last_sequence', '', 'frame_count', '0',
       'total_bytes', '0', 'last_frame_at', '')
-  elseif is_set(redis.call('HGET', meta, 'closed_at')) then
-    return err('stream_closed', redis.call('HGET', meta, 'closed_reason') or '')
+  elseif Util.is_set(redis.call('HGET', meta, 'closed_at')) then
+    return Reply.err('stream_closed', redis.call('HGET', meta, 'closed_reason') or '')
   end
 
-  local args = {'XADD', keys[2], '*', 'frame_type', frame_type, 'ts', num(ts or now),
-    'payload', payload, 'encoding', is_set(argv[9]) and argv[9] or 'utf8',
-    'source', is_set(argv[12]) and argv[12] or 'worker'}
-  if is_set(argv[11]) then
+  local args = {'XADD', keys[2], '*', 'frame_type', frame_type, 'ts', Util.num(ts or now),
+    'payload', payload, 'encoding', Util.is_set(argv[9]) and argv[9] or 'utf8',
+    'source', Util.is_set(argv[12]) and argv[12] or 'worker'}
+  if Util.is_set(argv[11]) then
     args[#args + 1] = 'correlation_id'
     args[#args + 1] = argv[11]
   end
-  if is_set(argv[10]) then
+  if Util.is_set(argv[10]) then
     args[#args + 1] = 'metadata_json'
     args[#args + 1] = argv[10]
   end
   local id = redis.call(unpack(args))
   local count = redis.call('HINCRBY', meta, 'frame_count', 1)
   redis.call('HINCRBY', meta, 'total_bytes', #payload)
-  redis.call('HSET', meta, 'last_sequence', id, 'last_frame_at', num(now))
+  redis.call('HSET', meta, 'last_sequence', id, 'last_frame_at', Util.num(now))
   if maxlen > 0 then
-    redis.call('XTRIM', keys[2], 'MAXLEN', '=', num(maxlen))
+    redis.call('XTRIM', keys[2], 'MAXLEN', '=', Util.num(maxlen))
   else
-    redis.call('XTRIM', keys[2], 'MAXLEN', '~', num(DEFAULT_APPROX_MAXLEN))
+    redis.call('XTRIM', keys[2], 'MAXLEN', '~', Util.num(DEFAULT_APPROX_MAXLEN))
   end
-  return ok(id, num(count))
+  return Reply.ok(id, Util.num(count))
 end
 
 redis.register_function('ff_append_frame', append_frame)
@@ -165,16 +152,16 @@ redis.register_function('ff_append_frame', append_frame)
 --     > 10000: "count_limit_exceeds_hard_cap").
 --   Writes: none.
 local function read_attempt_stream(keys, argv)
-  local n = is_int(argv[3]) and tonumber(argv[3]) or nil
+  local n = Argv.is_int(argv[3]) and tonumber(argv[3]) or nil
   if not n or n < 1 then
-    return err('invalid_input', 'count_limit must be >= 1')
+    return Reply.err('invalid_input', 'count_limit must be >= 1')
   end
   if n > STREAM_READ_HARD_CAP then
-    return err('invalid_input', 'count_limit_exceeds_hard_cap')
+    return Reply.err('invalid_input', 'count_limit_exceeds_hard_cap')
   end
-  local entries = redis.call('XRANGE', keys[1], argv[1], argv[2], 'COUNT', num(n))
+  local entries = redis.call('XRANGE', keys[1], argv[1], argv[2], 'COUNT', Util.num(n))
   local m = redis.call('HMGET', keys[2], 'closed_at', 'closed_reason')
-  return ok(entries, m[1] or '', m[2] or '')
+  return Reply.ok(entries, m[1] or '', m[2] or '')
 end
 
 redis.register_function{

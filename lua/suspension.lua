@@ -5,6 +5,8 @@
 -- attempt and stream-meta keys are built at run time from that tag (spec 00 §4 rule 3). Events
 -- go to ff:signal_events:{p} (spec 20 §8) after the writes; state changes also publish
 -- state_changed on ff:exec_events:{p} through write_vector.
+--
+-- uses: reply, util, argv, keys, state, stream, lease, attempt, terminal, policy, hmac, condition, suspend
 
 local TIMEOUT_BEHAVIORS = {
   fail = true, cancel = true, expire = true, auto_resume = true,
@@ -46,104 +48,101 @@ end
 --     SADD waitpoints set; waitpoint hash (state pending, created_at now, token minted over it;
 --     a closed/expired record at that id is replaced with its condition and stream);
 --     waitpoint_opened (state pending). Core and lease untouched.
+local PENDING_ARGV = {
+  {8, 'expires_in_ms', 'int', min = 1},
+  {5, 'attempt_index', 'int'},
+  {3, 'lease_epoch', 'int?'},
+  {6, 'waitpoint_id', 'str'},
+  {7, 'waitpoint_key', 'str'},
+}
+
 local function create_pending_waitpoint(keys, argv)
-  local ttl, e1 = req_pos('expires_in_ms', argv[8])
-  if not ttl then
-    return e1
+  local a, e = Argv.parse(argv, PENDING_ARGV)
+  if not a then
+    return e
   end
-  local idx, e2 = req_int('attempt_index', argv[5])
-  if not idx then
-    return e2
-  end
-  local _, e3 = opt_int('lease_epoch', argv[3])
-  if e3 then
-    return e3
-  end
-  local serr = require_strings(argv, {{6, 'waitpoint_id'}, {7, 'waitpoint_key'}})
-  if serr then
-    return serr
-  end
-  local x = load_exec(keys, argv)
+  local ttl, idx = a.expires_in_ms, a.attempt_index
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
-  expect_key(keys[2], waitpoint_key(x.tag, argv[6]), 'waitpoint')
-  local fence, ferr = resolve_fence(x.core, argv[2], argv[3], argv[4], 'lease_holder', false)
+  Util.expect_key(keys[2], Keys.waitpoint(x.tag, argv[6]), 'waitpoint')
+  local fence, ferr = Lease.resolve_fence(x.core, argv[2], argv[3], argv[4], 'lease_holder', false)
   if not fence then
     return ferr
   end
-  local now = now_ms()
-  local lerr = check_lease(x, fence, now, false)
+  local now = Util.now_ms()
+  local lerr = Lease.check(x, fence, now, false)
   if lerr then
     return lerr
   end
   if tonumber(x.core.current_attempt_index or '') ~= idx then
-    return err('stale_lease')
+    return Reply.err('stale_lease')
   end
   local old = redis.call('HGET', keys[2], 'state')
   if old and OPEN_STATES[old] then
-    return err('waitpoint_already_exists')
+    return Reply.err('waitpoint_already_exists')
   end
   local wpid, wpkey = argv[6], argv[7]
-  local token, merr = mint_token(keys[4], wpid, wpkey, num(now))
+  local token, merr = Hmac.mint(keys[4], wpid, wpkey, Util.num(now))
   if not token then
     return merr
   end
 
   local expires = now + ttl
-  redis.call('ZADD', keys[3], num(expires), wpid)
+  redis.call('ZADD', keys[3], Util.num(expires), wpid)
   redis.call('SADD', keys[5], wpid)
   if old then
     reset_waitpoint(keys[2])
   end
   redis.call('HSET', keys[2], 'waitpoint_id', wpid, 'execution_id', x.eid,
-    'attempt_index', num(idx), 'suspension_id', '', 'waitpoint_key', wpkey,
-    'waitpoint_token', token, 'state', 'pending', 'created_at', num(now), 'activated_at', '',
-    'satisfied_at', '', 'closed_at', '', 'expires_at', num(expires), 'close_reason', '',
+    'attempt_index', Util.num(idx), 'suspension_id', '', 'waitpoint_key', wpkey,
+    'waitpoint_token', token, 'state', 'pending', 'created_at', Util.num(now), 'activated_at', '',
+    'satisfied_at', '', 'closed_at', '', 'expires_at', Util.num(expires), 'close_reason', '',
     'signal_count', '0', 'matched_signal_count', '0', 'last_signal_at', '')
-  signal_event(x.tag, {type = 'waitpoint_opened', execution_id = x.eid, waitpoint_id = wpid,
+  Suspend.signal_event(x.tag, {type = 'waitpoint_opened', execution_id = x.eid, waitpoint_id = wpid,
     state = 'pending', at = now})
-  return ok(wpid, wpkey, token, num(expires))
+  return Reply.ok(wpid, wpkey, token, Util.num(expires))
 end
 
 redis.register_function('ff_create_pending_waitpoint', create_pending_waitpoint)
 
 -- Shape checks of the suspend ARGV (nothing read yet). Returns a table or nil plus the reply.
+local SUSPEND_NUMBERS = {
+  {5, 'attempt_index', 'int'},
+  {3, 'lease_epoch', 'int?'},
+  {14, 'timeout_at', 'int?'},
+}
+local SUSPEND_IDS = {{6, 'suspension_id', 'str'}, {7, 'waitpoint_id', 'str'}}
+
 local function suspend_args(argv)
-  local idx, e1 = req_int('attempt_index', argv[5])
-  if not idx then
-    return nil, e1
+  local a, e = Argv.parse(argv, SUSPEND_NUMBERS)
+  if not a then
+    return nil, e
   end
-  local _, e2 = opt_int('lease_epoch', argv[3])
-  if e2 then
-    return nil, e2
-  end
-  local timeout, e3 = opt_int('timeout_at', argv[14])
-  if e3 then
-    return nil, e3
-  end
+  local idx, timeout = a.attempt_index, a.timeout_at
   local behavior = (argv[16] ~= '' and argv[16]) or 'fail'
   if not TIMEOUT_BEHAVIORS[behavior] then
-    return nil, err('invalid_input', 'unknown timeout_behavior: ' .. behavior)
+    return nil, Reply.err('invalid_input', 'unknown timeout_behavior: ' .. behavior)
   end
   local flag = argv[15]
   if flag ~= '1' and flag ~= '0' and flag ~= '' then
-    return nil, err('invalid_input', 'use_pending_waitpoint must be "1" or "0"')
+    return nil, Reply.err('invalid_input', 'use_pending_waitpoint must be "1" or "0"')
   end
-  local serr = require_strings(argv, {{6, 'suspension_id'}, {7, 'waitpoint_id'}})
+  local _, serr = Argv.parse(argv, SUSPEND_IDS)
   if serr then
     return nil, serr
   end
   if flag ~= '1' and argv[8] == '' then
-    return nil, err('invalid_input', 'waitpoint_key must not be empty')
+    return nil, Reply.err('invalid_input', 'waitpoint_key must not be empty')
   end
-  local cond, cerr = parse_condition(argv[11])
+  local cond, cerr = Condition.parse(argv[11])
   if not cond then
     return nil, cerr
   end
-  local policy = argv[12] ~= '' and decode_json(argv[12])
+  local policy = argv[12] ~= '' and Util.decode_json(argv[12])
   if policy ~= false and (type(policy) ~= 'table' or #policy > 0) then
-    return nil, err('invalid_input', 'resume_policy_json must be a JSON object')
+    return nil, Reply.err('invalid_input', 'resume_policy_json must be a JSON object')
   end
   return {idx = idx, timeout = timeout, behavior = behavior, pending = flag == '1',
     cond = cond}, nil
@@ -152,17 +151,17 @@ end
 -- The pending-path checks of spec 20 §5.2 on the stored waitpoint `wp`.
 local function check_pending_waitpoint(x, wp, idx, now)
   if next(wp) == nil then
-    return err('waitpoint_not_found')
+    return Reply.err('waitpoint_not_found')
   elseif wp.state ~= 'pending' then
-    return err('waitpoint_not_pending')
+    return Reply.err('waitpoint_not_pending')
   elseif wp.execution_id ~= x.eid or tonumber(wp.attempt_index or '') ~= idx then
-    return err('invalid_waitpoint_for_execution')
+    return Reply.err('invalid_waitpoint_for_execution')
   end
   local exp = tonumber(wp.expires_at or '')
   if exp and exp <= now then
-    return err('pending_waitpoint_expired')
-  elseif not is_set(wp.waitpoint_token) then
-    return err('waitpoint_not_token_bound')
+    return Reply.err('pending_waitpoint_expired')
+  elseif not Util.is_set(wp.waitpoint_token) then
+    return Reply.err('waitpoint_not_token_bound')
   end
   return nil
 end
@@ -179,9 +178,9 @@ local function replay_buffered(wp, st)
       f[e[2][i]] = e[2][i + 1]
     end
     local name, effect = f.signal_name or '', 'no_op'
-    if not satisfied and match_signal(st, name, f.signal_id or '') then
+    if not satisfied and Condition.match(st, name, f.signal_id or '') then
       matched = matched + 1
-      satisfied = condition_satisfied(st)
+      satisfied = Condition.satisfied(st)
       effect = satisfied and 'resume_condition_satisfied' or 'appended_to_waitpoint'
     end
     effects[#effects + 1] = {f.signal_id or '', effect}
@@ -191,7 +190,7 @@ local function replay_buffered(wp, st)
     end
   end
   local summary = '{"total_count":' .. #entries .. ',"matched_count":' .. matched
-    .. ',"signal_names":' .. json_array(names) .. '}'
+    .. ',"signal_names":' .. Util.json_array(names) .. '}'
   return satisfied, effects, summary, matched
 end
 
@@ -213,10 +212,10 @@ local function already_satisfied(x, keys, argv, wp, st, effects, matched, now)
   local wpid = argv[7]
   redis.call('ZREM', keys[10], wpid)
   redis.call('SADD', keys[11], wpid)
-  write_condition(keys[3] .. ':condition', st, now, 'satisfied')
-  redis.call('HSET', keys[3], 'suspension_id', argv[6], 'activated_at', num(now),
-    'matched_signal_count', num(matched), 'expires_at', '')
-  close_waitpoint_at(x, wpid, 'resumed', 'satisfied', now, true)
+  Condition.write(keys[3] .. ':condition', st, now, 'satisfied')
+  redis.call('HSET', keys[3], 'suspension_id', argv[6], 'activated_at', Util.num(now),
+    'matched_signal_count', Util.num(matched), 'expires_at', '')
+  Suspend.close_waitpoint(x, wpid, 'resumed', 'satisfied', now, true)
   write_replay_effects(x.tag, wpid, effects)
   local reply = {1, 'ALREADY_SATISFIED', argv[6], wpid, wp.waitpoint_key, wp.waitpoint_token}
   for _, m in ipairs(st.matchers) do
@@ -270,31 +269,31 @@ local function suspend_execution(keys, argv)
   if not a then
     return aerr
   end
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
-  expect_key(keys[3], waitpoint_key(x.tag, argv[7]), 'waitpoint')
-  local fence, ferr = resolve_fence(x.core, argv[2], argv[3], argv[4], 'lease_holder', false)
+  Util.expect_key(keys[3], Keys.waitpoint(x.tag, argv[7]), 'waitpoint')
+  local fence, ferr = Lease.resolve_fence(x.core, argv[2], argv[3], argv[4], 'lease_holder', false)
   if not fence then
     return ferr
   end
   x.history = keys[6]
-  local now = now_ms()
-  local lerr = check_lease(x, fence, now, true)
+  local now = Util.now_ms()
+  local lerr = Lease.check(x, fence, now, true)
   if lerr then
     return lerr
   end
   local c = x.core
   if tonumber(c.current_attempt_index or '') ~= a.idx then
-    return err('invalid_lease_for_suspend')
+    return Reply.err('invalid_lease_for_suspend')
   end
-  local prev = hgetall(keys[2])
-  if is_set(prev.suspension_id) and not is_set(prev.closed_at) then
-    return err('already_suspended')
+  local prev = Util.hgetall(keys[2])
+  if Util.is_set(prev.suspension_id) and not Util.is_set(prev.closed_at) then
+    return Reply.err('already_suspended')
   end
   local wpid = argv[7]
-  local wp = hgetall(keys[3])
+  local wp = Util.hgetall(keys[3])
   local wpkey, token
   if a.pending then
     local perr = check_pending_waitpoint(x, wp, a.idx, now)
@@ -304,24 +303,24 @@ local function suspend_execution(keys, argv)
     wpkey, token = wp.waitpoint_key or '', wp.waitpoint_token
   else
     if OPEN_STATES[wp.state or ''] then
-      return err('waitpoint_already_exists')
+      return Reply.err('waitpoint_already_exists')
     end
     wpkey = argv[8]
     local merr
-    token, merr = mint_token(keys[4], wpid, wpkey, num(now))
+    token, merr = Hmac.mint(keys[4], wpid, wpkey, Util.num(now))
     if not token then
       return merr
     end
   end
 
   -- Validated: from here on every branch commits.
-  local st = new_condition_state(a.cond)
+  local st = Condition.new_state(a.cond)
   local summary, effects, matched = '{"total_count":0,"matched_count":0,"signal_names":[]}', {}, 0
   if a.pending then
     local satisfied
     satisfied, effects, summary, matched = replay_buffered(keys[3], st)
     if satisfied then
-      if is_set(prev.waitpoint_id) then
+      if Util.is_set(prev.waitpoint_id) then
         redis.call('SADD', keys[11], prev.waitpoint_id)
       end
       redis.call('DEL', keys[2])
@@ -330,56 +329,56 @@ local function suspend_execution(keys, argv)
   end
 
   local sid = argv[6]
-  write_vector(keys[1], x.eid, {'suspended', 'unowned', 'not_applicable',
+  State.write_vector(keys[1], x.eid, {'suspended', 'unowned', 'not_applicable',
     BLOCKING_OF_REASON[argv[9]] or 'waiting_for_signal',
     'suspended: waitpoint ' .. wpid .. ' awaiting ' .. argv[9], 'none', 'attempt_interrupted'},
-    now, lease_cleared({current_suspension_id = sid, current_waitpoint_id = wpid}))
+    now, Lease.cleared({current_suspension_id = sid, current_waitpoint_id = wpid}))
   x.lease, x.lease_expiry, x.attempt_timeout = keys[5], keys[7], keys[8]
-  release_lease(x, 'suspend', now)
-  local timeout = a.timeout and num(a.timeout) or ''
-  redis.call('ZADD', lane_key(x.tag, c.lane_id, 'suspended'),
-    a.timeout and timeout or NO_TIMEOUT_SCORE, x.eid)
+  Lease.release(x, 'suspend', now)
+  local timeout = a.timeout and Util.num(a.timeout) or ''
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'suspended'),
+    a.timeout and timeout or Suspend.NO_TIMEOUT_SCORE, x.eid)
   if a.timeout then
     redis.call('ZADD', keys[9], timeout, x.eid)
   end
   redis.call('ZREM', keys[10], wpid)
   redis.call('SADD', keys[11], wpid)
-  if is_set(prev.waitpoint_id) then
+  if Util.is_set(prev.waitpoint_id) then
     redis.call('SADD', keys[11], prev.waitpoint_id)
   end
 
-  local akey = attempt_key(x.tag, x.eid, a.idx)
+  local akey = Keys.attempt(x.tag, x.eid, a.idx)
   if redis.call('EXISTS', akey) == 1 then
-    redis.call('HSET', akey, 'attempt_state', 'suspended', 'suspended_at', num(now),
+    redis.call('HSET', akey, 'attempt_state', 'suspended', 'suspended_at', Util.num(now),
       'suspension_id', sid)
   end
   if a.pending then
     redis.call('HSET', keys[3], 'suspension_id', sid, 'state', 'active',
-      'activated_at', num(now), 'expires_at', timeout, 'matched_signal_count', num(matched))
+      'activated_at', Util.num(now), 'expires_at', timeout, 'matched_signal_count', Util.num(matched))
     write_replay_effects(x.tag, wpid, effects)
   else
     if next(wp) ~= nil then
       reset_waitpoint(keys[3])
     end
     redis.call('HSET', keys[3], 'waitpoint_id', wpid, 'execution_id', x.eid,
-      'attempt_index', num(a.idx), 'suspension_id', sid, 'waitpoint_key', wpkey,
-      'waitpoint_token', token, 'state', 'active', 'created_at', num(now),
-      'activated_at', num(now), 'satisfied_at', '', 'closed_at', '', 'expires_at', timeout,
+      'attempt_index', Util.num(a.idx), 'suspension_id', sid, 'waitpoint_key', wpkey,
+      'waitpoint_token', token, 'state', 'active', 'created_at', Util.num(now),
+      'activated_at', Util.num(now), 'satisfied_at', '', 'closed_at', '', 'expires_at', timeout,
       'close_reason', '', 'signal_count', '0', 'matched_signal_count', '0',
       'last_signal_at', '')
   end
-  write_condition(keys[3] .. ':condition', st, now, nil)
+  Condition.write(keys[3] .. ':condition', st, now, nil)
   redis.call('DEL', keys[2])
   redis.call('HSET', keys[2], 'suspension_id', sid, 'execution_id', x.eid,
-    'attempt_index', num(a.idx), 'waitpoint_id', wpid, 'waitpoint_key', wpkey,
-    'reason_code', argv[9], 'requested_by', argv[10], 'created_at', num(now),
+    'attempt_index', Util.num(a.idx), 'waitpoint_id', wpid, 'waitpoint_key', wpkey,
+    'reason_code', argv[9], 'requested_by', argv[10], 'created_at', Util.num(now),
     'timeout_at', timeout, 'timeout_behavior', a.behavior, 'resume_condition_json', argv[11],
     'resume_policy_json', argv[12], 'continuation_metadata_pointer', argv[13],
     'buffered_signal_summary_json', summary, 'last_signal_at', wp.last_signal_at or '',
     'satisfied_at', '', 'closed_at', '', 'close_reason', '')
-  signal_event(x.tag, {type = 'waitpoint_opened', execution_id = x.eid, waitpoint_id = wpid,
+  Suspend.signal_event(x.tag, {type = 'waitpoint_opened', execution_id = x.eid, waitpoint_id = wpid,
     state = 'active', at = now})
-  return ok(sid, wpid, wpkey, token)
+  return Reply.ok(sid, wpid, wpkey, token)
 end
 
 redis.register_function('ff_suspend_execution', suspend_execution)
@@ -394,8 +393,8 @@ local function open_suspension(x, key)
   if x.core.lifecycle_phase ~= 'suspended' then
     return nil
   end
-  local s = hgetall(key)
-  if not is_set(s.suspension_id) or is_set(s.closed_at) then
+  local s = Util.hgetall(key)
+  if not Util.is_set(s.suspension_id) or Util.is_set(s.closed_at) then
     return nil
   end
   return s
@@ -403,17 +402,17 @@ end
 
 -- The stored resume condition says operators may not override it.
 local function override_forbidden(s)
-  local t = decode_json(s.resume_condition_json or '')
+  local t = Util.decode_json(s.resume_condition_json or '')
   return type(t) == 'table' and t.allow_operator_override == false
 end
 
 -- Closes the suspension record and its waitpoint (+ condition) with `reason` after a resume.
 local function close_resumed(x, key, s, reason, now)
-  redis.call('HSET', key, 'satisfied_at', num(now), 'closed_at', num(now),
+  redis.call('HSET', key, 'satisfied_at', Util.num(now), 'closed_at', Util.num(now),
     'close_reason', reason)
   local wpid = s.waitpoint_id
-  if is_set(wpid) and redis.call('EXISTS', waitpoint_key(x.tag, wpid)) == 1 then
-    close_waitpoint_at(x, wpid, reason, reason, now, true)
+  if Util.is_set(wpid) and redis.call('EXISTS', Keys.waitpoint(x.tag, wpid)) == 1 then
+    Suspend.close_waitpoint(x, wpid, reason, reason, now, true)
   end
 end
 
@@ -434,40 +433,40 @@ end
 --     -(priority x 10^12) + created_at or lane delayed at now + delay; suspension and waitpoint
 --     satisfied_at, closed_at, close_reason (resumed | operator_resume | timed_out_auto_resume),
 --     condition closed=1 with the same reason; execution_resumed, waitpoint_closed.
+local RESUME_ARGV = {{3, 'resume_delay_ms', 'int?', min = 0}}
+
 local function resume_execution(keys, argv)
   local trigger = (argv[2] ~= '' and argv[2]) or 'signal'
   local reason = TRIGGER_REASON[trigger]
   if not reason then
-    return err('invalid_input', 'unknown trigger_type: ' .. trigger)
+    return Reply.err('invalid_input', 'unknown trigger_type: ' .. trigger)
   end
-  local delay, e1 = opt_int('resume_delay_ms', argv[3])
-  if e1 then
+  local a, e1 = Argv.parse(argv, RESUME_ARGV)
+  if not a then
     return e1
   end
-  if delay and delay < 0 then
-    return err('invalid_input', 'resume_delay_ms must not be negative, got: ' .. argv[3])
-  end
-  local x = load_exec(keys, argv)
+  local delay = a.resume_delay_ms
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local s = open_suspension(x, keys[2])
   if not s then
-    return err('execution_not_suspended')
+    return Reply.err('execution_not_suspended')
   end
   if trigger == 'operator' and override_forbidden(s) then
-    return err('resume_condition_not_met')
+    return Reply.err('resume_condition_not_met')
   end
-  local now = now_ms()
+  local now = Util.now_ms()
   delay = delay or 0
   if delay == 0 then
-    delay = policy_resume_delay(s.resume_policy_json)
+    delay = Policy.resume_delay(s.resume_policy_json)
   end
-  local public = resume_core(x, keys[3], delay, 'resume delay ' .. delay .. 'ms', now)
-  signal_event(x.tag, {type = 'execution_resumed', execution_id = x.eid,
+  local public = Suspend.resume_core(x, keys[3], delay, 'resume delay ' .. delay .. 'ms', now)
+  Suspend.signal_event(x.tag, {type = 'execution_resumed', execution_id = x.eid,
     waitpoint_id = s.waitpoint_id or '', public_state = public, trigger = trigger, at = now})
   close_resumed(x, keys[2], s, reason, now)
-  return ok(public)
+  return Reply.ok(public)
 end
 
 redis.register_function('ff_resume_execution', resume_execution)
@@ -485,32 +484,34 @@ redis.register_function('ff_resume_execution', resume_execution)
 --   Writes: ZREM pending_waitpoint_expiry; waitpoint state closed (expired for never_committed),
 --     closed_at, close_reason; an active waitpoint's condition closed=1 (same reason);
 --     waitpoint_closed.
+local CLOSE_WAITPOINT_ARGV = {{2, 'waitpoint_id', 'str'}}
+
 local function close_waitpoint(keys, argv)
-  local serr = require_strings(argv, {{2, 'waitpoint_id'}})
+  local _, serr = Argv.parse(argv, CLOSE_WAITPOINT_ARGV)
   if serr then
     return serr
   end
-  load_exec(keys, argv) -- raises on a KEYS[1]/ARGV[1] mismatch; the core itself is not needed
-  local x = {tag = tag_of(keys[1]), eid = argv[1]}
+  State.load_exec(keys, argv) -- raises on a KEYS[1]/ARGV[1] mismatch; the core itself is not needed
+  local x = {tag = Util.tag_of(keys[1]), eid = argv[1]}
   local wpid = argv[2]
-  expect_key(keys[2], waitpoint_key(x.tag, wpid), 'waitpoint')
+  Util.expect_key(keys[2], Keys.waitpoint(x.tag, wpid), 'waitpoint')
   local reason = (argv[3] ~= '' and argv[3]) or 'proactive_close'
   local m = redis.call('HMGET', keys[2], 'execution_id', 'state')
   if not m[1] and not m[2] then
     redis.call('ZREM', keys[3], wpid)
-    return err('waitpoint_not_found')
+    return Reply.err('waitpoint_not_found')
   elseif m[1] ~= x.eid then
-    return err('waitpoint_not_found')
+    return Reply.err('waitpoint_not_found')
   elseif m[2] == 'closed' or m[2] == 'expired' then
-    return ok('already_closed')
+    return Reply.ok('already_closed')
   elseif not OPEN_STATES[m[2] or ''] then
-    return err('waitpoint_not_open')
+    return Reply.err('waitpoint_not_open')
   end
-  local now = now_ms()
+  local now = Util.now_ms()
   redis.call('ZREM', keys[3], wpid)
-  close_waitpoint_at(x, wpid, reason, reason, now, false,
+  Suspend.close_waitpoint(x, wpid, reason, reason, now, false,
     (reason == 'never_committed' and 'expired') or 'closed')
-  return ok('closed')
+  return Reply.ok('closed')
 end
 
 redis.register_function('ff_close_waitpoint', close_waitpoint)
@@ -530,20 +531,20 @@ local function timeout_terminal(x, keys, s, behavior, now)
     extra.cancellation_reason = 'suspension_timeout'
   end
   x.attempt_timeout, x.deadline = keys[4], keys[5]
-  local public = terminal_transition(x, t[1], now, extra, true)
+  local public = Terminal.transition(x, t[1], now, extra, true)
   redis.call('ZREM', keys[3], x.eid)
-  redis.call('ZREM', lane_key(x.tag, x.core.lane_id, 'suspended'), x.eid)
-  local idx = (is_set(s.attempt_index) and s.attempt_index) or x.core.current_attempt_index
-  if end_attempt(x, idx, t[2], {'failure_reason', reason, 'suspended_at', '',
+  redis.call('ZREM', Keys.lane(x.tag, x.core.lane_id, 'suspended'), x.eid)
+  local idx = (Util.is_set(s.attempt_index) and s.attempt_index) or x.core.current_attempt_index
+  if Attempt.finish(x, idx, t[2], {'failure_reason', reason, 'suspended_at', '',
       'suspension_id', ''}, now) then
-    close_stream(x, idx, 'suspension_timeout', now, true)
+    Stream.close(x, idx, 'suspension_timeout', now, true)
   end
-  close_suspension(x, keys[2], 'timed_out_' .. behavior, 'timed_out_' .. behavior, now)
+  Terminal.close_suspension(x, keys[2], 'timed_out_' .. behavior, 'timed_out_' .. behavior, now)
   return public
 end
 
 local function timeout_escalate(x, keys, s, now)
-  local public = write_vector(x.core_key, x.eid, {'suspended', 'unowned', 'not_applicable',
+  local public = State.write_vector(x.core_key, x.eid, {'suspended', 'unowned', 'not_applicable',
     'paused_by_operator', 'suspension escalated: timeout at ' .. s.timeout_at, 'none',
     x.core.attempt_state or 'attempt_interrupted'}, now)
   redis.call('ZREM', keys[3], x.eid)
@@ -553,8 +554,8 @@ local function timeout_escalate(x, keys, s, now)
 end
 
 local function timeout_auto_resume(x, keys, s, now)
-  local public = resume_core(x, keys[3], 0, '', now)
-  signal_event(x.tag, {type = 'execution_resumed', execution_id = x.eid,
+  local public = Suspend.resume_core(x, keys[3], 0, '', now)
+  Suspend.signal_event(x.tag, {type = 'execution_resumed', execution_id = x.eid,
     waitpoint_id = s.waitpoint_id or '', public_state = public, trigger = 'auto_resume',
     at = now})
   close_resumed(x, keys[2], s, 'timed_out_auto_resume', now)
@@ -587,28 +588,28 @@ end
 --     timeout_at="", timeout_behavior="". Events: suspension_timed_out, plus
 --     execution_resumed / waitpoint_closed as the branch closes or resumes.
 local function expire_suspension(keys, argv)
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
     redis.call('ZREM', keys[3], argv[1])
-    return already('not_found_cleaned')
+    return Reply.already('not_found_cleaned')
   end
   if x.core.lifecycle_phase ~= 'suspended' then
     redis.call('ZREM', keys[3], x.eid)
-    return already('not_suspended_cleaned')
+    return Reply.already('not_suspended_cleaned')
   end
   local s = open_suspension(x, keys[2])
   if not s then
     redis.call('ZREM', keys[3], x.eid)
-    return already('no_active_suspension_cleaned')
+    return Reply.already('no_active_suspension_cleaned')
   end
   local due = tonumber(s.timeout_at or '')
   if not due or due == 0 then
     redis.call('ZREM', keys[3], x.eid)
-    return already('not_yet_due')
+    return Reply.already('not_yet_due')
   end
-  local now = now_ms()
+  local now = Util.now_ms()
   if due > now then
-    return already('not_yet_due')
+    return Reply.already('not_yet_due')
   end
   local behavior = s.timeout_behavior or ''
   local public
@@ -623,9 +624,9 @@ local function expire_suspension(keys, argv)
     end
     public = timeout_terminal(x, keys, s, behavior, now)
   end
-  signal_event(x.tag, {type = 'suspension_timed_out', execution_id = x.eid,
+  Suspend.signal_event(x.tag, {type = 'suspension_timed_out', execution_id = x.eid,
     waitpoint_id = s.waitpoint_id or '', behavior = behavior, public_state = public, at = now})
-  return ok(behavior, public)
+  return Reply.ok(behavior, public)
 end
 
 redis.register_function('ff_expire_suspension', expire_suspension)
@@ -640,22 +641,25 @@ redis.register_function('ff_expire_suspension', expire_suspension)
 --     record's attempt_index equals ARGV[2] and its close_reason is `resumed`; else n = 0.
 --   Errors: invalid_input (attempt_index), execution_not_found.
 --   Writes: none.
+local READ_SIGNALS_ARGV = {{2, 'attempt_index', 'int'}}
+
 local function read_resume_signals(keys, argv)
-  local idx, e1 = req_int('attempt_index', argv[2])
-  if not idx then
+  local a, e1 = Argv.parse(argv, READ_SIGNALS_ARGV)
+  if not a then
     return e1
   end
-  local x = load_exec(keys, argv)
+  local idx = a.attempt_index
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
-  local s = hgetall(keys[2])
+  local s = Util.hgetall(keys[2])
   local out = {1, 'OK', '0'}
   if tonumber(s.attempt_index or '') ~= idx or s.close_reason ~= 'resumed'
-      or not is_set(s.waitpoint_id) then
+      or not Util.is_set(s.waitpoint_id) then
     return out
   end
-  local st = load_condition(waitpoint_key(x.tag, s.waitpoint_id) .. ':condition')
+  local st = Condition.load(Keys.waitpoint(x.tag, s.waitpoint_id) .. ':condition')
   local n = 0
   for _, m in ipairs((st and st.matchers) or {}) do
     if m.satisfied and m.signal_id ~= '' then
@@ -668,7 +672,7 @@ local function read_resume_signals(keys, argv)
       end
     end
   end
-  out[3] = num(n)
+  out[3] = Util.num(n)
   return out
 end
 
@@ -688,28 +692,28 @@ redis.register_function{
 --   Errors: execution_not_found.
 --   Writes: none.
 local function list_waitpoints(keys, argv)
-  local x = load_exec(keys, argv)
+  local x = State.load_exec(keys, argv)
   if not x then
-    return err('execution_not_found')
+    return Reply.err('execution_not_found')
   end
   local ids = redis.call('SMEMBERS', keys[2])
   table.sort(ids)
   local out = {1, 'OK', '0'}
   for _, id in ipairs(ids) do
-    local key = waitpoint_key(x.tag, id)
-    local wp = hgetall(key)
-    if OPEN_STATES[wp.state or ''] and is_set(wp.waitpoint_token) then
+    local key = Keys.waitpoint(x.tag, id)
+    local wp = Util.hgetall(key)
+    if OPEN_STATES[wp.state or ''] and Util.is_set(wp.waitpoint_token) then
       local names = {}
-      for _, m in ipairs((load_condition(key .. ':condition') or {}).matchers or {}) do
+      for _, m in ipairs((Condition.load(key .. ':condition') or {}).matchers or {}) do
         if m.name ~= '' then
           names[#names + 1] = m.name
         end
       end
       out[#out + 1] = {id, wp.waitpoint_key or '', wp.state, wp.waitpoint_token,
-        wp.created_at or '', wp.activated_at or '', wp.expires_at or '', json_array(names)}
+        wp.created_at or '', wp.activated_at or '', wp.expires_at or '', Util.json_array(names)}
     end
   end
-  out[3] = num(#out - 3)
+  out[3] = Util.num(#out - 3)
   return out
 end
 

@@ -1,4 +1,5 @@
 -- version.lua
+-- uses: (none)
 --
 -- ff_version
 --   KEYS: none.  ARGV: none.

@@ -1,10 +1,14 @@
 """Assembles the `flowfabric` Functions library from the files in `lua/`.
 
-The library is one `#!lua name=flowfabric` chunk: the shared helpers first, then one file per
-domain. Each domain file is wrapped in its own `do ... end` block so its locals go out of scope
-at the end of the file (Lua 5.1 allows at most 200 locals in one function, and the library body
-is one function). The version is a content hash of the assembled body, so any change to any
-function changes `ff_version` and the server reloads the library at boot.
+The library is one `#!lua name=flowfabric` chunk: the includes of `lua/include/` first, in the
+order of `INCLUDES`, then one file per domain in the order of `DOMAINS`. Each include defines one
+top-level local, a table of functions (`local Lease = {}`), and may use only the includes before
+it; each domain file names the includes it uses in a `-- uses:` header line and is wrapped in its
+own `do ... end` block so its locals go out of scope at the end of the file (Lua 5.1 allows at
+most 200 locals in one function, and the library body is one function). `tests/lua/
+test_includes.py` checks the `-- uses:` lines against the code. The version is a content hash of
+the assembled body, so any change to any function changes `ff_version` and the server reloads the
+library at boot.
 """
 
 from __future__ import annotations
@@ -16,8 +20,28 @@ from pathlib import Path
 
 LIBRARY_NAME = "flowfabric"
 
-# Load order (spec 00 §8.1). Helpers are top-level locals visible to every domain file.
-HELPERS = "helpers"
+INCLUDE_DIR = "include"
+
+# Include order: an include may use only the includes listed before it.
+INCLUDES = (
+    "reply",
+    "util",
+    "argv",
+    "keys",
+    "state",
+    "stream",
+    "lease",
+    "attempt",
+    "terminal",
+    "policy",
+    "capabilities",
+    "grant",
+    "hmac",
+    "condition",
+    "suspend",
+)
+
+# Domain order. A domain sees the includes it names, never another domain's locals.
 DOMAINS = (
     "version",
     "execution",
@@ -45,20 +69,28 @@ class Library:
 def lua_dir() -> Path:
     """Where the Lua sources live: inside an installed wheel, or the repository's `lua/`."""
     here = Path(__file__).resolve().parent
+    sentinel = Path(INCLUDE_DIR) / f"{INCLUDES[0]}.lua"
     for candidate in (here.parents[1] / "lua", here.parents[2] / "lua"):
-        if (candidate / f"{HELPERS}.lua").is_file():
+        if (candidate / sentinel).is_file():
             return candidate
-    raise FileNotFoundError("cannot find the flowfabric Lua sources (lua/helpers.lua)")
+    raise FileNotFoundError(f"cannot find the flowfabric Lua sources (lua/{sentinel})")
 
 
 def assemble(directory: Path | None = None) -> Library:
     """Build the library text from `directory` (default: `lua_dir()`)."""
     directory = directory or lua_dir()
-    known = {HELPERS, *DOMAINS}
-    unknown = sorted(p.stem for p in directory.glob("*.lua") if p.stem not in known)
+    unknown = sorted(p.stem for p in directory.glob("*.lua") if p.stem not in DOMAINS)
+    unknown += sorted(
+        f"{INCLUDE_DIR}/{p.stem}"
+        for p in (directory / INCLUDE_DIR).glob("*.lua")
+        if p.stem not in INCLUDES
+    )
     if unknown:
         raise ValueError(f"Lua files not in the load order: {unknown}")
-    parts = [(directory / f"{HELPERS}.lua").read_text()]
+    parts = [
+        f"-- include/{name}.lua\n{(directory / INCLUDE_DIR / f'{name}.lua').read_text()}"
+        for name in INCLUDES
+    ]
     for name in DOMAINS:
         path = directory / f"{name}.lua"
         if path.is_file():

@@ -1,0 +1,71 @@
+-- uses: util, keys, state
+
+local Terminal = {}
+
+-- Terminal transition common effects (spec 10 §1.5). Writes the core first (vector, completed_at
+-- and `extra`), then ZREM attempt_timeout/execution_deadline, ZADD lane terminal, and PUBLISH
+-- ff:dag:completions for a flow member when `publish`. Needs x.attempt_timeout, x.deadline.
+function Terminal.transition(x, outcome, now, extra, publish)
+  local c = x.core
+  local attempt = 'attempt_terminal'
+  if (tonumber(c.total_attempt_count or '0') or 0) == 0 then
+    attempt = 'none'
+  end
+  extra.completed_at = Util.num(now)
+  local public = State.write_vector(x.core_key, x.eid,
+    {'terminal', 'unowned', 'not_applicable', 'none', '', outcome, attempt}, now, extra)
+  redis.call('ZREM', x.attempt_timeout, x.eid)
+  redis.call('ZREM', x.deadline, x.eid)
+  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'terminal'), Util.num(now), x.eid)
+  if publish and Util.is_set(c.flow_id) then
+    redis.call('PUBLISH', 'ff:dag:completions', cjson.encode({
+      execution_id = x.eid, flow_id = c.flow_id, outcome = outcome,
+    }))
+  end
+  return public
+end
+
+-- Defensive index removal (spec 00 §8.3; cancel, expire): the id leaves every index of its lane
+-- and partition except `keep` (a lane set name), and the holder's lease set. All keys built on
+-- the tag of KEYS[1] (spec 00 §4 rule 3).
+function Terminal.remove_from_indexes(x, keep)
+  local c = x.core
+  for _, which in ipairs(Keys.LANE_SETS) do
+    if which ~= keep then
+      redis.call('ZREM', Keys.lane(x.tag, c.lane_id, which), x.eid)
+    end
+  end
+  for _, name in ipairs(Keys.PARTITION_SETS) do
+    redis.call('ZREM', Keys.partition(x.tag, name), x.eid)
+  end
+  if Util.is_set(c.current_worker_instance_id) then
+    redis.call('SREM', Keys.worker_leases(x.tag, c.current_worker_instance_id), x.eid)
+  end
+end
+
+-- Closes the current suspension, its waitpoint and the waitpoint's condition (cancel, expire of
+-- a suspended execution) and publishes waitpoint_closed on ff:signal_events:{p}. Only hashes
+-- that exist are written. Waitpoint keys are built from core.current_waitpoint_id on the tag of
+-- KEYS[1] (spec 00 §4 rule 3).
+function Terminal.close_suspension(x, suspension_key, reason, wp_reason, now)
+  local c = x.core
+  if redis.call('EXISTS', suspension_key) == 1 then
+    redis.call('HSET', suspension_key, 'closed_at', Util.num(now), 'close_reason', reason)
+  end
+  if Util.is_set(c.current_waitpoint_id) then
+    local wp = Keys.waitpoint(x.tag, c.current_waitpoint_id)
+    if redis.call('EXISTS', wp) == 1 then
+      redis.call('HSET', wp, 'state', 'closed', 'closed_at', Util.num(now), 'close_reason', wp_reason)
+    end
+    if redis.call('EXISTS', wp .. ':condition') == 1 then
+      redis.call('HSET', wp .. ':condition', 'closed', '1', 'closed_at', Util.num(now),
+        'closed_reason', wp_reason)
+    end
+    -- Watchers of the waitpoint learn it closed (spec 20 §8; no token or payload).
+    redis.call('SPUBLISH', 'ff:signal_events:' .. x.tag, cjson.encode({
+      type = 'waitpoint_closed', execution_id = x.eid, waitpoint_id = c.current_waitpoint_id,
+      close_reason = wp_reason, at = now,
+    }))
+  end
+end
