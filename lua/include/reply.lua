@@ -1,3 +1,17 @@
+-- reply.lua: the reply shapes every function returns. The first include: the conventions
+-- below hold for the whole library (docs/architecture.md#the-functions-library).
+--
+-- Conventions:
+--   * Replies: {1, "OK", ...} success; {1, "ALREADY_SATISFIED", reason, ...} idempotent no-op;
+--     {1, "DUPLICATE", id} dedup hit; {0, "<error_code>", detail...} failure. Lua raises only
+--     for a malformed call (wrong key count), never for an expected outcome.
+--   * "now" is always the Valkey clock (TIME), never an ARGV value, unless a function's header
+--     says otherwise.
+--   * Every key a function touches shares the hash tag of KEYS[1]. Keys a function builds at run
+--     time reuse that tag (Util.tag_of(KEYS[1])), so every call stays single-slot on Cluster.
+--   * No rollback: validate everything before the first write.
+--   * Each include defines one table; a file names the includes it uses in its `-- uses:` line
+--     (checked by tests/lua/test_includes.py).
 -- uses: (none)
 
 local Reply = {}
