@@ -1,8 +1,9 @@
--- admission.lua: admission blocks and unblocks of runnable executions (spec 30 §6).
+-- admission.lua: admission blocks and unblocks of runnable executions
+-- (docs/lifecycle.md#admission-blocks).
 --
 -- uses: reply, util, keys, state
 
--- Reason -> {eligibility_state, blocked index suffix} (spec 30 §6.1).
+-- Reason -> {eligibility_state, blocked index suffix} (docs/lifecycle.md#admission-blocks).
 local BLOCK_REASONS = {
   waiting_for_budget = {'blocked_by_budget', 'blocked:budget'},
   waiting_for_quota = {'blocked_by_quota', 'blocked:quota'},
@@ -21,7 +22,7 @@ local BLOCKED_ELIGIBILITY = {
 
 -- ff_block_execution_for_admission
 --   KEYS (3): 1 core, 2 lane eligible (*), 3 target blocked index (*). (*) built from the tag of
---     KEYS[1] and core.lane_id (spec 00 §4 rule 3).
+--     KEYS[1] and core.lane_id (docs/architecture.md#keys-built-inside-lua).
 --   ARGV (3): 1 execution_id, 2 blocking_reason, 3 blocking_detail.
 --   Now: TIME.
 --   Replies: {1,"OK","blocked"} (re-blocking with the same reason refreshes detail and score).
@@ -61,7 +62,8 @@ redis.register_function('ff_block_execution_for_admission', block_execution)
 
 -- ff_unblock_execution
 --   KEYS (3): 1 core, 2 source blocked index (*), 3 lane eligible (*). (*) built from the tag of
---     KEYS[1] and core.lane_id / core.eligibility_state (spec 00 §4 rule 3).
+--     KEYS[1] and core.lane_id / core.eligibility_state
+--     (docs/architecture.md#keys-built-inside-lua).
 --   ARGV (2): 1 execution_id, 2 expected_blocking_reason ("" = no check).
 --   Now: TIME.
 --   Replies: {1,"OK","unblocked"}

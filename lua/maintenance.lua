@@ -1,4 +1,4 @@
--- maintenance.lua: index repair for the index reconciler (spec 00 §10).
+-- maintenance.lua: index repair for the index reconciler (docs/architecture.md#scanners).
 --
 -- uses: reply, util, keys, state, suspend
 
@@ -16,14 +16,16 @@ local RUNNABLE_SET = {
   blocked_by_lane_state = 'blocked:operator',
 }
 
--- Lane-suspended score of a suspended execution (spec 20 §5.2): its open suspension's timeout_at,
+-- Lane-suspended score of a suspended execution (docs/suspension.md#suspend): its open suspension's
+-- timeout_at,
 -- or 9999999999999 without one. The suspension key is built on the tag of KEYS[1].
 local function suspended_score(x)
   local t = redis.call('HGET', Keys.exec(x.tag, x.eid, 'suspension:current'), 'timeout_at')
   return tonumber(t or '') or tonumber(Suspend.NO_TIMEOUT_SCORE)
 end
 
--- The lane set and score the state vector implies (spec 00 §6.4), or nil when unknown.
+-- The lane set and score the state vector implies (docs/architecture.md#the-state-vector), or nil
+-- when unknown.
 local function expected_set(x, now)
   local c = x.core
   local phase = c.lifecycle_phase
@@ -46,14 +48,16 @@ local function expected_set(x, now)
 end
 
 -- ff_reconcile_indexes
---   KEYS (1): 1 core. Lane sets are built from the tag of KEYS[1] and core.lane_id (spec 00 §4
+--   KEYS (1): 1 core. Lane sets are built from the tag of KEYS[1] and core.lane_id
+--   (docs/architecture.md#partitions-and-hash-tags
 --     rule 3); a suspended execution's score is read from its suspension:current (same tag).
 --   ARGV (1): 1 execution_id.
 --   Now: TIME.
 --   Replies: {1,"OK","ok"} (membership already matches the state vector) |
 --     {1,"OK","repaired",<sets added>,<sets removed>} | {1,"OK","not_found"} | {1,"OK","unknown_state"}
 --   Errors: none.
---   Writes (repaired only): ZADD the id to the lane set its state implies (spec 00 §6.4) and ZREM
+--   Writes (repaired only): ZADD the id to the lane set its state implies
+--   (docs/architecture.md#the-state-vector) and ZREM
 --     it from every other lane scheduling set, so it is in exactly one. exec_core is not written.
 local function reconcile_indexes(keys, argv)
   local x = State.load_exec(keys, argv)

@@ -1,9 +1,13 @@
--- signal.lua: signal delivery and buffering, and the waitpoint HMAC keystore (spec 20 §4,
--- §5.3, §5.4, §5.10, §5.11).
+-- signal.lua: signal delivery and buffering, and the waitpoint HMAC keystore
+-- (docs/suspension.md#waitpoint-tokens,
+-- docs/suspension.md#signal-delivery, docs/suspension.md#buffering-on-pending-waitpoints,
+-- docs/suspension.md#kid-rotation).
 --
 -- Every key is on the tag of KEYS[1]. The waitpoint condition and signal stream, the signal
--- payload key and lane sets are built at run time from that tag (spec 00 §4 rule 3). Events go
--- to ff:signal_events:{p} (spec 20 §8) after the writes, never for rejected or duplicate calls,
+-- payload key and lane sets are built at run time from that tag
+-- (docs/architecture.md#keys-built-inside-lua). Events go
+-- to ff:signal_events:{p} (docs/suspension.md#watches) after the writes, never for rejected or
+-- duplicate calls,
 -- and never carry tokens, secrets or payload bytes.
 --
 -- uses: reply, util, argv, keys, state, policy, hmac, condition, suspend
@@ -36,11 +40,13 @@ local function signal_args(argv)
     limit = a.max_signals_per_execution, maxlen = a.signal_maxlen}, nil
 end
 
--- Token failures (spec 20 §4.6 failure stamp). Keystore faults (invalid_keys_missing_hmac,
+-- Token failures (docs/suspension.md#token-security-properties failure stamp). Keystore faults
+-- (invalid_keys_missing_hmac,
 -- hmac_secret_not_initialized, invalid_secret) are the server's, not the sender's: no stamp.
 local TOKEN_FAILURES = {missing_token = true, invalid_token = true, token_expired = true}
 
--- Steps 1-3b of spec 20 §5.3 (also the buffer's front): core, waitpoint existence and binding,
+-- Steps 1-3b of docs/suspension.md#signal-delivery (also the buffer's front): core, waitpoint
+-- existence and binding,
 -- token, then the dedup key. A token failure stamps last_hmac_validation_failed_at (the only
 -- write of a rejected call). Returns x, the waitpoint hash and the dedup key (or nil), or nil
 -- plus the reply (error or DUPLICATE).
@@ -113,7 +119,8 @@ local function accepted_event(x, argv, kind, effect, stream_id)
     observed_effect = effect, stream_id = stream_id, accepted_at = x.now, at = x.now})
 end
 
--- Steps 4-9 of spec 20 §5.3 after authentication. Returns the condition state or the reply.
+-- Steps 4-9 of docs/suspension.md#signal-delivery after authentication. Returns the condition state
+-- or the reply.
 local function deliverable(x, keys, wp, a)
   local c = x.core
   if c.lifecycle_phase == 'terminal' then
@@ -122,8 +129,9 @@ local function deliverable(x, keys, wp, a)
     return nil, Reply.err('waitpoint_pending_use_buffer_script')
   elseif c.lifecycle_phase ~= 'suspended' and wp.state ~= 'active' then
     -- A waitpoint closed after use (resumed, proactive close, timeout) says so, so a replay of
-    -- the signal that resumed gets waitpoint_closed (spec 20 §4.6, §5.3 #8); one that expired
-    -- never activated (never_committed) was never signalable (spec 50 #26).
+    -- the signal that resumed gets waitpoint_closed (docs/suspension.md#token-security-properties,
+    -- docs/suspension.md#signal-delivery); one that expired
+    -- never activated (never_committed) was never signalable (docs/suspension.md#decisions).
     if wp.state == 'closed' then
       return nil, Reply.err('waitpoint_closed')
     end
@@ -162,8 +170,10 @@ end
 --       observed_effect: no_op | appended_to_waitpoint | resume_condition_satisfied
 --     | {1,"DUPLICATE",existing_signal_id} (nothing written, nothing published)
 --   Errors (in order): invalid_input (numeric ARGV, empty ids/name), execution_not_found,
---     invalid_token (waitpoint missing or of another execution), the token codes of spec 20
---     §4.5 (invalid_keys_missing_hmac, missing_token, invalid_token, hmac_secret_not_initialized,
+--     invalid_token (waitpoint missing or of another execution), the token codes of
+--     docs/suspension.md
+--     docs/suspension.md#token-validation (invalid_keys_missing_hmac, missing_token, invalid_token,
+--     hmac_secret_not_initialized,
 --     token_expired, invalid_secret; missing_token, invalid_token and token_expired stamp core
 --     last_hmac_validation_failed_at, the only write of a rejected call), then DUPLICATE,
 --     target_not_signalable (terminal; or not suspended and the waitpoint neither active nor
@@ -283,7 +293,8 @@ end
 redis.register_function('ff_buffer_signal_for_pending_waitpoint', buffer_signal)
 
 -- -------------------------------------------------------------------------------------------
--- The waitpoint HMAC keystore ff:sec:{p}:waitpoint_hmac (spec 20 §4.4): current_kid,
+-- The waitpoint HMAC keystore ff:sec:{p}:waitpoint_hmac (docs/suspension.md#the-keystore):
+-- current_kid,
 -- secret:<kid>, expires_at:<kid> (non-current kids only), previous_kid/previous_expires_at
 -- (audit mirror). Secrets never appear in replies or errors.
 -- -------------------------------------------------------------------------------------------
@@ -401,7 +412,7 @@ redis.register_function{
   flags = {'no-writes'},
 }
 
--- ff_install_waitpoint_hmac_secret (boot initialisation, spec 20 §4.7)
+-- ff_install_waitpoint_hmac_secret (boot initialisation, docs/suspension.md#the-keystore)
 --   KEYS (1): 1 HMAC keystore.
 --   ARGV (2): 1 kid (the initial kid, k1), 2 secret_hex (FF_WAITPOINT_HMAC_SECRET).
 --   Replies: {1,"OK",status}: installed (no current_kid: current_kid + secret written in one

@@ -1,19 +1,20 @@
--- stream.lua: attempt output streams (spec 30 §1-§2): append_frame and read_attempt_stream.
+-- stream.lua: attempt output streams (docs/streams.md): append_frame and read_attempt_stream.
 --
 -- A stream is ff:stream:{fp:N}:<eid>:<idx> (Valkey stream) plus ff:stream:{fp:N}:<eid>:<idx>:meta
 -- (hash). The meta hash is created by the first successful append only: never by reads, tails or
 -- close paths (close_stream in helpers.lua writes closed_at/closed_reason only when it exists).
--- A tail of an attempt that never appended learns it ended from the attempt hash (spec 30 §2.4
--- step 5, W7); the server does that, not these functions. Blocking reads (XREAD BLOCK) are not
+-- A tail of an attempt that never appended learns it ended from the attempt hash
+-- (docs/streams.md#tails
+-- step 5); the server does that, not these functions. Blocking reads (XREAD BLOCK) are not
 -- allowed in Functions: the server issues them itself.
 --
 -- uses: reply, util, argv, state
 
--- Payload cap (spec 30 §1.3): callers may lower it, never raise it (W4).
+-- Payload cap (docs/streams.md#retention-and-caps): callers may lower it, never raise it.
 local MAX_PAYLOAD_BYTES = 65536
 -- Matches STREAM_READ_HARD_CAP of the contract (ff_core_contracts); bump both together.
 local STREAM_READ_HARD_CAP = 10000
--- retention_maxlen 0/absent: approximate trim to this length (W1; "0 = no trim" is wrong).
+-- retention_maxlen 0/absent: approximate trim to this length ("0 = no trim" is wrong).
 local DEFAULT_APPROX_MAXLEN = 10000
 
 local function stream_key(tag, eid, idx)
@@ -43,7 +44,7 @@ end
 --     max_payload_bytes outside 1..65536, negative retention_maxlen), invalid_frame_type
 --     (empty), retention_limit_exceeded (payload longer than max_payload_bytes), stream_closed
 --     (core missing or lifecycle_phase ~= active), stale_owner_cannot_append (ownership
---     lease_expired_reclaimable or lease_revoked; lease_expires_at empty or <= now (W5);
+--     lease_expired_reclaimable or lease_revoked; lease_expires_at empty or <= now;
 --     current_attempt_index ~= attempt_index; lease_id or lease_epoch differ), stream_closed
 --     (meta closed_at set). Never marks a lease expired; never uses the shared lease codes.
 --   Writes: meta created on first append (stream_id, execution_id, attempt_id, attempt_index,
@@ -78,7 +79,7 @@ local function append_frame(keys, argv)
     return Reply.err('retention_limit_exceeded', 'payload is ' .. #payload .. ' bytes; the cap is '
       .. cap)
   end
-  -- 2. execution active (a missing core is stream_closed too, W6)
+  -- 2. execution active (a missing core is stream_closed too)
   local x = State.load_exec(keys, argv)
   if not x then
     return Reply.err('stream_closed', 'execution not found')

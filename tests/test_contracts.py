@@ -695,7 +695,8 @@ SERVICES: dict[str, dict[str, str]] = {
     },
 }
 
-# Engine strings each state enum maps to (overview spec §2 and §6). The convention: the value
+# Engine strings each state enum maps to (docs/architecture.md#identifiers,
+# docs/architecture.md#the-state-vector). The convention: the value
 # name minus the enum prefix, lowercased.
 STORED_STRINGS: dict[str, list[str]] = {
     "LifecyclePhase": ["submitted", "runnable", "active", "suspended", "terminal"],

@@ -2,7 +2,9 @@
 
 Claims, leases, complete/fail/retry, cancel, revoke and reclaim, delay, replay, priority,
 batches, long polls, capability routing, two-step grants, watches and input validation
-(spec 10, spec 50 §1.5-1.7, §3.3, §4, §6). Scanner-driven behaviour uses `engine_api`
+(docs/lifecycle.md, docs/architecture.md#events-and-watches, docs/architecture.md#error-model,
+docs/lifecycle.md#replay-of-a-terminal-call, docs/lifecycle.md#the-claim-cycle,
+docs/architecture.md). Scanner-driven behaviour uses `engine_api`
 (every scanner at 100 ms); effects are awaited with bounded polling, never fixed sleeps, and no
 assertion depends on how fast anything ran.
 """
@@ -286,7 +288,8 @@ async def test_reclaim_limit_fails_the_execution(api: Api) -> None:
     await expect_error(complete(api, b.lease), C.FAILED_PRECONDITION, "execution_not_active")
 
 
-# -- 3. replay reconciliation (spec 50 §3.3) ----------------------------------------------------
+# -- 3. replay reconciliation (docs/lifecycle.md#replay-of-a-terminal-call)
+# ----------------------------------------------------
 
 
 async def test_terminal_calls_replay_after_a_lost_reply(api: Api) -> None:
@@ -297,7 +300,8 @@ async def test_terminal_calls_replay_after_a_lost_reply(api: Api) -> None:
     again = await complete(api, h, b"r1")
     assert again.replayed and again.completed.public_state == t.PUBLIC_STATE_COMPLETED
     assert await result_of(api, eid) == b"r1"
-    # a holder cancel after that completion is not reconciled (spec 50 §6 #17)
+    # a holder cancel after that completion is not reconciled
+    # (docs/lifecycle.md#replay-of-a-terminal-call)
     info = await expect_error(
         api.worker.CancelLeasedExecution(
             wpb.CancelLeasedExecutionRequest(lease=h, reason="late"), metadata=api.metadata
@@ -758,7 +762,8 @@ async def test_two_step_grant_then_claim(api: Api) -> None:
     claimed = (await claim_from_grant(api, grant)).claimed
     assert claimed.lease.execution_id == eid and claimed.attempt_type == t.ATTEMPT_TYPE_INITIAL
     assert claimed.lease.lease_epoch == 1 and claimed.lease.attempt_index == 0
-    # single use: the execution is active now, so the claim check refuses first (spec 10 §2.3)
+    # single use: the execution is active now, so the claim check refuses first
+    # (docs/lifecycle.md#claims)
     await expect_error(
         claim_from_grant(api, grant), C.FAILED_PRECONDITION, "execution_not_leaseable"
     )

@@ -1,5 +1,6 @@
-"""Signals, tokens and the waitpoint HMAC keystore end to end over gRPC (spec 20 §4, §5.3,
-§5.9-§5.11; spec 50 §6 #23, #24, #27): delivery and its token failures, dedup, listing pages,
+"""Signals, tokens and the waitpoint HMAC keystore end to end over gRPC (docs/suspension.md;
+docs/suspension.md#signal-delivery, docs/suspension.md#token-validation,
+docs/suspension.md#kid-rotation): delivery and its token failures, dedup, listing pages,
 rotation fan-out (partial failure, conflicts, single flight), the boot install of
 FF_WAITPOINT_HMAC_SECRET (install, repair, mismatch, embedded generation) and its configuration.
 Tokens and secrets must never appear in error messages or logs."""
@@ -101,7 +102,8 @@ async def test_token_failures_are_permission_denied_and_leak_nothing(
 
     ok = await deliver(api, eid, s.waitpoint_id, token, "review")
     assert ok.accepted.effect == "resume_condition_satisfied"
-    # a replay of a satisfied waitpoint's token is refused (spec 20 §4.6)
+    # a replay of a satisfied waitpoint's token is refused
+    # (docs/suspension.md#token-security-properties)
     await expect_error(
         deliver(api, eid, s.waitpoint_id, token, "review"),
         C.FAILED_PRECONDITION,
@@ -295,7 +297,8 @@ async def test_rotation_keeps_old_tokens_valid_through_the_grace(
 
 
 async def k1_token_for(api: Api, eid: str, waitpoint_id: str) -> str:
-    """The token k1 (the configured secret) would mint for this waitpoint (spec 20 §4.1)."""
+    """The token k1 (the configured secret) would mint for this waitpoint
+    (docs/suspension.md#waitpoint-tokens)."""
     wp = await waitpoint(api, eid, waitpoint_id)
     msg = f"{waitpoint_id}|{wp['waitpoint_key']}|{wp['created_at']}".encode()
     digest = hmac.new(bytes.fromhex(HMAC_SECRET), msg, hashlib.sha1).hexdigest()

@@ -1,6 +1,7 @@
 """Attempt output streams over gRPC: AppendFrame(s), ReadAttemptStream, TailAttemptStream.
 
-Real server, real Valkey, both topologies (spec 30 §1-§2, spec 50 §1.5-§1.8, §6 scenarios 28-29).
+Real server, real Valkey, both topologies (docs/streams.md, docs/architecture.md#events-and-watches,
+docs/architecture.md#error-model, docs/architecture.md#limits, docs/streams.md#tails).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Suspension and waitpoints end to end over gRPC (spec 20 §5.1-§5.8, spec 50 §6 #22, #25, #26):
+"""Suspension and waitpoints end to end over gRPC (docs/suspension.md, docs/suspension.md#suspend,
+docs/suspension.md#suspension-timeouts, docs/suspension.md#decisions):
 real server, real Valkey, both topologies. Scanner-driven behaviour uses `engine_api` (every
 scanner at 100 ms); effects are awaited with bounded polling, never fixed sleeps."""
 
@@ -229,7 +230,8 @@ async def test_pending_waitpoint_expiry_scanner_closes_it(engine_api: Api) -> No
     expiry_index = PartitionKeys(tag).pending_waitpoint_expiry
     assert await api.store.call("ZSCORE", expiry_index, created.waitpoint_id) is None
     assert (await list_waitpoints(api, eid)).waitpoints == []
-    # never activated: not signalable (spec 50 #26), unlike a waitpoint closed after use
+    # never activated: not signalable (docs/suspension.md#decisions), unlike a waitpoint closed
+    # after use
     await expect_error(
         deliver(api, eid, created.waitpoint_id, created.waitpoint_token, "x"),
         C.FAILED_PRECONDITION,
@@ -487,7 +489,7 @@ async def test_lost_keystore_is_reinstalled_on_use(
     api: Api, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A keyspace reset loses the keystore; the next mint re-runs the boot install
-    (spec 50 §2.6) and says so, without printing the secret."""
+    (docs/architecture.md#durability-and-outages) and says so, without printing the secret."""
     lease = await started(api)
     tag = parse_execution_id(lease.execution_id, 1 << 16).tag
     await api.store.call("DEL", PartitionKeys(tag).hmac_keystore)

@@ -1,7 +1,9 @@
-"""WatchSignals and WatchWaitpoints (spec 20 §8, spec 50 §1.6), both topologies.
+"""WatchSignals and WatchWaitpoints (docs/suspension.md#watches,
+docs/architecture.md#events-and-watches), both topologies.
 
 First part: `SignalWatches` driven directly against real Valkey with a real EventHub; the stored
-records (spec 20 §2 key and field names) and the events (CONTRACT "Events") are written and
+records (docs/suspension.md#data-model key and field names) and the events (CONTRACT "Events") are
+written and
 `SPUBLISH`ed by the test exactly as the functions do, so replay, live delivery, de-duplication,
 resync, the bounded queue, shutdown and the terminal end are each checked in isolation.
 Second part: the same watches end to end through gRPC on the real functions.

@@ -1,4 +1,5 @@
-"""ff_block_execution_for_admission and ff_unblock_execution (spec 30 §6)."""
+"""ff_block_execution_for_admission and ff_unblock_execution
+(docs/lifecycle.md#admission-blocks)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""ff_claim_resumed_execution (spec 20 §5.8) for executions paused by a worker delay."""
+"""ff_claim_resumed_execution (docs/suspension.md#claiming-a-resumed-execution) for executions
+paused by a worker delay."""
 
 from __future__ import annotations
 

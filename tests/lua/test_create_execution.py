@@ -1,4 +1,5 @@
-"""ff_create_execution and ff_set_execution_tags called directly (spec 10 §2.1, §2.19)."""
+"""ff_create_execution and ff_set_execution_tags called directly (docs/lifecycle.md#create,
+docs/lifecycle.md#tags)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Waitpoint tokens: HMAC-SHA1 in Lua against the spec vectors and Python's hmac module, token
-validation order, and the keystore functions (spec 20 §4, §5.10, §5.11)."""
+"""Waitpoint tokens: HMAC-SHA1 in Lua against the published test vectors and Python's hmac module,
+token
+validation order, and the keystore functions (docs/suspension.md#waitpoint-tokens,
+docs/suspension.md#kid-rotation)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ VECTOR_CREATED = 1713100800000
 
 
 async def pending_vector_waitpoint(store: Store) -> tuple:
-    """A leased execution holding a pending waitpoint with the spec's id, key and created_at."""
+    """A leased execution holding a pending waitpoint with the test vectors' id, key and
+    created_at."""
     lease = await leased(store)
     reply = await create_pending(store, lease, wpid=VECTOR_ID)
     assert reply[:4] == [1, b"OK", VECTOR_ID.encode(), f"wpk:{VECTOR_ID}".encode()]
@@ -45,7 +48,8 @@ async def pending_vector_waitpoint(store: Store) -> tuple:
 
 
 async def test_spec_vectors(store: Store) -> None:
-    """§4.2 test vectors: a token with the vector digest is accepted, any other is not."""
+    """docs/suspension.md#waitpoint-tokens test vectors: a token with the vector digest is accepted,
+    any other is not."""
     assert hmac_token(HMAC_SECRET, VECTOR_ID, f"wpk:{VECTOR_ID}", VECTOR_CREATED) == (
         "k1:dd8386c4ba659b15cc2292d6ab15bf37c3287135"
     )
@@ -171,7 +175,8 @@ async def test_install(store: Store) -> None:
     assert await install_secret(store, eid, kid="a:b") == [0, b"invalid_kid"]
 
 
-# -- rotate and list kids (§5.10, §5.11) ---------------------------------------------------------
+# -- rotate and list kids (docs/suspension.md#kid-rotation)
+# ---------------------------------------------------------
 
 
 async def test_rotation_scenarios(store: Store) -> None:
@@ -258,7 +263,8 @@ async def test_rotation_reusing_a_verifying_kid(store: Store) -> None:
 
 
 async def test_tokens_across_rotations(store: Store) -> None:
-    """§5.10 scenario 6: a k1 token survives k1->k2->k3 in grace, expires, then is unknown."""
+    """docs/suspension.md#kid-rotation: a k1 token survives k1->k2->k3 in grace, expires, then is
+    unknown."""
     lease = await leased(store)
     eid, ks = lease.eid, keystore(lease.eid)
     wpid = str(uuid.uuid4())

@@ -1,4 +1,5 @@
-"""The index reconciler and the retention trimmer (spec 00 §10), run one cycle at a time."""
+"""The index reconciler and the retention trimmer (docs/architecture.md#scanners), run one cycle at
+a time."""
 
 from __future__ import annotations
 

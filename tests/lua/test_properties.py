@@ -1,10 +1,12 @@
-"""Property test: random operation sequences keep the state-vector invariants (spec 00 §6.2).
+"""Property test: random operation sequences keep the state-vector invariants
+(docs/architecture.md#the-state-vector).
 
 Hypothesis drives creates, claims, renewals, completes, fails (with a retry policy), cancels,
 delays, waiting-for-children, revokes, reclaims, promotions, replays and priority changes
 against a few executions, through the same function wrappers the server uses, with current and
 stale fences alike. After every step every execution must satisfy the invariants and be in
-exactly the one lane scheduling set its state vector implies (spec 00 §6.4).
+exactly the one lane scheduling set its state vector implies
+(docs/architecture.md#the-state-vector).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Grants, claims, delayed promotion and priority, called directly (spec 10 §2.2, §2.3, §2.11,
-§2.14)."""
+"""Grants, claims, delayed promotion and priority, called directly (docs/lifecycle.md#claims,
+docs/lifecycle.md#priority-and-progress, docs/lifecycle.md#delay-and-promotion)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Signal delivery and buffering, called directly (spec 20 §5.3, §5.4, §8)."""
+"""Signal delivery and buffering, called directly (docs/suspension.md#signal-delivery,
+docs/suspension.md#buffering-on-pending-waitpoints, docs/suspension.md#watches)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ async def everything(store: Store, lease: Lease, wpid: str) -> dict:
 
 
 async def test_deliver_satisfies_and_resumes(store: Store) -> None:
-    """§5.3 scenario 1, with the events of the call."""
+    """docs/suspension.md#signal-delivery, with the events of the call."""
     lease, wpid, token = await suspended(store, condition("approval_result"))
     eid = lease.eid
     sig = str(uuid.uuid4())
@@ -139,7 +140,8 @@ async def test_deliver_satisfies_and_resumes(store: Store) -> None:
 
 
 async def test_dedup_with_two_matchers(store: Store) -> None:
-    """§5.3 scenario 2: same key, new signal id -> DUPLICATE with the first id."""
+    """docs/suspension.md#signal-delivery: same key, new signal id -> DUPLICATE with the first
+    id."""
     lease, wpid, token = await suspended(store, condition("sig_a", "sig_b"))
     eid = lease.eid
     first = str(uuid.uuid4())
@@ -177,7 +179,7 @@ async def test_dedup_ttl_zero_disables(store: Store) -> None:
 
 
 async def test_unmatched_signal_is_a_no_op(store: Store) -> None:
-    """§5.3 scenario 3."""
+    """docs/suspension.md#signal-delivery."""
     lease, wpid, token = await suspended(store, condition("a"))
     sig = str(uuid.uuid4())
     reply = await send_signal(store, lease.eid, wpid, token, name="other", sig=sig)
@@ -190,7 +192,7 @@ async def test_unmatched_signal_is_a_no_op(store: Store) -> None:
 
 
 async def test_token_failures_stamp_and_change_nothing_else(store: Store) -> None:
-    """§5.3 scenarios 4 and 5, another execution's token (2b) and a missing token."""
+    """docs/suspension.md#signal-delivery, another execution's token (2b) and a missing token."""
     lease, wpid, token = await suspended(store)
     other, other_wp, other_token = await suspended(store)
     eid = lease.eid
@@ -224,7 +226,7 @@ async def test_token_past_rotation_grace_is_expired(store: Store) -> None:
 
 
 async def test_resume_with_delay(store: Store) -> None:
-    """§5.3 scenario 6."""
+    """docs/suspension.md#signal-delivery."""
     lease, wpid, token = await suspended(store)
     eid = lease.eid
     before = await now_ms(store)
@@ -239,7 +241,8 @@ async def test_resume_with_delay(store: Store) -> None:
 
 
 async def test_signal_limit(store: Store) -> None:
-    """§5.3 scenario 7: all accepted signals count, across waitpoints; nothing written."""
+    """docs/suspension.md#signal-delivery: all accepted signals count, across waitpoints; nothing
+    written."""
     lease, wpid, token = await suspended(store, condition("a", "b", "c"))
     await send_signal(store, lease.eid, wpid, token, name="a", limit=2)
     await send_signal(store, lease.eid, wpid, token, name="x", limit=2)
@@ -251,7 +254,7 @@ async def test_signal_limit(store: Store) -> None:
 
 
 async def test_closed_condition_refuses(store: Store) -> None:
-    """§5.3 scenario 8."""
+    """docs/suspension.md#signal-delivery."""
     lease, wpid, token = await suspended(store)
     await store.call("HSET", f"{wp_key(lease.eid, wpid)}:condition", "closed", "1")
     assert await send_signal(store, lease.eid, wpid, token) == [0, b"waitpoint_closed"]
@@ -287,11 +290,12 @@ async def test_input_validation(store: Store) -> None:
     assert (await core_of(store, lease.eid))["public_state"] == "suspended"
 
 
-# -- buffer_signal_for_pending_waitpoint (§5.4) ----------------------------------------------------
+# -- buffer_signal_for_pending_waitpoint (docs/suspension.md#buffering-on-pending-waitpoints)
+# ----------------------------------------------------
 
 
 async def test_buffer(store: Store) -> None:
-    """§5.4 scenarios 1, 2, 4 and the event."""
+    """docs/suspension.md#buffering-on-pending-waitpoints and the event."""
     lease = await leased(store)
     eid = lease.eid
     reply = await create_pending(store, lease)

@@ -1,4 +1,5 @@
-"""ff_append_frame and ff_read_attempt_stream called directly (spec 30 §2.1-§2.2)."""
+"""ff_append_frame and ff_read_attempt_stream called directly (docs/streams.md#appending,
+docs/streams.md#reading)."""
 
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ async def test_oversize_payload_writes_nothing(store: Store) -> None:
     assert await store.call("EXISTS", k.stream_meta(0)) == 0
     assert await store.call("EXISTS", k.stream(0)) == 0
     assert (await append(store, lease, payload=b"x" * 65536))[1] == b"OK"
-    # callers may lower the cap, never raise it (W4)
+    # callers may lower the cap, never raise it
     assert (await append(store, lease, payload=b"xyz", cap="2"))[1] == b"retention_limit_exceeded"
     assert (await append(store, lease, cap="65537"))[1] == b"invalid_input"
 
@@ -222,7 +223,7 @@ async def test_read_count_limit_bounds(store: Store) -> None:
 
 
 async def test_close_reasons(store: Store) -> None:
-    """Every attempt-ending path closes an existing meta with the spec's reason."""
+    """Every attempt-ending path closes an existing meta with its documented close reason."""
     cases = []
     a = await create_and_claim(store)
     await append(store, a)

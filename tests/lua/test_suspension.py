@@ -1,6 +1,5 @@
 """Pending waitpoints, suspend, resume, close_waitpoint, suspension timeouts, the resume-signal
-and waitpoint reads, and claim_resumed after a resume, called directly (spec 20 §5.1, §5.2,
-§5.5-§5.9)."""
+and waitpoint reads, and claim_resumed after a resume, called directly (docs/suspension.md)."""
 
 from __future__ import annotations
 
@@ -67,7 +66,8 @@ async def claim_resumed(store: Store, lease: Lease) -> list:
     return await fcall(store, scheduling.CLAIM_RESUMED, ctx_of(lease.eid), values)
 
 
-# -- create_pending_waitpoint (§5.1) ---------------------------------------------------------------
+# -- create_pending_waitpoint (docs/suspension.md#pending-waitpoints)
+# ---------------------------------------------------------------
 
 
 async def test_create_pending_waitpoint(store: Store) -> None:
@@ -130,7 +130,8 @@ async def test_create_pending_rejections_write_nothing(store: Store) -> None:
     assert (await create_pending(store, other))[1] == b"execution_not_active"
 
 
-# -- suspend_execution (§5.2) ----------------------------------------------------------------------
+# -- suspend_execution (docs/suspension.md#suspend)
+# ----------------------------------------------------------------------
 
 
 async def test_suspend_fresh(store: Store) -> None:
@@ -295,7 +296,8 @@ async def test_suspend_pending_path_rejections(store: Store) -> None:
     await store.call("HSET", key, "waitpoint_token", "")
     reply = await suspend(store, lease, wpid=wpid, use_pending=True)
     assert reply == [0, b"waitpoint_not_token_bound"]
-    # §5.4 scenario 5: closed by the expiry scanner -> not pending
+    # docs/suspension.md#buffering-on-pending-waitpoints: closed by the expiry scanner -> not
+    # pending
     await store.call("HSET", key, "waitpoint_token", "k1:" + "0" * 40)
     assert await close_wp(store, eid, wpid, "never_committed") == [1, b"OK", b"closed"]
     assert (await hash_of(store, key))["state"] == "expired"
@@ -305,7 +307,7 @@ async def test_suspend_pending_path_rejections(store: Store) -> None:
 
 
 async def test_buffered_signal_satisfies_a_later_suspend(store: Store) -> None:
-    """§5.2 scenario 2: AlreadySatisfied, the worker keeps its lease."""
+    """docs/suspension.md#suspend: AlreadySatisfied, the worker keeps its lease."""
     lease = await leased(store)
     eid = lease.eid
     reply = await create_pending(store, lease)
@@ -360,7 +362,8 @@ async def test_buffered_signal_satisfies_a_later_suspend(store: Store) -> None:
 
 
 async def test_partial_buffer_then_live_signal(store: Store) -> None:
-    """§5.2 scenario 3: buffered `a` for [a, b] all -> suspended; `b` resumes; both returned."""
+    """docs/suspension.md#suspend: buffered `a` for [a, b] all -> suspended; `b` resumes; both
+    returned."""
     lease = await leased(store)
     eid = lease.eid
     reply = await create_pending(store, lease)
@@ -435,7 +438,8 @@ async def test_greedy_matching_and_count_mode(store: Store) -> None:
     assert (cond["matcher:0:satisfied"], cond["matcher:1:satisfied"]) == ("1", "0")
 
 
-# -- resume_execution (§5.5) and claim_resumed (§5.8) ----------------------------------------------
+# -- resume_execution (docs/suspension.md#resume) and claim_resumed
+# (docs/suspension.md#claiming-a-resumed-execution) ----------------------------------------------
 
 
 async def test_operator_resume(store: Store) -> None:
@@ -465,7 +469,8 @@ async def test_operator_resume(store: Store) -> None:
     # old tokens meet a closed waitpoint; a repeat is refused
     assert await send_signal(store, eid, wpid, token, name="b") == [0, b"waitpoint_closed"]
     assert await resume(store, eid) == [0, b"execution_not_suspended"]
-    # §5.5 scenario 4: after an operator resume and re-claim the resume-signal list is empty
+    # docs/suspension.md#resume: after an operator resume and re-claim the resume-signal list is
+    # empty
     assert (await issue_grant(store, eid))[:2] == [1, b"OK"]
     assert (await claim_resumed(store, lease))[:2] == [1, b"OK"]
     assert await resume_signals(store, eid) == []
@@ -517,7 +522,8 @@ async def test_resume_rejections(store: Store) -> None:
 
 
 async def test_claim_resumed_after_a_signal_resume(store: Store) -> None:
-    """§5.8 scenarios 1 and 2: same attempt, epoch + 1, the resume signal with its payload."""
+    """docs/suspension.md#claiming-a-resumed-execution: same attempt, epoch + 1, the resume signal
+    with its payload."""
     lease, wpid, token = await suspended(store, condition("approval"))
     eid = lease.eid
     sig = str(uuid.uuid4())
@@ -558,7 +564,8 @@ async def test_already_suspended_record(store: Store) -> None:
     assert await snapshot(store, lease.eid) == before
 
 
-# -- close_waitpoint (§5.6) ------------------------------------------------------------------------
+# -- close_waitpoint (docs/suspension.md#closing-waitpoints)
+# ------------------------------------------------------------------------
 
 
 async def test_close_waitpoint(store: Store) -> None:
@@ -602,7 +609,8 @@ async def test_close_active_waitpoint_closes_its_condition(store: Store) -> None
     assert (await core_of(store, lease.eid))["public_state"] == "suspended"
 
 
-# -- expire_suspension (§5.7) ----------------------------------------------------------------------
+# -- expire_suspension (docs/suspension.md#suspension-timeouts)
+# ----------------------------------------------------------------------
 
 
 async def timed_out(store: Store, behavior: str) -> tuple[Lease, str]:
@@ -744,7 +752,8 @@ async def test_cancel_and_expire_of_a_suspended_execution_close_the_waitpoint(
     assert [(e["type"], e["close_reason"]) for e in got] == [("waitpoint_closed", "expired")]
 
 
-# -- list_waitpoints (§5.9) ------------------------------------------------------------------------
+# -- list_waitpoints (docs/suspension.md#listing-pending-waitpoints)
+# ------------------------------------------------------------------------
 
 
 async def test_list_waitpoints(store: Store) -> None:
@@ -799,7 +808,8 @@ async def test_reconciler_restores_the_suspended_score(store: Store) -> None:
 
 
 async def test_expired_pending_waitpoint_is_not_signalable(store: Store) -> None:
-    """Never activated (spec 50 #26): deliver -> target_not_signalable; buffer -> closed."""
+    """Never activated (docs/suspension.md#decisions): deliver -> target_not_signalable; buffer ->
+    closed."""
     lease = await leased(store)
     reply = await create_pending(store, lease)
     wpid, token = reply[2].decode(), reply[4].decode()

@@ -1658,7 +1658,8 @@ class FailExecutionRequest(_message.Message):
     failure_category: _builtins.str
     """Matched against the retry policy's `retryable_categories`."""
     retry_policy_json: _builtins.str
-    """The retry policy for this failure as JSON (spec 00 §9 `retry_policy` shape); empty = the
+    """The retry policy for this failure as JSON (docs/lifecycle.md#execution-policy `retry_policy`
+    shape); empty = the
     execution's stored policy. `{"max_retries":0}` makes this failure terminal.
     """
     next_attempt_policy_json: _builtins.str

@@ -1,6 +1,7 @@
 """Server interceptors: bearer-token auth and the one place errors become gRPC statuses.
 
-Auth (spec 50 §2.3): `authorization: Bearer <FF_API_TOKEN>`, compared in constant time; health
+Auth (docs/architecture.md#configuration-and-boot): `authorization: Bearer <FF_API_TOKEN>`, compared
+in constant time; health
 and reflection are exempt; `FF_ADMIN_TOKEN`, when set, is required for AdminService instead.
 Errors: every handler is wrapped so a `FlowFabricError` aborts with its status and ErrorInfo,
 and anything unexpected becomes INTERNAL without leaking internals.

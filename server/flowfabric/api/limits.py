@@ -1,4 +1,4 @@
-"""API limits (spec 50 §1.8)."""
+"""API limits (docs/architecture.md#limits)."""
 
 from __future__ import annotations
 

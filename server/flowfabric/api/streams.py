@@ -1,10 +1,12 @@
 """Attempt output streams, server side: the cursor grammar, frame decoding and the stream-op cap.
 
-Cursor grammar (spec 30 §1.5): `start`, `end`, `<ms>` or `<ms>-<seq>` (ASCII digits, each part a
+Cursor grammar (docs/streams.md#cursors): `start`, `end`, `<ms>` or `<ms>-<seq>` (ASCII digits, each
+part a
 u64). Empty, bare `-`/`+` and anything else are `invalid_input` at the API boundary, before any
 Valkey call. Reads accept every token; tails accept only concrete ids.
 
-The stream-op cap (spec 30 §2.5): one server-wide pool of `FF_MAX_CONCURRENT_STREAM_OPS` slots
+The stream-op cap (docs/streams.md#concurrency-cap): one server-wide pool of
+`FF_MAX_CONCURRENT_STREAM_OPS` slots
 shared by reads and tails; acquisition never queues (`concurrency_limit`, RESOURCE_EXHAUSTED).
 """
 

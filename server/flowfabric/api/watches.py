@@ -1,4 +1,5 @@
-"""SignalService watches: WatchSignals and WatchWaitpoints (spec 20 §8, spec 50 §1.6).
+"""SignalService watches: WatchSignals and WatchWaitpoints (docs/suspension.md#watches,
+docs/architecture.md#events-and-watches).
 
 Event-driven, never polling: the functions `SPUBLISH` slot-local JSON events on
 `ff:signal_events:{p}` (signals, waitpoints) and `ff:exec_events:{p}` (state changes) in the same
@@ -14,7 +15,8 @@ more than `queue_limit` events behind ends with RESOURCE_EXHAUSTED (`concurrency
 `watch_queue`; resume from the last `stream_id`/`accepted_at`), a waitpoint watcher that far
 behind drops its queue and re-reads the stored waitpoints instead (latest state wins).
 
-Tokens appear only in `Opened` messages (a disclosure point of spec 20 §4.6): never log them.
+Tokens appear only in `Opened` messages (a disclosure point of
+docs/suspension.md#token-security-properties): never log them.
 """
 
 from __future__ import annotations

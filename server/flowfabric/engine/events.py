@@ -1,4 +1,5 @@
-"""In-process fan-out of the slot-local watch events the functions publish (spec 00 §8.3).
+"""In-process fan-out of the slot-local watch events the functions publish
+(docs/architecture.md#shared-transition-rules).
 
 Functions `SPUBLISH` a JSON event on `ff:exec_events:{fp:N}` in the same atomic call that makes
 the change. The hub subscribes once per partition, lazily, on one pub/sub connection (sharded

@@ -1,4 +1,5 @@
-"""The execution-lifecycle scanners (spec 10 §4, spec 50 §2.7), built on `ScannerSet`.
+"""The execution-lifecycle scanners (docs/architecture.md#scanners, docs/architecture.md#scanners),
+built on `ScannerSet`.
 
 | scanner | index | function |
 |---|---|---|
@@ -110,7 +111,8 @@ class RouteUnblocker:
 
     async def _worker_sets(self, cycle_now: int) -> list[frozenset[str]]:
         """Read once per scanner cycle (`now` is the cycle's server time), so a worker that
-        registers is seen by the next unblock pass (spec 50 §6 #38), not after a cache TTL."""
+        registers is seen by the next unblock pass (docs/lifecycle.md#capability-routing), not after
+        a cache TTL."""
         if cycle_now != self._read_for:
             self._sets = await self.registry.live_capability_sets()
             self._read_for = cycle_now

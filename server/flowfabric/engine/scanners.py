@@ -1,4 +1,5 @@
-"""Background scanners (spec 00 §10, spec 50 §2.7): find due work in per-partition sorted sets.
+"""Background scanners (docs/architecture.md#scanners, docs/architecture.md#scanners): find due work
+in per-partition sorted sets.
 
 Each cycle walks partitions 0..P-1 (pipelined, 32 at a time), takes due members with
 `ZRANGEBYSCORE <index> -inf <now> LIMIT 0 <batch>`, and calls one idempotent function per

@@ -1,4 +1,5 @@
-"""The suspension scanners (spec 20 §6, spec 50 §2.7), run by the lifecycle `ScannerSet`.
+"""The suspension scanners (docs/suspension.md#scanners, docs/architecture.md#scanners), run by the
+lifecycle `ScannerSet`.
 
 | scanner | index (member → score), batch | function |
 |---|---|---|
@@ -46,7 +47,7 @@ def suspension_scanners(config: Config, store: Store, fn: Functions) -> list[Sca
             eid = parse_execution_id(text(raw), parts)
         except FlowFabricError:
             # no waitpoint record (or a foreign one): a ghost entry; drop it so it is not
-            # retried forever (spec 20 §5.6)
+            # retried forever (docs/suspension.md#closing-waitpoints)
             await store.call("ZREM", PartitionKeys(tag).pending_waitpoint_expiry, member)
             return
         await fn.suspension.close_waitpoint(eid, member, "never_committed")

@@ -1,6 +1,7 @@
 """Reply decoding and value conversions between Valkey strings and API types, in one place.
 
-Function replies (spec 00 §8.2): `{1, "OK", ...}`, `{1, "ALREADY_SATISFIED", reason, ...}`,
+Function replies (docs/architecture.md#calling-convention): `{1, "OK", ...}`, `{1,
+"ALREADY_SATISFIED", reason, ...}`,
 `{1, "DUPLICATE", id}` are outcomes; `{0, code, detail...}` raises `FlowFabricError(code)`.
 Anything else is a `protocol_error`, never a success.
 """

@@ -1,4 +1,5 @@
-"""The one error table: contract codes (and server-side codes) → gRPC status (spec 50 §1.7).
+"""The one error table: contract codes (and server-side codes) → gRPC status
+(docs/architecture.md#error-model).
 
 Every non-OK status carries `google.rpc.ErrorInfo` with `reason` = the contract code verbatim,
 `domain` = `flowfabric`, and metadata `class`, `retryable` and the code's detail slots under

@@ -1,4 +1,5 @@
-"""Identifiers, partitions and input validation at the API boundary (spec 00 §2, §4).
+"""Identifiers, partitions and input validation at the API boundary
+(docs/architecture.md#identifiers, docs/architecture.md#partitions-and-hash-tags).
 
 Everything here is pure: no I/O. Validation failures raise `InvalidInput` (an
 `invalid_input` contract error naming the field), so bad input never reaches Valkey.
@@ -106,7 +107,8 @@ _TAG_KEY_RE = re.compile(r"^[a-z][a-z0-9_]*\.[^.]")
 
 
 def is_secret_hex(value: str) -> bool:
-    """A waitpoint HMAC secret: non-empty, even-length hex (spec 20 §4.2; no coercion)."""
+    """A waitpoint HMAC secret: non-empty, even-length hex (docs/suspension.md#waitpoint-tokens; no
+    coercion)."""
     return bool(value) and len(value) % 2 == 0 and all(c in string.hexdigits for c in value)
 
 
@@ -116,7 +118,8 @@ def is_valid_tag_key(key: str) -> bool:
 
 
 def capabilities_csv(tokens: list[str] | tuple[str, ...], side: str = "worker") -> str:
-    """Validate capability tokens (spec 00 §2) and return the sorted, de-duplicated CSV."""
+    """Validate capability tokens (docs/architecture.md#identifiers) and return the sorted,
+    de-duplicated CSV."""
     from flowfabric.server.valkey.errors import FlowFabricError
 
     unique = sorted(set(tokens))

@@ -1,4 +1,5 @@
-"""The key schema (spec 00 §5), in one place. Servicers never format key strings.
+"""The key schema (docs/architecture.md#key-schema), in one place. Servicers never format key
+strings.
 
 Execution keys are `<prefix>:{fp:N}:<eid>:<suffix>`; the execution id itself starts with
 `{fp:N}:`, so the literal key carries the tag twice and the first one routes. Every key one
@@ -136,7 +137,7 @@ def signal_payload_key(tag: str, signal_id: str) -> str:
 
 @dataclass(frozen=True)
 class PartitionKeys:
-    """Per-partition indexes (spec 00 §5.2) of the flow/execution family."""
+    """Per-partition indexes (docs/architecture.md#key-schema) of the flow/execution family."""
 
     tag: str
 
@@ -184,7 +185,8 @@ class PartitionKeys:
 
     @property
     def hmac_keystore(self) -> str:
-        """Waitpoint HMAC keystore; identical on every partition (spec 20 §4.4)."""
+        """Waitpoint HMAC keystore; identical on every partition
+        (docs/suspension.md#the-keystore)."""
         return f"ff:sec:{self.tag}:waitpoint_hmac"
 
     @property

@@ -1,4 +1,4 @@
-"""Class C reads (spec 10 §2.20): direct reads of exec_core and indexes, no FCALL.
+"""Class C reads (docs/lifecycle.md#reads): direct reads of exec_core and indexes, no FCALL.
 
 Stored values are parsed strictly: an unknown state string or a malformed number is a
 `corrupt_record` error, never a silent default.
@@ -200,7 +200,7 @@ async def _summaries(
         try:
             parsed.append(parse_execution_id(member, num_partitions))
         except FlowFabricError:
-            continue  # unparsable index members are skipped (spec 10 §2.20)
+            continue  # unparsable index members are skipped (docs/lifecycle.md#reads)
     if not parsed:
         return []
     pipe = store.pipeline()

@@ -2,7 +2,8 @@
 
 Shared by the unary signal RPCs (GetResumeSignals, ListPendingWaitpoints) and the watch
 streams, so a signal or waitpoint looks the same whichever way a client receives it. Tokens
-appear only in `PendingWaitpointInfo` (the disclosure points of spec 20 §4.6).
+appear only in `PendingWaitpointInfo` (the disclosure points of
+docs/suspension.md#token-security-properties).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _opt_int(fields: Mapping[str, str], name: str) -> int | None:
 
 
 def signal_record(fields: Mapping[str, str], payload: bytes, stream_id: str = "") -> t.SignalRecord:
-    """A stored signal hash (spec 20 §2) and its payload bytes as a SignalRecord."""
+    """A stored signal hash (docs/suspension.md#data-model) and its payload bytes as a
+    SignalRecord."""
     return t.SignalRecord(
         signal_id=fields.get("signal_id", ""),
         execution_id=fields.get("target_execution_id", ""),

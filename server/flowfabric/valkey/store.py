@@ -2,7 +2,8 @@
 
 Every FCALL in the process (API, scheduler, scanners) goes through `Store.fcall`, which reloads
 the library once (single-flight) when Valkey answers "function not found" (after a failover or
-`FUNCTION FLUSH`) and retries the call once (spec 50 §2.4). Transport faults surface as
+`FUNCTION FLUSH`) and retries the call once (docs/architecture.md#the-functions-library). Transport
+faults surface as
 `backend_unavailable`; a failed reload as `library_reload_failed`.
 """
 

@@ -1,4 +1,5 @@
-"""The worker registry (spec 00 §5.4): alive keys, advertised capabilities, the workers index.
+"""The worker registry (docs/lifecycle.md#the-worker-registry): alive keys, advertised capabilities,
+the workers index.
 
 Global keys (no hash tag), written with plain commands: they are not execution state. The unblock
 scanner reads them to decide whether some live worker can run a route-blocked execution.

@@ -1,5 +1,6 @@
-"""AdminService: waitpoint HMAC secret rotation and keystore inspection (spec 20 §5.10-§5.11),
-server information and lane/partition collision analysis (spec 50 §2.8)."""
+"""AdminService: waitpoint HMAC secret rotation and keystore inspection
+(docs/suspension.md#kid-rotation),
+server information and lane/partition collision analysis (docs/architecture.md#the-sdk-and-cli)."""
 
 from __future__ import annotations
 

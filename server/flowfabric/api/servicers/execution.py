@@ -1,4 +1,5 @@
-"""ExecutionService: create, read, list and tag executions (spec 10 §2.1, §2.19, §2.20)."""
+"""ExecutionService: create, read, list and tag executions (docs/lifecycle.md#create,
+docs/lifecycle.md#tags, docs/lifecycle.md#reads)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ DEFAULT_NAMESPACE = "default"
 
 
 def policy_json(request: pb.CreateExecutionRequest) -> str:
-    """The policy as the JSON the functions read (spec 00 §9): unset fields omitted."""
+    """The policy as the JSON the functions read (docs/lifecycle.md#execution-policy): unset fields
+    omitted."""
     which = request.WhichOneof("policy_spec")
     if which == "policy_json":
         return request.policy_json
@@ -253,7 +255,8 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
     async def ResumeExecution(
         self, request: pb.ResumeExecutionRequest, context: Any
     ) -> pb.ResumeExecutionResponse:
-        """Operator resume of a suspended execution (spec 20 §5.5); the trigger is recorded as
+        """Operator resume of a suspended execution (docs/suspension.md#resume); the trigger is
+        recorded as
         the waitpoint's close reason."""
         eid = self.ctx.execution_id(request.execution_id)
         trigger = request.trigger_type or "operator"
@@ -278,7 +281,8 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         self, request: pb.RevokeLeaseRequest, context: Any
     ) -> pb.RevokeLeaseResponse:
         eid = self.ctx.execution_id(request.execution_id)
-        # No holder: answered by the server without calling (spec 10 §2.7, spec 50 §6 #21).
+        # No holder: answered by the server without calling (docs/lifecycle.md#revoke,
+        # docs/lifecycle.md#revoke).
         phase, holder = await self.ctx.store.call(
             "HMGET", ExecKeys(eid).core, "lifecycle_phase", "current_worker_instance_id"
         )

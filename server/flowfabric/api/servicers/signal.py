@@ -1,7 +1,7 @@
 """SignalService: deliver signals, list open waitpoints with their tokens, and the watches
-(spec 20 §5.3, §5.4, §5.9, §8; spec 50 §1.5).
+(docs/suspension.md; docs/architecture.md#the-three-hops).
 
-DeliverSignal dispatches as spec 20 §5.3 recommends: `ff_deliver_signal`; on
+DeliverSignal dispatches as docs/suspension.md#signal-delivery recommends: `ff_deliver_signal`; on
 `waitpoint_pending_use_buffer_script` (reachable only after the token checked out)
 `ff_buffer_signal_for_pending_waitpoint`; on `waitpoint_not_pending` from that (the waitpoint
 was activated in between) deliver once more. Tokens are never logged or echoed in errors.

@@ -1,5 +1,6 @@
-"""StreamService: range reads and live tails of attempt output streams (spec 30 §2.2-§2.5,
-spec 50 §1.5-§1.6).
+"""StreamService: range reads and live tails of attempt output streams (docs/streams.md#reading,
+docs/streams.md#tails, docs/streams.md#concurrency-cap,
+docs/architecture.md#events-and-watches).
 
 Every call takes one slot of the server-wide stream-op cap (`FF_MAX_CONCURRENT_STREAM_OPS`) at
 once or fails with RESOURCE_EXHAUSTED `concurrency_limit`; a tail holds its slot for its whole
@@ -9,7 +10,7 @@ A live tail issues its own `XREAD BLOCK` (≤ 2 s slices) on the dedicated strea
 so tails never queue behind each other or block the command connections. Closing functions write
 the meta hash and publish on the partition's event channel in the same atomic call; the tail
 listens there and re-checks at once on any event of its execution, so the 2 s slice is only a
-backstop. Attempts that never appended have no meta hash and hence no close marker (W7): the tail
+backstop. Attempts that never appended have no meta hash and hence no close marker: the tail
 then reads the attempt hash (or, without one, the execution core) and ends with a marker derived
 from its terminal state.
 """
@@ -211,7 +212,7 @@ class StreamServicer(rpc.StreamServiceServicer):
         return []
 
     async def _closed(self, eid: ExecutionId, idx: int) -> Closed | None:
-        """The close markers, or None while open (spec 30 §2.4 steps 3 and 5)."""
+        """The close markers, or None while open (docs/streams.md#tails)."""
         k = ExecKeys(eid)
         closed_at, reason = await self._call("HMGET", k.stream_meta(idx), "closed_at",
                                              "closed_reason")  # fmt: skip
