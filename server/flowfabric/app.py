@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -54,6 +55,7 @@ from flowfabric.v1 import (
     worker_pb2_grpc,
 )
 
+T = TypeVar("T")
 log = logging.getLogger("flowfabric.server")
 
 HEALTH_PING_INTERVAL_S = 2.0
@@ -85,7 +87,8 @@ class FlowFabricServer:
         self.signal_watches: SignalWatches | None = None
         self.admin: admin.AdminServicer | None = None
         self.server: grpc.aio.Server | None = None
-        self.health = health.aio.HealthServicer()
+        # grpc_health's stubs do not declare its asyncio servicer (health.aio)
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
@@ -148,7 +151,7 @@ class FlowFabricServer:
         await self._retry(connect, f"connect to Valkey at {_redact(url)}")
         return store
 
-    async def _retry(self, step: Callable[[], Awaitable[object]], what: str) -> object:
+    async def _retry(self, step: Callable[[], Awaitable[T]], what: str) -> T:
         """Retry transient failures with backoff 200 ms doubling to 5 s, for FF_BOOT_RETRY_S."""
         deadline = time.monotonic() + self.config.boot_retry_s
         delay = 0.2
