@@ -10,7 +10,9 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from flowfabric import Client, ExecutionState, TaskContext, Worker
@@ -163,3 +165,51 @@ async def test_progress_and_frames_ride_out_a_server_restart(valkey_url: str, st
             assert worker.stats.completed == 1 and worker.stats.lease_lost == 0
     finally:
         await server.stop()
+
+
+class LoseFirstAppendReply(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    """Lets the first AppendFrames call append its frames, then reports UNAVAILABLE to the
+    caller as if the reply had been lost."""
+
+    def __init__(self) -> None:
+        self.appends = 0
+
+    async def intercept_stream_unary(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        call = await continuation(details, request_iterator)
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        if method.endswith("/AppendFrames"):
+            self.appends += 1
+            if self.appends == 1:
+                await call
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details="injected: reply lost",
+                )
+        return call
+
+
+async def test_frames_retried_after_a_lost_reply_land_once(api: Api, client: Client) -> None:
+    eid = (await client.submit("frames", b"{}", lane=LANE)).execution_id
+    lossy = LoseFirstAppendReply()
+    async with Client(api.address, token=API_TOKEN, interceptors=[lossy]) as worker_client:
+        worker = Worker(worker_client, lanes=[LANE], concurrency=1, claim_wait_ms=100)
+        appended: list[int] = []
+
+        @worker.handler("frames")
+        async def frames(ctx: TaskContext) -> None:
+            for batch in range(2):
+                for i in range(5):
+                    await ctx.emit("token", f"b{batch}-{i}")
+                await ctx.flush()
+            appended.append(ctx.frames_appended)
+
+        async with running(worker):
+            assert await client.wait(eid, timeout=10) is ExecutionState.COMPLETED
+    page = await client.read_stream(eid, limit=100)
+    want = [f"b{b}-{i}" for b in range(2) for i in range(5)]
+    assert [f.payload.decode() for f in page.frames] == want
+    assert appended == [10] and lossy.appends == 2
