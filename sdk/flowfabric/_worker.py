@@ -119,6 +119,36 @@ class _Counters:
         return WorkerStats(**self.values)
 
 
+class _SignalRouter:
+    """The one process-wide SIGTERM/SIGINT handler of every worker running on the main thread:
+    installed when the first starts running, the previous handlers restored when the last
+    returns, so workers that start and end in any order never leave a stale handler behind."""
+
+    def __init__(self) -> None:
+        self._workers: dict[Worker, tuple[asyncio.AbstractEventLoop, Callable[[int], None]]] = {}
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def add(
+        self, worker: Worker, loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]
+    ) -> None:
+        if not self._workers:
+            for sig in SHUTDOWN_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        self._workers[worker] = (loop, on_signal)
+
+    def remove(self, worker: Worker) -> None:
+        if self._workers.pop(worker, None) is None or self._workers:
+            return
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Python runs this on the main thread between bytecodes: hand it to each loop
+        for loop, on_signal in list(self._workers.values()):
+            loop.call_soon_threadsafe(on_signal, signum)
+
+
 class Worker:
     """Runs registered handlers for the executions it claims.
 
@@ -317,7 +347,8 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; `run` then drains in-flight handlers and returns.
 
-        Call it on the worker's event loop (e.g. `loop.add_signal_handler(SIGTERM, worker.stop)`).
+        Call it on the worker's event loop. `run` calls it itself on SIGTERM or SIGINT when
+        it runs on the main thread (`handle_signals`).
         """
         self._stopping.set()
 
@@ -356,24 +387,12 @@ class Worker:
             self._drained.set()
 
     def _install_signal_handlers(self) -> Callable[[], None]:
-        """SIGTERM/SIGINT → `_on_signal` on this loop; returns what restores the previous
-        handlers. Only on the main thread (where Python runs signal handlers)."""
+        """SIGTERM/SIGINT → `_on_signal` on this loop while `run` runs; returns what undoes
+        it. Only on the main thread (where Python runs signal handlers)."""
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             return lambda: None
-        loop = asyncio.get_running_loop()
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            loop.call_soon_threadsafe(self._on_signal, signum)
-
-        previous: dict[signal.Signals, Any] = {}
-        for sig in SHUTDOWN_SIGNALS:
-            previous[sig] = signal.signal(sig, on_signal)
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-        return restore
+        _SIGNALS.add(self, asyncio.get_running_loop(), self._on_signal)
+        return lambda: _SIGNALS.remove(self)
 
     def _on_signal(self, signum: int) -> None:
         self._signals_seen += 1
@@ -815,3 +834,6 @@ class Worker:
                 stuck = await self._wait_tasks(pending, self.client.default_timeout)
                 for task in stuck:
                     task.cancel()
+
+
+_SIGNALS = _SignalRouter()

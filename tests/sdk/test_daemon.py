@@ -213,3 +213,16 @@ async def test_frames_retried_after_a_lost_reply_land_once(api: Api, client: Cli
     want = [f"b{b}-{i}" for b in range(2) for i in range(5)]
     assert [f.payload.decode() for f in page.frames] == want
     assert appended == [10] and lossy.appends == 2
+
+
+async def test_workers_in_one_process_share_the_signal_and_restore_it(client: Client) -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    first = Worker(client, lanes=[LANE], claim_wait_ms=100)
+    second = Worker(client, lanes=[LANE], claim_wait_ms=100)
+    async with first, second:
+        runs = [asyncio.create_task(first.run()), asyncio.create_task(second.run())]
+        await asyncio.sleep(0.2)
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+        signal.raise_signal(signal.SIGTERM)  # the workers' handler, not the default (exit)
+        await asyncio.wait_for(asyncio.gather(*runs), 10)  # both drained and returned
+    assert {s: signal.getsignal(s) for s in before} == before
