@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
+
+import grpc
 
 from flowfabric._client import Client, Payload, encode_payload
 from flowfabric._errors import LEASE_LOST_REASONS, AlreadyExists, FlowFabricError, TaskSuspended
 from flowfabric._retry import Backoff
 from flowfabric._signals import TIMEOUT_BEHAVIORS, Duration, ResumeCondition, Signal, duration_ms
 from flowfabric._transport import transport_of
-from flowfabric.v1 import types_pb2, worker_pb2
+from flowfabric.v1 import stream_pb2, types_pb2, worker_pb2
 
 log = logging.getLogger("flowfabric.worker")
 
@@ -31,13 +34,28 @@ UNHEALTHY_AFTER = 3
 
 #: Client-side batching of `emit`: a batch is sent (one AppendFrames call) when it holds this
 #: many frames or payload bytes, or this long after its first frame, and always before the
-#: worker's terminal call.
+#: worker's terminal call. While one batch is at the server (or retried through an outage)
+#: the next fills up to the same bounds; then `emit` waits, so at most two batches are held.
 EMIT_BATCH_FRAMES = 256
 EMIT_BATCH_BYTES = 512 * 1024
 EMIT_LINGER_S = 0.05
+#: `progress` and frame sends retry these codes for as long as the lease may still be held
+#: (a server restart, a failover): a short outage must not kill a running handler.
+OUTAGE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+OUTAGE_BACKOFF = Backoff(initial_s=0.05, max_s=1.0, max_attempts=1 << 30)
+#: The lease is assumed to end this much before the worker's own estimate (the claim reply
+#: arrives a round trip after the server started the lease).
+LEASE_MARGIN_S = 0.5
 #: Suspend keeps retrying UNAVAILABLE about as long as a terminal call (same suspension id, so
 #: the server reconciles a retry whose first call committed).
 SUSPEND_BACKOFF = Backoff(max_attempts=10)
+
+
+async def _frame_requests(
+    frames: list[worker_pb2.AppendFrameRequest],
+) -> AsyncIterator[worker_pb2.AppendFramesRequest]:
+    for frame in frames:
+        yield worker_pb2.AppendFramesRequest(frame=frame)
 
 
 class RunningTask:
@@ -66,6 +84,12 @@ class RunningTask:
         self._flush_lock = asyncio.Lock()
         self._linger: asyncio.Task[None] | None = None
         self._emit_error: FlowFabricError | None = None
+        # The id of the last frame known to be in this attempt's stream: "" = none (a fresh
+        # attempt's stream starts empty), None = unknown (a resumed attempt may have frames
+        # from before). It lets a batch retried after a lost reply skip what already landed.
+        self._last_frame_id: str | None = None if task.resumed else ""
+        ttl_s = (task.lease.lease_ttl_ms or 30_000) / 1000
+        self.lease_valid_until = time.monotonic() + ttl_s - min(LEASE_MARGIN_S, ttl_s / 10)
 
     @property
     def lease(self) -> types_pb2.LeaseHandle:
@@ -96,13 +120,43 @@ class RunningTask:
                 self.lose(exc.reason)
             raise
 
+    async def ride_out(self, attempt: Callable[[float], Awaitable[T]]) -> T:
+        """`attempt(deadline_s)` (one lease-scoped call), retried through an outage while the
+        lease may still be held: UNAVAILABLE and DEADLINE_EXCEEDED are retried with backoff
+        until the lease would have expired by the worker's reckoning (each renewal pushes that
+        on), then the last error is raised. A lease-lost answer sets `lease_lost` first."""
+        tries = 0
+        while True:
+            remaining = self.lease_valid_until - time.monotonic()
+            deadline = max(min(self.transport.default_timeout, remaining), 0.05)
+            try:
+                return await attempt(deadline)
+            except FlowFabricError as exc:
+                if exc.reason in LEASE_LOST_REASONS:
+                    self.lose(exc.reason)
+                    raise
+                delay = max(OUTAGE_BACKOFF.delay(tries), exc.retry_delay or 0.0)
+                if (
+                    exc.code not in OUTAGE_CODES
+                    or self.lease_lost.is_set()
+                    or time.monotonic() + delay >= self.lease_valid_until
+                ):
+                    raise
+                if tries == 0:
+                    log.info("%s: server unreachable (%r); retrying", self.execution_id, exc)
+            tries += 1
+            await asyncio.sleep(delay)
+
     async def progress(self, pct: int | None, message: str | None) -> None:
         request = worker_pb2.UpdateProgressRequest(lease=self.lease)
         if pct is not None:
             request.progress_pct = pct
         if message is not None:
             request.progress_message = message
-        await self.fenced(self.transport.workers.UpdateProgress, request)
+        method = self.transport.workers.UpdateProgress  # setting progress twice is harmless
+        await self.ride_out(
+            lambda deadline: self.transport.unary(method, request, deadline=deadline, retry=False)
+        )
 
     async def create_waitpoint(self, expires_in_ms: int, key: str | None) -> tuple[str, str, str]:
         """A pending waitpoint: (id, key, token)."""
@@ -146,12 +200,17 @@ class RunningTask:
             request.correlation_id = correlation_id
         if metadata:
             request.metadata_json = json.dumps(metadata, separators=(",", ":"))
+        while self._batch_full():  # e.g. several emitters while a batch rides out an outage
+            await self.flush()
         self._frames.append(request)
         self._frame_bytes += len(request.payload)
-        if len(self._frames) >= EMIT_BATCH_FRAMES or self._frame_bytes >= EMIT_BATCH_BYTES:
+        if self._batch_full():
             await self.flush()
         elif self._linger is None or self._linger.done():
             self._linger = asyncio.create_task(self._flush_later())
+
+    def _batch_full(self) -> bool:
+        return len(self._frames) >= EMIT_BATCH_FRAMES or self._frame_bytes >= EMIT_BATCH_BYTES
 
     async def flush(self) -> None:
         """Send the frames buffered so far (one AppendFrames call) and wait for the answer."""
@@ -162,21 +221,75 @@ class RunningTask:
         self.raise_emit_error()
 
     async def _send(self, frames: list[worker_pb2.AppendFrameRequest]) -> None:
-        async def requests() -> AsyncIterator[worker_pb2.AppendFramesRequest]:
-            for frame in frames:
-                yield worker_pb2.AppendFramesRequest(frame=frame)
+        """One batch, in order, riding out an outage (`ride_out`). After a failure whose
+        outcome is unknown (the reply was lost: some frames may have landed) the stream is
+        read after the last frame known to be there and what already landed is not sent
+        again; frames are then appended exactly once. Without such a frame id (the first
+        batch of a resumed attempt) a retried batch may append some frames twice."""
+        done = 0  # frames of `frames` known to be in the stream
+        unsure = False
+
+        async def attempt(deadline: float) -> None:
+            nonlocal done, unsure
+            if unsure and self._last_frame_id is not None:
+                done += await self._landed(frames[done:], deadline)
+            unsure = False
+            if done == len(frames):
+                return
+            try:
+                reply = await self.transport.unary(
+                    self.transport.workers.AppendFrames,
+                    _frame_requests(frames[done:]),
+                    deadline=deadline,
+                    retry=False,
+                )
+            except FlowFabricError as exc:
+                unsure = exc.code in OUTAGE_CODES
+                if not unsure:
+                    self._last_frame_id = None  # a prefix may have landed (`appended_count`)
+                raise
+            done = len(frames)
+            self.frames_appended += reply.appended_count
+            if self._last_frame_id is not None and reply.last_entry_id:
+                self._last_frame_id = reply.last_entry_id
 
         try:
-            # not retried: a retry after a lost reply would duplicate frames
-            reply = await self.transport.unary(
-                self.transport.workers.AppendFrames, requests(), retry=False
-            )
+            await self.ride_out(attempt)
         except FlowFabricError as exc:
             if exc.reason in LEASE_LOST_REASONS or exc.reason == "stale_owner_cannot_append":
                 self.lose(exc.reason)
             self._emit_error = exc
-            return
-        self.frames_appended += reply.appended_count
+
+    async def _landed(self, frames: list[worker_pb2.AppendFrameRequest], deadline: float) -> int:
+        """How many of `frames` (the unsent rest of a batch whose reply was lost) are in the
+        stream already: only this lease appends to the attempt's stream, so whatever follows
+        the last frame known to be there is a prefix of them."""
+        after = self._last_frame_id
+        start = "start"
+        if after:
+            ms, seq = after.split("-")
+            start = f"{ms}-{int(seq) + 1}"
+        request = stream_pb2.ReadAttemptStreamRequest(
+            execution_id=self.execution_id,
+            attempt_index=self.task.lease.attempt_index,
+            from_id=start,
+            to_id="end",
+            count_limit=len(frames),
+        )
+        reply = await self.transport.unary(
+            self.transport.streams.ReadAttemptStream, request, deadline=deadline, retry=False
+        )
+        landed = reply.frames.frames
+        if landed:
+            self._last_frame_id = landed[-1].id
+            self.frames_appended += len(landed)
+            log.info(
+                "%s: %d of %d frames had landed before the reply was lost",
+                self.execution_id,
+                len(landed),
+                len(frames),
+            )
+        return len(landed)
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(EMIT_LINGER_S)
@@ -268,6 +381,11 @@ class RunningTask:
         if self.handler is not None and not self.handler.done():
             self.handler.cancel(f"lease lost: {reason}")
 
+    def stop_background(self) -> None:
+        """The task is over: stop a linger flush still riding out an outage."""
+        if self._linger is not None and not self._linger.done():
+            self._linger.cancel()
+
     def cancel_for_shutdown(self) -> None:
         self.shutdown_cancel = True
         if self.handler is not None and not self.handler.done():
@@ -280,6 +398,7 @@ class RunningTask:
         request = worker_pb2.RenewLeaseRequest(lease=self.lease, lease_ttl_ms=ttl_ms)
         while True:
             await asyncio.sleep(interval)
+            sent = time.monotonic()  # the renewed lease runs from no earlier than this
             try:
                 await self.transport.unary(
                     self.transport.workers.RenewLease,
@@ -300,3 +419,4 @@ class RunningTask:
                 )
             else:
                 self.renew_failures = 0
+                self.lease_valid_until = max(self.lease_valid_until, sent + ttl_ms / 1000)

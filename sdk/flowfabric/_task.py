@@ -197,8 +197,12 @@ class TaskContext:
     async def progress(self, pct: int | None = None, message: str | None = None) -> None:
         """Record progress (0..100 and/or a message) on the execution.
 
+        A short server outage is ridden out: the call is retried while the lease may still be
+        held (see the README's "running a worker as a daemon").
+
         Raises:
             StaleLease, ExecutionNotActive: The lease is lost (`lease_lost` is set as well).
+            Unavailable: The outage outlasted the lease.
         """
         await self._run.progress(pct, message)
 
@@ -219,9 +223,15 @@ class TaskContext:
         `binary`), str as UTF-8 (`utf8`), mappings and lists as JSON (`json`); `encoding`
         overrides the label. Payloads are at most 65 536 bytes.
 
+        A batch is retried through a short server outage while the lease may still be held,
+        in order; meanwhile the next batch fills, and `emit` waits once it is full. A batch
+        whose reply was lost is read back and only its missing frames are sent again (the first
+        batch of a resumed attempt is the exception: at-least-once).
+
         Raises:
             FlowFabricError: A previous batch was refused (e.g. `stale_owner_cannot_append`
-                after the lease was lost, or `stream_closed`).
+                after the lease was lost, or `stream_closed`), or its outage outlasted the
+                lease (`Unavailable`).
         """
         await self._run.emit(frame_type, payload, encoding, correlation_id, metadata)
 

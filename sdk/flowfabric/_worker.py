@@ -5,6 +5,11 @@ polls for the free slots, one task per claimed execution) → `stop` (no more cl
 handlers get `shutdown_grace_s`, then are cancelled and their executions released at once with
 DelayExecution(now) for another worker) → DeregisterWorker.
 
+On the main thread `run` turns SIGTERM and SIGINT into that order: the first signal is `stop`
+(a graceful drain), a second one forces the exit: every handler is cancelled at once and every
+unfinished execution released, all within `FORCED_EXIT_S`; `run` then returns normally either
+way (no KeyboardInterrupt), so `asyncio.run(main())` ends with status 0.
+
 A handler's outcome becomes exactly one terminal call, retried on UNAVAILABLE with the same
 lease handle; the server reconciles a retry whose first call committed (`replayed = true`).
 Completions of handlers that finish while another completion is in flight share the next
@@ -26,11 +31,13 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 import grpc
@@ -59,6 +66,11 @@ MAX_REASON_CHARS = 4_000
 TERMINAL_BACKOFF = Backoff(max_attempts=10)
 #: The fail's own retry policy for a non-retryable error: no retries, whatever is stored.
 NO_RETRIES = '{"max_retries":0}'
+#: After a second signal: how long handlers (cancelled at once) have to hand their executions
+#: back, and a claim in flight to answer, before whatever is left is abandoned to lease expiry.
+FORCED_EXIT_S = 1.5
+#: The signals `run` drains on (the first) and exits fast on (the second).
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FATAL_CLAIM_CODES = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -107,6 +119,36 @@ class _Counters:
         return WorkerStats(**self.values)
 
 
+class _SignalRouter:
+    """The one process-wide SIGTERM/SIGINT handler of every worker running on the main thread:
+    installed when the first starts running, the previous handlers restored when the last
+    returns, so workers that start and end in any order never leave a stale handler behind."""
+
+    def __init__(self) -> None:
+        self._workers: dict[Worker, tuple[asyncio.AbstractEventLoop, Callable[[int], None]]] = {}
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def add(
+        self, worker: Worker, loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]
+    ) -> None:
+        if not self._workers:
+            for sig in SHUTDOWN_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        self._workers[worker] = (loop, on_signal)
+
+    def remove(self, worker: Worker) -> None:
+        if self._workers.pop(worker, None) is None or self._workers:
+            return
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Python runs this on the main thread between bytecodes: hand it to each loop
+        for loop, on_signal in list(self._workers.values()):
+            loop.call_soon_threadsafe(on_signal, signum)
+
+
 class Worker:
     """Runs registered handlers for the executions it claims.
 
@@ -148,6 +190,10 @@ class Worker:
             server.
         shutdown_grace_s: On stop, how long in-flight handlers may finish before they are
             cancelled and their executions released.
+        handle_signals: While `run` runs on the main thread, the first SIGTERM or SIGINT
+            stops the worker gracefully (as `stop`) and a second one forces a fast exit
+            (handlers cancelled, unfinished executions released at once); the previous
+            handlers are restored when `run` returns. False = leave signals alone.
         token: Bearer token (when `target` is an address).
         tls: TLS for the channel (when `target` is an address).
         default_timeout: Per-call deadline in seconds (when `target` is an address).
@@ -169,6 +215,7 @@ class Worker:
         claim_with_completions: bool = True,
         completion_calls: int = 2,
         shutdown_grace_s: float = 10.0,
+        handle_signals: bool = True,
         token: str | None = None,
         tls: bool | grpc.ChannelCredentials = False,
         default_timeout: float = 10.0,
@@ -195,6 +242,7 @@ class Worker:
         self.claim_with_completions = claim_with_completions
         self.completion_calls = completion_calls
         self.shutdown_grace_s = shutdown_grace_s
+        self.handle_signals = handle_signals
         self._target = target
         self._client_options: dict[str, Any] = {
             "token": token,
@@ -218,6 +266,10 @@ class Worker:
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
+        # A forced exit (second signal): set, with the loop time it started, by `_force`.
+        self._forced = asyncio.Event()
+        self._forced_at: float | None = None
+        self._signals_seen = 0
         self._heartbeat: asyncio.Task[None] | None = None
         self._completions: CompletionBatcher | None = None
         self._started = False
@@ -295,21 +347,34 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; `run` then drains in-flight handlers and returns.
 
-        Call it on the worker's event loop (e.g. `loop.add_signal_handler(SIGTERM, worker.stop)`).
+        Call it on the worker's event loop. `run` calls it itself on SIGTERM or SIGINT when
+        it runs on the main thread (`handle_signals`).
         """
         self._stopping.set()
 
     async def run(self) -> None:
-        """Claim and run tasks until `stop()`; then finish or release in-flight work.
+        """Claim and run tasks until `stop()` (or a signal); then finish or release in-flight
+        work.
+
+        With `handle_signals` on the main thread, SIGTERM and SIGINT are handled while this
+        runs: the first stops the worker gracefully, a second forces a fast exit. Either way
+        this returns normally once the in-flight work is finished or released.
 
         Raises:
             FlowFabricError: A claim was refused for a reason retrying cannot fix (bad lanes or
                 capabilities, authentication).
         """
-        if not self._started:
-            async with self:
-                await self.run()
-            return
+        restore = self._install_signal_handlers()
+        try:
+            if not self._started:
+                async with self:
+                    await self._run_started()
+            else:
+                await self._run_started()
+        finally:
+            restore()
+
+    async def _run_started(self) -> None:
         if self._run_active:
             raise RuntimeError("the worker is already running")
         self._run_active = True
@@ -321,6 +386,71 @@ class Worker:
             self._run_active = False
             self._drained.set()
 
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """SIGTERM/SIGINT → `_on_signal` on this loop while `run` runs; returns what undoes
+        it. Only on the main thread (where Python runs signal handlers)."""
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        _SIGNALS.add(self, asyncio.get_running_loop(), self._on_signal)
+        return lambda: _SIGNALS.remove(self)
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals_seen += 1
+        name = signal.Signals(signum).name
+        if self._signals_seen == 1:
+            log.info(
+                "%s: stopping %s gracefully (%d in flight, up to %g s to finish); send it "
+                "again to exit at once",
+                name,
+                self.worker_instance_id,
+                len(self._running),
+                self.shutdown_grace_s,
+            )
+            self.stop()
+        elif self._forced_at is None:
+            log.warning(
+                "%s again: cancelling %d handler(s) and releasing their executions",
+                name,
+                len(self._running),
+            )
+            self._force()
+
+    def _force(self) -> None:
+        """The fast exit: stop claiming, cancel every handler now (each releases its
+        execution), and give all of it `FORCED_EXIT_S`."""
+        self.stop()
+        self._forced_at = asyncio.get_running_loop().time()
+        self._forced.set()
+        for run in self._running.values():
+            run.cancel_for_shutdown()
+
+    async def _wait_tasks(self, tasks: set[asyncio.Task[Any]], within: float) -> set[Any]:
+        """Wait up to `within` s for `tasks`, or less once a forced exit began (its deadline
+        counts); the tasks not done."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + within
+        pending = set(tasks)
+        while pending:
+            if self._forced_at is not None:
+                end = min(end, self._forced_at + FORCED_EXIT_S)
+            remaining = end - loop.time()
+            if remaining <= 0:
+                break
+            waits: set[asyncio.Future[Any]] = set(pending)
+            forced = None
+            if self._forced_at is None:
+                forced = asyncio.ensure_future(self._forced.wait())
+                waits.add(forced)
+            try:
+                done, _ = await asyncio.wait(
+                    waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                if forced is not None:
+                    forced.cancel()
+            pending.difference_update(done)
+        return pending
+
     async def run_until(self, stop_event: asyncio.Event) -> None:
         """`run` until `stop_event` is set."""
         waiter = asyncio.create_task(stop_event.wait())
@@ -331,7 +461,8 @@ class Worker:
             waiter.cancel()
 
     async def shutdown(self) -> None:
-        """Stop, drain, DeregisterWorker and close the channel (if the worker opened it)."""
+        """Stop, drain, DeregisterWorker and close the channel (if the worker opened it).
+        After a forced exit every step is bounded by `FORCED_EXIT_S`."""
         self.stop()
         if self._run_active:
             await self._drained.wait()
@@ -341,24 +472,35 @@ class Worker:
                 await self._heartbeat
             self._heartbeat = None
         if self._completions is not None:
-            await self._completions.aclose()
+            if self._forced_at is None:
+                await self._completions.aclose()
+            else:  # a call still in flight ends with the channel
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._completions.aclose(), FORCED_EXIT_S)
             if self._running:  # brought by a call whose callers had given up: drain them too
                 await self._drain()
             self._completions = None
         if self._started and self._client is not None:
+            deadline = min(self._client.default_timeout, 5.0)
+            if self._forced_at is not None:
+                deadline = min(deadline, FORCED_EXIT_S)
             try:
                 await self._transport.unary(
                     self._transport.workers.DeregisterWorker,
                     worker_pb2.DeregisterWorkerRequest(
                         worker_id=self.worker_id, worker_instance_id=self.worker_instance_id
                     ),
-                    deadline=min(self._client.default_timeout, 5.0),
+                    deadline=deadline,
                     retry=False,
                 )
             except FlowFabricError as exc:
                 log.warning("deregistering %s failed: %r", self.worker_instance_id, exc)
         self._started = False
-        self._stopping.clear()  # a later start() may run again
+        # a later start() may run again
+        self._stopping.clear()
+        self._forced.clear()
+        self._forced_at = None
+        self._signals_seen = 0
         if self._client is not None and not isinstance(self._target, Client):
             await self._client.close()
             self._client = None
@@ -439,7 +581,7 @@ class Worker:
         try:
             await asyncio.wait({claim, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not claim.done():
-                await asyncio.wait({claim}, timeout=self.shutdown_grace_s)
+                await self._wait_tasks({claim}, self.shutdown_grace_s)
         except asyncio.CancelledError:
             claim.cancel()
             raise
@@ -516,6 +658,8 @@ class Worker:
     def _spawn(self, claimed: types_pb2.ClaimedTask) -> None:
         self._counters.add("claimed")
         run = RunningTask(claimed, self.client)
+        if self._forced_at is not None:
+            run.shutdown_cancel = True  # claimed as the worker exits: hand it straight back
         task = asyncio.create_task(self._run_task(run))
         self._running[task] = run
 
@@ -542,6 +686,9 @@ class Worker:
                 )
                 await self._fail(run, error)
                 return
+            if run.shutdown_cancel:
+                await self._release(run)
+                return
             if run.task.resumed and not await self._load_resume_signals(run):
                 return
             handler: asyncio.Task[HandlerResult] = asyncio.create_task(fn(TaskContext(run)))
@@ -552,6 +699,7 @@ class Worker:
             log.exception("worker error on %s", run.execution_id)
         finally:
             renew.cancel()
+            run.stop_background()
 
     async def _load_resume_signals(self, run: RunningTask) -> bool:
         """Before a resumed handler runs: the signals that met its suspension's condition
@@ -678,11 +826,14 @@ class Worker:
             seen.update(running)
             log.info("draining %d in-flight task(s)", len(running))
             timeout = max(deadline - loop.time(), 0)
-            _, pending = await asyncio.wait(running, timeout=timeout)
+            pending = await self._wait_tasks(set(running), timeout)
             for task in pending:
                 running[task].cancel_for_shutdown()
             if pending:
                 # a handler that swallows cancellation is abandoned: its lease expires
-                _, stuck = await asyncio.wait(pending, timeout=self.client.default_timeout)
+                stuck = await self._wait_tasks(pending, self.client.default_timeout)
                 for task in stuck:
                     task.cancel()
+
+
+_SIGNALS = _SignalRouter()
