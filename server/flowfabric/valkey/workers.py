@@ -3,6 +3,10 @@ the workers index.
 
 Global keys (no hash tag), written with plain commands: they are not execution state. The unblock
 scanner reads them to decide whether some live worker can run a route-blocked execution.
+
+Every key of an instance carries the alive TTL (renewed by each heartbeat), so a worker that
+crashes leaves nothing behind once the TTL passes; its index entry is pruned by the next
+heartbeat of any worker (a bounded sample) or by the next capability read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ __all__ = ["WORKERS_INDEX", "WorkerRegistry", "alive_ttl_ms"]
 def _keys(instance: str) -> tuple[str, str, str]:
     k = WorkerKeys(instance)
     return k.info, k.caps, k.alive
+
+
+PRUNE_SAMPLE = 8  # stale index entries a heartbeat may drop
 
 
 def alive_ttl_ms(lease_ttl_ms: int) -> int:
@@ -45,6 +52,7 @@ class WorkerRegistry:
             "HSET", info, "worker_id", worker_id, "lanes", ",".join(lanes),
             "registered_at", now, "last_heartbeat_at", now,
         )  # fmt: skip
+        await self.store.call("PEXPIRE", info, ttl)
         await self.store.call("SET", caps, caps_csv, "PX", ttl)
         await self.store.call("SADD", WORKERS_INDEX, instance)
         return now + ttl
@@ -58,8 +66,24 @@ class WorkerRegistry:
         await self.store.call("SET", alive, worker_id, "PX", ttl)
         await self.store.call("SET", caps, caps_csv, "PX", ttl)
         await self.store.call("HSET", info, "worker_id", worker_id, "last_heartbeat_at", now)
+        await self.store.call("PEXPIRE", info, ttl)
         await self.store.call("SADD", WORKERS_INDEX, instance)
+        await self.prune()
         return now + ttl
+
+    async def prune(self, sample: int = PRUNE_SAMPLE) -> int:
+        """Drop up to `sample` index entries whose alive key has expired; returns how many."""
+        members = await self.store.call("SRANDMEMBER", WORKERS_INDEX, sample)
+        dropped = 0
+        for member in members or ():
+            instance = text(member)
+            info, caps, alive = _keys(instance)
+            if not await self.store.call("EXISTS", alive):
+                await self.store.call("SREM", WORKERS_INDEX, instance)
+                await self.store.call("DEL", info)
+                await self.store.call("DEL", caps)
+                dropped += 1
+        return dropped
 
     async def deregister(self, instance: str) -> bool:
         info, caps, alive = _keys(instance)
