@@ -331,7 +331,8 @@ class FlowFabricServer:
             delay = 0.2
             while not self._stopped:
                 try:
-                    await asyncio.to_thread(embedded.start)
+                    if not embedded.alive():
+                        await asyncio.to_thread(embedded.start)
                     await store.ensure_library()
                     await install_secret(
                         Functions(store, self._secret).keystore,

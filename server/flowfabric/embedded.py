@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import itertools
 import logging
 import os
 import shutil
@@ -68,24 +67,21 @@ def _child_setup() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
 def _is_our_valkey(pid: int, data_dir: Path) -> bool:
-    args = _cmdline(pid)
-    if not args or "valkey-server" not in Path(args[0]).name:
+    """`pid` is a valkey-server working in `data_dir`. Valkey rewrites its process title (so
+    /proc/<pid>/cmdline no longer shows `--dir`), but it chdirs into `--dir` at start, so its
+    working directory names the data dir."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
         return False
-    return any(a == "--dir" and b == str(data_dir) for a, b in itertools.pairwise(args))
+    return "valkey-server" in Path(exe).name and Path(cwd) == data_dir
 
 
 def stop_orphan(data_dir: Path, timeout: float = 10.0) -> int | None:
     """Stop a valkey-server left running on `data_dir` by a server that died (its pid file
-    names it and its command line has `--dir data_dir`): SIGTERM (a graceful shutdown), then
+    names it and it is a valkey-server working in `data_dir`): SIGTERM (a graceful shutdown), then
     SIGKILL after `timeout`. Returns the stopped pid, or None. Call with the dir's lock held."""
     path = data_dir / PID_FILE
     try:
