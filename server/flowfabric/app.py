@@ -92,7 +92,8 @@ class FlowFabricServer:
         self.signal_watches: SignalWatches | None = None
         self.admin: admin.AdminServicer | None = None
         self.server: grpc.aio.Server | None = None
-        self.health = health.aio.HealthServicer()
+        # grpc_health ships no stubs for its aio module
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
@@ -125,6 +126,7 @@ class FlowFabricServer:
         self.store = await self._connect(url)
         self.stream_store = await self._connect(url)
         version = await self._retry(self.store.check_version, "Valkey version check")
+        assert isinstance(version, tuple)
         await self._partition_config(self.store)
         await self._retry(self.store.ensure_library, "Functions library load")
         fn = Functions(self.store, secret)

