@@ -1,11 +1,13 @@
 """Boot, serve and shut down, in the order spec 50 §2.2 and §2.5 write down.
 
-Boot: embedded Valkey (when no URL) → connect (retrying for FF_BOOT_RETRY_S) → version gate →
-partition config (atomic first write) → Functions library → waitpoint HMAC secret on every
+Boot: with no Valkey URL, lock the data dir (one server per dir), stop an orphaned child, start
+the embedded Valkey with its password (supervised from then on: restarted if it exits) →
+connect (retrying for FF_BOOT_RETRY_S) → version gate → partition config (atomic first write)
+→ Functions library → waitpoint HMAC secret on every
 partition → servicers, health SERVING, reflection, interceptors → bind.
 Shutdown (safe to call twice): health NOT_SERVING → stop accepting and drain in-flight RPCs
 within the grace period → stop background tasks → close Valkey → stop the embedded Valkey
-with a persisting shutdown.
+with a persisting shutdown (SIGTERM), then release the data dir lock.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ log = logging.getLogger("flowfabric.embedded")
 
 LOCK_FILE = "flowfabric.lock"
 PID_FILE = "valkey.pid"
+CONF_FILE = "valkey.conf"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -155,8 +156,11 @@ class ValkeyProcess:
         return f"valkey://{auth}127.0.0.1:{self.port}"
 
     def argv(self) -> list[str]:
-        args = [
-            str(valkey_binary()),
+        args = [str(valkey_binary())]
+        if self.password:
+            # in a 0600 config file, not on the command line other local users can read
+            args.append(str(self.data_dir / CONF_FILE))
+        args += [
             "--bind",
             "127.0.0.1",
             "--port",
@@ -172,8 +176,6 @@ class ValkeyProcess:
             "--logfile",
             str(self.data_dir / "valkey.log"),
         ]
-        if self.password:
-            args += ["--requirepass", self.password]
         if self.persistent:
             args += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
@@ -193,6 +195,12 @@ class ValkeyProcess:
 
     def start(self, timeout: float = 10.0) -> ValkeyProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.password:
+            conf = self.data_dir / CONF_FILE
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(f"requirepass {self.password}\n")
         self.proc = subprocess.Popen(
             self.argv(),
             stdout=subprocess.DEVNULL,

@@ -145,7 +145,10 @@ def test_password_and_private_files(tmp_path: Path) -> None:
     data = tmp_path / "d"
     proc, _ = _serve(data, tmp_path / "a.log")
     try:
-        port = int(_cmdline_port(_child_pid(data)))
+        child = _child_pid(data)
+        port = int(_cmdline_port(child))
+        secret = (data / "valkey_password").read_text().strip()
+        assert secret not in Path(f"/proc/{child}/cmdline").read_text()
         with redis.Redis(port=port) as r, pytest.raises(redis.exceptions.AuthenticationError):
             r.ping()
         with (
@@ -161,7 +164,7 @@ def test_password_and_private_files(tmp_path: Path) -> None:
     assert len(password.read_text().strip()) == 64
     aof = list((data / "appendonlydir").iterdir())
     assert aof
-    for path in [*aof, data / "valkey.log", data / "appendonlydir"]:
+    for path in [*aof, data / "valkey.log", data / "appendonlydir", data / "valkey.conf"]:
         assert path.stat().st_mode & 0o077 == 0, path
 
 
