@@ -1,11 +1,13 @@
 """Boot, serve and shut down, in the order spec 50 §2.2 and §2.5 write down.
 
-Boot: embedded Valkey (when no URL) → connect (retrying for FF_BOOT_RETRY_S) → version gate →
-partition config (atomic first write) → Functions library → waitpoint HMAC secret on every
+Boot: with no Valkey URL, lock the data dir (one server per dir), stop an orphaned child, start
+the embedded Valkey with its password (supervised from then on: restarted if it exits) →
+connect (retrying for FF_BOOT_RETRY_S) → version gate → partition config (atomic first write)
+→ Functions library → waitpoint HMAC secret on every
 partition → servicers, health SERVING, reflection, interceptors → bind.
 Shutdown (safe to call twice): health NOT_SERVING → stop accepting and drain in-flight RPCs
 within the grace period → stop background tasks → close Valkey → stop the embedded Valkey
-with a persisting shutdown.
+with a persisting shutdown (SIGTERM), then release the data dir lock.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,10 +28,15 @@ from flowfabric.server.api.servicers.base import ServerContext, pending
 from flowfabric.server.api.streams import StreamSlots
 from flowfabric.server.api.watches import SignalWatches
 from flowfabric.server.config import Config, ConfigError
-from flowfabric.server.embedded import ValkeyProcess
+from flowfabric.server.embedded import (
+    ValkeyProcess,
+    lock_data_dir,
+    stop_orphan,
+    unlock_data_dir,
+)
 from flowfabric.server.engine.aio import cancel_and_wait
 from flowfabric.server.engine.events import EventHub
-from flowfabric.server.engine.keystore import install_secret, resolve_secret
+from flowfabric.server.engine.keystore import embedded_password, install_secret, resolve_secret
 from flowfabric.server.engine.lifecycle import lifecycle_scanners
 from flowfabric.server.engine.scanners import ScannerSet
 from flowfabric.server.engine.scheduler import Scheduler
@@ -55,10 +61,11 @@ from flowfabric.v1 import (
     worker_pb2_grpc,
 )
 
-T = TypeVar("T")
 log = logging.getLogger("flowfabric.server")
 
 HEALTH_PING_INTERVAL_S = 2.0
+EMBEDDED_WATCH_INTERVAL_S = 0.2
+EMBEDDED_RESTART_MAX_DELAY_S = 5.0
 
 
 class BootError(RuntimeError):
@@ -87,28 +94,41 @@ class FlowFabricServer:
         self.signal_watches: SignalWatches | None = None
         self.admin: admin.AdminServicer | None = None
         self.server: grpc.aio.Server | None = None
-        # grpc_health's stubs do not declare its asyncio servicer (health.aio)
+        # grpc_health ships no stubs for its aio module
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         self.health_ping_interval_s = HEALTH_PING_INTERVAL_S
+        self._lock_fd: int | None = None
+        self._embedded_down = False  # the supervisor is restarting the embedded Valkey
+        self._secret = ""
 
     # -- boot ---------------------------------------------------------------------------------
 
     async def start(self) -> int:
         cfg = self.config
+        if cfg.embedded:
+            # first of all: one server per data dir (the lock dies with this process)
+            self._lock_fd = lock_data_dir(cfg.data_dir.resolve())
         try:
             secret = resolve_secret(cfg)
+            password = embedded_password(cfg.data_dir) if cfg.embedded else None
         except ConfigError as exc:
             raise BootError(str(exc)) from None
+        self._secret = secret
         if cfg.embedded:
-            self.embedded = await asyncio.to_thread(ValkeyProcess(cfg.data_dir).start)
-            log.info("embedded Valkey on %s (data in %s)", self.embedded.url, cfg.data_dir)
+            data_dir = cfg.data_dir.resolve()
+            await asyncio.to_thread(stop_orphan, data_dir)
+            self.embedded = await asyncio.to_thread(
+                ValkeyProcess(data_dir, password=password).start
+            )
+            log.info("embedded Valkey on 127.0.0.1:%s (data in %s)", self.embedded.port, data_dir)
         url = cfg.resolved_valkey_url(self.embedded.url if self.embedded else None)
         self.store = await self._connect(url)
         self.stream_store = await self._connect(url)
         version = await self._retry(self.store.check_version, "Valkey version check")
+        assert isinstance(version, tuple)
         await self._partition_config(self.store)
         await self._retry(self.store.ensure_library, "Functions library load")
         fn = Functions(self.store, secret)
@@ -130,6 +150,8 @@ class FlowFabricServer:
             self.scanners.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
+        if self.embedded is not None:
+            self._tasks.append(asyncio.create_task(self._supervise_embedded(), name="embedded"))
         if not cfg.api_token:
             log.warning(
                 "FF_API_TOKEN is unset: every RPC is unauthenticated, including "
@@ -151,7 +173,7 @@ class FlowFabricServer:
         await self._retry(connect, f"connect to Valkey at {_redact(url)}")
         return store
 
-    async def _retry(self, step: Callable[[], Awaitable[T]], what: str) -> T:
+    async def _retry(self, step: Callable[[], Awaitable[object]], what: str) -> object:
         """Retry transient failures with backoff 200 ms doubling to 5 s, for FF_BOOT_RETRY_S."""
         deadline = time.monotonic() + self.config.boot_retry_s
         delay = 0.2
@@ -282,6 +304,8 @@ class FlowFabricServer:
         assert self.store is not None
         while True:
             await asyncio.sleep(self.health_ping_interval_s)
+            if self._embedded_down:
+                continue  # the supervisor owns health until the restarted Valkey is ready
             if await self.store.ping():
                 if failures >= 2:
                     log.warning("Valkey reachable again; health SERVING")
@@ -293,6 +317,42 @@ class FlowFabricServer:
                     log.error("Valkey unreachable; health NOT_SERVING")
                 if failures >= 2:
                     await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _supervise_embedded(self) -> None:
+        """Restart the embedded Valkey when it exits: same port, data dir and password, backoff
+        200 ms doubling to 5 s; then reload the library and re-install the HMAC secret as boot
+        does. Health is NOT_SERVING from the exit until the restart is complete."""
+        embedded, store = self.embedded, self.store
+        assert embedded is not None and store is not None
+        while True:
+            await asyncio.sleep(EMBEDDED_WATCH_INTERVAL_S)
+            if embedded.alive() or self._stopped:
+                continue
+            code = embedded.proc.returncode if embedded.proc is not None else None
+            log.error("embedded Valkey exited (code %s); restarting it; health NOT_SERVING", code)
+            self._embedded_down = True
+            await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            delay = 0.2
+            while not self._stopped:
+                try:
+                    if not embedded.alive():
+                        await asyncio.to_thread(embedded.start)
+                    await store.ensure_library()
+                    await install_secret(
+                        Functions(store, self._secret).keystore,
+                        self.config.flow_partitions,
+                        self._secret,
+                    )
+                    break
+                except Exception as exc:
+                    log.error("embedded Valkey restart failed (%s); retrying in %.1fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, EMBEDDED_RESTART_MAX_DELAY_S)
+            if self._stopped:
+                return
+            self._embedded_down = False
+            await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+            log.warning("embedded Valkey restarted on port %s; health SERVING", embedded.port)
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -321,6 +381,9 @@ class FlowFabricServer:
             await self.stream_store.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
+        if self._lock_fd is not None:
+            unlock_data_dir(self._lock_fd)
+            self._lock_fd = None
         log.info("flowfabric stopped")
 
 

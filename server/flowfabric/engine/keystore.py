@@ -30,6 +30,7 @@ audit = logging.getLogger("flowfabric.audit")
 PARALLELISM = 16
 ROTATION_DEADLINE_S = 120.0
 SECRET_FILE = "waitpoint_hmac_secret"
+PASSWORD_FILE = "valkey_password"
 R = TypeVar("R")
 
 
@@ -37,23 +38,40 @@ def embedded_secret(data_dir: Path) -> str:
     """The embedded deployment's secret: read from the data dir, or generated (32 random bytes)
     and stored there with mode 0600 so restarts keep validating the tokens already issued."""
     path = Path(data_dir) / SECRET_FILE
+    value, generated = _data_dir_secret(path)
+    if generated:
+        log.warning(
+            "FF_WAITPOINT_HMAC_SECRET is unset: generated a random waitpoint HMAC secret and "
+            "stored it in %s (development convenience; set the variable in production)",
+            path,
+        )
+    return value
+
+
+def embedded_password(data_dir: Path) -> str:
+    """The embedded Valkey's `requirepass`: read from the data dir, or generated (32 random
+    bytes, hex) and stored there with mode 0600. A data dir from a version without a password
+    gets one on its next start."""
+    value, generated = _data_dir_secret(Path(data_dir) / PASSWORD_FILE)
+    if generated:
+        log.info("generated the embedded Valkey's password in %s", Path(data_dir) / PASSWORD_FILE)
+    return value
+
+
+def _data_dir_secret(path: Path) -> tuple[str, bool]:
+    """A hex secret kept in `path` (0600): (value, whether it was generated just now)."""
     if path.exists():
         raw = path.read_text().strip()
         try:
-            return _hex(str(path), raw)
+            return _hex(str(path), raw), False
         except ConfigError:
             raise ConfigError(f"{path} does not hold an even-length hex secret") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     value = secrets.token_hex(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(value + "\n")
-    log.warning(
-        "FF_WAITPOINT_HMAC_SECRET is unset: generated a random waitpoint HMAC secret and stored "
-        "it in %s (development convenience; set the variable in production)",
-        path,
-    )
-    return value
+    return value, True
 
 
 def resolve_secret(config: Config) -> str:
