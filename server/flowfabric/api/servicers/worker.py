@@ -8,11 +8,9 @@ outcome, the success variant is returned with `replayed = true`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from flowfabric.server.api import limits
@@ -22,6 +20,7 @@ from flowfabric.server.engine.workstream import StreamClosed, WorkStream
 from flowfabric.server.valkey.codec import cancel_source, enum_value, hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Claimer, Fence, Frame, Functions, Suspension
+from flowfabric.server.valkey.functions.execution import DelayReplayed, FailReplayed, Replayed
 from flowfabric.server.valkey.functions.stream import Appended
 from flowfabric.server.valkey.ids import (
     ExecutionId,
@@ -32,7 +31,6 @@ from flowfabric.server.valkey.ids import (
 )
 from flowfabric.server.valkey.keys import ExecKeys, WaitpointKeys
 from flowfabric.server.valkey.records import read_signals, signal_record
-from flowfabric.server.valkey.store import server_time_ms
 from flowfabric.server.valkey.workers import WorkerRegistry
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
@@ -87,6 +85,7 @@ def suspension_of(request: pb.SuspendRequest) -> Suspension:
         resume_policy_json=request.resume_policy_json or "{}",
         continuation_metadata_pointer=request.continuation_metadata_pointer,
         timeout_at=request.timeout_at if request.HasField("timeout_at") else None,
+        timeout_in_ms=request.timeout_in_ms if request.HasField("timeout_in_ms") else None,
         use_pending_waitpoint=request.use_pending_waitpoint,
         timeout_behavior=request.timeout_behavior,
     )  # fmt: skip
@@ -437,11 +436,8 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
     async def Suspend(self, request: pb.SuspendRequest, context: Any) -> pb.SuspendResponse:
         eid, fence, idx = self._fenced(request)
         s = suspension_of(request)
-        if request.HasField("timeout_in_ms"):
-            if request.HasField("timeout_at"):
-                raise InvalidInput("timeout_in_ms", "give timeout_at or timeout_in_ms, not both")
-            now = await server_time_ms(self.ctx.store)
-            s = dataclasses.replace(s, timeout_at=now + request.timeout_in_ms)
+        if request.HasField("timeout_in_ms") and request.HasField("timeout_at"):
+            raise InvalidInput("timeout_in_ms", "give timeout_at or timeout_in_ms, not both")
         try:
             reply = await self.fn.suspension.suspend_execution(eid, fence, idx, s)
         except FlowFabricError as exc:
@@ -507,44 +503,18 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
 
     # -- terminal and pausing transitions -----------------------------------------------------
 
-    async def _reconciled(
-        self,
-        call: Callable[[], Awaitable[R]],
-        fence: Fence,
-        accept: Callable[[dict[str, str]], bool],
-    ) -> tuple[R | None, dict[str, str] | None]:
-        """Run `call`; on `execution_not_active` whose detail shows our own committed outcome,
-        return (None, detail) so the caller answers with the success variant (replayed)."""
-        try:
-            return await call(), None
-        except FlowFabricError as exc:
-            if exc.code != "execution_not_active" or len(exc.details) < 4:
-                raise
-            detail = dict(
-                zip(("terminal_outcome", "lease_epoch", "lifecycle_phase", "attempt_id"),
-                    exc.details, strict=False)
-            )  # fmt: skip
-            same_epoch = detail["lease_epoch"] == str(fence.lease_epoch)
-            if fence.lease_id and same_epoch and accept(detail):
-                return None, detail
-            raise
-
     async def CompleteExecution(
         self, request: pb.CompleteExecutionRequest, context: Any
     ) -> pb.CompleteExecutionResponse:
         eid, fence, _ = self._fenced(request)
         source = source_text(request.source, bool(fence.lease_id))
-        _, replayed = await self._reconciled(
-            lambda: self.fn.execution.complete_execution(
-                eid, fence, request.result_payload, request.result_encoding, source
-            ),
-            fence,
-            lambda d: d["terminal_outcome"] == "success" and d["attempt_id"] == fence.attempt_id,
+        reply = await self.fn.execution.complete_execution(
+            eid, fence, request.result_payload, request.result_encoding, source
         )
         done = pb.CompleteExecutionResponse.Completed(
             execution_id=str(eid), public_state=t.PUBLIC_STATE_COMPLETED
         )
-        return pb.CompleteExecutionResponse(completed=done, replayed=replayed is not None)
+        return pb.CompleteExecutionResponse(completed=done, replayed=isinstance(reply, Replayed))
 
     async def CompleteExecutions(
         self, request: pb.CompleteExecutionsRequest, context: Any
@@ -613,63 +583,27 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
     ) -> pb.FailExecutionResponse:
         eid, fence, _ = self._fenced(request)
         source = source_text(request.source, bool(fence.lease_id))
-
-        def accept(d: dict[str, str]) -> bool:
-            if d["lifecycle_phase"] == "terminal":
-                return d["terminal_outcome"] == "failed" and d["attempt_id"] == fence.attempt_id
-            return d["lifecycle_phase"] == "runnable"
-
-        retry_json = await self._retry_policy_json(eid, request)
-        reply, replayed = await self._reconciled(
-            lambda: self.fn.execution.fail_execution(
-                eid, fence, request.failure_reason, request.failure_category, source, retry_json
-            ),
-            fence,
-            accept,
-        )
-        if replayed is not None:
-            if replayed["lifecycle_phase"] == "terminal":
-                return pb.FailExecutionResponse(
-                    terminal_failed=pb.FailExecutionResponse.TerminalFailed(), replayed=True
-                )
-            delay_until, total = await self.ctx.store.call(
-                "HMGET", ExecKeys(eid).core, "delay_until", "total_attempt_count"
+        retry_after = request.retry_after_ms if request.HasField("retry_after_ms") else None
+        if retry_after is not None and request.retry_policy_json:
+            raise InvalidInput(
+                "retry_after_ms", "retry_after_ms and retry_policy_json are mutually exclusive"
             )
-            return pb.FailExecutionResponse(
-                retry_scheduled=pb.FailExecutionResponse.RetryScheduled(
-                    delay_until=int(text(delay_until) or 0),
-                    next_attempt_index=int(text(total) or 0),
-                ),
-                replayed=True,
-            )
-        assert reply is not None
+        reply = await self.fn.execution.fail_execution(
+            eid, fence, request.failure_reason, request.failure_category, source,
+            request.retry_policy_json, retry_after,
+        )  # fmt: skip
+        replayed = isinstance(reply, FailReplayed)
         if reply.outcome == "retry_scheduled":
             return pb.FailExecutionResponse(
                 retry_scheduled=pb.FailExecutionResponse.RetryScheduled(
                     delay_until=reply.delay_until or 0,
                     next_attempt_index=reply.next_attempt_index or 0,
-                )
+                ),
+                replayed=replayed,
             )
-        return pb.FailExecutionResponse(terminal_failed=pb.FailExecutionResponse.TerminalFailed())
-
-    async def _retry_policy_json(self, eid: ExecutionId, request: pb.FailExecutionRequest) -> str:
-        """The retry policy for this fail: the caller's, or the stored one with the handler's
-        `retry_after_ms` as a fixed backoff (budget: the stored max_retries, 3 without a policy)."""
-        if not request.HasField("retry_after_ms"):
-            return request.retry_policy_json
-        if request.retry_policy_json:
-            raise InvalidInput(
-                "retry_after_ms", "retry_after_ms and retry_policy_json are mutually exclusive"
-            )
-        stored = text(await self.ctx.store.call("GET", ExecKeys(eid).policy)) or "{}"
-        try:
-            policy = json.loads(stored)
-        except ValueError:
-            policy = {}
-        retry = policy.get("retry_policy") if isinstance(policy, dict) else None
-        retry = dict(retry) if isinstance(retry, dict) else {"max_retries": 3}
-        retry["backoff"] = {"type": "fixed", "delay_ms": int(request.retry_after_ms)}
-        return json.dumps(retry)
+        return pb.FailExecutionResponse(
+            terminal_failed=pb.FailExecutionResponse.TerminalFailed(), replayed=replayed
+        )
 
     async def CancelLeasedExecution(
         self, request: pb.CancelLeasedExecutionRequest, context: Any
@@ -677,15 +611,13 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         eid, fence, _ = self._fenced(request)
         if not fence.lease_id:
             raise FlowFabricError("fence_required", message="CancelLeasedExecution needs a fence")
-        _, replayed = await self._reconciled(
-            lambda: self.fn.execution.cancel_execution(eid, request.reason, "lease_holder", fence),
-            fence,
-            lambda d: d["terminal_outcome"] == "cancelled" and d["attempt_id"] == fence.attempt_id,
-        )
+        reply = await self.fn.execution.cancel_execution(eid, request.reason, "lease_holder", fence)
         done = pb.CancelLeasedExecutionResponse.Cancelled(
             execution_id=str(eid), public_state=t.PUBLIC_STATE_CANCELLED
         )
-        return pb.CancelLeasedExecutionResponse(cancelled=done, replayed=replayed is not None)
+        return pb.CancelLeasedExecutionResponse(
+            cancelled=done, replayed=isinstance(reply, Replayed)
+        )
 
     async def DelayExecution(
         self, request: pb.DelayExecutionRequest, context: Any
@@ -694,46 +626,22 @@ class WorkerServicer(rpc.WorkerServiceServicer):  # type: ignore[misc]
         source = source_text(request.source, bool(fence.lease_id))
         if request.delay_until <= 0:
             raise InvalidInput("delay_until", "delay_until is required (ms since the epoch)")
-        _, replayed = await self._reconciled(
-            lambda: self.fn.execution.delay_execution(eid, fence, request.delay_until, source),
-            fence,
-            lambda d: d["lifecycle_phase"] == "runnable" and d["attempt_id"] == fence.attempt_id,
-        )
-        if replayed is not None:
-            await self._expect_state(eid, "delayed", "delay_until", str(request.delay_until))
+        reply = await self.fn.execution.delay_execution(eid, fence, request.delay_until, source)
         done = pb.DelayExecutionResponse.Delayed(
             execution_id=str(eid), public_state=t.PUBLIC_STATE_DELAYED
         )
-        return pb.DelayExecutionResponse(delayed=done, replayed=replayed is not None)
+        return pb.DelayExecutionResponse(delayed=done, replayed=isinstance(reply, DelayReplayed))
 
     async def MoveToWaitingChildren(
         self, request: pb.MoveToWaitingChildrenRequest, context: Any
     ) -> pb.MoveToWaitingChildrenResponse:
         eid, fence, _ = self._fenced(request)
         source = source_text(request.source, bool(fence.lease_id))
-        _, replayed = await self._reconciled(
-            lambda: self.fn.execution.move_to_waiting_children(eid, fence, source),
-            fence,
-            lambda d: d["lifecycle_phase"] == "runnable" and d["attempt_id"] == fence.attempt_id,
-        )
-        if replayed is not None:
-            await self._expect_state(eid, "waiting_children", None, None)
+        reply = await self.fn.execution.move_to_waiting_children(eid, fence, source)
         done = pb.MoveToWaitingChildrenResponse.Moved(
             execution_id=str(eid), public_state=t.PUBLIC_STATE_WAITING_CHILDREN
         )
-        return pb.MoveToWaitingChildrenResponse(moved=done, replayed=replayed is not None)
-
-    async def _expect_state(
-        self, eid: ExecutionId, public: str, field: str | None, value: str | None
-    ) -> None:
-        """A pause replay counts only if the execution is still in the state the call made."""
-        names = ["public_state", field] if field else ["public_state"]
-        row = [text(v) for v in await self.ctx.store.call("HMGET", ExecKeys(eid).core, *names)]
-        if row[0] != public or (field and row[1] != value):
-            raise FlowFabricError(
-                "execution_not_active",
-                message=f"execution is {row[0]}, not {public}: another transition won",
-            )
+        return pb.MoveToWaitingChildrenResponse(moved=done, replayed=isinstance(reply, Replayed))
 
 
 def item_error(exc: FlowFabricError) -> pb.RenewLeasesResponse.ItemError:
