@@ -246,10 +246,12 @@ redis.register_function('ff_set_execution_tags', set_execution_tags)
 -- Shared validation of complete/fail/delay/move: numeric epoch, core, fence resolution (an
 -- unfenced operator_override gets the server-side fence), then spec 10 §1.2 with marking: an
 -- expired lease is marked and that write is kept behind the lease_expired reply.
--- Returns x (x.now set) or nil plus the error reply.
+-- A call that finds the execution no longer active first asks `replay(x)` whether its own outcome
+-- already committed (docs/lifecycle.md#replays): a reply there is returned instead of
+-- execution_not_active. Returns x (x.now set) or nil plus the reply to return.
 local OWNER_ARGV = {{3, 'lease_epoch', 'int?'}}
 
-local function owner_mutation(keys, argv, history_key, source)
+local function owner_mutation(keys, argv, history_key, source, replay)
   local _, e1 = Argv.parse(argv, OWNER_ARGV)
   if e1 then
     return nil, e1
@@ -261,6 +263,12 @@ local function owner_mutation(keys, argv, history_key, source)
   local fence, ferr = Lease.resolve_fence(x.core, argv[2], argv[3], argv[4], source, true)
   if not fence then
     return nil, ferr
+  end
+  if x.core.lifecycle_phase ~= 'active' and argv[2] ~= '' then
+    local again = replay(x)
+    if again then
+      return nil, again
+    end
   end
   x.history = history_key
   x.now = Util.now_ms()
@@ -279,6 +287,9 @@ end
 --     stored verbatim; "" = none), 6 source ("" = operator_override), 7 result_encoding.
 --   Now: TIME.
 --   Replies: {1,"OK","completed"}
+--     | {1,"ALREADY_SATISFIED","replayed","completed"}: a retry of this fence's own committed
+--       completion (terminal success, same attempt id, core epoch and attempt hash lease id and
+--       epoch = the fence); nothing written.
 --   Errors (in order): invalid_input (lease_epoch), execution_not_found, partial_fence_triple,
 --     fence_required (unfenced without operator_override), execution_not_active (enriched:
 --     terminal_outcome, current_lease_epoch, lifecycle_phase, current_attempt_id),
@@ -288,8 +299,19 @@ end
 --     (flow member); attempt ended_success, ended_at; stream meta closed attempt_success +
 --     stream_closed event; SET result when non-empty; lease release (DEL lease current, ZREM
 --     lease_expiry, lane active, SREM holder's lease set, history `released` reason completed).
+local function complete_replay(argv)
+  return function(x)
+    local c = x.core
+    if c.lifecycle_phase == 'terminal' and c.terminal_outcome == 'success'
+        and c.current_attempt_id == argv[4]
+        and Lease.made_by(x, argv[2], argv[3], argv[4], c.current_attempt_index) then
+      return Reply.already('replayed', 'completed')
+    end
+  end
+end
+
 local function complete_execution(keys, argv)
-  local x, e = owner_mutation(keys, argv, keys[7], argv[6])
+  local x, e = owner_mutation(keys, argv, keys[7], argv[6], complete_replay(argv))
   if not x then
     return e
   end
@@ -372,13 +394,20 @@ end
 --   KEYS (12): 1 core, 2 attempt hash (*), 3 lease_expiry, 4 holder's worker leases (*),
 --     5 lane terminal (*), 6 lane delayed (*), 7 lease current, 8 lease history,
 --     9 lane active (*), 10 stream meta (*), 11 attempt_timeout, 12 execution_deadline.
---   ARGV (8): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 failure_reason,
+--   ARGV (9): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 failure_reason,
 --     6 failure_category, 7 retry_policy_json ("" = read retry_policy from the stored policy
 --     ff:exec:{p}:<eid>:policy, built from the tag; absent or not an object = no retries),
---     8 source ("" = operator_override).
+--     8 source ("" = operator_override), 9 retry_after_ms ("" = none; else the retry policy is
+--     the stored retry_policy, or {max_retries = 3} without one, with a fixed backoff of that
+--     many ms; given together with a non-empty retry_policy_json: invalid_input).
 --   Now: TIME.
 --   Replies: {1,"OK","retry_scheduled",delay_until,next_attempt_index} | {1,"OK","terminal_failed"}
---   Errors: as ff_complete_execution.
+--     | {1,"ALREADY_SATISFIED","replayed","retry_scheduled",delay_until,next_attempt_index}
+--     | {1,"ALREADY_SATISFIED","replayed","terminal_failed"}: a retry of this fence's own
+--       committed failure (same failure_reason; retry: still in its retry backoff, no lease
+--       since, the failed attempt's hash holding the fence; terminal: failed, same attempt id,
+--       core epoch and attempt hash = the fence); nothing written.
+--   Errors: invalid_input (lease_epoch, retry_after_ms), then as ff_complete_execution.
 --   Writes (both): attempt ended_failure, ended_at, failure_reason, failure_category; stream
 --     meta closed attempt_failure + stream_closed event; lease release (history `released`).
 --     Retry: core retry vector ("retry backoff until <ts> (attempt <idx> failed: <reason>)"),
@@ -387,8 +416,51 @@ end
 --     ZADD lane delayed at delay_until (execution_deadline entry kept); release reason
 --     failed_retry_scheduled. Terminal: spec 10 §1.5 with failed (ZADD lane terminal,
 --     ff:dag:completions), failure_reason; release reason failed_terminal.
+local FAIL_ARGV = {{9, 'retry_after_ms', 'int?', min = 0}}
+
+local function fail_replay(argv)
+  return function(x)
+    local c = x.core
+    if (c.failure_reason or '') ~= argv[5] then
+      return nil
+    elseif c.lifecycle_phase == 'terminal' then
+      if c.terminal_outcome == 'failed' and c.current_attempt_id == argv[4]
+          and Lease.made_by(x, argv[2], argv[3], argv[4], c.current_attempt_index) then
+        return Reply.already('replayed', 'terminal_failed')
+      end
+    elseif c.lifecycle_phase == 'runnable' and c.eligibility_state == 'not_eligible_until_time'
+        and c.blocking_reason == 'waiting_for_retry_backoff' and not Util.is_set(c.current_attempt_id)
+        and Lease.made_by(x, argv[2], argv[3], argv[4], c.pending_previous_attempt_index) then
+      return Reply.already('replayed', 'retry_scheduled', c.delay_until or '',
+        c.total_attempt_count or '0')
+    end
+  end
+end
+
+-- The retry_after_ms policy: the stored retry_policy (or {max_retries = 3}) with a fixed backoff.
+local function retry_after_policy(x, ms)
+  local rp = Policy.stored(x).retry_policy
+  local out = {}
+  if type(rp) == 'table' then
+    for k, v in pairs(rp) do
+      out[k] = v
+    end
+  else
+    out.max_retries = 3
+  end
+  out.backoff = {type = 'fixed', delay_ms = ms}
+  return out
+end
+
 local function fail_execution(keys, argv)
-  local x, e = owner_mutation(keys, argv, keys[8], argv[8])
+  local a, e1 = Argv.parse(argv, FAIL_ARGV)
+  if not a then
+    return e1
+  end
+  if a.retry_after_ms and argv[7] ~= '' then
+    return Reply.err('invalid_input', 'retry_after_ms and retry_policy_json are mutually exclusive')
+  end
+  local x, e = owner_mutation(keys, argv, keys[8], argv[8], fail_replay(argv))
   if not x then
     return e
   end
@@ -396,7 +468,12 @@ local function fail_execution(keys, argv)
   local c, now = x.core, x.now
   local idx, reason, category = c.current_attempt_index or '', argv[5], argv[6]
   local retry_count = tonumber(c.retry_count or '0') or 0
-  local rp = retry_policy_of(x, argv[7])
+  local rp
+  if a.retry_after_ms then
+    rp = retry_after_policy(x, a.retry_after_ms)
+  else
+    rp = retry_policy_of(x, argv[7])
+  end
   local retry = retry_allowed(rp, retry_count, category)
   local delay_until
   if retry then
@@ -447,6 +524,9 @@ end
 --     required), 6 source ("" = operator_override).
 --   Now: TIME.
 --   Replies: {1,"OK",delay_until}
+--     | {1,"ALREADY_SATISFIED","replayed",delay_until}: a retry of this fence's own committed
+--       delay (still delayed by the worker until the same delay_until, same attempt id, core
+--       epoch and attempt hash = the fence); nothing written.
 --   Errors: invalid_input (delay_until, lease_epoch), then as ff_complete_execution.
 --   Writes: core worker-delay vector (not_eligible_until_time / waiting_for_delay,
 --     "delayed until <ts>", attempt_interrupted), delay_until, lease mirror cleared (attempt id
@@ -460,7 +540,16 @@ local function delay_execution(keys, argv)
     return e1
   end
   local delay_until = a.delay_until
-  local x, e = owner_mutation(keys, argv, keys[4], argv[6])
+  local function replay(x)
+    local c = x.core
+    if c.lifecycle_phase == 'runnable' and c.eligibility_state == 'not_eligible_until_time'
+        and c.blocking_reason == 'waiting_for_delay' and c.delay_until == Util.num(delay_until)
+        and c.current_attempt_id == argv[4]
+        and Lease.made_by(x, argv[2], argv[3], argv[4], c.current_attempt_index) then
+      return Reply.already('replayed', Util.num(delay_until))
+    end
+  end
+  local x, e = owner_mutation(keys, argv, keys[4], argv[6], replay)
   if not x then
     return e
   end
@@ -486,13 +575,27 @@ redis.register_function('ff_delay_execution', delay_execution)
 --     ("" = operator_override).
 --   Now: TIME.
 --   Replies: {1,"OK"}
+--     | {1,"ALREADY_SATISFIED","replayed"}: a retry of this fence's own committed move (still
+--       waiting for children, same attempt id, core epoch and attempt hash = the fence);
+--       nothing written.
 --   Errors: as ff_complete_execution.
 --   Writes: core waiting-for-children vector (blocked_by_dependencies / waiting_for_children,
 --     "waiting for child executions to complete", attempt_interrupted), lease mirror cleared;
 --     attempt suspended, suspended_at, suspension_id=waiting_children; lease release reason
 --     waiting_children; ZADD lane blocked:dependencies at created_at.
+local function children_replay(argv)
+  return function(x)
+    local c = x.core
+    if c.lifecycle_phase == 'runnable' and c.eligibility_state == 'blocked_by_dependencies'
+        and c.blocking_reason == 'waiting_for_children' and c.current_attempt_id == argv[4]
+        and Lease.made_by(x, argv[2], argv[3], argv[4], c.current_attempt_index) then
+      return Reply.already('replayed')
+    end
+  end
+end
+
 local function move_to_waiting_children(keys, argv)
-  local x, e = owner_mutation(keys, argv, keys[4], argv[5])
+  local x, e = owner_mutation(keys, argv, keys[4], argv[5], children_replay(argv))
   if not x then
     return e
   end
@@ -540,6 +643,9 @@ end
 --     suppresses the completion publish), 4 lease_id, 5 lease_epoch, 6 attempt_id.
 --   Now: TIME.
 --   Replies: {1,"OK","cancelled",<previous lifecycle_phase>}
+--     | {1,"ALREADY_SATISFIED","replayed","cancelled"}: a retry of this fence's own committed
+--       cancel (a full fence and a source other than operator_override; cancelled by that
+--       source, same attempt id, core epoch and attempt hash = the fence); nothing written.
 --   Errors (in order): invalid_input (lease_epoch), execution_not_found, execution_not_active
 --     (already terminal; enriched). Active and source != operator_override: lease_revoked,
 --     fence_required (no lease_id), lease_expired (not marked), stale_lease (lease_id, or a
@@ -565,10 +671,15 @@ local function cancel_execution(keys, argv)
   end
   local c = x.core
   local phase = c.lifecycle_phase
+  local source = Lease.source_of(argv[3])
   if phase == 'terminal' then
+    if source ~= 'operator_override' and c.terminal_outcome == 'cancelled'
+        and c.cancelled_by == source and c.current_attempt_id == argv[6]
+        and Lease.made_by(x, argv[4], argv[5], argv[6], c.current_attempt_index) then
+      return Reply.already('replayed', 'cancelled')
+    end
     return Reply.not_active(c)
   end
-  local source = Lease.source_of(argv[3])
   local now = Util.now_ms()
   if phase == 'active' and source ~= 'operator_override' then
     local cerr = holder_may_cancel(c, argv[4], argv[5], argv[6], now)

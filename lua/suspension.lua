@@ -112,6 +112,7 @@ local SUSPEND_NUMBERS = {
   {5, 'attempt_index', 'int'},
   {3, 'lease_epoch', 'int?'},
   {14, 'timeout_at', 'int?'},
+  {17, 'timeout_in_ms', 'int?', min = 0},
 }
 local SUSPEND_IDS = {{6, 'suspension_id', 'str'}, {7, 'waitpoint_id', 'str'}}
 
@@ -121,6 +122,9 @@ local function suspend_args(argv)
     return nil, e
   end
   local idx, timeout = a.attempt_index, a.timeout_at
+  if timeout and a.timeout_in_ms then
+    return nil, Reply.err('invalid_input', 'give timeout_at or timeout_in_ms, not both')
+  end
   local behavior = (argv[16] ~= '' and argv[16]) or 'fail'
   if not TIMEOUT_BEHAVIORS[behavior] then
     return nil, Reply.err('invalid_input', 'unknown timeout_behavior: ' .. behavior)
@@ -144,8 +148,8 @@ local function suspend_args(argv)
   if policy ~= false and (type(policy) ~= 'table' or #policy > 0) then
     return nil, Reply.err('invalid_input', 'resume_policy_json must be a JSON object')
   end
-  return {idx = idx, timeout = timeout, behavior = behavior, pending = flag == '1',
-    cond = cond}, nil
+  return {idx = idx, timeout = timeout, timeout_in_ms = a.timeout_in_ms, behavior = behavior,
+    pending = flag == '1', cond = cond}, nil
 end
 
 -- The pending-path checks of spec 20 §5.2 on the stored waitpoint `wp`.
@@ -232,19 +236,21 @@ end
 --     9 suspension_timeout, 10 pending_waitpoint_expiry, 11 waitpoints set, 12 exec signals
 --     (unused). Built: waitpoint condition and stream, lane active/suspended (core.lane_id),
 --     holder's lease set, attempt hash (core.current_attempt_index).
---   ARGV (16): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 attempt_index,
+--   ARGV (17): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 attempt_index,
 --     6 suspension_id, 7 waitpoint_id, 8 waitpoint_key (fresh path; ignored with a pending
 --     waitpoint), 9 reason_code, 10 requested_by, 11 resume_condition_json ("" = defaults),
 --     12 resume_policy_json ("" or a JSON object; stored), 13 continuation_metadata_pointer,
 --     14 timeout_at ("" = none), 15 use_pending_waitpoint ("1" / "0"), 16 timeout_behavior
---     ("" = fail; fail|cancel|expire|auto_resume|auto_resume_with_timeout_signal|escalate).
+--     ("" = fail; fail|cancel|expire|auto_resume|auto_resume_with_timeout_signal|escalate),
+--     17 timeout_in_ms ("" = none; else timeout_at = now + timeout_in_ms; not with timeout_at).
 --   Now: TIME.
 --   Replies: {1,"OK",suspension_id,waitpoint_id,waitpoint_key,waitpoint_token}
 --     | {1,"ALREADY_SATISFIED",suspension_id,waitpoint_id,waitpoint_key,waitpoint_token,
 --        matched_signal_id...} (the satisfying signals, in matcher order)
 --       (pending waitpoint whose buffered signals satisfy the condition: the waitpoint closes
 --       `resumed`, the condition closes `satisfied`, the caller keeps its lease).
---   Errors (in order, nothing written unless noted): invalid_input (numeric ARGV, ids,
+--   Errors (in order, nothing written unless noted): invalid_input (numeric ARGV, timeout_at
+--     with timeout_in_ms, ids,
 --     use_pending_waitpoint, unknown timeout_behavior, resume_policy_json),
 --     invalid_resume_condition, execution_not_found, partial_fence_triple, fence_required,
 --     execution_not_active (enriched), lease_revoked, lease_expired (the lease is first marked
@@ -283,6 +289,9 @@ local function suspend_execution(keys, argv)
   local lerr = Lease.check(x, fence, now, true)
   if lerr then
     return lerr
+  end
+  if a.timeout_in_ms then
+    a.timeout = now + a.timeout_in_ms
   end
   local c = x.core
   if tonumber(c.current_attempt_index or '') ~= a.idx then

@@ -64,6 +64,22 @@ function Lease.fence_matches(c, fence)
     and fence.attempt_id == (c.current_attempt_id or '')
 end
 
+-- Replay check of a fenced owner call whose reply was lost (docs/lifecycle.md#replays): true when
+-- the caller gave a full fence and it is the lease that made the current state, that is the core
+-- still carries that epoch (no lease since) and attempt `idx`'s hash records that attempt id,
+-- lease id and epoch. The caller checks that the state is the one its call makes.
+function Lease.made_by(x, lease_id, epoch, attempt_id, idx)
+  if lease_id == '' or epoch == '' or attempt_id == '' or not Util.is_set(idx) then
+    return false
+  end
+  if tonumber(epoch) ~= tonumber(x.core.current_lease_epoch or '') then
+    return false
+  end
+  local a = redis.call('HMGET', Keys.attempt(x.tag, x.eid, idx), 'attempt_id', 'lease_id',
+    'lease_epoch')
+  return a[1] == attempt_id and a[2] == lease_id and tonumber(a[3] or '') == tonumber(epoch)
+end
+
 -- mark_expired (spec 00 §8.3), idempotent. Needs x.history. Updates the x.core snapshot.
 function Lease.mark_expired(x, now)
   local c = x.core

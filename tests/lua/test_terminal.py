@@ -91,18 +91,13 @@ async def test_complete(store: Store) -> None:
     assert (await history_events(store, lease.eid))[-1]["reason"] == "completed"
 
 
-async def test_complete_lost_reply_detail(store: Store) -> None:
+async def test_complete_lost_reply_is_replayed(store: Store) -> None:
     lease = await create_and_claim(store)
     assert (await complete(store, lease.eid, lease.fence))[1] == b"OK"
+    before = await snapshot(store, lease.eid)
     again = await complete(store, lease.eid, lease.fence)
-    assert again == [
-        0,
-        b"execution_not_active",
-        b"success",
-        lease.epoch.encode(),
-        b"terminal",
-        lease.attempt_id.encode(),
-    ]
+    assert again == [1, b"ALREADY_SATISFIED", b"replayed", b"completed"]
+    assert await snapshot(store, lease.eid) == before, "a replay writes nothing"
 
 
 async def test_unfenced_complete(store: Store) -> None:
@@ -260,26 +255,21 @@ async def test_argument_retry_policy_overrides_the_stored_one(store: Store) -> N
     assert reply == [1, b"OK", b"terminal_failed"], "invalid policy JSON means no retries"
 
 
-async def test_retry_lost_reply_detail(store: Store) -> None:
+async def test_retry_lost_reply_is_replayed(store: Store) -> None:
     lease = await create_and_claim(store, policy_json=retry_policy())
     first = await fail(store, lease.eid, lease.fence)
     again = await fail(store, lease.eid, lease.fence)
-    assert again == [0, b"execution_not_active", b"none", lease.epoch.encode(), b"runnable", b""]
+    assert again == [1, b"ALREADY_SATISFIED", b"replayed", *first[2:]]
     assert (await core_of(store, lease.eid))["delay_until"] == first[3].decode()
 
 
-async def test_terminal_fail_lost_reply_detail(store: Store) -> None:
+async def test_terminal_fail_lost_reply_is_replayed(store: Store) -> None:
     lease = await create_and_claim(store)
     await fail(store, lease.eid, lease.fence)
     again = await fail(store, lease.eid, lease.fence)
-    assert again == [
-        0,
-        b"execution_not_active",
-        b"failed",
-        lease.epoch.encode(),
-        b"terminal",
-        lease.attempt_id.encode(),
-    ]
+    assert again == [1, b"ALREADY_SATISFIED", b"replayed", b"terminal_failed"]
+    other = await fail(store, lease.eid, lease.fence, reason="another failure")
+    assert other[:3] == [0, b"execution_not_active", b"failed"], "not this call's outcome"
 
 
 async def test_fail_bad_epoch_changes_nothing(store: Store) -> None:
@@ -330,14 +320,16 @@ async def test_cancel_by_the_holder(store: Store) -> None:
     assert closed == b"attempt_cancelled"
     await lease_is_released(store, lease.eid)
     again = await cancel(store, lease.eid, source="lease_holder", fence=lease.fence)
-    assert again == [
+    assert again == [1, b"ALREADY_SATISFIED", b"replayed", b"cancelled"]
+    override = await cancel(store, lease.eid, fence=lease.fence)
+    assert override == [
         0,
         b"execution_not_active",
         b"cancelled",
         lease.epoch.encode(),
         b"terminal",
         lease.attempt_id.encode(),
-    ]
+    ], "an operator_override cancel is never a replay"
 
 
 async def test_holder_cancel_fence_rules(store: Store) -> None:
@@ -434,16 +426,11 @@ async def test_delay(store: Store) -> None:
         "ZSCORE", PartitionKeys(lease.eid.tag).lane(LANE, "delayed"), str(lease.eid)
     )
     assert score == until
-    # A lost reply is recognisable (Spec): runnable, same epoch and attempt, delayed.
+    # A lost reply is replayed: still delayed by this fence until the same time.
     again = await delay(store, lease.eid, lease.fence, until)
-    assert again == [
-        0,
-        b"execution_not_active",
-        b"none",
-        lease.epoch.encode(),
-        b"runnable",
-        lease.attempt_id.encode(),
-    ]
+    assert again == [1, b"ALREADY_SATISFIED", b"replayed", str(until).encode()]
+    other = await delay(store, lease.eid, lease.fence, until + 1)
+    assert other[:2] == [0, b"execution_not_active"], "another delay_until is not this call"
 
 
 async def test_graceful_shutdown_delay_hands_work_over(store: Store) -> None:

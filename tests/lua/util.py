@@ -328,10 +328,12 @@ async def fail(
     category: str = "error",
     retry_policy_json: str = "",
     source: str = "lease_holder",
+    retry_after_ms: object = "",
 ) -> list:
     values = {
         "execution_id": str(eid), **fence_values(fence), "failure_reason": reason,
         "failure_category": category, "retry_policy_json": retry_policy_json, "source": source,
+        "retry_after_ms": retry_after_ms,
     }  # fmt: skip
     return await fcall(store, execution.FAIL, ctx_of(eid), values)
 
@@ -662,6 +664,7 @@ async def suspend(
     idx: object = None,
     sid: str | None = None,
     ks: str | None = None,
+    timeout_in_ms: object = "",
 ) -> list:
     eid = lease.eid
     wpid = wpid or str(uuid.uuid4())
@@ -673,7 +676,7 @@ async def suspend(
         "resume_condition_json": condition("go") if cond is None else cond,
         "resume_policy_json": policy, "continuation_metadata_pointer": "cont-ptr",
         "timeout_at": timeout_at, "use_pending_waitpoint": "1" if use_pending else "0",
-        "timeout_behavior": behavior,
+        "timeout_behavior": behavior, "timeout_in_ms": timeout_in_ms,
     }  # fmt: skip
     ctx = ctx_of(eid, waitpoint_id=wpid)
     patch = {3: ks} if ks else None

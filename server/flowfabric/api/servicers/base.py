@@ -40,8 +40,10 @@ def pending(service_descriptor: Any, delivered_by: str) -> Callable[[T], T]:
     """
 
     def decorate(cls: T) -> T:
+        # Implemented by the class or one of its own bases (mixins), not the generated servicer.
+        own = [k for k in cls.__mro__ if not k.__module__.endswith("_pb2_grpc")]
         for method in service_descriptor.methods:
-            if method.name in cls.__dict__:
+            if any(method.name in k.__dict__ for k in own):
                 continue
             error = not_implemented(f"{service_descriptor.name}.{method.name}", delivered_by)
             setattr(

@@ -79,6 +79,34 @@ class Delayed:
 
 
 @dataclass(frozen=True)
+class Replayed:
+    """ALREADY_SATISFIED `replayed [<outcome>]`: the fence's own transition had already
+    committed (a retry after a lost reply); nothing written (docs/lifecycle.md#replays)."""
+
+    reason: str
+    outcome: str = ""
+
+
+@dataclass(frozen=True)
+class FailReplayed:
+    """ALREADY_SATISFIED `replayed retry_scheduled delay_until next_attempt_index` or
+    `replayed terminal_failed`: the fence's own failure had already committed."""
+
+    reason: str
+    outcome: str
+    delay_until: int | None = None
+    next_attempt_index: int | None = None
+
+
+@dataclass(frozen=True)
+class DelayReplayed:
+    """ALREADY_SATISFIED `replayed delay_until`: the fence's own delay had already committed."""
+
+    reason: str
+    delay_until: int
+
+
+@dataclass(frozen=True)
 class Ended:
     """`cancelled|expired <previous phase>`, or a bare outcome word."""
 
@@ -115,43 +143,43 @@ CREATE: Decl[Created | Duplicate] = Decl(
 SET_TAGS: Decl[TagsSet] = Decl(
     "ff_set_execution_tags", (ek("core"), ek("tags")), (tail("pairs"),), ok(record(TagsSet))
 )
-COMPLETE: Decl[Outcome] = Decl(
+COMPLETE: Decl[Outcome | Replayed] = Decl(
     "ff_complete_execution",
     (ek("core"), routed("attempt hash"), pk("lease_expiry"), routed("worker leases"),
      routed("lane terminal"), ek("lease_current"), ek("lease_history"), routed("lane active"),
      routed("stream meta"), ek("result"), pk("attempt_timeout"), pk("execution_deadline")),
     (arg("execution_id"), *FENCE, arg("result_payload", "bytes"), arg("source"),
      arg("result_encoding")),
-    ok(record(Outcome)),
+    {"OK": record(Outcome), "ALREADY_SATISFIED": record(Replayed)},
 )  # fmt: skip
-FAIL: Decl[FailOutcome] = Decl(
+FAIL: Decl[FailOutcome | FailReplayed] = Decl(
     "ff_fail_execution",
     (ek("core"), routed("attempt hash"), pk("lease_expiry"), routed("worker leases"),
      routed("lane terminal"), routed("lane delayed"), ek("lease_current"), ek("lease_history"),
      routed("lane active"), routed("stream meta"), pk("attempt_timeout"),
      pk("execution_deadline")),
     (arg("execution_id"), *FENCE, arg("failure_reason"), arg("failure_category"),
-     arg("retry_policy_json", default=""), arg("source")),
-    ok(record(FailOutcome)),
+     arg("retry_policy_json", default=""), arg("source"), opt("retry_after_ms")),
+    {"OK": record(FailOutcome), "ALREADY_SATISFIED": record(FailReplayed)},
 )  # fmt: skip
 _PAUSE_KEYS = (
     ek("core"), routed("attempt hash"), ek("lease_current"), ek("lease_history"),
     pk("lease_expiry"), routed("worker leases"), routed("lane active"), routed("target lane"),
     pk("attempt_timeout"),
 )  # fmt: skip
-DELAY: Decl[Delayed] = Decl(
+DELAY: Decl[Delayed | DelayReplayed] = Decl(
     "ff_delay_execution",
     _PAUSE_KEYS,
     (arg("execution_id"), *FENCE, arg("delay_until", "int"), arg("source")),
-    ok(record(Delayed)),
+    {"OK": record(Delayed), "ALREADY_SATISFIED": record(DelayReplayed)},
 )
-WAIT_CHILDREN: Decl[Outcome] = Decl(
+WAIT_CHILDREN: Decl[Outcome | Replayed] = Decl(
     "ff_move_to_waiting_children",
     _PAUSE_KEYS,
     (arg("execution_id"), *FENCE, arg("source")),
-    ok(record(Outcome)),
+    {"OK": record(Outcome), "ALREADY_SATISFIED": record(Replayed)},
 )
-CANCEL: Decl[Ended] = Decl(
+CANCEL: Decl[Ended | Replayed] = Decl(
     "ff_cancel_execution",
     (ek("core"), routed("attempt hash"), routed("stream meta"), ek("lease_current"),
      ek("lease_history"), pk("lease_expiry"), routed("worker leases"), ek("suspension_current"),
@@ -161,7 +189,7 @@ CANCEL: Decl[Ended] = Decl(
      routed("lane blocked:budget"), routed("lane blocked:quota"), routed("lane blocked:route"),
      routed("lane blocked:operator")),
     (arg("execution_id"), arg("reason"), arg("source"), *FENCE),
-    ok(record(Ended)),
+    {"OK": record(Ended), "ALREADY_SATISFIED": record(Replayed)},
 )  # fmt: skip
 PROGRESS: Decl[Outcome] = Decl(
     "ff_update_progress",
@@ -213,7 +241,7 @@ class ExecutionFunctions:
 
     async def complete_execution(
         self, eid: ExecutionId, fence: Fence, result: bytes, encoding: str, source: str
-    ) -> Outcome:
+    ) -> Outcome | Replayed:
         return await call(self.store, COMPLETE, exec_ctx(eid), {
             "execution_id": str(eid), **fence.values(), "result_payload": result,
             "source": source, "result_encoding": encoding,
@@ -221,18 +249,19 @@ class ExecutionFunctions:
 
     async def fail_execution(
         self, eid: ExecutionId, fence: Fence, reason: str, category: str, source: str,
-        retry_policy_json: str = "",
-    ) -> FailOutcome:  # fmt: skip
-        """`retry_policy_json` "" = the function reads the stored policy's retry_policy."""
+        retry_policy_json: str = "", retry_after_ms: int | None = None,
+    ) -> FailOutcome | FailReplayed:  # fmt: skip
+        """`retry_policy_json` "" = the function reads the stored policy's retry_policy;
+        `retry_after_ms` = that policy (or 3 retries) with a fixed backoff of that many ms."""
         return await call(self.store, FAIL, exec_ctx(eid), {
             "execution_id": str(eid), **fence.values(), "failure_reason": reason,
             "failure_category": category, "retry_policy_json": retry_policy_json,
-            "source": source,
+            "source": source, "retry_after_ms": retry_after_ms,
         })  # fmt: skip
 
     async def delay_execution(
         self, eid: ExecutionId, fence: Fence, delay_until: int, source: str
-    ) -> Delayed:
+    ) -> Delayed | DelayReplayed:
         return await call(self.store, DELAY, exec_ctx(eid), {
             "execution_id": str(eid), **fence.values(), "delay_until": delay_until,
             "source": source,
@@ -240,13 +269,13 @@ class ExecutionFunctions:
 
     async def move_to_waiting_children(
         self, eid: ExecutionId, fence: Fence, source: str
-    ) -> Outcome:
+    ) -> Outcome | Replayed:
         values = {"execution_id": str(eid), **fence.values(), "source": source}
         return await call(self.store, WAIT_CHILDREN, exec_ctx(eid), values)
 
     async def cancel_execution(
         self, eid: ExecutionId, reason: str, source: str, fence: Fence
-    ) -> Ended:
+    ) -> Ended | Replayed:
         values = {"execution_id": str(eid), "reason": reason, "source": source, **fence.values()}
         return await call(self.store, CANCEL, exec_ctx(eid), values)
 

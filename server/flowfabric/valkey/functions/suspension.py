@@ -42,6 +42,7 @@ class Suspension:
     timeout_at: int | None = None
     use_pending_waitpoint: bool = False
     timeout_behavior: str = ""
+    timeout_in_ms: int | None = None  # composed with TIME inside the function; not with timeout_at
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ SUSPEND: Decl[Suspended] = Decl(
      arg("waitpoint_id"), arg("waitpoint_key"), arg("reason_code"), arg("requested_by"),
      arg("resume_condition_json"), arg("resume_policy_json"),
      arg("continuation_metadata_pointer"), opt("timeout_at"),
-     arg("use_pending_waitpoint", "bool"), arg("timeout_behavior")),
+     arg("use_pending_waitpoint", "bool"), arg("timeout_behavior"), opt("timeout_in_ms")),
     {"OK": record(Suspended), "ALREADY_SATISFIED": _satisfied},
 )  # fmt: skip
 RESUME: Decl[PublicState] = Decl(
@@ -240,7 +241,7 @@ class SuspensionFunctions:
             "resume_policy_json": s.resume_policy_json,
             "continuation_metadata_pointer": s.continuation_metadata_pointer,
             "timeout_at": s.timeout_at, "use_pending_waitpoint": s.use_pending_waitpoint,
-            "timeout_behavior": s.timeout_behavior,
+            "timeout_behavior": s.timeout_behavior, "timeout_in_ms": s.timeout_in_ms,
         })  # fmt: skip
 
     async def resume_execution(

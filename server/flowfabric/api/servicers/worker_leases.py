@@ -1,0 +1,123 @@
+"""WorkerService, part 2: the lease (RenewLease, RenewLeases, UpdateProgress) and the attempt's
+output stream (AppendFrame, AppendFrames; docs/streams.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from flowfabric.server.api import fences, limits
+from flowfabric.server.api.servicers.base import ServerContext
+from flowfabric.server.api.servicers.worker_claims import (
+    DEFAULT_LEASE_TTL_MS,
+    WorkerParts,
+    item_error,
+)
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
+from flowfabric.server.valkey.functions import Frame
+from flowfabric.server.valkey.functions.stream import Appended
+from flowfabric.v1 import worker_pb2 as pb
+
+MAX_RENEWALS = 1000
+
+
+async def renew_lease(ctx: ServerContext, request: pb.RenewLeaseRequest) -> pb.RenewLeaseResponse:
+    """One renewal: RenewLease, and each item of RenewLeases."""
+    eid, fence, attempt_index = fences.of_request(ctx, request).parts()
+    ttl = request.lease_ttl_ms or (request.lease.lease_ttl_ms if request.HasField("lease")
+                                    else 0) or DEFAULT_LEASE_TTL_MS  # fmt: skip
+    grace = request.lease_history_grace_ms if request.HasField(
+        "lease_history_grace_ms") else 5000  # fmt: skip
+    reply = await ctx.functions.lease.renew_lease(eid, attempt_index, fence, ttl, grace)
+    renewed = pb.RenewLeaseResponse.Renewed(expires_at=reply.expires_at)
+    return pb.RenewLeaseResponse(renewed=renewed)
+
+
+class LeasesMixin(WorkerParts):
+    """Lease renewal, progress and frames."""
+
+    async def RenewLease(
+        self, request: pb.RenewLeaseRequest, context: Any
+    ) -> pb.RenewLeaseResponse:
+        return await renew_lease(self.ctx, request)
+
+    async def RenewLeases(
+        self, request: pb.RenewLeasesRequest, context: Any
+    ) -> pb.RenewLeasesResponse:
+        if not request.renewals:
+            raise InvalidInput("renewals", "at least one renewal is required")
+        if len(request.renewals) > MAX_RENEWALS:
+            raise InvalidInput("renewals", f"at most {MAX_RENEWALS} renewals per call")
+
+        async def one(item: pb.RenewLeaseRequest) -> pb.RenewLeasesResponse.Result:
+            eid_text = item.lease.execution_id if item.HasField("lease") else item.execution_id
+            try:
+                renewed = await renew_lease(self.ctx, item)
+            except FlowFabricError as exc:
+                return pb.RenewLeasesResponse.Result(execution_id=eid_text, error=item_error(exc))
+            return pb.RenewLeasesResponse.Result(execution_id=eid_text, renewed=renewed.renewed)
+
+        results = await asyncio.gather(*(one(r) for r in request.renewals))
+        return pb.RenewLeasesResponse(results=results)
+
+    async def UpdateProgress(
+        self, request: pb.UpdateProgressRequest, context: Any
+    ) -> pb.UpdateProgressResponse:
+        eid, fence, _ = fences.of_loose_request(self.ctx, request).parts()
+        pct = request.progress_pct if request.HasField("progress_pct") else None
+        if pct is not None and pct > 100:
+            raise InvalidInput("progress_pct", "progress_pct must be 0..100")
+        await self.fn.execution.update_progress(eid, fence, pct, request.progress_message)
+        return pb.UpdateProgressResponse(updated=pb.UpdateProgressResponse.Updated())
+
+    async def _append(self, request: pb.AppendFrameRequest) -> Appended:
+        """One fenced `ff_append_frame`; the payload is passed through as bytes."""
+        eid, fence, idx = fences.of_loose_request(self.ctx, request).parts()
+        if not request.HasField("lease"):
+            idx = request.attempt_index
+        frame = Frame(
+            frame_type=request.frame_type,
+            payload=request.payload,
+            timestamp=request.timestamp or None,
+            encoding=request.encoding,
+            metadata_json=request.metadata_json,
+            correlation_id=request.correlation_id,
+            source=request.source,
+            retention_maxlen=request.retention_maxlen
+            if request.HasField("retention_maxlen") else None,
+            max_payload_bytes=request.max_payload_bytes
+            if request.HasField("max_payload_bytes") else None,
+        )  # fmt: skip
+        return await self.fn.stream.append_frame(eid, idx, fence, frame)
+
+    async def AppendFrame(
+        self, request: pb.AppendFrameRequest, context: Any
+    ) -> pb.AppendFrameResponse:
+        reply = await self._append(request)
+        return pb.AppendFrameResponse(
+            appended=pb.AppendFrameResponse.Appended(
+                entry_id=reply.entry_id, frame_count=reply.frame_count
+            )
+        )
+
+    async def AppendFrames(self, request_iterator: Any, context: Any) -> pb.AppendFramesResponse:
+        """Frames in order, each fenced on its own; the first failure ends the call with that
+        frame's error and `appended_count` = frames appended before it."""
+        limit = limits.REQUEST_LIMITS["/flowfabric.v1.WorkerService/AppendFrame"]
+        out = pb.AppendFramesResponse()
+        async for item in request_iterator:
+            try:
+                if item.ByteSize() > limit:
+                    raise FlowFabricError(
+                        "payload_too_large",
+                        message=f"frame message is {item.ByteSize()} bytes; the limit is {limit}",
+                        metadata={"limit_bytes": str(limit)},
+                    )
+                reply = await self._append(item.frame)
+            except FlowFabricError as exc:
+                exc.metadata["appended_count"] = str(out.appended_count)
+                raise
+            out.appended_count += 1
+            out.last_entry_id = reply.entry_id
+            out.frame_count = reply.frame_count
+        return out

@@ -1,0 +1,199 @@
+"""WorkerService, part 4: the fenced terminal and pausing transitions (CompleteExecution,
+CompleteExecutions, FailExecution, CancelLeasedExecution, DelayExecution, MoveToWaitingChildren).
+
+A retry after a lost reply is recognised by the function itself (docs/lifecycle.md#replays): its
+`replayed` reply variant is answered as the success variant with `replayed = true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from flowfabric.server.api import fences, limits
+from flowfabric.server.api.servicers.base import ServerContext
+from flowfabric.server.api.servicers.worker_claims import (
+    MAX_BATCH,
+    WorkerParts,
+    item_error,
+    task_message,
+)
+from flowfabric.server.engine.scheduler import ClaimRequest
+from flowfabric.server.valkey.codec import cancel_source
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
+from flowfabric.server.valkey.functions import Claimer
+from flowfabric.server.valkey.functions.execution import DelayReplayed, FailReplayed, Replayed
+from flowfabric.v1 import types_pb2 as t
+from flowfabric.v1 import worker_pb2 as pb
+
+MAX_COMPLETIONS = 1000
+
+log = logging.getLogger("flowfabric.rpc")
+
+
+def source_text(source: int, fenced: bool) -> str:
+    """Unfenced worker calls must say OPERATOR_OVERRIDE explicitly (UNSPECIFIED is refused)."""
+    if source == t.CANCEL_SOURCE_UNSPECIFIED and not fenced:
+        raise FlowFabricError(
+            "fence_required",
+            message="unfenced calls need source = CANCEL_SOURCE_OPERATOR_OVERRIDE",
+        )
+    return cancel_source(source, "lease_holder")
+
+
+async def complete_execution(
+    ctx: ServerContext, request: pb.CompleteExecutionRequest
+) -> pb.CompleteExecutionResponse:
+    """One completion: CompleteExecution, and each item of CompleteExecutions."""
+    eid, fence, _ = fences.of_request(ctx, request).parts()
+    source = source_text(request.source, bool(fence.lease_id))
+    reply = await ctx.functions.execution.complete_execution(
+        eid, fence, request.result_payload, request.result_encoding, source
+    )
+    done = pb.CompleteExecutionResponse.Completed(
+        execution_id=str(eid), public_state=t.PUBLIC_STATE_COMPLETED
+    )
+    return pb.CompleteExecutionResponse(completed=done, replayed=isinstance(reply, Replayed))
+
+
+class TerminalMixin(WorkerParts):
+    """The fenced terminal and pausing transitions."""
+
+    async def CompleteExecution(
+        self, request: pb.CompleteExecutionRequest, context: Any
+    ) -> pb.CompleteExecutionResponse:
+        return await complete_execution(self.ctx, request)
+
+    async def CompleteExecutions(
+        self, request: pb.CompleteExecutionsRequest, context: Any
+    ) -> pb.CompleteExecutionsResponse:
+        """Each item as CompleteExecution, concurrently; one result per item, in order.
+        With `claim`, then claims as ClaimNext with `wait_ms` = 0 would."""
+        if not request.items:
+            raise InvalidInput("items", "at least one completion is required")
+        if len(request.items) > MAX_COMPLETIONS:
+            raise InvalidInput("items", f"at most {MAX_COMPLETIONS} completions per call")
+        claim = self._claim_after(request.claim) if request.HasField("claim") else None
+        limit = limits.REQUEST_LIMITS["/flowfabric.v1.WorkerService/CompleteExecution"]
+        result = pb.CompleteExecutionsResponse.Result
+
+        async def one(item: pb.CompleteExecutionRequest) -> pb.CompleteExecutionsResponse.Result:
+            eid_text = item.lease.execution_id if item.HasField("lease") else item.execution_id
+            try:
+                if item.ByteSize() > limit:
+                    raise FlowFabricError(
+                        "payload_too_large",
+                        message=f"item is {item.ByteSize()} bytes; the limit is {limit}",
+                        metadata={"limit_bytes": str(limit)},
+                    )
+                done = await complete_execution(self.ctx, item)
+            except FlowFabricError as exc:
+                return result(execution_id=eid_text, error=item_error(exc))
+            except Exception:  # as the interceptor does for a whole call: logged, not leaked
+                log.exception("unexpected error completing %s in a batch", eid_text)
+                internal = FlowFabricError("protocol_error", message="internal error")
+                return result(execution_id=eid_text, error=item_error(internal))
+            return result(execution_id=eid_text, completed=done)
+
+        results = await asyncio.gather(*(one(item) for item in request.items))
+        reply = pb.CompleteExecutionsResponse(results=results)
+        if claim is not None:
+            await self._claim_into(claim, reply)
+        return reply
+
+    def _claim_after(self, claim: pb.ClaimNextRequest) -> ClaimRequest:
+        """The claim of a CompleteExecutions, validated before any item runs."""
+        if claim.wait_ms:
+            raise InvalidInput("claim.wait_ms", "a claim after completions cannot wait")
+        if claim.max_tasks > MAX_BATCH:
+            raise InvalidInput("claim.max_tasks", f"max_tasks must be at most {MAX_BATCH}")
+        lanes, caps = list(claim.lane_ids), list(claim.capabilities)
+        return self._claim_request(claim, lanes, caps, max(claim.max_tasks, 1))
+
+    async def _claim_into(self, req: ClaimRequest, reply: pb.CompleteExecutionsResponse) -> None:
+        """Claim after the completions committed; a failure is reported, never raised (the
+        completions stand)."""
+        try:
+            claimed = await self.scheduler.claim_next(req, 0)
+        except FlowFabricError as exc:
+            reply.claim_error.CopyFrom(item_error(exc))
+            return
+        except Exception:  # as the interceptor does for a whole call: logged, not leaked
+            log.exception("unexpected error claiming after completions")
+            internal = FlowFabricError("protocol_error", message="internal error")
+            reply.claim_error.CopyFrom(item_error(internal))
+            return
+        who = Claimer(req.worker_id, req.worker_instance_id, "", req.capabilities_csv)
+        reply.claimed.extend(task_message(c, who, req.lease_ttl_ms) for c in claimed)
+
+    async def FailExecution(
+        self, request: pb.FailExecutionRequest, context: Any
+    ) -> pb.FailExecutionResponse:
+        eid, fence, _ = fences.of_request(self.ctx, request).parts()
+        source = source_text(request.source, bool(fence.lease_id))
+        retry_after = request.retry_after_ms if request.HasField("retry_after_ms") else None
+        if retry_after is not None and request.retry_policy_json:
+            raise InvalidInput(
+                "retry_after_ms", "retry_after_ms and retry_policy_json are mutually exclusive"
+            )
+        reply = await self.fn.execution.fail_execution(
+            eid, fence, request.failure_reason, request.failure_category, source,
+            request.retry_policy_json, retry_after,
+        )  # fmt: skip
+        replayed = isinstance(reply, FailReplayed)
+        if reply.outcome == "retry_scheduled":
+            return pb.FailExecutionResponse(
+                retry_scheduled=pb.FailExecutionResponse.RetryScheduled(
+                    delay_until=reply.delay_until or 0,
+                    next_attempt_index=reply.next_attempt_index or 0,
+                ),
+                replayed=replayed,
+            )
+        return pb.FailExecutionResponse(
+            terminal_failed=pb.FailExecutionResponse.TerminalFailed(), replayed=replayed
+        )
+
+    async def CancelLeasedExecution(
+        self, request: pb.CancelLeasedExecutionRequest, context: Any
+    ) -> pb.CancelLeasedExecutionResponse:
+        if request.HasField("lease"):
+            fence_msg = request.fence if request.HasField("fence") else None
+            f = fences.of_handle(self.ctx, request.execution_id, request.lease, fence_msg)
+        else:
+            msg = request.fence if request.HasField("fence") else None
+            f = fences.of_fence(self.ctx, request.execution_id, msg, 0)
+        eid, fence = f.eid, f.fence
+        if not fence.lease_id:
+            raise FlowFabricError("fence_required", message="CancelLeasedExecution needs a fence")
+        reply = await self.fn.execution.cancel_execution(eid, request.reason, "lease_holder", fence)
+        done = pb.CancelLeasedExecutionResponse.Cancelled(
+            execution_id=str(eid), public_state=t.PUBLIC_STATE_CANCELLED
+        )
+        return pb.CancelLeasedExecutionResponse(
+            cancelled=done, replayed=isinstance(reply, Replayed)
+        )
+
+    async def DelayExecution(
+        self, request: pb.DelayExecutionRequest, context: Any
+    ) -> pb.DelayExecutionResponse:
+        eid, fence, _ = fences.of_request(self.ctx, request).parts()
+        source = source_text(request.source, bool(fence.lease_id))
+        if request.delay_until <= 0:
+            raise InvalidInput("delay_until", "delay_until is required (ms since the epoch)")
+        reply = await self.fn.execution.delay_execution(eid, fence, request.delay_until, source)
+        done = pb.DelayExecutionResponse.Delayed(
+            execution_id=str(eid), public_state=t.PUBLIC_STATE_DELAYED
+        )
+        return pb.DelayExecutionResponse(delayed=done, replayed=isinstance(reply, DelayReplayed))
+
+    async def MoveToWaitingChildren(
+        self, request: pb.MoveToWaitingChildrenRequest, context: Any
+    ) -> pb.MoveToWaitingChildrenResponse:
+        eid, fence, _ = fences.of_request(self.ctx, request).parts()
+        source = source_text(request.source, bool(fence.lease_id))
+        reply = await self.fn.execution.move_to_waiting_children(eid, fence, source)
+        done = pb.MoveToWaitingChildrenResponse.Moved(
+            execution_id=str(eid), public_state=t.PUBLIC_STATE_WAITING_CHILDREN
+        )
+        return pb.MoveToWaitingChildrenResponse(moved=done, replayed=isinstance(reply, Replayed))
