@@ -1,8 +1,9 @@
--- execution.lua: creating executions and caller-owned metadata (spec 10 §2.1, §2.19).
+-- execution.lua: creating executions and caller-owned metadata (docs/lifecycle.md#create,
+-- docs/lifecycle.md#tags).
 --
 -- uses: reply, util, argv, keys, state, stream, lease, attempt, terminal, policy, capabilities
 
--- Every exec_core field of spec 00 §5.5 that create initialises to "" (unset).
+-- Every exec_core field of docs/architecture.md#key-schema that create initialises to "" (unset).
 local CORE_EMPTY_FIELDS = {
   'flow_id', 'required_capabilities', 'budget_ids', 'quota_policy_id',
   'current_attempt_index', 'current_attempt_id',
@@ -235,16 +236,18 @@ end
 redis.register_function('ff_set_execution_tags', set_execution_tags)
 
 -- -------------------------------------------------------------------------------------------
--- Owner transitions and terminal operations (spec 10 §2.4, §2.8-2.10, §2.12-2.13, §2.17-2.18).
+-- Owner transitions and terminal operations (docs/lifecycle.md).
 --
 -- KEYS marked (*) are declared for routing only and never read: the function builds that key
--- from the tag of KEYS[1] and core fields (spec 00 §4 rule 3), because the holder, lane or
+-- from the tag of KEYS[1] and core fields (docs/architecture.md#keys-built-inside-lua), because the
+-- holder, lane or
 -- attempt index a caller pre-reads may be stale. Pass the real key or the placeholder
 -- ff:noop:{p}. Fenced functions take ARGV 2-4 = lease_id, lease_epoch, attempt_id.
 -- -------------------------------------------------------------------------------------------
 
 -- Shared validation of complete/fail/delay/move: numeric epoch, core, fence resolution (an
--- unfenced operator_override gets the server-side fence), then spec 10 §1.2 with marking: an
+-- unfenced operator_override gets the server-side fence), then docs/lifecycle.md#leases-and-fencing
+-- with marking: an
 -- expired lease is marked and that write is kept behind the lease_expired reply.
 -- A call that finds the execution no longer active first asks `replay(x)` whether its own outcome
 -- already committed (docs/lifecycle.md#replays): a reply there is returned instead of
@@ -352,7 +355,8 @@ local function json_number(v, default)
   return default
 end
 
--- Backoff before the next attempt (spec 00 §9), from the retry_count before the increment.
+-- Backoff before the next attempt (docs/lifecycle.md#execution-policy), from the retry_count before
+-- the increment.
 local function backoff_ms(rp, retry_count)
   local b = rp.backoff
   if b == nil or b == cjson.null then
@@ -373,7 +377,7 @@ local function backoff_ms(rp, retry_count)
 end
 
 -- Retry iff a policy exists, retry_count < max_retries (default 3) and, when
--- retryable_categories is non-empty, the category is listed (Spec).
+-- retryable_categories is non-empty, the category is listed (a project decision).
 local function retry_allowed(rp, retry_count, category)
   if not rp or retry_count >= Policy.int(rp, 'max_retries', 3) then
     return false
@@ -414,7 +418,8 @@ end
 --     pending_retry_reason, pending_previous_attempt_index, retry_count+1,
 --     current_attempt_id="", lease mirror cleared, delay_until, failure_reason;
 --     ZADD lane delayed at delay_until (execution_deadline entry kept); release reason
---     failed_retry_scheduled. Terminal: spec 10 §1.5 with failed (ZADD lane terminal,
+--     failed_retry_scheduled. Terminal: docs/lifecycle.md#terminal-transitions with failed (ZADD
+--     lane terminal,
 --     ff:dag:completions), failure_reason; release reason failed_terminal.
 local FAIL_ARGV = {{9, 'retry_after_ms', 'int?', min = 0}}
 
@@ -496,7 +501,8 @@ local function fail_execution(keys, argv)
     return Reply.ok('terminal_failed')
   end
   Lease.release(x, 'failed_retry_scheduled', now)
-  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  -- Lane index built from core.lane_id on the tag of KEYS[1]
+  -- (docs/architecture.md#keys-built-inside-lua).
   redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'delayed'), Util.num(delay_until), x.eid)
   return Reply.ok('retry_scheduled', Util.num(delay_until), c.total_attempt_count or '0')
 end
@@ -560,7 +566,8 @@ local function delay_execution(keys, argv)
     now, Lease.cleared({delay_until = Util.num(delay_until)}))
   pause_attempt(x, 'worker_delay', now)
   Lease.release(x, 'worker_delay', now)
-  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  -- Lane index built from core.lane_id on the tag of KEYS[1]
+  -- (docs/architecture.md#keys-built-inside-lua).
   redis.call('ZADD', Keys.lane(x.tag, x.core.lane_id, 'delayed'), Util.num(delay_until), x.eid)
   return Reply.ok(Util.num(delay_until))
 end
@@ -606,7 +613,8 @@ local function move_to_waiting_children(keys, argv)
     'attempt_interrupted'}, now, Lease.cleared({}))
   pause_attempt(x, 'waiting_children', now)
   Lease.release(x, 'waiting_children', now)
-  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  -- Lane index built from core.lane_id on the tag of KEYS[1]
+  -- (docs/architecture.md#keys-built-inside-lua).
   redis.call('ZADD', Keys.lane(x.tag, x.core.lane_id, 'blocked:dependencies'),
     x.core.created_at or Util.num(now), x.eid)
   return Reply.ok()
@@ -614,8 +622,10 @@ end
 
 redis.register_function('ff_move_to_waiting_children', move_to_waiting_children)
 
--- Cancel by a non-override source of an active execution (spec 10 §2.9, Spec rows included),
--- in the order of spec 10 §1.2: revoked, no lease id, expired (not marked), stale fence.
+-- Cancel by a non-override source of an active execution (docs/lifecycle.md#cancel, the project's
+-- own rows included),
+-- in the order of docs/lifecycle.md#leases-and-fencing: revoked, no lease id, expired (not marked),
+-- stale fence.
 local function holder_may_cancel(c, lease_id, epoch, attempt_id, now)
   if Lease.is_revoked(c) then
     return Reply.err('lease_revoked')
@@ -833,7 +843,8 @@ redis.register_function('ff_expire_execution', expire_execution)
 
 -- For a skipped flow member: the given inbound edges now `impossible` (to reopen) and the
 -- number of edges unsatisfied after reopening them (deps:unresolved plus the reopened ones).
--- Keys built from the execution id on the tag of KEYS[1] (spec 00 §4 rule 3).
+-- Keys built from the execution id on the tag of KEYS[1]
+-- (docs/architecture.md#keys-built-inside-lua).
 local function edges_to_reopen(x, argv)
   local reopen, pending, n = {}, {}, 0
   for _, m in ipairs(redis.call('SMEMBERS', Keys.exec(x.tag, x.eid, 'deps:unresolved'))) do
@@ -922,7 +933,8 @@ local function replay_execution(keys, argv)
     score = State.eligible_score(tonumber(c.priority or '0') or 0, created)
   end
   local public = State.write_vector(keys[1], x.eid, vector, now, extra)
-  -- Lane indexes built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  -- Lane indexes built from core.lane_id on the tag of KEYS[1]
+  -- (docs/architecture.md#keys-built-inside-lua).
   redis.call('ZREM', Keys.lane(x.tag, c.lane_id, 'terminal'), x.eid)
   redis.call('ZADD', Keys.lane(x.tag, c.lane_id, target), Util.num(score), x.eid)
   redis.call('DEL', Keys.exec(x.tag, x.eid, 'result'))

@@ -1,8 +1,9 @@
--- scheduling.lua: claim grants, claims, delayed promotion and priority (spec 10 §2.2, §2.3,
--- §2.11, §2.14).
+-- scheduling.lua: claim grants, claims, delayed promotion and priority (docs/lifecycle.md#claims,
+-- docs/lifecycle.md#priority-and-progress, docs/lifecycle.md#delay-and-promotion).
 --
 -- KEYS marked (*) are declared for routing only and never read: the function builds that key
--- from the tag of KEYS[1] and core fields or ARGV (spec 00 §4 rule 3). Pass the real key or the
+-- from the tag of KEYS[1] and core fields or ARGV (docs/architecture.md#keys-built-inside-lua).
+-- Pass the real key or the
 -- placeholder ff:noop:{p}.
 --
 -- uses: reply, util, argv, keys, state, lease, attempt, policy, capabilities, grant
@@ -22,7 +23,8 @@
 --   Writes: claim_grant hash (worker_id, worker_instance_id, lane_id, capability_hash,
 --     route_snapshot_json, admission_summary, created_at, grant_expires_at), PEXPIREAT at
 --     grant_expires_at. The execution stays in eligible (only the claim removes it).
--- Grant preconditions once the core is loaded (spec 10 §2.2), in order: eligible, no grant
+-- Grant preconditions once the core is loaded (docs/lifecycle.md#claims), in order: eligible, no
+-- grant
 -- outstanding, in the lane's eligible set, capabilities (a mismatch stamps the core's
 -- last_capability_mismatch_at, the only write). Returns nil or the error reply. Shared by
 -- ff_issue_claim_grant and ff_claim_batch.
@@ -34,7 +36,8 @@ local function grant_denied(x, grant_key, worker_csv, now)
   if redis.call('EXISTS', grant_key) == 1 then
     return Reply.err('grant_already_exists')
   end
-  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  -- Lane index built from core.lane_id on the tag of KEYS[1]
+  -- (docs/architecture.md#keys-built-inside-lua).
   if not redis.call('ZSCORE', Keys.lane(x.tag, c.lane_id, 'eligible'), x.eid) then
     return Reply.err('execution_not_in_eligible_set')
   end
@@ -68,7 +71,7 @@ end
 
 redis.register_function('ff_issue_claim_grant', issue_claim_grant)
 
--- Claim preconditions on the core (spec 10 §2.3 table, before the grant checks).
+-- Claim preconditions on the core (docs/lifecycle.md#claims, before the grant checks).
 local function claimable(c)
   if c.lifecycle_phase ~= 'runnable' then
     return Reply.err('execution_not_leaseable')
@@ -84,7 +87,7 @@ local function claimable(c)
   return nil
 end
 
--- Attempt type and lineage fields of the attempt a claim creates (spec 10 §2.3 step 2).
+-- Attempt type and lineage fields of the attempt a claim creates (docs/lifecycle.md#claims).
 local function new_attempt_lineage(c)
   if c.attempt_state == 'pending_retry_attempt' then
     return 'retry', {'retry_reason', c.pending_retry_reason or '',
@@ -97,7 +100,7 @@ local function new_attempt_lineage(c)
   return 'initial', {}
 end
 
--- The writes of a claim that starts a new attempt (spec 10 §2.3 steps 2-6), once every check
+-- The writes of a claim that starts a new attempt (docs/lifecycle.md#claims), once every check
 -- passed. k = {grant, attempts, lease, history, lease_expiry, attempt_timeout, deadline} (keys);
 -- p = {worker_id, worker_instance_id, lane ("" = core.lane_id; stored as current_lane),
 -- lease_id, attempt_id, ttl, renew_before, timeout (false = the stored policy's), deadline
@@ -144,7 +147,8 @@ local function claim_new_attempt(x, k, p, now)
   return a
 end
 
--- The writes of a claim that resumes the interrupted attempt (spec 20 §5.8), once every check
+-- The writes of a claim that resumes the interrupted attempt
+-- (docs/suspension.md#claiming-a-resumed-execution), once every check
 -- passed. k as claim_new_attempt (attempts unused); p = {worker_id, worker_instance_id, lane,
 -- lease_id, ttl, remaining (attempt timeout left; false or <= 0 = none)}. The renewal deadline
 -- is now + floor(ttl x 2/3). Returns the attempt table. Shared by ff_claim_resumed_execution
@@ -249,12 +253,14 @@ end
 
 redis.register_function('ff_claim_execution', claim_execution)
 
--- ff_claim_resumed_execution (spec 20 §5.8): lease a runnable, attempt_interrupted execution
+-- ff_claim_resumed_execution (docs/suspension.md#claiming-a-resumed-execution): lease a runnable,
+-- attempt_interrupted execution
 -- (resumed suspension, worker self-delay, waiting-children) reusing its attempt.
 --   KEYS (11): 1 core, 2 claim_grant, 3 lane eligible (*), 4 lease_expiry, 5 claimer's worker
 --     leases (*), 6 attempt hash (*), 7 lease current, 8 lease history, 9 lane active (*),
 --     10 attempt_timeout, 11 execution_deadline (unused).
---     (*) built from the tag of KEYS[1] (spec 00 §4 rule 3): lanes from core.lane_id, the lease
+--     (*) built from the tag of KEYS[1] (docs/architecture.md#keys-built-inside-lua): lanes from
+--     core.lane_id, the lease
 --     set from ARGV[3], the attempt from core.current_attempt_index.
 --   ARGV (8): 1 execution_id, 2 worker_id, 3 worker_instance_id, 4 lane (stored as current_lane;
 --     "" = core.lane_id), 5 lease_id, 6 lease_ttl_ms (> 0), 7 current_attempt_index (informational),
@@ -323,7 +329,7 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --   KEYS (4): 1 lane eligible (ARGV[3]'s), 2 lease_expiry, 3 attempt_timeout,
 --     4 execution_deadline, all on one partition's tag. Every other key (cores, grants,
 --     attempts, leases, histories, lane active, the claimer's lease set) is built from the tag
---     of KEYS[1] and the eligible members (spec 00 §4 rule 3).
+--     of KEYS[1] and the eligible members (docs/architecture.md#keys-built-inside-lua).
 --   ARGV (9 + 2 x max_tasks): 1 worker_id, 2 worker_instance_id, 3 lane_id, 4 capability_hash
 --     (unused, as in the claim), 5 worker_capabilities_csv, 6 lease_ttl_ms (> 0),
 --     7 renew_before_ms (>= 0), 8 max_tasks (> 0), 9 max_scanned (>= max_tasks: heads examined
@@ -488,7 +494,8 @@ local function promote_delayed(keys, argv)
   end
   State.write_vector(keys[1], x.eid, {'runnable', 'unowned', 'eligible_now', 'waiting_for_worker', '',
     'none', c.attempt_state or 'pending_first_attempt'}, now, {delay_until = ''})
-  -- Lane indexes built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  -- Lane indexes built from core.lane_id on the tag of KEYS[1]
+  -- (docs/architecture.md#keys-built-inside-lua).
   redis.call('ZREM', Keys.lane(x.tag, c.lane_id, 'delayed'), x.eid)
   local score = State.eligible_score(tonumber(c.priority or '0') or 0, tonumber(c.created_at or '0') or 0)
   redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'eligible'), Util.num(score), x.eid)
@@ -523,7 +530,8 @@ local function change_priority(keys, argv)
   end
   p = State.clamp_priority(p)
   redis.call('HSET', keys[1], 'priority', Util.num(p), 'last_mutation_at', Util.num(Util.now_ms()))
-  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  -- Lane index built from core.lane_id on the tag of KEYS[1]
+  -- (docs/architecture.md#keys-built-inside-lua).
   local score = State.eligible_score(p, tonumber(c.created_at or '0') or 0)
   redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'eligible'), Util.num(score), x.eid)
   return Reply.ok(c.priority or '0', Util.num(p))

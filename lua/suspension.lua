@@ -1,9 +1,11 @@
 -- suspension.lua: pending waitpoints, suspend, resume, waitpoint closure, suspension timeouts and
--- the suspension/waitpoint reads (spec 20 §5.1, §5.2, §5.5-§5.9).
+-- the suspension/waitpoint reads (docs/suspension.md).
 --
 -- Every key is on the tag of KEYS[1]. Waitpoint condition and signal stream keys, lane sets,
--- attempt and stream-meta keys are built at run time from that tag (spec 00 §4 rule 3). Events
--- go to ff:signal_events:{p} (spec 20 §8) after the writes; state changes also publish
+-- attempt and stream-meta keys are built at run time from that tag
+-- (docs/architecture.md#keys-built-inside-lua). Events
+-- go to ff:signal_events:{p} (docs/suspension.md#watches) after the writes; state changes also
+-- publish
 -- state_changed on ff:exec_events:{p} through write_vector.
 --
 -- uses: reply, util, argv, keys, state, stream, lease, attempt, terminal, policy, hmac, condition, suspend
@@ -13,7 +15,7 @@ local TIMEOUT_BEHAVIORS = {
   auto_resume_with_timeout_signal = true, escalate = true,
 }
 
--- reason_code -> blocking_reason (spec 20 §5.2); anything else is waiting_for_signal.
+-- reason_code -> blocking_reason (docs/suspension.md#suspend); anything else is waiting_for_signal.
 local BLOCKING_OF_REASON = {
   waiting_for_approval = 'waiting_for_approval',
   waiting_for_callback = 'waiting_for_callback',
@@ -152,7 +154,7 @@ local function suspend_args(argv)
     pending = flag == '1', cond = cond}, nil
 end
 
--- The pending-path checks of spec 20 §5.2 on the stored waitpoint `wp`.
+-- The pending-path checks of docs/suspension.md#suspend on the stored waitpoint `wp`.
 local function check_pending_waitpoint(x, wp, idx, now)
   if next(wp) == nil then
     return Reply.err('waitpoint_not_found')
@@ -170,7 +172,8 @@ local function check_pending_waitpoint(x, wp, idx, now)
   return nil
 end
 
--- Replays the waitpoint's buffered signals in stream order through spec 20 §3.1 on the fresh
+-- Replays the waitpoint's buffered signals in stream order through
+-- docs/suspension.md#resume-conditions on the fresh
 -- condition `st` (in memory). Returns satisfied, the per-signal effects {{id, effect}, ...} and
 -- the buffered-signal summary.
 local function replay_buffered(wp, st)
@@ -210,7 +213,7 @@ local function write_replay_effects(tag, wpid, effects)
 end
 
 -- The AlreadySatisfied outcome of activating a pending waitpoint whose buffered signals already
--- satisfy the condition (spec 20 §5.2, Recommended: condition closed, SADD, effects written).
+-- satisfy the condition (docs/suspension.md#suspend: condition closed, SADD, effects written).
 -- Lease, core and attempt are untouched; no suspension record.
 local function already_satisfied(x, keys, argv, wp, st, effects, matched, now)
   local wpid = argv[7]
@@ -392,7 +395,8 @@ end
 
 redis.register_function('ff_suspend_execution', suspend_execution)
 
--- close_reason of the waitpoint and suspension per resume trigger (spec 20 §5.5 Recommended).
+-- close_reason of the waitpoint and suspension per resume trigger (docs/suspension.md#resume
+-- Recommended).
 local TRIGGER_REASON = {
   signal = 'resumed', operator = 'operator_resume', auto_resume = 'timed_out_auto_resume',
 }

@@ -3,7 +3,8 @@
 local Attempt = {}
 
 -- Ends attempt `idx` with `state` (+ `fields`) unless it is missing or already terminal (a
--- terminal attempt is never modified again, spec 00 §6.5). Returns true when it ended it.
+-- terminal attempt is never modified again, docs/lifecycle.md#attempts). Returns true when it ended
+-- it.
 function Attempt.finish(x, idx, state, fields, now)
   if not Util.is_set(idx) then
     return false

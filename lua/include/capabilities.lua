@@ -2,7 +2,8 @@
 
 local Caps = {}
 
--- Capability tokens (spec 00 §2): non-empty, no ',', no byte <= 0x20 or 0x7F; <= 256 tokens and a
+-- Capability tokens (docs/architecture.md#identifiers): non-empty, no ',', no byte <= 0x20 or 0x7F;
+-- <= 256 tokens and a
 -- sorted CSV of <= 4096 bytes. `side` is "required" or "worker". Returns the sorted CSV, or nil
 -- plus an invalid_capabilities reply.
 function Caps.csv(side, list)
@@ -39,7 +40,8 @@ function Caps.csv(side, list)
   return csv, nil
 end
 
--- Grant-time capability check (spec 10 §2.2): size limits of both sides, then the subset test.
+-- Grant-time capability check (docs/lifecycle.md#claims): size limits of both sides, then the
+-- subset test.
 -- A mismatch stamps last_capability_mismatch_at (the only write) and returns capability_mismatch
 -- with the sorted CSV of missing tokens.
 function Caps.check(x, worker_csv, now)

@@ -2,7 +2,7 @@
 
 local Condition = {}
 
--- Resume condition (spec 20 §3.1, Recommended validation). Returns {condition_type, match_mode,
+-- Resume condition (docs/suspension.md#resume-conditions). Returns {condition_type, match_mode,
 -- min, names = {...}} or nil plus invalid_resume_condition. "" = all defaults.
 Condition.ZERO_MATCHER_TYPES = {operator_only = true, timeout_only = true}
 
@@ -79,7 +79,7 @@ function Condition.load(key)
   return st
 end
 
--- Step 4 of spec 20 §3.1; a zero-matcher condition is never satisfied.
+-- Step 4 of docs/suspension.md#resume-conditions; a zero-matcher condition is never satisfied.
 function Condition.satisfied(st)
   if st.total == 0 then
     return false
@@ -89,7 +89,8 @@ function Condition.satisfied(st)
   return st.count >= st.min
 end
 
--- Steps 1-3 of spec 20 §3.1: the lowest unsatisfied matcher named "" or `name` consumes the
+-- Steps 1-3 of docs/suspension.md#resume-conditions: the lowest unsatisfied matcher named "" or
+-- `name` consumes the
 -- signal. Returns true when a matcher took it.
 function Condition.match(st, name, signal_id)
   for _, m in ipairs(st.matchers) do

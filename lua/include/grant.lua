@@ -2,7 +2,8 @@
 
 local Grant = {}
 
--- Writes the claim grant hash (spec 00 §5.1) and expires the key at grant_expires_at. `argv` is
+-- Writes the claim grant hash (docs/architecture.md#key-schema) and expires the key at
+-- grant_expires_at. `argv` is
 -- the grant-issuer layout: 2 worker_id, 3 worker_instance_id, 4 lane_id, 5 capability_hash,
 -- 7 route_snapshot_json, 8 admission_summary.
 function Grant.write(key, argv, now, ttl)

@@ -21,7 +21,8 @@ function Hmac.xor_bytes(s, b)
   return table.concat(out)
 end
 
--- RFC 2104 HMAC-SHA1 over redis.sha1hex (spec 20 §4.2): lowercase hex digest. `key` = raw bytes.
+-- RFC 2104 HMAC-SHA1 over redis.sha1hex (docs/suspension.md#waitpoint-tokens): lowercase hex
+-- digest. `key` = raw bytes.
 function Hmac.sha1_hex(key, msg)
   if #key > 64 then
     key = Hmac.hex_to_bytes(redis.sha1hex(key))
@@ -43,7 +44,7 @@ function Hmac.digest_equal(a, b)
   return acc == 0
 end
 
--- The signed message (spec 20 §4.1).
+-- The signed message (docs/suspension.md#waitpoint-tokens).
 function Hmac.token_message(wpid, wpkey, created_at)
   return wpid .. '|' .. wpkey .. '|' .. created_at
 end
@@ -65,7 +66,8 @@ function Hmac.kid_expiry(v)
   return n
 end
 
--- Mint (spec 20 §4.3): the token for (wpid, wpkey, created_at) under the current kid, or nil
+-- Mint (docs/suspension.md#waitpoint-tokens): the token for (wpid, wpkey, created_at) under the
+-- current kid, or nil
 -- plus the error reply.
 function Hmac.mint(keystore, wpid, wpkey, created_at)
   if not Hmac.keystore_given(keystore) then
@@ -86,7 +88,8 @@ function Hmac.mint(keystore, wpid, wpkey, created_at)
   return kid .. ':' .. Hmac.sha1_hex(key, Hmac.token_message(wpid, wpkey, created_at)), nil
 end
 
--- Validate (spec 20 §4.5), first failing step wins. Returns nil when valid, else the error reply.
+-- Validate (docs/suspension.md#token-validation), first failing step wins. Returns nil when valid,
+-- else the error reply.
 function Hmac.validate(keystore, token, wpid, wpkey, created_at, now)
   if not Hmac.keystore_given(keystore) then
     return Reply.err('invalid_keys_missing_hmac')

@@ -31,7 +31,8 @@ function Keys.waitpoint(tag, wpid)
   return 'ff:wp:' .. tag .. ':' .. wpid
 end
 
--- Every scheduling set of a lane and every per-partition timeout/lease index (spec 00 §5.2).
+-- Every scheduling set of a lane and every per-partition timeout/lease index
+-- (docs/architecture.md#key-schema).
 Keys.LANE_SETS = {
   'eligible', 'delayed', 'active', 'suspended', 'terminal', 'blocked:dependencies',
   'blocked:budget', 'blocked:quota', 'blocked:route', 'blocked:operator',

@@ -2,7 +2,8 @@
 
 local Lease = {}
 
--- One lease-history event, MAXLEN ~ 1000 (spec 00 §5.1). `fields` = flat name/value list.
+-- One lease-history event, MAXLEN ~ 1000 (docs/architecture.md#key-schema). `fields` = flat
+-- name/value list.
 function Lease.event(key, event, fields, now)
   local args = {'XADD', key, 'MAXLEN', '~', '1000', '*', 'event', event}
   for i = 1, #fields do
@@ -28,7 +29,8 @@ function Lease.source_of(s)
   return s
 end
 
--- Fence resolution (spec 00 §8.3): all three set -> checked; all empty -> the server-side fence
+-- Fence resolution (docs/architecture.md#shared-transition-rules): all three set -> checked; all
+-- empty -> the server-side fence
 -- (the core mirror) when `allow_override` and source is operator_override, else fence_required;
 -- mixed -> partial_fence_triple. Returns {lease_id, epoch, attempt_id} or nil plus an error reply.
 function Lease.resolve_fence(c, lease_id, epoch, attempt_id, source, allow_override)
@@ -80,7 +82,8 @@ function Lease.made_by(x, lease_id, epoch, attempt_id, idx)
   return a[1] == attempt_id and a[2] == lease_id and tonumber(a[3] or '') == tonumber(epoch)
 end
 
--- mark_expired (spec 00 §8.3), idempotent. Needs x.history. Updates the x.core snapshot.
+-- mark_expired (docs/architecture.md#shared-transition-rules), idempotent. Needs x.history. Updates
+-- the x.core snapshot.
 function Lease.mark_expired(x, now)
   local c = x.core
   if c.ownership_state == 'lease_expired_reclaimable' then
@@ -97,7 +100,8 @@ function Lease.mark_expired(x, now)
   return true
 end
 
--- Lease validation of an owner mutation (spec 10 §1.2), in order: not active -> revoked ->
+-- Lease validation of an owner mutation (docs/lifecycle.md#leases-and-fencing), in order: not
+-- active -> revoked ->
 -- expired -> stale. With `mark` (write paths) an expired lease is first marked, and that write is
 -- kept behind the lease_expired reply. Returns nil when the fence holds, else the error reply.
 function Lease.check(x, fence, now, mark)
@@ -120,7 +124,8 @@ function Lease.check(x, fence, now, mark)
   return nil
 end
 
--- The lease mirror cleared by every release (spec 10 §1.3); current_lease_epoch always stays.
+-- The lease mirror cleared by every release (docs/lifecycle.md#lease-release); current_lease_epoch
+-- always stays.
 Lease.MIRROR = {
   'current_lease_id', 'current_worker_id', 'current_worker_instance_id', 'lease_expires_at',
   'lease_last_renewed_at', 'lease_renewal_deadline', 'lease_expired_at', 'lease_revoked_at',
@@ -134,14 +139,15 @@ function Lease.cleared(extra)
   return extra
 end
 
--- Lease release (spec 10 §1.3), after the core was written. Needs x.lease, x.lease_expiry,
+-- Lease release (docs/lifecycle.md#lease-release), after the core was written. Needs x.lease,
+-- x.lease_expiry,
 -- x.attempt_timeout, x.history; reads the holder from the pre-write x.core snapshot.
 function Lease.release(x, reason, now)
   local c = x.core
   redis.call('DEL', x.lease)
   redis.call('ZREM', x.lease_expiry, x.eid)
   -- The holder's lease set and the lane's active index: built from core fields on the tag of
-  -- KEYS[1] (spec 00 §4 rule 3); the caller may not know the holder.
+  -- KEYS[1] (docs/architecture.md#keys-built-inside-lua); the caller may not know the holder.
   if Util.is_set(c.current_worker_instance_id) then
     redis.call('SREM', Keys.worker_leases(x.tag, c.current_worker_instance_id), x.eid)
   end
@@ -152,7 +158,7 @@ function Lease.release(x, reason, now)
     'attempt_id', c.current_attempt_id, 'reason', reason}, now)
 end
 
--- Replaces lease:current with lease `a` (spec 00 §5.1 fields).
+-- Replaces lease:current with lease `a` (docs/architecture.md#key-schema fields).
 function Lease.write(key, eid, a, now)
   redis.call('DEL', key)
   redis.call('HSET', key, 'lease_id', a.lease_id, 'lease_epoch', Util.num(a.epoch),
@@ -164,7 +170,7 @@ end
 
 -- A fresh lease on lane `lane`: out of eligible, into lease_expiry and lane active at its
 -- expiry, into the claimer's lease set. Lane keys and the lease set are built on the tag of
--- the caller's KEYS[1] (spec 00 §4 rule 3).
+-- the caller's KEYS[1] (docs/architecture.md#keys-built-inside-lua).
 function Lease.index(x, lane, lease_expiry_key, a)
   redis.call('ZREM', Keys.lane(x.tag, lane, 'eligible'), x.eid)
   redis.call('ZADD', lease_expiry_key, Util.num(a.expires), x.eid)
@@ -172,7 +178,7 @@ function Lease.index(x, lane, lease_expiry_key, a)
   redis.call('ZADD', Keys.lane(x.tag, lane, 'active'), Util.num(a.expires), x.eid)
 end
 
--- Core fields of a fresh lease on attempt `a` (claimed vector extras; spec 10 §2.3 step 5).
+-- Core fields of a fresh lease on attempt `a` (claimed vector extras; docs/lifecycle.md#claims).
 function Lease.claimed_fields(a, lane, now)
   return {
     current_attempt_index = Util.num(a.idx), total_attempt_count = Util.num(a.idx + 1),

@@ -7,7 +7,7 @@ function State.valid_tag_key(k)
   return type(k) == 'string' and string.match(k, '^[a-z][a-z0-9_]*%.[^.]') ~= nil
 end
 
--- Public state derivation (spec 00 §6.3): the only mapping.
+-- Public state derivation (docs/architecture.md#public-state): the only mapping.
 State.RUNNABLE_PUBLIC = {
   eligible_now = 'waiting',
   not_eligible_until_time = 'delayed',
@@ -63,7 +63,7 @@ function State.write_vector(core_key, eid, v, now, extra)
   return public
 end
 
--- Eligible-set score: highest priority first, then oldest (spec 00 §5.2).
+-- Eligible-set score: highest priority first, then oldest (docs/architecture.md#key-schema).
 function State.eligible_score(priority, created_at)
   return -(priority * 1000000000000) + created_at
 end

@@ -2,7 +2,8 @@
 
 local Stream = {}
 
--- Closes the stream meta of attempt `idx` if the meta exists (spec 30 §1.4), then publishes
+-- Closes the stream meta of attempt `idx` if the meta exists (docs/streams.md#close-markers), then
+-- publishes
 -- stream_closed on ff:exec_events:{p}. `only_if_open`: leave an existing close alone.
 function Stream.close(x, idx, reason, now, only_if_open)
   if not Util.is_set(idx) then

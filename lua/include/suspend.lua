@@ -2,10 +2,11 @@
 
 local Suspend = {}
 
--- Lane-suspended score of a suspension without a timeout (spec 20 §7).
+-- Lane-suspended score of a suspension without a timeout (docs/suspension.md#limits).
 Suspend.NO_TIMEOUT_SCORE = '9999999999999'
 
--- One JSON event on ff:signal_events:{p} (spec 20 §8). Never tokens, secrets or payloads.
+-- One JSON event on ff:signal_events:{p} (docs/suspension.md#watches). Never tokens, secrets or
+-- payloads.
 function Suspend.signal_event(tag, ev)
   redis.call('SPUBLISH', 'ff:signal_events:' .. tag, cjson.encode(ev))
 end
@@ -30,7 +31,7 @@ function Suspend.close_waitpoint(x, wpid, reason, cond_reason, now, satisfied, s
     close_reason = reason, at = now})
 end
 
--- Resume transition of a suspended execution (spec 20 §1 rows "resume"): core first (current
+-- Resume transition of a suspended execution (docs/suspension.md#concepts): core first (current
 -- suspension/waitpoint cleared, delay_until on a delayed resume), then the lane moves and the
 -- suspension-timeout entry. `detail` = blocking_detail of a delayed resume. Returns
 -- public_state. Lane keys built from core.lane_id on the tag of KEYS[1].

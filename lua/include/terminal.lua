@@ -2,7 +2,8 @@
 
 local Terminal = {}
 
--- Terminal transition common effects (spec 10 §1.5). Writes the core first (vector, completed_at
+-- Terminal transition common effects (docs/lifecycle.md#terminal-transitions). Writes the core
+-- first (vector, completed_at
 -- and `extra`), then ZREM attempt_timeout/execution_deadline, ZADD lane terminal, and PUBLISH
 -- ff:dag:completions for a flow member when `publish`. Needs x.attempt_timeout, x.deadline.
 function Terminal.transition(x, outcome, now, extra, publish)
@@ -16,7 +17,8 @@ function Terminal.transition(x, outcome, now, extra, publish)
     {'terminal', 'unowned', 'not_applicable', 'none', '', outcome, attempt}, now, extra)
   redis.call('ZREM', x.attempt_timeout, x.eid)
   redis.call('ZREM', x.deadline, x.eid)
-  -- Lane index built from core.lane_id on the tag of KEYS[1] (spec 00 §4 rule 3).
+  -- Lane index built from core.lane_id on the tag of KEYS[1]
+  -- (docs/architecture.md#keys-built-inside-lua).
   redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'terminal'), Util.num(now), x.eid)
   if publish and Util.is_set(c.flow_id) then
     redis.call('PUBLISH', 'ff:dag:completions', cjson.encode({
@@ -26,9 +28,10 @@ function Terminal.transition(x, outcome, now, extra, publish)
   return public
 end
 
--- Defensive index removal (spec 00 §8.3; cancel, expire): the id leaves every index of its lane
+-- Defensive index removal (docs/architecture.md#shared-transition-rules; cancel, expire): the id
+-- leaves every index of its lane
 -- and partition except `keep` (a lane set name), and the holder's lease set. All keys built on
--- the tag of KEYS[1] (spec 00 §4 rule 3).
+-- the tag of KEYS[1] (docs/architecture.md#keys-built-inside-lua).
 function Terminal.remove_from_indexes(x, keep)
   local c = x.core
   for _, which in ipairs(Keys.LANE_SETS) do
@@ -47,7 +50,7 @@ end
 -- Closes the current suspension, its waitpoint and the waitpoint's condition (cancel, expire of
 -- a suspended execution) and publishes waitpoint_closed on ff:signal_events:{p}. Only hashes
 -- that exist are written. Waitpoint keys are built from core.current_waitpoint_id on the tag of
--- KEYS[1] (spec 00 §4 rule 3).
+-- KEYS[1] (docs/architecture.md#keys-built-inside-lua).
 function Terminal.close_suspension(x, suspension_key, reason, wp_reason, now)
   local c = x.core
   if redis.call('EXISTS', suspension_key) == 1 then
@@ -62,7 +65,7 @@ function Terminal.close_suspension(x, suspension_key, reason, wp_reason, now)
       redis.call('HSET', wp .. ':condition', 'closed', '1', 'closed_at', Util.num(now),
         'closed_reason', wp_reason)
     end
-    -- Watchers of the waitpoint learn it closed (spec 20 §8; no token or payload).
+    -- Watchers of the waitpoint learn it closed (docs/suspension.md#watches; no token or payload).
     redis.call('SPUBLISH', 'ff:signal_events:' .. x.tag, cjson.encode({
       type = 'waitpoint_closed', execution_id = x.eid, waitpoint_id = c.current_waitpoint_id,
       close_reason = wp_reason, at = now,

@@ -1,4 +1,4 @@
-"""Boot, serve and shut down, in the order spec 50 §2.2 and §2.5 write down.
+"""Boot, serve and shut down, in the order docs/architecture.md#configuration-and-boot write down.
 
 Boot: with no Valkey URL, lock the data dir (one server per dir), stop an orphaned child, start
 the embedded Valkey with its password (supervised from then on: restarted if it exits) →
@@ -188,7 +188,8 @@ class FlowFabricServer:
                 delay = min(delay * 2, 5.0)
 
     async def _partition_config(self, store: Store) -> None:
-        """First boot writes the counts atomically; later boots must agree (spec 00 §4 rule 4)."""
+        """First boot writes the counts atomically; later boots must agree
+        (docs/architecture.md#partition-counts)."""
         cfg = self.config
         want = {
             "num_flow_partitions": str(cfg.flow_partitions),

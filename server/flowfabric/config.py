@@ -1,4 +1,5 @@
-"""Server configuration: `FF_*` environment variables, each also accepted as a flag (spec 50 §2.1).
+"""Server configuration: `FF_*` environment variables, each also accepted as a flag
+(docs/architecture.md#configuration-and-boot).
 
 A flag wins over the environment; a bad value aborts boot with a message naming the variable.
 """
@@ -65,7 +66,7 @@ def _lanes(name: str, raw: str) -> tuple[str, ...]:
     return tuple(lanes)
 
 
-# Scanner intervals (spec 50 §2.7): variable -> (default, unit multiplier to ms).
+# Scanner intervals (docs/architecture.md#scanners): variable -> (default, unit multiplier to ms).
 SCANNER_INTERVALS: dict[str, tuple[int, int]] = {
     "FF_LEASE_EXPIRY_INTERVAL_MS": (1500, 1),
     "FF_DELAYED_PROMOTER_INTERVAL_MS": (750, 1),
@@ -127,8 +128,9 @@ class Config:
     def hmac_secret_problem(self) -> str | None:
         """Why this configuration cannot start, as far as the waitpoint HMAC secret goes.
 
-        Required with an external Valkey (spec 20 §4.7); the embedded Valkey generates one
-        next to its data when none is configured (spec 50 §2.1).
+        Required with an external Valkey (docs/suspension.md#the-keystore); the embedded Valkey
+        generates one
+        next to its data when none is configured (docs/architecture.md#configuration-and-boot).
         """
         if self.waitpoint_hmac_secret is None and not self.embedded:
             return (

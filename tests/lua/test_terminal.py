@@ -1,5 +1,5 @@
 """Complete, fail (retry), cancel, delay, waiting-for-children, progress, expire and replay,
-called directly (spec 10 §1.3-1.5, §2.4, §2.8-2.10, §2.12-2.13, §2.17-2.18)."""
+called directly (docs/lifecycle.md)."""
 
 from __future__ import annotations
 

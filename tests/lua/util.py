@@ -430,7 +430,8 @@ async def lane_sets_of(store: Store, eid: ExecutionId) -> list[str]:
 
 
 async def check_invariants(store: Store, eid: ExecutionId) -> dict[str, str]:
-    """Spec 00 §6.2 invariants and §6.4 index membership; returns the core."""
+    """docs/architecture.md#the-state-vector invariants and docs/architecture.md#the-state-vector
+    index membership; returns the core."""
     c = await core_of(store, eid)
     p = PartitionKeys(eid.tag)
     phase, own, elig = c["lifecycle_phase"], c["ownership_state"], c["eligibility_state"]
@@ -586,7 +587,8 @@ async def make_flow_member(store: Store, eid: ExecutionId, flow_id: str = "flow-
     await store.call("HSET", ExecKeys(eid).core, "flow_id", flow_id)
 
 
-# -- suspension, waitpoints and signals (spec 20) -------------------------------------------------
+# -- suspension, waitpoints and signals (docs/suspension.md)
+# -------------------------------------------------
 
 HMAC_SECRET = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 
@@ -602,7 +604,7 @@ async def install_secret(
 
 
 def hmac_token(secret_hex: str, wpid: str, wpkey: str, created_at: object, kid: str = "k1") -> str:
-    """Spec 20 §4.2, computed with Python's hmac module."""
+    """docs/suspension.md#waitpoint-tokens, computed with Python's hmac module."""
     msg = f"{wpid}|{wpkey}|{created_at}".encode()
     return f"{kid}:{hmac.new(bytes.fromhex(secret_hex), msg, hashlib.sha1).hexdigest()}"
 

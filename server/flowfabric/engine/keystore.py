@@ -1,4 +1,5 @@
-"""The waitpoint HMAC keystore across partitions (spec 20 §4.4, §4.7, §5.10).
+"""The waitpoint HMAC keystore across partitions (docs/suspension.md#the-keystore,
+docs/suspension.md#kid-rotation).
 
 `ff:sec:{fp:N}:waitpoint_hmac` holds identical content on every execution partition, so every
 mint and validate stays single-slot. This module owns the fan-outs over all partitions: the
@@ -103,7 +104,8 @@ async def for_each_partition(
 
 
 async def install_secret(fn: Keystore, partitions: int, secret_hex: str) -> Counter[str]:
-    """Boot step (spec 20 §4.7): install `k1` on every partition. Returns the outcome counts;
+    """Boot step (docs/suspension.md#the-keystore): install `k1` on every partition. Returns the
+    outcome counts;
     raises the first Valkey error (boot aborts). One aggregated warning per fault class."""
 
     def call(p: int) -> Awaitable[Outcome]:
@@ -141,7 +143,8 @@ class RotationResult:
 async def rotate_secret(
     fn: Keystore, partitions: int, new_kid: str, new_secret_hex: str, grace_ms: int
 ) -> RotationResult:
-    """Rotate every partition (spec 20 §5.10); `Rotated` and `Noop` count as success."""
+    """Rotate every partition (docs/suspension.md#kid-rotation); `Rotated` and `Noop` count as
+    success."""
 
     def call(p: int) -> Awaitable[Rotated]:
         return fn.rotate(PartitionKeys.of(p).tag, new_kid, new_secret_hex, grace_ms)
