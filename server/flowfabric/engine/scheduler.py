@@ -16,9 +16,11 @@ registered (budgets, quotas: other hash tags), each partition's eligible heads a
 every check is asked, and only admitted heads are claimed (grant, then claim), releasing the
 checks' reservations when a claim fails.
 
-When the probed partitions have nothing eligible (and every 16th call), expired or revoked
-leases in them are reclaimed (`engine/reclaim.py`), so a crashed worker's execution is handed
-to another worker. ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
+The same probe pipeline reads the due entries of each probed partition's lease_expiry index;
+expired or revoked leases there are reclaimed first, a bounded number per call
+(`engine/reclaim.py`), so a crashed worker's execution is handed to another worker within its
+lease TTL plus the expiry scanner's interval plus one claim, whatever the backlog.
+ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
 then `ff_claim_execution` or `ff_claim_resumed_execution`).
 
 `claim_next` long-polls: it waits for a `waiting` watch event on the lanes' solo partitions (or
@@ -34,7 +36,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from flowfabric.server.engine.admission import (
@@ -53,7 +55,7 @@ from flowfabric.server.engine.claims import (
     claimed_from_row,
 )
 from flowfabric.server.engine.events import EventHub
-from flowfabric.server.engine.reclaim import Reclaimer
+from flowfabric.server.engine.reclaim import RECLAIM_CANDIDATES_PER_PARTITION, Reclaimer
 from flowfabric.server.valkey.codec import hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Claimer, Functions
@@ -71,7 +73,6 @@ FNV_PRIME = 0x100000001B3
 MAX_PARTITIONS_PER_SCAN = 32
 ROTATION_WINDOW_MS = 250
 WAIT_BACKSTOP_S = 1.0
-RECLAIM_EVERY = 16
 SCAN_SLACK = 16  # heads a batch claim may examine beyond the ones it wants
 
 
@@ -97,7 +98,6 @@ class Scheduler:
         self._local_wake: set[asyncio.Event] = set()
         self.admission = Admission(functions)
         self.reclaimer = Reclaimer(functions, store, partitions)
-        self._lane_calls = 0
         self.closing = asyncio.Event()
 
     # -- partition choice ---------------------------------------------------------------------
@@ -130,32 +130,24 @@ class Scheduler:
         return out
 
     async def _claim_lane(self, req: ClaimRequest, lane: str, want: int) -> list[Claimed]:
+        """One pipeline probes every partition of the lane's order for eligible heads and for
+        due entries of its lease_expiry index; due leases are reclaimed first (bounded), so a
+        crashed worker's execution never waits behind a backlog, then partitions with eligible
+        heads are claimed from, in order (the solo partition first)."""
         parts = self.probe_order(lane, req.worker_instance_id)
         who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
-        # The lane's solo partition first, alone and without a probe: when it fills the
-        # request (the common case for solo work) the window is never looked at.
-        out = await self._claim_partition(parts[0], who, req, want)
-        if len(out) < want:
-            out += await self._claim_window(parts[1:], who, req, want - len(out))
-        self._lane_calls += 1
-        # Reclaim discovery when this call found nothing eligible, and every RECLAIM_EVERY-th
-        # call so a steady stream of new work cannot starve an expired lease.
-        if len(out) < want and (not out or self._lane_calls % RECLAIM_EVERY == 0):
-            out += await self.reclaimer.reclaim(parts, who, req, want - len(out))
-        return out
-
-    async def _claim_window(
-        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int
-    ) -> list[Claimed]:
-        """Probe `parts` in one pipeline; claim from those with eligible heads, in order."""
-        if not parts:
-            return []
+        now = await self.reclaimer.server_now()
         pipe = self.store.pipeline()
         for p in parts:
-            pipe.exists(PartitionKeys.of(p).lane(who.lane_id, "eligible"))
+            keys = PartitionKeys.of(p)
+            pipe.exists(keys.lane(lane, "eligible"))
+            pipe.zrangebyscore(
+                keys.lease_expiry, "-inf", now, start=0, num=RECLAIM_CANDIDATES_PER_PARTITION
+            )
         found = await self.store.run_pipeline(pipe)
-        out: list[Claimed] = []
-        for p, present in zip(parts, found, strict=True):
+        due = [text(m) for members in found[1::2] for m in members or []]
+        out = await self.reclaimer.reclaim_due(due, who, req, want) if due else []
+        for p, present in zip(parts, found[0::2], strict=True):
             if len(out) >= want:
                 break
             if present:
