@@ -16,10 +16,12 @@ registered (budgets, quotas: other hash tags), each partition's eligible heads a
 every check is asked, and only admitted heads are claimed (grant, then claim), releasing the
 checks' reservations when a claim fails.
 
-The same probe pipeline reads the due entries of each probed partition's lease_expiry index;
-expired or revoked leases there are reclaimed first, a bounded number per call
-(`engine/reclaim.py`), so a crashed worker's execution is handed to another worker within its
-lease TTL plus the expiry scanner's interval plus one claim, whatever the backlog.
+Due leases go first: before claiming from the solo partition the scheduler reads its
+lease_expiry index, and the window's probe pipeline reads those of the window's partitions;
+expired or revoked leases found there are reclaimed before any new claim, a bounded number per
+call (`engine/reclaim.py`), so a crashed worker's solo-lane execution is handed to another
+worker within its lease TTL plus the expiry scanner's interval plus one claim, whatever the
+backlog.
 ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
 then `ff_claim_execution` or `ff_claim_resumed_execution`).
 
@@ -36,7 +38,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from flowfabric.server.engine.admission import (
@@ -130,17 +132,34 @@ class Scheduler:
         return out
 
     async def _claim_lane(self, req: ClaimRequest, lane: str, want: int) -> list[Claimed]:
-        """One pipeline probes every partition of the lane's order for eligible heads and for
-        due entries of its lease_expiry index; due leases are reclaimed first (bounded), so a
-        crashed worker's execution never waits behind a backlog, then partitions with eligible
-        heads are claimed from, in order (the solo partition first)."""
+        """Due leases first, then new work: the solo partition's lease_expiry index is read
+        (one small read) and its due leases reclaimed, then the solo partition is claimed from
+        without a probe (when it fills the request, the common case for solo work, the window
+        is never looked at); the window's probe pipeline reads its partitions' due entries the
+        same way, and reclaims them before claiming from the partitions with eligible heads."""
         parts = self.probe_order(lane, req.worker_instance_id)
         who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
         now = await self.reclaimer.server_now()
+        due = await self.store.call(
+            "ZRANGEBYSCORE", PartitionKeys.of(parts[0]).lease_expiry, "-inf", now, "LIMIT", 0,
+            RECLAIM_CANDIDATES_PER_PARTITION,
+        )  # fmt: skip
+        out = await self.reclaimer.reclaim_due([text(m) for m in due], who, req, want)
+        if len(out) < want:
+            out += await self._claim_partition(parts[0], who, req, want - len(out))
+        if len(out) < want and len(parts) > 1:
+            out += await self._claim_window(parts[1:], who, req, want - len(out), now)
+        return out
+
+    async def _claim_window(
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, now: int
+    ) -> list[Claimed]:
+        """Probe `parts` in one pipeline (eligible heads, due leases); reclaim the due leases,
+        then claim from the partitions with eligible heads, in order."""
         pipe = self.store.pipeline()
         for p in parts:
             keys = PartitionKeys.of(p)
-            pipe.exists(keys.lane(lane, "eligible"))
+            pipe.exists(keys.lane(who.lane_id, "eligible"))
             pipe.zrangebyscore(
                 keys.lease_expiry, "-inf", now, start=0, num=RECLAIM_CANDIDATES_PER_PARTITION
             )
