@@ -238,9 +238,12 @@ end
 --     current_lane; "" = core.lane_id), 5 lease_id, 6 lease_ttl_ms (> 0), 7 attempt_id,
 --     8 attempt_policy_json ("" = none; else a JSON object, flattened into the attempt policy).
 --   Reads: the stored policy (ff:exec:{p}:<eid>:policy, built from the tag) for
---     max_reclaim_count (default 100) and timeout_policy.attempt_timeout_ms.
+--     max_reclaim_count (default 100) and timeout_policy.attempt_timeout_ms; for the reply, the
+--     payload and tags (built from the tag).
 --   Now: TIME.
---   Replies: {1,"OK",lease_id,lease_epoch,lease_expires_at,attempt_id,attempt_index,"reclaim"}
+--   Replies: {1,"OK",lease_id,lease_epoch,lease_expires_at,attempt_id,attempt_index,"reclaim",
+--     payload,payload_encoding,execution_kind,namespace,priority,flow_id,tags (flat name/value)}
+--     (after the lease, what the worker needs, as in an ff_claim_batch `claimed` row)
 --     | {1,"OK","max_reclaims_exceeded"} (execution is now terminal failed).
 --   Errors (in order): invalid_input, execution_not_found, execution_not_reclaimable; then the
 --     reclaim limit (reply above); invalid_claim_grant (missing or another worker's),
@@ -332,7 +335,10 @@ local function reclaim_execution(keys, argv)
   Lease.event(keys[9], 'reclaimed', {'old_lease_epoch', c.current_lease_epoch,
     'new_lease_id', a.lease_id, 'new_lease_epoch', Util.num(a.epoch), 'new_attempt_id', a.attempt_id,
     'new_attempt_index', Util.num(a.idx), 'worker_id', a.worker_id, 'reason', reason}, now)
-  return Reply.ok(a.lease_id, Util.num(a.epoch), Util.num(a.expires), a.attempt_id, Util.num(a.idx), 'reclaim')
+  return Reply.ok(a.lease_id, Util.num(a.epoch), Util.num(a.expires), a.attempt_id, Util.num(a.idx),
+    'reclaim', redis.call('GET', Keys.exec(x.tag, x.eid, 'payload')) or '',
+    c.payload_encoding or '', c.execution_kind or '', c.namespace or '', c.priority or '0',
+    c.flow_id or '', redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags')))
 end
 
 redis.register_function('ff_reclaim_execution', reclaim_execution)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from flowfabric.server.valkey.codec import hash_to_dict
 from flowfabric.server.valkey.functions import lease as lease_fns
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
@@ -390,10 +391,17 @@ async def test_reclaim_after_expiry(store: Store) -> None:
 
 
 async def test_reclaim_after_revoke(store: Store) -> None:
-    lease = await create_and_claim(store)
+    lease = await create_and_claim(
+        store, input_payload=b"in", payload_encoding="bin", priority="4",
+        tags_json=json.dumps({"app.a": "1"}),
+    )  # fmt: skip
     await revoke(store, lease.eid)
     await reclaim_grant(store, lease.eid)
-    assert (await reclaim(store, lease.eid))[1] == b"OK"
+    reply = await reclaim(store, lease.eid)
+    assert reply[1] == b"OK"
+    # after the lease, what the worker needs (as in a batch claim row)
+    assert reply[8:14] == [b"in", b"bin", b"k", b"ns", b"4", b""]
+    assert hash_to_dict(reply[14]) == {"app.a": "1"}
     attempt = await hash_of(store, ExecKeys(lease.eid).attempt(1))
     assert attempt["reclaim_reason"] == "lease_revoked"
     c = await check_invariants(store, lease.eid)

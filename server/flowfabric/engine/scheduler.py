@@ -1,4 +1,4 @@
-"""The claim cycle (spec 10 §3, spec 50 §4): find work for a worker and lease it.
+"""The claim cycle (docs/lifecycle.md#the-claim-cycle): find work for a worker and lease it.
 
 Per lane (lanes tried in rotating order): the lane's solo partition first, then a window of up
 to 32 partitions starting at the worker's FNV-1a offset plus a process-wide cursor that advances
@@ -6,11 +6,23 @@ every 250 ms, so every partition is visited and workers spread out. A partition 
 with one `ff_claim_batch` call: it leases up to the wanted number of eligible heads (the checks
 and writes of a claim grant plus a claim, or a resumed claim for an interrupted attempt) and
 returns what the worker needs (payload, tags, ...), plus the heads whose required capabilities
-the worker lacks, which are then blocked into `blocked:route`. The window is probed in one
-pipeline and only partitions with eligible work get a claim call. When the probed partitions
-have nothing eligible (and every 16th call), expired or revoked leases in them are reclaimed
-(`ff_issue_reclaim_grant` + `ff_reclaim_execution`), so a crashed worker's execution is handed
-to another worker. ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
+the worker lacks. The window is probed in one pipeline and only partitions with eligible work
+get a claim call.
+
+Admission (`engine/admission.py`) is an ordered list of checks. With only in-slot checks (the
+capability route) the batch claim is used and the checks decide what happens to the heads it
+reported (a capability mismatch is blocked into `blocked:route`). With a cross-slot check
+registered (budgets, quotas: other hash tags), each partition's eligible heads are read first,
+every check is asked, and only admitted heads are claimed (grant, then claim), releasing the
+checks' reservations when a claim fails.
+
+Due leases go first: before claiming from the solo partition the scheduler reads its
+lease_expiry index, and the window's probe pipeline reads those of the window's partitions;
+expired or revoked leases found there are reclaimed before any new claim, a bounded number per
+call (`engine/reclaim.py`), so a crashed worker's solo-lane execution is handed to another
+worker within its lease TTL plus the expiry scanner's interval plus one claim, whatever the
+backlog.
+ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
 then `ff_claim_execution` or `ff_claim_resumed_execution`).
 
 `claim_next` long-polls: it waits for a `waiting` watch event on the lanes' solo partitions (or
@@ -27,18 +39,34 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+from flowfabric.server.engine.admission import (
+    ADMIT,
+    CAPABLE_WORKER_DETAIL,
+    ROUTE_REASON,
+    Admission,
+    Block,
+    Candidate,
+)
+from flowfabric.server.engine.claims import (
+    NO_MATCH,
+    Claimed,
+    ClaimRequest,
+    claimed_from_reply,
+    claimed_from_row,
+)
 from flowfabric.server.engine.events import EventHub
+from flowfabric.server.engine.reclaim import RECLAIM_CANDIDATES_PER_PARTITION, Reclaimer
 from flowfabric.server.valkey.codec import hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.functions import Claimer, Functions, Leased, ReclaimLimit
+from flowfabric.server.valkey.functions import Claimer, Functions
 from flowfabric.server.valkey.functions.lease import Granted
-from flowfabric.server.valkey.functions.scheduling import BatchClaim
 from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id, solo_partition
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
-from flowfabric.server.valkey.store import Store, server_time_ms
+from flowfabric.server.valkey.store import Store
+
+__all__ = ["CAPABLE_WORKER_DETAIL", "ClaimRequest", "Claimed", "Scheduler", "worker_offset"]
 
 log = logging.getLogger("flowfabric.scheduler")
 
@@ -47,16 +75,7 @@ FNV_PRIME = 0x100000001B3
 MAX_PARTITIONS_PER_SCAN = 32
 ROTATION_WINDOW_MS = 250
 WAIT_BACKSTOP_S = 1.0
-RECLAIM_CANDIDATES_PER_PARTITION = 4
-RECLAIM_PARK_S = 10.0
-RECLAIM_EVERY = 16
 SCAN_SLACK = 16  # heads a batch claim may examine beyond the ones it wants
-CAPABLE_WORKER_DETAIL = "no connected worker satisfies required_capabilities"
-NO_MATCH = (
-    "execution_not_eligible", "execution_not_in_eligible_set", "grant_already_exists",
-    "execution_not_leaseable", "lease_conflict", "invalid_claim_grant", "claim_grant_expired",
-    "execution_not_found", "use_claim_resumed_execution", "execution_not_reclaimable",
-)  # fmt: skip
 
 
 def worker_offset(worker_instance_id: str, partitions: int) -> int:
@@ -65,74 +84,6 @@ def worker_offset(worker_instance_id: str, partitions: int) -> int:
     for b in worker_instance_id.encode():
         h = ((h ^ b) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
     return (h & 0xFFFF) % partitions
-
-
-@dataclass(frozen=True)
-class ClaimRequest:
-    worker_id: str
-    worker_instance_id: str
-    lanes: tuple[str, ...]
-    capabilities_csv: str
-    lease_ttl_ms: int
-    grant_ttl_ms: int = 10_000
-    max_tasks: int = 1
-
-
-@dataclass
-class Claimed:
-    """A leased execution with what the worker needs to run it."""
-
-    execution_id: ExecutionId
-    lane_id: str
-    lease_id: str
-    lease_epoch: int
-    lease_expires_at: int
-    attempt_id: str
-    attempt_index: int
-    attempt_type: str
-    payload: bytes = b""
-    payload_encoding: str = ""
-    execution_kind: str = ""
-    namespace: str = ""
-    tags: dict[str, str] = field(default_factory=dict)
-    priority: int = 0
-    flow_id: str = ""
-    resumed: bool = False
-
-
-def claimed_from_reply(eid: ExecutionId, lane: str, reply: Leased) -> Claimed:
-    return Claimed(
-        execution_id=eid,
-        lane_id=lane,
-        lease_id=reply.lease_id,
-        lease_epoch=reply.lease_epoch,
-        lease_expires_at=reply.lease_expires_at,
-        attempt_id=reply.attempt_id,
-        attempt_index=reply.attempt_index,
-        attempt_type=reply.attempt_type or "initial",
-    )
-
-
-def claimed_from_row(row: BatchClaim, lane: str, partitions: int) -> Claimed:
-    """One `claimed` row of ff_claim_batch."""
-    return Claimed(
-        execution_id=parse_execution_id(row.execution_id, partitions),
-        lane_id=lane,
-        lease_id=row.lease_id,
-        lease_epoch=row.lease_epoch,
-        lease_expires_at=row.lease_expires_at,
-        attempt_id=row.attempt_id,
-        attempt_index=row.attempt_index,
-        attempt_type=row.attempt_type or "initial",
-        payload=row.payload,
-        payload_encoding=row.payload_encoding,
-        execution_kind=row.execution_kind,
-        namespace=row.namespace,
-        tags=dict(row.tags),
-        priority=row.priority,
-        flow_id=row.flow_id,
-        resumed=row.resumed,
-    )
 
 
 class Scheduler:
@@ -147,10 +98,8 @@ class Scheduler:
         self._window = 0
         self._lane_rotation = itertools.count()
         self._local_wake: set[asyncio.Event] = set()
-        # reclaim candidates a capability set cannot take, until a monotonic deadline; keyed
-        # by (execution, capabilities CSV) so a capable worker is never held back by the park
-        self._parked: dict[tuple[str, str], float] = {}
-        self._lane_calls = 0
+        self.admission = Admission(functions)
+        self.reclaimer = Reclaimer(functions, store, partitions)
         self.closing = asyncio.Event()
 
     # -- partition choice ---------------------------------------------------------------------
@@ -183,32 +132,41 @@ class Scheduler:
         return out
 
     async def _claim_lane(self, req: ClaimRequest, lane: str, want: int) -> list[Claimed]:
+        """Due leases first, then new work: the solo partition's lease_expiry index is read
+        (one small read) and its due leases reclaimed, then the solo partition is claimed from
+        without a probe (when it fills the request, the common case for solo work, the window
+        is never looked at); the window's probe pipeline reads its partitions' due entries the
+        same way, and reclaims them before claiming from the partitions with eligible heads."""
         parts = self.probe_order(lane, req.worker_instance_id)
         who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
-        # The lane's solo partition first, alone and without a probe: when it fills the
-        # request (the common case for solo work) the window is never looked at.
-        out = await self._claim_partition(parts[0], who, req, want)
+        now = await self.reclaimer.server_now()
+        due = await self.store.call(
+            "ZRANGEBYSCORE", PartitionKeys.of(parts[0]).lease_expiry, "-inf", now, "LIMIT", 0,
+            RECLAIM_CANDIDATES_PER_PARTITION,
+        )  # fmt: skip
+        out = await self.reclaimer.reclaim_due([text(m) for m in due], who, req, want)
         if len(out) < want:
-            out += await self._claim_window(parts[1:], who, req, want - len(out))
-        self._lane_calls += 1
-        # Reclaim discovery when this call found nothing eligible, and every RECLAIM_EVERY-th
-        # call so a steady stream of new work cannot starve an expired lease.
-        if len(out) < want and (not out or self._lane_calls % RECLAIM_EVERY == 0):
-            out += await self._reclaim(parts, who, req, want - len(out))
+            out += await self._claim_partition(parts[0], who, req, want - len(out))
+        if len(out) < want and len(parts) > 1:
+            out += await self._claim_window(parts[1:], who, req, want - len(out), now)
         return out
 
     async def _claim_window(
-        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, now: int
     ) -> list[Claimed]:
-        """Probe `parts` in one pipeline; claim from those with eligible heads, in order."""
-        if not parts:
-            return []
+        """Probe `parts` in one pipeline (eligible heads, due leases); reclaim the due leases,
+        then claim from the partitions with eligible heads, in order."""
         pipe = self.store.pipeline()
         for p in parts:
-            pipe.exists(PartitionKeys.of(p).lane(who.lane_id, "eligible"))
+            keys = PartitionKeys.of(p)
+            pipe.exists(keys.lane(who.lane_id, "eligible"))
+            pipe.zrangebyscore(
+                keys.lease_expiry, "-inf", now, start=0, num=RECLAIM_CANDIDATES_PER_PARTITION
+            )
         found = await self.store.run_pipeline(pipe)
-        out: list[Claimed] = []
-        for p, present in zip(parts, found, strict=True):
+        due = [text(m) for members in found[1::2] for m in members or []]
+        out = await self.reclaimer.reclaim_due(due, who, req, want) if due else []
+        for p, present in zip(parts, found[0::2], strict=True):
             if len(out) >= want:
                 break
             if present:
@@ -218,8 +176,9 @@ class Scheduler:
     async def _claim_partition(
         self, partition: int, who: Claimer, req: ClaimRequest, want: int
     ) -> list[Claimed]:
-        """Lease up to `want` heads of the lane's eligible set on `partition` (one FCALL);
-        heads the worker's capabilities cannot take are blocked for route."""
+        """Lease up to `want` heads of the lane's eligible set on `partition`."""
+        if self.admission.cross_slot:
+            return await self._claim_admitted(partition, who, req, want)
         ids = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(want)]
         reply = await self.functions.scheduling.claim_batch(
             partition, who, req.lease_ttl_ms, ids, want + SCAN_SLACK
@@ -227,9 +186,52 @@ class Scheduler:
         out = [claimed_from_row(row, who.lane_id, self.partitions) for row in reply.claimed]
         for raw in reply.mismatched:
             try:
-                await self._block_for_route(parse_execution_id(raw, self.partitions))
+                eid = parse_execution_id(raw, self.partitions)
             except FlowFabricError:
                 continue  # unparsable index members are skipped
+            verdict = await self.admission.decide(
+                Candidate(eid, who.lane_id, capability_mismatch=True), who
+            )
+            if isinstance(verdict, Block):
+                await self.admission.block(eid, verdict)
+        return out
+
+    async def _claim_admitted(
+        self, partition: int, who: Claimer, req: ClaimRequest, want: int
+    ) -> list[Claimed]:
+        """The candidate-first path: read the eligible heads, ask every check, and claim each
+        admitted head with a grant and a claim, releasing the reservations if that fails."""
+        heads = await self.store.call(
+            "ZRANGE", PartitionKeys.of(partition).lane(who.lane_id, "eligible"), 0,
+            want + SCAN_SLACK - 1,
+        )  # fmt: skip
+        out: list[Claimed] = []
+        for raw in heads or []:
+            if len(out) >= want:
+                break
+            try:
+                eid = parse_execution_id(text(raw), self.partitions)
+            except FlowFabricError:
+                continue
+            required = text(
+                await self.store.call("HGET", ExecKeys(eid).core, "required_capabilities")
+            )
+            cand = Candidate(eid, who.lane_id, tuple(t for t in required.split(",") if t))
+            verdict = await self.admission.decide(cand, who)
+            if isinstance(verdict, Block):
+                await self.admission.block(eid, verdict)
+            elif verdict == ADMIT:
+                try:
+                    await self.functions.scheduling.issue_claim_grant(eid, who, req.grant_ttl_ms)
+                    out.append(await self._consume_grant(eid, who, req.lease_ttl_ms, "", ""))
+                except FlowFabricError as exc:
+                    await self.admission.release(cand, who)
+                    if exc.code == "capability_mismatch":
+                        await self._block_for_route(eid)
+                    elif exc.code not in (*NO_MATCH, "invalid_input"):
+                        raise
+        if out:
+            await self._attach_inputs(out)
         return out
 
     async def _consume_grant(
@@ -282,70 +284,7 @@ class Scheduler:
         return claimed
 
     async def _block_for_route(self, eid: ExecutionId) -> None:
-        try:
-            await self.functions.admission.block_execution(
-                eid, "waiting_for_capable_worker", CAPABLE_WORKER_DETAIL
-            )
-        except FlowFabricError as exc:  # a failed block is only logged (spec 30 §7)
-            log.debug("block of %s failed: %s", eid, exc.code)
-
-    async def _reclaim(
-        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int
-    ) -> list[Claimed]:
-        """Expired or revoked leases in the probed partitions go to this worker (spec 50 §4.5)."""
-        now = await server_time_ms(self.store)
-        pipe = self.store.pipeline()
-        for p in parts:
-            pipe.zrangebyscore(
-                PartitionKeys.of(p).lease_expiry, "-inf", now, start=0,
-                num=RECLAIM_CANDIDATES_PER_PARTITION,
-            )  # fmt: skip
-        rows = await self.store.run_pipeline(pipe)
-        out: list[Claimed] = []
-        mono = time.monotonic()
-        if len(self._parked) > 1024:  # drop lapsed parks so the map stays bounded
-            self._parked = {k: v for k, v in self._parked.items() if v > mono}
-        for raw in itertools.chain.from_iterable(rows):
-            if len(out) >= want:
-                break
-            member = text(raw)
-            if self._parked.get((member, who.capabilities_csv), 0) > mono:
-                continue
-            try:
-                eid = parse_execution_id(member, self.partitions)
-            except FlowFabricError:
-                continue
-            got = await self._try_reclaim(eid, who, req)
-            if got is not None:
-                out.append(got)
-        if out:
-            await self._attach_inputs(out)
-        return out
-
-    async def _try_reclaim(
-        self, eid: ExecutionId, who: Claimer, req: ClaimRequest
-    ) -> Claimed | None:
-        core = hash_to_dict(await self.store.call("HGETALL", ExecKeys(eid).core))
-        if core.get("lane_id") != who.lane_id or core.get("lifecycle_phase") != "active":
-            return None
-        if core.get("ownership_state") == "leased":
-            # due but not yet marked by the scanner: mark it now (idempotent)
-            await self.functions.lease.mark_lease_expired_if_due(eid)
-        try:
-            await self.functions.lease.issue_reclaim_grant(eid, who, req.grant_ttl_ms)
-            reply = await self.functions.lease.reclaim_execution(
-                eid, who, str(uuid.uuid4()), req.lease_ttl_ms, str(uuid.uuid4())
-            )
-        except FlowFabricError as exc:
-            if exc.code == "capability_mismatch":
-                park = (str(eid), who.capabilities_csv)
-                self._parked[park] = time.monotonic() + RECLAIM_PARK_S
-            elif exc.code not in NO_MATCH:
-                raise
-            return None
-        if isinstance(reply, ReclaimLimit):
-            return None
-        return claimed_from_reply(eid, who.lane_id, reply)
+        await self.admission.block(eid, Block(ROUTE_REASON, CAPABLE_WORKER_DETAIL))
 
     async def _attach_inputs(self, claims: list[Claimed]) -> None:
         pipe = self.store.pipeline()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from flowfabric.server.valkey.functions.admission import AdmissionFunctions
 from flowfabric.server.valkey.functions.core import Claimer, Decl, Fence, Leased, Outcome
 from flowfabric.server.valkey.functions.execution import ExecutionFunctions, NewExecution
-from flowfabric.server.valkey.functions.lease import LeaseFunctions, ReclaimLimit
+from flowfabric.server.valkey.functions.lease import LeaseFunctions, Reclaimed, ReclaimLimit
 from flowfabric.server.valkey.functions.maintenance import MaintenanceFunctions
 from flowfabric.server.valkey.functions.scheduling import SchedulingFunctions
 from flowfabric.server.valkey.functions.signal import INITIAL_KID, Keystore, Signal, SignalFunctions
@@ -57,5 +57,6 @@ def all_declarations() -> tuple[Decl[object], ...]:
 
 __all__ = [
     "INITIAL_KID", "Claimer", "Fence", "Frame", "Functions", "Keystore", "Leased", "NewExecution",
-    "Outcome", "ReclaimLimit", "Signal", "Suspension", "WaitpointRow", "all_declarations",
+    "Outcome", "ReclaimLimit", "Reclaimed", "Signal", "Suspension", "WaitpointRow",
+    "all_declarations",
 ]  # fmt: skip

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from flowfabric.server.valkey.codec import Reply
+from flowfabric.server.valkey.codec import Reply, hash_to_dict
 from flowfabric.server.valkey.functions.core import (
     Claimer,
     Decl,
@@ -51,10 +51,31 @@ class ReclaimLimit:
     outcome: str = "max_reclaims_exceeded"
 
 
-def _reclaimed(reply: Reply) -> Leased | ReclaimLimit:
+@dataclass(frozen=True)
+class Reclaimed(Leased):
+    """A reclaim's lease and what the worker needs to run the execution (as in a batch claim
+    row), so the caller does not re-read it."""
+
+    payload: bytes = b""
+    payload_encoding: str = ""
+    execution_kind: str = ""
+    namespace: str = ""
+    priority: int = 0
+    flow_id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _reclaimed(reply: Reply) -> Reclaimed | ReclaimLimit:
     if reply.str(0) == "max_reclaims_exceeded":
         return ReclaimLimit()
-    return record(Leased)(reply)
+    lease = record(Leased)(reply)
+    tags = reply.values[12] if len(reply.values) > 12 else []
+    return Reclaimed(
+        lease.lease_id, lease.lease_epoch, lease.lease_expires_at, lease.attempt_id,
+        lease.attempt_index, lease.attempt_type, payload=reply.raw(6),
+        payload_encoding=reply.str(7), execution_kind=reply.str(8), namespace=reply.str(9),
+        priority=int(reply.str(10) or 0), flow_id=reply.str(11), tags=hash_to_dict(tags),
+    )  # fmt: skip
 
 
 RENEW: Decl[Renewed] = Decl(
@@ -88,7 +109,7 @@ RECLAIM_GRANT: Decl[Granted] = Decl(
     GRANT_ARGV,
     ok(record(Granted)),
 )
-RECLAIM: Decl[Leased | ReclaimLimit] = Decl(
+RECLAIM: Decl[Reclaimed | ReclaimLimit] = Decl(
     "ff_reclaim_execution",
     (ek("core"), ek("claim_grant"), routed("old attempt hash"), routed("old stream meta"),
      routed("new attempt hash"), routed("new attempt usage"), ek("attempts"),
@@ -147,7 +168,7 @@ class LeaseFunctions:
 
     async def reclaim_execution(
         self, eid: ExecutionId, who: Claimer, lease_id: str, lease_ttl_ms: int, attempt_id: str
-    ) -> Leased | ReclaimLimit:
+    ) -> Reclaimed | ReclaimLimit:
         ctx = exec_ctx(eid, worker_instance_id=who.worker_instance_id)
         return await call(self.store, RECLAIM, ctx, {
             "execution_id": str(eid), "worker_id": who.worker_id,

@@ -1,0 +1,180 @@
+"""Admission: the ordered checks a claim candidate passes between "candidate found" and "lease
+committed" (docs/lifecycle.md#admission).
+
+A candidate is an eligible head of a lane's eligible set, with what the claim path knows about
+it (its required capabilities, whether the claim function's own capability check failed, and,
+once budgets and quotas exist, its budget ids and quota policy id). Each check answers:
+
+- `ADMIT`: this check lets it through (the next check is asked);
+- `Block(reason, detail, until_ms)`: the execution leaves the eligible set for
+  `blocked:<reason>` (`ff_block_execution_for_admission`), so the lane keeps flowing past it
+  and the unblock scanner brings it back;
+- `SKIP`: leave it eligible and untouched, for another worker or a later pass.
+
+The first answer other than admit wins; checks that admitted before it release what they
+reserved.
+
+Two kinds of check:
+
+- In-slot (`in_slot = True`): the claim function evaluates the same condition inside its single
+  slot, atomically with the lease (the capability route, today's only check). With only in-slot
+  checks the scheduler keeps the one-call batch claim and consults the checks afterwards for the
+  heads the function reported (today: capability mismatches), to learn what to do with them.
+- Cross-slot (`in_slot = False`): state on another hash tag (budgets on `{b:M}`, quotas on
+  `{q:K}`) that a single-slot claim function cannot read. When one is registered the scheduler
+  reads the candidates first (the eligible heads), asks every check in order, and claims only
+  the admitted ones, one by one (a claim grant, then the claim). A cross-slot check keeps its
+  guarantee by reservation: `check` reserves on its own slot (atomically there, e.g. a budget
+  function that debits or holds an amount, a quota function that takes a slot in its window)
+  and answers admit; if the claim then fails (another worker won the head, it stopped being
+  eligible) the scheduler calls `release`, which returns the reservation. A reservation must
+  carry a TTL on its own slot, so a server that dies between reserve and claim or release
+  leaks nothing for longer than that TTL. Over-admission is impossible (the reservation
+  precedes the lease); the worst case is a transient under-admission while a reservation for a
+  failed claim is outstanding.
+
+A reclaim (an expired or revoked lease handed to another worker) continues an admitted attempt
+and does not pass admission again; its capability check is the reclaim grant's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.functions import Claimer, Functions
+from flowfabric.server.valkey.ids import ExecutionId
+
+log = logging.getLogger("flowfabric.admission")
+
+ROUTE_REASON = "waiting_for_capable_worker"
+CAPABLE_WORKER_DETAIL = "no connected worker satisfies required_capabilities"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An eligible head the claim path found, and what it knows about it."""
+
+    execution_id: ExecutionId
+    lane_id: str
+    required_capabilities: tuple[str, ...] = ()
+    capability_mismatch: bool = False  # the claim function's capability check failed
+    budget_ids: tuple[str, ...] = ()
+    quota_policy_id: str = ""
+
+
+@dataclass(frozen=True)
+class Admit:
+    pass
+
+
+@dataclass(frozen=True)
+class Skip:
+    pass
+
+
+@dataclass(frozen=True)
+class Block:
+    """Move the execution to `blocked:<reason>`. `until_ms` is when the check expects the
+    condition to clear (None = when the unblock scanner finds it cleared); the block function
+    stores no deadline yet, so it is advisory today."""
+
+    reason: str
+    detail: str
+    until_ms: int | None = None
+
+
+Verdict = Admit | Block | Skip
+ADMIT = Admit()
+SKIP = Skip()
+
+
+class AdmissionCheck(Protocol):
+    """One admission check; see the module docstring for in-slot versus cross-slot."""
+
+    name: str
+    in_slot: bool
+
+    async def check(self, candidate: Candidate, who: Claimer) -> Verdict: ...
+
+    async def release(self, candidate: Candidate, who: Claimer) -> None:
+        """Return what `check` reserved for `candidate` (its claim failed or a later check
+        refused it). A no-op for a check that reserves nothing."""
+
+
+def missing_capabilities(required: Iterable[str], worker_csv: str) -> list[str]:
+    have = {t for t in worker_csv.split(",") if t}
+    return sorted({t for t in required if t and t not in have})
+
+
+class CapabilityCheck:
+    """The capability route: required capabilities must be a subset of the worker's. Evaluated
+    in-slot by the claim functions; a mismatch blocks into `blocked:route`."""
+
+    name = "capability_route"
+    in_slot = True
+
+    async def check(self, candidate: Candidate, who: Claimer) -> Verdict:
+        if candidate.capability_mismatch or missing_capabilities(
+            candidate.required_capabilities, who.capabilities_csv
+        ):
+            return Block(ROUTE_REASON, CAPABLE_WORKER_DETAIL)
+        return ADMIT
+
+    async def release(self, candidate: Candidate, who: Claimer) -> None:
+        return None
+
+
+class Admission:
+    """The ordered list of checks the scheduler consults."""
+
+    def __init__(self, functions: Functions, checks: Sequence[AdmissionCheck] = ()) -> None:
+        self.functions = functions
+        self.checks: list[AdmissionCheck] = list(checks) or [CapabilityCheck()]
+
+    @property
+    def cross_slot(self) -> bool:
+        """Whether some check must run before the claim (the candidate-first claim path)."""
+        return any(not c.in_slot for c in self.checks)
+
+    def register(self, check: AdmissionCheck) -> None:
+        self.checks.append(check)
+
+    def unregister(self, check: AdmissionCheck) -> None:
+        self.checks.remove(check)
+
+    async def decide(self, candidate: Candidate, who: Claimer) -> Verdict:
+        """Ask the checks in order; the first non-admit answer wins and the checks that had
+        admitted release their reservations (latest first)."""
+        passed: list[AdmissionCheck] = []
+        for c in list(self.checks):
+            verdict = await c.check(candidate, who)
+            if not isinstance(verdict, Admit):
+                await self._release(reversed(passed), candidate, who)
+                return verdict
+            passed.append(c)
+        return ADMIT
+
+    async def release(self, candidate: Candidate, who: Claimer) -> None:
+        """The candidate was admitted but its claim failed: every check releases."""
+        await self._release(reversed(self.checks), candidate, who)
+
+    async def _release(
+        self, checks: Iterable[AdmissionCheck], candidate: Candidate, who: Claimer
+    ) -> None:
+        for c in list(checks):
+            try:
+                await c.release(candidate, who)
+            except FlowFabricError as exc:  # the reservation's TTL returns it
+                log.warning("%s release for %s failed: %s", c.name, candidate.execution_id, exc)
+
+    async def block(self, eid: ExecutionId, verdict: Block) -> None:
+        """Apply a block verdict; a failed block is only logged (the execution stays where
+        it is and the next pass decides again)."""
+        try:
+            await self.functions.admission.block_execution(eid, verdict.reason, verdict.detail)
+        except FlowFabricError as exc:
+            log.debug("block of %s failed: %s", eid, exc.code)
