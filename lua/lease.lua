@@ -1,8 +1,10 @@
--- lease.lua: renew, expiry marking, revoke and reclaim of execution leases (spec 10 §2.5-2.7,
--- §2.15-2.16).
+-- lease.lua: renew, expiry marking, revoke and reclaim of execution leases
+-- (docs/lifecycle.md#renew, docs/lifecycle.md#lease-expiry-and-reclaim, docs/lifecycle.md#revoke,
+-- docs/lifecycle.md#lease-expiry-and-reclaim).
 --
 -- KEYS marked (*) are declared for routing only and never read: the function builds that key
--- from the tag of KEYS[1] and core fields (spec 00 §4 rule 3), because the holder, lane or attempt
+-- from the tag of KEYS[1] and core fields (docs/architecture.md#keys-built-inside-lua), because the
+-- holder, lane or attempt
 -- index the caller pre-read may be stale. Pass the real key or the placeholder ff:noop:{p}.
 --
 -- uses: reply, util, argv, keys, state, stream, lease, attempt, terminal, policy, capabilities, grant
@@ -80,7 +82,8 @@ redis.register_function('ff_renew_lease', renew_lease)
 --       not_active (entry removed), already_expired, already_revoked, unowned (entry removed),
 --       not_yet_expired.
 --   Errors: none.
---   Writes: mark_expired (spec 00 §8.3): core lease_expired_reclaimable vector +
+--   Writes: mark_expired (docs/architecture.md#shared-transition-rules): core
+--   lease_expired_reclaimable vector +
 --     lease_expired_at; history `expired`; open stream meta of the current attempt closed
 --     lease_expired + stream_closed event. The lease_expiry entry stays for reclaim discovery.
 local function mark_lease_expired_if_due(keys, argv)
@@ -152,7 +155,7 @@ local function revoke_lease(keys, argv)
     'waiting_for_worker', 'lease revoked: ' .. reason, 'none', 'attempt_interrupted'}, now,
     {lease_revoked_at = Util.num(now), lease_revoke_reason = reason})
   redis.call('DEL', keys[2])
-  -- Holder's lease set built on the tag of KEYS[1] (spec 00 §4 rule 3).
+  -- Holder's lease set built on the tag of KEYS[1] (docs/architecture.md#keys-built-inside-lua).
   if Util.is_set(c.current_worker_instance_id) then
     redis.call('SREM', Keys.worker_leases(x.tag, c.current_worker_instance_id), x.eid)
   end
@@ -213,7 +216,8 @@ end
 
 redis.register_function('ff_issue_reclaim_grant', issue_reclaim_grant)
 
--- Reclaim limit path (Spec, spec 10 §2.16): a full terminal failure instead of the reference's
+-- Reclaim limit path (a project decision, docs/lifecycle.md#lease-expiry-and-reclaim): a full
+-- terminal failure instead of the reference's
 -- committed-state-behind-an-error.
 local function fail_at_reclaim_limit(x, now)
   local idx = x.core.current_attempt_index
@@ -319,7 +323,8 @@ local function reclaim_execution(keys, argv)
   Stream.close(x, old_idx, 'reclaimed', now, false)
   Attempt.start(x, a, now)
   redis.call('ZADD', keys[10], Util.num(a.expires), x.eid)
-  -- Lease sets and the lane index are built on the tag of KEYS[1] (spec 00 §4 rule 3).
+  -- Lease sets and the lane index are built on the tag of KEYS[1]
+  -- (docs/architecture.md#keys-built-inside-lua).
   local old_holder = c.current_worker_instance_id
   if Util.is_set(old_holder) and old_holder ~= argv[3] then
     redis.call('SREM', Keys.worker_leases(x.tag, old_holder), x.eid)

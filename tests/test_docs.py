@@ -20,15 +20,6 @@ DOCS = ROOT / "docs"
 SUFFIXES = {".py", ".lua", ".proto", ".md", ".toml", ".yaml", ".yml"}
 REF = re.compile(r"(?:\.\./)*docs/([a-z0-9_-]+\.md)(?:#([a-z0-9_-]+))?")
 MD_LINK = re.compile(r"\]\((?!https?://)([^)#\s]*\.md)?(?:#([^)\s]+))?\)")
-# Files whose rewrite waits for work in flight on them to land; emptied when it has.
-PENDING = frozenset(
-    {
-        "lua/lease.lua",
-        "server/flowfabric/engine/scheduler.py",
-        "tests/api/test_scheduler.py",
-        "tests/lua/test_lease.py",
-    }
-)
 SPEC_CITATION = re.compile(r"\bspec \d{2}\b|§\s?\d", re.IGNORECASE)
 
 
@@ -102,8 +93,6 @@ def test_references_into_docs_resolve(path: Path) -> None:
 
 @pytest.mark.parametrize("path", _tracked(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_citations_outside_the_repository(path: Path) -> None:
-    if str(path.relative_to(ROOT)) in PENDING:
-        pytest.skip("citations in this file are rewritten when the work on it lands")
     hits = [
         f"{n}: {line.strip()[:80]}"
         for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1)

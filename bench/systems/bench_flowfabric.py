@@ -133,8 +133,10 @@ class Submitter:
 
             self.submit = raw
         else:
+            from flowfabric._transport import transport_of
+
             self.client = Client(target)
-            self.channel = self.client._channel
+            self.channel = transport_of(self.client).channel  # submit on the client's channel
 
             async def sdk() -> str:
                 return (await self.client.submit(KIND, lane=LANE)).execution_id

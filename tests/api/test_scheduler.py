@@ -1,4 +1,5 @@
-"""The claim cycle through the API (spec 10 §3, spec 50 §4): lanes, partitions, reclaim routing.
+"""The claim cycle through the API (docs/lifecycle.md#the-claim-cycle,
+docs/lifecycle.md#the-claim-cycle): lanes, partitions, reclaim routing.
 
 Both topologies; bounded polling only, no assertion depends on timing.
 """

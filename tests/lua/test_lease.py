@@ -1,5 +1,4 @@
-"""Renew, expiry marking, revoke and reclaim, called directly (spec 10 §1.2, §2.5-2.7,
-§2.15-2.16)."""
+"""Renew, expiry marking, revoke and reclaim, called directly (docs/lifecycle.md)."""
 
 from __future__ import annotations
 
@@ -108,7 +107,8 @@ async def test_renew_fence_checks(store: Store) -> None:
     assert await snapshot(store, lease.eid) == before
 
 
-# -- the fence error order of spec 10 §1.2, on every fenced write path -------------------------
+# -- the fence error order of docs/lifecycle.md#leases-and-fencing, on every fenced write path
+# -------------------------
 
 Op = Callable[[Store, Lease, list[str]], Awaitable[list]]
 
