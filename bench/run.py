@@ -235,7 +235,9 @@ def git_sha() -> str:
 REV_ROOTS: dict[str, Path] = {}
 
 
-def add_baseline(rev: str) -> list[str]:
+def add_baseline(
+    rev: str, systems: tuple[str, ...] = ("flowfabric", "flowfabric-raw")
+) -> list[str]:
     """Check out `rev` into bench/.venvs/rev-<sha>/src (a git worktree) with its own venv, and
     register `<system>@<sha>` for each FlowFabric S1 system, run with that revision's own driver,
     SDK and server. Returns the new system names."""
@@ -259,7 +261,7 @@ def add_baseline(rev: str) -> list[str]:
             check=True,
         )  # fmt: skip
     names = []
-    for name in ("flowfabric", "flowfabric-raw"):
+    for name in systems:
         _venv, script, sys_args, label = SYSTEMS[name]
         alias = f"{name}@{sha}"
         SYSTEMS[alias] = (str(py), script, sys_args, f"{label} (at {sha})")
@@ -484,6 +486,11 @@ def main() -> None:  # noqa: C901
         help="also measure the FlowFabric S1 systems at this git revision (its own driver, SDK "
         "and server, in a worktree and venv under bench/.venvs/), interleaved in the same run",
     )
+    p.add_argument(
+        "--baseline-systems",
+        default="flowfabric,flowfabric-raw",
+        help="which FlowFabric systems --baseline-rev measures (comma list)",
+    )
     p.add_argument("--out", default=str(BENCH / "results"))
     args = p.parse_args()  # fmt: skip
     quick = {"jobs": 2_000, "runs": 2, "latency_duration": 5.0}
@@ -493,7 +500,7 @@ def main() -> None:  # noqa: C901
             setattr(args, k, v)
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     if args.baseline_rev:
-        names += add_baseline(args.baseline_rev)
+        names += add_baseline(args.baseline_rev, tuple(args.baseline_systems.split(",")))
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         raise SystemExit(f"unknown systems: {unknown}; known: {list(SYSTEMS)}")

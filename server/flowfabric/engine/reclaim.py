@@ -3,15 +3,13 @@
 
 `ff_issue_reclaim_grant` then `ff_reclaim_execution`, whose reply carries the new lease and
 attempt and what the worker needs (payload, kind, tags, ...), so nothing is re-read after the
-claim. The scheduler's probe pipeline reads the due entries of each probed partition's
-lease_expiry index (due once the lease expired; at once when revoked) and hands them here before
-any new claim. A candidate the worker's capabilities cannot take is parked for that capability
-set for a while, so it is not retried on every call while a capable worker is never held back;
-an entry of another lane is remembered and skipped.
+claim. A candidate the worker's capabilities cannot take is parked for that capability set for
+a while, so it is not retried on every call while a capable worker is never held back.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Sequence
@@ -21,13 +19,11 @@ from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Claimer, Functions, ReclaimLimit
 from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
-from flowfabric.server.valkey.keys import ExecKeys
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store, server_time_ms
 
 RECLAIM_CANDIDATES_PER_PARTITION = 4
 RECLAIM_PARK_S = 10.0
-RECLAIM_TRIES_PER_CALL = 8  # due entries tried per claim call, at most
-CLOCK_REFRESH_S = 5.0
 
 
 class Reclaimer:
@@ -38,45 +34,33 @@ class Reclaimer:
         # reclaim candidates a capability set cannot take, until a monotonic deadline; keyed
         # by (execution, capabilities CSV) so a capable worker is never held back by the park
         self._parked: dict[tuple[str, str], float] = {}
-        # the lane of due entries seen, so a worker of another lane skips them without a read
-        self._lanes: dict[str, str] = {}
-        self._clock_offset = 0
-        self._clock_refresh_at = 0.0
 
-    async def server_now(self) -> int:
-        """Valkey time in ms, estimated from a clock offset refreshed every few seconds (the
-        functions read TIME themselves; this only picks due index entries)."""
-        mono = time.monotonic()
-        if mono >= self._clock_refresh_at:
-            self._clock_offset = await server_time_ms(self.store) - int(time.time() * 1000)
-            self._clock_refresh_at = mono + CLOCK_REFRESH_S
-        return int(time.time() * 1000) + self._clock_offset
-
-    async def reclaim_due(
-        self, members: Sequence[str], who: Claimer, req: ClaimRequest, want: int
+    async def reclaim(
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int
     ) -> list[Claimed]:
-        """Lease up to `want` of the due lease_expiry `members` to `who`, trying at most
-        RECLAIM_TRIES_PER_CALL of them, so a claim's cost stays bounded."""
+        """Up to `want` due or revoked leases of the lane in `parts`, leased to `who`."""
+        now = await server_time_ms(self.store)
+        pipe = self.store.pipeline()
+        for p in parts:
+            pipe.zrangebyscore(
+                PartitionKeys.of(p).lease_expiry, "-inf", now, start=0,
+                num=RECLAIM_CANDIDATES_PER_PARTITION,
+            )  # fmt: skip
+        rows = await self.store.run_pipeline(pipe)
         out: list[Claimed] = []
         mono = time.monotonic()
         if len(self._parked) > 1024:  # drop lapsed parks so the map stays bounded
             self._parked = {k: v for k, v in self._parked.items() if v > mono}
-        if len(self._lanes) > 4096:
-            self._lanes.clear()
-        tries = 0
-        for member in members:
-            if len(out) >= want or tries >= RECLAIM_TRIES_PER_CALL:
+        for raw in itertools.chain.from_iterable(rows):
+            if len(out) >= want:
                 break
-            known_lane = self._lanes.get(member)
-            if known_lane is not None and known_lane != who.lane_id:
-                continue
+            member = text(raw)
             if self._parked.get((member, who.capabilities_csv), 0) > mono:
                 continue
             try:
                 eid = parse_execution_id(member, self.partitions)
             except FlowFabricError:
                 continue
-            tries += 1
             got = await self._try(eid, who, req)
             if got is not None:
                 out.append(got)
@@ -87,8 +71,6 @@ class Reclaimer:
         lane, phase, ownership = (
             text(v) for v in await self.store.call("HMGET", ExecKeys(eid).core, *fields)
         )
-        if lane:
-            self._lanes[str(eid)] = lane  # an execution's lane never changes
         if lane != who.lane_id or phase != "active":
             return None
         if ownership == "leased":

@@ -16,13 +16,9 @@ registered (budgets, quotas: other hash tags), each partition's eligible heads a
 every check is asked, and only admitted heads are claimed (grant, then claim), releasing the
 checks' reservations when a claim fails.
 
-Due leases go first: before claiming from the solo partition the scheduler reads its
-lease_expiry index, and the window's probe pipeline reads those of the window's partitions;
-expired or revoked leases found there are reclaimed before any new claim, a bounded number per
-call (`engine/reclaim.py`), so a crashed worker's solo-lane execution is handed to another
-worker within its lease TTL plus the expiry scanner's interval plus one claim, whatever the
-backlog.
-ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
+When the probed partitions have nothing eligible (and every 16th call), expired or revoked
+leases in them are reclaimed (`engine/reclaim.py`), so a crashed worker's execution is handed
+to another worker. ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
 then `ff_claim_execution` or `ff_claim_resumed_execution`).
 
 `claim_next` long-polls: it waits for a `waiting` watch event on the lanes' solo partitions (or
@@ -57,7 +53,7 @@ from flowfabric.server.engine.claims import (
     claimed_from_row,
 )
 from flowfabric.server.engine.events import EventHub
-from flowfabric.server.engine.reclaim import RECLAIM_CANDIDATES_PER_PARTITION, Reclaimer
+from flowfabric.server.engine.reclaim import Reclaimer
 from flowfabric.server.valkey.codec import hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Claimer, Functions
@@ -75,6 +71,7 @@ FNV_PRIME = 0x100000001B3
 MAX_PARTITIONS_PER_SCAN = 32
 ROTATION_WINDOW_MS = 250
 WAIT_BACKSTOP_S = 1.0
+RECLAIM_EVERY = 16
 SCAN_SLACK = 16  # heads a batch claim may examine beyond the ones it wants
 
 
@@ -100,6 +97,7 @@ class Scheduler:
         self._local_wake: set[asyncio.Event] = set()
         self.admission = Admission(functions)
         self.reclaimer = Reclaimer(functions, store, partitions)
+        self._lane_calls = 0
         self.closing = asyncio.Event()
 
     # -- partition choice ---------------------------------------------------------------------
@@ -132,41 +130,32 @@ class Scheduler:
         return out
 
     async def _claim_lane(self, req: ClaimRequest, lane: str, want: int) -> list[Claimed]:
-        """Due leases first, then new work: the solo partition's lease_expiry index is read
-        (one small read) and its due leases reclaimed, then the solo partition is claimed from
-        without a probe (when it fills the request, the common case for solo work, the window
-        is never looked at); the window's probe pipeline reads its partitions' due entries the
-        same way, and reclaims them before claiming from the partitions with eligible heads."""
         parts = self.probe_order(lane, req.worker_instance_id)
         who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
-        now = await self.reclaimer.server_now()
-        due = await self.store.call(
-            "ZRANGEBYSCORE", PartitionKeys.of(parts[0]).lease_expiry, "-inf", now, "LIMIT", 0,
-            RECLAIM_CANDIDATES_PER_PARTITION,
-        )  # fmt: skip
-        out = await self.reclaimer.reclaim_due([text(m) for m in due], who, req, want)
+        # The lane's solo partition first, alone and without a probe: when it fills the
+        # request (the common case for solo work) the window is never looked at.
+        out = await self._claim_partition(parts[0], who, req, want)
         if len(out) < want:
-            out += await self._claim_partition(parts[0], who, req, want - len(out))
-        if len(out) < want and len(parts) > 1:
-            out += await self._claim_window(parts[1:], who, req, want - len(out), now)
+            out += await self._claim_window(parts[1:], who, req, want - len(out))
+        self._lane_calls += 1
+        # Reclaim discovery when this call found nothing eligible, and every RECLAIM_EVERY-th
+        # call so a steady stream of new work cannot starve an expired lease.
+        if len(out) < want and (not out or self._lane_calls % RECLAIM_EVERY == 0):
+            out += await self.reclaimer.reclaim(parts, who, req, want - len(out))
         return out
 
     async def _claim_window(
-        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, now: int
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int
     ) -> list[Claimed]:
-        """Probe `parts` in one pipeline (eligible heads, due leases); reclaim the due leases,
-        then claim from the partitions with eligible heads, in order."""
+        """Probe `parts` in one pipeline; claim from those with eligible heads, in order."""
+        if not parts:
+            return []
         pipe = self.store.pipeline()
         for p in parts:
-            keys = PartitionKeys.of(p)
-            pipe.exists(keys.lane(who.lane_id, "eligible"))
-            pipe.zrangebyscore(
-                keys.lease_expiry, "-inf", now, start=0, num=RECLAIM_CANDIDATES_PER_PARTITION
-            )
+            pipe.exists(PartitionKeys.of(p).lane(who.lane_id, "eligible"))
         found = await self.store.run_pipeline(pipe)
-        due = [text(m) for members in found[1::2] for m in members or []]
-        out = await self.reclaimer.reclaim_due(due, who, req, want) if due else []
-        for p, present in zip(parts, found[0::2], strict=True):
+        out: list[Claimed] = []
+        for p, present in zip(parts, found, strict=True):
             if len(out) >= want:
                 break
             if present:
