@@ -2,9 +2,6 @@
 --
 -- uses: reply, util, keys, state, suspend
 
-local LANE_SETS = {'eligible', 'delayed', 'active', 'suspended', 'terminal',
-  'blocked:dependencies', 'blocked:budget', 'blocked:quota', 'blocked:route', 'blocked:operator'}
-
 local RUNNABLE_SET = {
   eligible_now = 'eligible',
   not_eligible_until_time = 'delayed',
@@ -70,7 +67,7 @@ local function reconcile_indexes(keys, argv)
     return Reply.ok('unknown_state')
   end
   local added, removed = {}, {}
-  for _, set in ipairs(LANE_SETS) do
+  for _, set in ipairs(Keys.LANE_SETS) do
     local key = Keys.lane(x.tag, c.lane_id, set)
     local present = redis.call('ZSCORE', key, argv[1])
     if set == want and not present then
