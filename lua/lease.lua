@@ -7,7 +7,7 @@
 -- holder, lane or attempt
 -- index the caller pre-read may be stale. Pass the real key or the placeholder ff:noop:{p}.
 --
--- uses: reply, util, argv, keys, state, stream, lease, attempt, terminal, policy, capabilities, grant
+-- uses: reply, util, argv, keys, state, lease, policy, capabilities, grant, reclaim
 
 -- ff_renew_lease
 --   KEYS (4): 1 core, 2 lease current, 3 lease history, 4 lease_expiry.
@@ -21,7 +21,8 @@
 --     attempt_id, lease_id or lease_epoch differ from the core).
 --   Writes: core lease_expires_at, lease_renewal_deadline, lease_last_renewed_at,
 --     last_mutation_at; lease current rewritten from the core mirror, PEXPIREAT expires+grace;
---     ZADD lease_expiry. No history event; epoch unchanged. On lease_expired: mark_expired
+--     ZADD lease_expiry and lane active (built from core.lane_id) at the new expiry. No history
+--     event; epoch unchanged. On lease_expired: mark_expired
 --     (history `expired`, stream meta closed lease_expired + stream_closed event).
 local RENEW_ARGV = {
   {6, 'lease_ttl_ms', 'int', min = 1},
@@ -68,6 +69,10 @@ local function renew_lease(keys, argv)
     'last_renewed_at', Util.num(now), 'renewal_deadline', Util.num(renewal))
   redis.call('PEXPIREAT', keys[2], Util.num(expires + grace))
   redis.call('ZADD', keys[4], Util.num(expires), x.eid)
+  -- Lane index built from core.lane_id on the tag of KEYS[1]
+  -- (docs/architecture.md#keys-built-inside-lua): scored at the lease expiry, it is what a
+  -- claim of the lane reads to find due leases (docs/lifecycle.md#lease-expiry-and-reclaim).
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'active'), Util.num(expires), x.eid)
   return Reply.ok(Util.num(expires))
 end
 
@@ -129,7 +134,8 @@ redis.register_function('ff_mark_lease_expired_if_due', mark_lease_expired_if_du
 --   Writes: core lease_revoked vector, blocking_detail "lease revoked: <reason>",
 --     lease_revoked_at, lease_revoke_reason (lease identity kept so the old owner is answered
 --     lease_revoked); DEL lease current; SREM holder's lease set; history `revoked`;
---     Spec: ZADD lease_expiry now (reclaim discovery). Attempt and lane active entry untouched.
+--     ZADD lease_expiry and lane active (built from core.lane_id) at now, so the next claim of
+--     the lane reclaims it. Attempt untouched.
 local function revoke_lease(keys, argv)
   local x = State.load_exec(keys, argv)
   if not x then
@@ -161,6 +167,7 @@ local function revoke_lease(keys, argv)
   end
   Lease.event(keys[3], 'revoked', Lease.fields(c, reason), now)
   redis.call('ZADD', keys[4], Util.num(now), x.eid)
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'active'), Util.num(now), x.eid)
   return Reply.ok('revoked', current, c.current_lease_epoch or '')
 end
 
@@ -215,21 +222,6 @@ local function issue_reclaim_grant(keys, argv)
 end
 
 redis.register_function('ff_issue_reclaim_grant', issue_reclaim_grant)
-
--- Reclaim limit path (a project decision, docs/lifecycle.md#lease-expiry-and-reclaim): a full
--- terminal failure instead of the reference's
--- committed-state-behind-an-error.
-local function fail_at_reclaim_limit(x, now)
-  local idx = x.core.current_attempt_index
-  Terminal.transition(x, 'failed', now, Lease.cleared({failure_reason = 'max_reclaims_exceeded'}),
-    true)
-  if Attempt.finish(x, idx, 'interrupted_reclaimed', {'failure_reason', 'max_reclaims_exceeded'},
-      now) then
-    Stream.close(x, idx, 'reclaimed', now, false)
-  end
-  Lease.release(x, 'max_reclaims_exceeded', now)
-  return Reply.ok('max_reclaims_exceeded')
-end
 
 -- ff_reclaim_execution
 --   KEYS (14): 1 core, 2 claim_grant, 3 old attempt hash (*), 4 old stream meta (*),
@@ -292,54 +284,16 @@ local function reclaim_execution(keys, argv)
   x.attempt_timeout, x.deadline = keys[13], keys[14]
   local policy = Policy.stored(x)
   local now = Util.now_ms()
-  local reclaims = tonumber(c.lease_reclaim_count or '0') or 0
-  if reclaims >= Policy.int(policy, 'max_reclaim_count', 100) then
-    return fail_at_reclaim_limit(x, now)
+  if Reclaim.at_limit(x, policy) then
+    Reclaim.fail_at_limit(x, now)
+    return Reply.ok('max_reclaims_exceeded')
   end
   local gerr = Grant.check(keys[2], argv[2], now)
   if gerr then
     return gerr
   end
-
-  local reason = 'lease_expired'
-  if c.ownership_state == 'lease_revoked' then
-    reason = 'lease_revoked'
-  end
-  local old_idx = c.current_attempt_index
-  local a = {
-    idx = tonumber(c.total_attempt_count or '0') or 0, attempt_id = argv[7],
-    attempt_type = 'reclaim', lease_id = argv[5],
-    epoch = (tonumber(c.current_lease_epoch or '0') or 0) + 1,
-    worker_id = argv[2], worker_instance_id = argv[3],
-    expires = now + ttl, renewal = now + math.floor(ttl * 2 / 3),
-    lineage = {'reclaim_reason', reason, 'previous_attempt_index', old_idx or ''},
-    policy = policy_flat,
-  }
-  local extra = Lease.claimed_fields(a, (argv[4] ~= '' and argv[4]) or c.lane_id, now)
-  extra.lease_reclaim_count = Util.num(reclaims + 1)
-  State.write_vector(keys[1], x.eid, Lease.CLAIMED, now, extra)
-  redis.call('DEL', keys[2])
-  Attempt.finish(x, old_idx, 'interrupted_reclaimed', {'failure_reason', reason}, now)
-  Stream.close(x, old_idx, 'reclaimed', now, false)
-  Attempt.start(x, a, now)
-  redis.call('ZADD', keys[10], Util.num(a.expires), x.eid)
-  -- Lease sets and the lane index are built on the tag of KEYS[1]
-  -- (docs/architecture.md#keys-built-inside-lua).
-  local old_holder = c.current_worker_instance_id
-  if Util.is_set(old_holder) and old_holder ~= argv[3] then
-    redis.call('SREM', Keys.worker_leases(x.tag, old_holder), x.eid)
-  end
-  redis.call('SADD', Keys.worker_leases(x.tag, argv[3]), x.eid)
-  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'active'), Util.num(a.expires), x.eid)
-  local timeout = Policy.attempt_timeout_of(policy)
-  if timeout then
-    redis.call('ZADD', keys[13], Util.num(now + timeout), x.eid)
-  else
-    redis.call('ZREM', keys[13], x.eid)
-  end
-  Lease.event(keys[9], 'reclaimed', {'old_lease_epoch', c.current_lease_epoch,
-    'new_lease_id', a.lease_id, 'new_lease_epoch', Util.num(a.epoch), 'new_attempt_id', a.attempt_id,
-    'new_attempt_index', Util.num(a.idx), 'worker_id', a.worker_id, 'reason', reason}, now)
+  local a = Reclaim.take(x, {worker_id = argv[2], worker_instance_id = argv[3], lane = argv[4],
+    lease_id = argv[5], attempt_id = argv[7], ttl = ttl, policy = policy_flat}, policy, keys[2], now)
   return Reply.ok(a.lease_id, Util.num(a.epoch), Util.num(a.expires), a.attempt_id, Util.num(a.idx),
     'reclaim', redis.call('GET', Keys.exec(x.tag, x.eid, 'payload')) or '',
     c.payload_encoding or '', c.execution_kind or '', c.namespace or '', c.priority or '0',

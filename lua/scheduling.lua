@@ -6,7 +6,7 @@
 -- Pass the real key or the
 -- placeholder ff:noop:{p}.
 --
--- uses: reply, util, argv, keys, state, lease, attempt, policy, capabilities, grant
+-- uses: reply, util, argv, keys, state, lease, attempt, policy, capabilities, grant, reclaim
 
 -- ff_issue_claim_grant
 --   KEYS (3): 1 core, 2 claim_grant, 3 lane eligible (*: built from core.lane_id).
@@ -318,41 +318,63 @@ end
 
 redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 
--- ff_claim_batch: one claimer leases up to max_tasks heads of one lane's eligible set on one
--- partition in one call. Per head, in eligible order, it does what ff_issue_claim_grant then
--- ff_claim_execution (or ff_claim_resumed_execution, for an attempt_interrupted execution) do,
--- through the same checks and writes: the grant checks (a grant held by anyone skips the head;
+-- The batch claim: one claimer leases up to max_tasks executions of one lane on one partition
+-- in one call (docs/lifecycle.md#the-claim-cycle). First the lane's due leases: every
+-- execution of the lane active set scored at or before now whose lease is expired (marked
+-- here if the scanner has not yet) or revoked is reclaimed, as ff_reclaim_execution does
+-- (docs/lifecycle.md#lease-expiry-and-reclaim), so a backlog of new work cannot starve a
+-- crashed worker's executions. Then the eligible heads, in eligible order, each through what
+-- ff_issue_claim_grant then ff_claim_execution (or ff_claim_resumed_execution, for an
+-- attempt_interrupted execution) do: the grant checks (a grant held by anyone skips the head;
 -- a capability mismatch reports it), then the claim checks, then the claim writes with the
 -- server's defaults (no attempt policy, the stored attempt timeout, no deadline; a resumed
 -- claim sets no attempt timeout). The grant itself is never written: it would be consumed by
--- the same call.
+-- the same call. With max_reply_bytes set, a head whose row would take the reply past it is
+-- not leased and the call stops there (docs/lifecycle.md#claim-reply-size).
+--
+-- ff_claim_batch
 --   KEYS (4): 1 lane eligible (ARGV[3]'s), 2 lease_expiry, 3 attempt_timeout,
 --     4 execution_deadline, all on one partition's tag. Every other key (cores, grants,
 --     attempts, leases, histories, lane active, the claimer's lease set) is built from the tag
---     of KEYS[1] and the eligible members (docs/architecture.md#keys-built-inside-lua).
---   ARGV (9 + 2 x max_tasks): 1 worker_id, 2 worker_instance_id, 3 lane_id, 4 capability_hash
+--     of KEYS[1] and the members (docs/architecture.md#keys-built-inside-lua).
+--   ARGV (10 + 2 x max_tasks): 1 worker_id, 2 worker_instance_id, 3 lane_id, 4 capability_hash
 --     (unused, as in the claim), 5 worker_capabilities_csv, 6 lease_ttl_ms (> 0),
---     7 renew_before_ms (>= 0), 8 max_tasks (> 0), 9 max_scanned (>= max_tasks: heads examined
---     at most), then max_tasks pairs lease_id, attempt_id (the i-th lease takes the i-th pair).
+--     7 renew_before_ms (>= 0), 8 max_tasks (> 0), 9 max_scanned (>= max_tasks: due leases and
+--     heads examined at most, each), 10 max_reply_bytes (0 = no cap; else the most the rows
+--     may cost, a row costing Claim.ROW_BYTES + the bytes of its payload, tags, kind,
+--     namespace, flow id and encoding), then max_tasks pairs lease_id, attempt_id (the i-th
+--     lease takes the i-th pair).
 --   Now: TIME, once.
---   Replies: {1,"OK",claimed,mismatched}
---     claimed: one array per lease, in eligible order: {execution_id, lease_id, lease_epoch,
---       lease_expires_at, attempt_id, attempt_index, attempt_type (initial | retry | replay; a
---       resumed claim gives its attempt's stored type), resumed ("1" | "0"), payload,
---       payload_encoding, execution_kind, namespace, priority, flow_id, tags (flat name/value)}.
---     mismatched: ids that failed the capability check (only core last_capability_mismatch_at
---       written, as by the grant; the caller blocks them for route).
+--   Replies: {1,"OK",claimed,mismatched,reply_bytes}
+--     claimed: one array per lease, reclaims first, then in eligible order: {execution_id,
+--       lease_id, lease_epoch, lease_expires_at, attempt_id, attempt_index, attempt_type
+--       (initial | retry | replay | reclaim; a resumed claim gives its attempt's stored type),
+--       resumed ("1" | "0"), payload, payload_encoding, execution_kind, namespace, priority,
+--       flow_id, tags (flat name/value)}.
+--     mismatched: eligible ids that failed the capability check (only core
+--       last_capability_mismatch_at written, as by the grant; the caller blocks them for
+--       route).
+--     reply_bytes: what the claimed rows cost (as counted for max_reply_bytes).
 --   Errors (before any write): invalid_input (numeric ARGV, empty ids, pair count, KEYS not
 --     the lane's eligible set and the indexes of its tag), invalid_capabilities (worker side).
 --   Skipped, nothing written: heads whose core is missing, that are not eligible, hold a grant,
---     are not leaseable (claim checks), or have invalid required capabilities.
---   Writes per lease: those of ff_claim_execution (or ff_claim_resumed_execution).
+--     are not leaseable (claim checks), or have invalid required capabilities. Due-lease
+--     entries the claimer cannot take are skipped too: a grant outstanding, a capability
+--     mismatch (core last_capability_mismatch_at written), or not due after all (a leased
+--     entry is re-scored at its lease expiry; an entry whose core is gone, not active or of
+--     another lane is removed from the set).
+--   Writes per lease: those of ff_claim_execution (or ff_claim_resumed_execution), or of
+--     ff_reclaim_execution for a due lease, including its reclaim-limit path (terminal
+--     failed; nothing leased).
 local CLAIM_BATCH_ARGV = {
   {6, 'lease_ttl_ms', 'int', min = 1},
   {7, 'renew_before_ms', 'int'},
   {8, 'max_tasks', 'int', min = 1},
   {9, 'max_scanned', 'int'},
+  {10, 'max_reply_bytes', 'int', min = 0},
 }
+
+local FIRST_PAIR = 11
 
 local function claim_batch_args(keys, argv)
   local a, e = Argv.parse(argv, CLAIM_BATCH_ARGV)
@@ -363,13 +385,13 @@ local function claim_batch_args(keys, argv)
     a.max_scanned
   if scan < max then
     return nil, Reply.err('invalid_input', 'max_scanned must be at least max_tasks')
-  elseif #argv ~= 9 + 2 * max then
+  elseif #argv ~= FIRST_PAIR - 1 + 2 * max then
     return nil, Reply.err('invalid_input', 'expected max_tasks pairs of lease_id, attempt_id')
   end
   -- The ids: the claimer's, then one lease_id, attempt_id pair per task.
   local ids = {{1, 'worker_id', 'str'}, {2, 'worker_instance_id', 'str'}, {3, 'lane_id', 'str'}}
-  for i = 10, #argv do
-    ids[#ids + 1] = {i, (i % 2 == 0) and 'lease_id' or 'attempt_id', 'str'}
+  for i = FIRST_PAIR, #argv do
+    ids[#ids + 1] = {i, ((i - FIRST_PAIR) % 2 == 0) and 'lease_id' or 'attempt_id', 'str'}
   end
   local _, serr = Argv.parse(argv, ids)
   if serr then
@@ -388,7 +410,12 @@ local function claim_batch_args(keys, argv)
   if cerr then
     return nil, cerr
   end
-  return {tag = tag, ttl = ttl, renew_before = renew_before, max = max, scan = scan}
+  local room = a.max_reply_bytes
+  if room == 0 then
+    room = math.huge
+  end
+  return {tag = tag, ttl = ttl, renew_before = renew_before, max = max, scan = scan,
+    room = room}
 end
 
 -- What the worker needs of one lease (the ff_claim_batch `claimed` row).
@@ -401,11 +428,72 @@ local function claimed_row(x, a, attempt_type, resumed)
     redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags'))}
 end
 
--- One head of ff_claim_batch: the claimed row, 'mismatch', or nil (skipped).
-local function claim_head(eid, b, argv, pair, now)
-  local tag = b.tag
+-- Fixed cost of one claimed row on top of its variable fields: ids, numbers and the framing
+-- of the row and of the task message the server makes of it (docs/lifecycle.md#claim-reply-size).
+local ROW_BYTES = 512
+
+-- What the row of execution x would cost, read before any write.
+local function row_cost(x)
+  local c = x.core
+  local n = ROW_BYTES + redis.call('STRLEN', Keys.exec(x.tag, x.eid, 'payload'))
+    + #(c.payload_encoding or '') + #(c.execution_kind or '') + #(c.namespace or '')
+    + #(c.flow_id or '')
+  for _, v in ipairs(redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags'))) do
+    n = n + #v
+  end
+  return n
+end
+
+local function load_head(tag, eid)
   local x = {tag = tag, eid = eid, core_key = Keys.exec(tag, eid, 'core')}
   x.core = Util.hgetall(x.core_key)
+  return x
+end
+
+-- One due-lease entry of ff_claim_batch: the claimed row and its cost, 'full' (would not fit
+-- in `room`), or nil (skipped).
+local function reclaim_head(eid, b, argv, pair, room, now)
+  local tag, active = b.tag, b.active
+  local x = load_head(tag, eid)
+  local c = x.core
+  if next(c) == nil or c.lifecycle_phase ~= 'active' or c.lane_id ~= argv[3] then
+    redis.call('ZREM', active, eid)
+    return nil
+  end
+  x.history = Keys.exec(tag, eid, 'lease:history')
+  if not Reclaim.due(x, now) then
+    local exp = tonumber(c.lease_expires_at or '')
+    if c.ownership_state == 'leased' and exp then
+      redis.call('ZADD', active, Util.num(exp), eid)
+    end
+    return nil
+  end
+  local grant = Keys.exec(tag, eid, 'claim_grant')
+  if redis.call('EXISTS', grant) == 1 or Caps.check(x, argv[5] or '', now) then
+    return nil
+  end
+  x.attempts, x.lease = Keys.exec(tag, eid, 'attempts'), Keys.exec(tag, eid, 'lease:current')
+  x.lease_expiry, x.attempt_timeout, x.deadline = b.keys[2], b.keys[3], b.keys[4]
+  local policy = Policy.stored(x)
+  if Reclaim.at_limit(x, policy) then
+    Reclaim.fail_at_limit(x, now)
+    return nil
+  end
+  local cost = row_cost(x)
+  if cost > room then
+    return 'full'
+  end
+  local a = Reclaim.take(x, {worker_id = argv[1], worker_instance_id = argv[2], lane = argv[3],
+    lease_id = argv[pair], attempt_id = argv[pair + 1], ttl = b.ttl, policy = {}}, policy, grant,
+    now)
+  return claimed_row(x, a, 'reclaim', false), cost
+end
+
+-- One eligible head of ff_claim_batch: the claimed row and its cost, 'mismatch', 'full' (would
+-- not fit in `room`), or nil (skipped).
+local function claim_head(eid, b, argv, pair, room, now)
+  local tag = b.tag
+  local x = load_head(tag, eid)
   if next(x.core) == nil then
     return nil
   end
@@ -421,15 +509,20 @@ local function claim_head(eid, b, argv, pair, now)
     renew_before = b.renew_before, timeout = false, deadline = false, policy = {},
     remaining = false}
   local cerr = claimable(x.core)
+  if cerr ~= nil and cerr[2] ~= 'use_claim_resumed_execution' then
+    return nil
+  end
+  local cost = row_cost(x)
+  if cost > room then
+    return 'full'
+  end
   if cerr == nil then
     local a = claim_new_attempt(x, k, p, now)
-    return claimed_row(x, a, a.attempt_type, false)
-  elseif cerr[2] == 'use_claim_resumed_execution' then
-    local a = claim_same_attempt(x, k, p, now)
-    local stored = redis.call('HGET', Keys.attempt(tag, eid, a.idx), 'attempt_type')
-    return claimed_row(x, a, stored or 'initial', true)
+    return claimed_row(x, a, a.attempt_type, false), cost
   end
-  return nil
+  local a = claim_same_attempt(x, k, p, now)
+  local stored = redis.call('HGET', Keys.attempt(tag, eid, a.idx), 'attempt_type')
+  return claimed_row(x, a, stored or 'initial', true), cost
 end
 
 local function claim_batch(keys, argv)
@@ -438,20 +531,33 @@ local function claim_batch(keys, argv)
     return aerr
   end
   b.keys = keys
+  b.active = Keys.lane(b.tag, argv[3], 'active')
   local now = Util.now_ms()
-  local claimed, mismatched = {}, {}
-  for _, eid in ipairs(redis.call('ZRANGE', keys[1], 0, b.scan - 1)) do
-    if #claimed >= b.max then
-      break
-    end
-    local got = claim_head(eid, b, argv, 10 + 2 * #claimed, now)
-    if got == 'mismatch' then
-      mismatched[#mismatched + 1] = eid
-    elseif got then
-      claimed[#claimed + 1] = got
+  local claimed, mismatched, used = {}, {}, 0
+  -- Due leases first, then the eligible heads; each stops at max_tasks or a row that does
+  -- not fit.
+  local passes = {
+    {reclaim_head, redis.call('ZRANGEBYSCORE', b.active, '-inf', now, 'LIMIT', 0, b.scan)},
+    {claim_head, redis.call('ZRANGE', keys[1], 0, b.scan - 1)},
+  }
+  for _, pass in ipairs(passes) do
+    local take, ids = pass[1], pass[2]
+    for _, eid in ipairs(ids) do
+      if #claimed >= b.max then
+        break
+      end
+      local got, cost = take(eid, b, argv, FIRST_PAIR + 2 * #claimed, b.room - used, now)
+      if got == 'full' then
+        return Reply.ok(claimed, mismatched, Util.num(used))
+      elseif got == 'mismatch' then
+        mismatched[#mismatched + 1] = eid
+      elseif got then
+        claimed[#claimed + 1] = got
+        used = used + cost
+      end
     end
   end
-  return Reply.ok(claimed, mismatched)
+  return Reply.ok(claimed, mismatched, Util.num(used))
 end
 
 redis.register_function('ff_claim_batch', claim_batch)

@@ -29,6 +29,16 @@ from flowfabric.v1 import (
 T = TypeVar("T")
 M = TypeVar("M")
 
+#: The SDK's receive limit, sized from the server's documented maxima: the largest reply is a
+#: full ReadAttemptStream page (1000 frames of up to 64 KiB of payload, plus their fields);
+#: everything else is smaller (an execution's payload and result are at most 1 MiB each, and
+#: claims stay below CLAIM_REPLY_BYTES).
+RECEIVE_LIMIT = 72 << 20
+
+#: What a worker declares as its receive limit on claims (ClaimNext `max_reply_bytes`): the
+#: server leases no more tasks than fit in one reply below it.
+CLAIM_REPLY_BYTES = 16 << 20
+
 #: Keepalive that survives idle connections and stays within the server's ping policy
 #: (`min_ping_interval_without_data_ms` = 10 s, `permit_without_calls` = 1).
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -36,7 +46,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_receive_message_length", RECEIVE_LIMIT),
 )
 
 

@@ -50,7 +50,7 @@ from flowfabric._retry import Backoff
 from flowfabric._running import RunningTask
 from flowfabric._signals import Signal
 from flowfabric._task import TaskContext
-from flowfabric._transport import Transport, transport_of
+from flowfabric._transport import CLAIM_REPLY_BYTES, Transport, transport_of
 from flowfabric.v1 import types_pb2, worker_pb2
 
 log = logging.getLogger("flowfabric.worker")
@@ -606,6 +606,7 @@ class Worker:
             lease_ttl_ms=self.lease_ttl_ms,
             wait_ms=wait_ms,
             max_tasks=max_tasks,
+            max_reply_bytes=CLAIM_REPLY_BYTES,
         )
 
     async def _claim(self, max_tasks: int) -> list[types_pb2.ClaimedTask]:

@@ -72,6 +72,7 @@ async def batch_raw(
         "renew_before_ms": str(TTL * 2 // 3),
         "max_tasks": str(n),
         "max_scanned": str(n + 8 if scan is None else scan),
+        "max_reply_bytes": "0",
     }
     assert not set(over) - set(args), over
     args.update(over)
@@ -308,6 +309,7 @@ BAD = [
     ({"max_tasks": "0"}, None, b"max_tasks must be positive, got: 0"),
     ({"max_scanned": "1", "max_tasks": "2"}, None, b"max_scanned must be at least max_tasks"),
     ({"max_tasks": "3"}, None, b"expected max_tasks pairs of lease_id, attempt_id"),
+    ({"max_reply_bytes": "-1"}, None, b"max_reply_bytes must not be negative, got: -1"),
     ({"worker_id": ""}, None, b"worker_id must not be empty"),
     ({}, [("", "a")], b"lease_id must not be empty"),
     ({}, [("l", "")], b"attempt_id must not be empty"),

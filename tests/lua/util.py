@@ -461,6 +461,9 @@ async def check_invariants(store: Store, eid: ExecutionId) -> dict[str, str]:
     if own == "leased":
         holder = p.worker_leases(c["current_worker_instance_id"])
         assert await store.call("SISMEMBER", holder, str(eid)) == 1
+        # the lane active set is scored at the lease expiry: claims find due leases by it
+        score = await store.call("ZSCORE", p.lane(LANE, "active"), str(eid))
+        assert int(float(score)) == int(c["lease_expires_at"])
     started = 0
     for i in range(int(c["total_attempt_count"])):
         state = await store.call("HGET", ExecKeys(eid).attempt(i), "attempt_state")

@@ -64,6 +64,32 @@ async def test_thousand_executions_complete_exactly_once(client: Client) -> None
     assert await client.result(ids[7]) == b'{"i":7}'
 
 
+async def test_tasks_at_the_payload_maximum_run_on_their_first_attempt(
+    api: Api, client: Client
+) -> None:
+    """16 tasks of 1 MiB: the worker's claims stay within what it can receive
+    (docs/lifecycle.md#claim-reply-size), so every task runs on its first lease instead of
+    waiting for a lease leaked in a dropped reply to expire."""
+    ids = [
+        (await client.submit("big", bytes([i]) * (1 << 20), lane=LANE)).execution_id
+        for i in range(16)
+    ]
+    sizes: dict[str, int] = {}
+    worker = Worker(client, lanes=[LANE], concurrency=16, claim_wait_ms=200)
+
+    @worker.handler("big")
+    async def big(ctx: TaskContext) -> bytes:
+        sizes[ctx.execution_id] = len(ctx.payload)
+        return b"ok"
+
+    async with running(worker):
+        await eventually(lambda: asyncio.sleep(0, worker.stats.completed), lambda n: n >= 16, 30)
+    assert sizes == {eid: 1 << 20 for eid in ids}
+    for eid in ids:
+        assert await attempt_field(api.store, eid, 0, "attempt_state") == "ended_success"
+        assert await attempt_field(api.store, eid, 1, "attempt_state") == "None"
+
+
 async def test_failures_retry_per_policy_then_fail(engine_api: Api) -> None:
     async with Client(engine_api.address, token=API_TOKEN) as client:
         sub = await client.submit("flaky", lane=LANE, policy=RetryPolicy.fixed(2, 50))

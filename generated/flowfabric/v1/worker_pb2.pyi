@@ -374,6 +374,7 @@ class ClaimNextRequest(_message.Message):
     LEASE_TTL_MS_FIELD_NUMBER: _builtins.int
     WAIT_MS_FIELD_NUMBER: _builtins.int
     MAX_TASKS_FIELD_NUMBER: _builtins.int
+    MAX_REPLY_BYTES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     worker_instance_id: _builtins.str
     grant_ttl_ms: _builtins.int
@@ -385,6 +386,14 @@ class ClaimNextRequest(_message.Message):
     max_tasks: _builtins.int
     """Claim up to this many executions in one call (0 or 1 = one). With more than one the
     response is `batch` (or `no_work`).
+    """
+    max_reply_bytes: _builtins.int
+    """The caller's receive limit in bytes. The server leases no more than fits in one reply
+    below it: each task counts its payload, tags, kind, namespace, flow id and encoding plus
+    512 bytes, and the tasks together stay under this limit less 65536 bytes of framing. A
+    task that would not fit stays queued for the next call. 0 = 4194304 (gRPC's default
+    receive limit); otherwise 2097152..268435456, which always fits one task at the
+    documented maxima.
     """
     @_builtins.property
     def lane_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -403,10 +412,11 @@ class ClaimNextRequest(_message.Message):
         lease_ttl_ms: _builtins.int = ...,
         wait_ms: _builtins.int = ...,
         max_tasks: _builtins.int = ...,
+        max_reply_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "grant_ttl_ms", b"grant_ttl_ms", "lane_ids", b"lane_ids", "lease_ttl_ms", b"lease_ttl_ms", "max_tasks", b"max_tasks", "wait_ms", b"wait_ms", "worker_id", b"worker_id", "worker_instance_id", b"worker_instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "grant_ttl_ms", b"grant_ttl_ms", "lane_ids", b"lane_ids", "lease_ttl_ms", b"lease_ttl_ms", "max_reply_bytes", b"max_reply_bytes", "max_tasks", b"max_tasks", "wait_ms", b"wait_ms", "worker_id", b"worker_id", "worker_instance_id", b"worker_instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

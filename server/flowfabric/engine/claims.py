@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.functions import Leased
 from flowfabric.server.valkey.functions.lease import Reclaimed
 from flowfabric.server.valkey.functions.scheduling import BatchClaim
 from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
+from flowfabric.server.valkey.keys import ExecKeys
+from flowfabric.server.valkey.store import Store
 
 # claim and reclaim errors that only mean "not this one": the caller moves on
 NO_MATCH = (
@@ -16,6 +19,12 @@ NO_MATCH = (
     "execution_not_leaseable", "lease_conflict", "invalid_claim_grant", "claim_grant_expired",
     "execution_not_found", "use_claim_resumed_execution", "execution_not_reclaimable",
 )  # fmt: skip
+
+
+# Fixed cost of one claimed task in a reply on top of its payload, tags, kind, namespace, flow
+# id and encoding: ids, numbers and framing (docs/lifecycle.md#claim-reply-size). ff_claim_batch
+# counts rows the same way (ROW_BYTES in lua/scheduling.lua).
+ROW_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,8 @@ class ClaimRequest:
     lease_ttl_ms: int
     grant_ttl_ms: int = 10_000
     max_tasks: int = 1
+    # The most the claimed tasks of one reply may cost (row_cost); None = no cap
+    max_reply_bytes: int | None = None
 
 
 @dataclass
@@ -49,6 +60,36 @@ class Claimed:
     priority: int = 0
     flow_id: str = ""
     resumed: bool = False
+
+
+def row_cost(c: Claimed) -> int:
+    """What a claimed task costs against `max_reply_bytes`, as ff_claim_batch counts it."""
+    variable = (c.payload_encoding, c.execution_kind, c.namespace, c.flow_id)
+    return (
+        ROW_BYTES + len(c.payload) + sum(len(v.encode()) for v in variable)
+        + sum(len(k.encode()) + len(v.encode()) for k, v in c.tags.items())
+    )  # fmt: skip
+
+
+async def row_costs(store: Store, eids: list[ExecutionId]) -> list[int]:
+    """What each execution would cost as a claimed task (row_cost), read before claiming it:
+    for the claim paths that lease one execution per call."""
+    if not eids:
+        return []
+    pipe = store.pipeline()
+    for eid in eids:
+        k = ExecKeys(eid)
+        pipe.strlen(k.payload)
+        pipe.hmget(k.core, ["payload_encoding", "execution_kind", "namespace", "flow_id"])
+        pipe.hgetall(k.tags)
+    rows = await store.run_pipeline(pipe)
+    out = []
+    for i in range(len(eids)):
+        size, fields, tags = rows[3 * i : 3 * i + 3]
+        variable = sum(len(text(v).encode()) for v in fields or [])
+        flat = [v for kv in tags.items() for v in kv] if isinstance(tags, dict) else tags or []
+        out.append(ROW_BYTES + int(size or 0) + variable + sum(len(v) for v in flat))
+    return out
 
 
 def claimed_from_reply(eid: ExecutionId, lane: str, reply: Leased) -> Claimed:

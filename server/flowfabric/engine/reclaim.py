@@ -1,20 +1,28 @@
-"""Reclaim: an expired or revoked lease in the probed partitions goes to the claiming worker
+"""Reclaim: an expired or revoked lease is handed to a claiming worker
 (docs/lifecycle.md#lease-expiry-and-reclaim).
 
-`ff_issue_reclaim_grant` then `ff_reclaim_execution`, whose reply carries the new lease and
-attempt and what the worker needs (payload, kind, tags, ...), so nothing is re-read after the
-claim. A candidate the worker's capabilities cannot take is parked for that capability set for
-a while, so it is not retried on every call while a capable worker is never held back.
+A batch claim (`ff_claim_batch`) reclaims the due leases of its lane and partition itself,
+before any eligible head. This module finds the partitions that hold due leases of a lane
+(`due_partitions`), for the scheduler to claim from, and keeps the one-at-a-time path the
+cross-slot admission mode uses: `ff_issue_reclaim_grant` then `ff_reclaim_execution`, whose reply
+carries the new lease and attempt and what the worker needs (payload, kind, tags, ...). There a
+candidate the worker's capabilities cannot take is parked for that capability set for a while,
+so it is not retried on every call while a capable worker is never held back.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 from collections.abc import Sequence
 
-from flowfabric.server.engine.claims import NO_MATCH, Claimed, ClaimRequest, claimed_from_reply
+from flowfabric.server.engine.claims import (
+    NO_MATCH,
+    Claimed,
+    ClaimRequest,
+    claimed_from_reply,
+    row_costs,
+)
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Claimer, Functions, ReclaimLimit
@@ -35,35 +43,52 @@ class Reclaimer:
         # by (execution, capabilities CSV) so a capable worker is never held back by the park
         self._parked: dict[tuple[str, str], float] = {}
 
-    async def reclaim(
-        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int
-    ) -> list[Claimed]:
-        """Up to `want` due or revoked leases of the lane in `parts`, leased to `who`."""
+    async def _due(self, parts: Sequence[int], lane: str, count: int) -> list[list[bytes]]:
+        """Per partition of `parts`, up to `count` members of the lane's active set scored at
+        or before Valkey's now (leases due or revoked)."""
+        if not parts:
+            return []
         now = await server_time_ms(self.store)
         pipe = self.store.pipeline()
         for p in parts:
             pipe.zrangebyscore(
-                PartitionKeys.of(p).lease_expiry, "-inf", now, start=0,
-                num=RECLAIM_CANDIDATES_PER_PARTITION,
-            )  # fmt: skip
-        rows = await self.store.run_pipeline(pipe)
-        out: list[Claimed] = []
+                PartitionKeys.of(p).lane(lane, "active"), "-inf", now, start=0, num=count
+            )
+        return list(await self.store.run_pipeline(pipe))
+
+    async def due_partitions(self, parts: Sequence[int], lane: str) -> list[int]:
+        """The partitions of `parts` whose lane active set holds a due lease."""
+        rows = await self._due(parts, lane, 1)
+        return [p for p, members in zip(parts, rows, strict=True) if members]
+
+    async def reclaim(
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, room: int | None
+    ) -> list[Claimed]:
+        """Up to `want` due or revoked leases of the lane in `parts`, leased to `who` one at a
+        time, costing at most `room` (None = no cap)."""
+        rows = await self._due(parts, who.lane_id, RECLAIM_CANDIDATES_PER_PARTITION)
         mono = time.monotonic()
         if len(self._parked) > 1024:  # drop lapsed parks so the map stays bounded
             self._parked = {k: v for k, v in self._parked.items() if v > mono}
-        for raw in itertools.chain.from_iterable(rows):
-            if len(out) >= want:
+        candidates: list[ExecutionId] = []
+        for members in rows:
+            for raw in members:
+                member = text(raw)
+                if self._parked.get((member, who.capabilities_csv), 0) > mono:
+                    continue
+                try:
+                    candidates.append(parse_execution_id(member, self.partitions))
+                except FlowFabricError:
+                    continue
+        out: list[Claimed] = []
+        left = room
+        for eid, cost in zip(candidates, await row_costs(self.store, candidates), strict=True):
+            if len(out) >= want or (left is not None and cost > left):
                 break
-            member = text(raw)
-            if self._parked.get((member, who.capabilities_csv), 0) > mono:
-                continue
-            try:
-                eid = parse_execution_id(member, self.partitions)
-            except FlowFabricError:
-                continue
             got = await self._try(eid, who, req)
             if got is not None:
                 out.append(got)
+                left = None if left is None else left - cost
         return out
 
     async def _try(self, eid: ExecutionId, who: Claimer, req: ClaimRequest) -> Claimed | None:

@@ -47,10 +47,13 @@ from flowfabric.server.engine.admission import (
 )
 from flowfabric.server.engine.claims import (
     NO_MATCH,
+    ROW_BYTES,
     Claimed,
     ClaimRequest,
     claimed_from_reply,
     claimed_from_row,
+    row_cost,
+    row_costs,
 )
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.reclaim import Reclaimer
@@ -73,6 +76,19 @@ ROTATION_WINDOW_MS = 250
 WAIT_BACKSTOP_S = 1.0
 RECLAIM_EVERY = 16
 SCAN_SLACK = 16  # heads a batch claim may examine beyond the ones it wants
+
+
+def _less(room: int | None, claimed: Sequence[Claimed]) -> int | None:
+    """What is left of a reply budget after `claimed`: None = no cap; 0 = nothing more fits
+    (not even a task with no payload)."""
+    if room is None:
+        return None
+    left = room - sum(row_cost(c) for c in claimed)
+    return left if left >= ROW_BYTES else 0
+
+
+def _room(req: ClaimRequest, claimed: Sequence[Claimed]) -> int | None:
+    return _less(req.max_reply_bytes, claimed)
 
 
 def worker_offset(worker_instance_id: str, partitions: int) -> int:
@@ -118,37 +134,61 @@ class Scheduler:
     # -- one pass -----------------------------------------------------------------------------
 
     async def claim(self, req: ClaimRequest) -> list[Claimed]:
-        """One pass over the worker's lanes; at most `max_tasks` claims."""
+        """One pass over the worker's lanes; at most `max_tasks` claims, costing at most
+        `max_reply_bytes` (docs/lifecycle.md#claim-reply-size)."""
         out: list[Claimed] = []
         lanes = list(req.lanes)
         shift = next(self._lane_rotation) % len(lanes)
         for lane in lanes[shift:] + lanes[:shift]:
+            room = _room(req, out)
             want = req.max_tasks - len(out)
-            if want <= 0:
+            if want <= 0 or room == 0:
                 break
-            out += await self._claim_lane(req, lane, want)
+            out += await self._claim_lane(req, lane, want, room)
         return out
 
-    async def _claim_lane(self, req: ClaimRequest, lane: str, want: int) -> list[Claimed]:
+    async def _claim_lane(
+        self, req: ClaimRequest, lane: str, want: int, room: int | None
+    ) -> list[Claimed]:
         parts = self.probe_order(lane, req.worker_instance_id)
         who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
+        self._lane_calls += 1
+        out: list[Claimed] = []
+        # Every batch claim reclaims the due leases of its partition first. The window's
+        # partitions are only claimed from when the solo partition falls short, so every
+        # RECLAIM_EVERY-th call looks for due leases there first: a backlog on the solo
+        # partition cannot starve them (docs/lifecycle.md#lease-expiry-and-reclaim).
+        if self._lane_calls % RECLAIM_EVERY == 0:
+            out += await self._claim_due(parts[1:], who, req, want, room)
         # The lane's solo partition first, alone and without a probe: when it fills the
         # request (the common case for solo work) the window is never looked at.
-        out = await self._claim_partition(parts[0], who, req, want)
+        more = await self._claim_partition(parts[0], who, req, want - len(out), _less(room, out))
+        out += more
         if len(out) < want:
-            out += await self._claim_window(parts[1:], who, req, want - len(out))
-        self._lane_calls += 1
-        # Reclaim discovery when this call found nothing eligible, and every RECLAIM_EVERY-th
-        # call so a steady stream of new work cannot starve an expired lease.
-        if len(out) < want and (not out or self._lane_calls % RECLAIM_EVERY == 0):
-            out += await self.reclaimer.reclaim(parts, who, req, want - len(out))
+            out += await self._claim_window(parts[1:], who, req, want - len(out), _less(room, out))
+        if not out:  # nothing eligible anywhere: due leases on partitions without eligible work
+            out += await self._claim_due(parts[1:], who, req, want, room)
+        return out
+
+    async def _claim_due(
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, room: int | None
+    ) -> list[Claimed]:
+        """Claim from the partitions of `parts` that hold due leases of the lane."""
+        if self.admission.cross_slot:
+            return await self.reclaimer.reclaim(parts, who, req, want, room)
+        out: list[Claimed] = []
+        for p in await self.reclaimer.due_partitions(parts, who.lane_id):
+            left = _less(room, out)
+            if len(out) >= want or left == 0:
+                break
+            out += await self._claim_partition(p, who, req, want - len(out), left)
         return out
 
     async def _claim_window(
-        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, room: int | None
     ) -> list[Claimed]:
         """Probe `parts` in one pipeline; claim from those with eligible heads, in order."""
-        if not parts:
+        if not parts or want <= 0 or room == 0:
             return []
         pipe = self.store.pipeline()
         for p in parts:
@@ -156,21 +196,24 @@ class Scheduler:
         found = await self.store.run_pipeline(pipe)
         out: list[Claimed] = []
         for p, present in zip(parts, found, strict=True):
-            if len(out) >= want:
+            left = _less(room, out)
+            if len(out) >= want or left == 0:
                 break
             if present:
-                out += await self._claim_partition(p, who, req, want - len(out))
+                out += await self._claim_partition(p, who, req, want - len(out), left)
         return out
 
     async def _claim_partition(
-        self, partition: int, who: Claimer, req: ClaimRequest, want: int
+        self, partition: int, who: Claimer, req: ClaimRequest, want: int, room: int | None
     ) -> list[Claimed]:
-        """Lease up to `want` heads of the lane's eligible set on `partition`."""
+        """Lease up to `want` of the lane's due leases and eligible heads on `partition`."""
+        if want <= 0 or room == 0:
+            return []
         if self.admission.cross_slot:
-            return await self._claim_admitted(partition, who, req, want)
+            return await self._claim_admitted(partition, who, req, want, room)
         ids = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(want)]
         reply = await self.functions.scheduling.claim_batch(
-            partition, who, req.lease_ttl_ms, ids, want + SCAN_SLACK
+            partition, who, req.lease_ttl_ms, ids, want + SCAN_SLACK, room or 0
         )
         out = [claimed_from_row(row, who.lane_id, self.partitions) for row in reply.claimed]
         for raw in reply.mismatched:
@@ -186,7 +229,7 @@ class Scheduler:
         return out
 
     async def _claim_admitted(
-        self, partition: int, who: Claimer, req: ClaimRequest, want: int
+        self, partition: int, who: Claimer, req: ClaimRequest, want: int, room: int | None
     ) -> list[Claimed]:
         """The candidate-first path: read the eligible heads, ask every check, and claim each
         admitted head with a grant and a claim, releasing the reservations if that fails."""
@@ -194,14 +237,18 @@ class Scheduler:
             "ZRANGE", PartitionKeys.of(partition).lane(who.lane_id, "eligible"), 0,
             want + SCAN_SLACK - 1,
         )  # fmt: skip
-        out: list[Claimed] = []
+        eids: list[ExecutionId] = []
         for raw in heads or []:
-            if len(out) >= want:
-                break
             try:
-                eid = parse_execution_id(text(raw), self.partitions)
+                eids.append(parse_execution_id(text(raw), self.partitions))
             except FlowFabricError:
                 continue
+        costs = await row_costs(self.store, eids)
+        out: list[Claimed] = []
+        left = room
+        for eid, cost in zip(eids, costs, strict=True):
+            if len(out) >= want or (left is not None and cost > left):
+                break
             required = text(
                 await self.store.call("HGET", ExecKeys(eid).core, "required_capabilities")
             )
@@ -213,6 +260,7 @@ class Scheduler:
                 try:
                     await self.functions.scheduling.issue_claim_grant(eid, who, req.grant_ttl_ms)
                     out.append(await self._consume_grant(eid, who, req.lease_ttl_ms, "", ""))
+                    left = None if left is None else left - cost
                 except FlowFabricError as exc:
                     await self.admission.release(cand, who)
                     if exc.code == "capability_mismatch":

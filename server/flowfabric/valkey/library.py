@@ -36,6 +36,7 @@ INCLUDES = (
     "policy",
     "capabilities",
     "grant",
+    "reclaim",
     "hmac",
     "condition",
     "suspend",

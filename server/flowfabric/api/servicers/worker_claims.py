@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from flowfabric.server.api import limits
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.engine.scheduler import Claimed, ClaimRequest, Scheduler
 from flowfabric.server.engine.workstream import StreamClosed, WorkStream
@@ -83,8 +84,11 @@ class WorkerParts:
         return self.ctx.functions
 
     def _claim_request(
-        self, request: Any, lanes: list[str], caps: list[str], max_tasks: int
-    ) -> ClaimRequest:
+        self, request: Any, lanes: list[str], caps: list[str], max_tasks: int,
+        capped: bool = True,
+    ) -> ClaimRequest:  # fmt: skip
+        """`capped`: one reply carries every task of a claim pass (ClaimNext and the claim of
+        CompleteExecutions), so they are capped by the caller's `max_reply_bytes`."""
         worker_id = validate_identifier(request.worker_id, "worker_id")
         instance = validate_identifier(request.worker_instance_id, "worker_instance_id")
         if not lanes:
@@ -103,7 +107,21 @@ class WorkerParts:
             lease_ttl_ms=getattr(request, "lease_ttl_ms", 0) or DEFAULT_LEASE_TTL_MS,
             grant_ttl_ms=grant_ttl,
             max_tasks=max_tasks,
+            max_reply_bytes=reply_budget(request.max_reply_bytes) if capped else None,
         )
+
+
+def reply_budget(declared: int) -> int:
+    """What the tasks of one claim reply may cost (docs/lifecycle.md#claim-reply-size): the
+    caller's receive limit, or gRPC's default, less the framing margin."""
+    receive = declared or limits.CLIENT_RECEIVE_DEFAULT
+    if not limits.CLAIM_REPLY_MIN <= receive <= limits.CLAIM_REPLY_MAX:
+        raise InvalidInput(
+            "max_reply_bytes",
+            f"max_reply_bytes must be 0 (the gRPC default, {limits.CLIENT_RECEIVE_DEFAULT}) or "
+            f"{limits.CLAIM_REPLY_MIN}..{limits.CLAIM_REPLY_MAX}",
+        )
+    return receive - limits.REPLY_MARGIN
 
 
 class ClaimsMixin(WorkerParts):
@@ -165,7 +183,10 @@ class ClaimsMixin(WorkerParts):
         UNAVAILABLE `shutting_down` on server stop; a client cancel leaves its tasks leased."""
         if request.max_in_flight > MAX_IN_FLIGHT:
             raise InvalidInput("max_in_flight", f"max_in_flight must be at most {MAX_IN_FLIGHT}")
-        req = self._claim_request(request, list(request.lane_ids), list(request.capabilities), 1)
+        # one task per message: no reply cap across tasks
+        req = self._claim_request(
+            request, list(request.lane_ids), list(request.capabilities), 1, capped=False
+        )
         who = Claimer(req.worker_id, req.worker_instance_id, "", req.capabilities_csv)
         stream = WorkStream(
             self.scheduler, self.ctx.store, self.scheduler.hub, req, request.max_in_flight or 1
@@ -186,7 +207,9 @@ class ClaimsMixin(WorkerParts):
         lane = validate_lane(request.lane_id or "default")
         if request.grant_ttl_ms == 0:  # no default here: "Grant lifetime, 1..60000 ms"
             raise InvalidInput("grant_ttl_ms", f"grant_ttl_ms must be 1..{MAX_GRANT_TTL_MS}")
-        req = self._claim_request(request, [lane], list(request.worker_capabilities), 1)
+        req = self._claim_request(
+            request, [lane], list(request.worker_capabilities), 1, capped=False
+        )
         who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv,
                       request.capability_hash)  # fmt: skip
         if request.execution_id:

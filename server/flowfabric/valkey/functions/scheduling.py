@@ -57,6 +57,7 @@ class BatchClaim:
 class Batch:
     claimed: tuple[BatchClaim, ...]
     mismatched: tuple[str, ...]
+    reply_bytes: int = 0  # what the claimed rows cost, as counted against max_reply_bytes
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,10 @@ def _row(row: Sequence[object]) -> BatchClaim:
 def _batch(reply: Reply) -> Batch:
     claimed = reply.values[0] if reply.values else []
     mismatched = reply.values[1] if len(reply.values) > 1 else []
-    return Batch(tuple(_row(r) for r in claimed or []), tuple(text(m) for m in mismatched or []))
+    used = int(text(reply.values[2])) if len(reply.values) > 2 else 0
+    return Batch(
+        tuple(_row(r) for r in claimed or []), tuple(text(m) for m in mismatched or []), used
+    )
 
 
 def _worker_leases(c: KeyCtx) -> str:
@@ -125,7 +129,8 @@ CLAIM_BATCH: Decl[Batch] = Decl(
     (lane("eligible"), pk("lease_expiry"), pk("attempt_timeout"), pk("execution_deadline")),
     (arg("worker_id"), arg("worker_instance_id"), arg("lane_id"), arg("capability_hash"),
      arg("worker_capabilities_csv"), arg("lease_ttl_ms", "int"), arg("renew_before_ms", "int"),
-     arg("max_tasks", "int"), arg("max_scanned", "int"), tail("lease_and_attempt_ids")),
+     arg("max_tasks", "int"), arg("max_scanned", "int"), arg("max_reply_bytes", "int", default=0),
+     tail("lease_and_attempt_ids")),
     ok(_batch),
 )  # fmt: skip
 PROMOTE: Decl[Outcome] = Decl(
@@ -175,17 +180,18 @@ class SchedulingFunctions:
 
     async def claim_batch(
         self, partition: int, who: Claimer, lease_ttl_ms: int, ids: list[tuple[str, str]],
-        max_scanned: int,
+        max_scanned: int, max_reply_bytes: int = 0,
     ) -> Batch:  # fmt: skip
-        """Up to len(ids) heads of the lane's eligible set on one partition leased in one
-        call, the i-th lease with the i-th (lease_id, attempt_id)."""
+        """Up to len(ids) of the lane's due leases (reclaimed) and eligible heads on one
+        partition leased in one call, the i-th lease with the i-th (lease_id, attempt_id), the
+        rows costing at most `max_reply_bytes` (0 = no cap)."""
         ctx = KeyCtx(tag=PartitionKeys.of(partition).tag, lane=who.lane_id)
         return await call(self.store, CLAIM_BATCH, ctx, {
             "worker_id": who.worker_id, "worker_instance_id": who.worker_instance_id,
             "lane_id": who.lane_id, "capability_hash": who.capability_hash,
             "worker_capabilities_csv": who.capabilities_csv, "lease_ttl_ms": lease_ttl_ms,
             "renew_before_ms": lease_ttl_ms * 2 // 3, "max_tasks": len(ids),
-            "max_scanned": max_scanned,
+            "max_scanned": max_scanned, "max_reply_bytes": max_reply_bytes,
             "lease_and_attempt_ids": [v for pair in ids for v in pair],
         })  # fmt: skip
 
