@@ -62,18 +62,35 @@ class Claimed:
     resumed: bool = False
 
 
-def row_cost(c: Claimed) -> int:
-    """What a claimed task costs against `max_reply_bytes`, as ff_claim_batch counts it."""
-    variable = (c.payload_encoding, c.execution_kind, c.namespace, c.flow_id)
-    return (
-        ROW_BYTES + len(c.payload) + sum(len(v.encode()) for v in variable)
-        + sum(len(k.encode()) + len(v.encode()) for k, v in c.tags.items())
-    )  # fmt: skip
+class Budget:
+    """What is left of one reply's byte budget (docs/lifecycle.md#claim-reply-size), spent as
+    claims come back: ff_claim_batch reports what its rows cost, the one-at-a-time paths read
+    each candidate's cost first (row_costs). None = no cap."""
+
+    def __init__(self, cap: int | None) -> None:
+        self.left = cap
+
+    @property
+    def cap(self) -> int:
+        """The ff_claim_batch max_reply_bytes ARGV: 0 = no cap."""
+        return 0 if self.left is None else self.left
+
+    @property
+    def spent(self) -> bool:
+        """Not even a task with nothing but its fixed cost fits any more."""
+        return self.left is not None and self.left < ROW_BYTES
+
+    def fits(self, cost: int) -> bool:
+        return self.left is None or cost <= self.left
+
+    def spend(self, cost: int) -> None:
+        if self.left is not None:
+            self.left -= cost
 
 
 async def row_costs(store: Store, eids: list[ExecutionId]) -> list[int]:
-    """What each execution would cost as a claimed task (row_cost), read before claiming it:
-    for the claim paths that lease one execution per call."""
+    """What each execution would cost as a claimed task, counted as ff_claim_batch counts a
+    row, read before claiming it: for the claim paths that lease one execution per call."""
     if not eids:
         return []
     pipe = store.pipeline()

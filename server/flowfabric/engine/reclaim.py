@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from flowfabric.server.engine.claims import (
     NO_MATCH,
+    Budget,
     Claimed,
     ClaimRequest,
     claimed_from_reply,
@@ -32,6 +33,7 @@ from flowfabric.server.valkey.store import Store, server_time_ms
 
 RECLAIM_CANDIDATES_PER_PARTITION = 4
 RECLAIM_PARK_S = 10.0
+CLOCK_REFRESH_S = 5.0
 
 
 class Reclaimer:
@@ -42,13 +44,24 @@ class Reclaimer:
         # reclaim candidates a capability set cannot take, until a monotonic deadline; keyed
         # by (execution, capabilities CSV) so a capable worker is never held back by the park
         self._parked: dict[tuple[str, str], float] = {}
+        # Valkey's clock minus ours, re-read every CLOCK_REFRESH_S: discovery only picks the
+        # partitions to claim from (the claim itself decides what is due by Valkey's TIME)
+        self._offset_ms = 0
+        self._offset_read = -CLOCK_REFRESH_S
+
+    async def _now_ms(self) -> int:
+        mono = time.monotonic()
+        if mono - self._offset_read >= CLOCK_REFRESH_S:
+            self._offset_ms = await server_time_ms(self.store) - int(time.time() * 1000)
+            self._offset_read = mono
+        return int(time.time() * 1000) + self._offset_ms
 
     async def _due(self, parts: Sequence[int], lane: str, count: int) -> list[list[bytes]]:
         """Per partition of `parts`, up to `count` members of the lane's active set scored at
         or before Valkey's now (leases due or revoked)."""
         if not parts:
             return []
-        now = await server_time_ms(self.store)
+        now = await self._now_ms()
         pipe = self.store.pipeline()
         for p in parts:
             pipe.zrangebyscore(
@@ -62,10 +75,10 @@ class Reclaimer:
         return [p for p, members in zip(parts, rows, strict=True) if members]
 
     async def reclaim(
-        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, room: int | None
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, budget: Budget
     ) -> list[Claimed]:
         """Up to `want` due or revoked leases of the lane in `parts`, leased to `who` one at a
-        time, costing at most `room` (None = no cap)."""
+        time, within `budget`."""
         rows = await self._due(parts, who.lane_id, RECLAIM_CANDIDATES_PER_PARTITION)
         mono = time.monotonic()
         if len(self._parked) > 1024:  # drop lapsed parks so the map stays bounded
@@ -81,14 +94,13 @@ class Reclaimer:
                 except FlowFabricError:
                     continue
         out: list[Claimed] = []
-        left = room
         for eid, cost in zip(candidates, await row_costs(self.store, candidates), strict=True):
-            if len(out) >= want or (left is not None and cost > left):
+            if len(out) >= want or not budget.fits(cost):
                 break
             got = await self._try(eid, who, req)
             if got is not None:
                 out.append(got)
-                left = None if left is None else left - cost
+                budget.spend(cost)
         return out
 
     async def _try(self, eid: ExecutionId, who: Claimer, req: ClaimRequest) -> Claimed | None:

@@ -47,12 +47,11 @@ from flowfabric.server.engine.admission import (
 )
 from flowfabric.server.engine.claims import (
     NO_MATCH,
-    ROW_BYTES,
+    Budget,
     Claimed,
     ClaimRequest,
     claimed_from_reply,
     claimed_from_row,
-    row_cost,
     row_costs,
 )
 from flowfabric.server.engine.events import EventHub
@@ -76,19 +75,6 @@ ROTATION_WINDOW_MS = 250
 WAIT_BACKSTOP_S = 1.0
 RECLAIM_EVERY = 16
 SCAN_SLACK = 16  # heads a batch claim may examine beyond the ones it wants
-
-
-def _less(room: int | None, claimed: Sequence[Claimed]) -> int | None:
-    """What is left of a reply budget after `claimed`: None = no cap; 0 = nothing more fits
-    (not even a task with no payload)."""
-    if room is None:
-        return None
-    left = room - sum(row_cost(c) for c in claimed)
-    return left if left >= ROW_BYTES else 0
-
-
-def _room(req: ClaimRequest, claimed: Sequence[Claimed]) -> int | None:
-    return _less(req.max_reply_bytes, claimed)
 
 
 def worker_offset(worker_instance_id: str, partitions: int) -> int:
@@ -137,18 +123,18 @@ class Scheduler:
         """One pass over the worker's lanes; at most `max_tasks` claims, costing at most
         `max_reply_bytes` (docs/lifecycle.md#claim-reply-size)."""
         out: list[Claimed] = []
+        budget = Budget(req.max_reply_bytes)
         lanes = list(req.lanes)
         shift = next(self._lane_rotation) % len(lanes)
         for lane in lanes[shift:] + lanes[:shift]:
-            room = _room(req, out)
             want = req.max_tasks - len(out)
-            if want <= 0 or room == 0:
+            if want <= 0 or budget.spent:
                 break
-            out += await self._claim_lane(req, lane, want, room)
+            out += await self._claim_lane(req, lane, want, budget)
         return out
 
     async def _claim_lane(
-        self, req: ClaimRequest, lane: str, want: int, room: int | None
+        self, req: ClaimRequest, lane: str, want: int, budget: Budget
     ) -> list[Claimed]:
         parts = self.probe_order(lane, req.worker_instance_id)
         who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
@@ -159,36 +145,34 @@ class Scheduler:
         # RECLAIM_EVERY-th call looks for due leases there first: a backlog on the solo
         # partition cannot starve them (docs/lifecycle.md#lease-expiry-and-reclaim).
         if self._lane_calls % RECLAIM_EVERY == 0:
-            out += await self._claim_due(parts[1:], who, req, want, room)
+            out += await self._claim_due(parts[1:], who, req, want, budget)
         # The lane's solo partition first, alone and without a probe: when it fills the
         # request (the common case for solo work) the window is never looked at.
-        more = await self._claim_partition(parts[0], who, req, want - len(out), _less(room, out))
-        out += more
+        out += await self._claim_partition(parts[0], who, req, want - len(out), budget)
         if len(out) < want:
-            out += await self._claim_window(parts[1:], who, req, want - len(out), _less(room, out))
+            out += await self._claim_window(parts[1:], who, req, want - len(out), budget)
         if not out:  # nothing eligible anywhere: due leases on partitions without eligible work
-            out += await self._claim_due(parts[1:], who, req, want, room)
+            out += await self._claim_due(parts[1:], who, req, want, budget)
         return out
 
     async def _claim_due(
-        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, room: int | None
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, budget: Budget
     ) -> list[Claimed]:
         """Claim from the partitions of `parts` that hold due leases of the lane."""
         if self.admission.cross_slot:
-            return await self.reclaimer.reclaim(parts, who, req, want, room)
+            return await self.reclaimer.reclaim(parts, who, req, want, budget)
         out: list[Claimed] = []
         for p in await self.reclaimer.due_partitions(parts, who.lane_id):
-            left = _less(room, out)
-            if len(out) >= want or left == 0:
+            if len(out) >= want or budget.spent:
                 break
-            out += await self._claim_partition(p, who, req, want - len(out), left)
+            out += await self._claim_partition(p, who, req, want - len(out), budget)
         return out
 
     async def _claim_window(
-        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, room: int | None
+        self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, budget: Budget
     ) -> list[Claimed]:
         """Probe `parts` in one pipeline; claim from those with eligible heads, in order."""
-        if not parts or want <= 0 or room == 0:
+        if not parts or want <= 0 or budget.spent:
             return []
         pipe = self.store.pipeline()
         for p in parts:
@@ -196,25 +180,25 @@ class Scheduler:
         found = await self.store.run_pipeline(pipe)
         out: list[Claimed] = []
         for p, present in zip(parts, found, strict=True):
-            left = _less(room, out)
-            if len(out) >= want or left == 0:
+            if len(out) >= want or budget.spent:
                 break
             if present:
-                out += await self._claim_partition(p, who, req, want - len(out), left)
+                out += await self._claim_partition(p, who, req, want - len(out), budget)
         return out
 
     async def _claim_partition(
-        self, partition: int, who: Claimer, req: ClaimRequest, want: int, room: int | None
+        self, partition: int, who: Claimer, req: ClaimRequest, want: int, budget: Budget
     ) -> list[Claimed]:
         """Lease up to `want` of the lane's due leases and eligible heads on `partition`."""
-        if want <= 0 or room == 0:
+        if want <= 0 or budget.spent:
             return []
         if self.admission.cross_slot:
-            return await self._claim_admitted(partition, who, req, want, room)
+            return await self._claim_admitted(partition, who, req, want, budget)
         ids = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(want)]
         reply = await self.functions.scheduling.claim_batch(
-            partition, who, req.lease_ttl_ms, ids, want + SCAN_SLACK, room or 0
+            partition, who, req.lease_ttl_ms, ids, want + SCAN_SLACK, budget.cap
         )
+        budget.spend(reply.reply_bytes)
         out = [claimed_from_row(row, who.lane_id, self.partitions) for row in reply.claimed]
         for raw in reply.mismatched:
             try:
@@ -229,7 +213,7 @@ class Scheduler:
         return out
 
     async def _claim_admitted(
-        self, partition: int, who: Claimer, req: ClaimRequest, want: int, room: int | None
+        self, partition: int, who: Claimer, req: ClaimRequest, want: int, budget: Budget
     ) -> list[Claimed]:
         """The candidate-first path: read the eligible heads, ask every check, and claim each
         admitted head with a grant and a claim, releasing the reservations if that fails."""
@@ -245,9 +229,8 @@ class Scheduler:
                 continue
         costs = await row_costs(self.store, eids)
         out: list[Claimed] = []
-        left = room
         for eid, cost in zip(eids, costs, strict=True):
-            if len(out) >= want or (left is not None and cost > left):
+            if len(out) >= want or not budget.fits(cost):
                 break
             required = text(
                 await self.store.call("HGET", ExecKeys(eid).core, "required_capabilities")
@@ -260,7 +243,7 @@ class Scheduler:
                 try:
                     await self.functions.scheduling.issue_claim_grant(eid, who, req.grant_ttl_ms)
                     out.append(await self._consume_grant(eid, who, req.lease_ttl_ms, "", ""))
-                    left = None if left is None else left - cost
+                    budget.spend(cost)
                 except FlowFabricError as exc:
                     await self.admission.release(cand, who)
                     if exc.code == "capability_mismatch":
