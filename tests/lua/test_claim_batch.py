@@ -303,7 +303,7 @@ async def test_wrapper_round_trip(store: Store) -> None:
 # -- bad input ------------------------------------------------------------------------------------
 
 BAD = [
-    ({"lease_ttl_ms": "0"}, None, b"lease_ttl_ms must be positive, got: 0"),
+    ({"lease_ttl_ms": "0"}, None, b"lease_ttl_ms must be 1..3600000, got: 0"),
     ({"renew_before_ms": "x"}, None, b"renew_before_ms must be a number, got: x"),
     ({"max_tasks": "0"}, None, b"max_tasks must be positive, got: 0"),
     ({"max_scanned": "1", "max_tasks": "2"}, None, b"max_scanned must be at least max_tasks"),
