@@ -116,10 +116,14 @@ async def test_required_capabilities(store: Store, caps: object, expected: list)
             b"suspension_policy.timeout_behavior must be one of fail, cancel, expire, "
             b"auto_resume, escalate, got: explode",
         ),
-        ('{"budget_ids": ["a,b"]}', b"budget_ids[0] must be a string of at most 256 bytes "
-         b"(non-empty, no commas)"),
-        ('{"dedup_window_ms": true}', b"dedup_window_ms must be an integer 0..2592000000, got: "
-         b"true"),
+        (
+            '{"budget_ids": ["a,b"]}',
+            b"budget_ids[0] must be a string of at most 256 bytes (non-empty, no commas)",
+        ),
+        (
+            '{"dedup_window_ms": true}',
+            b"dedup_window_ms must be an integer 0..2592000000, got: true",
+        ),
     ],
 )
 async def test_bad_policy_json_writes_nothing(store: Store, policy: str, detail: bytes) -> None:

@@ -256,7 +256,9 @@ async def test_argument_retry_policy_overrides_the_stored_one(store: Store) -> N
     assert reply == [0, b"invalid_policy_json", b"malformed"]
     reply = await fail(store, bad.eid, bad.fence, retry_policy_json='{"max_retries": "two"}')
     assert reply == [
-        0, b"invalid_policy_json", b"retry_policy.max_retries must be an integer 0..1000, got: two"
+        0,
+        b"invalid_policy_json",
+        b"retry_policy.max_retries must be an integer 0..1000, got: two",
     ]
     assert await core_of(store, bad.eid) == before, "a refused policy changes nothing"
 

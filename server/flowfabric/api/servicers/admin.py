@@ -9,9 +9,11 @@ import logging
 from collections import defaultdict
 from typing import Any
 
+from flowfabric.server.api.limits import check_count
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.config import MAX_GRACE_MS
 from flowfabric.server.engine.keystore import ROTATION_DEADLINE_S, audit, rotate_secret
+from flowfabric.server.valkey.bounds import LANES
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Keystore
 from flowfabric.server.valkey.ids import is_secret_hex, solo_partition, validate_lane
@@ -40,6 +42,7 @@ def collision_severity(colliding: int, total: int) -> int:
 def partition_collisions(
     lanes: list[str], partitions: int
 ) -> tuple[list[pb.PartitionCollisionsResponse.LanePartition], int]:
+    check_count(LANES, len(lanes), "lanes")
     if len(set(lanes)) != len(lanes):
         raise InvalidInput("lanes", "duplicate lane names")
     for lane in lanes:
