@@ -261,7 +261,8 @@ end
 --     timeout_behavior, resume_policy_json not an object), invalid_policy_json (a resume policy
 --     field off the schema of include/policy.lua), invalid_resume_condition,
 --     execution_not_found, partial_fence_triple, fence_required, execution_not_active
---     (enriched), invalid_input (timeout_at more than Bounds.HORIZON_MS after now), lease_revoked, lease_expired (the lease is first marked
+--     (enriched), invalid_input (timeout_at more than Bounds.HORIZON_MS after now),
+--     lease_revoked, lease_expired (the lease is first marked
 --     expired; that write is kept), stale_lease, invalid_lease_for_suspend (attempt_index),
 --     already_suspended (open suspension record). Pending path: waitpoint_not_found,
 --     waitpoint_not_pending, invalid_waitpoint_for_execution, pending_waitpoint_expired,

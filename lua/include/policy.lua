@@ -98,7 +98,8 @@ do
       local integral = type(v) == 'number' and v == math.floor(v)
       if type(v) ~= 'number' or (k == 'int' and not integral) or v < lo or v > hi then
         local what = k == 'int' and 'an integer ' or 'a number '
-        return path .. ' must be ' .. what .. shown(lo) .. '..' .. shown(hi) .. ', got: ' .. shown(v)
+        return path .. ' must be ' .. what .. shown(lo) .. '..' .. shown(hi) .. ', got: '
+          .. shown(v)
       end
     elseif k == 'bool' then
       if type(v) ~= 'boolean' then

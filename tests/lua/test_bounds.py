@@ -10,8 +10,9 @@ from collections.abc import Awaitable
 import pytest
 
 from flowfabric.server.valkey import bounds
-from flowfabric.server.valkey.functions import execution
-from flowfabric.server.valkey.keys import ExecKeys
+from flowfabric.server.valkey.functions import execution, maintenance
+from flowfabric.server.valkey.ids import ExecutionId
+from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
 from tests.api.util import keyspace_dump
 from tests.lua.util import (
@@ -192,3 +193,59 @@ async def test_grant_ttl_bound(store: Store) -> None:
     eid = new_eid()
     await create(store, eid)
     await refused(store, issue_grant(store, eid, ttl=bounds.GRANT_TTL_MS.hi + 1), "grant_ttl_ms")
+
+
+# -- ff_repair_execution: the guards of the repair sweep (docs/architecture.md#repair-sweep) ----
+
+
+async def repair(store: Store, eid: ExecutionId, min_age_ms: int = 0) -> list:
+    values = {"execution_id": str(eid), "min_age_ms": min_age_ms}
+    return await fcall(store, maintenance.REPAIR, ctx_of(eid), values)
+
+
+async def test_repair_never_removes_an_indexed_or_claimed_execution(store: Store) -> None:
+    """Only a core no index reaches and no claim touched is an orphan."""
+    waiting = new_eid()
+    await create(store, waiting)
+    await store.call("SREM", PartitionKeys(waiting.tag).all_executions, str(waiting))
+    assert await repair(store, waiting) == [1, b"OK", b"ok"], "still in its lane set"
+    lease = await create_and_claim(store)
+    p = PartitionKeys(lease.eid.tag)
+    await store.call("SREM", p.all_executions, str(lease.eid))
+    await store.call("ZREM", p.lane("default", "active"), str(lease.eid))
+    assert (await repair(store, lease.eid))[2] != b"orphan_removed", "claimed once"
+    assert await store.call("EXISTS", ExecKeys(lease.eid).core) == 1
+
+
+async def test_repair_removes_an_orphan_once(store: Store) -> None:
+    eid = new_eid()
+    await create(store, eid)
+    p = PartitionKeys(eid.tag)
+    await store.call("SREM", p.all_executions, str(eid))
+    await store.call("ZREM", p.lane("default", "eligible"), str(eid))
+    assert await repair(store, eid, min_age_ms=YEAR) == [1, b"OK", b"young_orphan"]
+    assert await repair(store, eid) == [1, b"OK", b"orphan_removed"]
+    assert await store.call("EXISTS", ExecKeys(eid).core, ExecKeys(eid).payload) == 0
+    assert await repair(store, eid) == [1, b"OK", b"not_found"]
+
+
+async def test_repair_clamps_a_stored_deadline_and_delay(store: Store) -> None:
+    eid = new_eid()
+    now = await now_ms(store)
+    await create(
+        store, eid, delay_until=str(now + 60_000), execution_deadline_at=str(now + 120_000)
+    )
+    k, p = ExecKeys(eid), PartitionKeys(eid.tag)
+    far = str(10**18)
+    await store.call("HSET", k.core, "delay_until", far, "execution_deadline_at", far)
+    await store.call("ZADD", p.lane("default", "delayed"), far, str(eid))
+    await store.call("ZADD", p.execution_deadline, far, str(eid))
+    reply = await repair(store, eid)
+    assert reply[:3] == [1, b"OK", b"clamped"]
+    assert set(reply[3].decode().split(",")) == {
+        "execution_deadline_at", "execution_deadline", "delay_until", "delayed",
+    }  # fmt: skip
+    horizon = await now_ms(store) + YEAR
+    assert float(await store.call("ZSCORE", p.execution_deadline, str(eid))) <= horizon
+    assert int(await store.call("HGET", k.core, "delay_until")) <= horizon
+    assert await repair(store, eid) == [1, b"OK", b"ok"]
