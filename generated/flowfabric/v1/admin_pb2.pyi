@@ -226,7 +226,7 @@ class PartitionCollisionsRequest(_message.Message):
     """Partition count to check against. Unset = the server's."""
     @_builtins.property
     def lanes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lanes to check. Empty = the server's configured lanes."""
+        """Lanes to check, at most 256. Empty = the server's configured lanes."""
 
     def __init__(
         self,

@@ -165,6 +165,10 @@ def lua_lines() -> str:
 
 def markdown_table() -> str:
     """The README's Limits table (tests/test_bounds_docs.py keeps the README in step)."""
-    rows = ["| Bound | Range | Applies to |", "|---|---|---|"]
-    rows += [f"| `{b.name}` | {b.says()} | {b.where} |" for b in BOUNDS]
+    rows = ["| Bound | Range | Applies to | Error past it |", "|---|---|---|---|"]
+    for b in BOUNDS:
+        error = "`invalid_input`"
+        if "policy" in b.where:
+            error += " (`invalid_policy_json` for a policy field)"
+        rows.append(f"| `{b.name}` | {b.says()} | {b.where} | {error} |")
     return "\n".join(rows) + "\n"
