@@ -141,6 +141,8 @@ def _cases() -> list[Case]:
             execution_kind="k", namespace="n" * (bounds.LABEL_BYTES.hi + 1)))),
         ("input_payload", "CreateExecution", _rpc(e, "CreateExecution", er.CreateExecutionRequest(
             execution_kind="k", policy_json="{}" + " " * 70_000))),
+        ("result_payload", "CompleteExecution", _rpc(w, "CompleteExecution",
+            lambda h: wr.CompleteExecutionRequest(lease=h, result_encoding="e" * 70_000))),
         ("dedup_ttl_ms", "DeliverSignal", _rpc(s, "DeliverSignal", sig(dedup_ttl_ms=U64))),
         ("resume_delay_ms", "DeliverSignal", _rpc(s, "DeliverSignal", sig(resume_delay_ms=U64))),
         ("signal_maxlen", "DeliverSignal", _rpc(s, "DeliverSignal", sig(signal_maxlen=U64))),

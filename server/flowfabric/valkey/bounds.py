@@ -134,17 +134,6 @@ def check(bound: Bound, value: int, field: str) -> int:
     return value
 
 
-def check_optional(bound: Bound, request: object, name: str, field: str | None = None) -> None:
-    """`check` of an optional (`HasField`) or plain numeric field of `request`, when set."""
-    has = getattr(request, "HasField", None)
-    try:
-        present = has is None or has(name)
-    except ValueError:  # not an optional field: present when non-zero
-        present = bool(getattr(request, name))
-    if present:
-        check(bound, int(getattr(request, name)), field or name)
-
-
 def check_size(bound: Bound, value: str | bytes, field: str) -> None:
     """A string's (UTF-8) or bytes' length within `bound`."""
     size = len(value.encode() if isinstance(value, str) else value)

@@ -46,6 +46,7 @@ async def complete_execution(
     ctx: ServerContext, request: pb.CompleteExecutionRequest
 ) -> pb.CompleteExecutionResponse:
     """One completion: CompleteExecution, and each item of CompleteExecutions."""
+    limits.control_part(request, request.result_payload, "result_payload")
     eid, fence, _ = fences.of_request(ctx, request).parts()
     source = source_text(request.source, bool(fence.lease_id))
     reply = await ctx.functions.execution.complete_execution(
