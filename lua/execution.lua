@@ -1,7 +1,7 @@
 -- execution.lua: creating executions and caller-owned metadata (docs/lifecycle.md#create,
 -- docs/lifecycle.md#tags).
 --
--- uses: reply, util, argv, keys, state, stream, lease, attempt, terminal, policy, capabilities
+-- uses: reply, util, bounds, argv, keys, state, stream, lease, attempt, terminal, policy, capabilities
 
 -- Every exec_core field of docs/architecture.md#key-schema that create initialises to "" (unset).
 local CORE_EMPTY_FIELDS = {
@@ -21,8 +21,8 @@ local CORE_EMPTY_FIELDS = {
 
 local DEFAULT_DEDUP_WINDOW_MS = 86400000
 
--- Validates the policy JSON and returns (policy table or false, required-capabilities CSV) or
--- nil plus an error reply.
+-- Validates the policy JSON against its schema (include/policy.lua) and returns (policy table or
+-- false, required-capabilities CSV) or nil plus an error reply.
 local function parse_policy(policy_json)
   if policy_json == '' or policy_json == '{}' then
     return false, ''
@@ -31,12 +31,13 @@ local function parse_policy(policy_json)
   if type(policy) ~= 'table' then
     return nil, nil, Reply.err('invalid_policy_json', 'malformed')
   end
+  local serr = Policy.check(policy, Policy.EXECUTION_SCHEMA)
+  if serr then
+    return nil, nil, serr
+  end
   local routing = policy.routing_requirements
   if routing == nil or routing == cjson.null then
     return policy, ''
-  end
-  if type(routing) ~= 'table' then
-    return nil, nil, Reply.err('invalid_policy_json', 'routing_requirements:not_object')
   end
   local caps = routing.required_capabilities
   if caps == nil or caps == cjson.null then
@@ -49,7 +50,28 @@ local function parse_policy(policy_json)
   return policy, csv
 end
 
--- Tags JSON: an object of string keys (caller namespace rule) to scalar values.
+-- One tag (key rule, sizes); nil or the error reply.
+local function tag_error(k, v)
+  if type(k) ~= 'string' or not State.valid_tag_key(k) then
+    return Reply.err('invalid_tag_key', tostring(k))
+  elseif #k > Bounds.TAG_KEY_BYTES then
+    return Reply.err('invalid_input', 'tag keys must be at most ' .. Bounds.TAG_KEY_BYTES
+      .. ' bytes, got: ' .. #k)
+  elseif type(v) == 'table' then
+    return Reply.err('invalid_input', 'tag values must be scalars: ' .. k)
+  elseif #tostring(v) > Bounds.TAG_VALUE_BYTES then
+    return Reply.err('invalid_input', 'tag values must be at most ' .. Bounds.TAG_VALUE_BYTES
+      .. ' bytes: ' .. k)
+  end
+  return nil
+end
+
+local function too_many_tags(n)
+  return Reply.err('invalid_input', 'an execution has at most ' .. Bounds.TAGS
+    .. ' tags, got: ' .. n)
+end
+
+-- Tags JSON: an object of string keys (caller namespace rule) to scalar values, at most TAGS.
 local function parse_tags(tags_json)
   if tags_json == '' or tags_json == '{}' then
     return {}
@@ -58,13 +80,16 @@ local function parse_tags(tags_json)
   if type(tags) ~= 'table' then
     return nil, Reply.err('invalid_input', 'tags_json must be a JSON object')
   end
+  local n = 0
   for k, v in pairs(tags) do
-    if not State.valid_tag_key(k) then
-      return nil, Reply.err('invalid_tag_key', tostring(k))
+    n = n + 1
+    local terr = tag_error(k, v)
+    if terr then
+      return nil, terr
     end
-    if type(v) == 'table' then
-      return nil, Reply.err('invalid_input', 'tag values must be scalars: ' .. k)
-    end
+  end
+  if n > Bounds.TAGS then
+    return nil, too_many_tags(n)
   end
   return tags
 end
@@ -98,15 +123,18 @@ end
 --     after now, or none), 13 partition_id, 14 payload_encoding ("" = json), 15 quota_policy_id.
 --   Now: TIME.
 --   Replies: {1,"OK",execution_id,public_state} | {1,"DUPLICATE",existing_execution_id}
---   Errors: invalid_input (numeric ARGV, tags_json), invalid_policy_json (malformed,
---     routing_requirements:not_object), invalid_capabilities (required:<why>), invalid_tag_key.
+--   Errors (nothing written on any): invalid_input (numeric ARGV and their bounds, delay_until or
+--     execution_deadline_at more than Bounds.HORIZON_MS after now, tags_json, more than
+--     Bounds.TAGS tags, tag key/value sizes), invalid_policy_json (malformed, or the field that
+--     breaks the schema of include/policy.lua), invalid_capabilities (required:<why>),
+--     invalid_tag_key.
 --   Writes: core, payload, policy, tags, eligible|delayed, execution_deadline, all_executions,
 --     lanes, idempotency key (PX ttl); SPUBLISH ff:exec_events:{p} state_changed.
 local CREATE_ARGV = {
   {5, 'priority', 'int'},
-  {9, 'delay_until', 'int?'},
-  {10, 'dedup_ttl_ms', 'int?'},
-  {12, 'execution_deadline_at', 'int?'},
+  {9, 'delay_until', 'int?', min = 0, max = Bounds.TIMESTAMP_MS},
+  {10, 'dedup_ttl_ms', 'int?', min = 0, max = Bounds.DEDUP_TTL_MS},
+  {12, 'execution_deadline_at', 'int?', min = 0, max = Bounds.TIMESTAMP_MS},
   {13, 'partition_id', 'int'},
 }
 
@@ -139,6 +167,11 @@ local function create_execution(keys, argv)
   end
 
   local now = Util.now_ms()
+  local herr = Bounds.past_horizon('delay_until', delay_until, now)
+    or Bounds.past_horizon('execution_deadline_at', deadline, now)
+  if herr then
+    return herr
+  end
   priority = State.clamp_priority(priority)
   if not deadline then
     local rel = policy_number(policy, 'timeout_policy', 'execution_deadline_ms')
@@ -213,8 +246,9 @@ redis.register_function('ff_create_execution', create_execution)
 --   ARGV: k1, v1, k2, v2, ... (non-empty, even length).
 --   Now: TIME.
 --   Replies: {1,"OK","<pairs written>"}
---   Errors: invalid_input (empty or odd ARGV), execution_not_found, invalid_tag_key (detail = key;
---     nothing written).
+--   Errors (nothing written on any): invalid_input (empty or odd ARGV, a key or value over its
+--     size bound, more than Bounds.TAGS tags on the execution afterwards), execution_not_found,
+--     invalid_tag_key (detail = key).
 --   Writes: tags (HSET), core last_mutation_at.
 local function set_execution_tags(keys, argv)
   if #argv == 0 or #argv % 2 == 1 then
@@ -223,12 +257,23 @@ local function set_execution_tags(keys, argv)
   if redis.call('EXISTS', keys[1]) == 0 then
     return Reply.err('execution_not_found')
   end
+  local new = 0
   for i = 1, #argv, 2 do
-    if not State.valid_tag_key(argv[i]) then
-      return Reply.err('invalid_tag_key', argv[i])
+    local terr = tag_error(argv[i], argv[i + 1])
+    if terr then
+      return terr
+    end
+    if redis.call('HEXISTS', keys[2], argv[i]) == 0 then
+      new = new + 1
     end
   end
-  redis.call('HSET', keys[2], unpack(argv))
+  local total = redis.call('HLEN', keys[2]) + new
+  if total > Bounds.TAGS then
+    return too_many_tags(total)
+  end
+  for i = 1, #argv, 2 do
+    redis.call('HSET', keys[2], argv[i], argv[i + 1])
+  end
   redis.call('HSET', keys[1], 'last_mutation_at', Util.num(Util.now_ms()))
   return Reply.ok(tostring(#argv / 2))
 end
@@ -369,9 +414,10 @@ local function backoff_ms(rp, retry_count)
     local initial = json_number(b.initial_delay_ms, 1000)
     local max = json_number(b.max_delay_ms, 60000)
     local mult = json_number(b.multiplier, 2.0)
-    return math.floor(math.min(initial * mult ^ retry_count, max))
+    -- a policy stored before the schema check may hold anything: never past the horizon
+    return math.floor(math.min(initial * mult ^ retry_count, max, Bounds.HORIZON_MS))
   elseif b.type == 'fixed' then
-    return math.floor(json_number(b.delay_ms, 1000))
+    return math.floor(math.min(json_number(b.delay_ms, 1000), Bounds.HORIZON_MS))
   end
   return 1000
 end
@@ -400,7 +446,8 @@ end
 --     9 lane active (*), 10 stream meta (*), 11 attempt_timeout, 12 execution_deadline.
 --   ARGV (9): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 failure_reason,
 --     6 failure_category, 7 retry_policy_json ("" = read retry_policy from the stored policy
---     ff:exec:{p}:<eid>:policy, built from the tag; absent or not an object = no retries),
+--     ff:exec:{p}:<eid>:policy, built from the tag; a stored one that is absent or not an object
+--     = no retries),
 --     8 source ("" = operator_override), 9 retry_after_ms ("" = none; else the retry policy is
 --     the stored retry_policy, or {max_retries = 3} without one, with a fixed backoff of that
 --     many ms; given together with a non-empty retry_policy_json: invalid_input).
@@ -411,7 +458,9 @@ end
 --       committed failure (same failure_reason; retry: still in its retry backoff, no lease
 --       since, the failed attempt's hash holding the fence; terminal: failed, same attempt id,
 --       core epoch and attempt hash = the fence); nothing written.
---   Errors: invalid_input (lease_epoch, retry_after_ms), then as ff_complete_execution.
+--   Errors: invalid_input (lease_epoch, retry_after_ms over Bounds.HORIZON_MS), invalid_policy_json
+--     (retry_policy_json malformed or off the retry_policy schema of include/policy.lua), then as
+--     ff_complete_execution.
 --   Writes (both): attempt ended_failure, ended_at, failure_reason, failure_category; stream
 --     meta closed attempt_failure + stream_closed event; lease release (history `released`).
 --     Retry: core retry vector ("retry backoff until <ts> (attempt <idx> failed: <reason>)"),
@@ -421,7 +470,7 @@ end
 --     failed_retry_scheduled. Terminal: docs/lifecycle.md#terminal-transitions with failed (ZADD
 --     lane terminal,
 --     ff:dag:completions), failure_reason; release reason failed_terminal.
-local FAIL_ARGV = {{9, 'retry_after_ms', 'int?', min = 0}}
+local FAIL_ARGV = {{9, 'retry_after_ms', 'int?', min = 0, max = Bounds.HORIZON_MS}}
 
 local function fail_replay(argv)
   return function(x)
@@ -464,6 +513,16 @@ local function fail_execution(keys, argv)
   end
   if a.retry_after_ms and argv[7] ~= '' then
     return Reply.err('invalid_input', 'retry_after_ms and retry_policy_json are mutually exclusive')
+  end
+  if argv[7] ~= '' then
+    local rp = Util.decode_json(argv[7])
+    if type(rp) ~= 'table' then
+      return Reply.err('invalid_policy_json', 'malformed')
+    end
+    local perr = Policy.check(rp, Policy.RETRY_SCHEMA, 'retry_policy')
+    if perr then
+      return perr
+    end
   end
   local x, e = owner_mutation(keys, argv, keys[8], argv[8], fail_replay(argv))
   if not x then
@@ -533,12 +592,13 @@ end
 --     | {1,"ALREADY_SATISFIED","replayed",delay_until}: a retry of this fence's own committed
 --       delay (still delayed by the worker until the same delay_until, same attempt id, core
 --       epoch and attempt hash = the fence); nothing written.
---   Errors: invalid_input (delay_until, lease_epoch), then as ff_complete_execution.
+--   Errors: invalid_input (delay_until: not a number, or more than Bounds.HORIZON_MS after now;
+--     lease_epoch), then as ff_complete_execution.
 --   Writes: core worker-delay vector (not_eligible_until_time / waiting_for_delay,
 --     "delayed until <ts>", attempt_interrupted), delay_until, lease mirror cleared (attempt id
 --     and epoch kept); attempt suspended, suspended_at, suspension_id=worker_delay; lease release
 --     reason worker_delay; ZADD lane delayed at delay_until. The stream stays open.
-local DELAY_ARGV = {{5, 'delay_until', 'int'}}
+local DELAY_ARGV = {{5, 'delay_until', 'int', min = 0, max = Bounds.TIMESTAMP_MS}}
 
 local function delay_execution(keys, argv)
   local a, e1 = Argv.parse(argv, DELAY_ARGV)
@@ -546,6 +606,10 @@ local function delay_execution(keys, argv)
     return e1
   end
   local delay_until = a.delay_until
+  local herr = Bounds.past_horizon('delay_until', delay_until, Util.now_ms())
+  if herr then
+    return herr
+  end
   local function replay(x)
     local c = x.core
     if c.lifecycle_phase == 'runnable' and c.eligibility_state == 'not_eligible_until_time'

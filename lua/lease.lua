@@ -7,7 +7,7 @@
 -- holder, lane or attempt
 -- index the caller pre-read may be stale. Pass the real key or the placeholder ff:noop:{p}.
 --
--- uses: reply, util, argv, keys, state, lease, policy, capabilities, grant, reclaim
+-- uses: reply, util, bounds, argv, keys, state, lease, policy, capabilities, grant, reclaim
 
 -- ff_renew_lease
 --   KEYS (4): 1 core, 2 lease current, 3 lease history, 4 lease_expiry.
@@ -25,8 +25,8 @@
 --     event; epoch unchanged. On lease_expired: mark_expired
 --     (history `expired`, stream meta closed lease_expired + stream_closed event).
 local RENEW_ARGV = {
-  {6, 'lease_ttl_ms', 'int', min = 1},
-  {7, 'lease_history_grace_ms', 'int', min = 0},
+  {6, 'lease_ttl_ms', 'int', min = 1, max = Bounds.LEASE_TTL_MS},
+  {7, 'lease_history_grace_ms', 'int', min = 0, max = Bounds.LEASE_HISTORY_GRACE_MS},
   {2, 'attempt_index', 'int'},
   {5, 'lease_epoch', 'int?'},
 }
@@ -189,7 +189,7 @@ redis.register_function('ff_revoke_lease', revoke_lease)
 --     route_snapshot_json, admission_summary, created_at, grant_expires_at), PEXPIREAT at
 --     grant_expires_at. The execution stays in lease_expiry.
 local GRANT_ARGV = {
-  {6, 'grant_ttl_ms', 'int', min = 1},
+  {6, 'grant_ttl_ms', 'int', min = 1, max = Bounds.GRANT_TTL_MS},
   {2, 'worker_id', 'str'},
   {3, 'worker_instance_id', 'str'},
 }
@@ -254,7 +254,7 @@ redis.register_function('ff_issue_reclaim_grant', issue_reclaim_grant)
 --     Limit path: terminal failed (failure_reason max_reclaims_exceeded), old attempt
 --     interrupted_reclaimed, stream closed `reclaimed`, lease released, ff:dag:completions.
 local RECLAIM_ARGV = {
-  {6, 'lease_ttl_ms', 'int', min = 1},
+  {6, 'lease_ttl_ms', 'int', min = 1, max = Bounds.LEASE_TTL_MS},
   {2, 'worker_id', 'str'},
   {3, 'worker_instance_id', 'str'},
   {5, 'lease_id', 'str'},

@@ -6,7 +6,7 @@
 -- Pass the real key or the
 -- placeholder ff:noop:{p}.
 --
--- uses: reply, util, argv, keys, state, lease, attempt, policy, capabilities, grant, reclaim
+-- uses: reply, util, bounds, argv, keys, state, lease, attempt, policy, capabilities, grant, reclaim
 
 -- ff_issue_claim_grant
 --   KEYS (3): 1 core, 2 claim_grant, 3 lane eligible (*: built from core.lane_id).
@@ -45,7 +45,7 @@ local function grant_denied(x, grant_key, worker_csv, now)
 end
 
 local GRANT_ARGV = {
-  {6, 'grant_ttl_ms', 'int', min = 1},
+  {6, 'grant_ttl_ms', 'int', min = 1, max = Bounds.GRANT_TTL_MS},
   {2, 'worker_id', 'str'},
   {3, 'worker_instance_id', 'str'},
 }
@@ -209,10 +209,10 @@ end
 --     ZADD attempt_timeout (now + timeout) when one applies; ZADD execution_deadline when given;
 --     history `acquired`.
 local CLAIM_ARGV = {
-  {7, 'lease_ttl_ms', 'int', min = 1},
-  {8, 'renew_before_ms', 'int'},
-  {11, 'attempt_timeout_ms', 'int?'},
-  {12, 'execution_deadline_at', 'int?'},
+  {7, 'lease_ttl_ms', 'int', min = 1, max = Bounds.LEASE_TTL_MS},
+  {8, 'renew_before_ms', 'int', min = 0, max = Bounds.LEASE_TTL_MS},
+  {11, 'attempt_timeout_ms', 'int?', min = 0, max = Bounds.HORIZON_MS},
+  {12, 'execution_deadline_at', 'int?', min = 0, max = Bounds.TIMESTAMP_MS},
   {2, 'worker_id', 'str'},
   {3, 'worker_instance_id', 'str'},
   {6, 'lease_id', 'str'},
@@ -277,8 +277,8 @@ redis.register_function('ff_claim_execution', claim_execution)
 --     claimer's lease set; ZADD attempt_timeout at now + remaining when > 0; history `acquired`
 --     (reason claim_resumed).
 local CLAIM_RESUMED_ARGV = {
-  {6, 'lease_ttl_ms', 'int', min = 1},
-  {8, 'remaining_attempt_timeout_ms', 'int?'},
+  {6, 'lease_ttl_ms', 'int', min = 1, max = Bounds.LEASE_TTL_MS},
+  {8, 'remaining_attempt_timeout_ms', 'int?', max = Bounds.HORIZON_MS},
   {2, 'worker_id', 'str'},
   {3, 'worker_instance_id', 'str'},
   {5, 'lease_id', 'str'},
@@ -367,11 +367,11 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --     ff_reclaim_execution for a due lease, including its reclaim-limit path (terminal
 --     failed; nothing leased).
 local CLAIM_BATCH_ARGV = {
-  {6, 'lease_ttl_ms', 'int', min = 1},
-  {7, 'renew_before_ms', 'int'},
+  {6, 'lease_ttl_ms', 'int', min = 1, max = Bounds.LEASE_TTL_MS},
+  {7, 'renew_before_ms', 'int', min = 0, max = Bounds.LEASE_TTL_MS},
   {8, 'max_tasks', 'int', min = 1},
   {9, 'max_scanned', 'int'},
-  {10, 'max_reply_bytes', 'int', min = 0},
+  {10, 'max_reply_bytes', 'int', min = 0, max = Bounds.REPLY_BYTES},
 }
 
 local FIRST_PAIR = 11

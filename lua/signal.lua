@@ -10,7 +10,7 @@
 -- duplicate calls,
 -- and never carry tokens, secrets or payload bytes.
 --
--- uses: reply, util, argv, keys, state, policy, hmac, condition, suspend
+-- uses: reply, util, bounds, argv, keys, state, policy, hmac, condition, suspend
 
 local DEFAULT_SIGNAL_DEDUP_TTL_MS = 86400000
 local DEFAULT_MAX_SIGNALS = 10000
@@ -20,12 +20,14 @@ local MAX_GRACE_MS = 9007199254740991
 -- Shape checks of the signal ARGV (deliver and buffer share the layout). Returns the parsed
 -- numbers or nil plus the invalid_input reply.
 local SIGNAL_ARGV = {
-  {13, 'created_at', 'int?', min = 0, says = 'be >= 0'},
-  {14, 'dedup_ttl_ms', 'int?', min = 0, says = 'be >= 0', default = DEFAULT_SIGNAL_DEDUP_TTL_MS},
-  {15, 'resume_delay_ms', 'int?', min = 0, says = 'be >= 0', default = 0},
-  {16, 'max_signals_per_execution', 'int?', min = 0, says = 'be >= 0',
+  {13, 'created_at', 'int?', min = 0, max = Bounds.TIMESTAMP_MS},
+  {14, 'dedup_ttl_ms', 'int?', min = 0, max = Bounds.DEDUP_TTL_MS,
+    default = DEFAULT_SIGNAL_DEDUP_TTL_MS},
+  {15, 'resume_delay_ms', 'int?', min = 0, max = Bounds.HORIZON_MS, default = 0},
+  {16, 'max_signals_per_execution', 'int?', min = 0, max = Bounds.MAX_SIGNALS,
     default = DEFAULT_MAX_SIGNALS},
-  {17, 'signal_maxlen', 'int?', min = 1, says = 'be >= 1', default = DEFAULT_SIGNAL_MAXLEN},
+  {17, 'signal_maxlen', 'int?', min = 1, max = Bounds.STREAM_MAXLEN,
+    default = DEFAULT_SIGNAL_MAXLEN},
   {2, 'waitpoint_id', 'str'},
   {3, 'signal_id', 'str'},
   {4, 'signal_name', 'str'},

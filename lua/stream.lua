@@ -8,7 +8,7 @@
 -- step 5); the server does that, not these functions. Blocking reads (XREAD BLOCK) are not
 -- allowed in Functions: the server issues them itself.
 --
--- uses: reply, util, argv, state
+-- uses: reply, util, bounds, argv, state
 
 -- Payload cap (docs/streams.md#retention-and-caps): callers may lower it, never raise it.
 local MAX_PAYLOAD_BYTES = 65536
@@ -56,8 +56,8 @@ end
 local APPEND_ARGV = {
   {2, 'attempt_index', 'int'},
   {4, 'lease_epoch', 'int?'},
-  {7, 'timestamp', 'int?'},
-  {13, 'retention_maxlen', 'int?', min = 0, default = 0},
+  {7, 'timestamp', 'int?', min = 0, max = Bounds.TIMESTAMP_MS},
+  {13, 'retention_maxlen', 'int?', min = 0, max = Bounds.STREAM_MAXLEN, default = 0},
   {14, 'max_payload_bytes', 'int?', min = 1, max = MAX_PAYLOAD_BYTES, default = MAX_PAYLOAD_BYTES},
 }
 

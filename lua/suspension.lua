@@ -8,7 +8,7 @@
 -- publish
 -- state_changed on ff:exec_events:{p} through write_vector.
 --
--- uses: reply, util, argv, keys, state, stream, lease, attempt, terminal, policy, hmac, condition, suspend
+-- uses: reply, util, bounds, argv, keys, state, stream, lease, attempt, terminal, policy, hmac, condition, suspend
 
 local TIMEOUT_BEHAVIORS = {
   fail = true, cancel = true, expire = true, auto_resume = true,
@@ -51,7 +51,7 @@ end
 --     a closed/expired record at that id is replaced with its condition and stream);
 --     waitpoint_opened (state pending). Core and lease untouched.
 local PENDING_ARGV = {
-  {8, 'expires_in_ms', 'int', min = 1},
+  {8, 'expires_in_ms', 'int', min = 1, max = Bounds.HORIZON_MS},
   {5, 'attempt_index', 'int'},
   {3, 'lease_epoch', 'int?'},
   {6, 'waitpoint_id', 'str'},
@@ -113,8 +113,8 @@ redis.register_function('ff_create_pending_waitpoint', create_pending_waitpoint)
 local SUSPEND_NUMBERS = {
   {5, 'attempt_index', 'int'},
   {3, 'lease_epoch', 'int?'},
-  {14, 'timeout_at', 'int?'},
-  {17, 'timeout_in_ms', 'int?', min = 0},
+  {14, 'timeout_at', 'int?', min = 0, max = Bounds.TIMESTAMP_MS},
+  {17, 'timeout_in_ms', 'int?', min = 0, max = Bounds.HORIZON_MS},
 }
 local SUSPEND_IDS = {{6, 'suspension_id', 'str'}, {7, 'waitpoint_id', 'str'}}
 
@@ -149,6 +149,10 @@ local function suspend_args(argv)
   local policy = argv[12] ~= '' and Util.decode_json(argv[12])
   if policy ~= false and (type(policy) ~= 'table' or #policy > 0) then
     return nil, Reply.err('invalid_input', 'resume_policy_json must be a JSON object')
+  end
+  local perr = policy and Policy.check(policy, Policy.RESUME_SCHEMA, 'resume_policy')
+  if perr then
+    return nil, perr
   end
   return {idx = idx, timeout = timeout, timeout_in_ms = a.timeout_in_ms, behavior = behavior,
     pending = flag == '1', cond = cond}, nil
@@ -252,11 +256,13 @@ end
 --        matched_signal_id...} (the satisfying signals, in matcher order)
 --       (pending waitpoint whose buffered signals satisfy the condition: the waitpoint closes
 --       `resumed`, the condition closes `satisfied`, the caller keeps its lease).
---   Errors (in order, nothing written unless noted): invalid_input (numeric ARGV, timeout_at
---     with timeout_in_ms, ids,
---     use_pending_waitpoint, unknown timeout_behavior, resume_policy_json),
---     invalid_resume_condition, execution_not_found, partial_fence_triple, fence_required,
---     execution_not_active (enriched), lease_revoked, lease_expired (the lease is first marked
+--   Errors (in order, nothing written unless noted): invalid_input (numeric ARGV and their
+--     bounds, timeout_at with timeout_in_ms, ids, use_pending_waitpoint, unknown
+--     timeout_behavior, resume_policy_json not an object), invalid_policy_json (a resume policy
+--     field off the schema of include/policy.lua), invalid_resume_condition,
+--     execution_not_found, partial_fence_triple, fence_required, execution_not_active
+--     (enriched), invalid_input (timeout_at more than Bounds.HORIZON_MS after now),
+--     lease_revoked, lease_expired (the lease is first marked
 --     expired; that write is kept), stale_lease, invalid_lease_for_suspend (attempt_index),
 --     already_suspended (open suspension record). Pending path: waitpoint_not_found,
 --     waitpoint_not_pending, invalid_waitpoint_for_execution, pending_waitpoint_expired,
@@ -289,6 +295,10 @@ local function suspend_execution(keys, argv)
   end
   x.history = keys[6]
   local now = Util.now_ms()
+  local herr = Bounds.past_horizon('timeout_at', a.timeout, now)
+  if herr then
+    return herr
+  end
   local lerr = Lease.check(x, fence, now, true)
   if lerr then
     return lerr
@@ -446,7 +456,7 @@ end
 --     -(priority x 10^12) + created_at or lane delayed at now + delay; suspension and waitpoint
 --     satisfied_at, closed_at, close_reason (resumed | operator_resume | timed_out_auto_resume),
 --     condition closed=1 with the same reason; execution_resumed, waitpoint_closed.
-local RESUME_ARGV = {{3, 'resume_delay_ms', 'int?', min = 0}}
+local RESUME_ARGV = {{3, 'resume_delay_ms', 'int?', min = 0, max = Bounds.HORIZON_MS}}
 
 local function resume_execution(keys, argv)
   local trigger = (argv[2] ~= '' and argv[2]) or 'signal'

@@ -692,6 +692,8 @@ SERVICES: dict[str, dict[str, str]] = {
         "ListWaitpointKids": "",
         "GetServerInfo": "",
         "PartitionCollisions": "",
+        # project addition: the guarded repair sweep (docs/architecture.md#repair-sweep)
+        "RepairSweep": "",
     },
 }
 

@@ -27,11 +27,17 @@ function Util.hgetall(key)
   return m
 end
 
+-- HSET of a map, in chunks of 200 pairs: `unpack` has a limit (about 8000 values) that a caller-
+-- sized map must never meet half-way through a function.
 function Util.hmset(key, m)
   local args = {}
   for k, v in pairs(m) do
     args[#args + 1] = k
     args[#args + 1] = tostring(v)
+    if #args >= 400 then
+      redis.call('HSET', key, unpack(args))
+      args = {}
+    end
   end
   if #args > 0 then
     redis.call('HSET', key, unpack(args))

@@ -44,3 +44,10 @@ async def keyspace_size(store: Store) -> int:
             total += await store.client.execute_command("DBSIZE", target_nodes=node)
         return total
     return int(await store.call("DBSIZE"))
+
+
+async def keyspace_dump(store: Store) -> dict[bytes, bytes | None]:
+    """Every key with its serialised value (`DUMP`), on every primary: "changes nothing in the
+    store" compared exactly, not just by key count."""
+    keys = [key async for key in store.client.scan_iter(count=1000)]
+    return {key: await store.call("DUMP", key) for key in sorted(set(keys))}

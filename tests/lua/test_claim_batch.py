@@ -304,12 +304,12 @@ async def test_wrapper_round_trip(store: Store) -> None:
 # -- bad input ------------------------------------------------------------------------------------
 
 BAD = [
-    ({"lease_ttl_ms": "0"}, None, b"lease_ttl_ms must be positive, got: 0"),
+    ({"lease_ttl_ms": "0"}, None, b"lease_ttl_ms must be 1..3600000, got: 0"),
     ({"renew_before_ms": "x"}, None, b"renew_before_ms must be a number, got: x"),
     ({"max_tasks": "0"}, None, b"max_tasks must be positive, got: 0"),
     ({"max_scanned": "1", "max_tasks": "2"}, None, b"max_scanned must be at least max_tasks"),
     ({"max_tasks": "3"}, None, b"expected max_tasks pairs of lease_id, attempt_id"),
-    ({"max_reply_bytes": "-1"}, None, b"max_reply_bytes must not be negative, got: -1"),
+    ({"max_reply_bytes": "-1"}, None, b"max_reply_bytes must be 0..268435456, got: -1"),
     ({"worker_id": ""}, None, b"worker_id must not be empty"),
     ({}, [("", "a")], b"lease_id must not be empty"),
     ({}, [("l", "")], b"attempt_id must not be empty"),

@@ -87,7 +87,43 @@ async def test_required_capabilities(store: Store, caps: object, expected: list)
     ("policy", "detail"),
     [
         ("not json", b"malformed"),
-        ('{"routing_requirements": 3}', b"routing_requirements:not_object"),
+        ('{"routing_requirements": 3}', b"routing_requirements must be a JSON object, got: 3"),
+        ("[1, 2]", b"policy must be a JSON object, got: a JSON array"),
+        (
+            '{"retry_policy": {"max_retries": "two"}}',
+            b"retry_policy.max_retries must be an integer 0..1000, got: two",
+        ),
+        (
+            '{"retry_policy": {"max_retries": -1}}',
+            b"retry_policy.max_retries must be an integer 0..1000, got: -1",
+        ),
+        (
+            '{"retry_policy": {"max_retries": 1.5}}',
+            b"retry_policy.max_retries must be an integer 0..1000, got: 1.5",
+        ),
+        ('{"max_retries": 2}', b"max_retries is not a known policy field"),
+        (
+            '{"retry_policy": {"backoff": {"type": "fixed", "delay": 5}}}',
+            b"retry_policy.backoff.delay is not a known policy field",
+        ),
+        (
+            '{"timeout_policy": {"attempt_timeout_ms": 1e20}}',
+            b"timeout_policy.attempt_timeout_ms must be an integer 0..31536000000, got: "
+            b"100000000000000000000",
+        ),
+        (
+            '{"suspension_policy": {"timeout_behavior": "explode"}}',
+            b"suspension_policy.timeout_behavior must be one of fail, cancel, expire, "
+            b"auto_resume, escalate, got: explode",
+        ),
+        (
+            '{"budget_ids": ["a,b"]}',
+            b"budget_ids[0] must be a string of at most 256 bytes (non-empty, no commas)",
+        ),
+        (
+            '{"dedup_window_ms": true}',
+            b"dedup_window_ms must be an integer 0..2592000000, got: true",
+        ),
     ],
 )
 async def test_bad_policy_json_writes_nothing(store: Store, policy: str, detail: bytes) -> None:

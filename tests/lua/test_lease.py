@@ -97,7 +97,7 @@ async def test_renew_fence_checks(store: Store) -> None:
     assert await renew(store, lease, ttl=0) == [
         0,
         b"invalid_input",
-        b"lease_ttl_ms must be positive, got: 0",
+        b"lease_ttl_ms must be 1..3600000, got: 0",
     ]
     assert await renew(store, lease, idx="x") == [
         0,

@@ -251,8 +251,16 @@ async def test_argument_retry_policy_overrides_the_stored_one(store: Store) -> N
     arg = json.dumps({"backoff": {"type": "fixed", "delay_ms": 250}})
     assert await fail_delay(store, lease, retry_policy_json=arg) == 250
     bad = await create_and_claim(store, policy_json=retry_policy())
+    before = await core_of(store, bad.eid)
     reply = await fail(store, bad.eid, bad.fence, retry_policy_json="{not json")
-    assert reply == [1, b"OK", b"terminal_failed"], "invalid policy JSON means no retries"
+    assert reply == [0, b"invalid_policy_json", b"malformed"]
+    reply = await fail(store, bad.eid, bad.fence, retry_policy_json='{"max_retries": "two"}')
+    assert reply == [
+        0,
+        b"invalid_policy_json",
+        b"retry_policy.max_retries must be an integer 0..1000, got: two",
+    ]
+    assert await core_of(store, bad.eid) == before, "a refused policy changes nothing"
 
 
 async def test_retry_lost_reply_is_replayed(store: Store) -> None:

@@ -226,7 +226,7 @@ class PartitionCollisionsRequest(_message.Message):
     """Partition count to check against. Unset = the server's."""
     @_builtins.property
     def lanes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lanes to check. Empty = the server's configured lanes."""
+        """Lanes to check, at most 256. Empty = the server's configured lanes."""
 
     def __init__(
         self,
@@ -296,3 +296,65 @@ class PartitionCollisionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PartitionCollisionsResponse: _TypeAlias = PartitionCollisionsResponse  # noqa: Y015
+
+@_typing.final
+class RepairSweepRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_AGE_MS_FIELD_NUMBER: _builtins.int
+    min_age_ms: _builtins.int
+    """An orphaned core is removed only when created at least this long ago,
+    0..31536000000 ms. Unset = 3600000 (1 h).
+    """
+    def __init__(
+        self,
+        *,
+        min_age_ms: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_age_ms", b"_min_age_ms", "min_age_ms", b"min_age_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_age_ms", b"_min_age_ms", "min_age_ms", b"min_age_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__min_age_ms: _TypeAlias = _typing.Literal["min_age_ms"]  # noqa: Y015
+    _WhichOneofArgType__min_age_ms: _TypeAlias = _typing.Literal["_min_age_ms", b"_min_age_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_age_ms) -> _WhichOneofReturnType__min_age_ms | None: ...
+
+Global___RepairSweepRequest: _TypeAlias = RepairSweepRequest  # noqa: Y015
+
+@_typing.final
+class RepairSweepResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCANNED_FIELD_NUMBER: _builtins.int
+    ORPHANS_REMOVED_FIELD_NUMBER: _builtins.int
+    CLAMPED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    REPAIRED_EXECUTION_IDS_FIELD_NUMBER: _builtins.int
+    scanned: _builtins.int
+    """Execution cores looked at."""
+    orphans_removed: _builtins.int
+    """Orphaned cores removed (with their payload, policy and tags)."""
+    clamped: _builtins.int
+    """Records whose stored times were clamped to the bounds."""
+    skipped: _builtins.int
+    """Orphans younger than `min_age_ms`, and records the repair refused."""
+    @_builtins.property
+    def repaired_execution_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The repaired executions, at most 100 (the counts cover all)."""
+
+    def __init__(
+        self,
+        *,
+        scanned: _builtins.int = ...,
+        orphans_removed: _builtins.int = ...,
+        clamped: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        repaired_execution_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clamped", b"clamped", "orphans_removed", b"orphans_removed", "repaired_execution_ids", b"repaired_execution_ids", "scanned", b"scanned", "skipped", b"skipped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairSweepResponse: _TypeAlias = RepairSweepResponse  # noqa: Y015

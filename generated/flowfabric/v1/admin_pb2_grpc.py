@@ -57,6 +57,11 @@ class AdminServiceStub:
                 request_serializer=flowfabric_dot_v1_dot_admin__pb2.PartitionCollisionsRequest.SerializeToString,
                 response_deserializer=flowfabric_dot_v1_dot_admin__pb2.PartitionCollisionsResponse.FromString,
                 _registered_method=True)
+        self.RepairSweep = channel.unary_unary(
+                '/flowfabric.v1.AdminService/RepairSweep',
+                request_serializer=flowfabric_dot_v1_dot_admin__pb2.RepairSweepRequest.SerializeToString,
+                response_deserializer=flowfabric_dot_v1_dot_admin__pb2.RepairSweepResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -107,6 +112,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RepairSweep(self, request, context):
+        """Finds and repairs execution records an older server version left
+        half-written or past today's input bounds: an execution core no index
+        reaches (a create that failed half-way; deleted once older than
+        `min_age_ms`), and stored lease expiries, deadlines, delays, timeouts and
+        waitpoint expiries beyond the bounds (clamped to them). Walks the whole
+        keyspace; each record is repaired in one atomic call whose guards a live
+        record cannot meet, so the sweep is idempotent and safe beside traffic.
+        Errors: INVALID_ARGUMENT `invalid_input` (`min_age_ms` over 31536000000).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +148,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.PartitionCollisions,
                     request_deserializer=flowfabric_dot_v1_dot_admin__pb2.PartitionCollisionsRequest.FromString,
                     response_serializer=flowfabric_dot_v1_dot_admin__pb2.PartitionCollisionsResponse.SerializeToString,
+            ),
+            'RepairSweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepairSweep,
+                    request_deserializer=flowfabric_dot_v1_dot_admin__pb2.RepairSweepRequest.FromString,
+                    response_serializer=flowfabric_dot_v1_dot_admin__pb2.RepairSweepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -242,6 +266,33 @@ class AdminService:
             '/flowfabric.v1.AdminService/PartitionCollisions',
             flowfabric_dot_v1_dot_admin__pb2.PartitionCollisionsRequest.SerializeToString,
             flowfabric_dot_v1_dot_admin__pb2.PartitionCollisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepairSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowfabric.v1.AdminService/RepairSweep',
+            flowfabric_dot_v1_dot_admin__pb2.RepairSweepRequest.SerializeToString,
+            flowfabric_dot_v1_dot_admin__pb2.RepairSweepResponse.FromString,
             options,
             channel_credentials,
             insecure,

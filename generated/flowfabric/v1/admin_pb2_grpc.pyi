@@ -62,6 +62,16 @@ class AdminServiceStub:
     one. Pure computation; touches no data.
     Errors: INVALID_ARGUMENT for duplicate lane names.
     """
+    RepairSweep: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RepairSweepRequest, _admin_pb2.RepairSweepResponse]
+    """Finds and repairs execution records an older server version left
+    half-written or past today's input bounds: an execution core no index
+    reaches (a create that failed half-way; deleted once older than
+    `min_age_ms`), and stored lease expiries, deadlines, delays, timeouts and
+    waitpoint expiries beyond the bounds (clamped to them). Walks the whole
+    keyspace; each record is repaired in one atomic call whose guards a live
+    record cannot meet, so the sweep is idempotent and safe beside traffic.
+    Errors: INVALID_ARGUMENT `invalid_input` (`min_age_ms` over 31536000000).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -96,6 +106,16 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Computes each lane's solo-execution partition and which lanes share
     one. Pure computation; touches no data.
     Errors: INVALID_ARGUMENT for duplicate lane names.
+    """
+    RepairSweep: _aio.UnaryUnaryMultiCallable[_admin_pb2.RepairSweepRequest, _admin_pb2.RepairSweepResponse]  # type: ignore[assignment]
+    """Finds and repairs execution records an older server version left
+    half-written or past today's input bounds: an execution core no index
+    reaches (a create that failed half-way; deleted once older than
+    `min_age_ms`), and stored lease expiries, deadlines, delays, timeouts and
+    waitpoint expiries beyond the bounds (clamped to them). Walks the whole
+    keyspace; each record is repaired in one atomic call whose guards a live
+    record cannot meet, so the sweep is idempotent and safe beside traffic.
+    Errors: INVALID_ARGUMENT `invalid_input` (`min_age_ms` over 31536000000).
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -152,6 +172,22 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Computes each lane's solo-execution partition and which lanes share
         one. Pure computation; touches no data.
         Errors: INVALID_ARGUMENT for duplicate lane names.
+        """
+
+    @_abc_1.abstractmethod
+    def RepairSweep(
+        self,
+        request: _admin_pb2.RepairSweepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RepairSweepResponse, _abc.Awaitable[_admin_pb2.RepairSweepResponse]]:
+        """Finds and repairs execution records an older server version left
+        half-written or past today's input bounds: an execution core no index
+        reaches (a create that failed half-way; deleted once older than
+        `min_age_ms`), and stored lease expiries, deadlines, delays, timeouts and
+        waitpoint expiries beyond the bounds (clamped to them). Walks the whole
+        keyspace; each record is repaired in one atomic call whose guards a live
+        record cannot meet, so the sweep is idempotent and safe beside traffic.
+        Errors: INVALID_ARGUMENT `invalid_input` (`min_age_ms` over 31536000000).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

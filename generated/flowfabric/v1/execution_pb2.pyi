@@ -94,42 +94,51 @@ class CreateExecutionRequest(_message.Message):
     idempotent; a supplied id must carry a valid partition.
     """
     namespace: _builtins.str
-    """Tenant scope; also scopes the idempotency key."""
+    """Tenant scope; also scopes the idempotency key. At most 256 bytes."""
     lane_id: _builtins.str
     """1..64 printable ASCII bytes. Empty = `default`."""
     execution_kind: _builtins.str
-    """Caller-defined kind, handed to workers."""
+    """Caller-defined kind, handed to workers. At most 256 bytes."""
     input_payload: _builtins.bytes
     """Input payload (at most 1 MiB), verbatim."""
     payload_encoding: _builtins.str
-    """Default `json`."""
+    """Default `json`. At most 256 bytes."""
     priority: _builtins.int
     """Clamped to 0..9000; higher runs first."""
     creator_identity: _builtins.str
+    """At most 256 bytes."""
     idempotency_key: _builtins.str
     """Dedup key within namespace and partition, kept for the policy's
-    `dedup_window_ms`.
+    `dedup_window_ms`. At most 256 bytes.
     """
     policy_json: _builtins.str
     """The policy as raw JSON in the stored shape; for policy fields this API
-    version does not model. Malformed JSON is INVALID_ARGUMENT
-    `invalid_policy_json`.
+    version does not model. Malformed JSON, or a field of the wrong type,
+    out of range or unknown, is INVALID_ARGUMENT `invalid_policy_json`
+    naming the field (e.g. `retry_policy.max_retries must be an integer
+    0..1000`). The typed `policy` is checked the same way.
     """
     delay_until: _builtins.int
-    """Start delayed until this time (ignored when not in the future)."""
+    """Start delayed until this time (ignored when not in the future). Epoch
+    ms, at most 31536000000 ms (365 days) after the server's clock.
+    """
     execution_deadline_at: _builtins.int
-    """Absolute deadline; the execution expires if not complete by then."""
+    """Absolute deadline; the execution expires if not complete by then. Epoch
+    ms, at most 365 days after the server's clock.
+    """
     partition_id: _builtins.int
     """Optional: derived from the execution id; if set it must match."""
     now: _builtins.int
     """Optional, ignored: the server uses Valkey server time."""
     quota_policy_id: _builtins.str
-    """Quota policy applied at claim time."""
+    """Quota policy applied at claim time. At most 256 bytes."""
     flow_id: _builtins.str
     """Create as a member of this flow."""
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Caller labels; keys must match `^[a-z][a-z0-9_]*[.][^.]`."""
+        """Caller labels; keys must match `^[a-z][a-z0-9_]*[.][^.]`. At most 256
+        tags, keys at most 256 bytes, values at most 4096 bytes.
+        """
 
     @_builtins.property
     def policy(self) -> _types_pb2.ExecutionPolicy: ...
@@ -845,7 +854,10 @@ class SetExecutionTagsRequest(_message.Message):
     execution_id: _builtins.str
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Non-empty. Keys must match `^[a-z][a-z0-9_]*[.][^.]`; values are free."""
+        """Non-empty. Keys must match `^[a-z][a-z0-9_]*[.][^.]`; values are free.
+        Keys at most 256 bytes, values at most 4096; the execution holds at most
+        256 tags afterwards (else INVALID_ARGUMENT, nothing written).
+        """
 
     def __init__(
         self,
@@ -914,7 +926,9 @@ class ResumeExecutionRequest(_message.Message):
     as the waitpoint's close reason.
     """
     resume_delay_ms: _builtins.int
-    """Delay before the execution becomes eligible; 0 = at once."""
+    """Delay before the execution becomes eligible, at most 31536000000 ms
+    (365 days); 0 = at once.
+    """
     def __init__(
         self,
         *,

@@ -56,24 +56,31 @@ class DeliverSignalRequest(_message.Message):
     payload: _builtins.bytes
     """At most 65536 bytes, verbatim."""
     payload_encoding: _builtins.str
-    """Default `json`."""
+    """Default `json`. At most 256 bytes."""
     correlation_id: _builtins.str
+    """At most 256 bytes."""
     idempotency_key: _builtins.str
     """Dedup key, scoped to the waitpoint."""
     target_scope: _builtins.str
     """`waitpoint` (default when empty) or `execution`; stored only."""
     created_at: _builtins.int
-    """Sender's timestamp. Default: acceptance time."""
+    """Sender's timestamp (epoch ms, 0..253402300799999). Default: acceptance
+    time.
+    """
     dedup_ttl_ms: _builtins.int
-    """Dedup window for `idempotency_key`. Default 86400000; 0 disables."""
+    """Dedup window for `idempotency_key`, at most 2592000000 (30 days).
+    Default 86400000; 0 disables.
+    """
     resume_delay_ms: _builtins.int
-    """Delay before a resumed execution becomes eligible. Default 0."""
+    """Delay before a resumed execution becomes eligible, at most 31536000000
+    (365 days). Default 0.
+    """
     max_signals_per_execution: _builtins.int
-    """Signal limit per execution. Default: the execution policy's (10000);
-    0 disables.
+    """Signal limit per execution, at most 1000000. Default: the execution
+    policy's (10000); 0 disables.
     """
     signal_maxlen: _builtins.int
-    """Signals kept in the waitpoint's signal stream. Default 1000."""
+    """Signals kept in the waitpoint's signal stream, 1..100000. Default 1000."""
     waitpoint_token: _builtins.str
     """The waitpoint's token (`<kid>:<40 hex>`)."""
     now: _builtins.int

@@ -1033,7 +1033,10 @@ class ExecutionPolicy(_message.Message):
     they serialise as JSON numbers; unset optional fields are omitted.
     ---------------------------------------------------------------------------
 
-    Execution policy. Every field is optional; defaults are noted per field.
+    Execution policy. Every field is optional; defaults and bounds are noted
+    per field. A create whose policy breaks them (or, as `policy_json`, has a
+    field of the wrong type or an unknown field) is INVALID_ARGUMENT
+    `invalid_policy_json` naming the field.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1050,16 +1053,18 @@ class ExecutionPolicy(_message.Message):
     STREAM_POLICY_FIELD_NUMBER: _builtins.int
     MAX_SIGNALS_PER_EXECUTION_FIELD_NUMBER: _builtins.int
     max_reclaim_count: _builtins.int
-    """Reclaims (after lease loss) allowed before the execution fails.
-    Default 100.
+    """Reclaims (after lease loss) allowed before the execution fails,
+    0..10000. Default 100.
     """
     max_replay_count: _builtins.int
-    """Replays allowed over the execution's life. Default 10."""
+    """Replays allowed over the execution's life, 0..1000. Default 10."""
     dedup_window_ms: _builtins.int
-    """Lifetime of the idempotency key. Default 86400000 (24 h)."""
+    """Lifetime of the idempotency key, at most 2592000000 (30 days). Default
+    86400000 (24 h).
+    """
     max_signals_per_execution: _builtins.int
-    """Signals accepted per execution (lifetime, all waitpoints); 0 disables
-    the limit. Default 10000.
+    """Signals accepted per execution (lifetime, all waitpoints), at most
+    1000000; 0 disables the limit. Default 10000.
     """
     @_builtins.property
     def retry_policy(self) -> Global___RetryPolicy:
@@ -1075,7 +1080,9 @@ class ExecutionPolicy(_message.Message):
 
     @_builtins.property
     def budget_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Budgets checked at claim time."""
+        """Budgets checked at claim time; at most 64, each non-empty, at most 256
+        bytes, without commas.
+        """
 
     @_builtins.property
     def routing_requirements(self) -> Global___RoutingRequirements: ...
@@ -1129,14 +1136,16 @@ class RetryPolicy(_message.Message):
     BACKOFF_FIELD_NUMBER: _builtins.int
     RETRYABLE_CATEGORIES_FIELD_NUMBER: _builtins.int
     max_retries: _builtins.int
-    """Retries allowed (max_retries + 1 runs). Default 3."""
+    """Retries allowed (max_retries + 1 runs), 0..1000. Default 3."""
     @_builtins.property
     def backoff(self) -> Global___Backoff:
         """Default: exponential, 1000 ms initial, 60000 ms max, multiplier 2."""
 
     @_builtins.property
     def retryable_categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Failure categories that may retry; empty = every category."""
+        """Failure categories that may retry; empty = every category. At most 64,
+        each at most 256 bytes.
+        """
 
     def __init__(
         self,
@@ -1172,11 +1181,13 @@ class Backoff(_message.Message):
     or `fixed` (uses delay_ms). A missing or unknown type waits 1000 ms.
     """
     initial_delay_ms: _builtins.int
-    """Exponential: first delay. Default 1000."""
+    """Exponential: first delay. Default 1000. Every delay of a backoff is at
+    most 31536000000 (365 days).
+    """
     max_delay_ms: _builtins.int
     """Exponential: cap. Default 60000."""
     multiplier: _builtins.float
-    """Exponential: growth per retry. Default 2.0."""
+    """Exponential: growth per retry, 0..100. Default 2.0."""
     jitter: _builtins.bool
     """Exponential: accepted, ignored in v1."""
     delay_ms: _builtins.int
@@ -1227,10 +1238,10 @@ class TimeoutPolicy(_message.Message):
     ATTEMPT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     EXECUTION_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     attempt_timeout_ms: _builtins.int
-    """Per-attempt limit, armed at each claim."""
+    """Per-attempt limit, armed at each claim; at most 31536000000 (365 days)."""
     execution_deadline_ms: _builtins.int
     """Whole-execution limit from creation; used when CreateExecution gives no
-    absolute `execution_deadline_at`.
+    absolute `execution_deadline_at`. At most 31536000000 (365 days).
     """
     def __init__(
         self,
@@ -1348,7 +1359,7 @@ class StreamPolicy(_message.Message):
     durability_mode: _builtins.str
     """Label only in v1. Default `buffered`."""
     retention_maxlen: _builtins.int
-    """Frames kept per attempt stream. Default 10000."""
+    """Frames kept per attempt stream, at most 100000. Default 10000."""
     retention_ttl_ms: _builtins.int
     """How long a terminal execution's data is kept (not below 24 h in v1)."""
     def __init__(

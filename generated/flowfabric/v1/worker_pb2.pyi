@@ -34,7 +34,7 @@ class RegisterWorkerRequest(_message.Message):
     """This process; unique per live process (e.g. `<host>-<pid>-<random>`)."""
     lease_ttl_ms: _builtins.int
     """Lease TTL the worker will claim with; sizes the registration lifetime.
-    0 = 30000.
+    1..3600000 ms (1 h); 0 = 30000.
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -42,7 +42,7 @@ class RegisterWorkerRequest(_message.Message):
 
     @_builtins.property
     def lane_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lanes this instance serves (informational)."""
+        """Lanes this instance serves (informational), at most 256."""
 
     def __init__(
         self,
@@ -96,7 +96,7 @@ class HeartbeatRequest(_message.Message):
     worker_id: _builtins.str
     worker_instance_id: _builtins.str
     lease_ttl_ms: _builtins.int
-    """As in RegisterWorkerRequest. 0 = 30000."""
+    """As in RegisterWorkerRequest: 1..3600000 ms; 0 = 30000."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """If non-empty, replaces the advertised capabilities."""
@@ -310,7 +310,7 @@ class ClaimFromGrantRequest(_message.Message):
     worker_instance_id: _builtins.str
     lane_id: _builtins.str
     lease_ttl_ms: _builtins.int
-    """Lease TTL. 0 = 30000."""
+    """Lease TTL, 1..3600000 ms (1 h). 0 = 30000."""
     lease_id: _builtins.str
     """Optional: empty = the server mints it."""
     attempt_id: _builtins.str
@@ -380,12 +380,14 @@ class ClaimNextRequest(_message.Message):
     grant_ttl_ms: _builtins.int
     """Grant lifetime, 1..60000 ms. 0 = 10000."""
     lease_ttl_ms: _builtins.int
-    """Lease TTL. 0 = 30000."""
+    """Lease TTL, 1..3600000 ms (1 h); renew every TTL/3 to hold a long task.
+    0 = 30000.
+    """
     wait_ms: _builtins.int
     """Long-poll up to this long for work, at most 30000. 0 = answer at once."""
     max_tasks: _builtins.int
-    """Claim up to this many executions in one call (0 or 1 = one). With more than one the
-    response is `batch` (or `no_work`).
+    """Claim up to this many executions in one call, at most 100 (0 or 1 =
+    one). With more than one the response is `batch` (or `no_work`).
     """
     max_reply_bytes: _builtins.int
     """The caller's receive limit in bytes. The server leases no more than fits in one reply
@@ -397,7 +399,7 @@ class ClaimNextRequest(_message.Message):
     """
     @_builtins.property
     def lane_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lanes to serve, at least one."""
+        """Lanes to serve, 1..256."""
 
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -492,11 +494,13 @@ class StreamWorkRequest(_message.Message):
     grant_ttl_ms: _builtins.int
     """Grant lifetime, 1..60000 ms. 0 = 10000."""
     lease_ttl_ms: _builtins.int
-    """Lease TTL. 0 = 30000."""
+    """Lease TTL, 1..3600000 ms (1 h). 0 = 30000."""
     max_in_flight: _builtins.int
-    """Unfinished tasks allowed on this stream. 0 = 1."""
+    """Unfinished tasks allowed on this stream, at most 1000. 0 = 1."""
     @_builtins.property
-    def lane_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def lane_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1..256 lanes."""
+
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -551,9 +555,13 @@ class RenewLeaseRequest(_message.Message):
     execution_id: _builtins.str
     attempt_index: _builtins.int
     lease_ttl_ms: _builtins.int
-    """New TTL from now."""
+    """New TTL from now, 1..3600000 ms (1 h). 0 = the handle's `lease_ttl_ms`
+    (with `lease`), else 30000.
+    """
     lease_history_grace_ms: _builtins.int
-    """How long the lease record outlives its expiry for audit. Default 5000."""
+    """How long the lease record outlives its expiry for audit, 0..3600000 ms.
+    Default 5000.
+    """
     @_builtins.property
     def fence(self) -> _types_pb2.LeaseFence:
         """Required (or `lease`)."""
@@ -859,7 +867,7 @@ class AppendFrameRequest(_message.Message):
     frame_type: _builtins.str
     """Caller-defined type (`token`, `log`, `progress`, ...)."""
     timestamp: _builtins.int
-    """Frame timestamp; 0 = server time."""
+    """Frame timestamp (epoch ms, 0..253402300799999); 0 = server time."""
     payload: _builtins.bytes
     """Frame payload, verbatim."""
     encoding: _builtins.str
@@ -870,7 +878,9 @@ class AppendFrameRequest(_message.Message):
     source: _builtins.str
     """Default `worker`; a label only."""
     retention_maxlen: _builtins.int
-    """Frames kept in the stream (exact trim). 0 or absent = about 10000."""
+    """Frames kept in the stream (exact trim), at most 100000. 0 or absent =
+    about 10000.
+    """
     max_payload_bytes: _builtins.int
     """Payload cap; may lower, never raise, the default 65536."""
     @_builtins.property
@@ -1045,7 +1055,9 @@ class CreatePendingWaitpointRequest(_message.Message):
     waitpoint_key: _builtins.str
     """Opaque label, at most 256 bytes. Empty = `wpk:<waitpoint_id>`."""
     expires_in_ms: _builtins.int
-    """The waitpoint closes unless Suspend activates it within this time."""
+    """The waitpoint closes unless Suspend activates it within this time,
+    1..31536000000 ms (365 days).
+    """
     @_builtins.property
     def lease(self) -> _types_pb2.LeaseHandle:
         """Alternative to execution_id, attempt_index and the fence fields; see
@@ -1166,12 +1178,18 @@ class SuspendRequest(_message.Message):
     "minimum_signal_count":1}`. No names = any signal.
     """
     resume_policy_json: _builtins.str
-    """Resume policy JSON; `{}` for defaults."""
+    """Resume policy JSON; `{}` for defaults. Fields: `resume_target`
+    (`runnable`), `close_waitpoint_on_resume`, `consume_matched_signals`,
+    `retain_signal_buffer_until_closed` (booleans), `resume_delay_ms`
+    (0..31536000000); anything else is INVALID_ARGUMENT
+    `invalid_policy_json` naming the field.
+    """
     continuation_metadata_pointer: _builtins.str
     """Opaque worker-owned pointer, stored with the suspension."""
     timeout_at: _builtins.int
-    """Absolute time at which `timeout_behavior` applies; absent = never.
-    Prefer `timeout_in_ms`, which does not depend on the caller's clock.
+    """Absolute time at which `timeout_behavior` applies; absent = never. At
+    most 31536000000 ms (365 days) after the server's clock. Prefer
+    `timeout_in_ms`, which does not depend on the caller's clock.
     """
     use_pending_waitpoint: _builtins.bool
     """Activate the pending waitpoint `waitpoint_id` instead of creating one."""
@@ -1181,8 +1199,8 @@ class SuspendRequest(_message.Message):
     """
     timeout_in_ms: _builtins.int
     """Relative alternative to `timeout_at`: `timeout_behavior` applies this
-    long after the suspension, measured on the server's (Valkey) clock.
-    Give at most one of the two.
+    long after the suspension, measured on the server's (Valkey) clock; at
+    most 31536000000 (365 days). Give at most one of the two.
     """
     @_builtins.property
     def fence(self) -> _types_pb2.LeaseFence:
@@ -1671,6 +1689,9 @@ class FailExecutionRequest(_message.Message):
     """The retry policy for this failure as JSON (docs/lifecycle.md#execution-policy `retry_policy`
     shape); empty = the
     execution's stored policy. `{"max_retries":0}` makes this failure terminal.
+    Checked against that shape (types, ranges, no unknown keys):
+    INVALID_ARGUMENT `invalid_policy_json` naming the field, and nothing
+    changes.
     """
     next_attempt_policy_json: _builtins.str
     """Ignored: the server uses the execution's stored policy."""
@@ -1679,8 +1700,8 @@ class FailExecutionRequest(_message.Message):
     retry_after_ms: _builtins.int
     """"Retry after N ms": when set, a scheduled retry waits exactly this long instead of the
     policy's backoff. The retry budget is the stored policy's `max_retries` (3 when the execution
-    has no retry policy: asking for a retry means wanting one). Mutually exclusive with
-    `retry_policy_json`.
+    has no retry policy: asking for a retry means wanting one). At most
+    31536000000 (365 days). Mutually exclusive with `retry_policy_json`.
     """
     @_builtins.property
     def fence(self) -> _types_pb2.LeaseFence:
@@ -1798,7 +1819,9 @@ class CancelLeasedExecutionRequest(_message.Message):
     """Optional, ignored: the server uses Valkey server time."""
     @_builtins.property
     def fence(self) -> _types_pb2.LeaseFence:
-        """Required (or `lease`)."""
+        """Required (or `lease`), with all three fields (else INVALID_ARGUMENT
+        `partial_fence_triple`).
+        """
 
     @_builtins.property
     def lease(self) -> _types_pb2.LeaseHandle:
@@ -1882,7 +1905,9 @@ class DelayExecutionRequest(_message.Message):
     execution_id: _builtins.str
     attempt_index: _builtins.int
     delay_until: _builtins.int
-    """When the execution becomes eligible again."""
+    """When the execution becomes eligible again (epoch ms), at most
+    31536000000 ms (365 days) after the server's clock.
+    """
     source: _types_pb2.CancelSource.ValueType
     """Only consulted without a fence (see CompleteExecutionRequest)."""
     now: _builtins.int

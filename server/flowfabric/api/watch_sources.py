@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from flowfabric.server.valkey.codec import hash_to_dict, text
+from flowfabric.server.valkey.codec import hash_to_dict, int64, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, WaitpointKeys, signal_key
@@ -65,7 +65,7 @@ def format_stream_id(sid: StreamId) -> str:
 
 def as_int(value: Any) -> int:
     try:
-        return int(text(value) or 0)
+        return int64(int(text(value) or 0))
     except ValueError:
         return 0
 

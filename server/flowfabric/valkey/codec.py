@@ -119,5 +119,15 @@ def cancel_source(number: int, default: str) -> str:
     return enum_text(types_pb2.CancelSource, number)
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def int64(value: int) -> int:
+    """A stored integer held to the int64 of the wire: a record an older version wrote past the
+    bounds (docs/architecture.md#limits) still reads, as the nearest value a message can carry,
+    instead of failing the whole read."""
+    return min(max(value, INT64_MIN), INT64_MAX)
+
+
 def opt_int(value: str) -> int | None:
-    return int(value) if value else None
+    return int64(int(value)) if value else None

@@ -6,9 +6,10 @@ top-level local, a table of functions (`local Lease = {}`), and may use only the
 it; each domain file names the includes it uses in a `-- uses:` header line and is wrapped in its
 own `do ... end` block so its locals go out of scope at the end of the file (Lua 5.1 allows at
 most 200 locals in one function, and the library body is one function). `tests/lua/
-test_includes.py` checks the `-- uses:` lines against the code. The version is a content hash of
-the assembled body, so any change to any function changes `ff_version` and the server reloads the
-library at boot.
+test_includes.py` checks the `-- uses:` lines against the code. The `bounds` include gets its
+values from `valkey/bounds.py` here, so the API edge and the functions share one table. The
+version is a content hash of the assembled body, so any change to any function (or bound)
+changes `ff_version` and the server reloads the library at boot.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from flowfabric.server.valkey import bounds
+
 LIBRARY_NAME = "flowfabric"
 
 INCLUDE_DIR = "include"
@@ -26,6 +29,7 @@ INCLUDE_DIR = "include"
 INCLUDES = (
     "reply",
     "util",
+    "bounds",
     "argv",
     "keys",
     "state",
@@ -90,6 +94,7 @@ def assemble(directory: Path | None = None) -> Library:
         raise ValueError(f"Lua files not in the load order: {unknown}")
     parts = [
         f"-- include/{name}.lua\n{(directory / INCLUDE_DIR / f'{name}.lua').read_text()}"
+        + (bounds.lua_lines() if name == "bounds" else "")
         for name in INCLUDES
     ]
     for name in DOMAINS:

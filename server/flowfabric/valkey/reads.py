@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from flowfabric.server.valkey.codec import enum_value, hash_to_dict, opt_int, text
+from flowfabric.server.valkey.codec import enum_value, hash_to_dict, int64, opt_int, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
@@ -26,7 +26,7 @@ def _int(fields: dict[str, str], name: str, default: int | None = None) -> int:
     if raw == "" and default is not None:
         return default
     try:
-        return int(raw)
+        return int64(int(raw))
     except ValueError:
         raise FlowFabricError(
             "corrupt_record", message=f"exec_core field {name} is not an integer: {raw!r}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flowfabric.server.valkey.codec import hash_to_dict, text
+from flowfabric.server.valkey.codec import hash_to_dict, int64, text
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import WaitpointKeys, signal_key, signal_payload_key
 from flowfabric.server.valkey.store import Store
@@ -19,7 +19,7 @@ from flowfabric.v1 import types_pb2 as t
 
 def _int(fields: Mapping[str, str], name: str) -> int:
     try:
-        return int(fields.get(name) or 0)
+        return int64(int(fields.get(name) or 0))
     except ValueError:
         return 0
 
@@ -27,7 +27,7 @@ def _int(fields: Mapping[str, str], name: str) -> int:
 def _opt_int(fields: Mapping[str, str], name: str) -> int | None:
     raw = fields.get(name) or ""
     try:
-        return int(raw) if raw else None
+        return int64(int(raw)) if raw else None
     except ValueError:
         return None
 

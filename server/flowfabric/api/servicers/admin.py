@@ -9,9 +9,12 @@ import logging
 from collections import defaultdict
 from typing import Any
 
+from flowfabric.server.api.limits import check_count
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.config import MAX_GRACE_MS
 from flowfabric.server.engine.keystore import ROTATION_DEADLINE_S, audit, rotate_secret
+from flowfabric.server.engine.repair import repair_sweep
+from flowfabric.server.valkey.bounds import HORIZON_MS, LANES, check
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Keystore
 from flowfabric.server.valkey.ids import is_secret_hex, solo_partition, validate_lane
@@ -21,6 +24,8 @@ from flowfabric.v1 import admin_pb2_grpc as rpc
 from flowfabric.v1 import types_pb2 as t
 
 log = logging.getLogger("flowfabric.admin")
+
+REPAIR_MIN_AGE_MS = 3_600_000
 
 SERVER_VERSION = "0.1.0"
 
@@ -40,6 +45,7 @@ def collision_severity(colliding: int, total: int) -> int:
 def partition_collisions(
     lanes: list[str], partitions: int
 ) -> tuple[list[pb.PartitionCollisionsResponse.LanePartition], int]:
+    check_count(LANES, len(lanes), "lanes")
     if len(set(lanes)) != len(lanes):
         raise InvalidInput("lanes", "duplicate lane names")
     for lane in lanes:
@@ -103,6 +109,7 @@ class AdminServicer(rpc.AdminServiceServicer):
         self.ctx = ctx
         self.valkey_version = valkey_version
         self._rotation = asyncio.Lock()  # single-flight: a concurrent rotation fails fast
+        self._repair = asyncio.Lock()
 
     @property
     def keystore(self) -> Keystore:
@@ -171,6 +178,27 @@ class AdminServicer(rpc.AdminServiceServicer):
             num_quota_partitions=cfg.quota_partitions,
             lanes=list(cfg.lanes),
         )
+
+    async def RepairSweep(
+        self, request: pb.RepairSweepRequest, context: Any
+    ) -> pb.RepairSweepResponse:
+        """docs/architecture.md#repair-sweep; one sweep at a time per server."""
+        min_age = request.min_age_ms if request.HasField("min_age_ms") else REPAIR_MIN_AGE_MS
+        check(HORIZON_MS, min_age, "min_age_ms")
+        if self._repair.locked():
+            raise FlowFabricError(
+                "concurrency_limit", message="a repair sweep is running; retry when it ends",
+                metadata={"pool": "admin_repair", "max": "1"}, retry_after_ms=1000,
+            )  # fmt: skip
+        async with self._repair:
+            report = await repair_sweep(
+                self.ctx.store, self.ctx.functions, self.ctx.partitions, min_age
+            )
+        return pb.RepairSweepResponse(
+            scanned=report.scanned, orphans_removed=report.orphans_removed,
+            clamped=report.clamped, skipped=report.skipped,
+            repaired_execution_ids=report.repaired_ids,
+        )  # fmt: skip
 
     async def PartitionCollisions(
         self, request: pb.PartitionCollisionsRequest, context: Any

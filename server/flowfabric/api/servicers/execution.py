@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from flowfabric.server.api import limits
+from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.valkey import reads
@@ -58,7 +59,31 @@ TERMINAL_PUBLIC = frozenset(
 )
 WATCH_BACKSTOP_S = 30.0
 RESUME_TRIGGERS = ("operator", "auto_resume", "signal")
-MAX_RESUME_DELAY_MS = (1 << 53) - 1
+# CreateExecution's labels, each within LABEL_BYTES.
+CREATE_LABELS = (
+    "namespace", "execution_kind", "idempotency_key", "payload_encoding", "creator_identity",
+    "quota_policy_id",
+)  # fmt: skip
+
+
+def tags_of(tags: Any, field: str = "tags") -> dict[str, str]:
+    """A request's tags map: at most TAGS entries, keys and values within their sizes (the key
+    rule itself is the function's, `invalid_tag_key`)."""
+    limits.check_count(bounds.TAGS, len(tags), field)
+    for key, value in tags.items():
+        limits.check_size(bounds.TAG_KEY_BYTES, key, f"{field} key")
+        limits.check_size(bounds.TAG_VALUE_BYTES, value, f"{field}[{key[:64]}]")
+    return dict(tags)
+
+
+def check_create(request: pb.CreateExecutionRequest) -> None:
+    """The bounds of a create beyond its payload (docs/architecture.md#limits)."""
+    limits.control_part(request, request.input_payload, "input_payload")
+    for name in CREATE_LABELS:
+        limits.check_size(bounds.LABEL_BYTES, getattr(request, name), name)
+    # the horizon from now is the function's check: only it reads Valkey's clock
+    limits.optional(bounds.TIMESTAMP_MS, request, "delay_until")
+    limits.optional(bounds.TIMESTAMP_MS, request, "execution_deadline_at")
 
 
 class ExecutionServicer(rpc.ExecutionServiceServicer):
@@ -105,6 +130,8 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
             )
         if request.HasField("flow_id"):
             raise not_implemented("CreateExecution with flow_id", "the flows work")
+        check_create(request)
+        tags = tags_of(request.tags)
         eid = self._new_id(request, lane)
         reply = await self.fn.execution.create_execution(
             NewExecution(
@@ -118,7 +145,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
                 policy_json=policy_json(request),
                 payload_encoding=request.payload_encoding,
                 idempotency_key=request.idempotency_key,
-                tags=dict(request.tags),
+                tags=tags,
                 delay_until=request.delay_until if request.HasField("delay_until") else None,
                 execution_deadline_at=(
                     request.execution_deadline_at
@@ -207,7 +234,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         eid = self.ctx.execution_id(request.execution_id)
         if not request.tags:
             raise InvalidInput("tags", "tags must be non-empty")
-        reply = await self.fn.execution.set_execution_tags(eid, dict(request.tags))
+        reply = await self.fn.execution.set_execution_tags(eid, tags_of(request.tags))
         return pb.SetExecutionTagsResponse(ok=pb.SetExecutionTagsResponse.Ok(count=reply.count))
 
     async def CancelExecution(
@@ -264,10 +291,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
             raise InvalidInput(
                 "trigger_type", f"trigger_type must be one of {', '.join(RESUME_TRIGGERS)}"
             )
-        if request.resume_delay_ms > MAX_RESUME_DELAY_MS:
-            raise InvalidInput(
-                "resume_delay_ms", f"resume_delay_ms must be <= {MAX_RESUME_DELAY_MS}"
-            )
+        limits.check(bounds.HORIZON_MS, request.resume_delay_ms, "resume_delay_ms")
         reply = await self.fn.suspension.resume_execution(eid, trigger, request.resume_delay_ms)
         if self.on_created is not None:
             self.on_created()

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from flowfabric.server.api import limits
+from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.api.watches import SignalWatches
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
@@ -24,8 +25,8 @@ from flowfabric.server.valkey.records import waitpoint_info
 from flowfabric.v1 import signal_pb2 as pb
 from flowfabric.v1 import signal_pb2_grpc as rpc
 
-MAX_NAME_BYTES = 256
-PAGE_MAX = 1000
+MAX_NAME_BYTES = bounds.LABEL_BYTES.hi
+PAGE_MAX = bounds.PAGE.hi
 
 
 def _opt(request: Any, name: str) -> Any:
@@ -67,15 +68,17 @@ def signal_from_request(request: pb.DeliverSignalRequest) -> Signal:
         source_type=_bounded(request, "source_type"),
         source_identity=_bounded(request, "source_identity"),
         payload=payload,
-        payload_encoding=_opt(request, "payload_encoding") or "",
-        correlation_id=_opt(request, "correlation_id") or "",
+        payload_encoding=_bounded(request, "payload_encoding"),
+        correlation_id=_bounded(request, "correlation_id"),
         idempotency_key=_bounded(request, "idempotency_key"),
         target_scope=request.target_scope,
-        created_at=_opt(request, "created_at"),
-        dedup_ttl_ms=_opt(request, "dedup_ttl_ms"),
-        resume_delay_ms=_opt(request, "resume_delay_ms"),
-        max_signals_per_execution=_opt(request, "max_signals_per_execution"),
-        signal_maxlen=_opt(request, "signal_maxlen"),
+        created_at=limits.optional(bounds.TIMESTAMP_MS, request, "created_at"),
+        dedup_ttl_ms=limits.optional(bounds.DEDUP_TTL_MS, request, "dedup_ttl_ms"),
+        resume_delay_ms=limits.optional(bounds.HORIZON_MS, request, "resume_delay_ms"),
+        max_signals_per_execution=limits.optional(
+            bounds.MAX_SIGNALS, request, "max_signals_per_execution"
+        ),
+        signal_maxlen=limits.optional(bounds.STREAM_MAXLEN, request, "signal_maxlen"),
     )
 
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.api.streams import StreamSlots, chunks, lower_cursor, to_frame
 from flowfabric.server.engine.events import EventHub
@@ -36,10 +37,10 @@ from flowfabric.v1 import stream_pb2_grpc as rpc
 from flowfabric.v1 import types_pb2 as t
 
 READ_LIMIT_DEFAULT = 100
-READ_LIMIT_MAX = 1000
+READ_LIMIT_MAX = bounds.PAGE.hi
 TAIL_BATCH_DEFAULT = 50
-TAIL_BATCH_MAX = 1000
-IDLE_TIMEOUT_MAX_MS = 300_000
+TAIL_BATCH_MAX = bounds.PAGE.hi
+IDLE_TIMEOUT_MAX_MS = bounds.IDLE_TIMEOUT_MS.hi
 SLICE_MS = 2000
 # Payload bytes per message: a page/message is cut early (always a prefix, at least one frame) so
 # it stays under gRPC clients' default 4 MiB receive limit.

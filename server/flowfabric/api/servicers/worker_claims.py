@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from flowfabric.server.api import limits
+from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.engine.scheduler import Claimed, ClaimRequest, Scheduler
 from flowfabric.server.engine.workstream import StreamClosed, WorkStream
@@ -21,12 +22,20 @@ from flowfabric.server.valkey.workers import WorkerRegistry
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
 
-DEFAULT_LEASE_TTL_MS = 30_000
-DEFAULT_GRANT_TTL_MS = 10_000
-MAX_GRANT_TTL_MS = 60_000
-MAX_WAIT_MS = 30_000
-MAX_BATCH = 100
-MAX_IN_FLIGHT = 1000
+DEFAULT_LEASE_TTL_MS = limits.DEFAULT_LEASE_TTL_MS
+DEFAULT_GRANT_TTL_MS = limits.DEFAULT_GRANT_TTL_MS
+MAX_GRANT_TTL_MS = bounds.GRANT_TTL_MS.hi
+MAX_WAIT_MS = bounds.WAIT_MS.hi
+MAX_BATCH = bounds.MAX_TASKS.hi
+MAX_IN_FLIGHT = bounds.MAX_IN_FLIGHT.hi
+
+
+def lanes_of(lanes: list[str], field: str = "lane_ids") -> list[str]:
+    """A request's lanes: at most LANES, each a valid lane id."""
+    limits.check_count(bounds.LANES, len(lanes), field)
+    for lane in lanes:
+        validate_lane(lane, field)
+    return lanes
 
 
 def task_message(c: Claimed, who: Claimer, lease_ttl_ms: int) -> t.ClaimedTask:
@@ -93,18 +102,16 @@ class WorkerParts:
         instance = validate_identifier(request.worker_instance_id, "worker_instance_id")
         if not lanes:
             raise InvalidInput("lane_ids", "at least one lane is required")
-        for lane in lanes:
-            validate_lane(lane, "lane_ids")
+        lanes_of(lanes)
         grant_ttl = request.grant_ttl_ms or DEFAULT_GRANT_TTL_MS
-        if not 1 <= grant_ttl <= MAX_GRANT_TTL_MS:
-            raise InvalidInput("grant_ttl_ms", f"grant_ttl_ms must be 1..{MAX_GRANT_TTL_MS}")
+        limits.check(bounds.GRANT_TTL_MS, grant_ttl, "grant_ttl_ms")
         return ClaimRequest(
             worker_id=worker_id,
             worker_instance_id=instance,
             lanes=tuple(dict.fromkeys(lanes)),
             capabilities_csv=capabilities_csv(caps),
             # ClaimForWorker has no lease TTL (the lease is taken by ClaimFromGrant)
-            lease_ttl_ms=getattr(request, "lease_ttl_ms", 0) or DEFAULT_LEASE_TTL_MS,
+            lease_ttl_ms=limits.lease_ttl(getattr(request, "lease_ttl_ms", 0)),
             grant_ttl_ms=grant_ttl,
             max_tasks=max_tasks,
             max_reply_bytes=reply_budget(request.max_reply_bytes) if capped else None,
@@ -132,10 +139,9 @@ class ClaimsMixin(WorkerParts):
     ) -> pb.RegisterWorkerResponse:
         validate_identifier(request.worker_id, "worker_id")
         validate_identifier(request.worker_instance_id, "worker_instance_id")
-        for lane in request.lane_ids:
-            validate_lane(lane, "lane_ids")
+        lanes_of(list(request.lane_ids))
         caps = capabilities_csv(list(request.capabilities))
-        ttl = request.lease_ttl_ms or DEFAULT_LEASE_TTL_MS
+        ttl = limits.lease_ttl(request.lease_ttl_ms)
         expires = await self.registry.register(
             request.worker_id, request.worker_instance_id, caps, list(request.lane_ids), ttl
         )
@@ -144,7 +150,7 @@ class ClaimsMixin(WorkerParts):
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
         validate_identifier(request.worker_instance_id, "worker_instance_id")
         caps = capabilities_csv(list(request.capabilities))
-        ttl = request.lease_ttl_ms or DEFAULT_LEASE_TTL_MS
+        ttl = limits.lease_ttl(request.lease_ttl_ms)
         expires = await self.registry.heartbeat(
             request.worker_id, request.worker_instance_id, caps, ttl
         )
@@ -158,10 +164,8 @@ class ClaimsMixin(WorkerParts):
         return pb.DeregisterWorkerResponse(was_registered=existed)
 
     async def ClaimNext(self, request: pb.ClaimNextRequest, context: Any) -> pb.ClaimNextResponse:
-        if request.wait_ms > MAX_WAIT_MS:
-            raise InvalidInput("wait_ms", f"wait_ms must be at most {MAX_WAIT_MS}")
-        if request.max_tasks > MAX_BATCH:
-            raise InvalidInput("max_tasks", f"max_tasks must be at most {MAX_BATCH}")
+        limits.check(bounds.WAIT_MS, request.wait_ms, "wait_ms")
+        limits.check(bounds.MAX_TASKS, request.max_tasks, "max_tasks")
         batch = request.max_tasks > 1
         req = self._claim_request(
             request, list(request.lane_ids), list(request.capabilities), max(request.max_tasks, 1)
@@ -181,8 +185,7 @@ class ClaimsMixin(WorkerParts):
         """Claims on the worker's behalf (ClaimNext's validation and Scheduler pass) and streams
         the tasks, at most `max_in_flight` unfinished at once (engine/workstream.py). Ends with
         UNAVAILABLE `shutting_down` on server stop; a client cancel leaves its tasks leased."""
-        if request.max_in_flight > MAX_IN_FLIGHT:
-            raise InvalidInput("max_in_flight", f"max_in_flight must be at most {MAX_IN_FLIGHT}")
+        limits.check(bounds.MAX_IN_FLIGHT, request.max_in_flight, "max_in_flight")
         # one task per message: no reply cap across tasks
         req = self._claim_request(
             request, list(request.lane_ids), list(request.capabilities), 1, capped=False
@@ -205,8 +208,8 @@ class ClaimsMixin(WorkerParts):
         self, request: pb.ClaimForWorkerRequest, context: Any
     ) -> pb.ClaimForWorkerResponse:
         lane = validate_lane(request.lane_id or "default")
-        if request.grant_ttl_ms == 0:  # no default here: "Grant lifetime, 1..60000 ms"
-            raise InvalidInput("grant_ttl_ms", f"grant_ttl_ms must be 1..{MAX_GRANT_TTL_MS}")
+        # no default here: "Grant lifetime, 1..60000 ms"
+        limits.check(bounds.GRANT_TTL_MS, request.grant_ttl_ms, "grant_ttl_ms")
         req = self._claim_request(
             request, [lane], list(request.worker_capabilities), 1, capped=False
         )
@@ -238,7 +241,7 @@ class ClaimsMixin(WorkerParts):
         lane = validate_lane(request.lane_id or "default")
         eid = self.ctx.execution_id(request.grant.execution_id, "grant.execution_id")
         who = Claimer(request.worker_id, request.worker_instance_id, lane)
-        ttl = request.lease_ttl_ms or DEFAULT_LEASE_TTL_MS
+        ttl = limits.lease_ttl(request.lease_ttl_ms)
         claimed = await self.scheduler.claim_granted(
             eid, who, ttl, request.lease_id, request.attempt_id
         )

@@ -7,28 +7,28 @@ import asyncio
 from typing import Any
 
 from flowfabric.server.api import fences, limits
+from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.base import ServerContext
-from flowfabric.server.api.servicers.worker_claims import (
-    DEFAULT_LEASE_TTL_MS,
-    WorkerParts,
-    item_error,
-)
+from flowfabric.server.api.servicers.worker_claims import WorkerParts, item_error
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Frame
 from flowfabric.server.valkey.functions.stream import Appended
 from flowfabric.v1 import worker_pb2 as pb
 
-MAX_RENEWALS = 1000
+MAX_RENEWALS = bounds.BATCH_ITEMS.hi
 
 
 async def renew_lease(ctx: ServerContext, request: pb.RenewLeaseRequest) -> pb.RenewLeaseResponse:
     """One renewal: RenewLease, and each item of RenewLeases."""
     eid, fence, attempt_index = fences.of_request(ctx, request).parts()
-    ttl = request.lease_ttl_ms or (request.lease.lease_ttl_ms if request.HasField("lease")
-                                    else 0) or DEFAULT_LEASE_TTL_MS  # fmt: skip
-    grace = request.lease_history_grace_ms if request.HasField(
-        "lease_history_grace_ms") else 5000  # fmt: skip
-    reply = await ctx.functions.lease.renew_lease(eid, attempt_index, fence, ttl, grace)
+    if request.lease_ttl_ms or not request.HasField("lease"):
+        ttl = limits.lease_ttl(request.lease_ttl_ms)
+    else:
+        ttl = limits.lease_ttl(request.lease.lease_ttl_ms, "lease.lease_ttl_ms")
+    grace = limits.optional(bounds.LEASE_HISTORY_GRACE_MS, request, "lease_history_grace_ms")
+    reply = await ctx.functions.lease.renew_lease(
+        eid, attempt_index, fence, ttl, 5000 if grace is None else grace
+    )
     renewed = pb.RenewLeaseResponse.Renewed(expires_at=reply.expires_at)
     return pb.RenewLeaseResponse(renewed=renewed)
 
@@ -75,6 +75,7 @@ class LeasesMixin(WorkerParts):
         eid, fence, idx = fences.of_loose_request(self.ctx, request).parts()
         if not request.HasField("lease"):
             idx = request.attempt_index
+        limits.check(bounds.TIMESTAMP_MS, request.timestamp, "timestamp")
         frame = Frame(
             frame_type=request.frame_type,
             payload=request.payload,
@@ -83,8 +84,7 @@ class LeasesMixin(WorkerParts):
             metadata_json=request.metadata_json,
             correlation_id=request.correlation_id,
             source=request.source,
-            retention_maxlen=request.retention_maxlen
-            if request.HasField("retention_maxlen") else None,
+            retention_maxlen=limits.optional(bounds.STREAM_MAXLEN, request, "retention_maxlen"),
             max_payload_bytes=request.max_payload_bytes
             if request.HasField("max_payload_bytes") else None,
         )  # fmt: skip

@@ -6,7 +6,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from flowfabric.server.api import fences
+from flowfabric.server.api import fences, limits
+from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.worker_claims import WorkerParts
 from flowfabric.server.valkey.codec import hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
@@ -54,8 +55,8 @@ def suspension_of(request: pb.SuspendRequest) -> Suspension:
         resume_condition_json=request.resume_condition_json or "{}",
         resume_policy_json=request.resume_policy_json or "{}",
         continuation_metadata_pointer=request.continuation_metadata_pointer,
-        timeout_at=request.timeout_at if request.HasField("timeout_at") else None,
-        timeout_in_ms=request.timeout_in_ms if request.HasField("timeout_in_ms") else None,
+        timeout_at=limits.optional(bounds.TIMESTAMP_MS, request, "timeout_at"),
+        timeout_in_ms=limits.optional(bounds.HORIZON_MS, request, "timeout_in_ms"),
         use_pending_waitpoint=request.use_pending_waitpoint,
         timeout_behavior=request.timeout_behavior,
     )  # fmt: skip
@@ -74,6 +75,7 @@ class SuspensionMixin(WorkerParts):
         key = waitpoint_key_of(request.waitpoint_key, wp)
         if request.expires_in_ms <= 0:
             raise InvalidInput("expires_in_ms", "expires_in_ms is required (> 0)")
+        limits.check(bounds.HORIZON_MS, request.expires_in_ms, "expires_in_ms")
         reply = await self.fn.suspension.create_pending_waitpoint(
             eid, fence, idx, wp, key, request.expires_in_ms
         )

@@ -12,9 +12,9 @@ import logging
 from typing import Any
 
 from flowfabric.server.api import fences, limits
+from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.api.servicers.worker_claims import (
-    MAX_BATCH,
     WorkerParts,
     item_error,
     task_message,
@@ -27,7 +27,7 @@ from flowfabric.server.valkey.functions.execution import DelayReplayed, FailRepl
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
 
-MAX_COMPLETIONS = 1000
+MAX_COMPLETIONS = bounds.BATCH_ITEMS.hi
 
 log = logging.getLogger("flowfabric.rpc")
 
@@ -46,6 +46,7 @@ async def complete_execution(
     ctx: ServerContext, request: pb.CompleteExecutionRequest
 ) -> pb.CompleteExecutionResponse:
     """One completion: CompleteExecution, and each item of CompleteExecutions."""
+    limits.control_part(request, request.result_payload, "result_payload")
     eid, fence, _ = fences.of_request(ctx, request).parts()
     source = source_text(request.source, bool(fence.lease_id))
     reply = await ctx.functions.execution.complete_execution(
@@ -106,8 +107,7 @@ class TerminalMixin(WorkerParts):
         """The claim of a CompleteExecutions, validated before any item runs."""
         if claim.wait_ms:
             raise InvalidInput("claim.wait_ms", "a claim after completions cannot wait")
-        if claim.max_tasks > MAX_BATCH:
-            raise InvalidInput("claim.max_tasks", f"max_tasks must be at most {MAX_BATCH}")
+        limits.check(bounds.MAX_TASKS, claim.max_tasks, "claim.max_tasks")
         lanes, caps = list(claim.lane_ids), list(claim.capabilities)
         return self._claim_request(claim, lanes, caps, max(claim.max_tasks, 1))
 
@@ -132,7 +132,7 @@ class TerminalMixin(WorkerParts):
     ) -> pb.FailExecutionResponse:
         eid, fence, _ = fences.of_request(self.ctx, request).parts()
         source = source_text(request.source, bool(fence.lease_id))
-        retry_after = request.retry_after_ms if request.HasField("retry_after_ms") else None
+        retry_after = limits.optional(bounds.HORIZON_MS, request, "retry_after_ms")
         if retry_after is not None and request.retry_policy_json:
             raise InvalidInput(
                 "retry_after_ms", "retry_after_ms and retry_policy_json are mutually exclusive"
@@ -166,6 +166,13 @@ class TerminalMixin(WorkerParts):
         eid, fence = f.eid, f.fence
         if not fence.lease_id:
             raise FlowFabricError("fence_required", message="CancelLeasedExecution needs a fence")
+        if not (fence.lease_epoch and fence.attempt_id):
+            # ff_cancel_execution accepts a lease id alone (an operator's CancelExecution may
+            # name only the lease); this RPC is the holder's, so its fence is the whole triple
+            raise FlowFabricError(
+                "partial_fence_triple",
+                message="fence needs lease_id, lease_epoch and attempt_id (or pass `lease`)",
+            )
         reply = await self.fn.execution.cancel_execution(eid, request.reason, "lease_holder", fence)
         done = pb.CancelLeasedExecutionResponse.Cancelled(
             execution_id=str(eid), public_state=t.PUBLIC_STATE_CANCELLED
@@ -181,6 +188,8 @@ class TerminalMixin(WorkerParts):
         source = source_text(request.source, bool(fence.lease_id))
         if request.delay_until <= 0:
             raise InvalidInput("delay_until", "delay_until is required (ms since the epoch)")
+        # the horizon from now is the function's check: only it reads Valkey's clock
+        limits.check(bounds.TIMESTAMP_MS, request.delay_until, "delay_until")
         reply = await self.fn.execution.delay_execution(eid, fence, request.delay_until, source)
         done = pb.DelayExecutionResponse.Delayed(
             execution_id=str(eid), public_state=t.PUBLIC_STATE_DELAYED

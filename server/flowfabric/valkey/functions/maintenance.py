@@ -1,4 +1,5 @@
-"""`lua/maintenance.lua` and `lua/version.lua`: index repair and the library version."""
+"""`lua/maintenance.lua` and `lua/version.lua`: index repair, the guarded repair of records past
+the bounds, and the library version."""
 
 from __future__ import annotations
 
@@ -18,14 +19,26 @@ class Reconciled:
     removed: str = ""
 
 
+@dataclass(frozen=True)
+class Repaired:
+    """`ok` | `not_found` | `orphan_removed` | `young_orphan` | `clamped <fields CSV>`."""
+
+    outcome: str
+    fields: str = ""
+
+
 RECONCILE: Decl[Reconciled] = Decl(
     "ff_reconcile_indexes", (ek("core"),), (arg("execution_id"),), ok(record(Reconciled))
 )
+REPAIR: Decl[Repaired] = Decl(
+    "ff_repair_execution", (ek("core"),), (arg("execution_id"), arg("min_age_ms", "int")),
+    ok(record(Repaired)),
+)  # fmt: skip
 # ff_version replies with the bare version string (not an outcome array); Store reads it on
 # every primary itself (Store.loaded_versions). Declared for the registry and read-only checks.
 VERSION: Decl[None] = Decl("ff_version", (), (), {}, read_only=True)
 
-DECLS = (RECONCILE, VERSION)
+DECLS = (RECONCILE, REPAIR, VERSION)
 
 
 class MaintenanceFunctions:
@@ -34,3 +47,7 @@ class MaintenanceFunctions:
 
     async def reconcile_indexes(self, eid: ExecutionId) -> Reconciled:
         return await call(self.store, RECONCILE, exec_ctx(eid), {"execution_id": str(eid)})
+
+    async def repair_execution(self, eid: ExecutionId, min_age_ms: int) -> Repaired:
+        values = {"execution_id": str(eid), "min_age_ms": min_age_ms}
+        return await call(self.store, REPAIR, exec_ctx(eid), values)
