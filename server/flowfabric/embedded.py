@@ -9,7 +9,6 @@ adds a replica per primary with CLUSTER REPLICATE).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -17,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,13 +60,32 @@ def unlock_data_dir(fd: int) -> None:
         os.close(fd)
 
 
-def _child_setup() -> None:
-    """In the child before exec: files it writes are private, and it gets SIGTERM (a graceful
-    shutdown that flushes the AOF) when the server that started it dies."""
-    os.umask(0o077)
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+# What `_spawn` runs between the fork and valkey-server: a fresh interpreter (no threads) sets
+# the parent-death signal, checks the server did not die before that, and execs valkey-server
+# in place (same pid). A `preexec_fn` would run Python in a child forked from the server,
+# whose gRPC threads can leave it crashing or hanging there: a supervised restart under load
+# saw the child die of SIGSEGV seconds later, before valkey-server started. Without a
+# `preexec_fn`, subprocess spawns with vfork and no fork handlers run in the server.
+_EXEC_WITH_PDEATHSIG = f"""\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, signal.SIGTERM, 0, 0, 0)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    """valkey-server with private files (umask 077) and SIGTERM when the server dies."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _EXEC_WITH_PDEATHSIG, str(os.getpid()), *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        umask=0o077,
+    )
 
 
 def _is_our_valkey(pid: int, data_dir: Path) -> bool:
@@ -212,12 +231,7 @@ class ValkeyProcess:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(f"requirepass {self.password}\n")
-        self.proc = subprocess.Popen(
-            self.argv(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_child_setup,
-        )
+        self.proc = _spawn(self.argv())
         if self.persistent:
             (self.data_dir / PID_FILE).write_text(f"{self.proc.pid}\n")
         deadline = time.monotonic() + timeout
