@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -261,9 +262,10 @@ class CodeCounter(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 class Inflow:
     """Creates at `rate` per second, spread over `addresses`, until `stop()`.
 
-    The first `burst` creates go out at once. Each create (`submit`, default a `job`) carries the idempotency key `<prefix>-<n>` and is
-    retried on a retryable error until acknowledged or `give_up_s` passes; a retry that finds
-    the first attempt committed answers `duplicate` with the same execution id.
+    The first `burst` creates go out at once. Each create (`submit`, default a `job`) carries
+    the idempotency key `<prefix>-<n>` and is retried on a retryable error until acknowledged
+    or `give_up_s` passes; a retry that finds the first attempt committed answers `duplicate`
+    with the same execution id.
     """
 
     addresses: Sequence[str]
@@ -314,7 +316,7 @@ class Inflow:
         """The longest stretch without an acknowledgement among creates acked after
         `since_ms` (the outage a client saw)."""
         times = sorted(a.at_ms for a in self.acked.values() if a.at_ms >= since_ms)
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0)
 
     async def _run(self) -> None:
         pending: set[asyncio.Task[None]] = set()
@@ -401,11 +403,8 @@ class Audit:
 
     @property
     def terminal_releases(self) -> int:
-        return sum(
-            1
-            for e in self.events("released")
-            if e.get("reason", "") in TERMINAL_RELEASES or e.get("reason", "").startswith("expired:")
-        )
+        reasons = [e.get("reason", "") for e in self.events("released")]
+        return sum(1 for r in reasons if r in TERMINAL_RELEASES or r.startswith("expired:"))
 
     @property
     def issued_epochs(self) -> list[str]:

@@ -37,10 +37,8 @@ from tests.faults.harness import (
     ServerProcess,
     Tally,
     WorkerProcess,
-    audit,
     embedded_url,
     now_ms,
-    open_store,
     reaped,
     until,
     valkey_servers_on,
@@ -261,7 +259,7 @@ async def server_kill(tmp: Path, p: ServerKill) -> Result:
                "valkey_on_dir_after_restart": "/".join(map(str, on_dir)),
                "valkey_on_dir_after_stop": after_stop})  # fmt: skip
     _expect_clean(r, tally, inflow)
-    r.expect(all(n == 1 for n in on_dir), f"valkey-servers on the data dir after restarts: {on_dir}")
+    r.expect(all(n == 1 for n in on_dir), f"valkey-servers on the data dir: {on_dir}")
     r.expect(after_stop == 0, f"{after_stop} valkey-servers left after a clean stop")
     r.expect(code == 0, f"the restarted server exited {code} on SIGTERM")
     return r
@@ -303,7 +301,9 @@ async def valkey_kill(tmp: Path, p: ValkeyKill) -> Result:
                 pid = int((data / PID_FILE).read_text())
                 kills.append(now_ms())
                 os.kill(pid, signal.SIGKILL)
-                await until(lambda: _restarted(data, pid), 30, "the embedded Valkey restarted")
+                await until(
+                    lambda old=pid: _restarted(data, old), 30, "the embedded Valkey restarted"
+                )
                 await asyncio.sleep(p.after_s)
         audits = await wait_terminal(embedded_url(data), inflow.acked_ids(), 90)
         for w in workers:
@@ -312,12 +312,11 @@ async def valkey_kill(tmp: Path, p: ValkeyKill) -> Result:
     present = {a.execution_id for a in audits if a.exists}
     lost = [a for a in inflow.acked.values() if a.execution_id not in present]
     # a loss is explained only if it was acknowledged within the postponed-write window
-    unexplained = [
-        a for a in lost if not any(k - AOF_POSTPONE_MS <= a.at_ms <= k for k in kills)
-    ]
+    unexplained = [a for a in lost if not any(k - AOF_POSTPONE_MS <= a.at_ms <= k for k in kills)]
     r = Result("valkey-kill", {**_tally_counts(tally), "kills": p.kills, "lost": len(lost),
                "lost_outside_aof_window": len(unexplained), "create_retries": inflow.retries,
-               "health": health.path(), "max_not_serving_ms": health.longest_down_ms()})  # fmt: skip
+               "health": health.path(),
+               "max_not_serving_ms": health.longest_down_ms()})  # fmt: skip
     r.expect(not unexplained, f"{len(unexplained)} acknowledged creates lost outside the window")
     r.expect(
         health.path().count("NOT_SERVING>SERVING") >= p.kills,
@@ -398,9 +397,7 @@ async def function_flush(tmp: Path, p: FunctionFlush) -> Result:
     retryable errors."""
     valkey = ValkeyProcess(tmp / "valkey", persistent=False).start()
     server = ServerProcess(tmp, "server", _standalone_env(valkey))
-    workers = [
-        WorkerProcess(server.address, tmp, f"w{i}", sleep_ms=p.sleep_ms) for i in range(2)
-    ]
+    workers = [WorkerProcess(server.address, tmp, f"w{i}", sleep_ms=p.sleep_ms) for i in range(2)]
     reloads: list[int] = []
     try:
         with reaped([server], workers):
@@ -621,6 +618,10 @@ class MultiServer:
 KINDS = ("plain", "delayed", "retried", "timed_out")
 
 
+def _kind(key: str) -> str:
+    return KINDS[int(key.rsplit("-", 1)[1]) % 4]
+
+
 async def _mixed_submit(client: Client, n: int, key: str) -> Submitted:
     kind = KINDS[n % 4]
     if kind == "delayed":
@@ -670,7 +671,7 @@ async def multi_server(tmp: Path, p: MultiServer) -> Result:
             audits = await wait_terminal(valkey.url, inflow.acked_ids(), 90)
     finally:
         valkey.stop()
-    kind_of = {a.execution_id: KINDS[int(a.key.rsplit("-", 1)[1]) % 4] for a in inflow.acked.values()}
+    kind_of = {a.execution_id: _kind(a.key) for a in inflow.acked.values()}
     tally = Tally.of(audits)
     wrong: Counter[str] = Counter()
     marks: Counter[str] = Counter()

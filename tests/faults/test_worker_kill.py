@@ -3,8 +3,6 @@ its leases are reclaimed within lease TTL + the expiry interval + one claim, bac
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests.faults.conftest import Report
