@@ -277,6 +277,7 @@ class Inflow:
     acked: dict[str, Ack] = field(default_factory=dict)
     retries: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    error_messages: list[str] = field(default_factory=list)  # the first few, for the report
     abandoned: int = 0
     wire: CodeCounter = field(default_factory=CodeCounter)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -357,6 +358,8 @@ class Inflow:
                     self.abandoned += 1
                 else:
                     self.errors[exc.reason or exc.code.name] += 1
+                    if len(self.error_messages) < 5:
+                        self.error_messages.append(f"{exc.reason}: {exc.message}")
                 return
             self.acked[key] = Ack(key, sub.execution_id, now_ms(), sub.duplicate)
             return

@@ -29,7 +29,13 @@ from flowfabric.server import config as server_config
 from flowfabric.server.embedded import PID_FILE, ValkeyCluster, ValkeyProcess
 from flowfabric.server.valkey.ids import solo_partition
 from flowfabric.server.valkey.keys import PartitionKeys
-from flowfabric.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from flowfabric.v1 import (
+    execution_pb2,
+    execution_pb2_grpc,
+    types_pb2,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from tests.faults.harness import (
     HMAC_SECRET,
     PARTITIONS,
@@ -86,7 +92,10 @@ def _expect_clean(r: Result, t: Tally, inflow: Inflow) -> None:
     r.expect(t.completed == t.acked, f"{t.acked - t.completed} not completed exactly once")
     r.expect(t.duplicates == 0, f"{t.duplicates} completed twice")
     r.expect(t.double_transitions == 0, f"{t.double_transitions} with double transitions")
-    r.expect(not inflow.errors, f"non-retryable create errors: {dict(inflow.errors)}")
+    r.expect(
+        not inflow.errors,
+        f"non-retryable create errors: {dict(inflow.errors)} {inflow.error_messages}",
+    )
     r.expect(inflow.abandoned == 0, f"{inflow.abandoned} creates gave up retrying")
     r.violations += t.problems
 
@@ -488,6 +497,11 @@ async def cluster_failover(tmp: Path, p: ClusterFailover) -> Result:
             ]
             async with Inflow([server.address], p.rate, "cf") as inflow:
                 await asyncio.sleep(p.before_s)
+                # a watch open across the failover, on an execution due just after it
+                across = asyncio.create_task(
+                    _watch_to_terminal(server.address, "watch-across", 3000)
+                )
+                await asyncio.sleep(0.5)
                 killed = now_ms()
                 assert victim.proc is not None
                 os.kill(victim.proc.pid, signal.SIGKILL)
@@ -497,23 +511,26 @@ async def cluster_failover(tmp: Path, p: ClusterFailover) -> Result:
                 gap = inflow.max_gap_ms(since_ms=killed - 1000)
                 promoted_at = killed + max(promoted_ms, 0)
                 after = sum(1 for a in inflow.acked.values() if a.at_ms > promoted_at)
+                watch_after = await _watch_to_terminal(server.address, "watch-after")
+                watch_across = await across
             url = f"{heir.url}?cluster=1"
             audits = await wait_terminal(url, inflow.acked_ids(), 60)
+            # completions acknowledged for creates whose own reply was lost count too
+            extra = await wait_terminal(url, sorted(completed - set(inflow.acked_ids())), 10)
             stop.set()
             await asyncio.gather(*loops)
     finally:
         cluster.stop()
     tally = Tally.of(audits)
-    by_id = {a.execution_id: a for a in audits}
+    by_id = {a.execution_id: a for a in [*audits, *extra]}
     lost_creates = tally.missing
-    lost_completions = sum(
-        1 for eid in completed if eid not in by_id or by_id[eid].outcome != "success"
-    )
+    lost_completions = sum(1 for eid in completed if by_id[eid].outcome != "success")
     r = Result("cluster-failover", {**_tally_counts(tally), "durable": durable,
                "promoted_ms": promoted_ms, "library_on_promoted": library, "max_gap_ms": gap,
                "acked_after_promotion": after, "completions_acked": len(completed),
                "lost_creates": lost_creates, "lost_completions": lost_completions,
-               "create_retries": inflow.retries})  # fmt: skip
+               "create_retries": inflow.retries, "watch_across_ms": watch_across,
+               "watch_after_ms": watch_after})  # fmt: skip
     r.expect(promoted_ms >= 0, "the replica was not promoted")
     r.expect(library, "the library is missing on the promoted replica")
     r.expect(gap <= p.gap_bound_ms, f"clients went {gap} ms without an acknowledgement")
@@ -521,8 +538,48 @@ async def cluster_failover(tmp: Path, p: ClusterFailover) -> Result:
     r.expect(tally.duplicates == 0, f"{tally.duplicates} completed twice")
     r.expect(tally.double_transitions == 0, f"{tally.double_transitions} double transitions")
     r.expect(tally.not_terminal == 0, f"{tally.not_terminal} not terminal")
-    r.expect(not inflow.errors, f"non-retryable create errors: {dict(inflow.errors)}")
+    r.expect(
+        not inflow.errors,
+        f"non-retryable create errors: {dict(inflow.errors)} {inflow.error_messages}",
+    )
+    r.expect(watch_across >= 0, "a watch open across the failover never saw its execution end")
+    r.expect(watch_after >= 0, "a watch opened after the failover never saw its execution end")
     return r
+
+
+async def _watch_to_terminal(
+    address: str, key: str, delay_ms: int = 0, within: float = 20.0
+) -> int:
+    """Create one execution (due after `delay_ms`) and watch it on the bare stub (no polling
+    fallback) until the workers finish it: ms from the create, or -1 if no terminal state
+    arrived within `within` s."""
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = execution_pb2_grpc.ExecutionServiceStub(channel)
+        request = execution_pb2.CreateExecutionRequest(
+            execution_kind="job", lane_id=LANE, idempotency_key=key,
+            delay_until=now_ms() + delay_ms if delay_ms else 0,
+        )  # fmt: skip
+        for _ in range(50):
+            try:
+                reply = await stub.CreateExecution(request, timeout=5)
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.2)
+        else:
+            return -1
+        eid = reply.created.execution_id or reply.duplicate.execution_id
+        left = within - (time.monotonic() - started)
+        watch = stub.WatchExecution(
+            execution_pb2.WatchExecutionRequest(execution_id=eid), timeout=left
+        )
+        try:
+            async for message in watch:
+                if message.public_state == types_pb2.PUBLIC_STATE_COMPLETED:
+                    return int((time.monotonic() - started) * 1000)
+        except grpc.aio.AioRpcError:
+            pass
+        return -1
 
 
 def durable_violations(r: Result) -> list[str]:
@@ -699,7 +756,10 @@ async def multi_server(tmp: Path, p: MultiServer) -> Result:
     r.expect(tally.double_transitions == 0, f"{tally.double_transitions} double transitions")
     r.expect(not wrong, f"unexpected outcomes: {dict(wrong)}")
     r.expect(held > 0 and marks["reclaimed"] > 0, "the killed worker's leases were not reclaimed")
-    r.expect(not inflow.errors, f"non-retryable create errors: {dict(inflow.errors)}")
+    r.expect(
+        not inflow.errors,
+        f"non-retryable create errors: {dict(inflow.errors)} {inflow.error_messages}",
+    )
     r.violations += tally.problems
     return r
 
