@@ -1,5 +1,5 @@
-"""The fault scenarios, sized by parameters: the CI tests (`test_faults.py`) run them small,
-`scripts/faults.py` runs them long. Each returns a `Result`: the counts it reports and the
+"""The fault scenarios, sized by parameters: the CI tests (`tests/faults/test_*.py`) run them
+small, `scripts/faults.py` runs them long. Each returns a `Result`: the counts it reports and the
 violations of what it promises (empty when the promise held).
 
 Every scenario runs real processes (`flowfabric serve`, SDK worker processes, valkey-server),
