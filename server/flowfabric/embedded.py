@@ -281,12 +281,20 @@ class ValkeyProcess:
 class ValkeyCluster:
     """Cluster-enabled primaries (three by default); slots split in equal ranges, joined with
     CLUSTER MEET. With `replicas`, each primary gets that many replicas (CLUSTER REPLICATE), so
-    killing a primary promotes one of them after `node_timeout_ms`."""
+    killing a primary promotes one of them after `node_timeout_ms`. `persistent` turns on each
+    node's append-only file (WAITAOF counts only replicas that write one)."""
 
-    def __init__(self, size: int = 3, *, replicas: int = 0, node_timeout_ms: int = 5000) -> None:
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        replicas: int = 0,
+        node_timeout_ms: int = 5000,
+        persistent: bool = False,
+    ) -> None:
         self.size = size
         self.nodes = [
-            ValkeyProcess(persistent=False, cluster=True, node_timeout_ms=node_timeout_ms)
+            ValkeyProcess(persistent=persistent, cluster=True, node_timeout_ms=node_timeout_ms)
             for _ in range(size * (1 + replicas))
         ]
 

@@ -477,7 +477,9 @@ async def cluster_failover(tmp: Path, p: ClusterFailover) -> Result:
     replica is promoted, and the server carries on (library present, connections re-routed).
     With replicated durability no acknowledged create or completion is lost."""
     durable = p.durable and durability_supported()
-    cluster = ValkeyCluster(replicas=1, node_timeout_ms=p.node_timeout_ms).start()
+    # append-only files on every node: replicated durability waits for replicas to write them
+    cluster = ValkeyCluster(replicas=1, node_timeout_ms=p.node_timeout_ms, persistent=True)
+    cluster.start()
     env = {
         "FF_VALKEY_URL": cluster.url, "FF_WAITPOINT_HMAC_SECRET": HMAC_SECRET,
         "FF_BOOT_RETRY_S": "10", "FF_SHUTDOWN_GRACE_S": "2", **FAST_SCANNERS,
