@@ -21,7 +21,6 @@ async def test_every_execution_completes_exactly_once(killed: Result) -> None:
     assert not killed.violations, killed.violations
 
 
-@pytest.mark.xfail(strict=False, reason="reclaim-in-claim fix pending")
 @pytest.mark.timeout(180)
 async def test_reclaim_within_ttl_plus_expiry_interval_plus_a_claim(killed: Result) -> None:
     assert not reclaim_violations(killed), killed.counts
