@@ -64,3 +64,36 @@ async def test_retention_trimmer_deletes_old_terminal_executions(store: Store) -
     await RetentionTrimmer(store, PARTITIONS).purge(live, LANE)
     assert await store.call("EXISTS", ExecKeys(live).core) == 1
     assert await store.call("ZSCORE", p.lane(LANE, "terminal"), str(live)) is None
+
+
+async def test_retention_leaves_nothing_of_a_suspended_and_signalled_execution(
+    store: Store,
+) -> None:
+    """Waitpoints, their conditions and signal histories, the signals and their payloads go
+    with the execution: no key naming it, its waitpoint or its signal survives the purge."""
+    from tests.lua.util import LANE as UTIL_LANE
+    from tests.lua.util import cancel, send_signal, suspended
+
+    lease, wpid, token = await suspended(store)
+    eid = lease.eid
+    sig = str(uuid.uuid4())
+    reply = await send_signal(store, eid, wpid, token, sig=sig, payload=b"{}")
+    assert reply[:2] == [1, b"OK"], reply
+    assert (await cancel(store, eid))[:2] == [1, b"OK"]
+    names = (eid.uuid, wpid, sig)
+
+    async def naming() -> list[str]:
+        if store.cluster:
+            keys = [
+                k
+                for node in store.client.get_primaries()
+                for k in await store.client.execute_command("KEYS", "*", target_nodes=node)
+            ]
+        else:
+            keys = await store.call("KEYS", "*")
+        found = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+        return [k for k in found if any(n in k for n in names)]
+
+    assert any(wpid in k for k in await naming()) and any(sig in k for k in await naming())
+    await RetentionTrimmer(store, PARTITIONS).purge(eid, UTIL_LANE)
+    assert await naming() == []

@@ -23,7 +23,13 @@ from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Functions
 from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
-from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.keys import (
+    ExecKeys,
+    PartitionKeys,
+    WaitpointKeys,
+    signal_key,
+    signal_payload_key,
+)
 from flowfabric.server.valkey.store import Store
 from flowfabric.server.valkey.workers import WorkerRegistry
 
@@ -157,10 +163,18 @@ class RetentionTrimmer:
             # replayed since it was indexed: only drop the stale index entry
             await self.store.call("ZREM", p.lane(lane, "terminal"), str(eid))
             return
+        pipe = self.store.pipeline()
+        pipe.smembers(k.waitpoints)
+        pipe.zrange(k.signals, 0, -1)
+        waitpoints, signals = await self.store.run_pipeline(pipe)
         keys = [k.core, k.payload, k.result, k.policy, k.tags, k.claim_grant, k.lease_current,
-                k.lease_history, k.attempts, k.suspension_current,
-                f"ff:exec:{eid.tag}:{eid}:suspension:waitpoints",
-                f"ff:exec:{eid.tag}:{eid}:signals"]  # fmt: skip
+                k.lease_history, k.attempts, k.suspension_current, k.waitpoints,
+                k.signals]  # fmt: skip
+        for raw in waitpoints or ():
+            w = WaitpointKeys(eid.tag, text(raw))
+            keys += [w.waitpoint, w.condition, w.stream]
+        for raw in signals or ():
+            keys += [signal_key(eid.tag, text(raw)), signal_payload_key(eid.tag, text(raw))]
         for i in range(total):
             keys += [k.attempt(i), k.attempt_usage(i), k.attempt_policy(i), k.stream(i),
                      k.stream_meta(i)]  # fmt: skip
