@@ -138,7 +138,16 @@ class ValkeyProcess:
         cluster: bool = False,
         port: int | None = None,
         password: str | None = None,
+        appendfsync: str = "everysec",
+        replica_of: int | None = None,
     ) -> None:
+        """`appendfsync` applies when `persistent` (`always` for FF_DURABILITY=fsync,
+        docs/durability.md#fsync); `replica_of` makes it a replica of the Valkey on that
+        127.0.0.1 port (tests and bench of FF_DURABILITY=replicated)."""
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always|everysec|no, got {appendfsync!r}")
+        self.appendfsync = appendfsync
+        self.replica_of = replica_of
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="ff-valkey-")
         # absolute: valkey-server chdirs into --dir before it opens --logfile
         self.data_dir = Path(data_dir or self._tmp or ".").resolve()
@@ -177,9 +186,13 @@ class ValkeyProcess:
             str(self.data_dir / "valkey.log"),
         ]
         if self.persistent:
-            args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         else:
             args += ["--appendonly", "no"]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+            if self.password:
+                args += ["--masterauth", self.password]
         if self.cluster:
             args += [
                 "--cluster-enabled",
