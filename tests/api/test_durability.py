@@ -14,6 +14,7 @@ import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.crc import key_slot
 
 from flowfabric.server.app import DURABILITY_HEALTH, BootError, FlowFabricServer
 from flowfabric.server.config import Config, ConfigError
@@ -297,3 +298,126 @@ async def _until_health(served: Served, service: str, want: int) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"health {service!r} is {got}, want {want}")
         await asyncio.sleep(0.05)
+
+
+# -- replicated on a Cluster: 3 primaries + 3 replicas, then a failover --------------------------
+
+
+class ReplicatedCluster:
+    """Three primaries and one replica each, every node with AOF `always` (a replica promoted
+    by the failover must be able to acknowledge on disk, and so must the demoted primary)."""
+
+    def __init__(self) -> None:
+        def node() -> ValkeyProcess:
+            return ValkeyProcess(cluster=True, appendfsync="always")
+
+        self.primaries = [node() for _ in range(3)]
+        self.replicas = [node() for _ in range(3)]
+
+    @property
+    def url(self) -> str:
+        return f"{self.primaries[0].url}?cluster=1"
+
+    def start(self) -> ReplicatedCluster:
+        nodes = self.primaries + self.replicas
+        for n in nodes:
+            n.start()
+        bounds = [round(i * 16384 / 3) for i in range(4)]
+        first = self.primaries[0]
+        clients = [redis.Redis(port=n.port, decode_responses=True) for n in nodes]
+        try:
+            for i, c in enumerate(clients[:3]):
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)  # type: ignore[no-untyped-call]
+            for c in clients[1:]:
+                c.execute_command("CLUSTER", "MEET", "127.0.0.1", first.port, first.bus_port)  # type: ignore[no-untyped-call]
+            self._until(lambda: all(_known(c) == 6 for c in clients), "nodes to meet")
+            for p, r in zip(clients[:3], clients[3:], strict=True):
+                primary_id = p.execute_command("CLUSTER", "MYID")  # type: ignore[no-untyped-call]
+                r.execute_command("CLUSTER", "REPLICATE", primary_id)  # type: ignore[no-untyped-call]
+            self._until(lambda: all(_ok(c) for c in clients), "cluster_state ok")
+        finally:
+            for c in clients:
+                c.close()
+        for p in self.primaries:
+            wait_replicas(p.port, 1)
+        return self
+
+    @staticmethod
+    def _until(check: object, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not check():  # type: ignore[operator]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster: timed out waiting for {what}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for n in self.primaries + self.replicas:
+            n.stop()
+
+
+def _known(c: redis.Redis) -> int:
+    info = c.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+    return int(str(info).split("cluster_known_nodes:")[1].split()[0])
+
+
+def _ok(c: redis.Redis) -> bool:
+    return "cluster_state:ok" in str(c.execute_command("CLUSTER", "INFO"))  # type: ignore[no-untyped-call]
+
+
+def _role(port: int) -> str:
+    with redis.Redis(port=port) as r:
+        return str(r.info("replication")["role"])
+
+
+@pytest.fixture(scope="module")
+def replicated_cluster() -> Iterator[ReplicatedCluster]:
+    cluster = ReplicatedCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+async def test_replicated_cluster_waits_per_node_and_follows_a_failover(
+    replicated_cluster: ReplicatedCluster,
+) -> None:
+    cl = replicated_cluster
+    served = await serve(server_config(cl.url, durability="replicated", durability_timeout_ms=1000))
+    try:
+        ports = [p.port for p in cl.primaries]
+        before = [waitaof_calls(p) for p in ports]
+        calls = 96
+        replies = await asyncio.gather(
+            *(create(served.execution, new_eid(p % 256)) for p in range(calls))
+        )
+        assert all(r.WhichOneof("outcome") == "created" for r in replies)
+        rounds = [waitaof_calls(p) - b for p, b in zip(ports, before, strict=True)]
+        assert all(r >= 1 for r in rounds), rounds  # every primary waited for its own writes
+        assert sum(rounds) < calls, rounds
+
+        # a manual failover of the first shard: its replica becomes the primary
+        old, new = cl.primaries[0], cl.replicas[0]
+        with redis.Redis(port=new.port) as r:
+            r.execute_command("CLUSTER", "FAILOVER")  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + 30
+        while _role(new.port) != "master" or _role(old.port) != "slave":
+            assert time.monotonic() < deadline, "failover did not happen"
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(wait_replicas, new.port, 1)
+        promoted_before = waitaof_calls(new.port)
+        # the partitions of the failed-over shard: a call may answer UNAVAILABLE while the slot
+        # map is stale (its write reached a node the waiter did not watch); the retry succeeds
+        moved = [p for p in range(256) if key_slot(f"{{fp:{p}}}".encode()) < 16384 // 3][:8]
+        for p in moved:
+            eid = new_eid(p)
+            for _attempt in range(20):
+                try:
+                    reply = await create(served.execution, eid)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == C.UNAVAILABLE, exc
+                    await asyncio.sleep(0.2)
+            else:
+                raise AssertionError(f"create on partition {p} never succeeded after failover")
+            assert reply.WhichOneof("outcome") in ("created", "duplicate")
+        assert waitaof_calls(new.port) > promoted_before  # the waiter follows the new primary
+    finally:
+        await close(served)
