@@ -94,6 +94,20 @@ def wait_replicas(port: int, want: int, timeout: float = 20.0) -> None:
             time.sleep(0.05)
 
 
+def wait_aof_settled(port: int, timeout: float = 20.0) -> None:
+    """Until a replica has finished the AOF rewrite it starts after its initial sync (until
+    then it does not acknowledge on disk)."""
+    deadline = time.monotonic() + timeout
+    with redis.Redis(port=port) as r:
+        while True:
+            info = r.info("persistence")
+            if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"AOF rewrite still running: {info}")
+            time.sleep(0.05)
+
+
 def server_config(url: str, **over: object) -> Config:
     fields: dict[str, object] = {
         "valkey_url": url, "listen_addr": "127.0.0.1:0", "api_token": API_TOKEN,
@@ -174,17 +188,22 @@ async def test_fsync_refuses_an_external_valkey_without_it(
     await server.stop()
 
 
-async def test_fsync_accepts_an_external_valkey_with_it() -> None:
-    valkey = await asyncio.to_thread(ValkeyProcess(appendfsync="always").start)
+@pytest.fixture(scope="module")
+def fsync_valkey() -> Iterator[ValkeyProcess]:
+    # started from the main thread, like the session fixtures (no fork from a worker thread
+    # while gRPC's threads run)
+    valkey = ValkeyProcess(appendfsync="always").start()
+    yield valkey
+    valkey.stop()
+
+
+async def test_fsync_accepts_an_external_valkey_with_it(fsync_valkey: ValkeyProcess) -> None:
+    served = await serve(server_config(fsync_valkey.url, durability="fsync"))
     try:
-        served = await serve(server_config(valkey.url, durability="fsync"))
-        try:
-            assert (await create(served.execution, new_eid())).WhichOneof("outcome") == "created"
-            assert waitaof_calls(valkey.port) == 0  # Valkey fsyncs before replying; no wait
-        finally:
-            await close(served)
+        assert (await create(served.execution, new_eid())).WhichOneof("outcome") == "created"
+        assert waitaof_calls(fsync_valkey.port) == 0  # Valkey fsyncs before replying; no wait
     finally:
-        await asyncio.to_thread(valkey.stop)
+        await close(served)
 
 
 # -- replicated, standalone primary + 1 replica --------------------------------------------------
@@ -195,6 +214,7 @@ def pair() -> Iterator[tuple[ValkeyProcess, ValkeyProcess]]:
     primary = ValkeyProcess().start()  # AOF everysec: the primary's own fsync is not waited for
     replica = ValkeyProcess(appendfsync="always", replica_of=primary.port).start()
     wait_replicas(primary.port, 1)
+    wait_aof_settled(replica.port)
     yield primary, replica
     replica.stop()
     primary.stop()
@@ -206,7 +226,8 @@ async def replicated(pair: tuple[ValkeyProcess, ValkeyProcess]) -> AsyncIterator
     with redis.Redis(port=primary.port) as r:
         r.flushall()
     served = await serve(
-        server_config(primary.url, durability="replicated", durability_timeout_ms=300)
+        # generous: a shared, loaded machine; only the replica-gone test waits it out
+        server_config(primary.url, durability="replicated", durability_timeout_ms=2000)
     )
     yield served
     await close(served)
@@ -266,8 +287,9 @@ async def test_replica_gone_answers_unavailable_and_a_retry_replays(
         await _until_health(replicated, DURABILITY_HEALTH, down)
         await _until_health(replicated, "", up)
     finally:
-        await asyncio.to_thread(replica.start)
+        replica.start()  # from the main thread: see fsync_valkey
         await asyncio.to_thread(wait_replicas, primary.port, 1)
+        await asyncio.to_thread(wait_aof_settled, replica.port)
     again = await create(replicated.execution, eid)
     assert again.WhichOneof("outcome") == "duplicate"  # the retry replays the applied create
     await _until_health(replicated, DURABILITY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
@@ -340,6 +362,8 @@ class ReplicatedCluster:
                 c.close()
         for p in self.primaries:
             wait_replicas(p.port, 1)
+        for r in self.replicas:
+            wait_aof_settled(r.port)
         return self
 
     @staticmethod
@@ -402,6 +426,7 @@ async def test_replicated_cluster_waits_per_node_and_follows_a_failover(
             assert time.monotonic() < deadline, "failover did not happen"
             await asyncio.sleep(0.1)
         await asyncio.to_thread(wait_replicas, new.port, 1)
+        await asyncio.to_thread(wait_aof_settled, old.port)
         promoted_before = waitaof_calls(new.port)
         # the partitions of the failed-over shard: a call may answer UNAVAILABLE while the slot
         # map is stale (its write reached a node the waiter did not watch); the retry succeeds
