@@ -27,9 +27,11 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,6 +79,13 @@ SYSTEMS: dict[str, tuple[str | None, str, list[str], str]] = {
                       "FlowFabric S1, SDK Worker, 2 processes x 8"),
     "flowfabric-raw-2p": (None, "bench_flowfabric.py", ["--impl", "raw", "--procs", "2"],
                           "FlowFabric S1, raw stubs, 2 processes x 8"),
+    "flowfabric-os": (None, "bench_flowfabric.py", ["--impl", "sdk", "--procs", "1"],
+                      "FlowFabric S1, SDK Worker, FF_DURABILITY=os (AOF everysec)"),
+    "flowfabric-fsync": (None, "bench_flowfabric.py", ["--impl", "sdk", "--procs", "1"],
+                         "FlowFabric S1, SDK Worker, FF_DURABILITY=fsync (AOF always)"),
+    "flowfabric-replicated": (None, "bench_flowfabric.py", ["--impl", "sdk", "--procs", "1"],
+                              "FlowFabric S1, SDK Worker, FF_DURABILITY=replicated "
+                              "(1 replica, AOF always; primary AOF everysec)"),
     "arq": ("arq", "bench_arq.py", [], "arq 0.28, 1 process, max_jobs 16"),
     "saq": ("saq", "bench_saq.py", [], "saq 0.26, 1 process, concurrency 16"),
     "celery": ("celery", "bench_celery.py", [], "celery 5.7 (acks_late), 1 process, 16 threads"),
@@ -86,6 +95,15 @@ SYSTEMS: dict[str, tuple[str | None, str, list[str], str]] = {
 }  # fmt: skip
 DEFAULT_SYSTEMS = "floor,fcall,flowfabric,flowfabric-raw,arq,saq,celery,rq,dramatiq"
 LATENCY_SYSTEMS = ("floor", "fcall", "flowfabric-single", "flowfabric-noclaim", "flowfabric")
+# Durability variants (docs/durability.md): each run gets a Valkey of its own, persistent on
+# the local disk, started before and stopped after it: system -> (FF_DURABILITY, the primary's
+# appendfsync, replicas). Their same-run baseline is flowfabric-os.
+DURABILITY: dict[str, tuple[str, str, int]] = {
+    "flowfabric-os": ("os", "everysec", 0),
+    "flowfabric-fsync": ("fsync", "always", 0),
+    "flowfabric-replicated": ("replicated", "everysec", 1),
+}
+DURABILITY_BASELINE = "flowfabric-os"
 BASELINE = "floor"
 
 # What each system does per job, so readers see which comparisons are like for like.
@@ -131,6 +149,8 @@ SEMANTICS["flowfabric-raw-single"] = SEMANTICS["flowfabric-raw-noclaim"] = SEMAN
     "flowfabric-raw"
 ]
 SEMANTICS["rq1"] = SEMANTICS["rq"]
+for _name in DURABILITY:
+    SEMANTICS[_name] = SEMANTICS["flowfabric"]
 
 
 # -- environments -------------------------------------------------------------------------------
@@ -275,6 +295,63 @@ def add_baseline(
 
 def run_driver(name: str, url: str, args: argparse.Namespace, log_dir: Path,
                extra: list[str] | None = None) -> dict:  # fmt: skip
+    if name in DURABILITY:
+        return run_durability(name, args, log_dir, extra)
+    return _run_driver(name, url, args, log_dir, extra)
+
+
+def run_durability(name: str, args: argparse.Namespace, log_dir: Path,
+                   extra: list[str] | None) -> dict:  # fmt: skip
+    """One run of a durability variant on a Valkey (and replicas) of its own, data under
+    bench/.venvs/durability-data (the local disk, so fsync costs what it costs)."""
+    from flowfabric.server.embedded import ValkeyProcess
+
+    mode, appendfsync, replicas = DURABILITY[name]
+    base = BENCH / ".venvs" / "durability-data"
+    base.mkdir(parents=True, exist_ok=True)
+    started = []
+    try:
+        primary = ValkeyProcess(Path(tempfile.mkdtemp(dir=base)), appendfsync=appendfsync)
+        started.append(primary.start())
+        for _ in range(replicas):
+            replica = ValkeyProcess(
+                Path(tempfile.mkdtemp(dir=base)), appendfsync="always", replica_of=primary.port
+            )  # fmt: skip
+            started.append(replica.start())
+        wait_replicas(primary.port, replicas)
+        env = {
+            "FF_DURABILITY": mode,
+            "FF_BENCH_REPLICA_PIDS": ",".join(str(v.proc.pid) for v in started[1:] if v.proc),
+        }
+        out = _run_driver(name, primary.url.replace("valkey://", "redis://"), args, log_dir,
+                          extra, env)  # fmt: skip
+        out["durability"] = {"mode": mode, "primary_appendfsync": appendfsync,
+                             "replicas": replicas}  # fmt: skip
+        return out
+    finally:
+        for v in reversed(started):
+            v.stop()
+            shutil.rmtree(v.data_dir, ignore_errors=True)
+
+
+def wait_replicas(port: int, want: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    r = common.Resp(f"redis://127.0.0.1:{port}")
+    try:
+        while want:
+            body = r("INFO", "replication").decode()
+            if body.count("state=online") >= want:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas did not come online:\n{body}")
+            time.sleep(0.1)
+    finally:
+        r.close()
+
+
+def _run_driver(name: str, url: str, args: argparse.Namespace, log_dir: Path,
+                extra: list[str] | None = None,
+                env: dict[str, str] | None = None) -> dict:  # fmt: skip
     venv, script, sys_args, _ = SYSTEMS[name]
     py = venv_python(venv)
     root = REV_ROOTS.get(name, ROOT)
@@ -288,8 +365,9 @@ def run_driver(name: str, url: str, args: argparse.Namespace, log_dir: Path,
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=args.timeout + 180, cwd=str(root)
-    )
+        argv, capture_output=True, text=True, timeout=args.timeout + 180, cwd=str(root),
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
     (log_dir / "driver.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     for line in proc.stdout.splitlines():
         if line.startswith(common.RESULT_PREFIX):
@@ -399,6 +477,43 @@ def throughput_table(summary: dict[str, dict], jobs: int, runs: int) -> str:
             f"| {s['vcpu_enq']:.3f} + {s['vcpu_proc']:.3f} = {s['vcpu']:.3f}{ratio(s, 'vcpu')} "
             f"| {ccpu}{ratio(s, 'ccpu_proc')} | {s['ccpu_enq']:.3f} "
             f"| {s['other_load']:.2f} / {s['other_load_max']:.2f} ({s['repeats']}) |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def durability_table(results: dict[str, list[dict]]) -> str:
+    """S1 per durability mode, as the median over runs of the ratio to FF_DURABILITY=os in the
+    same run (docs/durability.md#what-it-costs)."""
+    base = results.get(DURABILITY_BASELINE, [])
+    head = (
+        "| FF_DURABILITY | Valkey set-up | process jobs/s median [min–max] | × os (process) "
+        "| enqueue jobs/s | × os (enqueue) | Valkey cmds/job | server CPU ms/job "
+        "| replica CPU ms/job |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    )
+    rows = []
+    for name, (mode, appendfsync, replicas) in DURABILITY.items():
+        runs = [r for r in results.get(name, []) if "error" not in r]
+        if not runs:
+            continue
+        pj = [per_job(r) for r in runs]
+        rx, ex = [], []
+        for i, r in enumerate(results[name]):
+            if "error" in r or i >= len(base) or "error" in base[i]:
+                continue
+            a, b = per_job(r), per_job(base[i])
+            rx.append(a["rate"] / b["rate"])
+            ex.append(a["enq_rate"] / b["enq_rate"])
+        rates = [x["rate"] for x in pj]
+        setup = f"primary AOF {appendfsync}" + (
+            f", {replicas} replica (AOF always)" if replicas else ""
+        )
+        rep = med([1000 * r.get("replica_cpu_process_s", 0.0) / r["jobs"] for r in runs])
+        rows.append(
+            f"| `{mode}` | {setup} | **{fmt_rate(med(rates))}** [{fmt_rate(min(rates))}–"
+            f"{fmt_rate(max(rates))}] | {med(rx):.2f}× "
+            f"| {fmt_rate(med([x['enq_rate'] for x in pj]))} "
+            f"| {med(ex):.2f}× | {med([x['cmds'] for x in pj]):.2f} "
+            f"| {med([x['ccpu_server'] for x in pj]):.3f} | {rep:.3f} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -620,6 +735,10 @@ def main() -> None:  # noqa: C901
                   "LPUSH); start = the worker's handler began; complete = the completion "
                   "call returned.\n")  # fmt: skip
         md.append(latency_table(latency))
+    if any(n in DURABILITY for n in names):
+        md.append("\nDurability modes (S1, ratios to FF_DURABILITY=os of the same run; each run "
+                  "on a Valkey of its own with AOF on the local disk):\n")  # fmt: skip
+        md.append(durability_table(results))
     md.append("\nWhat each system does per job:\n")
     md.append(semantics_table(names))
     text = "\n".join(md)

@@ -451,10 +451,10 @@ def run_burn(args, enqueue, worker_argvs, env=None, extra=None, around=None) -> 
         s2 = stats.snap()
         if around:
             around[0]()
-        m0, d0 = machine_cpu(), self_cpu()
+        m0, d0, r0 = machine_cpu(), self_cpu(), replica_cpu()
         ws.go()
         done = ws.wait_done(args.jobs, timeout=args.timeout)
-        m1, d1 = machine_cpu(), self_cpu()
+        m1, d1, r1 = machine_cpu(), self_cpu(), replica_cpu()
         s3 = stats.snap()
         aux = around[1]() if around else {}
     finally:
@@ -466,7 +466,7 @@ def run_burn(args, enqueue, worker_argvs, env=None, extra=None, around=None) -> 
     # (Valkey, workers, server, this driver): other sessions' load on a shared machine.
     wall = max(s3["t"] - s2["t"], 1e-9)
     ours = (s3["cpu"] - s2["cpu"]) + done["worker_cpu_s"] + (d1 - d0)
-    ours += (aux or {}).get("server_cpu_process_s", 0.0)
+    ours += (aux or {}).get("server_cpu_process_s", 0.0) + (r1 - r0)
     foreign = (m1[0] - m0[0]) - ours
     out = {
         "jobs": args.jobs,
@@ -482,11 +482,19 @@ def run_burn(args, enqueue, worker_argvs, env=None, extra=None, around=None) -> 
         "valkey_process": d(s2, s3),
         "other_load_cores": round(max(foreign, 0.0) / wall, 3),
         "steal_cores": round((m1[1] - m0[1]) / wall, 3),
+        "replica_cpu_process_s": round(r1 - r0, 4),
         **(aux or {}),
     }
     if extra:
         out.update(extra())
     return out
+
+
+def replica_cpu() -> float:
+    """CPU of the Valkey replicas the harness started for this run (FF_BENCH_REPLICA_PIDS):
+    part of the system under test, not other load."""
+    pids = [int(p) for p in os.environ.get("FF_BENCH_REPLICA_PIDS", "").split(",") if p]
+    return sum(proc_cpu(p) for p in pids)
 
 
 def run_latency(args, open_loop, worker_argvs, env=None, around=None) -> dict:

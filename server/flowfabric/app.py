@@ -41,6 +41,7 @@ from flowfabric.server.engine.lifecycle import lifecycle_scanners
 from flowfabric.server.engine.scanners import ScannerSet
 from flowfabric.server.engine.scheduler import Scheduler
 from flowfabric.server.engine.suspension import suspension_scanners
+from flowfabric.server.valkey.durability import Durability
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Functions
 from flowfabric.server.valkey.keys import PARTITION_CONFIG
@@ -66,6 +67,9 @@ log = logging.getLogger("flowfabric.server")
 HEALTH_PING_INTERVAL_S = 2.0
 EMBEDDED_WATCH_INTERVAL_S = 0.2
 EMBEDDED_RESTART_MAX_DELAY_S = 5.0
+# The health service name whose status says whether FF_DURABILITY's promise can be kept now
+# (docs/durability.md#boot-and-health); "" stays about reaching Valkey at all.
+DURABILITY_HEALTH = "flowfabric.durability"
 
 
 class BootError(RuntimeError):
@@ -103,6 +107,7 @@ class FlowFabricServer:
         self._lock_fd: int | None = None
         self._embedded_down = False  # the supervisor is restarting the embedded Valkey
         self._secret = ""
+        self._durability_problems: list[str] = []
 
     # -- boot ---------------------------------------------------------------------------------
 
@@ -116,12 +121,18 @@ class FlowFabricServer:
             password = embedded_password(cfg.data_dir) if cfg.embedded else None
         except ConfigError as exc:
             raise BootError(str(exc)) from None
+        problem = cfg.durability_problem()
+        if problem:
+            raise BootError(problem)
         self._secret = secret
         if cfg.embedded:
             data_dir = cfg.data_dir.resolve()
             await asyncio.to_thread(stop_orphan, data_dir)
+            # FF_DURABILITY=fsync: Valkey fsyncs every write before it replies
+            # (docs/durability.md#fsync)
+            fsync = "always" if cfg.durability == "fsync" else "everysec"
             self.embedded = await asyncio.to_thread(
-                ValkeyProcess(data_dir, password=password).start
+                ValkeyProcess(data_dir, password=password, appendfsync=fsync).start
             )
             log.info("embedded Valkey on 127.0.0.1:%s (data in %s)", self.embedded.port, data_dir)
         url = cfg.resolved_valkey_url(self.embedded.url if self.embedded else None)
@@ -136,6 +147,7 @@ class FlowFabricServer:
             await install_secret(fn.keystore, cfg.flow_partitions, secret)
         except FlowFabricError as exc:
             raise BootError(f"installing the waitpoint HMAC secret failed: {exc.code}") from exc
+        await self._durability(self.store)
         ctx = ServerContext(config=cfg, store=self.store, functions=fn)
         self.hub = EventHub(self.store)
         self.scheduler = Scheduler(fn, self.store, cfg.flow_partitions, self.hub)
@@ -160,6 +172,51 @@ class FlowFabricServer:
             )
         log.info("flowfabric serving on port %s", self.port)
         return self.port
+
+    async def _durability(self, store: Store) -> None:
+        """Check that the primaries can keep FF_DURABILITY's promise, then make writing calls
+        wait for it (docs/durability.md#boot-and-health). Boot's own writes (partition config,
+        HMAC secret) are idempotent and redone at every boot, so they do not wait."""
+        cfg = self.config
+        store.durability = Durability(
+            cfg.durability,  # type: ignore[arg-type]  # validated by durability_problem
+            cfg.durability_replicas,
+            cfg.durability_timeout_ms,
+        )
+        problems = await self._retry(store.durability_problems, "durability check")
+        assert isinstance(problems, list)
+        if problems and cfg.durability == "fsync":
+            raise BootError("; ".join(problems))
+        for problem in problems:
+            log.warning("durability: %s", problem)
+        await self._set_durability_health(problems)
+        log.info(
+            "durability %s%s", cfg.durability,
+            f" ({cfg.durability_replicas} replicas, {cfg.durability_timeout_ms} ms)"
+            if cfg.durability == "replicated" else "",
+        )  # fmt: skip
+
+    async def _set_durability_health(self, problems: list[str]) -> None:
+        status = health_pb2.HealthCheckResponse
+        await self.health.set(DURABILITY_HEALTH, status.NOT_SERVING if problems else status.SERVING)
+        self._durability_problems = problems
+
+    async def _check_durability(self) -> None:
+        """The health loop's re-check: a failover may promote a node configured differently,
+        and replicas come and go."""
+        assert self.store is not None
+        if self.config.durability == "os":
+            return
+        try:
+            problems = await self.store.durability_problems()
+        except Exception as exc:
+            problems = [f"durability check failed: {exc}"]
+        if problems != self._durability_problems:
+            for problem in problems:
+                log.warning("durability: %s; health %s NOT_SERVING", problem, DURABILITY_HEALTH)
+            if not problems:
+                log.warning("durability: promise kept again; health %s SERVING", DURABILITY_HEALTH)
+        await self._set_durability_health(problems)
 
     async def _connect(self, url: str) -> Store:
         store = Store.from_url(url)
@@ -312,6 +369,7 @@ class FlowFabricServer:
                     log.warning("Valkey reachable again; health SERVING")
                 failures = 0
                 await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+                await self._check_durability()
             else:
                 failures += 1
                 if failures == 2:

@@ -112,6 +112,9 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_addr: str | None = None
+    durability: str = "os"  # os | fsync | replicated (docs/durability.md)
+    durability_replicas: int = 1
+    durability_timeout_ms: int = 1000
     scanner_intervals_ms: Mapping[str, int] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -198,10 +201,46 @@ class Config:
                     raise ConfigError(f"{var} must be at least 100 ms")
         kw["scanner_intervals_ms"] = intervals
         config = cls(**kw)
-        problem = config.hmac_secret_problem()
+        problem = config.hmac_secret_problem() or config.durability_problem()
         if problem:
             raise ConfigError(problem)
         return config
+
+    def durability_problem(self) -> str | None:
+        """Why this durability setting cannot work (docs/durability.md#configuration)."""
+        if self.durability not in DURABILITY_MODES:
+            return f"FF_DURABILITY must be os|fsync|replicated, got: {self.durability!r}"
+        if self.durability == "replicated" and self.embedded:
+            return (
+                "FF_DURABILITY=replicated needs an external Valkey with replicas (FF_VALKEY_URL "
+                "/ FF_HOST): the embedded Valkey has none"
+            )
+        return None
+
+
+DURABILITY_MODES = ("os", "fsync", "replicated")
+MAX_DURABILITY_TIMEOUT_MS = 60_000
+
+
+def _durability(name: str, raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in DURABILITY_MODES:
+        raise ConfigError(f"{name} must be os|fsync|replicated, got: {raw!r}")
+    return mode
+
+
+def _replicas(name: str, raw: str) -> int:
+    value = _int(name, raw, 0)
+    if value > 16:
+        raise ConfigError(f"{name} must be <= 16, got: {value}")
+    return value
+
+
+def _durability_timeout(name: str, raw: str) -> int:
+    value = _int(name, raw, 1)
+    if value > MAX_DURABILITY_TIMEOUT_MS:
+        raise ConfigError(f"{name} must be <= {MAX_DURABILITY_TIMEOUT_MS}, got: {value}")
+    return value
 
 
 def _str(_name: str, raw: str) -> str:
@@ -258,6 +297,9 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "FF_TLS_CERT": ("tls_cert", _path),
     "FF_TLS_KEY": ("tls_key", _path),
     "FF_METRICS_ADDR": ("metrics_addr", _str),
+    "FF_DURABILITY": ("durability", _durability),
+    "FF_DURABILITY_REPLICAS": ("durability_replicas", _replicas),
+    "FF_DURABILITY_TIMEOUT_MS": ("durability_timeout_ms", _durability_timeout),
 }
 
 
@@ -287,6 +329,9 @@ def flag_parser() -> argparse.ArgumentParser:
         "tls_cert",
         "tls_key",
         "metrics_addr",
+        "durability",
+        "durability_replicas",
+        "durability_timeout_ms",
     ]
     names += [var[3:].lower() for var in SCANNER_INTERVALS]
     for name in names:

@@ -159,7 +159,16 @@ class ValkeyProcess:
         port: int | None = None,
         password: str | None = None,
         node_timeout_ms: int = 5000,
+        appendfsync: str = "everysec",
+        replica_of: int | None = None,
     ) -> None:
+        """`appendfsync` applies when `persistent` (`always` for FF_DURABILITY=fsync,
+        docs/durability.md#fsync); `replica_of` makes it a replica of the Valkey on that
+        127.0.0.1 port (tests and bench of FF_DURABILITY=replicated)."""
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always|everysec|no, got {appendfsync!r}")
+        self.appendfsync = appendfsync
+        self.replica_of = replica_of
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="ff-valkey-")
         # absolute: valkey-server chdirs into --dir before it opens --logfile
         self.data_dir = Path(data_dir or self._tmp or ".").resolve()
@@ -199,9 +208,13 @@ class ValkeyProcess:
             str(self.data_dir / "valkey.log"),
         ]
         if self.persistent:
-            args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         else:
             args += ["--appendonly", "no"]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+            if self.password:
+                args += ["--masterauth", self.password]
         if self.cluster:
             args += [
                 "--cluster-enabled",
@@ -291,12 +304,16 @@ class ValkeyCluster:
         replicas: int = 0,
         node_timeout_ms: int = 5000,
         persistent: bool = False,
+        appendfsync: str = "everysec",
     ) -> None:
         self.size = size
         self.nodes = [
-            ValkeyProcess(persistent=persistent, cluster=True, node_timeout_ms=node_timeout_ms)
+            ValkeyProcess(
+                persistent=persistent, cluster=True, node_timeout_ms=node_timeout_ms,
+                appendfsync=appendfsync,
+            )
             for _ in range(size * (1 + replicas))
-        ]
+        ]  # fmt: skip
 
     @property
     def primaries(self) -> list[ValkeyProcess]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowfabric.server.valkey.codec import text
+from flowfabric.server.valkey.durability import acknowledges_nobody
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.keys import PartitionKeys
 from flowfabric.server.valkey.store import Store, server_time_ms
@@ -102,14 +103,19 @@ class ScannerSet:
         self.scanners.append(scanner)
 
     def start(self) -> None:
-        for scanner in self.scanners:
-            self._tasks.append(
-                asyncio.create_task(self._supervise(scanner), name=f"scanner-{scanner.name}")
-            )
-        if self.reconciler is not None:
-            self._tasks.append(
-                asyncio.create_task(self._supervise_reconciler(), name="scanner-index_reconciler")
-            )
+        # Scanner transitions acknowledge nobody, so they skip the durability wait; the next
+        # acknowledged write on the same node covers them (docs/durability.md#what-waits).
+        with acknowledges_nobody():
+            for scanner in self.scanners:
+                self._tasks.append(
+                    asyncio.create_task(self._supervise(scanner), name=f"scanner-{scanner.name}")
+                )
+            if self.reconciler is not None:
+                self._tasks.append(
+                    asyncio.create_task(
+                        self._supervise_reconciler(), name="scanner-index_reconciler"
+                    )
+                )
 
     async def stop(self, grace: float = 15.0) -> None:
         """Signal every loop to stop, then cancel what is still running after `grace` s."""

@@ -135,6 +135,8 @@ def _table() -> dict[str, ErrorSpec]:
     )
     # UNAVAILABLE / DEADLINE_EXCEEDED
     put(C.UNAVAILABLE, "retryable", "backend_unavailable library_reload_failed shutting_down")
+    # the transition is applied but not yet as durable as FF_DURABILITY promises
+    put(C.UNAVAILABLE, "retryable", "durability_timeout")
     put(C.DEADLINE_EXCEEDED, "retryable", "backend_timeout")
     # INTERNAL
     put(

@@ -14,6 +14,17 @@ from flowfabric.server.valkey.ids import ExecutionId
 
 PARTITION_CONFIG = "ff:config:partitions"
 WORKERS_INDEX = "ff:idx:workers"
+DURABILITY_TICK = "ff:durability:tick"
+
+
+def durability_tick(first_key: str) -> str:
+    """The counter a durability round increments (docs/durability.md#batched-rounds): in the
+    slot of `first_key` (its hash tag, or the whole key), so on Cluster it lands on the node that
+    ran the call."""
+    start = first_key.find("{")
+    end = first_key.find("}", start + 1) if start >= 0 else -1
+    tag = first_key[start + 1 : end] if end > start + 1 else first_key
+    return f"{DURABILITY_TICK}:{{{tag}}}"
 
 
 def noop(tag: str) -> str:

@@ -4,7 +4,8 @@ Every FCALL in the process (API, scheduler, scanners) goes through `Store.fcall`
 the library once (single-flight) when Valkey answers "function not found" (after a failover or
 `FUNCTION FLUSH`) and retries the call once (docs/architecture.md#the-functions-library). Transport
 faults surface as
-`backend_unavailable`; a failed reload as `library_reload_failed`.
+`backend_unavailable`; a failed reload as `library_reload_failed`. A writing call then waits for
+the configured durability (docs/durability.md#the-hook).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
+from flowfabric.server.valkey.durability import (
+    Durability,
+    NodeAddress,
+    address_from_pool,
+    config_dict,
+    exempt,
+)
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.library import Library, default_library
 
@@ -106,6 +114,7 @@ class Store:
         self.cluster = cluster
         self.library = library or default_library()
         self._reload_lock = asyncio.Lock()
+        self.durability = Durability("os")
 
     @classmethod
     def from_url(cls, url: str, *, library: Library | None = None) -> Store:
@@ -138,6 +147,7 @@ class Store:
         return self.client
 
     async def close(self) -> None:
+        await self.durability.close()
         await self.client.aclose()
 
     # -- boot ---------------------------------------------------------------------------------
@@ -174,6 +184,39 @@ class Store:
             got = ".".join(map(str, version))
             raise RuntimeError(f"Valkey {got} is too old: flowfabric needs Valkey >= {want}")
         return version
+
+    async def durability_problems(self) -> list[str]:
+        """Why the primaries cannot keep the configured durability promise right now
+        (docs/durability.md#boot-and-health): `fsync` needs appendonly yes + appendfsync always
+        on every primary, `replicated` needs N online replicas on every primary."""
+        mode, want = self.durability.mode, self.durability.replicas
+        if mode == "os":
+            return []
+        problems = []
+        names = [n.name for n in self.cluster_client.get_primaries()] if self.cluster else [""]
+        if mode == "fsync":
+            configs = await self._on_each_primary("CONFIG", "GET", "append*")
+            for name, raw in zip(names, configs, strict=True):
+                cfg = config_dict(raw)
+                got = (cfg.get("appendonly"), cfg.get("appendfsync"))
+                if got != ("yes", "always"):
+                    where = f"primary {name}" if name else "the Valkey primary"
+                    problems.append(
+                        f"{where} runs appendonly {got[0]} / appendfsync {got[1]}; "
+                        "FF_DURABILITY=fsync needs appendonly yes and appendfsync always"
+                    )
+            return problems
+        bodies = await self._on_each_primary("INFO", "replication")
+        for name, body in zip(names, bodies, strict=True):
+            online = online_replicas(body)
+            if online < want:
+                where = f"primary {name}" if name else "the Valkey primary"
+                problems.append(
+                    f"{where} has {online} online replicas; FF_DURABILITY=replicated waits for "
+                    f"FF_DURABILITY_REPLICAS={want}, so writes answer UNAVAILABLE "
+                    "durability_timeout until enough replicas are back"
+                )
+        return problems
 
     async def loaded_versions(self) -> list[str | None]:
         out: list[str | None] = []
@@ -218,10 +261,31 @@ class Store:
     # -- calls --------------------------------------------------------------------------------
 
     async def fcall(
-        self, name: str, keys: Sequence[str], args: Sequence[Arg], *, read_only: bool = False
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        *,
+        read_only: bool = False,
+        durable: bool = True,
     ) -> Any:
         """Run one function (FCALL_RO when `read_only`: the function is registered
-        `no-writes`); reload the library once if it is missing, then retry once."""
+        `no-writes`); reload the library once if it is missing, then retry once. A writing call
+        (`durable` unless it acknowledges nobody) returns once the durability mode's wait is
+        met, or raises `durability_timeout` with the transition applied."""
+        if read_only or not durable or not self.durability.waits or not keys or exempt():
+            return await self._fcall(name, keys, args, read_only)
+        node = self._node_name(keys[0])
+        waiter, conn = await self.durability.before_write(node, lambda: self._address(node))
+        raw = await self._fcall(name, keys, args, read_only)
+        if self._node_name(keys[0]) != node:
+            conn = None  # redirected while in flight: its waiter never saw this node's write
+        await self.durability.after_write(waiter, conn, keys[0])
+        return raw
+
+    async def _fcall(
+        self, name: str, keys: Sequence[str], args: Sequence[Arg], read_only: bool
+    ) -> Any:
         try:
             return await self._raw_fcall(name, keys, args, read_only)
         except rexc.ResponseError as exc:
@@ -242,6 +306,22 @@ class Store:
             raise _reply_error(exc) from exc
         except Exception as exc:
             raise _transport(exc) from exc
+
+    def _node_name(self, key: str) -> str:
+        """The primary that owns `key` in the client's current view (standalone: the one)."""
+        if not self.cluster:
+            return "standalone"
+        node = self.cluster_client.get_node_from_key(key)
+        return "" if node is None else str(node.name)
+
+    def _address(self, node: str) -> NodeAddress:
+        if not self.cluster:
+            pool = self.client.connection_pool  # type: ignore[union-attr]
+            return address_from_pool(node, pool)
+        found = self.cluster_client.get_node(node_name=node)
+        if found is None:
+            raise FlowFabricError("backend_unavailable", message=f"{node} left the cluster")
+        return address_from_pool(node, found)
 
     async def _raw_fcall(
         self, name: str, keys: Sequence[str], args: Sequence[Arg], read_only: bool = False
@@ -292,6 +372,24 @@ class Store:
 async def server_time_ms(store: Store) -> int:
     """Valkey's clock in ms (`Store.time_ms`)."""
     return await store.time_ms()
+
+
+def online_replicas(info: Any) -> int:
+    """Replicas in state `online` in an INFO replication reply (text or parsed dict)."""
+    if isinstance(info, dict):
+        return sum(
+            1
+            for k, v in info.items()
+            if str(k).startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+        )
+    body = _s(info)
+    return sum(
+        1 for line in body.splitlines() if re.match(r"^slave\d+:", line) and "state=online" in line
+    )
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _is_not_loaded(exc: BaseException) -> bool:

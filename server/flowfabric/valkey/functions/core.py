@@ -248,13 +248,17 @@ def _is_opt_int(hint: object) -> bool:
 
 @dataclass(frozen=True)
 class Decl(Generic[R]):
-    """One Valkey Function: KEYS, ARGV, read-only flag and reply variants."""
+    """One Valkey Function: KEYS, ARGV, read-only flag and reply variants. `durable=False`
+    marks a writing function whose reply acknowledges nobody (a claim grant, consumed by the
+    claim that follows on the same partition, whose durability wait covers it):
+    docs/durability.md#what-waits."""
 
     name: str
     keys: tuple[Key, ...]
     argv: tuple[Arg, ...]
     replies: Mapping[str, Decoder[R]]
     read_only: bool = False
+    durable: bool = True
 
     @property
     def variadic(self) -> bool:
@@ -297,7 +301,7 @@ def decode_reply(decl: Decl[R], raw: Any) -> R:
 async def call(store: Store, decl: Decl[R], ctx: KeyCtx, values: Mapping[str, object]) -> R:
     """Build, FCALL (FCALL_RO for a read-only declaration) and decode one call."""
     keys, argv = build(decl, ctx, values)
-    raw = await store.fcall(decl.name, keys, argv, read_only=decl.read_only)
+    raw = await store.fcall(decl.name, keys, argv, read_only=decl.read_only, durable=decl.durable)
     return decode_reply(decl, raw)
 
 

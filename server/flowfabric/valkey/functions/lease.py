@@ -108,6 +108,7 @@ RECLAIM_GRANT: Decl[Granted] = Decl(
     (ek("core"), ek("claim_grant"), pk("lease_expiry")),
     GRANT_ARGV,
     ok(record(Granted)),
+    durable=False,
 )
 RECLAIM: Decl[Reclaimed | ReclaimLimit] = Decl(
     "ff_reclaim_execution",

@@ -100,6 +100,7 @@ ISSUE_GRANT: Decl[Granted] = Decl(
     (ek("core"), ek("claim_grant"), lane("eligible")),
     GRANT_ARGV,
     ok(record(Granted)),
+    durable=False,
 )
 CLAIM: Decl[Leased] = Decl(
     "ff_claim_execution",
