@@ -25,7 +25,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.crc import key_slot
 
 from flowfabric import Client, RetryPolicy, Submitted
-from flowfabric.server import config as server_config
 from flowfabric.server.embedded import PID_FILE, ValkeyCluster, ValkeyProcess
 from flowfabric.server.valkey.ids import solo_partition
 from flowfabric.server.valkey.keys import PartitionKeys
@@ -455,11 +454,6 @@ def _warnings(log: str) -> int:
 # -- (e) Valkey Cluster failover ----------------------------------------------------------
 
 
-def durability_supported() -> bool:
-    """Whether this server build knows `FF_DURABILITY` (replicated writes)."""
-    return "FF_DURABILITY" in getattr(server_config, "_SETTINGS", {})
-
-
 @dataclass
 class ClusterFailover:
     rate: float = 25.0
@@ -469,16 +463,19 @@ class ClusterFailover:
     workers: int = 4
     sleep_ms: int = 50
     gap_bound_ms: int = 15_000
-    durable: bool = True  # with FF_DURABILITY=replicated when the server supports it
+    durable: bool = True  # the server runs with FF_DURABILITY=replicated
 
 
 async def cluster_failover(tmp: Path, p: ClusterFailover) -> Result:
     """3 primaries + 3 replicas; the primary holding the load's partition is killed -9, its
     replica is promoted, and the server carries on (library present, connections re-routed).
     With replicated durability no acknowledged create or completion is lost."""
-    durable = p.durable and durability_supported()
+    durable = p.durable
     # append-only files on every node: replicated durability waits for replicas to write them
-    cluster = ValkeyCluster(replicas=1, node_timeout_ms=p.node_timeout_ms, persistent=True)
+    # (appendfsync always: a replica under everysec acknowledges a WAITAOF only once a second)
+    cluster = ValkeyCluster(
+        replicas=1, node_timeout_ms=p.node_timeout_ms, persistent=True, appendfsync="always"
+    )
     cluster.start()
     env = {
         "FF_VALKEY_URL": cluster.url, "FF_WAITPOINT_HMAC_SECRET": HMAC_SECRET,
@@ -509,6 +506,10 @@ async def cluster_failover(tmp: Path, p: ClusterFailover) -> Result:
                 os.kill(victim.proc.pid, signal.SIGKILL)
                 promoted_ms = await asyncio.to_thread(_wait_promoted, heir, killed)
                 library = await asyncio.to_thread(_library_on, heir)
+                # the killed node comes back and rejoins as the promoted node's replica, so
+                # replicated writes on that shard can be acknowledged again
+                await asyncio.to_thread(victim.proc.wait)  # reaped before it is started again
+                await asyncio.to_thread(victim.start)
                 await asyncio.sleep(p.after_s)
                 gap = inflow.max_gap_ms(since_ms=killed - 1000)
                 promoted_at = killed + max(promoted_ms, 0)

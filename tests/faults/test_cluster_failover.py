@@ -12,7 +12,6 @@ from tests.faults.scenarios import (
     ClusterFailover,
     Result,
     cluster_failover,
-    durability_supported,
     durable_violations,
 )
 
@@ -29,10 +28,6 @@ async def test_the_server_carries_on_through_a_primary_failover(failover: Result
     assert not failover.violations, failover.violations
 
 
-@pytest.mark.skipif(
-    not durability_supported(),
-    reason="needs FF_DURABILITY=replicated (durability mode not in this build yet)",
-)
 @pytest.mark.timeout(180)
 async def test_replicated_durability_loses_no_acknowledged_transition(failover: Result) -> None:
     assert failover.counts["durable"], failover.counts
