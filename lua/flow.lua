@@ -338,8 +338,9 @@ local function apply_dependency_to_child(keys, argv)
   local fields = {'flow_id', fid, 'last_dependency_update_at', Util.num(now),
     'last_flow_graph_revision', redis.call('HGET', keys[2], 'graph_revision') or '0'}
   if not Util.is_set(stored[1]) or Util.is_set(argv[4]) then
-    fields[#fields + 1], fields[#fields + 2] = 'join_kind', join
-    fields[#fields + 3], fields[#fields + 4] = 'join_quorum', k
+    for _, v in ipairs({'join_kind', join, 'join_quorum', k}) do
+      fields[#fields + 1] = v
+    end
   end
   local up = ed.upstream_execution_id
   write_dep(x.tag, fid, {id = edge, up = up, down = x.eid, kind = ed.dependency_kind,
