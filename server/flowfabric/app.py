@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from flowfabric.server.api import limits
 from flowfabric.server.api.interceptors import FlowFabricInterceptor
-from flowfabric.server.api.servicers import admin, execution, signal, stream, worker
+from flowfabric.server.api.servicers import admin, execution, flow, signal, stream, worker
 from flowfabric.server.api.servicers.base import ServerContext, pending
 from flowfabric.server.api.streams import StreamSlots
 from flowfabric.server.api.watches import SignalWatches
@@ -244,8 +244,10 @@ class FlowFabricServer:
             ctx, self.hub, self.stream_store, StreamSlots(self.config.max_concurrent_stream_ops)
         )
         stream_pb2_grpc.add_StreamServiceServicer_to_server(self.streams, server)
+        flow_pb2_grpc.add_FlowServiceServicer_to_server(
+            flow.FlowServicer(ctx, self.scheduler.wake_local), server
+        )
         later = [
-            (flow_pb2, flow_pb2_grpc, "FlowService", "the flows work"),
             (budget_pb2, budget_pb2_grpc, "BudgetService", "the budgets and quotas work"),
         ]
         for module, grpc_module, service, by in later:

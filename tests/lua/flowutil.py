@@ -76,7 +76,9 @@ async def states(store: Store, dag: Dag) -> dict[str, str]:
     return {k: await state(store, eid) for k, eid in dag.ids.items()}
 
 
-async def run(store: Store, eid: ExecutionId, outcome: str = "success", result: bytes = b"") -> None:
+async def run(
+    store: Store, eid: ExecutionId, outcome: str = "success", result: bytes = b""
+) -> None:
     """Claim `eid` and end it with `outcome` (success or failed, no retries)."""
     lease = await claim(store, eid)
     if outcome == "success":

@@ -41,7 +41,9 @@ class Flow:
 
     async def edge(self, up: ExecutionId, down: ExecutionId, kind: str = "", **join: object) -> str:
         edge = str(uuid.uuid4())
-        await self.fn.stage_dependency_edge(self.fid, edge, up, down, kind, "", await self.revision())
+        await self.fn.stage_dependency_edge(
+            self.fid, edge, up, down, kind, "", await self.revision()
+        )
         await self.fn.apply_dependency_to_child(self.fid, edge, down, **join)  # type: ignore[arg-type]
         return edge
 
@@ -218,7 +220,10 @@ async def test_cancel_flow_marks_it_and_refuses_changes(store: Store) -> None:
     assert (cancelled.cancellation_policy, cancelled.members) == ("cancel_all", (str(a),))
     with pytest.raises(FlowFabricError) as err:
         await f.fn.cancel_flow(f.tag, f.fid, "again", "other")
-    assert (err.value.code, err.value.details) == ("flow_already_terminal", ["cancelled", "cancel_all"])
+    assert (err.value.code, err.value.details) == (
+        "flow_already_terminal",
+        ["cancelled", "cancel_all"],
+    )
     b = ExecutionId(f.p, str(uuid.uuid4()))
     await create(store, b)
     with pytest.raises(FlowFabricError) as err:

@@ -66,7 +66,7 @@ async def test_a_failure_skips_its_descendants_recording_why(store: Store) -> No
         "A": "completed", "B": "failed", "C": "waiting", "D": "skipped", "E": "skipped",
     }  # fmt: skip
     d = await core_of(store, dag["D"])
-    edge_bd = (await store.call("SMEMBERS", dag.keys.incoming(str(dag["D"]))))
+    edge_bd = await store.call("SMEMBERS", dag.keys.incoming(str(dag["D"])))
     assert d["skipped_by_upstream"] == str(dag["B"])
     assert d["skipped_upstream_outcome"] == "failed"
     assert d["skipped_by_edge"].encode() in edge_bd
@@ -78,14 +78,25 @@ async def test_a_failure_skips_its_descendants_recording_why(store: Store) -> No
     lanes = PartitionKeys(dag.tag)
     for k in "DE":
         assert await store.call("ZSCORE", lanes.lane(LANE, "terminal"), str(dag[k])) is not None
-        assert await store.call("ZSCORE", lanes.lane(LANE, "blocked:dependencies"), str(dag[k])) is None
+        assert (
+            await store.call("ZSCORE", lanes.lane(LANE, "blocked:dependencies"), str(dag[k]))
+            is None
+        )
     outcomes = {(ev["execution_id"], ev["outcome"]) for ev in events}
-    assert {(str(dag["B"]), "failed"), (str(dag["D"]), "skipped"), (str(dag["E"]), "skipped")} <= outcomes
+    assert {
+        (str(dag["B"]), "failed"),
+        (str(dag["D"]), "skipped"),
+        (str(dag["E"]), "skipped"),
+    } <= outcomes
     # C still runs; the flow is not terminal until it ends, then failed
     assert (await flow_core(store, dag))["public_flow_state"] == "open"
     await run(store, dag["C"])
     f = await flow_core(store, dag)
-    assert (f["public_flow_state"], f["members_skipped"], f["members_failed"]) == ("failed", "2", "1")
+    assert (f["public_flow_state"], f["members_skipped"], f["members_failed"]) == (
+        "failed",
+        "2",
+        "1",
+    )
     failures = await store.call("LRANGE", dag.keys.failures, 0, -1)
     assert len(failures) == 1 and str(dag["B"]).encode() in failures[0]
 

@@ -226,7 +226,9 @@ class FlowFunctions:
 
     async def add_execution_to_flow(self, flow_id: str, eid: ExecutionId) -> Membership:
         ctx = flow_ctx(eid.tag, flow_id, eid)
-        return await call(self.store, ADD_MEMBER, ctx, {"flow_id": flow_id, "execution_id": str(eid)})
+        return await call(
+            self.store, ADD_MEMBER, ctx, {"flow_id": flow_id, "execution_id": str(eid)}
+        )
 
     async def stage_dependency_edge(
         self, flow_id: str, edge_id: str, upstream: ExecutionId, downstream: ExecutionId,
@@ -267,9 +269,7 @@ class FlowFunctions:
         reply = await call(self.store, EVALUATE, exec_ctx(eid), {"execution_id": str(eid)})
         return reply.outcome
 
-    async def cancel_flow(
-        self, tag: str, flow_id: str, reason: str, policy: str
-    ) -> FlowCancelled:
+    async def cancel_flow(self, tag: str, flow_id: str, reason: str, policy: str) -> FlowCancelled:
         return await call(self.store, CANCEL_FLOW, flow_ctx(tag, flow_id), {
             "flow_id": flow_id, "reason": reason, "cancellation_policy": policy,
         })  # fmt: skip
