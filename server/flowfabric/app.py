@@ -36,6 +36,7 @@ from flowfabric.server.embedded import (
 )
 from flowfabric.server.engine.aio import cancel_and_wait
 from flowfabric.server.engine.events import EventHub
+from flowfabric.server.engine.flows import flow_scanners
 from flowfabric.server.engine.keystore import embedded_password, install_secret, resolve_secret
 from flowfabric.server.engine.lifecycle import lifecycle_scanners
 from flowfabric.server.engine.scanners import ScannerSet
@@ -142,6 +143,8 @@ class FlowFabricServer:
         registry = WorkerRegistry(self.store)
         self.scanners = lifecycle_scanners(cfg, self.store, fn, registry, self.scheduler.wake_local)
         for scanner in suspension_scanners(cfg, self.store, fn):
+            self.scanners.add(scanner)
+        for scanner in flow_scanners(cfg, fn, self.scheduler.wake_local):
             self.scanners.add(scanner)
         self.server = self._build_server(ctx, ".".join(map(str, version)), registry)
         self.port = self._bind(self.server)

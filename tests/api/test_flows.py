@@ -18,7 +18,7 @@ from flowfabric.v1 import flow_pb2 as pb
 from flowfabric.v1 import flow_pb2_grpc
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as wpb
-from tests.api.test_lifecycle import claim_one, complete, fail, state
+from tests.api.test_lifecycle import claim_one, complete, eventually, fail, state
 from tests.api.util import expect_error, keyspace_size
 from tests.conftest import Api
 
@@ -199,7 +199,8 @@ def _bad(fid: str, **kw: Any) -> pb.SubmitFlowRequest:
 @pytest.mark.parametrize(
     ("request_kw", "code", "reason"),
     [
-        ({"edges": [E(upstream_key="A", downstream_key="B"), E(upstream_key="B", downstream_key="A")]},
+        ({"edges": [E(upstream_key="A", downstream_key="B"),
+                    E(upstream_key="B", downstream_key="A")]},
          C.FAILED_PRECONDITION, "cycle_detected"),
         ({"edges": [E(upstream_key="A", downstream_key="A")]},
          C.INVALID_ARGUMENT, "self_referencing_edge"),
@@ -286,14 +287,18 @@ async def test_incremental_build_without_an_early_claim(api: Api) -> None:
     )  # fmt: skip
     await expect_error(
         fx.AddDependency(
-            pb.AddDependencyRequest(flow_id=fid, upstream_execution_id=b, downstream_execution_id=a),
+            pb.AddDependencyRequest(
+                flow_id=fid, upstream_execution_id=b, downstream_execution_id=a
+            ),
             metadata=api.metadata,
         ),
         C.FAILED_PRECONDITION, "cycle_detected",
     )  # fmt: skip
     await expect_error(
         fx.AddDependency(
-            pb.AddDependencyRequest(flow_id=fid, upstream_execution_id=a, downstream_execution_id=a),
+            pb.AddDependencyRequest(
+                flow_id=fid, upstream_execution_id=a, downstream_execution_id=a
+            ),
             metadata=api.metadata,
         ),
         C.INVALID_ARGUMENT, "self_referencing_edge",
@@ -345,7 +350,9 @@ async def test_list_edges_pages_and_tags(api: Api) -> None:
             break
     assert sorted(seen) == sorted(ids[k] for k in "ABC")
     await expect_error(
-        fx.ListEdges(pb.ListEdgesRequest(direction=incoming, page_size=1001), metadata=api.metadata),
+        fx.ListEdges(
+            pb.ListEdgesRequest(direction=incoming, page_size=1001), metadata=api.metadata
+        ),
         C.INVALID_ARGUMENT, "invalid_input",
     )  # fmt: skip
     tagged = await fx.SetFlowTags(
@@ -353,7 +360,9 @@ async def test_list_edges_pages_and_tags(api: Api) -> None:
     )
     assert tagged.ok.count == 1
     await expect_error(
-        fx.SetFlowTags(pb.SetFlowTagsRequest(flow_id=fid, tags={"nodot": "x"}), metadata=api.metadata),
+        fx.SetFlowTags(
+            pb.SetFlowTagsRequest(flow_id=fid, tags={"nodot": "x"}), metadata=api.metadata
+        ),
         C.INVALID_ARGUMENT, "invalid_tag_key",
     )  # fmt: skip
     assert dict((await describe(api, fid)).flow.tags) == {"app.run": "r1"}
@@ -385,3 +394,29 @@ async def test_cancel_flow_cancels_members_and_is_repeatable(api: Api) -> None:
         ),
         C.FAILED_PRECONDITION, "flow_already_terminal",
     )  # fmt: skip
+
+
+async def test_fan_out_past_the_per_call_bound_is_finished_by_the_reconciler(
+    engine_api: Api,
+) -> None:
+    api = engine_api
+    fid = str(uuid.uuid4())
+    p = flow_partition(fid, 16)
+    lane = next(f"fan-{n}" for n in range(10_000) if solo_partition(f"fan-{n}", 16) == p)
+    kids = [M(key=f"k{i}", lane_id="kids", execution_kind="step") for i in range(70)]
+    reply = await flows(api).SubmitFlow(
+        pb.SubmitFlowRequest(
+            flow_id=fid, flow_kind="dag", namespace="ns",
+            members=[M(key="root", lane_id=lane, execution_kind="step"), *kids],
+            edges=[E(upstream_key="root", downstream_key=k.key) for k in kids],
+        ),
+        metadata=api.metadata,
+    )  # fmt: skip
+    ids = {m.key: m.execution_id for m in reply.submitted.members}
+    task = await claim_one(api, lanes=(lane,))
+    await complete(api, task.lease)
+
+    async def all_released() -> bool:
+        return all([await state(api, ids[k.key]) == S.PUBLIC_STATE_WAITING for k in kids])
+
+    await eventually(all_released, "the reconciler releases the children past the bound")
