@@ -271,7 +271,7 @@ end
 
 redis.register_function('ff_stage_dependency_edge', stage_dependency_edge)
 
--- The lane set of a runnable execution's eligibility state (W8: a re-gated child leaves the
+-- The lane set of a runnable execution's eligibility state (a re-gated child leaves the
 -- index it is in, not only eligible).
 local RUNNABLE_SET = {
   eligible_now = 'eligible', not_eligible_until_time = 'delayed',
