@@ -1,134 +1,29 @@
 -- execution.lua: creating executions and caller-owned metadata (docs/lifecycle.md#create,
 -- docs/lifecycle.md#tags).
 --
--- uses: reply, util, bounds, argv, keys, state, stream, lease, attempt, terminal, policy, capabilities
-
--- Every exec_core field of docs/architecture.md#key-schema that create initialises to "" (unset).
-local CORE_EMPTY_FIELDS = {
-  'flow_id', 'required_capabilities', 'budget_ids', 'quota_policy_id',
-  'current_attempt_index', 'current_attempt_id',
-  'current_lease_id', 'current_worker_id', 'current_worker_instance_id',
-  'lease_acquired_at', 'lease_expires_at', 'lease_last_renewed_at', 'lease_renewal_deadline',
-  'lease_expired_at', 'lease_revoked_at', 'lease_revoke_reason',
-  'started_at', 'completed_at',
-  'current_suspension_id', 'current_waitpoint_id',
-  'pending_retry_reason', 'pending_replay_reason', 'pending_replay_requested_by',
-  'pending_previous_attempt_index',
-  'progress_pct', 'progress_message', 'progress_updated_at',
-  'failure_reason', 'cancellation_reason', 'cancelled_by', 'result_encoding',
-  'last_capability_mismatch_at', 'execution_deadline_at',
-}
-
-local DEFAULT_DEDUP_WINDOW_MS = 86400000
-
--- Validates the policy JSON against its schema (include/policy.lua) and returns (policy table or
--- false, required-capabilities CSV) or nil plus an error reply.
-local function parse_policy(policy_json)
-  if policy_json == '' or policy_json == '{}' then
-    return false, ''
-  end
-  local policy = Util.decode_json(policy_json)
-  if type(policy) ~= 'table' then
-    return nil, nil, Reply.err('invalid_policy_json', 'malformed')
-  end
-  local serr = Policy.check(policy, Policy.EXECUTION_SCHEMA)
-  if serr then
-    return nil, nil, serr
-  end
-  local routing = policy.routing_requirements
-  if routing == nil or routing == cjson.null then
-    return policy, ''
-  end
-  local caps = routing.required_capabilities
-  if caps == nil or caps == cjson.null then
-    return policy, ''
-  end
-  local csv, cerr = Caps.csv('required', caps)
-  if not csv then
-    return nil, nil, cerr
-  end
-  return policy, csv
-end
-
--- One tag (key rule, sizes); nil or the error reply.
-local function tag_error(k, v)
-  if type(k) ~= 'string' or not State.valid_tag_key(k) then
-    return Reply.err('invalid_tag_key', tostring(k))
-  elseif #k > Bounds.TAG_KEY_BYTES then
-    return Reply.err('invalid_input', 'tag keys must be at most ' .. Bounds.TAG_KEY_BYTES
-      .. ' bytes, got: ' .. #k)
-  elseif type(v) == 'table' then
-    return Reply.err('invalid_input', 'tag values must be scalars: ' .. k)
-  elseif #tostring(v) > Bounds.TAG_VALUE_BYTES then
-    return Reply.err('invalid_input', 'tag values must be at most ' .. Bounds.TAG_VALUE_BYTES
-      .. ' bytes: ' .. k)
-  end
-  return nil
-end
-
-local function too_many_tags(n)
-  return Reply.err('invalid_input', 'an execution has at most ' .. Bounds.TAGS
-    .. ' tags, got: ' .. n)
-end
-
--- Tags JSON: an object of string keys (caller namespace rule) to scalar values, at most TAGS.
-local function parse_tags(tags_json)
-  if tags_json == '' or tags_json == '{}' then
-    return {}
-  end
-  local tags = Util.decode_json(tags_json)
-  if type(tags) ~= 'table' then
-    return nil, Reply.err('invalid_input', 'tags_json must be a JSON object')
-  end
-  local n = 0
-  for k, v in pairs(tags) do
-    n = n + 1
-    local terr = tag_error(k, v)
-    if terr then
-      return nil, terr
-    end
-  end
-  if n > Bounds.TAGS then
-    return nil, too_many_tags(n)
-  end
-  return tags
-end
-
-local function policy_number(policy, section, field)
-  if not policy then
-    return false
-  end
-  local t = policy
-  if section then
-    t = policy[section]
-    if type(t) ~= 'table' then
-      return false
-    end
-  end
-  local v = t[field]
-  if type(v) == 'number' then
-    return v
-  end
-  return false
-end
+-- uses: reply, util, bounds, argv, keys, state, stream, lease, attempt, terminal, policy, create
 
 -- ff_create_execution
 --   KEYS (10): 1 core, 2 payload, 3 policy, 4 tags, 5 lane eligible, 6 lane delayed,
 --     7 idempotency key (ff:idem:{p}:<ns>:<key>) or the ff:noop:{p} placeholder,
 --     8 execution_deadline index, 9 all_executions, 10 lanes registry (ff:idx:{p}:lanes).
---   ARGV (15): 1 execution_id, 2 namespace, 3 lane_id, 4 execution_kind, 5 priority,
+--   ARGV (16): 1 execution_id, 2 namespace, 3 lane_id, 4 execution_kind, 5 priority,
 --     6 creator_identity, 7 policy_json ("" or "{}" = none), 8 input_payload (raw bytes),
 --     9 delay_until ("" = none), 10 dedup_ttl_ms ("" = policy.dedup_window_ms or 24 h),
 --     11 tags_json, 12 execution_deadline_at ("" = policy.timeout_policy.execution_deadline_ms
---     after now, or none), 13 partition_id, 14 payload_encoding ("" = json), 15 quota_policy_id.
+--     after now, or none), 13 partition_id, 14 payload_encoding ("" = json), 15 quota_policy_id,
+--     16 blocked_by_dependencies ("1" = start blocked_by_dependencies / waiting_for_children in
+--     lane blocked:dependencies, for a flow member whose edges come later,
+--     docs/flows.md#building-a-flow; "" = no).
 --   Now: TIME.
 --   Replies: {1,"OK",execution_id,public_state} | {1,"DUPLICATE",existing_execution_id}
 --   Errors (nothing written on any): invalid_input (numeric ARGV and their bounds, delay_until or
 --     execution_deadline_at more than Bounds.HORIZON_MS after now, tags_json, more than
 --     Bounds.TAGS tags, tag key/value sizes), invalid_policy_json (malformed, or the field that
 --     breaks the schema of include/policy.lua), invalid_capabilities (required:<why>),
---     invalid_tag_key.
---   Writes: core, payload, policy, tags, eligible|delayed, execution_deadline, all_executions,
+--     invalid_tag_key; invalid_input for delay_until with blocked_by_dependencies.
+--   Writes: core, payload, policy, tags, eligible|delayed|blocked:dependencies,
+--     execution_deadline, all_executions,
 --     lanes, idempotency key (PX ttl); SPUBLISH ff:exec_events:{p} state_changed.
 local CREATE_ARGV = {
   {5, 'priority', 'int'},
@@ -143,9 +38,6 @@ local function create_execution(keys, argv)
   if not a then
     return e
   end
-  local priority, delay_until, dedup_ttl = a.priority, a.delay_until, a.dedup_ttl_ms
-  local deadline, partition = a.execution_deadline_at, a.partition_id
-
   local eid = argv[1]
   if string.sub(keys[7], 1, 8) == 'ff:idem:' then
     local existing = redis.call('GET', keys[7])
@@ -156,82 +48,33 @@ local function create_execution(keys, argv)
   if redis.call('EXISTS', keys[1]) == 1 then
     return {1, 'DUPLICATE', eid}
   end
-
-  local policy, caps_csv, perr = parse_policy(argv[7])
+  local blocked = argv[16] == '1'
+  if blocked and a.delay_until then
+    return Reply.err('invalid_input', 'delay_until cannot be combined with blocked_by_dependencies')
+  end
+  local policy, caps_csv, perr = Create.parse_policy(argv[7])
   if policy == nil then
     return perr
   end
-  local tags, terr = parse_tags(argv[11])
+  local tags, terr = Create.parse_tags(argv[11])
   if not tags then
     return terr
   end
 
   local now = Util.now_ms()
-  local herr = Bounds.past_horizon('delay_until', delay_until, now)
-    or Bounds.past_horizon('execution_deadline_at', deadline, now)
+  local herr = Bounds.past_horizon('delay_until', a.delay_until, now)
+    or Bounds.past_horizon('execution_deadline_at', a.execution_deadline_at, now)
   if herr then
     return herr
   end
-  priority = State.clamp_priority(priority)
-  if not deadline then
-    local rel = policy_number(policy, 'timeout_policy', 'execution_deadline_ms')
-    if rel and rel > 0 then
-      deadline = now + math.floor(rel)
-    end
-  end
-  local delayed = delay_until and delay_until > now
-  local budget_ids = ''
-  if policy and type(policy.budget_ids) == 'table' then
-    budget_ids = table.concat(policy.budget_ids, ',')
-  end
-
-  local extra = {
-    execution_id = eid, namespace = argv[2], lane_id = argv[3], execution_kind = argv[4],
-    partition_id = partition, priority = priority, creator_identity = argv[6],
-    payload_encoding = (argv[14] ~= '' and argv[14]) or 'json',
-    total_attempt_count = 0, current_lease_epoch = 0, retry_count = 0, replay_count = 0,
-    lease_reclaim_count = 0, current_lane = argv[3], created_at = Util.num(now),
-    delay_until = delay_until and Util.num(delay_until) or '',
-  }
-  for _, f in ipairs(CORE_EMPTY_FIELDS) do
-    extra[f] = ''
-  end
-  extra.required_capabilities = caps_csv
-  extra.budget_ids = budget_ids
-  extra.quota_policy_id = argv[15]
-  extra.execution_deadline_at = deadline and Util.num(deadline) or ''
-
-  local vector
-  if delayed then
-    vector = {'runnable', 'unowned', 'not_eligible_until_time', 'waiting_for_delay',
-      'delayed until ' .. Util.num(delay_until), 'none', 'pending_first_attempt'}
-  else
-    vector = {'runnable', 'unowned', 'eligible_now', 'waiting_for_worker', '', 'none',
-      'pending_first_attempt'}
-  end
-  local public = State.write_vector(keys[1], eid, vector, now, extra)
-
-  redis.call('SET', keys[2], argv[8])
-  if argv[7] ~= '' then
-    redis.call('SET', keys[3], argv[7])
-  else
-    redis.call('SET', keys[3], '{}')
-  end
-  if next(tags) ~= nil then
-    Util.hmset(keys[4], tags)
-  end
-  if delayed then
-    redis.call('ZADD', keys[6], Util.num(delay_until), eid)
-  else
-    redis.call('ZADD', keys[5], Util.num(State.eligible_score(priority, now)), eid)
-  end
-  redis.call('SADD', keys[9], eid)
-  redis.call('SADD', keys[10], argv[3])
-  if deadline then
-    redis.call('ZADD', keys[8], Util.num(deadline), eid)
-  end
+  local public = Create.write(Util.tag_of(keys[1]), {eid = eid, namespace = argv[2],
+    lane = argv[3], kind = argv[4], priority = a.priority, creator = argv[6], policy = policy,
+    policy_json = argv[7], caps_csv = caps_csv, payload = argv[8], encoding = argv[14],
+    tags = tags, delay_until = a.delay_until, deadline = a.execution_deadline_at,
+    partition = a.partition_id, quota_policy_id = argv[15], blocked = blocked}, now)
   if string.sub(keys[7], 1, 8) == 'ff:idem:' then
-    local ttl = dedup_ttl or policy_number(policy, nil, 'dedup_window_ms') or DEFAULT_DEDUP_WINDOW_MS
+    local ttl = a.dedup_ttl_ms or Create.policy_number(policy, nil, 'dedup_window_ms')
+      or Create.DEFAULT_DEDUP_WINDOW_MS
     if ttl > 0 then
       redis.call('SET', keys[7], eid, 'PX', Util.num(ttl))
     end
@@ -259,7 +102,7 @@ local function set_execution_tags(keys, argv)
   end
   local new = 0
   for i = 1, #argv, 2 do
-    local terr = tag_error(argv[i], argv[i + 1])
+    local terr = Create.tag_error(argv[i], argv[i + 1])
     if terr then
       return terr
     end
@@ -269,7 +112,7 @@ local function set_execution_tags(keys, argv)
   end
   local total = redis.call('HLEN', keys[2]) + new
   if total > Bounds.TAGS then
-    return too_many_tags(total)
+    return Create.too_many_tags(total)
   end
   for i = 1, #argv, 2 do
     redis.call('HSET', keys[2], argv[i], argv[i + 1])
@@ -365,12 +208,14 @@ local function complete_execution(keys, argv)
   end
   x.lease, x.lease_expiry, x.attempt_timeout, x.deadline = keys[6], keys[3], keys[11], keys[12]
   local idx, now = x.core.current_attempt_index, x.now
+  -- The result first: the terminal transition resolves a flow member's edges, and a
+  -- data-passing edge copies this result into the child (docs/flows.md#resolution).
+  if argv[5] ~= '' then
+    redis.call('SET', keys[10], argv[5])
+  end
   Terminal.transition(x, 'success', now, Lease.cleared({result_encoding = argv[7] or ''}), true)
   if Attempt.finish(x, idx, 'ended_success', {}, now) then
     Stream.close(x, idx, 'attempt_success', now, false)
-  end
-  if argv[5] ~= '' then
-    redis.call('SET', keys[10], argv[5])
   end
   Lease.release(x, 'completed', now)
   return Reply.ok('completed')
@@ -950,7 +795,8 @@ end
 --   Errors: execution_not_found, execution_not_terminal, max_replays_exhausted.
 --   Writes: core replayed vector (pending_replay_attempt), replay_count+1, completed_at="",
 --     pending_previous_attempt_index=current_attempt_index, pending reasons cleared,
---     failure_reason, cancellation_reason, cancelled_by, result_encoding cleared, retry_count
+--     failure_reason, cancellation_reason, cancelled_by, result_encoding, skip provenance
+--     (skipped_by_edge, skipped_by_upstream, skipped_upstream_outcome) cleared, retry_count
 --     and lease_reclaim_count reset to 0; DEL result; ZREM lane terminal; history
 --     `replay_initiated` (replay_count, replay_type). Normal: ZADD lane eligible at
 --     -(priority x 10^12) + created_at, replay_type=normal. Skipped flow member with n > 0
@@ -983,6 +829,7 @@ local function replay_execution(keys, argv)
     pending_retry_reason = '', pending_replay_reason = '', pending_replay_requested_by = '',
     failure_reason = '', cancellation_reason = '', cancelled_by = '', result_encoding = '',
     retry_count = '0', lease_reclaim_count = '0',
+    skipped_by_edge = '', skipped_by_upstream = '', skipped_upstream_outcome = '',
   }
   local created = tonumber(c.created_at or '0') or 0
   local vector, target, score, replay_type

@@ -678,6 +678,9 @@ SERVICES: dict[str, dict[str, str]] = {
         "DescribeEdge": "",
         "ListEdges": "",
         "SetFlowTags": "",
+        # issue 13: a whole DAG in one call; releasing a member created blocked
+        "SubmitFlow": "",
+        "PromoteBlockedToEligible": "",
     },
     "BudgetService": {
         "CreateBudget": "",

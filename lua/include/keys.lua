@@ -31,6 +31,11 @@ function Keys.waitpoint(tag, wpid)
   return 'ff:wp:' .. tag .. ':' .. wpid
 end
 
+-- Flow keys (docs/flows.md#keys): ff:flow:{p}:<fid>:<suffix>, on the flow's partition tag.
+function Keys.flow(tag, fid, suffix)
+  return 'ff:flow:' .. tag .. ':' .. fid .. ':' .. suffix
+end
+
 -- Every scheduling set of a lane and every per-partition timeout/lease index
 -- (docs/architecture.md#key-schema).
 Keys.LANE_SETS = {

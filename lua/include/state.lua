@@ -1,4 +1,4 @@
--- uses: util, keys
+-- uses: util, keys, flowstate
 
 local State = {}
 
@@ -41,9 +41,12 @@ end
 
 -- Writes all six state-vector dimensions, public_state, last_transition_at and last_mutation_at
 -- (plus any `extra` fields) in one HSET, then publishes the watch event. Returns public_state.
--- v = {phase, ownership, eligibility, blocking, detail, outcome, attempt}
+-- A flow member's move between public states also moves its flow's counters
+-- (docs/flows.md#flow-state). v = {phase, ownership, eligibility, blocking, detail, outcome,
+-- attempt}
 function State.write_vector(core_key, eid, v, now, extra)
   local public = State.public_state_of(v[1], v[3], v[6])
+  local prev = redis.call('HMGET', core_key, 'public_state', 'flow_id')
   local args = {
     'lifecycle_phase', v[1], 'ownership_state', v[2], 'eligibility_state', v[3],
     'blocking_reason', v[4], 'blocking_detail', v[5], 'terminal_outcome', v[6],
@@ -57,6 +60,11 @@ function State.write_vector(core_key, eid, v, now, extra)
     end
   end
   redis.call('HSET', core_key, unpack(args))
+  if Util.is_set(prev[2]) and prev[1] ~= public then
+    local reason = extra and (extra.failure_reason or extra.cancellation_reason)
+    FlowState.moved(Util.tag_of(core_key), prev[2], eid, Util.is_set(prev[1]) and prev[1] or nil,
+      public, reason, now)
+  end
   redis.call('SPUBLISH', 'ff:exec_events:' .. Util.tag_of(core_key), cjson.encode({
     type = 'state_changed', execution_id = eid, public_state = public, at = now,
   }))

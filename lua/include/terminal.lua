@@ -1,11 +1,13 @@
--- uses: util, keys, state
+-- uses: util, keys, state, deps
 
 local Terminal = {}
 
 -- Terminal transition common effects (docs/lifecycle.md#terminal-transitions). Writes the core
 -- first (vector, completed_at
 -- and `extra`), then ZREM attempt_timeout/execution_deadline, ZADD lane terminal, and PUBLISH
--- ff:dag:completions for a flow member when `publish`. Needs x.attempt_timeout, x.deadline.
+-- ff:dag:completions for a flow member when `publish`. A flow member's outgoing edges are
+-- resolved here, in the same call (docs/flows.md#resolution), whatever `publish` says.
+-- Needs x.attempt_timeout, x.deadline.
 function Terminal.transition(x, outcome, now, extra, publish)
   local c = x.core
   local attempt = 'attempt_terminal'
@@ -24,6 +26,9 @@ function Terminal.transition(x, outcome, now, extra, publish)
     redis.call('PUBLISH', 'ff:dag:completions', cjson.encode({
       execution_id = x.eid, flow_id = c.flow_id, outcome = outcome,
     }))
+  end
+  if Util.is_set(c.flow_id) then
+    Deps.upstream_done(x.tag, x.eid, c.flow_id, outcome, now)
   end
   return public
 end

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from flowfabric.server.api import limits
 from flowfabric.server.api.interceptors import FlowFabricInterceptor
-from flowfabric.server.api.servicers import admin, execution, signal, stream, worker
+from flowfabric.server.api.servicers import admin, execution, flow, signal, stream, worker
 from flowfabric.server.api.servicers.base import ServerContext, pending
 from flowfabric.server.api.streams import StreamSlots
 from flowfabric.server.api.watches import SignalWatches
@@ -36,6 +36,7 @@ from flowfabric.server.embedded import (
 )
 from flowfabric.server.engine.aio import cancel_and_wait
 from flowfabric.server.engine.events import EventHub
+from flowfabric.server.engine.flows import flow_scanners
 from flowfabric.server.engine.keystore import embedded_password, install_secret, resolve_secret
 from flowfabric.server.engine.lifecycle import lifecycle_scanners
 from flowfabric.server.engine.scanners import ScannerSet
@@ -154,6 +155,8 @@ class FlowFabricServer:
         registry = WorkerRegistry(self.store)
         self.scanners = lifecycle_scanners(cfg, self.store, fn, registry, self.scheduler.wake_local)
         for scanner in suspension_scanners(cfg, self.store, fn):
+            self.scanners.add(scanner)
+        for scanner in flow_scanners(cfg, fn, self.scheduler.wake_local):
             self.scanners.add(scanner)
         self.server = self._build_server(ctx, ".".join(map(str, version)), registry)
         self.port = self._bind(self.server)
@@ -301,8 +304,10 @@ class FlowFabricServer:
             ctx, self.hub, self.stream_store, StreamSlots(self.config.max_concurrent_stream_ops)
         )
         stream_pb2_grpc.add_StreamServiceServicer_to_server(self.streams, server)
+        flow_pb2_grpc.add_FlowServiceServicer_to_server(
+            flow.FlowServicer(ctx, self.scheduler.wake_local), server
+        )
         later = [
-            (flow_pb2, flow_pb2_grpc, "FlowService", "the flows work"),
             (budget_pb2, budget_pb2_grpc, "BudgetService", "the budgets and quotas work"),
         ]
         for module, grpc_module, service, by in later:

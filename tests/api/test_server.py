@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from flowfabric.server.app import BootError, FlowFabricServer
 from flowfabric.server.config import Config
 from flowfabric.server.valkey.keys import PARTITION_CONFIG
-from flowfabric.v1 import admin_pb2, execution_pb2, flow_pb2, flow_pb2_grpc
+from flowfabric.v1 import admin_pb2, budget_pb2, budget_pb2_grpc, execution_pb2
 from tests.api.util import expect_error
 from tests.conftest import API_TOKEN, HMAC_SECRET, Api
 
@@ -58,9 +58,9 @@ async def test_health_needs_no_token(api: Api) -> None:
 
 
 async def test_undelivered_rpc_answers_unimplemented_clearly(api: Api) -> None:
-    flows = flow_pb2_grpc.FlowServiceStub(api.channel)
+    budgets = budget_pb2_grpc.BudgetServiceStub(api.channel)
     info = await expect_error(
-        flows.CreateFlow(flow_pb2.CreateFlowRequest(), metadata=api.metadata),
+        budgets.CreateBudget(budget_pb2.CreateBudgetRequest(), metadata=api.metadata),
         C.UNIMPLEMENTED,
         "not_implemented",
     )

@@ -93,6 +93,7 @@ def create_args(eid: ExecutionId, **over: object) -> dict[str, object]:
         "partition_id": str(eid.partition),
         "payload_encoding": "",
         "quota_policy_id": "",
+        "blocked_by_dependencies": "0",
     }
     unknown = set(over) - set(base)
     assert not unknown, f"not create arguments: {unknown}"

@@ -1115,20 +1115,26 @@ class ResolveDependencyArgs(_message.Message):
     EDGE_ID_FIELD_NUMBER: _builtins.int
     UPSTREAM_OUTCOME_FIELD_NUMBER: _builtins.int
     NOW_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
     edge_id: _builtins.str
     upstream_outcome: _builtins.str
-    """`success`, `failed`, `cancelled`, `expired` or `skipped`."""
+    """`success`, `failed`, `cancelled`, `expired` or `skipped`: the upstream's
+    terminal outcome (checked against its record).
+    """
     now: _builtins.int
+    execution_id: _builtins.str
+    """The downstream execution whose inbound edge is resolved."""
     def __init__(
         self,
         *,
         edge_id: _builtins.str = ...,
         upstream_outcome: _builtins.str = ...,
         now: _builtins.int = ...,
+        execution_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge_id", b"edge_id", "now", b"now", "upstream_outcome", b"upstream_outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge_id", b"edge_id", "execution_id", b"execution_id", "now", b"now", "upstream_outcome", b"upstream_outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -82,6 +82,7 @@ class CreateExecutionRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     POLICY_JSON_FIELD_NUMBER: _builtins.int
+    BLOCKED_BY_DEPENDENCIES_FIELD_NUMBER: _builtins.int
     DELAY_UNTIL_FIELD_NUMBER: _builtins.int
     EXECUTION_DEADLINE_AT_FIELD_NUMBER: _builtins.int
     PARTITION_ID_FIELD_NUMBER: _builtins.int
@@ -118,6 +119,12 @@ class CreateExecutionRequest(_message.Message):
     naming the field (e.g. `retry_policy.max_retries must be an integer
     0..1000`). The typed `policy` is checked the same way.
     """
+    blocked_by_dependencies: _builtins.bool
+    """Start in WAITING_CHILDREN (blocked by dependencies) instead of WAITING:
+    for a flow member whose upstream edges are added next, so it is never
+    claimable early. Released by its edges or PromoteBlockedToEligible.
+    Requires `flow_id`; not combinable with `delay_until`.
+    """
     delay_until: _builtins.int
     """Start delayed until this time (ignored when not in the future). Epoch
     ms, at most 31536000000 ms (365 days) after the server's clock.
@@ -133,7 +140,10 @@ class CreateExecutionRequest(_message.Message):
     quota_policy_id: _builtins.str
     """Quota policy applied at claim time. At most 256 bytes."""
     flow_id: _builtins.str
-    """Create as a member of this flow."""
+    """Create as a member of this flow (minted on the flow's partition; a
+    supplied execution id must be on it: INVALID_ARGUMENT
+    `partition_mismatch`).
+    """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller labels; keys must match `^[a-z][a-z0-9_]*[.][^.]`. At most 256
@@ -157,6 +167,7 @@ class CreateExecutionRequest(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         policy: _types_pb2.ExecutionPolicy | None = ...,
         policy_json: _builtins.str = ...,
+        blocked_by_dependencies: _builtins.bool = ...,
         delay_until: _builtins.int | None = ...,
         execution_deadline_at: _builtins.int | None = ...,
         partition_id: _builtins.int | None = ...,
@@ -166,7 +177,7 @@ class CreateExecutionRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until", "_execution_deadline_at", b"_execution_deadline_at", "_flow_id", b"_flow_id", "_idempotency_key", b"_idempotency_key", "_partition_id", b"_partition_id", "_payload_encoding", b"_payload_encoding", "_quota_policy_id", b"_quota_policy_id", "delay_until", b"delay_until", "execution_deadline_at", b"execution_deadline_at", "flow_id", b"flow_id", "idempotency_key", b"idempotency_key", "partition_id", b"partition_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "quota_policy_id", b"quota_policy_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until", "_execution_deadline_at", b"_execution_deadline_at", "_flow_id", b"_flow_id", "_idempotency_key", b"_idempotency_key", "_partition_id", b"_partition_id", "_payload_encoding", b"_payload_encoding", "_quota_policy_id", b"_quota_policy_id", "creator_identity", b"creator_identity", "delay_until", b"delay_until", "execution_deadline_at", b"execution_deadline_at", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "idempotency_key", b"idempotency_key", "input_payload", b"input_payload", "lane_id", b"lane_id", "namespace", b"namespace", "now", b"now", "partition_id", b"partition_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "priority", b"priority", "quota_policy_id", b"quota_policy_id", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until", "_execution_deadline_at", b"_execution_deadline_at", "_flow_id", b"_flow_id", "_idempotency_key", b"_idempotency_key", "_partition_id", b"_partition_id", "_payload_encoding", b"_payload_encoding", "_quota_policy_id", b"_quota_policy_id", "blocked_by_dependencies", b"blocked_by_dependencies", "creator_identity", b"creator_identity", "delay_until", b"delay_until", "execution_deadline_at", b"execution_deadline_at", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "idempotency_key", b"idempotency_key", "input_payload", b"input_payload", "lane_id", b"lane_id", "namespace", b"namespace", "now", b"now", "partition_id", b"partition_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "priority", b"priority", "quota_policy_id", b"quota_policy_id", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__delay_until: _TypeAlias = _typing.Literal["delay_until"]  # noqa: Y015
     _WhichOneofArgType__delay_until: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until"]  # noqa: Y015

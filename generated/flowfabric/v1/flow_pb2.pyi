@@ -8,6 +8,7 @@ from flowfabric.v1 import types_pb2 as _types_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _DependencyKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DependencyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DependencyKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEPENDENCY_KIND_UNSPECIFIED: _DependencyKind.ValueType  # 0
+    """Same as `DEPENDENCY_KIND_SUCCESS`."""
+    DEPENDENCY_KIND_SUCCESS: _DependencyKind.ValueType  # 1
+    """Satisfied when the upstream completes; impossible otherwise."""
+    DEPENDENCY_KIND_COMPLETION: _DependencyKind.ValueType  # 2
+    """Satisfied by any terminal outcome of the upstream (ordering only)."""
+
+class DependencyKind(_DependencyKind, metaclass=_DependencyKindEnumTypeWrapper):
+    """The kind of one edge."""
+
+DEPENDENCY_KIND_UNSPECIFIED: DependencyKind.ValueType  # 0
+"""Same as `DEPENDENCY_KIND_SUCCESS`."""
+DEPENDENCY_KIND_SUCCESS: DependencyKind.ValueType  # 1
+"""Satisfied when the upstream completes; impossible otherwise."""
+DEPENDENCY_KIND_COMPLETION: DependencyKind.ValueType  # 2
+"""Satisfied by any terminal outcome of the upstream (ordering only)."""
+Global___DependencyKind: _TypeAlias = DependencyKind  # noqa: Y015
+
 @_typing.final
 class CreateFlowRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -27,6 +52,7 @@ class CreateFlowRequest(_message.Message):
     FLOW_KIND_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
     NOW_FIELD_NUMBER: _builtins.int
+    FAILURE_POLICY_FIELD_NUMBER: _builtins.int
     flow_id: _builtins.str
     """Flow UUID (chosen by the caller)."""
     flow_kind: _builtins.str
@@ -35,6 +61,10 @@ class CreateFlowRequest(_message.Message):
     """Non-empty."""
     now: _builtins.int
     """Optional, ignored: the server uses Valkey server time."""
+    failure_policy: _builtins.str
+    """What a member failure does to its dependents. Empty = `skip_dependents`
+    (the only policy today; anything else is INVALID_ARGUMENT).
+    """
     def __init__(
         self,
         *,
@@ -42,10 +72,11 @@ class CreateFlowRequest(_message.Message):
         flow_kind: _builtins.str = ...,
         namespace: _builtins.str = ...,
         now: _builtins.int = ...,
+        failure_policy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["flow_id", b"flow_id", "flow_kind", b"flow_kind", "namespace", b"namespace", "now", b"now"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure_policy", b"failure_policy", "flow_id", b"flow_id", "flow_kind", b"flow_kind", "namespace", b"namespace", "now", b"now"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,10 +254,14 @@ class StageDependencyEdgeRequest(_message.Message):
     upstream_execution_id: _builtins.str
     downstream_execution_id: _builtins.str
     dependency_kind: _builtins.str
-    """Empty = `success_only` (the only kind in v1)."""
+    """`success` (default; `success_only` is accepted): satisfied when the
+    upstream completes, impossible otherwise. `completion`: satisfied by any
+    terminal outcome (ordering only). Anything else: INVALID_ARGUMENT
+    `invalid_dependency`.
+    """
     data_passing_ref: _builtins.str
     """Opaque reference: when set, the upstream's result becomes the
-    downstream's input once the edge is satisfied.
+    downstream's input once the edge is satisfied. Success edges only.
     """
     expected_graph_revision: _builtins.int
     """The flow's current `graph_revision` (from DescribeFlow)."""
@@ -308,18 +343,26 @@ class ApplyDependencyToChildRequest(_message.Message):
     DEPENDENCY_KIND_FIELD_NUMBER: _builtins.int
     DATA_PASSING_REF_FIELD_NUMBER: _builtins.int
     NOW_FIELD_NUMBER: _builtins.int
+    JOIN_FIELD_NUMBER: _builtins.int
     flow_id: _builtins.str
     edge_id: _builtins.str
     downstream_execution_id: _builtins.str
     """The child that receives the dependency."""
     upstream_execution_id: _builtins.str
     graph_revision: _builtins.int
-    """Revision returned by StageDependencyEdge (recorded only)."""
+    """Ignored: the flow's revision is recorded."""
     dependency_kind: _builtins.str
-    """Empty = `success_only`."""
+    """Ignored: the staged edge's kind applies."""
     data_passing_ref: _builtins.str
+    """Ignored: the staged edge's reference applies."""
     now: _builtins.int
     """Optional, ignored: the server uses Valkey server time."""
+    @_builtins.property
+    def join(self) -> Global___Join:
+        """The child's join. Absent = keep the child's (all for a child's first
+        edge); given on a child whose join is set, it must be the same.
+        """
+
     def __init__(
         self,
         *,
@@ -331,10 +374,11 @@ class ApplyDependencyToChildRequest(_message.Message):
         dependency_kind: _builtins.str = ...,
         data_passing_ref: _builtins.str | None = ...,
         now: _builtins.int = ...,
+        join: Global___Join | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref", "data_passing_ref", b"data_passing_ref"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref", "data_passing_ref", b"data_passing_ref", "join", b"join"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref", "data_passing_ref", b"data_passing_ref", "dependency_kind", b"dependency_kind", "downstream_execution_id", b"downstream_execution_id", "edge_id", b"edge_id", "flow_id", b"flow_id", "graph_revision", b"graph_revision", "now", b"now", "upstream_execution_id", b"upstream_execution_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref", "data_passing_ref", b"data_passing_ref", "dependency_kind", b"dependency_kind", "downstream_execution_id", b"downstream_execution_id", "edge_id", b"edge_id", "flow_id", b"flow_id", "graph_revision", b"graph_revision", "join", b"join", "now", b"now", "upstream_execution_id", b"upstream_execution_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__data_passing_ref: _TypeAlias = _typing.Literal["data_passing_ref"]  # noqa: Y015
     _WhichOneofArgType__data_passing_ref: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref"]  # noqa: Y015
@@ -410,6 +454,7 @@ class AddDependencyRequest(_message.Message):
     DEPENDENCY_KIND_FIELD_NUMBER: _builtins.int
     DATA_PASSING_REF_FIELD_NUMBER: _builtins.int
     EXPECTED_GRAPH_REVISION_FIELD_NUMBER: _builtins.int
+    JOIN_FIELD_NUMBER: _builtins.int
     flow_id: _builtins.str
     edge_id: _builtins.str
     """Optional: empty = the server mints it."""
@@ -420,6 +465,10 @@ class AddDependencyRequest(_message.Message):
     data_passing_ref: _builtins.str
     expected_graph_revision: _builtins.int
     """Absent = use the current revision."""
+    @_builtins.property
+    def join(self) -> Global___Join:
+        """The child's join, as in ApplyDependencyToChild."""
+
     def __init__(
         self,
         *,
@@ -430,10 +479,11 @@ class AddDependencyRequest(_message.Message):
         dependency_kind: _builtins.str = ...,
         data_passing_ref: _builtins.str | None = ...,
         expected_graph_revision: _builtins.int | None = ...,
+        join: Global___Join | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref", "_expected_graph_revision", b"_expected_graph_revision", "data_passing_ref", b"data_passing_ref", "expected_graph_revision", b"expected_graph_revision"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref", "_expected_graph_revision", b"_expected_graph_revision", "data_passing_ref", b"data_passing_ref", "expected_graph_revision", b"expected_graph_revision", "join", b"join"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref", "_expected_graph_revision", b"_expected_graph_revision", "data_passing_ref", b"data_passing_ref", "dependency_kind", b"dependency_kind", "downstream_execution_id", b"downstream_execution_id", "edge_id", b"edge_id", "expected_graph_revision", b"expected_graph_revision", "flow_id", b"flow_id", "upstream_execution_id", b"upstream_execution_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref", "_expected_graph_revision", b"_expected_graph_revision", "data_passing_ref", b"data_passing_ref", "dependency_kind", b"dependency_kind", "downstream_execution_id", b"downstream_execution_id", "edge_id", b"edge_id", "expected_graph_revision", b"expected_graph_revision", "flow_id", b"flow_id", "join", b"join", "upstream_execution_id", b"upstream_execution_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__data_passing_ref: _TypeAlias = _typing.Literal["data_passing_ref"]  # noqa: Y015
     _WhichOneofArgType__data_passing_ref: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref"]  # noqa: Y015
@@ -647,21 +697,488 @@ Global___DescribeFlowRequest: _TypeAlias = DescribeFlowRequest  # noqa: Y015
 class DescribeFlowResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MembersByStateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     FLOW_FIELD_NUMBER: _builtins.int
+    MEMBERS_BY_STATE_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def flow(self) -> _types_pb2.FlowSnapshot: ...
+    @_builtins.property
+    def members_by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Members by public state (`waiting`, `waiting_children`, `active`,
+        `completed`, `failed`, `skipped`, ...), kept by the members' own
+        transitions; states with no member are omitted.
+        """
+
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlowFailure]:
+        """The first failures of members (at most 5, oldest first)."""
+
     def __init__(
         self,
         *,
         flow: _types_pb2.FlowSnapshot | None = ...,
+        members_by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        failures: _abc.Iterable[Global___FlowFailure] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["flow", b"flow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["flow", b"flow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "flow", b"flow", "members_by_state", b"members_by_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeFlowResponse: _TypeAlias = DescribeFlowResponse  # noqa: Y015
+
+@_typing.final
+class FlowFailure(_message.Message):
+    """One member failure recorded by the flow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    public_state: _builtins.str
+    """`failed`, `expired` or `cancelled`."""
+    reason: _builtins.str
+    """The failure (or cancellation) reason the member recorded."""
+    at: _builtins.int
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        public_state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "execution_id", b"execution_id", "public_state", b"public_state", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlowFailure: _TypeAlias = FlowFailure  # noqa: Y015
+
+@_typing.final
+class Join(_message.Message):
+    """How a child's inbound edges decide it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Join._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: Join._Kind.ValueType  # 0
+        """Same as `KIND_ALL`."""
+        KIND_ALL: Join._Kind.ValueType  # 1
+        """Released when every edge is satisfied; skipped by the first impossible
+        one.
+        """
+        KIND_ANY: Join._Kind.ValueType  # 2
+        """Released by the first satisfied edge; skipped only when every edge is
+        impossible.
+        """
+        KIND_QUORUM: Join._Kind.ValueType  # 3
+        """Released at `quorum` satisfied edges; skipped once that is out of
+        reach.
+        """
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: Join.Kind.ValueType  # 0
+    """Same as `KIND_ALL`."""
+    KIND_ALL: Join.Kind.ValueType  # 1
+    """Released when every edge is satisfied; skipped by the first impossible
+    one.
+    """
+    KIND_ANY: Join.Kind.ValueType  # 2
+    """Released by the first satisfied edge; skipped only when every edge is
+    impossible.
+    """
+    KIND_QUORUM: Join.Kind.ValueType  # 3
+    """Released at `quorum` satisfied edges; skipped once that is out of
+    reach.
+    """
+
+    KIND_FIELD_NUMBER: _builtins.int
+    QUORUM_FIELD_NUMBER: _builtins.int
+    kind: Global___Join.Kind.ValueType
+    quorum: _builtins.int
+    """k of a quorum join: 1..(inbound edges). Must be 0 for the other kinds."""
+    def __init__(
+        self,
+        *,
+        kind: Global___Join.Kind.ValueType = ...,
+        quorum: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "quorum", b"quorum"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Join: _TypeAlias = Join  # noqa: Y015
+
+@_typing.final
+class SubmitFlowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Member(_message.Message):
+        """One member of the graph."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        @_typing.final
+        class TagsEntry(_message.Message):
+            DESCRIPTOR: _descriptor.Descriptor
+
+            KEY_FIELD_NUMBER: _builtins.int
+            VALUE_FIELD_NUMBER: _builtins.int
+            key: _builtins.str
+            value: _builtins.str
+            def __init__(
+                self,
+                *,
+                key: _builtins.str = ...,
+                value: _builtins.str = ...,
+            ) -> None: ...
+            _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+            def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+            _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+            def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+            def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+        KEY_FIELD_NUMBER: _builtins.int
+        EXECUTION_ID_FIELD_NUMBER: _builtins.int
+        LANE_ID_FIELD_NUMBER: _builtins.int
+        EXECUTION_KIND_FIELD_NUMBER: _builtins.int
+        INPUT_PAYLOAD_FIELD_NUMBER: _builtins.int
+        PAYLOAD_ENCODING_FIELD_NUMBER: _builtins.int
+        PRIORITY_FIELD_NUMBER: _builtins.int
+        CREATOR_IDENTITY_FIELD_NUMBER: _builtins.int
+        TAGS_FIELD_NUMBER: _builtins.int
+        POLICY_FIELD_NUMBER: _builtins.int
+        POLICY_JSON_FIELD_NUMBER: _builtins.int
+        JOIN_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        """Names the member in `edges` and in the response: 1..64 bytes, unique
+        in the request.
+        """
+        execution_id: _builtins.str
+        """Optional: empty = the server mints `{fp:N}:<uuid>` on the flow's
+        partition; a supplied id must be on it and must not exist yet.
+        """
+        lane_id: _builtins.str
+        """1..64 printable ASCII bytes. Empty = `default`."""
+        execution_kind: _builtins.str
+        """Non-empty."""
+        input_payload: _builtins.bytes
+        """At most 1 MiB (the whole request is bounded by the transport's 2 MiB)."""
+        payload_encoding: _builtins.str
+        """Default `json`."""
+        priority: _builtins.int
+        """Clamped to 0..9000."""
+        creator_identity: _builtins.str
+        policy_json: _builtins.str
+        @_builtins.property
+        def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+            """Caller labels; keys must match `^[a-z][a-z0-9_]*[.][^.]`."""
+
+        @_builtins.property
+        def policy(self) -> _types_pb2.ExecutionPolicy: ...
+        @_builtins.property
+        def join(self) -> Global___Join:
+            """How its inbound edges decide it. A non-`all` join needs inbound edges."""
+
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            execution_id: _builtins.str = ...,
+            lane_id: _builtins.str = ...,
+            execution_kind: _builtins.str = ...,
+            input_payload: _builtins.bytes = ...,
+            payload_encoding: _builtins.str = ...,
+            priority: _builtins.int = ...,
+            creator_identity: _builtins.str = ...,
+            tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+            policy: _types_pb2.ExecutionPolicy | None = ...,
+            policy_json: _builtins.str = ...,
+            join: Global___Join | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["join", b"join", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_identity", b"creator_identity", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "input_payload", b"input_payload", "join", b"join", "key", b"key", "lane_id", b"lane_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "priority", b"priority", "tags", b"tags"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        _WhichOneofReturnType_policy_spec: _TypeAlias = _typing.Literal["policy", "policy_json"]  # noqa: Y015
+        _WhichOneofArgType_policy_spec: _TypeAlias = _typing.Literal["policy_spec", b"policy_spec"]  # noqa: Y015
+        def WhichOneof(self, oneof_group: _WhichOneofArgType_policy_spec) -> _WhichOneofReturnType_policy_spec | None: ...
+
+    @_typing.final
+    class Edge(_message.Message):
+        """One edge between two members, by key."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        EDGE_ID_FIELD_NUMBER: _builtins.int
+        UPSTREAM_KEY_FIELD_NUMBER: _builtins.int
+        DOWNSTREAM_KEY_FIELD_NUMBER: _builtins.int
+        KIND_FIELD_NUMBER: _builtins.int
+        DATA_PASSING_REF_FIELD_NUMBER: _builtins.int
+        edge_id: _builtins.str
+        """Optional: empty = the server mints a UUID."""
+        upstream_key: _builtins.str
+        downstream_key: _builtins.str
+        kind: Global___DependencyKind.ValueType
+        data_passing_ref: _builtins.str
+        """Success edges only."""
+        def __init__(
+            self,
+            *,
+            edge_id: _builtins.str = ...,
+            upstream_key: _builtins.str = ...,
+            downstream_key: _builtins.str = ...,
+            kind: Global___DependencyKind.ValueType = ...,
+            data_passing_ref: _builtins.str | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref", "data_passing_ref", b"data_passing_ref"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref", "data_passing_ref", b"data_passing_ref", "downstream_key", b"downstream_key", "edge_id", b"edge_id", "kind", b"kind", "upstream_key", b"upstream_key"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        _WhichOneofReturnType__data_passing_ref: _TypeAlias = _typing.Literal["data_passing_ref"]  # noqa: Y015
+        _WhichOneofArgType__data_passing_ref: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref"]  # noqa: Y015
+        def WhichOneof(self, oneof_group: _WhichOneofArgType__data_passing_ref) -> _WhichOneofReturnType__data_passing_ref | None: ...
+
+    FLOW_ID_FIELD_NUMBER: _builtins.int
+    FLOW_KIND_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    EDGES_FIELD_NUMBER: _builtins.int
+    FAILURE_POLICY_FIELD_NUMBER: _builtins.int
+    flow_id: _builtins.str
+    """Optional: empty = the server mints a UUID. Supply it to make retries
+    idempotent.
+    """
+    flow_kind: _builtins.str
+    """Non-empty."""
+    namespace: _builtins.str
+    """Non-empty."""
+    failure_policy: _builtins.str
+    """As in CreateFlow."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitFlowRequest.Member]:
+        """1..1000 members."""
+
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitFlowRequest.Edge]:
+        """0..5000 edges; no cycles, no self-edges, each (upstream, downstream)
+        pair at most once.
+        """
+
+    def __init__(
+        self,
+        *,
+        flow_id: _builtins.str = ...,
+        flow_kind: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        members: _abc.Iterable[Global___SubmitFlowRequest.Member] | None = ...,
+        edges: _abc.Iterable[Global___SubmitFlowRequest.Edge] | None = ...,
+        failure_policy: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edges", b"edges", "failure_policy", b"failure_policy", "flow_id", b"flow_id", "flow_kind", b"flow_kind", "members", b"members", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitFlowRequest: _TypeAlias = SubmitFlowRequest  # noqa: Y015
+
+@_typing.final
+class SubmitFlowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SubmittedMember(_message.Message):
+        """One created member."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        EXECUTION_ID_FIELD_NUMBER: _builtins.int
+        PUBLIC_STATE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        execution_id: _builtins.str
+        public_state: _types_pb2.PublicState.ValueType
+        """WAITING (no inbound edges) or WAITING_CHILDREN."""
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            execution_id: _builtins.str = ...,
+            public_state: _types_pb2.PublicState.ValueType = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id", "key", b"key", "public_state", b"public_state"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Submitted(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        FLOW_ID_FIELD_NUMBER: _builtins.int
+        GRAPH_REVISION_FIELD_NUMBER: _builtins.int
+        MEMBERS_FIELD_NUMBER: _builtins.int
+        flow_id: _builtins.str
+        graph_revision: _builtins.int
+        """Members plus edges."""
+        @_builtins.property
+        def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitFlowResponse.SubmittedMember]: ...
+        def __init__(
+            self,
+            *,
+            flow_id: _builtins.str = ...,
+            graph_revision: _builtins.int = ...,
+            members: _abc.Iterable[Global___SubmitFlowResponse.SubmittedMember] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["flow_id", b"flow_id", "graph_revision", b"graph_revision", "members", b"members"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class AlreadySubmitted(_message.Message):
+        """The flow already existed: nothing was written. `members` are those the
+        submit that created it named (public_state unset).
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        FLOW_ID_FIELD_NUMBER: _builtins.int
+        GRAPH_REVISION_FIELD_NUMBER: _builtins.int
+        MEMBERS_FIELD_NUMBER: _builtins.int
+        flow_id: _builtins.str
+        graph_revision: _builtins.int
+        @_builtins.property
+        def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitFlowResponse.SubmittedMember]: ...
+        def __init__(
+            self,
+            *,
+            flow_id: _builtins.str = ...,
+            graph_revision: _builtins.int = ...,
+            members: _abc.Iterable[Global___SubmitFlowResponse.SubmittedMember] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["flow_id", b"flow_id", "graph_revision", b"graph_revision", "members", b"members"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SUBMITTED_FIELD_NUMBER: _builtins.int
+    ALREADY_SUBMITTED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def submitted(self) -> Global___SubmitFlowResponse.Submitted: ...
+    @_builtins.property
+    def already_submitted(self) -> Global___SubmitFlowResponse.AlreadySubmitted: ...
+    def __init__(
+        self,
+        *,
+        submitted: Global___SubmitFlowResponse.Submitted | None = ...,
+        already_submitted: Global___SubmitFlowResponse.AlreadySubmitted | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["already_submitted", b"already_submitted", "outcome", b"outcome", "submitted", b"submitted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_submitted", b"already_submitted", "outcome", b"outcome", "submitted", b"submitted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["submitted", "already_submitted"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___SubmitFlowResponse: _TypeAlias = SubmitFlowResponse  # noqa: Y015
+
+@_typing.final
+class PromoteBlockedToEligibleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteBlockedToEligibleRequest: _TypeAlias = PromoteBlockedToEligibleRequest  # noqa: Y015
+
+@_typing.final
+class PromoteBlockedToEligibleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Promoted(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        EXECUTION_ID_FIELD_NUMBER: _builtins.int
+        execution_id: _builtins.str
+        def __init__(
+            self,
+            *,
+            execution_id: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PROMOTED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def promoted(self) -> Global___PromoteBlockedToEligibleResponse.Promoted: ...
+    def __init__(
+        self,
+        *,
+        promoted: Global___PromoteBlockedToEligibleResponse.Promoted | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "promoted", b"promoted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "promoted", b"promoted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["promoted"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___PromoteBlockedToEligibleResponse: _TypeAlias = PromoteBlockedToEligibleResponse  # noqa: Y015
 
 @_typing.final
 class DescribeEdgeRequest(_message.Message):

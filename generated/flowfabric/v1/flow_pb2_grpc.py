@@ -28,11 +28,15 @@ if _version_not_supported:
 class FlowServiceStub:
     """Flows: durable groups of executions forming a DAG of dependency edges.
 
-    Members must live on the flow's partition: create them with
-    CreateExecution's `flow_id` (or mint the id for the flow). An edge U -> D
-    keeps D waiting until U completes successfully; if U ends any other way, D
-    is skipped. Build the graph with StageDependencyEdge then
-    ApplyDependencyToChild, or with AddDependency. Common errors: NOT_FOUND
+    Members live on the flow's partition: submit the whole graph with
+    SubmitFlow, or create members with CreateExecution's `flow_id` (set
+    `blocked_by_dependencies` on members that will get upstream edges) and add
+    edges with StageDependencyEdge then ApplyDependencyToChild, or with
+    AddDependency. A `success` edge U -> D is satisfied when U completes and
+    impossible when U ends any other way; a `completion` edge is satisfied by
+    any terminal outcome of U. Each child's join (all, any, quorum k) decides:
+    the call that ends the deciding upstream releases the child (claimable at
+    once) or skips it, and skips cascade. Common errors: NOT_FOUND
     `flow_not_found`, `execution_not_found`; INVALID_ARGUMENT `invalid_input`;
     UNAVAILABLE, UNAUTHENTICATED.
     """
@@ -43,6 +47,11 @@ class FlowServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.SubmitFlow = channel.unary_unary(
+                '/flowfabric.v1.FlowService/SubmitFlow',
+                request_serializer=flowfabric_dot_v1_dot_flow__pb2.SubmitFlowRequest.SerializeToString,
+                response_deserializer=flowfabric_dot_v1_dot_flow__pb2.SubmitFlowResponse.FromString,
+                _registered_method=True)
         self.CreateFlow = channel.unary_unary(
                 '/flowfabric.v1.FlowService/CreateFlow',
                 request_serializer=flowfabric_dot_v1_dot_flow__pb2.CreateFlowRequest.SerializeToString,
@@ -88,6 +97,11 @@ class FlowServiceStub:
                 request_serializer=flowfabric_dot_v1_dot_flow__pb2.ListEdgesRequest.SerializeToString,
                 response_deserializer=flowfabric_dot_v1_dot_flow__pb2.ListEdgesResponse.FromString,
                 _registered_method=True)
+        self.PromoteBlockedToEligible = channel.unary_unary(
+                '/flowfabric.v1.FlowService/PromoteBlockedToEligible',
+                request_serializer=flowfabric_dot_v1_dot_flow__pb2.PromoteBlockedToEligibleRequest.SerializeToString,
+                response_deserializer=flowfabric_dot_v1_dot_flow__pb2.PromoteBlockedToEligibleResponse.FromString,
+                _registered_method=True)
         self.SetFlowTags = channel.unary_unary(
                 '/flowfabric.v1.FlowService/SetFlowTags',
                 request_serializer=flowfabric_dot_v1_dot_flow__pb2.SetFlowTagsRequest.SerializeToString,
@@ -98,14 +112,36 @@ class FlowServiceStub:
 class FlowServiceServicer:
     """Flows: durable groups of executions forming a DAG of dependency edges.
 
-    Members must live on the flow's partition: create them with
-    CreateExecution's `flow_id` (or mint the id for the flow). An edge U -> D
-    keeps D waiting until U completes successfully; if U ends any other way, D
-    is skipped. Build the graph with StageDependencyEdge then
-    ApplyDependencyToChild, or with AddDependency. Common errors: NOT_FOUND
+    Members live on the flow's partition: submit the whole graph with
+    SubmitFlow, or create members with CreateExecution's `flow_id` (set
+    `blocked_by_dependencies` on members that will get upstream edges) and add
+    edges with StageDependencyEdge then ApplyDependencyToChild, or with
+    AddDependency. A `success` edge U -> D is satisfied when U completes and
+    impossible when U ends any other way; a `completion` edge is satisfied by
+    any terminal outcome of U. Each child's join (all, any, quorum k) decides:
+    the call that ends the deciding upstream releases the child (claimable at
+    once) or skips it, and skips cascade. Common errors: NOT_FOUND
     `flow_not_found`, `execution_not_found`; INVALID_ARGUMENT `invalid_input`;
     UNAVAILABLE, UNAUTHENTICATED.
     """
+
+    def SubmitFlow(self, request, context):
+        """Creates a flow with its members and edges in one atomic call (at most
+        1000 members and 5000 edges; build larger graphs incrementally). Members
+        without inbound edges are claimable at once; the others wait
+        (`waiting_children`) from the moment they exist. Idempotent by flow id:
+        an existing flow returns `already_submitted` with the members the first
+        submit named, and nothing is written.
+        Errors: INVALID_ARGUMENT `invalid_input` (ids, counts, member fields;
+        nothing written), `invalid_dependency` (unknown member key, edge kind,
+        repeated edge, data passing on a completion edge, an invalid join),
+        `self_referencing_edge`, `invalid_policy_json`, `invalid_capabilities`,
+        `invalid_tag_key`, `payload_too_large`; FAILED_PRECONDITION
+        `cycle_detected` (metadata names a member on the cycle).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def CreateFlow(self, request, context):
         """Creates a flow. Idempotent: an existing id returns `already_satisfied`
@@ -143,9 +179,12 @@ class FlowServiceServicer:
 
     def ApplyDependencyToChild(self, request, context):
         """Installs a staged edge on its downstream execution, which waits for its
-        dependencies if still runnable. Idempotent per edge.
+        dependencies if still runnable. If the upstream has already ended, the
+        edge is resolved in the same call. Idempotent per edge.
         Errors: ALREADY_EXISTS `execution_already_in_flow`; FAILED_PRECONDITION
-        `execution_not_in_flow`.
+        `execution_not_in_flow`; INVALID_ARGUMENT `invalid_dependency` (edge not
+        staged for this child, a bad join or one differing from the child's, a
+        child that already started).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,17 +202,19 @@ class FlowServiceServicer:
 
     def CancelFlow(self, request, context):
         """Marks the flow cancelled; with policy `cancel_all` also cancels every
-        member (in the background, or inline with `wait`). Other policies only
-        mark the flow. Cancelling a cancelled flow returns `cancelled` with the
-        stored policy.
-        Errors: INVALID_ARGUMENT `invalid_grace_ms`.
+        member (inline today: `wait` is accepted and the answer is `cancelled`
+        or `partially_cancelled`). Other policies only mark the flow. Cancelling
+        a cancelled flow returns `cancelled` with the stored policy.
+        Errors: FAILED_PRECONDITION `flow_already_terminal` (the flow completed
+        or failed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DescribeFlow(self, request, context):
-        """Returns the flow record: state, counts, graph revision, tags.
+        """Returns the flow record: state, counts, graph revision, tags, members by
+        public state and the first failures.
         Errors: NOT_FOUND `flow_not_found`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -189,9 +230,19 @@ class FlowServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEdges(self, request, context):
-        """Lists the edges leaving or entering one execution (order unspecified).
+        """Lists the edges leaving or entering one execution, by edge id, paged.
         An execution outside any flow has none.
         Errors: NOT_FOUND `execution_not_found`, `flow_not_found`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteBlockedToEligible(self, request, context):
+        """Releases a member that waits for dependencies but needs no more (e.g. a
+        member created with `blocked_by_dependencies` that got no edges).
+        Errors: FAILED_PRECONDITION `not_runnable`, `not_blocked_by_deps`,
+        `terminal`, `deps_not_satisfied` (its join is not met yet).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,6 +261,11 @@ class FlowServiceServicer:
 
 def add_FlowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'SubmitFlow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFlow,
+                    request_deserializer=flowfabric_dot_v1_dot_flow__pb2.SubmitFlowRequest.FromString,
+                    response_serializer=flowfabric_dot_v1_dot_flow__pb2.SubmitFlowResponse.SerializeToString,
+            ),
             'CreateFlow': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateFlow,
                     request_deserializer=flowfabric_dot_v1_dot_flow__pb2.CreateFlowRequest.FromString,
@@ -255,6 +311,11 @@ def add_FlowServiceServicer_to_server(servicer, server):
                     request_deserializer=flowfabric_dot_v1_dot_flow__pb2.ListEdgesRequest.FromString,
                     response_serializer=flowfabric_dot_v1_dot_flow__pb2.ListEdgesResponse.SerializeToString,
             ),
+            'PromoteBlockedToEligible': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteBlockedToEligible,
+                    request_deserializer=flowfabric_dot_v1_dot_flow__pb2.PromoteBlockedToEligibleRequest.FromString,
+                    response_serializer=flowfabric_dot_v1_dot_flow__pb2.PromoteBlockedToEligibleResponse.SerializeToString,
+            ),
             'SetFlowTags': grpc.unary_unary_rpc_method_handler(
                     servicer.SetFlowTags,
                     request_deserializer=flowfabric_dot_v1_dot_flow__pb2.SetFlowTagsRequest.FromString,
@@ -271,14 +332,45 @@ def add_FlowServiceServicer_to_server(servicer, server):
 class FlowService:
     """Flows: durable groups of executions forming a DAG of dependency edges.
 
-    Members must live on the flow's partition: create them with
-    CreateExecution's `flow_id` (or mint the id for the flow). An edge U -> D
-    keeps D waiting until U completes successfully; if U ends any other way, D
-    is skipped. Build the graph with StageDependencyEdge then
-    ApplyDependencyToChild, or with AddDependency. Common errors: NOT_FOUND
+    Members live on the flow's partition: submit the whole graph with
+    SubmitFlow, or create members with CreateExecution's `flow_id` (set
+    `blocked_by_dependencies` on members that will get upstream edges) and add
+    edges with StageDependencyEdge then ApplyDependencyToChild, or with
+    AddDependency. A `success` edge U -> D is satisfied when U completes and
+    impossible when U ends any other way; a `completion` edge is satisfied by
+    any terminal outcome of U. Each child's join (all, any, quorum k) decides:
+    the call that ends the deciding upstream releases the child (claimable at
+    once) or skips it, and skips cascade. Common errors: NOT_FOUND
     `flow_not_found`, `execution_not_found`; INVALID_ARGUMENT `invalid_input`;
     UNAVAILABLE, UNAUTHENTICATED.
     """
+
+    @staticmethod
+    def SubmitFlow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowfabric.v1.FlowService/SubmitFlow',
+            flowfabric_dot_v1_dot_flow__pb2.SubmitFlowRequest.SerializeToString,
+            flowfabric_dot_v1_dot_flow__pb2.SubmitFlowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def CreateFlow(request,
@@ -513,6 +605,33 @@ class FlowService:
             '/flowfabric.v1.FlowService/ListEdges',
             flowfabric_dot_v1_dot_flow__pb2.ListEdgesRequest.SerializeToString,
             flowfabric_dot_v1_dot_flow__pb2.ListEdgesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteBlockedToEligible(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowfabric.v1.FlowService/PromoteBlockedToEligible',
+            flowfabric_dot_v1_dot_flow__pb2.PromoteBlockedToEligibleRequest.SerializeToString,
+            flowfabric_dot_v1_dot_flow__pb2.PromoteBlockedToEligibleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,11 +29,15 @@ GRPC_VERSION: str
 class FlowServiceStub:
     """Flows: durable groups of executions forming a DAG of dependency edges.
 
-    Members must live on the flow's partition: create them with
-    CreateExecution's `flow_id` (or mint the id for the flow). An edge U -> D
-    keeps D waiting until U completes successfully; if U ends any other way, D
-    is skipped. Build the graph with StageDependencyEdge then
-    ApplyDependencyToChild, or with AddDependency. Common errors: NOT_FOUND
+    Members live on the flow's partition: submit the whole graph with
+    SubmitFlow, or create members with CreateExecution's `flow_id` (set
+    `blocked_by_dependencies` on members that will get upstream edges) and add
+    edges with StageDependencyEdge then ApplyDependencyToChild, or with
+    AddDependency. A `success` edge U -> D is satisfied when U completes and
+    impossible when U ends any other way; a `completion` edge is satisfied by
+    any terminal outcome of U. Each child's join (all, any, quorum k) decides:
+    the call that ends the deciding upstream releases the child (claimable at
+    once) or skips it, and skips cascade. Common errors: NOT_FOUND
     `flow_not_found`, `execution_not_found`; INVALID_ARGUMENT `invalid_input`;
     UNAVAILABLE, UNAUTHENTICATED.
     """
@@ -42,6 +46,20 @@ class FlowServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> FlowServiceAsyncStub: ...
+    SubmitFlow: _grpc.UnaryUnaryMultiCallable[_flow_pb2.SubmitFlowRequest, _flow_pb2.SubmitFlowResponse]
+    """Creates a flow with its members and edges in one atomic call (at most
+    1000 members and 5000 edges; build larger graphs incrementally). Members
+    without inbound edges are claimable at once; the others wait
+    (`waiting_children`) from the moment they exist. Idempotent by flow id:
+    an existing flow returns `already_submitted` with the members the first
+    submit named, and nothing is written.
+    Errors: INVALID_ARGUMENT `invalid_input` (ids, counts, member fields;
+    nothing written), `invalid_dependency` (unknown member key, edge kind,
+    repeated edge, data passing on a completion edge, an invalid join),
+    `self_referencing_edge`, `invalid_policy_json`, `invalid_capabilities`,
+    `invalid_tag_key`, `payload_too_large`; FAILED_PRECONDITION
+    `cycle_detected` (metadata names a member on the cycle).
+    """
     CreateFlow: _grpc.UnaryUnaryMultiCallable[_flow_pb2.CreateFlowRequest, _flow_pb2.CreateFlowResponse]
     """Creates a flow. Idempotent: an existing id returns `already_satisfied`
     unchanged.
@@ -66,9 +84,12 @@ class FlowServiceStub:
     """
     ApplyDependencyToChild: _grpc.UnaryUnaryMultiCallable[_flow_pb2.ApplyDependencyToChildRequest, _flow_pb2.ApplyDependencyToChildResponse]
     """Installs a staged edge on its downstream execution, which waits for its
-    dependencies if still runnable. Idempotent per edge.
+    dependencies if still runnable. If the upstream has already ended, the
+    edge is resolved in the same call. Idempotent per edge.
     Errors: ALREADY_EXISTS `execution_already_in_flow`; FAILED_PRECONDITION
-    `execution_not_in_flow`.
+    `execution_not_in_flow`; INVALID_ARGUMENT `invalid_dependency` (edge not
+    staged for this child, a bad join or one differing from the child's, a
+    child that already started).
     """
     AddDependency: _grpc.UnaryUnaryMultiCallable[_flow_pb2.AddDependencyRequest, _flow_pb2.AddDependencyResponse]
     """Convenience: stage and apply one edge, reading and threading the graph
@@ -78,13 +99,15 @@ class FlowServiceStub:
     """
     CancelFlow: _grpc.UnaryUnaryMultiCallable[_flow_pb2.CancelFlowRequest, _flow_pb2.CancelFlowResponse]
     """Marks the flow cancelled; with policy `cancel_all` also cancels every
-    member (in the background, or inline with `wait`). Other policies only
-    mark the flow. Cancelling a cancelled flow returns `cancelled` with the
-    stored policy.
-    Errors: INVALID_ARGUMENT `invalid_grace_ms`.
+    member (inline today: `wait` is accepted and the answer is `cancelled`
+    or `partially_cancelled`). Other policies only mark the flow. Cancelling
+    a cancelled flow returns `cancelled` with the stored policy.
+    Errors: FAILED_PRECONDITION `flow_already_terminal` (the flow completed
+    or failed).
     """
     DescribeFlow: _grpc.UnaryUnaryMultiCallable[_flow_pb2.DescribeFlowRequest, _flow_pb2.DescribeFlowResponse]
-    """Returns the flow record: state, counts, graph revision, tags.
+    """Returns the flow record: state, counts, graph revision, tags, members by
+    public state and the first failures.
     Errors: NOT_FOUND `flow_not_found`.
     """
     DescribeEdge: _grpc.UnaryUnaryMultiCallable[_flow_pb2.DescribeEdgeRequest, _flow_pb2.DescribeEdgeResponse]
@@ -92,9 +115,15 @@ class FlowServiceStub:
     Errors: NOT_FOUND `edge_not_found`.
     """
     ListEdges: _grpc.UnaryUnaryMultiCallable[_flow_pb2.ListEdgesRequest, _flow_pb2.ListEdgesResponse]
-    """Lists the edges leaving or entering one execution (order unspecified).
+    """Lists the edges leaving or entering one execution, by edge id, paged.
     An execution outside any flow has none.
     Errors: NOT_FOUND `execution_not_found`, `flow_not_found`.
+    """
+    PromoteBlockedToEligible: _grpc.UnaryUnaryMultiCallable[_flow_pb2.PromoteBlockedToEligibleRequest, _flow_pb2.PromoteBlockedToEligibleResponse]
+    """Releases a member that waits for dependencies but needs no more (e.g. a
+    member created with `blocked_by_dependencies` that got no edges).
+    Errors: FAILED_PRECONDITION `not_runnable`, `not_blocked_by_deps`,
+    `terminal`, `deps_not_satisfied` (its join is not met yet).
     """
     SetFlowTags: _grpc.UnaryUnaryMultiCallable[_flow_pb2.SetFlowTagsRequest, _flow_pb2.SetFlowTagsResponse]
     """Sets flow labels (merged into existing tags); allowed on cancelled flows.
@@ -107,16 +136,34 @@ class FlowServiceStub:
 class FlowServiceAsyncStub(FlowServiceStub):
     """Flows: durable groups of executions forming a DAG of dependency edges.
 
-    Members must live on the flow's partition: create them with
-    CreateExecution's `flow_id` (or mint the id for the flow). An edge U -> D
-    keeps D waiting until U completes successfully; if U ends any other way, D
-    is skipped. Build the graph with StageDependencyEdge then
-    ApplyDependencyToChild, or with AddDependency. Common errors: NOT_FOUND
+    Members live on the flow's partition: submit the whole graph with
+    SubmitFlow, or create members with CreateExecution's `flow_id` (set
+    `blocked_by_dependencies` on members that will get upstream edges) and add
+    edges with StageDependencyEdge then ApplyDependencyToChild, or with
+    AddDependency. A `success` edge U -> D is satisfied when U completes and
+    impossible when U ends any other way; a `completion` edge is satisfied by
+    any terminal outcome of U. Each child's join (all, any, quorum k) decides:
+    the call that ends the deciding upstream releases the child (claimable at
+    once) or skips it, and skips cascade. Common errors: NOT_FOUND
     `flow_not_found`, `execution_not_found`; INVALID_ARGUMENT `invalid_input`;
     UNAVAILABLE, UNAUTHENTICATED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    SubmitFlow: _aio.UnaryUnaryMultiCallable[_flow_pb2.SubmitFlowRequest, _flow_pb2.SubmitFlowResponse]  # type: ignore[assignment]
+    """Creates a flow with its members and edges in one atomic call (at most
+    1000 members and 5000 edges; build larger graphs incrementally). Members
+    without inbound edges are claimable at once; the others wait
+    (`waiting_children`) from the moment they exist. Idempotent by flow id:
+    an existing flow returns `already_submitted` with the members the first
+    submit named, and nothing is written.
+    Errors: INVALID_ARGUMENT `invalid_input` (ids, counts, member fields;
+    nothing written), `invalid_dependency` (unknown member key, edge kind,
+    repeated edge, data passing on a completion edge, an invalid join),
+    `self_referencing_edge`, `invalid_policy_json`, `invalid_capabilities`,
+    `invalid_tag_key`, `payload_too_large`; FAILED_PRECONDITION
+    `cycle_detected` (metadata names a member on the cycle).
+    """
     CreateFlow: _aio.UnaryUnaryMultiCallable[_flow_pb2.CreateFlowRequest, _flow_pb2.CreateFlowResponse]  # type: ignore[assignment]
     """Creates a flow. Idempotent: an existing id returns `already_satisfied`
     unchanged.
@@ -141,9 +188,12 @@ class FlowServiceAsyncStub(FlowServiceStub):
     """
     ApplyDependencyToChild: _aio.UnaryUnaryMultiCallable[_flow_pb2.ApplyDependencyToChildRequest, _flow_pb2.ApplyDependencyToChildResponse]  # type: ignore[assignment]
     """Installs a staged edge on its downstream execution, which waits for its
-    dependencies if still runnable. Idempotent per edge.
+    dependencies if still runnable. If the upstream has already ended, the
+    edge is resolved in the same call. Idempotent per edge.
     Errors: ALREADY_EXISTS `execution_already_in_flow`; FAILED_PRECONDITION
-    `execution_not_in_flow`.
+    `execution_not_in_flow`; INVALID_ARGUMENT `invalid_dependency` (edge not
+    staged for this child, a bad join or one differing from the child's, a
+    child that already started).
     """
     AddDependency: _aio.UnaryUnaryMultiCallable[_flow_pb2.AddDependencyRequest, _flow_pb2.AddDependencyResponse]  # type: ignore[assignment]
     """Convenience: stage and apply one edge, reading and threading the graph
@@ -153,13 +203,15 @@ class FlowServiceAsyncStub(FlowServiceStub):
     """
     CancelFlow: _aio.UnaryUnaryMultiCallable[_flow_pb2.CancelFlowRequest, _flow_pb2.CancelFlowResponse]  # type: ignore[assignment]
     """Marks the flow cancelled; with policy `cancel_all` also cancels every
-    member (in the background, or inline with `wait`). Other policies only
-    mark the flow. Cancelling a cancelled flow returns `cancelled` with the
-    stored policy.
-    Errors: INVALID_ARGUMENT `invalid_grace_ms`.
+    member (inline today: `wait` is accepted and the answer is `cancelled`
+    or `partially_cancelled`). Other policies only mark the flow. Cancelling
+    a cancelled flow returns `cancelled` with the stored policy.
+    Errors: FAILED_PRECONDITION `flow_already_terminal` (the flow completed
+    or failed).
     """
     DescribeFlow: _aio.UnaryUnaryMultiCallable[_flow_pb2.DescribeFlowRequest, _flow_pb2.DescribeFlowResponse]  # type: ignore[assignment]
-    """Returns the flow record: state, counts, graph revision, tags.
+    """Returns the flow record: state, counts, graph revision, tags, members by
+    public state and the first failures.
     Errors: NOT_FOUND `flow_not_found`.
     """
     DescribeEdge: _aio.UnaryUnaryMultiCallable[_flow_pb2.DescribeEdgeRequest, _flow_pb2.DescribeEdgeResponse]  # type: ignore[assignment]
@@ -167,9 +219,15 @@ class FlowServiceAsyncStub(FlowServiceStub):
     Errors: NOT_FOUND `edge_not_found`.
     """
     ListEdges: _aio.UnaryUnaryMultiCallable[_flow_pb2.ListEdgesRequest, _flow_pb2.ListEdgesResponse]  # type: ignore[assignment]
-    """Lists the edges leaving or entering one execution (order unspecified).
+    """Lists the edges leaving or entering one execution, by edge id, paged.
     An execution outside any flow has none.
     Errors: NOT_FOUND `execution_not_found`, `flow_not_found`.
+    """
+    PromoteBlockedToEligible: _aio.UnaryUnaryMultiCallable[_flow_pb2.PromoteBlockedToEligibleRequest, _flow_pb2.PromoteBlockedToEligibleResponse]  # type: ignore[assignment]
+    """Releases a member that waits for dependencies but needs no more (e.g. a
+    member created with `blocked_by_dependencies` that got no edges).
+    Errors: FAILED_PRECONDITION `not_runnable`, `not_blocked_by_deps`,
+    `terminal`, `deps_not_satisfied` (its join is not met yet).
     """
     SetFlowTags: _aio.UnaryUnaryMultiCallable[_flow_pb2.SetFlowTagsRequest, _flow_pb2.SetFlowTagsResponse]  # type: ignore[assignment]
     """Sets flow labels (merged into existing tags); allowed on cancelled flows.
@@ -181,14 +239,38 @@ class FlowServiceAsyncStub(FlowServiceStub):
 class FlowServiceServicer(metaclass=_abc_1.ABCMeta):
     """Flows: durable groups of executions forming a DAG of dependency edges.
 
-    Members must live on the flow's partition: create them with
-    CreateExecution's `flow_id` (or mint the id for the flow). An edge U -> D
-    keeps D waiting until U completes successfully; if U ends any other way, D
-    is skipped. Build the graph with StageDependencyEdge then
-    ApplyDependencyToChild, or with AddDependency. Common errors: NOT_FOUND
+    Members live on the flow's partition: submit the whole graph with
+    SubmitFlow, or create members with CreateExecution's `flow_id` (set
+    `blocked_by_dependencies` on members that will get upstream edges) and add
+    edges with StageDependencyEdge then ApplyDependencyToChild, or with
+    AddDependency. A `success` edge U -> D is satisfied when U completes and
+    impossible when U ends any other way; a `completion` edge is satisfied by
+    any terminal outcome of U. Each child's join (all, any, quorum k) decides:
+    the call that ends the deciding upstream releases the child (claimable at
+    once) or skips it, and skips cascade. Common errors: NOT_FOUND
     `flow_not_found`, `execution_not_found`; INVALID_ARGUMENT `invalid_input`;
     UNAVAILABLE, UNAUTHENTICATED.
     """
+
+    @_abc_1.abstractmethod
+    def SubmitFlow(
+        self,
+        request: _flow_pb2.SubmitFlowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_flow_pb2.SubmitFlowResponse, _abc.Awaitable[_flow_pb2.SubmitFlowResponse]]:
+        """Creates a flow with its members and edges in one atomic call (at most
+        1000 members and 5000 edges; build larger graphs incrementally). Members
+        without inbound edges are claimable at once; the others wait
+        (`waiting_children`) from the moment they exist. Idempotent by flow id:
+        an existing flow returns `already_submitted` with the members the first
+        submit named, and nothing is written.
+        Errors: INVALID_ARGUMENT `invalid_input` (ids, counts, member fields;
+        nothing written), `invalid_dependency` (unknown member key, edge kind,
+        repeated edge, data passing on a completion edge, an invalid join),
+        `self_referencing_edge`, `invalid_policy_json`, `invalid_capabilities`,
+        `invalid_tag_key`, `payload_too_large`; FAILED_PRECONDITION
+        `cycle_detected` (metadata names a member on the cycle).
+        """
 
     @_abc_1.abstractmethod
     def CreateFlow(
@@ -237,9 +319,12 @@ class FlowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_flow_pb2.ApplyDependencyToChildResponse, _abc.Awaitable[_flow_pb2.ApplyDependencyToChildResponse]]:
         """Installs a staged edge on its downstream execution, which waits for its
-        dependencies if still runnable. Idempotent per edge.
+        dependencies if still runnable. If the upstream has already ended, the
+        edge is resolved in the same call. Idempotent per edge.
         Errors: ALREADY_EXISTS `execution_already_in_flow`; FAILED_PRECONDITION
-        `execution_not_in_flow`.
+        `execution_not_in_flow`; INVALID_ARGUMENT `invalid_dependency` (edge not
+        staged for this child, a bad join or one differing from the child's, a
+        child that already started).
         """
 
     @_abc_1.abstractmethod
@@ -261,10 +346,11 @@ class FlowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_flow_pb2.CancelFlowResponse, _abc.Awaitable[_flow_pb2.CancelFlowResponse]]:
         """Marks the flow cancelled; with policy `cancel_all` also cancels every
-        member (in the background, or inline with `wait`). Other policies only
-        mark the flow. Cancelling a cancelled flow returns `cancelled` with the
-        stored policy.
-        Errors: INVALID_ARGUMENT `invalid_grace_ms`.
+        member (inline today: `wait` is accepted and the answer is `cancelled`
+        or `partially_cancelled`). Other policies only mark the flow. Cancelling
+        a cancelled flow returns `cancelled` with the stored policy.
+        Errors: FAILED_PRECONDITION `flow_already_terminal` (the flow completed
+        or failed).
         """
 
     @_abc_1.abstractmethod
@@ -273,7 +359,8 @@ class FlowServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _flow_pb2.DescribeFlowRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_flow_pb2.DescribeFlowResponse, _abc.Awaitable[_flow_pb2.DescribeFlowResponse]]:
-        """Returns the flow record: state, counts, graph revision, tags.
+        """Returns the flow record: state, counts, graph revision, tags, members by
+        public state and the first failures.
         Errors: NOT_FOUND `flow_not_found`.
         """
 
@@ -293,9 +380,21 @@ class FlowServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _flow_pb2.ListEdgesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_flow_pb2.ListEdgesResponse, _abc.Awaitable[_flow_pb2.ListEdgesResponse]]:
-        """Lists the edges leaving or entering one execution (order unspecified).
+        """Lists the edges leaving or entering one execution, by edge id, paged.
         An execution outside any flow has none.
         Errors: NOT_FOUND `execution_not_found`, `flow_not_found`.
+        """
+
+    @_abc_1.abstractmethod
+    def PromoteBlockedToEligible(
+        self,
+        request: _flow_pb2.PromoteBlockedToEligibleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_flow_pb2.PromoteBlockedToEligibleResponse, _abc.Awaitable[_flow_pb2.PromoteBlockedToEligibleResponse]]:
+        """Releases a member that waits for dependencies but needs no more (e.g. a
+        member created with `blocked_by_dependencies` that got no edges).
+        Errors: FAILED_PRECONDITION `not_runnable`, `not_blocked_by_deps`,
+        `terminal`, `deps_not_satisfied` (its join is not met yet).
         """
 
     @_abc_1.abstractmethod

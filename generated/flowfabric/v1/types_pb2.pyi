@@ -1746,12 +1746,18 @@ class FlowSnapshot(_message.Message):
     CANCEL_REASON_FIELD_NUMBER: _builtins.int
     CANCELLATION_POLICY_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    FAILURE_POLICY_FIELD_NUMBER: _builtins.int
     flow_id: _builtins.str
     flow_kind: _builtins.str
     """As given to CreateFlow (e.g. `dag`); not interpreted."""
     namespace: _builtins.str
     public_flow_state: _builtins.str
-    """Authoritative flow state: `open` or `cancelled` in v1."""
+    """`open` (work is claimable, or no members yet), `running` (a member is
+    active), `blocked` (every live member waits on something other than a
+    worker), `completed` (every member completed), `failed` (every member
+    ended, some failed, expired, were cancelled or skipped) or `cancelled`
+    (CancelFlow). Kept current by the members' own transitions.
+    """
     graph_revision: _builtins.int
     """Bumped by every structural change; pass it to StageDependencyEdge."""
     node_count: _builtins.int
@@ -1762,6 +1768,8 @@ class FlowSnapshot(_message.Message):
     """Set by CancelFlow."""
     cancel_reason: _builtins.str
     cancellation_policy: _builtins.str
+    failure_policy: _builtins.str
+    """`skip_dependents`."""
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller labels (keys match `^[a-z][a-z0-9_]*[.]`)."""
@@ -1782,10 +1790,11 @@ class FlowSnapshot(_message.Message):
         cancel_reason: _builtins.str | None = ...,
         cancellation_policy: _builtins.str | None = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        failure_policy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cancel_reason", b"_cancel_reason", "_cancellation_policy", b"_cancellation_policy", "_cancelled_at", b"_cancelled_at", "cancel_reason", b"cancel_reason", "cancellation_policy", b"cancellation_policy", "cancelled_at", b"cancelled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cancel_reason", b"_cancel_reason", "_cancellation_policy", b"_cancellation_policy", "_cancelled_at", b"_cancelled_at", "cancel_reason", b"cancel_reason", "cancellation_policy", b"cancellation_policy", "cancelled_at", b"cancelled_at", "created_at", b"created_at", "edge_count", b"edge_count", "flow_id", b"flow_id", "flow_kind", b"flow_kind", "graph_revision", b"graph_revision", "last_mutation_at", b"last_mutation_at", "namespace", b"namespace", "node_count", b"node_count", "public_flow_state", b"public_flow_state", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cancel_reason", b"_cancel_reason", "_cancellation_policy", b"_cancellation_policy", "_cancelled_at", b"_cancelled_at", "cancel_reason", b"cancel_reason", "cancellation_policy", b"cancellation_policy", "cancelled_at", b"cancelled_at", "created_at", b"created_at", "edge_count", b"edge_count", "failure_policy", b"failure_policy", "flow_id", b"flow_id", "flow_kind", b"flow_kind", "graph_revision", b"graph_revision", "last_mutation_at", b"last_mutation_at", "namespace", b"namespace", "node_count", b"node_count", "public_flow_state", b"public_flow_state", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cancel_reason: _TypeAlias = _typing.Literal["cancel_reason"]  # noqa: Y015
     _WhichOneofArgType__cancel_reason: _TypeAlias = _typing.Literal["_cancel_reason", b"_cancel_reason"]  # noqa: Y015
@@ -1823,9 +1832,9 @@ class EdgeSnapshot(_message.Message):
     upstream_execution_id: _builtins.str
     downstream_execution_id: _builtins.str
     dependency_kind: _builtins.str
-    """e.g. `success_only`."""
+    """`success` or `completion`."""
     satisfaction_condition: _builtins.str
-    """e.g. `all_required`."""
+    """`upstream_success` (success edges) or `upstream_terminal` (completion)."""
     data_passing_ref: _builtins.str
     edge_state: _builtins.str
     """Staging-time literal (`pending`); not the child's resolution state."""

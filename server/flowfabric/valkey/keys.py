@@ -95,6 +95,19 @@ class ExecKeys:
         """Zset of every accepted signal id, scored by accepted_at; never trimmed."""
         return self._k("signals")
 
+    @property
+    def deps_meta(self) -> str:
+        """A flow member's join and dependency counters (docs/flows.md#keys)."""
+        return self._k("deps:meta")
+
+    @property
+    def deps_unresolved(self) -> str:
+        return self._k("deps:unresolved")
+
+    def dep(self, edge_id: str) -> str:
+        """The member's copy of inbound edge `edge_id`, with its resolution state."""
+        return self._k(f"dep:{edge_id}")
+
     def attempt(self, index: int) -> str:
         return f"ff:attempt:{self.tag}:{self.eid}:{index}"
 
@@ -201,6 +214,17 @@ class PartitionKeys:
         return f"ff:sec:{self.tag}:waitpoint_hmac"
 
     @property
+    def flow_index(self) -> str:
+        """Every flow on the partition (docs/flows.md#keys)."""
+        return self._idx("flow_index")
+
+    @property
+    def deps_pending(self) -> str:
+        """Flow members whose outgoing edges a terminal call left unresolved past its per-call
+        bound; read by the dependency reconciler (docs/flows.md#the-dependency-reconciler)."""
+        return self._idx("deps_pending")
+
+    @property
     def exec_events(self) -> str:
         return f"ff:exec_events:{self.tag}"
 
@@ -211,6 +235,49 @@ class PartitionKeys:
     @property
     def noop(self) -> str:
         return noop(self.tag)
+
+
+@dataclass(frozen=True)
+class FlowKeys:
+    """Keys of one flow (docs/flows.md#keys), on the flow's partition tag: the same tag as every
+    member's keys, so one call may touch the flow and its members."""
+
+    tag: str
+    flow_id: str
+
+    def _k(self, suffix: str) -> str:
+        return f"ff:flow:{self.tag}:{self.flow_id}:{suffix}"
+
+    @property
+    def core(self) -> str:
+        return self._k("core")
+
+    @property
+    def members(self) -> str:
+        return self._k("members")
+
+    @property
+    def tags(self) -> str:
+        return self._k("tags")
+
+    @property
+    def refs(self) -> str:
+        """SubmitFlow's member keys -> execution ids."""
+        return self._k("refs")
+
+    @property
+    def failures(self) -> str:
+        """The first member failures (list of JSON records)."""
+        return self._k("failures")
+
+    def edge(self, edge_id: str) -> str:
+        return self._k(f"edge:{edge_id}")
+
+    def outgoing(self, eid: str) -> str:
+        return self._k(f"out:{eid}")
+
+    def incoming(self, eid: str) -> str:
+        return self._k(f"in:{eid}")
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,19 @@ from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.valkey import reads
 from flowfabric.server.valkey.codec import cancel_source, enum_text, enum_value, text
-from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput, not_implemented
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Fence, Functions, NewExecution
 from flowfabric.server.valkey.functions.execution import Duplicate
 from flowfabric.server.valkey.functions.lease import Revoked
 from flowfabric.server.valkey.ids import (
     ExecutionId,
+    flow_partition,
     mint_execution_id,
+    parse_uuid,
     solo_partition,
     validate_lane,
 )
-from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
+from flowfabric.server.valkey.keys import ExecKeys, FlowKeys, PartitionKeys
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import execution_pb2_grpc as rpc
 from flowfabric.v1 import types_pb2 as t
@@ -98,9 +100,38 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
     def fn(self) -> Functions:
         return self.ctx.functions
 
-    def _new_id(self, request: pb.CreateExecutionRequest, lane: str) -> ExecutionId:
+    async def _flow_of(self, request: pb.CreateExecutionRequest) -> tuple[str, int] | None:
+        """(flow id, partition) of a member's create, checked to be a live flow before anything
+        is written; None without `flow_id`."""
+        if not request.HasField("flow_id"):
+            if request.blocked_by_dependencies:
+                raise InvalidInput(
+                    "blocked_by_dependencies", "blocked_by_dependencies needs a flow_id"
+                )
+            return None
+        fid = parse_uuid(request.flow_id, "flow_id")
+        p = flow_partition(fid, self.ctx.partitions)
+        state = await self.ctx.store.call(
+            "HGET", FlowKeys(f"{{fp:{p}}}", fid).core, "public_flow_state"
+        )
+        if state is None:
+            raise FlowFabricError("flow_not_found", message=f"no flow {fid}")
+        if text(state) in ("cancelled", "completed", "failed"):
+            raise FlowFabricError("flow_already_terminal", [text(state)])
+        return fid, p
+
+    def _new_id(
+        self, request: pb.CreateExecutionRequest, lane: str, flow_partition_id: int | None
+    ) -> ExecutionId:
         if request.execution_id:
             eid = self.ctx.execution_id(request.execution_id)
+            if flow_partition_id is not None and eid.partition != flow_partition_id:
+                raise FlowFabricError(
+                    "partition_mismatch",
+                    message=f"execution_id is on partition {eid.partition} but the flow is on "
+                    f"partition {flow_partition_id}: mint the id for the flow",
+                    metadata={"field": "execution_id"},
+                )
             if request.HasField("partition_id") and request.partition_id != eid.partition:
                 raise InvalidInput(
                     "partition_id",
@@ -108,6 +139,8 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
                     f"partition {eid.partition}",
                 )
             return eid
+        if flow_partition_id is not None:
+            return mint_execution_id(flow_partition_id)
         partition = solo_partition(lane, self.ctx.partitions)
         if request.HasField("partition_id"):
             if request.partition_id >= self.ctx.partitions:
@@ -128,11 +161,10 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
                 f"{limits.INPUT_PAYLOAD_MAX}",
                 metadata={"limit_bytes": str(limits.INPUT_PAYLOAD_MAX)},
             )
-        if request.HasField("flow_id"):
-            raise not_implemented("CreateExecution with flow_id", "the flows work")
         check_create(request)
         tags = tags_of(request.tags)
-        eid = self._new_id(request, lane)
+        flow = await self._flow_of(request)
+        eid = self._new_id(request, lane, flow[1] if flow else None)
         reply = await self.fn.execution.create_execution(
             NewExecution(
                 execution_id=eid,
@@ -153,8 +185,13 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
                     else None
                 ),
                 quota_policy_id=request.quota_policy_id,
+                blocked_by_dependencies=request.blocked_by_dependencies,
             )
         )
+        if flow is not None:
+            # Both calls are idempotent, so a retry converges (docs/flows.md#building-a-flow).
+            created = reply.existing_id if isinstance(reply, Duplicate) else reply.execution_id
+            await self.fn.flow.add_execution_to_flow(flow[0], self.ctx.execution_id(created))
         if isinstance(reply, Duplicate):
             return pb.CreateExecutionResponse(
                 duplicate=pb.CreateExecutionResponse.Duplicate(execution_id=reply.existing_id)
@@ -270,7 +307,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         self, request: pb.ReplayExecutionRequest, context: Any
     ) -> pb.ReplayExecutionResponse:
         eid = self.ctx.execution_id(request.execution_id)
-        reply = await self.fn.execution.replay_execution(eid)
+        reply = await self.fn.execution.replay_execution(eid, await self._inbound_edges(eid))
         if self.on_created is not None:
             self.on_created()
         return pb.ReplayExecutionResponse(
@@ -278,6 +315,19 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
                 public_state=enum_value(t.PublicState, reply.public_state)
             )
         )
+
+    async def _inbound_edges(self, eid: ExecutionId) -> tuple[str, ...]:
+        """A skipped flow member's inbound edge ids (its flow's `in:` set), which its replay
+        reopens (docs/flows.md#replaying-a-skipped-member); () for anything else."""
+        fid, outcome = await self.ctx.store.call(
+            "HMGET", ExecKeys(eid).core, "flow_id", "terminal_outcome"
+        )
+        if not text(fid) or text(outcome) != "skipped":
+            return ()
+        members = await self.ctx.store.call(
+            "SMEMBERS", FlowKeys(eid.tag, text(fid)).incoming(str(eid))
+        )
+        return tuple(sorted(text(m) for m in members))
 
     async def ResumeExecution(
         self, request: pb.ResumeExecutionRequest, context: Any

@@ -9,6 +9,7 @@ from __future__ import annotations
 from flowfabric.server.valkey.functions.admission import AdmissionFunctions
 from flowfabric.server.valkey.functions.core import Claimer, Decl, Fence, Leased, Outcome
 from flowfabric.server.valkey.functions.execution import ExecutionFunctions, NewExecution
+from flowfabric.server.valkey.functions.flow import FlowFunctions
 from flowfabric.server.valkey.functions.lease import LeaseFunctions, Reclaimed, ReclaimLimit
 from flowfabric.server.valkey.functions.maintenance import MaintenanceFunctions
 from flowfabric.server.valkey.functions.scheduling import SchedulingFunctions
@@ -36,6 +37,7 @@ class Functions:
         self.signal = SignalFunctions(store, self.keystore)
         self.stream = StreamFunctions(store)
         self.maintenance = MaintenanceFunctions(store)
+        self.flow = FlowFunctions(store)
 
 
 def all_declarations() -> tuple[Decl[object], ...]:
@@ -43,6 +45,7 @@ def all_declarations() -> tuple[Decl[object], ...]:
     from flowfabric.server.valkey.functions import (
         admission,
         execution,
+        flow,
         lease,
         maintenance,
         scheduling,
@@ -51,7 +54,7 @@ def all_declarations() -> tuple[Decl[object], ...]:
         suspension,
     )  # fmt: skip
 
-    mods = (admission, execution, lease, maintenance, scheduling, signal, stream, suspension)
+    mods = (admission, execution, flow, lease, maintenance, scheduling, signal, stream, suspension)
     return tuple(d for m in mods for d in m.DECLS)
 
 

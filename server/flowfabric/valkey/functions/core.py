@@ -25,7 +25,7 @@ from typing import Any, Generic, Literal, TypeVar
 from flowfabric.server.valkey.codec import Reply, decode, text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.ids import ExecutionId
-from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys, WaitpointKeys
+from flowfabric.server.valkey.keys import ExecKeys, FlowKeys, PartitionKeys, WaitpointKeys
 from flowfabric.server.valkey.store import Store
 
 R = TypeVar("R")
@@ -95,6 +95,7 @@ class KeyCtx:
     namespace: str = ""
     idempotency_key: str = ""
     signal_id: str = ""
+    flow_id: str = ""
 
     @property
     def exec(self) -> ExecKeys:
@@ -109,6 +110,10 @@ class KeyCtx:
     @property
     def wp(self) -> WaitpointKeys:
         return WaitpointKeys(self.part.tag, self.waitpoint_id)
+
+    @property
+    def flow(self) -> FlowKeys:
+        return FlowKeys(self.part.tag, self.flow_id)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,11 @@ def ek(attr: str) -> Key:
 def pk(attr: str) -> Key:
     """A per-partition index (`PartitionKeys.<attr>`)."""
     return Key(f"part.{attr}", lambda c: str(getattr(c.part, attr)))
+
+
+def fk(attr: str) -> Key:
+    """A flow key (`FlowKeys.<attr>`)."""
+    return Key(f"flow.{attr}", lambda c: str(getattr(c.flow, attr)))
 
 
 def lane(which: str) -> Key:

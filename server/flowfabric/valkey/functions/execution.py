@@ -46,6 +46,8 @@ class NewExecution:
     delay_until: int | None = None
     execution_deadline_at: int | None = None
     quota_policy_id: str = ""
+    # Start blocked_by_dependencies (a flow member whose edges come later; docs/flows.md).
+    blocked_by_dependencies: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ CREATE: Decl[Created | Duplicate] = Decl(
      arg("input_payload", "bytes"), opt("delay_until"), opt("dedup_ttl_ms"),
      arg("tags_json", "json", default={}), opt("execution_deadline_at"),
      arg("partition_id", "int"), arg("payload_encoding", default=""),
-     arg("quota_policy_id", default="")),
+     arg("quota_policy_id", default=""), arg("blocked_by_dependencies", "bool", default=False)),
     {"OK": record(Created), "DUPLICATE": record(Duplicate)},
 )  # fmt: skip
 SET_TAGS: Decl[TagsSet] = Decl(
@@ -233,6 +235,7 @@ class ExecutionFunctions:
             "tags_json": dict(x.tags or {}), "execution_deadline_at": x.execution_deadline_at,
             "partition_id": x.execution_id.partition, "payload_encoding": x.payload_encoding,
             "quota_policy_id": x.quota_policy_id,
+            "blocked_by_dependencies": x.blocked_by_dependencies,
         })  # fmt: skip
 
     async def set_execution_tags(self, eid: ExecutionId, tags: Mapping[str, str]) -> TagsSet:
@@ -291,5 +294,10 @@ class ExecutionFunctions:
         values = {"execution_id": str(eid), "expire_reason": reason}
         return await call(self.store, EXPIRE, exec_ctx(eid), values)
 
-    async def replay_execution(self, eid: ExecutionId) -> PublicState:
-        return await call(self.store, REPLAY, exec_ctx(eid), {"execution_id": str(eid)})
+    async def replay_execution(
+        self, eid: ExecutionId, inbound_edge_ids: tuple[str, ...] = ()
+    ) -> PublicState:
+        """`inbound_edge_ids`: a skipped flow member's inbound edges (its flow's `in:` set), so
+        the replay can reopen the impossible ones."""
+        values = {"execution_id": str(eid), "inbound_edge_ids": inbound_edge_ids}
+        return await call(self.store, REPLAY, exec_ctx(eid), values)

@@ -1,0 +1,417 @@
+"""FlowService: flows, their members and dependency edges (docs/flows.md).
+
+Each RPC decodes and validates the request (ids, partitions, bounds), then runs one Valkey
+Function on the flow's partition; AddDependency threads the graph revision through stage and
+apply, and CancelFlow with `cancel_all` cancels the members one call each."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from google.protobuf import json_format
+
+from flowfabric.server.api import limits
+from flowfabric.server.api.servicers.base import ServerContext
+from flowfabric.server.valkey import flow_reads
+from flowfabric.server.valkey.codec import enum_value, text
+from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
+from flowfabric.server.valkey.functions import Fence, Functions
+from flowfabric.server.valkey.functions.flow import (
+    MAX_SUBMIT_EDGES,
+    MAX_SUBMIT_MEMBERS,
+    AlreadyMember,
+    AlreadySubmitted,
+    Applied,
+    SubmitEdge,
+    SubmitMember,
+)
+from flowfabric.server.valkey.ids import (
+    ExecutionId,
+    flow_partition,
+    mint_execution_id,
+    parse_uuid,
+    validate_lane,
+)
+from flowfabric.server.valkey.keys import ExecKeys, FlowKeys
+from flowfabric.v1 import flow_pb2 as pb
+from flowfabric.v1 import flow_pb2_grpc as rpc
+from flowfabric.v1 import types_pb2 as t
+
+DEFAULT_LANE = "default"
+MEMBER_KEY_MAX = 64
+LIST_EDGES_MAX = 1000
+CANCEL_REPEAT_MEMBERS_MAX = 1000
+STAGE_RETRIES = 3
+JOIN_KINDS = {
+    pb.Join.KIND_UNSPECIFIED: "",
+    pb.Join.KIND_ALL: "all",
+    pb.Join.KIND_ANY: "any",
+    pb.Join.KIND_QUORUM: "quorum",
+}
+EDGE_KINDS = {
+    pb.DEPENDENCY_KIND_UNSPECIFIED: "success",
+    pb.DEPENDENCY_KIND_SUCCESS: "success",
+    pb.DEPENDENCY_KIND_COMPLETION: "completion",
+}
+# Answers of a member cancel that mean "nothing left to cancel".
+CANCEL_ACKS = frozenset({"execution_not_active", "execution_not_found"})
+
+
+def join_of(join: pb.Join, field: str) -> tuple[str, int]:
+    if join.kind not in JOIN_KINDS:
+        raise InvalidInput(field, f"{field}.kind {join.kind} is not a known join")
+    return JOIN_KINDS[join.kind], join.quorum
+
+
+def member_policy_json(m: pb.SubmitFlowRequest.Member) -> str:
+    which = m.WhichOneof("policy_spec")
+    if which == "policy_json":
+        return m.policy_json
+    if which == "policy":
+        return json_format.MessageToJson(
+            m.policy, preserving_proto_field_name=True, indent=None, sort_keys=True
+        )
+    return ""
+
+
+class FlowServicer(rpc.FlowServiceServicer):
+    def __init__(self, ctx: ServerContext, on_eligible: Any = None) -> None:
+        self.ctx = ctx
+        self.on_eligible = on_eligible
+
+    @property
+    def fn(self) -> Functions:
+        return self.ctx.functions
+
+    # -- ids and partitions -----------------------------------------------------------------
+
+    def _flow(self, flow_id: str, field: str = "flow_id") -> tuple[str, int, str]:
+        """(flow id, partition, tag)."""
+        fid = parse_uuid(flow_id, field)
+        p = flow_partition(fid, self.ctx.partitions)
+        return fid, p, f"{{fp:{p}}}"
+
+    def _member(self, value: str, partition: int, field: str) -> ExecutionId:
+        eid = self.ctx.execution_id(value, field)
+        if eid.partition != partition:
+            raise FlowFabricError(
+                "partition_mismatch",
+                message=f"{field} is on partition {eid.partition} but the flow is on partition "
+                f"{partition}: mint the id for the flow (or create it with the flow's id)",
+                metadata={"field": field, "flow_partition": str(partition)},
+            )
+        return eid
+
+    def _woke(self) -> None:
+        if self.on_eligible is not None:
+            self.on_eligible()
+
+    # -- create and build ---------------------------------------------------------------------
+
+    async def CreateFlow(
+        self, request: pb.CreateFlowRequest, context: Any
+    ) -> pb.CreateFlowResponse:
+        fid, _, tag = self._flow(request.flow_id)
+        if not request.flow_kind or not request.namespace:
+            raise InvalidInput("flow_kind", "flow_kind and namespace are required")
+        existed = await self.ctx.store.call("EXISTS", FlowKeys(tag, fid).core)
+        await self.fn.flow.create_flow(
+            tag, fid, request.flow_kind, request.namespace, request.failure_policy
+        )
+        if existed:
+            return pb.CreateFlowResponse(
+                already_satisfied=pb.CreateFlowResponse.AlreadySatisfied(flow_id=fid)
+            )
+        return pb.CreateFlowResponse(created=pb.CreateFlowResponse.Created(flow_id=fid))
+
+    async def SubmitFlow(
+        self, request: pb.SubmitFlowRequest, context: Any
+    ) -> pb.SubmitFlowResponse:
+        fid, p, tag = self._flow(request.flow_id or str(uuid.uuid4()))
+        if not request.flow_kind or not request.namespace:
+            raise InvalidInput("flow_kind", "flow_kind and namespace are required")
+        if not 1 <= len(request.members) <= MAX_SUBMIT_MEMBERS:
+            raise InvalidInput(
+                "members", f"a submit has 1..{MAX_SUBMIT_MEMBERS} members; build larger flows "
+                "incrementally (CreateExecution with flow_id, AddDependency)",
+            )  # fmt: skip
+        if len(request.edges) > MAX_SUBMIT_EDGES:
+            raise InvalidInput(
+                "edges", f"a submit has at most {MAX_SUBMIT_EDGES} edges; add more with "
+                "AddDependency",
+            )  # fmt: skip
+        members = [self._submit_member(m, i, p) for i, m in enumerate(request.members)]
+        edges = [self._submit_edge(e, i) for i, e in enumerate(request.edges)]
+        reply = await self.fn.flow.submit_flow(
+            tag, p, fid, request.flow_kind, request.namespace, members, edges,
+            request.failure_policy,
+        )  # fmt: skip
+        rows = [
+            pb.SubmitFlowResponse.SubmittedMember(
+                key=key, execution_id=eid,
+                public_state=enum_value(t.PublicState, state) if state else 0,  # type: ignore[arg-type]
+            )
+            for key, eid, state in reply.members()
+        ]  # fmt: skip
+        if isinstance(reply, AlreadySubmitted):
+            return pb.SubmitFlowResponse(
+                already_submitted=pb.SubmitFlowResponse.AlreadySubmitted(
+                    flow_id=fid, graph_revision=reply.graph_revision, members=rows
+                )
+            )
+        self._woke()
+        return pb.SubmitFlowResponse(
+            submitted=pb.SubmitFlowResponse.Submitted(
+                flow_id=fid, graph_revision=reply.graph_revision, members=rows
+            )
+        )
+
+    def _submit_member(self, m: pb.SubmitFlowRequest.Member, i: int, p: int) -> SubmitMember:
+        field = f"members[{i}]"
+        if not 1 <= len(m.key.encode()) <= MEMBER_KEY_MAX:
+            raise InvalidInput(f"{field}.key", f"{field}.key must be 1..{MEMBER_KEY_MAX} bytes")
+        if not m.execution_kind:
+            raise InvalidInput(f"{field}.execution_kind", f"{field}.execution_kind is required")
+        if len(m.input_payload) > limits.INPUT_PAYLOAD_MAX:
+            raise FlowFabricError(
+                "payload_too_large",
+                message=f"{field}.input_payload is {len(m.input_payload)} bytes; the limit is "
+                f"{limits.INPUT_PAYLOAD_MAX}",
+                metadata={"limit_bytes": str(limits.INPUT_PAYLOAD_MAX), "field": field},
+            )
+        eid = (
+            self._member(m.execution_id, p, f"{field}.execution_id")
+            if m.execution_id
+            else mint_execution_id(p)
+        )
+        join, quorum = join_of(m.join, f"{field}.join")
+        return SubmitMember(
+            key=m.key, execution_id=eid,
+            lane_id=validate_lane(m.lane_id or DEFAULT_LANE, f"{field}.lane_id"),
+            execution_kind=m.execution_kind, input_payload=m.input_payload, priority=m.priority,
+            creator_identity=m.creator_identity, policy_json=member_policy_json(m),
+            payload_encoding=m.payload_encoding, tags=dict(m.tags), join_kind=join,
+            join_quorum=quorum,
+        )  # fmt: skip
+
+    def _submit_edge(self, e: pb.SubmitFlowRequest.Edge, i: int) -> SubmitEdge:
+        field = f"edges[{i}]"
+        if e.kind not in EDGE_KINDS:
+            raise InvalidInput(f"{field}.kind", f"{field}.kind {e.kind} is not a known kind")
+        return SubmitEdge(
+            edge_id=parse_uuid(e.edge_id, f"{field}.edge_id") if e.edge_id else str(uuid.uuid4()),
+            upstream_key=e.upstream_key, downstream_key=e.downstream_key,
+            dependency_kind=EDGE_KINDS[e.kind], data_passing_ref=e.data_passing_ref,
+        )  # fmt: skip
+
+    async def AddExecutionToFlow(
+        self, request: pb.AddExecutionToFlowRequest, context: Any
+    ) -> pb.AddExecutionToFlowResponse:
+        fid, p, _ = self._flow(request.flow_id)
+        eid = self._member(request.execution_id, p, "execution_id")
+        reply = await self.fn.flow.add_execution_to_flow(fid, eid)
+        if isinstance(reply, AlreadyMember):
+            return pb.AddExecutionToFlowResponse(
+                already_member=pb.AddExecutionToFlowResponse.AlreadyMember(
+                    execution_id=str(eid), node_count=reply.node_count
+                )
+            )
+        return pb.AddExecutionToFlowResponse(
+            added=pb.AddExecutionToFlowResponse.Added(
+                execution_id=str(eid), new_node_count=reply.node_count
+            )
+        )
+
+    def _edge_ends(self, p: int, upstream: str, downstream: str) -> tuple[ExecutionId, ExecutionId]:
+        return (
+            self._member(upstream, p, "upstream_execution_id"),
+            self._member(downstream, p, "downstream_execution_id"),
+        )
+
+    async def StageDependencyEdge(
+        self, request: pb.StageDependencyEdgeRequest, context: Any
+    ) -> pb.StageDependencyEdgeResponse:
+        fid, p, _ = self._flow(request.flow_id)
+        up, down = self._edge_ends(
+            p, request.upstream_execution_id, request.downstream_execution_id
+        )
+        edge = parse_uuid(request.edge_id, "edge_id") if request.edge_id else str(uuid.uuid4())
+        staged = await self.fn.flow.stage_dependency_edge(
+            fid, edge, up, down, request.dependency_kind, request.data_passing_ref,
+            request.expected_graph_revision,
+        )  # fmt: skip
+        return pb.StageDependencyEdgeResponse(
+            staged=pb.StageDependencyEdgeResponse.Staged(
+                edge_id=staged.edge_id, new_graph_revision=staged.new_graph_revision
+            )
+        )
+
+    async def ApplyDependencyToChild(
+        self, request: pb.ApplyDependencyToChildRequest, context: Any
+    ) -> pb.ApplyDependencyToChildResponse:
+        fid, p, _ = self._flow(request.flow_id)
+        child = self._member(request.downstream_execution_id, p, "downstream_execution_id")
+        edge = parse_uuid(request.edge_id, "edge_id")
+        join, quorum = join_of(request.join, "join")
+        reply = await self.fn.flow.apply_dependency_to_child(fid, edge, child, join, quorum)
+        self._woke()
+        if isinstance(reply, Applied):
+            return pb.ApplyDependencyToChildResponse(
+                applied=pb.ApplyDependencyToChildResponse.Applied(
+                    unsatisfied_count=reply.unsatisfied_count
+                )
+            )
+        return pb.ApplyDependencyToChildResponse(
+            already_applied=pb.ApplyDependencyToChildResponse.AlreadyApplied()
+        )
+
+    async def AddDependency(
+        self, request: pb.AddDependencyRequest, context: Any
+    ) -> pb.AddDependencyResponse:
+        fid, p, tag = self._flow(request.flow_id)
+        up, down = self._edge_ends(
+            p, request.upstream_execution_id, request.downstream_execution_id
+        )
+        edge = parse_uuid(request.edge_id, "edge_id") if request.edge_id else str(uuid.uuid4())
+        join, quorum = join_of(request.join, "join")
+        given = request.HasField("expected_graph_revision")
+        for attempt in range(1 if given else STAGE_RETRIES):
+            revision = request.expected_graph_revision if given else await self._revision(tag, fid)
+            try:
+                staged = await self.fn.flow.stage_dependency_edge(
+                    fid, edge, up, down, request.dependency_kind, request.data_passing_ref,
+                    revision,
+                )  # fmt: skip
+                break
+            except FlowFabricError as exc:
+                if exc.code != "stale_graph_revision" or given or attempt == STAGE_RETRIES - 1:
+                    raise
+        reply = await self.fn.flow.apply_dependency_to_child(fid, edge, down, join, quorum)
+        self._woke()
+        unsatisfied = reply.unsatisfied_count if isinstance(reply, Applied) else 0
+        return pb.AddDependencyResponse(
+            edge_id=edge, new_graph_revision=staged.new_graph_revision,
+            unsatisfied_count=unsatisfied,
+        )  # fmt: skip
+
+    async def _revision(self, tag: str, fid: str) -> int:
+        raw = await self.ctx.store.call("HGET", FlowKeys(tag, fid).core, "graph_revision")
+        if raw is None:
+            raise FlowFabricError("flow_not_found", message=f"no flow {fid}")
+        return int(text(raw))
+
+    async def PromoteBlockedToEligible(
+        self, request: pb.PromoteBlockedToEligibleRequest, context: Any
+    ) -> pb.PromoteBlockedToEligibleResponse:
+        eid = self.ctx.execution_id(request.execution_id)
+        await self.fn.flow.promote_blocked_to_eligible(eid)
+        self._woke()
+        return pb.PromoteBlockedToEligibleResponse(
+            promoted=pb.PromoteBlockedToEligibleResponse.Promoted(execution_id=str(eid))
+        )
+
+    # -- cancel and tags ----------------------------------------------------------------------
+
+    async def CancelFlow(
+        self, request: pb.CancelFlowRequest, context: Any
+    ) -> pb.CancelFlowResponse:
+        fid, _, tag = self._flow(request.flow_id)
+        reason = request.reason or "flow cancelled"
+        try:
+            done = await self.fn.flow.cancel_flow(tag, fid, reason, request.cancellation_policy)
+        except FlowFabricError as exc:
+            if exc.code != "flow_already_terminal" or exc.details[:1] != ["cancelled"]:
+                raise
+            raw = await self.ctx.store.call("SMEMBERS", FlowKeys(tag, fid).members)
+            ids = sorted(text(m) for m in raw)[:CANCEL_REPEAT_MEMBERS_MAX]
+            stored = exc.details[1] if len(exc.details) > 1 else ""
+            return pb.CancelFlowResponse(
+                cancelled=pb.CancelFlowResponse.Cancelled(
+                    cancellation_policy=stored or request.cancellation_policy,
+                    member_execution_ids=ids,
+                )
+            )
+        members = list(done.members)
+        failed = []
+        if done.cancellation_policy == "cancel_all":
+            for member in members:
+                try:
+                    await self.fn.execution.cancel_execution(
+                        self.ctx.execution_id(member), reason, "operator_override", Fence()
+                    )
+                except FlowFabricError as exc:
+                    if exc.code not in CANCEL_ACKS:
+                        failed.append(member)
+        if failed:
+            return pb.CancelFlowResponse(
+                partially_cancelled=pb.CancelFlowResponse.PartiallyCancelled(
+                    cancellation_policy=done.cancellation_policy, member_execution_ids=members,
+                    failed_member_execution_ids=failed,
+                )
+            )  # fmt: skip
+        return pb.CancelFlowResponse(
+            cancelled=pb.CancelFlowResponse.Cancelled(
+                cancellation_policy=done.cancellation_policy, member_execution_ids=members
+            )
+        )
+
+    async def SetFlowTags(
+        self, request: pb.SetFlowTagsRequest, context: Any
+    ) -> pb.SetFlowTagsResponse:
+        fid, _, tag = self._flow(request.flow_id)
+        if not request.tags:
+            raise InvalidInput("tags", "tags must be non-empty")
+        reply = await self.fn.flow.set_flow_tags(tag, fid, dict(request.tags))
+        return pb.SetFlowTagsResponse(ok=pb.SetFlowTagsResponse.Ok(count=reply.count))
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def DescribeFlow(
+        self, request: pb.DescribeFlowRequest, context: Any
+    ) -> pb.DescribeFlowResponse:
+        fid, _, tag = self._flow(request.flow_id)
+        view = await flow_reads.describe_flow(self.ctx.store, FlowKeys(tag, fid))
+        if view is None:
+            raise FlowFabricError("flow_not_found", message=f"no flow {fid}")
+        return pb.DescribeFlowResponse(
+            flow=view.snapshot, members_by_state=view.members_by_state, failures=view.failures
+        )
+
+    async def DescribeEdge(
+        self, request: pb.DescribeEdgeRequest, context: Any
+    ) -> pb.DescribeEdgeResponse:
+        fid, _, tag = self._flow(request.flow_id)
+        edge = parse_uuid(request.edge_id, "edge_id")
+        snap = await flow_reads.describe_edge(self.ctx.store, FlowKeys(tag, fid), edge)
+        if snap is None:
+            raise FlowFabricError("edge_not_found", message=f"no edge {edge} in flow {fid}")
+        return pb.DescribeEdgeResponse(edge=snap)
+
+    async def ListEdges(self, request: pb.ListEdgesRequest, context: Any) -> pb.ListEdgesResponse:
+        which = request.direction.WhichOneof("direction")
+        if which is None:
+            raise InvalidInput("direction", "direction (outgoing or incoming) is required")
+        node = (
+            request.direction.outgoing.from_node
+            if which == "outgoing"
+            else request.direction.incoming.to_node
+        )
+        eid = self.ctx.execution_id(node, f"direction.{which}")
+        size = request.page_size or LIST_EDGES_MAX
+        if size > LIST_EDGES_MAX:
+            raise InvalidInput("page_size", f"page_size must be at most {LIST_EDGES_MAX}")
+        after = parse_uuid(request.page_token, "page_token") if request.page_token else ""
+        if request.flow_id:
+            fid, p, tag = self._flow(request.flow_id)
+        else:
+            core = await self.ctx.store.call("HGET", ExecKeys(eid).core, "flow_id")
+            if not text(core):
+                return pb.ListEdgesResponse()
+            fid, p, tag = self._flow(text(core))
+        if p != eid.partition:
+            return pb.ListEdgesResponse()
+        edges, token = await flow_reads.list_edges(
+            self.ctx.store, FlowKeys(tag, fid), str(eid), which == "outgoing", size, after
+        )
+        return pb.ListEdgesResponse(edges=edges, next_page_token=token)
