@@ -632,8 +632,9 @@ local function cancel_flow(keys, argv)
   local reply, owed = Reply.ok(argv[3]), {}
   for _, m in ipairs(redis.call('SMEMBERS', keys[2])) do
     reply[#reply + 1] = m
+    -- pcall: a corrupt member is owed a cancel too (its cancel then fails and is reported)
     if argv[3] == 'cancel_all'
-        and redis.call('HGET', Keys.exec(tag, m, 'core'), 'lifecycle_phase') ~= 'terminal' then
+        and redis.pcall('HGET', Keys.exec(tag, m, 'core'), 'lifecycle_phase') ~= 'terminal' then
       owed[#owed + 1] = m
       if #owed == 1000 then
         redis.call('SADD', keys[3], unpack(owed))
