@@ -20,7 +20,8 @@ do
   -- A child's join counters (docs/flows.md#joins-and-edge-kinds): n applied edges, s satisfied,
   -- i impossible, u unresolved, k the satisfied edges the join needs (all: every edge, any: 1,
   -- quorum: its k), and `missing` the edges still to be applied: the join's expected_edges
-  -- minus n and, for a quorum, at least k - n (a quorum cannot be judged on fewer than k edges).
+  -- minus n; a quorum with fewer than k edges counts k more (it is never skipped before it has
+  -- k edges).
   function Deps.counts(tag, eid)
     local m = redis.call('HMGET', meta_key(tag, eid), 'total_count', 'satisfied_count',
       'impossible_required_count', 'unsatisfied_required_count', 'join_kind', 'join_quorum',
@@ -33,7 +34,9 @@ do
       d.k = 1
     elseif m[5] == 'quorum' then
       d.k = tonumber(m[6] or '') or n
-      missing = math.max(missing, d.k - n)
+      if n < d.k then
+        missing = math.max(missing, d.k)
+      end
     else
       d.k = n + missing
     end
