@@ -1,0 +1,71 @@
+"""The server under fuzz, as a child process: `python -m tests.fuzz.server_proc <valkey-url>`.
+
+A process of its own so its memory is measured apart from the fuzzer's (hypothesis keeps its own
+growing state), with no background scanners, so nothing but the fuzzed requests writes to the
+keyspace. It prints `{"port": N}` once serving, then answers one command per stdin line:
+`mem` prints the Python heap in use after a full collection (tracemalloc, started at boot) and
+the resident set size, both in bytes; end of input stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import sys
+import tracemalloc
+from pathlib import Path
+
+from flowfabric.server.app import FlowFabricServer
+from flowfabric.server.config import Config
+
+API_TOKEN = "fuzz-token"
+HMAC_SECRET = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+FLOW_PARTITIONS = 16
+
+
+def config(valkey_url: str) -> Config:
+    return Config(
+        valkey_url=valkey_url,
+        listen_addr="127.0.0.1:0",
+        api_token=API_TOKEN,
+        waitpoint_hmac_secret=HMAC_SECRET,
+        flow_partitions=FLOW_PARTITIONS,
+        shutdown_grace_s=1.0,
+        boot_retry_s=5.0,
+    )
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory() -> dict[str, int]:
+    gc.collect()
+    current, peak = tracemalloc.get_traced_memory()
+    return {"heap": current, "heap_peak": peak, "rss": rss_bytes()}
+
+
+async def main(valkey_url: str) -> None:
+    tracemalloc.start(1)
+    server = FlowFabricServer(config(valkey_url), run_scanners=False)
+    port = await server.start()
+    print(json.dumps({"port": port}), flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        while line := await reader.readline():
+            if line.strip() == b"mem":
+                print(json.dumps(memory()), flush=True)
+    finally:
+        await server.stop()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(main(sys.argv[1]))
