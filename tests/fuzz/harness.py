@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as wpb
 from tests.fuzz import server_proc
 from tests.fuzz.rpcs import Rpc, all_rpcs
-from tests.fuzz.strategies import Pools, condition, requests
+from tests.fuzz.strategies import Pools, condition, derived, requests
 
 ROOT = Path(__file__).resolve().parents[2]
 METADATA = (("authorization", f"Bearer {server_proc.API_TOKEN}"),)
@@ -48,7 +49,7 @@ LONG_POLL_TIMEOUT_S = 1.0
 LONG_POLL = {"WorkerService.ClaimNext", "WorkerService.CompleteExecutions"}
 # Server streams: read at most this many messages, give up after this much silence, cancel.
 STREAM_MAX_MESSAGES = 5
-STREAM_IDLE_S = 0.15
+STREAM_IDLE_S = 0.1
 STREAM_TIMEOUT_S = 3.0
 # Client-side ends: nothing to conclude about what the server wrote.
 CLIENT_ENDED = {grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -64,6 +65,20 @@ RESET_KEYS = 3000
 # entries are about time: a key whose TTL ran out between the two snapshots (claim grants, the
 # worker alive key, idempotency keys) is expired, not deleted; see Keyspace.diff.
 BACKGROUND_KEY_PREFIXES: tuple[str, ...] = ()
+# Refusals whose write is part of the contract: a lease found expired by a write path is first
+# marked expired (the lease-expiry scanner's transition, done early; the scanner is off here),
+# and that marking is kept behind the `lease_expired` reply. Only its keys may change: the
+# execution core, the lease history and the attempt stream's close marker.
+# And a signal refused for its token stamps `last_hmac_validation_failed_at` on the execution
+# core (an audit trail of token guessing; keystore faults are the server's and stamp nothing).
+_CORE = rb"^ff:exec:\{fp:\d+\}:.*:core$"
+_EXPIRY_MARKING = rb"^ff:(exec:\{fp:\d+\}:.*:(core|lease:history)|stream:\{fp:\d+\}:.*:meta)$"
+KEPT_ON_REFUSAL = {
+    "lease_expired": re.compile(_EXPIRY_MARKING),
+    "missing_token": re.compile(_CORE),
+    "invalid_token": re.compile(_CORE),
+    "token_expired": re.compile(_CORE),
+}
 
 
 # -- the server under fuzz --------------------------------------------------------------------
@@ -171,11 +186,12 @@ class Keyspace:
         return Snapshot(out, now)
 
     @staticmethod
-    def diff(before: Snapshot, after: Snapshot) -> list[str]:
-        """What changed, ignoring keys that merely reached their expiry time in between."""
+    def diff(before: Snapshot, after: Snapshot, kept: re.Pattern[bytes] | None = None) -> list[str]:
+        """What changed, ignoring keys that merely reached their expiry time in between (and
+        keys matching `kept`)."""
         changes = []
         for key in before.keys.keys() | after.keys.keys():
-            if key.startswith(BACKGROUND_KEY_PREFIXES):
+            if key.startswith(BACKGROUND_KEY_PREFIXES) or (kept and kept.match(key)):
                 continue
             old, new = before.keys.get(key), after.keys.get(key)
             if old == new:
@@ -227,6 +243,7 @@ class Result:
     responses: list[Any] = field(default_factory=list)
     client_ended: bool = False  # we cancelled a stream that was still going
     metadata: dict[str, str] = field(default_factory=dict)  # the ErrorInfo's
+    label: str = ""  # for the tally, when not the status code's name
 
 
 def _error_info(metadata: Any) -> error_details_pb2.ErrorInfo:
@@ -266,6 +283,14 @@ async def invoke(channel: grpc.aio.Channel, rpc: Rpc, request: Any) -> Result:
         reply = await call
         return Result(grpc.StatusCode.OK, responses=[reply])
     except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (
+            exc.debug_error_string() or ""
+        ):
+            # The client library's own failure to send the rest of a client stream after the
+            # server ended the call (it answered RESOURCE_EXHAUSTED for an oversized message):
+            # the status never came from the server.
+            return Result(grpc.StatusCode.CANCELLED, details="client send failed",
+                          client_ended=True, label="CLIENT_SEND_FAILED")  # fmt: skip
         return _failed(exc.code(), exc.trailing_metadata(), exc.details(), [])
 
 
@@ -434,8 +459,12 @@ class Finding:
         return "\n".join(lines)
 
 
+def _items(request: Any) -> list[Any]:
+    return request if isinstance(request, list) else [request]
+
+
 def describe(request: Any) -> str:
-    items = request if isinstance(request, list) else [request]
+    items = _items(request)
     parts = []
     for item in items[:3]:
         text = text_format.MessageToString(item, as_one_line=True, as_utf8=True)
@@ -454,6 +483,10 @@ class Tally:
     examples: int = 0
     resets: int = 0
     compared: int = 0
+    duplicates: int = 0  # generated again, not sent again
+    derived: int = 0  # variants of successful requests, one field pushed to an extreme
+    timing: Counter[str] = field(default_factory=Counter)  # seconds spent, by step
+    rpc_time: Counter[str] = field(default_factory=Counter)  # seconds in calls, by RPC
     elapsed_s: float = 0.0
 
     def count(self, rpc: str, code: str) -> None:
@@ -495,36 +528,78 @@ class Fuzzer:
         self.tally = Tally()
         self.since_reset = RESET_EVERY
         self.known: Callable[[Rpc, Any, Result], str | None] = lambda rpc, req, res: None
-        self.settle = False
+        self.last: Snapshot | None = None  # the keyspace after the previous call
+        self.seen: set[bytes] = set()  # requests sent already (hypothesis mutates in runs)
         self.trace = bool(os.environ.get("FF_FUZZ_TRACE"))
 
     async def fresh(self) -> None:
+        started = time.monotonic()
         await self.keyspace.reset()
         await self.world.build(await self.keyspace.store.time_ms())
+        self.tally.timing["reset"] += time.monotonic() - started
         self.since_reset = 0
         self.tally.resets += 1
 
     async def one(self, rpc: Rpc, request: Any) -> None:
+        """Send one generated request; when it succeeds, also a few variants of it with one
+        integer or list field pushed to an extreme (a valid request one field off)."""
+        if not self._fresh_request(rpc, request):
+            return
         if self.since_reset >= RESET_EVERY or (
             self.since_reset % 20 == 0 and await self.keyspace.size() > RESET_KEYS
         ):
             await self.fresh()
-        self.since_reset += 1
-        if self.settle:  # a cancelled call may still be finishing on the server
-            await asyncio.sleep(0.05)
-        before = await self.keyspace.snapshot()
-        result = await invoke(self.channel, rpc, request)
-        self.settle = result.code in CLIENT_ENDED
-        self.tally.examples += 1
-        self.tally.count(rpc.label, result.code.name)
-        self.tally.reasons[rpc.label][result.reason or result.code.name] += 1
-        if result.code == grpc.StatusCode.OK or result.responses:
-            for reply in result.responses:
-                harvest(self.pools, request[0] if isinstance(request, list) and request
-                        else request, reply)  # fmt: skip
-        await self._judge(rpc, request, result, before)
+            self.last = None
+        ok = await self._send(rpc, request)
+        if ok and not rpc.client_streaming:
+            for variant in derived(request, self.tally.statuses[rpc.label]["OK"]):
+                if self._fresh_request(rpc, variant):
+                    self.tally.derived += 1
+                    await self._send(rpc, variant)
 
-    async def _judge(self, rpc: Rpc, request: Any, result: Result, before: Snapshot) -> None:
+    def _fresh_request(self, rpc: Rpc, request: Any) -> bool:
+        key = hashlib.sha1(rpc.label.encode() + b"".join(
+            r.SerializeToString(deterministic=True) for r in _items(request))).digest()  # fmt: skip
+        if key in self.seen:
+            self.tally.duplicates += 1
+            return False
+        self.seen.add(key)
+        return True
+
+    async def _send(self, rpc: Rpc, request: Any) -> bool:
+        self.since_reset += 1
+        before = self.last or await self._snapshot()
+        started = time.monotonic()
+        result = await invoke(self.channel, rpc, request)
+        self.tally.timing["call"] += time.monotonic() - started
+        self.tally.rpc_time[rpc.label] += time.monotonic() - started
+        self.tally.examples += 1
+        label = result.label or result.code.name
+        self.tally.count(rpc.label, label)
+        self.tally.reasons[rpc.label][result.reason or label] += 1
+        for reply in result.responses:
+            harvest(self.pools, request[0] if isinstance(request, list) and request
+                    else request, reply)  # fmt: skip
+        if result.code in CLIENT_ENDED:
+            # a call we ended may still be finishing on the server: nothing to conclude, and
+            # the next request's "before" is taken afresh once it has settled
+            self.last = None
+            await asyncio.sleep(0.05)
+        else:
+            # the "after" of this call is the "before" of the next: nothing else writes
+            self.last = await self._snapshot()
+        self._judge(rpc, request, result, before, self.last)
+        return result.code == grpc.StatusCode.OK
+
+    async def _snapshot(self) -> Snapshot:
+        started = time.monotonic()
+        snap = await self.keyspace.snapshot()
+        self.tally.timing["snapshot"] += time.monotonic() - started
+        return snap
+
+    def _judge(
+        self, rpc: Rpc, request: Any, result: Result, before: Snapshot, after: Snapshot | None
+    ) -> None:
         code = result.code
         kind = None
         if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
@@ -534,9 +609,9 @@ class Fuzzer:
         changes: list[str] = []
         # AppendFrames keeps the frames before the one refused, by contract (appended_count)
         partial = result.metadata.get("appended_count", "0") != "0"
-        if code != grpc.StatusCode.OK and code not in CLIENT_ENDED and not partial:
+        if code != grpc.StatusCode.OK and after is not None and not partial:
             self.tally.compared += 1
-            changes = self.keyspace.diff(before, await self.keyspace.snapshot())
+            changes = self.keyspace.diff(before, after, KEPT_ON_REFUSAL.get(result.reason))
             if changes and kind is None:
                 kind = "keyspace"
         if kind is None:
@@ -555,7 +630,9 @@ def drive(fuzzer: Fuzzer, loop: asyncio.AbstractEventLoop, count: int, seed_valu
     """Run `count` hypothesis examples in this (non-event-loop) thread, each one RPC on `loop`.
 
     Examples never raise: findings are tallied, so one run reports every problem at once and
-    no shrinking is attempted (the server's state moves on between examples anyway).
+    no shrinking is attempted (the server's state moves on between examples anyway). Hypothesis
+    follows each fresh example with a few mutations of it, often the same request again; those
+    are not sent twice, and the run ends when `count` distinct requests have been sent.
     """
     rpcs = fuzzer.rpcs
     strategies = {
@@ -563,29 +640,41 @@ def drive(fuzzer: Fuzzer, loop: asyncio.AbstractEventLoop, count: int, seed_valu
     }
 
     @settings(
-        max_examples=count, deadline=None, database=None, derandomize=seed_value is None,
+        max_examples=count * 20, deadline=None, database=None, derandomize=seed_value is None,
         phases=[Phase.generate], suppress_health_check=list(HealthCheck),
     )  # fmt: skip
     @given(st.data())
     def example(data: st.DataObject) -> None:
         # a wide draw, reduced: hypothesis favours the ends of a small range
         rpc = rpcs[data.draw(st.integers(0, 1 << 20), label="rpc") % len(rpcs)]
+        started = time.monotonic()
         request = data.draw(strategies[rpc.label], label="request")
-        if fuzzer.trace:
-            print(f"{fuzzer.tally.examples:>6} {rpc.label} {describe(request)[:200]}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+        fuzzer.tally.timing["generate"] += time.monotonic() - started
+        sent = time.monotonic()
         future = asyncio.run_coroutine_threadsafe(fuzzer.one(rpc, request), loop)
         try:
             future.result(timeout=EXAMPLE_TIMEOUT_S)
         except TimeoutError:
             future.cancel()
             raise AssertionError(f"{rpc.label} did not finish: {describe(request)}") from None
+        if fuzzer.trace:
+            print(f"{fuzzer.tally.examples:>6} {time.monotonic() - sent:6.3f}s {rpc.label} "
+                  f"{describe(request)[:200]}", file=sys.stderr, flush=True)  # fmt: skip
         if on_example is not None:
             on_example(fuzzer.tally.examples)
+        if fuzzer.tally.examples >= count:
+            raise _Enough
 
     if seed_value is not None:
         example = seed(seed_value)(example)
-    example()
+    try:
+        example()
+    except _Enough:
+        pass
+
+
+class _Enough(BaseException):
+    """Stops hypothesis without a failure (it reports Exceptions, and would shrink them)."""
 
 
 async def run(fuzzer: Fuzzer, count: int, seed_value: int | None = None,
@@ -596,8 +685,11 @@ async def run(fuzzer: Fuzzer, count: int, seed_value: int | None = None,
     warm = max(1, count // 5)
     marks: set[int] = {warm}
 
+    sampled = {0}
+
     def on_example(n: int) -> None:
-        if n in marks or (memory_every and n % memory_every == 0):
+        if n not in sampled and (n in marks or (memory_every and n % memory_every == 0)):
+            sampled.add(n)
             fuzzer.sample_memory()
 
     await asyncio.to_thread(drive, fuzzer, loop, count, seed_value, on_example)

@@ -52,6 +52,8 @@ EXTREME_FLOATS = [0.0, -0.0, float("nan"), float("inf"), float("-inf"), 1e308, -
 
 # Sizes around the server's request caps (64 KiB control, 1 MiB payload) and gRPC's 2 MiB.
 HUGE_SIZES = [256, 4097, 65_000, 65_537, 300_000, 1 << 20, (2 << 20) - 64]
+# Past gRPC's receive limit already; bigger requests only cost the fuzzer time.
+REQUEST_BYTES_MAX = 3 << 20
 UUID0 = "00000000-0000-0000-0000-000000000000"
 
 
@@ -217,6 +219,14 @@ class Gen:
     pools: Pools
     chaos: int  # percent of fields that go extreme
     anchor: dict[str, Any]
+    target: str | None = None  # the one top-level field that goes extreme
+    budget: int = REQUEST_BYTES_MAX  # what huge values may still add to this request
+
+    def huge(self, size: int) -> int:
+        """`size`, or what is left of the request's byte budget."""
+        size = max(0, min(size, self.budget))
+        self.budget -= size
+        return size
 
 
 def requests(request_cls: Any, pools: Pools, streamed: bool = False) -> st.SearchStrategy[Any]:
@@ -224,7 +234,10 @@ def requests(request_cls: Any, pools: Pools, streamed: bool = False) -> st.Searc
 
     @st.composite
     def build(draw: Draw) -> Any:
-        chaos = draw(st.sampled_from([0, 0, 0, 5, 15, 40, 100]))
+        # -1: every field plausible but one, the likeliest way past validation into the function
+        chaos = draw(st.sampled_from([-1, -1, -1, 0, 0, 5, 15, 40, 100]))
+        fields = request_cls.DESCRIPTOR.fields
+        target = fields[draw(st.integers(0, len(fields) - 1))].name if fields else None
         # Every draw below is made whatever the pools hold, so the choices hypothesis records
         # have the same shape from one example to the next (pool contents are external state).
         use_anchor = draw(st.integers(0, 9)) < 8
@@ -232,7 +245,7 @@ def requests(request_cls: Any, pools: Pools, streamed: bool = False) -> st.Searc
         anchor: dict[str, Any] = {}
         if use_anchor and pools.anchors:
             anchor = pools.anchors[index % len(pools.anchors)]
-        gen = Gen(pools, chaos, anchor)
+        gen = Gen(pools, max(chaos, 0), anchor, target if chaos < 0 else None)
         if not streamed:
             return message(draw, gen, request_cls.DESCRIPTOR, 0)
         n = draw(st.sampled_from([0, 1, 2, 3, 20]))
@@ -245,7 +258,8 @@ def _roll(draw: Draw, gen: Gen) -> str:
     r = draw(st.integers(0, 99))
     if r < gen.chaos:
         return "extreme"
-    return "unset" if r < gen.chaos + (100 - gen.chaos) * 25 // 100 else "plausible"
+    unset = 10 if gen.target else 25
+    return "unset" if r < gen.chaos + (100 - gen.chaos) * unset // 100 else "plausible"
 
 
 def message(draw: Draw, gen: Gen, desc: Descriptor, depth: int) -> Any:
@@ -274,6 +288,8 @@ def message(draw: Draw, gen: Gen, desc: Descriptor, depth: int) -> Any:
             if chosen_oneof[real_oneof.name] != f.name:
                 continue
         mode = _roll(draw, gen)
+        if depth == 0 and gen.target is not None and f.name == gen.target:
+            mode = "extreme"
         if mode == "unset" or (f.message_type is not None and depth >= MAX_DEPTH):
             continue
         _set_field(draw, gen, msg, f, depth, mode)
@@ -314,18 +330,29 @@ def _set_repeated(
         n = draw(st.sampled_from([0, 1, 2, 257, 1000, 4097]))
     else:
         n = draw(st.integers(1, 3))
+    if n == 0:
+        return
     if f.message_type is not None:
         if depth >= MAX_DEPTH:
             return
         items = [message(draw, gen, f.message_type, depth + 1) for _ in range(min(n, 3))]
+        n = _affordable(gen, n, max(m.ByteSize() for m in items))
         for i in range(n):
             target.add().CopyFrom(items[i % len(items)])
         return
     items = [scalar(draw, gen, f, mode) for _ in range(min(n, 3))]
+    n = _affordable(gen, n, max((len(i) for i in items if isinstance(i, str | bytes)), default=8))
     if n > 3 and f.type == FD.TYPE_STRING and draw(st.booleans()):
         target.extend(f"{items[0][:16]}{i}" for i in range(n))  # thousands of distinct items
     elif n:
         target.extend(items[i % len(items)] for i in range(n))
+
+
+def _affordable(gen: Gen, n: int, item_size: int) -> int:
+    """How many copies of an item of `item_size` bytes the request's budget allows (>= 1)."""
+    n = max(1, min(n, gen.budget // max(item_size, 1))) if n else 0
+    gen.budget -= n * item_size
+    return n
 
 
 def _set_map(draw: Draw, gen: Gen, target: Any, f: FieldDescriptor, mode: str) -> None:
@@ -357,7 +384,7 @@ def scalar(draw: Draw, gen: Gen, f: FieldDescriptor, mode: str) -> Any:
     if f.type in INT_RANGES:
         return _integer(draw, gen, f, mode)
     if f.type == FD.TYPE_BYTES:
-        return _bytes(draw, mode)
+        return _bytes(draw, gen, mode)
     return _string(draw, gen, f, mode)
 
 
@@ -392,13 +419,13 @@ def _integer(draw: Draw, gen: Gen, f: FieldDescriptor, mode: str) -> int:
     return min(max(int(small), lo), hi)
 
 
-def _bytes(draw: Draw, mode: str) -> bytes:
+def _bytes(draw: Draw, gen: Gen, mode: str) -> bytes:
     if mode == "extreme":
         choice = draw(st.integers(0, 3))
         if choice == 0:
             return b""
         if choice == 1:
-            return bytes([draw(st.integers(0, 255))]) * draw(st.sampled_from(HUGE_SIZES))
+            return bytes([draw(st.integers(0, 255))]) * gen.huge(draw(st.sampled_from(HUGE_SIZES)))
         return bytes(draw(st.binary(max_size=64)))
     return bytes(draw(st.sampled_from([b"{}", b'{"x":1}', b"\x00\xff", b"hello"])))
 
@@ -409,7 +436,7 @@ def _string(draw: Draw, gen: Gen, f: FieldDescriptor, mode: str) -> str:
         choice = draw(st.integers(0, 9))
         if choice == 0:
             ch = draw(st.sampled_from(["a", "é", "{", "\x00", "0", ","]))
-            return str(ch) * draw(st.sampled_from(HUGE_SIZES))
+            return str(ch) * gen.huge(draw(st.sampled_from(HUGE_SIZES)))
         if choice <= 2:
             return str(draw(st.text(max_size=40)))
         return str(draw(st.sampled_from(MALFORMED_STRINGS)))
@@ -433,3 +460,73 @@ def _string(draw: Draw, gen: Gen, f: FieldDescriptor, mode: str) -> str:
     if name.endswith(UUID_FIELDS):
         return str(uuid.UUID(int=bits, version=4))
     return str(static)
+
+
+# Variants of a successful request: per success, the next few of its top-level integer and list
+# fields in turn (rotating with the success count), each pushed to the ends of its range.
+DERIVED_PER_SUCCESS = 3
+MANY = 5000
+
+
+def derived(request: Any, successes: int) -> list[Any]:
+    """Copies of `request`, each with one field at an extreme: integers at the top of their
+    type and at 2^53 + 1 (signed ones also at the bottom), lists and maps with 5,000 items."""
+    fields = [
+        f for f in request.DESCRIPTOR.fields if f.type in INT_RANGES or f.is_repeated
+    ]
+    if not fields:
+        return []
+    out = []
+    for i in range(DERIVED_PER_SUCCESS):
+        f = fields[(successes * DERIVED_PER_SUCCESS + i) % len(fields)]
+        for value in _ends(f):
+            variant = type(request)()
+            variant.CopyFrom(request)
+            _put(variant, f, value)
+            out.append(variant)
+    return out
+
+
+def _ends(f: FieldDescriptor) -> list[Any]:
+    if f.is_repeated:
+        return [MANY]
+    lo, hi = INT_RANGES[f.type]
+    ends = [hi] + ([2**53 + 1] if hi > 2**53 else []) + ([lo] if lo < 0 else [])
+    return ends
+
+
+def _put(msg: Any, f: FieldDescriptor, value: Any) -> None:
+    if not f.is_repeated:
+        setattr(msg, f.name, value)
+        return
+    target = getattr(msg, f.name)
+    if f.message_type is not None and f.message_type.GetOptions().map_entry:
+        key_f = f.message_type.fields_by_name["key"]
+        value_f = f.message_type.fields_by_name["value"]
+        if value_f.message_type is not None:
+            return
+        sample = next(iter(target.values()), None) if len(target) else None
+        for i in range(value):
+            key = f"app.k{i}" if key_f.type == FD.TYPE_STRING else i
+            target[key] = sample if sample is not None else _zero(value_f)
+        return
+    if f.message_type is not None:
+        if len(target):
+            first = type(target[0])()
+            first.CopyFrom(target[0])
+            for _ in range(value - len(target)):
+                target.add().CopyFrom(first)
+        return
+    if f.type == FD.TYPE_STRING:
+        base = target[0] if len(target) else "x"
+        target.extend(f"{base[:16]}{i}" for i in range(value))
+    elif len(target):
+        target.extend([target[0]] * value)
+
+
+def _zero(f: FieldDescriptor) -> Any:
+    if f.type == FD.TYPE_STRING:
+        return "v"
+    if f.type == FD.TYPE_BYTES:
+        return b"v"
+    return 0
