@@ -63,11 +63,13 @@ def main() -> int:
     if args.reasons:
         for rpc, reasons in sorted(tally.reasons.items()):
             print(f"{rpc}: " + ", ".join(f"{r}={n}" for r, n in reasons.most_common()))
-    print(f"\n{tally.examples} requests over {len(tally.statuses)} RPCs in {tally.elapsed_s:.0f} s"
-          f"; {tally.compared} refused requests had their keyspace compared; "
-          f"{tally.resets} keyspace resets, {tally.derived} derived from successes, "
-          f"{tally.duplicates} duplicates generated and not sent; "
-          f"server log {log}")  # fmt: skip
+    print(
+        f"\n{tally.examples} requests over {len(tally.statuses)} RPCs in {tally.elapsed_s:.0f} s"
+        f"; {tally.compared} refused requests had their keyspace compared; "
+        f"{tally.resets} keyspace resets, {tally.derived} derived from successes, "
+        f"{tally.duplicates} duplicates generated and not sent; "
+        f"server log {log}"
+    )
     print("time by step: " + ", ".join(f"{k} {v:.0f} s" for k, v in tally.timing.most_common()))
     print("slowest RPCs: " + ", ".join(f"{k} {v:.1f} s" for k, v in tally.rpc_time.most_common(8)))
     internal = sum(c.get("INTERNAL", 0) + c.get("UNKNOWN", 0) for c in tally.statuses.values())

@@ -8,6 +8,7 @@ is in docs/reliability.md#fuzzing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -98,9 +99,13 @@ class ServerProcess:
         log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.fuzz.server_proc", self.valkey_url],
-            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
             text=True,
-        )  # fmt: skip
+        )
         log.close()
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -111,12 +116,16 @@ class ServerProcess:
 
     def memory(self) -> dict[str, int]:
         """The server's Python heap (after a full collection) and RSS, in bytes."""
+        return dict(self.command("mem"))
+
+    def command(self, name: str) -> dict[str, Any]:
+        """One server_proc command; its JSON answer."""
         assert self.proc is not None and self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write("mem\n")
+        self.proc.stdin.write(name + "\n")
         self.proc.stdin.flush()
         ready, _, _ = select.select([self.proc.stdout], [], [], 60)
         if not ready:
-            raise RuntimeError("the fuzz server did not report its memory within 60 s")
+            raise RuntimeError(f"the fuzz server did not answer {name!r} within 60 s")
         return dict(json.loads(self.proc.stdout.readline()))
 
     def unexpected_errors(self) -> int:
@@ -269,8 +278,11 @@ async def invoke(channel: grpc.aio.Channel, rpc: Rpc, request: Any) -> Result:
     }
     try:
         if rpc.server_streaming:
-            return await _read_stream(channel.unary_stream(rpc.path, **codec)(
-                request, metadata=METADATA, timeout=STREAM_TIMEOUT_S))  # fmt: skip
+            return await _read_stream(
+                channel.unary_stream(rpc.path, **codec)(
+                    request, metadata=METADATA, timeout=STREAM_TIMEOUT_S
+                )
+            )
         timeout = LONG_POLL_TIMEOUT_S if rpc.label in LONG_POLL else UNARY_TIMEOUT_S
         if rpc.client_streaming:
             call: Any = channel.stream_unary(rpc.path, **codec)(
@@ -289,8 +301,12 @@ async def invoke(channel: grpc.aio.Channel, rpc: Rpc, request: Any) -> Result:
             # The client library's own failure to send the rest of a client stream after the
             # server ended the call (it answered RESOURCE_EXHAUSTED for an oversized message):
             # the status never came from the server.
-            return Result(grpc.StatusCode.CANCELLED, details="client send failed",
-                          client_ended=True, label="CLIENT_SEND_FAILED")  # fmt: skip
+            return Result(
+                grpc.StatusCode.CANCELLED,
+                details="client send failed",
+                client_ended=True,
+                label="CLIENT_SEND_FAILED",
+            )
         return _failed(exc.code(), exc.trailing_metadata(), exc.details(), [])
 
 
@@ -330,13 +346,18 @@ class World:
     async def create(self, **fields: Any) -> str:
         fields.setdefault("execution_kind", "demo")
         fields.setdefault("lane_id", "L")
-        reply = await self.call("ExecutionService.CreateExecution",
-                                epb.CreateExecutionRequest(**fields))  # fmt: skip
+        reply = await self.call(
+            "ExecutionService.CreateExecution", epb.CreateExecutionRequest(**fields)
+        )
         return str(reply.created.execution_id)
 
     async def claim(self, instance: str = "w-1") -> t.LeaseHandle:
-        reply = await self.call("WorkerService.ClaimNext", wpb.ClaimNextRequest(
-            worker_id="w", worker_instance_id=instance, lane_ids=["L"], lease_ttl_ms=600_000))  # fmt: skip
+        reply = await self.call(
+            "WorkerService.ClaimNext",
+            wpb.ClaimNextRequest(
+                worker_id="w", worker_instance_id=instance, lane_ids=["L"], lease_ttl_ms=600_000
+            ),
+        )
         assert reply.WhichOneof("outcome") == "task", reply
         return reply.task.lease
 
@@ -344,36 +365,67 @@ class World:
         self.pools.clear()
         self.pools.now_ms = now_ms
         for instance in ("w-1", "w-2"):
-            await self.call("WorkerService.RegisterWorker", wpb.RegisterWorkerRequest(
-                worker_id="w", worker_instance_id=instance, capabilities=["gpu"],
-                lane_ids=["L"], lease_ttl_ms=600_000))  # fmt: skip
+            await self.call(
+                "WorkerService.RegisterWorker",
+                wpb.RegisterWorkerRequest(
+                    worker_id="w",
+                    worker_instance_id=instance,
+                    capabilities=["gpu"],
+                    lane_ids=["L"],
+                    lease_ttl_ms=600_000,
+                ),
+            )
         for i in range(8):
-            await self.create(input_payload=b'{"i":%d}' % i, tags={"app.n": str(i)},
-                              policy_json='{"retry_policy":{"max_retries":1}}')  # fmt: skip
+            await self.create(
+                input_payload=b'{"i":%d}' % i,
+                tags={"app.n": str(i)},
+                policy_json='{"retry_policy":{"max_retries":1}}',
+            )
         leases = [await self.claim("w-1" if i % 2 else "w-2") for i in range(5)]
         # a pending waitpoint on lease 0
-        await self.call("WorkerService.CreatePendingWaitpoint",
-                        wpb.CreatePendingWaitpointRequest(lease=leases[0], expires_in_ms=600_000))  # fmt: skip
+        await self.call(
+            "WorkerService.CreatePendingWaitpoint",
+            wpb.CreatePendingWaitpointRequest(lease=leases[0], expires_in_ms=600_000),
+        )
         # lease 1 suspended on signal "a"
-        await self.call("WorkerService.Suspend", wpb.SuspendRequest(
-            lease=leases[1], reason_code="waiting_for_signal",
-            resume_condition_json=condition("a"), timeout_in_ms=600_000))  # fmt: skip
+        await self.call(
+            "WorkerService.Suspend",
+            wpb.SuspendRequest(
+                lease=leases[1],
+                reason_code="waiting_for_signal",
+                resume_condition_json=condition("a"),
+                timeout_in_ms=600_000,
+            ),
+        )
         # frames on lease 2's attempt
         for n in range(3):
-            await self.call("WorkerService.AppendFrame", wpb.AppendFrameRequest(
-                lease=leases[2], frame_type="text", payload=b"frame %d" % n))  # fmt: skip
+            await self.call(
+                "WorkerService.AppendFrame",
+                wpb.AppendFrameRequest(lease=leases[2], frame_type="text", payload=b"frame %d" % n),
+            )
         # lease 3 completed (a result to read, a terminal execution to replay)
-        await self.call("WorkerService.CompleteExecution", wpb.CompleteExecutionRequest(
-            lease=leases[3], result_payload=b'{"ok":true}'))  # fmt: skip
+        await self.call(
+            "WorkerService.CompleteExecution",
+            wpb.CompleteExecutionRequest(lease=leases[3], result_payload=b'{"ok":true}'),
+        )
         # a cancelled one and a delayed one, and a claim grant for a waiting one
         cancelled = await self.create(lane_id="default")
-        await self.call("ExecutionService.CancelExecution",
-                        epb.CancelExecutionRequest(execution_id=cancelled, reason="fuzz"))  # fmt: skip
+        await self.call(
+            "ExecutionService.CancelExecution",
+            epb.CancelExecutionRequest(execution_id=cancelled, reason="fuzz"),
+        )
         await self.create(delay_until=now_ms + 3_600_000)
         waiting = await self.create(lane_id="default")
-        await self.call("WorkerService.ClaimForWorker", wpb.ClaimForWorkerRequest(
-            execution_id=waiting, lane_id="default", worker_id="w", worker_instance_id="w-1",
-            grant_ttl_ms=60_000))  # fmt: skip
+        await self.call(
+            "WorkerService.ClaimForWorker",
+            wpb.ClaimForWorkerRequest(
+                execution_id=waiting,
+                lane_id="default",
+                worker_id="w",
+                worker_instance_id="w-1",
+                grant_ttl_ms=60_000,
+            ),
+        )
 
 
 def harvest(pools: Pools, request: Any, reply: Any) -> None:
@@ -388,12 +440,24 @@ def harvest(pools: Pools, request: Any, reply: Any) -> None:
         for f, value in msg.ListFields():
             if f.type == f.TYPE_STRING and not f.is_repeated:
                 found.setdefault(f.name, value)
-    for name in ("execution_id", "waitpoint_id", "waitpoint_token", "waitpoint_key",
-                 "suspension_id", "signal_id", "lease_id", "attempt_id"):  # fmt: skip
+    for name in (
+        "execution_id",
+        "waitpoint_id",
+        "waitpoint_token",
+        "waitpoint_key",
+        "suspension_id",
+        "signal_id",
+        "lease_id",
+        "attempt_id",
+    ):
         if name in found:
             pools.add(name, found[name])
-    for name, kind in (("next_page_token", "page_token"), ("entry_id", "stream_id"),
-                       ("current_kid", "kid"), ("new_kid", "kid")):  # fmt: skip
+    for name, kind in (
+        ("next_page_token", "page_token"),
+        ("entry_id", "stream_id"),
+        ("current_kid", "kid"),
+        ("new_kid", "kid"),
+    ):
         if name in found:
             pools.add(kind, found[name])
     if "waitpoint_token" in found:
@@ -412,15 +476,21 @@ def _copy(msg: Any) -> Any:
 
 
 def _lease_fields(lease: t.LeaseHandle) -> dict[str, Any]:
-    fence = t.LeaseFence(lease_id=lease.lease_id, lease_epoch=lease.lease_epoch,
-                         attempt_id=lease.attempt_id)  # fmt: skip
+    fence = t.LeaseFence(
+        lease_id=lease.lease_id, lease_epoch=lease.lease_epoch, attempt_id=lease.attempt_id
+    )
     return {
-        "lease": _copy(lease), "fence": fence, "execution_id": lease.execution_id,
-        "lane_id": lease.lane_id, "worker_id": lease.worker_id,
-        "worker_instance_id": lease.worker_instance_id, "attempt_index": lease.attempt_index,
-        "attempt_id": lease.attempt_id, "lease_id": lease.lease_id,
+        "lease": _copy(lease),
+        "fence": fence,
+        "execution_id": lease.execution_id,
+        "lane_id": lease.lane_id,
+        "worker_id": lease.worker_id,
+        "worker_instance_id": lease.worker_instance_id,
+        "attempt_index": lease.attempt_index,
+        "attempt_id": lease.attempt_id,
+        "lease_id": lease.lease_id,
         "lease_epoch": lease.lease_epoch,
-    }  # fmt: skip
+    }
 
 
 def _add_lease(pools: Pools, lease: t.LeaseHandle) -> None:
@@ -509,8 +579,9 @@ class Tally:
             lines.append(row + "".join(f"{counts.get(c, 0):>8}" for c in codes))
         totals = self.totals()
         lines.append("-" * len(head))
-        lines.append(f"{'total':<42}{sum(totals.values()):>6}"
-                     + "".join(f"{totals[c]:>8}" for c in codes))  # fmt: skip
+        lines.append(
+            f"{'total':<42}{sum(totals.values()):>6}" + "".join(f"{totals[c]:>8}" for c in codes)
+        )
         lines.append("codes: " + ", ".join(f"{short[c]}={c}" for c in codes))
         return "\n".join(lines)
 
@@ -529,6 +600,7 @@ class Fuzzer:
         self.since_reset = RESET_EVERY
         self.known: Callable[[Rpc, Any, Result], str | None] = lambda rpc, req, res: None
         self.last: Snapshot | None = None  # the keyspace after the previous call
+        self.trace_memory = bool(os.environ.get("FF_FUZZ_TRACE_MEMORY"))
         self.seen: set[bytes] = set()  # requests sent already (hypothesis mutates in runs)
         self.trace = bool(os.environ.get("FF_FUZZ_TRACE"))
 
@@ -558,8 +630,10 @@ class Fuzzer:
                     await self._send(rpc, variant)
 
     def _fresh_request(self, rpc: Rpc, request: Any) -> bool:
-        key = hashlib.sha1(rpc.label.encode() + b"".join(
-            r.SerializeToString(deterministic=True) for r in _items(request))).digest()  # fmt: skip
+        key = hashlib.sha1(
+            rpc.label.encode()
+            + b"".join(r.SerializeToString(deterministic=True) for r in _items(request))
+        ).digest()
         if key in self.seen:
             self.tally.duplicates += 1
             return False
@@ -578,8 +652,9 @@ class Fuzzer:
         self.tally.count(rpc.label, label)
         self.tally.reasons[rpc.label][result.reason or label] += 1
         for reply in result.responses:
-            harvest(self.pools, request[0] if isinstance(request, list) and request
-                    else request, reply)  # fmt: skip
+            harvest(
+                self.pools, request[0] if isinstance(request, list) and request else request, reply
+            )
         if result.code in CLIENT_ENDED:
             # a call we ended may still be finishing on the server: nothing to conclude, and
             # the next request's "before" is taken afresh once it has settled
@@ -617,16 +692,40 @@ class Fuzzer:
         if kind is None:
             return
         known = self.known(rpc, request, result)
-        finding = Finding(kind if known is None else f"known:{known}", rpc.label, code.name,
-                          result.reason, result.details, describe(request), changes)  # fmt: skip
+        finding = Finding(
+            kind if known is None else f"known:{known}",
+            rpc.label,
+            code.name,
+            result.reason,
+            result.details,
+            describe(request),
+            changes,
+        )
         self.tally.findings.append(finding)
 
     def sample_memory(self) -> None:
         self.tally.memory.append((self.tally.examples, self.server.memory()))
+        if self.trace_memory:
+            if len(self.tally.memory) == 1:
+                self.server.command("mark")
+            else:
+                grown = self.server.command("grown")["grown"]
+                print(
+                    "heap growth since the first sample, by site:",
+                    *grown,
+                    sep="\n  ",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
-def drive(fuzzer: Fuzzer, loop: asyncio.AbstractEventLoop, count: int, seed_value: int | None,
-          on_example: Callable[[int], None] | None = None) -> None:  # fmt: skip
+def drive(
+    fuzzer: Fuzzer,
+    loop: asyncio.AbstractEventLoop,
+    count: int,
+    seed_value: int | None,
+    on_example: Callable[[int], None] | None = None,
+) -> None:
     """Run `count` hypothesis examples in this (non-event-loop) thread, each one RPC on `loop`.
 
     Examples never raise: findings are tallied, so one run reports every problem at once and
@@ -640,9 +739,13 @@ def drive(fuzzer: Fuzzer, loop: asyncio.AbstractEventLoop, count: int, seed_valu
     }
 
     @settings(
-        max_examples=count * 20, deadline=None, database=None, derandomize=seed_value is None,
-        phases=[Phase.generate], suppress_health_check=list(HealthCheck),
-    )  # fmt: skip
+        max_examples=count * 20,
+        deadline=None,
+        database=None,
+        derandomize=seed_value is None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.data())
     def example(data: st.DataObject) -> None:
         # a wide draw, reduced: hypothesis favours the ends of a small range
@@ -658,8 +761,12 @@ def drive(fuzzer: Fuzzer, loop: asyncio.AbstractEventLoop, count: int, seed_valu
             future.cancel()
             raise AssertionError(f"{rpc.label} did not finish: {describe(request)}") from None
         if fuzzer.trace:
-            print(f"{fuzzer.tally.examples:>6} {time.monotonic() - sent:6.3f}s {rpc.label} "
-                  f"{describe(request)[:200]}", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"{fuzzer.tally.examples:>6} {time.monotonic() - sent:6.3f}s {rpc.label} "
+                f"{describe(request)[:200]}",
+                file=sys.stderr,
+                flush=True,
+            )
         if on_example is not None:
             on_example(fuzzer.tally.examples)
         if fuzzer.tally.examples >= count:
@@ -667,30 +774,27 @@ def drive(fuzzer: Fuzzer, loop: asyncio.AbstractEventLoop, count: int, seed_valu
 
     if seed_value is not None:
         example = seed(seed_value)(example)
-    try:
+    with contextlib.suppress(_Enough):
         example()
-    except _Enough:
-        pass
 
 
 class _Enough(BaseException):
     """Stops hypothesis without a failure (it reports Exceptions, and would shrink them)."""
 
 
-async def run(fuzzer: Fuzzer, count: int, seed_value: int | None = None,
-              memory_every: int = 0) -> Tally:  # fmt: skip
+async def run(
+    fuzzer: Fuzzer, count: int, seed_value: int | None = None, memory_every: int = 0
+) -> Tally:
     """The whole run: memory sampled after the first fifth (warm-up) and at the end."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     warm = max(1, count // 5)
-    marks: set[int] = {warm}
-
-    sampled = {0}
+    next_sample = [warm]
 
     def on_example(n: int) -> None:
-        if n not in sampled and (n in marks or (memory_every and n % memory_every == 0)):
-            sampled.add(n)
+        if n >= next_sample[0]:
             fuzzer.sample_memory()
+            next_sample[0] = n + memory_every if memory_every else count + 1
 
     await asyncio.to_thread(drive, fuzzer, loop, count, seed_value, on_example)
     fuzzer.sample_memory()

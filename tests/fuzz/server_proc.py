@@ -4,7 +4,9 @@ A process of its own so its memory is measured apart from the fuzzer's (hypothes
 growing state), with no background scanners, so nothing but the fuzzed requests writes to the
 keyspace. It prints `{"port": N}` once serving, then answers one command per stdin line:
 `mem` prints the Python heap in use after a full collection (tracemalloc, started at boot) and
-the resident set size, both in bytes; end of input stops the server.
+the resident set size, both in bytes; `mark` remembers the heap's allocation sites and `grown`
+prints the sites that grew most since (to find what a growing heap holds); end of input stops
+the server.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import sys
 import tracemalloc
 from pathlib import Path
@@ -50,18 +53,34 @@ def memory() -> dict[str, int]:
     return {"heap": current, "heap_peak": peak, "rss": rss_bytes()}
 
 
+def grown(mark: tracemalloc.Snapshot | None) -> list[str]:
+    gc.collect()
+    now = tracemalloc.take_snapshot()
+    if mark is None:
+        return []
+    return [str(stat) for stat in now.compare_to(mark, "lineno")[:15]]
+
+
 async def main(valkey_url: str) -> None:
-    tracemalloc.start(1)
+    tracemalloc.start(int(os.environ.get("FF_FUZZ_TRACE_FRAMES", "1")))
     server = FlowFabricServer(config(valkey_url), run_scanners=False)
     port = await server.start()
     print(json.dumps({"port": port}), flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    mark: tracemalloc.Snapshot | None = None
     try:
         while line := await reader.readline():
-            if line.strip() == b"mem":
+            command = line.strip()
+            if command == b"mem":
                 print(json.dumps(memory()), flush=True)
+            elif command == b"mark":
+                gc.collect()
+                mark = tracemalloc.take_snapshot()
+                print(json.dumps({"marked": True}), flush=True)
+            elif command == b"grown":
+                print(json.dumps({"grown": grown(mark)}), flush=True)
     finally:
         await server.stop()
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from hypothesis import strategies as st
 
@@ -108,7 +109,7 @@ STATIC: dict[str, list[Any]] = {
         condition(),
         '{"condition_type":"timer"}',
         "",
-    ],  # fmt: skip
+    ],
     "resume_policy_json": ["{}", '{"resume_delay_ms":0}', ""],
     "policy_json": ["{}", '{"retry_policy":{"max_retries":1}}', ""],
     "retry_policy_json": ["", '{"max_retries":1}'],
@@ -263,45 +264,54 @@ def _roll(draw: Draw, gen: Gen) -> str:
 
 
 def message(draw: Draw, gen: Gen, desc: Descriptor, depth: int) -> Any:
-    from google.protobuf import message_factory
-
+    """A message of `desc`: its fields drawn one by one, or (for a lease, fence or grant) a
+    real one from the pools, perhaps with one field gone extreme."""
     cls = message_factory.GetMessageClass(desc)
+    pooled, mutation = (
+        _pooled(draw, gen, desc, depth) if desc.name in POOLED_MESSAGES else (None, None)
+    )
     msg = cls()
-    pooled, mutation = None, None
-    if desc.name in POOLED_MESSAGES:
-        take = draw(st.integers(0, 99)) >= gen.chaos // 2
-        index = draw(st.integers(0, 255))
-        if draw(st.integers(0, 99)) < max(gen.chaos, 10):
-            mutation = cls()
-            which = desc.fields[draw(st.integers(0, len(desc.fields) - 1))]
-            _set_field(draw, gen, mutation, which, depth, "extreme")
-        if take:
-            pooled = _pooled_message(gen, desc.name, index)
-    chosen_oneof: dict[str, str | None] = {}
-    for oneof in desc.oneofs:
-        if len(oneof.fields) > 1 or not oneof.fields[0].name.startswith("_"):
-            names = [f.name for f in oneof.fields]
-            chosen_oneof[oneof.name] = draw(st.sampled_from([None, *names]))
+    chosen = _oneof_choices(draw, desc)
     for f in desc.fields:
-        real_oneof = f.containing_oneof
-        if real_oneof is not None and real_oneof.name in chosen_oneof:
-            if chosen_oneof[real_oneof.name] != f.name:
-                continue
-        mode = _roll(draw, gen)
-        if depth == 0 and gen.target is not None and f.name == gen.target:
-            mode = "extreme"
-        if mode == "unset" or (f.message_type is not None and depth >= MAX_DEPTH):
+        oneof = f.containing_oneof
+        if oneof is not None and chosen.get(oneof.name, f.name) != f.name:
             continue
-        _set_field(draw, gen, msg, f, depth, mode)
+        mode = _roll(draw, gen)
+        if depth == 0 and f.name == gen.target:
+            mode = "extreme"
+        if mode != "unset" and (f.message_type is None or depth < MAX_DEPTH):
+            _set_field(draw, gen, msg, f, depth, mode)
     if pooled is None:
         return msg
     msg = cls()
-    msg.CopyFrom(pooled)  # a real lease / fence / grant, perhaps with one field gone extreme
+    msg.CopyFrom(pooled)
     if mutation is not None:
         for f, _ in mutation.ListFields():
             msg.ClearField(f.name)
         msg.MergeFrom(mutation)
     return msg
+
+
+def _pooled(draw: Draw, gen: Gen, desc: Descriptor, depth: int) -> tuple[Any, Any]:
+    """A pooled instance of `desc` (or None) and a one-field mutation to apply (or None)."""
+    take = draw(st.integers(0, 99)) >= gen.chaos // 2
+    index = draw(st.integers(0, 255))
+    mutation = None
+    if draw(st.integers(0, 99)) < max(gen.chaos, 10):
+        mutation = message_factory.GetMessageClass(desc)()
+        which = desc.fields[draw(st.integers(0, len(desc.fields) - 1))]
+        _set_field(draw, gen, mutation, which, depth, "extreme")
+    return (_pooled_message(gen, desc.name, index) if take else None), mutation
+
+
+def _oneof_choices(draw: Draw, desc: Descriptor) -> dict[str, str | None]:
+    """Which member of each real oneof to set (None: no member); proto3 `optional` fields are
+    synthetic oneofs of one member and are left to the field's own roll."""
+    chosen: dict[str, str | None] = {}
+    for oneof in desc.oneofs:
+        if len(oneof.fields) > 1 or not oneof.fields[0].name.startswith("_"):
+            chosen[oneof.name] = draw(st.sampled_from([None, *(f.name for f in oneof.fields)]))
+    return chosen
 
 
 def _pooled_message(gen: Gen, name: str, index: int) -> Any:
@@ -471,9 +481,7 @@ MANY = 5000
 def derived(request: Any, successes: int) -> list[Any]:
     """Copies of `request`, each with one field at an extreme: integers at the top of their
     type and at 2^53 + 1 (signed ones also at the bottom), lists and maps with 5,000 items."""
-    fields = [
-        f for f in request.DESCRIPTOR.fields if f.type in INT_RANGES or f.is_repeated
-    ]
+    fields = [f for f in request.DESCRIPTOR.fields if f.type in INT_RANGES or f.is_repeated]
     if not fields:
         return []
     out = []
