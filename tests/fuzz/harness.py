@@ -123,9 +123,9 @@ class ServerProcess:
         assert self.proc is not None and self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(name + "\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 90)
         if not ready:
-            raise RuntimeError(f"the fuzz server did not answer {name!r} within 60 s")
+            raise RuntimeError(f"the fuzz server did not answer {name!r} within 90 s")
         return dict(json.loads(self.proc.stdout.readline()))
 
     def unexpected_errors(self) -> int:
@@ -656,10 +656,23 @@ class Fuzzer:
                 self.pools, request[0] if isinstance(request, list) and request else request, reply
             )
         if result.code in CLIENT_ENDED:
-            # a call we ended may still be finishing on the server: nothing to conclude, and
-            # the next request's "before" is taken afresh once it has settled
+            # a call we gave up on may still be running on the server: nothing to conclude from
+            # it, and the next request's "before" is taken once the server has no call running
             self.last = None
-            await asyncio.sleep(0.05)
+            quiet = await asyncio.to_thread(self.server.command, "idle")
+            self.tally.timing["idle"] += quiet["waited_ms"] / 1000
+            if quiet["in_flight"]:
+                self.tally.findings.append(
+                    Finding(
+                        "stuck",
+                        rpc.label,
+                        result.code.name,
+                        "",
+                        f"{quiet['in_flight']} handler(s) "
+                        f"still running {server_proc.IDLE_WAIT_S} s after the caller left",
+                        describe(request),
+                    )
+                )
         else:
             # the "after" of this call is the "before" of the next: nothing else writes
             self.last = await self._snapshot()

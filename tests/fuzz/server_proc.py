@@ -3,10 +3,11 @@
 A process of its own so its memory is measured apart from the fuzzer's (hypothesis keeps its own
 growing state), with no background scanners, so nothing but the fuzzed requests writes to the
 keyspace. It prints `{"port": N}` once serving, then answers one command per stdin line:
-`mem` prints the Python heap in use after a full collection (tracemalloc, started at boot) and
-the resident set size, both in bytes; `mark` remembers the heap's allocation sites and `grown`
-prints the sites that grew most since (to find what a growing heap holds); end of input stops
-the server.
+`idle` waits (up to IDLE_WAIT_S) until no RPC handler is running, so a call the fuzzer gave up
+on has really ended before the next snapshot; `mem` waits likewise, then prints the Python heap
+in use after a full collection (tracemalloc, started at boot) and the resident set size;
+`mark` remembers the heap's allocation sites and `grown` prints the sites that grew most since
+(to find what a growing heap holds); end of input stops the server.
 """
 
 from __future__ import annotations
@@ -47,10 +48,31 @@ def rss_bytes() -> int:
     return 0
 
 
-def memory() -> dict[str, int]:
+# grpc.aio runs each RPC handler in a task whose coroutine has one of these names
+HANDLER_COROUTINES = {"_handle_exceptions", "_schedule_rpc_coro"}
+IDLE_WAIT_S = 35.0  # past the longest long poll (30 s)
+
+
+def in_flight() -> int:
+    return sum(t.get_coro().__qualname__ in HANDLER_COROUTINES for t in asyncio.all_tasks())
+
+
+async def idle() -> dict[str, int]:
+    """Wait until no handler runs; how long that took and how many still run (0 unless one
+    outlived its caller by IDLE_WAIT_S)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # polled: grpc.aio signals nothing when a handler task ends
+    while in_flight() and loop.time() - started < IDLE_WAIT_S:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    return {"in_flight": in_flight(), "waited_ms": int((loop.time() - started) * 1000)}
+
+
+async def memory() -> dict[str, int]:
+    quiet = await idle()
     gc.collect()
     current, peak = tracemalloc.get_traced_memory()
-    return {"heap": current, "heap_peak": peak, "rss": rss_bytes()}
+    return {"heap": current, "heap_peak": peak, "rss": rss_bytes(), **quiet}
 
 
 def grown(mark: tracemalloc.Snapshot | None) -> list[str]:
@@ -74,7 +96,9 @@ async def main(valkey_url: str) -> None:
         while line := await reader.readline():
             command = line.strip()
             if command == b"mem":
-                print(json.dumps(memory()), flush=True)
+                print(json.dumps(await memory()), flush=True)
+            elif command == b"idle":
+                print(json.dumps(await idle()), flush=True)
             elif command == b"mark":
                 gc.collect()
                 mark = tracemalloc.take_snapshot()
