@@ -22,8 +22,8 @@ from tests.fuzz.rpcs import Rpc, all_rpcs
 
 # Distinct requests per run: standalone (every RPC, the memory bound) and a shorter Cluster run
 # (the same checks where every key routes by its hash tag).
-CI_REQUESTS = 1500
-CLUSTER_REQUESTS = 300
+CI_REQUESTS = 1200
+CLUSTER_REQUESTS = 250
 
 # Memory bound between the sample after the warm-up (the first fifth of the run) and the last:
 # the server's Python heap after a full collection may grow by at most this much. The fuzz
@@ -38,16 +38,20 @@ RSS_GROWTH_MAX = 128 << 20
 BEYOND_EXACT = 2**53  # past it a count of milliseconds is no longer an exact Lua number
 
 
-def _ttl_beyond(request: Any, result: Result) -> bool:
+def _ttl_beyond(request: Any, result: Result | None) -> bool:
     return bool(request.lease_ttl_ms > BEYOND_EXACT)
 
 
-def _renewal_beyond(request: Any, result: Result) -> bool:
+def _renewal_beyond(request: Any, result: Result | None) -> bool:
     ttls = (request.lease_ttl_ms, request.lease.lease_ttl_ms, request.lease_history_grace_ms)
     return any(ttl > BEYOND_EXACT for ttl in ttls)
 
 
-def _many_tags(request: Any, result: Result) -> bool:
+def _many_lanes(request: Any, result: Result | None) -> bool:
+    return len(request.lane_ids) > 1000
+
+
+def _many_tags(request: Any, result: Result | None) -> bool:
     return len(request.tags) > 1000
 
 
@@ -55,10 +59,12 @@ def _many_tags(request: Any, result: Result) -> bool:
 # counts and sizes; the CancelLeasedExecution fence form). Each entry is (RPC, what, predicate on
 # the request and result); a finding that matches is reported as known and does not fail the
 # run. EMPTY THIS TABLE WHEN THAT BRANCH MERGES: the run must then pass without it.
-KNOWN_DEFECTS: list[tuple[str, str, Callable[[Any, Result], bool]]] = [
+KNOWN_DEFECTS: list[tuple[str, str, Callable[[Any, Result | None], bool]]] = [
     ("WorkerService.RegisterWorker", "worker TTL unbounded", _ttl_beyond),
     ("WorkerService.Heartbeat", "worker TTL unbounded", _ttl_beyond),
     ("WorkerService.ClaimNext", "lease TTL unbounded", _ttl_beyond),
+    # thousands of lanes with wait_ms > 0: the handler outlives its caller by ~35 s
+    ("WorkerService.ClaimNext", "lane count unbounded", _many_lanes),
     ("WorkerService.RenewLease", "lease TTL unbounded", _renewal_beyond),
     ("ExecutionService.CreateExecution", "tag count unbounded", _many_tags),
     ("ExecutionService.SetExecutionTags", "tag count unbounded", _many_tags),
@@ -70,11 +76,33 @@ KNOWN_DEFECTS: list[tuple[str, str, Callable[[Any, Result], bool]]] = [
 ]
 
 
-def known_defect(rpc: Rpc, request: Any, result: Result) -> str | None:
+# Known defects that cost the CI run more than they tell it (the handler runs ~35 s after its
+# caller left, and the fuzzer waits for it): not sent by the CI run; scripts/fuzz.py sends them.
+EXPENSIVE = {"lane count unbounded"}
+
+
+def known_defect(rpc: Rpc, request: Any, result: Result | None = None) -> str | None:
     for label, name, matches in KNOWN_DEFECTS:
         if label == rpc.label and matches(request, result):
             return name
     return None
+
+
+def once_per_known_defect() -> Callable[[Rpc, Any], bool]:
+    """A skip rule for the CI run: a request matching a known defect is sent the first time
+    (so the run still shows the defect) and not again; EXPENSIVE ones are never sent."""
+    seen: set[tuple[str, str]] = set()
+
+    def skip(rpc: Rpc, request: Any) -> bool:
+        name = known_defect(rpc, request)
+        if name is None:
+            return False
+        if name in EXPENSIVE or (rpc.label, name) in seen:
+            return True
+        seen.add((rpc.label, name))
+        return False
+
+    return skip
 
 
 def memory_report(tally: Tally) -> str:
@@ -120,6 +148,7 @@ async def fuzzer(fuzz_valkey: str, tmp_path: Path) -> AsyncIterator[Fuzzer]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     fuzzer = Fuzzer(channel, store, server)
     fuzzer.known = known_defect
+    fuzzer.skip = once_per_known_defect()
     yield fuzzer
     await channel.close()
     server.stop()
