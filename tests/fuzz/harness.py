@@ -793,6 +793,7 @@ async def run(
             next_sample[0] = n + memory_every if memory_every else count + 1
 
     await asyncio.to_thread(drive, fuzzer, loop, count, seed_value, on_example)
-    fuzzer.sample_memory()
+    if not fuzzer.tally.memory or fuzzer.tally.memory[-1][0] != fuzzer.tally.examples:
+        fuzzer.sample_memory()
     fuzzer.tally.elapsed_s = time.monotonic() - started
     return fuzzer.tally
