@@ -47,6 +47,12 @@ def _renewal_beyond(request: Any, result: Result | None) -> bool:
     return any(ttl > BEYOND_EXACT for ttl in ttls)
 
 
+def _signal_beyond(request: Any, result: Result | None) -> bool:
+    numbers = (request.signal_maxlen, request.dedup_ttl_ms, request.resume_delay_ms)
+    numbers += (request.max_signals_per_execution,)
+    return any(n > BEYOND_EXACT for n in numbers)
+
+
 def _many_lanes(request: Any, result: Result | None) -> bool:
     return len(request.lane_ids) > 1000
 
@@ -65,7 +71,9 @@ KNOWN_DEFECTS: list[tuple[str, str, Callable[[Any, Result | None], bool]]] = [
     ("WorkerService.ClaimNext", "lease TTL unbounded", _ttl_beyond),
     # thousands of lanes with wait_ms > 0: the handler outlives its caller by ~35 s
     ("WorkerService.ClaimNext", "lane count unbounded", _many_lanes),
+    ("WorkerService.ClaimFromGrant", "lease TTL unbounded", _ttl_beyond),
     ("WorkerService.RenewLease", "lease TTL unbounded", _renewal_beyond),
+    ("SignalService.DeliverSignal", "signal bounds unchecked", _signal_beyond),
     ("ExecutionService.CreateExecution", "tag count unbounded", _many_tags),
     ("ExecutionService.SetExecutionTags", "tag count unbounded", _many_tags),
     (
