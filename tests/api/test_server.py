@@ -67,6 +67,32 @@ async def test_undelivered_rpc_answers_unimplemented_clearly(api: Api) -> None:
     assert info.metadata["class"] == "terminal"
 
 
+async def test_undelivered_rpc_keeps_nothing_per_call() -> None:
+    """Found by the fuzzer (docs/reliability.md#fuzzing): the marker raised one shared error, so
+    each call chained its frames, request included, onto that error's traceback (the server's
+    heap grew with every UNIMPLEMENTED answer)."""
+    from flowfabric.server.api.servicers.base import pending
+
+    service = budget_pb2.DESCRIPTOR.services_by_name["BudgetService"]
+    servicer = pending(service, "the budgets work")(
+        type("S", (budget_pb2_grpc.BudgetServiceServicer,), {})
+    )()
+
+    def depth(tb: object) -> int:
+        n = 0
+        while tb is not None:
+            n, tb = n + 1, tb.tb_next  # type: ignore[attr-defined]
+        return n
+
+    raised = []
+    for _ in range(3):
+        with pytest.raises(Exception) as caught:
+            await servicer.CreateBudget(budget_pb2.CreateBudgetRequest(), None)
+        raised.append(caught.value)
+    assert raised[0] is not raised[1]
+    assert len({depth(e.__traceback__) for e in raised}) == 1
+
+
 async def test_admin_server_info(api: Api) -> None:
     info = await api.admin.GetServerInfo(admin_pb2.GetServerInfoRequest(), metadata=api.metadata)
     assert info.num_flow_partitions == 256 and list(info.lanes) == ["default"]

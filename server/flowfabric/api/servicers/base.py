@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from flowfabric.server.config import Config
@@ -45,7 +46,8 @@ def pending(service_descriptor: Any, delivered_by: str) -> Callable[[T], T]:
         for method in service_descriptor.methods:
             if any(method.name in k.__dict__ for k in own):
                 continue
-            error = not_implemented(f"{service_descriptor.name}.{method.name}", delivered_by)
+            rpc_name = f"{service_descriptor.name}.{method.name}"
+            error = partial(not_implemented, rpc_name, delivered_by)
             setattr(
                 cls, method.name, _streaming(error) if method.server_streaming else _unary(error)
             )
@@ -54,16 +56,18 @@ def pending(service_descriptor: Any, delivered_by: str) -> Callable[[T], T]:
     return decorate
 
 
-def _unary(error: FlowFabricError) -> Callable[..., Any]:
+# A new error per call: raising one shared exception instance again and again would chain every
+# call's frames onto its __traceback__ (and with them each request), a leak that grows per call.
+def _unary(error: Callable[[], FlowFabricError]) -> Callable[..., Any]:
     async def rpc(self: Any, request: Any, context: Any) -> Any:
-        raise error
+        raise error()
 
     return rpc
 
 
-def _streaming(error: FlowFabricError) -> Callable[..., Any]:
+def _streaming(error: Callable[[], FlowFabricError]) -> Callable[..., Any]:
     async def rpc(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-        raise error
+        raise error()
         yield  # pragma: no cover - makes this an async generator
 
     return rpc
