@@ -264,3 +264,15 @@ def test_redis_is_refused() -> None:
 
     with pytest.raises(ValueError, match="not a Valkey"):
         parse_version("redis_version:7.4.0\nredis_mode:standalone\n")
+
+
+async def test_an_oversized_id_echoed_in_an_error_still_gives_the_reason(api: Api) -> None:
+    """Found by the fuzzer: a 60 KB id echoed into the error's metadata went past the client's
+    trailer limit, so the caller saw RESOURCE_EXHAUSTED instead of the real reason."""
+    huge = "x" * 60_000  # under the request cap, over the trailer limit
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.execution.GetExecution(
+            execution_pb2.GetExecutionRequest(execution_id=huge), metadata=api.metadata
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert len(caught.value.details() or "") <= 1024

@@ -156,6 +156,19 @@ def _table() -> dict[str, ErrorSpec]:
 ERROR_TABLE: dict[str, ErrorSpec] = _table()
 
 
+METADATA_VALUE_MAX = 256
+MESSAGE_MAX = 1024
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, saying how long it was."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    head = raw[: limit - 32].decode(errors="ignore")
+    return f"{head}... ({len(raw)} bytes)"
+
+
 @dataclass
 class FlowFabricError(Exception):
     """An error outcome on its way to the wire: a contract or server code plus details."""
@@ -186,9 +199,13 @@ class FlowFabricError(Exception):
             name = slots[i] if i < len(slots) else f"detail_{i}"
             meta[name] = value
         meta.update(self.metadata)
+        # Both travel in the trailers, which a client caps (8 KiB by default): a caller's
+        # oversized id echoed back must not turn the answer into RESOURCE_EXHAUSTED.
+        meta = {k: _clip(v, METADATA_VALUE_MAX) for k, v in meta.items()}
         info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=meta)
         status = status_pb2.Status(
-            code=getattr(code_pb2, spec.status.name), message=self.describe()
+            code=getattr(code_pb2, spec.status.name),
+            message=_clip(self.describe(), MESSAGE_MAX),
         )
         status.details.add().Pack(info)
         if self.retry_after_ms is not None:
