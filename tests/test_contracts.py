@@ -681,6 +681,9 @@ SERVICES: dict[str, dict[str, str]] = {
         # issue 13: a whole DAG in one call; releasing a member created blocked
         "SubmitFlow": "",
         "PromoteBlockedToEligible": "",
+        # issue 13: re-running what did not complete; streaming member and flow states
+        "ReplayFlow": "",
+        "WatchFlow": "server",
     },
     "BudgetService": {
         "CreateBudget": "",

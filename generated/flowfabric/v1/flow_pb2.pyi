@@ -62,8 +62,15 @@ class CreateFlowRequest(_message.Message):
     now: _builtins.int
     """Optional, ignored: the server uses Valkey server time."""
     failure_policy: _builtins.str
-    """What a member failure does to its dependents. Empty = `skip_dependents`
-    (the only policy today; anything else is INVALID_ARGUMENT).
+    """What a member's failure (failed, expired, or cancelled other than by
+    the flow) does to the rest of the flow:
+    `skip_dependents` (empty = default): its dependents are skipped, and
+    skips cascade to their dependents in turn; other branches go on.
+    `fail_fast`: every member not yet finished is cancelled (running ones
+    lose their lease).
+    `continue`: only its own dependents are skipped; a skipped upstream
+    satisfies its edges, so everything after them runs.
+    Anything else: INVALID_ARGUMENT `invalid_input`.
     """
     def __init__(
         self,
@@ -541,7 +548,7 @@ class CancelFlowRequest(_message.Message):
     """Optional, ignored: the server uses Valkey server time."""
     wait: _builtins.bool
     """Cancel members inline and report failures, instead of in the
-    background.
+    background. Either way the members owed a cancel are recorded first.
     """
     def __init__(
         self,
@@ -825,18 +832,27 @@ class Join(_message.Message):
 
     KIND_FIELD_NUMBER: _builtins.int
     QUORUM_FIELD_NUMBER: _builtins.int
+    EXPECTED_EDGES_FIELD_NUMBER: _builtins.int
     kind: Global___Join.Kind.ValueType
     quorum: _builtins.int
     """k of a quorum join: 1..(inbound edges). Must be 0 for the other kinds."""
+    expected_edges: _builtins.int
+    """For a join built edge by edge: how many inbound edges the child will
+    have. Until that many are applied the child is neither released nor
+    skipped (so an upstream that ends early cannot decide it too soon).
+    0 = judge by the edges applied so far. In SubmitFlow, 0 or the
+    member's inbound edge count.
+    """
     def __init__(
         self,
         *,
         kind: Global___Join.Kind.ValueType = ...,
         quorum: _builtins.int = ...,
+        expected_edges: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "quorum", b"quorum"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_edges", b"expected_edges", "kind", b"kind", "quorum", b"quorum"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -988,7 +1004,7 @@ class SubmitFlowRequest(_message.Message):
     namespace: _builtins.str
     """Non-empty."""
     failure_policy: _builtins.str
-    """As in CreateFlow."""
+    """As in CreateFlow: `skip_dependents` (default), `fail_fast`, `continue`."""
     @_builtins.property
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitFlowRequest.Member]:
         """1..1000 members."""
@@ -1364,3 +1380,239 @@ class SetFlowTagsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 
 Global___SetFlowTagsResponse: _TypeAlias = SetFlowTagsResponse  # noqa: Y015
+
+@_typing.final
+class ReplayFlowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOW_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    flow_id: _builtins.str
+    reason: _builtins.str
+    """Optional: recorded as each replayed member's replay reason."""
+    def __init__(
+        self,
+        *,
+        flow_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flow_id", b"flow_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayFlowRequest: _TypeAlias = ReplayFlowRequest  # noqa: Y015
+
+@_typing.final
+class ReplayFlowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Replayed(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        EXECUTION_IDS_FIELD_NUMBER: _builtins.int
+        REOPENED_EDGE_COUNT_FIELD_NUMBER: _builtins.int
+        PUBLIC_FLOW_STATE_FIELD_NUMBER: _builtins.int
+        reopened_edge_count: _builtins.int
+        """Edges reopened (back to unsatisfied)."""
+        public_flow_state: _builtins.str
+        """The flow's state after the replay."""
+        @_builtins.property
+        def execution_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+            """The members returned to run, by execution id."""
+
+        def __init__(
+            self,
+            *,
+            execution_ids: _abc.Iterable[_builtins.str] | None = ...,
+            reopened_edge_count: _builtins.int = ...,
+            public_flow_state: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_ids", b"execution_ids", "public_flow_state", b"public_flow_state", "reopened_edge_count", b"reopened_edge_count"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class NothingToReplay(_message.Message):
+        """Every member completed or is still running: nothing was changed."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        PUBLIC_FLOW_STATE_FIELD_NUMBER: _builtins.int
+        public_flow_state: _builtins.str
+        def __init__(
+            self,
+            *,
+            public_flow_state: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["public_flow_state", b"public_flow_state"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    NOTHING_TO_REPLAY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def replayed(self) -> Global___ReplayFlowResponse.Replayed: ...
+    @_builtins.property
+    def nothing_to_replay(self) -> Global___ReplayFlowResponse.NothingToReplay: ...
+    def __init__(
+        self,
+        *,
+        replayed: Global___ReplayFlowResponse.Replayed | None = ...,
+        nothing_to_replay: Global___ReplayFlowResponse.NothingToReplay | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["nothing_to_replay", b"nothing_to_replay", "outcome", b"outcome", "replayed", b"replayed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nothing_to_replay", b"nothing_to_replay", "outcome", b"outcome", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["replayed", "nothing_to_replay"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___ReplayFlowResponse: _TypeAlias = ReplayFlowResponse  # noqa: Y015
+
+@_typing.final
+class WatchFlowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOW_ID_FIELD_NUMBER: _builtins.int
+    flow_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        flow_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flow_id", b"flow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchFlowRequest: _TypeAlias = WatchFlowRequest  # noqa: Y015
+
+@_typing.final
+class WatchFlowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FlowChanged(_message.Message):
+        """The flow's record (the first message, then on each change of its state
+        or member counts).
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        @_typing.final
+        class MembersByStateEntry(_message.Message):
+            DESCRIPTOR: _descriptor.Descriptor
+
+            KEY_FIELD_NUMBER: _builtins.int
+            VALUE_FIELD_NUMBER: _builtins.int
+            key: _builtins.str
+            value: _builtins.int
+            def __init__(
+                self,
+                *,
+                key: _builtins.str = ...,
+                value: _builtins.int = ...,
+            ) -> None: ...
+            _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+            def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+            _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+            def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+            def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+        FLOW_FIELD_NUMBER: _builtins.int
+        MEMBERS_BY_STATE_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def flow(self) -> _types_pb2.FlowSnapshot: ...
+        @_builtins.property
+        def members_by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+            """As in DescribeFlowResponse."""
+
+        def __init__(
+            self,
+            *,
+            flow: _types_pb2.FlowSnapshot | None = ...,
+            members_by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["flow", b"flow"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["flow", b"flow", "members_by_state", b"members_by_state"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class MemberChanged(_message.Message):
+        """One member's public state (each member once in the opening read, then on
+        each transition).
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        EXECUTION_ID_FIELD_NUMBER: _builtins.int
+        PUBLIC_STATE_FIELD_NUMBER: _builtins.int
+        AT_FIELD_NUMBER: _builtins.int
+        execution_id: _builtins.str
+        public_state: _types_pb2.PublicState.ValueType
+        at: _builtins.int
+        """When the member entered the state (server time)."""
+        def __init__(
+            self,
+            *,
+            execution_id: _builtins.str = ...,
+            public_state: _types_pb2.PublicState.ValueType = ...,
+            at: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "execution_id", b"execution_id", "public_state", b"public_state"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Synced(_message.Message):
+        """Every member has been reported as stored; what follows is live."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        def __init__(
+            self,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FLOW_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    SYNCED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def flow(self) -> Global___WatchFlowResponse.FlowChanged: ...
+    @_builtins.property
+    def member(self) -> Global___WatchFlowResponse.MemberChanged: ...
+    @_builtins.property
+    def synced(self) -> Global___WatchFlowResponse.Synced: ...
+    def __init__(
+        self,
+        *,
+        flow: Global___WatchFlowResponse.FlowChanged | None = ...,
+        member: Global___WatchFlowResponse.MemberChanged | None = ...,
+        synced: Global___WatchFlowResponse.Synced | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "flow", b"flow", "member", b"member", "synced", b"synced"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "flow", b"flow", "member", b"member", "synced", b"synced"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["flow", "member", "synced"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchFlowResponse: _TypeAlias = WatchFlowResponse  # noqa: Y015

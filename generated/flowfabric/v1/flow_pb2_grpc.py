@@ -107,6 +107,16 @@ class FlowServiceStub:
                 request_serializer=flowfabric_dot_v1_dot_flow__pb2.SetFlowTagsRequest.SerializeToString,
                 response_deserializer=flowfabric_dot_v1_dot_flow__pb2.SetFlowTagsResponse.FromString,
                 _registered_method=True)
+        self.ReplayFlow = channel.unary_unary(
+                '/flowfabric.v1.FlowService/ReplayFlow',
+                request_serializer=flowfabric_dot_v1_dot_flow__pb2.ReplayFlowRequest.SerializeToString,
+                response_deserializer=flowfabric_dot_v1_dot_flow__pb2.ReplayFlowResponse.FromString,
+                _registered_method=True)
+        self.WatchFlow = channel.unary_stream(
+                '/flowfabric.v1.FlowService/WatchFlow',
+                request_serializer=flowfabric_dot_v1_dot_flow__pb2.WatchFlowRequest.SerializeToString,
+                response_deserializer=flowfabric_dot_v1_dot_flow__pb2.WatchFlowResponse.FromString,
+                _registered_method=True)
 
 
 class FlowServiceServicer:
@@ -202,9 +212,13 @@ class FlowServiceServicer:
 
     def CancelFlow(self, request, context):
         """Marks the flow cancelled; with policy `cancel_all` also cancels every
-        member (inline today: `wait` is accepted and the answer is `cancelled`
-        or `partially_cancelled`). Other policies only mark the flow. Cancelling
-        a cancelled flow returns `cancelled` with the stored policy.
+        member not yet finished (operator override: a running member loses its
+        lease, so its late completion fails). The members owed a cancel are
+        recorded durably first. With `wait` they are cancelled inline and the
+        answer is `cancelled` or `partially_cancelled`; without it the answer is
+        `cancellation_scheduled` and the backlog is drained in the background
+        (surviving a server restart). Other policies only mark the flow.
+        Cancelling a cancelled flow returns `cancelled` with the stored policy.
         Errors: FAILED_PRECONDITION `flow_already_terminal` (the flow completed
         or failed).
         """
@@ -253,6 +267,36 @@ class FlowServiceServicer:
         Errors: INVALID_ARGUMENT `invalid_tag_key` (key must match
         `^[a-z][a-z0-9_]*[.][^.]`; nothing is written), `invalid_input` for an
         empty map.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayFlow(self, request, context):
+        """Re-runs the members that did not complete: every failed, expired,
+        cancelled and skipped member returns to run (eligible, or waiting for
+        the upstreams that are re-run too), and the edges from re-run members
+        are reopened. Completed members, and their results, are kept; a
+        data-passing edge from a completed upstream passes its result again.
+        Members still running are left alone. A cancelled flow is reopened.
+        Errors: NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
+        `max_replays_exhausted` (metadata names the member; nothing is
+        replayed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchFlow(self, request, context):
+        """Streams the flow's state and its members' states: first the flow, then
+        every member as stored, then `synced`; after that each change of the
+        flow or of a member, as it happens. A slow reader receives each
+        member's latest state rather than every intermediate one. After a lost
+        subscription the server re-reads and sends what changed, then `synced`
+        again. Ends with OK once the flow is completed, failed or cancelled and
+        every member has ended.
+        Errors: NOT_FOUND `flow_not_found`; UNAVAILABLE `shutting_down` on
+        server stop.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -320,6 +364,16 @@ def add_FlowServiceServicer_to_server(servicer, server):
                     servicer.SetFlowTags,
                     request_deserializer=flowfabric_dot_v1_dot_flow__pb2.SetFlowTagsRequest.FromString,
                     response_serializer=flowfabric_dot_v1_dot_flow__pb2.SetFlowTagsResponse.SerializeToString,
+            ),
+            'ReplayFlow': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayFlow,
+                    request_deserializer=flowfabric_dot_v1_dot_flow__pb2.ReplayFlowRequest.FromString,
+                    response_serializer=flowfabric_dot_v1_dot_flow__pb2.ReplayFlowResponse.SerializeToString,
+            ),
+            'WatchFlow': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchFlow,
+                    request_deserializer=flowfabric_dot_v1_dot_flow__pb2.WatchFlowRequest.FromString,
+                    response_serializer=flowfabric_dot_v1_dot_flow__pb2.WatchFlowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -659,6 +713,60 @@ class FlowService:
             '/flowfabric.v1.FlowService/SetFlowTags',
             flowfabric_dot_v1_dot_flow__pb2.SetFlowTagsRequest.SerializeToString,
             flowfabric_dot_v1_dot_flow__pb2.SetFlowTagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayFlow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowfabric.v1.FlowService/ReplayFlow',
+            flowfabric_dot_v1_dot_flow__pb2.ReplayFlowRequest.SerializeToString,
+            flowfabric_dot_v1_dot_flow__pb2.ReplayFlowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchFlow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/flowfabric.v1.FlowService/WatchFlow',
+            flowfabric_dot_v1_dot_flow__pb2.WatchFlowRequest.SerializeToString,
+            flowfabric_dot_v1_dot_flow__pb2.WatchFlowResponse.FromString,
             options,
             channel_credentials,
             insecure,

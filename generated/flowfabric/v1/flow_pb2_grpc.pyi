@@ -99,9 +99,13 @@ class FlowServiceStub:
     """
     CancelFlow: _grpc.UnaryUnaryMultiCallable[_flow_pb2.CancelFlowRequest, _flow_pb2.CancelFlowResponse]
     """Marks the flow cancelled; with policy `cancel_all` also cancels every
-    member (inline today: `wait` is accepted and the answer is `cancelled`
-    or `partially_cancelled`). Other policies only mark the flow. Cancelling
-    a cancelled flow returns `cancelled` with the stored policy.
+    member not yet finished (operator override: a running member loses its
+    lease, so its late completion fails). The members owed a cancel are
+    recorded durably first. With `wait` they are cancelled inline and the
+    answer is `cancelled` or `partially_cancelled`; without it the answer is
+    `cancellation_scheduled` and the backlog is drained in the background
+    (surviving a server restart). Other policies only mark the flow.
+    Cancelling a cancelled flow returns `cancelled` with the stored policy.
     Errors: FAILED_PRECONDITION `flow_already_terminal` (the flow completed
     or failed).
     """
@@ -130,6 +134,28 @@ class FlowServiceStub:
     Errors: INVALID_ARGUMENT `invalid_tag_key` (key must match
     `^[a-z][a-z0-9_]*[.][^.]`; nothing is written), `invalid_input` for an
     empty map.
+    """
+    ReplayFlow: _grpc.UnaryUnaryMultiCallable[_flow_pb2.ReplayFlowRequest, _flow_pb2.ReplayFlowResponse]
+    """Re-runs the members that did not complete: every failed, expired,
+    cancelled and skipped member returns to run (eligible, or waiting for
+    the upstreams that are re-run too), and the edges from re-run members
+    are reopened. Completed members, and their results, are kept; a
+    data-passing edge from a completed upstream passes its result again.
+    Members still running are left alone. A cancelled flow is reopened.
+    Errors: NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
+    `max_replays_exhausted` (metadata names the member; nothing is
+    replayed).
+    """
+    WatchFlow: _grpc.UnaryStreamMultiCallable[_flow_pb2.WatchFlowRequest, _flow_pb2.WatchFlowResponse]
+    """Streams the flow's state and its members' states: first the flow, then
+    every member as stored, then `synced`; after that each change of the
+    flow or of a member, as it happens. A slow reader receives each
+    member's latest state rather than every intermediate one. After a lost
+    subscription the server re-reads and sends what changed, then `synced`
+    again. Ends with OK once the flow is completed, failed or cancelled and
+    every member has ended.
+    Errors: NOT_FOUND `flow_not_found`; UNAVAILABLE `shutting_down` on
+    server stop.
     """
 
 @_typing.type_check_only
@@ -203,9 +229,13 @@ class FlowServiceAsyncStub(FlowServiceStub):
     """
     CancelFlow: _aio.UnaryUnaryMultiCallable[_flow_pb2.CancelFlowRequest, _flow_pb2.CancelFlowResponse]  # type: ignore[assignment]
     """Marks the flow cancelled; with policy `cancel_all` also cancels every
-    member (inline today: `wait` is accepted and the answer is `cancelled`
-    or `partially_cancelled`). Other policies only mark the flow. Cancelling
-    a cancelled flow returns `cancelled` with the stored policy.
+    member not yet finished (operator override: a running member loses its
+    lease, so its late completion fails). The members owed a cancel are
+    recorded durably first. With `wait` they are cancelled inline and the
+    answer is `cancelled` or `partially_cancelled`; without it the answer is
+    `cancellation_scheduled` and the backlog is drained in the background
+    (surviving a server restart). Other policies only mark the flow.
+    Cancelling a cancelled flow returns `cancelled` with the stored policy.
     Errors: FAILED_PRECONDITION `flow_already_terminal` (the flow completed
     or failed).
     """
@@ -234,6 +264,28 @@ class FlowServiceAsyncStub(FlowServiceStub):
     Errors: INVALID_ARGUMENT `invalid_tag_key` (key must match
     `^[a-z][a-z0-9_]*[.][^.]`; nothing is written), `invalid_input` for an
     empty map.
+    """
+    ReplayFlow: _aio.UnaryUnaryMultiCallable[_flow_pb2.ReplayFlowRequest, _flow_pb2.ReplayFlowResponse]  # type: ignore[assignment]
+    """Re-runs the members that did not complete: every failed, expired,
+    cancelled and skipped member returns to run (eligible, or waiting for
+    the upstreams that are re-run too), and the edges from re-run members
+    are reopened. Completed members, and their results, are kept; a
+    data-passing edge from a completed upstream passes its result again.
+    Members still running are left alone. A cancelled flow is reopened.
+    Errors: NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
+    `max_replays_exhausted` (metadata names the member; nothing is
+    replayed).
+    """
+    WatchFlow: _aio.UnaryStreamMultiCallable[_flow_pb2.WatchFlowRequest, _flow_pb2.WatchFlowResponse]  # type: ignore[assignment]
+    """Streams the flow's state and its members' states: first the flow, then
+    every member as stored, then `synced`; after that each change of the
+    flow or of a member, as it happens. A slow reader receives each
+    member's latest state rather than every intermediate one. After a lost
+    subscription the server re-reads and sends what changed, then `synced`
+    again. Ends with OK once the flow is completed, failed or cancelled and
+    every member has ended.
+    Errors: NOT_FOUND `flow_not_found`; UNAVAILABLE `shutting_down` on
+    server stop.
     """
 
 class FlowServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -346,9 +398,13 @@ class FlowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_flow_pb2.CancelFlowResponse, _abc.Awaitable[_flow_pb2.CancelFlowResponse]]:
         """Marks the flow cancelled; with policy `cancel_all` also cancels every
-        member (inline today: `wait` is accepted and the answer is `cancelled`
-        or `partially_cancelled`). Other policies only mark the flow. Cancelling
-        a cancelled flow returns `cancelled` with the stored policy.
+        member not yet finished (operator override: a running member loses its
+        lease, so its late completion fails). The members owed a cancel are
+        recorded durably first. With `wait` they are cancelled inline and the
+        answer is `cancelled` or `partially_cancelled`; without it the answer is
+        `cancellation_scheduled` and the backlog is drained in the background
+        (surviving a server restart). Other policies only mark the flow.
+        Cancelling a cancelled flow returns `cancelled` with the stored policy.
         Errors: FAILED_PRECONDITION `flow_already_terminal` (the flow completed
         or failed).
         """
@@ -407,6 +463,40 @@ class FlowServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT `invalid_tag_key` (key must match
         `^[a-z][a-z0-9_]*[.][^.]`; nothing is written), `invalid_input` for an
         empty map.
+        """
+
+    @_abc_1.abstractmethod
+    def ReplayFlow(
+        self,
+        request: _flow_pb2.ReplayFlowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_flow_pb2.ReplayFlowResponse, _abc.Awaitable[_flow_pb2.ReplayFlowResponse]]:
+        """Re-runs the members that did not complete: every failed, expired,
+        cancelled and skipped member returns to run (eligible, or waiting for
+        the upstreams that are re-run too), and the edges from re-run members
+        are reopened. Completed members, and their results, are kept; a
+        data-passing edge from a completed upstream passes its result again.
+        Members still running are left alone. A cancelled flow is reopened.
+        Errors: NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
+        `max_replays_exhausted` (metadata names the member; nothing is
+        replayed).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchFlow(
+        self,
+        request: _flow_pb2.WatchFlowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_flow_pb2.WatchFlowResponse], _abc.AsyncIterator[_flow_pb2.WatchFlowResponse]]:
+        """Streams the flow's state and its members' states: first the flow, then
+        every member as stored, then `synced`; after that each change of the
+        flow or of a member, as it happens. A slow reader receives each
+        member's latest state rather than every intermediate one. After a lost
+        subscription the server re-reads and sends what changed, then `synced`
+        again. Ends with OK once the flow is completed, failed or cancelled and
+        every member has ended.
+        Errors: NOT_FOUND `flow_not_found`; UNAVAILABLE `shutting_down` on
+        server stop.
         """
 
 def add_FlowServiceServicer_to_server(servicer: FlowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1769,7 +1769,7 @@ class FlowSnapshot(_message.Message):
     cancel_reason: _builtins.str
     cancellation_policy: _builtins.str
     failure_policy: _builtins.str
-    """`skip_dependents`."""
+    """`skip_dependents`, `fail_fast` or `continue` (see CreateFlowRequest)."""
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller labels (keys match `^[a-z][a-z0-9_]*[.]`)."""
