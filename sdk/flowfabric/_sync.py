@@ -177,6 +177,9 @@ class SyncClient:
     cancel_flow = blocking(Client.cancel_flow)
     describe_edge = blocking(Client.describe_edge)
     edges = blocking_iter(Client.edges)
+    watch_flow = blocking_iter(Client.watch_flow)
+    flow_members = blocking(Client.flow_members)
+    replay_flow = blocking(Client.replay_flow)
 
     flow = blocking_builder(Client.flow)
 
