@@ -12,6 +12,8 @@ other than completed.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import sys
 from collections.abc import Mapping
@@ -68,8 +70,7 @@ def _load_spec(path: str) -> Mapping[str, Any]:
     if wants_yaml:
         if not _has_yaml():
             raise click.UsageError("YAML needs PyYAML (pip install pyyaml); or give JSON")
-        import yaml
-
+        yaml: Any = importlib.import_module("yaml")  # optional, and without type stubs
         try:
             spec = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -80,11 +81,7 @@ def _load_spec(path: str) -> Mapping[str, Any]:
 
 
 def _has_yaml() -> bool:
-    try:
-        import yaml  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("yaml") is not None
 
 
 def _submitted_proto(sub: SubmittedFlow) -> flow_pb2.SubmitFlowResponse:
@@ -181,9 +178,9 @@ class _Graph:
         self.children: dict[str, list[tuple[str, str]]] = {eid: [] for eid in self.states}
         self.parents: dict[str, list[str]] = {eid: [] for eid in self.states}
         for eid in self.states:
-            info = client.get(eid)
-            self.kinds[eid] = info.execution_kind
-            self.labels[eid] = dict(info.tags).get(MEMBER_TAG) or info.execution_kind
+            self.kinds[eid] = client.get(eid).execution_kind
+            tags = client.describe(eid).tags
+            self.labels[eid] = tags[MEMBER_TAG] if MEMBER_TAG in tags else self.kinds[eid]
             for edge in client.edges(eid, flow_id=flow_id):
                 down = edge.downstream_execution_id
                 self.children[eid].append((down, edge.dependency_kind))
