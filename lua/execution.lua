@@ -1,7 +1,7 @@
 -- execution.lua: creating executions and caller-owned metadata (docs/lifecycle.md#create,
 -- docs/lifecycle.md#tags).
 --
--- uses: reply, util, bounds, argv, keys, state, stream, lease, attempt, terminal, policy, create
+-- uses: reply, util, bounds, argv, keys, state, stream, lease, attempt, terminal, cancel, policy, create, replay
 
 -- ff_create_execution
 --   KEYS (10): 1 core, 2 payload, 3 policy, 4 tags, 5 lane eligible, 6 lane delayed,
@@ -608,21 +608,7 @@ local function cancel_execution(keys, argv)
   end
   x.lease, x.history, x.lease_expiry = keys[4], keys[5], keys[6]
   x.attempt_timeout, x.deadline = keys[13], keys[14]
-  local idx = c.current_attempt_index
-  Terminal.transition(x, 'cancelled', now, Lease.cleared({cancellation_reason = argv[2],
-    cancelled_by = source, current_suspension_id = '', current_waitpoint_id = ''}),
-    source ~= 'flow_cascade')
-  if (phase ~= 'runnable' or c.attempt_state == 'attempt_interrupted')
-      and Attempt.finish(x, idx, 'ended_cancelled', {'failure_reason', 'cancelled: ' .. argv[2]},
-        now) then
-    Stream.close(x, idx, 'attempt_cancelled', now, false)
-  end
-  if phase == 'active' then
-    Lease.release(x, 'cancelled', now)
-  elseif phase == 'suspended' then
-    Terminal.close_suspension(x, keys[8], 'cancelled', 'cancelled', now)
-  end
-  Terminal.remove_from_indexes(x, 'terminal')
+  Cancel.apply(x, keys[8], argv[2], source, now)
   return Reply.ok('cancelled', phase or '')
 end
 
@@ -814,46 +800,19 @@ local function replay_execution(keys, argv)
   if c.lifecycle_phase ~= 'terminal' then
     return Reply.err('execution_not_terminal')
   end
-  local count = tonumber(c.replay_count or '0') or 0
-  if count >= Policy.int(Policy.stored(x), 'max_replay_count', 10) then
-    return Reply.err('max_replays_exhausted')
+  local refused = Replay.refused(x)
+  if refused then
+    return refused
   end
   local reopen, n = {}, 0
   if c.terminal_outcome == 'skipped' and Util.is_set(c.flow_id) then
     reopen, n = edges_to_reopen(x, argv)
   end
   local now = Util.now_ms()
-  local extra = {
-    replay_count = Util.num(count + 1), completed_at = '',
-    pending_previous_attempt_index = c.current_attempt_index or '',
-    pending_retry_reason = '', pending_replay_reason = '', pending_replay_requested_by = '',
-    failure_reason = '', cancellation_reason = '', cancelled_by = '', result_encoding = '',
-    retry_count = '0', lease_reclaim_count = '0',
-    skipped_by_edge = '', skipped_by_upstream = '', skipped_upstream_outcome = '',
-  }
-  local created = tonumber(c.created_at or '0') or 0
-  local vector, target, score, replay_type
-  if n > 0 then
-    vector = {'runnable', 'unowned', 'blocked_by_dependencies', 'waiting_for_children',
-      n .. ' dep(s) unsatisfied after replay', 'none', 'pending_replay_attempt'}
-    target, score, replay_type = 'blocked:dependencies', created, 'skipped_flow_member'
-  else
-    vector = {'runnable', 'unowned', 'eligible_now', 'waiting_for_worker', '', 'none',
-      'pending_replay_attempt'}
-    target, replay_type = 'eligible', 'normal'
-    score = State.eligible_score(tonumber(c.priority or '0') or 0, created)
-  end
-  local public = State.write_vector(keys[1], x.eid, vector, now, extra)
-  -- Lane indexes built from core.lane_id on the tag of KEYS[1]
-  -- (docs/architecture.md#keys-built-inside-lua).
-  redis.call('ZREM', Keys.lane(x.tag, c.lane_id, 'terminal'), x.eid)
-  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, target), Util.num(score), x.eid)
-  redis.call('DEL', Keys.exec(x.tag, x.eid, 'result'))
+  local public = Replay.reset(x, n, (n > 0 and 'skipped_flow_member') or 'normal', now)
   if n > 0 then
     reopen_edges(x, reopen, n, now)
   end
-  Lease.event(keys[4], 'replay_initiated', {'replay_count', Util.num(count + 1),
-    'replay_type', replay_type}, now)
   return Reply.ok(public)
 end
 

@@ -18,30 +18,50 @@ do
   end
 
   -- A child's join counters (docs/flows.md#joins-and-edge-kinds): n applied edges, s satisfied,
-  -- i impossible, u unresolved, k the satisfied edges the join needs (all: n, any: 1,
-  -- quorum: its k).
+  -- i impossible, u unresolved, k the satisfied edges the join needs (all: every edge, any: 1,
+  -- quorum: its k), and `missing` the edges still to be applied: the join's expected_edges
+  -- minus n; a quorum with fewer than k edges counts k more (it is never skipped before it has
+  -- k edges).
   function Deps.counts(tag, eid)
     local m = redis.call('HMGET', meta_key(tag, eid), 'total_count', 'satisfied_count',
-      'impossible_required_count', 'unsatisfied_required_count', 'join_kind', 'join_quorum')
+      'impossible_required_count', 'unsatisfied_required_count', 'join_kind', 'join_quorum',
+      'join_edges')
     local n = tonumber(m[1] or '0') or 0
     local d = {n = n, s = tonumber(m[2] or '0') or 0, i = tonumber(m[3] or '0') or 0,
-      u = tonumber(m[4] or '0') or 0, k = n}
+      u = tonumber(m[4] or '0') or 0}
+    local missing = math.max(0, (tonumber(m[7] or '') or 0) - n)
     if m[5] == 'any' then
       d.k = 1
     elseif m[5] == 'quorum' then
       d.k = tonumber(m[6] or '') or n
+      if n < d.k then
+        missing = math.max(missing, d.k)
+      end
+    else
+      d.k = n + missing
     end
+    d.missing = missing
     return d
   end
 
-  -- release once k edges are satisfied; skip once k can no longer be reached; else wait.
+  -- release once k edges are satisfied; skip once k can no longer be reached (counting the
+  -- edges still to be applied as possible); else wait.
   function Deps.verdict(d)
     if d.s >= d.k then
       return 'release'
-    elseif d.s + d.u < d.k then
+    elseif d.s + d.u + d.missing < d.k then
       return 'skip'
     end
     return 'wait'
+  end
+
+  -- The flow's failure policy (docs/flows.md#failure-policies): under `continue` a skipped
+  -- upstream satisfies its edges, so a failure skips only its own dependents.
+  function Deps.policy(tag, fid)
+    if not Util.is_set(fid) then
+      return 'skip_dependents'
+    end
+    return redis.call('HGET', Keys.flow(tag, fid, 'core'), 'failure_policy') or 'skip_dependents'
   end
 
   -- blocked:dependencies -> eligible (docs/flows.md#release-and-skip). `c` is the core snapshot.
@@ -108,18 +128,20 @@ do
   end
 
   -- Resolves child `child`'s inbound edge `edge` with upstream `up`'s terminal `outcome`, then
-  -- lets the child's join decide. A `success` edge is satisfied by success only, a `completion`
-  -- edge by any terminal outcome; resolution is one-shot. Returns (result, effect): result
+  -- lets the child's join decide. A `success` edge is satisfied by success only (or by a skip,
+  -- under `continue`), a `completion` edge by any terminal outcome; resolution is one-shot. Returns (result, effect): result
   -- missing | already | satisfied | impossible; effect released | skipped | ''.
   function Deps.resolve_edge(tag, child, edge, up, outcome, now)
     local dkey = Keys.exec(tag, child, 'dep:' .. edge)
-    local dep = redis.call('HMGET', dkey, 'state', 'dependency_kind', 'data_passing_ref')
+    local dep = redis.call('HMGET', dkey, 'state', 'dependency_kind', 'data_passing_ref',
+      'flow_id')
     if not dep[1] then
       return 'missing', ''
     elseif dep[1] ~= 'unsatisfied' then
       return 'already', ''
     end
     local ok = outcome == 'success' or dep[2] == 'completion'
+      or (outcome == 'skipped' and Deps.policy(tag, dep[4]) == 'continue')
     local state = (ok and 'satisfied') or 'impossible'
     redis.call('HSET', dkey, 'state', state, 'last_resolved_at', Util.num(now),
       'upstream_outcome', outcome)

@@ -2,11 +2,17 @@
 
 local Terminal = {}
 
+-- What a flow member's failure does to its flow beyond its own edges: set by the cancel include
+-- (the fail_fast policy, docs/flows.md#failure-policies), which comes after this one.
+Terminal.on_member_failure = nil
+Terminal.FAILURE = {failed = true, expired = true, cancelled = true}
+
 -- Terminal transition common effects (docs/lifecycle.md#terminal-transitions). Writes the core
 -- first (vector, completed_at
 -- and `extra`), then ZREM attempt_timeout/execution_deadline, ZADD lane terminal, and PUBLISH
 -- ff:dag:completions for a flow member when `publish`. A flow member's outgoing edges are
--- resolved here, in the same call (docs/flows.md#resolution), whatever `publish` says.
+-- resolved here, in the same call (docs/flows.md#resolution), whatever `publish` says, unless
+-- x.no_deps (a fail_fast sweep cancelling every member at once).
 -- Needs x.attempt_timeout, x.deadline.
 function Terminal.transition(x, outcome, now, extra, publish)
   local c = x.core
@@ -28,7 +34,12 @@ function Terminal.transition(x, outcome, now, extra, publish)
     }))
   end
   if Util.is_set(c.flow_id) then
-    Deps.upstream_done(x.tag, x.eid, c.flow_id, outcome, now)
+    if Terminal.FAILURE[outcome] and extra.cancelled_by ~= 'flow_cascade' and Terminal.on_member_failure then
+      Terminal.on_member_failure(x.tag, c.flow_id, x.eid, outcome, now)
+    end
+    if not x.no_deps then
+      Deps.upstream_done(x.tag, x.eid, c.flow_id, outcome, now)
+    end
   end
   return public
 end

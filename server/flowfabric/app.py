@@ -36,7 +36,7 @@ from flowfabric.server.embedded import (
 )
 from flowfabric.server.engine.aio import cancel_and_wait
 from flowfabric.server.engine.events import EventHub
-from flowfabric.server.engine.flows import flow_scanners
+from flowfabric.server.engine.flows import FlowCanceller, FlowProjector, flow_scanners
 from flowfabric.server.engine.keystore import embedded_password, install_secret, resolve_secret
 from flowfabric.server.engine.lifecycle import lifecycle_scanners
 from flowfabric.server.engine.scanners import ScannerSet
@@ -90,6 +90,7 @@ class FlowFabricServer:
         self.config = config
         self.run_scanners = run_scanners
         self.hub: EventHub | None = None
+        self.canceller: FlowCanceller | None = None
         self.scheduler: Scheduler | None = None
         self.scanners: ScannerSet | None = None
         self.embedded: ValkeyProcess | None = None
@@ -156,8 +157,14 @@ class FlowFabricServer:
         self.scanners = lifecycle_scanners(cfg, self.store, fn, registry, self.scheduler.wake_local)
         for scanner in suspension_scanners(cfg, self.store, fn):
             self.scanners.add(scanner)
-        for scanner in flow_scanners(cfg, fn, self.scheduler.wake_local):
+        self.canceller = FlowCanceller(self.store, fn)
+        for scanner in flow_scanners(cfg, fn, self.canceller, self.scheduler.wake_local):
             self.scanners.add(scanner)
+        self.scanners.cycles.append(
+            FlowProjector(
+                self.store, fn, cfg.flow_partitions, cfg.interval_ms("FF_FLOW_PROJECTOR_INTERVAL_S")
+            )
+        )
         self.server = self._build_server(ctx, ".".join(map(str, version)), registry)
         self.port = self._bind(self.server)
         await self.server.start()
@@ -305,7 +312,7 @@ class FlowFabricServer:
         )
         stream_pb2_grpc.add_StreamServiceServicer_to_server(self.streams, server)
         flow_pb2_grpc.add_FlowServiceServicer_to_server(
-            flow.FlowServicer(ctx, self.scheduler.wake_local), server
+            flow.FlowServicer(ctx, self.hub, self.canceller, self.scheduler.wake_local), server
         )
         later = [
             (budget_pb2, budget_pb2_grpc, "BudgetService", "the budgets and quotas work"),
@@ -420,6 +427,12 @@ class FlowFabricServer:
 
     # -- shutdown -----------------------------------------------------------------------------
 
+    async def _stop_background(self) -> None:
+        if self.canceller is not None:
+            await self.canceller.stop(self.config.shutdown_grace_s)  # the backlog keeps the rest
+        if self.scanners is not None:
+            await self.scanners.stop()
+
     async def stop(self, grace: float | None = None) -> None:
         if self._stopped:
             return
@@ -434,8 +447,7 @@ class FlowFabricServer:
             self.signal_watches.shutdown()  # likewise the signal and waitpoint watches
         if self.server is not None:
             await self.server.stop(grace)
-        if self.scanners is not None:
-            await self.scanners.stop()
+        await self._stop_background()
         if self.hub is not None:
             await self.hub.stop()
         await cancel_and_wait(self._tasks)

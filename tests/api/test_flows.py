@@ -375,7 +375,9 @@ async def test_list_edges_pages_and_tags(api: Api) -> None:
 async def test_cancel_flow_cancels_members_and_is_repeatable(api: Api) -> None:
     fid, ids = await submit(api, "ABC", [("A", "B")])
     fx = flows(api)
-    req = pb.CancelFlowRequest(flow_id=fid, reason="stop", cancellation_policy="cancel_all")
+    req = pb.CancelFlowRequest(
+        flow_id=fid, reason="stop", cancellation_policy="cancel_all", wait=True
+    )
     reply = await fx.CancelFlow(req, metadata=api.metadata)
     assert reply.WhichOneof("outcome") == "cancelled"
     assert sorted(reply.cancelled.member_execution_ids) == sorted(ids.values())

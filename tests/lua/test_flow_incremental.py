@@ -65,8 +65,12 @@ async def test_create_flow_is_idempotent_and_validated(store: Store) -> None:
         await f.fn.create_flow(f.tag, str(uuid.uuid4()), "", "ns")
     assert err.value.code == "invalid_input"
     with pytest.raises(FlowFabricError) as err:
-        await f.fn.create_flow(f.tag, str(uuid.uuid4()), "dag", "ns", "fail_fast")
+        await f.fn.create_flow(f.tag, str(uuid.uuid4()), "dag", "ns", "stop_everything")
     assert err.value.code == "invalid_input"
+    for policy in ("fail_fast", "continue", "skip_dependents"):
+        fid = str(uuid.uuid4())
+        await f.fn.create_flow(f.tag, fid, "dag", "ns", policy)
+        assert (await hash_of(store, FlowKeys(f.tag, fid).core))["failure_policy"] == policy
 
 
 async def test_add_member_counts_and_guards(store: Store) -> None:
@@ -216,10 +220,10 @@ async def test_cancel_flow_marks_it_and_refuses_changes(store: Store) -> None:
     f = Flow(store)
     await f.create()
     a = await f.member()
-    cancelled = await f.fn.cancel_flow(f.tag, f.fid, "stop", "cancel_all")
+    cancelled = await f.fn.cancel_flow(f.tag, f.fid, "stop", "cancel_all", 30_000)
     assert (cancelled.cancellation_policy, cancelled.members) == ("cancel_all", (str(a),))
     with pytest.raises(FlowFabricError) as err:
-        await f.fn.cancel_flow(f.tag, f.fid, "again", "other")
+        await f.fn.cancel_flow(f.tag, f.fid, "again", "other", 30_000)
     assert (err.value.code, err.value.details) == (
         "flow_already_terminal",
         ["cancelled", "cancel_all"],

@@ -55,6 +55,10 @@ class Scanner:
     # The action's third argument is the partition's tag instead of a lane (indexes whose
     # members carry no partition, e.g. pending-waitpoint expiry: waitpoint ids).
     by_partition: bool = False
+    # Page through the whole index by rank, a `batch` per key per cycle, resuming where the
+    # last cycle stopped (indexes whose members are not "due", e.g. blocked:dependencies).
+    paged: bool = False
+    _offsets: dict[str, int] = field(default_factory=dict)
     _failures: dict[str, int] = field(default_factory=dict)
     _skip_until: dict[str, int] = field(default_factory=dict)
     cycles: int = 0
@@ -96,6 +100,9 @@ class ScannerSet:
         self.configured_lanes = tuple(lanes)
         self.scanners: list[Scanner] = []
         self.reconciler: Any = None
+        # Whole-pass jobs beside the scanners (run_cycle(), interval_ms, name), e.g. the flow
+        # projector.
+        self.cycles: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
@@ -110,11 +117,10 @@ class ScannerSet:
                 self._tasks.append(
                     asyncio.create_task(self._supervise(scanner), name=f"scanner-{scanner.name}")
                 )
-            if self.reconciler is not None:
+            for job in ([self.reconciler] if self.reconciler is not None else []) + self.cycles:
+                name = getattr(job, "name", "index_reconciler")
                 self._tasks.append(
-                    asyncio.create_task(
-                        self._supervise_reconciler(), name="scanner-index_reconciler"
-                    )
+                    asyncio.create_task(self._supervise_cycle(job), name=f"scanner-{name}")
                 )
 
     async def stop(self, grace: float = 15.0) -> None:
@@ -149,17 +155,17 @@ class ScannerSet:
                 )
                 await self._pause(CRASH_RESTART_S)
 
-    async def _supervise_reconciler(self) -> None:
+    async def _supervise_cycle(self, job: Any) -> None:
         while not self._stopping.is_set():
             started = time.monotonic()
             try:
-                await self.reconciler.run_cycle()
+                await job.run_cycle()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("index reconciler cycle failed")
+                log.exception("%s cycle failed", getattr(job, "name", "index reconciler"))
             elapsed_ms = (time.monotonic() - started) * 1000
-            await self._pause(max(self.reconciler.interval_ms - elapsed_ms, 0) / 1000)
+            await self._pause(max(job.interval_ms - elapsed_ms, 0) / 1000)
 
     async def _loop(self, scanner: Scanner) -> None:
         while not self._stopping.is_set():
@@ -183,6 +189,25 @@ class ScannerSet:
             out[p] = sorted(lanes)
         return out
 
+    async def _read(
+        self, scanner: Scanner, keys: list[tuple[str, str | None]], now: int
+    ) -> list[Any]:
+        """Each key's members for this cycle: the due ones, or (paged) the next page."""
+        upper: int | str = "+inf" if scanner.whole_index else now - scanner.age_ms
+        pipe = self.store.pipeline()
+        for key, _lane in keys:
+            if scanner.paged:
+                off = scanner._offsets.get(key, 0)
+                pipe.zrange(key, off, off + scanner.batch - 1)
+            else:
+                pipe.zrangebyscore(key, "-inf", upper, start=0, num=scanner.batch)
+        rows: list[Any] = await self.store.run_pipeline(pipe)
+        if scanner.paged:
+            for (key, _lane), members in zip(keys, rows, strict=True):
+                full = len(members) == scanner.batch
+                scanner._offsets[key] = scanner._offsets.get(key, 0) + scanner.batch if full else 0
+        return rows
+
     async def run_cycle(self, scanner: Scanner) -> int:
         """One pass over every partition; returns how many members were acted on."""
         scanner.cycles += 1
@@ -200,11 +225,7 @@ class ScannerSet:
                     (scanner.index(pk, None), pk.tag if scanner.by_partition else None)
                     for pk in map(PartitionKeys.of, batch)
                 ]
-            upper: int | str = "+inf" if scanner.whole_index else now - scanner.age_ms
-            pipe = self.store.pipeline()
-            for key, _lane in keys:
-                pipe.zrangebyscore(key, "-inf", upper, start=0, num=scanner.batch)
-            rows = await self.store.run_pipeline(pipe)
+            rows = await self._read(scanner, keys, now)
             for (_key, lane), members in zip(keys, rows, strict=True):
                 for raw in members:
                     member = text(raw)

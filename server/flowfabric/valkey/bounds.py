@@ -33,14 +33,15 @@ class Bound:
     hi: int
     unit: str  # "ms", "bytes" or "" (a count)
     where: str  # the fields it applies to, for the docs
+    error: str = "invalid_input"  # the code a breach gets
 
     def says(self) -> str:
         unit = f" {self.unit}" if self.unit else ""
         return f"{self.lo}..{self.hi}{unit}"
 
 
-def _b(name: str, lo: int, hi: int, unit: str, where: str) -> Bound:
-    return Bound(name, lo, hi, unit, where)
+def _b(name: str, lo: int, hi: int, unit: str, where: str, error: str = "invalid_input") -> Bound:
+    return Bound(name, lo, hi, unit, where, error)
 
 
 # Durations.
@@ -115,6 +116,26 @@ PAGE = _b(
     "`ReadAttemptStream.count_limit`, `TailAttemptStream.batch`",
 )  # fmt: skip
 
+# Flows (docs/flows.md#limits): FAILED_PRECONDITION `flow_limit_exceeded`, metadata `limit`
+# (the bound's name) and `max`.
+FLOW_MEMBERS_MAX = _b(
+    "FLOW_MEMBERS_MAX", 1, 10_000, "",
+    "members of one flow (AddExecutionToFlow, CreateExecution with `flow_id`, SubmitFlow)",
+    "flow_limit_exceeded",
+)  # fmt: skip
+FLOW_EDGES_PER_MEMBER_MAX = _b(
+    "FLOW_EDGES_PER_MEMBER_MAX", 0, 1000, "",
+    "inbound edges of one member, and outbound edges of one member (StageDependencyEdge, "
+    "AddDependency, SubmitFlow); `Join.expected_edges` (`invalid_dependency` past it)",
+    "flow_limit_exceeded",
+)  # fmt: skip
+FLOW_DEPTH_MAX = _b(
+    "FLOW_DEPTH_MAX", 1, 256, "",
+    "members on the longest chain of edges in one flow (StageDependencyEdge, AddDependency, "
+    "SubmitFlow)",
+    "flow_limit_exceeded",
+)  # fmt: skip
+
 # Sizes.
 TAG_KEY_BYTES = _b("TAG_KEY_BYTES", 1, 256, "bytes", "a tag key")
 TAG_VALUE_BYTES = _b("TAG_VALUE_BYTES", 0, 4096, "bytes", "a tag value")
@@ -128,7 +149,8 @@ BOUNDS: tuple[Bound, ...] = (
     LEASE_TTL_MS, GRANT_TTL_MS, LEASE_HISTORY_GRACE_MS, HORIZON_MS, DEDUP_TTL_MS, WAIT_MS,
     IDLE_TIMEOUT_MS, TIMESTAMP_MS, MAX_RETRIES, MAX_RECLAIM_COUNT, MAX_REPLAY_COUNT,
     MAX_SIGNALS, STREAM_MAXLEN, TAGS, LANES, LIST_ITEMS, BATCH_ITEMS, MAX_TASKS, MAX_IN_FLIGHT,
-    REPLY_BYTES, PAGE, TAG_KEY_BYTES, TAG_VALUE_BYTES, LABEL_BYTES,
+    REPLY_BYTES, PAGE, FLOW_MEMBERS_MAX, FLOW_EDGES_PER_MEMBER_MAX, FLOW_DEPTH_MAX,
+    TAG_KEY_BYTES, TAG_VALUE_BYTES, LABEL_BYTES,
 )  # fmt: skip
 
 
@@ -161,7 +183,7 @@ def markdown_table() -> str:
     """The README's Limits table (tests/test_bounds_docs.py keeps the README in step)."""
     rows = ["| Bound | Range | Applies to | Error past it |", "|---|---|---|---|"]
     for b in BOUNDS:
-        error = "`invalid_input`"
+        error = f"`{b.error}`"
         if "policy" in b.where:
             error += " (`invalid_policy_json` for a policy field)"
         rows.append(f"| `{b.name}` | {b.says()} | {b.where} | {error} |")

@@ -110,6 +110,8 @@ def _table() -> dict[str, ErrorSpec]:
         "budget_override_not_allowed unknown_lane",
         ("detail",),
     )
+    # a flow bound (docs/flows.md#limits): which one, its maximum, and what the call would reach
+    put(C.FAILED_PRECONDITION, "terminal", "flow_limit_exceeded", ("limit", "max", "detail"))
     # ABORTED
     put(C.ABORTED, "terminal", "stale_lease lease_expired lease_revoked", ("detail",))
     put(

@@ -219,6 +219,11 @@ class PartitionKeys:
         return self._idx("flow_index")
 
     @property
+    def cancel_backlog(self) -> str:
+        """Flows owing member cancels, by due time (docs/flows.md#cancelling-a-flow)."""
+        return self._idx("cancel_backlog")
+
+    @property
     def deps_pending(self) -> str:
         """Flow members whose outgoing edges a terminal call left unresolved past its per-call
         bound; read by the dependency reconciler (docs/flows.md#the-dependency-reconciler)."""
@@ -269,6 +274,16 @@ class FlowKeys:
     def failures(self) -> str:
         """The first member failures (list of JSON records)."""
         return self._k("failures")
+
+    @property
+    def pending_cancels(self) -> str:
+        """Members still owed a cancel (docs/flows.md#cancelling-a-flow)."""
+        return self._k("pending_cancels")
+
+    @property
+    def cancel_attempts(self) -> str:
+        """Failed cancel attempts per member owed one (bounded retries)."""
+        return self._k("cancel_attempts")
 
     def edge(self, edge_id: str) -> str:
         return self._k(f"edge:{edge_id}")

@@ -2,27 +2,35 @@
 
 Each RPC decodes and validates the request (ids, partitions, bounds), then runs one Valkey
 Function on the flow's partition; AddDependency threads the graph revision through stage and
-apply, and CancelFlow with `cancel_all` cancels the members one call each."""
+apply, CancelFlow with `cancel_all` has the engine's canceller drain the members owed a cancel
+(inline with `wait`, else in the background), and WatchFlow follows the partition's event
+channel."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from google.protobuf import json_format
 
 from flowfabric.server.api import limits
 from flowfabric.server.api.servicers.base import ServerContext
+from flowfabric.server.engine.events import EventHub
+from flowfabric.server.engine.flows import FlowCanceller, cancel_grace_ms
 from flowfabric.server.valkey import flow_reads
 from flowfabric.server.valkey.codec import enum_value, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
-from flowfabric.server.valkey.functions import Fence, Functions
+from flowfabric.server.valkey.functions import Functions
 from flowfabric.server.valkey.functions.flow import (
     MAX_SUBMIT_EDGES,
     MAX_SUBMIT_MEMBERS,
     AlreadyMember,
     AlreadySubmitted,
     Applied,
+    FlowReplayed,
     SubmitEdge,
     SubmitMember,
 )
@@ -33,7 +41,7 @@ from flowfabric.server.valkey.ids import (
     parse_uuid,
     validate_lane,
 )
-from flowfabric.server.valkey.keys import ExecKeys, FlowKeys
+from flowfabric.server.valkey.keys import ExecKeys, FlowKeys, PartitionKeys
 from flowfabric.v1 import flow_pb2 as pb
 from flowfabric.v1 import flow_pb2_grpc as rpc
 from flowfabric.v1 import types_pb2 as t
@@ -54,14 +62,16 @@ EDGE_KINDS = {
     pb.DEPENDENCY_KIND_SUCCESS: "success",
     pb.DEPENDENCY_KIND_COMPLETION: "completion",
 }
-# Answers of a member cancel that mean "nothing left to cancel".
-CANCEL_ACKS = frozenset({"execution_not_active", "execution_not_found"})
+TERMINAL_FLOW = frozenset({"completed", "failed", "cancelled"})
+TERMINAL_MEMBER = frozenset({"completed", "failed", "cancelled", "expired", "skipped"})
+# A watch re-reads at least this often even without events (pub/sub is at-most-once).
+WATCH_BACKSTOP_S = 30.0
 
 
-def join_of(join: pb.Join, field: str) -> tuple[str, int]:
+def join_of(join: pb.Join, field: str) -> tuple[str, int, int]:
     if join.kind not in JOIN_KINDS:
         raise InvalidInput(field, f"{field}.kind {join.kind} is not a known join")
-    return JOIN_KINDS[join.kind], join.quorum
+    return JOIN_KINDS[join.kind], join.quorum, join.expected_edges
 
 
 def member_policy_json(m: pb.SubmitFlowRequest.Member) -> str:
@@ -76,8 +86,16 @@ def member_policy_json(m: pb.SubmitFlowRequest.Member) -> str:
 
 
 class FlowServicer(rpc.FlowServiceServicer):
-    def __init__(self, ctx: ServerContext, on_eligible: Any = None) -> None:
+    def __init__(
+        self,
+        ctx: ServerContext,
+        hub: EventHub | None = None,
+        canceller: FlowCanceller | None = None,
+        on_eligible: Any = None,
+    ) -> None:
         self.ctx = ctx
+        self.hub = hub
+        self.canceller = canceller or FlowCanceller(ctx.store, ctx.functions)
         self.on_eligible = on_eligible
 
     @property
@@ -185,14 +203,14 @@ class FlowServicer(rpc.FlowServiceServicer):
             if m.execution_id
             else mint_execution_id(p)
         )
-        join, quorum = join_of(m.join, f"{field}.join")
+        join, quorum, expected = join_of(m.join, f"{field}.join")
         return SubmitMember(
             key=m.key, execution_id=eid,
             lane_id=validate_lane(m.lane_id or DEFAULT_LANE, f"{field}.lane_id"),
             execution_kind=m.execution_kind, input_payload=m.input_payload, priority=m.priority,
             creator_identity=m.creator_identity, policy_json=member_policy_json(m),
             payload_encoding=m.payload_encoding, tags=dict(m.tags), join_kind=join,
-            join_quorum=quorum,
+            join_quorum=quorum, join_expected_edges=expected,
         )  # fmt: skip
 
     def _submit_edge(self, e: pb.SubmitFlowRequest.Edge, i: int) -> SubmitEdge:
@@ -253,8 +271,10 @@ class FlowServicer(rpc.FlowServiceServicer):
         fid, p, _ = self._flow(request.flow_id)
         child = self._member(request.downstream_execution_id, p, "downstream_execution_id")
         edge = parse_uuid(request.edge_id, "edge_id")
-        join, quorum = join_of(request.join, "join")
-        reply = await self.fn.flow.apply_dependency_to_child(fid, edge, child, join, quorum)
+        join, quorum, expected = join_of(request.join, "join")
+        reply = await self.fn.flow.apply_dependency_to_child(
+            fid, edge, child, join, quorum, expected
+        )
         self._woke()
         if isinstance(reply, Applied):
             return pb.ApplyDependencyToChildResponse(
@@ -274,7 +294,7 @@ class FlowServicer(rpc.FlowServiceServicer):
             p, request.upstream_execution_id, request.downstream_execution_id
         )
         edge = parse_uuid(request.edge_id, "edge_id") if request.edge_id else str(uuid.uuid4())
-        join, quorum = join_of(request.join, "join")
+        join, quorum, expected = join_of(request.join, "join")
         given = request.HasField("expected_graph_revision")
         for attempt in range(1 if given else STAGE_RETRIES):
             revision = request.expected_graph_revision if given else await self._revision(tag, fid)
@@ -287,7 +307,9 @@ class FlowServicer(rpc.FlowServiceServicer):
             except FlowFabricError as exc:
                 if exc.code != "stale_graph_revision" or given or attempt == STAGE_RETRIES - 1:
                     raise
-        reply = await self.fn.flow.apply_dependency_to_child(fid, edge, down, join, quorum)
+        reply = await self.fn.flow.apply_dependency_to_child(
+            fid, edge, down, join, quorum, expected
+        )
         self._woke()
         unsatisfied = reply.unsatisfied_count if isinstance(reply, Applied) else 0
         return pb.AddDependencyResponse(
@@ -318,8 +340,11 @@ class FlowServicer(rpc.FlowServiceServicer):
     ) -> pb.CancelFlowResponse:
         fid, _, tag = self._flow(request.flow_id)
         reason = request.reason or "flow cancelled"
+        policy = request.cancellation_policy
         try:
-            done = await self.fn.flow.cancel_flow(tag, fid, reason, request.cancellation_policy)
+            done = await self.fn.flow.cancel_flow(
+                tag, fid, reason, policy, cancel_grace_ms(self.ctx.config)
+            )
         except FlowFabricError as exc:
             if exc.code != "flow_already_terminal" or exc.details[:1] != ["cancelled"]:
                 raise
@@ -328,31 +353,56 @@ class FlowServicer(rpc.FlowServiceServicer):
             stored = exc.details[1] if len(exc.details) > 1 else ""
             return pb.CancelFlowResponse(
                 cancelled=pb.CancelFlowResponse.Cancelled(
-                    cancellation_policy=stored or request.cancellation_policy,
-                    member_execution_ids=ids,
+                    cancellation_policy=stored or policy, member_execution_ids=ids
                 )
             )
         members = list(done.members)
-        failed = []
-        if done.cancellation_policy == "cancel_all":
-            for member in members:
-                try:
-                    await self.fn.execution.cancel_execution(
-                        self.ctx.execution_id(member), reason, "operator_override", Fence()
-                    )
-                except FlowFabricError as exc:
-                    if exc.code not in CANCEL_ACKS:
-                        failed.append(member)
+        if done.cancellation_policy != "cancel_all" or not members:
+            return pb.CancelFlowResponse(
+                cancelled=pb.CancelFlowResponse.Cancelled(
+                    cancellation_policy=done.cancellation_policy, member_execution_ids=members
+                )
+            )
+        if not request.wait:
+            self.canceller.schedule(tag, fid)
+            return pb.CancelFlowResponse(
+                cancellation_scheduled=pb.CancelFlowResponse.CancellationScheduled(
+                    cancellation_policy=done.cancellation_policy, member_count=len(members),
+                    member_execution_ids=members,
+                )
+            )  # fmt: skip
+        failed = set(await self.canceller.drain(tag, fid, await self.canceller.owed(tag, fid)))
         if failed:
             return pb.CancelFlowResponse(
                 partially_cancelled=pb.CancelFlowResponse.PartiallyCancelled(
                     cancellation_policy=done.cancellation_policy, member_execution_ids=members,
-                    failed_member_execution_ids=failed,
+                    failed_member_execution_ids=[m for m in members if m in failed],
                 )
             )  # fmt: skip
         return pb.CancelFlowResponse(
             cancelled=pb.CancelFlowResponse.Cancelled(
                 cancellation_policy=done.cancellation_policy, member_execution_ids=members
+            )
+        )
+
+    async def ReplayFlow(
+        self, request: pb.ReplayFlowRequest, context: Any
+    ) -> pb.ReplayFlowResponse:
+        fid, _, tag = self._flow(request.flow_id)
+        limits.check_size(limits.bounds.LABEL_BYTES, request.reason, "reason")
+        reply = await self.fn.flow.replay_flow(tag, fid, request.reason)
+        if isinstance(reply, FlowReplayed):
+            self._woke()
+            return pb.ReplayFlowResponse(
+                replayed=pb.ReplayFlowResponse.Replayed(
+                    execution_ids=list(reply.execution_ids),
+                    reopened_edge_count=reply.reopened_edges,
+                    public_flow_state=reply.public_flow_state,
+                )
+            )
+        return pb.ReplayFlowResponse(
+            nothing_to_replay=pb.ReplayFlowResponse.NothingToReplay(
+                public_flow_state=reply.public_flow_state
             )
         )
 
@@ -415,3 +465,115 @@ class FlowServicer(rpc.FlowServiceServicer):
             self.ctx.store, FlowKeys(tag, fid), str(eid), which == "outgoing", size, after
         )
         return pb.ListEdgesResponse(edges=edges, next_page_token=token)
+
+    # -- watch --------------------------------------------------------------------------------
+
+    async def WatchFlow(
+        self, request: pb.WatchFlowRequest, context: Any
+    ) -> AsyncIterator[pb.WatchFlowResponse]:
+        """The flow, every member, `synced`, then each change; ends once the flow and every
+        member have ended (docs/flows.md#watching-a-flow).
+
+        Event-driven like WatchExecution: member transitions publish on the partition's
+        channel (every member shares the flow's tag). The stored states are read after
+        subscribing; an event marks its member dirty and the next read sends its latest state
+        only if it differs from the last one sent, so a slow reader gets the latest state of
+        each member, never a duplicate. A lost subscription (resync) re-reads everything.
+        """
+        fid, _, tag = self._flow(request.flow_id)
+        if self.hub is None:
+            raise FlowFabricError("backend_unavailable", message="watches are not available")
+        watch = _FlowWatch(self.ctx, FlowKeys(tag, fid))
+        channel = PartitionKeys(tag).exec_events
+        async with self.hub.listen(channel, watch.on_event):
+            async with asyncio.timeout(5):
+                await self.hub.wait_subscribed(channel)
+            async for message in watch.run():
+                yield message
+
+
+class _FlowWatch:
+    """One WatchFlow: what was sent, what is dirty."""
+
+    def __init__(self, ctx: ServerContext, keys: FlowKeys) -> None:
+        self.ctx, self.keys = ctx, keys
+        self.changed = asyncio.Event()
+        self.resync = True
+        self.dirty: set[str] = set()
+        self.sent: dict[str, str] = {}
+        self.flow_sent: tuple[str, tuple[tuple[str, int], ...]] | None = None
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "resync":
+            self.resync = True
+        elif kind == "flow_changed":
+            if event.get("flow_id") != self.keys.flow_id:
+                return
+        elif isinstance(event.get("execution_id"), str):
+            self.dirty.add(event["execution_id"])
+        else:
+            return
+        self.changed.set()
+
+    async def run(self) -> AsyncIterator[pb.WatchFlowResponse]:
+        while True:
+            # cleared before the reads: an event landing meanwhile triggers another pass
+            self.changed.clear()
+            full, self.resync = self.resync, False
+            view = await flow_reads.describe_flow(self.ctx.store, self.keys)
+            if view is None:
+                raise FlowFabricError("flow_not_found", message=f"no flow {self.keys.flow_id}")
+            shown = (view.snapshot.public_flow_state, tuple(sorted(view.members_by_state.items())))
+            if shown != self.flow_sent:
+                self.flow_sent = shown
+                yield pb.WatchFlowResponse(
+                    flow=pb.WatchFlowResponse.FlowChanged(
+                        flow=view.snapshot, members_by_state=view.members_by_state
+                    )
+                )
+            async for message in self._members(full):
+                yield message
+            if full:
+                yield pb.WatchFlowResponse(synced=pb.WatchFlowResponse.Synced())
+            if view.snapshot.public_flow_state in TERMINAL_FLOW and self._all_ended():
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WATCH_BACKSTOP_S):
+                    await self.changed.wait()
+
+    def _all_ended(self) -> bool:
+        return all(s in TERMINAL_MEMBER for s in self.sent.values())
+
+    async def _members(self, full: bool) -> AsyncIterator[pb.WatchFlowResponse]:
+        store = self.ctx.store
+        if full:
+            ids = sorted(text(m) for m in await store.call("SMEMBERS", self.keys.members))
+        else:
+            dirty, self.dirty = sorted(self.dirty), set()
+            known = [m for m in dirty if m in self.sent]
+            pipe = store.pipeline()
+            for m in dirty:
+                if m not in self.sent:
+                    pipe.sismember(self.keys.members, m)
+            fresh = iter(await store.run_pipeline(pipe)) if len(known) < len(dirty) else iter(())
+            ids = [m for m in dirty if m in self.sent or next(fresh)]
+        if not ids:
+            return
+        pipe = store.pipeline()
+        for m in ids:
+            eid = self.ctx.execution_id(m)
+            pipe.hmget(ExecKeys(eid).core, "public_state", "last_transition_at")
+        rows = await store.run_pipeline(pipe)
+        for m, (state, at) in zip(ids, rows, strict=True):
+            state = text(state)
+            if not state or self.sent.get(m) == state:
+                continue
+            self.sent[m] = state
+            yield pb.WatchFlowResponse(
+                member=pb.WatchFlowResponse.MemberChanged(
+                    execution_id=m,
+                    public_state=enum_value(t.PublicState, state),  # type: ignore[arg-type]
+                    at=int(text(at) or 0),
+                )
+            )

@@ -27,6 +27,8 @@ from flowfabric.server.valkey.store import Store
 # Bounds of one SubmitFlow call (the Lua function enforces the same).
 MAX_SUBMIT_MEMBERS = 1000
 MAX_SUBMIT_EDGES = 5000
+# Member ids per ff_cancel_flow_members call (lua/flow.lua CANCEL_BATCH).
+CANCEL_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,56 @@ class FlowCancelled:
 
 
 @dataclass(frozen=True)
+class MembersCancelled:
+    """One ff_cancel_flow_members call: cancelled now, already done, still owed."""
+
+    cancelled: int
+    already_done: int
+    remaining: int
+
+
+@dataclass(frozen=True)
+class CancelFailed:
+    """`retry n` (still owed) or `gave_up n` (dropped from the backlog)."""
+
+    outcome: str
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """One ff_reconcile_dependencies call: edges resolved now; released | skipped | ""."""
+
+    resolved: int
+    effect: str = ""
+
+
+@dataclass(frozen=True)
+class Projected:
+    """One ff_project_flow call: the flow's state; whether a counter was repaired."""
+
+    public_flow_state: str
+    repaired: int = 0
+
+
+@dataclass(frozen=True)
+class FlowReplayed:
+    """`OK state reopened_edges eid*` (the re-run members)."""
+
+    public_flow_state: str
+    reopened_edges: int
+    execution_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NothingToReplay:
+    """ALREADY_SATISFIED `nothing_to_replay state`."""
+
+    reason: str
+    public_flow_state: str = ""
+
+
+@dataclass(frozen=True)
 class TagsSet:
     count: int
 
@@ -103,6 +155,7 @@ class SubmitMember:
     tags: Mapping[str, str] = field(default_factory=dict)
     join_kind: str = ""
     join_quorum: int = 0
+    join_expected_edges: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,7 +212,7 @@ APPLY: Decl[Applied | Outcome] = Decl(
     "ff_apply_dependency_to_child",
     (ek("core"), fk("core")),
     (arg("execution_id"), arg("flow_id"), arg("edge_id"), arg("join_kind", default=""),
-     arg("join_quorum", default="")),
+     arg("join_quorum", default=""), arg("join_expected_edges", default="")),
     {"OK": record(Applied), "ALREADY_SATISFIED": record(Outcome)},
 )  # fmt: skip
 RESOLVE: Decl[Resolved | Outcome] = Decl(
@@ -186,9 +239,21 @@ EVALUATE: Decl[Outcome] = Decl(
 )
 CANCEL_FLOW: Decl[FlowCancelled] = Decl(
     "ff_cancel_flow",
-    (fk("core"), fk("members")),
-    (arg("flow_id"), arg("reason"), arg("cancellation_policy")),
+    (fk("core"), fk("members"), fk("pending_cancels"), pk("cancel_backlog")),
+    (arg("flow_id"), arg("reason"), arg("cancellation_policy"), arg("grace_ms", "int")),
     ok(record(FlowCancelled)),
+)
+CANCEL_MEMBERS: Decl[MembersCancelled | Outcome] = Decl(
+    "ff_cancel_flow_members",
+    (fk("core"), fk("pending_cancels"), pk("cancel_backlog"), fk("cancel_attempts")),
+    (arg("flow_id"), tail("execution_ids")),
+    {"OK": record(MembersCancelled), "ALREADY_SATISFIED": record(Outcome)},
+)
+CANCEL_FAILED: Decl[CancelFailed | Outcome] = Decl(
+    "ff_cancel_member_failed",
+    (fk("core"), fk("pending_cancels"), pk("cancel_backlog"), fk("cancel_attempts")),
+    (arg("flow_id"), arg("execution_id"), arg("max_attempts", "int")),
+    {"OK": record(CancelFailed), "ALREADY_SATISFIED": record(Outcome)},
 )
 SET_FLOW_TAGS: Decl[TagsSet] = Decl(
     "ff_set_flow_tags", (fk("core"), fk("tags")), (tail("pairs"),), ok(record(TagsSet))
@@ -202,9 +267,29 @@ SUBMIT: Decl[Submitted] = Decl(
     {"OK": record(Submitted), "ALREADY_SATISFIED": record(AlreadySubmitted)},
 )  # fmt: skip
 
+RECONCILE: Decl[Reconciled | Outcome] = Decl(
+    "ff_reconcile_dependencies",
+    (ek("core"),),
+    (arg("execution_id"), arg("min_age_ms", "int")),
+    {"OK": record(Reconciled), "ALREADY_SATISFIED": record(Outcome)},
+)
+PROJECT: Decl[Projected | Outcome] = Decl(
+    "ff_project_flow",
+    (fk("core"), fk("members"), pk("flow_index")),
+    (arg("flow_id"),),
+    {"OK": record(Projected), "ALREADY_SATISFIED": record(Outcome)},
+)
+REPLAY_FLOW: Decl[FlowReplayed | NothingToReplay] = Decl(
+    "ff_replay_flow",
+    (fk("core"), fk("members"), pk("flow_index"), fk("pending_cancels"), pk("cancel_backlog")),
+    (arg("flow_id"), arg("reason", default="")),
+    {"OK": record(FlowReplayed), "ALREADY_SATISFIED": record(NothingToReplay)},
+)
+
 DECLS = (
     CREATE_FLOW, ADD_MEMBER, STAGE, APPLY, RESOLVE, RESOLVE_OUTGOING, PROMOTE, EVALUATE,
-    CANCEL_FLOW, SET_FLOW_TAGS, SUBMIT,
+    CANCEL_FLOW, CANCEL_MEMBERS, CANCEL_FAILED, SET_FLOW_TAGS, SUBMIT, RECONCILE, PROJECT,
+    REPLAY_FLOW,
 )  # fmt: skip
 
 
@@ -243,11 +328,12 @@ class FlowFunctions:
 
     async def apply_dependency_to_child(
         self, flow_id: str, edge_id: str, child: ExecutionId, join_kind: str = "",
-        join_quorum: int = 0,
+        join_quorum: int = 0, join_expected_edges: int = 0,
     ) -> Applied | Outcome:  # fmt: skip
         return await call(self.store, APPLY, flow_ctx(child.tag, flow_id, child), {
             "execution_id": str(child), "flow_id": flow_id, "edge_id": edge_id,
             "join_kind": join_kind, "join_quorum": str(join_quorum) if join_quorum else "",
+            "join_expected_edges": str(join_expected_edges) if join_expected_edges else "",
         })  # fmt: skip
 
     async def resolve_dependency(
@@ -269,9 +355,26 @@ class FlowFunctions:
         reply = await call(self.store, EVALUATE, exec_ctx(eid), {"execution_id": str(eid)})
         return reply.outcome
 
-    async def cancel_flow(self, tag: str, flow_id: str, reason: str, policy: str) -> FlowCancelled:
+    async def cancel_flow(
+        self, tag: str, flow_id: str, reason: str, policy: str, grace_ms: int
+    ) -> FlowCancelled:
         return await call(self.store, CANCEL_FLOW, flow_ctx(tag, flow_id), {
             "flow_id": flow_id, "reason": reason, "cancellation_policy": policy,
+            "grace_ms": grace_ms,
+        })  # fmt: skip
+
+    async def cancel_flow_members(
+        self, tag: str, flow_id: str, execution_ids: Sequence[str]
+    ) -> MembersCancelled | Outcome:
+        return await call(self.store, CANCEL_MEMBERS, flow_ctx(tag, flow_id), {
+            "flow_id": flow_id, "execution_ids": list(execution_ids),
+        })  # fmt: skip
+
+    async def cancel_member_failed(
+        self, tag: str, flow_id: str, execution_id: str, max_attempts: int
+    ) -> CancelFailed | Outcome:
+        return await call(self.store, CANCEL_FAILED, flow_ctx(tag, flow_id), {
+            "flow_id": flow_id, "execution_id": execution_id, "max_attempts": max_attempts,
         })  # fmt: skip
 
     async def set_flow_tags(self, tag: str, flow_id: str, tags: Mapping[str, str]) -> TagsSet:
@@ -288,6 +391,7 @@ class FlowFunctions:
                 "kind": m.execution_kind, "priority": m.priority, "creator": m.creator_identity,
                 "policy": m.policy_json, "encoding": m.payload_encoding, "tags": dict(m.tags),
                 "join": m.join_kind, "quorum": m.join_quorum,
+                "expected_edges": m.join_expected_edges,
             }
             for m in members
         ]  # fmt: skip
@@ -302,3 +406,20 @@ class FlowFunctions:
             "edges_json": json.dumps(ejson), "failure_policy": failure_policy,
             "input_payloads": [m.input_payload for m in members],
         })  # fmt: skip
+
+    async def reconcile_dependencies(
+        self, eid: ExecutionId, min_age_ms: int
+    ) -> Reconciled | Outcome:
+        return await call(self.store, RECONCILE, exec_ctx(eid), {
+            "execution_id": str(eid), "min_age_ms": min_age_ms,
+        })  # fmt: skip
+
+    async def project_flow(self, tag: str, flow_id: str) -> Projected | Outcome:
+        return await call(self.store, PROJECT, flow_ctx(tag, flow_id), {"flow_id": flow_id})
+
+    async def replay_flow(
+        self, tag: str, flow_id: str, reason: str = ""
+    ) -> FlowReplayed | NothingToReplay:
+        return await call(
+            self.store, REPLAY_FLOW, flow_ctx(tag, flow_id), {"flow_id": flow_id, "reason": reason}
+        )
