@@ -297,14 +297,14 @@ async def test_watch_and_replay_a_failed_branch(api: Api, client: Client) -> Non
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="server: a member released by its parent's completion lives on the flow's "
-    "partition, which an idle worker's ClaimNext neither listens to nor probes first; it is "
-    "found only when the moving window of 32 partitions reaches it (up to partitions / 32 "
-    "passes of the 1 s backstop), and a completion that releases children wakes no waiting "
-    "claim",
+    strict=False,  # the moving window finds a member now and then by chance
+    reason="server: flow members live on the flow's partition, which an idle worker's "
+    "ClaimNext neither listens to nor probes first; they are found when the moving window of "
+    "32 partitions reaches it (up to partitions / 32 passes of the 1 s backstop: seconds with "
+    "the default 256), and nothing wakes a waiting claim when a submit or a completion makes "
+    "a member claimable there",
 )
-async def test_a_released_child_starts_promptly(api: Api, client: Client) -> None:
+async def test_flow_members_start_promptly(api: Api, client: Client) -> None:
     starts: dict[str, float] = {}
     worker = Worker(api.address, token=API_TOKEN, lanes=[LANE], concurrency=4)
 
@@ -313,9 +313,11 @@ async def test_a_released_child_starts_promptly(api: Api, client: Client) -> Non
         starts[ctx.tags["flowfabric.member"]] = time.monotonic()
 
     async with running(worker):
-        for _ in range(3):
+        for _ in range(5):
             f = client.flow()
             a = f.add("step", lane=LANE, key="a")
             f.add("step", lane=LANE, key="b", after=[a])
-            await client.wait_flow((await f.submit()).flow_id, timeout=30)
-            assert starts["b"] - starts["a"] < 0.5
+            submitted = time.monotonic()
+            await client.wait_flow((await f.submit()).flow_id, timeout=60)
+            assert starts["a"] - submitted < 0.5, "the head waited"
+            assert starts["b"] - starts["a"] < 0.5, "the released child waited"
