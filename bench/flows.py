@@ -176,7 +176,7 @@ class TimedWorker(Worker):
 
     async def _complete(self, run: Any, result: Any) -> None:
         await super()._complete(run, result)
-        self.completed_at[run.task.execution_id] = time.perf_counter()
+        self.completed_at[run.execution_id] = time.perf_counter()
 
 
 async def child_latency(
