@@ -573,7 +573,7 @@ class _FlowWatch:
             yield pb.WatchFlowResponse(
                 member=pb.WatchFlowResponse.MemberChanged(
                     execution_id=m,
-                    public_state=enum_value(t.PublicState, state),  # type: ignore[arg-type]
+                    public_state=enum_value(t.PublicState, state),
                     at=int(text(at) or 0),
                 )
             )
