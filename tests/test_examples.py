@@ -19,6 +19,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
         ("pipeline.py", "summary: incident-42.md: The cache expired early."),
         ("approval.py --auto-approve --tamper", "tampered token refused: PERMISSION_DENIED"),
         ("approval.py --reject", "draft     failed"),
+        ("dag.py", "total: 385 from 10 branches"),
     ],
 )
 def test_example_runs(script: str, expected: str) -> None:

@@ -2,7 +2,8 @@
 
 The Python SDK: `Client` (async) and `SyncClient` submit and operate on executions and deliver
 signals; `Worker` runs `async` handlers for the executions it claims, which may suspend until
-signals arrive (`TaskContext.suspend`, `TaskContext.wait_for_signal`). Everything public is
+signals arrive (`TaskContext.suspend`, `TaskContext.wait_for_signal`); `Client.flow()` builds
+a DAG of executions (`FlowBuilder`) submitted in one call. Everything public is
 re-exported here from private modules; `tests/sdk/test_exports.py` pins the list.
 """
 
@@ -29,6 +30,15 @@ from flowfabric._errors import (
     Unavailable,
     WaitpointClosed,
 )
+from flowfabric._flows import FlowBuilder, FlowHandle, InvalidFlow
+from flowfabric._models import (
+    FlowCancellation,
+    FlowFailure,
+    FlowInfo,
+    FlowReplay,
+    FlowState,
+    SubmittedFlow,
+)
 from flowfabric._retry import RetryPolicy
 from flowfabric._signals import (
     SecretRotation,
@@ -50,9 +60,17 @@ __all__ = [
     "ExecutionNotActive",
     "ExecutionState",
     "FailedPrecondition",
+    "FlowBuilder",
+    "FlowCancellation",
     "FlowFabricError",
+    "FlowFailure",
+    "FlowHandle",
+    "FlowInfo",
+    "FlowReplay",
+    "FlowState",
     "HandlerError",
     "InvalidArgument",
+    "InvalidFlow",
     "InvalidWaitpointToken",
     "NonRetryableError",
     "NotFound",
@@ -68,6 +86,7 @@ __all__ = [
     "SignalDelivery",
     "StaleLease",
     "Submitted",
+    "SubmittedFlow",
     "SyncClient",
     "TaskContext",
     "TaskSuspended",

@@ -6,8 +6,8 @@ or a plain value. Every call has a deadline, carries the bearer token and is ret
 UNAVAILABLE with exponential backoff — except a create without an idempotency key or an
 execution id, which could be applied twice and is surfaced instead.
 
-`Client` is composed of one mixin per service area (`_client_executions`, `_client_streams`,
-`_client_signals`, `_client_admin`), all on one `Transport` (`_transport`).
+`Client` is composed of one mixin per service area (`_client_executions`, `_client_flows`,
+`_client_streams`, `_client_signals`, `_client_admin`), all on one `Transport` (`_transport`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import grpc
 
 from flowfabric._client_admin import AdminMixin
 from flowfabric._client_executions import ExecutionsMixin
+from flowfabric._client_flows import FlowsMixin
 from flowfabric._client_signals import SignalsMixin
 from flowfabric._client_streams import StreamsMixin
 from flowfabric._models import (
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 
-class Client(ExecutionsMixin, StreamsMixin, SignalsMixin, AdminMixin):
+class Client(ExecutionsMixin, FlowsMixin, StreamsMixin, SignalsMixin, AdminMixin):
     """Async FlowFabric client over one gRPC channel.
 
     Use `await Client.connect(target, token=...)` or `async with Client(target, ...) as c:`.

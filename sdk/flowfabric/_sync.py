@@ -6,7 +6,8 @@ becomes an iterator stepped on that loop. Safe to call from several threads.
 
 The methods are derived from `Client`'s, not written again: `blocking(Client.get)` is a method
 with `get`'s parameters that returns what `get`'s coroutine returns, and `blocking_iter`
-does the same for async iterators, so type checkers see the real signatures.
+does the same for async iterators, and `blocking_builder` for the flow builder (whose
+`submit()` then blocks), so type checkers see the real signatures.
 `tests/sdk/test_sync.py` checks that every public `Client` method has its counterpart here.
 """
 
@@ -22,6 +23,7 @@ from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 import grpc
 
 from flowfabric._client import Client
+from flowfabric._flows import FlowBuilder
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -51,6 +53,21 @@ def blocking_iter(
     def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
         sync: SyncClient = self
         return sync._iterate(fn(sync._client, *args, **kwargs))
+
+    functools.update_wrapper(method, fn)
+    return method
+
+
+def blocking_builder(
+    fn: Callable[Concatenate[Any, P], FlowBuilder[Awaitable[R]]],
+) -> Callable[Concatenate[Any, P], FlowBuilder[R]]:
+    """The method of `SyncClient` for the client's builder method `fn` (`flow`): the same
+    builder, whose `submit()` blocks."""
+
+    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> FlowBuilder[R]:
+        sync: SyncClient = self
+        builder = fn(sync._client, *args, **kwargs)
+        return builder.map_submit(lambda sent: sync._run(_coroutine(sent)))
 
     functools.update_wrapper(method, fn)
     return method
@@ -153,6 +170,19 @@ class SyncClient:
     list_all = blocking_iter(Client.list_all)
     watch = blocking_iter(Client.watch)
     wait = blocking(Client.wait)
+    # FlowService
+    submit_flow = blocking(Client.submit_flow)
+    describe_flow = blocking(Client.describe_flow)
+    wait_flow = blocking(Client.wait_flow)
+    cancel_flow = blocking(Client.cancel_flow)
+    describe_edge = blocking(Client.describe_edge)
+    edges = blocking_iter(Client.edges)
+    watch_flow = blocking_iter(Client.watch_flow)
+    flow_members = blocking(Client.flow_members)
+    replay_flow = blocking(Client.replay_flow)
+
+    flow = blocking_builder(Client.flow)
+
     # StreamService
     read_stream = blocking(Client.read_stream)
     tail = blocking_iter(Client.tail)

@@ -21,6 +21,7 @@ from flowfabric._retry import RETRY_CODES, Backoff, with_retries
 from flowfabric.v1 import (
     admin_pb2_grpc,
     execution_pb2_grpc,
+    flow_pb2_grpc,
     signal_pb2_grpc,
     stream_pb2_grpc,
     worker_pb2_grpc,
@@ -97,6 +98,7 @@ class Transport:
         self.streams = stream_pb2_grpc.StreamServiceStub(self.channel)
         self.signals = signal_pb2_grpc.SignalServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self.flows = flow_pb2_grpc.FlowServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close(None)

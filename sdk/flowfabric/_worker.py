@@ -16,7 +16,8 @@ Completions of handlers that finish while another completion is in flight share 
 CompleteExecutions call (`batch_completions`); each handler still gets its own outcome.
 That call also claims new work for the slots its completions free, plus any free slot no
 other call has reserved (`claim_with_completions`), as long as the last claim filled every
-slot it asked for (work is queued); the server claims after the completions
+slot it asked for (work is queued) or a completed task is a flow member (its completion may
+release dependents, claimable at once); the server claims after the completions
 committed, so the worker never holds more than `concurrency` leases, and a busy worker keeps
 its slots full without a ClaimNext round trip per cycle. The ClaimNext long poll claims only
 the slots no call has reserved.
@@ -629,9 +630,14 @@ class Worker:
     def reserve(self, owners: list[Any]) -> tuple[worker_pb2.ClaimNextRequest, Any] | None:
         """The claim for a CompleteExecutions call completing `owners`' executions: their
         slots plus the free ones; those slots are reserved until `settle`."""
-        if self._stopping.is_set() or not self._run_active or not self._work_likely:
+        if self._stopping.is_set() or not self._run_active:
             return None
         handed = [t for t in owners if t in self._running and t not in self._handed]
+        # A flow member's completion releases its dependents in the same call, and the claim
+        # runs after it: claiming then starts a child without waiting for a ClaimNext wake-up.
+        releases = any(self._running[t].task.HasField("flow_id") for t in handed)
+        if not (self._work_likely or releases):
+            return None
         self._handed.update(handed)
         slots = self._free()
         if not self.batch:

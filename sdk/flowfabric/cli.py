@@ -11,12 +11,14 @@
     flowfabric resume EXECUTION_ID [--delay-ms N]   operator resume of a suspended execution
     flowfabric worker MODULE:ATTRIBUTE        run a module's flowfabric.Worker
     flowfabric admin info | kids [--partition N] | rotate-secret --kid K [--secret-hex H]
+    flowfabric flow submit FILE [--wait] | show ID | cancel ID [--wait] | replay ID   (cli_flows)
 
 Client commands talk gRPC to `--target` (env FF_TARGET, default 127.0.0.1:50051) with the bearer
 token `--token` (env FF_API_TOKEN). Tables by default, `--json` for scripts.
 
 Exit codes: 0 ok; 1 the server refused (the ErrorInfo reason is printed); 2 usage error;
-3 not found; 4 server unreachable; 5 (`watch`) the execution ended other than completed.
+3 not found; 4 server unreachable; 5 (`watch`, `flow submit --wait`) the execution or flow ended
+other than completed.
 """
 
 from __future__ import annotations
@@ -638,6 +640,12 @@ def rotate_secret(
     if reply.failed:
         click.echo("error: some partitions failed; re-run with the same kid and secret", err=True)
         raise SystemExit(EXIT_REFUSED)
+
+
+# Registered last: the flow commands use this module's client and output helpers.
+from flowfabric.cli_flows import flow as _flow_commands  # noqa: E402
+
+main.add_command(_flow_commands)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -41,6 +41,7 @@ async def test_sync_client_smoke(api: Api) -> None:
 # -- derived from Client: every method, with its signature --------------------------------------
 
 NOT_CALLS = {"connect", "close"}  # the blocking client connects and closes on its own
+BUILDERS = {"flow"}  # returns a builder at once; the blocking one's `submit()` blocks
 
 
 def test_every_client_method_has_a_blocking_counterpart() -> None:
@@ -49,10 +50,11 @@ def test_every_client_method_has_a_blocking_counterpart() -> None:
         for name, fn in inspect.getmembers(Client, inspect.isfunction)
         if not name.startswith("_") and name not in NOT_CALLS
     ]
-    assert {"submit", "get", "tail", "watch_signals", "waitpoint_kids"} <= set(names)
+    assert {"submit", "get", "tail", "watch_signals", "waitpoint_kids", "flow"} <= set(names)
     for name in names:
         fn = getattr(Client, name)
-        assert inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn), name
+        is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+        assert is_async != (name in BUILDERS), name
         blocking = getattr(SyncClient, name)
         assert blocking.__wrapped__ is fn, name  # derived from exactly this method
         assert inspect.signature(blocking) == inspect.signature(fn), name
@@ -63,7 +65,9 @@ TYPED = """
 from collections.abc import Iterator
 from typing import assert_type
 
-from flowfabric import ExecutionState, Page, SignalDelivery, SyncClient, Submitted
+from flowfabric import (
+    ExecutionState, FlowInfo, Page, SignalDelivery, SubmittedFlow, SyncClient, Submitted,
+)
 from flowfabric.v1 import execution_pb2, types_pb2
 
 c = SyncClient("127.0.0.1:1")
@@ -74,6 +78,11 @@ assert_type(c.list(lane="l"), Page)
 assert_type(c.signal("x", "name", {"a": 1}), SignalDelivery)
 assert_type(c.watch("x", timeout=1.0), Iterator[execution_pb2.WatchExecutionResponse])
 assert_type(c.tail("x", after="0-0"), Iterator[types_pb2.StreamFrame])
+f = c.flow("dag")
+assert_type(f.submit(), SubmittedFlow)
+assert_type(c.wait_flow("f", timeout=1.0), FlowInfo)
+assert_type(c.edges("x", direction="incoming"), Iterator[types_pb2.EdgeSnapshot])
+f.add("k", after=["not-a-handle"])  # E: after takes handles
 c.get(1)  # E: the real parameter types are checked
 c.cancel("x", reason="r", nope=True)  # E: and the real names
 """
