@@ -177,7 +177,8 @@ redis.register_function('ff_create_flow', create_flow)
 --     detail = state), execution_not_found, execution_already_in_flow (detail = the other flow),
 --     flow_limit_exceeded (FLOW_MEMBERS_MAX; a new member only).
 --   Writes: SADD members, flow_index; core flow_id; flow node_count+1, graph_revision+1,
---     last_mutation_at, members_<public_state>+1 and public_flow_state.
+--     last_mutation_at, members_<public_state>+1 and public_flow_state; SPUBLISH ready on
+--     ff:ready:{p} when the member is eligible.
 local function add_execution_to_flow(keys, argv)
   local fid, eid = argv[1], argv[2]
   local tag = Util.tag_of(keys[1])
@@ -190,7 +191,7 @@ local function add_execution_to_flow(keys, argv)
   elseif TERMINAL_FLOW[f.public_flow_state] then
     return Reply.err('flow_already_terminal', f.public_flow_state)
   end
-  local c = redis.call('HMGET', keys[4], 'flow_id', 'public_state')
+  local c = redis.call('HMGET', keys[4], 'flow_id', 'public_state', 'eligibility_state', 'lane_id')
   if not c[2] then
     return Reply.err('execution_not_found')
   elseif Util.is_set(c[1]) and c[1] ~= fid then
@@ -211,6 +212,9 @@ local function add_execution_to_flow(keys, argv)
   redis.call('HINCRBY', keys[1], 'graph_revision', 1)
   redis.call('HSET', keys[1], 'last_mutation_at', Util.num(now))
   FlowState.moved(tag, fid, eid, nil, c[2], nil, now)
+  if c[3] == 'eligible_now' then
+    State.ready(tag, c[4])
+  end
   return Reply.ok(eid, Util.num(n))
 end
 
@@ -994,14 +998,18 @@ local function submit_flow(keys, argv)
   redis.call('HSET', keys[1], 'graph_revision', Util.num(rev), 'node_count', Util.num(#members),
     'edge_count', Util.num(#edges))
   redis.call('SADD', keys[3], fid)
-  local reply, refs = Reply.ok(fid, Util.num(rev)), {}
+  local reply, refs, ready = Reply.ok(fid, Util.num(rev)), {}, {}
   for _, m in ipairs(members) do
     local public = Create.write(tag, {eid = m.id, namespace = argv[3], lane = m.lane,
       kind = m.kind, priority = m.priority, creator = m.creator or '', policy = m.policy_table,
       policy_json = m.policy or '', caps_csv = m.caps, payload = m.payload,
       encoding = m.encoding or '', tags = m.tag_table, delay_until = false, deadline = false,
       partition = a.partition_id, quota_policy_id = '', flow_id = fid,
-      blocked = m.indegree > 0}, now)
+      blocked = m.indegree > 0, quiet = true}, now)
+    if m.indegree == 0 and not ready[m.lane] then
+      ready[m.lane] = true
+      State.ready(tag, m.lane)
+    end
     redis.call('SADD', keys[2], m.id)
     redis.call('HINCRBY', keys[1], 'members_' .. public, 1)
     refs[#refs + 1], refs[#refs + 2] = m.key, m.id

@@ -123,7 +123,8 @@ end
 -- execution_deadline entry, all_executions and the lanes registry. `m` = {eid, namespace,
 -- lane, kind, priority, creator, policy (table or false), policy_json, caps_csv, payload,
 -- encoding, tags (table), delay_until, deadline (numbers or false), partition,
--- quota_policy_id, flow_id, blocked (start blocked_by_dependencies)}. Returns public_state.
+-- quota_policy_id, flow_id, blocked (start blocked_by_dependencies), quiet (the caller says
+-- where work is ready: State.ready)}. Returns public_state.
 function Create.write(tag, m, now)
   local eid = m.eid
   local priority = State.clamp_priority(m.priority)
@@ -186,6 +187,9 @@ function Create.write(tag, m, now)
   redis.call('SADD', Keys.partition(tag, 'lanes'), m.lane)
   if deadline then
     redis.call('ZADD', Keys.partition(tag, 'execution_deadline'), Util.num(deadline), eid)
+  end
+  if set == 'eligible' and Util.is_set(m.flow_id) and not m.quiet then
+    State.ready(tag, m.lane)
   end
   return public
 end

@@ -5,7 +5,8 @@ local Deps = {}
 -- Dependency resolution inside the call that ends an upstream (docs/flows.md#resolution).
 -- One call resolves at most MAX_RESOLVED edges, looks at most at MAX_VISITED out-edges
 -- (already resolved ones are cheap) and cascades skips at most MAX_DEPTH levels; what is left
--- goes on ff:idx:{p}:deps_pending for the dependency reconciler.
+-- goes on ff:idx:{p}:deps_pending, announced on ff:ready:{p} for an immediate follow-up call;
+-- the dependency reconciler is the backstop.
 Deps.MAX_RESOLVED = 64
 Deps.MAX_VISITED = 1024
 Deps.MAX_DEPTH = 32
@@ -200,6 +201,10 @@ do
       else
         redis.call('ZADD', pending_key, Util.num(now), up)
         stats.pending = stats.pending + 1
+        -- a server resolves the rest at once (docs/flows.md#wide-fan-out); the reconciler
+        -- is the backstop
+        redis.call('SPUBLISH', 'ff:ready:' .. tag, cjson.encode({type = 'deps_pending',
+          execution_id = up}))
       end
     end
     if stats.pending > 0 then

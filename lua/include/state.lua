@@ -46,7 +46,8 @@ end
 -- attempt}
 function State.write_vector(core_key, eid, v, now, extra)
   local public = State.public_state_of(v[1], v[3], v[6])
-  local prev = redis.call('HMGET', core_key, 'public_state', 'flow_id')
+  local prev = redis.call('HMGET', core_key, 'public_state', 'flow_id', 'eligibility_state',
+    'lane_id')
   local args = {
     'lifecycle_phase', v[1], 'ownership_state', v[2], 'eligibility_state', v[3],
     'blocking_reason', v[4], 'blocking_detail', v[5], 'terminal_outcome', v[6],
@@ -68,7 +69,19 @@ function State.write_vector(core_key, eid, v, now, extra)
   redis.call('SPUBLISH', 'ff:exec_events:' .. Util.tag_of(core_key), cjson.encode({
     type = 'state_changed', execution_id = eid, public_state = public, at = now,
   }))
+  -- A flow member lives on its flow's partition, which no waiting claim listens to: say where
+  -- claimable work appeared (docs/lifecycle.md#work-off-the-lane-partition).
+  if v[3] == 'eligible_now' and prev[3] ~= 'eligible_now' and Util.is_set(prev[2]) then
+    State.ready(Util.tag_of(core_key), prev[4])
+  end
   return public
+end
+
+-- Publishes on ff:ready:{p} that lane `lane` has claimable work on this partition.
+function State.ready(tag, lane)
+  if Util.is_set(lane) then
+    redis.call('SPUBLISH', 'ff:ready:' .. tag, cjson.encode({type = 'ready', lane = lane}))
+  end
 end
 
 -- Eligible-set score: highest priority first, then oldest (docs/architecture.md#key-schema).

@@ -36,9 +36,15 @@ from flowfabric.server.embedded import (
 )
 from flowfabric.server.engine.aio import cancel_and_wait
 from flowfabric.server.engine.events import EventHub
-from flowfabric.server.engine.flows import FlowCanceller, FlowProjector, flow_scanners
+from flowfabric.server.engine.flows import (
+    FlowCanceller,
+    FlowProjector,
+    FollowUpResolver,
+    flow_scanners,
+)
 from flowfabric.server.engine.keystore import embedded_password, install_secret, resolve_secret
 from flowfabric.server.engine.lifecycle import lifecycle_scanners
+from flowfabric.server.engine.ready import ReadyHints
 from flowfabric.server.engine.scanners import ScannerSet
 from flowfabric.server.engine.scheduler import Scheduler
 from flowfabric.server.engine.suspension import suspension_scanners
@@ -92,6 +98,8 @@ class FlowFabricServer:
         self.hub: EventHub | None = None
         self.canceller: FlowCanceller | None = None
         self.scheduler: Scheduler | None = None
+        self.ready: ReadyHints | None = None
+        self.follow_ups: FollowUpResolver | None = None
         self.scanners: ScannerSet | None = None
         self.embedded: ValkeyProcess | None = None
         self.store: Store | None = None
@@ -152,7 +160,11 @@ class FlowFabricServer:
         await self._durability(self.store)
         ctx = ServerContext(config=cfg, store=self.store, functions=fn)
         self.hub = EventHub(self.store)
-        self.scheduler = Scheduler(fn, self.store, cfg.flow_partitions, self.hub)
+        self.ready = ReadyHints(self.hub, cfg.flow_partitions)
+        self.follow_ups = FollowUpResolver(fn, cfg.flow_partitions)
+        self.ready.on_pending(self.follow_ups.schedule)
+        await self.ready.start()
+        self.scheduler = Scheduler(fn, self.store, cfg.flow_partitions, self.hub, self.ready)
         registry = WorkerRegistry(self.store)
         self.scanners = lifecycle_scanners(cfg, self.store, fn, registry, self.scheduler.wake_local)
         for scanner in suspension_scanners(cfg, self.store, fn):
@@ -428,6 +440,10 @@ class FlowFabricServer:
     # -- shutdown -----------------------------------------------------------------------------
 
     async def _stop_background(self) -> None:
+        if self.ready is not None:
+            await self.ready.stop()
+        if self.follow_ups is not None:
+            await self.follow_ups.stop()  # deps_pending keeps the rest for the reconciler
         if self.canceller is not None:
             await self.canceller.stop(self.config.shutdown_grace_s)  # the backlog keeps the rest
         if self.scanners is not None:

@@ -45,9 +45,14 @@ async def submit(
     edges: Sequence[tuple[str, str] | tuple[str, str, str]] = (),
     joins: Mapping[str, tuple[str, int]] | None = None,
     refs: Mapping[tuple[str, str], str] | None = None,
+    fid: str | None = None,
 ) -> Dag:
     """Submit members (by key) and edges (up, down[, kind]); `joins` = key -> (kind, k)."""
-    fid, p, tag = new_flow()
+    if fid is None:
+        fid, p, tag = new_flow()
+    else:
+        p = flow_partition(fid, PARTITIONS)
+        tag = f"{{fp:{p}}}"
     ids = {k: ExecutionId(p, str(uuid.uuid4())) for k in members}
     joins = joins or {}
     refs = refs or {}

@@ -162,18 +162,41 @@ async def test_data_passing_edge_copies_the_result(store: Store) -> None:
     assert await store.call("GET", ExecKeys(dag["C"]).payload) == b"in-C"
 
 
-async def test_fan_out_past_the_bound_is_finished_by_resolve_outgoing(store: Store) -> None:
+async def test_fan_out_past_the_bound_is_announced_and_finished_by_resolve_outgoing(
+    store: Store,
+) -> None:
     kids = [f"k{i}" for i in range(70)]
     dag = await submit(store, ["A", *kids], [("A", k) for k in kids])
     pending = PartitionKeys(dag.tag).deps_pending
-    await run(store, dag["A"])
-    waiting = [k for k in kids if await state(store, dag[k]) == "waiting"]
-    assert len(waiting) == 64
-    assert await store.call("ZSCORE", pending, str(dag["A"])) is not None
-    reply = await Functions(store).flow.resolve_outgoing(dag["A"])
-    assert (reply.resolved, reply.released, reply.pending) == (6, 6, 0)  # type: ignore[union-attr]
+    async with listening(store, PartitionKeys(dag.tag).ready, sharded=True) as sub:
+        await run(store, dag["A"])
+        events = await sub.drain()
+    # The completing call released exactly 64 (one ready event each, published before the
+    # announcement; a server's follow-up, if one runs on this Valkey, comes after it).
+    announced = events.index({"type": "deps_pending", "execution_id": str(dag["A"])})
+    assert events[:announced] == [{"type": "ready", "lane": LANE}] * 64
+    fn = Functions(store).flow
+    for _ in range(3):  # whatever a follow-up left, these calls finish
+        reply = await fn.resolve_outgoing(dag["A"])
+        if getattr(reply, "pending", 0) == 0:
+            break
     assert all([await state(store, dag[k]) == "waiting" for k in kids])
     assert await store.call("ZSCORE", pending, str(dag["A"])) is None
+
+
+async def test_a_released_member_is_announced_on_its_partition(store: Store) -> None:
+    dag = await submit(store, "AB", (("A", "B"),))
+    async with listening(store, PartitionKeys(dag.tag).ready, sharded=True) as sub:
+        await run(store, dag["A"])
+        assert await sub.drain() == [{"type": "ready", "lane": LANE}]
+
+
+async def test_a_submit_announces_each_lane_of_its_roots_once(store: Store) -> None:
+    fid, _p, tag = new_flow()
+    async with listening(store, PartitionKeys(tag).ready, sharded=True) as sub:
+        await submit(store, "ABCD", (("A", "D"),), fid=fid)
+        # A, B and C are roots on one lane: one announcement; D is blocked
+        assert await sub.drain() == [{"type": "ready", "lane": LANE}]
 
 
 async def test_resubmitting_the_flow_is_already_satisfied(store: Store) -> None:

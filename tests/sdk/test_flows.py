@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
-import grpc
 import pytest
 
 from flowfabric import (
@@ -16,7 +14,6 @@ from flowfabric import (
     ExecutionState,
     FailedPrecondition,
     FlowBuilder,
-    FlowFabricError,
     FlowState,
     InvalidArgument,
     InvalidFlow,
@@ -259,13 +256,7 @@ async def test_sync_client_flow(api: Api) -> None:
     await asyncio.to_thread(_blocking_flow, api.address)
 
 
-# -- WatchFlow and ReplayFlow (declared in flow.proto; the server may not serve them yet) --------
-
-
-def _unimplemented(exc: FlowFabricError) -> None:
-    if exc.code == grpc.StatusCode.UNIMPLEMENTED:
-        pytest.xfail("the server does not implement WatchFlow / ReplayFlow yet")
-    raise exc
+# -- WatchFlow and ReplayFlow ------------------------------------------------------------------
 
 
 async def test_watch_and_replay_a_failed_branch(api: Api, client: Client) -> None:
@@ -274,19 +265,16 @@ async def test_watch_and_replay_a_failed_branch(api: Api, client: Client) -> Non
     bad = f.add("step", lane=LANE, key="bad", after=[root])
     sink = f.add("step", lane=LANE, key="sink", after=[bad])
     sub = await f.submit()
-    try:
-        members = await client.flow_members(sub.flow_id)
-        assert members == {sub[root]: S.WAITING, sub[bad]: S.WAITING_CHILDREN,
-                           sub[sink]: S.WAITING_CHILDREN}  # fmt: skip
-        async with running(make_worker(api, fail={"bad"})):
-            seen = [e async for e in client.watch_flow(sub.flow_id, timeout=20)]
-        flows = [e.flow for e in seen if e.WhichOneof("event") == "flow"]
-        assert flows[-1].flow.public_flow_state == "failed"
-        last = {e.member.execution_id: e.member.public_state for e in seen if e.member.at}
-        assert last[sub[sink]] == S.SKIPPED
-        replay = await client.replay_flow(sub.flow_id, "fixed")
-    except FlowFabricError as exc:
-        _unimplemented(exc)
+    members = await client.flow_members(sub.flow_id)
+    assert members == {sub[root]: S.WAITING, sub[bad]: S.WAITING_CHILDREN,
+                       sub[sink]: S.WAITING_CHILDREN}  # fmt: skip
+    async with running(make_worker(api, fail={"bad"})):
+        seen = [e async for e in client.watch_flow(sub.flow_id, timeout=20)]
+    flows = [e.flow for e in seen if e.WhichOneof("event") == "flow"]
+    assert flows[-1].flow.public_flow_state == "failed"
+    last = {e.member.execution_id: e.member.public_state for e in seen if e.member.at}
+    assert last[sub[sink]] == S.SKIPPED
+    replay = await client.replay_flow(sub.flow_id, "fixed")
     assert sorted(replay.execution_ids) == sorted([sub[bad], sub[sink]])
     assert replay.reopened_edges == 1
     async with running(make_worker(api)):
@@ -294,30 +282,3 @@ async def test_watch_and_replay_a_failed_branch(api: Api, client: Client) -> Non
     assert info.state is FlowState.COMPLETED and info.counts == {"completed": 3}
     nothing = await client.replay_flow(sub.flow_id)
     assert nothing.execution_ids == () and nothing.state is FlowState.COMPLETED
-
-
-@pytest.mark.xfail(
-    strict=False,  # the moving window finds a member now and then by chance
-    reason="server: flow members live on the flow's partition, which an idle worker's "
-    "ClaimNext neither listens to nor probes first; they are found when the moving window of "
-    "32 partitions reaches it (up to partitions / 32 passes of the 1 s backstop: seconds with "
-    "the default 256), and nothing wakes a waiting claim when a submit or a completion makes "
-    "a member claimable there",
-)
-async def test_flow_members_start_promptly(api: Api, client: Client) -> None:
-    starts: dict[str, float] = {}
-    worker = Worker(api.address, token=API_TOKEN, lanes=[LANE], concurrency=4)
-
-    @worker.handler("step")
-    async def step(ctx: TaskContext) -> None:
-        starts[ctx.tags["flowfabric.member"]] = time.monotonic()
-
-    async with running(worker):
-        for _ in range(5):
-            f = client.flow()
-            a = f.add("step", lane=LANE, key="a")
-            f.add("step", lane=LANE, key="b", after=[a])
-            submitted = time.monotonic()
-            await client.wait_flow((await f.submit()).flow_id, timeout=60)
-            assert starts["a"] - submitted < 0.5, "the head waited"
-            assert starts["b"] - starts["a"] < 0.5, "the released child waited"

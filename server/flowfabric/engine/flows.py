@@ -8,8 +8,9 @@ flow scanners, run by the lifecycle `ScannerSet`.
 | cancel_reconciler | `cancel_backlog` (flow id → due time), 50 | `ff_cancel_flow_members` |
 | flow_projector | `flow_index` (SSCAN) | `ff_project_flow` |
 
-Resolution happens inside the call that ends an upstream; the dependency reconciler only
-finishes what such a call left past its per-call bound, resolves edges a lost call never
+Resolution happens inside the call that ends an upstream; what such a call leaves past its
+per-call bound it announces, and `FollowUpResolver` finishes it at once. The dependency
+reconciler is the backstop: it finishes what a follow-up did not, resolves edges a lost call never
 resolved, and releases members created blocked that never got an edge (after two of its
 intervals, so a builder adding edges is not overtaken). Several replicas may run every scanner:
 each function re-validates inside its atomic call, so a member handled twice is a no-op the
@@ -36,7 +37,7 @@ from flowfabric.server.valkey.functions.flow import (
     Projected,
     Reconciled,
 )
-from flowfabric.server.valkey.ids import parse_execution_id
+from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
 from flowfabric.server.valkey.keys import FlowKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
 
@@ -150,6 +151,70 @@ class FlowCanceller:
         for task in pending:
             task.cancel()
         for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class FollowUpResolver:
+    """Finishes, at once, the outgoing edges a terminal call left past its per-call bound
+    (docs/flows.md#wide-fan-out). The call announces the upstream on `ff:ready:{p}`; this
+    resolves it again, call after call, until nothing of it is pending. Every server hears the
+    announcement, and each call re-validates, so a second resolver only finds less to do. The
+    dependency reconciler stays the backstop: the upstream is on `deps_pending` until done."""
+
+    #: Follow-up calls for one upstream, one announcement.
+    MAX_CALLS = 64
+    #: Upstreams resolved at once by one server.
+    CONCURRENCY = 4
+
+    def __init__(self, fn: Functions, partitions: int) -> None:
+        self.fn, self.partitions = fn, partitions
+        self._active: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.CONCURRENCY)
+
+    def schedule(self, partition: int, member: str) -> None:
+        if member in self._active:
+            return  # the running follow-up calls until nothing is pending
+        try:
+            eid = parse_execution_id(member, self.partitions)
+        except FlowFabricError:
+            return
+        self._active.add(member)
+        task = asyncio.create_task(self._resolve(member, eid), name=f"deps-follow-up-{member}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, member: str, eid: ExecutionId) -> None:
+        total = Outgoing(0, 0, 0, 0)
+        try:
+            async with self._slots:
+                for _ in range(self.MAX_CALLS):
+                    reply = await _retrying(lambda: self.fn.flow.resolve_outgoing(eid))
+                    if not isinstance(reply, Outgoing):
+                        break
+                    total = Outgoing(
+                        total.resolved + reply.resolved, total.released + reply.released,
+                        total.skipped + reply.skipped, reply.pending,
+                    )  # fmt: skip
+                    if not reply.pending or not reply.resolved:
+                        break
+        except FlowFabricError as exc:  # deps_pending keeps it: the reconciler retries
+            log.warning("follow-up resolution of %s stopped: %s", member, exc.code)
+        finally:
+            self._active.discard(member)
+        if total.resolved:
+            log.info(
+                "dependency resolution of %s went past the per-call bound; a follow-up resolved "
+                "%d more edge(s) (%d released, %d skipped, %d upstream(s) still pending)",
+                member, total.resolved, total.released, total.skipped, total.pending,
+            )  # fmt: skip
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 

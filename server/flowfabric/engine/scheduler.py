@@ -21,9 +21,13 @@ leases in them are reclaimed (`engine/reclaim.py`), so a crashed worker's execut
 to another worker. ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
 then `ff_claim_execution` or `ff_claim_resumed_execution`).
 
-`claim_next` long-polls: it waits for a `waiting` watch event on the lanes' solo partitions (or
-an in-process wake from a create in this server) and re-scans, with a 1 s backstop for work that
-appears on partitions it does not listen to.
+Between the solo partition and the window, the partitions where flow work of the lane was
+announced are claimed from (`engine/ready.py`: the functions publish where a flow member became
+eligible, and every server listens).
+
+`claim_next` long-polls: it waits for a `waiting` watch event on the lanes' solo partitions, a
+ready announcement for one of its lanes, or an in-process wake from a create in this server,
+and re-scans, with a 1 s backstop for work that appears where nothing announces it.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from flowfabric.server.engine.claims import (
     row_costs,
 )
 from flowfabric.server.engine.events import EventHub
+from flowfabric.server.engine.ready import ReadyHints
 from flowfabric.server.engine.reclaim import Reclaimer
 from flowfabric.server.valkey.codec import hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError
@@ -87,7 +92,12 @@ def worker_offset(worker_instance_id: str, partitions: int) -> int:
 
 class Scheduler:
     def __init__(
-        self, functions: Functions, store: Store, partitions: int, hub: EventHub | None
+        self,
+        functions: Functions,
+        store: Store,
+        partitions: int,
+        hub: EventHub | None,
+        hints: ReadyHints | None = None,
     ) -> None:
         self.functions = functions
         self.store = store
@@ -96,7 +106,10 @@ class Scheduler:
         self._cursor = 0
         self._window = 0
         self._lane_rotation = itertools.count()
-        self._local_wake: set[asyncio.Event] = set()
+        # waiting claims: their wake event -> their lanes (None: woken by anything)
+        self._local_wake: dict[asyncio.Event, frozenset[str] | None] = {}
+        self.hints = hints if hints is not None else ReadyHints(None, partitions)
+        self.hints.on_ready(self._wake_lane)
         self.admission = Admission(functions)
         self.reclaimer = Reclaimer(functions, store, partitions)
         self._lane_calls = 0
@@ -150,6 +163,8 @@ class Scheduler:
         # request (the common case for solo work) the window is never looked at.
         out += await self._claim_partition(parts[0], who, req, want - len(out), budget)
         if len(out) < want:
+            out += await self._claim_hinted(parts[0], who, req, want - len(out), budget)
+        if len(out) < want:
             out += await self._claim_window(parts[1:], who, req, want - len(out), budget)
         if not out:  # nothing eligible anywhere: due leases on partitions without eligible work
             out += await self._claim_due(parts[1:], who, req, want, budget)
@@ -166,6 +181,27 @@ class Scheduler:
             if len(out) >= want or budget.spent:
                 break
             out += await self._claim_partition(p, who, req, want - len(out), budget)
+        return out
+
+    async def _claim_hinted(
+        self, solo: int, who: Claimer, req: ClaimRequest, want: int, budget: Budget
+    ) -> list[Claimed]:
+        """Claim from the partitions where flow work of the lane was announced
+        (`engine/ready.py`), dropping each hint whose claim comes back short."""
+        out: list[Claimed] = []
+        for p, seq in self.hints.of_lane(who.lane_id):
+            if len(out) >= want or budget.spent:
+                break
+            if p == solo:
+                # just claimed from, and came back short; a release there after that claim
+                # also wakes the waiter through the partition's state events
+                self.hints.drained(who.lane_id, p, seq)
+                continue
+            asked = want - len(out)
+            got = await self._claim_partition(p, who, req, asked, budget)
+            out += got
+            if len(got) < asked and not budget.spent:
+                self.hints.drained(who.lane_id, p, seq)
         return out
 
     async def _claim_window(
@@ -278,6 +314,7 @@ class Scheduler:
     async def grant(self, req: ClaimRequest, who: Claimer) -> tuple[ExecutionId, Granted] | None:
         """Two-step claim, step one: a grant for the first grantable head (ClaimForWorker)."""
         parts = self.probe_order(who.lane_id, req.worker_instance_id)
+        parts += [p for p, _ in self.hints.of_lane(who.lane_id) if p not in parts]
         pipe = self.store.pipeline()
         for p in parts:
             pipe.zrange(PartitionKeys.of(p).lane(who.lane_id, "eligible"), 0, 0)
@@ -335,17 +372,25 @@ class Scheduler:
 
     def wake_local(self) -> None:
         """Something became claimable in this process (a create, an unblock): wake waiters."""
-        for event in list(self._local_wake):
-            event.set()
+        self._wake_lane(None)
+
+    def _wake_lane(self, lane: str | None) -> None:
+        """Wake the waiters claiming from `lane` (every waiter for None)."""
+        for event, lanes in list(self._local_wake.items()):
+            if lane is None or lanes is None or lane in lanes:
+                event.set()
 
     @contextlib.contextmanager
-    def local_wakes(self, event: asyncio.Event) -> Iterator[None]:
-        """Set `event` whenever work becomes claimable in this process, while open."""
-        self._local_wake.add(event)
+    def local_wakes(
+        self, event: asyncio.Event, lanes: frozenset[str] | None = None
+    ) -> Iterator[None]:
+        """Set `event` whenever work becomes claimable in this process (on one of `lanes`,
+        when given), while open."""
+        self._local_wake[event] = lanes
         try:
             yield
         finally:
-            self._local_wake.discard(event)
+            self._local_wake.pop(event, None)
 
     async def claim_next(self, req: ClaimRequest, wait_ms: int) -> list[Claimed]:
         """Claim now, or wait up to `wait_ms` for work to arrive; [] = no work.
@@ -362,7 +407,7 @@ class Scheduler:
             if event.get("public_state") == "waiting" or event.get("type") == "resync":
                 wake.set()
 
-        with self.local_wakes(wake):
+        with self.local_wakes(wake, frozenset(req.lanes)):
             async with contextlib.AsyncExitStack() as stack:
                 if self.hub is not None:
                     for lane in set(req.lanes):

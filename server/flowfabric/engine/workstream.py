@@ -119,8 +119,9 @@ class WorkStream:
 
         Raises StreamClosed when the Scheduler closes."""
         closing = self.scheduler.closing
-        # in-process creates wake this stream as they wake claim_next
-        with self.scheduler.local_wakes(self.wake):
+        # in-process creates and ready announcements of its lanes wake this stream as they
+        # wake claim_next
+        with self.scheduler.local_wakes(self.wake, frozenset(self.req.lanes)):
             async with self._stack:
                 for lane in set(self.req.lanes):
                     part = PartitionKeys.of(solo_partition(lane, self.scheduler.partitions))

@@ -234,6 +234,12 @@ class PartitionKeys:
         return f"ff:exec_events:{self.tag}"
 
     @property
+    def ready(self) -> str:
+        """Where flow work became claimable, and dependency resolutions left over
+        (docs/lifecycle.md#work-off-the-lane-partition)."""
+        return f"ff:ready:{self.tag}"
+
+    @property
     def signal_events(self) -> str:
         return f"ff:signal_events:{self.tag}"
 

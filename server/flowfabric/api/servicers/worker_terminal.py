@@ -8,6 +8,7 @@ A retry after a lost reply is recognised by the function itself (docs/lifecycle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ from flowfabric.server.valkey.codec import cancel_source
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Claimer
 from flowfabric.server.valkey.functions.execution import DelayReplayed, FailReplayed, Replayed
+from flowfabric.server.valkey.ids import parse_execution_id, solo_partition
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
 
@@ -100,6 +102,16 @@ class TerminalMixin(WorkerParts):
         results = await asyncio.gather(*(one(item) for item in request.items))
         reply = pb.CompleteExecutionsResponse(results=results)
         if claim is not None:
+            # A flow member's completion released its dependents on its own partition, in
+            # the call that just returned; its announcement is still on its way, so look
+            # there first (docs/lifecycle.md#work-off-the-lane-partition).
+            for item in results:
+                if item.HasField("completed"):
+                    with contextlib.suppress(FlowFabricError):
+                        eid = parse_execution_id(item.execution_id, self.ctx.partitions)
+                        for lane in claim.lanes:
+                            if eid.partition != solo_partition(lane, self.ctx.partitions):
+                                self.scheduler.hints.note(lane, eid.partition)
             await self._claim_into(claim, reply)
         return reply
 

@@ -1,0 +1,121 @@
+"""Where flow work became claimable (docs/lifecycle.md#work-off-the-lane-partition).
+
+A flow's members live on the flow's partition, not on their lane's own partition, so neither
+the long poll's listener (the lanes' own partitions) nor the rotating probe window is sure to
+see a member the moment it is released. The functions say so instead: whenever a flow member
+becomes eligible (created eligible, released by its last upstream, promoted after a delay,
+replayed), the call publishes `{"type": "ready", "lane": ...}` on `ff:ready:{fp:N}`; when a
+terminal call leaves outgoing edges past its per-call bound, it publishes
+`{"type": "deps_pending", "execution_id": ...}` there too.
+
+Every server listens to the ready channel of every partition (one sharded subscription per
+partition on the hub's per-node connections). A ready event records a hint, (lane, partition),
+and wakes the long polls waiting on that lane; the claim pass tries hinted partitions right
+after the lane's own, and drops a hint once a claim there comes back short. Each hint carries a
+sequence number, so a claim that started before a newer release cannot drop the newer hint.
+Pub/sub is at-most-once: a lost event costs the probe window or the 1 s backstop, never work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from flowfabric.server.engine.events import EventHub
+from flowfabric.server.valkey.keys import PartitionKeys
+
+log = logging.getLogger("flowfabric.ready")
+
+#: Lanes whose hints are kept; the least recently hinted lane is forgotten past this.
+MAX_HINTED_LANES = 4096
+
+OnReady = Callable[[str | None], None]
+OnPending = Callable[[int, str], None]
+
+
+class ReadyHints:
+    """Hints of (lane, partition) with claimable flow work, fed by the ready channels."""
+
+    def __init__(self, hub: EventHub | None, partitions: int) -> None:
+        self.hub = hub
+        self.partitions = partitions
+        self._hints: OrderedDict[str, dict[int, int]] = OrderedDict()
+        self._seq = itertools.count(1)
+        self._on_ready: list[OnReady] = []
+        self._on_pending: list[OnPending] = []
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    def on_ready(self, callback: OnReady) -> None:
+        """`callback(lane)` after a hint for `lane`; `callback(None)` after a resync."""
+        self._on_ready.append(callback)
+
+    def on_pending(self, callback: OnPending) -> None:
+        """`callback(partition, execution_id)` when a terminal call left edges unresolved."""
+        self._on_pending.append(callback)
+
+    async def start(self) -> None:
+        """Listen to every partition's ready channel (subscribed in the background)."""
+        if self.hub is None or self._stack is not None:
+            return
+        stack = contextlib.AsyncExitStack()
+        for p in range(self.partitions):
+            await stack.enter_async_context(
+                self.hub.listen(PartitionKeys.of(p).ready, self._listener(p))
+            )
+        self._stack = stack
+
+    async def stop(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    def _listener(self, partition: int) -> Callable[[dict[str, Any]], None]:
+        def deliver(event: dict[str, Any]) -> None:
+            kind = event.get("type")
+            if kind == "ready" and isinstance(event.get("lane"), str):
+                self.add(event["lane"], partition)
+            elif kind == "deps_pending" and isinstance(event.get("execution_id"), str):
+                for callback in self._on_pending:
+                    callback(partition, event["execution_id"])
+            elif kind == "resync":
+                for ready in self._on_ready:
+                    ready(None)
+
+        return deliver
+
+    def add(self, lane: str, partition: int) -> None:
+        """Record that `lane` has claimable work on `partition`, and wake its waiters."""
+        self.note(lane, partition)
+        for ready in self._on_ready:
+            ready(lane)
+
+    def note(self, lane: str, partition: int) -> None:
+        """Record that `lane` may have claimable work on `partition` (no wake-up)."""
+        parts = self._hints.get(lane)
+        if parts is None:
+            parts = self._hints[lane] = {}
+            while len(self._hints) > MAX_HINTED_LANES:
+                self._hints.popitem(last=False)
+        else:
+            self._hints.move_to_end(lane)
+        parts[partition] = next(self._seq)
+
+    def of_lane(self, lane: str) -> list[tuple[int, int]]:
+        """The hinted (partition, sequence) pairs of `lane`, oldest hint first."""
+        parts = self._hints.get(lane)
+        if not parts:
+            return []
+        return sorted(parts.items(), key=lambda item: item[1])
+
+    def drained(self, lane: str, partition: int, seq: int) -> None:
+        """A claim on `partition` that started after hint `seq` came back short: drop the hint,
+        unless a newer one arrived meanwhile."""
+        parts = self._hints.get(lane)
+        if parts is not None and parts.get(partition) == seq:
+            del parts[partition]
+            if not parts:
+                del self._hints[lane]
