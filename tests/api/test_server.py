@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from flowfabric.server.app import BootError, FlowFabricServer
 from flowfabric.server.config import Config
 from flowfabric.server.valkey.keys import PARTITION_CONFIG
+from flowfabric.server.valkey.store import Store
 from flowfabric.v1 import admin_pb2, budget_pb2, budget_pb2_grpc, execution_pb2
 from tests.api.util import expect_error
 from tests.conftest import API_TOKEN, HMAC_SECRET, Api
@@ -176,6 +177,34 @@ async def test_boot_refuses_a_different_partition_count(api: Api) -> None:
     with pytest.raises(BootError, match="fixed at deployment"):
         await other.start()
     await other.stop()
+
+
+async def test_a_server_stopped_right_after_boot_leaves_no_subscriber_running(
+    valkey_url: str, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Boot subscribes every partition's ready channel; a stop that lands mid-subscribe must
+    # still end every reader (the client library can swallow that cancel).
+    await api_free_config(store)
+    server = FlowFabricServer(
+        Config(
+            valkey_url=valkey_url, listen_addr="127.0.0.1:0", flow_partitions=4,
+            boot_retry_s=1, waitpoint_hmac_secret=HMAC_SECRET, shutdown_grace_s=1,
+        ),
+        run_scanners=False,
+    )  # fmt: skip
+    await server.start()
+    assert server.hub is not None
+    readers = list(server.hub._readers.values())
+    assert readers, "boot subscribes the ready channels"
+    await server.stop()
+    assert all(reader.task.done() for reader in readers)
+    assert "did not stop" not in caplog.text
+    await api_free_config(store)
+
+
+async def api_free_config(store: Store) -> None:
+    """Forget the partition config, so a server with other counts may boot."""
+    await store.call("DEL", PARTITION_CONFIG)
 
 
 async def test_embedded_server_persists_across_restart(tmp_path: Path) -> None:

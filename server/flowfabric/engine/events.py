@@ -41,6 +41,7 @@ class _NodeReader:
         self.pending: set[str] = set()
         self.wake = asyncio.Event()
         self.changed = asyncio.Condition()
+        self.closed = False
         self.task = asyncio.create_task(self._run(), name="event-reader")
 
     def add(self, channel: str) -> None:
@@ -49,6 +50,10 @@ class _NodeReader:
             self.wake.set()
 
     async def close(self) -> None:
+        # The client library can swallow a cancel that lands in its own timeout handling
+        # (mid-subscribe, typically): the flag ends the loop at its next turn regardless.
+        self.closed = True
+        self.wake.set()
         await cancel_and_wait([self.task], grace=2.0)
         await self._close_pubsub()
         if self.owns_client:
@@ -61,7 +66,7 @@ class _NodeReader:
             self.pubsub = None
 
     async def _run(self) -> None:
-        while True:
+        while not self.closed:
             try:
                 await self._serve()
             except asyncio.CancelledError:
@@ -73,15 +78,19 @@ class _NodeReader:
                 self.subscribed.clear()
                 self.confirming.clear()
                 await asyncio.sleep(1.0)
+                if self.closed:
+                    return
                 for channel in self.pending:
                     self.hub.publish_local(channel, RESYNC | {"channel": channel})
 
     async def _serve(self) -> None:
-        while True:
+        while not self.closed:
             if self.pending:
                 if self.pubsub is None:
                     self.pubsub = self.client.pubsub()
                 for channel in sorted(self.pending):
+                    if self.closed:
+                        return
                     # one channel per SSUBSCRIBE: several must share a slot
                     await self.pubsub.ssubscribe(channel)
                     self.pending.discard(channel)
