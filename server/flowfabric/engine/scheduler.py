@@ -160,10 +160,17 @@ class Scheduler:
         if self._lane_calls % RECLAIM_EVERY == 0:
             out += await self._claim_due(parts[1:], who, req, want, budget)
         # The lane's solo partition first, alone and without a probe: when it fills the
-        # request (the common case for solo work) the window is never looked at.
-        out += await self._claim_partition(parts[0], who, req, want - len(out), budget)
-        if len(out) < want:
-            out += await self._claim_hinted(parts[0], who, req, want - len(out), budget)
+        # request (the common case for solo work) the window is never looked at. Where flow
+        # work was announced, every other call tries the announced partitions first instead,
+        # so a lane whose solo partition is empty does not pay a claim there on every pass,
+        # and solo work still gets every other pass.
+        if self._lane_calls % 2 and self.hints.of_lane(lane):
+            out += await self._claim_hinted(None, who, req, want - len(out), budget)
+            out += await self._claim_partition(parts[0], who, req, want - len(out), budget)
+        else:
+            out += await self._claim_partition(parts[0], who, req, want - len(out), budget)
+            if len(out) < want:
+                out += await self._claim_hinted(parts[0], who, req, want - len(out), budget)
         if len(out) < want:
             out += await self._claim_window(parts[1:], who, req, want - len(out), budget)
         if not out:  # nothing eligible anywhere: due leases on partitions without eligible work
@@ -184,10 +191,11 @@ class Scheduler:
         return out
 
     async def _claim_hinted(
-        self, solo: int, who: Claimer, req: ClaimRequest, want: int, budget: Budget
+        self, solo: int | None, who: Claimer, req: ClaimRequest, want: int, budget: Budget
     ) -> list[Claimed]:
         """Claim from the partitions where flow work of the lane was announced
-        (`engine/ready.py`), dropping each hint whose claim comes back short."""
+        (`engine/ready.py`), dropping each hint whose claim comes back short. `solo`: the
+        lane's own partition when it was just claimed from."""
         out: list[Claimed] = []
         for p, seq in self.hints.of_lane(who.lane_id):
             if len(out) >= want or budget.spent:
