@@ -21,9 +21,9 @@ leases in them are reclaimed (`engine/reclaim.py`), so a crashed worker's execut
 to another worker. ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
 then `ff_claim_execution` or `ff_claim_resumed_execution`).
 
-Between the solo partition and the window, the partitions where flow work of the lane was
-announced are claimed from (`engine/ready.py`: the functions publish where a flow member became
-eligible, and every server listens).
+Before the window, the partitions where flow work of the lane was announced are claimed from,
+after the solo partition or, every other pass, before it (`engine/ready.py`: the functions
+publish where a flow member became eligible, and every server listens).
 
 `claim_next` long-polls: it waits for a `waiting` watch event on the lanes' solo partitions, a
 ready announcement for one of its lanes, or an in-process wake from a create in this server,
