@@ -13,7 +13,7 @@ import grpc
 from flowfabric.server.engine.scanners import server_time_ms
 from flowfabric.server.valkey.functions import Functions
 from flowfabric.server.valkey.ids import parse_execution_id
-from flowfabric.server.valkey.keys import WORKERS_INDEX
+from flowfabric.server.valkey.keys import WORKERS_INDEX, ExecKeys
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as wpb
@@ -76,6 +76,13 @@ async def test_an_expired_lease_is_reclaimable_with_its_expiry(api: Api) -> None
     assert w.kind == K.KIND_RECLAIMABLE
     assert w.eta_at == task.lease.lease_expires_at
     assert "w-gone" in w.summary
+    # once the expiry is marked (the scanner's function) the answer is the same
+    parsed = parse_execution_id(eid, api.server.config.flow_partitions)
+    await Functions(api.store).lease.mark_lease_expired_if_due(parsed)
+    owner = await api.store.call("HGET", ExecKeys(parsed).core, "ownership_state")
+    assert owner == b"lease_expired_reclaimable"
+    marked = await why(api, eid)
+    assert marked.kind == K.KIND_RECLAIMABLE and marked.eta_at == task.lease.lease_expires_at
 
 
 async def test_dependencies_name_the_unresolved_upstreams(api: Api) -> None:
