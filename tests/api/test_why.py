@@ -7,6 +7,7 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import grpc
 
@@ -19,7 +20,16 @@ from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as wpb
 from tests.api import test_flows as flows
 from tests.api.suspend_util import suspended
-from tests.api.test_lifecycle import LANE, WORKER, claim_next, claim_one, complete, create
+from tests.api.test_lifecycle import (
+    LANE,
+    WORKER,
+    claim_next,
+    claim_one,
+    complete,
+    create,
+    fail,
+    retry_policy,
+)
 from tests.api.util import expect_error, keyspace_dump
 from tests.conftest import Api
 
@@ -52,6 +62,18 @@ async def test_delayed_eta_is_delay_until(api: Api) -> None:
     assert w.eta_at == due
     assert w.blocking_reason == t.BLOCKING_REASON_WAITING_FOR_DELAY
     assert str(due) in w.summary
+
+
+async def test_a_retry_backoff_is_a_delay_until_the_retry(api: Api) -> None:
+    backoff = t.Backoff(type="fixed", delay_ms=60_000)
+    eid = await create(api, policy=retry_policy(max_retries=2, backoff=backoff))
+    task = await claim_one(api)
+    reply = await fail(api, task.lease)
+    assert reply.WhichOneof("outcome") == "retry_scheduled", reply
+    w = await why(api, eid)
+    assert w.kind == K.KIND_DELAY
+    assert w.blocking_reason == t.BLOCKING_REASON_WAITING_FOR_RETRY_BACKOFF
+    assert w.eta_at == reply.retry_scheduled.delay_until and "retry backoff" in w.summary
 
 
 async def test_running_then_terminal(api: Api) -> None:
@@ -116,6 +138,19 @@ async def test_a_quorum_join_reports_its_k(api: Api) -> None:
     assert sorted(u.execution_id for u in d.upstreams) == sorted(ids[k] for k in "ABC")
 
 
+async def test_a_member_created_blocked_waits_for_its_release(api: Api) -> None:
+    fid = str(uuid.uuid4())
+    await flows.flows(api).CreateFlow(
+        flows.pb.CreateFlowRequest(flow_id=fid, flow_kind="dag", namespace="ns"),
+        metadata=api.metadata,
+    )
+    eid = await flows.create_member(api, fid, "A", blocked=True)
+    w = await why(api, eid)
+    assert w.kind == K.KIND_DEPENDENCIES
+    assert (w.dependencies.total, w.dependencies.unresolved) == (0, 0)
+    assert not w.dependencies.upstreams and "release" in w.summary
+
+
 async def test_capability_block_names_what_is_missing(api: Api) -> None:
     policy = t.ExecutionPolicy(
         routing_requirements=t.RoutingRequirements(required_capabilities=["gpu", "linux"])
@@ -178,6 +213,14 @@ async def test_suspension_without_timeout_has_no_eta(api: Api) -> None:
     w = await why(api, lease.execution_id)
     assert w.kind == K.KIND_SUSPENDED
     assert not w.HasField("eta_at") and not w.suspension.HasField("timeout_at")
+
+
+async def test_a_manual_pause_is_a_suspension_for_an_operator(api: Api) -> None:
+    lease, _ = await suspended(api, "go", reason_code="manual_pause")
+    w = await why(api, lease.execution_id)
+    assert w.kind == K.KIND_SUSPENDED
+    assert w.blocking_reason == t.BLOCKING_REASON_PAUSED_BY_OPERATOR
+    assert w.suspension.reason_code == "manual_pause" and "operator" in w.summary
 
 
 async def _blocked(api: Api, reason: str, detail: str, **create_fields: object) -> str:
