@@ -1,9 +1,10 @@
 """Why an execution is not running (docs/lifecycle.md#why-an-execution-is-not-running).
 
 A read: the kind comes from the state vector already in hand (the core DescribeExecution read),
-and the detail of a kind from at most two more pipelined reads of the keys the vector points at
-(deps:meta and the unresolved edges, the suspension record, the worker registry). Nothing is
-written: stale worker index entries are skipped here, not pruned.
+and the detail of a kind from a few pipelined reads of the keys the vector points at: the join
+and its unresolved edges, then their upstreams, then the upstreams' states (three round trips,
+the most any kind needs); the suspension record; the worker registry. Nothing is written: stale
+worker index entries are skipped here, not pruned.
 
 Budget and quota blocks are explained from what the block stored (`blocking_detail`) and the
 execution's attachments (`budget_ids`, `quota_policy_id`); their messages have room for the
