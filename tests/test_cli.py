@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +304,32 @@ def test_flow_tree_rendering() -> None:
         "execution_id": "d", "key": "report", "kind": "report", "state": "skipped",
         "upstreams": ["b", "c"],
     }  # fmt: skip
+
+
+async def test_why_prints_the_reason_and_eta(api: Api) -> None:
+    from flowfabric import Client
+
+    async with Client(api.address, token=API_TOKEN) as client:
+        due = await client.submit("job", b"x", lane="cli-why", delay_until=timedelta(days=2))
+        f = client.flow()
+        a = f.add("step", lane="cli-why")
+        b = f.add("step", lane="cli-why", after=[a])
+        flow = await f.submit()
+    shown = await _cli(api, "why", due.execution_id)
+    assert shown.returncode == 0, shown.stderr
+    rows = dict(line.split(None, 1) for line in shown.stdout.splitlines())
+    assert rows["why"] == "delay" and rows["state"] == "delayed"
+    eta, rest = rows["eta"].split(" ", 1)
+    assert eta.isdigit() and rest.startswith("(in ") and "day" in rest
+    deps = await _cli(api, "why", flow[b])
+    rows = dict(line.split(None, 1) for line in deps.stdout.splitlines())
+    assert rows["why"] == "dependencies" and rows["upstream"] == f"{flow[a]} waiting"
+    assert rows["join"] == "all needs 1: 0 of 1 satisfied, 0 impossible, 1 unresolved"
+    for args in (("why", "--json", flow[b]), ("--json", "why", flow[b])):
+        body = json.loads((await _cli(api, *args)).stdout)
+        assert body["kind"] == "KIND_DEPENDENCIES" and body["state"] == "waiting_children"
+        assert body["dependencies"]["upstreams"][0]["execution_id"] == flow[a]
+    missing = await _cli(api, "why", "{fp:0}:00000000-0000-4000-8000-000000000000")
+    assert missing.returncode == 3 and "execution_not_found" in missing.stderr
+    bad = await _cli(api, "why", "nope")
+    assert bad.returncode == 1 and "invalid_input" in bad.stderr

@@ -50,6 +50,16 @@ from flowfabric._signals import (
 )
 from flowfabric._sync import SyncClient
 from flowfabric._task import PendingWaitpoint, TaskContext
+from flowfabric._why import (
+    Why,
+    WhyBudget,
+    WhyCapability,
+    WhyDependencies,
+    WhyKind,
+    WhyQuota,
+    WhySuspension,
+    WhyUpstream,
+)
 from flowfabric._worker import Worker, WorkerStats
 
 __all__ = [
@@ -96,6 +106,14 @@ __all__ = [
     "WaitpointClosed",
     "WaitpointEvent",
     "WaitpointKids",
+    "Why",
+    "WhyBudget",
+    "WhyCapability",
+    "WhyDependencies",
+    "WhyKind",
+    "WhyQuota",
+    "WhySuspension",
+    "WhyUpstream",
     "Worker",
     "WorkerStats",
 ]

@@ -22,6 +22,7 @@ from flowfabric._models import (
 from flowfabric._retry import RetryPolicy
 from flowfabric._signals import Duration, duration_ms
 from flowfabric._transport import Connected
+from flowfabric._why import Why
 from flowfabric.v1 import execution_pb2, types_pb2
 
 #: While waiting, the state is re-read this often in case a watch event was lost.
@@ -99,6 +100,16 @@ class ExecutionsMixin(Connected):
             execution_pb2.DescribeExecutionRequest(execution_id=execution_id),
         )
         return reply.snapshot
+
+    async def why(self, execution_id: str) -> Why:
+        """Why the execution is not running (or that it is): what holds it, a sentence, an ETA
+        when one is known, and the detail of the kind (its unresolved upstreams, the missing
+        capabilities, its waitpoint, the budget or quota block)."""
+        reply: execution_pb2.DescribeExecutionResponse = await self._transport.unary(
+            self._transport.executions.DescribeExecution,
+            execution_pb2.DescribeExecutionRequest(execution_id=execution_id),
+        )
+        return Why.from_proto(reply)
 
     async def result(self, execution_id: str) -> bytes:
         """The result bytes of a completed execution, verbatim (b"" if it completed without one).

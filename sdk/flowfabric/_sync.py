@@ -161,6 +161,7 @@ class SyncClient:
     submit = blocking(Client.submit)
     get = blocking(Client.get)
     describe = blocking(Client.describe)
+    why = blocking(Client.why)
     state = blocking(Client.state)
     result = blocking(Client.result)
     cancel = blocking(Client.cancel)

@@ -3,6 +3,7 @@
     flowfabric serve [--flag value ...]       run the server (every FF_* setting is also a flag)
     flowfabric submit KIND [--payload ...]    create an execution
     flowfabric get | cancel | replay | watch EXECUTION_ID
+    flowfabric why EXECUTION_ID [--json]       why it is not running, with an ETA when known
     flowfabric list [--lane L] [--state S]
     flowfabric tail EXECUTION_ID [--attempt N] [-f] [--after CURSOR]   print an attempt's frames
     flowfabric signal EXECUTION_ID NAME [--payload JSON] [--waitpoint ID] [--token T]
@@ -40,6 +41,7 @@ from flowfabric._client import Client, ExecutionState
 from flowfabric._errors import FlowFabricError
 from flowfabric._signals import Signal, Waitpoint, choose_waitpoints
 from flowfabric._sync import SyncClient, blocking, blocking_iter
+from flowfabric._why import WhyBudget, WhyCapability, WhyDependencies, WhyQuota, WhySuspension
 from flowfabric.v1 import admin_pb2, execution_pb2, signal_pb2, stream_pb2
 from flowfabric.v1 import types_pb2 as t
 
@@ -250,6 +252,79 @@ def get(ctx: click.Context, execution_id: str) -> None:
         )
     rows += [(f"tag {k}", v) for k, v in sorted(snap.tags.items())]
     _print(snap, ctx.obj["json"], rows)
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--json", "local_json", is_flag=True, help="JSON output (as the global --json).")
+@click.pass_context
+def why(ctx: click.Context, execution_id: str, local_json: bool) -> None:
+    """Say why EXECUTION_ID is not running (or that it is), with an ETA when one is known."""
+    with _client(ctx) as client:
+        w = client.why(execution_id)
+    if ctx.obj["json"] or local_json:
+        body = json_format.MessageToDict(w.raw, preserving_proto_field_name=True)
+        head = {"execution_id": w.execution_id, "state": w.state.name.lower()}
+        click.echo(json.dumps({**head, **body}))
+        return
+    rows: list[tuple[str, Any]] = [
+        ("execution_id", w.execution_id),
+        ("state", w.state.name.lower()),
+        ("why", w.kind.value),
+        ("summary", w.summary),
+    ]
+    if w.eta_at is not None:
+        rows.append(("eta", _eta(w.eta_at)))
+    rows += _why_rows(w.detail)
+    if w.blocking_detail and not isinstance(w.detail, WhyBudget | WhyQuota):
+        rows.append(("detail", w.blocking_detail))
+    _print(None, False, rows)
+
+
+def _eta(at_ms: int) -> str:
+    """The ETA in ms with its distance from this machine's clock (approximate: the server's
+    clock is the one that decides)."""
+    import time
+
+    delta = round(at_ms / 1000 - time.time())
+    if delta >= 0:
+        return f"{at_ms} (in {timedelta(seconds=delta)})"
+    return f"{at_ms} ({timedelta(seconds=-delta)} ago)"
+
+
+def _why_rows(detail: Any) -> list[tuple[str, Any]]:
+    if isinstance(detail, WhyDependencies):
+        rows: list[tuple[str, Any]] = [
+            (
+                "join",
+                f"{detail.join} needs {detail.required}: {detail.satisfied} of {detail.total} "
+                f"satisfied, {detail.impossible} impossible, {detail.unresolved} unresolved",
+            )
+        ]
+        rows += [("upstream", f"{u.execution_id} {u.state.name.lower()}") for u in detail.upstreams]
+        if detail.unresolved > len(detail.upstreams):
+            rows.append(("upstreams", f"... {detail.unresolved - len(detail.upstreams)} more"))
+        return rows
+    if isinstance(detail, WhyCapability):
+        return [
+            ("requires", ",".join(detail.required) or "-"),
+            ("missing", ",".join(detail.missing) or "-"),
+            ("workers", f"{detail.live_workers} live, {detail.capable_workers} capable"),
+        ]
+    if isinstance(detail, WhySuspension):
+        timeout = "-"
+        if detail.timeout_at is not None:
+            timeout = f"{detail.timeout_at} ({detail.timeout_behavior or 'fail'})"
+        return [
+            ("waitpoint", detail.waitpoint_id),
+            ("reason", detail.reason_code),
+            ("timeout", timeout),
+        ]
+    if isinstance(detail, WhyBudget):
+        return [("budgets", ",".join(detail.budget_ids) or "-"), ("detail", detail.detail)]
+    if isinstance(detail, WhyQuota):
+        return [("quota", detail.quota_policy_id or "-"), ("detail", detail.detail)]
+    return []
 
 
 @main.command(name="list")

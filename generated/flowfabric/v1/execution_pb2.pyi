@@ -381,20 +381,400 @@ class DescribeExecutionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SNAPSHOT_FIELD_NUMBER: _builtins.int
+    WHY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def snapshot(self) -> _types_pb2.ExecutionSnapshot: ...
+    @_builtins.property
+    def why(self) -> Global___WhyNotRunning:
+        """Why the execution is not running, or that it is."""
+
     def __init__(
         self,
         *,
         snapshot: _types_pb2.ExecutionSnapshot | None = ...,
+        why: Global___WhyNotRunning | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot", "why", b"why"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot", "why", b"why"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeExecutionResponse: _TypeAlias = DescribeExecutionResponse  # noqa: Y015
+
+@_typing.final
+class WhyNotRunning(_message.Message):
+    """Why an execution is not running (docs/lifecycle.md#why-an-execution-is-not-running):
+    the kind, a sentence for people, an ETA when one is known and the detail of
+    the kind. Derived at read time from the execution's record and the keys it
+    names; nothing is written. New kinds and new detail fields may be added:
+    treat an unknown kind as "not running, see `summary`".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WhyNotRunning._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: WhyNotRunning._Kind.ValueType  # 0
+        KIND_RUNNING: WhyNotRunning._Kind.ValueType  # 1
+        """Leased to a worker and running."""
+        KIND_RECLAIMABLE: WhyNotRunning._Kind.ValueType  # 2
+        """Its lease expired or was revoked; the next claim of its lane reclaims
+        it. `eta_at` is when the lease ran out.
+        """
+        KIND_WAITING_FOR_WORKER: WhyNotRunning._Kind.ValueType  # 3
+        """Eligible now; no worker has claimed it yet."""
+        KIND_DELAY: WhyNotRunning._Kind.ValueType  # 4
+        """Not eligible before `eta_at` (a delay or a retry backoff; see
+        `blocking_reason`).
+        """
+        KIND_DEPENDENCIES: WhyNotRunning._Kind.ValueType  # 5
+        """A flow member waiting on its upstreams (`dependencies`)."""
+        KIND_CAPABILITY: WhyNotRunning._Kind.ValueType  # 6
+        """No live worker offers its required capabilities (`capability`)."""
+        KIND_SUSPENDED: WhyNotRunning._Kind.ValueType  # 7
+        """Suspended on a waitpoint (`suspension`); `eta_at` is its timeout."""
+        KIND_BUDGET: WhyNotRunning._Kind.ValueType  # 8
+        """Blocked by an exhausted budget (`budget`)."""
+        KIND_QUOTA_RATE: WhyNotRunning._Kind.ValueType  # 9
+        """Blocked by a quota's rate window (`quota`)."""
+        KIND_QUOTA_CONCURRENCY: WhyNotRunning._Kind.ValueType  # 10
+        """Blocked by a quota's concurrency cap (`quota`)."""
+        KIND_OPERATOR_PAUSE: WhyNotRunning._Kind.ValueType  # 11
+        """Paused by an operator."""
+        KIND_LANE_PAUSED: WhyNotRunning._Kind.ValueType  # 12
+        """Paused by its lane's state or a policy."""
+        KIND_TERMINAL: WhyNotRunning._Kind.ValueType  # 13
+        """Terminal: it will not run again unless replayed."""
+        KIND_OTHER: WhyNotRunning._Kind.ValueType  # 14
+        """A state combination this server does not explain; see the snapshot."""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """What holds the execution (or that nothing does)."""
+
+    KIND_UNSPECIFIED: WhyNotRunning.Kind.ValueType  # 0
+    KIND_RUNNING: WhyNotRunning.Kind.ValueType  # 1
+    """Leased to a worker and running."""
+    KIND_RECLAIMABLE: WhyNotRunning.Kind.ValueType  # 2
+    """Its lease expired or was revoked; the next claim of its lane reclaims
+    it. `eta_at` is when the lease ran out.
+    """
+    KIND_WAITING_FOR_WORKER: WhyNotRunning.Kind.ValueType  # 3
+    """Eligible now; no worker has claimed it yet."""
+    KIND_DELAY: WhyNotRunning.Kind.ValueType  # 4
+    """Not eligible before `eta_at` (a delay or a retry backoff; see
+    `blocking_reason`).
+    """
+    KIND_DEPENDENCIES: WhyNotRunning.Kind.ValueType  # 5
+    """A flow member waiting on its upstreams (`dependencies`)."""
+    KIND_CAPABILITY: WhyNotRunning.Kind.ValueType  # 6
+    """No live worker offers its required capabilities (`capability`)."""
+    KIND_SUSPENDED: WhyNotRunning.Kind.ValueType  # 7
+    """Suspended on a waitpoint (`suspension`); `eta_at` is its timeout."""
+    KIND_BUDGET: WhyNotRunning.Kind.ValueType  # 8
+    """Blocked by an exhausted budget (`budget`)."""
+    KIND_QUOTA_RATE: WhyNotRunning.Kind.ValueType  # 9
+    """Blocked by a quota's rate window (`quota`)."""
+    KIND_QUOTA_CONCURRENCY: WhyNotRunning.Kind.ValueType  # 10
+    """Blocked by a quota's concurrency cap (`quota`)."""
+    KIND_OPERATOR_PAUSE: WhyNotRunning.Kind.ValueType  # 11
+    """Paused by an operator."""
+    KIND_LANE_PAUSED: WhyNotRunning.Kind.ValueType  # 12
+    """Paused by its lane's state or a policy."""
+    KIND_TERMINAL: WhyNotRunning.Kind.ValueType  # 13
+    """Terminal: it will not run again unless replayed."""
+    KIND_OTHER: WhyNotRunning.Kind.ValueType  # 14
+    """A state combination this server does not explain; see the snapshot."""
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    ETA_AT_FIELD_NUMBER: _builtins.int
+    BLOCKING_REASON_FIELD_NUMBER: _builtins.int
+    BLOCKING_DETAIL_FIELD_NUMBER: _builtins.int
+    DEPENDENCIES_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    SUSPENSION_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
+    kind: Global___WhyNotRunning.Kind.ValueType
+    summary: _builtins.str
+    """One sentence for people; its wording may change, do not parse it."""
+    eta_at: _builtins.int
+    """When the execution is expected to become claimable (or, for
+    RECLAIMABLE, became so), in ms since the Unix epoch. Absent when not
+    known.
+    """
+    blocking_reason: _types_pb2.BlockingReason.ValueType
+    """The stored blocking reason and detail the kind was derived from."""
+    blocking_detail: _builtins.str
+    @_builtins.property
+    def dependencies(self) -> Global___DependencyWait: ...
+    @_builtins.property
+    def capability(self) -> Global___CapabilityWait: ...
+    @_builtins.property
+    def suspension(self) -> Global___SuspensionWait: ...
+    @_builtins.property
+    def budget(self) -> Global___BudgetWait: ...
+    @_builtins.property
+    def quota(self) -> Global___QuotaWait: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___WhyNotRunning.Kind.ValueType = ...,
+        summary: _builtins.str = ...,
+        eta_at: _builtins.int | None = ...,
+        blocking_reason: _types_pb2.BlockingReason.ValueType = ...,
+        blocking_detail: _builtins.str | None = ...,
+        dependencies: Global___DependencyWait | None = ...,
+        capability: Global___CapabilityWait | None = ...,
+        suspension: Global___SuspensionWait | None = ...,
+        budget: Global___BudgetWait | None = ...,
+        quota: Global___QuotaWait | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_eta_at", b"_eta_at", "blocking_detail", b"blocking_detail", "budget", b"budget", "capability", b"capability", "dependencies", b"dependencies", "detail", b"detail", "eta_at", b"eta_at", "quota", b"quota", "suspension", b"suspension"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_eta_at", b"_eta_at", "blocking_detail", b"blocking_detail", "blocking_reason", b"blocking_reason", "budget", b"budget", "capability", b"capability", "dependencies", b"dependencies", "detail", b"detail", "eta_at", b"eta_at", "kind", b"kind", "quota", b"quota", "summary", b"summary", "suspension", b"suspension"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__blocking_detail: _TypeAlias = _typing.Literal["blocking_detail"]  # noqa: Y015
+    _WhichOneofArgType__blocking_detail: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail"]  # noqa: Y015
+    _WhichOneofReturnType__eta_at: _TypeAlias = _typing.Literal["eta_at"]  # noqa: Y015
+    _WhichOneofArgType__eta_at: _TypeAlias = _typing.Literal["_eta_at", b"_eta_at"]  # noqa: Y015
+    _WhichOneofReturnType_detail: _TypeAlias = _typing.Literal["dependencies", "capability", "suspension", "budget", "quota"]  # noqa: Y015
+    _WhichOneofArgType_detail: _TypeAlias = _typing.Literal["detail", b"detail"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__blocking_detail) -> _WhichOneofReturnType__blocking_detail | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eta_at) -> _WhichOneofReturnType__eta_at | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_detail) -> _WhichOneofReturnType_detail | None: ...
+
+Global___WhyNotRunning: _TypeAlias = WhyNotRunning  # noqa: Y015
+
+@_typing.final
+class DependencyWait(_message.Message):
+    """A flow member waiting on its inbound edges (docs/flows.md#joins-and-edge-kinds)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOIN_KIND_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    SATISFIED_FIELD_NUMBER: _builtins.int
+    IMPOSSIBLE_FIELD_NUMBER: _builtins.int
+    UNRESOLVED_FIELD_NUMBER: _builtins.int
+    UPSTREAMS_FIELD_NUMBER: _builtins.int
+    join_kind: _builtins.str
+    """`all`, `any` or `quorum`."""
+    required: _builtins.int
+    """Satisfied edges the join needs (all: every edge, any: 1, quorum: k)."""
+    total: _builtins.int
+    """Edges applied so far."""
+    satisfied: _builtins.int
+    impossible: _builtins.int
+    unresolved: _builtins.int
+    """Edges not yet resolved; `upstreams` lists the first of them."""
+    @_builtins.property
+    def upstreams(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnresolvedUpstream]:
+        """The upstreams of the first unresolved edges by edge id (at most 20)."""
+
+    def __init__(
+        self,
+        *,
+        join_kind: _builtins.str = ...,
+        required: _builtins.int = ...,
+        total: _builtins.int = ...,
+        satisfied: _builtins.int = ...,
+        impossible: _builtins.int = ...,
+        unresolved: _builtins.int = ...,
+        upstreams: _abc.Iterable[Global___UnresolvedUpstream] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["impossible", b"impossible", "join_kind", b"join_kind", "required", b"required", "satisfied", b"satisfied", "total", b"total", "unresolved", b"unresolved", "upstreams", b"upstreams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DependencyWait: _TypeAlias = DependencyWait  # noqa: Y015
+
+@_typing.final
+class UnresolvedUpstream(_message.Message):
+    """One unresolved inbound edge and the state of its upstream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EDGE_ID_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_STATE_FIELD_NUMBER: _builtins.int
+    edge_id: _builtins.str
+    execution_id: _builtins.str
+    public_state: _types_pb2.PublicState.ValueType
+    """UNSPECIFIED when the upstream record is missing."""
+    def __init__(
+        self,
+        *,
+        edge_id: _builtins.str = ...,
+        execution_id: _builtins.str = ...,
+        public_state: _types_pb2.PublicState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge_id", b"edge_id", "execution_id", b"execution_id", "public_state", b"public_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnresolvedUpstream: _TypeAlias = UnresolvedUpstream  # noqa: Y015
+
+@_typing.final
+class CapabilityWait(_message.Message):
+    """An execution whose required capabilities no live worker covers
+    (docs/lifecycle.md#capability-routing).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    LIVE_WORKERS_FIELD_NUMBER: _builtins.int
+    CAPABLE_WORKERS_FIELD_NUMBER: _builtins.int
+    LAST_MISMATCH_AT_FIELD_NUMBER: _builtins.int
+    live_workers: _builtins.int
+    """Live registered workers read (at most 256)."""
+    capable_workers: _builtins.int
+    """Of those, how many cover every required token; when non-zero the
+    unblock scanner returns the execution to eligible on its next pass.
+    """
+    last_mismatch_at: _builtins.int
+    """When a claim last found a worker lacking them (ms since the epoch)."""
+    @_builtins.property
+    def required(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the execution requires."""
+
+    @_builtins.property
+    def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required tokens that no live worker offers."""
+
+    def __init__(
+        self,
+        *,
+        required: _abc.Iterable[_builtins.str] | None = ...,
+        missing: _abc.Iterable[_builtins.str] | None = ...,
+        live_workers: _builtins.int = ...,
+        capable_workers: _builtins.int = ...,
+        last_mismatch_at: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_last_mismatch_at", b"_last_mismatch_at", "last_mismatch_at", b"last_mismatch_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_mismatch_at", b"_last_mismatch_at", "capable_workers", b"capable_workers", "last_mismatch_at", b"last_mismatch_at", "live_workers", b"live_workers", "missing", b"missing", "required", b"required"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__last_mismatch_at: _TypeAlias = _typing.Literal["last_mismatch_at"]  # noqa: Y015
+    _WhichOneofArgType__last_mismatch_at: _TypeAlias = _typing.Literal["_last_mismatch_at", b"_last_mismatch_at"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__last_mismatch_at) -> _WhichOneofReturnType__last_mismatch_at | None: ...
+
+Global___CapabilityWait: _TypeAlias = CapabilityWait  # noqa: Y015
+
+@_typing.final
+class SuspensionWait(_message.Message):
+    """A suspended execution (docs/suspension.md#suspend)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUSPENSION_ID_FIELD_NUMBER: _builtins.int
+    WAITPOINT_ID_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_AT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_BEHAVIOR_FIELD_NUMBER: _builtins.int
+    SUSPENDED_AT_FIELD_NUMBER: _builtins.int
+    suspension_id: _builtins.str
+    waitpoint_id: _builtins.str
+    reason_code: _builtins.str
+    """The suspension's reason code (`waiting_for_signal`, ...)."""
+    timeout_at: _builtins.int
+    """Absent when the suspension has no timeout."""
+    timeout_behavior: _builtins.str
+    """What the timeout does: fail, cancel, expire, auto_resume, escalate."""
+    suspended_at: _builtins.int
+    def __init__(
+        self,
+        *,
+        suspension_id: _builtins.str = ...,
+        waitpoint_id: _builtins.str = ...,
+        reason_code: _builtins.str = ...,
+        timeout_at: _builtins.int | None = ...,
+        timeout_behavior: _builtins.str = ...,
+        suspended_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_timeout_at", b"_timeout_at", "timeout_at", b"timeout_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout_at", b"_timeout_at", "reason_code", b"reason_code", "suspended_at", b"suspended_at", "suspension_id", b"suspension_id", "timeout_at", b"timeout_at", "timeout_behavior", b"timeout_behavior", "waitpoint_id", b"waitpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__timeout_at: _TypeAlias = _typing.Literal["timeout_at"]  # noqa: Y015
+    _WhichOneofArgType__timeout_at: _TypeAlias = _typing.Literal["_timeout_at", b"_timeout_at"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_at) -> _WhichOneofReturnType__timeout_at | None: ...
+
+Global___SuspensionWait: _TypeAlias = SuspensionWait  # noqa: Y015
+
+@_typing.final
+class BudgetWait(_message.Message):
+    """A budget block. Today the stored detail text only; structured fields
+    (dimension, usage, limit) are for a later version.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_IDS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    detail: _builtins.str
+    """The block's detail as written, e.g. `budget <id>: <dim> <usage>/<limit>`."""
+    @_builtins.property
+    def budget_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The budgets the execution is attached to."""
+
+    def __init__(
+        self,
+        *,
+        budget_ids: _abc.Iterable[_builtins.str] | None = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ids", b"budget_ids", "detail", b"detail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetWait: _TypeAlias = BudgetWait  # noqa: Y015
+
+@_typing.final
+class QuotaWait(_message.Message):
+    """A quota block. Today the stored detail text only; structured fields
+    (retry-at, holders) are for a later version. A `retry_at <ms>` in the
+    detail becomes the ETA.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_POLICY_ID_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    quota_policy_id: _builtins.str
+    """The quota policy the execution is attached to."""
+    detail: _builtins.str
+    """The block's detail as written, e.g. `quota <id>: concurrency cap <c>`."""
+    def __init__(
+        self,
+        *,
+        quota_policy_id: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "quota_policy_id", b"quota_policy_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuotaWait: _TypeAlias = QuotaWait  # noqa: Y015
 
 @_typing.final
 class ListExecutionsRequest(_message.Message):

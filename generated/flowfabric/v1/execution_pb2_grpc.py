@@ -151,7 +151,8 @@ class ExecutionServiceServicer:
 
     def DescribeExecution(self, request, context):
         """Returns a snapshot: current attempt, current lease, current waitpoint,
-        tags, totals and `last_mutation_at`.
+        tags, totals and `last_mutation_at`, with `why`: why the execution is
+        not running (or that it is), derived from the same read.
         Errors: NOT_FOUND `execution_not_found`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

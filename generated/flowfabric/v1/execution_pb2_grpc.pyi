@@ -61,7 +61,8 @@ class ExecutionServiceStub:
     """
     DescribeExecution: _grpc.UnaryUnaryMultiCallable[_execution_pb2.DescribeExecutionRequest, _execution_pb2.DescribeExecutionResponse]
     """Returns a snapshot: current attempt, current lease, current waitpoint,
-    tags, totals and `last_mutation_at`.
+    tags, totals and `last_mutation_at`, with `why`: why the execution is
+    not running (or that it is), derived from the same read.
     Errors: NOT_FOUND `execution_not_found`.
     """
     ListExecutions: _grpc.UnaryUnaryMultiCallable[_execution_pb2.ListExecutionsRequest, _execution_pb2.ListExecutionsResponse]
@@ -155,7 +156,8 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
     """
     DescribeExecution: _aio.UnaryUnaryMultiCallable[_execution_pb2.DescribeExecutionRequest, _execution_pb2.DescribeExecutionResponse]  # type: ignore[assignment]
     """Returns a snapshot: current attempt, current lease, current waitpoint,
-    tags, totals and `last_mutation_at`.
+    tags, totals and `last_mutation_at`, with `why`: why the execution is
+    not running (or that it is), derived from the same read.
     Errors: NOT_FOUND `execution_not_found`.
     """
     ListExecutions: _aio.UnaryUnaryMultiCallable[_execution_pb2.ListExecutionsRequest, _execution_pb2.ListExecutionsResponse]  # type: ignore[assignment]
@@ -270,7 +272,8 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_execution_pb2.DescribeExecutionResponse, _abc.Awaitable[_execution_pb2.DescribeExecutionResponse]]:
         """Returns a snapshot: current attempt, current lease, current waitpoint,
-        tags, totals and `last_mutation_at`.
+        tags, totals and `last_mutation_at`, with `why`: why the execution is
+        not running (or that it is), derived from the same read.
         Errors: NOT_FOUND `execution_not_found`.
         """
 

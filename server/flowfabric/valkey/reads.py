@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
+from flowfabric.server.valkey import why
 from flowfabric.server.valkey.codec import enum_value, hash_to_dict, int64, opt_int, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
+from flowfabric.v1 import execution_pb2 as epb
 from flowfabric.v1 import types_pb2 as t
 
 LIST_STATES = ("eligible", "delayed", "terminal", "suspended", "active")
@@ -77,7 +79,11 @@ async def get_public_state(store: Store, eid: ExecutionId) -> int:
     return enum_value(t.PublicState, text(raw))
 
 
-async def describe_execution(store: Store, eid: ExecutionId) -> t.ExecutionSnapshot:
+async def describe_execution(
+    store: Store, eid: ExecutionId
+) -> tuple[t.ExecutionSnapshot, epb.WhyNotRunning]:
+    """The snapshot and why the execution is not running
+    (docs/lifecycle.md#why-an-execution-is-not-running), both from one core read."""
     k = ExecKeys(eid)
     pipe = store.pipeline()
     pipe.hgetall(k.core)
@@ -118,7 +124,7 @@ async def describe_execution(store: Store, eid: ExecutionId) -> t.ExecutionSnaps
                 expires_at=_int(f, "lease_expires_at"),
             )
         )
-    return snap
+    return snap, await why.explain(store, eid, f)
 
 
 async def get_result(store: Store, eid: ExecutionId) -> tuple[bytes, str]:

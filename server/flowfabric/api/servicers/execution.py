@@ -222,8 +222,8 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         self, request: pb.DescribeExecutionRequest, context: Any
     ) -> pb.DescribeExecutionResponse:
         eid = self.ctx.execution_id(request.execution_id)
-        snapshot = await reads.describe_execution(self.ctx.store, eid)
-        return pb.DescribeExecutionResponse(snapshot=snapshot)
+        snapshot, why = await reads.describe_execution(self.ctx.store, eid)
+        return pb.DescribeExecutionResponse(snapshot=snapshot, why=why)
 
     async def GetExecutionResult(
         self, request: pb.GetExecutionResultRequest, context: Any
