@@ -112,7 +112,10 @@ async def test_create_again_heals_a_lost_policy_index_entry(store: Store) -> Non
 @pytest.mark.parametrize(
     ("dims", "hard", "soft", "n", "detail"),
     [
-        ([f"d{i}" for i in range(65)], [1] * 65, [0] * 65, None, "too_many_dimensions: limit=64, got=65"),
+        (
+            [f"d{i}" for i in range(65)], [1] * 65, [0] * 65, None,
+            "too_many_dimensions: limit=64, got=65",
+        ),
         (["a", "b"], [1], [0, 0], 2, "dimension_limit_array_mismatch"),
         (["a"], [1], [0], "x", "dim_count must be a number, got: x"),
         (["a", "a"], [1, 1], [0, 0], None, "duplicate_dimension: a"),

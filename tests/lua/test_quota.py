@@ -21,7 +21,11 @@ def new_policy(partition: int = 5) -> QuotaKeys:
 
 
 async def create(
-    store: Store, k: QuotaKeys, window: object = 60, rate: object = 10, cap: object = 2,
+    store: Store,
+    k: QuotaKeys,
+    window: object = 60,
+    rate: object = 10,
+    cap: object = 2,
     jitter: object = "",
 ) -> list:
     values = {
@@ -32,8 +36,13 @@ async def create(
 
 
 async def admit(
-    store: Store, k: QuotaKeys, eid: str, window: object = 60, rate: object = 0,
-    cap: object = 0, jitter: object = "",
+    store: Store,
+    k: QuotaKeys,
+    eid: str,
+    window: object = 60,
+    rate: object = 0,
+    cap: object = 0,
+    jitter: object = "",
 ) -> list[str]:
     values = {
         "now": "", "window_seconds": window, "rate_limit": rate, "concurrency_cap": cap,

@@ -126,9 +126,7 @@ BUDGET_AMOUNT = _b(
     "BUDGET_AMOUNT", 0, (1 << 53) - 1, "",
     "each of CreateBudget `hard_limits` / `soft_limits`, ReportUsage `deltas`",
 )  # fmt: skip
-QUOTA_WINDOW_S = _b(
-    "QUOTA_WINDOW_S", 0, 365 * 24 * 3600, "s", "CreateQuotaPolicy `window_seconds`"
-)
+QUOTA_WINDOW_S = _b("QUOTA_WINDOW_S", 0, 365 * 24 * 3600, "s", "CreateQuotaPolicy `window_seconds`")
 QUOTA_LIMIT = _b(
     "QUOTA_LIMIT", 0, 1_000_000, "",
     "CreateQuotaPolicy `max_requests_per_window`, `max_concurrent`",
