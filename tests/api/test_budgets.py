@@ -117,9 +117,7 @@ async def test_multi_dimension_breach_applies_none_and_dedup_applies_once(api: A
 
 async def test_create_again_is_already_satisfied(api: Api) -> None:
     bid = await create_budget(api)
-    req = pb.CreateBudgetRequest(
-        budget_id=bid, dimensions=["x"], hard_limits=[1], soft_limits=[0]
-    )
+    req = pb.CreateBudgetRequest(budget_id=bid, dimensions=["x"], hard_limits=[1], soft_limits=[0])
     resp = await budgets(api).CreateBudget(req, metadata=api.metadata)
     assert resp.WhichOneof("outcome") == "already_satisfied"
     assert dict((await status(api, bid)).hard_limits) == {"total_tokens": 100}
