@@ -74,9 +74,9 @@ end
 
 -- ff_create_budget
 --   KEYS (5): 1 definition, 2 limits, 3 usage, 4 budget_resets, 5 budget_policies.
---   ARGV (9 + 3N): 1 budget_id, 2 scope_type, 3 scope_id, 4 enforcement_mode, 5 on_hard_limit
---     ("" = fail), 6 on_soft_limit ("" = warn), 7 reset_interval_ms (0 = never), 8 now
---     ("" = TIME), 9 N, then N dimension names, N hard limits, N soft limits.
+--   ARGV (9 + 3N): 1 budget_id, 2 scope_type, 3 scope_id, 4 enforcement_mode ("" = strict),
+--     5 on_hard_limit ("" = fail), 6 on_soft_limit ("" = warn), 7 reset_interval_ms (0 =
+--     never), 8 now ("" = TIME), 9 N, then N dimension names, N hard limits, N soft limits.
 --   Now: ARGV 8, else TIME.
 --   Replies: {1,"OK","created"}; {1,"ALREADY_SATISFIED","exists"} (nothing but the index
 --     heal below changes; differing arguments are ignored).
