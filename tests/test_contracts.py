@@ -692,6 +692,9 @@ SERVICES: dict[str, dict[str, str]] = {
         "ResetBudget": "",
         "CreateQuotaPolicy": "",
         "GetQuotaPolicy": "",
+        # issue 14: paged listings of both stored object kinds
+        "ListBudgets": "",
+        "ListQuotaPolicies": "",
     },
     "AdminService": {
         "RotateWaitpointSecret": "",

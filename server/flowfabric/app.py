@@ -23,8 +23,16 @@ from grpc_reflection.v1alpha import reflection
 
 from flowfabric.server.api import limits
 from flowfabric.server.api.interceptors import FlowFabricInterceptor
-from flowfabric.server.api.servicers import admin, execution, flow, signal, stream, worker
-from flowfabric.server.api.servicers.base import ServerContext, pending
+from flowfabric.server.api.servicers import (
+    admin,
+    budget,
+    execution,
+    flow,
+    signal,
+    stream,
+    worker,
+)
+from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.api.streams import StreamSlots
 from flowfabric.server.api.watches import SignalWatches
 from flowfabric.server.config import Config, ConfigError
@@ -35,6 +43,7 @@ from flowfabric.server.embedded import (
     unlock_data_dir,
 )
 from flowfabric.server.engine.aio import cancel_and_wait
+from flowfabric.server.engine.budgets import budget_jobs
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.flows import (
     FlowCanceller,
@@ -81,12 +90,6 @@ DURABILITY_HEALTH = "flowfabric.durability"
 
 class BootError(RuntimeError):
     """Boot cannot continue (exit code 1)."""
-
-
-def _pending_servicer(module: object, grpc_module: object, service: str, by: str) -> object:
-    base = getattr(grpc_module, f"{service}Servicer")
-    descriptor = module.DESCRIPTOR.services_by_name[service]  # type: ignore[attr-defined]
-    return pending(descriptor, by)(type(f"{service}Servicer", (base,), {}))()
 
 
 class FlowFabricServer:
@@ -172,6 +175,7 @@ class FlowFabricServer:
         self.canceller = FlowCanceller(self.store, fn)
         for scanner in flow_scanners(cfg, fn, self.canceller, self.scheduler.wake_local):
             self.scanners.add(scanner)
+        self.scanners.cycles += budget_jobs(cfg, self.store, fn)
         self.scanners.cycles.append(
             FlowProjector(
                 self.store, fn, cfg.flow_partitions, cfg.interval_ms("FF_FLOW_PROJECTOR_INTERVAL_S")
@@ -326,12 +330,7 @@ class FlowFabricServer:
         flow_pb2_grpc.add_FlowServiceServicer_to_server(
             flow.FlowServicer(ctx, self.hub, self.canceller, self.scheduler.wake_local), server
         )
-        later = [
-            (budget_pb2, budget_pb2_grpc, "BudgetService", "the budgets and quotas work"),
-        ]
-        for module, grpc_module, service, by in later:
-            add = getattr(grpc_module, f"add_{service}Servicer_to_server")
-            add(_pending_servicer(module, grpc_module, service, by), server)
+        budget_pb2_grpc.add_BudgetServiceServicer_to_server(budget.BudgetServicer(ctx), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             m.DESCRIPTOR.services_by_name[s].full_name

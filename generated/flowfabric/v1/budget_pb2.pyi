@@ -416,6 +416,7 @@ class CreateQuotaPolicyRequest(_message.Message):
     MAX_REQUESTS_PER_WINDOW_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
     NOW_FIELD_NUMBER: _builtins.int
+    JITTER_MS_FIELD_NUMBER: _builtins.int
     quota_policy_id: _builtins.str
     """Quota policy UUID (chosen by the caller)."""
     window_seconds: _builtins.int
@@ -426,6 +427,10 @@ class CreateQuotaPolicyRequest(_message.Message):
     """Executions admitted concurrently; 0 = no cap."""
     now: _builtins.int
     """Optional, ignored: the server uses Valkey server time."""
+    jitter_ms: _builtins.int
+    """Random extra delay (0..jitter_ms) added to a rate-limited retry hint, so
+    callers denied together do not retry together. Default 0.
+    """
     def __init__(
         self,
         *,
@@ -434,12 +439,15 @@ class CreateQuotaPolicyRequest(_message.Message):
         max_requests_per_window: _builtins.int = ...,
         max_concurrent: _builtins.int = ...,
         now: _builtins.int = ...,
+        jitter_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_jitter_ms", b"_jitter_ms", "jitter_ms", b"jitter_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrent", b"max_concurrent", "max_requests_per_window", b"max_requests_per_window", "now", b"now", "quota_policy_id", b"quota_policy_id", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_jitter_ms", b"_jitter_ms", "jitter_ms", b"jitter_ms", "max_concurrent", b"max_concurrent", "max_requests_per_window", b"max_requests_per_window", "now", b"now", "quota_policy_id", b"quota_policy_id", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__jitter_ms: _TypeAlias = _typing.Literal["jitter_ms"]  # noqa: Y015
+    _WhichOneofArgType__jitter_ms: _TypeAlias = _typing.Literal["_jitter_ms", b"_jitter_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__jitter_ms) -> _WhichOneofReturnType__jitter_ms | None: ...
 
 Global___CreateQuotaPolicyRequest: _TypeAlias = CreateQuotaPolicyRequest  # noqa: Y015
 
@@ -541,3 +549,99 @@ class GetQuotaPolicyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetQuotaPolicyResponse: _TypeAlias = GetQuotaPolicyResponse  # noqa: Y015
+
+@_typing.final
+class ListBudgetsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """1..1000; 0 = 100."""
+    page_token: _builtins.str
+    """From a previous response; empty = the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBudgetsRequest: _TypeAlias = ListBudgetsRequest  # noqa: Y015
+
+@_typing.final
+class ListBudgetsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.BudgetStatus]: ...
+    def __init__(
+        self,
+        *,
+        budgets: _abc.Iterable[_types_pb2.BudgetStatus] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBudgetsResponse: _TypeAlias = ListBudgetsResponse  # noqa: Y015
+
+@_typing.final
+class ListQuotaPoliciesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """1..1000; 0 = 100."""
+    page_token: _builtins.str
+    """From a previous response; empty = the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQuotaPoliciesRequest: _TypeAlias = ListQuotaPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class ListQuotaPoliciesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_POLICIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def quota_policies(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.QuotaPolicy]: ...
+    def __init__(
+        self,
+        *,
+        quota_policies: _abc.Iterable[_types_pb2.QuotaPolicy] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "quota_policies", b"quota_policies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQuotaPoliciesResponse: _TypeAlias = ListQuotaPoliciesResponse  # noqa: Y015

@@ -71,6 +71,16 @@ class BudgetServiceStub:
                 request_serializer=flowfabric_dot_v1_dot_budget__pb2.GetQuotaPolicyRequest.SerializeToString,
                 response_deserializer=flowfabric_dot_v1_dot_budget__pb2.GetQuotaPolicyResponse.FromString,
                 _registered_method=True)
+        self.ListBudgets = channel.unary_unary(
+                '/flowfabric.v1.BudgetService/ListBudgets',
+                request_serializer=flowfabric_dot_v1_dot_budget__pb2.ListBudgetsRequest.SerializeToString,
+                response_deserializer=flowfabric_dot_v1_dot_budget__pb2.ListBudgetsResponse.FromString,
+                _registered_method=True)
+        self.ListQuotaPolicies = channel.unary_unary(
+                '/flowfabric.v1.BudgetService/ListQuotaPolicies',
+                request_serializer=flowfabric_dot_v1_dot_budget__pb2.ListQuotaPoliciesRequest.SerializeToString,
+                response_deserializer=flowfabric_dot_v1_dot_budget__pb2.ListQuotaPoliciesResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetServiceServicer:
@@ -135,8 +145,28 @@ class BudgetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetQuotaPolicy(self, request, context):
-        """Returns a quota policy and its current concurrency.
+        """Returns a quota policy with its current concurrency and the admissions
+        in its current window.
         Errors: NOT_FOUND `quota_policy_not_found`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBudgets(self, request, context):
+        """Lists budgets, partition by partition in id order within a partition.
+        Errors: INVALID_ARGUMENT `invalid_input` (`page_size` over 1000, a
+        malformed `page_token`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQuotaPolicies(self, request, context):
+        """Lists quota policies, partition by partition in id order within a
+        partition.
+        Errors: INVALID_ARGUMENT `invalid_input` (`page_size` over 1000, a
+        malformed `page_token`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,6 +204,16 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.GetQuotaPolicy,
                     request_deserializer=flowfabric_dot_v1_dot_budget__pb2.GetQuotaPolicyRequest.FromString,
                     response_serializer=flowfabric_dot_v1_dot_budget__pb2.GetQuotaPolicyResponse.SerializeToString,
+            ),
+            'ListBudgets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBudgets,
+                    request_deserializer=flowfabric_dot_v1_dot_budget__pb2.ListBudgetsRequest.FromString,
+                    response_serializer=flowfabric_dot_v1_dot_budget__pb2.ListBudgetsResponse.SerializeToString,
+            ),
+            'ListQuotaPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQuotaPolicies,
+                    request_deserializer=flowfabric_dot_v1_dot_budget__pb2.ListQuotaPoliciesRequest.FromString,
+                    response_serializer=flowfabric_dot_v1_dot_budget__pb2.ListQuotaPoliciesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +385,60 @@ class BudgetService:
             '/flowfabric.v1.BudgetService/GetQuotaPolicy',
             flowfabric_dot_v1_dot_budget__pb2.GetQuotaPolicyRequest.SerializeToString,
             flowfabric_dot_v1_dot_budget__pb2.GetQuotaPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowfabric.v1.BudgetService/ListBudgets',
+            flowfabric_dot_v1_dot_budget__pb2.ListBudgetsRequest.SerializeToString,
+            flowfabric_dot_v1_dot_budget__pb2.ListBudgetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQuotaPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowfabric.v1.BudgetService/ListQuotaPolicies',
+            flowfabric_dot_v1_dot_budget__pb2.ListQuotaPoliciesRequest.SerializeToString,
+            flowfabric_dot_v1_dot_budget__pb2.ListQuotaPoliciesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,8 +72,20 @@ class BudgetServiceStub:
     limit).
     """
     GetQuotaPolicy: _grpc.UnaryUnaryMultiCallable[_budget_pb2.GetQuotaPolicyRequest, _budget_pb2.GetQuotaPolicyResponse]
-    """Returns a quota policy and its current concurrency.
+    """Returns a quota policy with its current concurrency and the admissions
+    in its current window.
     Errors: NOT_FOUND `quota_policy_not_found`.
+    """
+    ListBudgets: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ListBudgetsRequest, _budget_pb2.ListBudgetsResponse]
+    """Lists budgets, partition by partition in id order within a partition.
+    Errors: INVALID_ARGUMENT `invalid_input` (`page_size` over 1000, a
+    malformed `page_token`).
+    """
+    ListQuotaPolicies: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ListQuotaPoliciesRequest, _budget_pb2.ListQuotaPoliciesResponse]
+    """Lists quota policies, partition by partition in id order within a
+    partition.
+    Errors: INVALID_ARGUMENT `invalid_input` (`page_size` over 1000, a
+    malformed `page_token`).
     """
 
 @_typing.type_check_only
@@ -120,8 +132,20 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     limit).
     """
     GetQuotaPolicy: _aio.UnaryUnaryMultiCallable[_budget_pb2.GetQuotaPolicyRequest, _budget_pb2.GetQuotaPolicyResponse]  # type: ignore[assignment]
-    """Returns a quota policy and its current concurrency.
+    """Returns a quota policy with its current concurrency and the admissions
+    in its current window.
     Errors: NOT_FOUND `quota_policy_not_found`.
+    """
+    ListBudgets: _aio.UnaryUnaryMultiCallable[_budget_pb2.ListBudgetsRequest, _budget_pb2.ListBudgetsResponse]  # type: ignore[assignment]
+    """Lists budgets, partition by partition in id order within a partition.
+    Errors: INVALID_ARGUMENT `invalid_input` (`page_size` over 1000, a
+    malformed `page_token`).
+    """
+    ListQuotaPolicies: _aio.UnaryUnaryMultiCallable[_budget_pb2.ListQuotaPoliciesRequest, _budget_pb2.ListQuotaPoliciesResponse]  # type: ignore[assignment]
+    """Lists quota policies, partition by partition in id order within a
+    partition.
+    Errors: INVALID_ARGUMENT `invalid_input` (`page_size` over 1000, a
+    malformed `page_token`).
     """
 
 class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -201,8 +225,32 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _budget_pb2.GetQuotaPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_budget_pb2.GetQuotaPolicyResponse, _abc.Awaitable[_budget_pb2.GetQuotaPolicyResponse]]:
-        """Returns a quota policy and its current concurrency.
+        """Returns a quota policy with its current concurrency and the admissions
+        in its current window.
         Errors: NOT_FOUND `quota_policy_not_found`.
+        """
+
+    @_abc_1.abstractmethod
+    def ListBudgets(
+        self,
+        request: _budget_pb2.ListBudgetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.ListBudgetsResponse, _abc.Awaitable[_budget_pb2.ListBudgetsResponse]]:
+        """Lists budgets, partition by partition in id order within a partition.
+        Errors: INVALID_ARGUMENT `invalid_input` (`page_size` over 1000, a
+        malformed `page_token`).
+        """
+
+    @_abc_1.abstractmethod
+    def ListQuotaPolicies(
+        self,
+        request: _budget_pb2.ListQuotaPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.ListQuotaPoliciesResponse, _abc.Awaitable[_budget_pb2.ListQuotaPoliciesResponse]]:
+        """Lists quota policies, partition by partition in id order within a
+        partition.
+        Errors: INVALID_ARGUMENT `invalid_input` (`page_size` over 1000, a
+        malformed `page_token`).
         """
 
 def add_BudgetServiceServicer_to_server(servicer: BudgetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

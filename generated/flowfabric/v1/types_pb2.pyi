@@ -2018,6 +2018,8 @@ class BudgetStatus(_message.Message):
     ON_HARD_LIMIT_FIELD_NUMBER: _builtins.int
     ON_SOFT_LIMIT_FIELD_NUMBER: _builtins.int
     RESET_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    RESET_COUNT_FIELD_NUMBER: _builtins.int
+    LAST_RESET_AT_FIELD_NUMBER: _builtins.int
     budget_id: _builtins.str
     scope_type: _builtins.str
     scope_id: _builtins.str
@@ -2035,6 +2037,9 @@ class BudgetStatus(_message.Message):
     on_hard_limit: _builtins.str
     on_soft_limit: _builtins.str
     reset_interval_ms: _builtins.int
+    reset_count: _builtins.int
+    """Resets so far (each ResetBudget and each periodic reset)."""
+    last_reset_at: _builtins.int
     @_builtins.property
     def usage(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Current usage per dimension."""
@@ -2066,10 +2071,12 @@ class BudgetStatus(_message.Message):
         on_hard_limit: _builtins.str = ...,
         on_soft_limit: _builtins.str = ...,
         reset_interval_ms: _builtins.int = ...,
+        reset_count: _builtins.int = ...,
+        last_reset_at: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_created_at", b"_created_at", "_last_breach_at", b"_last_breach_at", "_last_breach_dim", b"_last_breach_dim", "_next_reset_at", b"_next_reset_at", "created_at", b"created_at", "last_breach_at", b"last_breach_at", "last_breach_dim", b"last_breach_dim", "next_reset_at", b"next_reset_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_created_at", b"_created_at", "_last_breach_at", b"_last_breach_at", "_last_breach_dim", b"_last_breach_dim", "_last_reset_at", b"_last_reset_at", "_next_reset_at", b"_next_reset_at", "created_at", b"created_at", "last_breach_at", b"last_breach_at", "last_breach_dim", b"last_breach_dim", "last_reset_at", b"last_reset_at", "next_reset_at", b"next_reset_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_created_at", b"_created_at", "_last_breach_at", b"_last_breach_at", "_last_breach_dim", b"_last_breach_dim", "_next_reset_at", b"_next_reset_at", "breach_count", b"breach_count", "budget_id", b"budget_id", "created_at", b"created_at", "enforcement_mode", b"enforcement_mode", "hard_limits", b"hard_limits", "last_breach_at", b"last_breach_at", "last_breach_dim", b"last_breach_dim", "next_reset_at", b"next_reset_at", "on_hard_limit", b"on_hard_limit", "on_soft_limit", b"on_soft_limit", "reset_interval_ms", b"reset_interval_ms", "scope_id", b"scope_id", "scope_type", b"scope_type", "soft_breach_count", b"soft_breach_count", "soft_limits", b"soft_limits", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_created_at", b"_created_at", "_last_breach_at", b"_last_breach_at", "_last_breach_dim", b"_last_breach_dim", "_last_reset_at", b"_last_reset_at", "_next_reset_at", b"_next_reset_at", "breach_count", b"breach_count", "budget_id", b"budget_id", "created_at", b"created_at", "enforcement_mode", b"enforcement_mode", "hard_limits", b"hard_limits", "last_breach_at", b"last_breach_at", "last_breach_dim", b"last_breach_dim", "last_reset_at", b"last_reset_at", "next_reset_at", b"next_reset_at", "on_hard_limit", b"on_hard_limit", "on_soft_limit", b"on_soft_limit", "reset_count", b"reset_count", "reset_interval_ms", b"reset_interval_ms", "scope_id", b"scope_id", "scope_type", b"scope_type", "soft_breach_count", b"soft_breach_count", "soft_limits", b"soft_limits", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__created_at: _TypeAlias = _typing.Literal["created_at"]  # noqa: Y015
     _WhichOneofArgType__created_at: _TypeAlias = _typing.Literal["_created_at", b"_created_at"]  # noqa: Y015
@@ -2077,6 +2084,8 @@ class BudgetStatus(_message.Message):
     _WhichOneofArgType__last_breach_at: _TypeAlias = _typing.Literal["_last_breach_at", b"_last_breach_at"]  # noqa: Y015
     _WhichOneofReturnType__last_breach_dim: _TypeAlias = _typing.Literal["last_breach_dim"]  # noqa: Y015
     _WhichOneofArgType__last_breach_dim: _TypeAlias = _typing.Literal["_last_breach_dim", b"_last_breach_dim"]  # noqa: Y015
+    _WhichOneofReturnType__last_reset_at: _TypeAlias = _typing.Literal["last_reset_at"]  # noqa: Y015
+    _WhichOneofArgType__last_reset_at: _TypeAlias = _typing.Literal["_last_reset_at", b"_last_reset_at"]  # noqa: Y015
     _WhichOneofReturnType__next_reset_at: _TypeAlias = _typing.Literal["next_reset_at"]  # noqa: Y015
     _WhichOneofArgType__next_reset_at: _TypeAlias = _typing.Literal["_next_reset_at", b"_next_reset_at"]  # noqa: Y015
     @_typing.overload
@@ -2085,6 +2094,8 @@ class BudgetStatus(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__last_breach_at) -> _WhichOneofReturnType__last_breach_at | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__last_breach_dim) -> _WhichOneofReturnType__last_breach_dim | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__last_reset_at) -> _WhichOneofReturnType__last_reset_at | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__next_reset_at) -> _WhichOneofReturnType__next_reset_at | None: ...
 
@@ -2103,6 +2114,7 @@ class QuotaPolicy(_message.Message):
     JITTER_MS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     CURRENT_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    CURRENT_WINDOW_REQUESTS_FIELD_NUMBER: _builtins.int
     quota_policy_id: _builtins.str
     window_seconds: _builtins.int
     max_requests_per_window: _builtins.int
@@ -2113,6 +2125,8 @@ class QuotaPolicy(_message.Message):
     created_at: _builtins.int
     current_concurrency: _builtins.int
     """Executions currently holding a concurrency slot."""
+    current_window_requests: _builtins.int
+    """Admissions inside the current window (what the rate limit counts)."""
     def __init__(
         self,
         *,
@@ -2123,10 +2137,11 @@ class QuotaPolicy(_message.Message):
         jitter_ms: _builtins.int = ...,
         created_at: _builtins.int = ...,
         current_concurrency: _builtins.int = ...,
+        current_window_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_concurrency", b"current_concurrency", "jitter_ms", b"jitter_ms", "max_concurrent", b"max_concurrent", "max_requests_per_window", b"max_requests_per_window", "quota_policy_id", b"quota_policy_id", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_concurrency", b"current_concurrency", "current_window_requests", b"current_window_requests", "jitter_ms", b"jitter_ms", "max_concurrent", b"max_concurrent", "max_requests_per_window", b"max_requests_per_window", "quota_policy_id", b"quota_policy_id", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

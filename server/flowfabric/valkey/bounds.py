@@ -116,6 +116,23 @@ PAGE = _b(
     "`ReadAttemptStream.count_limit`, `TailAttemptStream.batch`",
 )  # fmt: skip
 
+# Budgets and quota policies (docs/budgets.md#limits).
+BUDGET_DIMENSIONS = _b(
+    "BUDGET_DIMENSIONS", 0, 64, "",
+    "`dimensions` of CreateBudget and ReportUsage (with their parallel arrays)",
+)  # fmt: skip
+DIMENSION_BYTES = _b("DIMENSION_BYTES", 1, 256, "bytes", "a budget dimension name")
+BUDGET_AMOUNT = _b(
+    "BUDGET_AMOUNT", 0, (1 << 53) - 1, "",
+    "each of CreateBudget `hard_limits` / `soft_limits`, ReportUsage `deltas`",
+)  # fmt: skip
+QUOTA_WINDOW_S = _b("QUOTA_WINDOW_S", 0, 365 * 24 * 3600, "s", "CreateQuotaPolicy `window_seconds`")
+QUOTA_LIMIT = _b(
+    "QUOTA_LIMIT", 0, 1_000_000, "",
+    "CreateQuotaPolicy `max_requests_per_window`, `max_concurrent`",
+)  # fmt: skip
+QUOTA_JITTER_MS = _b("QUOTA_JITTER_MS", 0, 60 * SECOND_MS, "ms", "CreateQuotaPolicy `jitter_ms`")
+
 # Flows (docs/flows.md#limits): FAILED_PRECONDITION `flow_limit_exceeded`, metadata `limit`
 # (the bound's name) and `max`.
 FLOW_MEMBERS_MAX = _b(
@@ -150,7 +167,8 @@ BOUNDS: tuple[Bound, ...] = (
     IDLE_TIMEOUT_MS, TIMESTAMP_MS, MAX_RETRIES, MAX_RECLAIM_COUNT, MAX_REPLAY_COUNT,
     MAX_SIGNALS, STREAM_MAXLEN, TAGS, LANES, LIST_ITEMS, BATCH_ITEMS, MAX_TASKS, MAX_IN_FLIGHT,
     REPLY_BYTES, PAGE, FLOW_MEMBERS_MAX, FLOW_EDGES_PER_MEMBER_MAX, FLOW_DEPTH_MAX,
-    TAG_KEY_BYTES, TAG_VALUE_BYTES, LABEL_BYTES,
+    TAG_KEY_BYTES, TAG_VALUE_BYTES, LABEL_BYTES, BUDGET_DIMENSIONS, DIMENSION_BYTES,
+    BUDGET_AMOUNT, QUOTA_WINDOW_S, QUOTA_LIMIT, QUOTA_JITTER_MS,
 )  # fmt: skip
 
 

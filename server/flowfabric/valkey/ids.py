@@ -81,6 +81,17 @@ def flow_partition(flow_id: str, num_partitions: int) -> int:
     return crc16(uuid.UUID(flow_id).bytes) % num_partitions
 
 
+def budget_partition(budget_id: str, num_partitions: int) -> int:
+    """A budget lives on crc16(raw 16 UUID bytes) % the budget partition count
+    (docs/budgets.md#keys)."""
+    return crc16(uuid.UUID(budget_id).bytes) % num_partitions
+
+
+def quota_partition(quota_policy_id: str, num_partitions: int) -> int:
+    """A quota policy lives on crc16(raw 16 UUID bytes) % the quota partition count."""
+    return crc16(uuid.UUID(quota_policy_id).bytes) % num_partitions
+
+
 def mint_execution_id(partition: int) -> ExecutionId:
     return ExecutionId(partition, str(uuid.uuid4()))
 

@@ -318,3 +318,81 @@ class WorkerKeys:
     @property
     def alive(self) -> str:
         return f"{self.info}:alive"
+
+
+@dataclass(frozen=True)
+class BudgetKeys:
+    """Keys of one budget and its partition's indexes (docs/budgets.md#keys), all on the budget
+    partition's tag `{b:M}`. With `budget_id=""` only the partition keys are meaningful."""
+
+    tag: str
+    budget_id: str = ""
+
+    @classmethod
+    def of(cls, partition: int, budget_id: str = "") -> BudgetKeys:
+        return cls(f"{{b:{partition}}}", budget_id)
+
+    @property
+    def definition(self) -> str:
+        return f"ff:budget:{self.tag}:{self.budget_id}"
+
+    @property
+    def limits(self) -> str:
+        return f"{self.definition}:limits"
+
+    @property
+    def usage(self) -> str:
+        return f"{self.definition}:usage"
+
+    @property
+    def resets(self) -> str:
+        return f"ff:idx:{self.tag}:budget_resets"
+
+    @property
+    def policies(self) -> str:
+        return f"ff:idx:{self.tag}:budget_policies"
+
+    def dedup(self, raw: str) -> str:
+        """The usage dedup marker of a caller's raw id, wrapped in the partition's tag (scoped
+        to the partition, not the budget: docs/budgets.md#dedup)."""
+        return f"ff:usagededup:{self.tag}:{raw}"
+
+    @property
+    def noop(self) -> str:
+        return noop(self.tag)
+
+
+@dataclass(frozen=True)
+class QuotaKeys:
+    """Keys of one quota policy and its partition's index (docs/budgets.md#keys), all on the
+    quota partition's tag `{q:K}`."""
+
+    tag: str
+    quota_policy_id: str = ""
+
+    @classmethod
+    def of(cls, partition: int, quota_policy_id: str = "") -> QuotaKeys:
+        return cls(f"{{q:{partition}}}", quota_policy_id)
+
+    @property
+    def definition(self) -> str:
+        return f"ff:quota:{self.tag}:{self.quota_policy_id}"
+
+    @property
+    def window(self) -> str:
+        return f"{self.definition}:window:requests_per_window"
+
+    @property
+    def concurrency(self) -> str:
+        return f"{self.definition}:concurrency"
+
+    @property
+    def admitted_set(self) -> str:
+        return f"{self.definition}:admitted_set"
+
+    def guard(self, execution_id: str) -> str:
+        return f"{self.definition}:admitted:{execution_id}"
+
+    @property
+    def policies(self) -> str:
+        return f"ff:idx:{self.tag}:quota_policies"

@@ -7,11 +7,13 @@ method takes explicit parameters and returns a frozen record of the reply.
 from __future__ import annotations
 
 from flowfabric.server.valkey.functions.admission import AdmissionFunctions
+from flowfabric.server.valkey.functions.budget import BudgetFunctions
 from flowfabric.server.valkey.functions.core import Claimer, Decl, Fence, Leased, Outcome
 from flowfabric.server.valkey.functions.execution import ExecutionFunctions, NewExecution
 from flowfabric.server.valkey.functions.flow import FlowFunctions
 from flowfabric.server.valkey.functions.lease import LeaseFunctions, Reclaimed, ReclaimLimit
 from flowfabric.server.valkey.functions.maintenance import MaintenanceFunctions
+from flowfabric.server.valkey.functions.quota import QuotaFunctions
 from flowfabric.server.valkey.functions.scheduling import SchedulingFunctions
 from flowfabric.server.valkey.functions.signal import INITIAL_KID, Keystore, Signal, SignalFunctions
 from flowfabric.server.valkey.functions.stream import Frame, StreamFunctions
@@ -38,23 +40,30 @@ class Functions:
         self.stream = StreamFunctions(store)
         self.maintenance = MaintenanceFunctions(store)
         self.flow = FlowFunctions(store)
+        self.budget = BudgetFunctions(store)
+        self.quota = QuotaFunctions(store)
 
 
 def all_declarations() -> tuple[Decl[object], ...]:
     """Every declaration, for the contract tests."""
     from flowfabric.server.valkey.functions import (
         admission,
+        budget,
         execution,
         flow,
         lease,
         maintenance,
+        quota,
         scheduling,
         signal,
         stream,
         suspension,
     )  # fmt: skip
 
-    mods = (admission, execution, flow, lease, maintenance, scheduling, signal, stream, suspension)
+    mods = (
+        admission, budget, execution, flow, lease, maintenance, quota, scheduling, signal, stream,
+        suspension,
+    )  # fmt: skip
     return tuple(d for m in mods for d in m.DECLS)
 
 

@@ -25,7 +25,14 @@ from typing import Any, Generic, Literal, TypeVar
 from flowfabric.server.valkey.codec import Reply, decode, text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.ids import ExecutionId
-from flowfabric.server.valkey.keys import ExecKeys, FlowKeys, PartitionKeys, WaitpointKeys
+from flowfabric.server.valkey.keys import (
+    BudgetKeys,
+    ExecKeys,
+    FlowKeys,
+    PartitionKeys,
+    QuotaKeys,
+    WaitpointKeys,
+)
 from flowfabric.server.valkey.store import Store
 
 R = TypeVar("R")
@@ -96,6 +103,9 @@ class KeyCtx:
     idempotency_key: str = ""
     signal_id: str = ""
     flow_id: str = ""
+    budget_id: str = ""
+    quota_policy_id: str = ""
+    admitted_id: str = ""  # the execution of a quota admission guard (text, any partition)
 
     @property
     def exec(self) -> ExecKeys:
@@ -114,6 +124,14 @@ class KeyCtx:
     @property
     def flow(self) -> FlowKeys:
         return FlowKeys(self.part.tag, self.flow_id)
+
+    @property
+    def budget(self) -> BudgetKeys:
+        return BudgetKeys(self.tag, self.budget_id)
+
+    @property
+    def quota(self) -> QuotaKeys:
+        return QuotaKeys(self.tag, self.quota_policy_id)
 
 
 @dataclass(frozen=True)

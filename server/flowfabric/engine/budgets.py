@@ -1,0 +1,151 @@
+"""The budget and quota scanners (docs/budgets.md#scanners): whole-pass jobs over the budget
+partitions `{b:M}` and the quota partitions `{q:K}`, run by `ScannerSet` beside the
+per-execution-partition scanners.
+
+| job | index | function | default interval |
+|---|---|---|---|
+| budget_reset | `ff:idx:{b:M}:budget_resets`, due members (20 per partition per pass) | `ff_reset_budget` (only if due) | `FF_BUDGET_RESET_INTERVAL_S` 15 s |
+| budget_reconciler | `ff:idx:{b:M}:budget_policies` (SSCAN) | `ff_reconcile_budget` | `FF_BUDGET_RECONCILER_INTERVAL_S` 30 s |
+| quota_reconciler | `ff:idx:{q:K}:quota_policies` (SSCAN) | `ff_reconcile_quota_policy`, page by page | `FF_QUOTA_RECONCILER_INTERVAL_S` 30 s |
+
+Several servers may run these against one Valkey: each step is one atomic function that
+re-checks what it acts on (a reset only fires while the budget is still due, so two servers
+never reset one budget twice for one period; a reconciler's repair is idempotent).
+"""  # noqa: E501
+
+from __future__ import annotations
+
+import logging
+
+from flowfabric.server.config import Config
+from flowfabric.server.valkey.codec import text
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.functions import Functions
+from flowfabric.server.valkey.keys import BudgetKeys, QuotaKeys
+from flowfabric.server.valkey.store import Store, server_time_ms
+
+log = logging.getLogger("flowfabric.scanners")
+
+RESET_BATCH = 20
+SCAN_COUNT = 100
+TRANSPORT = frozenset({"backend_unavailable", "backend_timeout"})
+
+
+async def _sscan_all(store: Store, key: str) -> list[str]:
+    """Every member of a set, by SSCAN until the cursor wraps (duplicates dropped)."""
+    seen: dict[str, None] = {}
+    cursor = 0
+    while True:
+        cursor, members = await store.call("SSCAN", key, cursor, "COUNT", SCAN_COUNT)
+        for m in members:
+            seen[text(m)] = None
+        cursor = int(cursor)
+        if cursor == 0:
+            return list(seen)
+
+
+class BudgetResetter:
+    """Resets every budget whose `next_reset_at` has passed."""
+
+    name = "budget_reset"
+
+    def __init__(self, store: Store, fn: Functions, partitions: int, interval_ms: int) -> None:
+        self.store, self.fn, self.partitions, self.interval_ms = store, fn, partitions, interval_ms
+
+    async def run_cycle(self) -> int:
+        done = 0
+        now = await server_time_ms(self.store)
+        for part in range(self.partitions):
+            index = BudgetKeys.of(part).resets
+            due = await self.store.call(
+                "ZRANGEBYSCORE", index, "-inf", now, "LIMIT", 0, RESET_BATCH
+            )
+            for raw in due:
+                try:
+                    r = await self.fn.budget.reset_budget(
+                        BudgetKeys.of(part, text(raw)), only_if_due=True
+                    )
+                except FlowFabricError as exc:
+                    if exc.code in TRANSPORT:
+                        raise
+                    log.debug("budget reset %s: %s", text(raw), exc.code)
+                    continue
+                done += r.outcome == "reset"
+        return done
+
+
+class BudgetReconciler:
+    """Keeps `budget_policies` to budgets that exist and each non-resetting budget's
+    `breached_at` marker in step with its usage."""
+
+    name = "budget_reconciler"
+
+    def __init__(self, store: Store, fn: Functions, partitions: int, interval_ms: int) -> None:
+        self.store, self.fn, self.partitions, self.interval_ms = store, fn, partitions, interval_ms
+        self.errors = 0
+
+    async def run_cycle(self) -> int:
+        changed = 0
+        for part in range(self.partitions):
+            for bid in await _sscan_all(self.store, BudgetKeys.of(part).policies):
+                try:
+                    r = await self.fn.budget.reconcile_budget(BudgetKeys.of(part, bid))
+                except FlowFabricError as exc:
+                    if exc.code in TRANSPORT:
+                        raise
+                    # an unreadable definition stays indexed: counted, never dropped
+                    self.errors += 1
+                    log.warning("budget reconciler: %s: %s", bid, exc.code)
+                    continue
+                changed += r.outcome in ("removed", "marked", "cleared")
+        return changed
+
+
+class QuotaReconciler:
+    """Trims each policy's window, prunes expired admissions (also for rate-only policies) and
+    resets a drifted concurrency counter to the live count."""
+
+    name = "quota_reconciler"
+
+    def __init__(self, store: Store, fn: Functions, partitions: int, interval_ms: int) -> None:
+        self.store, self.fn, self.partitions, self.interval_ms = store, fn, partitions, interval_ms
+
+    async def reconcile(self, keys: QuotaKeys) -> bool:
+        """One policy, page by page; True when its counter was rewritten or it was dropped."""
+        cursor = 0
+        while True:
+            page = await self.fn.quota.reconcile_page(keys, cursor)
+            if page.removed:
+                return True
+            cursor = page.cursor
+            if cursor == 0:
+                if page.counter is not None:
+                    log.warning(
+                        "quota reconciler: %s counter reset to %d", keys.quota_policy_id,
+                        page.counter,
+                    )  # fmt: skip
+                return page.counter is not None
+
+    async def run_cycle(self) -> int:
+        changed = 0
+        for part in range(self.partitions):
+            for qid in await _sscan_all(self.store, QuotaKeys.of(part).policies):
+                try:
+                    changed += await self.reconcile(QuotaKeys.of(part, qid))
+                except FlowFabricError as exc:
+                    if exc.code in TRANSPORT:
+                        raise
+                    log.warning("quota reconciler: %s: %s", qid, exc.code)
+        return changed
+
+
+def budget_jobs(
+    config: Config, store: Store, fn: Functions
+) -> list[BudgetResetter | BudgetReconciler | QuotaReconciler]:
+    """The three jobs with the configured intervals, for `ScannerSet.cycles`."""
+    b, q = config.budget_partitions, config.quota_partitions
+    return [
+        BudgetResetter(store, fn, b, config.interval_ms("FF_BUDGET_RESET_INTERVAL_S")),
+        BudgetReconciler(store, fn, b, config.interval_ms("FF_BUDGET_RECONCILER_INTERVAL_S")),
+        QuotaReconciler(store, fn, q, config.interval_ms("FF_QUOTA_RECONCILER_INTERVAL_S")),
+    ]
