@@ -26,9 +26,8 @@ import time
 import uuid
 
 import grpc
-from streams import fcall_rtt_us, start_server
+from streams import fcall_rtt_us, runs_against_a_server
 
-from flowfabric.server.embedded import ValkeyProcess
 from flowfabric.v1 import flow_pb2 as pb
 from flowfabric.v1 import flow_pb2_grpc
 
@@ -87,16 +86,9 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=1000)
     args = parser.parse_args()
     logging.getLogger("flowfabric").setLevel(logging.ERROR)
-    valkey = ValkeyProcess(persistent=False).start()
-    server, address = start_server(valkey.url)
-    try:
-        runs = [asyncio.run(one_run(valkey.url, address, args.members)) for _ in range(args.runs)]
-    finally:
-        server.terminate()
-        server.wait(30)
-        if server.stdout:
-            server.stdout.close()
-        valkey.stop()
+    runs = runs_against_a_server(
+        lambda url, address: one_run(url, address, args.members), args.runs
+    )
 
     def med(key: str) -> float:
         return statistics.median(r[key] for r in runs)

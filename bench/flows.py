@@ -43,10 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from streams import fcall_rtt_us, pct, start_server
+from streams import fcall_rtt_us, pct, runs_against_a_server
 
 from flowfabric import Client, TaskContext, Worker
-from flowfabric.server.embedded import ValkeyProcess
 from flowfabric.server.valkey.ids import flow_partition, solo_partition
 from flowfabric.v1 import worker_pb2, worker_pb2_grpc
 
@@ -287,16 +286,7 @@ def main() -> None:
         return
     logging.getLogger("flowfabric").setLevel(logging.ERROR)
     os.environ["FF_FLOW_PARTITIONS"] = str(args.partitions)
-    valkey = ValkeyProcess(persistent=False).start()
-    server, address = start_server(valkey.url)
-    try:
-        runs = [asyncio.run(one_run(valkey.url, address, args)) for _ in range(args.runs)]
-    finally:
-        server.terminate()
-        server.wait(30)
-        if server.stdout:
-            server.stdout.close()
-        valkey.stop()
+    runs = runs_against_a_server(lambda url, address: one_run(url, address, args), args.runs)
     report(runs, args)
 
 

@@ -18,8 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import redis.asyncio as aioredis
@@ -55,6 +56,26 @@ def start_server(valkey_url: str) -> tuple[subprocess.Popen[str], str]:
     if "listening on" not in line:
         raise RuntimeError(f"server did not start: {line!r}")
     return proc, line.strip().rsplit(" ", 1)[1]
+
+
+T = TypeVar("T")
+
+
+def runs_against_a_server(
+    one_run: Callable[[str, str], Coroutine[Any, Any, T]], runs: int
+) -> list[T]:
+    """Start a valkey-server and a `flowfabric serve` on it, run `one_run(valkey_url, address)`
+    `runs` times (each in a fresh event loop), then stop both."""
+    valkey = ValkeyProcess(persistent=False).start()
+    server, address = start_server(valkey.url)
+    try:
+        return [asyncio.run(one_run(valkey.url, address)) for _ in range(runs)]
+    finally:
+        server.terminate()
+        server.wait(30)
+        if server.stdout:
+            server.stdout.close()
+        valkey.stop()
 
 
 async def fcall_rtt_us(url: str, n: int = 3000) -> float:
@@ -169,16 +190,7 @@ def main() -> None:
     parser.add_argument("--latency-frames", type=int, default=2_000)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    valkey = ValkeyProcess(persistent=False).start()
-    server, address = start_server(valkey.url)
-    try:
-        runs = [asyncio.run(one_run(valkey.url, address, args)) for _ in range(args.runs)]
-    finally:
-        server.terminate()
-        server.wait(30)
-        if server.stdout:
-            server.stdout.close()
-        valkey.stop()
+    runs = runs_against_a_server(lambda url, address: one_run(url, address, args), args.runs)
 
     def med(key: str) -> float:
         return statistics.median(r[key] for r in runs)

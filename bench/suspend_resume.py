@@ -24,10 +24,9 @@ import statistics
 import time
 from pathlib import Path
 
-from streams import fcall_rtt_us, pct, start_server
+from streams import fcall_rtt_us, pct, runs_against_a_server
 
 from flowfabric import Client, TaskContext, Worker
-from flowfabric.server.embedded import ValkeyProcess
 
 LANE = "bench-suspend"
 STEPS = (
@@ -123,16 +122,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     logging.getLogger("flowfabric").setLevel(logging.ERROR)
-    valkey = ValkeyProcess(persistent=False).start()
-    server, address = start_server(valkey.url)
-    try:
-        runs = [asyncio.run(one_run(valkey.url, address, args)) for _ in range(args.runs)]
-    finally:
-        server.terminate()
-        server.wait(30)
-        if server.stdout:
-            server.stdout.close()
-        valkey.stop()
+    runs = runs_against_a_server(lambda url, address: one_run(url, address, args), args.runs)
 
     def med(key: str) -> float:
         return statistics.median(r[key] for r in runs)
