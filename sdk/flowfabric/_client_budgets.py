@@ -53,6 +53,8 @@ def usage_request(
 ) -> budget_pb2.ReportUsageRequest:
     """ReportUsage for `usage` (a mapping, for names that are not identifiers such as
     `custom:x`) and `deltas` (keywords) together; a name in both is refused."""
+    if isinstance(usage, str | bytes) or not isinstance(usage, Mapping | None):
+        raise TypeError("usage is a mapping of dimension -> delta (dedup_key is keyword-only)")
     merged = dict(usage or {})
     for name, delta in deltas.items():
         if name in merged:

@@ -1,4 +1,5 @@
-"""The client's value types: public states, submit and list answers, times and payloads."""
+"""The client's value types: public states, submit and list answers, times and payloads, flows,
+budgets and quota policies."""
 
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ from flowfabric import (
     BudgetExceeded,
     Client,
     ExecutionState,
+    FlowBuilder,
     InvalidArgument,
+    InvalidFlow,
     NotFound,
     RetryPolicy,
     SyncClient,
@@ -132,6 +134,8 @@ async def test_bad_input_carries_the_servers_reason(client: Client) -> None:
     assert qnf.value.reason == "quota_policy_not_found"
     with pytest.raises(ValueError, match="given twice"):
         await client.report_usage(missing, {"t": 1}, t=2)
+    with pytest.raises(TypeError, match="keyword-only"):
+        await client.report_usage(missing, "turn-1", t=2)  # type: ignore[arg-type]
 
 
 async def test_listings_page_through_everything(client: Client) -> None:
@@ -209,6 +213,17 @@ async def test_flow_members_take_budgets(client: Client) -> None:
     assert list(request.members[2].policy.budget_ids) == [bid]
     submitted = await f.submit()
     assert len(submitted.members) == 3 and not submitted.duplicate
+
+    spec = {"members": [{"key": "a", "kind": "a", "budgets": [bid]}]}
+    from_file = FlowBuilder.from_spec(spec).to_request()
+    assert list(from_file.members[0].policy.budget_ids) == [bid]
+    with pytest.raises(InvalidFlow):
+        client.flow().add("a", budgets=bid)
+    with pytest.raises(InvalidFlow) as not_object:
+        g = client.flow()
+        g.add("a", policy="[1]", budgets=[bid])
+        g.to_request()
+    assert not_object.value.reason == "invalid_policy_json"
 
 
 async def test_handler_reports_and_fails_on_hard_breach(client: Client, api: Api) -> None:
