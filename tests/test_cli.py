@@ -333,3 +333,93 @@ async def test_why_prints_the_reason_and_eta(api: Api) -> None:
     assert missing.returncode == 3 and "execution_not_found" in missing.stderr
     bad = await _cli(api, "why", "nope")
     assert bad.returncode == 1 and "invalid_input" in bad.stderr
+
+
+async def test_budget_and_quota_commands(api: Api) -> None:
+    from flowfabric import Client
+
+    created = await _cli(api, "--json", "budget", "create", "--dim", "total_tokens=100:50",
+                         "--dim", "custom:calls=0", "--scope-type", "tenant",
+                         "--scope-id", "acme")  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    bid = json.loads(created.stdout)["budget_id"]
+    assert json.loads(created.stdout)["existed"] is False
+    again = await _cli(api, "budget", "create", bid, "--dim", "x=1")
+    assert again.returncode == 0 and "existed" in again.stdout and "yes" in again.stdout
+
+    ok = await _cli(api, "--json", "budget", "report", bid, "total_tokens=40", "--dedup-key", "k1")
+    assert json.loads(ok.stdout) | {} == {
+        "outcome": "ok", "budget_id": bid, "dimension": None, "usage": None, "limit": None,
+        "applied": True,
+    }  # fmt: skip
+    dup = await _cli(api, "--json", "budget", "report", bid, "total_tokens=40", "--dedup-key", "k1")
+    assert json.loads(dup.stdout)["outcome"] == "already_applied"
+    soft = await _cli(api, "budget", "report", bid, "total_tokens=20", "custom:calls=2")
+    assert soft.returncode == 0, soft.stderr
+    assert "soft_breach" in soft.stdout and "60 (limit 50, soft)" in soft.stdout
+    hard = await _cli(api, "--json", "budget", "report", bid, "total_tokens=41")
+    assert hard.returncode == 0, "a breach is an outcome, not an error"
+    assert json.loads(hard.stdout) | {} == {
+        "outcome": "hard_breach", "budget_id": bid, "dimension": "total_tokens", "usage": 60,
+        "limit": 100, "applied": False,
+    }  # fmt: skip
+
+    shown = await _cli(api, "budget", "show", bid)
+    assert shown.returncode == 0, shown.stderr
+    assert "tenant acme" in shown.stdout and "1 hard, 1 soft" in shown.stdout
+    line = next(row for row in shown.stdout.splitlines() if row.startswith("total_tokens"))
+    assert line.split() == ["total_tokens", "60", "100", "50", "40"]
+    as_json = json.loads((await _cli(api, "--json", "budget", "show", bid)).stdout)
+    assert as_json["usage"] == {"total_tokens": 60, "custom:calls": 2}
+    assert as_json["hard_limits"]["total_tokens"] == 100 and as_json["exhausted"] is False
+
+    listed = await _cli(api, "budget", "list")
+    assert listed.returncode == 0 and bid in listed.stdout
+    assert "total_tokens=60/100" in listed.stdout
+    lines = (await _cli(api, "--json", "budget", "list", "--limit", "5")).stdout.splitlines()
+    assert [json.loads(x)["budget_id"] for x in lines] == [bid]
+
+    reset = await _cli(api, "--json", "budget", "reset", bid)
+    assert json.loads(reset.stdout) == {"budget_id": bid, "next_reset_at": None}
+    after = (await _cli(api, "budget", "show", bid)).stdout.splitlines()
+    assert next(r for r in after if r.startswith("total_tokens")).split()[1] == "0"
+    assert next(r for r in after if r.startswith("resets")).split() == ["resets", "1"]
+
+    bad = await _cli(api, "budget", "create", "not-a-uuid", "--dim", "t=1")
+    assert bad.returncode == 1 and "invalid_input" in bad.stderr
+    usage = await _cli(api, "budget", "create", "--dim", "t")
+    assert usage.returncode == 2 and "NAME=HARD" in usage.stderr
+    missing = "00000000-0000-4000-8000-000000000000"
+    gone = await _cli(api, "budget", "show", missing)
+    assert gone.returncode == 3 and "budget_not_found" in gone.stderr
+
+    q = await _cli(api, "--json", "quota", "create", "--window-seconds", "60",
+                   "--max-per-window", "10", "--max-concurrent", "2")  # fmt: skip
+    assert q.returncode == 0, q.stderr
+    qid = json.loads(q.stdout)["quota_policy_id"]
+    qshow = await _cli(api, "quota", "show", qid)
+    assert qshow.returncode == 0 and "60 s" in qshow.stdout
+    qjson = json.loads((await _cli(api, "--json", "quota", "show", qid)).stdout)
+    assert (qjson["max_per_window"], qjson["max_concurrent"], qjson["window_seconds"]) == (
+        10,
+        2,
+        60,
+    )
+    qlist = await _cli(api, "quota", "list")
+    assert qid in qlist.stdout
+    assert [json.loads(x)["quota_policy_id"] for x in
+            (await _cli(api, "--json", "quota", "list")).stdout.splitlines()] == [qid]  # fmt: skip
+    zero = await _cli(api, "quota", "create", "--window-seconds", "0", "--max-per-window", "1")
+    assert zero.returncode == 1 and "invalid_input" in zero.stderr
+    assert (await _cli(api, "quota", "show", missing)).returncode == 3
+
+    sub = await _cli(api, "--json", "submit", "llm", "--budget", bid, "--quota", qid,
+                     "--policy", '{"max_replay_count": 2}')  # fmt: skip
+    assert sub.returncode == 0, sub.stderr
+    eid = json.loads(sub.stdout)["created"]["execution_id"]
+    async with Client(api.address, token=API_TOKEN) as client:
+        assert (await client.state(eid)).name == "WAITING"
+    from tests.sdk.test_budgets import _core
+
+    core = await _core(api, eid)
+    assert (core.get("budget_ids"), core.get("quota_policy_id")) == (bid, qid)

@@ -20,6 +20,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
         ("approval.py --auto-approve --tamper", "tampered token refused: PERMISSION_DENIED"),
         ("approval.py --reject", "draft     failed"),
         ("dag.py", "total: 385 from 10 branches"),
+        ("llm_budget.py", "globex: 2 completed, 1 failed (budget_exceeded), usage 280/280"),
     ],
 )
 def test_example_runs(script: str, expected: str) -> None:
@@ -33,5 +34,5 @@ def test_example_runs(script: str, expected: str) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert expected in done.stdout, done.stdout
-    if name == "approval.py":
+    if name in ("approval.py", "llm_budget.py"):
         assert "as expected" in done.stdout, done.stdout

@@ -3,14 +3,17 @@
 The Python SDK: `Client` (async) and `SyncClient` submit and operate on executions and deliver
 signals; `Worker` runs `async` handlers for the executions it claims, which may suspend until
 signals arrive (`TaskContext.suspend`, `TaskContext.wait_for_signal`); `Client.flow()` builds
-a DAG of executions (`FlowBuilder`) submitted in one call. Everything public is
-re-exported here from private modules; `tests/sdk/test_exports.py` pins the list.
+a DAG of executions (`FlowBuilder`) submitted in one call; budgets and quota policies are
+created, read and charged through the client (`create_budget`, `report_usage`, ...) and by
+handlers (`TaskContext.report_usage`). Everything public is re-exported here from private
+modules; `tests/sdk/test_exports.py` pins the list.
 """
 
 from flowfabric._client import Client, ExecutionState, Page, Submitted
 from flowfabric._errors import (
     Aborted,
     AlreadyExists,
+    BudgetExceeded,
     DeadlineExceeded,
     ExecutionNotActive,
     FailedPrecondition,
@@ -32,12 +35,18 @@ from flowfabric._errors import (
 )
 from flowfabric._flows import FlowBuilder, FlowHandle, InvalidFlow
 from flowfabric._models import (
+    BudgetCreated,
+    BudgetStatus,
     FlowCancellation,
     FlowFailure,
     FlowInfo,
     FlowReplay,
     FlowState,
+    QuotaPolicy,
+    QuotaPolicyCreated,
     SubmittedFlow,
+    UsageOutcome,
+    UsageReport,
 )
 from flowfabric._retry import RetryPolicy
 from flowfabric._signals import (
@@ -65,6 +74,9 @@ from flowfabric._worker import Worker, WorkerStats
 __all__ = [
     "Aborted",
     "AlreadyExists",
+    "BudgetCreated",
+    "BudgetExceeded",
+    "BudgetStatus",
     "Client",
     "DeadlineExceeded",
     "ExecutionNotActive",
@@ -87,6 +99,8 @@ __all__ = [
     "Page",
     "PendingWaitpoint",
     "PermissionDenied",
+    "QuotaPolicy",
+    "QuotaPolicyCreated",
     "ResourceExhausted",
     "ResultNotReady",
     "RetryAfter",
@@ -102,6 +116,8 @@ __all__ = [
     "TaskSuspended",
     "Unauthenticated",
     "Unavailable",
+    "UsageOutcome",
+    "UsageReport",
     "Waitpoint",
     "WaitpointClosed",
     "WaitpointEvent",

@@ -7,7 +7,8 @@ UNAVAILABLE with exponential backoff — except a create without an idempotency 
 execution id, which could be applied twice and is surfaced instead.
 
 `Client` is composed of one mixin per service area (`_client_executions`, `_client_flows`,
-`_client_streams`, `_client_signals`, `_client_admin`), all on one `Transport` (`_transport`).
+`_client_streams`, `_client_signals`, `_client_budgets`, `_client_admin`), all on one
+`Transport` (`_transport`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from types import TracebackType
 import grpc
 
 from flowfabric._client_admin import AdminMixin
+from flowfabric._client_budgets import BudgetsMixin
 from flowfabric._client_executions import ExecutionsMixin
 from flowfabric._client_flows import FlowsMixin
 from flowfabric._client_signals import SignalsMixin
@@ -46,7 +48,7 @@ __all__ = [
 ]
 
 
-class Client(ExecutionsMixin, FlowsMixin, StreamsMixin, SignalsMixin, AdminMixin):
+class Client(ExecutionsMixin, FlowsMixin, StreamsMixin, SignalsMixin, BudgetsMixin, AdminMixin):
     """Async FlowFabric client over one gRPC channel.
 
     Use `await Client.connect(target, token=...)` or `async with Client(target, ...) as c:`.

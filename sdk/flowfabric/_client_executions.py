@@ -6,7 +6,7 @@ import asyncio
 import builtins
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 
 from flowfabric._errors import DeadlineExceeded, ResultNotReady
 from flowfabric._models import (
@@ -29,6 +29,15 @@ from flowfabric.v1 import execution_pb2, types_pb2
 WAIT_RECHECK_S = 2.0
 
 
+def add_budgets(policy: types_pb2.ExecutionPolicy, budgets: Sequence[str]) -> None:
+    """Add `budgets` to the policy's `budget_ids` (those already there are kept once)."""
+    if isinstance(budgets, str):
+        raise TypeError("budgets is a list of budget ids, not one string")
+    for budget_id in budgets:
+        if budget_id not in policy.budget_ids:
+            policy.budget_ids.append(budget_id)
+
+
 class ExecutionsMixin(Connected):
     """Submitting, reading and operating on executions (ExecutionService)."""
 
@@ -47,8 +56,13 @@ class ExecutionsMixin(Connected):
         namespace: str = "default",
         execution_id: str | None = None,
         payload_encoding: str | None = None,
+        budgets: Sequence[str] = (),
+        quota: str | None = None,
     ) -> Submitted:
         """Create an execution of `kind` on `lane`.
+
+        `budgets` (budget ids) are added to the policy's `budget_ids`, and `quota` (a quota
+        policy id) is sent as `quota_policy_id` (docs/budgets.md).
 
         Retried on UNAVAILABLE only when `idempotency_key` or `execution_id` makes a repeat
         harmless (it then answers `duplicate`); otherwise the error is raised.
@@ -69,6 +83,10 @@ class ExecutionsMixin(Connected):
             request.policy.CopyFrom(policy.to_proto())
         elif policy is not None:
             request.policy.CopyFrom(policy)
+        if budgets:
+            add_budgets(request.policy, budgets)
+        if quota is not None:
+            request.quota_policy_id = quota
         if idempotency_key is not None:
             request.idempotency_key = idempotency_key
         if delay_until is not None:

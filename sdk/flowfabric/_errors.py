@@ -281,6 +281,32 @@ class RetryAfter(HandlerError):
         self.delay_ms = delay_ms
 
 
+class BudgetExceeded(NonRetryableError):
+    """A usage report hit a hard limit (`UsageReport.raise_if_hard_breach`): raised from a
+    handler, it fails the execution at once with failure reason and category
+    `budget_exceeded`.
+
+    Attributes:
+        budget_id: The budget, when known (set by `TaskContext.report_usage`'s check).
+        dimension: The dimension that would have passed its hard limit.
+        usage: Its usage (the refused report was not applied).
+        limit: Its hard limit.
+    """
+
+    default_category = "budget_exceeded"
+
+    def __init__(self, dimension: str, usage: int, limit: int, budget_id: str = "") -> None:
+        super().__init__("budget_exceeded", category="budget_exceeded")
+        self.budget_id = budget_id
+        self.dimension = dimension
+        self.usage = usage
+        self.limit = limit
+
+    def __str__(self) -> str:
+        where = f"budget {self.budget_id} " if self.budget_id else ""
+        return f"budget_exceeded: {where}{self.dimension} at {self.usage} of {self.limit}"
+
+
 # -- control flow -------------------------------------------------------------------------------
 
 

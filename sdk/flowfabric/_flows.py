@@ -87,6 +87,7 @@ class _Member:
     policy: Policy | None
     tags: dict[str, str]
     join: tuple[str, int]
+    budgets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class FlowBuilder(Generic[R]):
         edge_kind: EdgeKind = "success",
         data_from: FlowHandle | None = None,
         payload_encoding: str | None = None,
+        budgets: Sequence[str] = (),
     ) -> FlowHandle:
         """Add a member of `kind` that runs once the members in `after` decide it.
 
@@ -174,6 +176,9 @@ class FlowBuilder(Generic[R]):
                 `completion` (any terminal outcome will do: ordering only).
             data_from: An upstream whose result becomes this member's input once its edge is
                 satisfied (added to `after` if missing; success edges only).
+            budgets: Budget ids added to the member's policy `budget_ids` (as in
+                `Client.submit`). Flow members take no quota policy: SubmitFlow has no
+                `quota_policy_id`.
 
         Raises:
             InvalidFlow: A handle of another flow, a repeated upstream, a bad join or edge
@@ -208,6 +213,7 @@ class FlowBuilder(Generic[R]):
         self._members[key] = _Member(
             key=key, kind=kind, payload=data or b"", encoding=payload_encoding or encoding,
             lane=lane, priority=priority, policy=policy, tags=dict(tags or {}), join=parsed,
+            budgets=_budgets(budgets, key),
         )  # fmt: skip
         for up in ups:
             is_data = data_from is not None and up == data_from.key
@@ -370,7 +376,7 @@ class FlowBuilder(Generic[R]):
             if m.join != ("all", 0):
                 member.join.kind = _JOIN_KINDS[m.join[0]]
                 member.join.quorum = m.join[1]
-            _set_policy(member, m.policy)
+            _set_policy(member, m.policy, m.budgets)
         for e in self._edges.values():
             edge = request.edges.add(
                 upstream_key=e.upstream, downstream_key=e.downstream, kind=_EDGE_KINDS[e.kind]
@@ -412,7 +418,8 @@ class FlowBuilder(Generic[R]):
              "members": [{"key": "fetch", "kind": "fetch", "payload": {...}, "lane": "default",
                           "priority": 0, "policy": {...}, "tags": {...},
                           "after": ["other-key"], "join": "all" | "any" | {"quorum": 2},
-                          "edge_kind": "success" | "completion", "data_from": "other-key"}]}
+                          "edge_kind": "success" | "completion", "data_from": "other-key",
+                          "budgets": ["budget-id"]}]}
 
         Raises:
             InvalidFlow: An unknown field or member key, or any check of `add`/`validate`.
@@ -441,7 +448,7 @@ class FlowBuilder(Generic[R]):
                 lane=str(raw.get("lane", "default")), priority=int(raw.get("priority", 0)),
                 policy=raw.get("policy"), tags={str(k): str(v) for k, v in
                                                  dict(raw.get("tags") or {}).items()},
-                join=_join(join, key),
+                join=_join(join, key), budgets=_budgets(raw.get("budgets", ()), key),
             )  # fmt: skip
             links.append((key, dict(raw)))
         for key, raw in links:
@@ -464,8 +471,14 @@ class FlowBuilder(Generic[R]):
 
 _MEMBER_FIELDS = {
     "key", "kind", "payload", "lane", "priority", "policy", "tags", "after", "join",
-    "edge_kind", "data_from",
+    "edge_kind", "data_from", "budgets",
 }  # fmt: skip
+
+
+def _budgets(budgets: Any, key: str) -> tuple[str, ...]:
+    if isinstance(budgets, str) or not isinstance(budgets, Iterable):
+        raise InvalidFlow("invalid_input", f"member {key!r}: budgets is a list of ids", key)
+    return tuple(str(b) for b in budgets)
 
 
 def _known(obj: Mapping[str, Any], fields: set[str], where: str) -> None:
@@ -474,14 +487,40 @@ def _known(obj: Mapping[str, Any], fields: set[str], where: str) -> None:
         raise InvalidFlow("invalid_input", f"{where}: unknown field(s) {', '.join(unknown)}")
 
 
-def _set_policy(member: flow_pb2.SubmitFlowRequest.Member, policy: Policy | None) -> None:
+def _set_policy(
+    member: flow_pb2.SubmitFlowRequest.Member, policy: Policy | None, budgets: Sequence[str] = ()
+) -> None:
     if policy is None:
+        if budgets:
+            member.policy.budget_ids.extend(dict.fromkeys(budgets))
         return
     if isinstance(policy, RetryPolicy):
         member.policy.CopyFrom(policy.to_proto())
     elif isinstance(policy, types_pb2.ExecutionPolicy):
         member.policy.CopyFrom(policy)
-    elif isinstance(policy, str):
+    elif isinstance(policy, str) and not budgets:
         member.policy_json = policy
+        return
     else:  # verbatim: the server checks it (and names a bad field) as it does for a create
-        member.policy_json = json.dumps(dict(policy), separators=(",", ":"))
+        body = _policy_object(policy, member.key) if isinstance(policy, str) else dict(policy)
+        if budgets:
+            ids = body.get("budget_ids") or []
+            body["budget_ids"] = list(dict.fromkeys([*ids, *budgets]))
+        member.policy_json = json.dumps(body, separators=(",", ":"))
+        return
+    for budget_id in budgets:
+        if budget_id not in member.policy.budget_ids:
+            member.policy.budget_ids.append(budget_id)
+
+
+def _policy_object(text: str, key: str) -> dict[str, Any]:
+    """A policy's JSON text as an object, to add budget ids to it."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise InvalidFlow(
+            "invalid_policy_json", f"member {key!r}: policy is not a JSON object", key
+        )
+    return body

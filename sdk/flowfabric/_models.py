@@ -1,4 +1,5 @@
-"""The client's value types: public states, submit and list answers, times and payloads."""
+"""The client's value types: public states, submit and list answers, times and payloads, flows,
+budgets and quota policies."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from flowfabric._errors import BudgetExceeded
 from flowfabric.v1 import execution_pb2, types_pb2
 
 Time = datetime | timedelta | int
@@ -275,3 +277,238 @@ class FlowReplay:
     execution_ids: tuple[str, ...]
     reopened_edges: int
     state: FlowState
+
+
+# -- budgets and quota policies -----------------------------------------------------------------
+
+
+def _opt(message: Any, name: str) -> Any:
+    return getattr(message, name) if message.HasField(name) else None
+
+
+@dataclass(frozen=True)
+class BudgetCreated:
+    """The answer to `Client.create_budget`.
+
+    Attributes:
+        budget_id: The budget (the one given, or the UUID minted for it).
+        existed: True if a budget with this id existed already; it was left unchanged (the
+            limits and options of this call were ignored).
+    """
+
+    budget_id: str
+    existed: bool
+
+
+@dataclass(frozen=True)
+class QuotaPolicyCreated:
+    """The answer to `Client.create_quota_policy`.
+
+    Attributes:
+        quota_policy_id: The policy (the one given, or the UUID minted for it).
+        existed: True if the policy existed already; it was left unchanged.
+    """
+
+    quota_policy_id: str
+    existed: bool
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """A budget as `Client.budget` (GetBudgetStatus) and `Client.budgets` read it.
+
+    Attributes:
+        budget_id: The budget.
+        enforcement: `strict` (meant to stop work) or `advisory` (counted and reported only).
+        usage: Dimension → usage so far (dimensions never reported read as 0).
+        hard_limits: Dimension → hard limit; 0 = no limit.
+        soft_limits: Dimension → soft limit; 0 = no limit.
+        breach_count: Hard breaches so far (cumulative, not cleared by a reset).
+        soft_breach_count: Soft breaches so far (cumulative).
+        reset_count: Resets so far (manual and periodic).
+        reset_interval_ms: Period of the reset job; 0 = never resets.
+        next_reset_at: The next periodic reset (ms since the epoch); None without an interval.
+        last_breach_at: The last hard breach since the last reset (ms); None if none.
+        last_breach_dim: Its dimension; None if none.
+        last_reset_at: The last reset (ms); None if never reset.
+        created_at: ms since the epoch.
+        scope_type: `execution`, `flow`, `lane`, `tenant` or empty (descriptive only).
+        scope_id: Descriptive only.
+        on_hard_limit: The stored hint for a hard breach (`fail`, ...); not acted on.
+        on_soft_limit: The stored hint for a soft breach (`warn`, ...); not acted on.
+        raw: The server's record as sent.
+    """
+
+    budget_id: str
+    enforcement: str
+    usage: Mapping[str, int]
+    hard_limits: Mapping[str, int]
+    soft_limits: Mapping[str, int]
+    breach_count: int
+    soft_breach_count: int
+    reset_count: int
+    reset_interval_ms: int
+    next_reset_at: int | None
+    last_breach_at: int | None
+    last_breach_dim: str | None
+    last_reset_at: int | None
+    created_at: int | None
+    scope_type: str
+    scope_id: str
+    on_hard_limit: str
+    on_soft_limit: str
+    raw: types_pb2.BudgetStatus
+
+    @property
+    def dimensions(self) -> builtins.list[str]:
+        """Every dimension with a limit entry or usage, sorted."""
+        return sorted({*self.hard_limits, *self.soft_limits, *self.usage})
+
+    def remaining(self, dimension: str) -> int | None:
+        """What is left of `dimension` under its hard limit (0 when exhausted); None when the
+        dimension has no hard limit."""
+        limit = self.hard_limits.get(dimension, 0)
+        if not limit:
+            return None
+        return max(limit - self.usage.get(dimension, 0), 0)
+
+    @property
+    def exhausted(self) -> bool:
+        """Some dimension's usage is at or above its non-zero hard limit (how enforcement reads
+        a budget: docs/budgets.md#reconcilers)."""
+        return any(self.remaining(d) == 0 for d in self.hard_limits)
+
+    @classmethod
+    def from_proto(cls, status: types_pb2.BudgetStatus) -> BudgetStatus:
+        return cls(
+            budget_id=status.budget_id,
+            enforcement=status.enforcement_mode,
+            usage=dict(status.usage),
+            hard_limits=dict(status.hard_limits),
+            soft_limits=dict(status.soft_limits),
+            breach_count=status.breach_count,
+            soft_breach_count=status.soft_breach_count,
+            reset_count=status.reset_count,
+            reset_interval_ms=status.reset_interval_ms,
+            next_reset_at=_opt(status, "next_reset_at"),
+            last_breach_at=_opt(status, "last_breach_at"),
+            last_breach_dim=_opt(status, "last_breach_dim"),
+            last_reset_at=_opt(status, "last_reset_at"),
+            created_at=_opt(status, "created_at"),
+            scope_type=status.scope_type,
+            scope_id=status.scope_id,
+            on_hard_limit=status.on_hard_limit,
+            on_soft_limit=status.on_soft_limit,
+            raw=status,
+        )
+
+
+class UsageOutcome(enum.StrEnum):
+    """What a usage report did (ReportUsage's outcome)."""
+
+    #: Applied; no limit passed.
+    OK = "ok"
+    #: Applied; a dimension passed its soft limit.
+    SOFT_BREACH = "soft_breach"
+    #: Not applied: a dimension would have passed its hard limit.
+    HARD_BREACH = "hard_breach"
+    #: The dedup key was applied before (within 24 h); nothing changed.
+    ALREADY_APPLIED = "already_applied"
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """The answer to `Client.report_usage` and `TaskContext.report_usage`. Breaches are
+    outcomes, not errors.
+
+    Attributes:
+        outcome: OK, SOFT_BREACH, HARD_BREACH or ALREADY_APPLIED.
+        budget_id: The budget reported against.
+        dimension: With a breach: the (first) dimension concerned; else None.
+        usage: With a soft breach: its usage after the report; with a hard breach: its usage,
+            unchanged by the refused report; else None.
+        limit: With a breach: the limit passed (soft) or that would have been (hard).
+    """
+
+    outcome: UsageOutcome
+    budget_id: str = ""
+    dimension: str | None = None
+    usage: int | None = None
+    limit: int | None = None
+
+    @property
+    def applied(self) -> bool:
+        """The deltas were added by this report (OK or SOFT_BREACH)."""
+        return self.outcome in (UsageOutcome.OK, UsageOutcome.SOFT_BREACH)
+
+    @property
+    def hard_breach(self) -> bool:
+        return self.outcome is UsageOutcome.HARD_BREACH
+
+    def raise_if_hard_breach(self) -> UsageReport:
+        """Raise `BudgetExceeded` (a `NonRetryableError` whose failure reason is
+        `budget_exceeded`) on a hard breach; return this report otherwise. In a handler,
+        letting it propagate fails the execution at once."""
+        if self.hard_breach:
+            raise BudgetExceeded(
+                self.dimension or "", self.usage or 0, self.limit or 0, self.budget_id
+            )
+        return self
+
+    @classmethod
+    def from_proto(cls, reply: Any, budget_id: str = "") -> UsageReport:
+        which = reply.WhichOneof("outcome")
+        if which == "soft_breach":
+            b = reply.soft_breach
+            return cls(
+                UsageOutcome.SOFT_BREACH, budget_id, b.dimension, b.current_usage, b.soft_limit
+            )
+        if which == "hard_breach":
+            b = reply.hard_breach
+            return cls(
+                UsageOutcome.HARD_BREACH, budget_id, b.dimension, b.current_usage, b.hard_limit
+            )
+        if which == "already_applied":
+            return cls(UsageOutcome.ALREADY_APPLIED, budget_id)
+        return cls(UsageOutcome.OK, budget_id)
+
+
+@dataclass(frozen=True)
+class QuotaPolicy:
+    """A quota policy as `Client.quota_policy` and `Client.quota_policies` read it.
+
+    Attributes:
+        quota_policy_id: The policy.
+        window_seconds: The sliding window.
+        max_per_window: Admissions per window; 0 = no rate limit.
+        max_concurrent: Executions admitted at once; 0 = no cap.
+        jitter_ms: Spread added to the retry hints of callers refused together.
+        created_at: ms since the epoch.
+        current_concurrency: Slots held now.
+        current_window_requests: Admissions inside the current window.
+        raw: The server's record as sent.
+    """
+
+    quota_policy_id: str
+    window_seconds: int
+    max_per_window: int
+    max_concurrent: int
+    jitter_ms: int
+    created_at: int
+    current_concurrency: int
+    current_window_requests: int
+    raw: types_pb2.QuotaPolicy
+
+    @classmethod
+    def from_proto(cls, policy: types_pb2.QuotaPolicy) -> QuotaPolicy:
+        return cls(
+            quota_policy_id=policy.quota_policy_id,
+            window_seconds=policy.window_seconds,
+            max_per_window=policy.max_requests_per_window,
+            max_concurrent=policy.max_concurrent,
+            jitter_ms=policy.jitter_ms,
+            created_at=policy.created_at,
+            current_concurrency=policy.current_concurrency,
+            current_window_requests=policy.current_window_requests,
+            raw=policy,
+        )

@@ -195,6 +195,15 @@ class SyncClient:
     find_waitpoint = blocking(Client.find_waitpoint)
     watch_signals = blocking_iter(Client.watch_signals)
     watch_waitpoints = blocking_iter(Client.watch_waitpoints)
+    # BudgetService
+    create_budget = blocking(Client.create_budget)
+    budget = blocking(Client.budget)
+    budgets = blocking_iter(Client.budgets)
+    report_usage = blocking(Client.report_usage)
+    reset_budget = blocking(Client.reset_budget)
+    create_quota_policy = blocking(Client.create_quota_policy)
+    quota_policy = blocking(Client.quota_policy)
+    quota_policies = blocking_iter(Client.quota_policies)
     # AdminService
     rotate_waitpoint_secret = blocking(Client.rotate_waitpoint_secret)
     waitpoint_kids = blocking(Client.waitpoint_kids)

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from flowfabric._client import Client, Payload
+from flowfabric._client_budgets import report, usage_request
+from flowfabric._models import UsageReport
 from flowfabric._running import RunningTask
 from flowfabric._signals import Duration, Signal, duration_ms
 from flowfabric._transport import transport_of
@@ -254,6 +256,34 @@ class TaskContext:
     async def flush(self) -> None:
         """Send the frames emitted so far (one AppendFrames call) and wait for the answer."""
         await self._run.flush()
+
+    async def report_usage(
+        self,
+        budget_id: str,
+        usage: Mapping[str, int] | None = None,
+        /,
+        *,
+        dedup_key: str | None = None,
+        **deltas: int,
+    ) -> UsageReport:
+        """Report usage (e.g. `total_tokens=120`, or a mapping for names such as `custom:x`)
+        against a budget, as `Client.report_usage`: breaches are outcomes, not exceptions.
+
+        On a hard breach nothing was applied, and the handler SHOULD stop and fail its
+        execution with failure reason `budget_exceeded`; `raise_if_hard_breach()` does that
+        (it raises `BudgetExceeded`, a `NonRetryableError`):
+
+        ```python
+        (await ctx.report_usage(budget_id, total_tokens=n)).raise_if_hard_breach()
+        ```
+
+        No lease is needed (any holder of the budget id may report), so the report is not
+        fenced by this task's lease. A `dedup_key` (e.g. `f"{budget_id}:{ctx.execution_id}:
+        {step}"`) makes it safe to repeat after a reclaim and lets it be retried on
+        UNAVAILABLE.
+        """
+        transport = transport_of(self._run.client)
+        return await report(transport, usage_request(budget_id, usage, dedup_key, deltas))
 
     # -- suspension ---------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from flowfabric._errors import from_rpc_error
 from flowfabric._retry import RETRY_CODES, Backoff, with_retries
 from flowfabric.v1 import (
     admin_pb2_grpc,
+    budget_pb2_grpc,
     execution_pb2_grpc,
     flow_pb2_grpc,
     signal_pb2_grpc,
@@ -99,6 +100,7 @@ class Transport:
         self.signals = signal_pb2_grpc.SignalServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
         self.flows = flow_pb2_grpc.FlowServiceStub(self.channel)
+        self.budgets = budget_pb2_grpc.BudgetServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close(None)

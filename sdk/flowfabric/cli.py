@@ -13,6 +13,8 @@
     flowfabric worker MODULE:ATTRIBUTE        run a module's flowfabric.Worker
     flowfabric admin info | kids [--partition N] | rotate-secret --kid K [--secret-hex H]
     flowfabric flow submit FILE [--wait] | show ID | cancel ID [--wait] | replay ID   (cli_flows)
+    flowfabric budget create | show | list | report | reset;  quota create | show | list
+                                              budgets and quota policies (cli_budgets)
 
 Client commands talk gRPC to `--target` (env FF_TARGET, default 127.0.0.1:50051) with the bearer
 token `--token` (env FF_API_TOKEN). Tables by default, `--json` for scripts.
@@ -173,6 +175,8 @@ def serve(flags: tuple[str, ...]) -> None:
 @click.option("--delay-ms", default=None, type=int, help="Start no earlier than now + this.")
 @click.option("--tag", "tags", multiple=True, help="key=value (key like app.name); repeatable.")
 @click.option("--policy", "policy_json", default=None, help="Execution policy as JSON.")
+@click.option("--budget", "budgets", multiple=True, help="Attach a budget (id); repeatable.")
+@click.option("--quota", "quota_id", default=None, help="Attach a quota policy (id).")
 @click.pass_context
 def submit(
     ctx: click.Context,
@@ -185,6 +189,8 @@ def submit(
     delay_ms: int | None,
     tags: tuple[str, ...],
     policy_json: str | None,
+    budgets: tuple[str, ...],
+    quota_id: str | None,
 ) -> None:
     """Create an execution of KIND."""
     import time
@@ -208,8 +214,12 @@ def submit(
         request.idempotency_key = idempotency_key
     if delay_ms is not None:
         request.delay_until = int(time.time() * 1000) + delay_ms
+    if budgets:
+        policy_json = _with_budgets(policy_json, budgets)
     if policy_json:
         request.policy_json = policy_json
+    if quota_id is not None:
+        request.quota_policy_id = quota_id
     with _client(ctx) as client:
         reply = client.create(request)
     which = reply.WhichOneof("outcome")
@@ -221,6 +231,19 @@ def submit(
     else:
         rows = [("execution_id", reply.duplicate.execution_id), ("duplicate", "yes")]
     _print(reply, ctx.obj["json"], rows)
+
+
+def _with_budgets(policy_json: str | None, budgets: Sequence[str]) -> str:
+    """The `--policy` JSON with the `--budget` ids added to its `budget_ids`."""
+    try:
+        policy = json.loads(policy_json) if policy_json else {}
+    except ValueError as exc:
+        raise click.UsageError(f"--policy is not JSON: {exc}") from None
+    if not isinstance(policy, dict):
+        raise click.UsageError("--policy must be a JSON object to add --budget ids to it")
+    ids = list(policy.get("budget_ids") or [])
+    policy["budget_ids"] = list(dict.fromkeys([*ids, *budgets]))
+    return json.dumps(policy, separators=(",", ":"))
 
 
 @main.command()
@@ -717,10 +740,16 @@ def rotate_secret(
         raise SystemExit(EXIT_REFUSED)
 
 
-# Registered last: the flow commands use this module's client and output helpers.
+# Registered last: the flow, budget and quota commands use this module's client and output helpers.
 from flowfabric.cli_flows import flow as _flow_commands  # noqa: E402
 
 main.add_command(_flow_commands)
+
+from flowfabric.cli_budgets import budget as _budget_commands  # noqa: E402
+from flowfabric.cli_budgets import quota as _quota_commands  # noqa: E402
+
+main.add_command(_budget_commands)
+main.add_command(_quota_commands)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

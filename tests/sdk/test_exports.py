@@ -10,6 +10,9 @@ import flowfabric
 EXPORTS = [
     "Aborted",
     "AlreadyExists",
+    "BudgetCreated",
+    "BudgetExceeded",
+    "BudgetStatus",
     "Client",
     "DeadlineExceeded",
     "ExecutionNotActive",
@@ -32,6 +35,8 @@ EXPORTS = [
     "Page",
     "PendingWaitpoint",
     "PermissionDenied",
+    "QuotaPolicy",
+    "QuotaPolicyCreated",
     "ResourceExhausted",
     "ResultNotReady",
     "RetryAfter",
@@ -47,6 +52,8 @@ EXPORTS = [
     "TaskSuspended",
     "Unauthenticated",
     "Unavailable",
+    "UsageOutcome",
+    "UsageReport",
     "Waitpoint",
     "WaitpointClosed",
     "WaitpointEvent",
@@ -92,6 +99,9 @@ def test_error_hierarchy() -> None:
     # raised by handlers, not by the server
     assert issubclass(ff.NonRetryableError, ff.HandlerError)
     assert issubclass(ff.RetryAfter, ff.HandlerError)
+    assert issubclass(ff.BudgetExceeded, ff.NonRetryableError)
+    exceeded = ff.BudgetExceeded("total_tokens", 90, 100)
+    assert (exceeded.message, exceeded.category) == ("budget_exceeded", "budget_exceeded")
     assert not issubclass(ff.HandlerError, ff.FlowFabricError)
     assert ff.NonRetryableError("x").non_retryable
     assert ff.RetryAfter(300).retry_after_ms == 300
