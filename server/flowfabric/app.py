@@ -43,6 +43,7 @@ from flowfabric.server.embedded import (
     unlock_data_dir,
 )
 from flowfabric.server.engine.aio import cancel_and_wait
+from flowfabric.server.engine.budget_admission import BudgetCheck, QuotaCheck
 from flowfabric.server.engine.budgets import budget_jobs
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.flows import (
@@ -168,6 +169,10 @@ class FlowFabricServer:
         self.ready.on_pending(self.follow_ups.schedule)
         await self.ready.start()
         self.scheduler = Scheduler(fn, self.store, cfg.flow_partitions, self.hub, self.ready)
+        # capabilities (the default, in-slot), then budgets, then the quota
+        # (docs/lifecycle.md#admission)
+        self.scheduler.admission.register(BudgetCheck(self.store, cfg.budget_partitions))
+        self.scheduler.admission.register(QuotaCheck(self.store, fn, cfg.quota_partitions))
         registry = WorkerRegistry(self.store)
         self.scanners = lifecycle_scanners(cfg, self.store, fn, registry, self.scheduler.wake_local)
         for scanner in suspension_scanners(cfg, self.store, fn):

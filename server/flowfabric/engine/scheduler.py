@@ -11,10 +11,12 @@ get a claim call.
 
 Admission (`engine/admission.py`) is an ordered list of checks. With only in-slot checks (the
 capability route) the batch claim is used and the checks decide what happens to the heads it
-reported (a capability mismatch is blocked into `blocked:route`). With a cross-slot check
-registered (budgets, quotas: other hash tags), each partition's eligible heads are read first,
-every check is asked, and only admitted heads are claimed (grant, then claim), releasing the
-checks' reservations when a claim fails.
+reported (a capability mismatch is blocked into `blocked:route`). The batch claim leases only
+heads without budgets or a quota; it reports the others (`needs_admission`), and each of those
+is asked every check, including the cross-slot budget and quota checks
+(`engine/budget_admission.py`), and claimed alone when admitted (grant, then claim), releasing
+the checks' reservations when a claim fails. With a cross-slot check registered that concerns
+every head, each partition's eligible heads are read first and all of them take that path.
 
 When the probed partitions have nothing eligible (and every 16th call), expired or revoked
 leases in them are reclaimed (`engine/reclaim.py`), so a crashed worker's execution is handed
@@ -244,6 +246,9 @@ class Scheduler:
         )
         budget.spend(reply.reply_bytes)
         out = [claimed_from_row(row, who.lane_id, self.partitions) for row in reply.claimed]
+        if reply.needs_admission:
+            out += await self._admit_reported(reply.needs_admission, who, req, want - len(out),
+                                              budget)  # fmt: skip
         for raw in reply.mismatched:
             try:
                 eid = parse_execution_id(raw, self.partitions)
@@ -271,15 +276,45 @@ class Scheduler:
                 eids.append(parse_execution_id(text(raw), self.partitions))
             except FlowFabricError:
                 continue
-        costs = await row_costs(self.store, eids)
+        return await self._admit_each(eids, who, req, want, budget)
+
+    async def _admit_reported(
+        self, raws: Sequence[str], who: Claimer, req: ClaimRequest, want: int, budget: Budget
+    ) -> list[Claimed]:
+        """The heads `ff_claim_batch` left for admission (budgets or a quota attached): each is
+        asked every check and claimed alone when admitted (docs/lifecycle.md#admission)."""
+        eids: list[ExecutionId] = []
+        for raw in raws:
+            try:
+                eids.append(parse_execution_id(raw, self.partitions))
+            except FlowFabricError:
+                continue
+        return await self._admit_each(eids, who, req, want, budget)
+
+    async def _admit_each(
+        self, eids: Sequence[ExecutionId], who: Claimer, req: ClaimRequest, want: int,
+        budget: Budget,
+    ) -> list[Claimed]:  # fmt: skip
+        """Ask every check for each of `eids` in order; block the refused ones and claim the
+        admitted ones with a grant and a claim, releasing the reservations if that fails. A
+        check that cannot read its state raises: the claim call fails (fail closed)."""
+        if want <= 0 or not eids:
+            return []
+        costs = await row_costs(self.store, list(eids))
         out: list[Claimed] = []
         for eid, cost in zip(eids, costs, strict=True):
             if len(out) >= want or not budget.fits(cost):
                 break
-            required = text(
-                await self.store.call("HGET", ExecKeys(eid).core, "required_capabilities")
-            )
-            cand = Candidate(eid, who.lane_id, tuple(t for t in required.split(",") if t))
+            required, bids, qid = (
+                text(v) for v in await self.store.call(
+                    "HMGET", ExecKeys(eid).core, "required_capabilities", "budget_ids",
+                    "quota_policy_id",
+                )
+            )  # fmt: skip
+            cand = Candidate(
+                eid, who.lane_id, tuple(t for t in required.split(",") if t),
+                budget_ids=tuple(b for b in bids.split(",") if b), quota_policy_id=qid,
+            )  # fmt: skip
             verdict = await self.admission.decide(cand, who)
             if isinstance(verdict, Block):
                 await self.admission.block(eid, verdict)
