@@ -15,11 +15,17 @@ or quotas keep the one-call claim.
   a full concurrency cap blocks until a slot frees. When the claim then fails the admission is
   released (`ff_release_admission`).
 
-`headroom` and `quota_clear` are the same conditions as reads only, for the unblock scanner.
+`AdmissionReleaser` gives a quota slot back when the admitted work ends its lease (the functions
+announce it on the partition's ready channel; docs/budgets.md#releasing-admissions).
+
+`exhausted_budget` and `quota_clear` are the same conditions as reads only, for the unblock scanner.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import uuid
 from dataclasses import dataclass
 
@@ -30,6 +36,8 @@ from flowfabric.server.valkey.functions import Claimer, Functions
 from flowfabric.server.valkey.ids import budget_partition, quota_partition
 from flowfabric.server.valkey.keys import BudgetKeys, QuotaKeys
 from flowfabric.server.valkey.store import Store
+
+log = logging.getLogger("flowfabric.admission")
 
 BUDGET_REASON = "waiting_for_budget"
 QUOTA_REASON = "waiting_for_quota"
@@ -189,3 +197,44 @@ class QuotaCheck:
         keys = self.keys(candidate.quota_policy_id)
         if keys is not None:
             await self.functions.quota.release_admission(keys, str(candidate.execution_id))
+
+
+class AdmissionReleaser:
+    """Calls `ff_release_admission` for each `admission_released` announcement. Every server
+    hears each one; the release is idempotent (the counter drops only when the admitted-set
+    member was removed). A lost announcement or a failed call leaves the slot to the quota
+    reconciler, which frees it once the admission's guard has expired."""
+
+    #: Releases in flight at once on one server.
+    CONCURRENCY = 8
+
+    def __init__(self, functions: Functions, quota_partitions: int) -> None:
+        self.functions, self.partitions = functions, quota_partitions
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.CONCURRENCY)
+
+    def schedule(self, quota_policy_id: str, execution_id: str) -> None:
+        if not _valid_id(quota_policy_id) or not execution_id:
+            return
+        keys = QuotaKeys.of(quota_partition(quota_policy_id, self.partitions), quota_policy_id)
+        task = asyncio.create_task(self._release(keys, execution_id), name="quota-release")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, keys: QuotaKeys, execution_id: str) -> None:
+        try:
+            async with self._slots:
+                await self.functions.quota.release_admission(keys, execution_id)
+        except FlowFabricError as exc:
+            log.warning(
+                "release of %s from quota %s failed: %s", execution_id, keys.quota_policy_id,
+                exc.code,
+            )  # fmt: skip
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
