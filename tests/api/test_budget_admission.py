@@ -11,6 +11,7 @@ import uuid
 import grpc
 import pytest
 
+from flowfabric.server.engine.budget_admission import claim_pass, exhausted_budget
 from flowfabric.server.valkey.functions import Claimer
 from flowfabric.server.valkey.ids import (
     budget_partition,
@@ -217,3 +218,41 @@ async def test_concurrency_cap_blocks_until_the_first_completes(engine_api: Api)
 
     await eventually(eligible)
     assert await claimed_ids(api) == [second]
+
+
+async def test_a_failed_claim_after_admission_returns_the_quota_slot(api: Api) -> None:
+    qid, _ = await create_quota(api, window_seconds=60, max_concurrent=1)
+    eid = await create(api, quota_policy_id=qid)
+    e = parse_execution_id(eid, api.server.config.flow_partitions)
+    assert api.server.scheduler is not None
+    fn = api.server.scheduler.functions
+    orig = fn.scheduling.issue_claim_grant
+    keys = QuotaKeys.of(quota_partition(qid, PARTS), qid)
+    seen: list[bytes | None] = []
+
+    async def stolen(*a: object, **k: object) -> object:
+        # admitted by now; another worker takes the head before this claim's grant
+        seen.append(await api.store.call("GET", keys.concurrency))
+        await orig(e, Claimer("thief", "thief-1", LANE, ""), 60_000)
+        return await orig(*a, **k)  # type: ignore[arg-type]
+
+    fn.scheduling.issue_claim_grant = stolen  # type: ignore[method-assign]
+    try:
+        assert await claimed_ids(api) == []
+    finally:
+        fn.scheduling.issue_claim_grant = orig  # type: ignore[method-assign]
+    assert seen == [b"1"]
+    assert await api.store.call("GET", keys.concurrency) == b"0", "counter restored"
+    assert await api.store.call("EXISTS", keys.guard(eid)) == 0, "guard deleted"
+    assert await api.store.call("SISMEMBER", keys.admitted_set, eid) == 0
+
+
+async def test_budget_verdicts_are_cached_for_one_claim_call(api: Api) -> None:
+    bid = await spent_budget(api)
+    keys = BudgetKeys.of(budget_partition(bid, PARTS), bid)
+    detail = f"budget {bid}: total_tokens 100/100"
+    with claim_pass():
+        assert await exhausted_budget(api.store, PARTS, (bid,)) == detail
+        await api.store.call("HSET", keys.usage, "total_tokens", "0")
+        assert await exhausted_budget(api.store, PARTS, (bid,)) == detail, "read once per call"
+    assert await exhausted_budget(api.store, PARTS, (bid,)) == "", "the next call reads again"

@@ -27,6 +27,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from flowfabric.server.engine.admission import ADMIT, Block, Candidate, Verdict
@@ -65,27 +67,57 @@ def _valid_id(raw: str) -> bool:
     return True
 
 
+#: Budget verdicts of the claim call in progress (budget id -> block detail, "" = headroom),
+#: set by `claim_pass`; errors are never cached.
+_PASS: ContextVar[dict[str, str] | None] = ContextVar("budget_verdicts", default=None)
+
+
+@contextlib.contextmanager
+def claim_pass() -> Iterator[None]:
+    """Cache budget verdicts for the duration of one claim call (the scheduler's `claim`)."""
+    token = _PASS.set({})
+    try:
+        yield
+    finally:
+        _PASS.reset(token)
+
+
 async def exhausted_budget(store: Store, partitions: int, budget_ids: tuple[str, ...]) -> str:
     """The block detail of the first attached strict budget at a hard limit, "" when every one
-    has headroom. Raises FlowFabricError when a read fails or a stored number does not parse."""
+    has headroom. Raises FlowFabricError when a read fails or a stored number does not parse.
+    Inside `claim_pass` each budget is read once per claim call."""
+    cache = _PASS.get()
     for bid in budget_ids:
         if not _valid_id(bid):
             continue  # names no budget: nothing to enforce
-        keys = BudgetKeys.of(budget_partition(bid, partitions), bid)
-        pipe = store.pipeline()
-        for k in (keys.definition, keys.limits, keys.usage):
-            pipe.hgetall(k)
-        d, limits, usage = (hash_to_dict(r) for r in await store.run_pipeline(pipe))
-        if not d or (d.get("enforcement_mode") or "strict") == "advisory":
+        if cache is not None and bid in cache:
+            verdict = cache[bid]
+        else:
+            verdict = await _budget_verdict(store, partitions, bid)
+            if cache is not None:
+                cache[bid] = verdict
+        if verdict:
+            return verdict
+    return ""
+
+
+async def _budget_verdict(store: Store, partitions: int, bid: str) -> str:
+    """The block detail of budget `bid` when strict and at a hard limit, else ""."""
+    keys = BudgetKeys.of(budget_partition(bid, partitions), bid)
+    pipe = store.pipeline()
+    for k in (keys.definition, keys.limits, keys.usage):
+        pipe.hgetall(k)
+    d, limits, usage = (hash_to_dict(r) for r in await store.run_pipeline(pipe))
+    if not d or (d.get("enforcement_mode") or "strict") == "advisory":
+        return ""
+    for field_name in sorted(limits):
+        kind, _, dim = field_name.partition(":")
+        if kind != "hard":
             continue
-        for field_name in sorted(limits):
-            kind, _, dim = field_name.partition(":")
-            if kind != "hard":
-                continue
-            limit = _count(f"budget {bid} limit {field_name}", limits[field_name])
-            used = _count(f"budget {bid} usage {dim}", usage.get(dim, "0") or "0")
-            if limit > 0 and used >= limit:
-                return f"budget {bid}: {dim} {used}/{limit}"
+        limit = _count(f"budget {bid} limit {field_name}", limits[field_name])
+        used = _count(f"budget {bid} usage {dim}", usage.get(dim, "0") or "0")
+        if limit > 0 and used >= limit:
+            return f"budget {bid}: {dim} {used}/{limit}"
     return ""
 
 
@@ -108,11 +140,11 @@ async def quota_limits(store: Store, keys: QuotaKeys) -> QuotaLimits | None:
         return None
     q = keys.quota_policy_id
 
-    def num(name: str) -> int:
-        return _count(f"quota {q} {name}", d.get(name, "0") or "0")
+    def num(name: str, default: str = "0") -> int:
+        return _count(f"quota {q} {name}", d.get(name, default) or default)
 
     return QuotaLimits(
-        num("requests_per_window_seconds"), num("max_requests_per_window"),
+        num("requests_per_window_seconds", "60"), num("max_requests_per_window"),
         num("active_concurrency_cap"), num("jitter_ms"),
     )  # fmt: skip
 

@@ -51,6 +51,7 @@ from flowfabric.server.engine.admission import (
     Block,
     Candidate,
 )
+from flowfabric.server.engine.budget_admission import claim_pass
 from flowfabric.server.engine.claims import (
     NO_MATCH,
     Budget,
@@ -141,11 +142,12 @@ class Scheduler:
         budget = Budget(req.max_reply_bytes)
         lanes = list(req.lanes)
         shift = next(self._lane_rotation) % len(lanes)
-        for lane in lanes[shift:] + lanes[:shift]:
-            want = req.max_tasks - len(out)
-            if want <= 0 or budget.spent:
-                break
-            out += await self._claim_lane(req, lane, want, budget)
+        with claim_pass():  # budget verdicts are read once per claim call
+            for lane in lanes[shift:] + lanes[:shift]:
+                want = req.max_tasks - len(out)
+                if want <= 0 or budget.spent:
+                    break
+                out += await self._claim_lane(req, lane, want, budget)
         return out
 
     async def _claim_lane(
