@@ -21,7 +21,7 @@ from flowfabric.server.valkey.ids import (
 from flowfabric.server.valkey.keys import BudgetKeys, ExecKeys, PartitionKeys, QuotaKeys
 from flowfabric.v1 import types_pb2 as t
 from tests.api.test_budgets import create_budget, create_quota, eventually, report
-from tests.api.test_lifecycle import LANE, claim_next, complete, create, get
+from tests.api.test_lifecycle import LANE, claim_for_worker, claim_next, complete, create, get
 from tests.conftest import Api
 
 PARTS = 32  # the default budget and quota partition counts
@@ -256,3 +256,16 @@ async def test_budget_verdicts_are_cached_for_one_claim_call(api: Api) -> None:
         await api.store.call("HSET", keys.usage, "total_tokens", "0")
         assert await exhausted_budget(api.store, PARTS, (bid,)) == detail, "read once per call"
     assert await exhausted_budget(api.store, PARTS, (bid,)) == "", "the next call reads again"
+
+
+async def test_the_two_step_grant_passes_admission(api: Api) -> None:
+    bid = await spent_budget(api)
+    blocked = await create(api, policy=with_budgets(bid))
+    granted = await claim_for_worker(api)
+    assert granted.WhichOneof("outcome") == "no_work"
+    info = await get(api, blocked)
+    assert info.state_vector.blocking_reason == t.BLOCKING_REASON_WAITING_FOR_BUDGET
+    free = await create(api)
+    granted = await claim_for_worker(api)
+    assert granted.WhichOneof("outcome") == "granted"
+    assert granted.granted.execution_id == free

@@ -21,7 +21,8 @@ every head, each partition's eligible heads are read first and all of them take 
 When the probed partitions have nothing eligible (and every 16th call), expired or revoked
 leases in them are reclaimed (`engine/reclaim.py`), so a crashed worker's execution is handed
 to another worker. ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
-then `ff_claim_execution` or `ff_claim_resumed_execution`).
+then `ff_claim_execution` or `ff_claim_resumed_execution`); a head with budgets or a quota passes
+the admission checks before its grant.
 
 Before the window, the partitions where flow work of the lane was announced are claimed from,
 after the solo partition or, every other pass, before it (`engine/ready.py`: the functions
@@ -307,16 +308,7 @@ class Scheduler:
         for eid, cost in zip(eids, costs, strict=True):
             if len(out) >= want or not budget.fits(cost):
                 break
-            required, bids, qid = (
-                text(v) for v in await self.store.call(
-                    "HMGET", ExecKeys(eid).core, "required_capabilities", "budget_ids",
-                    "quota_policy_id",
-                )
-            )  # fmt: skip
-            cand = Candidate(
-                eid, who.lane_id, tuple(t for t in required.split(",") if t),
-                budget_ids=tuple(b for b in bids.split(",") if b), quota_policy_id=qid,
-            )  # fmt: skip
+            cand = await self._candidate(eid, who)
             verdict = await self.admission.decide(cand, who)
             if isinstance(verdict, Block):
                 await self.admission.block(eid, verdict)
@@ -363,19 +355,45 @@ class Scheduler:
         pipe = self.store.pipeline()
         for p in parts:
             pipe.zrange(PartitionKeys.of(p).lane(who.lane_id, "eligible"), 0, 0)
-        for members in await self.store.run_pipeline(pipe):
-            for raw in members:
-                try:
-                    eid = parse_execution_id(text(raw), self.partitions)
-                    return eid, await self.functions.scheduling.issue_claim_grant(
-                        eid, who, req.grant_ttl_ms
-                    )
-                except FlowFabricError as exc:
-                    if exc.code == "capability_mismatch":
-                        await self._block_for_route(eid)
-                    elif exc.code not in (*NO_MATCH, "invalid_input"):
-                        raise
+        with claim_pass():
+            for members in await self.store.run_pipeline(pipe):
+                for raw in members:
+                    try:
+                        eid = parse_execution_id(text(raw), self.partitions)
+                    except FlowFabricError:
+                        continue
+                    cand = await self._candidate(eid, who)
+                    if cand.budget_ids or cand.quota_policy_id:
+                        verdict = await self.admission.decide(cand, who)
+                        if isinstance(verdict, Block):
+                            await self.admission.block(eid, verdict)
+                        if verdict != ADMIT:
+                            continue
+                    try:
+                        return eid, await self.functions.scheduling.issue_claim_grant(
+                            eid, who, req.grant_ttl_ms
+                        )
+                    except FlowFabricError as exc:
+                        if cand.budget_ids or cand.quota_policy_id:
+                            await self.admission.release(cand, who)
+                        if exc.code == "capability_mismatch":
+                            await self._block_for_route(eid)
+                        elif exc.code not in (*NO_MATCH, "invalid_input"):
+                            raise
         return None
+
+    async def _candidate(self, eid: ExecutionId, who: Claimer) -> Candidate:
+        """What the admission checks need of `eid`, read from its core."""
+        required, bids, qid = (
+            text(v) for v in await self.store.call(
+                "HMGET", ExecKeys(eid).core, "required_capabilities", "budget_ids",
+                "quota_policy_id",
+            )
+        )  # fmt: skip
+        return Candidate(
+            eid, who.lane_id, tuple(t for t in required.split(",") if t),
+            budget_ids=tuple(b for b in bids.split(",") if b), quota_policy_id=qid,
+        )  # fmt: skip
 
     async def claim_granted(
         self, eid: ExecutionId, who: Claimer, lease_ttl_ms: int, lease_id: str, attempt_id: str
