@@ -22,6 +22,7 @@ from flowfabric.server.valkey.keys import BudgetKeys, ExecKeys, PartitionKeys, Q
 from flowfabric.v1 import types_pb2 as t
 from tests.api.test_budgets import create_budget, create_quota, eventually, report
 from tests.api.test_lifecycle import LANE, claim_for_worker, claim_next, complete, create, get
+from tests.api.test_why import K, why
 from tests.conftest import Api
 
 PARTS = 32  # the default budget and quota partition counts
@@ -184,6 +185,8 @@ async def test_quota_rate_blocks_the_third_with_retry_at(api: Api) -> None:
     assert info.blocking_detail.startswith(prefix), info.blocking_detail
     retry_at = int(info.blocking_detail[len(prefix) :])
     assert retry_at > await api.store.time_ms()
+    w = await why(api, ids[2])
+    assert w.kind == K.KIND_QUOTA_RATE and w.eta_at == retry_at
 
 
 async def test_quota_without_limits_admits(api: Api) -> None:
