@@ -345,7 +345,7 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --     namespace, flow id and encoding), then max_tasks pairs lease_id, attempt_id (the i-th
 --     lease takes the i-th pair).
 --   Now: TIME, once.
---   Replies: {1,"OK",claimed,mismatched,reply_bytes}
+--   Replies: {1,"OK",claimed,mismatched,reply_bytes,needs_admission}
 --     claimed: one array per lease, reclaims first, then in eligible order: {execution_id,
 --       lease_id, lease_epoch, lease_expires_at, attempt_id, attempt_index, attempt_type
 --       (initial | retry | replay | reclaim; a resumed claim gives its attempt's stored type),
@@ -355,6 +355,10 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --       last_capability_mismatch_at written, as by the grant; the caller blocks them for
 --       route).
 --     reply_bytes: what the claimed rows cost (as counted for max_reply_bytes).
+--     needs_admission: eligible, leaseable ids that passed the capability check but carry
+--       budget_ids or a quota_policy_id: not leased (nothing written; they do not count
+--       against max_tasks), for the caller to take through the cross-slot admission checks
+--       (docs/lifecycle.md#admission).
 --   Errors (before any write): invalid_input (numeric ARGV, empty ids, pair count, KEYS not
 --     the lane's eligible set and the indexes of its tag), invalid_capabilities (worker side).
 --   Skipped, nothing written: heads whose core is missing, that are not eligible, hold a grant,
@@ -489,8 +493,9 @@ local function reclaim_head(eid, b, argv, pair, room, now)
   return claimed_row(x, a, 'reclaim', false), cost
 end
 
--- One eligible head of ff_claim_batch: the claimed row and its cost, 'mismatch', 'full' (would
--- not fit in `room`), or nil (skipped).
+-- One eligible head of ff_claim_batch: the claimed row and its cost, 'mismatch', 'admission'
+-- (budgets or a quota attached: the caller admits it), 'full' (would not fit in `room`), or nil
+-- (skipped).
 local function claim_head(eid, b, argv, pair, room, now)
   local tag = b.tag
   local x = load_head(tag, eid)
@@ -511,6 +516,9 @@ local function claim_head(eid, b, argv, pair, room, now)
   local cerr = claimable(x.core)
   if cerr ~= nil and cerr[2] ~= 'use_claim_resumed_execution' then
     return nil
+  end
+  if Util.is_set(x.core.budget_ids) or Util.is_set(x.core.quota_policy_id) then
+    return 'admission'
   end
   local cost = row_cost(x)
   if cost > room then
@@ -533,7 +541,7 @@ local function claim_batch(keys, argv)
   b.keys = keys
   b.active = Keys.lane(b.tag, argv[3], 'active')
   local now = Util.now_ms()
-  local claimed, mismatched, used = {}, {}, 0
+  local claimed, mismatched, admit, used = {}, {}, {}, 0
   -- Due leases first, then the eligible heads; each stops at max_tasks or a row that does
   -- not fit.
   local passes = {
@@ -548,16 +556,18 @@ local function claim_batch(keys, argv)
       end
       local got, cost = take(eid, b, argv, FIRST_PAIR + 2 * #claimed, b.room - used, now)
       if got == 'full' then
-        return Reply.ok(claimed, mismatched, Util.num(used))
+        return Reply.ok(claimed, mismatched, Util.num(used), admit)
       elseif got == 'mismatch' then
         mismatched[#mismatched + 1] = eid
+      elseif got == 'admission' then
+        admit[#admit + 1] = eid
       elseif got then
         claimed[#claimed + 1] = got
         used = used + cost
       end
     end
   end
-  return Reply.ok(claimed, mismatched, Util.num(used))
+  return Reply.ok(claimed, mismatched, Util.num(used), admit)
 end
 
 redis.register_function('ff_claim_batch', claim_batch)

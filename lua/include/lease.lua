@@ -156,6 +156,13 @@ function Lease.release(x, reason, now)
   Lease.event(x.history, 'released', {'lease_id', c.current_lease_id,
     'lease_epoch', c.current_lease_epoch, 'attempt_index', c.current_attempt_index,
     'attempt_id', c.current_attempt_id, 'reason', reason}, now)
+  -- Work that held a quota admission gives its slot back: announced on the partition's ready
+  -- channel, where every server's ReadyHints calls ff_release_admission
+  -- (docs/budgets.md#releasing-admissions). At most once; the quota reconciler is the backstop.
+  if Util.is_set(c.quota_policy_id) then
+    redis.call('SPUBLISH', 'ff:ready:' .. x.tag, cjson.encode({type = 'admission_released',
+      quota_policy_id = c.quota_policy_id, execution_id = x.eid}))
+  end
 end
 
 -- Replaces lease:current with lease `a` (docs/architecture.md#key-schema fields).

@@ -43,6 +43,7 @@ from flowfabric.server.embedded import (
     unlock_data_dir,
 )
 from flowfabric.server.engine.aio import cancel_and_wait
+from flowfabric.server.engine.budget_admission import AdmissionReleaser, BudgetCheck, QuotaCheck
 from flowfabric.server.engine.budgets import budget_jobs
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.flows import (
@@ -103,6 +104,7 @@ class FlowFabricServer:
         self.scheduler: Scheduler | None = None
         self.ready: ReadyHints | None = None
         self.follow_ups: FollowUpResolver | None = None
+        self.releaser: AdmissionReleaser | None = None
         self.scanners: ScannerSet | None = None
         self.embedded: ValkeyProcess | None = None
         self.store: Store | None = None
@@ -166,8 +168,14 @@ class FlowFabricServer:
         self.ready = ReadyHints(self.hub, cfg.flow_partitions)
         self.follow_ups = FollowUpResolver(fn, cfg.flow_partitions)
         self.ready.on_pending(self.follow_ups.schedule)
+        self.releaser = AdmissionReleaser(fn, cfg.quota_partitions)
+        self.ready.on_released(self.releaser.schedule)
         await self.ready.start()
         self.scheduler = Scheduler(fn, self.store, cfg.flow_partitions, self.hub, self.ready)
+        # capabilities (the default, in-slot), then budgets, then the quota
+        # (docs/lifecycle.md#admission)
+        self.scheduler.admission.register(BudgetCheck(self.store, cfg.budget_partitions))
+        self.scheduler.admission.register(QuotaCheck(self.store, fn, cfg.quota_partitions))
         registry = WorkerRegistry(self.store)
         self.scanners = lifecycle_scanners(cfg, self.store, fn, registry, self.scheduler.wake_local)
         for scanner in suspension_scanners(cfg, self.store, fn):
@@ -443,6 +451,8 @@ class FlowFabricServer:
             await self.ready.stop()
         if self.follow_ups is not None:
             await self.follow_ups.stop()  # deps_pending keeps the rest for the reconciler
+        if self.releaser is not None:
+            await self.releaser.stop()  # the quota reconciler frees what is left
         if self.canceller is not None:
             await self.canceller.stop(self.config.shutdown_grace_s)  # the backlog keeps the rest
         if self.scanners is not None:

@@ -65,7 +65,7 @@ class ChosenCheck:
 async def check(api: Api) -> AsyncIterator[ChosenCheck]:
     assert api.server.scheduler is not None
     admission = api.server.scheduler.admission
-    assert [c.name for c in admission.checks] == ["capability_route"]
+    assert [c.name for c in admission.checks] == ["capability_route", "budget", "quota"]
     chosen = ChosenCheck(api)
     admission.register(chosen)
     try:

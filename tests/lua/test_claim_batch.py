@@ -351,3 +351,18 @@ async def test_invalid_worker_capabilities_change_nothing(store: Store) -> None:
             PARTITION, Claimer(WORKER, INSTANCE, LANE, many), TTL, minted(1), 1
         )
     assert caught.value.code == "invalid_capabilities"
+
+
+async def test_heads_with_budgets_or_a_quota_are_reported_not_leased(store: Store) -> None:
+    budgeted = await created(
+        store, priority="5", policy_json=json.dumps({"budget_ids": [str(uuid.uuid4())]})
+    )
+    quota = await created(store, priority="5", quota_policy_id=str(uuid.uuid4()))
+    plain = await created(store)  # behind both in eligible order
+    before = [await snapshot(store, e) for e in (budgeted, quota)]
+    reply = await batch_raw(store, 1)
+    # the attached heads do not count against max_tasks: the plain one behind them is leased
+    assert [r["execution_id"] for r in rows(reply)] == [str(plain)]
+    assert sorted(reply[5]) == sorted([str(budgeted).encode(), str(quota).encode()])
+    assert [await snapshot(store, e) for e in (budgeted, quota)] == before, "nothing written"
+    await check_invariants(store, budgeted)

@@ -33,6 +33,12 @@ Two kinds of check:
   precedes the lease); the worst case is a transient under-admission while a reservation for a
   failed claim is outstanding.
 
+A cross-slot check that only concerns heads carrying `budget_ids` or a `quota_policy_id` (the
+budget and quota checks, `engine/budget_admission.py`) says so with `attached_only = True`: it
+keeps the one-call batch claim for every other head, since `ff_claim_batch` leases only heads
+with neither attached and reports the others as `needs_admission`, which the scheduler then
+takes through every check one by one, as the candidate-first path does.
+
 A reclaim (an expired or revoked lease handed to another worker) continues an admitted attempt
 and does not pass admission again; its capability check is the reclaim grant's.
 """
@@ -137,8 +143,10 @@ class Admission:
 
     @property
     def cross_slot(self) -> bool:
-        """Whether some check must run before the claim (the candidate-first claim path)."""
-        return any(not c.in_slot for c in self.checks)
+        """Whether some check must run before every claim (the candidate-first claim path).
+        Checks that only concern heads with budgets or a quota attached (`attached_only`) do
+        not count: `ff_claim_batch` reports those heads instead of leasing them."""
+        return any(not c.in_slot and not getattr(c, "attached_only", False) for c in self.checks)
 
     def register(self, check: AdmissionCheck) -> None:
         self.checks.append(check)

@@ -8,6 +8,8 @@ built on `ScannerSet`.
 | attempt_timeout | `attempt_timeout` | `ff_expire_execution(attempt_timeout)` |
 | execution_deadline | `execution_deadline` | `ff_expire_execution(execution_deadline)` |
 | unblock (route) | each lane's `blocked:route` | `ff_unblock_execution` once a worker fits |
+| unblock_budget | each lane's `blocked:budget` | `ff_unblock_execution` once budgets allow |
+| unblock_quota | each lane's `blocked:quota` | `ff_unblock_execution` once the quota would admit |
 | index_reconciler | `all_executions` (SSCAN) | `ff_reconcile_indexes` |
 | retention_trimmer | each lane's `terminal`, older than 24 h | cascade delete (plain commands) |
 """
@@ -15,17 +17,25 @@ built on `ScannerSet`.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 
 from flowfabric.server.config import Config
+from flowfabric.server.engine.budget_admission import (
+    BUDGET_REASON,
+    QUOTA_REASON,
+    exhausted_budget,
+    quota_clear,
+)
 from flowfabric.server.engine.scanners import Scanner, ScannerSet
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Functions
-from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
+from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id, quota_partition
 from flowfabric.server.valkey.keys import (
     ExecKeys,
     PartitionKeys,
+    QuotaKeys,
     WaitpointKeys,
     signal_key,
     signal_payload_key,
@@ -77,6 +87,9 @@ def lifecycle_scanners(
         return config.interval_ms(var)
 
     route = RouteUnblocker(store, fn, registry, eligible)
+    admitted = AdmissionUnblocker(
+        store, fn, config.budget_partitions, config.quota_partitions, eligible
+    )
     trimmer = RetentionTrimmer(store, parts)
     for scanner in (
         Scanner("lease_expiry", interval("FF_LEASE_EXPIRY_INTERVAL_MS"),
@@ -89,6 +102,12 @@ def lifecycle_scanners(
                 lambda p, _: p.execution_deadline, expire_deadline),
         Scanner("unblock", interval("FF_UNBLOCK_INTERVAL_S"),
                 lambda p, lane: p.lane(lane or "", "blocked:route"), route.action,
+                per_lane=True, batch=UNBLOCK_BATCH, whole_index=True),
+        Scanner("unblock_budget", interval("FF_UNBLOCK_INTERVAL_S"),
+                lambda p, lane: p.lane(lane or "", "blocked:budget"), admitted.budget,
+                per_lane=True, batch=UNBLOCK_BATCH, whole_index=True),
+        Scanner("unblock_quota", interval("FF_UNBLOCK_INTERVAL_S"),
+                lambda p, lane: p.lane(lane or "", "blocked:quota"), admitted.quota,
                 per_lane=True, batch=UNBLOCK_BATCH, whole_index=True),
         Scanner("retention_trimmer", interval("FF_RETENTION_TRIMMER_INTERVAL_S"),
                 lambda p, lane: p.lane(lane or "", "terminal"), trimmer.action,
@@ -138,6 +157,74 @@ class RouteUnblocker:
             return
         try:
             await self.fn.admission.unblock_execution(eid, "waiting_for_capable_worker")
+        except FlowFabricError as exc:
+            if exc.code != "execution_not_eligible":  # benign: already moved on
+                raise
+            return
+        if self.on_eligible is not None:
+            self.on_eligible()
+
+
+class AdmissionUnblocker:
+    """Budget- and quota-blocked executions return to eligible once the condition that blocked
+    them has cleared (docs/lifecycle.md#admission-blocks): every attached strict budget has
+    headroom; the quota's window (expired entries left out) is below its rate and its
+    concurrency counter below its cap. Reads only; a read that fails leaves it blocked."""
+
+    def __init__(
+        self,
+        store: Store,
+        fn: Functions,
+        budget_partitions: int,
+        quota_partitions: int,
+        on_eligible: Callable[[], None] | None,
+    ) -> None:
+        self.store, self.fn, self.on_eligible = store, fn, on_eligible
+        self.budget_partitions, self.quota_partitions = budget_partitions, quota_partitions
+
+    async def _core(self, member: str) -> tuple[ExecutionId, str, str, str]:
+        eid = parse_execution_id(member, 1 << 16)
+        reason, bids, qid = (
+            text(v) for v in await self.store.call(
+                "HMGET", ExecKeys(eid).core, "blocking_reason", "budget_ids", "quota_policy_id"
+            )
+        )  # fmt: skip
+        return eid, reason, bids, qid
+
+    async def budget(self, member: str, now: int, lane: str | None) -> None:
+        eid, reason, bids, _ = await self._core(member)
+        if reason != BUDGET_REASON:
+            return
+        try:
+            ids = tuple(b for b in bids.split(",") if b)
+            if await exhausted_budget(self.store, self.budget_partitions, ids):
+                return
+        except FlowFabricError as exc:
+            log.debug("budget unblock of %s: %s", member, exc.code)
+            return
+        await self._unblock(eid, BUDGET_REASON)
+
+    async def quota(self, member: str, now: int, lane: str | None) -> None:
+        eid, reason, _, qid = await self._core(member)
+        if reason != QUOTA_REASON:
+            return
+        try:
+            uuid.UUID(qid)
+        except ValueError:
+            pass  # names no policy: nothing holds it back
+        else:
+            keys = QuotaKeys.of(quota_partition(qid, self.quota_partitions), qid)
+            try:
+                if not await quota_clear(self.store, keys):
+                    return
+            except FlowFabricError as exc:
+                log.debug("quota unblock of %s: %s", member, exc.code)
+                return
+        await self._unblock(eid, QUOTA_REASON)
+
+    async def _unblock(self, eid: ExecutionId, reason: str) -> None:
+        try:
+            await self.fn.admission.unblock_execution(eid, reason)
         except FlowFabricError as exc:
             if exc.code != "execution_not_eligible":  # benign: already moved on
                 raise

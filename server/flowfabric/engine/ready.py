@@ -6,7 +6,9 @@ see a member the moment it is released. The functions say so instead: whenever a
 becomes eligible (created eligible, released by its last upstream, promoted after a delay,
 replayed), the call publishes `{"type": "ready", "lane": ...}` on `ff:ready:{fp:N}`; when a
 terminal call leaves outgoing edges past its per-call bound, it publishes
-`{"type": "deps_pending", "execution_id": ...}` there too.
+`{"type": "deps_pending", "execution_id": ...}` there too; when work that held a quota
+admission gives up its lease, `{"type": "admission_released", "quota_policy_id": ...,
+"execution_id": ...}` (docs/budgets.md#releasing-admissions).
 
 Every server listens to the ready channel of every partition (one sharded subscription per
 partition on the hub's per-node connections). A ready event records a hint, (lane, partition),
@@ -35,6 +37,7 @@ MAX_HINTED_LANES = 4096
 
 OnReady = Callable[[str | None], None]
 OnPending = Callable[[int, str], None]
+OnReleased = Callable[[str, str], None]
 
 
 class ReadyHints:
@@ -47,6 +50,7 @@ class ReadyHints:
         self._seq = itertools.count(1)
         self._on_ready: list[OnReady] = []
         self._on_pending: list[OnPending] = []
+        self._on_released: list[OnReleased] = []
         self._stack: contextlib.AsyncExitStack | None = None
 
     def on_ready(self, callback: OnReady) -> None:
@@ -56,6 +60,11 @@ class ReadyHints:
     def on_pending(self, callback: OnPending) -> None:
         """`callback(partition, execution_id)` when a terminal call left edges unresolved."""
         self._on_pending.append(callback)
+
+    def on_released(self, callback: OnReleased) -> None:
+        """`callback(quota_policy_id, execution_id)` when work holding a quota admission ended
+        its lease."""
+        self._on_released.append(callback)
 
     async def start(self) -> None:
         """Listen to every partition's ready channel (subscribed in the background)."""
@@ -81,6 +90,13 @@ class ReadyHints:
             elif kind == "deps_pending" and isinstance(event.get("execution_id"), str):
                 for callback in self._on_pending:
                     callback(partition, event["execution_id"])
+            elif (
+                kind == "admission_released"
+                and isinstance(event.get("quota_policy_id"), str)
+                and isinstance(event.get("execution_id"), str)
+            ):
+                for released in self._on_released:
+                    released(event["quota_policy_id"], event["execution_id"])
             elif kind == "resync":
                 for ready in self._on_ready:
                     ready(None)

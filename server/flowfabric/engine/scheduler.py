@@ -11,15 +11,18 @@ get a claim call.
 
 Admission (`engine/admission.py`) is an ordered list of checks. With only in-slot checks (the
 capability route) the batch claim is used and the checks decide what happens to the heads it
-reported (a capability mismatch is blocked into `blocked:route`). With a cross-slot check
-registered (budgets, quotas: other hash tags), each partition's eligible heads are read first,
-every check is asked, and only admitted heads are claimed (grant, then claim), releasing the
-checks' reservations when a claim fails.
+reported (a capability mismatch is blocked into `blocked:route`). The batch claim leases only
+heads without budgets or a quota; it reports the others (`needs_admission`), and each of those
+is asked every check, including the cross-slot budget and quota checks
+(`engine/budget_admission.py`), and claimed alone when admitted (grant, then claim), releasing
+the checks' reservations when a claim fails. With a cross-slot check registered that concerns
+every head, each partition's eligible heads are read first and all of them take that path.
 
 When the probed partitions have nothing eligible (and every 16th call), expired or revoked
 leases in them are reclaimed (`engine/reclaim.py`), so a crashed worker's execution is handed
 to another worker. ClaimForWorker / ClaimFromGrant keep the two-step path (`ff_issue_claim_grant`
-then `ff_claim_execution` or `ff_claim_resumed_execution`).
+then `ff_claim_execution` or `ff_claim_resumed_execution`); a head with budgets or a quota passes
+the admission checks before its grant.
 
 Before the window, the partitions where flow work of the lane was announced are claimed from,
 after the solo partition or, every other pass, before it (`engine/ready.py`: the functions
@@ -49,6 +52,7 @@ from flowfabric.server.engine.admission import (
     Block,
     Candidate,
 )
+from flowfabric.server.engine.budget_admission import claim_pass
 from flowfabric.server.engine.claims import (
     NO_MATCH,
     Budget,
@@ -139,11 +143,12 @@ class Scheduler:
         budget = Budget(req.max_reply_bytes)
         lanes = list(req.lanes)
         shift = next(self._lane_rotation) % len(lanes)
-        for lane in lanes[shift:] + lanes[:shift]:
-            want = req.max_tasks - len(out)
-            if want <= 0 or budget.spent:
-                break
-            out += await self._claim_lane(req, lane, want, budget)
+        with claim_pass():  # budget verdicts are read once per claim call
+            for lane in lanes[shift:] + lanes[:shift]:
+                want = req.max_tasks - len(out)
+                if want <= 0 or budget.spent:
+                    break
+                out += await self._claim_lane(req, lane, want, budget)
         return out
 
     async def _claim_lane(
@@ -244,6 +249,9 @@ class Scheduler:
         )
         budget.spend(reply.reply_bytes)
         out = [claimed_from_row(row, who.lane_id, self.partitions) for row in reply.claimed]
+        if reply.needs_admission:
+            out += await self._admit_reported(reply.needs_admission, who, req, want - len(out),
+                                              budget)  # fmt: skip
         for raw in reply.mismatched:
             try:
                 eid = parse_execution_id(raw, self.partitions)
@@ -271,15 +279,36 @@ class Scheduler:
                 eids.append(parse_execution_id(text(raw), self.partitions))
             except FlowFabricError:
                 continue
-        costs = await row_costs(self.store, eids)
+        return await self._admit_each(eids, who, req, want, budget)
+
+    async def _admit_reported(
+        self, raws: Sequence[str], who: Claimer, req: ClaimRequest, want: int, budget: Budget
+    ) -> list[Claimed]:
+        """The heads `ff_claim_batch` left for admission (budgets or a quota attached): each is
+        asked every check and claimed alone when admitted (docs/lifecycle.md#admission)."""
+        eids: list[ExecutionId] = []
+        for raw in raws:
+            try:
+                eids.append(parse_execution_id(raw, self.partitions))
+            except FlowFabricError:
+                continue
+        return await self._admit_each(eids, who, req, want, budget)
+
+    async def _admit_each(
+        self, eids: Sequence[ExecutionId], who: Claimer, req: ClaimRequest, want: int,
+        budget: Budget,
+    ) -> list[Claimed]:  # fmt: skip
+        """Ask every check for each of `eids` in order; block the refused ones and claim the
+        admitted ones with a grant and a claim, releasing the reservations if that fails. A
+        check that cannot read its state raises: the claim call fails (fail closed)."""
+        if want <= 0 or not eids:
+            return []
+        costs = await row_costs(self.store, list(eids))
         out: list[Claimed] = []
         for eid, cost in zip(eids, costs, strict=True):
             if len(out) >= want or not budget.fits(cost):
                 break
-            required = text(
-                await self.store.call("HGET", ExecKeys(eid).core, "required_capabilities")
-            )
-            cand = Candidate(eid, who.lane_id, tuple(t for t in required.split(",") if t))
+            cand = await self._candidate(eid, who)
             verdict = await self.admission.decide(cand, who)
             if isinstance(verdict, Block):
                 await self.admission.block(eid, verdict)
@@ -326,19 +355,45 @@ class Scheduler:
         pipe = self.store.pipeline()
         for p in parts:
             pipe.zrange(PartitionKeys.of(p).lane(who.lane_id, "eligible"), 0, 0)
-        for members in await self.store.run_pipeline(pipe):
-            for raw in members:
-                try:
-                    eid = parse_execution_id(text(raw), self.partitions)
-                    return eid, await self.functions.scheduling.issue_claim_grant(
-                        eid, who, req.grant_ttl_ms
-                    )
-                except FlowFabricError as exc:
-                    if exc.code == "capability_mismatch":
-                        await self._block_for_route(eid)
-                    elif exc.code not in (*NO_MATCH, "invalid_input"):
-                        raise
+        with claim_pass():
+            for members in await self.store.run_pipeline(pipe):
+                for raw in members:
+                    try:
+                        eid = parse_execution_id(text(raw), self.partitions)
+                    except FlowFabricError:
+                        continue
+                    cand = await self._candidate(eid, who)
+                    if cand.budget_ids or cand.quota_policy_id:
+                        verdict = await self.admission.decide(cand, who)
+                        if isinstance(verdict, Block):
+                            await self.admission.block(eid, verdict)
+                        if verdict != ADMIT:
+                            continue
+                    try:
+                        return eid, await self.functions.scheduling.issue_claim_grant(
+                            eid, who, req.grant_ttl_ms
+                        )
+                    except FlowFabricError as exc:
+                        if cand.budget_ids or cand.quota_policy_id:
+                            await self.admission.release(cand, who)
+                        if exc.code == "capability_mismatch":
+                            await self._block_for_route(eid)
+                        elif exc.code not in (*NO_MATCH, "invalid_input"):
+                            raise
         return None
+
+    async def _candidate(self, eid: ExecutionId, who: Claimer) -> Candidate:
+        """What the admission checks need of `eid`, read from its core."""
+        required, bids, qid = (
+            text(v) for v in await self.store.call(
+                "HMGET", ExecKeys(eid).core, "required_capabilities", "budget_ids",
+                "quota_policy_id",
+            )
+        )  # fmt: skip
+        return Candidate(
+            eid, who.lane_id, tuple(t for t in required.split(",") if t),
+            budget_ids=tuple(b for b in bids.split(",") if b), quota_policy_id=qid,
+        )  # fmt: skip
 
     async def claim_granted(
         self, eid: ExecutionId, who: Claimer, lease_ttl_ms: int, lease_id: str, attempt_id: str

@@ -58,6 +58,9 @@ class Batch:
     claimed: tuple[BatchClaim, ...]
     mismatched: tuple[str, ...]
     reply_bytes: int = 0  # what the claimed rows cost, as counted against max_reply_bytes
+    # heads with budgets or a quota attached, not leased: the caller admits them
+    # (docs/lifecycle.md#admission)
+    needs_admission: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,12 @@ def _batch(reply: Reply) -> Batch:
     claimed = reply.values[0] if reply.values else []
     mismatched = reply.values[1] if len(reply.values) > 1 else []
     used = int(text(reply.values[2])) if len(reply.values) > 2 else 0
+    admit = reply.values[3] if len(reply.values) > 3 else []
     return Batch(
-        tuple(_row(r) for r in claimed or []), tuple(text(m) for m in mismatched or []), used
+        tuple(_row(r) for r in claimed or []),
+        tuple(text(m) for m in mismatched or []),
+        used,
+        tuple(text(m) for m in admit or []),
     )
 
 

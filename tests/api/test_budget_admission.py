@@ -1,0 +1,275 @@
+"""Budgets and quotas gate claims (docs/lifecycle.md#admission, docs/budgets.md#admission).
+
+Both topologies, a real Valkey. The `api` fixture runs no scanners; the unblock tests use
+`engine_api` (every scanner at 100 ms). No assertion depends on speed.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+
+from flowfabric.server.engine.budget_admission import claim_pass, exhausted_budget
+from flowfabric.server.valkey.functions import Claimer
+from flowfabric.server.valkey.ids import (
+    budget_partition,
+    parse_execution_id,
+    quota_partition,
+)
+from flowfabric.server.valkey.keys import BudgetKeys, ExecKeys, PartitionKeys, QuotaKeys
+from flowfabric.v1 import types_pb2 as t
+from tests.api.test_budgets import create_budget, create_quota, eventually, report
+from tests.api.test_lifecycle import LANE, claim_for_worker, claim_next, complete, create, get
+from tests.api.test_why import K, why
+from tests.conftest import Api
+
+PARTS = 32  # the default budget and quota partition counts
+
+
+async def claimed(api: Api, **kw: object) -> list[t.LeaseHandle]:
+    reply = await claim_next(api, max_tasks=16, **kw)  # type: ignore[arg-type]
+    if reply.WhichOneof("outcome") == "batch":
+        return [task.lease for task in reply.batch.tasks]
+    if reply.WhichOneof("outcome") == "task":
+        return [reply.task.lease]
+    return []
+
+
+async def claimed_ids(api: Api) -> list[str]:
+    return [lease.execution_id for lease in await claimed(api)]
+
+
+def with_budgets(*bids: str) -> t.ExecutionPolicy:
+    return t.ExecutionPolicy(budget_ids=list(bids))
+
+
+async def spent_budget(api: Api, **kw: object) -> str:
+    """A budget whose total_tokens usage is at its hard limit of 100."""
+    bid = await create_budget(api, hard=[100], soft=[0], **kw)
+    keys = BudgetKeys.of(budget_partition(bid, PARTS), bid)
+    await api.store.call("HSET", keys.usage, "total_tokens", "100")
+    return bid
+
+
+async def core(api: Api, eid: str, *fields: str) -> list[str]:
+    e = parse_execution_id(eid, api.server.config.flow_partitions)
+    raw = await api.store.call("HMGET", ExecKeys(e).core, *fields)
+    return [(v or b"").decode() for v in raw]
+
+
+async def test_work_without_budgets_keeps_the_one_call_claim(api: Api) -> None:
+    eid = await create(api)
+    e = parse_execution_id(eid, api.server.config.flow_partitions)
+    assert api.server.scheduler is not None
+    fn = api.server.scheduler.functions
+    calls: list[str] = []
+    orig = fn.scheduling.issue_claim_grant
+
+    async def spy(*a: object, **k: object) -> object:
+        calls.append("grant")
+        return await orig(*a, **k)  # type: ignore[arg-type]
+
+    fn.scheduling.issue_claim_grant = spy  # type: ignore[method-assign]
+    try:
+        assert await claimed_ids(api) == [eid]
+    finally:
+        fn.scheduling.issue_claim_grant = orig  # type: ignore[method-assign]
+    assert calls == [], "no grant: leased by ff_claim_batch itself"
+    assert await api.store.call("EXISTS", ExecKeys(e).claim_grant) == 0
+
+
+async def test_the_batch_reports_attached_heads_without_leasing_them(api: Api) -> None:
+    bid = await create_budget(api)
+    plain = await create(api)
+    attached = await create(api, policy=with_budgets(bid))
+    assert api.server.scheduler is not None
+    fn = api.server.scheduler.functions
+    for eid in (plain, attached):
+        part = parse_execution_id(eid, api.server.config.flow_partitions).partition
+        who = Claimer("w", "w-1", LANE, "")
+        ids = [(str(uuid.uuid4()), str(uuid.uuid4()))]
+        reply = await fn.scheduling.claim_batch(part, who, 30_000, ids, 17)
+        if eid == plain:
+            assert [r.execution_id for r in reply.claimed] == [plain]
+        else:
+            assert reply.claimed == () and reply.needs_admission == (attached,)
+            assert (await get(api, attached)).public_state == t.PUBLIC_STATE_WAITING
+
+
+async def test_strict_budget_at_its_hard_limit_blocks_without_holding_the_lane(api: Api) -> None:
+    bid = await spent_budget(api)
+    blocked = await create(api, policy=with_budgets(bid))
+    free = await create(api)
+    assert await claimed_ids(api) == [free], "the same claim call leases the other execution"
+    info = await get(api, blocked)
+    assert info.state_vector.eligibility_state == t.ELIGIBILITY_STATE_BLOCKED_BY_BUDGET
+    assert info.state_vector.blocking_reason == t.BLOCKING_REASON_WAITING_FOR_BUDGET
+    assert info.blocking_detail == f"budget {bid}: total_tokens 100/100"
+    e = parse_execution_id(blocked, api.server.config.flow_partitions)
+    part = PartitionKeys(e.tag)
+    assert await api.store.call("ZSCORE", part.lane(LANE, "blocked:budget"), blocked) is not None
+    assert await api.store.call("EXISTS", ExecKeys(e).claim_grant) == 0
+
+
+async def test_budget_with_headroom_admits(api: Api) -> None:
+    bid = await create_budget(api)
+    r = await report(api, bid, ["total_tokens"], [99])
+    assert r.WhichOneof("outcome") in ("ok", "soft_breach")
+    eid = await create(api, policy=with_budgets(bid, str(uuid.uuid4())))  # one dangling id
+    assert await claimed_ids(api) == [eid]
+
+
+async def test_advisory_budget_never_blocks(api: Api) -> None:
+    bid = await create_budget(api, hard=[100], soft=[0])
+    keys = BudgetKeys.of(budget_partition(bid, PARTS), bid)
+    await api.store.call("HSET", keys.definition, "enforcement_mode", "advisory")
+    await api.store.call("HSET", keys.usage, "total_tokens", "500")
+    eid = await create(api, policy=with_budgets(bid))
+    assert await claimed_ids(api) == [eid]
+
+
+async def test_a_bad_budget_state_fails_the_claim_closed(api: Api) -> None:
+    bid = await create_budget(api)
+    keys = BudgetKeys.of(budget_partition(bid, PARTS), bid)
+    await api.store.call("DEL", keys.limits)
+    await api.store.call("SET", keys.limits, "not a hash")
+    eid = await create(api, policy=with_budgets(bid))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await claim_next(api, max_tasks=16)
+    e = parse_execution_id(eid, api.server.config.flow_partitions)
+    assert await api.store.call("EXISTS", ExecKeys(e).claim_grant) == 0
+    info = await get(api, eid)
+    assert info.public_state == t.PUBLIC_STATE_WAITING, "nothing leased, nothing blocked"
+    assert info.state_vector.eligibility_state == t.ELIGIBILITY_STATE_ELIGIBLE_NOW
+
+
+async def test_an_unparsable_usage_fails_the_claim_closed(api: Api) -> None:
+    bid = await create_budget(api)
+    keys = BudgetKeys.of(budget_partition(bid, PARTS), bid)
+    await api.store.call("HSET", keys.usage, "total_tokens", "lots")
+    eid = await create(api, policy=with_budgets(bid))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await claim_next(api, max_tasks=16)
+    assert (await get(api, eid)).public_state == t.PUBLIC_STATE_WAITING
+
+
+async def test_reset_budget_is_unblocked_and_claimed(engine_api: Api) -> None:
+    api = engine_api
+    bid = await spent_budget(api)
+    eid = await create(api, policy=with_budgets(bid))
+    assert await claimed_ids(api) == []
+    info = await get(api, eid)
+    assert info.state_vector.blocking_reason == t.BLOCKING_REASON_WAITING_FOR_BUDGET
+    keys = BudgetKeys.of(budget_partition(bid, PARTS), bid)
+    await api.store.call("HSET", keys.usage, "total_tokens", "0")  # as a reset leaves it
+
+    async def eligible() -> bool:
+        got = await get(api, eid)
+        return bool(got.state_vector.eligibility_state == t.ELIGIBILITY_STATE_ELIGIBLE_NOW)
+
+    await eventually(eligible)
+    assert await claimed_ids(api) == [eid]
+
+
+async def test_quota_rate_blocks_the_third_with_retry_at(api: Api) -> None:
+    qid, _ = await create_quota(api, window_seconds=60, max_requests_per_window=2)
+    ids = [await create(api, quota_policy_id=qid) for _ in range(3)]
+    got = await claimed_ids(api)
+    assert len(got) == 2 and set(got) < set(ids)
+    (third,) = set(ids) - set(got)  # the last in eligible order (ties go by id)
+    info = await get(api, third)
+    assert info.state_vector.eligibility_state == t.ELIGIBILITY_STATE_BLOCKED_BY_QUOTA
+    assert info.state_vector.blocking_reason == t.BLOCKING_REASON_WAITING_FOR_QUOTA
+    prefix = f"quota {qid}: rate limit 2/2 per 60s window; retry_at "
+    assert info.blocking_detail.startswith(prefix), info.blocking_detail
+    retry_at = int(info.blocking_detail[len(prefix) :])
+    assert retry_at > await api.store.time_ms()
+    w = await why(api, third)
+    assert w.kind == K.KIND_QUOTA_RATE and w.eta_at == retry_at
+
+
+async def test_quota_without_limits_admits(api: Api) -> None:
+    qid, _ = await create_quota(api, window_seconds=0)
+    eid = await create(api, quota_policy_id=qid)
+    assert await claimed_ids(api) == [eid]
+
+
+async def test_concurrency_cap_blocks_until_the_first_completes(engine_api: Api) -> None:
+    api = engine_api
+    qid, _ = await create_quota(api, window_seconds=60, max_concurrent=1)
+    first = await create(api, quota_policy_id=qid)
+    leases = await claimed(api)
+    assert [lease.execution_id for lease in leases] == [first]
+    second = await create(api, quota_policy_id=qid)
+    assert await claimed_ids(api) == []
+    info = await get(api, second)
+    assert info.state_vector.blocking_reason == t.BLOCKING_REASON_WAITING_FOR_QUOTA
+    assert info.blocking_detail == f"quota {qid}: concurrency cap 1"
+    keys = QuotaKeys.of(quota_partition(qid, PARTS), qid)
+    assert await api.store.call("GET", keys.concurrency) == b"1"
+    await complete(api, leases[0])
+
+    async def released() -> bool:
+        return bool(await api.store.call("GET", keys.concurrency) == b"0")
+
+    await eventually(released)
+
+    async def eligible() -> bool:
+        got = await get(api, second)
+        return bool(got.state_vector.eligibility_state == t.ELIGIBILITY_STATE_ELIGIBLE_NOW)
+
+    await eventually(eligible)
+    assert await claimed_ids(api) == [second]
+
+
+async def test_a_failed_claim_after_admission_returns_the_quota_slot(api: Api) -> None:
+    qid, _ = await create_quota(api, window_seconds=60, max_concurrent=1)
+    eid = await create(api, quota_policy_id=qid)
+    e = parse_execution_id(eid, api.server.config.flow_partitions)
+    assert api.server.scheduler is not None
+    fn = api.server.scheduler.functions
+    orig = fn.scheduling.issue_claim_grant
+    keys = QuotaKeys.of(quota_partition(qid, PARTS), qid)
+    seen: list[bytes | None] = []
+
+    async def stolen(*a: object, **k: object) -> object:
+        # admitted by now; another worker takes the head before this claim's grant
+        seen.append(await api.store.call("GET", keys.concurrency))
+        await orig(e, Claimer("thief", "thief-1", LANE, ""), 60_000)
+        return await orig(*a, **k)  # type: ignore[arg-type]
+
+    fn.scheduling.issue_claim_grant = stolen  # type: ignore[method-assign]
+    try:
+        assert await claimed_ids(api) == []
+    finally:
+        fn.scheduling.issue_claim_grant = orig  # type: ignore[method-assign]
+    assert seen == [b"1"]
+    assert await api.store.call("GET", keys.concurrency) == b"0", "counter restored"
+    assert await api.store.call("EXISTS", keys.guard(eid)) == 0, "guard deleted"
+    assert await api.store.call("SISMEMBER", keys.admitted_set, eid) == 0
+
+
+async def test_budget_verdicts_are_cached_for_one_claim_call(api: Api) -> None:
+    bid = await spent_budget(api)
+    keys = BudgetKeys.of(budget_partition(bid, PARTS), bid)
+    detail = f"budget {bid}: total_tokens 100/100"
+    with claim_pass():
+        assert await exhausted_budget(api.store, PARTS, (bid,)) == detail
+        await api.store.call("HSET", keys.usage, "total_tokens", "0")
+        assert await exhausted_budget(api.store, PARTS, (bid,)) == detail, "read once per call"
+    assert await exhausted_budget(api.store, PARTS, (bid,)) == "", "the next call reads again"
+
+
+async def test_the_two_step_grant_passes_admission(api: Api) -> None:
+    bid = await spent_budget(api)
+    blocked = await create(api, policy=with_budgets(bid))
+    granted = await claim_for_worker(api)
+    assert granted.WhichOneof("outcome") == "no_work"
+    info = await get(api, blocked)
+    assert info.state_vector.blocking_reason == t.BLOCKING_REASON_WAITING_FOR_BUDGET
+    free = await create(api)
+    granted = await claim_for_worker(api)
+    assert granted.WhichOneof("outcome") == "granted"
+    assert granted.granted.execution_id == free
