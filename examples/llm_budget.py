@@ -5,9 +5,9 @@ execution attached to its tenant's budget; its handler "generates" tokens in chu
 each chunk's usage. A report that would pass the hard limit is refused as a whole (a hard
 breach), and the handler stops there and fails its execution with reason `budget_exceeded`.
 
-The server does not block claims on an exhausted budget yet (that is being built), so the
-report's outcome is what stops the work here: a turn is still claimed once the budget is
-spent, and its first report answers the hard breach.
+Two things stop the work. The report's outcome stops a turn that is running when the budget
+runs out; and once usage has reached the hard limit, the server no longer claims a turn
+attached to that budget (it waits in `blocked:budget` until a reset, docs/budgets.md).
 """
 
 import asyncio
@@ -75,7 +75,7 @@ async def main() -> None:
                         "chat",
                         {"prompt": f"{tenant}-turn-{turn}", "budget_id": budget_id},
                         lane="llm",
-                        budgets=[budget_id],  # attached: claims will check it once they do
+                        budgets=[budget_id],  # attached: claims check it
                     )
                     state = await client.wait(job.execution_id, timeout=30)
                     states.append(state)
