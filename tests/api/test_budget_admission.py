@@ -145,6 +145,22 @@ async def test_a_bad_budget_state_fails_the_claim_closed(api: Api) -> None:
     assert info.state_vector.eligibility_state == t.ELIGIBILITY_STATE_ELIGIBLE_NOW
 
 
+async def test_a_failed_check_hands_over_what_the_claim_already_leased(api: Api) -> None:
+    # Fail closed for the head whose budget state cannot be read, not for the rest: the plain
+    # execution the same batch leased is returned, not stranded until its lease expires.
+    bid = await create_budget(api)
+    keys = BudgetKeys.of(budget_partition(bid, PARTS), bid)
+    await api.store.call("DEL", keys.limits)
+    await api.store.call("SET", keys.limits, "not a hash")
+    broken = await create(api, policy=with_budgets(bid))
+    plain = await create(api)
+    assert await claimed_ids(api) == [plain]
+    e = parse_execution_id(broken, api.server.config.flow_partitions)
+    assert await api.store.call("EXISTS", ExecKeys(e).claim_grant) == 0
+    info = await get(api, broken)
+    assert info.state_vector.eligibility_state == t.ELIGIBILITY_STATE_ELIGIBLE_NOW
+
+
 async def test_an_unparsable_usage_fails_the_claim_closed(api: Api) -> None:
     bid = await create_budget(api)
     keys = BudgetKeys.of(budget_partition(bid, PARTS), bid)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from flowfabric.server.valkey.codec import text
+from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Leased
 from flowfabric.server.valkey.functions.lease import Reclaimed
 from flowfabric.server.valkey.functions.scheduling import BatchClaim
@@ -69,6 +70,9 @@ class Budget:
 
     def __init__(self, cap: int | None) -> None:
         self.left = cap
+        # An admission check that failed in this pass (docs/budgets.md#admission): the pass
+        # hands over what it already leased, and raises it only when it leased nothing.
+        self.failure: FlowFabricError | None = None
 
     @property
     def cap(self) -> int:

@@ -149,6 +149,13 @@ class Scheduler:
                 if want <= 0 or budget.spent:
                     break
                 out += await self._claim_lane(req, lane, want, budget)
+        if budget.failure is not None:
+            if not out:
+                raise budget.failure
+            log.warning(
+                "an admission check failed (%s); handing over the %d task(s) already leased",
+                budget.failure.code, len(out),
+            )  # fmt: skip
         return out
 
     async def _claim_lane(
@@ -249,9 +256,15 @@ class Scheduler:
         )
         budget.spend(reply.reply_bytes)
         out = [claimed_from_row(row, who.lane_id, self.partitions) for row in reply.claimed]
-        if reply.needs_admission:
-            out += await self._admit_reported(reply.needs_admission, who, req, want - len(out),
-                                              budget)  # fmt: skip
+        if reply.needs_admission and budget.failure is None:
+            try:
+                out += await self._admit_reported(
+                    reply.needs_admission, who, req, want - len(out), budget
+                )
+            except FlowFabricError as exc:
+                # fail closed for the head whose state cannot be trusted, not for the rows
+                # already leased: they are handed over (see Budget.failure)
+                budget.failure = exc
         for raw in reply.mismatched:
             try:
                 eid = parse_execution_id(raw, self.partitions)
