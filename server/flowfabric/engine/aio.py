@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 log = logging.getLogger("flowfabric.aio")
 
@@ -29,3 +29,32 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[object]], grace: float = 
         if task.done():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 task.result()
+
+
+class TaskSet:
+    """Background tasks an engine object starts and must cancel at stop, at most `limit`
+    running their body at once."""
+
+    def __init__(self, limit: int) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(limit)
+
+    def spawn(self, work: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run `work()` in the background, once a slot is free."""
+
+        async def run() -> None:
+            async with self._slots:
+                await work()
+
+        task = asyncio.create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        """Cancel every task and wait for each to end."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

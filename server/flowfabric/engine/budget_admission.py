@@ -23,7 +23,6 @@ announce it on the partition's ready channel; docs/budgets.md#releasing-admissio
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import uuid
@@ -32,6 +31,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from flowfabric.server.engine.admission import ADMIT, Block, Candidate, Verdict
+from flowfabric.server.engine.aio import TaskSet
 from flowfabric.server.valkey.codec import hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Claimer, Functions
@@ -242,21 +242,17 @@ class AdmissionReleaser:
 
     def __init__(self, functions: Functions, quota_partitions: int) -> None:
         self.functions, self.partitions = functions, quota_partitions
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(self.CONCURRENCY)
+        self._tasks = TaskSet(self.CONCURRENCY)
 
     def schedule(self, quota_policy_id: str, execution_id: str) -> None:
         if not _valid_id(quota_policy_id) or not execution_id:
             return
         keys = QuotaKeys.of(quota_partition(quota_policy_id, self.partitions), quota_policy_id)
-        task = asyncio.create_task(self._release(keys, execution_id), name="quota-release")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(lambda: self._release(keys, execution_id), "quota-release")
 
     async def _release(self, keys: QuotaKeys, execution_id: str) -> None:
         try:
-            async with self._slots:
-                await self.functions.quota.release_admission(keys, execution_id)
+            await self.functions.quota.release_admission(keys, execution_id)
         except FlowFabricError as exc:
             log.warning(
                 "release of %s from quota %s failed: %s", execution_id, keys.quota_policy_id,
@@ -264,9 +260,4 @@ class AdmissionReleaser:
             )  # fmt: skip
 
     async def stop(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.stop()

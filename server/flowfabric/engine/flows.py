@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from flowfabric.server.config import Config
+from flowfabric.server.engine.aio import TaskSet
 from flowfabric.server.engine.scanners import Scanner
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
@@ -170,8 +171,7 @@ class FollowUpResolver:
     def __init__(self, fn: Functions, partitions: int) -> None:
         self.fn, self.partitions = fn, partitions
         self._active: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(self.CONCURRENCY)
+        self._tasks = TaskSet(self.CONCURRENCY)
 
     def schedule(self, partition: int, member: str) -> None:
         if member in self._active:
@@ -181,24 +181,21 @@ class FollowUpResolver:
         except FlowFabricError:
             return
         self._active.add(member)
-        task = asyncio.create_task(self._resolve(member, eid), name=f"deps-follow-up-{member}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(lambda: self._resolve(member, eid), f"deps-follow-up-{member}")
 
     async def _resolve(self, member: str, eid: ExecutionId) -> None:
         total = Outgoing(0, 0, 0, 0)
         try:
-            async with self._slots:
-                for _ in range(self.MAX_CALLS):
-                    reply = await _retrying(lambda: self.fn.flow.resolve_outgoing(eid))
-                    if not isinstance(reply, Outgoing):
-                        break
-                    total = Outgoing(
-                        total.resolved + reply.resolved, total.released + reply.released,
-                        total.skipped + reply.skipped, reply.pending,
-                    )  # fmt: skip
-                    if not reply.pending or not reply.resolved:
-                        break
+            for _ in range(self.MAX_CALLS):
+                reply = await _retrying(lambda: self.fn.flow.resolve_outgoing(eid))
+                if not isinstance(reply, Outgoing):
+                    break
+                total = Outgoing(
+                    total.resolved + reply.resolved, total.released + reply.released,
+                    total.skipped + reply.skipped, reply.pending,
+                )  # fmt: skip
+                if not reply.pending or not reply.resolved:
+                    break
         except FlowFabricError as exc:  # deps_pending keeps it: the reconciler retries
             log.warning("follow-up resolution of %s stopped: %s", member, exc.code)
         finally:
@@ -211,12 +208,7 @@ class FollowUpResolver:
             )  # fmt: skip
 
     async def stop(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.stop()
 
 
 class BlockedPager:
