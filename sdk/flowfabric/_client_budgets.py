@@ -21,7 +21,7 @@ from flowfabric._models import (
     QuotaPolicyCreated,
     UsageReport,
 )
-from flowfabric._transport import Connected, Transport
+from flowfabric._transport import Connected, Transport, pages
 from flowfabric.v1 import budget_pb2
 
 Limits = Mapping[str, int | tuple[int, int]]
@@ -144,17 +144,16 @@ class BudgetsMixin(Connected):
 
     async def budgets(self, *, page_size: int = 100) -> AsyncGenerator[BudgetStatus, None]:
         """Every budget, page by page (partition by partition, in id order within one)."""
-        token = ""
-        while True:
-            reply: budget_pb2.ListBudgetsResponse = await self._transport.unary(
+
+        async def fetch(token: str) -> budget_pb2.ListBudgetsResponse:
+            return await self._transport.unary(
                 self._transport.budgets.ListBudgets,
                 budget_pb2.ListBudgetsRequest(page_size=page_size, page_token=token),
             )
+
+        async for reply in pages(fetch):
             for status in reply.budgets:
                 yield BudgetStatus.from_proto(status)
-            if not reply.next_page_token:
-                return
-            token = reply.next_page_token
 
     async def report_usage(
         self,
@@ -243,14 +242,13 @@ class BudgetsMixin(Connected):
 
     async def quota_policies(self, *, page_size: int = 100) -> AsyncGenerator[QuotaPolicy, None]:
         """Every quota policy, page by page."""
-        token = ""
-        while True:
-            reply: budget_pb2.ListQuotaPoliciesResponse = await self._transport.unary(
+
+        async def fetch(token: str) -> budget_pb2.ListQuotaPoliciesResponse:
+            return await self._transport.unary(
                 self._transport.budgets.ListQuotaPolicies,
                 budget_pb2.ListQuotaPoliciesRequest(page_size=page_size, page_token=token),
             )
+
+        async for reply in pages(fetch):
             for policy in reply.quota_policies:
                 yield QuotaPolicy.from_proto(policy)
-            if not reply.next_page_token:
-                return
-            token = reply.next_page_token

@@ -29,7 +29,7 @@ from flowfabric._models import (
     FlowState,
     SubmittedFlow,
 )
-from flowfabric._transport import Connected
+from flowfabric._transport import Connected, pages
 from flowfabric.v1 import flow_pb2, types_pb2
 
 #: While waiting on the watch, the flow is also re-read this often (as `Client.wait` does).
@@ -223,8 +223,8 @@ class FlowsMixin(Connected):
     ) -> AsyncGenerator[types_pb2.EdgeSnapshot, None]:
         """The edges leaving (`outgoing`: to its dependents) or entering (`incoming`: from its
         upstreams) one member, page by page. An execution outside any flow has none."""
-        token = ""
-        while True:
+
+        async def fetch(token: str) -> flow_pb2.ListEdgesResponse:
             request = flow_pb2.ListEdgesRequest(
                 flow_id=flow_id, page_size=page_size, page_token=token
             )
@@ -232,12 +232,11 @@ class FlowsMixin(Connected):
                 request.direction.outgoing.from_node = execution_id
             else:
                 request.direction.incoming.to_node = execution_id
-            reply = await self._transport.unary(self._transport.flows.ListEdges, request)
+            return await self._transport.unary(self._transport.flows.ListEdges, request)
+
+        async for reply in pages(fetch):
             for edge in reply.edges:
                 yield edge
-            if not reply.next_page_token:
-                return
-            token = reply.next_page_token
 
     async def watch_flow(
         self,

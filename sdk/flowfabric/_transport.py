@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -30,6 +30,27 @@ from flowfabric.v1 import (
 
 T = TypeVar("T")
 M = TypeVar("M")
+
+
+class _Paged(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+P = TypeVar("P", bound=_Paged)
+
+
+async def pages(fetch: Callable[[str], Awaitable[P]]) -> AsyncGenerator[P, None]:
+    """Each reply of a paged listing: `fetch(page_token)`, from "" until a reply carries no
+    next page token."""
+    token = ""
+    while True:
+        reply = await fetch(token)
+        yield reply
+        if not reply.next_page_token:
+            return
+        token = reply.next_page_token
+
 
 #: The SDK's receive limit, sized from the server's documented maxima: the largest reply is a
 #: full ReadAttemptStream page (1000 frames of up to 64 KiB of payload, plus their fields);
