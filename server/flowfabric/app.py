@@ -43,7 +43,7 @@ from flowfabric.server.embedded import (
     unlock_data_dir,
 )
 from flowfabric.server.engine.aio import cancel_and_wait
-from flowfabric.server.engine.budget_admission import AdmissionReleaser, BudgetCheck, QuotaCheck
+from flowfabric.server.engine.budget_admission import BudgetCheck
 from flowfabric.server.engine.budgets import budget_jobs
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.flows import (
@@ -54,6 +54,7 @@ from flowfabric.server.engine.flows import (
 )
 from flowfabric.server.engine.keystore import embedded_password, install_secret, resolve_secret
 from flowfabric.server.engine.lifecycle import lifecycle_scanners
+from flowfabric.server.engine.quota_admission import AdmissionReleaser, QuotaCheck
 from flowfabric.server.engine.ready import ReadyHints
 from flowfabric.server.engine.scanners import ScannerSet
 from flowfabric.server.engine.scheduler import Scheduler

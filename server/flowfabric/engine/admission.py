@@ -34,10 +34,11 @@ Two kinds of check:
   failed claim is outstanding.
 
 A cross-slot check that only concerns heads carrying `budget_ids` or a `quota_policy_id` (the
-budget and quota checks, `engine/budget_admission.py`) says so with `attached_only = True`: it
-keeps the one-call batch claim for every other head, since `ff_claim_batch` leases only heads
-with neither attached and reports the others as `needs_admission`, which the scheduler then
-takes through every check one by one, as the candidate-first path does.
+budget and quota checks, `engine/budget_admission.py` and `engine/quota_admission.py`) says so
+with `attached_only = True`: it keeps the one-call batch claim for every other head, since
+`ff_claim_batch` leases only heads with neither attached and reports the others as
+`needs_admission`, which the scheduler then takes through every check one by one, as the
+candidate-first path does.
 
 A reclaim (an expired or revoked lease handed to another worker) continues an admitted attempt
 and does not pass admission again; its capability check is the reclaim grant's.
@@ -46,6 +47,7 @@ and does not pass admission again; its capability check is the reclaim grant's.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -58,6 +60,31 @@ log = logging.getLogger("flowfabric.admission")
 
 ROUTE_REASON = "waiting_for_capable_worker"
 CAPABLE_WORKER_DETAIL = "no connected worker satisfies required_capabilities"
+
+
+def corrupt_record(what: str, raw: object) -> FlowFabricError:
+    """A stored value an admission check cannot trust (the claim fails closed)."""
+    return FlowFabricError("corrupt_record", message=f"{what} does not parse: {raw!r}")
+
+
+def stored_count(what: str, raw: str) -> int:
+    """A non-negative integer read from the store, or `corrupt_record`."""
+    try:
+        n = int(raw)
+    except ValueError:
+        raise corrupt_record(what, raw) from None
+    if n < 0:
+        raise corrupt_record(what, raw)
+    return n
+
+
+def valid_id(raw: str) -> bool:
+    """Whether `raw` is a UUID (an attached id that is not names nothing to enforce)."""
+    try:
+        uuid.UUID(raw)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,8 @@ import uuid
 from collections.abc import Callable
 
 from flowfabric.server.config import Config
-from flowfabric.server.engine.budget_admission import (
-    BUDGET_REASON,
-    QUOTA_REASON,
-    exhausted_budget,
-    quota_clear,
-)
+from flowfabric.server.engine.budget_admission import BUDGET_REASON, exhausted_budget
+from flowfabric.server.engine.quota_admission import QUOTA_REASON, quota_clear
 from flowfabric.server.engine.scanners import Scanner, ScannerSet
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError

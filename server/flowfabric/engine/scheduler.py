@@ -14,9 +14,10 @@ capability route) the batch claim is used and the checks decide what happens to 
 reported (a capability mismatch is blocked into `blocked:route`). The batch claim leases only
 heads without budgets or a quota; it reports the others (`needs_admission`), and each of those
 is asked every check, including the cross-slot budget and quota checks
-(`engine/budget_admission.py`), and claimed alone when admitted (grant, then claim), releasing
-the checks' reservations when a claim fails. With a cross-slot check registered that concerns
-every head, each partition's eligible heads are read first and all of them take that path.
+(`engine/budget_admission.py`, `engine/quota_admission.py`), and claimed alone when admitted
+(grant, then claim), releasing the checks' reservations when a claim fails. With a cross-slot
+check registered that concerns every head, each partition's eligible heads are read first and
+all of them take that path.
 
 When the probed partitions have nothing eligible (and every 16th call), expired or revoked
 leases in them are reclaimed (`engine/reclaim.py`), so a crashed worker's execution is handed

@@ -1,0 +1,162 @@
+"""The quota admission check (docs/lifecycle.md#admission, docs/budgets.md#admission).
+
+Quota policies live on `{q:K}`, so the check is cross-slot and applies only to the heads that
+carry a `quota_policy_id` (`attached_only`, see `engine/budget_admission.py`).
+
+`QuotaCheck` reads the policy and, when it limits anything, records the admission with
+`ff_check_admission_and_record`; a full window blocks `waiting_for_quota` with a `retry_at`, a
+full concurrency cap blocks until a slot frees. When the claim then fails the admission is
+released (`ff_release_admission`).
+
+`AdmissionReleaser` gives a quota slot back when the admitted work ends its lease (the functions
+announce it on the partition's ready channel; docs/budgets.md#releasing-admissions).
+
+`quota_clear` is the same condition as a read only, for the unblock scanner.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flowfabric.server.engine.admission import (
+    ADMIT,
+    Block,
+    Candidate,
+    Verdict,
+    stored_count,
+    valid_id,
+)
+from flowfabric.server.engine.aio import TaskSet
+from flowfabric.server.valkey.codec import hash_to_dict, text
+from flowfabric.server.valkey.errors import FlowFabricError
+from flowfabric.server.valkey.functions import Claimer, Functions
+from flowfabric.server.valkey.ids import quota_partition
+from flowfabric.server.valkey.keys import QuotaKeys
+from flowfabric.server.valkey.store import Store
+
+log = logging.getLogger("flowfabric.admission")
+
+QUOTA_REASON = "waiting_for_quota"
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    window_seconds: int
+    rate: int
+    cap: int
+    jitter_ms: int
+
+    @property
+    def limits_anything(self) -> bool:
+        return self.rate > 0 or self.cap > 0
+
+
+async def quota_limits(store: Store, keys: QuotaKeys) -> QuotaLimits | None:
+    """The policy's limits; None when it has no definition."""
+    d = hash_to_dict(await store.call("HGETALL", keys.definition))
+    if not d:
+        return None
+    q = keys.quota_policy_id
+
+    def num(name: str, default: str = "0") -> int:
+        return stored_count(f"quota {q} {name}", d.get(name, default) or default)
+
+    return QuotaLimits(
+        num("requests_per_window_seconds", "60"), num("max_requests_per_window"),
+        num("active_concurrency_cap"), num("jitter_ms"),
+    )  # fmt: skip
+
+
+async def quota_clear(store: Store, keys: QuotaKeys) -> bool:
+    """Whether an admission would pass now (a read: nothing recorded, expired window entries
+    only left out of the count)."""
+    limits = await quota_limits(store, keys)
+    if limits is None or not limits.limits_anything:
+        return True
+    now = await store.time_ms()
+    pipe = store.pipeline()
+    pipe.zcount(keys.window, f"({now - limits.window_seconds * 1000}", "+inf")
+    pipe.get(keys.concurrency)
+    in_window, counter = await store.run_pipeline(pipe)
+    live = stored_count(f"quota {keys.quota_policy_id} concurrency", text(counter) or "0")
+    if limits.rate > 0 and int(in_window or 0) >= limits.rate:
+        return False
+    return not (limits.cap > 0 and live >= limits.cap)
+
+
+class QuotaCheck:
+    """Rate window and concurrency cap of the execution's quota policy (see the module
+    docstring)."""
+
+    name = "quota"
+    in_slot = False
+    attached_only = True
+
+    def __init__(self, store: Store, functions: Functions, quota_partitions: int) -> None:
+        self.store, self.functions, self.partitions = store, functions, quota_partitions
+
+    def keys(self, quota_policy_id: str) -> QuotaKeys | None:
+        if not valid_id(quota_policy_id):
+            return None
+        return QuotaKeys.of(quota_partition(quota_policy_id, self.partitions), quota_policy_id)
+
+    async def check(self, candidate: Candidate, who: Claimer) -> Verdict:
+        keys = self.keys(candidate.quota_policy_id)
+        if keys is None:
+            return ADMIT
+        limits = await quota_limits(self.store, keys)
+        if limits is None or not limits.limits_anything:
+            return ADMIT
+        got = await self.functions.quota.check_admission(
+            keys, str(candidate.execution_id), window_seconds=limits.window_seconds,
+            rate_limit=limits.rate, concurrency_cap=limits.cap, jitter_ms=limits.jitter_ms,
+        )  # fmt: skip
+        q = keys.quota_policy_id
+        if got.outcome == "rate_exceeded":
+            retry_at = await self.store.time_ms() + (got.retry_after_ms or 0)
+            detail = (
+                f"quota {q}: rate limit {limits.rate}/{limits.rate} per "
+                f"{limits.window_seconds}s window; retry_at {retry_at}"
+            )
+            return Block(QUOTA_REASON, detail, until_ms=retry_at)
+        if got.outcome == "concurrency_exceeded":
+            return Block(QUOTA_REASON, f"quota {q}: concurrency cap {limits.cap}")
+        return ADMIT
+
+    async def release(self, candidate: Candidate, who: Claimer) -> None:
+        keys = self.keys(candidate.quota_policy_id)
+        if keys is not None:
+            await self.functions.quota.release_admission(keys, str(candidate.execution_id))
+
+
+class AdmissionReleaser:
+    """Calls `ff_release_admission` for each `admission_released` announcement. Every server
+    hears each one; the release is idempotent (the counter drops only when the admitted-set
+    member was removed). A lost announcement or a failed call leaves the slot to the quota
+    reconciler, which frees it once the admission's guard has expired."""
+
+    #: Releases in flight at once on one server.
+    CONCURRENCY = 8
+
+    def __init__(self, functions: Functions, quota_partitions: int) -> None:
+        self.functions, self.partitions = functions, quota_partitions
+        self._tasks = TaskSet(self.CONCURRENCY)
+
+    def schedule(self, quota_policy_id: str, execution_id: str) -> None:
+        if not valid_id(quota_policy_id) or not execution_id:
+            return
+        keys = QuotaKeys.of(quota_partition(quota_policy_id, self.partitions), quota_policy_id)
+        self._tasks.spawn(lambda: self._release(keys, execution_id), "quota-release")
+
+    async def _release(self, keys: QuotaKeys, execution_id: str) -> None:
+        try:
+            await self.functions.quota.release_admission(keys, execution_id)
+        except FlowFabricError as exc:
+            log.warning(
+                "release of %s from quota %s failed: %s", execution_id, keys.quota_policy_id,
+                exc.code,
+            )  # fmt: skip
+
+    async def stop(self) -> None:
+        await self._tasks.stop()
