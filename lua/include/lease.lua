@@ -156,12 +156,14 @@ function Lease.release(x, reason, now)
   Lease.event(x.history, 'released', {'lease_id', c.current_lease_id,
     'lease_epoch', c.current_lease_epoch, 'attempt_index', c.current_attempt_index,
     'attempt_id', c.current_attempt_id, 'reason', reason}, now)
-  -- Work that held a quota admission gives its slot back: announced on the partition's ready
-  -- channel, where every server's ReadyHints calls ff_release_admission
-  -- (docs/budgets.md#releasing-admissions). At most once; the quota reconciler is the backstop.
-  if Util.is_set(c.quota_policy_id) then
+  -- Work that passed admission (a quota policy or budgets attached) gives back what admission
+  -- holds for it: announced on the partition's ready channel, where every server's ReadyHints
+  -- hands it to the releasers (docs/budgets.md#releasing-admissions). At most once; the quota
+  -- and budget reconcilers are the backstop.
+  if Util.is_set(c.quota_policy_id) or Util.is_set(c.budget_ids) then
     redis.call('SPUBLISH', 'ff:ready:' .. x.tag, cjson.encode({type = 'admission_released',
-      quota_policy_id = c.quota_policy_id, execution_id = x.eid}))
+      execution_id = x.eid, quota_policy_id = c.quota_policy_id or '',
+      concurrency_key = c.concurrency_key or '', budget_ids = c.budget_ids or ''}))
   end
 end
 

@@ -28,6 +28,7 @@ from flowfabric.server.engine.admission import (
     valid_id,
 )
 from flowfabric.server.engine.aio import TaskSet
+from flowfabric.server.engine.ready import Released
 from flowfabric.server.valkey.codec import hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Claimer, Functions
@@ -143,7 +144,8 @@ class AdmissionReleaser:
         self.functions, self.partitions = functions, quota_partitions
         self._tasks = TaskSet(self.CONCURRENCY)
 
-    def schedule(self, quota_policy_id: str, execution_id: str) -> None:
+    def schedule(self, released: Released) -> None:
+        quota_policy_id, execution_id = released.quota_policy_id, released.execution_id
         if not valid_id(quota_policy_id) or not execution_id:
             return
         keys = QuotaKeys.of(quota_partition(quota_policy_id, self.partitions), quota_policy_id)

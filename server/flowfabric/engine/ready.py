@@ -6,9 +6,10 @@ see a member the moment it is released. The functions say so instead: whenever a
 becomes eligible (created eligible, released by its last upstream, promoted after a delay,
 replayed), the call publishes `{"type": "ready", "lane": ...}` on `ff:ready:{fp:N}`; when a
 terminal call leaves outgoing edges past its per-call bound, it publishes
-`{"type": "deps_pending", "execution_id": ...}` there too; when work that held a quota
-admission gives up its lease, `{"type": "admission_released", "quota_policy_id": ...,
-"execution_id": ...}` (docs/budgets.md#releasing-admissions).
+`{"type": "deps_pending", "execution_id": ...}` there too; when work that passed
+admission (a quota policy or budgets attached) gives up its lease, `{"type":
+"admission_released", "execution_id": ..., "quota_policy_id": ..., "concurrency_key": ...,
+"budget_ids": "<id>,<id>"}` (docs/budgets.md#releasing-admissions).
 
 Every server listens to the ready channel of every partition (one sharded subscription per
 partition on the hub's per-node connections). A ready event records a hint, (lane, partition),
@@ -25,6 +26,7 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flowfabric.server.engine.events import EventHub
@@ -37,7 +39,20 @@ MAX_HINTED_LANES = 4096
 
 OnReady = Callable[[str | None], None]
 OnPending = Callable[[int, str], None]
-OnReleased = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class Released:
+    """An `admission_released` announcement: what admission holds for `execution_id` is to be
+    given back (its quota slot, its budget reservations)."""
+
+    execution_id: str
+    quota_policy_id: str = ""
+    concurrency_key: str = ""
+    budget_ids: tuple[str, ...] = ()
+
+
+OnReleased = Callable[[Released], None]
 
 
 class ReadyHints:
@@ -62,8 +77,7 @@ class ReadyHints:
         self._on_pending.append(callback)
 
     def on_released(self, callback: OnReleased) -> None:
-        """`callback(quota_policy_id, execution_id)` when work holding a quota admission ended
-        its lease."""
+        """`callback(Released)` when work that passed admission ended its lease."""
         self._on_released.append(callback)
 
     async def start(self) -> None:
@@ -88,15 +102,17 @@ class ReadyHints:
             if kind == "ready" and isinstance(event.get("lane"), str):
                 self.add(event["lane"], partition)
             elif kind == "deps_pending" and isinstance(event.get("execution_id"), str):
-                for callback in self._on_pending:
-                    callback(partition, event["execution_id"])
-            elif (
-                kind == "admission_released"
-                and isinstance(event.get("quota_policy_id"), str)
-                and isinstance(event.get("execution_id"), str)
-            ):
-                for released in self._on_released:
-                    released(event["quota_policy_id"], event["execution_id"])
+                for pending in self._on_pending:
+                    pending(partition, event["execution_id"])
+            elif kind == "admission_released" and isinstance(event.get("execution_id"), str):
+                released = Released(
+                    event["execution_id"],
+                    _field(event, "quota_policy_id"),
+                    _field(event, "concurrency_key"),
+                    tuple(b for b in _field(event, "budget_ids").split(",") if b),
+                )
+                for on_released in self._on_released:
+                    on_released(released)
             elif kind == "resync":
                 for ready in self._on_ready:
                     ready(None)
@@ -135,3 +151,9 @@ class ReadyHints:
             del parts[partition]
             if not parts:
                 del self._hints[lane]
+
+
+def _field(event: dict[str, Any], name: str) -> str:
+    """A string field of an announcement; anything else reads as absent."""
+    value = event.get(name)
+    return value if isinstance(value, str) else ""
