@@ -17,6 +17,7 @@ announce it on the partition's ready channel; docs/budgets.md#releasing-admissio
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flowfabric.server.engine.admission import (
@@ -143,15 +144,22 @@ class AdmissionReleaser:
     def __init__(self, functions: Functions, quota_partitions: int) -> None:
         self.functions, self.partitions = functions, quota_partitions
         self._tasks = TaskSet(self.CONCURRENCY)
+        self._after: list[Callable[[str, str], None]] = []
+
+    def after_release(self, callback: Callable[[str, str], None]) -> None:
+        """`callback(quota_policy_id, concurrency_key)` after a release call succeeded, for
+        waking the work blocked on that policy (docs/budgets.md#waking-blocked-work)."""
+        self._after.append(callback)
 
     def schedule(self, released: Released) -> None:
         quota_policy_id, execution_id = released.quota_policy_id, released.execution_id
         if not valid_id(quota_policy_id) or not execution_id:
             return
         keys = QuotaKeys.of(quota_partition(quota_policy_id, self.partitions), quota_policy_id)
-        self._tasks.spawn(lambda: self._release(keys, execution_id), "quota-release")
+        key = released.concurrency_key
+        self._tasks.spawn(lambda: self._release(keys, execution_id, key), "quota-release")
 
-    async def _release(self, keys: QuotaKeys, execution_id: str) -> None:
+    async def _release(self, keys: QuotaKeys, execution_id: str, concurrency_key: str) -> None:
         try:
             await self.functions.quota.release_admission(keys, execution_id)
         except FlowFabricError as exc:
@@ -159,6 +167,9 @@ class AdmissionReleaser:
                 "release of %s from quota %s failed: %s", execution_id, keys.quota_policy_id,
                 exc.code,
             )  # fmt: skip
+            return
+        for callback in self._after:
+            callback(keys.quota_policy_id, concurrency_key)
 
     async def stop(self) -> None:
         await self._tasks.stop()

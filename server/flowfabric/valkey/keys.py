@@ -345,6 +345,12 @@ class BudgetKeys:
         return f"{self.definition}:usage"
 
     @property
+    def waiters(self) -> str:
+        """Executions blocked on this budget: sorted set, execution id -> block time
+        (docs/budgets.md#waking-blocked-work)."""
+        return f"{self.definition}:waiters"
+
+    @property
     def resets(self) -> str:
         return f"ff:idx:{self.tag}:budget_resets"
 
@@ -392,6 +398,13 @@ class QuotaKeys:
 
     def guard(self, execution_id: str) -> str:
         return f"{self.definition}:admitted:{execution_id}"
+
+    def waiters(self, concurrency_key: str = "") -> str:
+        """Executions blocked on this policy (for `concurrency_key`, when given): sorted set,
+        execution id -> block time (docs/budgets.md#waking-blocked-work)."""
+        if concurrency_key:
+            return f"{self.definition}:k:{concurrency_key}:waiters"
+        return f"{self.definition}:waiters"
 
     @property
     def policies(self) -> str:
