@@ -804,6 +804,8 @@ local function submit_members(tag, list, argv)
       return nil, nil, Reply.err('invalid_input', 'member ' .. m.key .. ': lane and kind are required')
     elseif type(m.priority) ~= 'number' then
       return nil, nil, Reply.err('invalid_input', 'member ' .. m.key .. ': priority must be a number')
+    elseif m.quota ~= nil and type(m.quota) ~= 'string' then
+      return nil, nil, Reply.err('invalid_input', 'member ' .. m.key .. ': quota must be a string')
     elseif argv[7 + i] == nil then
       return nil, nil, Reply.err('invalid_input', 'member ' .. m.key .. ': no input payload')
     end
@@ -1004,7 +1006,7 @@ local function submit_flow(keys, argv)
       kind = m.kind, priority = m.priority, creator = m.creator or '', policy = m.policy_table,
       policy_json = m.policy or '', caps_csv = m.caps, payload = m.payload,
       encoding = m.encoding or '', tags = m.tag_table, delay_until = false, deadline = false,
-      partition = a.partition_id, quota_policy_id = '', flow_id = fid,
+      partition = a.partition_id, quota_policy_id = m.quota or '', flow_id = fid,
       blocked = m.indegree > 0, quiet = true}, now)
     if m.indegree == 0 and not ready[m.lane] then
       ready[m.lane] = true

@@ -88,6 +88,7 @@ class _Member:
     tags: dict[str, str]
     join: tuple[str, int]
     budgets: tuple[str, ...] = ()
+    quota: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class FlowBuilder(Generic[R]):
         data_from: FlowHandle | None = None,
         payload_encoding: str | None = None,
         budgets: Sequence[str] = (),
+        quota: str | None = None,
     ) -> FlowHandle:
         """Add a member of `kind` that runs once the members in `after` decide it.
 
@@ -177,8 +179,8 @@ class FlowBuilder(Generic[R]):
             data_from: An upstream whose result becomes this member's input once its edge is
                 satisfied (added to `after` if missing; success edges only).
             budgets: Budget ids added to the member's policy `budget_ids` (as in
-                `Client.submit`). Flow members take no quota policy: SubmitFlow has no
-                `quota_policy_id`.
+                `Client.submit`).
+            quota: The quota policy id admitting it (as in `Client.submit`).
 
         Raises:
             InvalidFlow: A handle of another flow, a repeated upstream, a bad join or edge
@@ -213,7 +215,7 @@ class FlowBuilder(Generic[R]):
         self._members[key] = _Member(
             key=key, kind=kind, payload=data or b"", encoding=payload_encoding or encoding,
             lane=lane, priority=priority, policy=policy, tags=dict(tags or {}), join=parsed,
-            budgets=_budgets(budgets, key),
+            budgets=_budgets(budgets, key), quota=_quota(quota, key),
         )  # fmt: skip
         for up in ups:
             is_data = data_from is not None and up == data_from.key
@@ -377,6 +379,8 @@ class FlowBuilder(Generic[R]):
                 member.join.kind = _JOIN_KINDS[m.join[0]]
                 member.join.quorum = m.join[1]
             _set_policy(member, m.policy, m.budgets)
+            if m.quota:
+                member.quota_policy_id = m.quota
         for e in self._edges.values():
             edge = request.edges.add(
                 upstream_key=e.upstream, downstream_key=e.downstream, kind=_EDGE_KINDS[e.kind]
@@ -449,6 +453,7 @@ class FlowBuilder(Generic[R]):
                 policy=raw.get("policy"), tags={str(k): str(v) for k, v in
                                                  dict(raw.get("tags") or {}).items()},
                 join=_join(join, key), budgets=_budgets(raw.get("budgets", ()), key),
+                quota=_quota(raw.get("quota"), key),
             )  # fmt: skip
             links.append((key, dict(raw)))
         for key, raw in links:
@@ -471,8 +476,16 @@ class FlowBuilder(Generic[R]):
 
 _MEMBER_FIELDS = {
     "key", "kind", "payload", "lane", "priority", "policy", "tags", "after", "join",
-    "edge_kind", "data_from", "budgets",
+    "edge_kind", "data_from", "budgets", "quota",
 }  # fmt: skip
+
+
+def _quota(quota: Any, key: str) -> str:
+    if quota is None:
+        return ""
+    if not isinstance(quota, str):
+        raise InvalidFlow("invalid_input", f"member {key!r}: quota is a policy id", key)
+    return quota
 
 
 def _budgets(budgets: Any, key: str) -> tuple[str, ...]:

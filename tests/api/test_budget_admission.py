@@ -6,6 +6,7 @@ Both topologies, a real Valkey. The `api` fixture runs no scanners; the unblock 
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import grpc
@@ -15,14 +16,18 @@ from flowfabric.server.engine.budget_admission import claim_pass, exhausted_budg
 from flowfabric.server.valkey.functions import Claimer
 from flowfabric.server.valkey.ids import (
     budget_partition,
+    flow_partition,
     parse_execution_id,
     quota_partition,
+    solo_partition,
 )
-from flowfabric.server.valkey.keys import BudgetKeys, ExecKeys, PartitionKeys, QuotaKeys
+from flowfabric.server.valkey.keys import BudgetKeys, ExecKeys, FlowKeys, PartitionKeys, QuotaKeys
+from flowfabric.v1 import flow_pb2, flow_pb2_grpc
 from flowfabric.v1 import types_pb2 as t
 from tests.api.test_budgets import create_budget, create_quota, eventually, report
 from tests.api.test_lifecycle import LANE, claim_for_worker, claim_next, complete, create, get
 from tests.api.test_why import K, why
+from tests.api.util import keyspace_dump
 from tests.conftest import Api
 
 PARTS = 32  # the default budget and quota partition counts
@@ -289,3 +294,50 @@ async def test_the_two_step_grant_passes_admission(api: Api) -> None:
     granted = await claim_for_worker(api)
     assert granted.WhichOneof("outcome") == "granted"
     assert granted.granted.execution_id == free
+
+
+async def test_flow_members_pass_their_quota(api: Api) -> None:
+    """A SubmitFlow member's `quota_policy_id` is checked at claim like CreateExecution's."""
+    qid, _ = await create_quota(api, window_seconds=60, max_concurrent=1)
+    fid = str(uuid.uuid4())
+    parts = api.server.config.flow_partitions
+    lane = next(
+        f"q-{n}" for n in range(10_000)
+        if solo_partition(f"q-{n}", parts) == flow_partition(fid, parts)
+    )  # fmt: skip
+    members = [
+        flow_pb2.SubmitFlowRequest.Member(
+            key=k, lane_id=lane, execution_kind="step", quota_policy_id=qid
+        )
+        for k in ("a", "b")
+    ]
+    reply = await flow_pb2_grpc.FlowServiceStub(api.channel).SubmitFlow(
+        flow_pb2.SubmitFlowRequest(flow_id=fid, flow_kind="dag", namespace="ns", members=members),
+        metadata=api.metadata,
+    )
+    ids = {m.key: m.execution_id for m in reply.submitted.members}
+    assert await core(api, ids["a"], "quota_policy_id") == [qid]
+    leased = await claimed(api, lanes=(lane,))
+    assert len(leased) == 1
+    other = ({"a", "b"} - {k for k, v in ids.items() if v == leased[0].execution_id}).pop()
+    assert (await get(api, ids[other])).state_vector.blocking_reason == (
+        t.BLOCKING_REASON_WAITING_FOR_QUOTA
+    )
+
+
+async def test_a_flow_member_quota_that_is_not_a_string_is_refused(api: Api) -> None:
+    """The function checks the member field itself (for any FCALL caller, not only the RPC),
+    and a refusal writes nothing."""
+    fid = str(uuid.uuid4())
+    p = flow_partition(fid, api.server.config.flow_partitions)
+    tag = f"{{fp:{p}}}"
+    fk = FlowKeys(tag, fid)
+    members = [{"key": "a", "id": f"{tag}:{uuid.uuid4()}", "lane": "l", "kind": "k",
+                "priority": 0, "quota": 7}]  # fmt: skip
+    before = await keyspace_dump(api.store)
+    reply = await api.store.call(
+        "FCALL", "ff_submit_flow", 3, fk.core, fk.members, PartitionKeys.of(p).flow_index,
+        fid, "dag", "ns", str(p), json.dumps(members), "[]", "", b"",
+    )  # fmt: skip
+    assert reply[:2] == [0, b"invalid_input"] and b"quota must be a string" in reply[2], reply
+    assert await keyspace_dump(api.store) == before

@@ -226,6 +226,20 @@ async def test_flow_members_take_budgets(client: Client) -> None:
     assert not_object.value.reason == "invalid_policy_json"
 
 
+async def test_flow_members_take_a_quota(client: Client) -> None:
+    qid = (await client.create_quota_policy(window_seconds=60, max_concurrent=2)).quota_policy_id
+    f = client.flow()
+    f.add("a", quota=qid)
+    f.add("b")
+    request = f.to_request()
+    assert [m.quota_policy_id for m in request.members] == [qid, ""]
+    assert (await f.submit()).members
+    spec = {"members": [{"key": "a", "kind": "a", "quota": qid}]}
+    assert FlowBuilder.from_spec(spec).to_request().members[0].quota_policy_id == qid
+    with pytest.raises(InvalidFlow):
+        FlowBuilder.from_spec({"members": [{"key": "a", "kind": "a", "quota": 3}]})
+
+
 async def test_handler_reports_and_fails_on_hard_breach(client: Client, api: Api) -> None:
     bid = (await client.create_budget(dimensions={"total_tokens": 100})).budget_id
     worker = Worker(api.address, token=API_TOKEN, lanes=["budget-handler"], concurrency=1)

@@ -20,7 +20,7 @@ from flowfabric.server.api import limits
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.flows import FlowCanceller, cancel_grace_ms
-from flowfabric.server.valkey import flow_reads
+from flowfabric.server.valkey import bounds, flow_reads
 from flowfabric.server.valkey.codec import enum_value, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Functions
@@ -204,13 +204,14 @@ class FlowServicer(rpc.FlowServiceServicer):
             else mint_execution_id(p)
         )
         join, quorum, expected = join_of(m.join, f"{field}.join")
+        limits.check_size(bounds.LABEL_BYTES, m.quota_policy_id, f"{field}.quota_policy_id")
         return SubmitMember(
             key=m.key, execution_id=eid,
             lane_id=validate_lane(m.lane_id or DEFAULT_LANE, f"{field}.lane_id"),
             execution_kind=m.execution_kind, input_payload=m.input_payload, priority=m.priority,
             creator_identity=m.creator_identity, policy_json=member_policy_json(m),
             payload_encoding=m.payload_encoding, tags=dict(m.tags), join_kind=join,
-            join_quorum=quorum, join_expected_edges=expected,
+            join_quorum=quorum, join_expected_edges=expected, quota_policy_id=m.quota_policy_id,
         )  # fmt: skip
 
     def _submit_edge(self, e: pb.SubmitFlowRequest.Edge, i: int) -> SubmitEdge:

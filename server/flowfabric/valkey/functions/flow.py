@@ -156,6 +156,7 @@ class SubmitMember:
     join_kind: str = ""
     join_quorum: int = 0
     join_expected_edges: int = 0
+    quota_policy_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -391,7 +392,7 @@ class FlowFunctions:
                 "kind": m.execution_kind, "priority": m.priority, "creator": m.creator_identity,
                 "policy": m.policy_json, "encoding": m.payload_encoding, "tags": dict(m.tags),
                 "join": m.join_kind, "quorum": m.join_quorum,
-                "expected_edges": m.join_expected_edges,
+                "expected_edges": m.join_expected_edges, "quota": m.quota_policy_id,
             }
             for m in members
         ]  # fmt: skip
