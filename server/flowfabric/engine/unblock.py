@@ -124,8 +124,11 @@ class Unblocker:
 
     async def _register_budgets(self, eid: ExecutionId) -> None:
         (bids,) = await self._core(eid, "budget_ids")
+        attached = list(dict.fromkeys(b for b in bids.split(",") if valid_id(b)))
+        if not attached:
+            return  # not blocked by a budget of its own: left to the scanner
         buckets: list[Bucket] = []
-        for bid in dict.fromkeys(b for b in bids.split(",") if valid_id(b)):
+        for bid in attached:
             if await self._exhausted(bid):
                 bucket = Bucket.budget(self.budget_keys(bid))
                 await self.fn.waiters.add(bucket, str(eid))
