@@ -12,6 +12,7 @@ import asyncio
 import uuid
 
 from flowfabric.server.engine.admission import Block
+from flowfabric.server.engine.budgets import BudgetResetter
 from flowfabric.server.engine.quota_admission import QUOTA_REASON
 from flowfabric.server.engine.unblock import Unblocker
 from flowfabric.server.valkey.functions.waiters import Bucket
@@ -154,3 +155,17 @@ async def test_taking_skips_entries_no_longer_blocked(api: Api) -> None:
     # unblocking what is no longer blocked is benign: nothing changes, nothing raised
     assert await u.wake(bucket, 1, QUOTA_REASON) == 0
     assert await fn.waiters.take(Bucket.quota(quota_keys(str(uuid.uuid4()))), 1) == ()
+
+
+async def test_the_budget_reset_job_wakes_the_waiters_of_what_it_reset(api: Api) -> None:
+    bid = await spent_budget(api, reset_interval_ms=3_600_000)
+    eid = await create(api, policy=with_budgets(bid))
+    assert await claimed_ids(api) == []
+    keys = budget_keys(bid)
+    await api.store.call("HSET", keys.definition, "next_reset_at", "1")  # due now
+    await api.store.call("ZADD", keys.resets, 1, bid)
+    fn = api.server.scheduler.functions  # type: ignore[union-attr]
+    job = BudgetResetter(api.store, fn, PARTS, 60_000, unblocker(api).budget_reset)
+    assert await job.run_cycle() == 1
+    await eventually(eligible_now(api, eid))  # type: ignore[arg-type]
+    assert await waiting(api, keys.waiters) == []
