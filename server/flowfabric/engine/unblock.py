@@ -166,20 +166,26 @@ class Unblocker:
         """A budget was reset (ResetBudget, the reset job): wake all its waiters."""
         bucket = Bucket.budget(keys)
         self._tasks.spawn(
-            lambda: self._wake_logged(bucket, RESET_MAX, BUDGET_REASON), "unblock-budget"
+            lambda: self._wake_logged(bucket, RESET_MAX, BUDGET_REASON, RESET_MAX),
+            "unblock-budget",
         )
 
-    async def _wake_logged(self, bucket: Bucket, count: int, reason: str) -> None:
+    async def _wake_logged(
+        self, bucket: Bucket, count: int, reason: str, max_skipped: int = MAX_SKIPPED
+    ) -> None:
         try:
-            await self.wake(bucket, count, reason)
+            await self.wake(bucket, count, reason, max_skipped)
         except FlowFabricError as exc:
             log.warning("waking %s %s failed: %s", bucket.owner_kind, bucket.owner_id, exc.code)
 
-    async def wake(self, bucket: Bucket, count: int, reason: str) -> int:
+    async def wake(
+        self, bucket: Bucket, count: int, reason: str, max_skipped: int = MAX_SKIPPED
+    ) -> int:
         """Take up to `count` waiters of `bucket` (oldest first) and unblock them, skipping
-        entries that are no longer blocked for `reason`; the number unblocked."""
+        (up to `max_skipped`) entries that are no longer blocked for `reason`; the number
+        unblocked."""
         woken = skipped = 0
-        while woken < count and skipped <= MAX_SKIPPED:
+        while woken < count and skipped <= max_skipped:
             taken = await self.fn.waiters.take(bucket, min(count - woken, MAX_TAKE, RESET_BATCH))
             if not taken:
                 break
@@ -225,10 +231,16 @@ class Unblocker:
         self._tasks.spawn(lambda: self._window_rolled(bucket), "unblock-window")
 
     async def _window_rolled(self, bucket: Bucket) -> None:
+        """Wake up to the rate; while waiters remain, look again one window later: what was
+        woken now fills the window, and nothing else would block to set the next timer."""
         try:
             limits = await quota_limits(self.store, QuotaKeys(bucket.tag, bucket.owner_id))
-            rate = limits.rate if limits is not None and limits.rate > 0 else 1
-            await self.wake(bucket, rate, QUOTA_REASON)
+            if limits is None or limits.rate <= 0:
+                return  # no rate limit (any more): releases and the scanner wake the rest
+            await self.wake(bucket, limits.rate, QUOTA_REASON)
+            if await self.store.call("ZCARD", bucket.index):
+                next_at = await self.store.time_ms() + limits.window_seconds * 1000
+                await self.schedule_window(bucket, next_at)
         except FlowFabricError as exc:
             log.warning("window wake of quota %s failed: %s", bucket.owner_id, exc.code)
 

@@ -41,6 +41,10 @@ class Bucket:
         return cls("budget", keys.tag, keys.budget_id)
 
     @property
+    def index(self) -> str:
+        return _index(self.ctx)
+
+    @property
     def ctx(self) -> KeyCtx:
         if self.owner_kind == "budget":
             return KeyCtx(tag=self.tag, budget_id=self.owner_id)
