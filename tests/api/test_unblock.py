@@ -176,3 +176,19 @@ async def test_the_budget_reset_job_wakes_the_waiters_of_what_it_reset(api: Api)
     assert await job.run_cycle() == 1
     await eventually(eligible_now(api, eid))  # type: ignore[arg-type]
     assert await waiting(api, keys.waiters) == []
+
+
+async def test_the_scanner_backstop_drops_the_entries_of_what_it_returns(engine_api: Api) -> None:
+    api = engine_api
+    bid = await spent_budget(api)
+    eid = await create(api, policy=with_budgets(bid))
+    assert await claimed_ids(api) == []
+    keys = budget_keys(bid)
+    assert await waiting(api, keys.waiters) == [eid]
+    await api.store.call("HSET", keys.usage, "total_tokens", "0")  # cleared without an event
+
+    async def returned() -> bool:
+        eligible = await eligibility(api, eid) == t.ELIGIBILITY_STATE_ELIGIBLE_NOW
+        return eligible and not await waiting(api, keys.waiters)
+
+    await eventually(returned)
