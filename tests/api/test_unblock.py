@@ -19,6 +19,7 @@ from flowfabric.server.valkey.functions.waiters import Bucket
 from flowfabric.server.valkey.ids import budget_partition, parse_execution_id, quota_partition
 from flowfabric.server.valkey.keys import BudgetKeys, QuotaKeys
 from flowfabric.v1 import budget_pb2 as bpb
+from flowfabric.v1 import flow_pb2 as fpb
 from flowfabric.v1 import types_pb2 as t
 from tests.api.test_budget_admission import (
     PARTS,
@@ -28,6 +29,7 @@ from tests.api.test_budget_admission import (
     with_budgets,
 )
 from tests.api.test_budgets import budgets, create_quota, eventually
+from tests.api.test_flows import flows
 from tests.api.test_lifecycle import claim_next, complete, create, get
 from tests.conftest import Api
 
@@ -192,3 +194,31 @@ async def test_the_scanner_backstop_drops_the_entries_of_what_it_returns(engine_
         return eligible and not await waiting(api, keys.waiters)
 
     await eventually(returned)
+
+
+async def test_a_woken_flow_member_reaches_a_long_poll(api: Api) -> None:
+    """A flow member lives on its flow's partition: the unblock's ready announcement (not the
+    lane partition's state events) wakes the long poll."""
+    bid = await spent_budget(api)
+    fid = str(uuid.uuid4())
+    lane = f"lane-unblock-{fid[:8]}"
+    req = fpb.SubmitFlowRequest(
+        flow_id=fid, flow_kind="dag", namespace="ns",
+        members=[fpb.SubmitFlowRequest.Member(
+            key="X", lane_id=lane, execution_kind="step", policy=with_budgets(bid),
+        )],
+    )  # fmt: skip
+    reply = await flows(api).SubmitFlow(req, metadata=api.metadata)
+    (eid,) = [m.execution_id for m in reply.submitted.members]
+
+    async def blocked() -> bool:  # once a claim pass has found it (the ready hint or window)
+        assert (await claim_next(api, lanes=(lane,))).WhichOneof("outcome") != "task"
+        return await eligibility(api, eid) == t.ELIGIBILITY_STATE_BLOCKED_BY_BUDGET
+
+    await eventually(blocked)
+    poll = asyncio.ensure_future(claim_next(api, "w-2", lanes=(lane,), wait_ms=20_000))
+    await asyncio.sleep(0.2)
+    assert not poll.done()
+    await budgets(api).ResetBudget(bpb.ResetBudgetRequest(budget_id=bid), metadata=api.metadata)
+    got = await asyncio.wait_for(poll, 30)
+    assert got.WhichOneof("outcome") == "task" and got.task.lease.execution_id == eid

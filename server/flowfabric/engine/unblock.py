@@ -119,6 +119,8 @@ class Unblocker:
         if verdict.until_ms is not None:
             await self.schedule_window(bucket, verdict.until_ms)
         keys = QuotaKeys(bucket.tag, bucket.owner_id)
+        # quota_clear is the admission condition itself: were it looser than the check, a
+        # claim would block and this would unblock, in turn, for as long as they disagreed
         if await quota_clear(self.store, keys):  # a release landed before the registration
             await self._self_wake([bucket], eid, QUOTA_REASON)
 
