@@ -59,6 +59,7 @@ from flowfabric.server.engine.ready import ReadyHints
 from flowfabric.server.engine.scanners import ScannerSet
 from flowfabric.server.engine.scheduler import Scheduler
 from flowfabric.server.engine.suspension import suspension_scanners
+from flowfabric.server.engine.unblock import Unblocker
 from flowfabric.server.valkey.durability import Durability
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Functions
@@ -106,6 +107,7 @@ class FlowFabricServer:
         self.ready: ReadyHints | None = None
         self.follow_ups: FollowUpResolver | None = None
         self.releaser: AdmissionReleaser | None = None
+        self.unblocker: Unblocker | None = None
         self.scanners: ScannerSet | None = None
         self.embedded: ValkeyProcess | None = None
         self.store: Store | None = None
@@ -177,14 +179,23 @@ class FlowFabricServer:
         # (docs/lifecycle.md#admission)
         self.scheduler.admission.register(BudgetCheck(self.store, cfg.budget_partitions))
         self.scheduler.admission.register(QuotaCheck(self.store, fn, cfg.quota_partitions))
+        # blocked work is woken by the event that clears it (docs/budgets.md#waking-blocked-work)
+        self.unblocker = Unblocker(
+            self.store, fn, cfg.flow_partitions, cfg.budget_partitions, cfg.quota_partitions,
+            self.scheduler.wake_local,
+        )  # fmt: skip
+        self.scheduler.admission.after_block(self.unblocker.blocked)
+        self.releaser.after_release(self.unblocker.released)
         registry = WorkerRegistry(self.store)
-        self.scanners = lifecycle_scanners(cfg, self.store, fn, registry, self.scheduler.wake_local)
+        self.scanners = lifecycle_scanners(
+            cfg, self.store, fn, registry, self.scheduler.wake_local, self.unblocker
+        )
         for scanner in suspension_scanners(cfg, self.store, fn):
             self.scanners.add(scanner)
         self.canceller = FlowCanceller(self.store, fn)
         for scanner in flow_scanners(cfg, fn, self.canceller, self.scheduler.wake_local):
             self.scanners.add(scanner)
-        self.scanners.cycles += budget_jobs(cfg, self.store, fn)
+        self.scanners.cycles += budget_jobs(cfg, self.store, fn, self.unblocker.budget_reset)
         self.scanners.cycles.append(
             FlowProjector(
                 self.store, fn, cfg.flow_partitions, cfg.interval_ms("FF_FLOW_PROJECTOR_INTERVAL_S")
@@ -339,7 +350,10 @@ class FlowFabricServer:
         flow_pb2_grpc.add_FlowServiceServicer_to_server(
             flow.FlowServicer(ctx, self.hub, self.canceller, self.scheduler.wake_local), server
         )
-        budget_pb2_grpc.add_BudgetServiceServicer_to_server(budget.BudgetServicer(ctx), server)
+        budgets = budget.BudgetServicer(ctx)
+        if self.unblocker is not None:
+            budgets.on_reset = self.unblocker.budget_reset
+        budget_pb2_grpc.add_BudgetServiceServicer_to_server(budgets, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             m.DESCRIPTOR.services_by_name[s].full_name
@@ -454,6 +468,8 @@ class FlowFabricServer:
             await self.follow_ups.stop()  # deps_pending keeps the rest for the reconciler
         if self.releaser is not None:
             await self.releaser.stop()  # the quota reconciler frees what is left
+        if self.unblocker is not None:
+            await self.unblocker.stop()  # the unblock scanner returns what is left
         if self.canceller is not None:
             await self.canceller.stop(self.config.shutdown_grace_s)  # the backlog keeps the rest
         if self.scanners is not None:

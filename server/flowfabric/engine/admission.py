@@ -7,8 +7,9 @@ once budgets and quotas exist, its budget ids and quota policy id). Each check a
 
 - `ADMIT`: this check lets it through (the next check is asked);
 - `Block(reason, detail, until_ms)`: the execution leaves the eligible set for
-  `blocked:<reason>` (`ff_block_execution_for_admission`), so the lane keeps flowing past it
-  and the unblock scanner brings it back;
+  `blocked:<reason>` (`ff_block_execution_for_admission`), so the lane keeps flowing past it;
+  the event that clears its condition wakes it (`engine/unblock.py`), the unblock scanner
+  being the backstop;
 - `SKIP`: leave it eligible and untouched, for another worker or a later pass.
 
 The first answer other than admit wins; checks that admitted before it release what they
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -112,8 +113,8 @@ class Skip:
 @dataclass(frozen=True)
 class Block:
     """Move the execution to `blocked:<reason>`. `until_ms` is when the check expects the
-    condition to clear (None = when the unblock scanner finds it cleared); the block function
-    stores no deadline yet, so it is advisory today."""
+    condition to clear (None = when an event clears it): the block function stores no
+    deadline, but the unblocker schedules a wake at it (docs/budgets.md#waking-blocked-work)."""
 
     reason: str
     detail: str
@@ -161,12 +162,21 @@ class CapabilityCheck:
         return None
 
 
+OnBlocked = Callable[[ExecutionId, Block], Awaitable[None]]
+
+
 class Admission:
     """The ordered list of checks the scheduler consults."""
 
     def __init__(self, functions: Functions, checks: Sequence[AdmissionCheck] = ()) -> None:
         self.functions = functions
         self.checks: list[AdmissionCheck] = list(checks) or [CapabilityCheck()]
+        self._after_block: list[OnBlocked] = []
+
+    def after_block(self, callback: OnBlocked) -> None:
+        """`await callback(eid, verdict)` after a block verdict was applied: the unblocker
+        registers the execution as a waiter (docs/budgets.md#waking-blocked-work)."""
+        self._after_block.append(callback)
 
     @property
     def cross_slot(self) -> bool:
@@ -207,9 +217,12 @@ class Admission:
                 log.warning("%s release for %s failed: %s", c.name, candidate.execution_id, exc)
 
     async def block(self, eid: ExecutionId, verdict: Block) -> None:
-        """Apply a block verdict; a failed block is only logged (the execution stays where
-        it is and the next pass decides again)."""
+        """Apply a block verdict, then tell the `after_block` callbacks; a failed block is only
+        logged (the execution stays where it is and the next pass decides again)."""
         try:
             await self.functions.admission.block_execution(eid, verdict.reason, verdict.detail)
         except FlowFabricError as exc:
             log.debug("block of %s failed: %s", eid, exc.code)
+            return
+        for callback in self._after_block:
+            await callback(eid, verdict)

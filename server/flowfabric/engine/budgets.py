@@ -16,6 +16,7 @@ never reset one budget twice for one period; a reconciler's repair is idempotent
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from flowfabric.server.config import Config
 from flowfabric.server.valkey.codec import text
@@ -44,13 +45,22 @@ async def _sscan_all(store: Store, key: str) -> list[str]:
             return list(seen)
 
 
+OnReset = Callable[[BudgetKeys], None]
+
+
 class BudgetResetter:
-    """Resets every budget whose `next_reset_at` has passed."""
+    """Resets every budget whose `next_reset_at` has passed; `on_reset(keys)` after each reset
+    this job made (the unblocker wakes the budget's waiters,
+    docs/budgets.md#waking-blocked-work)."""
 
     name = "budget_reset"
 
-    def __init__(self, store: Store, fn: Functions, partitions: int, interval_ms: int) -> None:
+    def __init__(
+        self, store: Store, fn: Functions, partitions: int, interval_ms: int,
+        on_reset: OnReset | None = None,
+    ) -> None:  # fmt: skip
         self.store, self.fn, self.partitions, self.interval_ms = store, fn, partitions, interval_ms
+        self.on_reset = on_reset
 
     async def run_cycle(self) -> int:
         done = 0
@@ -61,16 +71,18 @@ class BudgetResetter:
                 "ZRANGEBYSCORE", index, "-inf", now, "LIMIT", 0, RESET_BATCH
             )
             for raw in due:
+                keys = BudgetKeys.of(part, text(raw))
                 try:
-                    r = await self.fn.budget.reset_budget(
-                        BudgetKeys.of(part, text(raw)), only_if_due=True
-                    )
+                    r = await self.fn.budget.reset_budget(keys, only_if_due=True)
                 except FlowFabricError as exc:
                     if exc.code in TRANSPORT:
                         raise
                     log.debug("budget reset %s: %s", text(raw), exc.code)
                     continue
-                done += r.outcome == "reset"
+                if r.outcome == "reset":
+                    done += 1
+                    if self.on_reset is not None:
+                        self.on_reset(keys)
         return done
 
 
@@ -140,12 +152,12 @@ class QuotaReconciler:
 
 
 def budget_jobs(
-    config: Config, store: Store, fn: Functions
+    config: Config, store: Store, fn: Functions, on_reset: OnReset | None = None
 ) -> list[BudgetResetter | BudgetReconciler | QuotaReconciler]:
     """The three jobs with the configured intervals, for `ScannerSet.cycles`."""
     b, q = config.budget_partitions, config.quota_partitions
     return [
-        BudgetResetter(store, fn, b, config.interval_ms("FF_BUDGET_RESET_INTERVAL_S")),
+        BudgetResetter(store, fn, b, config.interval_ms("FF_BUDGET_RESET_INTERVAL_S"), on_reset),
         BudgetReconciler(store, fn, b, config.interval_ms("FF_BUDGET_RECONCILER_INTERVAL_S")),
         QuotaReconciler(store, fn, q, config.interval_ms("FF_QUOTA_RECONCILER_INTERVAL_S")),
     ]

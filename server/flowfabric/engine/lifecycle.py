@@ -24,6 +24,7 @@ from flowfabric.server.config import Config
 from flowfabric.server.engine.budget_admission import BUDGET_REASON, exhausted_budget
 from flowfabric.server.engine.quota_admission import QUOTA_REASON, quota_clear
 from flowfabric.server.engine.scanners import Scanner, ScannerSet
+from flowfabric.server.engine.unblock import Unblocker
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Functions
@@ -53,8 +54,10 @@ def lifecycle_scanners(
     fn: Functions,
     registry: WorkerRegistry,
     on_eligible: Callable[[], None] | None = None,
+    unblocker: Unblocker | None = None,
 ) -> ScannerSet:
-    """Every lifecycle scanner with the configured intervals."""
+    """Every lifecycle scanner with the configured intervals. `unblocker`: the scanner drops
+    the waiters entries of what it returns (docs/budgets.md#waking-blocked-work)."""
     parts = config.flow_partitions
     scanners = ScannerSet(store, parts, config.lanes)
 
@@ -84,7 +87,7 @@ def lifecycle_scanners(
 
     route = RouteUnblocker(store, fn, registry, eligible)
     admitted = AdmissionUnblocker(
-        store, fn, config.budget_partitions, config.quota_partitions, eligible
+        store, fn, config.budget_partitions, config.quota_partitions, eligible, unblocker
     )
     trimmer = RetentionTrimmer(store, parts)
     for scanner in (
@@ -165,7 +168,10 @@ class AdmissionUnblocker:
     """Budget- and quota-blocked executions return to eligible once the condition that blocked
     them has cleared (docs/lifecycle.md#admission-blocks): every attached strict budget has
     headroom; the quota's window (expired entries left out) is below its rate and its
-    concurrency counter below its cap. Reads only; a read that fails leaves it blocked."""
+    concurrency counter below its cap. Reads only; a read that fails leaves it blocked.
+
+    This is the backstop of the event-driven wakes (`engine/unblock.py`): what it returns also
+    leaves the waiters indexes it was registered in."""
 
     def __init__(
         self,
@@ -174,21 +180,24 @@ class AdmissionUnblocker:
         budget_partitions: int,
         quota_partitions: int,
         on_eligible: Callable[[], None] | None,
+        unblocker: Unblocker | None = None,
     ) -> None:
         self.store, self.fn, self.on_eligible = store, fn, on_eligible
         self.budget_partitions, self.quota_partitions = budget_partitions, quota_partitions
+        self.unblocker = unblocker
 
-    async def _core(self, member: str) -> tuple[ExecutionId, str, str, str]:
+    async def _core(self, member: str) -> tuple[ExecutionId, str, str, str, str]:
         eid = parse_execution_id(member, 1 << 16)
-        reason, bids, qid = (
+        reason, bids, qid, key = (
             text(v) for v in await self.store.call(
-                "HMGET", ExecKeys(eid).core, "blocking_reason", "budget_ids", "quota_policy_id"
+                "HMGET", ExecKeys(eid).core, "blocking_reason", "budget_ids", "quota_policy_id",
+                "concurrency_key",
             )
         )  # fmt: skip
-        return eid, reason, bids, qid
+        return eid, reason, bids, qid, key
 
     async def budget(self, member: str, now: int, lane: str | None) -> None:
-        eid, reason, bids, _ = await self._core(member)
+        eid, reason, bids, qid, key = await self._core(member)
         if reason != BUDGET_REASON:
             return
         try:
@@ -198,10 +207,11 @@ class AdmissionUnblocker:
         except FlowFabricError as exc:
             log.debug("budget unblock of %s: %s", member, exc.code)
             return
-        await self._unblock(eid, BUDGET_REASON)
+        if await self._unblock(eid, BUDGET_REASON) and self.unblocker is not None:
+            await self.unblocker.forget(eid, bids, qid, key)
 
     async def quota(self, member: str, now: int, lane: str | None) -> None:
-        eid, reason, _, qid = await self._core(member)
+        eid, reason, bids, qid, key = await self._core(member)
         if reason != QUOTA_REASON:
             return
         try:
@@ -216,17 +226,19 @@ class AdmissionUnblocker:
             except FlowFabricError as exc:
                 log.debug("quota unblock of %s: %s", member, exc.code)
                 return
-        await self._unblock(eid, QUOTA_REASON)
+        if await self._unblock(eid, QUOTA_REASON) and self.unblocker is not None:
+            await self.unblocker.forget(eid, bids, qid, key)
 
-    async def _unblock(self, eid: ExecutionId, reason: str) -> None:
+    async def _unblock(self, eid: ExecutionId, reason: str) -> bool:
         try:
             await self.fn.admission.unblock_execution(eid, reason)
         except FlowFabricError as exc:
             if exc.code != "execution_not_eligible":  # benign: already moved on
                 raise
-            return
+            return False
         if self.on_eligible is not None:
             self.on_eligible()
+        return True
 
 
 class RetentionTrimmer:

@@ -63,6 +63,7 @@ DOMAINS = (
     "stream",
     "budget",
     "quota",
+    "waiters",
     "flow",
     "maintenance",
 )

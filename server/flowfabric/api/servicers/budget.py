@@ -8,7 +8,7 @@ scheduler's call, not an RPC of this service.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flowfabric.server.api.servicers.base import ServerContext
@@ -162,11 +162,17 @@ class BudgetServicer(rpc.BudgetServiceServicer):
             return R(already_applied=R.AlreadyApplied())
         return R(ok=R.Ok())
 
+    #: Called with the budget's keys after ResetBudget reset it (the server wires the
+    #: unblocker's wake of its waiters: docs/budgets.md#waking-blocked-work).
+    on_reset: Callable[[BudgetKeys], None] | None = None
+
     async def ResetBudget(
         self, request: pb.ResetBudgetRequest, context: Any
     ) -> pb.ResetBudgetResponse:
         keys = self._budget(request.budget_id)
         r = await self.fn.budget.reset_budget(keys)
+        if self.on_reset is not None:
+            self.on_reset(keys)
         return pb.ResetBudgetResponse(
             reset=pb.ResetBudgetResponse.Reset(next_reset_at=r.next_reset_at)
         )

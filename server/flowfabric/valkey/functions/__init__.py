@@ -22,6 +22,7 @@ from flowfabric.server.valkey.functions.suspension import (
     SuspensionFunctions,
     WaitpointRow,
 )
+from flowfabric.server.valkey.functions.waiters import WaiterFunctions
 from flowfabric.server.valkey.store import Store
 
 
@@ -42,6 +43,7 @@ class Functions:
         self.flow = FlowFunctions(store)
         self.budget = BudgetFunctions(store)
         self.quota = QuotaFunctions(store)
+        self.waiters = WaiterFunctions(store)
 
 
 def all_declarations() -> tuple[Decl[object], ...]:
@@ -58,11 +60,12 @@ def all_declarations() -> tuple[Decl[object], ...]:
         signal,
         stream,
         suspension,
+        waiters,
     )  # fmt: skip
 
     mods = (
         admission, budget, execution, flow, lease, maintenance, quota, scheduling, signal, stream,
-        suspension,
+        suspension, waiters,
     )  # fmt: skip
     return tuple(d for m in mods for d in m.DECLS)
 

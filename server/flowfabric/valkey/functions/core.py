@@ -106,6 +106,7 @@ class KeyCtx:
     budget_id: str = ""
     quota_policy_id: str = ""
     admitted_id: str = ""  # the execution of a quota admission guard (text, any partition)
+    concurrency_key: str = ""  # a quota policy's concurrency key (its waiters bucket)
 
     @property
     def exec(self) -> ExecKeys:
