@@ -344,8 +344,9 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 -- ff_claim_batch
 --   KEYS (4): 1 lane eligible (ARGV[3]'s), 2 lease_expiry, 3 attempt_timeout,
 --     4 execution_deadline, all on one partition's tag. Every other key (cores, grants,
---     attempts, leases, histories, lane active, the claimer's lease set) is built from the tag
---     of KEYS[1] and the members (docs/architecture.md#keys-built-inside-lua).
+--     attempts, leases, histories, lane active, the lane's namespace set and namespace
+--     sub-indexes, the claimer's lease set) is built from the tag of KEYS[1] and the members
+--     (docs/architecture.md#keys-built-inside-lua).
 --   ARGV (11 + 2 x max_tasks): 1 worker_id, 2 worker_instance_id, 3 lane_id, 4 capability_hash
 --     (unused, as in the claim), 5 worker_capabilities_csv, 6 lease_ttl_ms (> 0),
 --     7 renew_before_ms (>= 0), 8 max_tasks (> 0), 9 max_scanned (>= max_tasks: due leases and
