@@ -188,6 +188,30 @@ async def test_skipped_heads_neither_hold_the_call_nor_loop(store: Store) -> Non
     assert len(set(batch.mismatched)) == len(batch.mismatched)
 
 
+async def test_heads_for_admission_are_interleaved_and_charged(store: Store) -> None:
+    """A's heads carry a quota (reported for admission, not leased): they take turns with B's
+    and are charged like claims, so B's heads are all reached and A's lead does not grow."""
+    await create_many(store, "tenant-a", 30, quota_policy_id="q-1")
+    b = set(await create_many(store, "tenant-b", 5))
+    batch = await claim_round(Functions(store), 8, scan=20)
+    assert {r.execution_id for r in batch.claimed} == b
+    assert len(batch.needs_admission) == 20 - 5, "every head examined once, within max_scanned"
+    vt = await namespace_vt(store)
+    assert vt == {"tenant-a": 15 * 1_000_000}, "B left with its last head; A charged per head"
+
+
+async def test_a_row_that_does_not_fit_ends_the_call_uncharged(store: Store) -> None:
+    await create_many(store, "tenant-a", 3, input_payload=b"a" * 1_500_000)
+    await create_many(store, "tenant-b", 3, input_payload=b"b" * 1_500_000)
+    fn = Functions(store)
+    batch = await fn.scheduling.claim_batch(PARTITION, WHO, TTL, minted(4), 8, 2 << 20)
+    assert len(batch.claimed) == 1, "one 1.5 MB row fits in 2 MiB, the second does not"
+    first = batch.claimed[0].namespace
+    vt = await namespace_vt(store)
+    assert vt[first] == 1_000_000 and sum(vt.values()) == 1_000_000, vt
+    await check_lane_namespaces(store, TAG)
+
+
 async def test_a_namespace_listed_without_eligible_work_is_dropped(store: Store) -> None:
     await create_many(store, "tenant-a", 3)
     await store.call("ZADD", P.lane_namespaces(LANE), 0, "ghost")
