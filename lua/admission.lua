@@ -1,7 +1,7 @@
 -- admission.lua: admission blocks and unblocks of runnable executions
 -- (docs/lifecycle.md#admission-blocks).
 --
--- uses: reply, util, keys, state
+-- uses: reply, util, keys, state, eligible
 
 -- Reason -> {eligibility_state, blocked index suffix} (docs/lifecycle.md#admission-blocks).
 local BLOCK_REASONS = {
@@ -53,7 +53,7 @@ local function block_execution(keys, argv)
   local now = Util.now_ms()
   State.write_vector(keys[1], argv[1], {'runnable', 'unowned', target[1], argv[2], argv[3] or '',
     'none', Util.is_set(c.attempt_state) and c.attempt_state or 'pending_first_attempt'}, now)
-  redis.call('ZREM', Keys.lane(x.tag, c.lane_id, 'eligible'), argv[1])
+  Eligible.remove(x.tag, c.lane_id, argv[1], c.namespace)
   redis.call('ZADD', Keys.lane(x.tag, c.lane_id, target[2]), Util.num(now), argv[1])
   return Reply.ok('blocked')
 end
@@ -93,7 +93,7 @@ local function unblock_execution(keys, argv)
     'none', c.attempt_state}, now)
   redis.call('ZREM', Keys.lane(x.tag, c.lane_id, source), argv[1])
   local score = State.eligible_score(tonumber(c.priority) or 0, tonumber(c.created_at) or now)
-  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'eligible'), Util.num(score), argv[1])
+  Eligible.add(x.tag, c.lane_id, argv[1], score, c.namespace)
   return Reply.ok('unblocked')
 end
 

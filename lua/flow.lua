@@ -4,7 +4,7 @@
 -- touch the flow and all its members (docs/flows.md#keys). Keys other than KEYS[1..n] are built
 -- from the tag of KEYS[1] (docs/architecture.md#keys-built-inside-lua).
 --
--- uses: reply, util, bounds, argv, keys, flowstate, state, deps, cancel, create, replay
+-- uses: reply, util, bounds, argv, keys, flowstate, state, eligible, deps, cancel, create, replay
 
 local TERMINAL_FLOW = {cancelled = true, completed = true, failed = true}
 local JOINS = {all = true, any = true, quorum = true}
@@ -442,7 +442,11 @@ local function apply_dependency_to_child(keys, argv)
     end
     State.write_vector(x.core_key, x.eid, {'runnable', 'unowned', 'blocked_by_dependencies',
       'waiting_for_children', n .. ' dep(s) unresolved incl ' .. edge, 'none', attempt}, now)
-    redis.call('ZREM', Keys.lane(x.tag, c.lane_id, from), x.eid)
+    if from == 'eligible' then
+      Eligible.remove(x.tag, c.lane_id, x.eid, c.namespace)
+    else
+      redis.call('ZREM', Keys.lane(x.tag, c.lane_id, from), x.eid)
+    end
     redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'blocked:dependencies'),
       c.created_at or Util.num(now), x.eid)
   end

@@ -2,7 +2,7 @@
 -- guarded repair of records older versions left half-written or past the bounds
 -- (docs/architecture.md#repair-sweep).
 --
--- uses: reply, util, bounds, argv, keys, state, suspend
+-- uses: reply, util, bounds, argv, keys, state, eligible, suspend
 
 local RUNNABLE_SET = {
   eligible_now = 'eligible',
@@ -57,7 +57,10 @@ end
 --   Errors: none.
 --   Writes (repaired only): ZADD the id to the lane set its state implies
 --   (docs/architecture.md#the-state-vector) and ZREM
---     it from every other lane scheduling set, so it is in exactly one. exec_core is not written.
+--     it from every other lane scheduling set, so it is in exactly one; then the namespace
+--     sub-index and namespace set of the eligible set brought in step with it (named
+--     `eligible:ns` among the sets added or removed; docs/lifecycle.md#tenant-fairness).
+--     exec_core is not written.
 local function reconcile_indexes(keys, argv)
   local x = State.load_exec(keys, argv)
   if not x then
@@ -79,6 +82,11 @@ local function reconcile_indexes(keys, argv)
       redis.call('ZREM', key, argv[1])
       removed[#removed + 1] = set
     end
+  end
+  -- The eligible set's namespace side follows it (docs/lifecycle.md#tenant-fairness).
+  if Eligible.reconcile(x.tag, c.lane_id, argv[1], c.namespace) then
+    local into = (want == 'eligible') and added or removed
+    into[#into + 1] = 'eligible:ns'
   end
   if #added == 0 and #removed == 0 then
     return Reply.ok('ok')
@@ -183,6 +191,9 @@ end
 --     | {1,"OK","clamped",<fields>}: stored times past the bounds brought back to them (a lease
 --       expiry to now + LEASE_TTL_MS; deadlines, delays, timeouts and waitpoint expiries to
 --       now + HORIZON_MS), in the record and in its index scores; <fields> names them (CSV).
+--       `eligible:ns` among them: the eligible set's namespace sub-index and namespace set
+--       brought in step with it (an execution made eligible by an older version;
+--       docs/lifecycle.md#tenant-fairness).
 --   Errors: invalid_input (min_age_ms).
 --   Writes: as the replies say, nothing else. Idempotent: a second call answers "ok".
 local REPAIR_ARGV = {{2, 'min_age_ms', 'int', min = 0}}
@@ -213,6 +224,9 @@ local function repair_execution(keys, argv)
     repair_lease(x, now, fixes)
   end
   repair_times(x, now, fixes)
+  if Eligible.reconcile(x.tag, c.lane_id or '', x.eid, c.namespace) then
+    fixes[#fixes + 1] = 'eligible:ns'
+  end
   if #fixes == 0 then
     return Reply.ok('ok')
   end

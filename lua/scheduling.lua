@@ -6,7 +6,7 @@
 -- Pass the real key or the
 -- placeholder ff:noop:{p}.
 --
--- uses: reply, util, bounds, argv, keys, state, lease, attempt, policy, capabilities, grant, reclaim
+-- uses: reply, util, bounds, argv, keys, state, eligible, lease, attempt, policy, capabilities, grant, reclaim
 
 -- ff_issue_claim_grant
 --   KEYS (3): 1 core, 2 claim_grant, 3 lane eligible (*: built from core.lane_id).
@@ -323,7 +323,7 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 -- execution of the lane active set scored at or before now whose lease is expired (marked
 -- here if the scanner has not yet) or revoked is reclaimed, as ff_reclaim_execution does
 -- (docs/lifecycle.md#lease-expiry-and-reclaim), so a backlog of new work cannot starve a
--- crashed worker's executions. Then the eligible heads, in eligible order, each through what
+-- crashed worker's executions. Then the eligible heads, each through what
 -- ff_issue_claim_grant then ff_claim_execution (or ff_claim_resumed_execution, for an
 -- attempt_interrupted execution) do: the grant checks (a grant held by anyone skips the head;
 -- a capability mismatch reports it), then the claim checks, then the claim writes with the
@@ -332,21 +332,32 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 -- the same call. With max_reply_bytes set, a head whose row would take the reply past it is
 -- not leased and the call stops there (docs/lifecycle.md#claim-reply-size).
 --
+-- The order of the eligible heads (docs/lifecycle.md#tenant-fairness): with at most one
+-- namespace in the lane's namespace set, eligible order (priority, then age). With more, the
+-- call takes the namespace of lowest virtual time (of the first Claim.FAIR_NAMESPACES in the
+-- set; ties in set order), examines the next head of its sub-index, in eligible order, and
+-- advances the namespace's virtual time by floor(Eligible.UNIT / weight) whatever the head's
+-- outcome (leased, reported for admission, mismatched or skipped: a namespace is charged for
+-- the heads it is offered, so one whose heads this claimer cannot take neither holds the call
+-- nor builds up a lead); then repeats, within max_scanned heads.
+--
 -- ff_claim_batch
 --   KEYS (4): 1 lane eligible (ARGV[3]'s), 2 lease_expiry, 3 attempt_timeout,
 --     4 execution_deadline, all on one partition's tag. Every other key (cores, grants,
---     attempts, leases, histories, lane active, the claimer's lease set) is built from the tag
---     of KEYS[1] and the members (docs/architecture.md#keys-built-inside-lua).
---   ARGV (10 + 2 x max_tasks): 1 worker_id, 2 worker_instance_id, 3 lane_id, 4 capability_hash
+--     attempts, leases, histories, lane active, the lane's namespace set and namespace
+--     sub-indexes, the claimer's lease set) is built from the tag of KEYS[1] and the members
+--     (docs/architecture.md#keys-built-inside-lua).
+--   ARGV (11 + 2 x max_tasks): 1 worker_id, 2 worker_instance_id, 3 lane_id, 4 capability_hash
 --     (unused, as in the claim), 5 worker_capabilities_csv, 6 lease_ttl_ms (> 0),
 --     7 renew_before_ms (>= 0), 8 max_tasks (> 0), 9 max_scanned (>= max_tasks: due leases and
 --     heads examined at most, each), 10 max_reply_bytes (0 = no cap; else the most the rows
 --     may cost, a row costing Claim.ROW_BYTES + the bytes of its payload, tags, kind,
---     namespace, flow id and encoding), then max_tasks pairs lease_id, attempt_id (the i-th
---     lease takes the i-th pair).
+--     namespace, flow id and encoding), 11 tenant_weights (a JSON object namespace -> weight,
+--     an integer 1..Bounds.TENANT_WEIGHT; "" = every namespace 1), then max_tasks pairs
+--     lease_id, attempt_id (the i-th lease takes the i-th pair).
 --   Now: TIME, once.
 --   Replies: {1,"OK",claimed,mismatched,reply_bytes,needs_admission}
---     claimed: one array per lease, reclaims first, then in eligible order: {execution_id,
+--     claimed: one array per lease, reclaims first, then in claim order: {execution_id,
 --       lease_id, lease_epoch, lease_expires_at, attempt_id, attempt_index, attempt_type
 --       (initial | retry | replay | reclaim; a resumed claim gives its attempt's stored type),
 --       resumed ("1" | "0"), payload, payload_encoding, execution_kind, namespace, priority,
@@ -359,8 +370,9 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --       budget_ids or a quota_policy_id: not leased (nothing written; they do not count
 --       against max_tasks), for the caller to take through the cross-slot admission checks
 --       (docs/lifecycle.md#admission).
---   Errors (before any write): invalid_input (numeric ARGV, empty ids, pair count, KEYS not
---     the lane's eligible set and the indexes of its tag), invalid_capabilities (worker side).
+--   Errors (before any write): invalid_input (numeric ARGV, empty ids, pair count,
+--     tenant_weights, KEYS not the lane's eligible set and the indexes of its tag),
+--     invalid_capabilities (worker side).
 --   Skipped, nothing written: heads whose core is missing, that are not eligible, hold a grant,
 --     are not leaseable (claim checks), or have invalid required capabilities. Due-lease
 --     entries the claimer cannot take are skipped too: a grant outstanding, a capability
@@ -369,7 +381,9 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --     another lane is removed from the set).
 --   Writes per lease: those of ff_claim_execution (or ff_claim_resumed_execution), or of
 --     ff_reclaim_execution for a due lease, including its reclaim-limit path (terminal
---     failed; nothing leased).
+--     failed; nothing leased). With several namespaces: ZADD XX of each namespace examined,
+--     at its new virtual time (one whose last head was leased has left the set); a namespace
+--     whose sub-index is found empty leaves the set.
 local CLAIM_BATCH_ARGV = {
   {6, 'lease_ttl_ms', 'int', min = 1, max = Bounds.LEASE_TTL_MS},
   {7, 'renew_before_ms', 'int', min = 0, max = Bounds.LEASE_TTL_MS},
@@ -378,7 +392,7 @@ local CLAIM_BATCH_ARGV = {
   {10, 'max_reply_bytes', 'int', min = 0, max = Bounds.REPLY_BYTES},
 }
 
-local FIRST_PAIR = 11
+local FIRST_PAIR = 12
 
 local function claim_batch_args(keys, argv)
   local a, e = Argv.parse(argv, CLAIM_BATCH_ARGV)
@@ -414,12 +428,16 @@ local function claim_batch_args(keys, argv)
   if cerr then
     return nil, cerr
   end
+  local weights, werr = Eligible.weights(argv[11])
+  if not weights then
+    return nil, Reply.err('invalid_input', werr)
+  end
   local room = a.max_reply_bytes
   if room == 0 then
     room = math.huge
   end
   return {tag = tag, ttl = ttl, renew_before = renew_before, max = max, scan = scan,
-    room = room}
+    room = room, weights = weights}
 end
 
 -- What the worker needs of one lease (the ff_claim_batch `claimed` row).
@@ -533,6 +551,103 @@ local function claim_head(eid, b, argv, pair, room, now)
   return claimed_row(x, a, stored or 'initial', true), cost
 end
 
+-- Examines one head (a due lease or an eligible head) with `take` and files the outcome in
+-- `st` (claimed, mismatched, admit, used, full). Returns true when it leased.
+local function examine(st, take, eid, b, argv, now)
+  local got, cost = take(eid, b, argv, FIRST_PAIR + 2 * #st.claimed, b.room - st.used, now)
+  if got == 'full' then
+    st.full = true
+  elseif got == 'mismatch' then
+    st.mismatched[#st.mismatched + 1] = eid
+  elseif got == 'admission' then
+    st.admit[#st.admit + 1] = eid
+  elseif got then
+    st.claimed[#st.claimed + 1] = got
+    st.used = st.used + cost
+    return true
+  end
+  return false
+end
+
+-- Each of `ids` in order, until max_tasks leases or a row that does not fit.
+local function examine_all(st, take, ids, b, argv, now)
+  for _, eid in ipairs(ids) do
+    if #st.claimed >= b.max or st.full then
+      return
+    end
+    examine(st, take, eid, b, argv, now)
+  end
+end
+
+-- Namespaces a claim call weighs at most, and sub-index heads read per fetch.
+local FAIR_NAMESPACES = 64
+local FAIR_CHUNK = 8
+
+-- The next unexamined head of namespace t, or nil. Leased heads leave the sub-index and every
+-- other examined head stays, so the next one sits at offset t.kept.
+local function next_head(b, lane, t)
+  if t.pos > #t.heads then
+    t.heads = redis.call('ZRANGE', Eligible.ns_key(b.tag, lane, t.name), t.kept,
+      t.kept + FAIR_CHUNK - 1)
+    t.pos = 1
+    if #t.heads == 0 then
+      return nil
+    end
+  end
+  t.pos = t.pos + 1
+  return t.heads[t.pos - 1]
+end
+
+-- The not yet exhausted namespace of lowest virtual time (the first on ties), or nil.
+local function lowest(nss)
+  local best
+  for _, t in ipairs(nss) do
+    if not t.done and (best == nil or t.vt < best.vt) then
+      best = t
+    end
+  end
+  return best
+end
+
+-- The eligible heads across namespaces (docs/lifecycle.md#tenant-fairness), `raw` being the
+-- namespace set's first entries with their virtual times.
+local function examine_fair(st, raw, b, argv, now)
+  local lane, set = argv[3], Eligible.namespaces_key(b.tag, argv[3])
+  local nss = {}
+  for i = 1, #raw, 2 do
+    local vt = tonumber(raw[i + 1]) or 0
+    nss[#nss + 1] = {name = raw[i], vt = vt, start = vt, step = Eligible.step(b.weights, raw[i]),
+      kept = 0, heads = {}, pos = 1}
+  end
+  local examined = 0
+  while examined < b.scan and #st.claimed < b.max and not st.full do
+    local t = lowest(nss)
+    if not t then
+      break
+    end
+    local eid = next_head(b, lane, t)
+    if not eid then
+      t.done = true
+      if t.vt == t.start then
+        redis.call('ZREM', set, t.name)  -- listed with no eligible work: out of step, dropped
+      end
+    else
+      local leased = examine(st, claim_head, eid, b, argv, now)
+      if not st.full then  -- a head that did not fit ends the call and is not charged
+        examined = examined + 1
+        t.vt = t.vt + t.step
+        t.kept = t.kept + (leased and 0 or 1)
+      end
+    end
+  end
+  for _, t in ipairs(nss) do
+    if t.vt ~= t.start then
+      -- XX: a namespace whose last eligible head was leased has left the set
+      redis.call('ZADD', set, 'XX', Util.num(t.vt), t.name)
+    end
+  end
+end
+
 local function claim_batch(keys, argv)
   local b, aerr = claim_batch_args(keys, argv)
   if not b then
@@ -541,33 +656,21 @@ local function claim_batch(keys, argv)
   b.keys = keys
   b.active = Keys.lane(b.tag, argv[3], 'active')
   local now = Util.now_ms()
-  local claimed, mismatched, admit, used = {}, {}, {}, 0
+  local st = {claimed = {}, mismatched = {}, admit = {}, used = 0, full = false}
   -- Due leases first, then the eligible heads; each stops at max_tasks or a row that does
   -- not fit.
-  local passes = {
-    {reclaim_head, redis.call('ZRANGEBYSCORE', b.active, '-inf', now, 'LIMIT', 0, b.scan)},
-    {claim_head, redis.call('ZRANGE', keys[1], 0, b.scan - 1)},
-  }
-  for _, pass in ipairs(passes) do
-    local take, ids = pass[1], pass[2]
-    for _, eid in ipairs(ids) do
-      if #claimed >= b.max then
-        break
-      end
-      local got, cost = take(eid, b, argv, FIRST_PAIR + 2 * #claimed, b.room - used, now)
-      if got == 'full' then
-        return Reply.ok(claimed, mismatched, Util.num(used), admit)
-      elseif got == 'mismatch' then
-        mismatched[#mismatched + 1] = eid
-      elseif got == 'admission' then
-        admit[#admit + 1] = eid
-      elseif got then
-        claimed[#claimed + 1] = got
-        used = used + cost
-      end
+  examine_all(st, reclaim_head,
+    redis.call('ZRANGEBYSCORE', b.active, '-inf', now, 'LIMIT', 0, b.scan), b, argv, now)
+  if #st.claimed < b.max and not st.full then
+    local raw = redis.call('ZRANGE', Eligible.namespaces_key(b.tag, argv[3]), 0,
+      FAIR_NAMESPACES - 1, 'WITHSCORES')
+    if #raw > 2 then
+      examine_fair(st, raw, b, argv, now)
+    else
+      examine_all(st, claim_head, redis.call('ZRANGE', keys[1], 0, b.scan - 1), b, argv, now)
     end
   end
-  return Reply.ok(claimed, mismatched, Util.num(used), admit)
+  return Reply.ok(st.claimed, st.mismatched, Util.num(st.used), st.admit)
 end
 
 redis.register_function('ff_claim_batch', claim_batch)
@@ -614,7 +717,7 @@ local function promote_delayed(keys, argv)
   -- (docs/architecture.md#keys-built-inside-lua).
   redis.call('ZREM', Keys.lane(x.tag, c.lane_id, 'delayed'), x.eid)
   local score = State.eligible_score(tonumber(c.priority or '0') or 0, tonumber(c.created_at or '0') or 0)
-  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'eligible'), Util.num(score), x.eid)
+  Eligible.add(x.tag, c.lane_id, x.eid, score, c.namespace)
   return Reply.ok('promoted')
 end
 
@@ -649,7 +752,7 @@ local function change_priority(keys, argv)
   -- Lane index built from core.lane_id on the tag of KEYS[1]
   -- (docs/architecture.md#keys-built-inside-lua).
   local score = State.eligible_score(p, tonumber(c.created_at or '0') or 0)
-  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'eligible'), Util.num(score), x.eid)
+  Eligible.add(x.tag, c.lane_id, x.eid, score, c.namespace)
   return Reply.ok(c.priority or '0', Util.num(p))
 end
 

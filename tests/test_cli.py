@@ -104,7 +104,14 @@ def test_config_from_env_and_flags() -> None:
         Config.load([], env={"FF_UNBLOCK_INTERVAL_S": "7"}).interval_ms("FF_UNBLOCK_INTERVAL_S")
         == 7000
     )
+    weights = Config.load([], env={"FF_TENANT_WEIGHTS": "acme=3, a=b=2,,other=1"})
+    assert weights.tenant_weights == {"acme": 3, "a=b": 2, "other": 1}
+    assert Config.load([], env={}).tenant_weights == {}
     for bad in (
+        {"FF_TENANT_WEIGHTS": "acme"},
+        {"FF_TENANT_WEIGHTS": "acme=0"},
+        {"FF_TENANT_WEIGHTS": "acme=1001"},
+        {"FF_TENANT_WEIGHTS": "acme=1,acme=2"},
         {"FF_LANES": "a,a"},
         {"FF_TLS_CERT": "x"},
         {"FF_WAITPOINT_HMAC_SECRET": "abc"},

@@ -1,4 +1,4 @@
--- uses: reply, util, bounds, keys, state, policy, capabilities
+-- uses: reply, util, bounds, keys, state, eligible, policy, capabilities
 
 local Create = {}
 
@@ -182,7 +182,11 @@ function Create.write(tag, m, now)
   if next(m.tags) ~= nil then
     Util.hmset(Keys.exec(tag, eid, 'tags'), m.tags)
   end
-  redis.call('ZADD', Keys.lane(tag, m.lane, set), Util.num(score), eid)
+  if set == 'eligible' then
+    Eligible.add(tag, m.lane, eid, score, m.namespace)
+  else
+    redis.call('ZADD', Keys.lane(tag, m.lane, set), Util.num(score), eid)
+  end
   redis.call('SADD', Keys.partition(tag, 'all_executions'), eid)
   redis.call('SADD', Keys.partition(tag, 'lanes'), m.lane)
   if deadline then

@@ -1,4 +1,4 @@
--- uses: util, keys, state, stream, attempt
+-- uses: util, keys, state, eligible, stream, attempt
 
 local Deps = {}
 
@@ -76,7 +76,7 @@ do
     redis.call('ZREM', Keys.lane(tag, c.lane_id, 'blocked:dependencies'), eid)
     local score = State.eligible_score(tonumber(c.priority or '0') or 0,
       tonumber(c.created_at or '0') or 0)
-    redis.call('ZADD', Keys.lane(tag, c.lane_id, 'eligible'), Util.num(score), eid)
+    Eligible.add(tag, c.lane_id, eid, score, c.namespace)
   end
 
   -- A runnable child whose join can no longer be met ends `skipped`, recording why (`why` =
@@ -92,7 +92,9 @@ do
         skipped_upstream_outcome = why.outcome,
       })
     for _, which in ipairs(Keys.LANE_SETS) do
-      if which ~= 'terminal' then
+      if which == 'eligible' then
+        Eligible.remove(tag, c.lane_id, eid, c.namespace)
+      elseif which ~= 'terminal' then
         redis.call('ZREM', Keys.lane(tag, c.lane_id, which), eid)
       end
     end

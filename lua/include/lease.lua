@@ -1,4 +1,4 @@
--- uses: reply, util, keys, state, stream
+-- uses: reply, util, keys, state, eligible, stream
 
 local Lease = {}
 
@@ -181,7 +181,7 @@ end
 -- expiry, into the claimer's lease set. Lane keys and the lease set are built on the tag of
 -- the caller's KEYS[1] (docs/architecture.md#keys-built-inside-lua).
 function Lease.index(x, lane, lease_expiry_key, a)
-  redis.call('ZREM', Keys.lane(x.tag, lane, 'eligible'), x.eid)
+  Eligible.remove(x.tag, lane, x.eid, x.core.namespace)
   redis.call('ZADD', lease_expiry_key, Util.num(a.expires), x.eid)
   redis.call('SADD', Keys.worker_leases(x.tag, a.worker_instance_id), x.eid)
   redis.call('ZADD', Keys.lane(x.tag, lane, 'active'), Util.num(a.expires), x.eid)

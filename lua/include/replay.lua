@@ -1,4 +1,4 @@
--- uses: reply, util, keys, state, lease, policy
+-- uses: reply, util, keys, state, eligible, lease, policy
 
 local Replay = {}
 
@@ -47,7 +47,11 @@ function Replay.reset(x, unsatisfied, replay_type, now, reason)
   -- Lane indexes built from core.lane_id on the tag of KEYS[1]
   -- (docs/architecture.md#keys-built-inside-lua).
   redis.call('ZREM', Keys.lane(x.tag, c.lane_id, 'terminal'), x.eid)
-  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, target), Util.num(score), x.eid)
+  if target == 'eligible' then
+    Eligible.add(x.tag, c.lane_id, x.eid, score, c.namespace)
+  else
+    redis.call('ZADD', Keys.lane(x.tag, c.lane_id, target), Util.num(score), x.eid)
+  end
   redis.call('DEL', Keys.exec(x.tag, x.eid, 'result'))
   local fields = {'replay_count', Util.num(count + 1), 'replay_type', replay_type}
   if Util.is_set(reason) then

@@ -1,4 +1,4 @@
--- uses: util, keys, state
+-- uses: util, keys, state, eligible
 
 local Suspend = {}
 
@@ -53,7 +53,7 @@ function Suspend.resume_core(x, timeout_idx, delay, detail, now)
   else
     local score = State.eligible_score(tonumber(c.priority or '0') or 0,
       tonumber(c.created_at or '0') or 0)
-    redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'eligible'), Util.num(score), x.eid)
+    Eligible.add(x.tag, c.lane_id, x.eid, score, c.namespace)
   end
   redis.call('ZREM', timeout_idx, x.eid)
   return public

@@ -1,4 +1,4 @@
--- uses: util, keys, state, deps
+-- uses: util, keys, state, eligible, deps
 
 local Terminal = {}
 
@@ -51,7 +51,9 @@ end
 function Terminal.remove_from_indexes(x, keep)
   local c = x.core
   for _, which in ipairs(Keys.LANE_SETS) do
-    if which ~= keep then
+    if which == 'eligible' and which ~= keep then
+      Eligible.remove(x.tag, c.lane_id, x.eid, c.namespace)
+    elseif which ~= keep then
       redis.call('ZREM', Keys.lane(x.tag, c.lane_id, which), x.eid)
     end
   end

@@ -174,7 +174,9 @@ class FlowFabricServer:
         self.releaser = AdmissionReleaser(fn, cfg.quota_partitions)
         self.ready.on_released(self.releaser.schedule)
         await self.ready.start()
-        self.scheduler = Scheduler(fn, self.store, cfg.flow_partitions, self.hub, self.ready)
+        self.scheduler = Scheduler(
+            fn, self.store, cfg.flow_partitions, self.hub, self.ready, cfg.tenant_weights
+        )
         # capabilities (the default, in-slot), then budgets, then the quota
         # (docs/lifecycle.md#admission)
         self.scheduler.admission.register(BudgetCheck(self.store, cfg.budget_partitions))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from flowfabric.server.valkey import bounds
 from flowfabric.server.valkey.ids import is_secret_hex
 
 
@@ -66,6 +67,31 @@ def _lanes(name: str, raw: str) -> tuple[str, ...]:
     return tuple(lanes)
 
 
+def _weights(name: str, raw: str) -> Mapping[str, int]:
+    """`ns=3,other=1`: each namespace's claim weight within a lane
+    (docs/lifecycle.md#tenant-fairness); the last `=` of an item splits it."""
+    out: dict[str, int] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        ns, eq, weight = item.rpartition("=")
+        if not eq or not ns:
+            raise ConfigError(f"{name} items must be namespace=weight, got: {item!r}")
+        if ns in out:
+            raise ConfigError(f"{name} names {ns!r} twice")
+        try:
+            value = int(weight)
+        except ValueError:
+            value = 0
+        if not bounds.TENANT_WEIGHT.lo <= value <= bounds.TENANT_WEIGHT.hi:
+            raise ConfigError(
+                f"{name}: the weight of {ns!r} must be an integer {bounds.TENANT_WEIGHT.says()}, "
+                f"got: {weight!r}"
+            )
+        out[ns] = value
+    return out
+
+
 # Scanner intervals (docs/architecture.md#scanners): variable -> (default, unit multiplier to ms).
 SCANNER_INTERVALS: dict[str, tuple[int, int]] = {
     "FF_LEASE_EXPIRY_INTERVAL_MS": (1500, 1),
@@ -116,6 +142,7 @@ class Config:
     durability_replicas: int = 1
     durability_timeout_ms: int = 1000
     scanner_intervals_ms: Mapping[str, int] = field(default_factory=dict)
+    tenant_weights: Mapping[str, int] = field(default_factory=dict)  # namespace -> weight
 
     def __repr__(self) -> str:
         """Every field, with the secrets (HMAC secret, API tokens) redacted."""
@@ -300,6 +327,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "FF_DURABILITY": ("durability", _durability),
     "FF_DURABILITY_REPLICAS": ("durability_replicas", _replicas),
     "FF_DURABILITY_TIMEOUT_MS": ("durability_timeout_ms", _durability_timeout),
+    "FF_TENANT_WEIGHTS": ("tenant_weights", _weights),
 }
 
 
@@ -332,6 +360,7 @@ def flag_parser() -> argparse.ArgumentParser:
         "durability",
         "durability_replicas",
         "durability_timeout_ms",
+        "tenant_weights",
     ]
     names += [var[3:].lower() for var in SCANNER_INTERVALS]
     for name in names:

@@ -5,7 +5,8 @@ sometimes abandons a lease (a killed worker: the lease expires and the member is
 Checked on every example: every flow ends terminal; no member is claimed before its upstreams
 allow it (its join is met by upstreams that have ended); nothing finishes twice; every
 member's final state and the flow's state equal those of a reference evaluator written here,
-independently of the engine.
+independently of the engine; after every step the lane's namespace sub-indexes on the flow's
+partition add up to its eligible set (docs/lifecycle.md#tenant-fairness).
 
 25 examples per topology by default (seconds each); set FF_FLOW_PROPERTY_EXAMPLES
 for a longer run, e.g. `FF_FLOW_PROPERTY_EXAMPLES=500 .venv/bin/pytest -q
@@ -30,6 +31,7 @@ from tests.api.test_flow_ops import lane16
 from tests.api.test_flows import flows
 from tests.api.test_lifecycle import claim_next, complete, fail, state
 from tests.conftest import Api
+from tests.lua.util import check_lane_namespaces
 
 EXAMPLES = int(os.environ.get("FF_FLOW_PROPERTY_EXAMPLES", "25"))
 MAX_MEMBERS = 30
@@ -226,6 +228,13 @@ async def work(api: Api, run: Run) -> None:
                 continue  # a slow worker lost its short lease: the member is reclaimed later
             # fenced: a fail_fast halt cancelled it while it ran
             assert spec.policy == "fail_fast" and run.failed_first is not None, exc
+        # releases, skips and halts keep the eligible set's namespace side in step
+        await check_lane_namespaces(api.store, tag_of(run), run.lane)
+
+
+def tag_of(run: Run) -> str:
+    """The flow's partition tag: the `{fp:N}` its member ids start with."""
+    return run.ids[0][: run.ids[0].index("}") + 1]
 
 
 @settings(
@@ -247,3 +256,4 @@ async def test_random_flows_end_as_the_reference_says(engine_api: Api, spec: Spe
         pb.DescribeFlowRequest(flow_id=run.flow_id), metadata=api.metadata
     )
     assert view.flow.public_flow_state == flow_state(expected), spec
+    await check_lane_namespaces(api.store, tag_of(run), run.lane)

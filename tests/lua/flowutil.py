@@ -11,7 +11,7 @@ from flowfabric.server.valkey.functions.flow import SubmitEdge, SubmitMember, Su
 from flowfabric.server.valkey.ids import ExecutionId, flow_partition
 from flowfabric.server.valkey.keys import FlowKeys
 from flowfabric.server.valkey.store import Store
-from tests.lua.util import LANE, claim, complete, core_of, fail, hash_of
+from tests.lua.util import LANE, check_lane_namespaces, claim, complete, core_of, fail, hash_of
 
 PARTITIONS = 256
 
@@ -78,6 +78,9 @@ async def state(store: Store, eid: ExecutionId) -> str:
 
 
 async def states(store: Store, dag: Dag) -> dict[str, str]:
+    """Each member's public state; on the way, the lane's namespace side on the flow's
+    partition must match its eligible set (docs/lifecycle.md#tenant-fairness)."""
+    await check_lane_namespaces(store, dag.tag)
     return {k: await state(store, eid) for k, eid in dag.ids.items()}
 
 

@@ -6,7 +6,8 @@ delays, waiting-for-children, revokes, reclaims, promotions, replays and priorit
 against a few executions, through the same function wrappers the server uses, with current and
 stale fences alike. After every step every execution must satisfy the invariants and be in
 exactly the one lane scheduling set its state vector implies
-(docs/architecture.md#the-state-vector).
+(docs/architecture.md#the-state-vector), and the lane's namespace sub-indexes must add up to its
+eligible set (docs/lifecycle.md#tenant-fairness): the two executions have different namespaces.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
 from tests.conftest import flush
+from tests.lua.util import check_lane_namespaces
 
 LANE = "default"
 LANE_SETS = ("eligible", "delayed", "active", "suspended", "terminal", "blocked:dependencies",
@@ -60,8 +62,8 @@ class Model:
 
 
 OPS = st.sampled_from(
-    ["create", "claim", "renew", "complete", "fail", "cancel", "cancel_holder", "delay",
-     "wait_children", "revoke", "reclaim", "promote", "replay", "priority", "progress"]
+    ["create", "claim", "claim_batch", "renew", "complete", "fail", "cancel", "cancel_holder",
+     "delay", "wait_children", "revoke", "reclaim", "promote", "replay", "priority", "progress"]
 )  # fmt: skip
 STEP = st.tuples(
     OPS, st.integers(0, 1), st.integers(0, 3).map(lambda v: v == 0), st.integers(0, 9000)
@@ -177,10 +179,20 @@ async def step(fn: Functions, model: Model, op: str, pick: int, stale: bool,
     if op == "create" or not model.eids:
         if len(model.eids) < 2:
             eid = ExecutionId(7, str(uuid.uuid4()))
-            await fn.execution.create_execution(NewExecution(eid, "ns", LANE, "k", b"x", n, "prop",
+            ns = f"ns-{len(model.eids)}"  # two namespaces: the claim weighs them
+            await fn.execution.create_execution(NewExecution(eid, ns, LANE, "k", b"x", n, "prop",
                                                    policy_json=POLICY))  # fmt: skip
             model.eids.append(eid)
             model.fences[str(eid)] = []
+        return
+    if op == "claim_batch":  # across both namespaces (docs/lifecycle.md#tenant-fairness)
+        who = Claimer("w", f"wi-{n % 3}", LANE)
+        ids = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(1 + pick)]
+        batch = await fn.scheduling.claim_batch(7, who, 60_000, ids, 4)
+        for row in batch.claimed:
+            model.fences[row.execution_id].append(
+                Fence(row.lease_id, row.lease_epoch, row.attempt_id)
+            )
         return
     eid = model.eids[pick % len(model.eids)]
     fences = model.fences[str(eid)]
@@ -193,6 +205,11 @@ async def step(fn: Functions, model: Model, op: str, pick: int, stale: bool,
 @given(steps=st.lists(STEP, min_size=5, max_size=60))
 # Sequences that reach every state the lifecycle functions can produce, run on every test run.
 @example(steps=[(op, 0, False, 5) for op in ("create", "claim", "wait_children", "replay")])
+@example(
+    steps=[("create", 0, False, 1), ("create", 1, False, 2), ("claim_batch", 0, False, 0),
+           ("claim_batch", 1, False, 0), ("cancel", 0, False, 0), ("replay", 0, False, 0),
+           ("claim_batch", 1, False, 0), ("complete", 0, False, 0)]
+)  # fmt: skip
 @example(
     steps=[(op, 0, False, 5) for op in
            ("create", "claim", "delay", "promote", "claim", "fail", "promote", "claim", "complete",
@@ -220,3 +237,4 @@ async def test_random_operations_keep_invariants(
             ), exc
         for eid in model.eids:
             await check_invariants(store, eid)
+        await check_lane_namespaces(store, "{fp:7}", LANE)

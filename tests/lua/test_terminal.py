@@ -663,6 +663,8 @@ async def skipped_member(store: Store, edges: dict[str, str]) -> ExecutionId:
     }
     await store.call("HSET", k.core, *(x for kv in vector.items() for x in kv))
     await store.call("ZREM", p.lane(LANE, "eligible"), str(eid))
+    await store.call("ZREM", p.lane_namespace(LANE, "ns"), str(eid))  # and its namespace side
+    await store.call("ZREM", p.lane_namespaces(LANE), "ns")
     await store.call("ZADD", p.lane(LANE, "terminal"), 1, str(eid))
     for edge, state in edges.items():
         await store.call(

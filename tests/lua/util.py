@@ -13,6 +13,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.functions import execution, scheduling, signal
 from flowfabric.server.valkey.functions import lease as lease_fns
 from flowfabric.server.valkey.functions import suspension as suspension_fns
@@ -430,6 +431,60 @@ async def lane_sets_of(store: Store, eid: ExecutionId) -> list[str]:
     ]
 
 
+async def check_namespace_side(store: Store, eid: ExecutionId, namespace: str) -> None:
+    """docs/lifecycle.md#tenant-fairness: `eid` is in its namespace's sub-index, at the same
+    score, exactly when it is in the lane's eligible set, and the namespace is in the namespace
+    set exactly when its sub-index is not empty."""
+    p = PartitionKeys(eid.tag)
+    sub = p.lane_namespace(LANE, namespace)
+    pipe = store.pipeline()
+    pipe.zscore(p.lane(LANE, "eligible"), str(eid))
+    pipe.zscore(sub, str(eid))
+    pipe.zcard(sub)
+    pipe.zscore(p.lane_namespaces(LANE), namespace)
+    main, side, count, joined = await store.run_pipeline(pipe)
+    assert main == side, (eid, namespace, main, side)
+    assert (joined is not None) == (count > 0), (namespace, count, joined)
+
+
+async def lane_eligible_by_namespace(
+    store: Store, tag: str, lane: str = LANE
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The lane's eligible set on partition `tag` and the sub-index of every namespace its
+    members' cores name or the namespace set lists, each as member -> score."""
+    p = PartitionKeys(tag)
+
+    def scored(pairs: list) -> dict[str, float]:
+        return {text(member): float(score) for member, score in pairs}
+
+    main = scored(await store.call("ZRANGE", p.lane(lane, "eligible"), 0, -1, "WITHSCORES"))
+    names = {text(n) for n in await store.call("ZRANGE", p.lane_namespaces(lane), 0, -1)}
+    for eid in main:
+        names.add(text(await store.call("HGET", f"ff:exec:{tag}:{eid}:core", "namespace") or b""))
+    subs = {
+        ns: scored(await store.call("ZRANGE", p.lane_namespace(lane, ns), 0, -1, "WITHSCORES"))
+        for ns in names
+    }
+    return main, subs
+
+
+async def check_lane_namespaces(store: Store, tag: str, lane: str = LANE) -> None:
+    """The union of the lane's namespace sub-indexes is its eligible set (members and scores),
+    each member under its core's namespace, and the namespace set lists exactly the namespaces
+    with eligible work (docs/lifecycle.md#tenant-fairness)."""
+    main, subs = await lane_eligible_by_namespace(store, tag, lane)
+    union: dict[str, float] = {}
+    for ns, members in subs.items():
+        for eid in members:
+            got = await store.call("HGET", f"ff:exec:{tag}:{eid}:core", "namespace")
+            assert text(got or b"") == ns, (eid, ns)
+        union.update(members)
+    assert union == main
+    raw = await store.call("ZRANGE", PartitionKeys(tag).lane_namespaces(lane), 0, -1)
+    listed = {text(n) for n in raw}
+    assert listed == {ns for ns, members in subs.items() if members}
+
+
 async def check_invariants(store: Store, eid: ExecutionId) -> dict[str, str]:
     """docs/architecture.md#the-state-vector invariants and docs/architecture.md#the-state-vector
     index membership; returns the core."""
@@ -457,6 +512,7 @@ async def check_invariants(store: Store, eid: ExecutionId) -> dict[str, str]:
         assert own == "unowned"
     expected = {"active": "active", "suspended": "suspended", "terminal": "terminal"}.get(phase)
     assert await lane_sets_of(store, eid) == [expected or ELIGIBILITY_SET[elig]]
+    await check_namespace_side(store, eid, c["namespace"])
     in_expiry = await store.call("ZSCORE", p.lease_expiry, str(eid)) is not None
     assert in_expiry == (phase == "active")
     if own == "leased":

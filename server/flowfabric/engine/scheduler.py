@@ -39,10 +39,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from flowfabric.server.engine.admission import (
@@ -103,8 +104,14 @@ class Scheduler:
         partitions: int,
         hub: EventHub | None,
         hints: ReadyHints | None = None,
+        tenant_weights: Mapping[str, int] | None = None,
     ) -> None:
         self.functions = functions
+        # namespace weights within a lane, as ff_claim_batch takes them
+        # (docs/lifecycle.md#tenant-fairness); "" = equal shares
+        self.tenant_weights = (
+            json.dumps(dict(sorted(tenant_weights.items()))) if tenant_weights else ""
+        )
         self.store = store
         self.partitions = partitions
         self.hub = hub
@@ -253,7 +260,13 @@ class Scheduler:
             return await self._claim_admitted(partition, who, req, want, budget)
         ids = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(want)]
         reply = await self.functions.scheduling.claim_batch(
-            partition, who, req.lease_ttl_ms, ids, want + SCAN_SLACK, budget.cap
+            partition,
+            who,
+            req.lease_ttl_ms,
+            ids,
+            want + SCAN_SLACK,
+            budget.cap,
+            self.tenant_weights,
         )
         budget.spend(reply.reply_bytes)
         out = [claimed_from_row(row, who.lane_id, self.partitions) for row in reply.claimed]

@@ -173,6 +173,16 @@ class PartitionKeys:
         """`which`: eligible, delayed, active, suspended, terminal, blocked:<reason>."""
         return f"ff:idx:{self.tag}:lane:{lane}:{which}"
 
+    def lane_namespace(self, lane: str, namespace: str) -> str:
+        """The eligible ids of one namespace in the lane, scored as `eligible`
+        (docs/lifecycle.md#tenant-fairness)."""
+        return self.lane(lane, f"eligible:ns:{namespace}")
+
+    def lane_namespaces(self, lane: str) -> str:
+        """The lane's namespaces with eligible work, scored by virtual time
+        (docs/lifecycle.md#tenant-fairness)."""
+        return self.lane(lane, "eligible:namespaces")
+
     def _idx(self, name: str) -> str:
         return f"ff:idx:{self.tag}:{name}"
 

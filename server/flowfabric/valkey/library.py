@@ -34,6 +34,7 @@ INCLUDES = (
     "keys",
     "flowstate",
     "state",
+    "eligible",
     "stream",
     "lease",
     "attempt",

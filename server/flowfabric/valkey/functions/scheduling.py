@@ -138,7 +138,7 @@ CLAIM_BATCH: Decl[Batch] = Decl(
     (arg("worker_id"), arg("worker_instance_id"), arg("lane_id"), arg("capability_hash"),
      arg("worker_capabilities_csv"), arg("lease_ttl_ms", "int"), arg("renew_before_ms", "int"),
      arg("max_tasks", "int"), arg("max_scanned", "int"), arg("max_reply_bytes", "int", default=0),
-     tail("lease_and_attempt_ids")),
+     arg("tenant_weights", default=""), tail("lease_and_attempt_ids")),
     ok(_batch),
 )  # fmt: skip
 PROMOTE: Decl[Outcome] = Decl(
@@ -188,11 +188,13 @@ class SchedulingFunctions:
 
     async def claim_batch(
         self, partition: int, who: Claimer, lease_ttl_ms: int, ids: list[tuple[str, str]],
-        max_scanned: int, max_reply_bytes: int = 0,
+        max_scanned: int, max_reply_bytes: int = 0, tenant_weights: str = "",
     ) -> Batch:  # fmt: skip
         """Up to len(ids) of the lane's due leases (reclaimed) and eligible heads on one
         partition leased in one call, the i-th lease with the i-th (lease_id, attempt_id), the
-        rows costing at most `max_reply_bytes` (0 = no cap)."""
+        rows costing at most `max_reply_bytes` (0 = no cap), namespaces sharing the heads by
+        `tenant_weights` (`TenantWeights.argv`; "" = equal shares,
+        docs/lifecycle.md#tenant-fairness)."""
         ctx = KeyCtx(tag=PartitionKeys.of(partition).tag, lane=who.lane_id)
         return await call(self.store, CLAIM_BATCH, ctx, {
             "worker_id": who.worker_id, "worker_instance_id": who.worker_instance_id,
@@ -200,6 +202,7 @@ class SchedulingFunctions:
             "worker_capabilities_csv": who.capabilities_csv, "lease_ttl_ms": lease_ttl_ms,
             "renew_before_ms": lease_ttl_ms * 2 // 3, "max_tasks": len(ids),
             "max_scanned": max_scanned, "max_reply_bytes": max_reply_bytes,
+            "tenant_weights": tenant_weights,
             "lease_and_attempt_ids": [v for pair in ids for v in pair],
         })  # fmt: skip
 
