@@ -512,9 +512,9 @@ local function reclaim_head(eid, b, argv, pair, room, now)
 end
 
 -- One eligible head of ff_claim_batch: the claimed row and its cost, 'mismatch', 'admission'
--- (budgets or a quota attached: the caller admits it), 'full' (would not fit in `room`), or nil
--- (skipped).
-local function claim_head(eid, b, argv, pair, room, now)
+-- (budgets or a quota attached: the caller admits it, unless `admitted`: ff_claim_admitted),
+-- 'full' (would not fit in `room`), or nil (skipped).
+local function claim_head(eid, b, argv, pair, room, now, admitted)
   local tag = b.tag
   local x = load_head(tag, eid)
   if next(x.core) == nil then
@@ -535,7 +535,7 @@ local function claim_head(eid, b, argv, pair, room, now)
   if cerr ~= nil and cerr[2] ~= 'use_claim_resumed_execution' then
     return nil
   end
-  if Util.is_set(x.core.budget_ids) or Util.is_set(x.core.quota_policy_id) then
+  if not admitted and (Util.is_set(x.core.budget_ids) or Util.is_set(x.core.quota_policy_id)) then
     return 'admission'
   end
   local cost = row_cost(x)
@@ -674,6 +674,93 @@ local function claim_batch(keys, argv)
 end
 
 redis.register_function('ff_claim_batch', claim_batch)
+
+-- The second half of an admitted claim (docs/lifecycle.md#admission): the heads ff_claim_batch
+-- reported as needs_admission that the server's checks then admitted, leased in one call, each
+-- exactly as ff_claim_batch leases a head (the grant checks, the claim checks, the claim
+-- writes), in the order given.
+--
+-- ff_claim_admitted
+--   KEYS (4): as ff_claim_batch.
+--   ARGV (8 + 3 x n): 1 worker_id, 2 worker_instance_id, 3 lane_id, 4 capability_hash (unused),
+--     5 worker_capabilities_csv, 6 lease_ttl_ms (> 0), 7 renew_before_ms (>= 0),
+--     8 max_reply_bytes (0 = no cap), then n >= 1 triples execution_id, lease_id, attempt_id.
+--   Now: TIME, once.
+--   Replies: {1,"OK",claimed,refused,reply_bytes}
+--     claimed: ff_claim_batch rows, in the order given.
+--     refused: flat execution_id, why pairs for every id not leased: 'mismatch' (a capability
+--       mismatch; core last_capability_mismatch_at written), 'full' (its row, or an earlier
+--       one, did not fit max_reply_bytes: the call leases nothing after it) or 'skipped'
+--       (core missing, not eligible, a grant outstanding, not leaseable).
+--   Errors (before any write): invalid_input (as ff_claim_batch; the triple count),
+--     invalid_capabilities (worker side).
+--   Writes per lease: those of ff_claim_execution (or ff_claim_resumed_execution).
+local CLAIM_ADMITTED_ARGV = {
+  {6, 'lease_ttl_ms', 'int', min = 1, max = Bounds.LEASE_TTL_MS},
+  {7, 'renew_before_ms', 'int', min = 0, max = Bounds.LEASE_TTL_MS},
+  {8, 'max_reply_bytes', 'int', min = 0, max = Bounds.REPLY_BYTES},
+}
+local FIRST_TRIPLE = 9
+
+local function claim_admitted(keys, argv)
+  local a, e = Argv.parse(argv, CLAIM_ADMITTED_ARGV)
+  if not a then
+    return e
+  end
+  local n = (#argv - FIRST_TRIPLE + 1) / 3
+  if n < 1 or n ~= math.floor(n) then
+    return Reply.err('invalid_input', 'expected triples of execution_id, lease_id, attempt_id')
+  end
+  local ids = {{1, 'worker_id', 'str'}, {2, 'worker_instance_id', 'str'}, {3, 'lane_id', 'str'}}
+  for i = FIRST_TRIPLE, #argv do
+    ids[#ids + 1] = {i, ({'execution_id', 'lease_id', 'attempt_id'})[(i - FIRST_TRIPLE) % 3 + 1],
+      'str'}
+  end
+  local _, serr = Argv.parse(argv, ids)
+  if serr then
+    return serr
+  end
+  local tag = Util.tag_of(keys[1] or '')
+  if not tag or keys[1] ~= Keys.lane(tag, argv[3], 'eligible')
+      or keys[2] ~= Keys.partition(tag, 'lease_expiry')
+      or keys[3] ~= Keys.partition(tag, 'attempt_timeout')
+      or keys[4] ~= Keys.partition(tag, 'execution_deadline') then
+    return Reply.err('invalid_input', 'KEYS must be the lane eligible set and the partition '
+      .. 'lease_expiry, attempt_timeout, execution_deadline of one tag')
+  end
+  local cerr = Caps.check({core = {}}, argv[5] or '', 0)
+  if cerr then
+    return cerr
+  end
+  local room = a.max_reply_bytes
+  if room == 0 then
+    room = math.huge
+  end
+  local b = {tag = tag, ttl = a.lease_ttl_ms, renew_before = a.renew_before_ms, keys = keys}
+  local now = Util.now_ms()
+  local claimed, refused, used, full = {}, {}, 0, false
+  for t = FIRST_TRIPLE, #argv, 3 do
+    local eid = argv[t]
+    local got, cost
+    if not full then
+      got, cost = claim_head(eid, b, argv, t + 1, room - used, now, true)
+      full = got == 'full'
+    end
+    if full then
+      refused[#refused + 1], refused[#refused + 2] = eid, 'full'
+    elseif got == 'mismatch' then
+      refused[#refused + 1], refused[#refused + 2] = eid, 'mismatch'
+    elseif got then
+      claimed[#claimed + 1] = got
+      used = used + cost
+    else
+      refused[#refused + 1], refused[#refused + 2] = eid, 'skipped'
+    end
+  end
+  return Reply.ok(claimed, refused, Util.num(used))
+end
+
+redis.register_function('ff_claim_admitted', claim_admitted)
 
 -- ff_promote_delayed (delayed promoter)
 --   KEYS (3): 1 core, 2 lane delayed (the set being scanned; cleaned when the core says the

@@ -251,21 +251,21 @@ async def test_a_failed_claim_after_admission_returns_the_quota_slot(api: Api) -
     e = parse_execution_id(eid, api.server.config.flow_partitions)
     assert api.server.scheduler is not None
     fn = api.server.scheduler.functions
-    orig = fn.scheduling.issue_claim_grant
+    orig = fn.scheduling.claim_admitted
     keys = QuotaKeys.of(quota_partition(qid, PARTS), qid)
     seen: list[bytes | None] = []
 
     async def stolen(*a: object, **k: object) -> object:
-        # admitted by now; another worker takes the head before this claim's grant
+        # admitted by now; another worker takes a grant on the head before this claim leases it
         seen.append(await api.store.call("GET", keys.concurrency))
-        await orig(e, Claimer("thief", "thief-1", LANE, ""), 60_000)
+        await fn.scheduling.issue_claim_grant(e, Claimer("thief", "thief-1", LANE, ""), 60_000)
         return await orig(*a, **k)  # type: ignore[arg-type]
 
-    fn.scheduling.issue_claim_grant = stolen  # type: ignore[method-assign]
+    fn.scheduling.claim_admitted = stolen  # type: ignore[method-assign]
     try:
         assert await claimed_ids(api) == []
     finally:
-        fn.scheduling.issue_claim_grant = orig  # type: ignore[method-assign]
+        fn.scheduling.claim_admitted = orig  # type: ignore[method-assign]
     assert seen == [b"1"]
     assert await api.store.call("GET", keys.concurrency) == b"0", "counter restored"
     assert await api.store.call("EXISTS", keys.guard(eid)) == 0, "guard deleted"

@@ -62,7 +62,6 @@ from flowfabric.server.engine.claims import (
     ClaimRequest,
     claimed_from_reply,
     claimed_from_row,
-    row_costs,
 )
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.ready import ReadyHints
@@ -86,6 +85,7 @@ ROTATION_WINDOW_MS = 250
 WAIT_BACKSTOP_S = 1.0
 RECLAIM_EVERY = 16
 SCAN_SLACK = 16  # heads a batch claim may examine beyond the ones it wants
+CANDIDATE_FIELDS = ("required_capabilities", "budget_ids", "quota_policy_id")
 
 
 def worker_offset(worker_instance_id: str, partitions: int) -> int:
@@ -126,6 +126,8 @@ class Scheduler:
         self.reclaimer = Reclaimer(functions, store, partitions)
         self._lane_calls = 0
         self.closing = asyncio.Event()
+        # ids of heads a claim pass of this process is admitting: other passes leave them
+        self._admitting: set[str] = set()
 
     # -- partition choice ---------------------------------------------------------------------
 
@@ -325,34 +327,57 @@ class Scheduler:
         self, eids: Sequence[ExecutionId], who: Claimer, req: ClaimRequest, want: int,
         budget: Budget,
     ) -> list[Claimed]:  # fmt: skip
-        """Ask every check for each of `eids` in order; block the refused ones and claim the
-        admitted ones with a grant and a claim, releasing the reservations if that fails. A
-        check that cannot read its state raises: the claim call fails (fail closed)."""
+        """Ask every check for each of `eids` in order, block the refused ones, and lease the
+        admitted ones of the partition in one `ff_claim_admitted` call, releasing the
+        admissions of those it did not lease. A check that cannot read its state raises: the
+        claim call fails (fail closed). Heads another claim pass of this server is admitting
+        are left to it (docs/lifecycle.md#admission)."""
+        eids = [e for e in eids if str(e) not in self._admitting]
         if want <= 0 or not eids:
             return []
-        costs = await row_costs(self.store, list(eids))
-        out: list[Claimed] = []
-        for eid, cost in zip(eids, costs, strict=True):
-            if len(out) >= want or not budget.fits(cost):
-                break
-            cand = await self._candidate(eid, who)
-            verdict = await self.admission.decide(cand, who)
-            if isinstance(verdict, Block):
-                await self.admission.block(eid, verdict)
-            elif verdict == ADMIT:
-                try:
-                    await self.functions.scheduling.issue_claim_grant(eid, who, req.grant_ttl_ms)
-                    out.append(await self._consume_grant(eid, who, req.lease_ttl_ms, "", ""))
-                    budget.spend(cost)
-                except FlowFabricError as exc:
-                    await self.admission.release(cand, who)
-                    if exc.code == "capability_mismatch":
-                        await self._block_for_route(eid)
-                    elif exc.code not in (*NO_MATCH, "invalid_input"):
-                        raise
+        held = {str(e) for e in eids}
+        self._admitting |= held
+        try:
+            admitted: list[Candidate] = []
+            for cand in await self._candidates(eids, who):
+                if len(admitted) >= want:
+                    break
+                verdict = await self.admission.decide(cand, who)
+                if isinstance(verdict, Block):
+                    await self.admission.block(cand.execution_id, verdict)
+                elif verdict == ADMIT:
+                    admitted.append(cand)
+            out = await self._lease_admitted(admitted, who, req, budget)
+        finally:
+            self._admitting -= held
         if out:
             await self._attach_inputs(out)
         return out
+
+    async def _lease_admitted(
+        self, admitted: list[Candidate], who: Claimer, req: ClaimRequest, budget: Budget
+    ) -> list[Claimed]:
+        """One ff_claim_admitted call for the admitted heads of one partition; every admission
+        whose head was not leased is released."""
+        if not admitted:
+            return []
+        triples = [(str(c.execution_id), str(uuid.uuid4()), str(uuid.uuid4())) for c in admitted]
+        try:
+            reply = await self.functions.scheduling.claim_admitted(
+                admitted[0].execution_id.partition, who, req.lease_ttl_ms, triples, budget.cap
+            )
+        except FlowFabricError:
+            for cand in admitted:
+                await self.admission.release(cand, who)
+            raise
+        budget.spend(reply.reply_bytes)
+        by_id = {str(c.execution_id): c for c in admitted}
+        for raw, why in reply.refused:
+            cand = by_id[raw]
+            await self.admission.release(cand, who)
+            if why == "mismatch":
+                await self._block_for_route(cand.execution_id)
+        return [claimed_from_row(row, who.lane_id, self.partitions) for row in reply.claimed]
 
     async def _consume_grant(
         self, eid: ExecutionId, who: Claimer, lease_ttl_ms: int, lease_id: str, attempt_id: str
@@ -411,16 +436,22 @@ class Scheduler:
 
     async def _candidate(self, eid: ExecutionId, who: Claimer) -> Candidate:
         """What the admission checks need of `eid`, read from its core."""
-        required, bids, qid = (
-            text(v) for v in await self.store.call(
-                "HMGET", ExecKeys(eid).core, "required_capabilities", "budget_ids",
-                "quota_policy_id",
-            )
-        )  # fmt: skip
-        return Candidate(
-            eid, who.lane_id, tuple(t for t in required.split(",") if t),
-            budget_ids=tuple(b for b in bids.split(",") if b), quota_policy_id=qid,
-        )  # fmt: skip
+        return (await self._candidates([eid], who))[0]
+
+    async def _candidates(self, eids: Sequence[ExecutionId], who: Claimer) -> list[Candidate]:
+        """What the admission checks need of each of `eids`, read from their cores in one
+        pipeline."""
+        pipe = self.store.pipeline()
+        for eid in eids:
+            pipe.hmget(ExecKeys(eid).core, list(CANDIDATE_FIELDS))
+        out = []
+        for eid, row in zip(eids, await self.store.run_pipeline(pipe), strict=True):
+            required, bids, qid = (text(v) for v in row)
+            out.append(Candidate(
+                eid, who.lane_id, tuple(t for t in required.split(",") if t),
+                budget_ids=tuple(b for b in bids.split(",") if b), quota_policy_id=qid,
+            ))  # fmt: skip
+        return out
 
     async def claim_granted(
         self, eid: ExecutionId, who: Claimer, lease_ttl_ms: int, lease_id: str, attempt_id: str

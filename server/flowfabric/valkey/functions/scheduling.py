@@ -64,6 +64,16 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class AdmittedBatch:
+    """ff_claim_admitted: the leases, in the order asked, and why each other id was not leased
+    (`mismatch`, `full` or `skipped`)."""
+
+    claimed: tuple[BatchClaim, ...]
+    refused: tuple[tuple[str, str], ...]
+    reply_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class PriorityChanged:
     old_priority: int
     new_priority: int
@@ -95,6 +105,17 @@ def _batch(reply: Reply) -> Batch:
         tuple(text(m) for m in mismatched or []),
         used,
         tuple(text(m) for m in admit or []),
+    )
+
+
+def _admitted(reply: Reply) -> AdmittedBatch:
+    claimed = reply.values[0] if reply.values else []
+    flat = [text(v) for v in (reply.values[1] if len(reply.values) > 1 else []) or []]
+    used = int(text(reply.values[2])) if len(reply.values) > 2 else 0
+    return AdmittedBatch(
+        tuple(_row(r) for r in claimed or []),
+        tuple(zip(flat[::2], flat[1::2], strict=True)),
+        used,
     )
 
 
@@ -141,6 +162,14 @@ CLAIM_BATCH: Decl[Batch] = Decl(
      arg("tenant_weights", default=""), tail("lease_and_attempt_ids")),
     ok(_batch),
 )  # fmt: skip
+CLAIM_ADMITTED: Decl[AdmittedBatch] = Decl(
+    "ff_claim_admitted",
+    (lane("eligible"), pk("lease_expiry"), pk("attempt_timeout"), pk("execution_deadline")),
+    (arg("worker_id"), arg("worker_instance_id"), arg("lane_id"), arg("capability_hash"),
+     arg("worker_capabilities_csv"), arg("lease_ttl_ms", "int"), arg("renew_before_ms", "int"),
+     arg("max_reply_bytes", "int", default=0), tail("execution_lease_attempt_ids")),
+    ok(_admitted),
+)  # fmt: skip
 PROMOTE: Decl[Outcome] = Decl(
     "ff_promote_delayed",
     (ek("core"), lane("delayed"), routed("lane eligible")),
@@ -154,7 +183,9 @@ CHANGE_PRIORITY: Decl[PriorityChanged] = Decl(
     ok(record(PriorityChanged)),
 )
 
-DECLS = (ISSUE_GRANT, CLAIM, CLAIM_RESUMED, CLAIM_BATCH, PROMOTE, CHANGE_PRIORITY)
+DECLS = (
+    ISSUE_GRANT, CLAIM, CLAIM_RESUMED, CLAIM_BATCH, CLAIM_ADMITTED, PROMOTE, CHANGE_PRIORITY,
+)  # fmt: skip
 
 
 class SchedulingFunctions:
@@ -204,6 +235,21 @@ class SchedulingFunctions:
             "max_scanned": max_scanned, "max_reply_bytes": max_reply_bytes,
             "tenant_weights": tenant_weights,
             "lease_and_attempt_ids": [v for pair in ids for v in pair],
+        })  # fmt: skip
+
+    async def claim_admitted(
+        self, partition: int, who: Claimer, lease_ttl_ms: int,
+        triples: Sequence[tuple[str, str, str]], max_reply_bytes: int = 0,
+    ) -> AdmittedBatch:  # fmt: skip
+        """Lease the admitted heads `triples` (execution_id, lease_id, attempt_id) of one
+        partition in one call, in order, the rows costing at most `max_reply_bytes`."""
+        ctx = KeyCtx(tag=PartitionKeys.of(partition).tag, lane=who.lane_id)
+        return await call(self.store, CLAIM_ADMITTED, ctx, {
+            "worker_id": who.worker_id, "worker_instance_id": who.worker_instance_id,
+            "lane_id": who.lane_id, "capability_hash": who.capability_hash,
+            "worker_capabilities_csv": who.capabilities_csv, "lease_ttl_ms": lease_ttl_ms,
+            "renew_before_ms": lease_ttl_ms * 2 // 3, "max_reply_bytes": max_reply_bytes,
+            "execution_lease_attempt_ids": [v for t in triples for v in t],
         })  # fmt: skip
 
     async def promote_delayed(self, eid: ExecutionId, lane_id: str, now_ms: int) -> Outcome:
