@@ -12,6 +12,8 @@ import pytest
 
 from flowfabric.server.engine.admission import (
     ADMIT,
+    CAPABLE_WORKER_DETAIL,
+    ROUTE_REASON,
     SKIP,
     Admission,
     Block,
@@ -168,3 +170,49 @@ async def test_block_after_admit_releases_the_earlier_checks() -> None:
     gpu = Candidate(eid, LANE, required_capabilities=("gpu",))
     assert isinstance(await admission.decide(gpu, who), Block)
     assert first.released == [str(eid)], "a route block reserves nothing downstream"
+
+
+async def test_decide_many_asks_a_batching_check_once_and_releases_the_refused() -> None:
+    class Reserving:
+        name, in_slot = "reserving", False
+
+        def __init__(self) -> None:
+            self.released: list[str] = []
+
+        async def check(self, candidate: Candidate, who: Claimer) -> Verdict:
+            return ADMIT
+
+        async def release(self, candidate: Candidate, who: Claimer) -> None:
+            self.released.append(str(candidate.execution_id))
+
+    class Batching(Reserving):
+        def __init__(self, refuse: set[str]) -> None:
+            super().__init__()
+            self.refuse = refuse
+            self.calls: list[list[str]] = []
+
+        async def check(self, candidate: Candidate, who: Claimer) -> Verdict:
+            raise AssertionError("check_many is used when a check has one")
+
+        async def check_many(self, cands: list[Candidate], who: Claimer) -> list[Verdict]:
+            self.calls.append([str(c.execution_id) for c in cands])
+            return [
+                Block("waiting_for_quota", "full") if str(c.execution_id) in self.refuse else ADMIT
+                for c in cands
+            ]
+
+    eids = [
+        parse_execution_id(f"{{fp:0}}:00000000-0000-0000-0000-00000000000{i}", 4) for i in range(4)
+    ]
+    first, batching = Reserving(), Batching({str(eids[1]), str(eids[3])})
+    last = Reserving()
+    admission = Admission(None, [CapabilityCheck(), first, batching, last])  # type: ignore[arg-type]
+    who = Claimer("w", "w-1", LANE, "")
+    gpu = Candidate(eids[2], LANE, required_capabilities=("gpu",))
+    cands = [Candidate(eids[0], LANE), Candidate(eids[1], LANE), gpu, Candidate(eids[3], LANE)]
+    verdicts = await admission.decide_many(cands, who)
+    assert [type(v).__name__ for v in verdicts] == ["Admit", "Block", "Block", "Block"]
+    assert verdicts[2] == Block(ROUTE_REASON, CAPABLE_WORKER_DETAIL)
+    assert batching.calls == [[str(eids[0]), str(eids[1]), str(eids[3])]], "one call, routed out"
+    assert first.released == [str(eids[1]), str(eids[3])], "the refused give back the earlier"
+    assert batching.released == [] and last.released == []

@@ -203,6 +203,34 @@ class Admission:
             passed.append(c)
         return ADMIT
 
+    async def decide_many(self, candidates: Sequence[Candidate], who: Claimer) -> list[Verdict]:
+        """`decide` for several candidates of one claim pass, check by check: a check with a
+        `check_many` answers for all the candidates still admitted in one go (one round trip
+        of its reads and records instead of one per candidate), the others one by one. A
+        candidate refused by a check releases what the earlier checks reserved for it."""
+        verdicts: list[Verdict] = [ADMIT] * len(candidates)
+        pending = list(range(len(candidates)))
+        passed: list[AdmissionCheck] = []
+        for c in list(self.checks):
+            if not pending:
+                break
+            batch = [candidates[i] for i in pending]
+            many = getattr(c, "check_many", None)
+            if many is not None:
+                got: list[Verdict] = list(await many(batch, who))
+            else:
+                got = [await c.check(cand, who) for cand in batch]
+            still = []
+            for i, verdict in zip(pending, got, strict=True):
+                if isinstance(verdict, Admit):
+                    still.append(i)
+                else:
+                    verdicts[i] = verdict
+                    await self._release(reversed(passed), candidates[i], who)
+            pending = still
+            passed.append(c)
+        return verdicts
+
     async def release(self, candidate: Candidate, who: Claimer) -> None:
         """The candidate was admitted but its claim failed: every check releases."""
         await self._release(reversed(self.checks), candidate, who)

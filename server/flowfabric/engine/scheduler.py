@@ -339,14 +339,18 @@ class Scheduler:
         self._admitting |= held
         try:
             admitted: list[Candidate] = []
-            for cand in await self._candidates(eids, who):
-                if len(admitted) >= want:
-                    break
-                verdict = await self.admission.decide(cand, who)
-                if isinstance(verdict, Block):
-                    await self.admission.block(cand.execution_id, verdict)
-                elif verdict == ADMIT:
-                    admitted.append(cand)
+            rest = list(eids)
+            while rest and len(admitted) < want:
+                # in rounds of as many heads as leases still wanted: a refused head makes
+                # room for the next one, as when asking one by one
+                take, rest = rest[: want - len(admitted)], rest[want - len(admitted) :]
+                cands = await self._candidates(take, who)
+                verdicts = await self.admission.decide_many(cands, who)
+                for cand, verdict in zip(cands, verdicts, strict=True):
+                    if isinstance(verdict, Block):
+                        await self.admission.block(cand.execution_id, verdict)
+                    elif verdict == ADMIT:
+                        admitted.append(cand)
             out = await self._lease_admitted(admitted, who, req, budget)
         finally:
             self._admitting -= held
