@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowfabric.server.config import Config, ConfigError
+from tests.api.test_lifecycle import claim_next
 from tests.conftest import API_TOKEN, Api
 
 CLI = [sys.executable, "-c", "from flowfabric.cli import main; main()"]
@@ -340,6 +341,21 @@ async def test_why_prints_the_reason_and_eta(api: Api) -> None:
     assert missing.returncode == 3 and "execution_not_found" in missing.stderr
     bad = await _cli(api, "why", "nope")
     assert bad.returncode == 1 and "invalid_input" in bad.stderr
+
+
+async def test_why_prints_who_holds_a_full_quota(api: Api) -> None:
+    from flowfabric import Client
+
+    async with Client(api.address, token=API_TOKEN) as client:
+        q = await client.create_quota_policy(window_seconds=60, max_concurrent=1)
+        first = await client.submit("job", lane="cli-why-q", quota=q.quota_policy_id)
+        second = await client.submit("job", lane="cli-why-q", quota=q.quota_policy_id)
+    held = await claim_next(api, lanes=("cli-why-q",), max_tasks=16)
+    assert [t.lease.execution_id for t in held.batch.tasks] == [first.execution_id]
+    out = await _cli(api, "why", second.execution_id)
+    rows = dict(line.split(None, 1) for line in out.stdout.splitlines())
+    assert rows["why"] == "quota_concurrency", out.stdout
+    assert (rows["cap"], rows["holders"]) == ("1", first.execution_id)
 
 
 async def test_budget_and_quota_commands(api: Api) -> None:

@@ -114,18 +114,33 @@ class WhySuspension:
 
 @dataclass(frozen=True)
 class WhyBudget:
-    """A budget block: the budgets attached and the block's detail as the server wrote it."""
+    """A budget block: the budgets attached, the block's detail as the server wrote it, and
+    what refused the claim (`budget_id`, `dimension`, `usage` of `limit`; empty and 0 when the
+    detail names none), with the budget's next reset when it has a reset interval (the ETA)."""
 
     budget_ids: tuple[str, ...]
     detail: str
+    budget_id: str = ""
+    dimension: str = ""
+    usage: int = 0
+    limit: int = 0
+    next_reset_at: int | None = None
 
 
 @dataclass(frozen=True)
 class WhyQuota:
-    """A quota block: the quota policy attached and the block's detail as written."""
+    """A quota block: the quota policy attached, the block's detail as written, and for a
+    rate block when the window frees room (`retry_at`, the ETA); for a concurrency block the
+    cap, the execution's `concurrency_key` and the executions holding the bucket's slots
+    (`holders_total`, and up to 16 `holders`, oldest first)."""
 
     quota_policy_id: str
     detail: str
+    retry_at: int | None = None
+    concurrency_key: str = ""
+    concurrency_cap: int = 0
+    holders_total: int = 0
+    holders: tuple[str, ...] = ()
 
 
 Detail = WhyDependencies | WhyCapability | WhySuspension | WhyBudget | WhyQuota
@@ -205,7 +220,15 @@ def _detail(w: execution_pb2.WhyNotRunning) -> Detail | None:
             s.suspended_at,
         )  # fmt: skip
     if which == "budget":
-        return WhyBudget(tuple(w.budget.budget_ids), w.budget.detail)
+        b = w.budget
+        return WhyBudget(
+            tuple(b.budget_ids), b.detail, b.budget_id, b.dimension, b.usage, b.limit,
+            b.next_reset_at if b.HasField("next_reset_at") else None,
+        )  # fmt: skip
     if which == "quota":
-        return WhyQuota(w.quota.quota_policy_id, w.quota.detail)
+        q = w.quota
+        return WhyQuota(
+            q.quota_policy_id, q.detail, q.retry_at if q.HasField("retry_at") else None,
+            q.concurrency_key, q.concurrency_cap, q.holders_total, tuple(q.holders),
+        )  # fmt: skip
     return None

@@ -344,10 +344,39 @@ def _why_rows(detail: Any) -> list[tuple[str, Any]]:
             ("timeout", timeout),
         ]
     if isinstance(detail, WhyBudget):
-        return [("budgets", ",".join(detail.budget_ids) or "-"), ("detail", detail.detail)]
+        return _why_budget_rows(detail)
     if isinstance(detail, WhyQuota):
-        return [("quota", detail.quota_policy_id or "-"), ("detail", detail.detail)]
+        return _why_quota_rows(detail)
     return []
+
+
+def _why_budget_rows(detail: WhyBudget) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = [
+        ("budgets", ",".join(detail.budget_ids) or "-"), ("detail", detail.detail),
+    ]  # fmt: skip
+    if detail.budget_id:
+        exhausted = f"{detail.budget_id} {detail.dimension} {detail.usage}/{detail.limit}"
+        rows.append(("exhausted", exhausted))
+    if detail.next_reset_at is not None:
+        rows.append(("next_reset", detail.next_reset_at))
+    return rows
+
+
+def _why_quota_rows(detail: WhyQuota) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = [
+        ("quota", detail.quota_policy_id or "-"), ("detail", detail.detail),
+    ]  # fmt: skip
+    if detail.concurrency_key:
+        rows.append(("key", detail.concurrency_key))
+    if detail.retry_at is not None:
+        rows.append(("retry_at", detail.retry_at))
+    if detail.concurrency_cap:
+        rows.append(("cap", detail.concurrency_cap))
+    if detail.holders_total:
+        more = detail.holders_total - len(detail.holders)
+        tail = f" ... {more} more" if more > 0 else ""
+        rows.append(("holders", ", ".join(detail.holders) + tail))
+    return rows
 
 
 @main.command(name="list")

@@ -208,7 +208,7 @@ async def test_quota_rate_blocks_the_third_with_retry_at(api: Api) -> None:
     retry_at = int(info.blocking_detail[len(prefix) :])
     assert retry_at > await api.store.time_ms()
     w = await why(api, third)
-    assert w.kind == K.KIND_QUOTA_RATE and w.eta_at == retry_at
+    assert w.kind == K.KIND_QUOTA_RATE and w.eta_at == retry_at == w.quota.retry_at
 
 
 async def test_quota_without_limits_admits(api: Api) -> None:
@@ -341,3 +341,31 @@ async def test_a_flow_member_quota_that_is_not_a_string_is_refused(api: Api) -> 
     )  # fmt: skip
     assert reply[:2] == [0, b"invalid_input"] and b"quota must be a string" in reply[2], reply
     assert await keyspace_dump(api.store) == before
+
+
+async def test_why_names_the_exhausted_budget_and_its_next_reset(api: Api) -> None:
+    bid = await spent_budget(api, reset_interval_ms=3_600_000)
+    blocked = await create(api, policy=with_budgets(bid))
+    assert await claimed_ids(api) == []
+    w = await why(api, blocked)
+    assert w.kind == K.KIND_BUDGET
+    b = w.budget
+    assert (b.budget_id, b.dimension, b.usage, b.limit) == (bid, "total_tokens", 100, 100)
+    keys = BudgetKeys.of(budget_partition(bid, PARTS), bid)
+    next_reset = int(await api.store.call("HGET", keys.definition, "next_reset_at"))
+    assert b.next_reset_at == next_reset == w.eta_at
+
+
+async def test_why_names_the_holders_of_a_full_concurrency_cap(api: Api) -> None:
+    qid, _ = await create_quota(api, window_seconds=60, max_concurrent=1)
+    first = await create(api, quota_policy_id=qid)
+    assert await claimed_ids(api) == [first]
+    second = await create(api, quota_policy_id=qid)
+    assert await claimed_ids(api) == []
+    w = await why(api, second)
+    assert w.kind == K.KIND_QUOTA_CONCURRENCY and not w.HasField("eta_at")
+    q = w.quota
+    assert (q.quota_policy_id, q.concurrency_cap, q.holders_total, list(q.holders)) == (
+        qid, 1, 1, [first],
+    )  # fmt: skip
+    assert "1 running hold its slots" in w.summary

@@ -727,8 +727,24 @@ class BudgetWait(_message.Message):
 
     BUDGET_IDS_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    NEXT_RESET_AT_FIELD_NUMBER: _builtins.int
     detail: _builtins.str
     """The block's detail as written, e.g. `budget <id>: <dim> <usage>/<limit>`."""
+    budget_id: _builtins.str
+    """The budget, dimension, usage and hard limit that refused the claim, as
+    the block recorded them (empty and 0 when the detail names none).
+    """
+    dimension: _builtins.str
+    usage: _builtins.int
+    limit: _builtins.int
+    next_reset_at: _builtins.int
+    """When that budget's reset job next zeroes its usage (budgets with a
+    reset interval): the ETA.
+    """
     @_builtins.property
     def budget_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The budgets the execution is attached to."""
@@ -738,41 +754,68 @@ class BudgetWait(_message.Message):
         *,
         budget_ids: _abc.Iterable[_builtins.str] | None = ...,
         detail: _builtins.str = ...,
+        budget_id: _builtins.str = ...,
+        dimension: _builtins.str = ...,
+        usage: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        next_reset_at: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_next_reset_at", b"_next_reset_at", "next_reset_at", b"next_reset_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ids", b"budget_ids", "detail", b"detail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_next_reset_at", b"_next_reset_at", "budget_id", b"budget_id", "budget_ids", b"budget_ids", "detail", b"detail", "dimension", b"dimension", "limit", b"limit", "next_reset_at", b"next_reset_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__next_reset_at: _TypeAlias = _typing.Literal["next_reset_at"]  # noqa: Y015
+    _WhichOneofArgType__next_reset_at: _TypeAlias = _typing.Literal["_next_reset_at", b"_next_reset_at"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__next_reset_at) -> _WhichOneofReturnType__next_reset_at | None: ...
 
 Global___BudgetWait: _TypeAlias = BudgetWait  # noqa: Y015
 
 @_typing.final
 class QuotaWait(_message.Message):
-    """A quota block. Today the stored detail text only; structured fields
-    (retry-at, holders) are for a later version. A `retry_at <ms>` in the
-    detail becomes the ETA.
-    """
+    """A quota block: the detail as written, and what the policy shows now."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     QUOTA_POLICY_ID_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    RETRY_AT_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_CAP_FIELD_NUMBER: _builtins.int
+    HOLDERS_TOTAL_FIELD_NUMBER: _builtins.int
+    HOLDERS_FIELD_NUMBER: _builtins.int
     quota_policy_id: _builtins.str
     """The quota policy the execution is attached to."""
     detail: _builtins.str
     """The block's detail as written, e.g. `quota <id>: concurrency cap <c>`."""
+    retry_at: _builtins.int
+    """A rate block: when the window frees room (the ETA), unix ms."""
+    concurrency_key: _builtins.str
+    """The execution's concurrency key ("" = the policy-wide bucket)."""
+    concurrency_cap: _builtins.int
+    """A concurrency block: the policy's cap, the number of executions holding
+    the bucket's slots now, and up to 16 of them, oldest admission first.
+    """
+    holders_total: _builtins.int
+    @_builtins.property
+    def holders(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         quota_policy_id: _builtins.str = ...,
         detail: _builtins.str = ...,
+        retry_at: _builtins.int | None = ...,
+        concurrency_key: _builtins.str = ...,
+        concurrency_cap: _builtins.int = ...,
+        holders_total: _builtins.int = ...,
+        holders: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_retry_at", b"_retry_at", "retry_at", b"retry_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "quota_policy_id", b"quota_policy_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retry_at", b"_retry_at", "concurrency_cap", b"concurrency_cap", "concurrency_key", b"concurrency_key", "detail", b"detail", "holders", b"holders", "holders_total", b"holders_total", "quota_policy_id", b"quota_policy_id", "retry_at", b"retry_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__retry_at: _TypeAlias = _typing.Literal["retry_at"]  # noqa: Y015
+    _WhichOneofArgType__retry_at: _TypeAlias = _typing.Literal["_retry_at", b"_retry_at"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_at) -> _WhichOneofReturnType__retry_at | None: ...
 
 Global___QuotaWait: _TypeAlias = QuotaWait  # noqa: Y015
 

@@ -80,7 +80,7 @@ async def get_public_state(store: Store, eid: ExecutionId) -> int:
 
 
 async def describe_execution(
-    store: Store, eid: ExecutionId
+    store: Store, eid: ExecutionId, places: why.Places = why.NOWHERE
 ) -> tuple[t.ExecutionSnapshot, epb.WhyNotRunning]:
     """The snapshot and why the execution is not running
     (docs/lifecycle.md#why-an-execution-is-not-running), both from one core read."""
@@ -124,7 +124,7 @@ async def describe_execution(
                 expires_at=_int(f, "lease_expires_at"),
             )
         )
-    return snap, await why.explain(store, eid, f)
+    return snap, await why.explain(store, eid, f, places)
 
 
 async def get_result(store: Store, eid: ExecutionId) -> tuple[bytes, str]:

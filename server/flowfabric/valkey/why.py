@@ -14,12 +14,25 @@ structured fields a budget or quota read will add.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from flowfabric.server.valkey.codec import enum_value, hash_to_dict, opt_int, text
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
-from flowfabric.server.valkey.keys import WORKERS_INDEX, ExecKeys, WorkerKeys
+from flowfabric.server.valkey.ids import (
+    ExecutionId,
+    budget_partition,
+    parse_execution_id,
+    quota_partition,
+)
+from flowfabric.server.valkey.keys import (
+    WORKERS_INDEX,
+    BudgetKeys,
+    ExecKeys,
+    QuotaKeys,
+    WorkerKeys,
+)
 from flowfabric.server.valkey.store import Store, server_time_ms
 from flowfabric.v1 import execution_pb2 as epb
 from flowfabric.v1 import types_pb2 as t
@@ -44,7 +57,21 @@ def _csv(value: str) -> list[str]:
     return [tok for tok in value.split(",") if tok]
 
 
-async def explain(store: Store, eid: ExecutionId, f: dict[str, str]) -> epb.WhyNotRunning:
+@dataclass(frozen=True)
+class Places:
+    """The budget and quota partition counts, so a budget or quota block can be explained
+    with live reads of the objects (0 = explain from the stored detail only)."""
+
+    budget_partitions: int = 0
+    quota_partitions: int = 0
+
+
+NOWHERE = Places()
+
+
+async def explain(
+    store: Store, eid: ExecutionId, f: dict[str, str], places: Places = NOWHERE
+) -> epb.WhyNotRunning:
     """The explanation for the execution whose core fields are `f`."""
     reason = f.get("blocking_reason") or "none"
     why = K(blocking_reason=enum_value(t.BlockingReason, reason))
@@ -58,8 +85,13 @@ async def explain(store: Store, eid: ExecutionId, f: dict[str, str]) -> epb.WhyN
     elif phase == "suspended":
         await _suspended(store, eid, f, why)
     elif phase == "runnable":
-        explainer = RUNNABLE.get(f.get("eligibility_state", ""))
-        if explainer is None:
+        state = f.get("eligibility_state", "")
+        explainer = RUNNABLE.get(state)
+        if state == "blocked_by_budget":
+            await _budget(store, f, why, places)
+        elif state == "blocked_by_quota":
+            await _quota(store, f, why, places)
+        elif explainer is None:
             _other(f, why)
         else:
             await explainer(store, eid, f, why)
@@ -291,25 +323,81 @@ async def _live_capability_sets(store: Store) -> list[frozenset[str]]:
     return out
 
 
-async def _budget(
-    store: Store, eid: ExecutionId, f: dict[str, str], why: epb.WhyNotRunning
-) -> None:
+# What a budget block records: `budget <id>: <dimension> <usage>/<limit>` (BudgetCheck).
+_BUDGET_DETAIL = re.compile(r"^budget (\S+): (.+) (\d{1,19})/(\d{1,19})$")
+
+
+async def _budget(store: Store, f: dict[str, str], why: epb.WhyNotRunning, places: Places) -> None:
     detail = f.get("blocking_detail", "")
     why.kind = K.KIND_BUDGET
-    why.budget.CopyFrom(epb.BudgetWait(budget_ids=_csv(f.get("budget_ids", "")), detail=detail))
+    wait = epb.BudgetWait(budget_ids=_csv(f.get("budget_ids", "")), detail=detail)
+    m = _BUDGET_DETAIL.match(detail)
+    if m:
+        wait.budget_id, wait.dimension = m.group(1), m.group(2)
+        wait.usage, wait.limit = int(m.group(3)), int(m.group(4))
+        reset = await _next_reset(store, wait.budget_id, places)
+        if reset is not None:
+            wait.next_reset_at = reset
+            why.eta_at = reset
+    why.budget.CopyFrom(wait)
     why.summary = f"blocked by a budget: {detail or 'no detail recorded'}"
+    if why.HasField("eta_at"):
+        why.summary += "; it resets at its next reset"
 
 
-async def _quota(store: Store, eid: ExecutionId, f: dict[str, str], why: epb.WhyNotRunning) -> None:
+async def _next_reset(store: Store, budget_id: str, places: Places) -> int | None:
+    """The budget's `next_reset_at`, when it has one (and the id is a budget's)."""
+    if not places.budget_partitions or not valid_uuid(budget_id):
+        return None
+    keys = BudgetKeys.of(budget_partition(budget_id, places.budget_partitions), budget_id)
+    raw = text(await store.call("HGET", keys.definition, "next_reset_at"))
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
+
+
+def valid_uuid(raw: str) -> bool:
+    try:
+        return str(uuid.UUID(raw)) == raw
+    except ValueError:
+        return False
+
+
+async def quota_holders(
+    store: Store, keys: QuotaKeys, concurrency_key: str, shown: int
+) -> tuple[int, list[str]]:
+    """How many executions hold the bucket's slots, and up to `shown` of them."""
+    members = sorted(text(m) for m in await store.call("SMEMBERS", keys.admitted_set) or [])
+    return len(members), members[:shown]
+
+
+# What a quota block records: `... concurrency cap <c>` (QuotaCheck).
+_CAP = re.compile(r"concurrency cap (\d{1,7})")
+HOLDERS_SHOWN = 16
+
+
+async def _quota(store: Store, f: dict[str, str], why: epb.WhyNotRunning, places: Places) -> None:
     detail = f.get("blocking_detail", "")
     concurrency = "concurrency" in detail
     why.kind = K.KIND_QUOTA_CONCURRENCY if concurrency else K.KIND_QUOTA_RATE
-    why.quota.CopyFrom(epb.QuotaWait(quota_policy_id=f.get("quota_policy_id", ""), detail=detail))
+    qid = f.get("quota_policy_id", "")
+    wait = epb.QuotaWait(
+        quota_policy_id=qid, detail=detail, concurrency_key=f.get("concurrency_key", "")
+    )
     retry = _RETRY_AT.search(detail)
     if retry:
-        why.eta_at = int(retry.group(1))
+        wait.retry_at = why.eta_at = int(retry.group(1))
+    cap = _CAP.search(detail)
+    if cap:
+        wait.concurrency_cap = int(cap.group(1))
+    if concurrency and places.quota_partitions and valid_uuid(qid):
+        keys = QuotaKeys.of(quota_partition(qid, places.quota_partitions), qid)
+        total, shown = await quota_holders(store, keys, wait.concurrency_key, HOLDERS_SHOWN)
+        wait.holders_total = total
+        wait.holders.extend(shown)
+    why.quota.CopyFrom(wait)
     limit = "concurrency cap" if concurrency else "rate limit"
     why.summary = f"blocked by a quota's {limit}: {detail or 'no detail recorded'}"
+    if wait.holders_total:
+        why.summary += f"; {wait.holders_total} running hold its slots"
 
 
 async def _operator(
@@ -334,8 +422,6 @@ RUNNABLE: dict[str, Explainer] = {
     "not_eligible_until_time": _delayed,
     "blocked_by_dependencies": _dependencies,
     "blocked_by_route": _route,
-    "blocked_by_budget": _budget,
-    "blocked_by_quota": _quota,
     "blocked_by_operator": _operator,
     "blocked_by_lane_state": _lane,
 }

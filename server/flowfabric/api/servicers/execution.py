@@ -29,6 +29,7 @@ from flowfabric.server.valkey.ids import (
     validate_lane,
 )
 from flowfabric.server.valkey.keys import ExecKeys, FlowKeys, PartitionKeys
+from flowfabric.server.valkey.why import Places
 from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import execution_pb2_grpc as rpc
 from flowfabric.v1 import types_pb2 as t
@@ -222,7 +223,9 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         self, request: pb.DescribeExecutionRequest, context: Any
     ) -> pb.DescribeExecutionResponse:
         eid = self.ctx.execution_id(request.execution_id)
-        snapshot, why = await reads.describe_execution(self.ctx.store, eid)
+        cfg = self.ctx.config
+        places = Places(cfg.budget_partitions, cfg.quota_partitions)
+        snapshot, why = await reads.describe_execution(self.ctx.store, eid, places)
         return pb.DescribeExecutionResponse(snapshot=snapshot, why=why)
 
     async def GetExecutionResult(
