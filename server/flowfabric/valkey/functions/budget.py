@@ -120,7 +120,6 @@ RECONCILE: Decl[Outcome] = Decl(
 )
 
 
-
 @dataclass(frozen=True)
 class Reservation:
     """`outcome`: `admitted`, `already_reserved`, `not_enforced` (no definition, or advisory)
@@ -177,7 +176,11 @@ class BudgetFunctions:
         })  # fmt: skip
 
     async def report_usage(
-        self, keys: BudgetKeys, dimensions: Sequence[str], deltas: Sequence[int], dedup_id: str,
+        self,
+        keys: BudgetKeys,
+        dimensions: Sequence[str],
+        deltas: Sequence[int],
+        dedup_id: str,
         execution_id: str = "",
     ) -> UsageReport:
         """`dimensions` and `deltas` parallel (the caller checked); `execution_id` settles
