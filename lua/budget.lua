@@ -180,26 +180,30 @@ local REPORT_ARGV = {
 }
 local DEDUP_TTL_MS = 86400000
 
--- The JSON hold of `eid` ({dim: amount}), {} when it holds nothing.
+-- The hold of `eid`: {dim: amount} and the admitting claimer's token (holds: JSON
+-- {"t": token, "h": {dim: amount}}); {} and nil when it holds nothing.
 local function hold_of(holds_key, eid)
   if eid == '' then
-    return {}
+    return {}, nil
   end
   local raw = redis.call('HGET', holds_key, eid)
-  local h = raw and Util.decode_json(raw)
-  return type(h) == 'table' and h or {}
+  local v = raw and Util.decode_json(raw)
+  if type(v) ~= 'table' then
+    return {}, nil
+  end
+  return type(v.h) == 'table' and v.h or {}, v.t
 end
 
-local function store_hold(holds_key, eid, hold)
-  if next(hold) == nil then
-    redis.call('HSET', holds_key, eid, '{}')
-  else
-    redis.call('HSET', holds_key, eid, cjson.encode(hold))
+local function store_hold(holds_key, eid, hold, token)
+  local v = {t = token or ''}
+  if next(hold) ~= nil then
+    v.h = hold
   end
+  redis.call('HSET', holds_key, eid, cjson.encode(v))
 end
 
 -- The reporter's reservation settles: each reported dimension's hold shrinks by its delta.
-local function settle(keys, eid, hold, dims, deltas)
+local function settle(keys, eid, hold, token, dims, deltas)
   local changed = false
   for i, d in ipairs(dims) do
     local held = tonumber(hold[d] or 0) or 0
@@ -214,7 +218,7 @@ local function settle(keys, eid, hold, dims, deltas)
     end
   end
   if changed then
-    store_hold(keys[6], eid, hold)
+    store_hold(keys[6], eid, hold, token)
   end
 end
 
@@ -243,7 +247,7 @@ local function report_usage(keys, argv)
     return Reply.already('already_applied')
   end
   local eid = argv[4] or ''
-  local hold = hold_of(keys[6], eid)
+  local hold, token = hold_of(keys[6], eid)
   local deltas = arrays[1]
   local now = Util.num(now_of(a))
   local current, hard, soft, others = {}, {}, {}, {}
@@ -273,7 +277,7 @@ local function report_usage(keys, argv)
     end
   end
   if next(hold) ~= nil then
-    settle(keys, eid, hold, dims, deltas)
+    settle(keys, eid, hold, token, dims, deltas)
   end
   redis.call('HSET', def, 'last_updated_at', now)
   if dedup ~= '' then
@@ -337,17 +341,19 @@ end
 
 -- ff_reserve_budget (admission, docs/budgets.md#reservations)
 --   KEYS (6): 1 definition, 2 limits, 3 usage, 4 reserved, 5 holds, 6 inflight.
---   ARGV (3): 1 budget_id, 2 execution_id, 3 now ("" = TIME).
+--   ARGV (4): 1 budget_id, 2 execution_id, 3 now ("" = TIME), 4 claim token: the epoch of the
+--     lease the claim will create (one admission per lease; releases name it).
 --   Now: ARGV 3, else TIME.
 --   Replies: {1,"OK","admitted"} (in-flight, and holding the estimate when the budget has one);
---     {1,"ALREADY_SATISFIED","already_reserved"} (the execution is in flight already: nothing
---     changes); {1,"OK","not_enforced"} (no definition, or advisory: nothing written);
+--     {1,"ALREADY_SATISFIED","already_reserved"} (in flight already: a concurrent claim made
+--     the admission, or an earlier lease's release has not arrived yet; nothing changes); {1,"OK","not_enforced"} (no definition, or advisory: nothing written);
 --     {1,"OK","exhausted",detail} (nothing written): usage at a hard limit, usage + reserved +
 --     estimate past it, or a hard breach of a block/cancel_running budget not yet reset.
 --   Errors (nothing written): invalid_input (now, empty execution_id), corrupt_record (a
 --     stored limit, usage or reservation that is not a count).
---   Writes: ZADD inflight now eid; with estimates: HINCRBY reserved per dimension, holds eid
---     = JSON {dim: estimate}.
+--   Writes: ZADD inflight now eid; holds eid = JSON
+--     {"t": token, "h": {dim: estimate}} ("h" only with estimates); HINCRBY reserved per
+--     estimate.
 local RESERVE_ARGV = {
   {1, 'budget_id', 'str'},
   {2, 'execution_id', 'str'},
@@ -388,9 +394,7 @@ local function reserve_budget(keys, argv)
       redis.call('HINCRBY', keys[4], dim, Util.num(est))
     end
   end
-  if next(hold) ~= nil then
-    redis.call('HSET', keys[5], a.execution_id, cjson.encode(hold))
-  end
+  store_hold(keys[5], a.execution_id, hold, argv[4])
   return Reply.ok('admitted')
 end
 
@@ -398,9 +402,12 @@ redis.register_function('ff_reserve_budget', reserve_budget)
 
 -- ff_release_budget (lease end, failed claim, reconciler; docs/budgets.md#reservations)
 --   KEYS (4): 1 definition, 2 reserved, 3 holds, 4 inflight.
---   ARGV (2): 1 budget_id, 2 execution_id.
+--   ARGV (3): 1 budget_id, 2 execution_id, 3 claim token ("" = whichever admission: the
+--     reconciler; else only the admission made under that token: the lease end names its
+--     epoch, a failed claim the epoch it would have created).
 --   Replies: {1,"OK","released",freed} (freed = the sum of what it still held, now returned);
---     {1,"ALREADY_SATISFIED","not_held"} (not in flight: nothing changes).
+--     {1,"ALREADY_SATISFIED","not_held"} (not in flight, or admitted under another token:
+--     nothing changes).
 --   Errors: invalid_input (empty execution_id).
 --   Writes: ZREM inflight; HINCRBY reserved -held per dimension (never below 0); HDEL holds.
 local RELEASE_ARGV = {
@@ -417,7 +424,10 @@ local function release_budget(keys, argv)
   for i, suffix in ipairs({'reserved', 'holds', 'inflight'}) do
     Util.expect_key(keys[i + 1], def .. ':' .. suffix, 'budget ' .. suffix)
   end
-  local hold = hold_of(keys[3], a.execution_id)
+  local hold, token = hold_of(keys[3], a.execution_id)
+  if (argv[3] or '') ~= '' and token ~= argv[3] then
+    return Reply.already('not_held')
+  end
   local was_in = redis.call('ZREM', keys[4], a.execution_id) == 1
   local freed = 0
   for dim, v in pairs(hold) do

@@ -353,13 +353,13 @@ async def test_reconcile_keeps_a_budget_whose_definition_is_unreadable(store: St
 # -- reservations (docs/budgets.md#reservations) ------------------------------------------------
 
 
-async def reserve(store: Store, k: BudgetKeys, eid: str) -> list[str]:
-    values = {"budget_id": k.budget_id, "execution_id": eid, "now": ""}
+async def reserve(store: Store, k: BudgetKeys, eid: str, token: str = "") -> list[str]:
+    values = {"budget_id": k.budget_id, "execution_id": eid, "now": "", "claim_token": token}
     return status(await fcall(store, budget.RESERVE, budget_ctx(k), values))
 
 
-async def release(store: Store, k: BudgetKeys, eid: str) -> list[str]:
-    values = {"budget_id": k.budget_id, "execution_id": eid}
+async def release(store: Store, k: BudgetKeys, eid: str, token: str = "") -> list[str]:
+    values = {"budget_id": k.budget_id, "execution_id": eid, "claim_token": token}
     return status(await fcall(store, budget.RELEASE, budget_ctx(k), values))
 
 
@@ -403,7 +403,7 @@ async def test_a_report_settles_its_own_reservation_and_counts_the_others(store:
     # e1 reports 4 of its 10: the hold shrinks to 6, reserved to 26, usage 4
     assert status(await report(store, k, ["total_tokens"], [4], eid="e1"))[2] == "ok"
     assert await hash_of(store, k.reserved) == {"total_tokens": "26"}
-    assert json.loads((await hash_of(store, k.holds))["e1"]) == {"total_tokens": 6}
+    assert json.loads((await hash_of(store, k.holds))["e1"])["h"] == {"total_tokens": 6}
     # an outsider must fit beside every reservation: 4 + 26 = 30, no room
     assert status(await report(store, k, ["total_tokens"], [1]))[2] == "hard_breach"
     # e1 may go past its estimate as far as the others' reservations allow: 4 + 6 + 20 = 30
@@ -443,7 +443,7 @@ async def test_a_budget_without_estimates_tracks_in_flight_work_only(store: Stor
     k = new_budget()
     await create(store, k)
     assert (await reserve(store, k, "e1"))[2] == "admitted"
-    assert await store.call("EXISTS", k.reserved, k.holds) == 0
+    assert await store.call("EXISTS", k.reserved) == 0
     assert float(await store.call("ZSCORE", k.inflight, "e1")) > 0
     await report(store, k, ["total_tokens"], [100])
     assert (await reserve(store, k, "e2"))[3] == f"budget {k.budget_id}: total_tokens 100/100"
@@ -475,3 +475,16 @@ async def test_a_corrupt_usage_fails_the_reservation(store: Store) -> None:
     await store.call("HSET", k.usage, "total_tokens", "lots")
     assert (await reserve(store, k, "e1"))[:2] == ["0", "corrupt_record"]
     assert await store.call("EXISTS", k.inflight) == 0
+
+
+async def test_one_admission_per_lease_and_releases_name_theirs(store: Store) -> None:
+    k = new_budget()
+    await create(store, k, hard=[20], soft=[0], reserve=[10])
+    assert (await reserve(store, k, "e1", "1"))[2] == "admitted"
+    assert await reserve(store, k, "e1", "1") == ["1", "ALREADY_SATISFIED", "already_reserved"]
+    # lease 1 ended but its release has not arrived: lease 2 waits for it
+    assert (await reserve(store, k, "e1", "2"))[2] == "already_reserved"
+    assert await release(store, k, "e1", "2") == ["1", "ALREADY_SATISFIED", "not_held"]
+    assert await hash_of(store, k.reserved) == {"total_tokens": "10"}, "lease 1's hold stays"
+    assert await release(store, k, "e1", "1") == ["1", "OK", "released", "10"]
+    assert (await reserve(store, k, "e1", "2"))[2] == "admitted"

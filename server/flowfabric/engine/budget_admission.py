@@ -29,6 +29,7 @@ from contextvars import ContextVar
 
 from flowfabric.server.engine.admission import (
     ADMIT,
+    SKIP,
     Block,
     Candidate,
     Verdict,
@@ -42,7 +43,7 @@ from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Claimer, Functions
 from flowfabric.server.valkey.functions.waiters import Bucket
 from flowfabric.server.valkey.ids import budget_partition, parse_execution_id
-from flowfabric.server.valkey.keys import BudgetKeys
+from flowfabric.server.valkey.keys import BudgetKeys, ExecKeys
 from flowfabric.server.valkey.store import Store
 
 log = logging.getLogger("flowfabric.admission")
@@ -143,30 +144,48 @@ class BudgetCheck:
     def _attached(self, candidate: Candidate) -> list[str]:
         return list(dict.fromkeys(b for b in candidate.budget_ids if valid_id(b)))
 
+    async def claim_token(self, candidate: Candidate) -> str:
+        """The epoch of the lease a claim of `candidate` creates: an admission belongs to one
+        lease, and the lease end releases it by that epoch (docs/budgets.md#reservations)."""
+        raw = text(
+            await self.store.call(
+                "HGET", ExecKeys(candidate.execution_id).core, "current_lease_epoch"
+            )
+        )
+        return str(stored_count(f"{candidate.execution_id} current_lease_epoch", raw or "0") + 1)
+
     async def check(self, candidate: Candidate, who: Claimer) -> Verdict:
+        attached = self._attached(candidate)
+        if not attached:
+            return ADMIT
         cache = _PASS.get()
         eid = str(candidate.execution_id)
+        token = await self.claim_token(candidate)
         reserved: list[str] = []
-        for bid in self._attached(candidate):
+        for bid in attached:
             detail = cache.get(bid, "") if cache is not None else ""
             if not detail:
-                got = await self.functions.budget.reserve_budget(self.keys(bid), eid)
+                got = await self.functions.budget.reserve_budget(self.keys(bid), eid, token)
+                if got.outcome == "already_reserved":  # a concurrent claim of the same lease
+                    await self._release(reserved, eid, token)
+                    return SKIP
                 if got.admitted:
                     reserved.append(bid)
                     continue
                 detail = got.detail
                 if cache is not None:
                     cache[bid] = detail  # same estimate for every execution of this budget
-            await self._release(reserved, eid)
+            await self._release(reserved, eid, token)
             return Block(BUDGET_REASON, detail)
         return ADMIT
 
     async def release(self, candidate: Candidate, who: Claimer) -> None:
-        await self._release(self._attached(candidate), str(candidate.execution_id))
+        token = await self.claim_token(candidate)
+        await self._release(self._attached(candidate), str(candidate.execution_id), token)
 
-    async def _release(self, bids: list[str], eid: str) -> None:
+    async def _release(self, bids: list[str], eid: str, token: str) -> None:
         for bid in bids:
-            await self.functions.budget.release_budget(self.keys(bid), eid)
+            await self.functions.budget.release_budget(self.keys(bid), eid, token)
 
 
 class BudgetReleaser:
@@ -188,14 +207,17 @@ class BudgetReleaser:
 
     def schedule(self, released: Released) -> None:
         bids = [b for b in dict.fromkeys(released.budget_ids) if valid_id(b)]
-        if bids and released.execution_id:
-            self._tasks.spawn(lambda: self._release(bids, released.execution_id), "budget-release")
+        eid, epoch = released.execution_id, released.lease_epoch
+        if bids and eid:
+            self._tasks.spawn(lambda: self._release(bids, eid, epoch), "budget-release")
 
-    async def _release(self, bids: list[str], eid: str) -> None:
+    async def _release(self, bids: list[str], eid: str, epoch: str) -> None:
         for bid in bids:
             keys = BudgetKeys.of(budget_partition(bid, self.partitions), bid)
             try:
-                got = await self.functions.budget.release_budget(keys, eid)
+                # only the admission of the lease that ended: a newer one (the execution was
+                # claimed again before this announcement arrived) stays
+                got = await self.functions.budget.release_budget(keys, eid, epoch)
             except FlowFabricError as exc:
                 log.warning("release of %s from budget %s failed: %s", eid, bid, exc.code)
                 continue
@@ -214,7 +236,7 @@ async def cancel_running(
     the lease of every execution in its in-flight index into `blocked:budget`; the ids revoked.
     Each revoke is one call on the execution's partition, fenced by the execution's own
     `budget_ids`; its lease release announces `admission_released`, which drops the in-flight
-    entry. Failures are logged; the reconciler drops entries of work that has no lease."""
+    entry. Failures, and entries of work no longer active, are left to the reconciler."""
     members = [text(m) for m in await store.call("ZRANGE", keys.inflight, 0, INFLIGHT_MAX - 1)]
     slots = asyncio.Semaphore(REVOKE_CONCURRENCY)
     revoked: list[str] = []
@@ -231,8 +253,6 @@ async def cancel_running(
                 revoked.append(raw)
                 # a waiter of the budget, so its reset brings the work back at once
                 await functions.waiters.add(Bucket.budget(keys), raw)
-            else:  # not active any more: its lease ended without a release we heard
-                await functions.budget.release_budget(keys, raw)
 
     await asyncio.gather(*(one(m) for m in members))
     return revoked

@@ -144,13 +144,13 @@ class BudgetReleased:
 RESERVE: Decl[Reservation] = Decl(
     "ff_reserve_budget",
     (_b("definition"), _b("limits"), _b("usage"), _b("reserved"), _b("holds"), _b("inflight")),
-    (arg("budget_id"), arg("execution_id"), opt("now")),
+    (arg("budget_id"), arg("execution_id"), opt("now"), arg("claim_token", default="")),
     {"OK": record(Reservation), "ALREADY_SATISFIED": record(Reservation)},
 )
 RELEASE: Decl[BudgetReleased] = Decl(
     "ff_release_budget",
     (_b("definition"), _b("reserved"), _b("holds"), _b("inflight")),
-    (arg("budget_id"), arg("execution_id")),
+    (arg("budget_id"), arg("execution_id"), arg("claim_token", default="")),
     {"OK": record(BudgetReleased), "ALREADY_SATISFIED": record(BudgetReleased)},
 )
 
@@ -196,12 +196,20 @@ class BudgetFunctions:
         values = {"budget_id": keys.budget_id, "now": None, "only_if_due": only_if_due}
         return await call(self.store, RESET, budget_ctx(keys), values)
 
-    async def reserve_budget(self, keys: BudgetKeys, execution_id: str) -> Reservation:
-        values = {"budget_id": keys.budget_id, "execution_id": execution_id, "now": None}
+    async def reserve_budget(
+        self, keys: BudgetKeys, execution_id: str, claim_token: str = ""
+    ) -> Reservation:
+        values = {"budget_id": keys.budget_id, "execution_id": execution_id, "now": None,
+                  "claim_token": claim_token}  # fmt: skip
         return await call(self.store, RESERVE, budget_ctx(keys), values)
 
-    async def release_budget(self, keys: BudgetKeys, execution_id: str) -> BudgetReleased:
-        values = {"budget_id": keys.budget_id, "execution_id": execution_id}
+    async def release_budget(
+        self, keys: BudgetKeys, execution_id: str, claim_token: str = ""
+    ) -> BudgetReleased:
+        """`claim_token` "" releases whoever admitted it (the lease ended); else only the
+        admission made under that token (a failed claim)."""
+        values = {"budget_id": keys.budget_id, "execution_id": execution_id,
+                  "claim_token": claim_token}  # fmt: skip
         return await call(self.store, RELEASE, budget_ctx(keys), values)
 
     async def reconcile_budget(self, keys: BudgetKeys) -> Outcome:
