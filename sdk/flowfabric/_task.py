@@ -291,6 +291,7 @@ class TaskContext:
         report_ = await report(transport, request)
         if report_.execution_revoked:
             self._run.lose("lease_revoked")  # docs/budgets.md#hard-limit-actions
+            await asyncio.sleep(0)  # in the handler's task: the cancellation lands here
         return report_
 
     # -- suspension ---------------------------------------------------------------------------

@@ -336,7 +336,9 @@ class ReportUsageResponse(_message.Message):
         revoked_leases: _builtins.int
         """With `cancel_running`: the leases revoked by this breach."""
         execution_revoked: _builtins.bool
-        """With `cancel_running`: the reporting execution's own lease was revoked."""
+        """With `cancel_running`: the reporting execution holds no lease any more
+        (revoked by this breach or an earlier one): its handler should stop.
+        """
         def __init__(
             self,
             *,

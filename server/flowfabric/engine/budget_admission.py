@@ -256,3 +256,13 @@ async def cancel_running(
 
     await asyncio.gather(*(one(m) for m in members))
     return revoked
+
+
+async def lease_gone(store: Store, eid: str, flow_partitions: int) -> bool:
+    """Whether the reporting execution `eid` holds no lease (an earlier breach of the same
+    budget revoked it): the SDK then cancels its handler as for a revoke of this breach."""
+    try:
+        core = ExecKeys(parse_execution_id(eid, flow_partitions)).core
+    except FlowFabricError:
+        return False
+    return text(await store.call("HGET", core, "lifecycle_phase")) not in ("active", "")

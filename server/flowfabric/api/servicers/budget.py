@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flowfabric.server.api.servicers.base import ServerContext
-from flowfabric.server.engine.budget_admission import cancel_running
+from flowfabric.server.engine.budget_admission import cancel_running, lease_gone
 from flowfabric.server.valkey import bounds, budget_reads
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Functions
@@ -183,18 +183,21 @@ class BudgetServicer(rpc.BudgetServiceServicer):
             ))  # fmt: skip
         if r.outcome == "hard_breach":
             revoked: list[str] = []
+            mine = False
             if r.on_hard_limit == "cancel_running":  # docs/budgets.md#hard-limit-actions
                 detail = (
                     f"budget {keys.budget_id}: {r.dimension} hard limit breached "
                     "(cancel_running); waiting for a reset"
                 )
-                revoked = await cancel_running(
-                    self.ctx.store, self.fn, keys, self.ctx.config.flow_partitions, detail
+                parts = self.ctx.config.flow_partitions
+                revoked = await cancel_running(self.ctx.store, self.fn, keys, parts, detail)
+                mine = bool(eid) and (
+                    eid in revoked or await lease_gone(self.ctx.store, eid, parts)
                 )
             return R(hard_breach=R.HardBreach(
                 dimension=r.dimension, current_usage=r.current_usage or 0,
                 hard_limit=r.limit or 0, on_hard_limit=r.on_hard_limit,
-                revoked_leases=len(revoked), execution_revoked=bool(eid) and eid in revoked,
+                revoked_leases=len(revoked), execution_revoked=mine,
             ))  # fmt: skip
         if r.outcome == "already_applied":
             return R(already_applied=R.AlreadyApplied())
