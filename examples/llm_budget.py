@@ -8,6 +8,16 @@ breach), and the handler stops there and fails its execution with reason `budget
 Two things stop the work. The report's outcome stops a turn that is running when the budget
 runs out; and once usage has reached the hard limit, the server no longer claims a turn
 attached to that budget (it waits in `blocked:budget` until a reset, docs/budgets.md).
+
+Two more tenants run their turns side by side (a worker with three slots):
+
+- `initech` reserves a turn's worth of tokens per turn (`reserve`): a turn starts only while
+  usage plus what running turns hold leaves room for a whole turn, so no running turn is ever
+  refused mid-way; the turn that does not fit waits for the budget instead
+  (docs/budgets.md#reservations).
+- `umbrella` has `on_hard_limit="cancel_running"` and turns longer than its budget: the first
+  refused report revokes every running turn's lease, their handlers are cancelled, and every
+  turn waits for the budget's reset (docs/budgets.md#hard-limit-actions).
 """
 
 import asyncio
@@ -22,6 +32,11 @@ TENANTS = {"acme": 500, "globex": 280}
 TURNS = 3  # chat turns per tenant
 CHUNK = 40  # tokens per generated chunk
 TURN_TOKENS = 120  # tokens a turn generates (3 chunks)
+#: tenant -> (hard limit, tokens per turn, create_budget options), turns run side by side
+SIDE_BY_SIDE = {
+    "initech": (300, TURN_TOKENS, {"reserve": {"total_tokens": TURN_TOKENS}}),
+    "umbrella": (200, 240, {"on_hard_limit": "cancel_running"}),
+}
 
 
 async def generate(prompt: str, tokens: int):  # type: ignore[no-untyped-def]
@@ -92,9 +107,79 @@ async def main() -> None:
                 ok = ok and done == expected_done and failed == TURNS - expected_done
             worker.stop()
             await running
+        ok = await side_by_side(client, target) and ok
         print("as expected" if ok else "UNEXPECTED")
         if not ok:
             sys.exit(1)
+
+
+async def side_by_side(client: Client, target: str) -> bool:
+    """The `SIDE_BY_SIDE` tenants: three turns each, on a worker with three slots."""
+    cancelled: list[str] = []
+    worker = Worker(target, lanes=["llm-batch"], concurrency=3, lease_ttl_ms=1500)
+
+    @worker.handler("turn")
+    async def turn(ctx: TaskContext) -> dict:  # type: ignore[type-arg]
+        job = ctx.json()
+        try:
+            async for _text, n in generate(job["prompt"], job["tokens"]):
+                report = await ctx.report_usage(job["budget_id"], total_tokens=n)
+                report.raise_if_hard_breach()  # a fail budget's turn ends here
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:  # cancel_running: the lease was revoked
+            cancelled.append(ctx.execution_id)
+            raise
+        return {"tokens": job["tokens"]}
+
+    ok = True
+    async with worker:
+        running = asyncio.create_task(worker.run())
+        for tenant, (limit, tokens, options) in SIDE_BY_SIDE.items():
+            bid = (
+                await client.create_budget(
+                    dimensions={"total_tokens": limit}, scope_type="tenant", scope_id=tenant,
+                    **options,  # type: ignore[arg-type]
+                )
+            ).budget_id  # fmt: skip
+            jobs = [
+                await client.submit(
+                    "turn",
+                    {"prompt": f"{tenant}-{i}", "budget_id": bid, "tokens": tokens},
+                    lane="llm-batch",
+                    budgets=[bid],
+                )
+                for i in range(TURNS)
+            ]
+            # a turn either completes or ends up waiting for the budget
+            states = [await settle(client, job.execution_id) for job in jobs]
+            status = await client.budget(bid)
+            done = states.count(ExecutionState.COMPLETED)
+            waiting = states.count(ExecutionState.RATE_LIMITED)
+            used = status.usage.get("total_tokens", 0)
+            refused = "no report refused" if not status.breach_count else "over its budget"
+            print(f"{tenant}: {done} completed, {waiting} waiting for the budget, "
+                  f"usage {used}/{limit}, {refused}")  # fmt: skip
+            if tenant == "initech":
+                ok = ok and (done, waiting, status.breach_count) == (2, 1, 0)
+            else:
+                ok = ok and (done, waiting, used) == (0, TURNS, limit)
+        ok = ok and len(cancelled) >= 1
+        worker.stop()
+        await running
+    return ok
+
+
+async def settle(client: Client, execution_id: str) -> ExecutionState:
+    """Wait until the turn has completed, or waits for its budget with no lease left."""
+    for _ in range(600):
+        state = await client.state(execution_id)
+        if state in (ExecutionState.COMPLETED, ExecutionState.FAILED):
+            return state
+        if state is ExecutionState.RATE_LIMITED:
+            await asyncio.sleep(0.3)  # the other turns have finished what they were doing
+            return await client.state(execution_id)
+        await asyncio.sleep(0.05)
+    return await client.state(execution_id)
 
 
 asyncio.run(main())

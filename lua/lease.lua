@@ -173,6 +173,68 @@ end
 
 redis.register_function('ff_revoke_lease', revoke_lease)
 
+-- ff_revoke_for_budget (a hard breach of a cancel_running budget, docs/budgets.md#hard-limit-actions)
+--   KEYS (5): 1 core, 2 lease current, 3 lease history, 4 lease_expiry, 5 attempt_timeout.
+--   ARGV (3): 1 execution_id, 2 budget_id (must be among core.budget_ids: the fence that the
+--     lease holds admission on this budget), 3 blocking detail.
+--   Now: TIME.
+--   Replies: {1,"OK","revoked",lease_epoch}; {1,"ALREADY_SATISFIED","not_active"} (no lease
+--     to take: not active any more); {1,"ALREADY_SATISFIED","not_attached"} (the execution is
+--     not on this budget).
+--   Errors: invalid_input (empty budget_id), execution_not_found.
+--   Writes: core runnable / unowned / blocked_by_budget / waiting_for_budget vector with the
+--     detail, lease mirror cleared (attempt id and epoch kept), lease_revoked_at and
+--     lease_revoke_reason "budget_cancel_running"; current attempt paused (suspended,
+--     suspension_id budget_cancel_running) so the next claim resumes it; history `revoked`;
+--     Lease.release (lease key, lease_expiry, lane active, attempt_timeout, holder's lease set,
+--     history `released`, admission_released announcement); ZADD lane blocked:budget now.
+local REVOKE_BUDGET_ARGV = {{2, 'budget_id', 'str'}}
+
+local function revoke_for_budget(keys, argv)
+  local a, e = Argv.parse(argv, REVOKE_BUDGET_ARGV)
+  if not a then
+    return e
+  end
+  local x = State.load_exec(keys, argv)
+  if not x then
+    return Reply.err('execution_not_found')
+  end
+  local c = x.core
+  if c.lifecycle_phase ~= 'active' then
+    return Reply.already('not_active')
+  end
+  local attached = false
+  for _, b in ipairs(Util.split_csv(c.budget_ids or '')) do
+    attached = attached or b == a.budget_id
+  end
+  if not attached then
+    return Reply.already('not_attached')
+  end
+  local now = Util.now_ms()
+  local reason = 'budget_cancel_running'
+  local detail = (argv[3] ~= '' and argv[3]) or ('budget ' .. a.budget_id .. ': hard limit breached')
+  Lease.event(keys[3], 'revoked', Lease.fields(c, reason), now)
+  State.write_vector(keys[1], x.eid, {'runnable', 'unowned', 'blocked_by_budget',
+    'waiting_for_budget', detail, 'none', 'attempt_interrupted'}, now,
+    Lease.cleared({lease_revoked_at = Util.num(now), lease_revoke_reason = reason}))
+  local idx = c.current_attempt_index
+  if Util.is_set(idx) then
+    local attempt = Keys.attempt(x.tag, x.eid, idx)
+    if redis.call('HGET', attempt, 'attempt_state') == 'started' then
+      redis.call('HSET', attempt, 'attempt_state', 'suspended', 'suspended_at', Util.num(now),
+        'suspension_id', reason)
+    end
+  end
+  x.lease, x.history, x.lease_expiry, x.attempt_timeout = keys[2], keys[3], keys[4], keys[5]
+  Lease.release(x, reason, now)
+  -- Lane index built from core.lane_id on the tag of KEYS[1]
+  -- (docs/architecture.md#keys-built-inside-lua).
+  redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'blocked:budget'), Util.num(now), x.eid)
+  return Reply.ok('revoked', c.current_lease_epoch or '')
+end
+
+redis.register_function('ff_revoke_for_budget', revoke_for_budget)
+
 -- ff_issue_reclaim_grant
 --   KEYS (3): 1 core, 2 claim_grant, 3 lease_expiry (declared, unused).
 --   ARGV (9): 1 execution_id, 2 worker_id, 3 worker_instance_id, 4 lane_id, 5 capability_hash,

@@ -373,7 +373,7 @@ async def test_budget_and_quota_commands(api: Api) -> None:
     ok = await _cli(api, "--json", "budget", "report", bid, "total_tokens=40", "--dedup-key", "k1")
     assert json.loads(ok.stdout) | {} == {
         "outcome": "ok", "budget_id": bid, "dimension": None, "usage": None, "limit": None,
-        "applied": True,
+        "on_hard_limit": None, "revoked_leases": 0, "execution_revoked": False, "applied": True,
     }  # fmt: skip
     dup = await _cli(api, "--json", "budget", "report", bid, "total_tokens=40", "--dedup-key", "k1")
     assert json.loads(dup.stdout)["outcome"] == "already_applied"
@@ -384,14 +384,15 @@ async def test_budget_and_quota_commands(api: Api) -> None:
     assert hard.returncode == 0, "a breach is an outcome, not an error"
     assert json.loads(hard.stdout) | {} == {
         "outcome": "hard_breach", "budget_id": bid, "dimension": "total_tokens", "usage": 60,
-        "limit": 100, "applied": False,
+        "limit": 100, "on_hard_limit": "fail", "revoked_leases": 0, "execution_revoked": False,
+        "applied": False,
     }  # fmt: skip
 
     shown = await _cli(api, "budget", "show", bid)
     assert shown.returncode == 0, shown.stderr
     assert "tenant acme" in shown.stdout and "1 hard, 1 soft" in shown.stdout
     line = next(row for row in shown.stdout.splitlines() if row.startswith("total_tokens"))
-    assert line.split() == ["total_tokens", "60", "100", "50", "40"]
+    assert line.split() == ["total_tokens", "60", "100", "50", "-", "0", "40"]
     as_json = json.loads((await _cli(api, "--json", "budget", "show", bid)).stdout)
     assert as_json["usage"] == {"total_tokens": 60, "custom:calls": 2}
     assert as_json["hard_limits"]["total_tokens"] == 100 and as_json["exhausted"] is False
@@ -407,6 +408,25 @@ async def test_budget_and_quota_commands(api: Api) -> None:
     after = (await _cli(api, "budget", "show", bid)).stdout.splitlines()
     assert next(r for r in after if r.startswith("total_tokens")).split()[1] == "0"
     assert next(r for r in after if r.startswith("resets")).split() == ["resets", "1"]
+
+    held = await _cli(api, "--json", "budget", "create", "--dim", "total_tokens=100", "--reserve",
+                      "total_tokens=10", "--on-hard-limit", "cancel_running")  # fmt: skip
+    assert held.returncode == 0, held.stderr
+    hid = json.loads(held.stdout)["budget_id"]
+    held_show = json.loads((await _cli(api, "--json", "budget", "show", hid)).stdout)
+    assert held_show["reserve"] == {"total_tokens": 10} and held_show["reserved"] == {}
+    assert held_show["in_flight"] == 0 and held_show["on_hard_limit"] == "cancel_running"
+    shown_held = (await _cli(api, "budget", "show", hid)).stdout.splitlines()
+    assert next(r for r in shown_held if r.startswith("in flight")).split() == ["in", "flight", "0"]
+    assert next(r for r in shown_held if r.startswith("total_tokens")).split() == [
+        "total_tokens", "0", "100", "-", "10", "0", "100",
+    ]  # fmt: skip
+    unknown = await _cli(api, "budget", "create", "--dim", "t=1", "--on-hard-limit", "explode")
+    assert unknown.returncode == 2
+    too_big = await _cli(api, "budget", "create", "--dim", "t=1", "--reserve", "t=5")
+    assert too_big.returncode == 1 and "invalid_input" in too_big.stderr
+    not_a_dim = await _cli(api, "budget", "create", "--dim", "t=10", "--reserve", "u=5")
+    assert not_a_dim.returncode == 1 and "not a dimension" in not_a_dim.stderr
 
     bad = await _cli(api, "budget", "create", "not-a-uuid", "--dim", "t=1")
     assert bad.returncode == 1 and "invalid_input" in bad.stderr

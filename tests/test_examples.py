@@ -21,6 +21,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
         ("approval.py --reject", "draft     failed"),
         ("dag.py", "total: 385 from 10 branches"),
         ("llm_budget.py", "globex: 2 completed, 1 failed (budget_exceeded), usage 280/280"),
+        ("llm_budget.py", "initech: 2 completed, 1 waiting for the budget, usage 240/300, no"),
+        ("llm_budget.py", "umbrella: 0 completed, 3 waiting for the budget, usage 200/200"),
     ],
 )
 def test_example_runs(script: str, expected: str) -> None:

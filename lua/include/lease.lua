@@ -163,7 +163,8 @@ function Lease.release(x, reason, now)
   if Util.is_set(c.quota_policy_id) or Util.is_set(c.budget_ids) then
     redis.call('SPUBLISH', 'ff:ready:' .. x.tag, cjson.encode({type = 'admission_released',
       execution_id = x.eid, quota_policy_id = c.quota_policy_id or '',
-      concurrency_key = c.concurrency_key or '', budget_ids = c.budget_ids or ''}))
+      concurrency_key = c.concurrency_key or '', budget_ids = c.budget_ids or '',
+      lease_epoch = c.current_lease_epoch or ''}))
   end
 end
 

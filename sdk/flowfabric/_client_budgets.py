@@ -27,6 +27,19 @@ from flowfabric.v1 import budget_pb2
 Limits = Mapping[str, int | tuple[int, int]]
 """A budget's dimensions: name → hard limit, or name → (hard, soft); 0 = no limit."""
 Enforcement = Literal["strict", "advisory"]
+HardLimitAction = Literal[
+    "",
+    "fail",
+    "block",
+    "cancel_running",
+    "suspend",
+    "deny_child",
+    "warn",
+    "reroute_fallback",
+    "close_scope",
+]
+"""`block` and `cancel_running` are acted on by the engine; the others are hints for the
+reporting worker (docs/budgets.md#hard-limit-actions)."""
 Scope = Literal["", "execution", "flow", "lane", "tenant"]
 
 
@@ -50,6 +63,7 @@ def usage_request(
     usage: Mapping[str, int] | None,
     dedup_key: str | None,
     deltas: Mapping[str, int],
+    execution_id: str = "",
 ) -> budget_pb2.ReportUsageRequest:
     """ReportUsage for `usage` (a mapping, for names that are not identifiers such as
     `custom:x`) and `deltas` (keywords) together; a name in both is refused."""
@@ -61,7 +75,10 @@ def usage_request(
             raise ValueError(f"dimension {name!r} given twice")
         merged[name] = delta
     request = budget_pb2.ReportUsageRequest(
-        budget_id=budget_id, dimensions=list(merged), deltas=[int(d) for d in merged.values()]
+        budget_id=budget_id,
+        dimensions=list(merged),
+        deltas=[int(d) for d in merged.values()],
+        execution_id=execution_id,
     )
     if dedup_key is not None:
         request.dedup_key = dedup_key
@@ -89,8 +106,9 @@ class BudgetsMixin(Connected):
         reset_interval_ms: int = 0,
         scope_type: Scope = "",
         scope_id: str = "",
-        on_hard_limit: str = "",
+        on_hard_limit: HardLimitAction = "",
         on_soft_limit: str = "",
+        reserve: Mapping[str, int] | None = None,
     ) -> BudgetCreated:
         """Create a budget over `dimensions`, e.g. `{"total_tokens": 10_000}` (a hard limit)
         or `{"total_tokens": (10_000, 8_000)}` (hard, soft); 0 = no limit (still counted).
@@ -105,8 +123,16 @@ class BudgetsMixin(Connected):
             reset_interval_ms: Zero the usage this often; 0 = never.
             scope_type, scope_id: Descriptive labels (`tenant`, `acme`); nothing derives from
                 them.
-            on_hard_limit, on_soft_limit: Stored hints (`fail`, `warn`, ...); empty = the
-                server's defaults (`fail`, `warn`). The engine does not act on them.
+            on_hard_limit: What a hard breach does: `block` (nothing new starts until a
+                reset), `cancel_running` (as `block`, and every running execution on the
+                budget loses its lease; its handler is cancelled), or a hint for the reporting
+                worker (`fail`, the default, `warn`, ...).
+            on_soft_limit: A stored hint (`warn` by default).
+            reserve: Estimate per dimension that every admitted execution holds until it is
+                done, e.g. `{"total_tokens": 2_000}`: work starts only while usage plus what
+                running work holds leaves room for it, so running work is never refused for
+                lack of room within its estimate. Each name needs a hard limit at least as
+                large (docs/budgets.md#reservations).
 
         Raises:
             InvalidArgument: `invalid_input` (a bad id, too many or duplicate dimensions, a
@@ -124,6 +150,7 @@ class BudgetsMixin(Connected):
             dimensions=names,
             hard_limits=hard,
             soft_limits=soft,
+            reserve=dict(reserve or {}),
         )
         reply = await self._transport.unary(self._transport.budgets.CreateBudget, request)
         existed = reply.WhichOneof("outcome") == "already_satisfied"

@@ -334,8 +334,12 @@ class BudgetStatus:
         created_at: ms since the epoch.
         scope_type: `execution`, `flow`, `lane`, `tenant` or empty (descriptive only).
         scope_id: Descriptive only.
-        on_hard_limit: The stored hint for a hard breach (`fail`, ...); not acted on.
+        on_hard_limit: What a hard breach does: `block` and `cancel_running` are acted on by
+            the engine; the others (`fail`, ...) are hints for the reporting worker.
         on_soft_limit: The stored hint for a soft breach (`warn`, ...); not acted on.
+        reserve: Dimension → the estimate each admitted execution holds (only non-zero).
+        reserved: Dimension → what admitted executions still hold in all.
+        in_flight: Executions admitted on the budget whose lease has not ended.
         raw: The server's record as sent.
     """
 
@@ -357,6 +361,9 @@ class BudgetStatus:
     scope_id: str
     on_hard_limit: str
     on_soft_limit: str
+    reserve: Mapping[str, int]
+    reserved: Mapping[str, int]
+    in_flight: int
     raw: types_pb2.BudgetStatus
 
     @property
@@ -399,6 +406,9 @@ class BudgetStatus:
             scope_id=status.scope_id,
             on_hard_limit=status.on_hard_limit,
             on_soft_limit=status.on_soft_limit,
+            reserve=dict(status.reserve),
+            reserved=dict(status.reserved),
+            in_flight=status.in_flight,
             raw=status,
         )
 
@@ -428,6 +438,9 @@ class UsageReport:
         usage: With a soft breach: its usage after the report; with a hard breach: its usage,
             unchanged by the refused report; else None.
         limit: With a breach: the limit passed (soft) or that would have been (hard).
+        on_hard_limit: With a hard breach: the budget's action.
+        revoked_leases: With a hard breach of a `cancel_running` budget: the leases revoked.
+        execution_revoked: The reporting task's own lease was among them.
     """
 
     outcome: UsageOutcome
@@ -435,6 +448,9 @@ class UsageReport:
     dimension: str | None = None
     usage: int | None = None
     limit: int | None = None
+    on_hard_limit: str | None = None
+    revoked_leases: int = 0
+    execution_revoked: bool = False
 
     @property
     def applied(self) -> bool:
@@ -466,8 +482,9 @@ class UsageReport:
         if which == "hard_breach":
             b = reply.hard_breach
             return cls(
-                UsageOutcome.HARD_BREACH, budget_id, b.dimension, b.current_usage, b.hard_limit
-            )
+                UsageOutcome.HARD_BREACH, budget_id, b.dimension, b.current_usage, b.hard_limit,
+                b.on_hard_limit, b.revoked_leases, b.execution_revoked,
+            )  # fmt: skip
         if which == "already_applied":
             return cls(UsageOutcome.ALREADY_APPLIED, budget_id)
         return cls(UsageOutcome.OK, budget_id)

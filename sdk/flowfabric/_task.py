@@ -278,12 +278,21 @@ class TaskContext:
         ```
 
         No lease is needed (any holder of the budget id may report), so the report is not
-        fenced by this task's lease. A `dedup_key` (e.g. `f"{budget_id}:{ctx.execution_id}:
-        {step}"`) makes it safe to repeat after a reclaim and lets it be retried on
-        UNAVAILABLE.
+        fenced by this task's lease. It names this execution, so a reservation it holds on
+        the budget is settled by what it reports (docs/budgets.md#reservations). A `dedup_key`
+        (e.g. `f"{budget_id}:{ctx.execution_id}:{step}"`) makes it safe to repeat after a
+        reclaim and lets it be retried on UNAVAILABLE.
+
+        A hard breach of a `cancel_running` budget revokes this task's lease when it runs on
+        that budget: the handler is then cancelled (at its next await), as on any lost lease.
         """
         transport = transport_of(self._run.client)
-        return await report(transport, usage_request(budget_id, usage, dedup_key, deltas))
+        request = usage_request(budget_id, usage, dedup_key, deltas, self.execution_id)
+        report_ = await report(transport, request)
+        if report_.execution_revoked:
+            self._run.lose("lease_revoked")  # docs/budgets.md#hard-limit-actions
+            await asyncio.sleep(0)  # in the handler's task: the cancellation lands here
+        return report_
 
     # -- suspension ---------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """`flowfabric budget ...` and `flowfabric quota ...`: budgets and quota policies from the shell.
 
-    flowfabric budget create [ID] --dim NAME=HARD[:SOFT] ... [--advisory] [--reset-interval-ms N]
-                             [--scope-type T --scope-id S] [--on-hard-limit A] [--on-soft-limit A]
-    flowfabric budget show ID            limits, usage and counters
+    flowfabric budget create [ID] --dim NAME=HARD[:SOFT] ... [--reserve NAME=N ...] [--advisory]
+                             [--reset-interval-ms N] [--scope-type T --scope-id S]
+                             [--on-hard-limit A] [--on-soft-limit A]
+    flowfabric budget show ID            limits, usage, reservations and counters
     flowfabric budget list [--limit N]
     flowfabric budget report ID NAME=DELTA ... [--dedup-key K]
     flowfabric budget reset ID
@@ -73,11 +74,17 @@ def _dimension(item: str) -> tuple[str, int | tuple[int, int]]:
     return name, _amount(hard, name)
 
 
-def _delta(item: str) -> tuple[str, int]:
+def _delta(item: str, what: str = "usage") -> tuple[str, int]:
     name, sep, value = item.rpartition("=")
     if not sep or not name:
-        raise click.UsageError(f"usage is NAME=DELTA, got {item!r}")
+        raise click.UsageError(f"{what} is NAME=N, got {item!r}")
     return name, _amount(value, name)
+
+
+HARD_LIMIT_ACTIONS = [
+    "", "fail", "block", "cancel_running", "suspend", "deny_child", "warn", "reroute_fallback",
+    "close_scope",
+]  # fmt: skip
 
 
 # -- budgets ------------------------------------------------------------------------------------
@@ -95,13 +102,21 @@ def _delta(item: str) -> tuple[str, int]:
     "--scope-type", default="", type=click.Choice(["", "execution", "flow", "lane", "tenant"])
 )
 @click.option("--scope-id", default="")
-@click.option("--on-hard-limit", default="", help="Stored hint (default fail).")
+@click.option(
+    "--reserve", "reserves", multiple=True, metavar="NAME=N",
+    help="Estimate each admitted execution holds on a dimension (docs/budgets.md); repeatable.",
+)  # fmt: skip
+@click.option(
+    "--on-hard-limit", default="", type=click.Choice(HARD_LIMIT_ACTIONS),
+    help="block / cancel_running are enforced; the rest are hints (default fail).",
+)  # fmt: skip
 @click.option("--on-soft-limit", default="", help="Stored hint (default warn).")
 @click.pass_context
 def budget_create(
     ctx: click.Context,
     budget_id: str | None,
     dims: tuple[str, ...],
+    reserves: tuple[str, ...],
     advisory: bool,
     reset_interval_ms: int,
     scope_type: str,
@@ -113,6 +128,9 @@ def budget_create(
     dimensions = dict(_dimension(d) for d in dims)
     if len(dimensions) != len(dims):
         raise click.UsageError("a dimension is given twice")
+    reserve = dict(_delta(r, "--reserve") for r in reserves)
+    if len(reserve) != len(reserves):
+        raise click.UsageError("a reserve is given twice")
     with _client(ctx) as client:
         created = client.create_budget(
             budget_id,
@@ -121,8 +139,9 @@ def budget_create(
             reset_interval_ms=reset_interval_ms,
             scope_type=scope_type,  # type: ignore[arg-type]  # click.Choice checked it
             scope_id=scope_id,
-            on_hard_limit=on_hard_limit,
+            on_hard_limit=on_hard_limit,  # type: ignore[arg-type]  # click.Choice checked it
             on_soft_limit=on_soft_limit,
+            reserve=reserve,
         )
     if _json(ctx):
         _echo(_record(created))
@@ -162,6 +181,7 @@ def budget_show(ctx: click.Context, budget_id: str) -> None:
             ("exhausted", _yes(status.exhausted)),
             ("on limits", f"hard {status.on_hard_limit}, soft {status.on_soft_limit}"),
             ("breaches", f"{status.breach_count} hard, {status.soft_breach_count} soft"),
+            ("in flight", status.in_flight),
             ("last breach", last),
             ("resets", status.reset_count),
             ("reset every", f"{status.reset_interval_ms} ms" if status.reset_interval_ms else "-"),
@@ -171,7 +191,10 @@ def budget_show(ctx: click.Context, budget_id: str) -> None:
     )
     if status.dimensions:
         click.echo()
-        _table(["dimension", "usage", "hard", "soft", "remaining"], _dimension_rows(status))
+        _table(
+            ["dimension", "usage", "hard", "soft", "reserve", "reserved", "remaining"],
+            _dimension_rows(status),
+        )
 
 
 def _dimension_rows(status: BudgetStatus) -> list[tuple[Any, ...]]:
@@ -184,6 +207,8 @@ def _dimension_rows(status: BudgetStatus) -> list[tuple[Any, ...]]:
                 status.usage.get(dim, 0),
                 status.hard_limits.get(dim, 0) or "-",
                 status.soft_limits.get(dim, 0) or "-",
+                status.reserve.get(dim, 0) or "-",
+                status.reserved.get(dim, 0),
                 "-" if remaining is None else remaining,
             )
         )

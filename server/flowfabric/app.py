@@ -43,7 +43,7 @@ from flowfabric.server.embedded import (
     unlock_data_dir,
 )
 from flowfabric.server.engine.aio import cancel_and_wait
-from flowfabric.server.engine.budget_admission import BudgetCheck
+from flowfabric.server.engine.budget_admission import BudgetCheck, BudgetReleaser
 from flowfabric.server.engine.budgets import budget_jobs
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.flows import (
@@ -107,6 +107,7 @@ class FlowFabricServer:
         self.ready: ReadyHints | None = None
         self.follow_ups: FollowUpResolver | None = None
         self.releaser: AdmissionReleaser | None = None
+        self.budget_releaser: BudgetReleaser | None = None
         self.unblocker: Unblocker | None = None
         self.scanners: ScannerSet | None = None
         self.embedded: ValkeyProcess | None = None
@@ -173,13 +174,15 @@ class FlowFabricServer:
         self.ready.on_pending(self.follow_ups.schedule)
         self.releaser = AdmissionReleaser(fn, cfg.quota_partitions)
         self.ready.on_released(self.releaser.schedule)
+        self.budget_releaser = BudgetReleaser(fn, cfg.budget_partitions)
+        self.ready.on_released(self.budget_releaser.schedule)
         await self.ready.start()
         self.scheduler = Scheduler(
             fn, self.store, cfg.flow_partitions, self.hub, self.ready, cfg.tenant_weights
         )
         # capabilities (the default, in-slot), then budgets, then the quota
         # (docs/lifecycle.md#admission)
-        self.scheduler.admission.register(BudgetCheck(self.store, cfg.budget_partitions))
+        self.scheduler.admission.register(BudgetCheck(self.store, cfg.budget_partitions, fn))
         self.scheduler.admission.register(QuotaCheck(self.store, fn, cfg.quota_partitions))
         # blocked work is woken by the event that clears it (docs/budgets.md#waking-blocked-work)
         self.unblocker = Unblocker(
@@ -188,6 +191,7 @@ class FlowFabricServer:
         )  # fmt: skip
         self.scheduler.admission.after_block(self.unblocker.blocked)
         self.releaser.after_release(self.unblocker.released)
+        self.budget_releaser.after_release(self.unblocker.budget_freed)
         registry = WorkerRegistry(self.store)
         self.scanners = lifecycle_scanners(
             cfg, self.store, fn, registry, self.scheduler.wake_local, self.unblocker
@@ -468,6 +472,8 @@ class FlowFabricServer:
             await self.ready.stop()
         if self.follow_ups is not None:
             await self.follow_ups.stop()  # deps_pending keeps the rest for the reconciler
+        if self.budget_releaser is not None:
+            await self.budget_releaser.stop()  # the budget reconciler returns what is left
         if self.releaser is not None:
             await self.releaser.stop()  # the quota reconciler frees what is left
         if self.unblocker is not None:

@@ -3,6 +3,7 @@ directly, both topologies (docs/budgets.md)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 
@@ -32,12 +33,15 @@ async def create(
     now: object = "",
     n: object = None,
     mode: str = "strict",
+    reserve: Sequence[object] | None = None,
+    on_hard_limit: str = "fail",
 ) -> list:
+    reserve = [0] * len(dims) if reserve is None else reserve
     values = {
         "budget_id": k.budget_id, "scope_type": "flow", "scope_id": "f1",
-        "enforcement_mode": mode, "on_hard_limit": "fail", "on_soft_limit": "warn",
+        "enforcement_mode": mode, "on_hard_limit": on_hard_limit, "on_soft_limit": "warn",
         "reset_interval_ms": interval, "now": now, "dim_count": len(dims) if n is None else n,
-        "dimensions_and_limits": [*dims, *hard, *soft],
+        "dimensions_and_limits": [*dims, *hard, *soft, *reserve],
     }  # fmt: skip
     return await fcall(store, budget.CREATE, budget_ctx(k), values)
 
@@ -49,9 +53,10 @@ async def report(
     deltas: Sequence[object],
     dedup: str = "",
     n: object = None,
+    eid: str = "",
 ) -> list:
     values = {
-        "budget_id": k.budget_id, "now": "", "dedup_id": dedup,
+        "budget_id": k.budget_id, "now": "", "dedup_id": dedup, "execution_id": eid,
         "dim_count": len(dims) if n is None else n, "dimensions_and_deltas": [*dims, *deltas],
     }  # fmt: skip
     return await fcall(store, budget.REPORT, budget_ctx(k, dedup), values)
@@ -165,7 +170,7 @@ async def test_report_ok_soft_then_hard_breach(store: Store) -> None:
         "1", "OK", "soft_breach", "total_tokens", "85", "80",
     ]  # fmt: skip
     assert status(await report(store, k, ["total_tokens"], [50])) == [
-        "1", "OK", "hard_breach", "total_tokens", "85", "100",
+        "1", "OK", "hard_breach", "total_tokens", "85", "100", "fail",
     ]  # fmt: skip
     assert await hash_of(store, k.usage) == {"total_tokens": "85"}
     d = await hash_of(store, k.definition)
@@ -177,7 +182,7 @@ async def test_a_hard_breach_on_one_dimension_applies_none(store: Store) -> None
     k = new_budget()
     await create(store, k, ["tokens", "cost"], [1000, 50], [0, 0])
     reply = status(await report(store, k, ["tokens", "cost"], [100, 60]))
-    assert reply == ["1", "OK", "hard_breach", "cost", "0", "50"]
+    assert reply == ["1", "OK", "hard_breach", "cost", "0", "50", "fail"]
     assert await hash_of(store, k.usage) == {}
 
 
@@ -207,7 +212,7 @@ async def test_usage_may_reach_the_hard_limit_but_never_pass_it(store: Store) ->
     await create(store, k, hard=(100,), soft=(0,))
     assert status(await report(store, k, ["total_tokens"], [100]))[2] == "ok"
     assert status(await report(store, k, ["total_tokens"], [1])) == [
-        "1", "OK", "hard_breach", "total_tokens", "100", "100",
+        "1", "OK", "hard_breach", "total_tokens", "100", "100", "fail",
     ]  # fmt: skip
 
 
@@ -343,3 +348,143 @@ async def test_reconcile_keeps_a_budget_whose_definition_is_unreadable(store: St
     with pytest.raises(FlowFabricError):
         await fn.reconcile_budget(k)
     assert await store.call("SISMEMBER", k.policies, k.budget_id) == 1
+
+
+# -- reservations (docs/budgets.md#reservations) ------------------------------------------------
+
+
+async def reserve(store: Store, k: BudgetKeys, eid: str, token: str = "") -> list[str]:
+    values = {"budget_id": k.budget_id, "execution_id": eid, "now": "", "claim_token": token}
+    return status(await fcall(store, budget.RESERVE, budget_ctx(k), values))
+
+
+async def release(store: Store, k: BudgetKeys, eid: str, token: str = "") -> list[str]:
+    values = {"budget_id": k.budget_id, "execution_id": eid, "claim_token": token}
+    return status(await fcall(store, budget.RELEASE, budget_ctx(k), values))
+
+
+async def test_create_stores_a_reserve_estimate_and_refuses_one_past_the_hard_limit(
+    store: Store,
+) -> None:
+    k = new_budget()
+    assert status(await create(store, k, reserve=[10]))[1] == "OK"
+    assert (await hash_of(store, k.limits))["reserve:total_tokens"] == "10"
+    for bad in ([101], [-1]):
+        other, before = new_budget(), await keyspace_dump(store)
+        reply = status(await create(store, other, reserve=bad))
+        assert reply[:2] == ["0", "invalid_input"], reply
+        assert await keyspace_dump(store) == before
+    other, before = new_budget(), await keyspace_dump(store)
+    reply = status(await create(store, other, hard=[0], soft=[0], reserve=[5]))
+    assert reply[:2] == ["0", "invalid_input"] and "needs a hard limit" in reply[2]
+    assert await keyspace_dump(store) == before
+
+
+async def test_reservations_admit_up_to_the_hard_limit_and_are_idempotent(store: Store) -> None:
+    k = new_budget()
+    await create(store, k, hard=[30], soft=[0], reserve=[10])
+    for eid in ("e1", "e2", "e3"):
+        assert await reserve(store, k, eid) == ["1", "OK", "admitted"]
+    assert await reserve(store, k, "e1") == ["1", "ALREADY_SATISFIED", "already_reserved"]
+    assert await hash_of(store, k.reserved) == {"total_tokens": "30"}
+    before = await keyspace_dump(store)
+    reply = await reserve(store, k, "e4")
+    assert reply[2] == "exhausted"
+    assert reply[3] == f"budget {k.budget_id}: total_tokens 0/30, 30 reserved, needs 10"
+    assert await keyspace_dump(store) == before, "a refusal writes nothing"
+    assert int(await store.call("ZCARD", k.inflight)) == 3
+
+
+async def test_a_report_settles_its_own_reservation_and_counts_the_others(store: Store) -> None:
+    k = new_budget()
+    await create(store, k, hard=[30], soft=[0], reserve=[10])
+    for eid in ("e1", "e2", "e3"):
+        await reserve(store, k, eid)
+    # e1 reports 4 of its 10: the hold shrinks to 6, reserved to 26, usage 4
+    assert status(await report(store, k, ["total_tokens"], [4], eid="e1"))[2] == "ok"
+    assert await hash_of(store, k.reserved) == {"total_tokens": "26"}
+    assert json.loads((await hash_of(store, k.holds))["e1"])["h"] == {"total_tokens": 6}
+    # an outsider must fit beside every reservation: 4 + 26 = 30, no room
+    assert status(await report(store, k, ["total_tokens"], [1]))[2] == "hard_breach"
+    # e1 may go past its estimate as far as the others' reservations allow: 4 + 6 + 20 = 30
+    assert status(await report(store, k, ["total_tokens"], [6], eid="e1"))[2] == "ok"
+    assert status(await report(store, k, ["total_tokens"], [1], eid="e1"))[2] == "hard_breach"
+    assert await hash_of(store, k.usage) == {"total_tokens": "10"}
+    assert await hash_of(store, k.reserved) == {"total_tokens": "20"}
+
+
+async def test_a_deduplicated_report_settles_once(store: Store) -> None:
+    k = new_budget()
+    await create(store, k, hard=[30], soft=[0], reserve=[10])
+    await reserve(store, k, "e1")
+    for _ in range(2):
+        await report(store, k, ["total_tokens"], [3], "b-e1-1", eid="e1")
+    assert await hash_of(store, k.usage) == {"total_tokens": "3"}
+    assert await hash_of(store, k.reserved) == {"total_tokens": "7"}
+
+
+async def test_release_returns_what_is_still_held_once(store: Store) -> None:
+    k = new_budget()
+    await create(store, k, hard=[20], soft=[0], reserve=[10])
+    await reserve(store, k, "e1")
+    await reserve(store, k, "e2")
+    assert (await reserve(store, k, "e3"))[2] == "exhausted"
+    await report(store, k, ["total_tokens"], [4], eid="e1")
+    assert await release(store, k, "e1") == ["1", "OK", "released", "6"]
+    assert await release(store, k, "e1") == ["1", "ALREADY_SATISFIED", "not_held"]
+    assert await hash_of(store, k.reserved) == {"total_tokens": "10"}
+    # usage 4 + reserved 10 + 10 > 20: still no room for a third
+    assert (await reserve(store, k, "e3"))[2] == "exhausted"
+    await release(store, k, "e2")
+    assert (await reserve(store, k, "e3"))[2] == "admitted"
+
+
+async def test_a_budget_without_estimates_tracks_in_flight_work_only(store: Store) -> None:
+    k = new_budget()
+    await create(store, k)
+    assert (await reserve(store, k, "e1"))[2] == "admitted"
+    assert await store.call("EXISTS", k.reserved) == 0
+    assert float(await store.call("ZSCORE", k.inflight, "e1")) > 0
+    await report(store, k, ["total_tokens"], [100])
+    assert (await reserve(store, k, "e2"))[3] == f"budget {k.budget_id}: total_tokens 100/100"
+
+
+async def test_advisory_and_missing_budgets_are_not_enforced(store: Store) -> None:
+    k = new_budget()
+    await create(store, k, mode="advisory")
+    before = await keyspace_dump(store)
+    assert (await reserve(store, k, "e1"))[2] == "not_enforced"
+    assert (await reserve(store, new_budget(), "e1"))[2] == "not_enforced"
+    assert await keyspace_dump(store) == before
+
+
+async def test_a_hard_breach_locks_a_blocking_budget_until_reset(store: Store) -> None:
+    k = new_budget()
+    await create(store, k, on_hard_limit="cancel_running")
+    reply = await report(store, k, ["total_tokens"], [101])
+    assert status(reply)[2:] == ["hard_breach", "total_tokens", "0", "100", "cancel_running"]
+    got = await reserve(store, k, "e1")
+    assert got[2] == "exhausted" and "hard limit breached (cancel_running)" in got[3]
+    await reset(store, k)
+    assert (await reserve(store, k, "e1"))[2] == "admitted"
+
+
+async def test_a_corrupt_usage_fails_the_reservation(store: Store) -> None:
+    k = new_budget()
+    await create(store, k)
+    await store.call("HSET", k.usage, "total_tokens", "lots")
+    assert (await reserve(store, k, "e1"))[:2] == ["0", "corrupt_record"]
+    assert await store.call("EXISTS", k.inflight) == 0
+
+
+async def test_one_admission_per_lease_and_releases_name_theirs(store: Store) -> None:
+    k = new_budget()
+    await create(store, k, hard=[20], soft=[0], reserve=[10])
+    assert (await reserve(store, k, "e1", "1"))[2] == "admitted"
+    assert await reserve(store, k, "e1", "1") == ["1", "ALREADY_SATISFIED", "already_reserved"]
+    # lease 1 ended but its release has not arrived: lease 2 waits for it
+    assert (await reserve(store, k, "e1", "2"))[2] == "already_reserved"
+    assert await release(store, k, "e1", "2") == ["1", "ALREADY_SATISFIED", "not_held"]
+    assert await hash_of(store, k.reserved) == {"total_tokens": "10"}, "lease 1's hold stays"
+    assert await release(store, k, "e1", "1") == ["1", "OK", "released", "10"]
+    assert (await reserve(store, k, "e1", "2"))[2] == "admitted"

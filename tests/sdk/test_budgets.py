@@ -287,3 +287,63 @@ def _blocking_session(address: str) -> None:
 async def test_sync_client(api: Api) -> None:
     """Driven from a plain thread: the server runs on the test's event loop."""
     await asyncio.to_thread(_blocking_session, api.address)
+
+
+async def test_cancel_running_cancels_every_handler_on_the_budget(client: Client, api: Api) -> None:
+    """A hard breach of a `cancel_running` budget (docs/budgets.md#hard-limit-actions): the
+    reporter's handler is cancelled from the report's answer, an idle one at its next renewal;
+    both executions wait for the budget; a reset brings them back."""
+    bid = (
+        await client.create_budget(dimensions={"total_tokens": 100}, on_hard_limit="cancel_running")
+    ).budget_id
+    lane = f"cancel-{uuid.uuid4().hex[:8]}"
+    worker = Worker(api.address, token=API_TOKEN, lanes=[lane], concurrency=2, lease_ttl_ms=1500)
+    started: dict[str, asyncio.Event] = {"idle": asyncio.Event(), "spend": asyncio.Event()}
+    cancelled: dict[str, asyncio.Event] = {"idle": asyncio.Event(), "spend": asyncio.Event()}
+    reports: list[UsageReport] = []
+    go = asyncio.Event()
+
+    async def body(kind: str, ctx: TaskContext) -> Any:
+        started[kind].set()
+        try:
+            if kind == "spend":
+                await go.wait()
+                for _ in range(3):
+                    reports.append(await ctx.report_usage(bid, total_tokens=60))
+            await asyncio.Event().wait()  # only a cancellation ends it
+        except asyncio.CancelledError:
+            cancelled[kind].set()
+            raise
+
+    @worker.handler("idle")
+    async def idle(ctx: TaskContext) -> Any:
+        return await body("idle", ctx)
+
+    @worker.handler("spend")
+    async def spend(ctx: TaskContext) -> Any:
+        return await body("spend", ctx)
+
+    async with running(worker):
+        sleeper = await client.submit("idle", {}, lane=lane, budgets=[bid])
+        spender = await client.submit("spend", {}, lane=lane, budgets=[bid])
+        for kind in ("idle", "spend"):
+            await asyncio.wait_for(started[kind].wait(), 30)
+        assert (await client.budget(bid)).in_flight == 2
+        go.set()
+        await asyncio.wait_for(cancelled["spend"].wait(), 10)
+        await asyncio.wait_for(cancelled["idle"].wait(), 10)  # its next renewal (0.5 s)
+        assert [r.outcome for r in reports] == [UsageOutcome.OK, UsageOutcome.HARD_BREACH]
+        breach = reports[1]
+        assert (breach.on_hard_limit, breach.revoked_leases, breach.execution_revoked) == (
+            "cancel_running", 2, True,
+        )  # fmt: skip
+        for job in (sleeper, spender):
+            assert await client.state(job.execution_id) is ExecutionState.RATE_LIMITED
+            snap = await client.describe(job.execution_id)
+            assert "cancel_running" in snap.blocking_detail
+        assert (await client.budget(bid)).usage == {"total_tokens": 60}
+        for kind in ("idle", "spend"):
+            started[kind].clear()
+        await client.reset_budget(bid)  # both come back (resumed on their attempts)
+        for kind in ("idle", "spend"):
+            await asyncio.wait_for(started[kind].wait(), 30)

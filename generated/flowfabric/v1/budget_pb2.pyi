@@ -23,6 +23,26 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class CreateBudgetRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ReserveEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BUDGET_ID_FIELD_NUMBER: _builtins.int
     SCOPE_TYPE_FIELD_NUMBER: _builtins.int
     SCOPE_ID_FIELD_NUMBER: _builtins.int
@@ -34,6 +54,7 @@ class CreateBudgetRequest(_message.Message):
     HARD_LIMITS_FIELD_NUMBER: _builtins.int
     SOFT_LIMITS_FIELD_NUMBER: _builtins.int
     NOW_FIELD_NUMBER: _builtins.int
+    RESERVE_FIELD_NUMBER: _builtins.int
     budget_id: _builtins.str
     """Budget UUID (chosen by the caller)."""
     scope_type: _builtins.str
@@ -42,7 +63,12 @@ class CreateBudgetRequest(_message.Message):
     enforcement_mode: _builtins.str
     """`strict` (exhausted budgets block claims) or `advisory` (report only)."""
     on_hard_limit: _builtins.str
-    """Action hint on a hard breach (e.g. `fail`); stored, not enforced."""
+    """What a hard breach does: `block` (nothing new is admitted until a reset),
+    `cancel_running` (as `block`, and every lease in flight on the budget is
+    revoked into `blocked:budget`), or a hint for the reporting worker that
+    the engine does not act on: `fail` (default), `suspend`, `deny_child`,
+    `warn`, `reroute_fallback`, `close_scope`.
+    """
     on_soft_limit: _builtins.str
     """Action hint on a soft breach (e.g. `warn`); stored, not enforced."""
     reset_interval_ms: _builtins.int
@@ -61,6 +87,15 @@ class CreateBudgetRequest(_message.Message):
     def soft_limits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Soft limit per dimension, parallel to `dimensions`; 0 = none."""
 
+    @_builtins.property
+    def reserve(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Amount held per admitted execution, by dimension: admission refuses an
+        execution unless usage + outstanding reservations + this estimate stay
+        within the hard limit; the execution's reports settle it and its lease
+        end returns the rest. Each key must be one of `dimensions` with a hard
+        limit of at least the estimate; 0..2^53-1.
+        """
+
     def __init__(
         self,
         *,
@@ -75,10 +110,11 @@ class CreateBudgetRequest(_message.Message):
         hard_limits: _abc.Iterable[_builtins.int] | None = ...,
         soft_limits: _abc.Iterable[_builtins.int] | None = ...,
         now: _builtins.int = ...,
+        reserve: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "dimensions", b"dimensions", "enforcement_mode", b"enforcement_mode", "hard_limits", b"hard_limits", "now", b"now", "on_hard_limit", b"on_hard_limit", "on_soft_limit", b"on_soft_limit", "reset_interval_ms", b"reset_interval_ms", "scope_id", b"scope_id", "scope_type", b"scope_type", "soft_limits", b"soft_limits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "dimensions", b"dimensions", "enforcement_mode", b"enforcement_mode", "hard_limits", b"hard_limits", "now", b"now", "on_hard_limit", b"on_hard_limit", "on_soft_limit", b"on_soft_limit", "reserve", b"reserve", "reset_interval_ms", b"reset_interval_ms", "scope_id", b"scope_id", "scope_type", b"scope_type", "soft_limits", b"soft_limits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -192,6 +228,7 @@ class ReportUsageRequest(_message.Message):
     NOW_FIELD_NUMBER: _builtins.int
     DEDUP_KEY_FIELD_NUMBER: _builtins.int
     BUDGET_ID_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
     now: _builtins.int
     """Optional, ignored: the server uses Valkey server time."""
     dedup_key: _builtins.str
@@ -201,6 +238,10 @@ class ReportUsageRequest(_message.Message):
     """
     budget_id: _builtins.str
     """The budget to charge."""
+    execution_id: _builtins.str
+    """The execution reporting, if any: its reservation on the budget is settled
+    by this report, and the hard-limit test counts only the others'.
+    """
     @_builtins.property
     def dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Dimensions to increment (at most 64, unique)."""
@@ -217,10 +258,11 @@ class ReportUsageRequest(_message.Message):
         now: _builtins.int = ...,
         dedup_key: _builtins.str | None = ...,
         budget_id: _builtins.str = ...,
+        execution_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dedup_key", b"_dedup_key", "dedup_key", b"dedup_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dedup_key", b"_dedup_key", "budget_id", b"budget_id", "dedup_key", b"dedup_key", "deltas", b"deltas", "dimensions", b"dimensions", "now", b"now"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dedup_key", b"_dedup_key", "budget_id", b"budget_id", "dedup_key", b"dedup_key", "deltas", b"deltas", "dimensions", b"dimensions", "execution_id", b"execution_id", "now", b"now"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dedup_key: _TypeAlias = _typing.Literal["dedup_key"]  # noqa: Y015
     _WhichOneofArgType__dedup_key: _TypeAlias = _typing.Literal["_dedup_key", b"_dedup_key"]  # noqa: Y015
@@ -282,20 +324,34 @@ class ReportUsageResponse(_message.Message):
         DIMENSION_FIELD_NUMBER: _builtins.int
         CURRENT_USAGE_FIELD_NUMBER: _builtins.int
         HARD_LIMIT_FIELD_NUMBER: _builtins.int
+        ON_HARD_LIMIT_FIELD_NUMBER: _builtins.int
+        REVOKED_LEASES_FIELD_NUMBER: _builtins.int
+        EXECUTION_REVOKED_FIELD_NUMBER: _builtins.int
         dimension: _builtins.str
         current_usage: _builtins.int
         """Usage before (and after) this report."""
         hard_limit: _builtins.int
+        on_hard_limit: _builtins.str
+        """The budget's `on_hard_limit`."""
+        revoked_leases: _builtins.int
+        """With `cancel_running`: the leases revoked by this breach."""
+        execution_revoked: _builtins.bool
+        """With `cancel_running`: the reporting execution holds no lease any more
+        (revoked by this breach or an earlier one): its handler should stop.
+        """
         def __init__(
             self,
             *,
             dimension: _builtins.str = ...,
             current_usage: _builtins.int = ...,
             hard_limit: _builtins.int = ...,
+            on_hard_limit: _builtins.str = ...,
+            revoked_leases: _builtins.int = ...,
+            execution_revoked: _builtins.bool = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["current_usage", b"current_usage", "dimension", b"dimension", "hard_limit", b"hard_limit"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["current_usage", b"current_usage", "dimension", b"dimension", "execution_revoked", b"execution_revoked", "hard_limit", b"hard_limit", "on_hard_limit", b"on_hard_limit", "revoked_leases", b"revoked_leases"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 

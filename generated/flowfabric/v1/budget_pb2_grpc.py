@@ -97,7 +97,9 @@ class BudgetServiceServicer:
         """Creates a budget. Idempotent: an existing id returns
         `already_satisfied`, unchanged.
         Errors: INVALID_ARGUMENT `invalid_input` (more than 64 dimensions,
-        duplicate dimension names, limit arrays not parallel to `dimensions`).
+        duplicate dimension names, limit arrays not parallel to `dimensions`, an
+        unknown `on_hard_limit`, a `reserve` out of bounds or on a dimension
+        without a sufficient hard limit).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,7 +118,8 @@ class BudgetServiceServicer:
         dimension would pass its hard limit nothing is applied (`hard_breach`);
         soft breaches are applied and reported. Breaches are outcomes, not
         errors. Any holder of the budget id may report (no lease needed); this
-        is also the worker's usage call.
+        is also the worker's usage call. A hard breach of a `cancel_running`
+        budget revokes the budget's in-flight leases before answering.
         Errors: NOT_FOUND `budget_not_found`; INVALID_ARGUMENT `invalid_input`
         (more than 64 dimensions, `deltas` not parallel to `dimensions`,
         duplicate names).

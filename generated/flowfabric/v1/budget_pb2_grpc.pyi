@@ -44,7 +44,9 @@ class BudgetServiceStub:
     """Creates a budget. Idempotent: an existing id returns
     `already_satisfied`, unchanged.
     Errors: INVALID_ARGUMENT `invalid_input` (more than 64 dimensions,
-    duplicate dimension names, limit arrays not parallel to `dimensions`).
+    duplicate dimension names, limit arrays not parallel to `dimensions`, an
+    unknown `on_hard_limit`, a `reserve` out of bounds or on a dimension
+    without a sufficient hard limit).
     """
     GetBudgetStatus: _grpc.UnaryUnaryMultiCallable[_budget_pb2.GetBudgetStatusRequest, _budget_pb2.GetBudgetStatusResponse]
     """Returns a budget's definition, limits and usage.
@@ -55,7 +57,8 @@ class BudgetServiceStub:
     dimension would pass its hard limit nothing is applied (`hard_breach`);
     soft breaches are applied and reported. Breaches are outcomes, not
     errors. Any holder of the budget id may report (no lease needed); this
-    is also the worker's usage call.
+    is also the worker's usage call. A hard breach of a `cancel_running`
+    budget revokes the budget's in-flight leases before answering.
     Errors: NOT_FOUND `budget_not_found`; INVALID_ARGUMENT `invalid_input`
     (more than 64 dimensions, `deltas` not parallel to `dimensions`,
     duplicate names).
@@ -104,7 +107,9 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """Creates a budget. Idempotent: an existing id returns
     `already_satisfied`, unchanged.
     Errors: INVALID_ARGUMENT `invalid_input` (more than 64 dimensions,
-    duplicate dimension names, limit arrays not parallel to `dimensions`).
+    duplicate dimension names, limit arrays not parallel to `dimensions`, an
+    unknown `on_hard_limit`, a `reserve` out of bounds or on a dimension
+    without a sufficient hard limit).
     """
     GetBudgetStatus: _aio.UnaryUnaryMultiCallable[_budget_pb2.GetBudgetStatusRequest, _budget_pb2.GetBudgetStatusResponse]  # type: ignore[assignment]
     """Returns a budget's definition, limits and usage.
@@ -115,7 +120,8 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     dimension would pass its hard limit nothing is applied (`hard_breach`);
     soft breaches are applied and reported. Breaches are outcomes, not
     errors. Any holder of the budget id may report (no lease needed); this
-    is also the worker's usage call.
+    is also the worker's usage call. A hard breach of a `cancel_running`
+    budget revokes the budget's in-flight leases before answering.
     Errors: NOT_FOUND `budget_not_found`; INVALID_ARGUMENT `invalid_input`
     (more than 64 dimensions, `deltas` not parallel to `dimensions`,
     duplicate names).
@@ -167,7 +173,9 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a budget. Idempotent: an existing id returns
         `already_satisfied`, unchanged.
         Errors: INVALID_ARGUMENT `invalid_input` (more than 64 dimensions,
-        duplicate dimension names, limit arrays not parallel to `dimensions`).
+        duplicate dimension names, limit arrays not parallel to `dimensions`, an
+        unknown `on_hard_limit`, a `reserve` out of bounds or on a dimension
+        without a sufficient hard limit).
         """
 
     @_abc_1.abstractmethod
@@ -190,7 +198,8 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         dimension would pass its hard limit nothing is applied (`hard_breach`);
         soft breaches are applied and reported. Breaches are outcomes, not
         errors. Any holder of the budget id may report (no lease needed); this
-        is also the worker's usage call.
+        is also the worker's usage call. A hard breach of a `cancel_running`
+        budget revokes the budget's in-flight leases before answering.
         Errors: NOT_FOUND `budget_not_found`; INVALID_ARGUMENT `invalid_input`
         (more than 64 dimensions, `deltas` not parallel to `dimensions`,
         duplicate names).

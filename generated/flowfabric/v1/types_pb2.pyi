@@ -2002,6 +2002,46 @@ class BudgetStatus(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ReservedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ReserveEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BUDGET_ID_FIELD_NUMBER: _builtins.int
     SCOPE_TYPE_FIELD_NUMBER: _builtins.int
     SCOPE_ID_FIELD_NUMBER: _builtins.int
@@ -2020,6 +2060,9 @@ class BudgetStatus(_message.Message):
     RESET_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     RESET_COUNT_FIELD_NUMBER: _builtins.int
     LAST_RESET_AT_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    RESERVE_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
     budget_id: _builtins.str
     scope_type: _builtins.str
     scope_id: _builtins.str
@@ -2040,6 +2083,8 @@ class BudgetStatus(_message.Message):
     reset_count: _builtins.int
     """Resets so far (each ResetBudget and each periodic reset)."""
     last_reset_at: _builtins.int
+    in_flight: _builtins.int
+    """Executions admitted on the budget whose lease has not ended."""
     @_builtins.property
     def usage(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Current usage per dimension."""
@@ -2051,6 +2096,16 @@ class BudgetStatus(_message.Message):
     @_builtins.property
     def soft_limits(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Soft limit per dimension; 0 = none."""
+
+    @_builtins.property
+    def reserved(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Outstanding reservations per dimension (sum of what admitted executions
+        still hold).
+        """
+
+    @_builtins.property
+    def reserve(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Estimate reserved per admitted execution, by dimension."""
 
     def __init__(
         self,
@@ -2073,10 +2128,13 @@ class BudgetStatus(_message.Message):
         reset_interval_ms: _builtins.int = ...,
         reset_count: _builtins.int = ...,
         last_reset_at: _builtins.int | None = ...,
+        reserved: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        reserve: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_created_at", b"_created_at", "_last_breach_at", b"_last_breach_at", "_last_breach_dim", b"_last_breach_dim", "_last_reset_at", b"_last_reset_at", "_next_reset_at", b"_next_reset_at", "created_at", b"created_at", "last_breach_at", b"last_breach_at", "last_breach_dim", b"last_breach_dim", "last_reset_at", b"last_reset_at", "next_reset_at", b"next_reset_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_created_at", b"_created_at", "_last_breach_at", b"_last_breach_at", "_last_breach_dim", b"_last_breach_dim", "_last_reset_at", b"_last_reset_at", "_next_reset_at", b"_next_reset_at", "breach_count", b"breach_count", "budget_id", b"budget_id", "created_at", b"created_at", "enforcement_mode", b"enforcement_mode", "hard_limits", b"hard_limits", "last_breach_at", b"last_breach_at", "last_breach_dim", b"last_breach_dim", "last_reset_at", b"last_reset_at", "next_reset_at", b"next_reset_at", "on_hard_limit", b"on_hard_limit", "on_soft_limit", b"on_soft_limit", "reset_count", b"reset_count", "reset_interval_ms", b"reset_interval_ms", "scope_id", b"scope_id", "scope_type", b"scope_type", "soft_breach_count", b"soft_breach_count", "soft_limits", b"soft_limits", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_created_at", b"_created_at", "_last_breach_at", b"_last_breach_at", "_last_breach_dim", b"_last_breach_dim", "_last_reset_at", b"_last_reset_at", "_next_reset_at", b"_next_reset_at", "breach_count", b"breach_count", "budget_id", b"budget_id", "created_at", b"created_at", "enforcement_mode", b"enforcement_mode", "hard_limits", b"hard_limits", "in_flight", b"in_flight", "last_breach_at", b"last_breach_at", "last_breach_dim", b"last_breach_dim", "last_reset_at", b"last_reset_at", "next_reset_at", b"next_reset_at", "on_hard_limit", b"on_hard_limit", "on_soft_limit", b"on_soft_limit", "reserve", b"reserve", "reserved", b"reserved", "reset_count", b"reset_count", "reset_interval_ms", b"reset_interval_ms", "scope_id", b"scope_id", "scope_type", b"scope_type", "soft_breach_count", b"soft_breach_count", "soft_limits", b"soft_limits", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__created_at: _TypeAlias = _typing.Literal["created_at"]  # noqa: Y015
     _WhichOneofArgType__created_at: _TypeAlias = _typing.Literal["_created_at", b"_created_at"]  # noqa: Y015

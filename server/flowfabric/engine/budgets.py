@@ -5,7 +5,7 @@ per-execution-partition scanners.
 | job | index | function | default interval |
 |---|---|---|---|
 | budget_reset | `ff:idx:{b:M}:budget_resets`, due members (20 per partition per pass) | `ff_reset_budget` (only if due) | `FF_BUDGET_RESET_INTERVAL_S` 15 s |
-| budget_reconciler | `ff:idx:{b:M}:budget_policies` (SSCAN) | `ff_reconcile_budget` | `FF_BUDGET_RECONCILER_INTERVAL_S` 30 s |
+| budget_reconciler | `ff:idx:{b:M}:budget_policies` (SSCAN); each budget's `inflight` older than the grace | `ff_reconcile_budget`; `ff_release_budget` for work no longer active | `FF_BUDGET_RECONCILER_INTERVAL_S` 30 s |
 | quota_reconciler | `ff:idx:{q:K}:quota_policies` (SSCAN) | `ff_reconcile_quota_policy`, page by page | `FF_QUOTA_RECONCILER_INTERVAL_S` 30 s |
 
 Several servers may run these against one Valkey: each step is one atomic function that
@@ -22,7 +22,8 @@ from flowfabric.server.config import Config
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Functions
-from flowfabric.server.valkey.keys import BudgetKeys, QuotaKeys
+from flowfabric.server.valkey.ids import parse_execution_id
+from flowfabric.server.valkey.keys import BudgetKeys, ExecKeys, QuotaKeys
 from flowfabric.server.valkey.store import Store, server_time_ms
 
 log = logging.getLogger("flowfabric.scanners")
@@ -30,6 +31,11 @@ log = logging.getLogger("flowfabric.scanners")
 RESET_BATCH = 20
 SCAN_COUNT = 100
 TRANSPORT = frozenset({"backend_unavailable", "backend_timeout"})
+#: An in-flight entry this old whose execution is no longer active is released by the
+#: reconciler (docs/budgets.md#reservations): longer than any claim grant (60 s), so an
+#: admission whose claim is still being made is never taken back.
+INFLIGHT_GRACE_MS = 120_000
+INFLIGHT_BATCH = 100
 
 
 async def _sscan_all(store: Store, key: str) -> list[str]:
@@ -87,21 +93,30 @@ class BudgetResetter:
 
 
 class BudgetReconciler:
-    """Keeps `budget_policies` to budgets that exist and each non-resetting budget's
-    `breached_at` marker in step with its usage."""
+    """Keeps `budget_policies` to budgets that exist, each non-resetting budget's
+    `breached_at` marker in step with its usage, and each budget's in-flight index (and so its
+    reservations) to work that is still active: an entry older than `INFLIGHT_GRACE_MS` whose
+    execution is not active (its `admission_released` announcement was lost) is released."""
 
     name = "budget_reconciler"
 
-    def __init__(self, store: Store, fn: Functions, partitions: int, interval_ms: int) -> None:
+    def __init__(
+        self, store: Store, fn: Functions, partitions: int, interval_ms: int,
+        flow_partitions: int = 256, grace_ms: int = INFLIGHT_GRACE_MS,
+    ) -> None:  # fmt: skip
         self.store, self.fn, self.partitions, self.interval_ms = store, fn, partitions, interval_ms
+        self.flow_partitions, self.grace_ms = flow_partitions, grace_ms
         self.errors = 0
 
     async def run_cycle(self) -> int:
         changed = 0
         for part in range(self.partitions):
             for bid in await _sscan_all(self.store, BudgetKeys.of(part).policies):
+                keys = BudgetKeys.of(part, bid)
                 try:
-                    r = await self.fn.budget.reconcile_budget(BudgetKeys.of(part, bid))
+                    r = await self.fn.budget.reconcile_budget(keys)
+                    if r.outcome != "removed":
+                        changed += await self.release_stale(keys)
                 except FlowFabricError as exc:
                     if exc.code in TRANSPORT:
                         raise
@@ -111,6 +126,26 @@ class BudgetReconciler:
                     continue
                 changed += r.outcome in ("removed", "marked", "cleared")
         return changed
+
+    async def release_stale(self, keys: BudgetKeys) -> int:
+        """Release the in-flight entries past the grace whose execution is not active."""
+        cutoff = await server_time_ms(self.store) - self.grace_ms
+        old = await self.store.call(
+            "ZRANGEBYSCORE", keys.inflight, "-inf", cutoff, "LIMIT", 0, INFLIGHT_BATCH
+        )
+        released = 0
+        for raw in (text(m) for m in old):
+            try:
+                eid = parse_execution_id(raw, self.flow_partitions)
+            except FlowFabricError:
+                eid = None  # names no execution: nothing can hold it
+            if eid is not None:
+                phase = text(await self.store.call("HGET", ExecKeys(eid).core, "lifecycle_phase"))
+                if phase == "active":
+                    continue
+            got = await self.fn.budget.release_budget(keys, raw)
+            released += got.outcome == "released"
+        return released
 
 
 class QuotaReconciler:
@@ -158,6 +193,12 @@ def budget_jobs(
     b, q = config.budget_partitions, config.quota_partitions
     return [
         BudgetResetter(store, fn, b, config.interval_ms("FF_BUDGET_RESET_INTERVAL_S"), on_reset),
-        BudgetReconciler(store, fn, b, config.interval_ms("FF_BUDGET_RECONCILER_INTERVAL_S")),
+        BudgetReconciler(
+            store,
+            fn,
+            b,
+            config.interval_ms("FF_BUDGET_RECONCILER_INTERVAL_S"),
+            config.flow_partitions,
+        ),
         QuotaReconciler(store, fn, q, config.interval_ms("FF_QUOTA_RECONCILER_INTERVAL_S")),
     ]

@@ -50,6 +50,9 @@ class Released:
     quota_policy_id: str = ""
     concurrency_key: str = ""
     budget_ids: tuple[str, ...] = ()
+    #: The epoch of the lease that ended: a budget releases only the admission made for that
+    #: lease (docs/budgets.md#reservations). "" from older announcements: release whatever.
+    lease_epoch: str = ""
 
 
 OnReleased = Callable[[Released], None]
@@ -110,6 +113,7 @@ class ReadyHints:
                     _field(event, "quota_policy_id"),
                     _field(event, "concurrency_key"),
                     tuple(b for b in _field(event, "budget_ids").split(",") if b),
+                    _field(event, "lease_epoch"),
                 )
                 for on_released in self._on_released:
                     on_released(released)

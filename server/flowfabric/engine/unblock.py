@@ -4,6 +4,7 @@ event that clears its condition, not by the unblock scanner's tick.
 | event | what is woken | how many |
 |---|---|---|
 | a quota admission released (`AdmissionReleaser.after_release`) | the policy bucket's oldest waiter | one per release |
+| a budget reservation returned (`BudgetReleaser.after_release`) | the budget's oldest waiter | one per release that freed something |
 | a budget reset (`ResetBudget`, the reset job) | every waiter of the budget | all |
 | a rate window rolls over (an in-process timer at the block's `retry_at`) | the bucket's oldest waiters | up to the rate |
 
@@ -163,6 +164,12 @@ class Unblocker:
         bucket = self.quota_bucket(quota_policy_id, concurrency_key)
         if bucket is not None:
             self._tasks.spawn(lambda: self._wake_logged(bucket, 1, QUOTA_REASON), "unblock-quota")
+
+    def budget_freed(self, keys: BudgetKeys) -> None:
+        """`BudgetReleaser.after_release`: a reservation was returned; wake the budget's oldest
+        waiter (it re-blocks if the room went to another claim first)."""
+        bucket = Bucket.budget(keys)
+        self._tasks.spawn(lambda: self._wake_logged(bucket, 1, BUDGET_REASON), "unblock-budget")
 
     def budget_reset(self, keys: BudgetKeys) -> None:
         """A budget was reset (ResetBudget, the reset job): wake all its waiters."""

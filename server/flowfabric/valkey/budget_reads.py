@@ -43,15 +43,35 @@ def _opt_time(raw: str | None) -> int | None:
         return None
 
 
+def _dimensions(
+    status: t.BudgetStatus, usage: dict[str, str], limits: dict[str, str], reserved: dict[str, str]
+) -> None:
+    """Usage, limits, estimates and outstanding reservations per dimension."""
+    for f, v in usage.items():
+        if f not in NOT_DIMENSIONS:
+            status.usage[f] = _u64(v)
+    by_kind = {"hard": status.hard_limits, "soft": status.soft_limits, "reserve": status.reserve}
+    for f, v in limits.items():
+        kind, _, dim = f.partition(":")
+        if kind in by_kind:
+            by_kind[kind][dim] = _u64(v)
+    for f, v in reserved.items():
+        if _u64(v):
+            status.reserved[f] = _u64(v)
+
+
 async def budget_status(store: Store, keys: BudgetKeys) -> t.BudgetStatus | None:
     """None when the definition is missing."""
     pipe = store.pipeline()
-    for k in (keys.definition, keys.limits, keys.usage):
+    for k in (keys.definition, keys.limits, keys.usage, keys.reserved):
         pipe.hgetall(k)
-    d, limits, usage = (hash_to_dict(r) for r in await store.run_pipeline(pipe))
+    pipe.zcard(keys.inflight)
+    *hashes, in_flight = await store.run_pipeline(pipe)
+    d, limits, usage, reserved = (hash_to_dict(r) for r in hashes)
     if not d:
         return None
     status = t.BudgetStatus(
+        in_flight=int(in_flight or 0),
         budget_id=d.get("budget_id", keys.budget_id), scope_type=d.get("scope_type", ""),
         scope_id=d.get("scope_id", ""), enforcement_mode=d.get("enforcement_mode", ""),
         breach_count=_u64(d.get("breach_count", "0")),
@@ -66,15 +86,7 @@ async def budget_status(store: Store, keys: BudgetKeys) -> t.BudgetStatus | None
             setattr(status, name, at)
     if d.get("last_breach_dim"):
         status.last_breach_dim = d["last_breach_dim"]
-    for f, v in usage.items():
-        if f not in NOT_DIMENSIONS:
-            status.usage[f] = _u64(v)
-    for f, v in limits.items():
-        kind, _, dim = f.partition(":")
-        if kind == "hard":
-            status.hard_limits[dim] = _u64(v)
-        elif kind == "soft":
-            status.soft_limits[dim] = _u64(v)
+    _dimensions(status, usage, limits, reserved)
     return status
 
 

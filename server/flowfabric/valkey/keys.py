@@ -361,6 +361,22 @@ class BudgetKeys:
         return f"{self.definition}:waiters"
 
     @property
+    def reserved(self) -> str:
+        """Outstanding reservations: hash, dimension -> sum held (docs/budgets.md#reservations)."""
+        return f"{self.definition}:reserved"
+
+    @property
+    def holds(self) -> str:
+        """Per-execution reservations: hash, execution id -> JSON {dimension: amount held}."""
+        return f"{self.definition}:holds"
+
+    @property
+    def inflight(self) -> str:
+        """Executions admitted on this budget and not yet released: sorted set, execution id
+        -> admission time (docs/budgets.md#hard-limit-actions)."""
+        return f"{self.definition}:inflight"
+
+    @property
     def resets(self) -> str:
         return f"ff:idx:{self.tag}:budget_resets"
 

@@ -8,23 +8,30 @@ scheduler's call, not an RPC of this service.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flowfabric.server.api.servicers.base import ServerContext
+from flowfabric.server.engine.budget_admission import cancel_running, lease_gone
 from flowfabric.server.valkey import bounds, budget_reads
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Functions
 from flowfabric.server.valkey.functions.budget import Limit, NewBudget
 from flowfabric.server.valkey.functions.quota import NewQuotaPolicy
-from flowfabric.server.valkey.ids import budget_partition, parse_uuid, quota_partition
+from flowfabric.server.valkey.ids import (
+    budget_partition,
+    parse_execution_id,
+    parse_uuid,
+    quota_partition,
+)
 from flowfabric.server.valkey.keys import BudgetKeys, QuotaKeys
 from flowfabric.v1 import budget_pb2 as pb
 from flowfabric.v1 import budget_pb2_grpc as rpc
 
 ENFORCEMENT_MODES = ("", "strict", "advisory")
 HARD_LIMIT_ACTIONS = (
-    "", "fail", "suspend", "deny_child", "warn", "reroute_fallback", "close_scope",
+    "", "fail", "suspend", "deny_child", "warn", "reroute_fallback", "close_scope", "block",
+    "cancel_running",
 )  # fmt: skip
 SCOPE_TYPES = ("", "execution", "flow", "lane", "tenant")
 LIST_DEFAULT = 100
@@ -77,6 +84,21 @@ def _parallel(names: Sequence[str], values: Sequence[int], field: str, code: str
     return list(values)
 
 
+def _reserve(estimates: Mapping[str, int], dims: Sequence[str], hard: Sequence[int]) -> list[int]:
+    """The per-dimension estimates, parallel to `dims` (docs/budgets.md#reservations)."""
+    limit_of = dict(zip(dims, hard, strict=True))
+    for name in sorted(estimates):
+        value = estimates[name]
+        if name not in limit_of:
+            raise InvalidInput("reserve", f"reserve names {name!r}, which is not a dimension")
+        bounds.check(bounds.BUDGET_AMOUNT, value, "reserve")
+        if value > 0 and limit_of[name] < value:
+            raise InvalidInput(
+                "reserve", f"reserve of {name!r} needs a hard limit of at least {value}"
+            )
+    return [estimates.get(d, 0) for d in dims]
+
+
 def _page_size(value: int) -> int:
     if value > bounds.PAGE.hi:
         raise InvalidInput("page_size", f"page_size must be at most {bounds.PAGE.hi}")
@@ -109,6 +131,7 @@ class BudgetServicer(rpc.BudgetServiceServicer):
         code = "dimension_limit_array_mismatch"
         hard = _parallel(dims, request.hard_limits, "hard_limits", code)
         soft = _parallel(dims, request.soft_limits, "soft_limits", code)
+        reserve = _reserve(request.reserve, dims, hard)
         bounds.check(bounds.HORIZON_MS, request.reset_interval_ms, "reset_interval_ms")
         mode = _one_of(request.enforcement_mode, ENFORCEMENT_MODES, "enforcement_mode")
         new = NewBudget(
@@ -119,7 +142,9 @@ class BudgetServicer(rpc.BudgetServiceServicer):
             on_hard_limit=_one_of(request.on_hard_limit, HARD_LIMIT_ACTIONS, "on_hard_limit"),
             on_soft_limit=_label(request.on_soft_limit, "on_soft_limit"),
             reset_interval_ms=request.reset_interval_ms,
-            limits=tuple(Limit(d, h, s) for d, h, s in zip(dims, hard, soft, strict=True)),
+            limits=tuple(
+                Limit(d, h, s, r) for d, h, s, r in zip(dims, hard, soft, reserve, strict=True)
+            ),
         )
         made = await self.fn.budget.create_budget(keys, new)
         if made.created:
@@ -146,7 +171,10 @@ class BudgetServicer(rpc.BudgetServiceServicer):
         dims = _dimensions(request.dimensions)
         deltas = _parallel(dims, request.deltas, "deltas", "dimension_delta_array_mismatch")
         dedup = _dedup_id(request.dedup_key) if request.HasField("dedup_key") else ""
-        r = await self.fn.budget.report_usage(keys, dims, deltas, dedup)
+        eid = ""
+        if request.execution_id:
+            eid = str(parse_execution_id(request.execution_id, self.ctx.config.flow_partitions))
+        r = await self.fn.budget.report_usage(keys, dims, deltas, dedup, eid)
         R = pb.ReportUsageResponse
         if r.outcome == "soft_breach":
             return R(soft_breach=R.SoftBreach(
@@ -154,9 +182,22 @@ class BudgetServicer(rpc.BudgetServiceServicer):
                 soft_limit=r.limit or 0,
             ))  # fmt: skip
         if r.outcome == "hard_breach":
+            revoked: list[str] = []
+            mine = False
+            if r.on_hard_limit == "cancel_running":  # docs/budgets.md#hard-limit-actions
+                detail = (
+                    f"budget {keys.budget_id}: {r.dimension} hard limit breached "
+                    "(cancel_running); waiting for a reset"
+                )
+                parts = self.ctx.config.flow_partitions
+                revoked = await cancel_running(self.ctx.store, self.fn, keys, parts, detail)
+                mine = bool(eid) and (
+                    eid in revoked or await lease_gone(self.ctx.store, eid, parts)
+                )
             return R(hard_breach=R.HardBreach(
                 dimension=r.dimension, current_usage=r.current_usage or 0,
-                hard_limit=r.limit or 0,
+                hard_limit=r.limit or 0, on_hard_limit=r.on_hard_limit,
+                revoked_leases=len(revoked), execution_revoked=mine,
             ))  # fmt: skip
         if r.outcome == "already_applied":
             return R(already_applied=R.AlreadyApplied())

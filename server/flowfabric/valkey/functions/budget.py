@@ -40,6 +40,7 @@ class UsageReport:
     dimension: str = ""
     current_usage: int | None = None
     limit: int | None = None
+    on_hard_limit: str = ""  # with a hard breach: the budget's action
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Limit:
     dimension: str
     hard: int = 0
     soft: int = 0
+    reserve: int = 0  # estimate held per admitted execution (docs/budgets.md#reservations)
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,10 @@ def _report(reply: Reply) -> UsageReport:
 
 REPORT: Decl[UsageReport] = Decl(
     "ff_report_usage_and_check",
-    (_b("definition"), _b("limits"), _b("usage"), key("budget.dedup_or_noop", _dedup)),
-    (arg("budget_id"), opt("now"), arg("dedup_id"), arg("dim_count", "int"),
-     tail("dimensions_and_deltas")),
+    (_b("definition"), _b("limits"), _b("usage"), key("budget.dedup_or_noop", _dedup),
+     _b("reserved"), _b("holds")),
+    (arg("budget_id"), opt("now"), arg("dedup_id"), arg("execution_id", default=""),
+     arg("dim_count", "int"), tail("dimensions_and_deltas")),
     {"OK": _report, "ALREADY_SATISFIED": _report},
 )  # fmt: skip
 RESET: Decl[BudgetReset] = Decl(
@@ -116,7 +119,42 @@ RECONCILE: Decl[Outcome] = Decl(
     ok(record(Outcome)),
 )
 
-DECLS = (CREATE, REPORT, RESET, RECONCILE)
+
+@dataclass(frozen=True)
+class Reservation:
+    """`outcome`: `admitted`, `already_reserved`, `not_enforced` (no definition, or advisory)
+    or `exhausted` (`detail` is the block detail)."""
+
+    outcome: str
+    detail: str = ""
+
+    @property
+    def admitted(self) -> bool:
+        return self.outcome != "exhausted"
+
+
+@dataclass(frozen=True)
+class BudgetReleased:
+    """`outcome` `released` (`freed` = the amount returned) or `not_held`."""
+
+    outcome: str
+    freed: int = 0
+
+
+RESERVE: Decl[Reservation] = Decl(
+    "ff_reserve_budget",
+    (_b("definition"), _b("limits"), _b("usage"), _b("reserved"), _b("holds"), _b("inflight")),
+    (arg("budget_id"), arg("execution_id"), opt("now"), arg("claim_token", default="")),
+    {"OK": record(Reservation), "ALREADY_SATISFIED": record(Reservation)},
+)
+RELEASE: Decl[BudgetReleased] = Decl(
+    "ff_release_budget",
+    (_b("definition"), _b("reserved"), _b("holds"), _b("inflight")),
+    (arg("budget_id"), arg("execution_id"), arg("claim_token", default="")),
+    {"OK": record(BudgetReleased), "ALREADY_SATISFIED": record(BudgetReleased)},
+)
+
+DECLS = (CREATE, REPORT, RESET, RECONCILE, RESERVE, RELEASE)
 
 
 def budget_ctx(keys: BudgetKeys, dedup_id: str = "") -> KeyCtx:
@@ -129,7 +167,7 @@ class BudgetFunctions:
 
     async def create_budget(self, keys: BudgetKeys, b: NewBudget) -> BudgetCreated:
         dims = [x.dimension for x in b.limits]
-        amounts = [str(x.hard) for x in b.limits] + [str(x.soft) for x in b.limits]
+        amounts = [str(getattr(x, f)) for f in ("hard", "soft", "reserve") for x in b.limits]
         return await call(self.store, CREATE, budget_ctx(keys), {
             "budget_id": keys.budget_id, "scope_type": b.scope_type, "scope_id": b.scope_id,
             "enforcement_mode": b.enforcement_mode, "on_hard_limit": b.on_hard_limit,
@@ -138,11 +176,18 @@ class BudgetFunctions:
         })  # fmt: skip
 
     async def report_usage(
-        self, keys: BudgetKeys, dimensions: Sequence[str], deltas: Sequence[int], dedup_id: str
+        self,
+        keys: BudgetKeys,
+        dimensions: Sequence[str],
+        deltas: Sequence[int],
+        dedup_id: str,
+        execution_id: str = "",
     ) -> UsageReport:
-        """`dimensions` and `deltas` parallel (the caller checked)."""
+        """`dimensions` and `deltas` parallel (the caller checked); `execution_id` settles
+        that execution's reservation (docs/budgets.md#reservations)."""
         return await call(self.store, REPORT, budget_ctx(keys, dedup_id), {
             "budget_id": keys.budget_id, "now": None, "dedup_id": dedup_id,
+            "execution_id": execution_id,
             "dim_count": len(dimensions),
             "dimensions_and_deltas": list(dimensions) + [str(d) for d in deltas],
         })  # fmt: skip
@@ -150,6 +195,22 @@ class BudgetFunctions:
     async def reset_budget(self, keys: BudgetKeys, *, only_if_due: bool = False) -> BudgetReset:
         values = {"budget_id": keys.budget_id, "now": None, "only_if_due": only_if_due}
         return await call(self.store, RESET, budget_ctx(keys), values)
+
+    async def reserve_budget(
+        self, keys: BudgetKeys, execution_id: str, claim_token: str = ""
+    ) -> Reservation:
+        values = {"budget_id": keys.budget_id, "execution_id": execution_id, "now": None,
+                  "claim_token": claim_token}  # fmt: skip
+        return await call(self.store, RESERVE, budget_ctx(keys), values)
+
+    async def release_budget(
+        self, keys: BudgetKeys, execution_id: str, claim_token: str = ""
+    ) -> BudgetReleased:
+        """`claim_token` "" releases whoever admitted it (the lease ended); else only the
+        admission made under that token (a failed claim)."""
+        values = {"budget_id": keys.budget_id, "execution_id": execution_id,
+                  "claim_token": claim_token}  # fmt: skip
+        return await call(self.store, RELEASE, budget_ctx(keys), values)
 
     async def reconcile_budget(self, keys: BudgetKeys) -> Outcome:
         """`removed`, `skipped`, `marked`, `cleared` or `unchanged`."""

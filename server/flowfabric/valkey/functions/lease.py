@@ -123,7 +123,15 @@ RECLAIM: Decl[Reclaimed | ReclaimLimit] = Decl(
     ok(_reclaimed),
 )  # fmt: skip
 
-DECLS = (RENEW, MARK_EXPIRED, REVOKE, RECLAIM_GRANT, RECLAIM)
+REVOKE_FOR_BUDGET: Decl[Outcome] = Decl(
+    "ff_revoke_for_budget",
+    (ek("core"), ek("lease_current"), ek("lease_history"), pk("lease_expiry"),
+     pk("attempt_timeout")),
+    (arg("execution_id"), arg("budget_id"), arg("detail", default="")),
+    {"OK": record(Outcome), "ALREADY_SATISFIED": record(Outcome)},
+)  # fmt: skip
+
+DECLS = (RENEW, MARK_EXPIRED, REVOKE, RECLAIM_GRANT, RECLAIM, REVOKE_FOR_BUDGET)
 
 
 def grant_values(eid: ExecutionId, who: Claimer, grant_ttl_ms: int) -> dict[str, object]:
@@ -160,6 +168,11 @@ class LeaseFunctions:
         values = {"execution_id": str(eid), "expected_lease_id": expected_lease_id,
                   "revoke_reason": reason}  # fmt: skip
         return await call(self.store, REVOKE, exec_ctx(eid), values)
+
+    async def revoke_for_budget(self, eid: ExecutionId, budget_id: str, detail: str) -> Outcome:
+        """`revoked`, `not_active` or `not_attached` (docs/budgets.md#hard-limit-actions)."""
+        values = {"execution_id": str(eid), "budget_id": budget_id, "detail": detail}
+        return await call(self.store, REVOKE_FOR_BUDGET, exec_ctx(eid), values)
 
     async def issue_reclaim_grant(
         self, eid: ExecutionId, who: Claimer, grant_ttl_ms: int
