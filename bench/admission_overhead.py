@@ -17,7 +17,7 @@ The variants differ only in what the executions carry:
 
 Variants run interleaved inside each run, in a fresh lane each, so a noisy neighbour hits them
 alike. The figure per variant is the median over runs of its per-job time over plain's in the
-same run (the issue's target: quota + budget ≤ 1.3×). Prints a markdown table.
+same run (the target: quota + budget at most 1.3x). Prints a markdown table.
 """
 
 from __future__ import annotations

@@ -138,18 +138,19 @@ async def test_a_failed_claim_after_admission_returns_the_reservation(api: Api) 
     eid = await create(api, policy=with_budgets(bid))
     assert api.server.scheduler is not None
     fn = api.server.scheduler.functions
-    orig = fn.scheduling.issue_claim_grant
+    orig = fn.scheduling.claim_admitted
 
     async def refuse(*a: object, **k: object) -> object:
         from flowfabric.server.valkey.errors import FlowFabricError
 
         raise FlowFabricError("execution_not_leaseable")
 
-    fn.scheduling.issue_claim_grant = refuse  # type: ignore[method-assign]
+    fn.scheduling.claim_admitted = refuse  # type: ignore[method-assign]
     try:
-        assert await claimed(api) == []
+        with pytest.raises(grpc.aio.AioRpcError):
+            await claimed(api)
     finally:
-        fn.scheduling.issue_claim_grant = orig  # type: ignore[method-assign]
+        fn.scheduling.claim_admitted = orig  # type: ignore[method-assign]
     s = await status(api, bid)
     assert s.in_flight == 0 and dict(s.reserved) == {}
     assert [lease.execution_id for lease in await claimed(api)] == [eid]
