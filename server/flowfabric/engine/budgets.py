@@ -19,10 +19,11 @@ import logging
 from collections.abc import Callable
 
 from flowfabric.server.config import Config
+from flowfabric.server.engine.quota_reconciler import QuotaReconciler
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Functions
-from flowfabric.server.valkey.keys import BudgetKeys, QuotaKeys
+from flowfabric.server.valkey.keys import BudgetKeys
 from flowfabric.server.valkey.store import Store, server_time_ms
 
 log = logging.getLogger("flowfabric.scanners")
@@ -110,44 +111,6 @@ class BudgetReconciler:
                     log.warning("budget reconciler: %s: %s", bid, exc.code)
                     continue
                 changed += r.outcome in ("removed", "marked", "cleared")
-        return changed
-
-
-class QuotaReconciler:
-    """Trims each policy's window, prunes expired admissions (also for rate-only policies) and
-    resets a drifted concurrency counter to the live count."""
-
-    name = "quota_reconciler"
-
-    def __init__(self, store: Store, fn: Functions, partitions: int, interval_ms: int) -> None:
-        self.store, self.fn, self.partitions, self.interval_ms = store, fn, partitions, interval_ms
-
-    async def reconcile(self, keys: QuotaKeys) -> bool:
-        """One policy, page by page; True when its counter was rewritten or it was dropped."""
-        cursor = 0
-        while True:
-            page = await self.fn.quota.reconcile_page(keys, cursor)
-            if page.removed:
-                return True
-            cursor = page.cursor
-            if cursor == 0:
-                if page.counter is not None:
-                    log.warning(
-                        "quota reconciler: %s counter reset to %d", keys.quota_policy_id,
-                        page.counter,
-                    )  # fmt: skip
-                return page.counter is not None
-
-    async def run_cycle(self) -> int:
-        changed = 0
-        for part in range(self.partitions):
-            for qid in await _sscan_all(self.store, QuotaKeys.of(part).policies):
-                try:
-                    changed += await self.reconcile(QuotaKeys.of(part, qid))
-                except FlowFabricError as exc:
-                    if exc.code in TRANSPORT:
-                        raise
-                    log.warning("quota reconciler: %s: %s", qid, exc.code)
         return changed
 
 

@@ -118,7 +118,7 @@ class Unblocker:
         await self.fn.waiters.add(bucket, str(eid))
         if verdict.until_ms is not None:
             await self.schedule_window(bucket, verdict.until_ms)
-        keys = QuotaKeys(bucket.tag, bucket.owner_id)
+        keys = QuotaKeys(bucket.tag, bucket.owner_id, bucket.concurrency_key)
         # quota_clear is the admission condition itself: were it looser than the check, a
         # claim would block and this would unblock, in turn, for as long as they disagreed
         if await quota_clear(self.store, keys):  # a release landed before the registration
@@ -237,6 +237,7 @@ class Unblocker:
         woken now fills the window, and nothing else would block to set the next timer."""
         try:
             limits = await quota_limits(self.store, QuotaKeys(bucket.tag, bucket.owner_id))
+            # the policy's limits apply to each concurrency key's bucket alike
             if limits is None or limits.rate <= 0:
                 return  # no rate limit (any more): releases and the scanner wake the rest
             await self.wake(bucket, limits.rate, QUOTA_REASON)
