@@ -52,6 +52,13 @@ async def _sscan_all(store: Store, key: str) -> list[str]:
             return list(seen)
 
 
+def _pairs(reply: list[object]) -> list[tuple[object, object]]:
+    """A WITHSCORES reply as (member, score), whether the client paired it or not."""
+    if reply and isinstance(reply[0], list | tuple):
+        return [(p[0], p[1]) for p in reply]  # type: ignore[index]
+    return list(zip(reply[::2], reply[1::2], strict=True))
+
+
 class QuotaReconciler:
     """Frees the slots of admitted work that holds no live lease and repairs counters (see the
     module docstring)."""
@@ -84,11 +91,11 @@ class QuotaReconciler:
                 "ZRANGEBYSCORE", bucket.admitted, "-inf", cutoff, "WITHSCORES", "LIMIT",
                 offset, PAGE,
             )  # fmt: skip
-            pairs = list(zip(page[::2], page[1::2], strict=True))
+            pairs = _pairs(page)
             for raw, score in pairs:
                 eid = text(raw)
                 if not await self.holds_slot(eid):
-                    found.append((eid, int(float(score))))
+                    found.append((eid, int(float(score))))  # type: ignore[arg-type]
             if len(pairs) < PAGE:
                 return found
             offset += PAGE
