@@ -35,7 +35,7 @@ from tests.api.test_lifecycle import claim_next, complete, create, fail
 from tests.conftest import Api
 
 CAP = 2
-KEYS = ("",)  # the policy-wide bucket
+KEYS = ("", "k1", "k2")  # the policy-wide bucket and two concurrency keys
 
 OPS = st.sampled_from(["create", "claim", "complete", "fail", "cancel", "kill", "reconcile"])
 STEP = st.tuples(OPS, st.integers(0, 7), st.booleans())  # op, pick, the release is lost
