@@ -114,14 +114,14 @@ redis.register_function('ff_create_quota_policy', create_quota_policy)
 --     ("" = the policy-wide bucket).
 --   Now: ARGV 1, else TIME.
 --   Replies: {1,"OK","admitted",window_member,admitted_at}; {1,"ALREADY_SATISFIED",
---     "already_admitted"} (the execution holds a slot of the bucket: no new slot, no window
---     entry; its admission time moves to now); {1,"OK","rate_exceeded",retry_after_ms};
+--     "already_admitted"} (the execution holds a slot of the bucket: nothing changes);
+--     {1,"OK","rate_exceeded",retry_after_ms};
 --     {1,"OK","concurrency_exceeded"} (rate wins when both apply). Denials record nothing.
 --   Errors (in order, nothing written): invalid_input ("<name> must be a number, got: <v>";
 --     a value outside its bound; execution_id empty; a concurrency_key over LABEL_BYTES or
 --     with whitespace or control bytes).
---   Writes: ZREMRANGEBYSCORE window -inf now-W (W = window_seconds x 1000); already admitted:
---     ZADD XX admitted now eid. Admission: INCR admission_seq, ZADD window now <eid>:<seq>,
+--   Writes: none when already admitted. Else ZREMRANGEBYSCORE window -inf now-W
+--     (W = window_seconds x 1000); on admission INCR admission_seq, ZADD window now <eid>:<seq>,
 --     ZADD admitted now eid, SET concurrency ZCARD admitted, a key: SADD keys index key.
 local CHECK_ARGV = {
   {1, 'now', 'int?', min = 0, max = Bounds.TIMESTAMP_MS},
@@ -159,11 +159,10 @@ local function check_admission(keys, argv)
   expect_bucket(def, prefix, keys[1], keys[2], keys[4])
   Util.expect_key(keys[5], def .. ':keys', 'quota keys index')
   Util.expect_key(keys[6], def .. ':admission_seq', 'quota admission sequence')
-  local now = a.now or Util.now_ms()
   if redis.call('ZSCORE', keys[4], a.execution_id) then
-    redis.call('ZADD', keys[4], 'XX', Util.num(now), a.execution_id)
     return Reply.already('already_admitted')
   end
+  local now = a.now or Util.now_ms()
   local w = a.window_seconds * 1000
   redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', Util.num(now - w))
   local denied = rate_denial(keys[1], a, now, w)

@@ -13,8 +13,10 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from flowfabric.server.engine import quota_reconciler
+from flowfabric.server.engine.admission import ADMIT, SKIP, Candidate
+from flowfabric.server.engine.quota_admission import QuotaCheck
 from flowfabric.server.engine.quota_reconciler import QuotaReconciler
-from flowfabric.server.valkey.functions import Functions
+from flowfabric.server.valkey.functions import Claimer, Functions
 from flowfabric.server.valkey.ids import parse_execution_id, quota_partition
 from flowfabric.server.valkey.keys import PartitionKeys, QuotaKeys
 from flowfabric.v1 import execution_pb2 as pb
@@ -32,6 +34,7 @@ from tests.api.test_lifecycle import (
     renew,
     retry_policy,
 )
+from tests.api.util import keyspace_dump
 from tests.conftest import Api
 
 
@@ -258,3 +261,25 @@ async def test_the_reconciler_keeps_live_leases_past_the_grace(api: Api) -> None
     await reconciler(api).run_cycle()
     assert await holds(api, qid, eid)
     assert await slots(api, qid) == 1, "the counter is rebuilt from the live set"
+
+
+# -- a repeat check -----------------------------------------------------------------------------
+
+
+async def test_a_repeat_check_of_a_held_execution_skips_it(api: Api) -> None:
+    """Another claim holds the execution's admission: the check leaves it (SKIP), records
+    nothing, and the claim would move on to the next head (docs/budgets.md#slots)."""
+    qid, _ = await create_quota(api, window_seconds=60, max_requests_per_window=5, max_concurrent=2)
+    eid = await create(api, quota_policy_id=qid)
+    fn = Functions(api.store)
+    check = QuotaCheck(api.store, fn, PARTS)
+    cand = Candidate(parse_execution_id(eid, 1 << 16), "L", quota_policy_id=qid)
+    first, second = Claimer("w", "wi-1", "L"), Claimer("w", "wi-2", "L")
+    assert await check.check(cand, first) == ADMIT
+    before = await keyspace_dump(api.store)
+    assert await check.check(cand, second) == SKIP
+    await check.release(cand, second)  # its claim failed: it recorded nothing to refund
+    assert await keyspace_dump(api.store) == before
+    await check.release(cand, first)  # the admitting claim failed: refunded
+    assert not await holds(api, qid, eid)
+    assert await api.store.call("ZCARD", quota_keys(qid).window) == 0

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from flowfabric.server.engine.admission import (
     ADMIT,
+    SKIP,
     Block,
     Candidate,
     Verdict,
@@ -139,8 +140,11 @@ class QuotaCheck:
             return Block(QUOTA_REASON, detail, until_ms=retry_at)
         if got.outcome == "concurrency_exceeded":
             return Block(QUOTA_REASON, f"quota {q}: concurrency cap {limits.cap}")
-        if got.outcome == "admitted":
-            self._remember((str(eid), who.worker_instance_id), keys, got)
+        if got.outcome == "already_admitted":
+            # another claim is taking it under its own admission (or a lost release left it a
+            # slot the reconciler will free): leave it, take the next head
+            return SKIP
+        self._remember((str(eid), who.worker_instance_id), keys, got)
         return ADMIT
 
     def _remember(self, at: tuple[str, str], keys: QuotaKeys, got: Admission) -> None:
@@ -155,8 +159,7 @@ class QuotaCheck:
 
     async def release(self, candidate: Candidate, who: Claimer) -> None:
         """The claim after this server's admission failed: refund it (its window entry, and
-        its slot unless a later admission owns it). A check that answered `already_admitted`
-        recorded nothing, so nothing is refunded."""
+        its slot unless a later admission owns it)."""
         held = self._admitted.pop((str(candidate.execution_id), who.worker_instance_id), None)
         if held is not None:
             _, keys, got = held
