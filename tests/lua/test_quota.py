@@ -404,3 +404,32 @@ async def test_reconcile_drops_a_gone_policy_from_the_index(store: Store) -> Non
     await store.call("SADD", k.policies, k.quota_policy_id)
     assert (await reconcile(store, k)).removed_policy
     assert await store.call("SISMEMBER", k.policies, k.quota_policy_id) == 0
+
+
+async def test_the_rate_bound_holds_with_releases_refunds_and_readmissions(store: Store) -> None:
+    """A few executions admitted again and again (released in between), some admissions
+    refunded: the admissions that stand never exceed the limit in any window of its length."""
+    k = new_policy()
+    limit, window_ms = 3, 1_000
+    pool = [eid() for _ in range(4)]
+    held: dict[str, list[str]] = {}
+    standing: list[int] = []
+    for n, t in enumerate(range(0, 5_000, 23)):
+        e = pool[n % len(pool)]
+        if e in held:
+            if n % 5 == 0:  # its claim failed: refund the admission
+                got = held.pop(e)
+                assert (await refund(store, k, e, got[3], got[4]))[2] == "refunded"
+                standing.remove(int(got[4]))
+            else:
+                await release(store, k, e)
+                del held[e]
+            continue
+        got = await admit(store, k, e, window=1, rate=limit, cap=2, now=t)
+        if got[2] == "admitted":
+            held[e] = got
+            standing.append(t)
+    standing.sort()
+    assert len(standing) >= 10
+    for i, start in enumerate(standing):
+        assert len([t for t in standing[i:] if t < start + window_ms]) <= limit, start
