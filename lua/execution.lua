@@ -7,19 +7,21 @@
 --   KEYS (10): 1 core, 2 payload, 3 policy, 4 tags, 5 lane eligible, 6 lane delayed,
 --     7 idempotency key (ff:idem:{p}:<ns>:<key>) or the ff:noop:{p} placeholder,
 --     8 execution_deadline index, 9 all_executions, 10 lanes registry (ff:idx:{p}:lanes).
---   ARGV (16): 1 execution_id, 2 namespace, 3 lane_id, 4 execution_kind, 5 priority,
+--   ARGV (17): 1 execution_id, 2 namespace, 3 lane_id, 4 execution_kind, 5 priority,
 --     6 creator_identity, 7 policy_json ("" or "{}" = none), 8 input_payload (raw bytes),
 --     9 delay_until ("" = none), 10 dedup_ttl_ms ("" = policy.dedup_window_ms or 24 h),
 --     11 tags_json, 12 execution_deadline_at ("" = policy.timeout_policy.execution_deadline_ms
 --     after now, or none), 13 partition_id, 14 payload_encoding ("" = json), 15 quota_policy_id,
 --     16 blocked_by_dependencies ("1" = start blocked_by_dependencies / waiting_for_children in
 --     lane blocked:dependencies, for a flow member whose edges come later,
---     docs/flows.md#building-a-flow; "" = no).
+--     docs/flows.md#building-a-flow; "" = no), 17 concurrency_key ("" = none; needs a
+--     quota_policy_id: docs/budgets.md#per-key-limits).
 --   Now: TIME.
 --   Replies: {1,"OK",execution_id,public_state} | {1,"DUPLICATE",existing_execution_id}
 --   Errors (nothing written on any): invalid_input (numeric ARGV and their bounds, delay_until or
 --     execution_deadline_at more than Bounds.HORIZON_MS after now, tags_json, more than
---     Bounds.TAGS tags, tag key/value sizes), invalid_policy_json (malformed, or the field that
+--     Bounds.TAGS tags, tag key/value sizes, a concurrency_key over Bounds.LABEL_BYTES, with
+    --     whitespace or control bytes, or without a quota_policy_id), invalid_policy_json (malformed, or the field that
 --     breaks the schema of include/policy.lua), invalid_capabilities (required:<why>),
 --     invalid_tag_key; invalid_input for delay_until with blocked_by_dependencies.
 --   Writes: core, payload, policy, tags, eligible|delayed|blocked:dependencies,
@@ -52,6 +54,10 @@ local function create_execution(keys, argv)
   if blocked and a.delay_until then
     return Reply.err('invalid_input', 'delay_until cannot be combined with blocked_by_dependencies')
   end
+  local kerr = Create.check_concurrency_key(argv[17], argv[15])
+  if kerr then
+    return kerr
+  end
   local policy, caps_csv, perr = Create.parse_policy(argv[7])
   if policy == nil then
     return perr
@@ -71,7 +77,8 @@ local function create_execution(keys, argv)
     lane = argv[3], kind = argv[4], priority = a.priority, creator = argv[6], policy = policy,
     policy_json = argv[7], caps_csv = caps_csv, payload = argv[8], encoding = argv[14],
     tags = tags, delay_until = a.delay_until, deadline = a.execution_deadline_at,
-    partition = a.partition_id, quota_policy_id = argv[15], blocked = blocked}, now)
+    partition = a.partition_id, quota_policy_id = argv[15], concurrency_key = argv[17],
+    blocked = blocked}, now)
   if string.sub(keys[7], 1, 8) == 'ff:idem:' then
     local ttl = a.dedup_ttl_ms or Create.policy_number(policy, nil, 'dedup_window_ms')
       or Create.DEFAULT_DEDUP_WINDOW_MS

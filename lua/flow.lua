@@ -810,6 +810,9 @@ local function submit_members(tag, list, argv)
       return nil, nil, Reply.err('invalid_input', 'member ' .. m.key .. ': priority must be a number')
     elseif m.quota ~= nil and type(m.quota) ~= 'string' then
       return nil, nil, Reply.err('invalid_input', 'member ' .. m.key .. ': quota must be a string')
+    elseif Create.check_concurrency_key(m.concurrency_key, m.quota, 'member ' .. m.key .. ': ') then
+      return nil, nil, Create.check_concurrency_key(m.concurrency_key, m.quota,
+        'member ' .. m.key .. ': ')
     elseif argv[7 + i] == nil then
       return nil, nil, Reply.err('invalid_input', 'member ' .. m.key .. ': no input payload')
     end
@@ -1010,7 +1013,8 @@ local function submit_flow(keys, argv)
       kind = m.kind, priority = m.priority, creator = m.creator or '', policy = m.policy_table,
       policy_json = m.policy or '', caps_csv = m.caps, payload = m.payload,
       encoding = m.encoding or '', tags = m.tag_table, delay_until = false, deadline = false,
-      partition = a.partition_id, quota_policy_id = m.quota or '', flow_id = fid,
+      partition = a.partition_id, quota_policy_id = m.quota or '',
+      concurrency_key = m.concurrency_key or '', flow_id = fid,
       blocked = m.indegree > 0, quiet = true}, now)
     if m.indegree == 0 and not ready[m.lane] then
       ready[m.lane] = true

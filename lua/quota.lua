@@ -1,13 +1,16 @@
 -- quota.lua: quota policies, admission pacing by a sliding-window rate limit and a concurrency
--- cap (docs/budgets.md#quota-policies).
+-- cap, policy-wide or per concurrency key (docs/budgets.md#quota-policies).
 --
--- A policy lives on its quota partition {q:K}: the definition ff:quota:{q:K}:<qid>, its window
--- ...:window:requests_per_window (zset: execution id -> admission time), ...:concurrency (string
--- counter), ...:admitted_set (set of admitted execution ids) and one guard per admission
--- ...:admitted:<eid> (string, TTL = the window), plus the partition's index
--- ff:idx:{q:K}:quota_policies (set). KEYS are checked against the keys built from the
--- definition key; guards of members found by the reconciler are built from it at run time
--- (docs/architecture.md#keys-built-inside-lua).
+-- A policy lives on its quota partition {q:K}: the definition ff:quota:{q:K}:<qid>, its
+-- admission sequence ...:admission_seq (string), the index of the concurrency keys in use
+-- ...:keys (set) and the partition's index ff:idx:{q:K}:quota_policies (set). Admission state
+-- lives in a bucket: the policy-wide one (...:window:requests_per_window, ...:concurrency,
+-- ...:admitted) or one per concurrency key (...:k:<key>:window, ...:k:<key>:concurrency,
+-- ...:k:<key>:admitted). A window is a sorted set, one member per admission (<eid>:<seq>) ->
+-- admission time; the admitted set is a sorted set, execution id -> admission time, and is the
+-- truth for concurrency (the counter is kept equal to its size). Every key carries the
+-- definition's tag, and every KEYS entry is checked against the key built from the definition
+-- key and the ids in ARGV (docs/budgets.md#keys).
 --
 -- uses: reply, util, bounds, argv
 
@@ -18,8 +21,48 @@ local function policy_key(keys, at, qid)
   return def
 end
 
+-- The prefix of a bucket's keys, or nil plus the invalid_input reply for a bad key (the API
+-- edge refuses the same keys: docs/budgets.md#per-key-limits).
+local function bucket_prefix(def, ck)
+  if ck == nil or ck == '' then
+    return def, nil
+  end
+  if #ck > Bounds.LABEL_BYTES then
+    return nil, Reply.err('invalid_input', 'concurrency_key must be at most '
+      .. string.format('%.0f', Bounds.LABEL_BYTES) .. ' bytes')
+  end
+  if string.find(ck, '[%z\1-\32\127]') then
+    return nil, Reply.err('invalid_input', 'concurrency_key must not contain whitespace or '
+      .. 'control bytes')
+  end
+  return def .. ':k:' .. ck, nil
+end
+
+local function window_key(def, prefix)
+  return prefix == def and (def .. ':window:requests_per_window') or (prefix .. ':window')
+end
+
+-- Checks a bucket's KEYS (window and admitted may be nil: not passed); raises on a mismatch.
+local function expect_bucket(def, prefix, window, concurrency, admitted)
+  if window then
+    Util.expect_key(window, window_key(def, prefix), 'quota window')
+  end
+  Util.expect_key(concurrency, prefix .. ':concurrency', 'quota concurrency')
+  if admitted then
+    Util.expect_key(admitted, prefix .. ':admitted', 'quota admitted set')
+  end
+end
+
+-- The counter follows the admitted set (docs/budgets.md#slots).
+local function sync_counter(concurrency, admitted)
+  local live = redis.call('ZCARD', admitted)
+  redis.call('SET', concurrency, Util.num(live))
+  return live
+end
+
 -- ff_create_quota_policy
---   KEYS (5): 1 definition, 2 window, 3 concurrency, 4 admitted_set, 5 quota_policies.
+--   KEYS (5): 1 definition, 2 window, 3 concurrency, 4 admitted, 5 quota_policies (the policy-
+--     wide bucket; per-key buckets need no set-up).
 --   ARGV (6): 1 quota_policy_id, 2 window_seconds, 3 max_requests_per_window (0 = no rate
 --     limit), 4 max_concurrent (0 = no cap), 5 jitter_ms ("" = 0), 6 now ("" = TIME).
 --   Now: ARGV 6, else TIME.
@@ -46,9 +89,7 @@ local function create_quota_policy(keys, argv)
     return Reply.err('invalid_input', 'window_seconds must be positive when a limit is set')
   end
   local def = policy_key(keys, 1, a.quota_policy_id)
-  Util.expect_key(keys[2], def .. ':window:requests_per_window', 'quota window')
-  Util.expect_key(keys[3], def .. ':concurrency', 'quota concurrency')
-  Util.expect_key(keys[4], def .. ':admitted_set', 'quota admitted set')
+  expect_bucket(def, def, keys[2], keys[3], keys[4])
   if redis.call('EXISTS', def) == 1 then
     return Reply.already('exists')
   end
@@ -64,20 +105,24 @@ end
 
 redis.register_function('ff_create_quota_policy', create_quota_policy)
 
--- ff_check_admission_and_record
---   KEYS (5): 1 window, 2 concurrency, 3 definition (only checked, not read: the caller passes
---     the limits it read from it), 4 guard ...:admitted:<eid>, 5 admitted_set.
---   ARGV (7): 1 now ("" = TIME), 2 window_seconds, 3 rate_limit (0 = none), 4 concurrency_cap
---     (0 = none), 5 execution_id, 6 jitter_ms ("" = 0), 7 quota_policy_id.
+-- ff_check_admission_and_record (docs/budgets.md#ffcheckadmissionandrecord)
+--   KEYS (6): 1 window, 2 concurrency, 3 definition (only checked, not read: the caller passes
+--     the limits it read from it), 4 admitted, 5 keys index, 6 admission_seq; 1, 2 and 4 are
+--     the bucket's (the concurrency key's when ARGV 8 is set).
+--   ARGV (8): 1 now ("" = TIME), 2 window_seconds, 3 rate_limit (0 = none), 4 concurrency_cap
+--     (0 = none), 5 execution_id, 6 jitter_ms ("" = 0), 7 quota_policy_id, 8 concurrency_key
+--     ("" = the policy-wide bucket).
 --   Now: ARGV 1, else TIME.
---   Replies: {1,"OK","admitted"}; {1,"ALREADY_SATISFIED","already_admitted"} (a live guard:
---     nothing changes); {1,"OK","rate_exceeded",retry_after_ms}; {1,"OK",
---     "concurrency_exceeded"} (rate wins when both apply). Denials record nothing.
+--   Replies: {1,"OK","admitted",window_member,admitted_at}; {1,"ALREADY_SATISFIED",
+--     "already_admitted"} (the execution holds a slot of the bucket: nothing changes);
+--     {1,"OK","rate_exceeded",retry_after_ms};
+--     {1,"OK","concurrency_exceeded"} (rate wins when both apply). Denials record nothing.
 --   Errors (in order, nothing written): invalid_input ("<name> must be a number, got: <v>";
---     a value outside its bound; execution_id empty).
---   Writes: ZREMRANGEBYSCORE window -inf now-W (W = window_seconds x 1000); on admission ZADD
---     window now eid (re-admitting refreshes the score), W > 0: SET guard "1" PX W NX,
---     cap > 0: INCR concurrency, SADD admitted_set eid.
+--     a value outside its bound; execution_id empty; a concurrency_key over LABEL_BYTES or
+--     with whitespace or control bytes).
+--   Writes: none when already admitted. Else ZREMRANGEBYSCORE window -inf now-W
+--     (W = window_seconds x 1000); on admission INCR admission_seq, ZADD window now <eid>:<seq>,
+--     ZADD admitted now eid, SET concurrency ZCARD admitted, a key: SADD keys index key.
 local CHECK_ARGV = {
   {1, 'now', 'int?', min = 0, max = Bounds.TIMESTAMP_MS},
   {2, 'window_seconds', 'int', min = 0, max = Bounds.QUOTA_WINDOW_S},
@@ -88,57 +133,67 @@ local CHECK_ARGV = {
   {7, 'quota_policy_id', 'str'},
 }
 
+local function rate_denial(window, a, now, w)
+  if a.rate_limit <= 0 or redis.call('ZCARD', window) < a.rate_limit then
+    return nil
+  end
+  local oldest = redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')
+  local retry = math.max(0, (tonumber(oldest[2]) or now) + w - now)
+  if a.jitter_ms > 0 then
+    retry = retry + math.random(0, a.jitter_ms)
+  end
+  return Reply.ok('rate_exceeded', Util.num(retry))
+end
+
 local function check_admission(keys, argv)
   local a, e = Argv.parse(argv, CHECK_ARGV)
   if not a then
     return e
   end
   local def = policy_key(keys, 3, a.quota_policy_id)
-  Util.expect_key(keys[1], def .. ':window:requests_per_window', 'quota window')
-  Util.expect_key(keys[2], def .. ':concurrency', 'quota concurrency')
-  Util.expect_key(keys[4], def .. ':admitted:' .. a.execution_id, 'admission guard')
-  Util.expect_key(keys[5], def .. ':admitted_set', 'quota admitted set')
-  if redis.call('EXISTS', keys[4]) == 1 then
+  local ck = argv[8] or ''
+  local prefix, bad = bucket_prefix(def, ck)
+  if not prefix then
+    return bad
+  end
+  expect_bucket(def, prefix, keys[1], keys[2], keys[4])
+  Util.expect_key(keys[5], def .. ':keys', 'quota keys index')
+  Util.expect_key(keys[6], def .. ':admission_seq', 'quota admission sequence')
+  if redis.call('ZSCORE', keys[4], a.execution_id) then
     return Reply.already('already_admitted')
   end
   local now = a.now or Util.now_ms()
   local w = a.window_seconds * 1000
   redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', Util.num(now - w))
-  if a.rate_limit > 0 and redis.call('ZCARD', keys[1]) >= a.rate_limit then
-    local oldest = redis.call('ZRANGE', keys[1], 0, 0, 'WITHSCORES')
-    local retry = math.max(0, (tonumber(oldest[2]) or now) + w - now)
-    if a.jitter_ms > 0 then
-      retry = retry + math.random(0, a.jitter_ms)
-    end
-    return Reply.ok('rate_exceeded', Util.num(retry))
+  local denied = rate_denial(keys[1], a, now, w)
+  if denied then
+    return denied
   end
-  if a.concurrency_cap > 0 and (tonumber(redis.call('GET', keys[2]) or '0') or 0)
-    >= a.concurrency_cap then
+  if a.concurrency_cap > 0 and redis.call('ZCARD', keys[4]) >= a.concurrency_cap then
     return Reply.ok('concurrency_exceeded')
   end
-  redis.call('ZADD', keys[1], Util.num(now), a.execution_id)
-  if w > 0 then
-    redis.call('SET', keys[4], '1', 'PX', Util.num(w), 'NX')
+  local member = a.execution_id .. ':' .. Util.num(redis.call('INCR', keys[6]))
+  redis.call('ZADD', keys[1], Util.num(now), member)
+  redis.call('ZADD', keys[4], Util.num(now), a.execution_id)
+  sync_counter(keys[2], keys[4])
+  if ck ~= '' then
+    redis.call('SADD', keys[5], ck)
   end
-  if a.concurrency_cap > 0 then
-    redis.call('INCR', keys[2])
-  end
-  redis.call('SADD', keys[5], a.execution_id)
-  return Reply.ok('admitted')
+  return Reply.ok('admitted', member, Util.num(now))
 end
 
 redis.register_function('ff_check_admission_and_record', check_admission)
 
--- ff_release_admission
---   KEYS (4): 1 definition (only checked), 2 guard ...:admitted:<eid>, 3 admitted_set,
---     4 concurrency.
---   ARGV (2): 1 quota_policy_id, 2 execution_id.
+-- ff_release_admission: the admitted work gave up its lease
+-- (docs/budgets.md#releasing-admissions).
+--   KEYS (3): 1 definition (only checked), 2 admitted, 3 concurrency (the bucket's).
+--   ARGV (3): 1 quota_policy_id, 2 execution_id, 3 concurrency_key ("" = policy-wide).
 --   Now: not used.
---   Replies: {1,"OK","released"}, always (releasing twice, or what was never admitted, is a
---     no-op on the counter).
---   Errors: invalid_input (an id empty).
---   Writes: DEL guard; SREM admitted_set eid; DECR concurrency only when the SREM removed a
---     member and the counter is > 0. Window entries stay: a release does not refund rate.
+--   Replies: {1,"OK","released"} (a slot was freed); {1,"OK","not_held"} (nothing held:
+--     released already, or never admitted; nothing changes).
+--   Errors (nothing written): invalid_input (an id empty, a bad concurrency_key).
+--   Writes: ZREM admitted eid; when it removed a member, SET concurrency ZCARD admitted.
+--     Window entries stay: a release does not refund rate.
 local RELEASE_ARGV = {
   {1, 'quota_policy_id', 'str'},
   {2, 'execution_id', 'str'},
@@ -150,75 +205,141 @@ local function release_admission(keys, argv)
     return e
   end
   local def = policy_key(keys, 1, a.quota_policy_id)
-  Util.expect_key(keys[2], def .. ':admitted:' .. a.execution_id, 'admission guard')
-  Util.expect_key(keys[3], def .. ':admitted_set', 'quota admitted set')
-  Util.expect_key(keys[4], def .. ':concurrency', 'quota concurrency')
-  redis.call('DEL', keys[2])
-  if redis.call('SREM', keys[3], a.execution_id) == 1
-    and (tonumber(redis.call('GET', keys[4]) or '0') or 0) > 0 then
-    redis.call('DECR', keys[4])
+  local prefix, bad = bucket_prefix(def, argv[3])
+  if not prefix then
+    return bad
   end
+  expect_bucket(def, prefix, nil, keys[3], keys[2])
+  if redis.call('ZREM', keys[2], a.execution_id) == 0 then
+    return Reply.ok('not_held')
+  end
+  sync_counter(keys[3], keys[2])
   return Reply.ok('released')
 end
 
 redis.register_function('ff_release_admission', release_admission)
 
--- ff_reconcile_quota_policy (the quota reconciler, docs/budgets.md#reconcilers): one SSCAN page
--- of the admitted set per call; the caller repeats with the returned cursor until it is "0".
---   KEYS (5): 1 definition, 2 window, 3 concurrency, 4 admitted_set, 5 quota_policies.
---   ARGV (3): 1 quota_policy_id, 2 cursor ("0" starts a pass), 3 now ("" = TIME).
+-- ff_refund_admission: the claim that followed an admission failed, so the admission is undone
+-- (docs/budgets.md#ffrefundadmission).
+--   KEYS (4): 1 definition (only checked), 2 window, 3 admitted, 4 concurrency (the bucket's).
+--   ARGV (5): 1 quota_policy_id, 2 execution_id, 3 concurrency_key ("" = policy-wide),
+--     4 window_member and 5 admitted_at, both from the admitted reply.
+--   Now: not used.
+--   Replies: {1,"OK","refunded"} (the slot was freed too); {1,"OK","not_held"} (the window
+--     entry, if still there, is removed; the execution's slot is no longer this admission's).
+--   Errors (nothing written): invalid_input (an id or the window member empty, admitted_at
+--     not a number, a bad concurrency_key).
+--   Writes: ZREM window window_member; when the admitted score is still admitted_at, ZREM
+--     admitted eid and SET concurrency ZCARD admitted.
+local REFUND_ARGV = {
+  {1, 'quota_policy_id', 'str'},
+  {2, 'execution_id', 'str'},
+  {4, 'window_member', 'str'},
+  {5, 'admitted_at', 'int', min = 0},
+}
+
+local function refund_admission(keys, argv)
+  local a, e = Argv.parse(argv, REFUND_ARGV)
+  if not a then
+    return e
+  end
+  local def = policy_key(keys, 1, a.quota_policy_id)
+  local prefix, bad = bucket_prefix(def, argv[3])
+  if not prefix then
+    return bad
+  end
+  expect_bucket(def, prefix, keys[2], keys[4], keys[3])
+  redis.call('ZREM', keys[2], a.window_member)
+  if tonumber(redis.call('ZSCORE', keys[3], a.execution_id)) ~= a.admitted_at then
+    return Reply.ok('not_held')
+  end
+  redis.call('ZREM', keys[3], a.execution_id)
+  sync_counter(keys[4], keys[3])
+  return Reply.ok('refunded')
+end
+
+redis.register_function('ff_refund_admission', refund_admission)
+
+-- ff_reconcile_quota_policy: the quota reconciler's repair of one bucket
+-- (docs/budgets.md#reconcilers). The caller found the members that hold no live lease.
+--   KEYS (6): 1 definition, 2 window, 3 concurrency, 4 admitted (the bucket's), 5 keys index,
+--     6 quota_policies.
+--   ARGV (3 + 2n): 1 quota_policy_id, 2 concurrency_key ("" = policy-wide), 3 now ("" = TIME),
+--     then n pairs execution_id, admitted_at (n <= 100).
 --   Now: ARGV 3, else TIME.
---   Replies: {1,"OK",next_cursor,pruned,counter} (counter "" unless this call ended the pass
---     and rewrote it); {1,"ALREADY_SATISFIED","removed"} (no definition: the id left
+--   Replies: {1,"OK",removed,counter,drifted} (drifted "1" when the counter differed from the
+--     live count); {1,"ALREADY_SATISFIED","removed"} (no definition: the id left
 --     quota_policies).
---   Errors: invalid_input (cursor, now).
---   Writes: first page (cursor "0"), when requests_per_window_seconds > 0: ZREMRANGEBYSCORE
---     window -inf now-W. Every page: SREM admitted_set members whose guard has expired (also
---     for rate-only policies). Last page (next cursor "0"), cap > 0 and counter ~= SCARD
---     admitted_set: SET concurrency to SCARD (admission and release keep set and counter
---     together, so the pruned set size is the live count).
+--   Errors (nothing written): invalid_input (now, a pair not numeric, too many pairs, a bad
+--     concurrency_key).
+--   Writes: ZREMRANGEBYSCORE window -inf now-W; ZREM admitted each pair's execution whose
+--     score is still its admitted_at (a re-admission in between keeps its slot); SET
+--     concurrency ZCARD admitted. A key whose window and admitted set are empty: SREM keys
+--     index key, DEL its concurrency.
 local RECONCILE_ARGV = {
   {1, 'quota_policy_id', 'str'},
-  {2, 'cursor', 'int', min = 0},
   {3, 'now', 'int?', min = 0, max = Bounds.TIMESTAMP_MS},
 }
-local RECONCILE_PAGE = 100
+local RECONCILE_PAIRS = 100
+
+local function stale_pairs(argv)
+  local n = (#argv - 3) / 2
+  if n ~= math.floor(n) or n > RECONCILE_PAIRS then
+    return nil, Reply.err('invalid_input', 'expected at most ' .. RECONCILE_PAIRS
+      .. ' execution_id, admitted_at pairs')
+  end
+  local pairs_ = {}
+  for i = 0, n - 1 do
+    local at = argv[5 + 2 * i]
+    if not Argv.is_int(at) or argv[4 + 2 * i] == '' then
+      return nil, Reply.err('invalid_input', 'admitted_at must be a number, got: ' .. tostring(at))
+    end
+    pairs_[#pairs_ + 1] = {argv[4 + 2 * i], tonumber(at)}
+  end
+  return pairs_, nil
+end
 
 local function reconcile_quota(keys, argv)
   local a, e = Argv.parse(argv, RECONCILE_ARGV)
   if not a then
     return e
   end
+  local stale, bad_pairs = stale_pairs(argv)
+  if not stale then
+    return bad_pairs
+  end
   local def = policy_key(keys, 1, a.quota_policy_id)
-  Util.expect_key(keys[2], def .. ':window:requests_per_window', 'quota window')
-  Util.expect_key(keys[3], def .. ':concurrency', 'quota concurrency')
-  Util.expect_key(keys[4], def .. ':admitted_set', 'quota admitted set')
+  local ck = argv[2] or ''
+  local prefix, bad = bucket_prefix(def, ck)
+  if not prefix then
+    return bad
+  end
+  expect_bucket(def, prefix, keys[2], keys[3], keys[4])
+  Util.expect_key(keys[5], def .. ':keys', 'quota keys index')
   local d = Util.hgetall(def)
   if next(d) == nil then
-    redis.call('SREM', keys[5], a.quota_policy_id)
+    redis.call('SREM', keys[6], a.quota_policy_id)
     return Reply.already('removed')
   end
   local window_s = tonumber(d.requests_per_window_seconds or '0') or 0
-  if argv[2] == '0' and window_s > 0 then
-    local now = a.now or Util.now_ms()
-    redis.call('ZREMRANGEBYSCORE', keys[2], '-inf', Util.num(now - window_s * 1000))
-  end
-  local page = redis.call('SSCAN', keys[4], argv[2], 'COUNT', RECONCILE_PAGE)
-  local pruned = 0
-  for _, eid in ipairs(page[2]) do
-    if redis.call('EXISTS', def .. ':admitted:' .. eid) == 0 then
-      pruned = pruned + redis.call('SREM', keys[4], eid)
+  local now = a.now or Util.now_ms()
+  redis.call('ZREMRANGEBYSCORE', keys[2], '-inf', Util.num(now - window_s * 1000))
+  local removed = 0
+  for _, p in ipairs(stale) do
+    if tonumber(redis.call('ZSCORE', keys[4], p[1])) == p[2] then
+      removed = removed + redis.call('ZREM', keys[4], p[1])
     end
   end
-  local counter = ''
-  if page[1] == '0' and (tonumber(d.active_concurrency_cap or '0') or 0) > 0 then
-    local live = redis.call('SCARD', keys[4])
-    if tonumber(redis.call('GET', keys[3]) or '') ~= live then
-      redis.call('SET', keys[3], Util.num(live))
-      counter = Util.num(live)
-    end
+  local before = tonumber(redis.call('GET', keys[3]) or '')
+  local live = redis.call('ZCARD', keys[4])
+  local drifted = before ~= live and '1' or '0'
+  if ck ~= '' and live == 0 and redis.call('ZCARD', keys[2]) == 0 then
+    redis.call('SREM', keys[5], ck)
+    redis.call('DEL', keys[3])
+  else
+    redis.call('SET', keys[3], Util.num(live))
   end
-  return Reply.ok(page[1], Util.num(pruned), counter)
+  return Reply.ok(Util.num(removed), Util.num(live), drifted)
 end
 
 redis.register_function('ff_reconcile_quota_policy', reconcile_quota)

@@ -100,6 +100,27 @@ function Create.parse_tags(tags_json)
   return tags
 end
 
+-- A concurrency key (docs/budgets.md#per-key-limits): nil when valid (or unset), else the
+-- invalid_input reply. At most Bounds.LABEL_BYTES bytes, no whitespace or control bytes, and
+-- only with a quota policy. `who` prefixes the detail (a flow member's key).
+function Create.check_concurrency_key(key, quota_policy_id, who)
+  if key == nil or key == '' then
+    return nil
+  end
+  local why
+  if type(key) ~= 'string' then
+    why = 'concurrency_key must be a string'
+  elseif #key > Bounds.LABEL_BYTES then
+    why = 'concurrency_key must be at most ' .. string.format('%.0f', Bounds.LABEL_BYTES)
+      .. ' bytes'
+  elseif string.find(key, '[%z\1-\32\127]') then
+    why = 'concurrency_key must not contain whitespace or control bytes'
+  elseif not Util.is_set(quota_policy_id) then
+    why = 'concurrency_key needs a quota_policy_id'
+  end
+  return why and Reply.err('invalid_input', (who or '') .. why) or nil
+end
+
 function Create.policy_number(policy, section, field)
   if not policy then
     return false
@@ -123,7 +144,7 @@ end
 -- execution_deadline entry, all_executions and the lanes registry. `m` = {eid, namespace,
 -- lane, kind, priority, creator, policy (table or false), policy_json, caps_csv, payload,
 -- encoding, tags (table), delay_until, deadline (numbers or false), partition,
--- quota_policy_id, flow_id, blocked (start blocked_by_dependencies), quiet (the caller says
+-- quota_policy_id, concurrency_key, flow_id, blocked (start blocked_by_dependencies), quiet (the caller says
 -- where work is ready: State.ready)}. Returns public_state.
 function Create.write(tag, m, now)
   local eid = m.eid
@@ -154,6 +175,7 @@ function Create.write(tag, m, now)
   extra.required_capabilities = m.caps_csv
   extra.budget_ids = budget_ids
   extra.quota_policy_id = m.quota_policy_id or ''
+  extra.concurrency_key = m.concurrency_key or ''
   extra.execution_deadline_at = deadline and Util.num(deadline) or ''
   extra.flow_id = m.flow_id or ''
 

@@ -58,11 +58,14 @@ class ExecutionsMixin(Connected):
         payload_encoding: str | None = None,
         budgets: Sequence[str] = (),
         quota: str | None = None,
+        concurrency_key: str | None = None,
     ) -> Submitted:
         """Create an execution of `kind` on `lane`.
 
         `budgets` (budget ids) are added to the policy's `budget_ids`, and `quota` (a quota
-        policy id) is sent as `quota_policy_id` (docs/budgets.md).
+        policy id) is sent as `quota_policy_id` (docs/budgets.md). `concurrency_key` (with
+        `quota`) applies the policy's limits per key, e.g. per customer
+        (docs/budgets.md#per-key-limits).
 
         Retried on UNAVAILABLE only when `idempotency_key` or `execution_id` makes a repeat
         harmless (it then answers `duplicate`); otherwise the error is raised.
@@ -87,6 +90,8 @@ class ExecutionsMixin(Connected):
             add_budgets(request.policy, budgets)
         if quota is not None:
             request.quota_policy_id = quota
+        if concurrency_key is not None:
+            request.concurrency_key = concurrency_key
         if idempotency_key is not None:
             request.idempotency_key = idempotency_key
         if delay_until is not None:

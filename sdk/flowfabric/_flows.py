@@ -89,6 +89,7 @@ class _Member:
     join: tuple[str, int]
     budgets: tuple[str, ...] = ()
     quota: str = ""
+    concurrency_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class FlowBuilder(Generic[R]):
         payload_encoding: str | None = None,
         budgets: Sequence[str] = (),
         quota: str | None = None,
+        concurrency_key: str | None = None,
     ) -> FlowHandle:
         """Add a member of `kind` that runs once the members in `after` decide it.
 
@@ -181,6 +183,7 @@ class FlowBuilder(Generic[R]):
             budgets: Budget ids added to the member's policy `budget_ids` (as in
                 `Client.submit`).
             quota: The quota policy id admitting it (as in `Client.submit`).
+            concurrency_key: Its key under that policy (as in `Client.submit`).
 
         Raises:
             InvalidFlow: A handle of another flow, a repeated upstream, a bad join or edge
@@ -216,6 +219,7 @@ class FlowBuilder(Generic[R]):
             key=key, kind=kind, payload=data or b"", encoding=payload_encoding or encoding,
             lane=lane, priority=priority, policy=policy, tags=dict(tags or {}), join=parsed,
             budgets=_budgets(budgets, key), quota=_quota(quota, key),
+            concurrency_key=_label(concurrency_key, key, "concurrency_key"),
         )  # fmt: skip
         for up in ups:
             is_data = data_from is not None and up == data_from.key
@@ -381,6 +385,8 @@ class FlowBuilder(Generic[R]):
             _set_policy(member, m.policy, m.budgets)
             if m.quota:
                 member.quota_policy_id = m.quota
+            if m.concurrency_key:
+                member.concurrency_key = m.concurrency_key
         for e in self._edges.values():
             edge = request.edges.add(
                 upstream_key=e.upstream, downstream_key=e.downstream, kind=_EDGE_KINDS[e.kind]
@@ -454,6 +460,7 @@ class FlowBuilder(Generic[R]):
                                                  dict(raw.get("tags") or {}).items()},
                 join=_join(join, key), budgets=_budgets(raw.get("budgets", ()), key),
                 quota=_quota(raw.get("quota"), key),
+                concurrency_key=_label(raw.get("concurrency_key"), key, "concurrency_key"),
             )  # fmt: skip
             links.append((key, dict(raw)))
         for key, raw in links:
@@ -476,8 +483,17 @@ class FlowBuilder(Generic[R]):
 
 _MEMBER_FIELDS = {
     "key", "kind", "payload", "lane", "priority", "policy", "tags", "after", "join",
-    "edge_kind", "data_from", "budgets", "quota",
+    "edge_kind", "data_from", "budgets", "quota", "concurrency_key",
 }  # fmt: skip
+
+
+def _label(value: Any, key: str, name: str) -> str:
+    """A member's optional text field; the server checks its bounds."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidFlow("invalid_input", f"member {key!r}: {name} is a string", key)
+    return value
 
 
 def _quota(quota: Any, key: str) -> str:

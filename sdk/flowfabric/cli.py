@@ -177,6 +177,7 @@ def serve(flags: tuple[str, ...]) -> None:
 @click.option("--policy", "policy_json", default=None, help="Execution policy as JSON.")
 @click.option("--budget", "budgets", multiple=True, help="Attach a budget (id); repeatable.")
 @click.option("--quota", "quota_id", default=None, help="Attach a quota policy (id).")
+@click.option("--concurrency-key", default=None, help="The quota's per-key bucket (needs --quota).")
 @click.pass_context
 def submit(
     ctx: click.Context,
@@ -191,6 +192,7 @@ def submit(
     policy_json: str | None,
     budgets: tuple[str, ...],
     quota_id: str | None,
+    concurrency_key: str | None,
 ) -> None:
     """Create an execution of KIND."""
     import time
@@ -220,6 +222,8 @@ def submit(
         request.policy_json = policy_json
     if quota_id is not None:
         request.quota_policy_id = quota_id
+    if concurrency_key is not None:
+        request.concurrency_key = concurrency_key
     with _client(ctx) as client:
         reply = client.create(request)
     which = reply.WhichOneof("outcome")

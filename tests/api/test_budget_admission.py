@@ -268,8 +268,8 @@ async def test_a_failed_claim_after_admission_returns_the_quota_slot(api: Api) -
         fn.scheduling.claim_admitted = orig  # type: ignore[method-assign]
     assert seen == [b"1"]
     assert await api.store.call("GET", keys.concurrency) == b"0", "counter restored"
-    assert await api.store.call("EXISTS", keys.guard(eid)) == 0, "guard deleted"
-    assert await api.store.call("SISMEMBER", keys.admitted_set, eid) == 0
+    assert await api.store.call("ZSCORE", keys.admitted, eid) is None, "slot refunded"
+    assert await api.store.call("ZCARD", keys.window) == 0, "window entry refunded"
 
 
 async def test_budget_verdicts_are_cached_for_one_claim_call(api: Api) -> None:

@@ -212,9 +212,9 @@ EXCEPTIONS: dict[str, tuple[set[str], set[str]]] = {
         },
         set(),
     ),
-    # The quota policy is the call's target (its key prefix), passed beside the contract's Args
-    # so the function can check its KEYS against it.
-    "ff_release_admission": ({"quota_policy_id"}, set()),
+    # The quota policy and the concurrency key name the call's bucket (its key prefix), passed
+    # beside the contract's Args so the function can check its KEYS against them.
+    "ff_release_admission": ({"quota_policy_id", "concurrency_key"}, set()),
     # The server also passes the grant's capability hash and the renew hint; the expected
     # attempt index only names the attempt keys (the function builds them from the core).
     "ff_claim_execution": ({"capability_hash", "renew_before_ms"}, {"expected_attempt_index"}),

@@ -88,6 +88,7 @@ class CreateExecutionRequest(_message.Message):
     PARTITION_ID_FIELD_NUMBER: _builtins.int
     NOW_FIELD_NUMBER: _builtins.int
     QUOTA_POLICY_ID_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     FLOW_ID_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     """Optional: empty = the server mints `{fp:N}:<uuid>` on the lane's
@@ -139,6 +140,12 @@ class CreateExecutionRequest(_message.Message):
     """Optional, ignored: the server uses Valkey server time."""
     quota_policy_id: _builtins.str
     """Quota policy applied at claim time. At most 256 bytes."""
+    concurrency_key: _builtins.str
+    """The policy's bucket this execution is admitted in: the policy's limits
+    apply per key (e.g. a customer or an API key). At most 256 bytes, no
+    whitespace or control bytes; needs `quota_policy_id`. Anything else is
+    INVALID_ARGUMENT `invalid_input` naming the field. Empty = policy-wide.
+    """
     flow_id: _builtins.str
     """Create as a member of this flow (minted on the flow's partition; a
     supplied execution id must be on it: INVALID_ARGUMENT
@@ -173,11 +180,12 @@ class CreateExecutionRequest(_message.Message):
         partition_id: _builtins.int | None = ...,
         now: _builtins.int = ...,
         quota_policy_id: _builtins.str | None = ...,
+        concurrency_key: _builtins.str = ...,
         flow_id: _builtins.str | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until", "_execution_deadline_at", b"_execution_deadline_at", "_flow_id", b"_flow_id", "_idempotency_key", b"_idempotency_key", "_partition_id", b"_partition_id", "_payload_encoding", b"_payload_encoding", "_quota_policy_id", b"_quota_policy_id", "delay_until", b"delay_until", "execution_deadline_at", b"execution_deadline_at", "flow_id", b"flow_id", "idempotency_key", b"idempotency_key", "partition_id", b"partition_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "quota_policy_id", b"quota_policy_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until", "_execution_deadline_at", b"_execution_deadline_at", "_flow_id", b"_flow_id", "_idempotency_key", b"_idempotency_key", "_partition_id", b"_partition_id", "_payload_encoding", b"_payload_encoding", "_quota_policy_id", b"_quota_policy_id", "blocked_by_dependencies", b"blocked_by_dependencies", "creator_identity", b"creator_identity", "delay_until", b"delay_until", "execution_deadline_at", b"execution_deadline_at", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "idempotency_key", b"idempotency_key", "input_payload", b"input_payload", "lane_id", b"lane_id", "namespace", b"namespace", "now", b"now", "partition_id", b"partition_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "priority", b"priority", "quota_policy_id", b"quota_policy_id", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until", "_execution_deadline_at", b"_execution_deadline_at", "_flow_id", b"_flow_id", "_idempotency_key", b"_idempotency_key", "_partition_id", b"_partition_id", "_payload_encoding", b"_payload_encoding", "_quota_policy_id", b"_quota_policy_id", "blocked_by_dependencies", b"blocked_by_dependencies", "concurrency_key", b"concurrency_key", "creator_identity", b"creator_identity", "delay_until", b"delay_until", "execution_deadline_at", b"execution_deadline_at", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "idempotency_key", b"idempotency_key", "input_payload", b"input_payload", "lane_id", b"lane_id", "namespace", b"namespace", "now", b"now", "partition_id", b"partition_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "priority", b"priority", "quota_policy_id", b"quota_policy_id", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__delay_until: _TypeAlias = _typing.Literal["delay_until"]  # noqa: Y015
     _WhichOneofArgType__delay_until: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until"]  # noqa: Y015

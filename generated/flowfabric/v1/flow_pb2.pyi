@@ -901,6 +901,7 @@ class SubmitFlowRequest(_message.Message):
         POLICY_JSON_FIELD_NUMBER: _builtins.int
         JOIN_FIELD_NUMBER: _builtins.int
         QUOTA_POLICY_ID_FIELD_NUMBER: _builtins.int
+        CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
         key: _builtins.str
         """Names the member in `edges` and in the response: 1..64 bytes, unique
         in the request.
@@ -923,6 +924,8 @@ class SubmitFlowRequest(_message.Message):
         policy_json: _builtins.str
         quota_policy_id: _builtins.str
         """Optional: the quota policy admitting it, as in CreateExecution."""
+        concurrency_key: _builtins.str
+        """Optional: its concurrency key under that policy, as in CreateExecution."""
         @_builtins.property
         def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
             """Caller labels; keys must match `^[a-z][a-z0-9_]*[.][^.]`."""
@@ -949,10 +952,11 @@ class SubmitFlowRequest(_message.Message):
             policy_json: _builtins.str = ...,
             join: Global___Join | None = ...,
             quota_policy_id: _builtins.str = ...,
+            concurrency_key: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _typing.Literal["join", b"join", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["creator_identity", b"creator_identity", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "input_payload", b"input_payload", "join", b"join", "key", b"key", "lane_id", b"lane_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "priority", b"priority", "quota_policy_id", b"quota_policy_id", "tags", b"tags"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "creator_identity", b"creator_identity", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "input_payload", b"input_payload", "join", b"join", "key", b"key", "lane_id", b"lane_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "priority", b"priority", "quota_policy_id", b"quota_policy_id", "tags", b"tags"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         _WhichOneofReturnType_policy_spec: _TypeAlias = _typing.Literal["policy", "policy_json"]  # noqa: Y015
         _WhichOneofArgType_policy_spec: _TypeAlias = _typing.Literal["policy_spec", b"policy_spec"]  # noqa: Y015

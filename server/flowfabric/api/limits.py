@@ -45,9 +45,22 @@ REQUEST_LIMITS = {
 }
 
 __all__ = [
-    "Bound", "bounds", "check", "check_count", "check_size", "control_part", "lease_ttl",
-    "optional",
+    "Bound", "bounds", "check", "check_count", "check_size", "concurrency_key", "control_part",
+    "lease_ttl", "optional",
 ]  # fmt: skip
+
+
+def concurrency_key(value: str, quota_policy_id: str, field: str = "concurrency_key") -> str:
+    """A quota concurrency key (docs/budgets.md#per-key-limits): within LABEL_BYTES, no
+    whitespace or control bytes, and only with a quota policy; "" = none."""
+    if not value:
+        return ""
+    check_size(bounds.LABEL_BYTES, value, field)
+    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in value) or not value.isprintable():
+        raise InvalidInput(field, f"{field} must not contain whitespace or control bytes")
+    if not quota_policy_id:
+        raise InvalidInput(field, f"{field} needs a quota_policy_id")
+    return value
 
 
 def lease_ttl(value: int, field: str = "lease_ttl_ms") -> int:

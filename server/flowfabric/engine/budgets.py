@@ -6,7 +6,7 @@ per-execution-partition scanners.
 |---|---|---|---|
 | budget_reset | `ff:idx:{b:M}:budget_resets`, due members (20 per partition per pass) | `ff_reset_budget` (only if due) | `FF_BUDGET_RESET_INTERVAL_S` 15 s |
 | budget_reconciler | `ff:idx:{b:M}:budget_policies` (SSCAN); each budget's `inflight` older than the grace | `ff_reconcile_budget`; `ff_release_budget` for work no longer active | `FF_BUDGET_RECONCILER_INTERVAL_S` 30 s |
-| quota_reconciler | `ff:idx:{q:K}:quota_policies` (SSCAN) | `ff_reconcile_quota_policy`, page by page | `FF_QUOTA_RECONCILER_INTERVAL_S` 30 s |
+| quota_reconciler | `ff:idx:{q:K}:quota_policies` (SSCAN) | each bucket's admissions past the grace checked against live leases, then `ff_reconcile_quota_policy` (engine/quota_reconciler.py) | `FF_QUOTA_RECONCILER_INTERVAL_S` 30 s |
 
 Several servers may run these against one Valkey: each step is one atomic function that
 re-checks what it acts on (a reset only fires while the budget is still due, so two servers
@@ -19,11 +19,12 @@ import logging
 from collections.abc import Callable
 
 from flowfabric.server.config import Config
+from flowfabric.server.engine.quota_reconciler import QuotaReconciler
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Functions
 from flowfabric.server.valkey.ids import parse_execution_id
-from flowfabric.server.valkey.keys import BudgetKeys, ExecKeys, QuotaKeys
+from flowfabric.server.valkey.keys import BudgetKeys, ExecKeys
 from flowfabric.server.valkey.store import Store, server_time_ms
 
 log = logging.getLogger("flowfabric.scanners")
@@ -146,44 +147,6 @@ class BudgetReconciler:
             got = await self.fn.budget.release_budget(keys, raw)
             released += got.outcome == "released"
         return released
-
-
-class QuotaReconciler:
-    """Trims each policy's window, prunes expired admissions (also for rate-only policies) and
-    resets a drifted concurrency counter to the live count."""
-
-    name = "quota_reconciler"
-
-    def __init__(self, store: Store, fn: Functions, partitions: int, interval_ms: int) -> None:
-        self.store, self.fn, self.partitions, self.interval_ms = store, fn, partitions, interval_ms
-
-    async def reconcile(self, keys: QuotaKeys) -> bool:
-        """One policy, page by page; True when its counter was rewritten or it was dropped."""
-        cursor = 0
-        while True:
-            page = await self.fn.quota.reconcile_page(keys, cursor)
-            if page.removed:
-                return True
-            cursor = page.cursor
-            if cursor == 0:
-                if page.counter is not None:
-                    log.warning(
-                        "quota reconciler: %s counter reset to %d", keys.quota_policy_id,
-                        page.counter,
-                    )  # fmt: skip
-                return page.counter is not None
-
-    async def run_cycle(self) -> int:
-        changed = 0
-        for part in range(self.partitions):
-            for qid in await _sscan_all(self.store, QuotaKeys.of(part).policies):
-                try:
-                    changed += await self.reconcile(QuotaKeys.of(part, qid))
-                except FlowFabricError as exc:
-                    if exc.code in TRANSPORT:
-                        raise
-                    log.warning("quota reconciler: %s: %s", qid, exc.code)
-        return changed
 
 
 def budget_jobs(

@@ -219,7 +219,7 @@ class AdmissionUnblocker:
         except ValueError:
             pass  # names no policy: nothing holds it back
         else:
-            keys = QuotaKeys.of(quota_partition(qid, self.quota_partitions), qid)
+            keys = QuotaKeys.of(quota_partition(qid, self.quota_partitions), qid, key)
             try:
                 if not await quota_clear(self.store, keys):
                     return

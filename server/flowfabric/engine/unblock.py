@@ -6,7 +6,7 @@ event that clears its condition, not by the unblock scanner's tick.
 | a quota admission released (`AdmissionReleaser.after_release`) | the policy bucket's oldest waiter | one per release |
 | a budget reservation returned (`BudgetReleaser.after_release`) | the budget's oldest waiter | one per release that freed something |
 | a budget reset (`ResetBudget`, the reset job) | every waiter of the budget | all |
-| a rate window rolls over (an in-process timer at the block's `retry_at`) | the bucket's oldest waiters | up to the rate |
+| a rate window rolls over (an in-process timer at the block's `retry_at`, then at each next entry's leaving) | the bucket's oldest waiters | as many as the window has room for |
 
 When admission blocks an execution for its quota or budgets (`Admission.after_block`), it is
 registered in the waiters index of its quota bucket (the policy, or the policy and the core's
@@ -65,6 +65,15 @@ CONCURRENCY = 8
 BENIGN = frozenset({"execution_not_eligible", "execution_not_found"})
 
 
+def _first_score(reply: list[object]) -> float | None:
+    """The score of a one-member WITHSCORES reply (paired by the client or flat)."""
+    if not reply:
+        return None
+    first = reply[0]
+    score = first[1] if isinstance(first, list | tuple) else reply[1]
+    return float(score)  # type: ignore[arg-type]
+
+
 class Unblocker:
     """Registers blocked work in the waiters indexes and wakes it (see the module docstring).
     `on_eligible` is called after a wake unblocked something (the scheduler's local wake)."""
@@ -119,7 +128,7 @@ class Unblocker:
         await self.fn.waiters.add(bucket, str(eid))
         if verdict.until_ms is not None:
             await self.schedule_window(bucket, verdict.until_ms)
-        keys = QuotaKeys(bucket.tag, bucket.owner_id)
+        keys = QuotaKeys(bucket.tag, bucket.owner_id, bucket.concurrency_key)
         # quota_clear is the admission condition itself: were it looser than the check, a
         # claim would block and this would unblock, in turn, for as long as they disagreed
         if await quota_clear(self.store, keys):  # a release landed before the registration
@@ -240,16 +249,27 @@ class Unblocker:
         self._tasks.spawn(lambda: self._window_rolled(bucket), "unblock-window")
 
     async def _window_rolled(self, bucket: Bucket) -> None:
-        """Wake up to the rate; while waiters remain, look again one window later: what was
-        woken now fills the window, and nothing else would block to set the next timer."""
+        """Wake as many waiters as the window has room for now, then, while waiters remain,
+        look again when the next entry leaves the window: entries age out one by one, so
+        waking more than the room would only make the extra ones block again."""
         try:
-            limits = await quota_limits(self.store, QuotaKeys(bucket.tag, bucket.owner_id))
+            keys = QuotaKeys(bucket.tag, bucket.owner_id, bucket.concurrency_key)
+            limits = await quota_limits(self.store, keys)
             if limits is None or limits.rate <= 0:
                 return  # no rate limit (any more): releases and the scanner wake the rest
-            await self.wake(bucket, limits.rate, QUOTA_REASON)
+            w = limits.window_seconds * 1000
+            now = await self.store.time_ms()
+            in_window = int(await self.store.call("ZCOUNT", keys.window, f"({now - w}", "+inf"))
+            if in_window < limits.rate:
+                await self.wake(bucket, limits.rate - in_window, QUOTA_REASON)
             if await self.store.call("ZCARD", bucket.index):
-                next_at = await self.store.time_ms() + limits.window_seconds * 1000
-                await self.schedule_window(bucket, next_at)
+                oldest = await self.store.call(
+                    "ZRANGEBYSCORE", keys.window, f"({now - w}", "+inf", "WITHSCORES",
+                    "LIMIT", 0, 1,
+                )  # fmt: skip
+                leaves = _first_score(oldest)
+                next_at = now + w if leaves is None else int(leaves) + w
+                await self.schedule_window(bucket, max(next_at, now + TIMER_SLACK_MS))
         except FlowFabricError as exc:
             log.warning("window wake of quota %s failed: %s", bucket.owner_id, exc.code)
 

@@ -397,39 +397,64 @@ class BudgetKeys:
 @dataclass(frozen=True)
 class QuotaKeys:
     """Keys of one quota policy and its partition's index (docs/budgets.md#keys), all on the
-    quota partition's tag `{q:K}`."""
+    quota partition's tag `{q:K}`. With a `concurrency_key` the bucket keys (window, counter,
+    admitted set, waiters) are that key's own (docs/budgets.md#per-key-limits); the definition
+    and the indexes are the policy's."""
 
     tag: str
     quota_policy_id: str = ""
+    concurrency_key: str = ""
 
     @classmethod
-    def of(cls, partition: int, quota_policy_id: str = "") -> QuotaKeys:
-        return cls(f"{{q:{partition}}}", quota_policy_id)
+    def of(cls, partition: int, quota_policy_id: str = "", concurrency_key: str = "") -> QuotaKeys:
+        return cls(f"{{q:{partition}}}", quota_policy_id, concurrency_key)
+
+    def bucket(self, concurrency_key: str) -> QuotaKeys:
+        """The same policy's bucket for `concurrency_key` ("" = policy-wide)."""
+        return QuotaKeys(self.tag, self.quota_policy_id, concurrency_key)
 
     @property
     def definition(self) -> str:
         return f"ff:quota:{self.tag}:{self.quota_policy_id}"
 
     @property
+    def _prefix(self) -> str:
+        if self.concurrency_key:
+            return f"{self.definition}:k:{self.concurrency_key}"
+        return self.definition
+
+    @property
     def window(self) -> str:
+        """One member per admission (`<eid>:<seq>`) -> admission time."""
+        if self.concurrency_key:
+            return f"{self._prefix}:window"
         return f"{self.definition}:window:requests_per_window"
 
     @property
     def concurrency(self) -> str:
-        return f"{self.definition}:concurrency"
+        return f"{self._prefix}:concurrency"
 
     @property
-    def admitted_set(self) -> str:
-        return f"{self.definition}:admitted_set"
+    def admitted(self) -> str:
+        """Executions holding a slot: sorted set, execution id -> admission time."""
+        return f"{self._prefix}:admitted"
 
-    def guard(self, execution_id: str) -> str:
-        return f"{self.definition}:admitted:{execution_id}"
+    @property
+    def keys_index(self) -> str:
+        """The policy's concurrency keys in use (set)."""
+        return f"{self.definition}:keys"
 
-    def waiters(self, concurrency_key: str = "") -> str:
-        """Executions blocked on this policy (for `concurrency_key`, when given): sorted set,
-        execution id -> block time (docs/budgets.md#waking-blocked-work)."""
-        if concurrency_key:
-            return f"{self.definition}:k:{concurrency_key}:waiters"
+    @property
+    def admission_seq(self) -> str:
+        return f"{self.definition}:admission_seq"
+
+    def waiters(self, concurrency_key: str | None = None) -> str:
+        """Executions blocked on this policy (for `concurrency_key`, when given; else this
+        bucket's key): sorted set, execution id -> block time
+        (docs/budgets.md#waking-blocked-work)."""
+        ck = self.concurrency_key if concurrency_key is None else concurrency_key
+        if ck:
+            return f"{self.definition}:k:{ck}:waiters"
         return f"{self.definition}:waiters"
 
     @property

@@ -364,9 +364,14 @@ def valid_uuid(raw: str) -> bool:
 async def quota_holders(
     store: Store, keys: QuotaKeys, concurrency_key: str, shown: int
 ) -> tuple[int, list[str]]:
-    """How many executions hold the bucket's slots, and up to `shown` of them."""
-    members = sorted(text(m) for m in await store.call("SMEMBERS", keys.admitted_set) or [])
-    return len(members), members[:shown]
+    """How many executions hold the bucket's slots, and up to `shown` of them, oldest
+    admission first (the bucket's admitted set, docs/budgets.md#keys)."""
+    admitted = keys.bucket(concurrency_key).admitted
+    pipe = store.pipeline()
+    pipe.zcard(admitted)
+    pipe.zrange(admitted, 0, shown - 1)
+    total, members = await store.run_pipeline(pipe)
+    return int(total or 0), [text(m) for m in members or []]
 
 
 # What a quota block records: `... concurrency cap <c>` (QuotaCheck).

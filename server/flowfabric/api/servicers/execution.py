@@ -87,6 +87,7 @@ def check_create(request: pb.CreateExecutionRequest) -> None:
     # the horizon from now is the function's check: only it reads Valkey's clock
     limits.optional(bounds.TIMESTAMP_MS, request, "delay_until")
     limits.optional(bounds.TIMESTAMP_MS, request, "execution_deadline_at")
+    limits.concurrency_key(request.concurrency_key, request.quota_policy_id)
 
 
 class ExecutionServicer(rpc.ExecutionServiceServicer):
@@ -186,6 +187,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
                     else None
                 ),
                 quota_policy_id=request.quota_policy_id,
+                concurrency_key=request.concurrency_key,
                 blocked_by_dependencies=request.blocked_by_dependencies,
             )
         )

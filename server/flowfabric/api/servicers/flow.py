@@ -205,6 +205,9 @@ class FlowServicer(rpc.FlowServiceServicer):
         )
         join, quorum, expected = join_of(m.join, f"{field}.join")
         limits.check_size(bounds.LABEL_BYTES, m.quota_policy_id, f"{field}.quota_policy_id")
+        key = limits.concurrency_key(
+            m.concurrency_key, m.quota_policy_id, f"{field}.concurrency_key"
+        )
         return SubmitMember(
             key=m.key, execution_id=eid,
             lane_id=validate_lane(m.lane_id or DEFAULT_LANE, f"{field}.lane_id"),
@@ -212,6 +215,7 @@ class FlowServicer(rpc.FlowServiceServicer):
             creator_identity=m.creator_identity, policy_json=member_policy_json(m),
             payload_encoding=m.payload_encoding, tags=dict(m.tags), join_kind=join,
             join_quorum=quorum, join_expected_edges=expected, quota_policy_id=m.quota_policy_id,
+            concurrency_key=key,
         )  # fmt: skip
 
     def _submit_edge(self, e: pb.SubmitFlowRequest.Edge, i: int) -> SubmitEdge:

@@ -105,8 +105,7 @@ class KeyCtx:
     flow_id: str = ""
     budget_id: str = ""
     quota_policy_id: str = ""
-    admitted_id: str = ""  # the execution of a quota admission guard (text, any partition)
-    concurrency_key: str = ""  # a quota policy's concurrency key (its waiters bucket)
+    concurrency_key: str = ""  # a quota policy's concurrency key (its bucket)
 
     @property
     def exec(self) -> ExecKeys:
@@ -132,7 +131,7 @@ class KeyCtx:
 
     @property
     def quota(self) -> QuotaKeys:
-        return QuotaKeys(self.tag, self.quota_policy_id)
+        return QuotaKeys(self.tag, self.quota_policy_id, self.concurrency_key)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ class NewExecution:
     delay_until: int | None = None
     execution_deadline_at: int | None = None
     quota_policy_id: str = ""
+    # Its bucket of the quota policy (docs/budgets.md#per-key-limits); "" = policy-wide.
+    concurrency_key: str = ""
     # Start blocked_by_dependencies (a flow member whose edges come later; docs/flows.md).
     blocked_by_dependencies: bool = False
 
@@ -139,7 +141,8 @@ CREATE: Decl[Created | Duplicate] = Decl(
      arg("input_payload", "bytes"), opt("delay_until"), opt("dedup_ttl_ms"),
      arg("tags_json", "json", default={}), opt("execution_deadline_at"),
      arg("partition_id", "int"), arg("payload_encoding", default=""),
-     arg("quota_policy_id", default=""), arg("blocked_by_dependencies", "bool", default=False)),
+     arg("quota_policy_id", default=""), arg("blocked_by_dependencies", "bool", default=False),
+     arg("concurrency_key", default="")),
     {"OK": record(Created), "DUPLICATE": record(Duplicate)},
 )  # fmt: skip
 SET_TAGS: Decl[TagsSet] = Decl(
@@ -236,6 +239,7 @@ class ExecutionFunctions:
             "partition_id": x.execution_id.partition, "payload_encoding": x.payload_encoding,
             "quota_policy_id": x.quota_policy_id,
             "blocked_by_dependencies": x.blocked_by_dependencies,
+            "concurrency_key": x.concurrency_key,
         })  # fmt: skip
 
     async def set_execution_tags(self, eid: ExecutionId, tags: Mapping[str, str]) -> TagsSet:

@@ -157,6 +157,7 @@ class SubmitMember:
     join_quorum: int = 0
     join_expected_edges: int = 0
     quota_policy_id: str = ""
+    concurrency_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -393,6 +394,7 @@ class FlowFunctions:
                 "policy": m.policy_json, "encoding": m.payload_encoding, "tags": dict(m.tags),
                 "join": m.join_kind, "quorum": m.join_quorum,
                 "expected_edges": m.join_expected_edges, "quota": m.quota_policy_id,
+                "concurrency_key": m.concurrency_key,
             }
             for m in members
         ]  # fmt: skip

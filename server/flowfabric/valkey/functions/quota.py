@@ -1,8 +1,9 @@
-"""`lua/quota.lua`: create quota policies, admit and release executions against them, and the
-quota reconciler's per-policy repair (docs/budgets.md#quota-policies)."""
+"""`lua/quota.lua`: create quota policies, admit, release and refund executions against them,
+and the quota reconciler's per-bucket repair (docs/budgets.md#quota-policies)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flowfabric.server.valkey.codec import Reply
@@ -17,6 +18,7 @@ from flowfabric.server.valkey.functions.core import (
     ok,
     opt,
     record,
+    tail,
 )
 from flowfabric.server.valkey.keys import QuotaKeys
 from flowfabric.server.valkey.store import Store
@@ -31,22 +33,25 @@ class QuotaCreated:
 
 @dataclass(frozen=True)
 class Admission:
-    """`outcome`: `admitted`, `already_admitted`, `rate_exceeded` (with `retry_after_ms`) or
+    """`outcome`: `admitted` (with the admission's `window_member` and `admitted_at`, which a
+    refund names), `already_admitted`, `rate_exceeded` (with `retry_after_ms`) or
     `concurrency_exceeded`."""
 
     outcome: str
     retry_after_ms: int | None = None
+    window_member: str = ""
+    admitted_at: int = 0
 
 
 @dataclass(frozen=True)
 class QuotaReconciled:
-    """One page of a reconciler pass: the next SSCAN cursor (0 = pass done), members pruned,
-    and the counter's new value when the last page rewrote it."""
+    """One bucket repaired: members removed, the live count, whether the counter had drifted
+    from it, and `removed_policy` when the definition is gone (the id left the index)."""
 
-    cursor: int
-    pruned: int = 0
-    counter: int | None = None
-    removed: bool = False
+    removed: int = 0
+    live: int = 0
+    drifted: bool = False
+    removed_policy: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,13 +67,9 @@ def _q(attr: str) -> Key:
     return key(f"quota.{attr}", lambda c: str(getattr(c.quota, attr)))
 
 
-def _guard(c: KeyCtx) -> str:
-    return c.quota.guard(c.admitted_id)
-
-
 CREATE: Decl[QuotaCreated] = Decl(
     "ff_create_quota_policy",
-    (_q("definition"), _q("window"), _q("concurrency"), _q("admitted_set"), _q("policies")),
+    (_q("definition"), _q("window"), _q("concurrency"), _q("admitted"), _q("policies")),
     (arg("quota_policy_id"), arg("window_seconds", "int"), arg("max_requests_per_window", "int"),
      arg("max_concurrent", "int"), opt("jitter_ms"), opt("now")),
     {"OK": lambda r: QuotaCreated(True), "ALREADY_SATISFIED": lambda r: QuotaCreated(False)},
@@ -78,52 +79,72 @@ CREATE: Decl[QuotaCreated] = Decl(
 def _admission(reply: Reply) -> Admission:
     if reply.status == "ALREADY_SATISFIED":
         return Admission("already_admitted")
-    return record(Admission)(reply)
+    outcome = reply.str(0)
+    if outcome == "rate_exceeded":
+        return Admission(outcome, reply.int(1))
+    if outcome == "admitted":
+        return Admission(outcome, None, reply.str(1), reply.int(2))
+    return Admission(outcome)
 
 
 CHECK: Decl[Admission] = Decl(
     "ff_check_admission_and_record",
-    (_q("window"), _q("concurrency"), _q("definition"), key("quota.guard", _guard),
-     _q("admitted_set")),
+    (_q("window"), _q("concurrency"), _q("definition"), _q("admitted"), _q("keys_index"),
+     _q("admission_seq")),
     (opt("now"), arg("window_seconds", "int"), arg("rate_limit", "int"),
      arg("concurrency_cap", "int"), arg("execution_id"), opt("jitter_ms"),
-     arg("quota_policy_id")),
+     arg("quota_policy_id"), arg("concurrency_key", default="")),
     {"OK": _admission, "ALREADY_SATISFIED": _admission},
 )  # fmt: skip
 RELEASE: Decl[Outcome] = Decl(
     "ff_release_admission",
-    (_q("definition"), key("quota.guard", _guard), _q("admitted_set"), _q("concurrency")),
-    (arg("quota_policy_id"), arg("execution_id")),
+    (_q("definition"), _q("admitted"), _q("concurrency")),
+    (arg("quota_policy_id"), arg("execution_id"), arg("concurrency_key", default="")),
     ok(record(Outcome)),
 )
+REFUND: Decl[Outcome] = Decl(
+    "ff_refund_admission",
+    (_q("definition"), _q("window"), _q("admitted"), _q("concurrency")),
+    (arg("quota_policy_id"), arg("execution_id"), arg("concurrency_key", default=""),
+     arg("window_member"), arg("admitted_at", "int")),
+    ok(record(Outcome)),
+)  # fmt: skip
 
 
 def _reconciled(reply: Reply) -> QuotaReconciled:
     if reply.status == "ALREADY_SATISFIED":
-        return QuotaReconciled(0, removed=True)
-    return record(QuotaReconciled)(reply)
+        return QuotaReconciled(removed_policy=True)
+    return QuotaReconciled(reply.int(0), reply.int(1), reply.str(2) == "1")
 
 
 RECONCILE: Decl[QuotaReconciled] = Decl(
     "ff_reconcile_quota_policy",
-    (_q("definition"), _q("window"), _q("concurrency"), _q("admitted_set"), _q("policies")),
-    (arg("quota_policy_id"), arg("cursor", "int"), opt("now")),
+    (_q("definition"), _q("window"), _q("concurrency"), _q("admitted"), _q("keys_index"),
+     _q("policies")),
+    (arg("quota_policy_id"), arg("concurrency_key", default=""), opt("now"), tail("stale")),
     {"OK": _reconciled, "ALREADY_SATISFIED": _reconciled},
-)
+)  # fmt: skip
 
-DECLS = (CREATE, CHECK, RELEASE, RECONCILE)
+#: Stale members one reconcile call removes at most (the function's own bound).
+RECONCILE_PAIRS = 100
+
+DECLS = (CREATE, CHECK, RELEASE, REFUND, RECONCILE)
 
 
-def quota_ctx(keys: QuotaKeys, execution_id: str = "") -> KeyCtx:
-    return KeyCtx(tag=keys.tag, quota_policy_id=keys.quota_policy_id, admitted_id=execution_id)
+def quota_ctx(keys: QuotaKeys) -> KeyCtx:
+    return KeyCtx(
+        tag=keys.tag, quota_policy_id=keys.quota_policy_id, concurrency_key=keys.concurrency_key
+    )
 
 
 class QuotaFunctions:
+    """Every call acts on the bucket `keys` names (its `concurrency_key`, or policy-wide)."""
+
     def __init__(self, store: Store) -> None:
         self.store = store
 
     async def create_quota_policy(self, keys: QuotaKeys, q: NewQuotaPolicy) -> QuotaCreated:
-        return await call(self.store, CREATE, quota_ctx(keys), {
+        return await call(self.store, CREATE, quota_ctx(keys.bucket("")), {
             "quota_policy_id": keys.quota_policy_id, "window_seconds": q.window_seconds,
             "max_requests_per_window": q.max_requests_per_window,
             "max_concurrent": q.max_concurrent, "jitter_ms": q.jitter_ms, "now": None,
@@ -138,18 +159,36 @@ class QuotaFunctions:
         rate_limit: int,
         concurrency_cap: int,
         jitter_ms: int = 0,
+        now: int | None = None,
     ) -> Admission:
-        return await call(self.store, CHECK, quota_ctx(keys, execution_id), {
-            "now": None, "window_seconds": window_seconds, "rate_limit": rate_limit,
+        return await call(self.store, CHECK, quota_ctx(keys), {
+            "now": now, "window_seconds": window_seconds, "rate_limit": rate_limit,
             "concurrency_cap": concurrency_cap, "execution_id": execution_id,
             "jitter_ms": jitter_ms, "quota_policy_id": keys.quota_policy_id,
+            "concurrency_key": keys.concurrency_key,
         })  # fmt: skip
 
     async def release_admission(self, keys: QuotaKeys, execution_id: str) -> Outcome:
-        """`released`, always."""
-        values = {"quota_policy_id": keys.quota_policy_id, "execution_id": execution_id}
-        return await call(self.store, RELEASE, quota_ctx(keys, execution_id), values)
+        """`released` (a slot was freed) or `not_held`."""
+        return await call(self.store, RELEASE, quota_ctx(keys), {
+            "quota_policy_id": keys.quota_policy_id, "execution_id": execution_id,
+            "concurrency_key": keys.concurrency_key,
+        })  # fmt: skip
 
-    async def reconcile_page(self, keys: QuotaKeys, cursor: int) -> QuotaReconciled:
-        values = {"quota_policy_id": keys.quota_policy_id, "cursor": cursor, "now": None}
-        return await call(self.store, RECONCILE, quota_ctx(keys), values)
+    async def refund_admission(self, keys: QuotaKeys, execution_id: str, got: Admission) -> Outcome:
+        """Undo the admission `got` (`refunded`, or `not_held` when the slot is no longer
+        its own; the window entry goes either way)."""
+        return await call(self.store, REFUND, quota_ctx(keys), {
+            "quota_policy_id": keys.quota_policy_id, "execution_id": execution_id,
+            "concurrency_key": keys.concurrency_key, "window_member": got.window_member,
+            "admitted_at": got.admitted_at,
+        })  # fmt: skip
+
+    async def reconcile_bucket(
+        self, keys: QuotaKeys, stale: Sequence[tuple[str, int]] = (), now: int | None = None
+    ) -> QuotaReconciled:
+        flat = [v for eid, at in stale for v in (eid, str(at))]
+        return await call(self.store, RECONCILE, quota_ctx(keys), {
+            "quota_policy_id": keys.quota_policy_id, "concurrency_key": keys.concurrency_key,
+            "now": now, "stale": flat,
+        })  # fmt: skip
