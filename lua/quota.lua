@@ -53,6 +53,12 @@ local function expect_bucket(def, prefix, window, concurrency, admitted)
   end
 end
 
+-- The number of the bucket's waiters (the index checked against the bucket).
+local function waiters_of(prefix, key)
+  Util.expect_key(key, prefix .. ':waiters', 'quota waiters')
+  return Util.num(redis.call('ZCARD', key))
+end
+
 -- The counter follows the admitted set (docs/budgets.md#slots).
 local function sync_counter(concurrency, admitted)
   local live = redis.call('ZCARD', admitted)
@@ -186,11 +192,14 @@ redis.register_function('ff_check_admission_and_record', check_admission)
 
 -- ff_release_admission: the admitted work gave up its lease
 -- (docs/budgets.md#releasing-admissions).
---   KEYS (3): 1 definition (only checked), 2 admitted, 3 concurrency (the bucket's).
+--   KEYS (4): 1 definition (only checked), 2 admitted, 3 concurrency, 4 waiters (the
+--     bucket's; only read, for the reply's count).
 --   ARGV (3): 1 quota_policy_id, 2 execution_id, 3 concurrency_key ("" = policy-wide).
 --   Now: not used.
---   Replies: {1,"OK","released"} (a slot was freed); {1,"OK","not_held"} (nothing held:
---     released already, or never admitted; nothing changes).
+--   Replies: {1,"OK","released",waiters} (a slot was freed); {1,"OK","not_held",waiters}
+--     (nothing held: released already, or never admitted; nothing changes). waiters: the
+--     bucket's blocked executions (ZCARD of KEYS[4]): a release that frees a
+--     slot nobody waits for wakes nobody (docs/budgets.md#waking-blocked-work).
 --   Errors (nothing written): invalid_input (an id empty, a bad concurrency_key).
 --   Writes: ZREM admitted eid; when it removed a member, SET concurrency ZCARD admitted.
 --     Window entries stay: a release does not refund rate.
@@ -210,23 +219,26 @@ local function release_admission(keys, argv)
     return bad
   end
   expect_bucket(def, prefix, nil, keys[3], keys[2])
+  local waiting = waiters_of(prefix, keys[4])
   if redis.call('ZREM', keys[2], a.execution_id) == 0 then
-    return Reply.ok('not_held')
+    return Reply.ok('not_held', waiting)
   end
   sync_counter(keys[3], keys[2])
-  return Reply.ok('released')
+  return Reply.ok('released', waiting)
 end
 
 redis.register_function('ff_release_admission', release_admission)
 
 -- ff_refund_admission: the claim that followed an admission failed, so the admission is undone
 -- (docs/budgets.md#ffrefundadmission).
---   KEYS (4): 1 definition (only checked), 2 window, 3 admitted, 4 concurrency (the bucket's).
+--   KEYS (5): 1 definition (only checked), 2 window, 3 admitted, 4 concurrency, 5 waiters
+--     (the bucket's; only read, for the reply's count).
 --   ARGV (5): 1 quota_policy_id, 2 execution_id, 3 concurrency_key ("" = policy-wide),
 --     4 window_member and 5 admitted_at, both from the admitted reply.
 --   Now: not used.
---   Replies: {1,"OK","refunded"} (the slot was freed too); {1,"OK","not_held"} (the window
---     entry, if still there, is removed; the execution's slot is no longer this admission's).
+--   Replies: {1,"OK","refunded",waiters} (the slot was freed too); {1,"OK","not_held",
+--     waiters} (the window entry, if still there, is removed; the execution's slot is no
+--     longer this admission's). waiters: as ff_release_admission's.
 --   Errors (nothing written): invalid_input (an id or the window member empty, admitted_at
 --     not a number, a bad concurrency_key).
 --   Writes: ZREM window window_member; when the admitted score is still admitted_at, ZREM
@@ -249,13 +261,14 @@ local function refund_admission(keys, argv)
     return bad
   end
   expect_bucket(def, prefix, keys[2], keys[4], keys[3])
+  local waiting = waiters_of(prefix, keys[5])
   redis.call('ZREM', keys[2], a.window_member)
   if tonumber(redis.call('ZSCORE', keys[3], a.execution_id)) ~= a.admitted_at then
-    return Reply.ok('not_held')
+    return Reply.ok('not_held', waiting)
   end
   redis.call('ZREM', keys[3], a.execution_id)
   sync_counter(keys[4], keys[3])
-  return Reply.ok('refunded')
+  return Reply.ok('refunded', waiting)
 end
 
 redis.register_function('ff_refund_admission', refund_admission)

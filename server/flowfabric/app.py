@@ -183,7 +183,8 @@ class FlowFabricServer:
         # capabilities (the default, in-slot), then budgets, then the quota
         # (docs/lifecycle.md#admission)
         self.scheduler.admission.register(BudgetCheck(self.store, cfg.budget_partitions, fn))
-        self.scheduler.admission.register(QuotaCheck(self.store, fn, cfg.quota_partitions))
+        self.quota_check = QuotaCheck(self.store, fn, cfg.quota_partitions)
+        self.scheduler.admission.register(self.quota_check)
         # blocked work is woken by the event that clears it (docs/budgets.md#waking-blocked-work)
         self.unblocker = Unblocker(
             self.store, fn, cfg.flow_partitions, cfg.budget_partitions, cfg.quota_partitions,
@@ -191,6 +192,7 @@ class FlowFabricServer:
         )  # fmt: skip
         self.scheduler.admission.after_block(self.unblocker.blocked)
         self.releaser.after_release(self.unblocker.released)
+        self.quota_check.after_refund(self.unblocker.released)
         self.budget_releaser.after_release(self.unblocker.budget_freed)
         registry = WorkerRegistry(self.store)
         self.scanners = lifecycle_scanners(

@@ -170,7 +170,7 @@ async def test_concurrency_cap_and_release(store: Store) -> None:
     assert (await admit(store, k, e1, cap=2))[2] == "admitted"
     assert (await admit(store, k, e2, cap=2))[2] == "admitted"
     assert await admit(store, k, e3, cap=2) == ["1", "OK", "concurrency_exceeded"]
-    assert await release(store, k, e1) == ["1", "OK", "released"]
+    assert await release(store, k, e1) == ["1", "OK", "released", "0"]
     assert (await admit(store, k, e3, cap=2))[2] == "admitted"
 
 
@@ -233,11 +233,11 @@ async def test_release_frees_the_slot_once(store: Store) -> None:
     e1 = eid()
     await admit(store, k, e1, cap=2)
     assert await counter(store, k) == b"1"
-    assert await release(store, k, e1) == ["1", "OK", "released"]
+    assert await release(store, k, e1) == ["1", "OK", "released", "0"]
     assert await store.call("ZSCORE", k.admitted, e1) is None
     assert await counter(store, k) == b"0"
     await admit(store, k, eid(), cap=2)
-    assert await release(store, k, e1) == ["1", "OK", "not_held"]
+    assert await release(store, k, e1) == ["1", "OK", "not_held", "0"]
     assert await counter(store, k) == b"1", "the other admission keeps its slot"
 
 
@@ -272,7 +272,7 @@ async def test_refund_gives_back_the_window_entry_and_the_slot(store: Store) -> 
     e1 = eid()
     got = await admit(store, k, e1, rate=1, cap=1)
     assert (await admit(store, k, eid(), rate=1, cap=1))[2] == "rate_exceeded"
-    assert await refund(store, k, e1, got[3], got[4]) == ["1", "OK", "refunded"]
+    assert await refund(store, k, e1, got[3], got[4]) == ["1", "OK", "refunded", "0"]
     assert await store.call("ZCARD", k.window) == 0 and await counter(store, k) == b"0"
     assert (await admit(store, k, eid(), rate=1, cap=1))[2] == "admitted"
 
@@ -306,7 +306,7 @@ async def test_each_key_has_its_own_window_counter_and_slots(store: Store) -> No
     }  # fmt: skip
     assert a.admitted == f"{k.definition}:k:customer-a:admitted"
     assert a.window == f"{k.definition}:k:customer-a:window"
-    assert await release(store, a, e[0]) == ["1", "OK", "released"]
+    assert await release(store, a, e[0]) == ["1", "OK", "released", "0"]
     assert (await admit(store, a, e[2], cap=2))[2] == "admitted"
 
 
@@ -433,3 +433,16 @@ async def test_the_rate_bound_holds_with_releases_refunds_and_readmissions(store
     assert len(standing) >= 10
     for i, start in enumerate(standing):
         assert len([t for t in standing[i:] if t < start + window_ms]) <= limit, start
+
+
+async def test_release_and_refund_count_the_buckets_waiters(store: Store) -> None:
+    k = new_policy()
+    await create(store, k, rate=0, cap=2)
+    e1, e2 = eid(), eid()
+    got = await admit(store, k, e1, cap=2)
+    assert got[2] == "admitted"
+    assert (await admit(store, k, e2, cap=2))[2] == "admitted"
+    await store.call("ZADD", k.waiters(), 1, "waiting-1", 2, "waiting-2")
+    assert await release(store, k, e2) == ["1", "OK", "released", "2"]
+    assert await refund(store, k, e1, got[3], got[4]) == ["1", "OK", "refunded", "2"]
+    assert await store.call("ZCARD", k.waiters()) == 2, "only counted"

@@ -98,6 +98,9 @@ class Candidate:
     capability_mismatch: bool = False  # the claim function's capability check failed
     budget_ids: tuple[str, ...] = ()
     quota_policy_id: str = ""
+    # read with the candidate when known (None = not read: a check that needs it reads it)
+    concurrency_key: str | None = None
+    lease_epoch: int | None = None  # the core's current_lease_epoch
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,8 @@ class BudgetCheck:
     async def claim_token(self, candidate: Candidate) -> str:
         """The epoch of the lease a claim of `candidate` creates: an admission belongs to one
         lease, and the lease end releases it by that epoch (docs/budgets.md#reservations)."""
+        if candidate.lease_epoch is not None:
+            return str(candidate.lease_epoch + 1)
         raw = text(
             await self.store.call(
                 "HGET", ExecKeys(candidate.execution_id).core, "current_lease_epoch"

@@ -104,10 +104,17 @@ class QuotaCheck:
 
     #: How long an admission is remembered for its refund; a claim decides well within it.
     REMEMBER_S = 120.0
+    #: How long a policy's limits are served from memory, and how many policies are.
+    LIMITS_TTL_S = 1.0
+    LIMITS_CACHED = 4096
 
     def __init__(self, store: Store, functions: Functions, quota_partitions: int) -> None:
         self.store, self.functions, self.partitions = store, functions, quota_partitions
         self._admitted: dict[tuple[str, str], tuple[float, QuotaKeys, Admission]] = {}
+        self._after_refund: list[Callable[[str, str], None]] = []
+        # policy id -> (read at, limits): definitions never change once created, so a read
+        # serves the claims of the next LIMITS_TTL_S (a deleted policy is noticed that late)
+        self._limits: dict[str, tuple[float, QuotaLimits | None]] = {}
 
     def keys(self, quota_policy_id: str, concurrency_key: str = "") -> QuotaKeys | None:
         if not valid_id(quota_policy_id):
@@ -119,11 +126,13 @@ class QuotaCheck:
         if not valid_id(candidate.quota_policy_id):
             return ADMIT
         eid = candidate.execution_id
-        key = text(await self.store.call("HGET", ExecKeys(eid).core, "concurrency_key"))
+        key = candidate.concurrency_key
+        if key is None:  # not read with the candidate
+            key = text(await self.store.call("HGET", ExecKeys(eid).core, "concurrency_key"))
         keys = self.keys(candidate.quota_policy_id, key)
         if keys is None:
             return ADMIT
-        limits = await quota_limits(self.store, keys)
+        limits = await self._policy_limits(keys)
         if limits is None or not limits.limits_anything:
             return ADMIT
         got = await self.functions.quota.check_admission(
@@ -147,6 +156,17 @@ class QuotaCheck:
         self._remember((str(eid), who.worker_instance_id), keys, got)
         return ADMIT
 
+    async def _policy_limits(self, keys: QuotaKeys) -> QuotaLimits | None:
+        now = time.monotonic()
+        hit = self._limits.get(keys.quota_policy_id)
+        if hit is not None and now - hit[0] < self.LIMITS_TTL_S:
+            return hit[1]
+        limits = await quota_limits(self.store, keys)
+        if len(self._limits) >= self.LIMITS_CACHED:
+            self._limits.clear()
+        self._limits[keys.quota_policy_id] = (now, limits)
+        return limits
+
     def _remember(self, at: tuple[str, str], keys: QuotaKeys, got: Admission) -> None:
         now = time.monotonic()
         while self._admitted:  # oldest first: entries of claims that succeeded age out
@@ -163,7 +183,17 @@ class QuotaCheck:
         held = self._admitted.pop((str(candidate.execution_id), who.worker_instance_id), None)
         if held is not None:
             _, keys, got = held
-            await self.functions.quota.refund_admission(keys, str(candidate.execution_id), got)
+            freed = await self.functions.quota.refund_admission(
+                keys, str(candidate.execution_id), got
+            )
+            if freed.waiters:  # the refunded place is free now: wake one waiter for it
+                for callback in self._after_refund:
+                    callback(keys.quota_policy_id, keys.concurrency_key)
+
+    def after_refund(self, callback: Callable[[str, str], None]) -> None:
+        """`callback(quota_policy_id, concurrency_key)` after a refund gave a bucket's place
+        back while executions wait on it (docs/budgets.md#waking-blocked-work)."""
+        self._after_refund.append(callback)
 
 
 class AdmissionReleaser:
@@ -210,8 +240,9 @@ class AdmissionReleaser:
             return False
         if got.outcome != "released":
             return False
-        for callback in self._after:
-            callback(keys.quota_policy_id, keys.concurrency_key)
+        if got.waiters:  # nobody blocked on the bucket: nothing to wake
+            for callback in self._after:
+                callback(keys.quota_policy_id, keys.concurrency_key)
         return True
 
     async def stop(self) -> None:

@@ -85,7 +85,10 @@ ROTATION_WINDOW_MS = 250
 WAIT_BACKSTOP_S = 1.0
 RECLAIM_EVERY = 16
 SCAN_SLACK = 16  # heads a batch claim may examine beyond the ones it wants
-CANDIDATE_FIELDS = ("required_capabilities", "budget_ids", "quota_policy_id")
+CANDIDATE_FIELDS = (
+    "required_capabilities", "budget_ids", "quota_policy_id", "concurrency_key",
+    "current_lease_epoch",
+)  # fmt: skip
 
 
 def worker_offset(worker_instance_id: str, partitions: int) -> int:
@@ -450,10 +453,11 @@ class Scheduler:
             pipe.hmget(ExecKeys(eid).core, list(CANDIDATE_FIELDS))
         out = []
         for eid, row in zip(eids, await self.store.run_pipeline(pipe), strict=True):
-            required, bids, qid = (text(v) for v in row)
+            required, bids, qid, key, epoch = (text(v) for v in row)
             out.append(Candidate(
                 eid, who.lane_id, tuple(t for t in required.split(",") if t),
                 budget_ids=tuple(b for b in bids.split(",") if b), quota_policy_id=qid,
+                concurrency_key=key, lease_epoch=int(epoch) if epoch.isdigit() else None,
             ))  # fmt: skip
         return out
 

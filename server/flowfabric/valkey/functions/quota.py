@@ -11,7 +11,6 @@ from flowfabric.server.valkey.functions.core import (
     Decl,
     Key,
     KeyCtx,
-    Outcome,
     arg,
     call,
     key,
@@ -96,18 +95,35 @@ CHECK: Decl[Admission] = Decl(
      arg("quota_policy_id"), arg("concurrency_key", default="")),
     {"OK": _admission, "ALREADY_SATISFIED": _admission},
 )  # fmt: skip
-RELEASE: Decl[Outcome] = Decl(
+
+
+@dataclass(frozen=True)
+class Freed:
+    """ff_release_admission / ff_refund_admission: the outcome and how many executions wait
+    on the bucket."""
+
+    outcome: str = ""
+    waiters: int = 0
+
+
+def _bucket_waiters(c: KeyCtx) -> str:
+    return c.quota.waiters()
+
+
+RELEASE: Decl[Freed] = Decl(
     "ff_release_admission",
-    (_q("definition"), _q("admitted"), _q("concurrency")),
+    (_q("definition"), _q("admitted"), _q("concurrency"),
+     key("quota.waiters", _bucket_waiters)),
     (arg("quota_policy_id"), arg("execution_id"), arg("concurrency_key", default="")),
-    ok(record(Outcome)),
-)
-REFUND: Decl[Outcome] = Decl(
+    ok(record(Freed)),
+)  # fmt: skip
+REFUND: Decl[Freed] = Decl(
     "ff_refund_admission",
-    (_q("definition"), _q("window"), _q("admitted"), _q("concurrency")),
+    (_q("definition"), _q("window"), _q("admitted"), _q("concurrency"),
+     key("quota.waiters", _bucket_waiters)),
     (arg("quota_policy_id"), arg("execution_id"), arg("concurrency_key", default=""),
      arg("window_member"), arg("admitted_at", "int")),
-    ok(record(Outcome)),
+    ok(record(Freed)),
 )  # fmt: skip
 
 
@@ -168,14 +184,14 @@ class QuotaFunctions:
             "concurrency_key": keys.concurrency_key,
         })  # fmt: skip
 
-    async def release_admission(self, keys: QuotaKeys, execution_id: str) -> Outcome:
-        """`released` (a slot was freed) or `not_held`."""
+    async def release_admission(self, keys: QuotaKeys, execution_id: str) -> Freed:
+        """`released` (a slot was freed) or `not_held`, with the bucket's waiter count."""
         return await call(self.store, RELEASE, quota_ctx(keys), {
             "quota_policy_id": keys.quota_policy_id, "execution_id": execution_id,
             "concurrency_key": keys.concurrency_key,
         })  # fmt: skip
 
-    async def refund_admission(self, keys: QuotaKeys, execution_id: str, got: Admission) -> Outcome:
+    async def refund_admission(self, keys: QuotaKeys, execution_id: str, got: Admission) -> Freed:
         """Undo the admission `got` (`refunded`, or `not_held` when the slot is no longer
         its own; the window entry goes either way)."""
         return await call(self.store, REFUND, quota_ctx(keys), {
