@@ -47,9 +47,10 @@ and does not pass admission again; its capability check is the reclaim grant's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -140,6 +141,49 @@ class AdmissionCheck(Protocol):
     async def release(self, candidate: Candidate, who: Claimer) -> None:
         """Return what `check` reserved for `candidate` (its claim failed or a later check
         refused it). A no-op for a check that reserves nothing."""
+
+
+#: Candidates a batching check asks about at once (its calls in flight together).
+CHECK_CONCURRENCY = 8
+
+
+async def each_bounded(
+    check: AdmissionCheck,
+    candidates: Sequence[Candidate],
+    who: Claimer,
+    group: Callable[[Candidate], Hashable],
+) -> list[Verdict]:
+    """`check.check` for every candidate, verdicts in order. Candidates of one `group` (those
+    competing for the same limit) are asked one after another, in order, so the limit goes to
+    the earlier heads; groups are asked side by side, at most CHECK_CONCURRENCY at a time, so
+    their round trips overlap. When a call fails, what the others admitted is released and
+    the failure raised."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, cand in enumerate(candidates):
+        groups.setdefault(group(cand), []).append(i)
+    results: list[Verdict | BaseException | None] = [None] * len(candidates)
+    sem = asyncio.Semaphore(CHECK_CONCURRENCY)
+
+    async def one_group(indexes: list[int]) -> None:
+        async with sem:
+            for i in indexes:
+                try:
+                    results[i] = await check.check(candidates[i], who)
+                except FlowFabricError as exc:
+                    results[i] = exc
+                    return
+
+    await asyncio.gather(*(one_group(ix) for ix in groups.values()))
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is None:
+        return [r for r in results if r is not None and not isinstance(r, BaseException)]
+    for cand, r in zip(candidates, results, strict=True):
+        if isinstance(r, Admit):
+            try:
+                await check.release(cand, who)
+            except FlowFabricError as exc:
+                log.warning("%s release for %s failed: %s", check.name, cand.execution_id, exc)
+    raise failed
 
 
 def missing_capabilities(required: Iterable[str], worker_csv: str) -> list[str]:

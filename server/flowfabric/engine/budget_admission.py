@@ -33,6 +33,7 @@ from flowfabric.server.engine.admission import (
     Block,
     Candidate,
     Verdict,
+    each_bounded,
     stored_count,
     valid_id,
 )
@@ -180,6 +181,10 @@ class BudgetCheck:
             await self._release(reserved, eid, token)
             return Block(BUDGET_REASON, detail)
         return ADMIT
+
+    async def check_many(self, candidates: list[Candidate], who: Claimer) -> list[Verdict]:
+        """`check` for a round of heads, their calls overlapping (docs/lifecycle.md#admission)."""
+        return await each_bounded(self, candidates, who, lambda c: c.budget_ids)
 
     async def release(self, candidate: Candidate, who: Claimer) -> None:
         token = await self.claim_token(candidate)

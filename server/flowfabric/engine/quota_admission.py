@@ -30,6 +30,7 @@ from flowfabric.server.engine.admission import (
     Block,
     Candidate,
     Verdict,
+    each_bounded,
     stored_count,
     valid_id,
 )
@@ -166,6 +167,12 @@ class QuotaCheck:
             self._limits.clear()
         self._limits[keys.quota_policy_id] = (now, limits)
         return limits
+
+    async def check_many(self, candidates: list[Candidate], who: Claimer) -> list[Verdict]:
+        """`check` for a round of heads, their calls overlapping (docs/lifecycle.md#admission)."""
+        return await each_bounded(
+            self, candidates, who, lambda c: (c.quota_policy_id, c.concurrency_key)
+        )
 
     def _remember(self, at: tuple[str, str], keys: QuotaKeys, got: Admission) -> None:
         now = time.monotonic()

@@ -335,18 +335,23 @@ class Scheduler:
         admissions of those it did not lease. A check that cannot read its state raises: the
         claim call fails (fail closed). Heads another claim pass of this server is admitting
         are left to it (docs/lifecycle.md#admission)."""
-        eids = [e for e in eids if str(e) not in self._admitting]
         if want <= 0 or not eids:
             return []
-        held = {str(e) for e in eids}
-        self._admitting |= held
+        held: set[str] = set()
         try:
             admitted: list[Candidate] = []
             rest = list(eids)
             while rest and len(admitted) < want:
                 # in rounds of as many heads as leases still wanted: a refused head makes
-                # room for the next one, as when asking one by one
+                # room for the next one, as when asking one by one; heads another pass of
+                # this server holds are passed over (only the heads a round takes are held)
+                rest = [e for e in rest if str(e) not in self._admitting]
                 take, rest = rest[: want - len(admitted)], rest[want - len(admitted) :]
+                if not take:
+                    break
+                mine = {str(e) for e in take}
+                held |= mine
+                self._admitting |= mine
                 cands = await self._candidates(take, who)
                 verdicts = await self.admission.decide_many(cands, who)
                 for cand, verdict in zip(cands, verdicts, strict=True):
@@ -354,12 +359,10 @@ class Scheduler:
                         await self.admission.block(cand.execution_id, verdict)
                     elif verdict == ADMIT:
                         admitted.append(cand)
-            out = await self._lease_admitted(admitted, who, req, budget)
+            # the rows carry everything the task needs (payload, tags, ...): no second read
+            return await self._lease_admitted(admitted, who, req, budget)
         finally:
             self._admitting -= held
-        if out:
-            await self._attach_inputs(out)
-        return out
 
     async def _lease_admitted(
         self, admitted: list[Candidate], who: Claimer, req: ClaimRequest, budget: Budget
