@@ -402,9 +402,11 @@ redis.register_function('ff_reserve_budget', reserve_budget)
 
 -- ff_release_budget (lease end, failed claim, reconciler; docs/budgets.md#reservations)
 --   KEYS (4): 1 definition, 2 reserved, 3 holds, 4 inflight.
---   ARGV (3): 1 budget_id, 2 execution_id, 3 claim token ("" = whichever admission: the
---     reconciler; else only the admission made under that token: the lease end names its
---     epoch, a failed claim the epoch it would have created).
+--   ARGV (4): 1 budget_id, 2 execution_id, 3 claim token ("" = whichever admission: the
+--     reconciler), 4 match: "" = only the admission made under that token (a failed claim
+--     names the token it reserved with); "up_to" = an admission whose token is at most the
+--     given lease epoch (the lease end: that lease's admission, or a stale one of an earlier
+--     lease; never one made for a later lease).
 --   Replies: {1,"OK","released",freed} (freed = the sum of what it still held, now returned);
 --     {1,"ALREADY_SATISFIED","not_held"} (not in flight, or admitted under another token:
 --     nothing changes).
@@ -425,8 +427,16 @@ local function release_budget(keys, argv)
     Util.expect_key(keys[i + 1], def .. ':' .. suffix, 'budget ' .. suffix)
   end
   local hold, token = hold_of(keys[3], a.execution_id)
-  if (argv[3] or '') ~= '' and token ~= argv[3] then
-    return Reply.already('not_held')
+  local want = argv[3] or ''
+  if want ~= '' then
+    local matches = token == want
+    if argv[4] == 'up_to' then
+      matches = tonumber(token or '') ~= nil and tonumber(want) ~= nil
+        and tonumber(token) <= tonumber(want)
+    end
+    if not matches then
+      return Reply.already('not_held')
+    end
   end
   local was_in = redis.call('ZREM', keys[4], a.execution_id) == 1
   local freed = 0

@@ -49,6 +49,17 @@ async def vector(api: Api, eid: str) -> tuple[int, int]:
 
 BLOCKED = (t.ELIGIBILITY_STATE_BLOCKED_BY_BUDGET, t.BLOCKING_REASON_WAITING_FOR_BUDGET)
 
+
+async def listening(api: Api, eid: str) -> None:
+    """Wait until the server hears `eid`'s partition's ready channel, where lease ends are
+    announced (subscribed in the background at boot; one announced sooner would be lost)."""
+    hub = api.server.hub
+    assert hub is not None
+    e = parse_execution_id(eid, api.server.config.flow_partitions)
+    async with asyncio.timeout(10):
+        await hub.wait_subscribed(PartitionKeys(e.tag).ready)
+
+
 # -- no overshoot -------------------------------------------------------------------------------
 
 #: Claimers working at once: enough to interleave admissions, reports and releases, few enough
@@ -59,6 +70,7 @@ CLAIMERS = 6
 async def test_a_hundred_attempts_of_ten_never_pass_a_limit_of_five_hundred(api: Api) -> None:
     bid = await create_budget(api, hard=[500], soft=[0], reserve={"total_tokens": 10})
     eids = [await create(api, policy=with_budgets(bid)) for _ in range(100)]
+    await listening(api, eids[0])
     outcomes: list[str] = []
     done: list[str] = []
 
@@ -92,6 +104,7 @@ async def _settled(api: Api, bid: str) -> bool:
 async def test_reservations_show_in_status_and_return_when_the_lease_ends(api: Api) -> None:
     bid = await create_budget(api, hard=[100], soft=[0], reserve={"total_tokens": 30})
     eids = [await create(api, policy=with_budgets(bid)) for _ in range(4)]
+    await listening(api, eids[0])
     leases = await claimed(api)
     assert sorted(lease.execution_id for lease in leases) == sorted(eids[:3])
     assert await vector(api, eids[3]) == BLOCKED
@@ -203,6 +216,7 @@ async def test_cancel_running_revokes_every_lease_on_the_budget(api: Api) -> Non
     bid = await create_budget(api, hard=[100], soft=[0], on_hard_limit="cancel_running")
     mine = [await create(api, policy=with_budgets(bid)) for _ in range(3)]
     other = await create(api)
+    await listening(api, other)
     leases = {x.execution_id: x for x in await claimed(api)}
     assert set(leases) == {*mine, other}
     assert (await charge(api, bid, mine[0], 90)).WhichOneof("outcome") == "ok"

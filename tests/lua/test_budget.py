@@ -358,8 +358,10 @@ async def reserve(store: Store, k: BudgetKeys, eid: str, token: str = "") -> lis
     return status(await fcall(store, budget.RESERVE, budget_ctx(k), values))
 
 
-async def release(store: Store, k: BudgetKeys, eid: str, token: str = "") -> list[str]:
-    values = {"budget_id": k.budget_id, "execution_id": eid, "claim_token": token}
+async def release(
+    store: Store, k: BudgetKeys, eid: str, token: str = "", match: str = ""
+) -> list[str]:
+    values = {"budget_id": k.budget_id, "execution_id": eid, "claim_token": token, "match": match}
     return status(await fcall(store, budget.RELEASE, budget_ctx(k), values))
 
 
@@ -488,3 +490,13 @@ async def test_one_admission_per_lease_and_releases_name_theirs(store: Store) ->
     assert await hash_of(store, k.reserved) == {"total_tokens": "10"}, "lease 1's hold stays"
     assert await release(store, k, "e1", "1") == ["1", "OK", "released", "10"]
     assert (await reserve(store, k, "e1", "2"))[2] == "admitted"
+
+
+async def test_a_lease_end_releases_its_own_or_an_earlier_admission_only(store: Store) -> None:
+    k = new_budget()
+    await create(store, k, hard=[20], soft=[0], reserve=[10])
+    await reserve(store, k, "e1", "3")  # made for lease 3
+    assert (await release(store, k, "e1", "2", "up_to"))[2] == "not_held", "lease 2 ended"
+    assert await release(store, k, "e1", "4", "up_to") == ["1", "OK", "released", "10"]
+    await reserve(store, k, "e2", "1")
+    assert await release(store, k, "e2") == ["1", "OK", "released", "10"], "the reconciler's"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
@@ -138,6 +139,9 @@ class BudgetCheck:
 
     def __init__(self, store: Store, budget_partitions: int, functions: Functions) -> None:
         self.store, self.partitions, self.functions = store, budget_partitions, functions
+        # the token each admitted candidate reserved with, for its release: re-reading the
+        # epoch then could see a later lease's
+        self._tokens: weakref.WeakKeyDictionary[Candidate, str] = weakref.WeakKeyDictionary()
 
     def keys(self, bid: str) -> BudgetKeys:
         return BudgetKeys.of(budget_partition(bid, self.partitions), bid)
@@ -180,6 +184,7 @@ class BudgetCheck:
                     cache[bid] = detail  # same estimate for every execution of this budget
             await self._release(reserved, eid, token)
             return Block(BUDGET_REASON, detail)
+        self._tokens[candidate] = token
         return ADMIT
 
     async def check_many(self, candidates: list[Candidate], who: Claimer) -> list[Verdict]:
@@ -187,8 +192,9 @@ class BudgetCheck:
         return await each_bounded(self, candidates, who, lambda c: c.budget_ids)
 
     async def release(self, candidate: Candidate, who: Claimer) -> None:
-        token = await self.claim_token(candidate)
-        await self._release(self._attached(candidate), str(candidate.execution_id), token)
+        token = self._tokens.pop(candidate, None)
+        if token is not None:
+            await self._release(self._attached(candidate), str(candidate.execution_id), token)
 
     async def _release(self, bids: list[str], eid: str, token: str) -> None:
         for bid in bids:
@@ -222,9 +228,9 @@ class BudgetReleaser:
         for bid in bids:
             keys = BudgetKeys.of(budget_partition(bid, self.partitions), bid)
             try:
-                # only the admission of the lease that ended: a newer one (the execution was
-                # claimed again before this announcement arrived) stays
-                got = await self.functions.budget.release_budget(keys, eid, epoch)
+                # the admission of the lease that ended (or a stale one of an earlier lease);
+                # one made for a later lease (claimed again before this arrived) stays
+                got = await self.functions.budget.release_budget(keys, eid, epoch, up_to=True)
             except FlowFabricError as exc:
                 log.warning("release of %s from budget %s failed: %s", eid, bid, exc.code)
                 continue

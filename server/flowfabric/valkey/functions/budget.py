@@ -150,7 +150,12 @@ RESERVE: Decl[Reservation] = Decl(
 RELEASE: Decl[BudgetReleased] = Decl(
     "ff_release_budget",
     (_b("definition"), _b("reserved"), _b("holds"), _b("inflight")),
-    (arg("budget_id"), arg("execution_id"), arg("claim_token", default="")),
+    (
+        arg("budget_id"),
+        arg("execution_id"),
+        arg("claim_token", default=""),
+        arg("match", default=""),
+    ),
     {"OK": record(BudgetReleased), "ALREADY_SATISFIED": record(BudgetReleased)},
 )
 
@@ -204,12 +209,13 @@ class BudgetFunctions:
         return await call(self.store, RESERVE, budget_ctx(keys), values)
 
     async def release_budget(
-        self, keys: BudgetKeys, execution_id: str, claim_token: str = ""
+        self, keys: BudgetKeys, execution_id: str, claim_token: str = "", *, up_to: bool = False
     ) -> BudgetReleased:
-        """`claim_token` "" releases whoever admitted it (the lease ended); else only the
-        admission made under that token (a failed claim)."""
+        """`claim_token` "" releases whichever admission (the reconciler); else only the
+        admission made under that token (a failed claim), or with `up_to` any admission whose
+        token is at most that lease epoch (the lease ended)."""
         values = {"budget_id": keys.budget_id, "execution_id": execution_id,
-                  "claim_token": claim_token}  # fmt: skip
+                  "claim_token": claim_token, "match": "up_to" if up_to else ""}  # fmt: skip
         return await call(self.store, RELEASE, budget_ctx(keys), values)
 
     async def reconcile_budget(self, keys: BudgetKeys) -> Outcome:
