@@ -369,3 +369,16 @@ async def test_why_names_the_holders_of_a_full_concurrency_cap(api: Api) -> None
         qid, 1, 1, [first],
     )  # fmt: skip
     assert "1 running hold its slots" in w.summary
+
+
+async def test_a_claim_looks_past_a_run_of_blocked_heads(api: Api) -> None:
+    spent, fine = await spent_budget(api), await create_budget(api, hard=[100], soft=[0])
+    blocked = [await create(api, policy=with_budgets(spent)) for _ in range(40)]
+    behind = await create(api, policy=with_budgets(fine))
+    reply = await claim_next(api, max_tasks=1)
+    assert reply.WhichOneof("outcome") in ("task", "batch"), "one call finds the head behind"
+    got = reply.task if reply.WhichOneof("outcome") == "task" else reply.batch.tasks[0]
+    assert got.lease.execution_id == behind
+    for eid in blocked:
+        info = await get(api, eid)
+        assert info.state_vector.eligibility_state == t.ELIGIBILITY_STATE_BLOCKED_BY_BUDGET

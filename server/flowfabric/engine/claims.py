@@ -73,6 +73,8 @@ class Budget:
         # An admission check that failed in this pass (docs/budgets.md#admission): the pass
         # hands over what it already leased, and raises it only when it leased nothing.
         self.failure: FlowFabricError | None = None
+        # heads the admission checks blocked in this call (they left the eligible set)
+        self.blocked = 0
 
     @property
     def cap(self) -> int:

@@ -85,6 +85,7 @@ ROTATION_WINDOW_MS = 250
 WAIT_BACKSTOP_S = 1.0
 RECLAIM_EVERY = 16
 SCAN_SLACK = 16  # heads a batch claim may examine beyond the ones it wants
+ADMISSION_PASSES = 4  # claim_batch passes of one partition while admission blocks every head
 CANDIDATE_FIELDS = (
     "required_capabilities", "budget_ids", "quota_policy_id", "concurrency_key",
     "current_lease_epoch",
@@ -263,6 +264,19 @@ class Scheduler:
             return []
         if self.admission.cross_slot:
             return await self._claim_admitted(partition, who, req, want, budget)
+        out: list[Claimed] = []
+        for _ in range(ADMISSION_PASSES):
+            blocked = budget.blocked
+            out += await self._claim_batch_pass(partition, who, req, want - len(out), budget)
+            # a pass whose heads were all blocked by admission leaves the heads behind them
+            # unseen: look again, so a claim comes back empty only when nothing is claimable
+            if out or budget.blocked == blocked or budget.failure is not None or budget.spent:
+                break
+        return out
+
+    async def _claim_batch_pass(
+        self, partition: int, who: Claimer, req: ClaimRequest, want: int, budget: Budget
+    ) -> list[Claimed]:
         ids = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(want)]
         reply = await self.functions.scheduling.claim_batch(
             partition,
@@ -357,6 +371,7 @@ class Scheduler:
                 for cand, verdict in zip(cands, verdicts, strict=True):
                     if isinstance(verdict, Block):
                         await self.admission.block(cand.execution_id, verdict)
+                        budget.blocked += 1
                     elif verdict == ADMIT:
                         admitted.append(cand)
             # the rows carry everything the task needs (payload, tags, ...): no second read
