@@ -12,6 +12,7 @@ from flowfabric.server.engine.claims import ClaimRequest
 from flowfabric.server.engine.scheduler import Scheduler
 from flowfabric.v1 import flow_pb2 as fpb
 from flowfabric.v1 import flow_pb2_grpc
+from tests.api.test_budgets import create_quota
 from tests.api.test_claim_limits import claim_batch
 from tests.api.test_lifecycle import LANE, WORKER, create
 from tests.conftest import Api
@@ -71,6 +72,24 @@ async def test_a_spreading_over_many_flows_does_not_delay_b_past_four_rounds(api
     await submit_flows(api, "tenant-a", 30, 5)
     b = await create_for(api, "tenant-b", 10)
     started = await rounds_until(api, b, 4)
+    assert len(started) == 10, started
+
+
+async def test_a_spreading_over_many_concurrency_keys_does_not_delay_b(api: Api) -> None:
+    """A's backlog carries a per-key quota over 150 keys (2 running per key: none of it is
+    blocked), B's work none: the namespaces still share the claims."""
+    qid, _ = await create_quota(api, window_seconds=60, max_concurrent=2)
+    sem = asyncio.Semaphore(32)
+
+    async def one(i: int) -> str:
+        async with sem:
+            return await create(
+                api, namespace="tenant-a", quota_policy_id=qid, concurrency_key=f"cust-{i % 150}"
+            )
+
+    await asyncio.gather(*(one(i) for i in range(300)))
+    b = await create_for(api, "tenant-b", 10)
+    started = await rounds_until(api, b, 2)
     assert len(started) == 10, started
 
 
