@@ -466,3 +466,24 @@ async def test_budget_and_quota_commands(api: Api) -> None:
 
     core = await _core(api, eid)
     assert (core.get("budget_ids"), core.get("quota_policy_id")) == (bid, qid)
+
+
+def test_version_prints_the_package_version() -> None:
+    from importlib.metadata import version
+
+    shown = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == f"flowfabric {version('flowfabric')}"
+
+
+async def test_an_unreadable_payload_file_is_a_usage_error(api: Api, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    for args in (
+        ("submit", "job", "--payload", f"@{missing}"),
+        ("signal", "{fp:0}:00000000-0000-4000-8000-000000000000", "review", "--payload",
+         f"@{missing}"),
+    ):  # fmt: skip
+        shown = await _cli(api, *args)
+        assert shown.returncode == 2, (args, shown.stderr)
+        assert "Traceback" not in shown.stderr
+        assert f"--payload @{missing}: No such file or directory" in shown.stderr

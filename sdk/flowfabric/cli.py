@@ -131,6 +131,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flowfabric", message="flowfabric %(version)s")
 @click.option(
     "--target",
     envvar="FF_TARGET",
@@ -197,7 +198,7 @@ def submit(
     """Create an execution of KIND."""
     import time
 
-    data = open(payload[1:], "rb").read() if payload.startswith("@") else payload.encode()  # noqa: SIM115
+    data = _read_at_file(payload[1:], "--payload") if payload.startswith("@") else payload.encode()
     tag_map = {}
     for item in tags:
         key, sep, value = item.partition("=")
@@ -571,12 +572,21 @@ def signal_(
     _print(reply, ctx.obj["json"], [("waitpoint_id", waitpoint_id), *rows])
 
 
+def _read_at_file(path: str, option: str) -> bytes:
+    """The bytes of an `@file` option value; a file that cannot be read is a usage error (exit
+    2, one line naming it), not a traceback."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise click.UsageError(f"{option} @{path}: {exc.strerror or exc}") from None
+
+
 def _json_payload(payload: str | None) -> bytes | None:
     if payload is None:
         return None
     if payload.startswith("@"):
-        with open(payload[1:], "rb") as f:
-            payload = f.read().decode()
+        payload = _read_at_file(payload[1:], "--payload").decode("utf-8", "replace")
     try:
         json.loads(payload)
     except ValueError as exc:
