@@ -487,3 +487,17 @@ async def test_an_unreadable_payload_file_is_a_usage_error(api: Api, tmp_path: P
         assert shown.returncode == 2, (args, shown.stderr)
         assert "Traceback" not in shown.stderr
         assert f"--payload @{missing}: No such file or directory" in shown.stderr
+
+
+async def test_a_refused_call_names_its_reason_once_and_json_errors_are_json(api: Api) -> None:
+    missing = "{fp:0}:00000000-0000-4000-8000-000000000000"
+    shown = await _cli(api, "get", missing)
+    assert shown.returncode == 3, shown.stderr
+    lines = shown.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: NOT_FOUND execution_not_found")
+    assert lines[0].count("execution_not_found") == 1, lines[0]
+    as_json = await _cli(api, "--json", "get", missing)
+    assert as_json.returncode == 3
+    err = json.loads(as_json.stderr)["error"]
+    assert (err["code"], err["reason"]) == ("NOT_FOUND", "execution_not_found")
+    assert "execution_not_found" not in err["message"]

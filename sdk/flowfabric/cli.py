@@ -91,8 +91,27 @@ def _state_name(number: int) -> str:
     return ExecutionState(number).name.lower()
 
 
-def _fail(exc: FlowFabricError) -> None:
-    click.echo(f"error: {exc.code.name} {exc.reason}: {exc.message}", err=True)
+def _error_message(exc: FlowFabricError) -> str:
+    """The server's message without the reason it often starts with (printed once)."""
+    message = exc.message
+    if exc.reason and message.startswith(f"{exc.reason}: "):
+        message = message[len(exc.reason) + 2 :]
+    elif message == exc.reason:
+        message = ""
+    return message
+
+
+def _fail(exc: FlowFabricError, as_json: bool = False) -> None:
+    """Print a refused call's error on stderr (one line; a JSON object under --json) and exit
+    with its code."""
+    message = _error_message(exc)
+    if as_json:
+        body = {"code": exc.code.name, "reason": exc.reason, "message": message,
+                "metadata": exc.metadata}  # fmt: skip
+        click.echo(json.dumps({"error": body}), err=True)
+    else:
+        head = f"error: {exc.code.name} {exc.reason}".rstrip()
+        click.echo(f"{head}: {message}" if message else head, err=True)
     if exc.code == grpc.StatusCode.NOT_FOUND:
         raise SystemExit(EXIT_NOT_FOUND)
     if exc.code in _UNREACHABLE:
@@ -108,7 +127,7 @@ def _client(ctx: click.Context) -> Iterator[CommandClient]:
     try:
         yield client
     except FlowFabricError as exc:
-        _fail(exc)
+        _fail(exc, bool(obj["json"]))
     finally:
         client.close()
 
