@@ -280,8 +280,10 @@ def get(ctx: click.Context, execution_id: str) -> None:
     rows: list[tuple[str, Any]] = [
         ("execution_id", snap.execution_id),
         ("state", _state_name(snap.public_state)),
+        ("kind", snap.execution_kind),
         ("lane", snap.lane_id),
         ("namespace", snap.namespace),
+        ("priority", snap.priority),
         ("attempts", snap.total_attempt_count),
         ("created_at", snap.created_at),
     ]

@@ -44,6 +44,10 @@ async def test_submit_get_list_cancel_watch(api: Api) -> None:
     assert again.returncode == 0 and "duplicate" in again.stdout and eid in again.stdout
     shown = await cli(api, "get", eid)
     assert shown.returncode == 0 and "waiting" in shown.stdout and "app.owner" in shown.stdout
+    rows = dict(line.split(None, 1) for line in shown.stdout.splitlines() if " " in line)
+    assert (rows["kind"], rows["priority"]) == ("report", "3"), shown.stdout
+    described = json.loads((await cli(api, "--json", "get", eid)).stdout)
+    assert (described["execution_kind"], described["priority"]) == ("report", 3)
     listed = await cli(api, "list")
     assert listed.returncode == 0 and eid in listed.stdout and "EXECUTION_ID" in listed.stdout
     cancelled = await cli(api, "cancel", eid)

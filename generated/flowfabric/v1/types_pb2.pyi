@@ -850,6 +850,8 @@ class ExecutionSnapshot(_message.Message):
     PROGRESS_PCT_FIELD_NUMBER: _builtins.int
     PROGRESS_MESSAGE_FIELD_NUMBER: _builtins.int
     PROGRESS_UPDATED_AT_FIELD_NUMBER: _builtins.int
+    EXECUTION_KIND_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     flow_id: _builtins.str
     lane_id: _builtins.str
@@ -868,6 +870,9 @@ class ExecutionSnapshot(_message.Message):
     """Last progress the holder reported (UpdateProgress), if any."""
     progress_message: _builtins.str
     progress_updated_at: _builtins.int
+    execution_kind: _builtins.str
+    """What the execution runs (its kind, as given at create) and its priority."""
+    priority: _builtins.int
     @_builtins.property
     def current_attempt(self) -> Global___AttemptSummary:
         """Absent before the first claim."""
@@ -900,10 +905,12 @@ class ExecutionSnapshot(_message.Message):
         progress_pct: _builtins.int | None = ...,
         progress_message: _builtins.str | None = ...,
         progress_updated_at: _builtins.int | None = ...,
+        execution_kind: _builtins.str = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_current_waitpoint", b"_current_waitpoint", "_flow_id", b"_flow_id", "_progress_message", b"_progress_message", "_progress_pct", b"_progress_pct", "_progress_updated_at", b"_progress_updated_at", "blocking_detail", b"blocking_detail", "current_attempt", b"current_attempt", "current_lease", b"current_lease", "current_waitpoint", b"current_waitpoint", "flow_id", b"flow_id", "progress_message", b"progress_message", "progress_pct", b"progress_pct", "progress_updated_at", b"progress_updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_current_waitpoint", b"_current_waitpoint", "_flow_id", b"_flow_id", "_progress_message", b"_progress_message", "_progress_pct", b"_progress_pct", "_progress_updated_at", b"_progress_updated_at", "blocking_detail", b"blocking_detail", "blocking_reason", b"blocking_reason", "created_at", b"created_at", "current_attempt", b"current_attempt", "current_lease", b"current_lease", "current_waitpoint", b"current_waitpoint", "execution_id", b"execution_id", "flow_id", b"flow_id", "lane_id", b"lane_id", "last_mutation_at", b"last_mutation_at", "namespace", b"namespace", "progress_message", b"progress_message", "progress_pct", b"progress_pct", "progress_updated_at", b"progress_updated_at", "public_state", b"public_state", "tags", b"tags", "total_attempt_count", b"total_attempt_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_current_waitpoint", b"_current_waitpoint", "_flow_id", b"_flow_id", "_progress_message", b"_progress_message", "_progress_pct", b"_progress_pct", "_progress_updated_at", b"_progress_updated_at", "blocking_detail", b"blocking_detail", "blocking_reason", b"blocking_reason", "created_at", b"created_at", "current_attempt", b"current_attempt", "current_lease", b"current_lease", "current_waitpoint", b"current_waitpoint", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "lane_id", b"lane_id", "last_mutation_at", b"last_mutation_at", "namespace", b"namespace", "priority", b"priority", "progress_message", b"progress_message", "progress_pct", b"progress_pct", "progress_updated_at", b"progress_updated_at", "public_state", b"public_state", "tags", b"tags", "total_attempt_count", b"total_attempt_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__blocking_detail: _TypeAlias = _typing.Literal["blocking_detail"]  # noqa: Y015
     _WhichOneofArgType__blocking_detail: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail"]  # noqa: Y015

@@ -108,6 +108,8 @@ async def describe_execution(
         progress_pct=opt_int(f.get("progress_pct", "")),
         progress_message=f.get("progress_message") or None,
         progress_updated_at=opt_int(f.get("progress_updated_at", "")),
+        execution_kind=f.get("execution_kind", ""),
+        priority=_int(f, "priority", 0),
     )
     if f.get("current_attempt_id"):
         snap.current_attempt.CopyFrom(
