@@ -33,7 +33,7 @@ from flowfabric._models import (
     encode_payload,
     to_ms,
 )
-from flowfabric._transport import CHANNEL_OPTIONS, Transport
+from flowfabric._transport import CHANNEL_OPTIONS, Transport, default_target, default_token
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -63,16 +63,17 @@ class Client(ExecutionsMixin, FlowsMixin, StreamsMixin, SignalsMixin, BudgetsMix
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         *,
         token: str | None = None,
         tls: bool | grpc.ChannelCredentials = False,
         default_timeout: float = 10.0,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
+        target = default_target(target)
         self._transport = Transport(
             target,
-            token=token,
+            token=default_token(token),
             tls=tls,
             default_timeout=default_timeout,
             interceptors=interceptors,
@@ -91,7 +92,7 @@ class Client(ExecutionsMixin, FlowsMixin, StreamsMixin, SignalsMixin, BudgetsMix
     @classmethod
     async def connect(
         cls,
-        target: str,
+        target: str | None = None,
         *,
         token: str | None = None,
         tls: bool | grpc.ChannelCredentials = False,

@@ -88,7 +88,7 @@ class SyncClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         *,
         token: str | None = None,
         tls: bool | grpc.ChannelCredentials = False,

@@ -10,6 +10,7 @@ the typed errors of `_errors.py`.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -77,6 +78,20 @@ def _credentials(tls: bool | grpc.ChannelCredentials) -> grpc.ChannelCredentials
     if isinstance(tls, grpc.ChannelCredentials):
         return tls
     return grpc.ssl_channel_credentials() if tls else None
+
+
+#: The server address when none is given and FF_TARGET is unset.
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def default_target(target: str | None) -> str:
+    """`target`, else FF_TARGET, else 127.0.0.1:50051 (as the CLI)."""
+    return target or os.environ.get("FF_TARGET") or DEFAULT_TARGET
+
+
+def default_token(token: str | None) -> str | None:
+    """`token`, else FF_API_TOKEN (unset or empty: no token)."""
+    return token if token is not None else (os.environ.get("FF_API_TOKEN") or None)
 
 
 class Transport:

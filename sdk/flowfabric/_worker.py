@@ -202,7 +202,7 @@ class Worker:
 
     def __init__(
         self,
-        target: str | Client,
+        target: str | Client | None = None,
         *,
         lanes: Iterable[str] = ("default",),
         capabilities: Iterable[str] = (),
@@ -314,7 +314,7 @@ class Worker:
         if self._started:
             return
         if self._client is None:
-            assert isinstance(self._target, str)
+            assert not isinstance(self._target, Client)
             self._client = await Client.connect(self._target, **self._client_options)
         request = worker_pb2.RegisterWorkerRequest(
             worker_id=self.worker_id,

@@ -176,3 +176,20 @@ async def test_create_retried_only_when_idempotent(api: Api) -> None:
         with pytest.raises(Unavailable):
             await c.submit("job", lane=LANE)
         assert flaky.creates == 1
+
+
+async def test_ff_target_and_ff_api_token_are_the_defaults(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FF_TARGET", api.address)
+    monkeypatch.setenv("FF_API_TOKEN", API_TOKEN)
+    async with Client() as client:
+        assert client.target == api.address
+        submitted = await client.submit("env-default", lane="env-lane")
+        assert (await client.get(submitted.execution_id)).execution_id == submitted.execution_id
+    monkeypatch.setenv("FF_API_TOKEN", "wrong-token")
+    async with Client() as client:
+        with pytest.raises(Unauthenticated):
+            await client.get(submitted.execution_id)
+    monkeypatch.delenv("FF_TARGET")
+    assert Client(token="t").target == "127.0.0.1:50051", "the CLI's default"
