@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 
 from flowfabric.server.config import Config
-from flowfabric.server.engine.quota_reconciler import QuotaReconciler
+from flowfabric.server.engine.quota_reconciler import QuotaReconciler, sscan_all
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Functions
@@ -30,26 +30,12 @@ from flowfabric.server.valkey.store import Store, server_time_ms
 log = logging.getLogger("flowfabric.scanners")
 
 RESET_BATCH = 20
-SCAN_COUNT = 100
 TRANSPORT = frozenset({"backend_unavailable", "backend_timeout"})
 #: An in-flight entry this old whose execution is no longer active is released by the
 #: reconciler (docs/budgets.md#reservations): longer than any claim grant (60 s), so an
 #: admission whose claim is still being made is never taken back.
 INFLIGHT_GRACE_MS = 120_000
 INFLIGHT_BATCH = 100
-
-
-async def _sscan_all(store: Store, key: str) -> list[str]:
-    """Every member of a set, by SSCAN until the cursor wraps (duplicates dropped)."""
-    seen: dict[str, None] = {}
-    cursor = 0
-    while True:
-        cursor, members = await store.call("SSCAN", key, cursor, "COUNT", SCAN_COUNT)
-        for m in members:
-            seen[text(m)] = None
-        cursor = int(cursor)
-        if cursor == 0:
-            return list(seen)
 
 
 OnReset = Callable[[BudgetKeys], None]
@@ -112,7 +98,7 @@ class BudgetReconciler:
     async def run_cycle(self) -> int:
         changed = 0
         for part in range(self.partitions):
-            for bid in await _sscan_all(self.store, BudgetKeys.of(part).policies):
+            for bid in await sscan_all(self.store, BudgetKeys.of(part).policies):
                 keys = BudgetKeys.of(part, bid)
                 try:
                     r = await self.fn.budget.reconcile_budget(keys)

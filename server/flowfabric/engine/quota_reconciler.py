@@ -39,8 +39,9 @@ PAGE = 1000
 HOLDING_PHASE = "active"
 
 
-async def _sscan_all(store: Store, key: str) -> list[str]:
-    """Every member of a set, by SSCAN until the cursor wraps (duplicates dropped)."""
+async def sscan_all(store: Store, key: str) -> list[str]:
+    """Every member of a set, by SSCAN until the cursor wraps (duplicates dropped); the
+    budget and quota jobs walk their partition indexes with it."""
     seen: dict[str, None] = {}
     cursor = 0
     while True:
@@ -115,7 +116,7 @@ class QuotaReconciler:
         """One policy, every bucket; the number of buckets changed (slots freed or a counter
         repaired), 1 when the policy was gone and left the index."""
         changed = 0
-        buckets = ["", *sorted(await _sscan_all(self.store, keys.keys_index))]
+        buckets = ["", *sorted(await sscan_all(self.store, keys.keys_index))]
         for key in buckets:
             bucket = keys.bucket(key)
             freed, drifted, gone = await self.reconcile_bucket(bucket)
@@ -133,7 +134,7 @@ class QuotaReconciler:
     async def run_cycle(self) -> int:
         changed = 0
         for part in range(self.partitions):
-            for qid in await _sscan_all(self.store, QuotaKeys.of(part).policies):
+            for qid in await sscan_all(self.store, QuotaKeys.of(part).policies):
                 try:
                     changed += await self.reconcile(QuotaKeys.of(part, qid))
                 except FlowFabricError as exc:
