@@ -7,6 +7,7 @@ import builtins
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any
 
 from flowfabric._errors import DeadlineExceeded, ResultNotReady
 from flowfabric._models import (
@@ -19,7 +20,7 @@ from flowfabric._models import (
     encode_payload,
     to_ms,
 )
-from flowfabric._retry import RetryPolicy
+from flowfabric._retry import RetryPolicy, policy_json
 from flowfabric._signals import Duration, duration_ms
 from flowfabric._transport import Connected
 from flowfabric._why import Why
@@ -50,7 +51,7 @@ class ExecutionsMixin(Connected):
         priority: int = 0,
         delay_until: Time | None = None,
         deadline: Time | None = None,
-        policy: types_pb2.ExecutionPolicy | RetryPolicy | None = None,
+        policy: types_pb2.ExecutionPolicy | RetryPolicy | Mapping[str, Any] | str | None = None,
         tags: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         namespace: str = "default",
@@ -62,6 +63,8 @@ class ExecutionsMixin(Connected):
     ) -> Submitted:
         """Create an execution of `kind` on `lane`.
 
+        `policy` is the message, a `RetryPolicy`, or the policy's JSON shape as a mapping or
+        text (README "Execution policy"; the server checks it and names a bad field).
         `budgets` (budget ids) are added to the policy's `budget_ids`, and `quota` (a quota
         policy id) is sent as `quota_policy_id` (docs/budgets.md). `concurrency_key` (with
         `quota`) applies the policy's limits per key, e.g. per customer
@@ -84,9 +87,11 @@ class ExecutionsMixin(Connected):
             request.payload_encoding = payload_encoding or encoding or ""
         if isinstance(policy, RetryPolicy):
             request.policy.CopyFrom(policy.to_proto())
-        elif policy is not None:
+        elif isinstance(policy, types_pb2.ExecutionPolicy):
             request.policy.CopyFrom(policy)
-        if budgets:
+        elif policy is not None:
+            request.policy_json = policy_json(policy, budgets)
+        if budgets and not request.policy_json:
             add_budgets(request.policy, budgets)
         if quota is not None:
             request.quota_policy_id = quota

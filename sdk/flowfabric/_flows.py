@@ -13,14 +13,13 @@ as a duplicate instead of creating a second flow.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, cast
 
 from flowfabric._models import Payload, encode_payload
-from flowfabric._retry import RetryPolicy
+from flowfabric._retry import RetryPolicy, policy_json
 from flowfabric.v1 import flow_pb2, types_pb2
 
 R = TypeVar("R")
@@ -527,29 +526,14 @@ def _set_policy(
         member.policy.CopyFrom(policy.to_proto())
     elif isinstance(policy, types_pb2.ExecutionPolicy):
         member.policy.CopyFrom(policy)
-    elif isinstance(policy, str) and not budgets:
-        member.policy_json = policy
-        return
     else:  # verbatim: the server checks it (and names a bad field) as it does for a create
-        body = _policy_object(policy, member.key) if isinstance(policy, str) else dict(policy)
-        if budgets:
-            ids = body.get("budget_ids") or []
-            body["budget_ids"] = list(dict.fromkeys([*ids, *budgets]))
-        member.policy_json = json.dumps(body, separators=(",", ":"))
+        try:
+            member.policy_json = policy_json(policy, budgets)
+        except ValueError as exc:
+            raise InvalidFlow(
+                "invalid_policy_json", f"member {member.key!r}: {exc}", member.key
+            ) from None
         return
     for budget_id in budgets:
         if budget_id not in member.policy.budget_ids:
             member.policy.budget_ids.append(budget_id)
-
-
-def _policy_object(text: str, key: str) -> dict[str, Any]:
-    """A policy's JSON text as an object, to add budget ids to it."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise InvalidFlow(
-            "invalid_policy_json", f"member {key!r}: policy is not a JSON object", key
-        )
-    return body

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -14,6 +15,30 @@ from flowfabric._errors import FlowFabricError, from_rpc_error
 from flowfabric.v1 import types_pb2
 
 T = TypeVar("T")
+
+
+def policy_json(policy: Mapping[str, Any] | str, budgets: Sequence[str] = ()) -> str:
+    """An execution policy given as its JSON shape (a mapping or text) as the text to send, with
+    `budgets` added to its `budget_ids`. The server checks the shape and names a bad field; this
+    only refuses what is not a JSON object (ValueError)."""
+    if isinstance(policy, str) and not budgets:
+        return policy
+    if isinstance(policy, str):
+        try:
+            body = json.loads(policy)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise ValueError("policy is not a JSON object")
+    else:
+        body = dict(policy)
+    if budgets:
+        ids = body.get("budget_ids") or []
+        body["budget_ids"] = list(dict.fromkeys([*ids, *budgets]))
+    try:
+        return json.dumps(body, separators=(",", ":"))
+    except TypeError as exc:
+        raise ValueError(f"policy is not JSON: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -193,3 +193,17 @@ async def test_ff_target_and_ff_api_token_are_the_defaults(
             await client.get(submitted.execution_id)
     monkeypatch.delenv("FF_TARGET")
     assert Client(token="t").target == "127.0.0.1:50051", "the CLI's default"
+
+
+async def test_submit_policy_as_mapping_or_text(client: Client) -> None:
+    """A policy's JSON shape is sent as `policy_json`; the server checks it and names the field."""
+    sub = await client.submit(
+        "job", lane=LANE, policy={"retry_policy": {"max_retries": 4}}, budgets=["b-sdk-map"]
+    )
+    snap = await client.describe(sub.execution_id)
+    assert snap.execution_id == sub.execution_id
+    with pytest.raises(InvalidArgument) as caught:
+        await client.submit("job", lane=LANE, policy='{"retry_policy": {"max_retries": "x"}}')
+    assert caught.value.reason == "invalid_policy_json"
+    with pytest.raises(ValueError, match="not a JSON object"):
+        await client.submit("job", lane=LANE, policy="[1, 2]", budgets=["b"])
