@@ -17,6 +17,7 @@ import pytest
 from flowfabric.server.app import FlowFabricServer
 from flowfabric.server.config import Config
 from flowfabric.server.valkey.store import Store
+from flowfabric.v1 import execution_pb2 as pb
 from flowfabric.v1 import stream_pb2 as spb
 from flowfabric.v1 import stream_pb2_grpc
 from flowfabric.v1 import types_pb2 as t
@@ -280,6 +281,24 @@ async def test_tail_unknown_execution(api: Api) -> None:
     eid = (await started(api)).execution_id
     other = eid[: eid.index("}") + 2] + "00000000-0000-4000-8000-000000000000"
     await expect_error(collect(tail(api, other)), C.NOT_FOUND, "execution_not_found")
+
+
+async def test_tail_of_an_attempt_a_terminal_execution_never_had(api: Api) -> None:
+    """Attempt 1 of a one-attempt execution that ended is NOT_FOUND, not a made-up close."""
+    lease = await started(api)
+    await complete(api, lease)
+    await expect_error(collect(tail(api, lease.execution_id, 1)), C.NOT_FOUND, "attempt_not_found")
+    assert (await collect(tail(api, lease.execution_id, 0)))[-1].closed_reason == "attempt_success"
+    # cancelled before any claim: attempt 0 closes with the outcome, attempt 1 never existed
+    eid = await create(api)
+    await api.execution.CancelExecution(
+        pb.CancelExecutionRequest(execution_id=eid, reason="operator"), metadata=api.metadata
+    )
+    assert (await collect(tail(api, eid, 0)))[-1].closed_reason == "attempt_cancelled"
+    await expect_error(collect(tail(api, eid, 1)), C.NOT_FOUND, "attempt_not_found")
+    # while the execution can still retry, a later attempt is waited for, not refused
+    live = await started(api, "w-2")
+    assert await collect(tail(api, live.execution_id, 3, follow=False)) == []
 
 
 async def test_twenty_concurrent_tails_progress_with_a_slow_writer(api: Api) -> None:

@@ -98,7 +98,9 @@ class StreamServiceServicer:
         Messages with neither frames nor markers are keep-alives. To resume,
         reconnect with the id of the last frame handled.
         Errors: INVALID_ARGUMENT for a non-concrete `after`, `batch` outside
-        1..1000 or `idle_timeout_ms` over 300000; UNAVAILABLE `shutting_down`.
+        1..1000 or `idle_timeout_ms` over 300000; NOT_FOUND `execution_not_found`,
+        or `attempt_not_found` for an attempt a terminal execution never had;
+        UNAVAILABLE `shutting_down`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,7 +63,9 @@ class StreamServiceStub:
     Messages with neither frames nor markers are keep-alives. To resume,
     reconnect with the id of the last frame handled.
     Errors: INVALID_ARGUMENT for a non-concrete `after`, `batch` outside
-    1..1000 or `idle_timeout_ms` over 300000; UNAVAILABLE `shutting_down`.
+    1..1000 or `idle_timeout_ms` over 300000; NOT_FOUND `execution_not_found`,
+    or `attempt_not_found` for an attempt a terminal execution never had;
+    UNAVAILABLE `shutting_down`.
     """
 
 @_typing.type_check_only
@@ -101,7 +103,9 @@ class StreamServiceAsyncStub(StreamServiceStub):
     Messages with neither frames nor markers are keep-alives. To resume,
     reconnect with the id of the last frame handled.
     Errors: INVALID_ARGUMENT for a non-concrete `after`, `batch` outside
-    1..1000 or `idle_timeout_ms` over 300000; UNAVAILABLE `shutting_down`.
+    1..1000 or `idle_timeout_ms` over 300000; NOT_FOUND `execution_not_found`,
+    or `attempt_not_found` for an attempt a terminal execution never had;
+    UNAVAILABLE `shutting_down`.
     """
 
 class StreamServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -148,7 +152,9 @@ class StreamServiceServicer(metaclass=_abc_1.ABCMeta):
         Messages with neither frames nor markers are keep-alives. To resume,
         reconnect with the id of the last frame handled.
         Errors: INVALID_ARGUMENT for a non-concrete `after`, `batch` outside
-        1..1000 or `idle_timeout_ms` over 300000; UNAVAILABLE `shutting_down`.
+        1..1000 or `idle_timeout_ms` over 300000; NOT_FOUND `execution_not_found`,
+        or `attempt_not_found` for an attempt a terminal execution never had;
+        UNAVAILABLE `shutting_down`.
         """
 
 def add_StreamServiceServicer_to_server(servicer: StreamServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

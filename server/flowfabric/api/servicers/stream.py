@@ -128,12 +128,28 @@ class StreamServicer(rpc.StreamServiceServicer):
                 "idle_timeout_ms", f"idle_timeout_ms must be at most {IDLE_TIMEOUT_MAX_MS}"
             )
         with self.slots.take():
-            k = ExecKeys(eid)
-            if not await self._call("EXISTS", k.core):
-                raise FlowFabricError("execution_not_found")
+            await self._check_attempt(eid, request.attempt_index)
             async for message in self._tail(eid, request.attempt_index, cursor, batch, follow,
                                             idle_ms):  # fmt: skip
                 yield message
+
+    async def _check_attempt(self, eid: ExecutionId, idx: int) -> None:
+        """Refuse a tail that could only end with a made-up close: the execution must exist, and
+        once it is terminal the attempt must be one it had (docs/streams.md#tails). Attempt 0 of
+        an execution that ended before any attempt is still tailed (it closes with the outcome).
+        """
+        phase, current = await self._call(
+            "HMGET", ExecKeys(eid).core, "lifecycle_phase", "current_attempt_index"
+        )
+        if phase is None:
+            raise FlowFabricError("execution_not_found")
+        last = int(text(current)) if text(current) else None
+        if text(phase) == "terminal" and idx > (last if last is not None else 0):
+            had = f"attempts 0..{last}" if last is not None else "no attempts"
+            raise FlowFabricError(
+                "attempt_not_found",
+                message=f"execution {eid} ended with {had}; attempt {idx} never ran",
+            )
 
     async def _tail(
         self, eid: ExecutionId, idx: int, cursor: str, batch: int, follow: bool,
