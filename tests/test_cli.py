@@ -93,6 +93,21 @@ def test_bad_configuration_exits_1_naming_the_variable(tmp_path: Path) -> None:
     assert "FF_FLOW_PARTITIONS" in done.stderr
 
 
+def test_malformed_valkey_url_exits_1_naming_it_without_a_traceback() -> None:
+    secret = "ab" * 32
+    env = {**os.environ, "FF_VALKEY_URL": "redis://u:pw@h:x", "FF_WAITPOINT_HMAC_SECRET": secret}
+    done = subprocess.run([*CLI, "serve"], capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 1, done.stderr
+    assert "FF_VALKEY_URL" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "pw" not in done.stderr  # credentials are masked
+    for bad in ("notaurl", "http://h:6379", "redis://:@/", "redis://h:70000", "unix://"):
+        with pytest.raises(ConfigError, match="FF_VALKEY_URL"):
+            Config.load([], env={"FF_VALKEY_URL": bad, "FF_WAITPOINT_HMAC_SECRET": secret})
+    for good in ("valkey://h:6379", "rediss://u:pw@h", "redis://h/2?cluster=1", "unix:///tmp/v.s"):
+        env = {"FF_VALKEY_URL": good, "FF_WAITPOINT_HMAC_SECRET": secret}
+        assert Config.load([], env=env).valkey_url == good
+
+
 def test_config_from_env_and_flags() -> None:
     env = {"FF_LISTEN_ADDR": "127.0.0.1:1", "FF_LANES": "a,b", "FF_API_TOKEN": ""}
     cfg = Config.load(["--listen-addr", "127.0.0.1:2"], env=env)

@@ -35,7 +35,7 @@ from flowfabric.server.api.servicers import (
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.api.streams import StreamSlots
 from flowfabric.server.api.watches import SignalWatches
-from flowfabric.server.config import Config, ConfigError
+from flowfabric.server.config import Config, ConfigError, redact_url
 from flowfabric.server.embedded import (
     ValkeyProcess,
     lock_data_dir,
@@ -281,7 +281,7 @@ class FlowFabricServer:
             if not await store.client.ping():
                 raise BootError("PING did not answer PONG")
 
-        await self._retry(connect, f"connect to Valkey at {_redact(url)}")
+        await self._retry(connect, f"connect to Valkey at {redact_url(url)}")
         return store
 
     async def _retry(self, step: Callable[[], Awaitable[object]], what: str) -> object:
@@ -513,10 +513,3 @@ class FlowFabricServer:
             unlock_data_dir(self._lock_fd)
             self._lock_fd = None
         log.info("flowfabric stopped")
-
-
-def _redact(url: str) -> str:
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url

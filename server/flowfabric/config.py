@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from flowfabric.server.valkey import bounds
 from flowfabric.server.valkey.ids import is_secret_hex
@@ -274,6 +275,40 @@ def _str(_name: str, raw: str) -> str:
     return raw
 
 
+VALKEY_SCHEMES = ("valkey", "valkeys", "redis", "rediss", "unix")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any credentials masked, for logs and error messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def _valkey_url(name: str, raw: str) -> str:
+    """`scheme://host[:port][/db][?cluster=1]` with a known scheme; checked before any connect."""
+    shown = redact_url(raw)
+    want = "valkey://host:port (or valkeys://, redis://, rediss://, unix:///path)"
+    try:
+        parts = urlsplit(raw)
+        port = parts.port  # raises on a non-numeric or out-of-range port
+    except ValueError as exc:
+        raise ConfigError(
+            f"{name} is not a valid URL ({exc}), got: {shown!r}; want {want}"
+        ) from None
+    if parts.scheme not in VALKEY_SCHEMES:
+        raise ConfigError(f"{name} has an unknown scheme {parts.scheme!r}: {shown!r}; want {want}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{name} needs a socket path, got: {shown!r}; want {want}")
+    elif not parts.hostname:
+        raise ConfigError(f"{name} needs a host, got: {shown!r}; want {want}")
+    if port == 0:
+        raise ConfigError(f"{name} port must be 1..65535, got: {shown!r}")
+    return raw
+
+
 def _path(_name: str, raw: str) -> Path:
     return Path(raw)
 
@@ -302,7 +337,7 @@ def _level(name: str, raw: str) -> str:
 
 
 _SETTINGS: dict[str, tuple[str, Any]] = {
-    "FF_VALKEY_URL": ("valkey_url", _str),
+    "FF_VALKEY_URL": ("valkey_url", _valkey_url),
     "FF_HOST": ("host", _str),
     "FF_PORT": ("port", lambda n, r: _int(n, r, 1)),
     "FF_TLS": ("tls", _bool),
