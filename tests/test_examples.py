@@ -11,21 +11,32 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+LLM_BUDGET = (
+    "globex: 2 completed, 1 failed (budget_exceeded), usage 280/280",
+    "initech: 2 completed, 1 waiting for the budget, usage 240/300, no",
+    "umbrella: 0 completed, 3 waiting for the budget, usage 200/200",
+)
+
+
 @pytest.mark.parametrize(
-    ("script", "expected"),
+    ("script", "expected", "stdin"),
     [
-        ("quickstart.py", 'result: {"greeting":"hello, world"}'),
-        ("retries_and_cancel.py", "as expected"),
-        ("pipeline.py", "summary: incident-42.md: The cache expired early."),
-        ("approval.py --auto-approve --tamper", "tampered token refused: PERMISSION_DENIED"),
-        ("approval.py --reject", "draft     failed"),
-        ("dag.py", "total: 385 from 10 branches"),
-        ("llm_budget.py", "globex: 2 completed, 1 failed (budget_exceeded), usage 280/280"),
-        ("llm_budget.py", "initech: 2 completed, 1 waiting for the budget, usage 240/300, no"),
-        ("llm_budget.py", "umbrella: 0 completed, 3 waiting for the budget, usage 200/200"),
+        ("quickstart.py", ('result: {"greeting":"hello, world"}',), None),
+        ("retries_and_cancel.py", ("as expected",), None),
+        ("pipeline.py", ("summary: incident-42.md: The cache expired early.",), None),
+        (
+            "approval.py --auto-approve --tamper",
+            ("tampered token refused: PERMISSION_DENIED",),
+            None,
+        ),
+        ("approval.py --reject", ("draft     failed",), None),
+        # no terminal and nothing piped: the example approves instead of dying on EOF
+        ("approval.py", ("no terminal and no piped answer: approving", "draft     completed"), ""),
+        ("dag.py", ("total: 385 from 10 branches",), None),
+        ("llm_budget.py", LLM_BUDGET, None),
     ],
 )
-def test_example_runs(script: str, expected: str) -> None:
+def test_example_runs(script: str, expected: tuple[str, ...], stdin: str | None) -> None:
     name, *args = script.split()
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *args],
@@ -33,8 +44,10 @@ def test_example_runs(script: str, expected: str) -> None:
         text=True,
         timeout=110,
         cwd=EXAMPLES,
+        input=stdin,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert expected in done.stdout, done.stdout
+    for line in expected:
+        assert line in done.stdout, done.stdout
     if name in ("approval.py", "llm_budget.py"):
         assert "as expected" in done.stdout, done.stdout
