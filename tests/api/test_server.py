@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.keys import PARTITION_CONFIG
 from flowfabric.server.valkey.store import Store
 from flowfabric.v1 import admin_pb2, budget_pb2, budget_pb2_grpc, execution_pb2
+from flowfabric.v1 import types_pb2 as t
 from tests.api.util import expect_error
 from tests.conftest import API_TOKEN, HMAC_SECRET, Api
 
@@ -314,3 +316,45 @@ async def test_an_oversized_id_echoed_in_an_error_still_gives_the_reason(api: Ap
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
     assert len(caught.value.details() or "") <= 1024
+
+
+def walkthrough_script(address: str, scratch: Path) -> str:
+    """The README's walkthrough block as written, pointed at `address` with this suite's token."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## A grpcurl walkthrough") :]
+    start = section.index("```sh\n") + 6
+    block = section[start : section.index("\n```", start)]
+    skip = (".venv/bin/flowfabric serve", ".venv/bin/pip")
+    lines = [ln for ln in block.splitlines() if not ln.startswith(skip)]
+    auth = f"{grpcurl()} -plaintext -H 'authorization: Bearer {API_TOKEN}'"
+    return (
+        "\n".join(lines)
+        .replace(".venv/bin/grpcurl -plaintext", auth)
+        .replace(".venv/bin/python", sys.executable)
+        .replace("127.0.0.1:50051", address)
+        .replace("/tmp/demo.json", str(scratch / "demo.json"))
+    )
+
+
+async def test_readme_grpcurl_walkthrough_runs_and_cleans_up(api: Api, tmp_path: Path) -> None:
+    """The README's walkthrough, run as written: it creates, dedupes, describes and lists, then
+    cancels its execution, leaving no work queued for a Quickstart worker."""
+    script = walkthrough_script(api.address, tmp_path)
+    done = await asyncio.to_thread(
+        subprocess.run, ["bash", "-euo", "pipefail", "-c", script],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"duplicate"' in done.stdout and "PUBLIC_STATE_CANCELLED" in done.stdout, done.stdout
+    created = re.search(r'"created": \{\s*"execution_id": "([^"]+)"', done.stdout)
+    assert created, done.stdout
+    eid = created.group(1)
+    got = await api.execution.GetExecution(
+        execution_pb2.GetExecutionRequest(execution_id=eid), metadata=api.metadata
+    )
+    assert got.execution.public_state == t.PUBLIC_STATE_CANCELLED
+    for lane in ("walkthrough", "default"):
+        queued = await api.execution.ListExecutions(
+            execution_pb2.ListExecutionsRequest(lane=lane), metadata=api.metadata
+        )
+        assert list(queued.executions) == [], lane
