@@ -631,7 +631,7 @@ redis.register_function('ff_cancel_execution', cancel_execution)
 --     execution_not_active (enriched), lease_revoked, lease_expired (not marked), stale_lease
 --     (lease_id or epoch differ; attempt_id is not checked).
 --   Writes: core progress_pct / progress_message (those given), progress_updated_at,
---     last_mutation_at.
+--     last_mutation_at; SPUBLISH progress on ff:exec_events:{p}.
 local PROGRESS_ARGV = {
   {3, 'lease_epoch', 'int?'},
   {4, 'progress_pct', 'int?', min = 0, max = 100, says = 'be between 0 and 100'},
@@ -669,6 +669,10 @@ local function update_progress(keys, argv)
     args[#args + 1] = argv[5]
   end
   redis.call(unpack(args))
+  -- wakes WatchExecution, which re-reads and sends the progress (docs/lifecycle.md#priority-and-progress)
+  redis.call('SPUBLISH', 'ff:exec_events:' .. Util.tag_of(keys[1]), cjson.encode({
+    type = 'progress', execution_id = argv[1], at = now,
+  }))
   return Reply.ok()
 end
 

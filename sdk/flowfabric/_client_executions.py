@@ -249,20 +249,24 @@ class ExecutionsMixin(Connected):
         execution_id: str,
         *,
         timeout: float | None = None,  # noqa: ASYNC109
+        progress: bool = False,
     ) -> AsyncGenerator[execution_pb2.WatchExecutionResponse, None]:
         """The current state, then every public-state change; ends after a terminal state.
 
+        With `progress=True` each progress update the handler reports (`ctx.progress`) comes
+        too, as a message with the same state and new `progress_pct` / `progress_message`.
         A stream broken by UNAVAILABLE is re-opened (the server re-sends the current state;
         repeats are dropped). `timeout` bounds the whole watch (DeadlineExceeded).
         """
         end = None if timeout is None else time.monotonic() + timeout
         request = execution_pb2.WatchExecutionRequest(execution_id=execution_id)
-        last: int | None = None
+        last: tuple[int, int] | None = None
         async for message in self._transport.server_stream(
             self._transport.executions.WatchExecution, lambda: request, end=end
         ):
-            if message.public_state != last:
-                last = message.public_state
+            seen = (message.public_state, message.progress_updated_at if progress else 0)
+            if seen != last:
+                last = seen
                 yield message
 
     async def wait(

@@ -478,15 +478,21 @@ def replay(ctx: click.Context, execution_id: str) -> None:
 @click.argument("execution_id")
 @click.pass_context
 def watch(ctx: click.Context, execution_id: str) -> None:
-    """Print each state transition until the execution ends (exit 5 unless completed)."""
+    """Print each state transition and progress update until the execution ends (exit 5
+    unless completed)."""
     last: ExecutionState | None = None
     with _client(ctx) as client:
-        for event in client.watch(execution_id):
-            last = ExecutionState(event.public_state)
+        for event in client.watch(execution_id, progress=True):
+            state = ExecutionState(event.public_state)
             if ctx.obj["json"]:
                 _print(event, True)
+            elif state is last:  # same state: a progress update
+                click.echo(f"{event.progress_updated_at}  {_state_name(state)}  {_progress(event)}")
             else:
-                click.echo(f"{event.at}  {_state_name(last)}")
+                shown = f"  {_progress(event)}" if event.HasField("progress_updated_at") else ""
+                click.echo(f"{event.at}  {_state_name(state)}{shown}")
+            last = state
+            sys.stdout.flush()
     if last is not None and last.is_terminal and last is not ExecutionState.COMPLETED:
         raise SystemExit(EXIT_NOT_COMPLETED)
 
@@ -525,6 +531,14 @@ def tail(
                     click.echo(
                         f"-- closed: {message.closed_reason} at {message.closed_at}", err=True
                     )
+
+
+def _progress(event: execution_pb2.WatchExecutionResponse) -> str:
+    """`42%  message` (either part may be missing)."""
+    parts = [f"{event.progress_pct}%"] if event.HasField("progress_pct") else []
+    if event.progress_message:
+        parts.append(event.progress_message)
+    return "  ".join(parts) or "progress"
 
 
 def _payload_text(item: t.StreamFrame | Signal) -> str:

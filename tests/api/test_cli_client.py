@@ -77,6 +77,30 @@ async def test_exit_codes(api: Api) -> None:
     assert unreachable.returncode == 4
 
 
+async def test_watch_shows_progress_live(api: Api) -> None:
+    from flowfabric.v1 import worker_pb2 as wpb
+    from tests.api.test_lifecycle import claim_one, complete, create
+
+    eid = await create(api)
+    lease = (await claim_one(api)).lease
+    base = [*CLI, "--target", api.address, "--token", API_TOKEN]
+    proc = await asyncio.create_subprocess_exec(
+        *base, "watch", eid, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert b"active" in await asyncio.wait_for(proc.stdout.readline(), 20)
+    await api.worker.UpdateProgress(
+        wpb.UpdateProgressRequest(lease=lease, progress_pct=40, progress_message="halfway"),
+        metadata=api.metadata,
+    )
+    line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+    assert line.rstrip().endswith("active  40%  halfway"), line
+    await complete(api, lease)
+    out, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0, err
+    assert out.decode().rstrip().endswith("completed  40%  halfway"), out
+
+
 async def test_tail_prints_frames_live(api: Api) -> None:
     from tests.api.test_lifecycle import claim_one, complete, create
     from tests.api.test_streams import append

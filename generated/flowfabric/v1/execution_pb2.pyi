@@ -1452,9 +1452,18 @@ class WatchExecutionResponse(_message.Message):
     PUBLIC_STATE_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     EXECUTION_FIELD_NUMBER: _builtins.int
+    PROGRESS_PCT_FIELD_NUMBER: _builtins.int
+    PROGRESS_MESSAGE_FIELD_NUMBER: _builtins.int
+    PROGRESS_UPDATED_AT_FIELD_NUMBER: _builtins.int
     public_state: _types_pb2.PublicState.ValueType
     at: _builtins.int
     """When the state was entered (server time)."""
+    progress_pct: _builtins.int
+    """Last progress the holder reported, if any; a message whose state equals
+    the previous one's is a progress update.
+    """
+    progress_message: _builtins.str
+    progress_updated_at: _builtins.int
     @_builtins.property
     def execution(self) -> _types_pb2.ExecutionInfo:
         """The execution as read when this message was produced."""
@@ -1465,11 +1474,25 @@ class WatchExecutionResponse(_message.Message):
         public_state: _types_pb2.PublicState.ValueType = ...,
         at: _builtins.int = ...,
         execution: _types_pb2.ExecutionInfo | None = ...,
+        progress_pct: _builtins.int | None = ...,
+        progress_message: _builtins.str | None = ...,
+        progress_updated_at: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_progress_message", b"_progress_message", "_progress_pct", b"_progress_pct", "_progress_updated_at", b"_progress_updated_at", "execution", b"execution", "progress_message", b"progress_message", "progress_pct", b"progress_pct", "progress_updated_at", b"progress_updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "execution", b"execution", "public_state", b"public_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_progress_message", b"_progress_message", "_progress_pct", b"_progress_pct", "_progress_updated_at", b"_progress_updated_at", "at", b"at", "execution", b"execution", "progress_message", b"progress_message", "progress_pct", b"progress_pct", "progress_updated_at", b"progress_updated_at", "public_state", b"public_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__progress_message: _TypeAlias = _typing.Literal["progress_message"]  # noqa: Y015
+    _WhichOneofArgType__progress_message: _TypeAlias = _typing.Literal["_progress_message", b"_progress_message"]  # noqa: Y015
+    _WhichOneofReturnType__progress_pct: _TypeAlias = _typing.Literal["progress_pct"]  # noqa: Y015
+    _WhichOneofArgType__progress_pct: _TypeAlias = _typing.Literal["_progress_pct", b"_progress_pct"]  # noqa: Y015
+    _WhichOneofReturnType__progress_updated_at: _TypeAlias = _typing.Literal["progress_updated_at"]  # noqa: Y015
+    _WhichOneofArgType__progress_updated_at: _TypeAlias = _typing.Literal["_progress_updated_at", b"_progress_updated_at"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__progress_message) -> _WhichOneofReturnType__progress_message | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__progress_pct) -> _WhichOneofReturnType__progress_pct | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__progress_updated_at) -> _WhichOneofReturnType__progress_updated_at | None: ...
 
 Global___WatchExecutionResponse: _TypeAlias = WatchExecutionResponse  # noqa: Y015

@@ -242,9 +242,10 @@ class ExecutionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchExecution(self, request, context):
-        """Streams the current state, then every public-state transition. Ends with
-        OK after a terminal state. A slow reader receives the latest state rather
-        than every intermediate one.
+        """Streams the current state, then every public-state transition and every
+        progress update (UpdateProgress) in between. Ends with OK after a
+        terminal state. A slow reader receives the latest state rather than every
+        intermediate one.
         Errors: NOT_FOUND `execution_not_found`; UNAVAILABLE `shutting_down` on
         server stop.
         """

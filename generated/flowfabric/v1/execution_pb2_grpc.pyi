@@ -116,9 +116,10 @@ class ExecutionServiceStub:
     `resume_condition_not_met`.
     """
     WatchExecution: _grpc.UnaryStreamMultiCallable[_execution_pb2.WatchExecutionRequest, _execution_pb2.WatchExecutionResponse]
-    """Streams the current state, then every public-state transition. Ends with
-    OK after a terminal state. A slow reader receives the latest state rather
-    than every intermediate one.
+    """Streams the current state, then every public-state transition and every
+    progress update (UpdateProgress) in between. Ends with OK after a
+    terminal state. A slow reader receives the latest state rather than every
+    intermediate one.
     Errors: NOT_FOUND `execution_not_found`; UNAVAILABLE `shutting_down` on
     server stop.
     """
@@ -211,9 +212,10 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
     `resume_condition_not_met`.
     """
     WatchExecution: _aio.UnaryStreamMultiCallable[_execution_pb2.WatchExecutionRequest, _execution_pb2.WatchExecutionResponse]  # type: ignore[assignment]
-    """Streams the current state, then every public-state transition. Ends with
-    OK after a terminal state. A slow reader receives the latest state rather
-    than every intermediate one.
+    """Streams the current state, then every public-state transition and every
+    progress update (UpdateProgress) in between. Ends with OK after a
+    terminal state. A slow reader receives the latest state rather than every
+    intermediate one.
     Errors: NOT_FOUND `execution_not_found`; UNAVAILABLE `shutting_down` on
     server stop.
     """
@@ -381,9 +383,10 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _execution_pb2.WatchExecutionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_execution_pb2.WatchExecutionResponse], _abc.AsyncIterator[_execution_pb2.WatchExecutionResponse]]:
-        """Streams the current state, then every public-state transition. Ends with
-        OK after a terminal state. A slow reader receives the latest state rather
-        than every intermediate one.
+        """Streams the current state, then every public-state transition and every
+        progress update (UpdateProgress) in between. Ends with OK after a
+        terminal state. A slow reader receives the latest state rather than every
+        intermediate one.
         Errors: NOT_FOUND `execution_not_found`; UNAVAILABLE `shutting_down` on
         server stop.
         """

@@ -387,7 +387,8 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
     async def WatchExecution(
         self, request: pb.WatchExecutionRequest, context: Any
     ) -> AsyncIterator[pb.WatchExecutionResponse]:
-        """The current state, then each public-state transition; ends after a terminal state.
+        """The current state, then each public-state transition and progress update; ends after
+        a terminal state (docs/lifecycle.md#priority-and-progress).
 
         Event-driven: the function making a change publishes on the partition's channel. The
         stored state is read after subscribing, so nothing between the read and the first
@@ -408,23 +409,30 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
             async with asyncio.timeout(5):
                 await self.hub.wait_subscribed(channel)
             last: int | None = None
+            last_progress: bytes | None = None
             while True:
                 # cleared before the read: an event landing during the read or the yield
                 # below triggers another read instead of being lost
                 changed.clear()
                 info = await reads.get_execution(self.ctx.store, eid)
-                if info.public_state != last:
-                    last = info.public_state
-                    at = await self._transition_at(eid)
-                    yield pb.WatchExecutionResponse(
-                        public_state=info.public_state, at=at, execution=info
+                at, pct, msg, progress_at = await self.ctx.store.call(
+                    "HMGET", ExecKeys(eid).core, "last_transition_at", "progress_pct",
+                    "progress_message", "progress_updated_at",
+                )  # fmt: skip
+                if info.public_state != last or progress_at != last_progress:
+                    last, last_progress = info.public_state, progress_at
+                    out = pb.WatchExecutionResponse(
+                        public_state=info.public_state, at=int(text(at) or 0), execution=info
                     )
+                    if text(progress_at):
+                        out.progress_updated_at = int(text(progress_at))
+                        if text(pct):
+                            out.progress_pct = int(text(pct))
+                        if msg is not None:
+                            out.progress_message = text(msg)
+                    yield out
                 if last in TERMINAL_PUBLIC:
                     return
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(WATCH_BACKSTOP_S):
                         await changed.wait()
-
-    async def _transition_at(self, eid: ExecutionId) -> int:
-        raw = await self.ctx.store.call("HGET", ExecKeys(eid).core, "last_transition_at")
-        return int(text(raw) or 0)
