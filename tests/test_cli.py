@@ -219,7 +219,7 @@ async def _suspended(client: Any, eid: str) -> Any:
 
 async def test_admin_kids_and_rotate_secret(api: Api) -> None:
     bad = await _cli(api, "admin", "rotate-secret", "--kid", "k:2")
-    assert bad.returncode == 1 and "invalid_kid" in bad.stderr
+    assert bad.returncode == 2 and "invalid_kid" in bad.stderr
     rotated = await _cli(api, "admin", "rotate-secret", "--kid", "k2", "--grace-ms", "60000")
     assert rotated.returncode == 0, rotated.stderr
     assert "new_kid  k2" in rotated.stdout and "secret_hex" not in rotated.stdout
@@ -355,7 +355,7 @@ async def test_why_prints_the_reason_and_eta(api: Api) -> None:
     missing = await _cli(api, "why", "{fp:0}:00000000-0000-4000-8000-000000000000")
     assert missing.returncode == 3 and "execution_not_found" in missing.stderr
     bad = await _cli(api, "why", "nope")
-    assert bad.returncode == 1 and "invalid_input" in bad.stderr
+    assert bad.returncode == 2 and "invalid_input" in bad.stderr
 
 
 async def test_why_prints_who_holds_a_full_quota(api: Api) -> None:
@@ -439,12 +439,12 @@ async def test_budget_and_quota_commands(api: Api) -> None:
     unknown = await _cli(api, "budget", "create", "--dim", "t=1", "--on-hard-limit", "explode")
     assert unknown.returncode == 2
     too_big = await _cli(api, "budget", "create", "--dim", "t=1", "--reserve", "t=5")
-    assert too_big.returncode == 1 and "invalid_input" in too_big.stderr
+    assert too_big.returncode == 2 and "invalid_input" in too_big.stderr
     not_a_dim = await _cli(api, "budget", "create", "--dim", "t=10", "--reserve", "u=5")
-    assert not_a_dim.returncode == 1 and "not a dimension" in not_a_dim.stderr
+    assert not_a_dim.returncode == 2 and "not a dimension" in not_a_dim.stderr
 
     bad = await _cli(api, "budget", "create", "not-a-uuid", "--dim", "t=1")
-    assert bad.returncode == 1 and "invalid_input" in bad.stderr
+    assert bad.returncode == 2 and "invalid_input" in bad.stderr
     usage = await _cli(api, "budget", "create", "--dim", "t")
     assert usage.returncode == 2 and "NAME=HARD" in usage.stderr
     missing = "00000000-0000-4000-8000-000000000000"
@@ -468,7 +468,7 @@ async def test_budget_and_quota_commands(api: Api) -> None:
     assert [json.loads(x)["quota_policy_id"] for x in
             (await _cli(api, "--json", "quota", "list")).stdout.splitlines()] == [qid]  # fmt: skip
     zero = await _cli(api, "quota", "create", "--window-seconds", "0", "--max-per-window", "1")
-    assert zero.returncode == 1 and "invalid_input" in zero.stderr
+    assert zero.returncode == 2 and "invalid_input" in zero.stderr
     assert (await _cli(api, "quota", "show", missing)).returncode == 3
 
     sub = await _cli(api, "--json", "submit", "llm", "--budget", bid, "--quota", qid,

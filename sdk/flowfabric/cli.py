@@ -19,9 +19,9 @@
 Client commands talk gRPC to `--target` (env FF_TARGET, default 127.0.0.1:50051) with the bearer
 token `--token` (env FF_API_TOKEN). Tables by default, `--json` for scripts.
 
-Exit codes: 0 ok; 1 the server refused (the ErrorInfo reason is printed); 2 usage error;
-3 not found; 4 server unreachable; 5 (`watch`, `flow submit --wait`) the execution or flow ended
-other than completed.
+Exit codes: 0 ok; 1 the server refused (the ErrorInfo reason is printed); 2 bad input (a usage
+error, or INVALID_ARGUMENT from the server); 3 not found; 4 server unreachable; 5 (`watch`,
+`flow submit --wait`) the execution or flow ended other than completed.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def _fail(exc: FlowFabricError, as_json: bool = False) -> None:
         click.echo(f"{head}: {message}" if message else head, err=True)
     if exc.code == grpc.StatusCode.NOT_FOUND:
         raise SystemExit(EXIT_NOT_FOUND)
+    if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+        raise SystemExit(EXIT_USAGE)  # the server found the input bad: the same as a usage error
     if exc.code in _UNREACHABLE:
         raise SystemExit(EXIT_UNREACHABLE)
     raise SystemExit(EXIT_REFUSED)

@@ -62,7 +62,7 @@ async def test_exit_codes(api: Api) -> None:
     missing = await cli(api, "get", "{fp:1}:00000000-0000-4000-8000-000000000000")
     assert missing.returncode == 3 and "execution_not_found" in missing.stderr
     bad = await cli(api, "get", "not-an-id")
-    assert bad.returncode == 1 and "invalid_input" in bad.stderr
+    assert bad.returncode == 2 and "invalid_input" in bad.stderr
     denied = await cli(api, "list", token=None)
     assert denied.returncode == 1 and "unauthenticated" in denied.stderr
     usage = await cli(api, "submit")

@@ -49,4 +49,4 @@ async def test_cli_submit_takes_a_concurrency_key(api: Api) -> None:
     eid = json.loads(sub.stdout)["created"]["execution_id"]
     assert (await _core(api, eid)).get("concurrency_key") == "c-1"
     bad = await _cli(api, "submit", "llm", "--concurrency-key", "c-1")
-    assert bad.returncode == 1 and "needs a quota_policy_id" in bad.stderr
+    assert bad.returncode == 2 and "needs a quota_policy_id" in bad.stderr
