@@ -292,6 +292,30 @@ class Worker:
 
         return register
 
+    def task(self, kind: Any = None, **options: Any) -> Any:
+        """`@worker.task` / `@worker.task("kind", lane=...)`: a function (async or plain) as a
+        task of this worker (docs/tasks.md); returns the `Task`."""
+        from flowfabric._tasks import Task
+
+        if callable(kind):
+            return self.add_task(Task(kind, None, options))
+        return lambda fn: self.add_task(Task(fn, kind, options))
+
+    def add_task(self, task: Any) -> Any:
+        """Run `task` (a `Task`, e.g. from the module-level `task` decorator) on this worker;
+        its plain-`def` functions share a pool of `concurrency` threads."""
+        if task.kind in self._handlers:
+            raise ValueError(f"a handler for {task.kind!r} is already registered")
+        self._handlers[task.kind] = task.handler(self._thread_pool)
+        return task
+
+    def _thread_pool(self) -> Any:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if getattr(self, "_pool", None) is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, "flowfabric-task")
+        return self._pool
+
     @property
     def stats(self) -> WorkerStats:
         return self._counters.snapshot()
