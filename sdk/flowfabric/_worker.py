@@ -317,6 +317,11 @@ class Worker:
         return self._pool
 
     @property
+    def kinds(self) -> list[str]:
+        """The kinds this worker has handlers for."""
+        return sorted(self._handlers)
+
+    @property
     def stats(self) -> WorkerStats:
         return self._counters.snapshot()
 
