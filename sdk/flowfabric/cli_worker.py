@@ -33,8 +33,10 @@ def load_worker(spec: str, target: str, token: str | None) -> Worker:
         sys.path.insert(0, os.getcwd())  # as celery and rq do: the app is where you run it
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.UsageError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the app's own import error, named on one line
+        raise click.UsageError(
+            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
     if attr:
         value = getattr(module, attr, None)
         if isinstance(value, Worker):

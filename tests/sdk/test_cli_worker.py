@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ async def test_burst_runs_the_module_tasks_and_exits(api: Api, client: Client) -
     assert proc.returncode == 0, text
     assert "kinds add,greet,slow, concurrency 2, burst" in text, text
     assert "flowfabric worker stopped: 3 completed, 0 failed" in text, text
+    assert "in flight" in text, text  # a periodic summary ran (every 0.2 s, burst takes longer)
     assert [await h.result(timeout=5) for h in handles] == [1, 2, 3]
 
 
@@ -48,3 +50,14 @@ async def test_sigterm_drains_the_task_in_flight(api: Api, client: Client) -> No
     assert proc.returncode == 0, err.decode()
     assert await handle.result(timeout=5) == 8  # finished within the grace, not lost
     assert "1 completed, 0 failed, 0 handed back" in err.decode(), err.decode()
+
+
+def test_an_app_that_cannot_be_imported_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "broken_app.py").write_text("raise RuntimeError('boom')\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "flowfabric.cli", "worker", "broken_app"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Error: cannot import 'broken_app': RuntimeError: boom" in done.stderr
+    assert "Traceback" not in done.stderr
