@@ -5,9 +5,12 @@ Run it with `pytest examples/test_tasks_app.py` (pytest-asyncio, asyncio_mode = 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tasks_app import add, greet
 
-from flowfabric.testing import Env
+if TYPE_CHECKING:  # imported by pytest as the plugin below, not here
+    from flowfabric.testing import Env
 
 pytest_plugins = ["flowfabric.testing"]
 
