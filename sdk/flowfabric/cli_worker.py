@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import os
 import sys
 import threading
@@ -140,6 +141,8 @@ def worker(
 ) -> None:
     """Run the tasks of MODULE (or the Worker or task MODULE:ATTR) until signalled."""
     obj = ctx.find_root().obj
+    if not logging.getLogger().handlers:  # the worker's own lines (signals, failures) on stderr
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     chosen = load_worker(app, obj["target"], obj["token"])
     lane_list = _csv(lanes)
     if lane_list is not None:

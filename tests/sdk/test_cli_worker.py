@@ -10,10 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flowfabric import Client, ExecutionState
 from tests.conftest import API_TOKEN, Api
 from tests.sdk.conftest import eventually
 
+# What runs here is the command's process handling, the same on either topology: standalone only.
+standalone = pytest.mark.parametrize("valkey_url", ["standalone"], indirect=True)
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 from tasks_app import add, slow  # noqa: E402
@@ -27,6 +31,7 @@ async def _start(api: Api, *args: str) -> asyncio.subprocess.Process:
     )  # fmt: skip
 
 
+@standalone
 async def test_burst_runs_the_module_tasks_and_exits(api: Api, client: Client) -> None:
     handles = [await add.submit(client, a=i, b=1) for i in range(3)]
     proc = await _start(api, "--burst", "--concurrency", "2", "--summary-every", "0.2")
@@ -39,6 +44,7 @@ async def test_burst_runs_the_module_tasks_and_exits(api: Api, client: Client) -
     assert [await h.result(timeout=5) for h in handles] == [1, 2, 3]
 
 
+@standalone
 async def test_sigterm_drains_the_task_in_flight(api: Api, client: Client) -> None:
     handle = await slow.submit(client, steps=8)
     proc = await _start(api)
@@ -50,6 +56,29 @@ async def test_sigterm_drains_the_task_in_flight(api: Api, client: Client) -> No
     assert proc.returncode == 0, err.decode()
     assert await handle.result(timeout=5) == 8  # finished within the grace, not lost
     assert "1 completed, 0 failed, 0 handed back" in err.decode(), err.decode()
+
+
+@standalone
+async def test_a_second_sigint_hands_the_task_back_at_once(api: Api, client: Client) -> None:
+    handle = await slow.submit(client, steps=600)  # a minute, in a thread
+    proc = await _start(api)
+    await eventually(
+        lambda: client.state(handle.execution_id), lambda s: s == ExecutionState.ACTIVE, 30
+    )
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr is not None
+    head = b""
+    while b"stopping" not in head:  # two signals at once would be delivered as one
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert line, head.decode()
+        head += line
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = (head + err).decode()
+    assert proc.returncode == 0, text
+    assert "stopping" in text and "SIGINT again" in text, text
+    assert "0 completed, 0 failed, 1 handed back" in text, text
+    assert await client.state(handle.execution_id) != ExecutionState.ACTIVE
 
 
 def test_an_app_that_cannot_be_imported_is_a_usage_error(tmp_path: Path) -> None:
