@@ -276,6 +276,7 @@ class Worker:
         self._started = False
         self._run_active = False
         self._counters = _Counters()
+        self._pool: Any = None  # the plain-def tasks' threads, made at the first one
 
     # -- registration -------------------------------------------------------------------------
 
@@ -312,7 +313,7 @@ class Worker:
     def _thread_pool(self) -> Any:
         from concurrent.futures import ThreadPoolExecutor
 
-        if getattr(self, "_pool", None) is None:
+        if self._pool is None:
             self._pool = ThreadPoolExecutor(self.concurrency, "flowfabric-task")
         return self._pool
 
@@ -525,6 +526,9 @@ class Worker:
                 )
             except FlowFabricError as exc:
                 log.warning("deregistering %s failed: %r", self.worker_instance_id, exc)
+        if self._pool is not None:  # plain-def tasks' threads (docs/tasks.md)
+            self._pool.shutdown(wait=False)
+            self._pool = None
         self._started = False
         # a later start() may run again
         self._stopping.clear()
