@@ -22,6 +22,7 @@ LLM_BUDGET = (
     ("script", "expected", "stdin"),
     [
         ("quickstart.py", ('result: {"greeting":"hello, world"}',), None),
+        ("tasks_app.py", ("greet: hello, world!",), None),
         ("retries_and_cancel.py", ("as expected",), None),
         ("pipeline.py", ("summary: incident-42.md: The cache expired early.",), None),
         (

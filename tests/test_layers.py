@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "main": {"app", "config"},
 }
 # The one sanctioned way into the server from the SDK: `flowfabric serve`.
-SDK_SERVER_ENTRY = {("cli.py", "serve")}
+SDK_SERVER_ENTRY = {("cli.py", "serve"), ("testing.py", "server")}
 
 
 def _imports(path: Path) -> list[tuple[str, str | None]]:

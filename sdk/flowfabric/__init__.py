@@ -59,6 +59,7 @@ from flowfabric._signals import (
 )
 from flowfabric._sync import SyncClient
 from flowfabric._task import PendingWaitpoint, TaskContext
+from flowfabric._tasks import Cancelled, SyncTaskContext, Task, TaskFailed, TaskHandle, task
 from flowfabric._why import (
     Why,
     WhyBudget,
@@ -77,6 +78,7 @@ __all__ = [
     "BudgetCreated",
     "BudgetExceeded",
     "BudgetStatus",
+    "Cancelled",
     "Client",
     "DeadlineExceeded",
     "ExecutionNotActive",
@@ -112,7 +114,11 @@ __all__ = [
     "Submitted",
     "SubmittedFlow",
     "SyncClient",
+    "SyncTaskContext",
+    "Task",
     "TaskContext",
+    "TaskFailed",
+    "TaskHandle",
     "TaskSuspended",
     "Unauthenticated",
     "Unavailable",
@@ -132,4 +138,5 @@ __all__ = [
     "WhyUpstream",
     "Worker",
     "WorkerStats",
+    "task",
 ]

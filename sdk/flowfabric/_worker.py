@@ -276,6 +276,7 @@ class Worker:
         self._started = False
         self._run_active = False
         self._counters = _Counters()
+        self._pool: Any = None  # the plain-def tasks' threads, made at the first one
 
     # -- registration -------------------------------------------------------------------------
 
@@ -291,6 +292,35 @@ class Worker:
             return fn
 
         return register
+
+    def task(self, kind: Any = None, **options: Any) -> Any:
+        """`@worker.task` / `@worker.task("kind", lane=...)`: a function (async or plain) as a
+        task of this worker (docs/tasks.md); returns the `Task`."""
+        from flowfabric._tasks import Task
+
+        if callable(kind):
+            return self.add_task(Task(kind, None, options))
+        return lambda fn: self.add_task(Task(fn, kind, options))
+
+    def add_task(self, task: Any) -> Any:
+        """Run `task` (a `Task`, e.g. from the module-level `task` decorator) on this worker;
+        its plain-`def` functions share a pool of `concurrency` threads."""
+        if task.kind in self._handlers:
+            raise ValueError(f"a handler for {task.kind!r} is already registered")
+        self._handlers[task.kind] = task.handler(self._thread_pool)
+        return task
+
+    def _thread_pool(self) -> Any:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, "flowfabric-task")
+        return self._pool
+
+    @property
+    def kinds(self) -> list[str]:
+        """The kinds this worker has handlers for."""
+        return sorted(self._handlers)
 
     @property
     def stats(self) -> WorkerStats:
@@ -496,6 +526,9 @@ class Worker:
                 )
             except FlowFabricError as exc:
                 log.warning("deregistering %s failed: %r", self.worker_instance_id, exc)
+        if self._pool is not None:  # plain-def tasks' threads (docs/tasks.md)
+            self._pool.shutdown(wait=False)
+            self._pool = None
         self._started = False
         # a later start() may run again
         self._stopping.clear()

@@ -10,7 +10,7 @@
     flowfabric waitpoints EXECUTION_ID        open waitpoints with their tokens
     flowfabric watch-signals EXECUTION_ID [--waitpoint ID]
     flowfabric resume EXECUTION_ID [--delay-ms N]   operator resume of a suspended execution
-    flowfabric worker MODULE:ATTRIBUTE        run a module's flowfabric.Worker
+    flowfabric worker MODULE[:ATTR] [--burst]  run a module's tasks or Worker (cli_worker)
     flowfabric admin info | kids [--partition N] | rotate-secret --kid K [--secret-hex H]
     flowfabric flow submit FILE [--wait] | show ID | cancel ID [--wait] | replay ID   (cli_flows)
     flowfabric budget create | show | list | report | reset;  quota create | show | list
@@ -830,6 +830,10 @@ from flowfabric.cli_budgets import quota as _quota_commands  # noqa: E402
 
 main.add_command(_budget_commands)
 main.add_command(_quota_commands)
+
+from flowfabric.cli_worker import worker as _worker_command  # noqa: E402
+
+main.add_command(_worker_command)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -13,6 +13,7 @@ EXPORTS = [
     "BudgetCreated",
     "BudgetExceeded",
     "BudgetStatus",
+    "Cancelled",
     "Client",
     "DeadlineExceeded",
     "ExecutionNotActive",
@@ -48,7 +49,11 @@ EXPORTS = [
     "Submitted",
     "SubmittedFlow",
     "SyncClient",
+    "SyncTaskContext",
+    "Task",
     "TaskContext",
+    "TaskFailed",
+    "TaskHandle",
     "TaskSuspended",
     "Unauthenticated",
     "Unavailable",
@@ -68,6 +73,7 @@ EXPORTS = [
     "WhyUpstream",
     "Worker",
     "WorkerStats",
+    "task",
 ]
 
 
