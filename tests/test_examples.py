@@ -15,6 +15,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
     ("script", "expected"),
     [
         ("quickstart.py", 'result: {"greeting":"hello, world"}'),
+        ("betterproto2_client.py", 'result: {"greeting": "hello, dataclasses"}'),
         ("retries_and_cancel.py", "as expected"),
         ("pipeline.py", "summary: incident-42.md: The cache expired early."),
         ("approval.py --auto-approve --tamper", "tampered token refused: PERMISSION_DENIED"),
