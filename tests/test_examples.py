@@ -23,6 +23,7 @@ LLM_BUDGET = (
     [
         ("quickstart.py", ('result: {"greeting":"hello, world"}',), None),
         ("tasks_app.py", ("greet: hello, world!",), None),
+        ("betterproto2_client.py", ('result: {"greeting": "hello, dataclasses"}',), None),
         ("retries_and_cancel.py", ("as expected",), None),
         ("pipeline.py", ("summary: incident-42.md: The cache expired early.",), None),
         (
