@@ -8069,6 +8069,18 @@ class WatchExecutionResponse(betterproto2.Message):
     The execution as read when this message was produced.
     """
 
+    progress_pct: "int | None" = betterproto2.field(4, betterproto2.TYPE_UINT32, optional=True)
+    """
+    Last progress the holder reported, if any; a message whose state equals
+    the previous one's is a progress update.
+    """
+
+    progress_message: "str | None" = betterproto2.field(5, betterproto2.TYPE_STRING, optional=True)
+
+    progress_updated_at: "int | None" = betterproto2.field(
+        6, betterproto2.TYPE_INT64, optional=True
+    )
+
 
 default_message_pool.register_message(
     "flowfabric.v1", "WatchExecutionResponse", WatchExecutionResponse
@@ -8766,9 +8778,10 @@ class ExecutionServiceStub:
         self, message: "WatchExecutionRequest"
     ) -> "Iterator[WatchExecutionResponse]":
         """
-        Streams the current state, then every public-state transition. Ends with
-        OK after a terminal state. A slow reader receives the latest state rather
-        than every intermediate one.
+        Streams the current state, then every public-state transition and every
+        progress update (UpdateProgress) in between. Ends with OK after a
+        terminal state. A slow reader receives the latest state rather than every
+        intermediate one.
         Errors: NOT_FOUND `execution_not_found`; UNAVAILABLE `shutting_down` on
         server stop.
         """
@@ -9163,7 +9176,9 @@ class StreamServiceStub:
         Messages with neither frames nor markers are keep-alives. To resume,
         reconnect with the id of the last frame handled.
         Errors: INVALID_ARGUMENT for a non-concrete `after`, `batch` outside
-        1..1000 or `idle_timeout_ms` over 300000; UNAVAILABLE `shutting_down`.
+        1..1000 or `idle_timeout_ms` over 300000; NOT_FOUND `execution_not_found`,
+        or `attempt_not_found` for an attempt a terminal execution never had;
+        UNAVAILABLE `shutting_down`.
         """
 
         yield from self._channel.unary_stream(
