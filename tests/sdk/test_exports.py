@@ -15,6 +15,7 @@ EXPORTS = [
     "BudgetStatus",
     "Client",
     "DeadlineExceeded",
+    "ExecutionFailed",
     "ExecutionNotActive",
     "ExecutionState",
     "FailedPrecondition",
