@@ -296,13 +296,14 @@ end
 --   KEYS (12): 1 core, 2 attempt hash (*), 3 lease_expiry, 4 holder's worker leases (*),
 --     5 lane terminal (*), 6 lane delayed (*), 7 lease current, 8 lease history,
 --     9 lane active (*), 10 stream meta (*), 11 attempt_timeout, 12 execution_deadline.
---   ARGV (9): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 failure_reason,
+--   ARGV (10): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 failure_reason,
 --     6 failure_category, 7 retry_policy_json ("" = read retry_policy from the stored policy
 --     ff:exec:{p}:<eid>:policy, built from the tag; a stored one that is absent or not an object
 --     = no retries),
 --     8 source ("" = operator_override), 9 retry_after_ms ("" = none; else the retry policy is
 --     the stored retry_policy, or {max_retries = 3} without one, with a fixed backoff of that
---     many ms; given together with a non-empty retry_policy_json: invalid_input).
+--     many ms; given together with a non-empty retry_policy_json: invalid_input),
+--     10 failure_details (free text, at most Bounds.FAILURE_DETAILS_BYTES; "" = none).
 --   Now: TIME.
 --   Replies: {1,"OK","retry_scheduled",delay_until,next_attempt_index} | {1,"OK","terminal_failed"}
 --     | {1,"ALREADY_SATISFIED","replayed","retry_scheduled",delay_until,next_attempt_index}
@@ -313,7 +314,8 @@ end
 --   Errors: invalid_input (lease_epoch, retry_after_ms over Bounds.HORIZON_MS), invalid_policy_json
 --     (retry_policy_json malformed or off the retry_policy schema of include/policy.lua), then as
 --     ff_complete_execution.
---   Writes (both): attempt ended_failure, ended_at, failure_reason, failure_category; stream
+--   Writes (both): attempt ended_failure, ended_at, failure_reason, failure_category,
+--     failure_details; stream
 --     meta closed attempt_failure + stream_closed event; lease release (history `released`).
 --     Retry: core retry vector ("retry backoff until <ts> (attempt <idx> failed: <reason>)"),
 --     pending_retry_reason, pending_previous_attempt_index, retry_count+1,
@@ -323,6 +325,7 @@ end
 --     lane terminal,
 --     ff:dag:completions), failure_reason; release reason failed_terminal.
 local FAIL_ARGV = {{9, 'retry_after_ms', 'int?', min = 0, max = Bounds.HORIZON_MS}}
+local FAILURE_DETAILS = 10
 
 local function fail_replay(argv)
   return function(x)
@@ -362,6 +365,10 @@ local function fail_execution(keys, argv)
   local a, e1 = Argv.parse(argv, FAIL_ARGV)
   if not a then
     return e1
+  end
+  local details = argv[FAILURE_DETAILS] or ''
+  if #details > Bounds.FAILURE_DETAILS_BYTES then
+    return Reply.err('invalid_input', 'failure_details over Bounds.FAILURE_DETAILS_BYTES')
   end
   if a.retry_after_ms and argv[7] ~= '' then
     return Reply.err('invalid_input', 'retry_after_ms and retry_policy_json are mutually exclusive')
@@ -404,7 +411,7 @@ local function fail_execution(keys, argv)
     Terminal.transition(x, 'failed', now, Lease.cleared({failure_reason = reason}), true)
   end
   if Attempt.finish(x, idx, 'ended_failure', {'failure_reason', reason,
-      'failure_category', category}, now) then
+      'failure_category', category, 'failure_details', details}, now) then
     Stream.close(x, idx, 'attempt_failure', now, false)
   end
   if not retry then

@@ -143,7 +143,8 @@ class ExecutionsMixin(Connected):
         """The result bytes of a completed execution, verbatim (b"" if it completed without one).
 
         Raises:
-            ResultNotReady: The execution has not completed successfully.
+            ResultNotReady: The execution has not finished yet.
+            ExecutionFailed: It failed, was cancelled or expired (`.failure_reason`).
             NotFound: No such execution.
         """
         try:

@@ -114,6 +114,29 @@ class WaitpointClosed(FailedPrecondition):
     ended)."""
 
 
+class ExecutionFailed(FailedPrecondition):
+    """FAILED_PRECONDITION `execution_failed`, `execution_cancelled` or `execution_expired`: the
+    execution ended without a result (docs/lifecycle.md#why-did-it-fail)."""
+
+    @property
+    def outcome(self) -> str:
+        """`failed`, `cancelled` or `expired`."""
+        return self.reason.removeprefix("execution_")
+
+    @property
+    def failure_reason(self) -> str:
+        return self.metadata.get("failure_reason", "")
+
+    @property
+    def failure_category(self) -> str:
+        return self.metadata.get("failure_category", "")
+
+    @property
+    def attempt_index(self) -> int:
+        raw = self.metadata.get("attempt_index", "")
+        return int(raw) if raw.isdigit() else 0
+
+
 class ExecutionNotActive(FailedPrecondition):
     """FAILED_PRECONDITION `execution_not_active`; the metadata says what really happened."""
 
@@ -148,6 +171,9 @@ class DeadlineExceeded(FlowFabricError):
 
 _BY_REASON: dict[str, type[FlowFabricError]] = {
     "result_not_found": ResultNotReady,
+    "execution_failed": ExecutionFailed,
+    "execution_cancelled": ExecutionFailed,
+    "execution_expired": ExecutionFailed,
     "execution_not_active": ExecutionNotActive,
     "stale_lease": StaleLease,
     "lease_expired": StaleLease,

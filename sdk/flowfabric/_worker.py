@@ -36,6 +36,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType, TracebackType
@@ -62,6 +63,9 @@ H = TypeVar("H", bound=Handler)
 
 MAX_CLAIM_BATCH = 100
 MAX_REASON_CHARS = 4_000
+# The traceback sent as FailExecutionRequest.failure_details keeps its last this many bytes
+# (the frames nearest the raise); docs/lifecycle.md#why-did-it-fail.
+MAX_TRACEBACK_BYTES = 8_192
 #: Terminal calls keep retrying UNAVAILABLE for about half a minute (the lease is renewed
 #: meanwhile), so a short server outage does not turn finished work into a re-run.
 TERMINAL_BACKOFF = Backoff(max_attempts=10)
@@ -825,10 +829,17 @@ class Worker:
             reason, category = exc.message or exc.category, exc.category
         else:
             reason, category = f"{type(exc).__name__}: {exc}", type(exc).__name__
-            log.warning("handler for %s raised %r", run.execution_id, exc)
+        details = failure_details(exc)
+        if details:
+            log.warning("handler for %s failed (%s)", run.execution_id, category, exc_info=exc)
+        else:
+            log.warning("task %s failed (%s): %s", run.execution_id, category, reason)
         reason = reason[:MAX_REASON_CHARS]
         request = worker_pb2.FailExecutionRequest(
-            lease=run.lease, failure_reason=reason, failure_category=category
+            lease=run.lease,
+            failure_reason=reason,
+            failure_category=category,
+            failure_details=details,
         )
         non_retryable = isinstance(exc, HandlerError) and exc.non_retryable
         if non_retryable:
@@ -877,3 +888,17 @@ class Worker:
 
 
 _SIGNALS = _SignalRouter()
+
+
+def failure_details(exc: BaseException) -> str:
+    """The traceback of a raised exception, cut to its last MAX_TRACEBACK_BYTES bytes; "" for
+    one never raised (an unknown kind, a refused resume)."""
+    if exc.__traceback__ is None:
+        return ""
+    text = "".join(traceback.format_exception(exc))
+    data = text.encode()
+    if len(data) <= MAX_TRACEBACK_BYTES:
+        return text
+    marker = "...(traceback cut)\n"
+    tail = data[-(MAX_TRACEBACK_BYTES - len(marker)) :].decode(errors="ignore")
+    return marker + tail

@@ -302,7 +302,23 @@ def get(ctx: click.Context, execution_id: str) -> None:
             )
         )
     rows += [(f"tag {k}", v) for k, v in sorted(snap.tags.items())]
+    rows += _failure_rows(snap)
     _print(snap, ctx.obj["json"], rows)
+
+
+def _failure_rows(snap: Any) -> list[tuple[str, Any]]:
+    """Why it last failed and how each attempt ended (docs/lifecycle.md#why-did-it-fail)."""
+    rows: list[tuple[str, Any]] = []
+    for a in snap.attempts:
+        end = f" ({a.failure_reason})" if a.failure_reason else ""
+        rows.append((f"attempt {a.attempt_index}", f"{a.outcome} on {a.worker_instance_id}{end}"))
+    if snap.HasField("last_failure"):
+        f = snap.last_failure
+        rows.append(("failure", f"{f.reason} [{f.category}] attempt {f.attempt_index}"))
+        rows.append(("failed_at", f.failed_at))
+        if f.details:
+            rows.append(("details", "\n" + f.details.rstrip()))
+    return rows
 
 
 @main.command()

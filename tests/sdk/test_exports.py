@@ -16,6 +16,7 @@ EXPORTS = [
     "Cancelled",
     "Client",
     "DeadlineExceeded",
+    "ExecutionFailed",
     "ExecutionNotActive",
     "ExecutionState",
     "FailedPrecondition",

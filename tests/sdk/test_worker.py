@@ -14,13 +14,16 @@ import pytest
 from flowfabric import (
     AlreadyExists,
     Client,
+    ExecutionFailed,
     ExecutionState,
     NonRetryableError,
+    ResultNotReady,
     RetryAfter,
     RetryPolicy,
     TaskContext,
     Worker,
 )
+from flowfabric._worker import MAX_TRACEBACK_BYTES, failure_details
 from flowfabric.server.valkey.ids import parse_execution_id
 from flowfabric.server.valkey.keys import ExecKeys
 from flowfabric.server.valkey.store import Store
@@ -312,3 +315,61 @@ async def test_result_encodings_and_unencodable_result(client: Client) -> None:
         assert await client.wait(text.execution_id, timeout=10) is ExecutionState.COMPLETED
         assert await client.wait(odd.execution_id, timeout=10) is ExecutionState.FAILED
     assert await client.result(text.execution_id) == "héllo".encode()
+
+
+async def test_a_failing_handler_is_readable_from_get_describe_and_result(
+    engine_api: Api,
+) -> None:
+    async with Client(engine_api.address, token=API_TOKEN) as client:
+        await _failing_handler_is_readable(client)
+
+
+async def _failing_handler_is_readable(client: Client) -> None:
+    sub = await client.submit("explode", lane=LANE, policy=RetryPolicy.fixed(1, 10))
+    worker = Worker(client, lanes=[LANE], concurrency=1, claim_wait_ms=100)
+
+    @worker.handler("explode")
+    async def explode(ctx: TaskContext) -> None:
+        raise KeyError(f"missing-{ctx.attempt_index}")
+
+    async with running(worker):
+        assert await client.wait(sub.execution_id, timeout=10) is ExecutionState.FAILED
+    info = await client.get(sub.execution_id)
+    failure = info.last_failure
+    assert failure.reason == "KeyError: 'missing-1'" and failure.category == "KeyError"
+    assert failure.attempt_index == 1 and failure.worker_instance_id == worker.worker_instance_id
+    assert "Traceback" in failure.details and "in explode" in failure.details
+    assert failure.failed_at > 0
+    snap = await client.describe(sub.execution_id)
+    assert [(a.attempt_index, a.outcome) for a in snap.attempts] == [
+        (0, "ended_failure"),
+        (1, "ended_failure"),
+    ]
+    assert snap.attempts[0].failure_reason == "KeyError: 'missing-0'"
+    assert snap.last_failure == failure
+    with pytest.raises(ExecutionFailed) as caught:
+        await client.result(sub.execution_id)
+    assert caught.value.reason == "execution_failed" and caught.value.attempt_index == 1
+    assert caught.value.failure_reason == "KeyError: 'missing-1'"
+
+
+async def test_result_of_a_cancelled_or_unfinished_execution_says_which(client: Client) -> None:
+    sub = await client.submit("never", lane=LANE)
+    with pytest.raises(ResultNotReady):
+        await client.result(sub.execution_id)
+    await client.cancel(sub.execution_id, reason="no longer needed")
+    with pytest.raises(ExecutionFailed) as caught:
+        await client.result(sub.execution_id)
+    assert caught.value.outcome == "cancelled"
+    assert "no longer needed" in caught.value.failure_reason
+    assert "no longer needed" in (await client.get(sub.execution_id)).last_failure.reason
+
+
+def test_failure_details_keep_the_tail_of_a_long_traceback() -> None:
+    try:
+        raise RuntimeError("x" * 20_000 + " bottom")
+    except RuntimeError as exc:
+        details = failure_details(exc)
+    assert len(details.encode()) <= MAX_TRACEBACK_BYTES
+    assert details.startswith("...(traceback cut)") and details.endswith("x bottom\n")
+    assert failure_details(RuntimeError("never raised")) == ""

@@ -172,7 +172,9 @@ class ExecutionServiceServicer:
 
     def GetExecutionResult(self, request, context):
         """Returns the result payload of a completed execution.
-        Errors: NOT_FOUND `result_not_found` before a successful completion.
+        Errors: NOT_FOUND `result_not_found` while the execution has not finished;
+        FAILED_PRECONDITION `execution_failed`, `execution_cancelled` or `execution_expired` when it
+        ended without a result (metadata `failure_reason`, `failure_category`, `attempt_index`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

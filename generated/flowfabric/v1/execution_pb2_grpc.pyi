@@ -74,7 +74,9 @@ class ExecutionServiceStub:
     """
     GetExecutionResult: _grpc.UnaryUnaryMultiCallable[_execution_pb2.GetExecutionResultRequest, _execution_pb2.GetExecutionResultResponse]
     """Returns the result payload of a completed execution.
-    Errors: NOT_FOUND `result_not_found` before a successful completion.
+    Errors: NOT_FOUND `result_not_found` while the execution has not finished;
+    FAILED_PRECONDITION `execution_failed`, `execution_cancelled` or `execution_expired` when it
+    ended without a result (metadata `failure_reason`, `failure_category`, `attempt_index`).
     """
     CancelExecution: _grpc.UnaryUnaryMultiCallable[_execution_pb2.CancelExecutionRequest, _execution_pb2.CancelExecutionResponse]
     """Operator cancel of any non-terminal execution (source defaults to
@@ -170,7 +172,9 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
     """
     GetExecutionResult: _aio.UnaryUnaryMultiCallable[_execution_pb2.GetExecutionResultRequest, _execution_pb2.GetExecutionResultResponse]  # type: ignore[assignment]
     """Returns the result payload of a completed execution.
-    Errors: NOT_FOUND `result_not_found` before a successful completion.
+    Errors: NOT_FOUND `result_not_found` while the execution has not finished;
+    FAILED_PRECONDITION `execution_failed`, `execution_cancelled` or `execution_expired` when it
+    ended without a result (metadata `failure_reason`, `failure_category`, `attempt_index`).
     """
     CancelExecution: _aio.UnaryUnaryMultiCallable[_execution_pb2.CancelExecutionRequest, _execution_pb2.CancelExecutionResponse]  # type: ignore[assignment]
     """Operator cancel of any non-terminal execution (source defaults to
@@ -299,7 +303,9 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_execution_pb2.GetExecutionResultResponse, _abc.Awaitable[_execution_pb2.GetExecutionResultResponse]]:
         """Returns the result payload of a completed execution.
-        Errors: NOT_FOUND `result_not_found` before a successful completion.
+        Errors: NOT_FOUND `result_not_found` while the execution has not finished;
+        FAILED_PRECONDITION `execution_failed`, `execution_cancelled` or `execution_expired` when it
+        ended without a result (metadata `failure_reason`, `failure_category`, `attempt_index`).
         """
 
     @_abc_1.abstractmethod

@@ -752,6 +752,7 @@ class ExecutionInfo(_message.Message):
     CURRENT_ATTEMPT_INDEX_FIELD_NUMBER: _builtins.int
     FLOW_ID_FIELD_NUMBER: _builtins.int
     BLOCKING_DETAIL_FIELD_NUMBER: _builtins.int
+    LAST_FAILURE_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     namespace: _builtins.str
     lane_id: _builtins.str
@@ -771,6 +772,10 @@ class ExecutionInfo(_message.Message):
     """Operator-readable detail for the blocking reason; empty when none."""
     @_builtins.property
     def state_vector(self) -> Global___StateVector: ...
+    @_builtins.property
+    def last_failure(self) -> Global___LastFailure:
+        """The latest failure (a failed attempt, a cancel, an expiry); absent when none."""
+
     def __init__(
         self,
         *,
@@ -787,10 +792,11 @@ class ExecutionInfo(_message.Message):
         current_attempt_index: _builtins.int = ...,
         flow_id: _builtins.str | None = ...,
         blocking_detail: _builtins.str = ...,
+        last_failure: Global___LastFailure | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_completed_at", b"_completed_at", "_flow_id", b"_flow_id", "_started_at", b"_started_at", "completed_at", b"completed_at", "flow_id", b"flow_id", "started_at", b"started_at", "state_vector", b"state_vector"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_completed_at", b"_completed_at", "_flow_id", b"_flow_id", "_started_at", b"_started_at", "completed_at", b"completed_at", "flow_id", b"flow_id", "last_failure", b"last_failure", "started_at", b"started_at", "state_vector", b"state_vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_completed_at", b"_completed_at", "_flow_id", b"_flow_id", "_started_at", b"_started_at", "blocking_detail", b"blocking_detail", "completed_at", b"completed_at", "created_at", b"created_at", "current_attempt_index", b"current_attempt_index", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "lane_id", b"lane_id", "namespace", b"namespace", "priority", b"priority", "public_state", b"public_state", "started_at", b"started_at", "state_vector", b"state_vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_completed_at", b"_completed_at", "_flow_id", b"_flow_id", "_started_at", b"_started_at", "blocking_detail", b"blocking_detail", "completed_at", b"completed_at", "created_at", b"created_at", "current_attempt_index", b"current_attempt_index", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "lane_id", b"lane_id", "last_failure", b"last_failure", "namespace", b"namespace", "priority", b"priority", "public_state", b"public_state", "started_at", b"started_at", "state_vector", b"state_vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__completed_at: _TypeAlias = _typing.Literal["completed_at"]  # noqa: Y015
     _WhichOneofArgType__completed_at: _TypeAlias = _typing.Literal["_completed_at", b"_completed_at"]  # noqa: Y015
@@ -806,6 +812,94 @@ class ExecutionInfo(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__started_at) -> _WhichOneofReturnType__started_at | None: ...
 
 Global___ExecutionInfo: _TypeAlias = ExecutionInfo  # noqa: Y015
+
+@_typing.final
+class LastFailure(_message.Message):
+    """Why an execution last failed (docs/lifecycle.md#why-did-it-fail)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    ATTEMPT_INDEX_FIELD_NUMBER: _builtins.int
+    WORKER_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    FAILED_AT_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """As the worker (or the engine: `lease_expired`, `cancelled: <reason>`, ...) gave it."""
+    category: _builtins.str
+    """As the worker gave it; empty for engine failures."""
+    attempt_index: _builtins.int
+    """The attempt that failed; 0 when the failure came before any attempt."""
+    worker_instance_id: _builtins.str
+    """The worker instance that held that attempt; empty when none."""
+    failed_at: _builtins.int
+    """Epoch ms; 0 when unknown."""
+    details: _builtins.str
+    """FailExecutionRequest.failure_details (the SDK sends a traceback), verbatim."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        category: _builtins.str = ...,
+        attempt_index: _builtins.int = ...,
+        worker_instance_id: _builtins.str = ...,
+        failed_at: _builtins.int = ...,
+        details: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_index", b"attempt_index", "category", b"category", "details", b"details", "failed_at", b"failed_at", "reason", b"reason", "worker_instance_id", b"worker_instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LastFailure: _TypeAlias = LastFailure  # noqa: Y015
+
+@_typing.final
+class AttemptOutcome(_message.Message):
+    """How one attempt ended (or that it has not)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_INDEX_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    WORKER_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    FAILURE_CATEGORY_FIELD_NUMBER: _builtins.int
+    attempt_index: _builtins.int
+    outcome: _builtins.str
+    """`started`, `suspended`, `ended_success`, `ended_failure`, `ended_cancelled`,
+    `interrupted_reclaimed`, ...
+    """
+    started_at: _builtins.int
+    ended_at: _builtins.int
+    """Absent while the attempt runs."""
+    worker_instance_id: _builtins.str
+    failure_reason: _builtins.str
+    """Empty unless the attempt failed."""
+    failure_category: _builtins.str
+    def __init__(
+        self,
+        *,
+        attempt_index: _builtins.int = ...,
+        outcome: _builtins.str = ...,
+        started_at: _builtins.int = ...,
+        ended_at: _builtins.int | None = ...,
+        worker_instance_id: _builtins.str = ...,
+        failure_reason: _builtins.str = ...,
+        failure_category: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ended_at", b"_ended_at", "ended_at", b"ended_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ended_at", b"_ended_at", "attempt_index", b"attempt_index", "ended_at", b"ended_at", "failure_category", b"failure_category", "failure_reason", b"failure_reason", "outcome", b"outcome", "started_at", b"started_at", "worker_instance_id", b"worker_instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ended_at: _TypeAlias = _typing.Literal["ended_at"]  # noqa: Y015
+    _WhichOneofArgType__ended_at: _TypeAlias = _typing.Literal["_ended_at", b"_ended_at"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ended_at) -> _WhichOneofReturnType__ended_at | None: ...
+
+Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
 
 @_typing.final
 class ExecutionSnapshot(_message.Message):
@@ -852,6 +946,8 @@ class ExecutionSnapshot(_message.Message):
     PROGRESS_UPDATED_AT_FIELD_NUMBER: _builtins.int
     EXECUTION_KIND_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    LAST_FAILURE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     flow_id: _builtins.str
     lane_id: _builtins.str
@@ -885,6 +981,14 @@ class ExecutionSnapshot(_message.Message):
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller labels (keys match `^[a-z][a-z0-9_]*[.]`)."""
 
+    @_builtins.property
+    def last_failure(self) -> Global___LastFailure:
+        """As ExecutionInfo.last_failure."""
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptOutcome]:
+        """The latest attempts, oldest first (at most 20; earlier ones are left out)."""
+
     def __init__(
         self,
         *,
@@ -907,10 +1011,12 @@ class ExecutionSnapshot(_message.Message):
         progress_updated_at: _builtins.int | None = ...,
         execution_kind: _builtins.str = ...,
         priority: _builtins.int = ...,
+        last_failure: Global___LastFailure | None = ...,
+        attempts: _abc.Iterable[Global___AttemptOutcome] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_current_waitpoint", b"_current_waitpoint", "_flow_id", b"_flow_id", "_progress_message", b"_progress_message", "_progress_pct", b"_progress_pct", "_progress_updated_at", b"_progress_updated_at", "blocking_detail", b"blocking_detail", "current_attempt", b"current_attempt", "current_lease", b"current_lease", "current_waitpoint", b"current_waitpoint", "flow_id", b"flow_id", "progress_message", b"progress_message", "progress_pct", b"progress_pct", "progress_updated_at", b"progress_updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_current_waitpoint", b"_current_waitpoint", "_flow_id", b"_flow_id", "_progress_message", b"_progress_message", "_progress_pct", b"_progress_pct", "_progress_updated_at", b"_progress_updated_at", "blocking_detail", b"blocking_detail", "current_attempt", b"current_attempt", "current_lease", b"current_lease", "current_waitpoint", b"current_waitpoint", "flow_id", b"flow_id", "last_failure", b"last_failure", "progress_message", b"progress_message", "progress_pct", b"progress_pct", "progress_updated_at", b"progress_updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_current_waitpoint", b"_current_waitpoint", "_flow_id", b"_flow_id", "_progress_message", b"_progress_message", "_progress_pct", b"_progress_pct", "_progress_updated_at", b"_progress_updated_at", "blocking_detail", b"blocking_detail", "blocking_reason", b"blocking_reason", "created_at", b"created_at", "current_attempt", b"current_attempt", "current_lease", b"current_lease", "current_waitpoint", b"current_waitpoint", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "lane_id", b"lane_id", "last_mutation_at", b"last_mutation_at", "namespace", b"namespace", "priority", b"priority", "progress_message", b"progress_message", "progress_pct", b"progress_pct", "progress_updated_at", b"progress_updated_at", "public_state", b"public_state", "tags", b"tags", "total_attempt_count", b"total_attempt_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail", "_current_waitpoint", b"_current_waitpoint", "_flow_id", b"_flow_id", "_progress_message", b"_progress_message", "_progress_pct", b"_progress_pct", "_progress_updated_at", b"_progress_updated_at", "attempts", b"attempts", "blocking_detail", b"blocking_detail", "blocking_reason", b"blocking_reason", "created_at", b"created_at", "current_attempt", b"current_attempt", "current_lease", b"current_lease", "current_waitpoint", b"current_waitpoint", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "lane_id", b"lane_id", "last_failure", b"last_failure", "last_mutation_at", b"last_mutation_at", "namespace", b"namespace", "priority", b"priority", "progress_message", b"progress_message", "progress_pct", b"progress_pct", "progress_updated_at", b"progress_updated_at", "public_state", b"public_state", "tags", b"tags", "total_attempt_count", b"total_attempt_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__blocking_detail: _TypeAlias = _typing.Literal["blocking_detail"]  # noqa: Y015
     _WhichOneofArgType__blocking_detail: _TypeAlias = _typing.Literal["_blocking_detail", b"_blocking_detail"]  # noqa: Y015

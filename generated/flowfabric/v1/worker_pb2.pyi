@@ -1680,6 +1680,7 @@ class FailExecutionRequest(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    FAILURE_DETAILS_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     attempt_index: _builtins.int
     failure_reason: _builtins.str
@@ -1702,6 +1703,11 @@ class FailExecutionRequest(_message.Message):
     policy's backoff. The retry budget is the stored policy's `max_retries` (3 when the execution
     has no retry policy: asking for a retry means wanting one). At most
     31536000000 (365 days). Mutually exclusive with `retry_policy_json`.
+    """
+    failure_details: _builtins.str
+    """Free text kept with the failed attempt and shown as LastFailure.details (the SDK sends the
+    handler's traceback). At most 16384 bytes: INVALID_ARGUMENT `invalid_input` naming
+    `failure_details`, and nothing changes.
     """
     @_builtins.property
     def fence(self) -> _types_pb2.LeaseFence:
@@ -1726,10 +1732,11 @@ class FailExecutionRequest(_message.Message):
         source: _types_pb2.CancelSource.ValueType = ...,
         lease: _types_pb2.LeaseHandle | None = ...,
         retry_after_ms: _builtins.int | None = ...,
+        failure_details: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_retry_after_ms", b"_retry_after_ms", "fence", b"fence", "lease", b"lease", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retry_after_ms", b"_retry_after_ms", "attempt_index", b"attempt_index", "execution_id", b"execution_id", "failure_category", b"failure_category", "failure_reason", b"failure_reason", "fence", b"fence", "lease", b"lease", "next_attempt_policy_json", b"next_attempt_policy_json", "retry_after_ms", b"retry_after_ms", "retry_policy_json", b"retry_policy_json", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retry_after_ms", b"_retry_after_ms", "attempt_index", b"attempt_index", "execution_id", b"execution_id", "failure_category", b"failure_category", "failure_details", b"failure_details", "failure_reason", b"failure_reason", "fence", b"fence", "lease", b"lease", "next_attempt_policy_json", b"next_attempt_policy_json", "retry_after_ms", b"retry_after_ms", "retry_policy_json", b"retry_policy_json", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__retry_after_ms: _TypeAlias = _typing.Literal["retry_after_ms"]  # noqa: Y015
     _WhichOneofArgType__retry_after_ms: _TypeAlias = _typing.Literal["_retry_after_ms", b"_retry_after_ms"]  # noqa: Y015

@@ -82,6 +82,12 @@ def _table() -> dict[str, ErrorSpec]:
         "execution_not_active",
         ("terminal_outcome", "lease_epoch", "lifecycle_phase", "attempt_id"),
     )
+    put(
+        C.FAILED_PRECONDITION,
+        "terminal",
+        "execution_failed execution_cancelled execution_expired",
+        ("failure_reason", "failure_category", "attempt_index"),
+    )
     put(C.FAILED_PRECONDITION, "retryable", "capability_mismatch", ("missing",))
     put(
         C.FAILED_PRECONDITION,

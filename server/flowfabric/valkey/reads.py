@@ -21,6 +21,7 @@ from flowfabric.v1 import types_pb2 as t
 LIST_STATES = ("eligible", "delayed", "terminal", "suspended", "active")
 LIST_FIELDS = ("namespace", "lane_id", "execution_kind", "public_state", "priority", "created_at")
 PARTITIONS_PER_ROUND = 32
+ATTEMPTS_SHOWN = 20  # ExecutionSnapshot.attempts: the latest this many
 
 
 def _int(fields: dict[str, str], name: str, default: int | None = None) -> int:
@@ -53,9 +54,69 @@ async def _core(store: Store, eid: ExecutionId) -> dict[str, str]:
     return fields
 
 
+def _failed_index(f: dict[str, str]) -> str:
+    """The attempt a stored failure belongs to: the one a retry is pending after, else the
+    current one."""
+    return f.get("pending_previous_attempt_index") or f.get("current_attempt_index") or ""
+
+
+def last_failure(f: dict[str, str], attempt: dict[str, str]) -> t.LastFailure | None:
+    """The core's failure (docs/lifecycle.md#why-did-it-fail) with its attempt's detail; None
+    when the execution has not failed."""
+    reason = f.get("failure_reason") or f.get("cancellation_reason") or ""
+    if not reason:
+        return None
+    return t.LastFailure(
+        reason=reason,
+        category=attempt.get("failure_category", ""),
+        attempt_index=max(0, _int(attempt, "attempt_index", 0)),
+        worker_instance_id=attempt.get("worker_instance_id", ""),
+        failed_at=_int(attempt, "ended_at", 0) or _int(f, "completed_at", 0),
+        details=attempt.get("failure_details", ""),
+    )
+
+
+async def _failure(store: Store, eid: ExecutionId, f: dict[str, str]) -> t.LastFailure | None:
+    if not (f.get("failure_reason") or f.get("cancellation_reason")):
+        return None
+    idx = _failed_index(f)
+    attempt: dict[str, str] = {}
+    if idx.isdigit():
+        attempt = hash_to_dict(await store.call("HGETALL", ExecKeys(eid).attempt(int(idx))))
+    return last_failure(f, attempt)
+
+
+def attempt_outcome(a: dict[str, str]) -> t.AttemptOutcome:
+    return t.AttemptOutcome(
+        attempt_index=max(0, _int(a, "attempt_index", 0)),
+        outcome=a.get("attempt_state", ""),
+        started_at=_int(a, "started_at", 0),
+        ended_at=opt_int(a.get("ended_at", "")),
+        worker_instance_id=a.get("worker_instance_id", ""),
+        failure_reason=a.get("failure_reason", ""),
+        failure_category=a.get("failure_category", ""),
+    )
+
+
+async def _attempts(store: Store, eid: ExecutionId) -> list[dict[str, str]]:
+    """The latest ATTEMPTS_SHOWN attempt hashes, oldest first."""
+    k = ExecKeys(eid)
+    members = await store.call("ZRANGE", k.attempts, -ATTEMPTS_SHOWN, -1)
+    idxs = [int(text(m)) for m in members if text(m).isdigit()]
+    if not idxs:
+        return []
+    pipe = store.pipeline()
+    for i in idxs:
+        pipe.hgetall(k.attempt(i))
+    rows = [hash_to_dict(r) for r in await store.run_pipeline(pipe)]
+    return [r for r in rows if r]
+
+
 async def get_execution(store: Store, eid: ExecutionId) -> t.ExecutionInfo:
     f = await _core(store, eid)
+    failure = await _failure(store, eid, f)
     return t.ExecutionInfo(
+        last_failure=failure,
         execution_id=str(eid),
         namespace=f.get("namespace", ""),
         lane_id=f.get("lane_id", ""),
@@ -111,6 +172,13 @@ async def describe_execution(
         execution_kind=f.get("execution_kind", ""),
         priority=_int(f, "priority", 0),
     )
+    attempts = await _attempts(store, eid)
+    snap.attempts.extend(attempt_outcome(a) for a in attempts)
+    idx = _failed_index(f)
+    failed = next((a for a in attempts if a.get("attempt_index") == idx), None)
+    failure = last_failure(f, failed) if failed is not None else await _failure(store, eid, f)
+    if failure is not None:
+        snap.last_failure.CopyFrom(failure)
     if f.get("current_attempt_id"):
         snap.current_attempt.CopyFrom(
             t.AttemptSummary(
@@ -129,17 +197,36 @@ async def describe_execution(
     return snap, await why.explain(store, eid, f, places)
 
 
+NO_RESULT = {"failed": "execution_failed", "cancelled": "execution_cancelled",
+             "expired": "execution_expired"}  # fmt: skip
+
+
 async def get_result(store: Store, eid: ExecutionId) -> tuple[bytes, str]:
+    """The result; an execution that ended without one is `execution_<outcome>` with its
+    failure, one still running `result_not_found` (docs/lifecycle.md#why-did-it-fail)."""
     k = ExecKeys(eid)
     pipe = store.pipeline()
     pipe.get(k.result)
-    pipe.hmget(k.core, ["result_encoding", "execution_id"])
-    payload, (encoding, exists) = await store.run_pipeline(pipe)
-    if exists is None:
+    pipe.hgetall(k.core)
+    payload, core_raw = await store.run_pipeline(pipe)
+    f = hash_to_dict(core_raw)
+    if not f:
         raise FlowFabricError("execution_not_found", message=f"no execution {eid}")
-    if payload is None:
-        raise FlowFabricError("result_not_found", message=f"execution {eid} has no result yet")
-    return bytes(payload), text(encoding)
+    if payload is not None:
+        return bytes(payload), f.get("result_encoding", "")
+    outcome = f.get("terminal_outcome", "")
+    if f.get("lifecycle_phase") == "terminal" and outcome in NO_RESULT:
+        failure = await _failure(store, eid, f) or t.LastFailure()
+        raise FlowFabricError(
+            NO_RESULT[outcome],
+            message=f"execution {eid} {outcome}: {failure.reason}",
+            metadata={
+                "failure_reason": failure.reason,
+                "failure_category": failure.category,
+                "attempt_index": str(failure.attempt_index),
+            },
+        )
+    raise FlowFabricError("result_not_found", message=f"execution {eid} has not finished yet")
 
 
 @dataclass(frozen=True)

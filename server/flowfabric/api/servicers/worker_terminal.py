@@ -149,9 +149,10 @@ class TerminalMixin(WorkerParts):
             raise InvalidInput(
                 "retry_after_ms", "retry_after_ms and retry_policy_json are mutually exclusive"
             )
+        bounds.check_size(bounds.FAILURE_DETAILS_BYTES, request.failure_details, "failure_details")
         reply = await self.fn.execution.fail_execution(
             eid, fence, request.failure_reason, request.failure_category, source,
-            request.retry_policy_json, retry_after,
+            request.retry_policy_json, retry_after, request.failure_details,
         )  # fmt: skip
         replayed = isinstance(reply, FailReplayed)
         if reply.outcome == "retry_scheduled":

@@ -164,7 +164,8 @@ FAIL: Decl[FailOutcome | FailReplayed] = Decl(
      routed("lane active"), routed("stream meta"), pk("attempt_timeout"),
      pk("execution_deadline")),
     (arg("execution_id"), *FENCE, arg("failure_reason"), arg("failure_category"),
-     arg("retry_policy_json", default=""), arg("source"), opt("retry_after_ms")),
+     arg("retry_policy_json", default=""), arg("source"), opt("retry_after_ms"),
+     arg("failure_details", default="")),
     {"OK": record(FailOutcome), "ALREADY_SATISFIED": record(FailReplayed)},
 )  # fmt: skip
 _PAUSE_KEYS = (
@@ -256,14 +257,14 @@ class ExecutionFunctions:
 
     async def fail_execution(
         self, eid: ExecutionId, fence: Fence, reason: str, category: str, source: str,
-        retry_policy_json: str = "", retry_after_ms: int | None = None,
+        retry_policy_json: str = "", retry_after_ms: int | None = None, details: str = "",
     ) -> FailOutcome | FailReplayed:  # fmt: skip
         """`retry_policy_json` "" = the function reads the stored policy's retry_policy;
         `retry_after_ms` = that policy (or 3 retries) with a fixed backoff of that many ms."""
         return await call(self.store, FAIL, exec_ctx(eid), {
             "execution_id": str(eid), **fence.values(), "failure_reason": reason,
             "failure_category": category, "retry_policy_json": retry_policy_json,
-            "source": source, "retry_after_ms": retry_after_ms,
+            "source": source, "retry_after_ms": retry_after_ms, "failure_details": details,
         })  # fmt: skip
 
     async def delay_execution(
