@@ -20,6 +20,7 @@ __all__ = (
     "ApplyDependencyToChildResponse",
     "ApplyDependencyToChildResponseAlreadyApplied",
     "ApplyDependencyToChildResponseApplied",
+    "AttemptOutcome",
     "AttemptState",
     "AttemptSummary",
     "AttemptType",
@@ -170,6 +171,7 @@ __all__ = (
     "IssueReclaimGrantResultGranted",
     "Join",
     "JoinKind",
+    "LastFailure",
     "LeaseFence",
     "LeaseHandle",
     "LeaseSummary",
@@ -1502,6 +1504,40 @@ class ApplyDependencyToChildResponseApplied(betterproto2.Message):
 default_message_pool.register_message(
     "flowfabric.v1", "ApplyDependencyToChildResponse.Applied", ApplyDependencyToChildResponseApplied
 )
+
+
+@dataclass(eq=False, repr=False)
+class AttemptOutcome(betterproto2.Message):
+    """
+    How one attempt ended (or that it has not).
+    """
+
+    attempt_index: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+
+    outcome: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    `started`, `suspended`, `ended_success`, `ended_failure`, `ended_cancelled`,
+    `interrupted_reclaimed`, ...
+    """
+
+    started_at: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+
+    ended_at: "int | None" = betterproto2.field(4, betterproto2.TYPE_INT64, optional=True)
+    """
+    Absent while the attempt runs.
+    """
+
+    worker_instance_id: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+
+    failure_reason: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+    """
+    Empty unless the attempt failed.
+    """
+
+    failure_category: "str" = betterproto2.field(7, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("flowfabric.v1", "AttemptOutcome", AttemptOutcome)
 
 
 @dataclass(eq=False, repr=False)
@@ -4113,6 +4149,13 @@ class ExecutionInfo(betterproto2.Message):
     Operator-readable detail for the blocking reason; empty when none.
     """
 
+    last_failure: "LastFailure | None" = betterproto2.field(
+        14, betterproto2.TYPE_MESSAGE, optional=True
+    )
+    """
+    The latest failure (a failed attempt, a cancel, an expiry); absent when none.
+    """
+
 
 default_message_pool.register_message("flowfabric.v1", "ExecutionInfo", ExecutionInfo)
 
@@ -4283,6 +4326,20 @@ class ExecutionSnapshot(betterproto2.Message):
     """
 
     priority: "int" = betterproto2.field(19, betterproto2.TYPE_INT32)
+
+    last_failure: "LastFailure | None" = betterproto2.field(
+        20, betterproto2.TYPE_MESSAGE, optional=True
+    )
+    """
+    As ExecutionInfo.last_failure.
+    """
+
+    attempts: "list[AttemptOutcome]" = betterproto2.field(
+        21, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    The latest attempts, oldest first (at most 20; earlier ones are left out).
+    """
 
 
 default_message_pool.register_message("flowfabric.v1", "ExecutionSnapshot", ExecutionSnapshot)
@@ -4490,6 +4547,13 @@ class FailExecutionRequest(betterproto2.Message):
     policy's backoff. The retry budget is the stored policy's `max_retries` (3 when the execution
     has no retry policy: asking for a retry means wanting one). At most
     31536000000 (365 days). Mutually exclusive with `retry_policy_json`.
+    """
+
+    failure_details: "str" = betterproto2.field(11, betterproto2.TYPE_STRING)
+    """
+    Free text kept with the failed attempt and shown as LastFailure.details (the SDK sends the
+    handler's traceback). At most 16384 bytes: INVALID_ARGUMENT `invalid_input` naming
+    `failure_details`, and nothing changes.
     """
 
 
@@ -4957,6 +5021,46 @@ class Join(betterproto2.Message):
 
 
 default_message_pool.register_message("flowfabric.v1", "Join", Join)
+
+
+@dataclass(eq=False, repr=False)
+class LastFailure(betterproto2.Message):
+    """
+    Why an execution last failed (docs/lifecycle.md#why-did-it-fail).
+    """
+
+    reason: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    As the worker (or the engine: `lease_expired`, `cancelled: <reason>`, ...) gave it.
+    """
+
+    category: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    As the worker gave it; empty for engine failures.
+    """
+
+    attempt_index: "int" = betterproto2.field(3, betterproto2.TYPE_UINT32)
+    """
+    The attempt that failed; 0 when the failure came before any attempt.
+    """
+
+    worker_instance_id: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    The worker instance that held that attempt; empty when none.
+    """
+
+    failed_at: "int" = betterproto2.field(5, betterproto2.TYPE_INT64)
+    """
+    Epoch ms; 0 when unknown.
+    """
+
+    details: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+    """
+    FailExecutionRequest.failure_details (the SDK sends a traceback), verbatim.
+    """
+
+
+default_message_pool.register_message("flowfabric.v1", "LastFailure", LastFailure)
 
 
 @dataclass(eq=False, repr=False)
@@ -8678,7 +8782,9 @@ class ExecutionServiceStub:
     ) -> "GetExecutionResultResponse":
         """
         Returns the result payload of a completed execution.
-        Errors: NOT_FOUND `result_not_found` before a successful completion.
+        Errors: NOT_FOUND `result_not_found` while the execution has not finished;
+        FAILED_PRECONDITION `execution_failed`, `execution_cancelled` or `execution_expired` when it
+        ended without a result (metadata `failure_reason`, `failure_category`, `attempt_index`).
         """
 
         return self._channel.unary_unary(
