@@ -22,6 +22,9 @@ from flowfabric.server.config import Config, ConfigError
 from tests.api.test_lifecycle import claim_next
 from tests.conftest import API_TOKEN, Api
 
+# The commands' own behaviour (parsing, printing, exit codes) is the same on either topology, and
+# the server paths they drive are tested on both in tests/api: these run on standalone only.
+standalone = pytest.mark.parametrize("valkey_url", ["standalone"], indirect=True)
 CLI = [sys.executable, "-c", "from flowfabric.cli import main; main()"]
 
 
@@ -151,6 +154,7 @@ async def _cli(api: Any, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@standalone
 async def test_signal_waitpoints_watch_signals_resume(api: Api) -> None:
     from flowfabric import Client, ExecutionState, TaskContext, Worker
     from tests.sdk.conftest import running
@@ -217,6 +221,7 @@ async def _suspended(client: Any, eid: str) -> Any:
     raise AssertionError("no active waitpoint")
 
 
+@standalone
 async def test_admin_kids_and_rotate_secret(api: Api) -> None:
     bad = await _cli(api, "admin", "rotate-secret", "--kid", "k:2")
     assert bad.returncode == 2 and "invalid_kid" in bad.stderr
@@ -251,6 +256,7 @@ FLOW_SPEC = {
 }  # fmt: skip
 
 
+@standalone
 async def test_flow_submit_show_cancel_replay(api: Api, tmp_path: Path) -> None:
     spec = tmp_path / "flow.json"
     spec.write_text(json.dumps(FLOW_SPEC))
@@ -286,6 +292,7 @@ async def test_flow_submit_show_cancel_replay(api: Api, tmp_path: Path) -> None:
     assert "replayed        4" in replayed.stdout
 
 
+@standalone
 async def test_flow_submit_refusals(api: Api, tmp_path: Path) -> None:
     cycle = tmp_path / "cycle.json"
     cycle.write_text(json.dumps({"members": [
@@ -329,6 +336,7 @@ def test_flow_tree_rendering() -> None:
     }  # fmt: skip
 
 
+@standalone
 async def test_why_prints_the_reason_and_eta(api: Api) -> None:
     from flowfabric import Client
 
@@ -358,6 +366,7 @@ async def test_why_prints_the_reason_and_eta(api: Api) -> None:
     assert bad.returncode == 2 and "invalid_input" in bad.stderr
 
 
+@standalone
 async def test_why_prints_who_holds_a_full_quota(api: Api) -> None:
     from flowfabric import Client
 
@@ -373,6 +382,7 @@ async def test_why_prints_who_holds_a_full_quota(api: Api) -> None:
     assert (rows["cap"], rows["holders"]) == ("1", first.execution_id)
 
 
+@standalone
 async def test_budget_and_quota_commands(api: Api) -> None:
     from flowfabric import Client
 
@@ -491,6 +501,7 @@ def test_version_prints_the_package_version() -> None:
     assert shown.stdout.strip() == f"flowfabric {version('flowfabric')}"
 
 
+@standalone
 async def test_an_unreadable_payload_file_is_a_usage_error(api: Api, tmp_path: Path) -> None:
     missing = tmp_path / "missing.json"
     for args in (
@@ -504,6 +515,7 @@ async def test_an_unreadable_payload_file_is_a_usage_error(api: Api, tmp_path: P
         assert f"--payload @{missing}: No such file or directory" in shown.stderr
 
 
+@standalone
 async def test_a_refused_call_names_its_reason_once_and_json_errors_are_json(api: Api) -> None:
     missing = "{fp:0}:00000000-0000-4000-8000-000000000000"
     shown = await _cli(api, "get", missing)

@@ -7,8 +7,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import API_TOKEN, Api
 
+# The commands' own behaviour (parsing, printing, exit codes) is the same on either topology, and
+# the server paths they drive are tested on both in tests/api: these run on standalone only.
+standalone = pytest.mark.parametrize("valkey_url", ["standalone"], indirect=True)
 CLI = [sys.executable, "-c", "from flowfabric.cli import run; run()"]
 
 
@@ -23,6 +28,7 @@ async def cli(
     )
 
 
+@standalone
 async def test_submit_get_list_cancel_watch(api: Api) -> None:
     done = await cli(
         api,
@@ -58,6 +64,7 @@ async def test_submit_get_list_cancel_watch(api: Api) -> None:
     assert info.returncode == 0 and "flow partitions" in info.stdout
 
 
+@standalone
 async def test_exit_codes(api: Api) -> None:
     missing = await cli(api, "get", "{fp:1}:00000000-0000-4000-8000-000000000000")
     assert missing.returncode == 3 and "execution_not_found" in missing.stderr
@@ -77,6 +84,7 @@ async def test_exit_codes(api: Api) -> None:
     assert unreachable.returncode == 4
 
 
+@standalone
 async def test_watch_shows_progress_live(api: Api) -> None:
     from flowfabric.v1 import worker_pb2 as wpb
     from tests.api.test_lifecycle import claim_one, complete, create
@@ -101,6 +109,7 @@ async def test_watch_shows_progress_live(api: Api) -> None:
     assert out.decode().rstrip().endswith("completed  40%  halfway"), out
 
 
+@standalone
 async def test_tail_prints_frames_live(api: Api) -> None:
     from tests.api.test_lifecycle import claim_one, complete, create
     from tests.api.test_streams import append

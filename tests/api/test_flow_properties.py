@@ -33,7 +33,7 @@ from tests.api.test_lifecycle import claim_next, complete, fail, state
 from tests.conftest import Api
 from tests.lua.util import check_lane_namespaces
 
-EXAMPLES = int(os.environ.get("FF_FLOW_PROPERTY_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("FF_FLOW_PROPERTY_EXAMPLES", "15"))
 MAX_MEMBERS = 30
 ABANDON_TTL_MS = 500
 EXAMPLE_DEADLINE_S = 30.0

@@ -336,6 +336,7 @@ def walkthrough_script(address: str, scratch: Path) -> str:
     )
 
 
+@pytest.mark.parametrize("valkey_url", ["standalone"], indirect=True)  # a README check
 async def test_readme_grpcurl_walkthrough_runs_and_cleans_up(api: Api, tmp_path: Path) -> None:
     """The README's walkthrough, run as written: it creates, dedupes, describes and lists, then
     cancels its execution, leaving no work queued for a Quickstart worker."""

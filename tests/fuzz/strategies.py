@@ -476,6 +476,8 @@ def _string(draw: Draw, gen: Gen, f: FieldDescriptor, mode: str) -> str:
 # fields in turn (rotating with the success count), each pushed to the ends of its range.
 DERIVED_PER_SUCCESS = 3
 MANY = 5000
+# Repeated items longer than this are replaced by empty ones when a list is blown up to MANY.
+SMALL_ITEM_BYTES = 256
 
 
 def derived(request: Any, successes: int) -> list[Any]:
@@ -514,6 +516,8 @@ def _put(msg: Any, f: FieldDescriptor, value: Any) -> None:
         if value_f.message_type is not None:
             return
         sample = next(iter(target.values()), None) if len(target) else None
+        if isinstance(sample, (str, bytes)):
+            sample = sample[:16]  # many small items: the count is under test, not the size
         for i in range(value):
             key = f"app.k{i}" if key_f.type == FD.TYPE_STRING else i
             target[key] = sample if sample is not None else _zero(value_f)
@@ -521,7 +525,9 @@ def _put(msg: Any, f: FieldDescriptor, value: Any) -> None:
     if f.message_type is not None:
         if len(target):
             first = type(target[0])()
-            first.CopyFrom(target[0])
+            if target[0].ByteSize() <= SMALL_ITEM_BYTES:
+                first.CopyFrom(target[0])
+            # else an empty item: 5,000 copies of a megabyte sample would only measure memory
             for _ in range(value - len(target)):
                 target.add().CopyFrom(first)
         return
@@ -529,7 +535,8 @@ def _put(msg: Any, f: FieldDescriptor, value: Any) -> None:
         base = target[0] if len(target) else "x"
         target.extend(f"{base[:16]}{i}" for i in range(value))
     elif len(target):
-        target.extend([target[0]] * value)
+        first = target[0][:16] if isinstance(target[0], bytes) else target[0]
+        target.extend([first] * value)
 
 
 def _zero(f: FieldDescriptor) -> Any:

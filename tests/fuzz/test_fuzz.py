@@ -22,7 +22,7 @@ from tests.fuzz.rpcs import Rpc, all_rpcs
 
 # Distinct requests per run: standalone (every RPC, the memory bound) and a shorter Cluster run
 # (the same checks where every key routes by its hash tag).
-CI_REQUESTS = 1200
+CI_REQUESTS = 1000
 CLUSTER_REQUESTS = 250
 
 # Memory bound between the sample after the warm-up (the first fifth of the run) and the last:
