@@ -61,7 +61,17 @@ class SyncTaskContext:
     def __getattr__(self, name: str) -> Any:  # execution_id, attempt_index, json(), ...
         if name.startswith("_") or name == "async_context":
             raise AttributeError(name)
-        return getattr(self.async_context, name)
+        value = getattr(self.async_context, name)
+        if inspect.iscoroutinefunction(value):
+            # every async call of TaskContext (report_usage, suspend, create_waitpoint, ...)
+            # blocks here until the worker's loop has run it, so none hands back a coroutine
+            def blocking(*args: Any, **kwargs: Any) -> Any:
+                return self._blocking(value(*args, **kwargs))
+
+            blocking.__name__ = blocking.__qualname__ = name
+            blocking.__doc__ = value.__doc__
+            return blocking
+        return value
 
     @property
     def cancelled(self) -> bool:

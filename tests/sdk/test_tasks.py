@@ -79,6 +79,21 @@ async def test_sync_task_observes_cancellation(api: Api, client: Client) -> None
     assert await client.state(handle.execution_id) == ExecutionState.CANCELLED
 
 
+async def test_sync_task_calls_every_async_context_method_blocking(
+    api: Api, client: Client
+) -> None:
+    worker = Worker(api.address, token=API_TOKEN, claim_wait_ms=200, handle_signals=False)
+
+    @worker.task("typed.waitpoint")
+    def make(ctx: SyncTaskContext) -> str:
+        pending = ctx.create_waitpoint(key="wpk:sync")  # async on TaskContext, blocking here
+        return str(pending.key)
+
+    async with running(worker):
+        handle = await make.submit(client)
+        assert await handle.result(timeout=10) == "wpk:sync"
+
+
 def test_a_task_names_no_positional_only_parameters() -> None:
     with pytest.raises(TypeError, match="positional-only"):
         Task(lambda a, /: a, "x", {})
