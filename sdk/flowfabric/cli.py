@@ -3,6 +3,7 @@
     flowfabric serve [--flag value ...]       run the server (every FF_* setting is also a flag)
     flowfabric submit KIND [--payload ...]    create an execution
     flowfabric get | cancel | replay | watch EXECUTION_ID
+    flowfabric result EXECUTION_ID [--raw]   the result, or why there is none (exit 5)
     flowfabric why EXECUTION_ID [--json]       why it is not running, with an ETA when known
     flowfabric list [--lane L] [--state S]
     flowfabric tail EXECUTION_ID [--attempt N] [-f] [--after CURSOR]   print an attempt's frames
@@ -20,8 +21,9 @@ Client commands talk gRPC to `--target` (env FF_TARGET, default 127.0.0.1:50051)
 token `--token` (env FF_API_TOKEN). Tables by default, `--json` for scripts.
 
 Exit codes: 0 ok; 1 the server refused (the ErrorInfo reason is printed); 2 bad input (a usage
-error, or INVALID_ARGUMENT from the server); 3 not found; 4 server unreachable; 5 (`watch`,
-`flow submit --wait`) the execution or flow ended other than completed.
+error, or INVALID_ARGUMENT from the server); 3 not found (`result`: not finished yet); 4 server
+unreachable; 5 (`watch`, `result`, `flow submit --wait`) the execution or flow ended other than
+completed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import grpc
 from google.protobuf import json_format
 
 from flowfabric._client import Client, ExecutionState
-from flowfabric._errors import FlowFabricError
+from flowfabric._errors import ExecutionFailed, FlowFabricError, ResultNotReady
+from flowfabric._humanize import when
 from flowfabric._signals import Signal, Waitpoint, choose_waitpoints
 from flowfabric._sync import SyncClient, blocking, blocking_iter
 from flowfabric._why import WhyBudget, WhyCapability, WhyDependencies, WhyQuota, WhySuspension
@@ -72,6 +75,21 @@ class _CommandClient(Client):
             transport.admin.GetServerInfo, admin_pb2.GetServerInfoRequest()
         )
 
+    async def result_reply(self, execution_id: str) -> execution_pb2.GetExecutionResultResponse:
+        """GetExecutionResult as the server answers it; an execution that completed without a
+        result answers an empty reply (as `Client.result`)."""
+        transport = self._transport
+        request = execution_pb2.GetExecutionResultRequest(execution_id=execution_id)
+        try:
+            reply: execution_pb2.GetExecutionResultResponse = await transport.unary(
+                transport.executions.GetExecutionResult, request
+            )
+        except ResultNotReady:
+            if await self.state(execution_id) is ExecutionState.COMPLETED:
+                return execution_pb2.GetExecutionResultResponse()
+            raise
+        return reply
+
     def tail_messages(
         self, execution_id: str, attempt_index: int, *, after: str, follow: bool
     ) -> AsyncGenerator[stream_pb2.TailAttemptStreamResponse, None]:
@@ -84,6 +102,7 @@ class CommandClient(SyncClient):
     _client_class = _CommandClient
     create = blocking(_CommandClient.create)
     server_info = blocking(_CommandClient.server_info)
+    result_reply = blocking(_CommandClient.result_reply)
     tail_messages = blocking_iter(_CommandClient.tail_messages)
 
 
@@ -313,12 +332,79 @@ def _failure_rows(snap: Any) -> list[tuple[str, Any]]:
         end = f" ({a.failure_reason})" if a.failure_reason else ""
         rows.append((f"attempt {a.attempt_index}", f"{a.outcome} on {a.worker_instance_id}{end}"))
     if snap.HasField("last_failure"):
-        f = snap.last_failure
-        rows.append(("failure", f"{f.reason} [{f.category}] attempt {f.attempt_index}"))
-        rows.append(("failed_at", f.failed_at))
-        if f.details:
-            rows.append(("details", "\n" + f.details.rstrip()))
+        rows += _last_failure_rows(snap.last_failure)
     return rows
+
+
+def _last_failure_rows(f: t.LastFailure) -> list[tuple[str, Any]]:
+    category = f" [{f.category}]" if f.category else ""
+    rows: list[tuple[str, Any]] = [
+        ("failure", f"{f.reason}{category} attempt {f.attempt_index}"),
+        ("worker", f.worker_instance_id or "-"),
+        ("failed_at", when(f.failed_at)),
+    ]
+    if f.details:
+        rows.append(("details", "\n" + f.details.rstrip()))
+    return rows
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--raw", is_flag=True, help="Write only the result bytes, as stored.")
+@click.pass_context
+def result(ctx: click.Context, execution_id: str, raw: bool) -> None:
+    """Print the result of a completed execution (text, or hex when it is not UTF-8).
+
+    One that failed, was cancelled or expired has no result: its outcome and last failure
+    (reason, category, attempt, worker, time, details such as a traceback) are printed instead
+    and the exit code is 5; one that has not finished yet exits 3.
+    """
+    as_json = ctx.obj["json"]
+    with _client(ctx) as client:
+        try:
+            reply = client.result_reply(execution_id)
+        except ExecutionFailed as exc:
+            snap = client.describe(execution_id)
+            _no_result(exc, snap, as_json, err=raw)
+            raise SystemExit(EXIT_NOT_COMPLETED) from None
+    payload = bytes(reply.result_payload)
+    if raw:
+        sys.stdout.buffer.write(payload)
+        sys.stdout.flush()
+        return
+    try:
+        text: str | None = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if as_json:
+        body: dict[str, Any] = {"execution_id": execution_id, "outcome": "completed",
+                                "result_encoding": reply.result_encoding}  # fmt: skip
+        if text is not None:
+            body["result"] = text
+        else:
+            body["result_hex"] = payload.hex()
+        click.echo(json.dumps(body))
+        return
+    click.echo(text if text is not None else "0x" + payload.hex())
+
+
+def _no_result(exc: ExecutionFailed, snap: t.ExecutionSnapshot, as_json: bool, err: bool) -> None:
+    """The outcome of an execution that ended without a result and its last failure."""
+    if as_json:
+        body: dict[str, Any] = {"execution_id": snap.execution_id, "outcome": exc.outcome}
+        if snap.HasField("last_failure"):
+            failure = json_format.MessageToDict(snap.last_failure, preserving_proto_field_name=True)
+            body["last_failure"] = failure
+        click.echo(json.dumps(body), err=err)
+        return
+    rows: list[tuple[str, Any]] = [("execution_id", snap.execution_id), ("outcome", exc.outcome)]
+    if snap.HasField("last_failure"):
+        rows += _last_failure_rows(snap.last_failure)
+    else:
+        rows.append(("failure", exc.failure_reason or "-"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key.ljust(width)}  {value}", err=err)
 
 
 @main.command()
