@@ -44,6 +44,7 @@ from google.protobuf import json_format
 from flowfabric._client import Client, ExecutionState
 from flowfabric._errors import ExecutionFailed, FlowFabricError, ResultNotReady
 from flowfabric._humanize import when
+from flowfabric._models import STATE_INDEXES
 from flowfabric._signals import Signal, Waitpoint, choose_waitpoints
 from flowfabric._sync import SyncClient, blocking, blocking_iter
 from flowfabric._why import WhyBudget, WhyCapability, WhyDependencies, WhyQuota, WhySuspension
@@ -509,19 +510,27 @@ def _why_quota_rows(detail: WhyQuota) -> list[tuple[str, Any]]:
     return rows
 
 
+LIST_STATES = ["eligible", "delayed", "active", "suspended", "terminal", *STATE_INDEXES]
+
+
 @main.command(name="list")
 @click.option("--lane", default="default", show_default=True)
 @click.option(
     "--state",
-    type=click.Choice(["eligible", "delayed", "active", "suspended", "terminal"]),
+    type=click.Choice(LIST_STATES),
     default="eligible",
     show_default=True,
+    help="A lane index, or a public state (waiting, completed, failed, cancelled, expired, "
+    "skipped: its index, filtered).",
 )
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--partition", default=None, type=int)
 @click.pass_context
 def list_(ctx: click.Context, lane: str, state: str, limit: int, partition: int | None) -> None:
-    """List executions in one lane index (priority order for eligible)."""
+    """List executions in one lane index (priority order for eligible), or in one public state.
+
+    A public state reads its index and keeps the matching rows, so a page may show fewer than
+    --limit rows while more follow (the next page token is printed on stderr)."""
     with _client(ctx) as client:
         page = client.list(lane=lane, state=state, limit=limit, partition=partition)
     if ctx.obj["json"]:
