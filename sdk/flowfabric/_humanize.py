@@ -28,8 +28,17 @@ def duration(ms: int) -> str:
     return " ".join(parts)
 
 
-def when(ms: int, now: int | None = None) -> str:
-    """`2026-12-03 02:41:07 UTC (3 s ago)`, `... (in 5 min)` or `... (now)`; `-` for 0 (unset).
+def stamp(ms: int) -> str:
+    """`2026-12-03 04:41:07.123 UTC` (milliseconds kept: for event lines); `-` for 0."""
+    if not ms:
+        return "-"
+    at = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return f"{at:%Y-%m-%d %H:%M:%S}.{ms % 1000:03d} UTC"
+
+
+def when(ms: int | None, now: int | None = None) -> str:
+    """`2026-12-03 02:41:07 UTC (3 s ago)`, `... (in 5 min)` or `... (now)`; `-` for 0 or None
+    (unset).
 
     `ms` and `now` are epoch milliseconds."""
     if not ms:

@@ -18,7 +18,8 @@
                                               budgets and quota policies (cli_budgets)
 
 Client commands talk gRPC to `--target` (env FF_TARGET, default 127.0.0.1:50051) with the bearer
-token `--token` (env FF_API_TOKEN). Tables by default, `--json` for scripts.
+token `--token` (env FF_API_TOKEN). Tables by default (times in UTC with their distance from
+now, sdk/flowfabric/_humanize.py), `--json` for scripts (raw epoch ms).
 
 Exit codes: 0 ok; 1 the server refused (the ErrorInfo reason is printed); 2 bad input (a usage
 error, or INVALID_ARGUMENT from the server); 3 not found (`result`: not finished yet); 4 server
@@ -43,7 +44,7 @@ from google.protobuf import json_format
 
 from flowfabric._client import Client, ExecutionState
 from flowfabric._errors import ExecutionFailed, FlowFabricError, ResultNotReady
-from flowfabric._humanize import when
+from flowfabric._humanize import stamp, when
 from flowfabric._models import STATE_INDEXES
 from flowfabric._signals import Signal, Waitpoint, choose_waitpoints
 from flowfabric._sync import SyncClient, blocking, blocking_iter
@@ -307,7 +308,7 @@ def get(ctx: click.Context, execution_id: str) -> None:
         ("namespace", snap.namespace),
         ("priority", snap.priority),
         ("attempts", snap.total_attempt_count),
-        ("created_at", snap.created_at),
+        ("created_at", when(snap.created_at)),
     ]
     if snap.HasField("blocking_detail"):
         rows.append(("blocked", snap.blocking_detail))
@@ -318,7 +319,8 @@ def get(ctx: click.Context, execution_id: str) -> None:
             (
                 "lease",
                 f"epoch {snap.current_lease.lease_epoch} held by "
-                f"{snap.current_lease.worker_instance_id}",
+                f"{snap.current_lease.worker_instance_id}, expires "
+                f"{when(snap.current_lease.expires_at)}",
             )
         )
     rows += [(f"tag {k}", v) for k, v in sorted(snap.tags.items())]
@@ -428,22 +430,11 @@ def why(ctx: click.Context, execution_id: str, local_json: bool) -> None:
         ("summary", w.summary),
     ]
     if w.eta_at is not None:
-        rows.append(("eta", _eta(w.eta_at)))
+        rows.append(("eta", when(w.eta_at)))
     rows += _why_rows(w.detail)
     if w.blocking_detail and not isinstance(w.detail, WhyBudget | WhyQuota):
         rows.append(("detail", w.blocking_detail))
     _print(None, False, rows)
-
-
-def _eta(at_ms: int) -> str:
-    """The ETA in ms with its distance from this machine's clock (approximate: the server's
-    clock is the one that decides)."""
-    import time
-
-    delta = round(at_ms / 1000 - time.time())
-    if delta >= 0:
-        return f"{at_ms} (in {timedelta(seconds=delta)})"
-    return f"{at_ms} ({timedelta(seconds=-delta)} ago)"
 
 
 def _why_rows(detail: Any) -> list[tuple[str, Any]]:
@@ -468,7 +459,7 @@ def _why_rows(detail: Any) -> list[tuple[str, Any]]:
     if isinstance(detail, WhySuspension):
         timeout = "-"
         if detail.timeout_at is not None:
-            timeout = f"{detail.timeout_at} ({detail.timeout_behavior or 'fail'})"
+            timeout = f"{when(detail.timeout_at)}, then {detail.timeout_behavior or 'fail'}"
         return [
             ("waitpoint", detail.waitpoint_id),
             ("reason", detail.reason_code),
@@ -489,7 +480,7 @@ def _why_budget_rows(detail: WhyBudget) -> list[tuple[str, Any]]:
         exhausted = f"{detail.budget_id} {detail.dimension} {detail.usage}/{detail.limit}"
         rows.append(("exhausted", exhausted))
     if detail.next_reset_at is not None:
-        rows.append(("next_reset", detail.next_reset_at))
+        rows.append(("next_reset", when(detail.next_reset_at)))
     return rows
 
 
@@ -500,7 +491,7 @@ def _why_quota_rows(detail: WhyQuota) -> list[tuple[str, Any]]:
     if detail.concurrency_key:
         rows.append(("key", detail.concurrency_key))
     if detail.retry_at is not None:
-        rows.append(("retry_at", detail.retry_at))
+        rows.append(("retry_at", when(detail.retry_at)))
     if detail.concurrency_cap:
         rows.append(("cap", detail.concurrency_cap))
     if detail.holders_total:
@@ -549,7 +540,7 @@ def list_(ctx: click.Context, lane: str, state: str, limit: int, partition: int 
                 e.execution_kind,
                 _state_name(e.public_state),
                 e.priority,
-                e.created_at,
+                when(e.created_at),
             )
             for e in page.executions
         ],
@@ -600,10 +591,11 @@ def watch(ctx: click.Context, execution_id: str) -> None:
             if ctx.obj["json"]:
                 _print(event, True)
             elif state is last:  # same state: a progress update
-                click.echo(f"{event.progress_updated_at}  {_state_name(state)}  {_progress(event)}")
+                at = stamp(event.progress_updated_at)
+                click.echo(f"{at}  {_state_name(state)}  {_progress(event)}")
             else:
                 shown = f"  {_progress(event)}" if event.HasField("progress_updated_at") else ""
-                click.echo(f"{event.at}  {_state_name(state)}{shown}")
+                click.echo(f"{stamp(event.at)}  {_state_name(state)}{shown}")
             last = state
             sys.stdout.flush()
     if last is not None and last.is_terminal and last is not ExecutionState.COMPLETED:
@@ -642,7 +634,8 @@ def tail(
                     click.echo(text)
                 else:
                     click.echo(
-                        f"-- closed: {message.closed_reason} at {message.closed_at}", err=True
+                        f"-- closed: {message.closed_reason} at {stamp(message.closed_at)}",
+                        err=True,
                     )
 
 
@@ -782,7 +775,7 @@ def waitpoints(ctx: click.Context, execution_id: str) -> None:
                 wp.state,
                 ",".join(wp.signal_names) or "*",
                 wp.token,
-                wp.expires_at if wp.expires_at is not None else "-",
+                when(wp.expires_at),
             )
             for wp in listed
         ],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flowfabric._humanize import duration, when
+from flowfabric._humanize import duration, stamp, when
 
 AT = 1_796_272_867_000  # 2026-12-03 04:41:07 UTC
 
@@ -34,3 +34,9 @@ def test_when_past_future_now_and_unset() -> None:
     assert when(AT, now=AT - 300_000) == "2026-12-03 04:41:07 UTC (in 5 min)"
     assert when(AT, now=AT + 400) == "2026-12-03 04:41:07 UTC (now)"
     assert when(0, now=AT) == "-"
+    assert when(None, now=AT) == "-"
+
+
+def test_stamp_keeps_milliseconds() -> None:
+    assert stamp(AT + 42) == "2026-12-03 04:41:07.042 UTC"
+    assert stamp(0) == "-"
