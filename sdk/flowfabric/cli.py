@@ -161,7 +161,7 @@ def _print(obj: Any, as_json: bool, rows: Sequence[tuple[str, Any]] = ()) -> Non
         return
     width = max((len(k) for k, _ in rows), default=0)
     for key, value in rows:
-        click.echo(f"{key.ljust(width)}  {value}")
+        click.echo(f"{key.ljust(width)}  {value}".rstrip(" "))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -360,7 +360,8 @@ def result(ctx: click.Context, execution_id: str, raw: bool) -> None:
 
     One that failed, was cancelled or expired has no result: its outcome and last failure
     (reason, category, attempt, worker, time, details such as a traceback) are printed instead
-    and the exit code is 5; one that has not finished yet exits 3.
+    and the exit code is 5 (on stderr with --raw, so stdout only ever holds result bytes); one
+    that has not finished yet exits 3.
     """
     as_json = ctx.obj["json"]
     with _client(ctx) as client:
@@ -407,7 +408,7 @@ def _no_result(exc: ExecutionFailed, snap: t.ExecutionSnapshot, as_json: bool, e
         rows.append(("failure", exc.failure_reason or "-"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        click.echo(f"{key.ljust(width)}  {value}", err=err)
+        click.echo(f"{key.ljust(width)}  {value}".rstrip(" "), err=err)
 
 
 @main.command()
