@@ -6,12 +6,13 @@ import asyncio
 import builtins
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from typing import Any
 
 from flowfabric._errors import DeadlineExceeded, ResultNotReady
 from flowfabric._models import (
     INDEXES,
+    STATE_INDEXES,
     ExecutionState,
     Page,
     Payload,
@@ -210,14 +211,25 @@ class ExecutionsMixin(Connected):
         limit: int = 50,
         page_token: str = "",
         partition: int | None = None,
+        public_states: Iterable[ExecutionState | int] = (),
     ) -> Page:
         """One page of one lane's executions in one index (`eligible`, `delayed`, `active`,
-        `suspended` or `terminal`)."""
+        `suspended` or `terminal`), or of one public state (`waiting`, `completed`, `failed`,
+        `cancelled`, `expired`, `skipped`: its index with that filter).
+
+        With a public-state filter a page may hold fewer than `limit` executions, even none,
+        while `next_page_token` is set (docs/lifecycle.md#reads); `list_all` pages through.
+        """
+        filters = [int(s) for s in public_states]
+        if isinstance(state, str) and state in STATE_INDEXES:
+            filters.append(ExecutionState[state.upper()].value)
+            state = STATE_INDEXES[state]
         request = execution_pb2.ListExecutionsRequest(
             lane=lane,
             state=INDEXES[state] if isinstance(state, str) else state,  # type: ignore[arg-type]
             limit=limit,
             page_token=page_token,
+            public_states=filters,  # type: ignore[arg-type]
         )
         if partition is not None:
             request.partition = partition
@@ -231,13 +243,15 @@ class ExecutionsMixin(Connected):
         state: str | int = "eligible",
         page_size: int = 200,
         partition: int | None = None,
+        public_states: Iterable[ExecutionState | int] = (),
     ) -> AsyncGenerator[types_pb2.ExecutionSummary, None]:
-        """Every execution of the index, page by page."""
+        """Every execution of the index (or public state, as `list`), page by page."""
         token = ""
         while True:
             page = await self.list(
-                lane=lane, state=state, limit=page_size, page_token=token, partition=partition
-            )
+                lane=lane, state=state, limit=page_size, page_token=token, partition=partition,
+                public_states=public_states,
+            )  # fmt: skip
             for row in page.executions:
                 yield row
             if not page.next_page_token:

@@ -60,6 +60,18 @@ INDEXES = {
     "active": execution_pb2.EXECUTION_INDEX_ACTIVE,
 }
 
+#: A public state's name -> the lane index that holds it (`Client.list(state="failed")` lists
+#: that index with the public-state filter; docs/lifecycle.md#reads). `rate_limited` and
+#: `waiting_children` sit in blocked indexes that ListExecutions does not list.
+STATE_INDEXES = {
+    "waiting": "eligible",
+    "completed": "terminal",
+    "failed": "terminal",
+    "cancelled": "terminal",
+    "expired": "terminal",
+    "skipped": "terminal",
+}
+
 
 @dataclass(frozen=True)
 class Submitted:

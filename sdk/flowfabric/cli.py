@@ -3,6 +3,7 @@
     flowfabric serve [--flag value ...]       run the server (every FF_* setting is also a flag)
     flowfabric submit KIND [--payload ...]    create an execution
     flowfabric get | cancel | replay | watch EXECUTION_ID
+    flowfabric result EXECUTION_ID [--raw]   the result, or why there is none (exit 5)
     flowfabric why EXECUTION_ID [--json]       why it is not running, with an ETA when known
     flowfabric list [--lane L] [--state S]
     flowfabric tail EXECUTION_ID [--attempt N] [-f] [--after CURSOR]   print an attempt's frames
@@ -17,11 +18,13 @@
                                               budgets and quota policies (cli_budgets)
 
 Client commands talk gRPC to `--target` (env FF_TARGET, default 127.0.0.1:50051) with the bearer
-token `--token` (env FF_API_TOKEN). Tables by default, `--json` for scripts.
+token `--token` (env FF_API_TOKEN). Tables by default (times in UTC with their distance from
+now, sdk/flowfabric/_humanize.py), `--json` for scripts (raw epoch ms).
 
 Exit codes: 0 ok; 1 the server refused (the ErrorInfo reason is printed); 2 bad input (a usage
-error, or INVALID_ARGUMENT from the server); 3 not found; 4 server unreachable; 5 (`watch`,
-`flow submit --wait`) the execution or flow ended other than completed.
+error, or INVALID_ARGUMENT from the server); 3 not found (`result`: not finished yet); 4 server
+unreachable; 5 (`watch`, `result`, `flow submit --wait`) the execution or flow ended other than
+completed.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ import grpc
 from google.protobuf import json_format
 
 from flowfabric._client import Client, ExecutionState
-from flowfabric._errors import FlowFabricError
+from flowfabric._errors import ExecutionFailed, FlowFabricError, ResultNotReady
+from flowfabric._humanize import stamp, when
+from flowfabric._models import STATE_INDEXES
 from flowfabric._signals import Signal, Waitpoint, choose_waitpoints
 from flowfabric._sync import SyncClient, blocking, blocking_iter
 from flowfabric._why import WhyBudget, WhyCapability, WhyDependencies, WhyQuota, WhySuspension
@@ -72,6 +77,21 @@ class _CommandClient(Client):
             transport.admin.GetServerInfo, admin_pb2.GetServerInfoRequest()
         )
 
+    async def result_reply(self, execution_id: str) -> execution_pb2.GetExecutionResultResponse:
+        """GetExecutionResult as the server answers it; an execution that completed without a
+        result answers an empty reply (as `Client.result`)."""
+        transport = self._transport
+        request = execution_pb2.GetExecutionResultRequest(execution_id=execution_id)
+        try:
+            reply: execution_pb2.GetExecutionResultResponse = await transport.unary(
+                transport.executions.GetExecutionResult, request
+            )
+        except ResultNotReady:
+            if await self.state(execution_id) is ExecutionState.COMPLETED:
+                return execution_pb2.GetExecutionResultResponse()
+            raise
+        return reply
+
     def tail_messages(
         self, execution_id: str, attempt_index: int, *, after: str, follow: bool
     ) -> AsyncGenerator[stream_pb2.TailAttemptStreamResponse, None]:
@@ -84,6 +104,7 @@ class CommandClient(SyncClient):
     _client_class = _CommandClient
     create = blocking(_CommandClient.create)
     server_info = blocking(_CommandClient.server_info)
+    result_reply = blocking(_CommandClient.result_reply)
     tail_messages = blocking_iter(_CommandClient.tail_messages)
 
 
@@ -140,7 +161,7 @@ def _print(obj: Any, as_json: bool, rows: Sequence[tuple[str, Any]] = ()) -> Non
         return
     width = max((len(k) for k, _ in rows), default=0)
     for key, value in rows:
-        click.echo(f"{key.ljust(width)}  {value}")
+        click.echo(f"{key.ljust(width)}  {value}".rstrip(" "))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -287,7 +308,7 @@ def get(ctx: click.Context, execution_id: str) -> None:
         ("namespace", snap.namespace),
         ("priority", snap.priority),
         ("attempts", snap.total_attempt_count),
-        ("created_at", snap.created_at),
+        ("created_at", when(snap.created_at)),
     ]
     if snap.HasField("blocking_detail"):
         rows.append(("blocked", snap.blocking_detail))
@@ -298,7 +319,8 @@ def get(ctx: click.Context, execution_id: str) -> None:
             (
                 "lease",
                 f"epoch {snap.current_lease.lease_epoch} held by "
-                f"{snap.current_lease.worker_instance_id}",
+                f"{snap.current_lease.worker_instance_id}, expires "
+                f"{when(snap.current_lease.expires_at)}",
             )
         )
     rows += [(f"tag {k}", v) for k, v in sorted(snap.tags.items())]
@@ -313,12 +335,80 @@ def _failure_rows(snap: Any) -> list[tuple[str, Any]]:
         end = f" ({a.failure_reason})" if a.failure_reason else ""
         rows.append((f"attempt {a.attempt_index}", f"{a.outcome} on {a.worker_instance_id}{end}"))
     if snap.HasField("last_failure"):
-        f = snap.last_failure
-        rows.append(("failure", f"{f.reason} [{f.category}] attempt {f.attempt_index}"))
-        rows.append(("failed_at", f.failed_at))
-        if f.details:
-            rows.append(("details", "\n" + f.details.rstrip()))
+        rows += _last_failure_rows(snap.last_failure)
     return rows
+
+
+def _last_failure_rows(f: t.LastFailure) -> list[tuple[str, Any]]:
+    category = f" [{f.category}]" if f.category else ""
+    rows: list[tuple[str, Any]] = [
+        ("failure", f"{f.reason}{category} attempt {f.attempt_index}"),
+        ("worker", f.worker_instance_id or "-"),
+        ("failed_at", when(f.failed_at)),
+    ]
+    if f.details:
+        rows.append(("details", "\n" + f.details.rstrip()))
+    return rows
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--raw", is_flag=True, help="Write only the result bytes, as stored.")
+@click.pass_context
+def result(ctx: click.Context, execution_id: str, raw: bool) -> None:
+    """Print the result of a completed execution (text, or hex when it is not UTF-8).
+
+    One that failed, was cancelled or expired has no result: its outcome and last failure
+    (reason, category, attempt, worker, time, details such as a traceback) are printed instead
+    and the exit code is 5 (on stderr with --raw, so stdout only ever holds result bytes); one
+    that has not finished yet exits 3.
+    """
+    as_json = ctx.obj["json"]
+    with _client(ctx) as client:
+        try:
+            reply = client.result_reply(execution_id)
+        except ExecutionFailed as exc:
+            snap = client.describe(execution_id)
+            _no_result(exc, snap, as_json, err=raw)
+            raise SystemExit(EXIT_NOT_COMPLETED) from None
+    payload = bytes(reply.result_payload)
+    if raw:
+        sys.stdout.buffer.write(payload)
+        sys.stdout.flush()
+        return
+    try:
+        text: str | None = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if as_json:
+        body: dict[str, Any] = {"execution_id": execution_id, "outcome": "completed",
+                                "result_encoding": reply.result_encoding}  # fmt: skip
+        if text is not None:
+            body["result"] = text
+        else:
+            body["result_hex"] = payload.hex()
+        click.echo(json.dumps(body))
+        return
+    click.echo(text if text is not None else "0x" + payload.hex())
+
+
+def _no_result(exc: ExecutionFailed, snap: t.ExecutionSnapshot, as_json: bool, err: bool) -> None:
+    """The outcome of an execution that ended without a result and its last failure."""
+    if as_json:
+        body: dict[str, Any] = {"execution_id": snap.execution_id, "outcome": exc.outcome}
+        if snap.HasField("last_failure"):
+            failure = json_format.MessageToDict(snap.last_failure, preserving_proto_field_name=True)
+            body["last_failure"] = failure
+        click.echo(json.dumps(body), err=err)
+        return
+    rows: list[tuple[str, Any]] = [("execution_id", snap.execution_id), ("outcome", exc.outcome)]
+    if snap.HasField("last_failure"):
+        rows += _last_failure_rows(snap.last_failure)
+    else:
+        rows.append(("failure", exc.failure_reason or "-"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key.ljust(width)}  {value}".rstrip(" "), err=err)
 
 
 @main.command()
@@ -341,22 +431,11 @@ def why(ctx: click.Context, execution_id: str, local_json: bool) -> None:
         ("summary", w.summary),
     ]
     if w.eta_at is not None:
-        rows.append(("eta", _eta(w.eta_at)))
+        rows.append(("eta", when(w.eta_at)))
     rows += _why_rows(w.detail)
     if w.blocking_detail and not isinstance(w.detail, WhyBudget | WhyQuota):
         rows.append(("detail", w.blocking_detail))
     _print(None, False, rows)
-
-
-def _eta(at_ms: int) -> str:
-    """The ETA in ms with its distance from this machine's clock (approximate: the server's
-    clock is the one that decides)."""
-    import time
-
-    delta = round(at_ms / 1000 - time.time())
-    if delta >= 0:
-        return f"{at_ms} (in {timedelta(seconds=delta)})"
-    return f"{at_ms} ({timedelta(seconds=-delta)} ago)"
 
 
 def _why_rows(detail: Any) -> list[tuple[str, Any]]:
@@ -381,7 +460,7 @@ def _why_rows(detail: Any) -> list[tuple[str, Any]]:
     if isinstance(detail, WhySuspension):
         timeout = "-"
         if detail.timeout_at is not None:
-            timeout = f"{detail.timeout_at} ({detail.timeout_behavior or 'fail'})"
+            timeout = f"{when(detail.timeout_at)}, then {detail.timeout_behavior or 'fail'}"
         return [
             ("waitpoint", detail.waitpoint_id),
             ("reason", detail.reason_code),
@@ -402,7 +481,7 @@ def _why_budget_rows(detail: WhyBudget) -> list[tuple[str, Any]]:
         exhausted = f"{detail.budget_id} {detail.dimension} {detail.usage}/{detail.limit}"
         rows.append(("exhausted", exhausted))
     if detail.next_reset_at is not None:
-        rows.append(("next_reset", detail.next_reset_at))
+        rows.append(("next_reset", when(detail.next_reset_at)))
     return rows
 
 
@@ -413,7 +492,7 @@ def _why_quota_rows(detail: WhyQuota) -> list[tuple[str, Any]]:
     if detail.concurrency_key:
         rows.append(("key", detail.concurrency_key))
     if detail.retry_at is not None:
-        rows.append(("retry_at", detail.retry_at))
+        rows.append(("retry_at", when(detail.retry_at)))
     if detail.concurrency_cap:
         rows.append(("cap", detail.concurrency_cap))
     if detail.holders_total:
@@ -423,19 +502,27 @@ def _why_quota_rows(detail: WhyQuota) -> list[tuple[str, Any]]:
     return rows
 
 
+LIST_STATES = ["eligible", "delayed", "active", "suspended", "terminal", *STATE_INDEXES]
+
+
 @main.command(name="list")
 @click.option("--lane", default="default", show_default=True)
 @click.option(
     "--state",
-    type=click.Choice(["eligible", "delayed", "active", "suspended", "terminal"]),
+    type=click.Choice(LIST_STATES),
     default="eligible",
     show_default=True,
+    help="A lane index, or a public state (waiting, completed, failed, cancelled, expired, "
+    "skipped: its index, filtered).",
 )
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--partition", default=None, type=int)
 @click.pass_context
 def list_(ctx: click.Context, lane: str, state: str, limit: int, partition: int | None) -> None:
-    """List executions in one lane index (priority order for eligible)."""
+    """List executions in one lane index (priority order for eligible), or in one public state.
+
+    A public state reads its index and keeps the matching rows, so a page may show fewer than
+    --limit rows while more follow (the next page token is printed on stderr)."""
     with _client(ctx) as client:
         page = client.list(lane=lane, state=state, limit=limit, partition=partition)
     if ctx.obj["json"]:
@@ -454,7 +541,7 @@ def list_(ctx: click.Context, lane: str, state: str, limit: int, partition: int 
                 e.execution_kind,
                 _state_name(e.public_state),
                 e.priority,
-                e.created_at,
+                when(e.created_at),
             )
             for e in page.executions
         ],
@@ -505,10 +592,11 @@ def watch(ctx: click.Context, execution_id: str) -> None:
             if ctx.obj["json"]:
                 _print(event, True)
             elif state is last:  # same state: a progress update
-                click.echo(f"{event.progress_updated_at}  {_state_name(state)}  {_progress(event)}")
+                at = stamp(event.progress_updated_at)
+                click.echo(f"{at}  {_state_name(state)}  {_progress(event)}")
             else:
                 shown = f"  {_progress(event)}" if event.HasField("progress_updated_at") else ""
-                click.echo(f"{event.at}  {_state_name(state)}{shown}")
+                click.echo(f"{stamp(event.at)}  {_state_name(state)}{shown}")
             last = state
             sys.stdout.flush()
     if last is not None and last.is_terminal and last is not ExecutionState.COMPLETED:
@@ -547,7 +635,8 @@ def tail(
                     click.echo(text)
                 else:
                     click.echo(
-                        f"-- closed: {message.closed_reason} at {message.closed_at}", err=True
+                        f"-- closed: {message.closed_reason} at {stamp(message.closed_at)}",
+                        err=True,
                     )
 
 
@@ -687,7 +776,7 @@ def waitpoints(ctx: click.Context, execution_id: str) -> None:
                 wp.state,
                 ",".join(wp.signal_names) or "*",
                 wp.token,
-                wp.expires_at if wp.expires_at is not None else "-",
+                when(wp.expires_at),
             )
             for wp in listed
         ],

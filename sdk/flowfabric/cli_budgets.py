@@ -25,6 +25,7 @@ from typing import Any
 
 import click
 
+from flowfabric._humanize import when
 from flowfabric._models import BudgetStatus, QuotaPolicy, UsageReport
 
 
@@ -154,7 +155,7 @@ def _yes(value: bool) -> str:
 
 
 def _ms(value: int | None) -> Any:
-    return "-" if value is None else value
+    return when(value)
 
 
 @budget.command(name="show")
@@ -170,7 +171,7 @@ def budget_show(ctx: click.Context, budget_id: str) -> None:
     scope = f"{status.scope_type} {status.scope_id}".strip() or "-"
     last = "-"
     if status.last_breach_at is not None:
-        last = f"{status.last_breach_dim} at {status.last_breach_at}"
+        last = f"{status.last_breach_dim} at {when(status.last_breach_at)}"
     _print(
         None,
         False,
@@ -345,7 +346,7 @@ def _quota_rows(policy: QuotaPolicy) -> list[tuple[str, Any]]:
         ("jitter", f"{policy.jitter_ms} ms"),
         ("in window now", policy.current_window_requests),
         ("concurrent now", policy.current_concurrency),
-        ("created_at", policy.created_at),
+        ("created_at", when(policy.created_at)),
     ]
 
 

@@ -5247,6 +5247,15 @@ class ListExecutionsRequest(betterproto2.Message):
     other fields must be unchanged between pages.
     """
 
+    public_states: "list[PublicState]" = betterproto2.field(
+        6, betterproto2.TYPE_ENUM, repeated=True
+    )
+    """
+    Only executions in one of these public states (e.g. FAILED within the
+    TERMINAL index). Empty = no filter. At most 64 entries; UNSPECIFIED is
+    INVALID_ARGUMENT.
+    """
+
 
 default_message_pool.register_message(
     "flowfabric.v1", "ListExecutionsRequest", ListExecutionsRequest
@@ -8766,9 +8775,14 @@ class ExecutionServiceStub:
         """
         Lists one lane's executions in one scheduling index, in index order
         (eligible: highest priority, then oldest; others: by time). Without
-        `partition` the page token walks every partition in turn.
-        Errors: INVALID_ARGUMENT for an invalid lane, an unknown `state`,
-        `limit` over 1000, or a bad page token.
+        `partition` the page token walks every partition in turn. With
+        `public_states` only executions in one of them are returned: the filter
+        applies to the `limit` index entries the page reads, so a filtered page
+        may hold fewer than `limit` executions (even none) while
+        `next_page_token` is set; page until it is empty.
+        Errors: INVALID_ARGUMENT for an invalid lane, an unknown `state` or
+        public state, more than 64 `public_states`, `limit` over 1000, or a bad
+        page token.
         """
 
         return self._channel.unary_unary(

@@ -836,6 +836,7 @@ class ListExecutionsRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PUBLIC_STATES_FIELD_NUMBER: _builtins.int
     partition: _builtins.int
     """Flow partition to list. Absent = all partitions, walked by the page
     token.
@@ -850,6 +851,13 @@ class ListExecutionsRequest(_message.Message):
     """From a previous response's `next_page_token`; empty = first page. The
     other fields must be unchanged between pages.
     """
+    @_builtins.property
+    def public_states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.PublicState.ValueType]:
+        """Only executions in one of these public states (e.g. FAILED within the
+        TERMINAL index). Empty = no filter. At most 64 entries; UNSPECIFIED is
+        INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -858,10 +866,11 @@ class ListExecutionsRequest(_message.Message):
         state: Global___ExecutionIndex.ValueType = ...,
         limit: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        public_states: _abc.Iterable[_types_pb2.PublicState.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_partition", b"_partition", "partition", b"partition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_partition", b"_partition", "lane", b"lane", "limit", b"limit", "page_token", b"page_token", "partition", b"partition", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_partition", b"_partition", "lane", b"lane", "limit", b"limit", "page_token", b"page_token", "partition", b"partition", "public_states", b"public_states", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__partition: _TypeAlias = _typing.Literal["partition"]  # noqa: Y015
     _WhichOneofArgType__partition: _TypeAlias = _typing.Literal["_partition", b"_partition"]  # noqa: Y015

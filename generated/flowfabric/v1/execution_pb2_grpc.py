@@ -162,9 +162,14 @@ class ExecutionServiceServicer:
     def ListExecutions(self, request, context):
         """Lists one lane's executions in one scheduling index, in index order
         (eligible: highest priority, then oldest; others: by time). Without
-        `partition` the page token walks every partition in turn.
-        Errors: INVALID_ARGUMENT for an invalid lane, an unknown `state`,
-        `limit` over 1000, or a bad page token.
+        `partition` the page token walks every partition in turn. With
+        `public_states` only executions in one of them are returned: the filter
+        applies to the `limit` index entries the page reads, so a filtered page
+        may hold fewer than `limit` executions (even none) while
+        `next_page_token` is set; page until it is empty.
+        Errors: INVALID_ARGUMENT for an invalid lane, an unknown `state` or
+        public state, more than 64 `public_states`, `limit` over 1000, or a bad
+        page token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

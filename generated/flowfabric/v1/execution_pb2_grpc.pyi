@@ -68,9 +68,14 @@ class ExecutionServiceStub:
     ListExecutions: _grpc.UnaryUnaryMultiCallable[_execution_pb2.ListExecutionsRequest, _execution_pb2.ListExecutionsResponse]
     """Lists one lane's executions in one scheduling index, in index order
     (eligible: highest priority, then oldest; others: by time). Without
-    `partition` the page token walks every partition in turn.
-    Errors: INVALID_ARGUMENT for an invalid lane, an unknown `state`,
-    `limit` over 1000, or a bad page token.
+    `partition` the page token walks every partition in turn. With
+    `public_states` only executions in one of them are returned: the filter
+    applies to the `limit` index entries the page reads, so a filtered page
+    may hold fewer than `limit` executions (even none) while
+    `next_page_token` is set; page until it is empty.
+    Errors: INVALID_ARGUMENT for an invalid lane, an unknown `state` or
+    public state, more than 64 `public_states`, `limit` over 1000, or a bad
+    page token.
     """
     GetExecutionResult: _grpc.UnaryUnaryMultiCallable[_execution_pb2.GetExecutionResultRequest, _execution_pb2.GetExecutionResultResponse]
     """Returns the result payload of a completed execution.
@@ -166,9 +171,14 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
     ListExecutions: _aio.UnaryUnaryMultiCallable[_execution_pb2.ListExecutionsRequest, _execution_pb2.ListExecutionsResponse]  # type: ignore[assignment]
     """Lists one lane's executions in one scheduling index, in index order
     (eligible: highest priority, then oldest; others: by time). Without
-    `partition` the page token walks every partition in turn.
-    Errors: INVALID_ARGUMENT for an invalid lane, an unknown `state`,
-    `limit` over 1000, or a bad page token.
+    `partition` the page token walks every partition in turn. With
+    `public_states` only executions in one of them are returned: the filter
+    applies to the `limit` index entries the page reads, so a filtered page
+    may hold fewer than `limit` executions (even none) while
+    `next_page_token` is set; page until it is empty.
+    Errors: INVALID_ARGUMENT for an invalid lane, an unknown `state` or
+    public state, more than 64 `public_states`, `limit` over 1000, or a bad
+    page token.
     """
     GetExecutionResult: _aio.UnaryUnaryMultiCallable[_execution_pb2.GetExecutionResultRequest, _execution_pb2.GetExecutionResultResponse]  # type: ignore[assignment]
     """Returns the result payload of a completed execution.
@@ -291,9 +301,14 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_execution_pb2.ListExecutionsResponse, _abc.Awaitable[_execution_pb2.ListExecutionsResponse]]:
         """Lists one lane's executions in one scheduling index, in index order
         (eligible: highest priority, then oldest; others: by time). Without
-        `partition` the page token walks every partition in turn.
-        Errors: INVALID_ARGUMENT for an invalid lane, an unknown `state`,
-        `limit` over 1000, or a bad page token.
+        `partition` the page token walks every partition in turn. With
+        `public_states` only executions in one of them are returned: the filter
+        applies to the `limit` index entries the page reads, so a filtered page
+        may hold fewer than `limit` executions (even none) while
+        `next_page_token` is set; page until it is empty.
+        Errors: INVALID_ARGUMENT for an invalid lane, an unknown `state` or
+        public state, more than 64 `public_states`, `limit` over 1000, or a bad
+        page token.
         """
 
     @_abc_1.abstractmethod

@@ -100,7 +100,8 @@ LANES = _b(
 )  # fmt: skip
 LIST_ITEMS = _b(
     "LIST_ITEMS", 0, 64, "",
-    "policy `retry_policy.retryable_categories`, `budget_ids`; keys of an attempt policy",
+    "policy `retry_policy.retryable_categories`, `budget_ids`; keys of an attempt policy; "
+    "`ListExecutions.public_states`",
 )  # fmt: skip
 BATCH_ITEMS = _b("BATCH_ITEMS", 1, 1000, "", "`RenewLeases.renewals`, `CompleteExecutions.items`")
 MAX_TASKS = _b("MAX_TASKS", 0, 100, "", "`ClaimNext.max_tasks` (0 or 1 = one)")

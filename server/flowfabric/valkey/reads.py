@@ -257,8 +257,13 @@ async def list_executions(
     limit: int,
     partition: int | None,
     page: Page | None,
+    public_states: frozenset[int] = frozenset(),
 ) -> tuple[list[t.ExecutionSummary], Page | None]:
-    """One lane index, in score order, walking partitions when none is named."""
+    """One lane index, in score order, walking partitions when none is named.
+
+    `public_states` (non-empty) keeps only the executions in one of them: the page still reads
+    at most `limit` index entries, so a filtered page may be short, even empty, with a next
+    page (docs/lifecycle.md#reads)."""
     start = page or Page(partition if partition is not None else 0, 0)
     last = start.partition if partition is not None else num_partitions - 1
     ids: list[tuple[int, int, str]] = []  # (partition, offset-after, eid)
@@ -283,7 +288,10 @@ async def list_executions(
         next_page = Page(p, off)
     elif cursor <= last:
         next_page = Page(cursor, 0)
-    return await _summaries(store, [eid for _, _, eid in ids], num_partitions), next_page
+    rows = await _summaries(store, [eid for _, _, eid in ids], num_partitions)
+    if public_states:
+        rows = [row for row in rows if row.public_state in public_states]
+    return rows, next_page
 
 
 async def _summaries(

@@ -250,6 +250,13 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         partition = request.partition if request.HasField("partition") else None
         if partition is not None and partition >= self.ctx.partitions:
             raise InvalidInput("partition", "partition is out of range")
+        bounds.check_count(bounds.LIST_ITEMS, len(request.public_states), "public_states")
+        public_states = frozenset(request.public_states)
+        if (
+            public_states - set(t.PublicState.values())
+            or t.PUBLIC_STATE_UNSPECIFIED in public_states
+        ):
+            raise InvalidInput("public_states", "public_states holds an unknown public state")
         page = reads.Page.parse(request.page_token) if request.page_token else None
         if page and partition is not None and page.partition != partition:
             raise InvalidInput("page_token", "page_token belongs to another partition")
@@ -263,6 +270,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
             limit=limit,
             partition=partition,
             page=page,
+            public_states=public_states,
         )
         return pb.ListExecutionsResponse(
             executions=rows,
