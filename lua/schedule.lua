@@ -77,8 +77,9 @@ redis.register_function('ff_create_schedule', create_schedule)
 --       of its execution); {1,"OK","skipped"} (action skip: the slot is passed over).
 --   Errors: invalid_input (slot_ms, next_slot_ms <= slot_ms, action, now); schedule_not_found
 --     (no definition: the id leaves schedule_due, nothing else is written).
---   Writes: cursor = next_slot_ms, updated_at, ZADD schedule_due next_slot_ms; fire also
---     pending_slot = last_slot = slot_ms; skip also skip_count += 1.
+--   Writes: cursor = next_slot_ms, updated_at; fire: pending_slot = last_slot = slot_ms, ZADD
+--     schedule_due slot_ms (due at once until acknowledged); skip: skip_count += 1, ZADD
+--     schedule_due next_slot_ms.
 local CLAIM_ARGV = {
   {1, 'schedule_id', 'str'},
   {2, 'slot_ms', 'int', min = 0, max = Bounds.TIMESTAMP_MS},
@@ -120,11 +121,13 @@ local function claim_schedule_slot(keys, argv)
   end
   local next_at = Util.num(a.next_slot_ms)
   redis.call('HSET', def, 'cursor', next_at, 'updated_at', Util.num(now))
-  redis.call('ZADD', keys[2], next_at, a.schedule_id)
   if a.action == 'skip' then
+    redis.call('ZADD', keys[2], next_at, a.schedule_id)
     redis.call('HINCRBY', def, 'skip_count', 1)
     return Reply.ok('skipped')
   end
+  -- scored at the slot until acknowledged, so any scanner finds a pending slot at once
+  redis.call('ZADD', keys[2], Util.num(a.slot_ms), a.schedule_id)
   redis.call('HSET', def, 'pending_slot', Util.num(a.slot_ms), 'last_slot', Util.num(a.slot_ms))
   return Reply.ok('fire', 'sched:' .. a.schedule_id .. ':' .. Util.num(a.slot_ms))
 end
@@ -132,13 +135,14 @@ end
 redis.register_function('ff_claim_schedule_slot', claim_schedule_slot)
 
 -- ff_ack_schedule_fire
---   KEYS (1): 1 definition.
+--   KEYS (2): 1 definition, 2 schedule_due.
 --   ARGV (3): 1 schedule_id, 2 slot_ms, 3 execution_id (the execution created for it).
 --   Now: not read.
 --   Replies: {1,"OK","acked"}; {1,"ALREADY_SATISFIED","not_pending"} (pending_slot is another
 --     slot or none: an earlier ack won).
 --   Errors: invalid_input (slot_ms, execution_id); schedule_not_found.
---   Writes: pending_slot deleted; last_execution_id; fire_count += 1.
+--   Writes: pending_slot deleted; last_execution_id; fire_count += 1; ZADD schedule_due cursor
+--     (when active).
 local ACK_ARGV = {
   {1, 'schedule_id', 'str'},
   {2, 'slot_ms', 'int', min = 0, max = Bounds.TIMESTAMP_MS},
@@ -151,7 +155,7 @@ local function ack_schedule_fire(keys, argv)
     return e
   end
   local def = sched_keys(keys, a.schedule_id)
-  local d = redis.call('HMGET', def, 'state', 'pending_slot')
+  local d = redis.call('HMGET', def, 'state', 'pending_slot', 'cursor')
   if not d[1] then
     return Reply.err('schedule_not_found', a.schedule_id)
   end
@@ -159,6 +163,9 @@ local function ack_schedule_fire(keys, argv)
     return Reply.already('not_pending')
   end
   redis.call('HDEL', def, 'pending_slot')
+  if d[1] == 'active' then
+    redis.call('ZADD', keys[2], d[3], a.schedule_id)
+  end
   redis.call('HSET', def, 'last_execution_id', a.execution_id)
   redis.call('HINCRBY', def, 'fire_count', 1)
   return Reply.ok('acked')

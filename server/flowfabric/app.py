@@ -58,6 +58,7 @@ from flowfabric.server.engine.quota_admission import AdmissionReleaser, QuotaChe
 from flowfabric.server.engine.ready import ReadyHints
 from flowfabric.server.engine.scanners import ScannerSet
 from flowfabric.server.engine.scheduler import Scheduler
+from flowfabric.server.engine.schedules import ScheduleEngine
 from flowfabric.server.engine.suspension import suspension_scanners
 from flowfabric.server.engine.unblock import Unblocker
 from flowfabric.server.valkey.durability import Durability
@@ -204,6 +205,9 @@ class FlowFabricServer:
         for scanner in flow_scanners(cfg, fn, self.canceller, self.scheduler.wake_local):
             self.scanners.add(scanner)
         self.scanners.cycles += budget_jobs(cfg, self.store, fn, self.unblocker.budget_reset)
+        # periodic work (docs/schedules.md)
+        self.schedules = ScheduleEngine(self.store, fn, cfg.flow_partitions)
+        self.scanners.cycles.append(self.schedules)
         self.scanners.cycles.append(
             FlowProjector(
                 self.store, fn, cfg.flow_partitions, cfg.interval_ms("FF_FLOW_PROJECTOR_INTERVAL_S")

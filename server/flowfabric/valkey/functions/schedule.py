@@ -51,7 +51,7 @@ CLAIM: Decl[ScheduleOutcome] = Decl(
 )  # fmt: skip
 ACK: Decl[ScheduleOutcome] = Decl(
     "ff_ack_schedule_fire",
-    (_s("definition"),),
+    (_s("definition"), _s("due")),
     (arg("schedule_id"), arg("slot_ms", "int"), arg("execution_id")),
     _BOTH,
 )
