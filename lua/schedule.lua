@@ -182,8 +182,8 @@ redis.register_function('ff_ack_schedule_fire', ack_schedule_fire)
 --   Replies: {1,"OK",op}; {1,"ALREADY_SATISFIED",state} (pause of a paused or resume of an
 --     active schedule).
 --   Errors: invalid_input (op, next_fire_at missing on resume, now); schedule_not_found.
---   Writes: pause: state paused, ZREM schedule_due; resume: state active, cursor, ZADD
---     schedule_due; delete: DEL definition, ZREM schedule_due, SREM schedules.
+--   Writes: pause: state paused, ZREM schedule_due; resume: state active, cursor =
+--     max(next_fire_at, cursor) (it never moves back), ZADD schedule_due; delete: DEL definition, ZREM schedule_due, SREM schedules.
 local STATE_ARGV = {
   {1, 'schedule_id', 'str'},
   {2, 'op', 'str'},
@@ -225,7 +225,9 @@ local function set_schedule_state(keys, argv)
   if state == 'active' then
     return Reply.already('active')
   end
-  local next_at = Util.num(a.next_fire_at)
+  -- the cursor never moves back, so a slot that fired cannot fire again
+  local cursor = tonumber(redis.call('HGET', def, 'cursor') or '0') or 0
+  local next_at = Util.num(math.max(a.next_fire_at, cursor))
   redis.call('HSET', def, 'state', 'active', 'cursor', next_at, 'updated_at', now)
   redis.call('ZADD', keys[2], next_at, a.schedule_id)
   return Reply.ok('resume')

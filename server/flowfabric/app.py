@@ -28,6 +28,7 @@ from flowfabric.server.api.servicers import (
     budget,
     execution,
     flow,
+    schedule,
     signal,
     stream,
     worker,
@@ -74,6 +75,8 @@ from flowfabric.v1 import (
     execution_pb2,
     flow_pb2,
     flow_pb2_grpc,
+    schedule_pb2,
+    schedule_pb2_grpc,
     signal_pb2,
     signal_pb2_grpc,
     stream_pb2,
@@ -366,6 +369,9 @@ class FlowFabricServer:
         if self.unblocker is not None:
             budgets.on_reset = self.unblocker.budget_reset
         budget_pb2_grpc.add_BudgetServiceServicer_to_server(budgets, server)
+        schedule_pb2_grpc.add_ScheduleServiceServicer_to_server(
+            schedule.ScheduleServicer(ctx, self.schedules), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             m.DESCRIPTOR.services_by_name[s].full_name
@@ -376,6 +382,7 @@ class FlowFabricServer:
                 (stream_pb2, "StreamService"),
                 (flow_pb2, "FlowService"),
                 (budget_pb2, "BudgetService"),
+                (schedule_pb2, "ScheduleService"),
                 (admin_pb2, "AdminService"),
             ]
         ]
