@@ -14,6 +14,8 @@ import logging
 import uuid
 from dataclasses import asdict, dataclass, field
 
+import grpc
+
 from flowfabric.server.engine.cron import Cron, Interval, InvalidTimeZone, Timetable, upcoming
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
@@ -145,7 +147,7 @@ class Fired:
 
     schedule_id: str
     slot_ms: int
-    outcome: str  # created | duplicate | skipped
+    outcome: str  # created | duplicate | skipped | rejected
     execution_id: str = ""
 
 
@@ -245,14 +247,23 @@ class ScheduleEngine:
         return reply.execution_id, True
 
     async def _settle(self, sid: str, spec: ScheduleSpec, slot: int) -> Fired:
-        """Create (or find) the execution of a claimed slot and acknowledge it."""
-        eid, created = await self._create(spec.template, f"sched:{sid}:{slot}")
+        """Create (or find) the execution of a claimed slot and acknowledge it. A create the
+        engine refuses for its input (a template the schedule's validation let through, e.g.
+        an unknown policy field) settles the slot as `rejected:<code>` instead of retrying it
+        forever (docs/schedules.md#exactly-once)."""
+        try:
+            eid, created = await self._create(spec.template, f"sched:{sid}:{slot}")
+        except FlowFabricError as exc:
+            if exc.spec.klass != "terminal" or exc.spec.status != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            await self.fn.schedule.ack(keys_of(sid), slot, f"rejected:{exc.code}")
+            return Fired(sid, slot, "rejected")
         await self.fn.schedule.ack(keys_of(sid), slot, eid)
         return Fired(sid, slot, "created" if created else "duplicate", eid)
 
     async def _previous_running(self, row: dict[str, str]) -> ExecutionId | None:
         last = row.get("last_execution_id", "")
-        if not last:
+        if not last.startswith("{"):  # none yet, or a rejected create
             return None
         eid = parse_execution_id(last, self.partitions, "last_execution_id")
         state = await self.store.call("HGET", ExecKeys(eid).core, "public_state")
