@@ -696,6 +696,16 @@ SERVICES: dict[str, dict[str, str]] = {
         "ListBudgets": "",
         "ListQuotaPolicies": "",
     },
+    # issue 15 item 4: periodic work (docs/schedules.md)
+    "ScheduleService": {
+        "CreateSchedule": "",
+        "GetSchedule": "",
+        "ListSchedules": "",
+        "PauseSchedule": "",
+        "ResumeSchedule": "",
+        "DeleteSchedule": "",
+        "TriggerSchedule": "",
+    },
     "AdminService": {
         "RotateWaitpointSecret": "",
         "ListWaitpointKids": "",

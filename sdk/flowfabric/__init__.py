@@ -10,6 +10,7 @@ modules; `tests/sdk/test_exports.py` pins the list.
 """
 
 from flowfabric._client import Client, ExecutionState, Page, Submitted
+from flowfabric._client_schedules import Schedule
 from flowfabric._errors import (
     Aborted,
     AlreadyExists,
@@ -109,6 +110,7 @@ __all__ = [
     "ResultNotReady",
     "RetryAfter",
     "RetryPolicy",
+    "Schedule",
     "SecretRotation",
     "Signal",
     "SignalDelivery",

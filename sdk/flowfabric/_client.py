@@ -22,6 +22,7 @@ from flowfabric._client_admin import AdminMixin
 from flowfabric._client_budgets import BudgetsMixin
 from flowfabric._client_executions import ExecutionsMixin
 from flowfabric._client_flows import FlowsMixin
+from flowfabric._client_schedules import SchedulesMixin
 from flowfabric._client_signals import SignalsMixin
 from flowfabric._client_streams import StreamsMixin
 from flowfabric._models import (
@@ -48,7 +49,10 @@ __all__ = [
 ]
 
 
-class Client(ExecutionsMixin, FlowsMixin, StreamsMixin, SignalsMixin, BudgetsMixin, AdminMixin):
+class Client(
+    ExecutionsMixin, FlowsMixin, StreamsMixin, SignalsMixin, BudgetsMixin, SchedulesMixin,
+    AdminMixin,
+):  # fmt: skip
     """Async FlowFabric client over one gRPC channel.
 
     Use `await Client.connect(target, token=...)` or `async with Client(target, ...) as c:`.

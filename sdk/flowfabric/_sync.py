@@ -204,6 +204,14 @@ class SyncClient:
     create_quota_policy = blocking(Client.create_quota_policy)
     quota_policy = blocking(Client.quota_policy)
     quota_policies = blocking_iter(Client.quota_policies)
+    # ScheduleService
+    create_schedule = blocking(Client.create_schedule)
+    schedule = blocking(Client.schedule)
+    schedules = blocking_iter(Client.schedules)
+    pause_schedule = blocking(Client.pause_schedule)
+    resume_schedule = blocking(Client.resume_schedule)
+    delete_schedule = blocking(Client.delete_schedule)
+    trigger_schedule = blocking(Client.trigger_schedule)
     # AdminService
     rotate_waitpoint_secret = blocking(Client.rotate_waitpoint_secret)
     waitpoint_kids = blocking(Client.waitpoint_kids)

@@ -24,6 +24,7 @@ from flowfabric.v1 import (
     budget_pb2_grpc,
     execution_pb2_grpc,
     flow_pb2_grpc,
+    schedule_pb2_grpc,
     signal_pb2_grpc,
     stream_pb2_grpc,
     worker_pb2_grpc,
@@ -137,6 +138,7 @@ class Transport:
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
         self.flows = flow_pb2_grpc.FlowServiceStub(self.channel)
         self.budgets = budget_pb2_grpc.BudgetServiceStub(self.channel)
+        self.schedules = schedule_pb2_grpc.ScheduleServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close(None)

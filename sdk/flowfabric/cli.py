@@ -936,6 +936,10 @@ from flowfabric.cli_budgets import quota as _quota_commands  # noqa: E402
 main.add_command(_budget_commands)
 main.add_command(_quota_commands)
 
+from flowfabric.cli_schedules import schedules as _schedule_commands  # noqa: E402
+
+main.add_command(_schedule_commands)
+
 from flowfabric.cli_worker import worker as _worker_command  # noqa: E402
 
 main.add_command(_worker_command)

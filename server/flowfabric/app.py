@@ -28,6 +28,7 @@ from flowfabric.server.api.servicers import (
     budget,
     execution,
     flow,
+    schedule,
     signal,
     stream,
     worker,
@@ -58,6 +59,7 @@ from flowfabric.server.engine.quota_admission import AdmissionReleaser, QuotaChe
 from flowfabric.server.engine.ready import ReadyHints
 from flowfabric.server.engine.scanners import ScannerSet
 from flowfabric.server.engine.scheduler import Scheduler
+from flowfabric.server.engine.schedules import ScheduleEngine
 from flowfabric.server.engine.suspension import suspension_scanners
 from flowfabric.server.engine.unblock import Unblocker
 from flowfabric.server.valkey.durability import Durability
@@ -73,6 +75,8 @@ from flowfabric.v1 import (
     execution_pb2,
     flow_pb2,
     flow_pb2_grpc,
+    schedule_pb2,
+    schedule_pb2_grpc,
     signal_pb2,
     signal_pb2_grpc,
     stream_pb2,
@@ -204,6 +208,9 @@ class FlowFabricServer:
         for scanner in flow_scanners(cfg, fn, self.canceller, self.scheduler.wake_local):
             self.scanners.add(scanner)
         self.scanners.cycles += budget_jobs(cfg, self.store, fn, self.unblocker.budget_reset)
+        # periodic work (docs/schedules.md)
+        self.schedules = ScheduleEngine(self.store, fn, cfg.flow_partitions)
+        self.scanners.cycles.append(self.schedules)
         self.scanners.cycles.append(
             FlowProjector(
                 self.store, fn, cfg.flow_partitions, cfg.interval_ms("FF_FLOW_PROJECTOR_INTERVAL_S")
@@ -362,6 +369,9 @@ class FlowFabricServer:
         if self.unblocker is not None:
             budgets.on_reset = self.unblocker.budget_reset
         budget_pb2_grpc.add_BudgetServiceServicer_to_server(budgets, server)
+        schedule_pb2_grpc.add_ScheduleServiceServicer_to_server(
+            schedule.ScheduleServicer(ctx, self.schedules), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             m.DESCRIPTOR.services_by_name[s].full_name
@@ -372,6 +382,7 @@ class FlowFabricServer:
                 (stream_pb2, "StreamService"),
                 (flow_pb2, "FlowService"),
                 (budget_pb2, "BudgetService"),
+                (schedule_pb2, "ScheduleService"),
                 (admin_pb2, "AdminService"),
             ]
         ]

@@ -43,6 +43,7 @@ EXPORTS = [
     "ResultNotReady",
     "RetryAfter",
     "RetryPolicy",
+    "Schedule",
     "SecretRotation",
     "Signal",
     "SignalDelivery",

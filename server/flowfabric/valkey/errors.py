@@ -45,7 +45,7 @@ def _table() -> dict[str, ErrorSpec]:
         "invalid_kid invalid_secret_hex invalid_grace_ms invalid_waitpoint_key invalid_dependency "
         "self_referencing_edge invalid_budget_scope invalid_quota_spec invalid_blocking_reason "
         "invalid_resume_condition fence_required partial_fence_triple payload_too_large "
-        "partition_mismatch",
+        "partition_mismatch invalid_cron invalid_time_zone invalid_schedule",
         ("detail",),
     )
     put(C.INVALID_ARGUMENT, "informational", "invalid_frame_type", ("detail",))
@@ -55,7 +55,7 @@ def _table() -> dict[str, ErrorSpec]:
         C.NOT_FOUND,
         "terminal",
         "execution_not_found flow_not_found budget_not_found quota_policy_not_found "
-        "attempt_not_found result_not_found edge_not_found",
+        "attempt_not_found result_not_found edge_not_found schedule_not_found",
     )
     put(C.NOT_FOUND, "retryable", "waitpoint_not_found")
     put(C.NOT_FOUND, "informational", "stream_not_found")
@@ -64,7 +64,7 @@ def _table() -> dict[str, ErrorSpec]:
         C.ALREADY_EXISTS,
         "terminal",
         "dependency_already_exists execution_already_in_flow rotation_conflict "
-        "budget_attach_conflict quota_attach_conflict duplicate_worker_instance",
+        "budget_attach_conflict quota_attach_conflict duplicate_worker_instance schedule_exists",
         ("detail",),
     )
     put(C.ALREADY_EXISTS, "informational", "waitpoint_already_exists", ("detail",))

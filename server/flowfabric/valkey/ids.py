@@ -87,6 +87,15 @@ def budget_partition(budget_id: str, num_partitions: int) -> int:
     return crc16(uuid.UUID(budget_id).bytes) % num_partitions
 
 
+# Schedules are few; their partitions only spread them over a cluster (docs/schedules.md#keys).
+SCHEDULE_PARTITIONS = 16
+
+
+def schedule_partition(schedule_id: str) -> int:
+    """A schedule lives on crc16(raw 16 UUID bytes) % SCHEDULE_PARTITIONS."""
+    return crc16(uuid.UUID(schedule_id).bytes) % SCHEDULE_PARTITIONS
+
+
 def quota_partition(quota_policy_id: str, num_partitions: int) -> int:
     """A quota policy lives on crc16(raw 16 UUID bytes) % the quota partition count."""
     return crc16(uuid.UUID(quota_policy_id).bytes) % num_partitions

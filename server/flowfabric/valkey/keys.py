@@ -395,6 +395,33 @@ class BudgetKeys:
 
 
 @dataclass(frozen=True)
+class ScheduleKeys:
+    """Keys of one schedule and its partition's indexes, all on `{sp:N}`
+    (docs/schedules.md#keys). With `schedule_id=""` only the partition keys are meaningful."""
+
+    tag: str
+    schedule_id: str = ""
+
+    @classmethod
+    def of(cls, partition: int, schedule_id: str = "") -> ScheduleKeys:
+        return cls(f"{{sp:{partition}}}", schedule_id)
+
+    @property
+    def definition(self) -> str:
+        return f"ff:sched:{self.tag}:{self.schedule_id}"
+
+    @property
+    def due(self) -> str:
+        """Active schedules: sorted set, schedule id -> cursor (the next slot)."""
+        return f"ff:idx:{self.tag}:schedule_due"
+
+    @property
+    def all(self) -> str:
+        """Every schedule of the partition: set of schedule ids."""
+        return f"ff:idx:{self.tag}:schedules"
+
+
+@dataclass(frozen=True)
 class QuotaKeys:
     """Keys of one quota policy and its partition's index (docs/budgets.md#keys), all on the
     quota partition's tag `{q:K}`. With a `concurrency_key` the bucket keys (window, counter,

@@ -66,6 +66,7 @@ DOMAINS = (
     "quota",
     "waiters",
     "flow",
+    "schedule",
     "maintenance",
 )
 

@@ -14,6 +14,7 @@ from flowfabric.server.valkey.functions.flow import FlowFunctions
 from flowfabric.server.valkey.functions.lease import LeaseFunctions, Reclaimed, ReclaimLimit
 from flowfabric.server.valkey.functions.maintenance import MaintenanceFunctions
 from flowfabric.server.valkey.functions.quota import QuotaFunctions
+from flowfabric.server.valkey.functions.schedule import ScheduleFunctions
 from flowfabric.server.valkey.functions.scheduling import SchedulingFunctions
 from flowfabric.server.valkey.functions.signal import INITIAL_KID, Keystore, Signal, SignalFunctions
 from flowfabric.server.valkey.functions.stream import Frame, StreamFunctions
@@ -44,6 +45,7 @@ class Functions:
         self.budget = BudgetFunctions(store)
         self.quota = QuotaFunctions(store)
         self.waiters = WaiterFunctions(store)
+        self.schedule = ScheduleFunctions(store)
 
 
 def all_declarations() -> tuple[Decl[object], ...]:
@@ -56,6 +58,7 @@ def all_declarations() -> tuple[Decl[object], ...]:
         lease,
         maintenance,
         quota,
+        schedule,
         scheduling,
         signal,
         stream,
@@ -64,8 +67,8 @@ def all_declarations() -> tuple[Decl[object], ...]:
     )  # fmt: skip
 
     mods = (
-        admission, budget, execution, flow, lease, maintenance, quota, scheduling, signal, stream,
-        suspension, waiters,
+        admission, budget, execution, flow, lease, maintenance, quota, schedule, scheduling, signal,
+        stream, suspension, waiters,
     )  # fmt: skip
     return tuple(d for m in mods for d in m.DECLS)
 

@@ -31,6 +31,7 @@ from flowfabric.server.valkey.keys import (
     FlowKeys,
     PartitionKeys,
     QuotaKeys,
+    ScheduleKeys,
     WaitpointKeys,
 )
 from flowfabric.server.valkey.store import Store
@@ -106,6 +107,7 @@ class KeyCtx:
     budget_id: str = ""
     quota_policy_id: str = ""
     concurrency_key: str = ""  # a quota policy's concurrency key (its bucket)
+    schedule_id: str = ""
 
     @property
     def exec(self) -> ExecKeys:
@@ -124,6 +126,10 @@ class KeyCtx:
     @property
     def flow(self) -> FlowKeys:
         return FlowKeys(self.part.tag, self.flow_id)
+
+    @property
+    def schedule(self) -> ScheduleKeys:
+        return ScheduleKeys(self.tag, self.schedule_id)
 
     @property
     def budget(self) -> BudgetKeys:
