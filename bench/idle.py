@@ -23,7 +23,7 @@ import redis
 from flowfabric.server.embedded import ValkeyProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
-from streams import start_server  # noqa: E402
+from streams import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "from flowfabric.cli import run; run()"]
