@@ -19,9 +19,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from flowfabric.server.api import limits
+from flowfabric.server.api import limits, reflection
 from flowfabric.server.api.interceptors import FlowFabricInterceptor
 from flowfabric.server.api.servicers import (
     admin,
@@ -386,13 +385,8 @@ class FlowFabricServer:
                 (admin_pb2, "AdminService"),
             ]
         ]
-        reflection.enable_server_reflection(
-            [
-                *names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
+        reflection.enable(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server
         )
         return server
 

@@ -164,6 +164,24 @@ async def test_grpcurl_lists_services_and_creates_with_json(api: Api) -> None:
     assert denied.returncode != 0 and "Unauthenticated" in denied.stderr
 
 
+async def test_grpcurl_describes_services_methods_and_messages(api: Api) -> None:
+    for symbol, kind in [
+        ("flowfabric.v1.SignalService", "is a service"),
+        ("flowfabric.v1.SignalService.WatchSignals", "is a method"),
+        ("flowfabric.v1.WatchSignalsRequest", "is a message"),
+        ("grpc.health.v1.Health.Check", "is a method"),
+    ]:
+        described = await run_grpcurl("-plaintext", api.address, "describe", symbol)
+        assert described.returncode == 0, (symbol, described.stderr)
+        assert described.stdout.startswith(f"{symbol} {kind}"), described.stdout
+    method = await run_grpcurl(
+        "-plaintext", api.address, "describe", "flowfabric.v1.SignalService.WatchSignals"
+    )
+    assert "returns ( stream .flowfabric.v1.WatchSignalsResponse )" in method.stdout
+    missing = await run_grpcurl("-plaintext", api.address, "describe", "flowfabric.v1.Nope.Nope")
+    assert missing.returncode != 0 and "Symbol not found" in missing.stderr
+
+
 async def test_boot_refuses_a_different_partition_count(api: Api) -> None:
     await api.store.call(
         "HSET",
