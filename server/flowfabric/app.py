@@ -416,8 +416,11 @@ class FlowFabricServer:
         return int(port)
 
     async def _health_loop(self) -> None:
-        """NOT_SERVING after two failed pings in a row; SERVING again on success."""
+        """NOT_SERVING after two failed pings in a row, or while a critical scanner has made
+        no progress for several intervals; SERVING again when both are well
+        (docs/architecture.md#health)."""
         failures = 0
+        stalled: list[str] = []
         assert self.store is not None
         while True:
             await asyncio.sleep(self.health_ping_interval_s)
@@ -425,9 +428,16 @@ class FlowFabricServer:
                 continue  # the supervisor owns health until the restarted Valkey is ready
             if await self.store.ping():
                 if failures >= 2:
-                    log.warning("Valkey reachable again; health SERVING")
+                    log.warning("Valkey reachable again")
                 failures = 0
-                await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+                now_stalled = self.scanners.stalled() if self.scanners is not None else []
+                if now_stalled and now_stalled != stalled:
+                    log.error("scanners stalled: %s; health NOT_SERVING", ", ".join(now_stalled))
+                elif stalled and not now_stalled:
+                    log.warning("scanners progressing again; health SERVING")
+                stalled = now_stalled
+                status = health_pb2.HealthCheckResponse
+                await self.health.set("", status.NOT_SERVING if stalled else status.SERVING)
                 await self._check_durability()
             else:
                 failures += 1

@@ -32,6 +32,11 @@ PARTITIONS_PER_ROUND = 32
 FAILURES_BEFORE_SKIP = 3
 SKIP_CYCLES = 10
 CRASH_RESTART_S = 5.0
+# A scanner is stalled when it has made no progress for this many of its intervals (at
+# least STALL_MIN_S): health turns NOT_SERVING while a critical one is.
+STALL_INTERVALS = 5
+STALL_MIN_S = 1.0
+CRITICAL_SCANNERS = ("lease_expiry", "delayed_promoter", "unblock")
 
 # (partition keys, lane or None) -> index key
 IndexFn = Callable[[PartitionKeys, str | None], str]
@@ -62,6 +67,9 @@ class Scanner:
     _failures: dict[str, int] = field(default_factory=dict)
     _skip_until: dict[str, int] = field(default_factory=dict)
     cycles: int = 0
+    # monotonic time of the last finished round of partitions, member or cycle: what the
+    # stall check reads (docs/architecture.md#health)
+    last_progress: float = field(default_factory=time.monotonic)
 
     def _skipped(self, member: str) -> bool:
         until = self._skip_until.get(member)
@@ -109,7 +117,20 @@ class ScannerSet:
     def add(self, scanner: Scanner) -> None:
         self.scanners.append(scanner)
 
+    def stalled(self, names: Sequence[str] = CRITICAL_SCANNERS) -> list[str]:
+        """The running scanners among `names` with no progress for STALL_INTERVALS intervals."""
+        if not self._tasks or self._stopping.is_set():
+            return []
+        now = time.monotonic()
+        return [
+            s.name for s in self.scanners
+            if s.name in names
+            and now - s.last_progress > max(STALL_INTERVALS * s.interval_ms / 1000, STALL_MIN_S)
+        ]  # fmt: skip
+
     def start(self) -> None:
+        for scanner in self.scanners:
+            scanner.last_progress = time.monotonic()
         # Scanner transitions acknowledge nobody, so they skip the durability wait; the next
         # acknowledged write on the same node covers them (docs/durability.md#what-waits).
         with acknowledges_nobody():
@@ -241,4 +262,6 @@ class ScannerSet:
                         log.debug("%s: %s -> %s", scanner.name, member, exc.code)
                     else:
                         scanner._record(member, ok=True)
+                    scanner.last_progress = time.monotonic()
+            scanner.last_progress = time.monotonic()
         return acted
