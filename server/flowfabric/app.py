@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from flowfabric.server.api import limits, reflection
+from flowfabric.server.api import limits, logs, reflection
 from flowfabric.server.api.interceptors import FlowFabricInterceptor
 from flowfabric.server.api.servicers import (
     admin,
@@ -85,6 +85,8 @@ from flowfabric.v1 import (
 )
 
 log = logging.getLogger("flowfabric.server")
+# `flowfabric serve` sets up logging through the boot module (main imports app only)
+configure_logging = logs.configure
 
 HEALTH_PING_INTERVAL_S = 2.0
 EMBEDDED_WATCH_INTERVAL_S = 0.2

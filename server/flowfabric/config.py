@@ -136,6 +136,7 @@ class Config:
     shutdown_grace_s: float = 15.0
     boot_retry_s: float = 60.0
     log_level: str = "info"
+    log_format: str = "text"  # text | json (docs/architecture.md#logs)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_addr: str | None = None
@@ -330,6 +331,12 @@ def _seconds(name: str, raw: str) -> float:
     return float(_int(name, raw))
 
 
+def _log_format(name: str, raw: str) -> str:
+    if raw.lower() not in ("text", "json"):
+        raise ConfigError(f"{name} must be text|json, got: {raw!r}")
+    return raw.lower()
+
+
 def _level(name: str, raw: str) -> str:
     if raw.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"{name} must be debug|info|warning|error|critical, got: {raw!r}")
@@ -356,6 +363,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "FF_SHUTDOWN_GRACE_S": ("shutdown_grace_s", _seconds),
     "FF_BOOT_RETRY_S": ("boot_retry_s", _seconds),
     "FF_LOG_LEVEL": ("log_level", _level),
+    "FF_LOG_FORMAT": ("log_format", _log_format),
     "FF_TLS_CERT": ("tls_cert", _path),
     "FF_TLS_KEY": ("tls_key", _path),
     "FF_METRICS_ADDR": ("metrics_addr", _str),
@@ -389,6 +397,7 @@ def flag_parser() -> argparse.ArgumentParser:
         "shutdown_grace_s",
         "boot_retry_s",
         "log_level",
+        "log_format",
         "tls_cert",
         "tls_key",
         "metrics_addr",

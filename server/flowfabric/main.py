@@ -6,11 +6,10 @@ The SDK's CLI hands `serve` here, so the SDK itself never imports the server.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import sys
 
-from flowfabric.server.app import BootError, FlowFabricServer
+from flowfabric.server.app import BootError, FlowFabricServer, configure_logging
 from flowfabric.server.config import Config, ConfigError, flag_parser
 
 
@@ -24,10 +23,7 @@ def serve_command(flags: list[str]) -> None:
     except ConfigError as exc:
         print(f"flowfabric: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("audit").setLevel(logging.INFO)
+    configure_logging(config.log_level, config.log_format)
     try:
         asyncio.run(_serve(config))
     except (BootError, OSError, RuntimeError) as exc:

@@ -18,13 +18,29 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_status import rpc_status
 
-from flowfabric.server.api import limits
+from flowfabric.server.api import limits, logs
 from flowfabric.server.valkey.errors import FlowFabricError
 
 log = logging.getLogger("flowfabric.rpc")
+audit = logging.getLogger("audit")
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_PREFIX = "/flowfabric.v1.AdminService/"
+# Operator actions: each call writes one audit line (docs/architecture.md#logs)
+AUDITED = frozenset(
+    f"/flowfabric.v1.{m}"
+    for m in (
+        "ExecutionService/CancelExecution", "ExecutionService/ReplayExecution",
+        "ExecutionService/RevokeLease", "ExecutionService/ResumeExecution",
+        "ExecutionService/ChangePriority", "FlowService/CancelFlow", "FlowService/ReplayFlow",
+        "BudgetService/ResetBudget", "AdminService/RotateWaitpointSecret",
+        "AdminService/RepairSweep", "ScheduleService/PauseSchedule",
+        "ScheduleService/ResumeSchedule", "ScheduleService/DeleteSchedule",
+        "ScheduleService/TriggerSchedule",
+    )
+)  # fmt: skip
+# the request fields an audit line names its target by (ids only, never payloads)
+TARGET_FIELDS = ("execution_id", "flow_id", "budget_id", "schedule_id")
 
 if TYPE_CHECKING:  # generic only in the stubs, not at run time
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -54,11 +70,49 @@ async def _guard(call: Awaitable[Any], context: Context, method: str) -> Any:
         await abort(context, FlowFabricError("protocol_error", message="internal error"))
 
 
+def _execution_id(request: Any) -> str:
+    eid = getattr(request, "execution_id", "")
+    if not eid and hasattr(request, "HasField"):
+        try:
+            if request.HasField("lease"):
+                eid = request.lease.execution_id
+        except ValueError:  # no `lease` field on this message
+            pass
+    return eid if isinstance(eid, str) else ""
+
+
+def _bind(request: Any, context: Context, method: str) -> None:
+    sent = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
+    logs.bind(logs.new_request_id(sent if isinstance(sent, str) else None), method,
+              _execution_id(request))  # fmt: skip
+
+
+def _audit(method: str, request: Any, outcome: str) -> None:
+    targets = " ".join(
+        f"{f}={getattr(request, f)}" for f in TARGET_FIELDS if getattr(request, f, "")
+    )
+    audit.info("operator_action method=%s %s outcome=%s", method.rsplit("/", 1)[1], targets,
+               outcome)  # fmt: skip
+
+
+async def _audited(call: Awaitable[Any], method: str, request: Any) -> Any:
+    """Await an operator action, then write its audit line: `ok` or the refusal's reason."""
+    try:
+        reply = await call
+    except FlowFabricError as exc:
+        _audit(method, request, exc.code)
+        raise
+    _audit(method, request, "ok")
+    return reply
+
+
 def _wrap(handler: Handler, method: str, deny: FlowFabricError | None) -> Handler:
     """Rebuild `handler` with its behaviour wrapped (or replaced by a denial)."""
     limit = limits.REQUEST_LIMITS.get(method, limits.CONTROL_REQUEST_MAX)
+    audited = method in AUDITED
 
     async def check(request: Any, context: Context) -> None:
+        _bind(request, context, method)  # a client stream's "request" is its iterator: no id
         if deny is not None:
             await abort(context, deny)
         size = request.ByteSize() if hasattr(request, "ByteSize") else 0
@@ -76,7 +130,10 @@ def _wrap(handler: Handler, method: str, deny: FlowFabricError | None) -> Handle
         await check(request, context)
         # the stubs type handler behaviours as sync callables; under grpc.aio they are async
         behavior: Any = handler.unary_unary or handler.stream_unary
-        return await _guard(behavior(request, context), context, method)
+        call = behavior(request, context)
+        if audited:
+            call = _audited(call, method, request)
+        return await _guard(call, context, method)
 
     async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
         await check(request, context)
