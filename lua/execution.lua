@@ -35,19 +35,22 @@ local CREATE_ARGV = {
   {13, 'partition_id', 'int'},
 }
 
-local function create_execution(keys, argv)
+-- One create on `tag`: `idem` is the idempotency key (ff:idem:{p}:<ns>:<key>) or any other key
+-- (no deduplication), `argv` the 17 ARGV above. Validates everything before its first write.
+-- Shared by ff_create_execution and ff_create_executions.
+local function create_one(tag, idem, argv)
   local a, e = Argv.parse(argv, CREATE_ARGV)
   if not a then
     return e
   end
   local eid = argv[1]
-  if string.sub(keys[7], 1, 8) == 'ff:idem:' then
-    local existing = redis.call('GET', keys[7])
+  if string.sub(idem, 1, 8) == 'ff:idem:' then
+    local existing = redis.call('GET', idem)
     if existing then
       return {1, 'DUPLICATE', existing}
     end
   end
-  if redis.call('EXISTS', keys[1]) == 1 then
+  if redis.call('EXISTS', Keys.exec(tag, eid, 'core')) == 1 then
     return {1, 'DUPLICATE', eid}
   end
   local blocked = argv[16] == '1'
@@ -73,23 +76,83 @@ local function create_execution(keys, argv)
   if herr then
     return herr
   end
-  local public = Create.write(Util.tag_of(keys[1]), {eid = eid, namespace = argv[2],
+  local public = Create.write(tag, {eid = eid, namespace = argv[2],
     lane = argv[3], kind = argv[4], priority = a.priority, creator = argv[6], policy = policy,
     policy_json = argv[7], caps_csv = caps_csv, payload = argv[8], encoding = argv[14],
     tags = tags, delay_until = a.delay_until, deadline = a.execution_deadline_at,
     partition = a.partition_id, quota_policy_id = argv[15], concurrency_key = argv[17],
     blocked = blocked}, now)
-  if string.sub(keys[7], 1, 8) == 'ff:idem:' then
+  if string.sub(idem, 1, 8) == 'ff:idem:' then
     local ttl = a.dedup_ttl_ms or Create.policy_number(policy, nil, 'dedup_window_ms')
       or Create.DEFAULT_DEDUP_WINDOW_MS
     if ttl > 0 then
-      redis.call('SET', keys[7], eid, 'PX', Util.num(ttl))
+      redis.call('SET', idem, eid, 'PX', Util.num(ttl))
     end
   end
   return Reply.ok(eid, public)
 end
 
+local function create_execution(keys, argv)
+  return create_one(Util.tag_of(keys[1]), keys[7], argv)
+end
+
 redis.register_function('ff_create_execution', create_execution)
+
+-- ff_create_executions
+--   Several creates on one partition in one call (docs/lifecycle.md#batch-create).
+--   KEYS (3): 1 all_executions, 2 execution_deadline index, 3 lanes registry (ff:idx:{p}:lanes);
+--     every per-execution, lane and idempotency key is built from KEYS[1]'s tag.
+--   ARGV (1+18n): 1 partition_id, then one group of 18 per item: the 17 ARGV of ff_create_execution
+--     followed by the item's idempotency key ("" = none).
+--   Now: TIME.
+--   Replies: {1,"OK",r1,r2,...}: one reply per item, in order, each exactly what
+--     ff_create_execution answers for it ({1,"OK",id,public_state} | {1,"DUPLICATE",id} |
+--     {0,code,detail...}). Items run in order, so an item sees the idempotency keys of the
+--     ones before it; an item's error writes nothing and leaves the others alone.
+--   Errors (nothing written): invalid_input (ARGV not 1 + 18 per item, no items, more than
+--     Bounds.BATCH_ITEMS, partition_id not an integer). An item whose partition_id is not the
+--     batch's fails alone with invalid_input.
+--   Writes: per created item, what ff_create_execution writes.
+local CREATE_ITEM_ARGC = 18
+
+local function create_executions(keys, argv)
+  local n = (#argv - 1) / CREATE_ITEM_ARGC
+  if #argv < 1 + CREATE_ITEM_ARGC or n ~= math.floor(n) then
+    return Reply.err('invalid_input', 'ARGV must be partition_id then 18 values per item')
+  end
+  if n > Bounds.BATCH_ITEMS then
+    return Reply.err('invalid_input', 'at most ' .. Bounds.BATCH_ITEMS .. ' items per call')
+  end
+  local partition = tonumber(argv[1])
+  if partition == nil then
+    return Reply.err('invalid_input', 'partition_id must be an integer')
+  end
+  local tag = Util.tag_of(keys[1])
+  local out = {1, 'OK'}
+  for i = 0, n - 1 do
+    local base = 1 + i * CREATE_ITEM_ARGC
+    local item = {}
+    for j = 1, CREATE_ITEM_ARGC - 1 do
+      item[j] = argv[base + j]
+    end
+    local ikey = argv[base + CREATE_ITEM_ARGC]
+    local r
+    if tonumber(item[13]) ~= partition then
+      r = Reply.err('invalid_input', 'partition_id of item ' .. (i + 1)
+        .. ' is not the batch partition')
+    else
+      local idem = keys[1]
+      if ikey ~= '' then
+        idem = 'ff:idem:' .. tag .. ':' .. item[2] .. ':' .. ikey
+      end
+      r = create_one(tag, idem, item)
+    end
+    out[#out + 1] = r
+  end
+  return out
+end
+
+redis.register_function('ff_create_executions', create_executions)
 
 -- ff_set_execution_tags
 --   KEYS (2): 1 core, 2 tags.

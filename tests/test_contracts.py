@@ -623,6 +623,7 @@ CONTRACTS: dict[str, str] = {
 SERVICES: dict[str, dict[str, str]] = {
     "ExecutionService": {
         "CreateExecution": "",
+        "CreateExecutions": "",
         "GetExecution": "",
         "GetExecutionState": "",
         "DescribeExecution": "",

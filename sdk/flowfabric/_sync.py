@@ -159,6 +159,7 @@ class SyncClient:
 
     # ExecutionService
     submit = blocking(Client.submit)
+    submit_many = blocking(Client.submit_many)
     get = blocking(Client.get)
     describe = blocking(Client.describe)
     why = blocking(Client.why)

@@ -2,6 +2,7 @@
 
     flowfabric serve [--flag value ...]       run the server (every FF_* setting is also a flag)
     flowfabric submit KIND [--payload ...]    create an execution
+    flowfabric submit-many FILE               one execution per JSON line (cli_submit)
     flowfabric get | cancel | replay | watch EXECUTION_ID
     flowfabric result EXECUTION_ID [--raw]   the result, or why there is none (exit 5)
     flowfabric why EXECUTION_ID [--json]       why it is not running, with an ETA when known
@@ -940,7 +941,10 @@ from flowfabric.cli_schedules import schedules as _schedule_commands  # noqa: E4
 
 main.add_command(_schedule_commands)
 
+from flowfabric.cli_submit import submit_many as _submit_many_command  # noqa: E402
 from flowfabric.cli_worker import worker as _worker_command  # noqa: E402
+
+main.add_command(_submit_many_command)
 
 main.add_command(_worker_command)
 

@@ -93,6 +93,10 @@ __all__ = (
     "CreateExecutionResponse",
     "CreateExecutionResponseCreated",
     "CreateExecutionResponseDuplicate",
+    "CreateExecutionsRequest",
+    "CreateExecutionsResponse",
+    "CreateExecutionsResponseItemError",
+    "CreateExecutionsResponseResult",
     "CreateFlowRequest",
     "CreateFlowResponse",
     "CreateFlowResponseAlreadySatisfied",
@@ -3421,6 +3425,93 @@ class CreateExecutionResponseDuplicate(betterproto2.Message):
 
 default_message_pool.register_message(
     "flowfabric.v1", "CreateExecutionResponse.Duplicate", CreateExecutionResponseDuplicate
+)
+
+
+@dataclass(eq=False, repr=False)
+class CreateExecutionsRequest(betterproto2.Message):
+    items: "list[CreateExecutionRequest]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    1..1000 creates, each as CreateExecution takes it.
+    """
+
+
+default_message_pool.register_message(
+    "flowfabric.v1", "CreateExecutionsRequest", CreateExecutionsRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class CreateExecutionsResponse(betterproto2.Message):
+    results: "list[CreateExecutionsResponseResult]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    One per item, in request order.
+    """
+
+
+default_message_pool.register_message(
+    "flowfabric.v1", "CreateExecutionsResponse", CreateExecutionsResponse
+)
+
+
+@dataclass(eq=False, repr=False)
+class CreateExecutionsResponseItemError(betterproto2.Message):
+    """
+    Why one create failed: the status CreateExecution would have failed with.
+    """
+
+    code: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
+    """
+    google.rpc.Code value.
+    """
+
+    reason: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    ErrorInfo reason, e.g. `invalid_tag_key`.
+    """
+
+    message: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    metadata: "dict[str, str]" = betterproto2.field(
+        4,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+    )
+
+
+default_message_pool.register_message(
+    "flowfabric.v1", "CreateExecutionsResponse.ItemError", CreateExecutionsResponseItemError
+)
+
+
+@dataclass(eq=False, repr=False)
+class CreateExecutionsResponseResult(betterproto2.Message):
+    """
+
+
+    Oneofs:
+        - outcome:
+    """
+
+    created: "CreateExecutionResponseCreated | None" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, optional=True, group="outcome"
+    )
+
+    duplicate: "CreateExecutionResponseDuplicate | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, optional=True, group="outcome"
+    )
+
+    error: "CreateExecutionsResponseItemError | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, optional=True, group="outcome"
+    )
+
+
+default_message_pool.register_message(
+    "flowfabric.v1", "CreateExecutionsResponse.Result", CreateExecutionsResponseResult
 )
 
 
@@ -9099,6 +9190,27 @@ class ExecutionServiceStub:
             "/flowfabric.v1.ExecutionService/CreateExecution",
             CreateExecutionRequest.SerializeToString,
             CreateExecutionResponse.FromString,
+        )(message)
+
+    def create_executions(self, message: "CreateExecutionsRequest") -> "CreateExecutionsResponse":
+        """
+        Creates several executions in one round trip. Each item is decoded and
+        validated exactly as a CreateExecution and succeeds, is a duplicate, or
+        fails on its own; results are in request order. Items are grouped by
+        partition and each partition's items are created in one atomic call, in
+        request order, so a later item sees an earlier item's idempotency key
+        (two items with one key: the second is `duplicate`). A failed item
+        writes nothing. An item over the CreateExecution request limit fails
+        alone with INVALID_ARGUMENT `payload_too_large`; an item with `flow_id`
+        fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution).
+        Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
+        more than 1000 items; then nothing is created.
+        """
+
+        return self._channel.unary_unary(
+            "/flowfabric.v1.ExecutionService/CreateExecutions",
+            CreateExecutionsRequest.SerializeToString,
+            CreateExecutionsResponse.FromString,
         )(message)
 
     def get_execution(self, message: "GetExecutionRequest") -> "GetExecutionResponse":

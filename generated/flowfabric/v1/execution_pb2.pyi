@@ -289,6 +289,129 @@ class CreateExecutionResponse(_message.Message):
 Global___CreateExecutionResponse: _TypeAlias = CreateExecutionResponse  # noqa: Y015
 
 @_typing.final
+class CreateExecutionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateExecutionRequest]:
+        """1..1000 creates, each as CreateExecution takes it."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___CreateExecutionRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateExecutionsRequest: _TypeAlias = CreateExecutionsRequest  # noqa: Y015
+
+@_typing.final
+class CreateExecutionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ItemError(_message.Message):
+        """Why one create failed: the status CreateExecution would have failed with."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        @_typing.final
+        class MetadataEntry(_message.Message):
+            DESCRIPTOR: _descriptor.Descriptor
+
+            KEY_FIELD_NUMBER: _builtins.int
+            VALUE_FIELD_NUMBER: _builtins.int
+            key: _builtins.str
+            value: _builtins.str
+            def __init__(
+                self,
+                *,
+                key: _builtins.str = ...,
+                value: _builtins.str = ...,
+            ) -> None: ...
+            _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+            def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+            _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+            def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+            def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+        CODE_FIELD_NUMBER: _builtins.int
+        REASON_FIELD_NUMBER: _builtins.int
+        MESSAGE_FIELD_NUMBER: _builtins.int
+        METADATA_FIELD_NUMBER: _builtins.int
+        code: _builtins.int
+        """google.rpc.Code value."""
+        reason: _builtins.str
+        """ErrorInfo reason, e.g. `invalid_tag_key`."""
+        message: _builtins.str
+        @_builtins.property
+        def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+        def __init__(
+            self,
+            *,
+            code: _builtins.int = ...,
+            reason: _builtins.str = ...,
+            message: _builtins.str = ...,
+            metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Result(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        CREATED_FIELD_NUMBER: _builtins.int
+        DUPLICATE_FIELD_NUMBER: _builtins.int
+        ERROR_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def created(self) -> Global___CreateExecutionResponse.Created: ...
+        @_builtins.property
+        def duplicate(self) -> Global___CreateExecutionResponse.Duplicate: ...
+        @_builtins.property
+        def error(self) -> Global___CreateExecutionsResponse.ItemError: ...
+        def __init__(
+            self,
+            *,
+            created: Global___CreateExecutionResponse.Created | None = ...,
+            duplicate: Global___CreateExecutionResponse.Duplicate | None = ...,
+            error: Global___CreateExecutionsResponse.ItemError | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "duplicate", b"duplicate", "error", b"error", "outcome", b"outcome"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "duplicate", b"duplicate", "error", b"error", "outcome", b"outcome"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["created", "duplicate", "error"]  # noqa: Y015
+        _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+        def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateExecutionsResponse.Result]:
+        """One per item, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CreateExecutionsResponse.Result] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateExecutionsResponse: _TypeAlias = CreateExecutionsResponse  # noqa: Y015
+
+@_typing.final
 class GetExecutionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -46,6 +46,11 @@ class ExecutionServiceStub:
                 request_serializer=flowfabric_dot_v1_dot_execution__pb2.CreateExecutionRequest.SerializeToString,
                 response_deserializer=flowfabric_dot_v1_dot_execution__pb2.CreateExecutionResponse.FromString,
                 _registered_method=True)
+        self.CreateExecutions = channel.unary_unary(
+                '/flowfabric.v1.ExecutionService/CreateExecutions',
+                request_serializer=flowfabric_dot_v1_dot_execution__pb2.CreateExecutionsRequest.SerializeToString,
+                response_deserializer=flowfabric_dot_v1_dot_execution__pb2.CreateExecutionsResponse.FromString,
+                _registered_method=True)
         self.GetExecution = channel.unary_unary(
                 '/flowfabric.v1.ExecutionService/GetExecution',
                 request_serializer=flowfabric_dot_v1_dot_execution__pb2.GetExecutionRequest.SerializeToString,
@@ -128,6 +133,23 @@ class ExecutionServiceServicer:
         `invalid_tag_key`, `payload_too_large` (input over 1 MiB),
         `partition_mismatch`; NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
         `flow_already_terminal`; ALREADY_EXISTS `execution_already_in_flow`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateExecutions(self, request, context):
+        """Creates several executions in one round trip. Each item is decoded and
+        validated exactly as a CreateExecution and succeeds, is a duplicate, or
+        fails on its own; results are in request order. Items are grouped by
+        partition and each partition's items are created in one atomic call, in
+        request order, so a later item sees an earlier item's idempotency key
+        (two items with one key: the second is `duplicate`). A failed item
+        writes nothing. An item over the CreateExecution request limit fails
+        alone with INVALID_ARGUMENT `payload_too_large`; an item with `flow_id`
+        fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution).
+        Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
+        more than 1000 items; then nothing is created.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -268,6 +290,11 @@ def add_ExecutionServiceServicer_to_server(servicer, server):
                     request_deserializer=flowfabric_dot_v1_dot_execution__pb2.CreateExecutionRequest.FromString,
                     response_serializer=flowfabric_dot_v1_dot_execution__pb2.CreateExecutionResponse.SerializeToString,
             ),
+            'CreateExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateExecutions,
+                    request_deserializer=flowfabric_dot_v1_dot_execution__pb2.CreateExecutionsRequest.FromString,
+                    response_serializer=flowfabric_dot_v1_dot_execution__pb2.CreateExecutionsResponse.SerializeToString,
+            ),
             'GetExecution': grpc.unary_unary_rpc_method_handler(
                     servicer.GetExecution,
                     request_deserializer=flowfabric_dot_v1_dot_execution__pb2.GetExecutionRequest.FromString,
@@ -363,6 +390,33 @@ class ExecutionService:
             '/flowfabric.v1.ExecutionService/CreateExecution',
             flowfabric_dot_v1_dot_execution__pb2.CreateExecutionRequest.SerializeToString,
             flowfabric_dot_v1_dot_execution__pb2.CreateExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowfabric.v1.ExecutionService/CreateExecutions',
+            flowfabric_dot_v1_dot_execution__pb2.CreateExecutionsRequest.SerializeToString,
+            flowfabric_dot_v1_dot_execution__pb2.CreateExecutionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

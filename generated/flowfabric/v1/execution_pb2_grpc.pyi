@@ -51,6 +51,19 @@ class ExecutionServiceStub:
     `partition_mismatch`; NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
     `flow_already_terminal`; ALREADY_EXISTS `execution_already_in_flow`.
     """
+    CreateExecutions: _grpc.UnaryUnaryMultiCallable[_execution_pb2.CreateExecutionsRequest, _execution_pb2.CreateExecutionsResponse]
+    """Creates several executions in one round trip. Each item is decoded and
+    validated exactly as a CreateExecution and succeeds, is a duplicate, or
+    fails on its own; results are in request order. Items are grouped by
+    partition and each partition's items are created in one atomic call, in
+    request order, so a later item sees an earlier item's idempotency key
+    (two items with one key: the second is `duplicate`). A failed item
+    writes nothing. An item over the CreateExecution request limit fails
+    alone with INVALID_ARGUMENT `payload_too_large`; an item with `flow_id`
+    fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution).
+    Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
+    more than 1000 items; then nothing is created.
+    """
     GetExecution: _grpc.UnaryUnaryMultiCallable[_execution_pb2.GetExecutionRequest, _execution_pb2.GetExecutionResponse]
     """Returns the full execution record including the state vector.
     Errors: NOT_FOUND `execution_not_found`.
@@ -153,6 +166,19 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
     `invalid_tag_key`, `payload_too_large` (input over 1 MiB),
     `partition_mismatch`; NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
     `flow_already_terminal`; ALREADY_EXISTS `execution_already_in_flow`.
+    """
+    CreateExecutions: _aio.UnaryUnaryMultiCallable[_execution_pb2.CreateExecutionsRequest, _execution_pb2.CreateExecutionsResponse]  # type: ignore[assignment]
+    """Creates several executions in one round trip. Each item is decoded and
+    validated exactly as a CreateExecution and succeeds, is a duplicate, or
+    fails on its own; results are in request order. Items are grouped by
+    partition and each partition's items are created in one atomic call, in
+    request order, so a later item sees an earlier item's idempotency key
+    (two items with one key: the second is `duplicate`). A failed item
+    writes nothing. An item over the CreateExecution request limit fails
+    alone with INVALID_ARGUMENT `payload_too_large`; an item with `flow_id`
+    fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution).
+    Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
+    more than 1000 items; then nothing is created.
     """
     GetExecution: _aio.UnaryUnaryMultiCallable[_execution_pb2.GetExecutionRequest, _execution_pb2.GetExecutionResponse]  # type: ignore[assignment]
     """Returns the full execution record including the state vector.
@@ -259,6 +285,25 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         `invalid_tag_key`, `payload_too_large` (input over 1 MiB),
         `partition_mismatch`; NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
         `flow_already_terminal`; ALREADY_EXISTS `execution_already_in_flow`.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateExecutions(
+        self,
+        request: _execution_pb2.CreateExecutionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_execution_pb2.CreateExecutionsResponse, _abc.Awaitable[_execution_pb2.CreateExecutionsResponse]]:
+        """Creates several executions in one round trip. Each item is decoded and
+        validated exactly as a CreateExecution and succeeds, is a duplicate, or
+        fails on its own; results are in request order. Items are grouped by
+        partition and each partition's items are created in one atomic call, in
+        request order, so a later item sees an earlier item's idempotency key
+        (two items with one key: the second is `duplicate`). A failed item
+        writes nothing. An item over the CreateExecution request limit fails
+        alone with INVALID_ARGUMENT `payload_too_large`; an item with `flow_id`
+        fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution).
+        Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
+        more than 1000 items; then nothing is created.
         """
 
     @_abc_1.abstractmethod

@@ -37,6 +37,8 @@ DEFAULT_GRANT_TTL_MS = 10_000
 # Serialised request caps per method; every other method gets CONTROL_REQUEST_MAX.
 REQUEST_LIMITS = {
     "/flowfabric.v1.ExecutionService/CreateExecution": CREATE_REQUEST_MAX,
+    # each item is held to CreateExecution's limit on its own
+    "/flowfabric.v1.ExecutionService/CreateExecutions": GRPC_MAX_RECEIVE,
     "/flowfabric.v1.SignalService/DeliverSignal": SIGNAL_REQUEST_MAX,
     "/flowfabric.v1.WorkerService/CompleteExecution": CREATE_REQUEST_MAX,
     # each item is held to CompleteExecution's limit on its own

@@ -103,7 +103,13 @@ LIST_ITEMS = _b(
     "policy `retry_policy.retryable_categories`, `budget_ids`; keys of an attempt policy; "
     "`ListExecutions.public_states`",
 )  # fmt: skip
-BATCH_ITEMS = _b("BATCH_ITEMS", 1, 1000, "", "`RenewLeases.renewals`, `CompleteExecutions.items`")
+BATCH_ITEMS = _b(
+    "BATCH_ITEMS",
+    1,
+    1000,
+    "",
+    "`RenewLeases.renewals`, `CompleteExecutions.items`, `CreateExecutions.items`",
+)
 MAX_TASKS = _b("MAX_TASKS", 0, 100, "", "`ClaimNext.max_tasks` (0 or 1 = one)")
 TENANT_WEIGHT = _b(
     "TENANT_WEIGHT", 1, 1000, "",

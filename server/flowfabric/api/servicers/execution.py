@@ -18,7 +18,7 @@ from flowfabric.server.valkey import reads
 from flowfabric.server.valkey.codec import cancel_source, enum_text, enum_value, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Fence, Functions, NewExecution
-from flowfabric.server.valkey.functions.execution import Duplicate
+from flowfabric.server.valkey.functions.execution import Created, Duplicate
 from flowfabric.server.valkey.functions.lease import Revoked
 from flowfabric.server.valkey.ids import (
     ExecutionId,
@@ -35,6 +35,7 @@ from flowfabric.v1 import execution_pb2_grpc as rpc
 from flowfabric.v1 import types_pb2 as t
 
 DEFAULT_LANE = "default"
+MAX_CREATES = bounds.BATCH_ITEMS.hi
 DEFAULT_NAMESPACE = "default"
 
 
@@ -67,6 +68,32 @@ CREATE_LABELS = (
     "namespace", "execution_kind", "idempotency_key", "payload_encoding", "creator_identity",
     "quota_policy_id",
 )  # fmt: skip
+
+
+def create_item_error(exc: FlowFabricError) -> pb.CreateExecutionsResponse.ItemError:
+    """One CreateExecutions item's failure: the status CreateExecution would have ended with."""
+    from google.rpc import error_details_pb2
+
+    status = exc.to_status()
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    return pb.CreateExecutionsResponse.ItemError(
+        code=status.code, reason=exc.code, message=exc.describe(), metadata=dict(info.metadata)
+    )
+
+
+def create_result(
+    one: Created | Duplicate | FlowFabricError,
+) -> pb.CreateExecutionsResponse.Result:
+    """One `ff_create_executions` item outcome as its CreateExecutions result."""
+    result = pb.CreateExecutionsResponse.Result
+    if isinstance(one, FlowFabricError):
+        return result(error=create_item_error(one))
+    if isinstance(one, Duplicate):
+        return result(duplicate=pb.CreateExecutionResponse.Duplicate(execution_id=one.existing_id))
+    return result(created=pb.CreateExecutionResponse.Created(
+        execution_id=one.execution_id, public_state=enum_value(t.PublicState, one.public_state)
+    ))  # fmt: skip
 
 
 def tags_of(tags: Any, field: str = "tags") -> dict[str, str]:
@@ -150,9 +177,10 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
             partition = request.partition_id
         return mint_execution_id(partition)
 
-    async def CreateExecution(
-        self, request: pb.CreateExecutionRequest, context: Any
-    ) -> pb.CreateExecutionResponse:
+    async def _decode_create(
+        self, request: pb.CreateExecutionRequest
+    ) -> tuple[NewExecution, tuple[str, int] | None]:
+        """A CreateExecution's (or a CreateExecutions item's) validated create and its flow."""
         lane = validate_lane(request.lane_id or DEFAULT_LANE)
         if not request.execution_kind:
             raise InvalidInput("execution_kind", "execution_kind is required")
@@ -167,30 +195,33 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         tags = tags_of(request.tags)
         flow = await self._flow_of(request)
         eid = self._new_id(request, lane, flow[1] if flow else None)
-        reply = await self.fn.execution.create_execution(
-            NewExecution(
-                execution_id=eid,
-                namespace=request.namespace or DEFAULT_NAMESPACE,
-                lane_id=lane,
-                execution_kind=request.execution_kind,
-                input_payload=request.input_payload,
-                priority=request.priority,
-                creator_identity=request.creator_identity,
-                policy_json=policy_json(request),
-                payload_encoding=request.payload_encoding,
-                idempotency_key=request.idempotency_key,
-                tags=tags,
-                delay_until=request.delay_until if request.HasField("delay_until") else None,
-                execution_deadline_at=(
-                    request.execution_deadline_at
-                    if request.HasField("execution_deadline_at")
-                    else None
-                ),
-                quota_policy_id=request.quota_policy_id,
-                concurrency_key=request.concurrency_key,
-                blocked_by_dependencies=request.blocked_by_dependencies,
-            )
+        new = NewExecution(
+            execution_id=eid,
+            namespace=request.namespace or DEFAULT_NAMESPACE,
+            lane_id=lane,
+            execution_kind=request.execution_kind,
+            input_payload=request.input_payload,
+            priority=request.priority,
+            creator_identity=request.creator_identity,
+            policy_json=policy_json(request),
+            payload_encoding=request.payload_encoding,
+            idempotency_key=request.idempotency_key,
+            tags=tags,
+            delay_until=request.delay_until if request.HasField("delay_until") else None,
+            execution_deadline_at=(
+                request.execution_deadline_at if request.HasField("execution_deadline_at") else None
+            ),
+            quota_policy_id=request.quota_policy_id,
+            concurrency_key=request.concurrency_key,
+            blocked_by_dependencies=request.blocked_by_dependencies,
         )
+        return new, flow
+
+    async def CreateExecution(
+        self, request: pb.CreateExecutionRequest, context: Any
+    ) -> pb.CreateExecutionResponse:
+        new, flow = await self._decode_create(request)
+        reply = await self.fn.execution.create_execution(new)
         if flow is not None:
             # Both calls are idempotent, so a retry converges (docs/flows.md#building-a-flow).
             created = reply.existing_id if isinstance(reply, Duplicate) else reply.execution_id
@@ -207,6 +238,62 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
                 public_state=enum_value(t.PublicState, reply.public_state),
             )
         )
+
+    async def _decode_item(self, item: pb.CreateExecutionRequest, limit: int) -> NewExecution:
+        """One CreateExecutions item, decoded as CreateExecution (no flow members)."""
+        if item.ByteSize() > limit:
+            raise FlowFabricError(
+                "payload_too_large",
+                message=f"item is {item.ByteSize()} bytes; the limit is {limit}",
+                metadata={"limit_bytes": str(limit)},
+            )
+        if item.HasField("flow_id"):
+            raise InvalidInput(
+                "flow_id", "a flow member is created with CreateExecution or SubmitFlow"
+            )
+        new, _ = await self._decode_create(item)
+        return new
+
+    async def CreateExecutions(
+        self, request: pb.CreateExecutionsRequest, context: Any
+    ) -> pb.CreateExecutionsResponse:
+        """Each item decoded as CreateExecution; one `ff_create_executions` per partition (the
+        partitions concurrently); one result per item, in order (docs/lifecycle.md#batch-create).
+        """
+        if not request.items:
+            raise InvalidInput("items", "at least one create is required")
+        if len(request.items) > MAX_CREATES:
+            raise InvalidInput("items", f"at most {MAX_CREATES} creates per call")
+        limit = limits.REQUEST_LIMITS["/flowfabric.v1.ExecutionService/CreateExecution"]
+        result = pb.CreateExecutionsResponse.Result
+        results: list[pb.CreateExecutionsResponse.Result | None] = [None] * len(request.items)
+        groups: dict[int, list[tuple[int, NewExecution]]] = {}
+        for i, item in enumerate(request.items):
+            try:
+                new = await self._decode_item(item, limit)
+            except FlowFabricError as exc:
+                results[i] = result(error=create_item_error(exc))
+                continue
+            groups.setdefault(new.execution_id.partition, []).append((i, new))
+        created = False
+
+        async def run(partition: int, entries: list[tuple[int, NewExecution]]) -> None:
+            nonlocal created
+            try:
+                many = await self.fn.execution.create_executions(
+                    entries[0][1].execution_id.tag, partition, [x for _, x in entries]
+                )
+                answers: list[Any] = list(many.results)
+            except FlowFabricError as exc:  # the partition's call failed as a whole
+                answers = [exc] * len(entries)
+            for (i, _), one in zip(entries, answers, strict=True):
+                answer = results[i] = create_result(one)
+                created = created or answer.HasField("created")
+
+        await asyncio.gather(*(run(p, entries) for p, entries in groups.items()))
+        if created and self.on_created is not None:
+            self.on_created()
+        return pb.CreateExecutionsResponse(results=[r for r in results if r is not None])
 
     async def GetExecution(
         self, request: pb.GetExecutionRequest, context: Any
