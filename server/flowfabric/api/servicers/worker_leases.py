@@ -4,6 +4,7 @@ output stream (AppendFrame, AppendFrames; docs/streams.md)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from flowfabric.server.api import fences, limits
@@ -11,24 +12,32 @@ from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.api.servicers.worker_claims import WorkerParts, item_error
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
-from flowfabric.server.valkey.functions import Frame
+from flowfabric.server.valkey.functions import Fence, Frame
+from flowfabric.server.valkey.functions.lease import Renewed
 from flowfabric.server.valkey.functions.stream import Appended
+from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.v1 import worker_pb2 as pb
 
 MAX_RENEWALS = bounds.BATCH_ITEMS.hi
 
 
-async def renew_lease(ctx: ServerContext, request: pb.RenewLeaseRequest) -> pb.RenewLeaseResponse:
-    """One renewal: RenewLease, and each item of RenewLeases."""
+RenewArgs = tuple[ExecutionId, int, Fence, int, int]
+
+
+def renew_args(ctx: ServerContext, request: pb.RenewLeaseRequest) -> RenewArgs:
+    """A renewal checked at the edge: (eid, attempt_index, fence, lease_ttl_ms, grace_ms)."""
     eid, fence, attempt_index = fences.of_request(ctx, request).parts()
     if request.lease_ttl_ms or not request.HasField("lease"):
         ttl = limits.lease_ttl(request.lease_ttl_ms)
     else:
         ttl = limits.lease_ttl(request.lease.lease_ttl_ms, "lease.lease_ttl_ms")
     grace = limits.optional(bounds.LEASE_HISTORY_GRACE_MS, request, "lease_history_grace_ms")
-    reply = await ctx.functions.lease.renew_lease(
-        eid, attempt_index, fence, ttl, 5000 if grace is None else grace
-    )
+    return eid, attempt_index, fence, ttl, 5000 if grace is None else grace
+
+
+async def renew_lease(ctx: ServerContext, request: pb.RenewLeaseRequest) -> pb.RenewLeaseResponse:
+    """One renewal: RenewLease."""
+    reply = await ctx.functions.lease.renew_lease(*renew_args(ctx, request))
     renewed = pb.RenewLeaseResponse.Renewed(expires_at=reply.expires_at)
     return pb.RenewLeaseResponse(renewed=renewed)
 
@@ -49,15 +58,35 @@ class LeasesMixin(WorkerParts):
         if len(request.renewals) > MAX_RENEWALS:
             raise InvalidInput("renewals", f"at most {MAX_RENEWALS} renewals per call")
 
-        async def one(item: pb.RenewLeaseRequest) -> pb.RenewLeasesResponse.Result:
+        # Each item checked as RenewLease would be, then one ff_renew_leases per partition,
+        # the partitions in parallel (docs/workers.md#batched-functions).
+        result = pb.RenewLeasesResponse.Result
+        results: list[pb.RenewLeasesResponse.Result | None] = [None] * len(request.renewals)
+        groups: dict[str, list[tuple[int, str, RenewArgs]]] = {}
+        for i, item in enumerate(request.renewals):
             eid_text = item.lease.execution_id if item.HasField("lease") else item.execution_id
             try:
-                renewed = await renew_lease(self.ctx, item)
+                args = renew_args(self.ctx, item)
             except FlowFabricError as exc:
-                return pb.RenewLeasesResponse.Result(execution_id=eid_text, error=item_error(exc))
-            return pb.RenewLeasesResponse.Result(execution_id=eid_text, renewed=renewed.renewed)
+                results[i] = result(execution_id=eid_text, error=item_error(exc))
+                continue
+            groups.setdefault(args[0].tag, []).append((i, eid_text, args))
 
-        results = await asyncio.gather(*(one(r) for r in request.renewals))
+        async def partition(group: list[tuple[int, str, RenewArgs]]) -> None:
+            try:
+                replies: Sequence[Renewed | FlowFabricError] = await self.fn.lease.renew_leases(
+                    [args for _, _, args in group]
+                )
+            except FlowFabricError as exc:  # the call itself failed: every item says so
+                replies = [exc] * len(group)
+            for (i, eid_text, _), reply in zip(group, replies, strict=True):
+                if isinstance(reply, FlowFabricError):
+                    results[i] = result(execution_id=eid_text, error=item_error(reply))
+                else:
+                    renewed = pb.RenewLeaseResponse.Renewed(expires_at=reply.expires_at)
+                    results[i] = result(execution_id=eid_text, renewed=renewed)
+
+        await asyncio.gather(*(partition(g) for g in groups.values()))
         return pb.RenewLeasesResponse(results=results)
 
     async def UpdateProgress(
