@@ -95,9 +95,7 @@ def registrations() -> dict[str, bool]:
 
 def test_headers_are_parsed() -> None:
     found = headers()
-    assert len(found) == len(registrations()), sorted(
-        set(registrations()) - set(found)
-    )
+    assert len(found) == len(registrations()), sorted(set(registrations()) - set(found))
     assert found["ff_claim_batch"] == Header(Count(4, False), Count(11, True), False)
     assert found["ff_set_execution_tags"].argv == Count(0, True)
     assert found["ff_replay_execution"] == Header(Count(4, False), Count(2, True), True)

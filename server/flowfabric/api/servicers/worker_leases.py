@@ -87,7 +87,7 @@ class LeasesMixin(WorkerParts):
                     results[i] = result(execution_id=eid_text, renewed=renewed)
 
         await asyncio.gather(*(partition(g) for g in groups.values()))
-        return pb.RenewLeasesResponse(results=results)
+        return pb.RenewLeasesResponse(results=[r for r in results if r is not None])
 
     async def UpdateProgress(
         self, request: pb.UpdateProgressRequest, context: Any

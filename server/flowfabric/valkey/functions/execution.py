@@ -3,16 +3,19 @@ expire and replay an execution."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions.core import (
+    Batch,
     Decl,
     Fence,
     KeyCtx,
     Outcome,
     arg,
     call,
+    call_batch,
     ek,
     exec_ctx,
     key,
@@ -157,6 +160,7 @@ COMPLETE: Decl[Outcome | Replayed] = Decl(
      arg("result_encoding")),
     {"OK": record(Outcome), "ALREADY_SATISFIED": record(Replayed)},
 )  # fmt: skip
+COMPLETES: Batch[Outcome | Replayed] = Batch("ff_complete_executions", COMPLETE)
 FAIL: Decl[FailOutcome | FailReplayed] = Decl(
     "ff_fail_execution",
     (ek("core"), routed("attempt hash"), pk("lease_expiry"), routed("worker leases"),
@@ -220,6 +224,8 @@ REPLAY: Decl[PublicState] = Decl(
     ok(record(PublicState)),
 )
 
+BATCHES = (COMPLETES,)
+
 DECLS = (CREATE, SET_TAGS, COMPLETE, FAIL, DELAY, WAIT_CHILDREN, CANCEL, PROGRESS, EXPIRE, REPLAY)
 
 
@@ -254,6 +260,16 @@ class ExecutionFunctions:
             "execution_id": str(eid), **fence.values(), "result_payload": result,
             "source": source, "result_encoding": encoding,
         })  # fmt: skip
+
+    async def complete_executions(
+        self, items: Sequence[tuple[ExecutionId, Fence, bytes, str, str]]
+    ) -> list[Outcome | Replayed | FlowFabricError]:
+        """`complete_execution` for each (eid, fence, result, encoding, source), all on one
+        partition, in one FCALL: per item its reply or its error, in order."""
+        return await call_batch(self.store, COMPLETES, [(exec_ctx(eid), {
+            "execution_id": str(eid), **fence.values(), "result_payload": result,
+            "source": source, "result_encoding": encoding,
+        }) for eid, fence, result, encoding, source in items])  # fmt: skip
 
     async def fail_execution(
         self, eid: ExecutionId, fence: Fence, reason: str, category: str, source: str,
