@@ -21,8 +21,9 @@ end
 -- A batched Function (docs/workers.md#batched-functions): KEYS are the items' own KEYS one
 -- after the other, ARGV[1] and ARGV[2] the KEYS and ARGV count of one item, then the items' own
 -- ARGV one after the other. `one` runs on each item in order, each atomic on its own and
--- answering as the single call would; the reply is the list of those replies.
-function Util.each_item(keys, argv, one)
+-- answering as the single call would; the reply is the list of those replies. With `stop`, the
+-- first error reply ends the list (the items after it are not run).
+function Util.each_item(keys, argv, one, stop)
   local nk, na = tonumber(argv[1]), tonumber(argv[2])
   if not nk or not na or nk < 1 or na < 1 or #keys % nk ~= 0
       or #argv - 2 ~= (#keys / nk) * na then
@@ -38,6 +39,9 @@ function Util.each_item(keys, argv, one)
       a[j] = argv[2 + i * na + j]
     end
     out[i + 1] = one(k, a)
+    if stop and out[i + 1][1] == 0 then
+      break
+    end
   end
   return out
 end

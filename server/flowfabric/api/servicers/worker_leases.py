@@ -4,6 +4,7 @@ output stream (AppendFrame, AppendFrames; docs/streams.md)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,10 @@ from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.v1 import worker_pb2 as pb
 
 MAX_RENEWALS = bounds.BATCH_ITEMS.hi
+# At most this many frames of an AppendFrames stream are read ahead and appended together.
+APPEND_RUN = 64
+
+AppendArgs = tuple[ExecutionId, int, Fence, Frame]
 
 
 RenewArgs = tuple[ExecutionId, int, Fence, int, int]
@@ -99,8 +104,9 @@ class LeasesMixin(WorkerParts):
         await self.fn.execution.update_progress(eid, fence, pct, request.progress_message)
         return pb.UpdateProgressResponse(updated=pb.UpdateProgressResponse.Updated())
 
-    async def _append(self, request: pb.AppendFrameRequest) -> Appended:
-        """One fenced `ff_append_frame`; the payload is passed through as bytes."""
+    def _frame(self, request: pb.AppendFrameRequest) -> AppendArgs:
+        """One frame checked at the edge: (eid, attempt_index, fence, frame); the payload is
+        passed through as bytes."""
         eid, fence, idx = fences.of_loose_request(self.ctx, request).parts()
         if not request.HasField("lease"):
             idx = request.attempt_index
@@ -117,7 +123,11 @@ class LeasesMixin(WorkerParts):
             max_payload_bytes=request.max_payload_bytes
             if request.HasField("max_payload_bytes") else None,
         )  # fmt: skip
-        return await self.fn.stream.append_frame(eid, idx, fence, frame)
+        return eid, idx, fence, frame
+
+    async def _append(self, request: pb.AppendFrameRequest) -> Appended:
+        """One fenced `ff_append_frame`."""
+        return await self.fn.stream.append_frame(*self._frame(request))
 
     async def AppendFrame(
         self, request: pb.AppendFrameRequest, context: Any
@@ -131,22 +141,87 @@ class LeasesMixin(WorkerParts):
 
     async def AppendFrames(self, request_iterator: Any, context: Any) -> pb.AppendFramesResponse:
         """Frames in order, each fenced on its own; the first failure ends the call with that
-        frame's error and `appended_count` = frames appended before it."""
-        limit = limits.REQUEST_LIMITS["/flowfabric.v1.WorkerService/AppendFrame"]
+        frame's error and `appended_count` = frames appended before it. The frames that have
+        already arrived are taken together (at most APPEND_RUN), and each run of consecutive
+        frames on one partition goes out as one `ff_append_frames` (docs/workers.md#batched-
+        functions)."""
         out = pb.AppendFramesResponse()
-        async for item in request_iterator:
-            try:
-                if item.ByteSize() > limit:
-                    raise FlowFabricError(
-                        "payload_too_large",
-                        message=f"frame message is {item.ByteSize()} bytes; the limit is {limit}",
-                        metadata={"limit_bytes": str(limit)},
-                    )
-                reply = await self._append(item.frame)
-            except FlowFabricError as exc:
-                exc.metadata["appended_count"] = str(out.appended_count)
-                raise
+        inbox: asyncio.Queue[pb.AppendFramesRequest | None] = asyncio.Queue(APPEND_RUN)
+
+        async def read() -> None:
+            async for message in request_iterator:
+                await inbox.put(message)
+            await inbox.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                first = await self._next(inbox, reader)
+                if first is None:
+                    return out
+                arrived: list[pb.AppendFramesRequest | None] = [first]
+                while len(arrived) < APPEND_RUN and not inbox.empty():
+                    arrived.append(inbox.get_nowait())
+                done = None in arrived
+                await self._append_arrived([m for m in arrived if m is not None], out)
+                if done:
+                    return out
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    @staticmethod
+    async def _next(
+        inbox: asyncio.Queue[pb.AppendFramesRequest | None], reader: asyncio.Future[None]
+    ) -> pb.AppendFramesRequest | None:
+        """The next message, or None at the end of the stream; the reader's error is raised."""
+        getter = asyncio.ensure_future(inbox.get())
+        racers: set[asyncio.Future[Any]] = {getter, reader}
+        await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        reader.result()  # raises the stream's error
+        return None  # pragma: no cover - the reader ends only after putting None
+
+    async def _append_arrived(
+        self, messages: list[pb.AppendFramesRequest], out: pb.AppendFramesResponse
+    ) -> None:
+        """Check each frame, append each run of consecutive frames of one partition in one
+        FCALL; at the first failure raise it with `appended_count` set."""
+        limit = limits.REQUEST_LIMITS["/flowfabric.v1.WorkerService/AppendFrame"]
+        run: list[AppendArgs] = []
+        try:
+            for message in messages:
+                try:
+                    if message.ByteSize() > limit:
+                        raise FlowFabricError(
+                            "payload_too_large",
+                            message=f"frame message is {message.ByteSize()} bytes; "
+                            f"the limit is {limit}",
+                            metadata={"limit_bytes": str(limit)},
+                        )
+                    args = self._frame(message.frame)
+                except FlowFabricError:
+                    await self._append_run(run, out)
+                    run = []
+                    raise
+                if run and run[-1][0].tag != args[0].tag:
+                    await self._append_run(run, out)
+                    run = []
+                run.append(args)
+            await self._append_run(run, out)
+        except FlowFabricError as exc:
+            exc.metadata["appended_count"] = str(out.appended_count)
+            raise
+
+    async def _append_run(self, run: list[AppendArgs], out: pb.AppendFramesResponse) -> None:
+        if not run:
+            return
+        for reply in await self.fn.stream.append_frames(run):
+            if isinstance(reply, FlowFabricError):
+                raise reply
             out.appended_count += 1
             out.last_entry_id = reply.entry_id
             out.frame_count = reply.frame_count
-        return out

@@ -350,10 +350,16 @@ class Batch(Generic[R]):
 
 
 async def call_batch(
-    store: Store, batch: Batch[R], items: Sequence[tuple[KeyCtx, Mapping[str, object]]]
+    store: Store,
+    batch: Batch[R],
+    items: Sequence[tuple[KeyCtx, Mapping[str, object]]],
+    *,
+    stop_at_error: bool = False,
 ) -> list[R | FlowFabricError]:
     """One FCALL for `items` (each a KeyCtx and values, all of one partition): per item, its
-    decoded reply or the `FlowFabricError` its error reply carries, in order."""
+    decoded reply or the `FlowFabricError` its error reply carries, in order. With
+    `stop_at_error` (a function that stops at its first error) the list may end early, at that
+    error."""
     assert items and not batch.single.variadic, batch.name
     keys: list[str] = []
     argv: list[str | bytes] = []
@@ -369,7 +375,10 @@ async def call_batch(
     raw = await store.fcall(batch.name, keys, head + argv, durable=batch.single.durable)
     if isinstance(raw, list) and raw and not isinstance(raw[0], list):
         decode(raw, batch.name)  # the batch's own error reply: raised
-    if not isinstance(raw, list) or len(raw) != len(items):
+    complete = isinstance(raw, list) and (
+        len(raw) == len(items) or (stop_at_error and 0 < len(raw) < len(items))
+    )
+    if not complete:
         raise FlowFabricError("protocol_error", message=f"{batch.name}: malformed reply {raw!r}")
     out: list[R | FlowFabricError] = []
     for one in raw:
