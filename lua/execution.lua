@@ -230,7 +230,7 @@ end
 
 redis.register_function('ff_complete_execution', complete_execution)
 
--- ff_complete_executions (docs/workers.md#batched-functions)
+-- ff_complete_executions (docs/lifecycle.md#batched-functions)
 --   KEYS (12n), ARGV (2+7n): ARGV 1 = 12, 2 = 7, then n items each with the KEYS and ARGV of
 --     ff_complete_execution, all on one partition.
 --   Replies: the list of the items' ff_complete_execution replies, in order, each item completed

@@ -78,7 +78,7 @@ end
 
 redis.register_function('ff_renew_lease', renew_lease)
 
--- ff_renew_leases (docs/workers.md#batched-functions)
+-- ff_renew_leases (docs/lifecycle.md#batched-functions)
 --   KEYS (4n), ARGV (2+7n): ARGV 1 = 4, 2 = 7, then n items each with the KEYS and ARGV of
 --     ff_renew_lease, all on one partition.
 --   Replies: the list of the items' ff_renew_lease replies, in order, each item renewed on its

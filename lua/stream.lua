@@ -142,7 +142,7 @@ end
 
 redis.register_function('ff_append_frame', append_frame)
 
--- ff_append_frames (docs/workers.md#batched-functions)
+-- ff_append_frames (docs/lifecycle.md#batched-functions)
 --   KEYS (3n), ARGV (2+14n): ARGV 1 = 3, 2 = 14, then n frames each with the KEYS and ARGV of
 --     ff_append_frame, all on one partition.
 --   Replies: the list of the frames' ff_append_frame replies, in order, each frame checked and

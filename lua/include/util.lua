@@ -18,7 +18,7 @@ function Util.tag_of(key)
   return string.match(key, '(%b{})')
 end
 
--- A batched Function (docs/workers.md#batched-functions): KEYS are the items' own KEYS one
+-- A batched Function (docs/lifecycle.md#batched-functions): KEYS are the items' own KEYS one
 -- after the other, ARGV[1] and ARGV[2] the KEYS and ARGV count of one item, then the items' own
 -- ARGV one after the other. `one` runs on each item in order, each atomic on its own and
 -- answering as the single call would; the reply is the list of those replies. With `stop`, the

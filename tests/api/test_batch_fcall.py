@@ -1,4 +1,4 @@
-"""Batched Functions (docs/workers.md#batched-functions): RenewLeases and CompleteExecutions run
+"""Batched Functions (docs/lifecycle.md#batched-functions): RenewLeases and CompleteExecutions run
 one FCALL per partition touched, AppendFrames one per run of frames; each item is still fenced,
 checked and answered on its own, in request order, and a refused item changes nothing (both
 topologies). The FCALLs are counted from Valkey's `INFO commandstats`, never timed."""

@@ -64,7 +64,7 @@ class LeasesMixin(WorkerParts):
             raise InvalidInput("renewals", f"at most {MAX_RENEWALS} renewals per call")
 
         # Each item checked as RenewLease would be, then one ff_renew_leases per partition,
-        # the partitions in parallel (docs/workers.md#batched-functions).
+        # the partitions in parallel (docs/lifecycle.md#batched-functions).
         result = pb.RenewLeasesResponse.Result
         results: list[pb.RenewLeasesResponse.Result | None] = [None] * len(request.renewals)
         groups: dict[str, list[tuple[int, str, RenewArgs]]] = {}
@@ -143,8 +143,8 @@ class LeasesMixin(WorkerParts):
         """Frames in order, each fenced on its own; the first failure ends the call with that
         frame's error and `appended_count` = frames appended before it. The frames that have
         already arrived are taken together (at most APPEND_RUN), and each run of consecutive
-        frames on one partition goes out as one `ff_append_frames` (docs/workers.md#batched-
-        functions)."""
+        frames on one partition goes out as one `ff_append_frames`
+        (docs/lifecycle.md#batched-functions)."""
         out = pb.AppendFramesResponse()
         inbox: asyncio.Queue[pb.AppendFramesRequest | None] = asyncio.Queue(APPEND_RUN)
 

@@ -93,7 +93,7 @@ class TerminalMixin(WorkerParts):
         result = pb.CompleteExecutionsResponse.Result
 
         # Each item checked as CompleteExecution would be, then one ff_complete_executions
-        # per partition, the partitions in parallel (docs/workers.md#batched-functions).
+        # per partition, the partitions in parallel (docs/lifecycle.md#batched-functions).
         results: list[pb.CompleteExecutionsResponse.Result | None] = [None] * len(request.items)
         groups: dict[str, list[tuple[int, str, CompleteArgs]]] = {}
         for i, item in enumerate(request.items):

@@ -76,7 +76,7 @@ def all_declarations() -> tuple[Decl[object], ...]:
 
 
 def all_batches() -> tuple[Batch[Any], ...]:
-    """Every batched Function (docs/workers.md#batched-functions)."""
+    """Every batched Function (docs/lifecycle.md#batched-functions)."""
     from flowfabric.server.valkey.functions import execution, lease, stream
 
     return tuple(b for m in (execution, lease, stream) for b in getattr(m, "BATCHES", ()))

@@ -342,7 +342,7 @@ async def call(store: Store, decl: Decl[R], ctx: KeyCtx, values: Mapping[str, ob
 @dataclass(frozen=True)
 class Batch(Generic[R]):
     """A batched Function: several calls of `single`, all on one partition, in one FCALL
-    (docs/workers.md#batched-functions). Its ARGV is the KEYS and ARGV count of one item, then
+    (docs/lifecycle.md#batched-functions). Its ARGV is the KEYS and ARGV count of one item, then
     the items' ARGV; its KEYS the items' KEYS; its reply the items' replies in order."""
 
     name: str
