@@ -293,6 +293,15 @@ end
 
 redis.register_function('ff_complete_execution', complete_execution)
 
+-- ff_complete_executions (docs/lifecycle.md#batched-functions)
+--   KEYS (12n), ARGV (2+7n): ARGV 1 = 12, 2 = 7, then n items each with the KEYS and ARGV of
+--     ff_complete_execution, all on one partition.
+--   Replies: the list of the items' ff_complete_execution replies, in order, each item completed
+--     on its own (errors and replays included); invalid_input when the counts do not match.
+redis.register_function('ff_complete_executions', function(keys, argv)
+  return Util.each_item(keys, argv, complete_execution)
+end)
+
 -- The retry policy: ARGV retry_policy_json when non-empty, else the stored policy's
 -- retry_policy. Anything that is not a JSON object means "no retries".
 local function retry_policy_of(x, json)

@@ -78,6 +78,15 @@ end
 
 redis.register_function('ff_renew_lease', renew_lease)
 
+-- ff_renew_leases (docs/lifecycle.md#batched-functions)
+--   KEYS (4n), ARGV (2+7n): ARGV 1 = 4, 2 = 7, then n items each with the KEYS and ARGV of
+--     ff_renew_lease, all on one partition.
+--   Replies: the list of the items' ff_renew_lease replies, in order, each item renewed on its
+--     own (errors included); invalid_input when the counts do not match.
+redis.register_function('ff_renew_leases', function(keys, argv)
+  return Util.each_item(keys, argv, renew_lease)
+end)
+
 -- ff_mark_lease_expired_if_due (lease-expiry scanner)
 --   KEYS (4): 1 core, 2 lease current, 3 lease_expiry, 4 lease history.
 --   ARGV (1): 1 execution_id.

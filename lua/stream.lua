@@ -142,6 +142,16 @@ end
 
 redis.register_function('ff_append_frame', append_frame)
 
+-- ff_append_frames (docs/lifecycle.md#batched-functions)
+--   KEYS (3n), ARGV (2+14n): ARGV 1 = 3, 2 = 14, then n frames each with the KEYS and ARGV of
+--     ff_append_frame, all on one partition.
+--   Replies: the list of the frames' ff_append_frame replies, in order, each frame checked and
+--     appended on its own; the first error reply ends the list (the frames after it are not
+--     appended). invalid_input when the counts do not match.
+redis.register_function('ff_append_frames', function(keys, argv)
+  return Util.each_item(keys, argv, append_frame, true)
+end)
+
 -- ff_read_attempt_stream (read-only, no-writes: FCALL_RO-safe)
 --   KEYS (2): 1 stream, 2 stream meta.
 --   ARGV (3): 1 from_id, 2 to_id (lowered cursors: '-', '+', '<ms>' or '<ms>-<seq>'; the

@@ -1,4 +1,4 @@
--- uses: (none)
+-- uses: reply
 
 local Util = {}
 
@@ -16,6 +16,34 @@ end
 -- The first {...} of a key: the hash tag every key of one call shares.
 function Util.tag_of(key)
   return string.match(key, '(%b{})')
+end
+
+-- A batched Function (docs/lifecycle.md#batched-functions): KEYS are the items' own KEYS one
+-- after the other, ARGV[1] and ARGV[2] the KEYS and ARGV count of one item, then the items' own
+-- ARGV one after the other. `one` runs on each item in order, each atomic on its own and
+-- answering as the single call would; the reply is the list of those replies. With `stop`, the
+-- first error reply ends the list (the items after it are not run).
+function Util.each_item(keys, argv, one, stop)
+  local nk, na = tonumber(argv[1]), tonumber(argv[2])
+  if not nk or not na or nk < 1 or na < 1 or #keys % nk ~= 0
+      or #argv - 2 ~= (#keys / nk) * na then
+    return Reply.err('invalid_input', 'batch: KEYS and ARGV do not match the item counts')
+  end
+  local out = {}
+  for i = 0, #keys / nk - 1 do
+    local k, a = {}, {}
+    for j = 1, nk do
+      k[j] = keys[i * nk + j]
+    end
+    for j = 1, na do
+      a[j] = argv[2 + i * na + j]
+    end
+    out[i + 1] = one(k, a)
+    if stop and out[i + 1][1] == 0 then
+      break
+    end
+  end
+  return out
 end
 
 function Util.hgetall(key)

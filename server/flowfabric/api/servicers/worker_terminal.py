@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from flowfabric.server.api import fences, limits
@@ -23,9 +24,9 @@ from flowfabric.server.api.servicers.worker_claims import (
 from flowfabric.server.engine.scheduler import ClaimRequest
 from flowfabric.server.valkey.codec import cancel_source
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
-from flowfabric.server.valkey.functions import Claimer
+from flowfabric.server.valkey.functions import Claimer, Fence, Outcome
 from flowfabric.server.valkey.functions.execution import DelayReplayed, FailReplayed, Replayed
-from flowfabric.server.valkey.ids import parse_execution_id, solo_partition
+from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id, solo_partition
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
 
@@ -44,20 +45,30 @@ def source_text(source: int, fenced: bool) -> str:
     return cancel_source(source, "lease_holder")
 
 
-async def complete_execution(
-    ctx: ServerContext, request: pb.CompleteExecutionRequest
-) -> pb.CompleteExecutionResponse:
-    """One completion: CompleteExecution, and each item of CompleteExecutions."""
+CompleteArgs = tuple[ExecutionId, Fence, bytes, str, str]
+
+
+def complete_args(ctx: ServerContext, request: pb.CompleteExecutionRequest) -> CompleteArgs:
+    """A completion checked at the edge: (eid, fence, result, encoding, source)."""
     limits.control_part(request, request.result_payload, "result_payload")
     eid, fence, _ = fences.of_request(ctx, request).parts()
     source = source_text(request.source, bool(fence.lease_id))
-    reply = await ctx.functions.execution.complete_execution(
-        eid, fence, request.result_payload, request.result_encoding, source
-    )
+    return eid, fence, request.result_payload, request.result_encoding, source
+
+
+def completed(eid: ExecutionId, reply: Outcome | Replayed) -> pb.CompleteExecutionResponse:
     done = pb.CompleteExecutionResponse.Completed(
         execution_id=str(eid), public_state=t.PUBLIC_STATE_COMPLETED
     )
     return pb.CompleteExecutionResponse(completed=done, replayed=isinstance(reply, Replayed))
+
+
+async def complete_execution(
+    ctx: ServerContext, request: pb.CompleteExecutionRequest
+) -> pb.CompleteExecutionResponse:
+    """One completion: CompleteExecution."""
+    args = complete_args(ctx, request)
+    return completed(args[0], await ctx.functions.execution.complete_execution(*args))
 
 
 class TerminalMixin(WorkerParts):
@@ -71,7 +82,7 @@ class TerminalMixin(WorkerParts):
     async def CompleteExecutions(
         self, request: pb.CompleteExecutionsRequest, context: Any
     ) -> pb.CompleteExecutionsResponse:
-        """Each item as CompleteExecution, concurrently; one result per item, in order.
+        """Each item as CompleteExecution, one FCALL per partition; one result per item, in order.
         With `claim`, then claims as ClaimNext with `wait_ms` = 0 would."""
         if not request.items:
             raise InvalidInput("items", "at least one completion is required")
@@ -81,7 +92,11 @@ class TerminalMixin(WorkerParts):
         limit = limits.REQUEST_LIMITS["/flowfabric.v1.WorkerService/CompleteExecution"]
         result = pb.CompleteExecutionsResponse.Result
 
-        async def one(item: pb.CompleteExecutionRequest) -> pb.CompleteExecutionsResponse.Result:
+        # Each item checked as CompleteExecution would be, then one ff_complete_executions
+        # per partition, the partitions in parallel (docs/lifecycle.md#batched-functions).
+        results: list[pb.CompleteExecutionsResponse.Result | None] = [None] * len(request.items)
+        groups: dict[str, list[tuple[int, str, CompleteArgs]]] = {}
+        for i, item in enumerate(request.items):
             eid_text = item.lease.execution_id if item.HasField("lease") else item.execution_id
             try:
                 if item.ByteSize() > limit:
@@ -90,30 +105,49 @@ class TerminalMixin(WorkerParts):
                         message=f"item is {item.ByteSize()} bytes; the limit is {limit}",
                         metadata={"limit_bytes": str(limit)},
                     )
-                done = await complete_execution(self.ctx, item)
+                args = complete_args(self.ctx, item)
             except FlowFabricError as exc:
-                return result(execution_id=eid_text, error=item_error(exc))
-            except Exception:  # as the interceptor does for a whole call: logged, not leaked
-                log.exception("unexpected error completing %s in a batch", eid_text)
-                internal = FlowFabricError("protocol_error", message="internal error")
-                return result(execution_id=eid_text, error=item_error(internal))
-            return result(execution_id=eid_text, completed=done)
+                results[i] = result(execution_id=eid_text, error=item_error(exc))
+                continue
+            groups.setdefault(args[0].tag, []).append((i, eid_text, args))
 
-        results = await asyncio.gather(*(one(item) for item in request.items))
-        reply = pb.CompleteExecutionsResponse(results=results)
+        await asyncio.gather(*(self._complete_partition(g, results) for g in groups.values()))
+        reply = pb.CompleteExecutionsResponse(results=[r for r in results if r is not None])
         if claim is not None:
             # A flow member's completion released its dependents on its own partition, in
             # the call that just returned; its announcement is still on its way, so look
             # there first (docs/lifecycle.md#work-off-the-lane-partition).
-            for item in results:
-                if item.HasField("completed"):
+            for res in reply.results:
+                if res.HasField("completed"):
                     with contextlib.suppress(FlowFabricError):
-                        eid = parse_execution_id(item.execution_id, self.ctx.partitions)
+                        eid = parse_execution_id(res.execution_id, self.ctx.partitions)
                         for lane in claim.lanes:
                             if eid.partition != solo_partition(lane, self.ctx.partitions):
                                 self.scheduler.hints.note(lane, eid.partition)
             await self._claim_into(claim, reply)
         return reply
+
+    async def _complete_partition(
+        self,
+        group: list[tuple[int, str, CompleteArgs]],
+        results: list[pb.CompleteExecutionsResponse.Result | None],
+    ) -> None:
+        """One ff_complete_executions for the items of one partition; each item's result into
+        its slot of `results`."""
+        result = pb.CompleteExecutionsResponse.Result
+        replies: Sequence[Outcome | Replayed | FlowFabricError]
+        try:
+            replies = await self.fn.execution.complete_executions([a for _, _, a in group])
+        except FlowFabricError as exc:  # the call itself failed: every item says so
+            replies = [exc] * len(group)
+        except Exception:  # as the interceptor does for a whole call: logged, not leaked
+            log.exception("unexpected error completing a batch of %d", len(group))
+            replies = [FlowFabricError("protocol_error", message="internal error")] * len(group)
+        for (i, eid_text, args), reply in zip(group, replies, strict=True):
+            if isinstance(reply, FlowFabricError):
+                results[i] = result(execution_id=eid_text, error=item_error(reply))
+            else:
+                results[i] = result(execution_id=eid_text, completed=completed(args[0], reply))
 
     def _claim_after(self, claim: pb.ClaimNextRequest) -> ClaimRequest:
         """The claim of a CompleteExecutions, validated before any item runs."""

@@ -6,9 +6,11 @@ method takes explicit parameters and returns a frozen record of the reply.
 
 from __future__ import annotations
 
+from typing import Any
+
 from flowfabric.server.valkey.functions.admission import AdmissionFunctions
 from flowfabric.server.valkey.functions.budget import BudgetFunctions
-from flowfabric.server.valkey.functions.core import Claimer, Decl, Fence, Leased, Outcome
+from flowfabric.server.valkey.functions.core import Batch, Claimer, Decl, Fence, Leased, Outcome
 from flowfabric.server.valkey.functions.execution import ExecutionFunctions, NewExecution
 from flowfabric.server.valkey.functions.flow import FlowFunctions
 from flowfabric.server.valkey.functions.lease import LeaseFunctions, Reclaimed, ReclaimLimit
@@ -73,8 +75,15 @@ def all_declarations() -> tuple[Decl[object], ...]:
     return tuple(d for m in mods for d in m.DECLS)
 
 
+def all_batches() -> tuple[Batch[Any], ...]:
+    """Every batched Function (docs/lifecycle.md#batched-functions)."""
+    from flowfabric.server.valkey.functions import execution, lease, stream
+
+    return tuple(b for m in (execution, lease, stream) for b in getattr(m, "BATCHES", ()))
+
+
 __all__ = [
     "INITIAL_KID", "Claimer", "Fence", "Frame", "Functions", "Keystore", "Leased", "NewExecution",
     "Outcome", "ReclaimLimit", "Reclaimed", "Signal", "Suspension", "WaitpointRow",
-    "all_declarations",
+    "all_batches", "all_declarations",
 ]  # fmt: skip

@@ -339,6 +339,56 @@ async def call(store: Store, decl: Decl[R], ctx: KeyCtx, values: Mapping[str, ob
     return decode_reply(decl, raw)
 
 
+@dataclass(frozen=True)
+class Batch(Generic[R]):
+    """A batched Function: several calls of `single`, all on one partition, in one FCALL
+    (docs/lifecycle.md#batched-functions). Its ARGV is the KEYS and ARGV count of one item, then
+    the items' ARGV; its KEYS the items' KEYS; its reply the items' replies in order."""
+
+    name: str
+    single: Decl[R]
+
+
+async def call_batch(
+    store: Store,
+    batch: Batch[R],
+    items: Sequence[tuple[KeyCtx, Mapping[str, object]]],
+    *,
+    stop_at_error: bool = False,
+) -> list[R | FlowFabricError]:
+    """One FCALL for `items` (each a KeyCtx and values, all of one partition): per item, its
+    decoded reply or the `FlowFabricError` its error reply carries, in order. With
+    `stop_at_error` (a function that stops at its first error) the list may end early, at that
+    error."""
+    assert items and not batch.single.variadic, batch.name
+    keys: list[str] = []
+    argv: list[str | bytes] = []
+    counts: tuple[int, int] | None = None
+    for ctx, values in items:
+        k, a = build(batch.single, ctx, values)
+        assert counts in (None, (len(k), len(a))), batch.name
+        counts = (len(k), len(a))
+        keys += k
+        argv += a
+    assert counts is not None
+    head: list[str | bytes] = [str(counts[0]), str(counts[1])]
+    raw = await store.fcall(batch.name, keys, head + argv, durable=batch.single.durable)
+    if isinstance(raw, list) and raw and not isinstance(raw[0], list):
+        decode(raw, batch.name)  # the batch's own error reply: raised
+    complete = isinstance(raw, list) and (
+        len(raw) == len(items) or (stop_at_error and 0 < len(raw) < len(items))
+    )
+    if not complete:
+        raise FlowFabricError("protocol_error", message=f"{batch.name}: malformed reply {raw!r}")
+    out: list[R | FlowFabricError] = []
+    for one in raw:
+        try:
+            out.append(decode_reply(batch.single, one))
+        except FlowFabricError as exc:
+            out.append(exc)
+    return out
+
+
 def exec_ctx(eid: ExecutionId, **more: Any) -> KeyCtx:
     return KeyCtx(eid=eid, tag=eid.tag, **more)
 

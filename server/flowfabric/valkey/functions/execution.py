@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from flowfabric.server.valkey.codec import Reply, decode
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions.core import (
+    Batch,
     Decl,
     Fence,
     KeyCtx,
@@ -16,6 +17,7 @@ from flowfabric.server.valkey.functions.core import (
     arg,
     build,
     call,
+    call_batch,
     ek,
     exec_ctx,
     key,
@@ -191,6 +193,7 @@ COMPLETE: Decl[Outcome | Replayed] = Decl(
      arg("result_encoding")),
     {"OK": record(Outcome), "ALREADY_SATISFIED": record(Replayed)},
 )  # fmt: skip
+COMPLETES: Batch[Outcome | Replayed] = Batch("ff_complete_executions", COMPLETE)
 FAIL: Decl[FailOutcome | FailReplayed] = Decl(
     "ff_fail_execution",
     (ek("core"), routed("attempt hash"), pk("lease_expiry"), routed("worker leases"),
@@ -253,6 +256,8 @@ REPLAY: Decl[PublicState] = Decl(
     (arg("execution_id"), arg("now_ms", default=""), tail("inbound_edge_ids")),
     ok(record(PublicState)),
 )
+
+BATCHES = (COMPLETES,)
 
 DECLS = (
     CREATE,
@@ -319,6 +324,16 @@ class ExecutionFunctions:
             "execution_id": str(eid), **fence.values(), "result_payload": result,
             "source": source, "result_encoding": encoding,
         })  # fmt: skip
+
+    async def complete_executions(
+        self, items: Sequence[tuple[ExecutionId, Fence, bytes, str, str]]
+    ) -> list[Outcome | Replayed | FlowFabricError]:
+        """`complete_execution` for each (eid, fence, result, encoding, source), all on one
+        partition, in one FCALL: per item its reply or its error, in order."""
+        return await call_batch(self.store, COMPLETES, [(exec_ctx(eid), {
+            "execution_id": str(eid), **fence.values(), "result_payload": result,
+            "source": source, "result_encoding": encoding,
+        }) for eid, fence, result, encoding, source in items])  # fmt: skip
 
     async def fail_execution(
         self, eid: ExecutionId, fence: Fence, reason: str, category: str, source: str,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flowfabric.server.valkey.codec import Reply, hash_to_dict
+from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions.core import (
+    Batch,
     Claimer,
     Decl,
     Fence,
@@ -13,6 +16,7 @@ from flowfabric.server.valkey.functions.core import (
     Outcome,
     arg,
     call,
+    call_batch,
     ek,
     exec_ctx,
     key,
@@ -131,6 +135,9 @@ REVOKE_FOR_BUDGET: Decl[Outcome] = Decl(
     {"OK": record(Outcome), "ALREADY_SATISFIED": record(Outcome)},
 )  # fmt: skip
 
+RENEWS: Batch[Renewed] = Batch("ff_renew_leases", RENEW)
+BATCHES = (RENEWS,)
+
 DECLS = (RENEW, MARK_EXPIRED, REVOKE, RECLAIM_GRANT, RECLAIM, REVOKE_FOR_BUDGET)
 
 
@@ -157,6 +164,17 @@ class LeaseFunctions:
             "lease_epoch": fence.lease_epoch, "lease_ttl_ms": lease_ttl_ms,
             "lease_history_grace_ms": history_grace_ms,
         })  # fmt: skip
+
+    async def renew_leases(
+        self, items: Sequence[tuple[ExecutionId, int, Fence, int, int]]
+    ) -> list[Renewed | FlowFabricError]:
+        """`renew_lease` for each (eid, attempt_index, fence, lease_ttl_ms, history_grace_ms),
+        all on one partition, in one FCALL: per item its reply or its error, in order."""
+        return await call_batch(self.store, RENEWS, [(exec_ctx(eid), {
+            "execution_id": str(eid), "attempt_index": idx, "attempt_id": fence.attempt_id,
+            "lease_id": fence.lease_id, "lease_epoch": fence.lease_epoch, "lease_ttl_ms": ttl,
+            "lease_history_grace_ms": grace,
+        }) for eid, idx, fence, ttl, grace in items])  # fmt: skip
 
     async def mark_lease_expired_if_due(self, eid: ExecutionId) -> Outcome:
         return await call(self.store, MARK_EXPIRED, exec_ctx(eid), {"execution_id": str(eid)})

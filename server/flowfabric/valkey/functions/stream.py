@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flowfabric.server.valkey.codec import Reply
+from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions.core import (
+    Batch,
     Decl,
     Fence,
     KeyCtx,
     arg,
     call,
+    call_batch,
     exec_ctx,
     key,
     ok,
@@ -84,6 +88,9 @@ READ: Decl[StreamRead] = Decl(
     read_only=True,
 )
 
+APPENDS: Batch[Appended] = Batch("ff_append_frames", APPEND)
+BATCHES = (APPENDS,)
+
 DECLS = (APPEND, READ)
 
 
@@ -102,6 +109,21 @@ class StreamFunctions:
             "source": frame.source, "retention_maxlen": frame.retention_maxlen,
             "max_payload_bytes": frame.max_payload_bytes,
         })  # fmt: skip
+
+    async def append_frames(
+        self, items: Sequence[tuple[ExecutionId, int, Fence, Frame]]
+    ) -> list[Appended | FlowFabricError]:
+        """`append_frame` for each (eid, attempt_index, fence, frame), all on one partition, in
+        one FCALL, in order: the replies up to and including the first error (the frames after
+        it are not appended)."""
+        return await call_batch(self.store, APPENDS, [(exec_ctx(eid, attempt_index=idx), {
+            "execution_id": str(eid), "attempt_index": idx, **fence.values(),
+            "frame_type": frame.frame_type, "timestamp": frame.timestamp,
+            "payload": frame.payload, "encoding": frame.encoding,
+            "metadata_json": frame.metadata_json, "correlation_id": frame.correlation_id,
+            "source": frame.source, "retention_maxlen": frame.retention_maxlen,
+            "max_payload_bytes": frame.max_payload_bytes,
+        }) for eid, idx, fence, frame in items], stop_at_error=True)  # fmt: skip
 
     async def read_attempt_stream(
         self, eid: ExecutionId, attempt_index: int, from_id: str, to_id: str, count_limit: int
