@@ -707,6 +707,17 @@ SERVICES: dict[str, dict[str, str]] = {
         "DeleteSchedule": "",
         "TriggerSchedule": "",
     },
+    "LaneService": {
+        "PauseLane": "",
+        "ResumeLane": "",
+        "DrainLane": "",
+        "ListLanes": "",
+        "GetLane": "",
+        "StartBulkAction": "",
+        "GetBulkAction": "",
+        "ListBulkActions": "",
+        "CancelBulkAction": "",
+    },
     "AdminService": {
         "RotateWaitpointSecret": "",
         "ListWaitpointKids": "",

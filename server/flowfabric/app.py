@@ -27,6 +27,7 @@ from flowfabric.server.api.servicers import (
     budget,
     execution,
     flow,
+    lane,
     schedule,
     signal,
     stream,
@@ -45,6 +46,7 @@ from flowfabric.server.embedded import (
 from flowfabric.server.engine.aio import cancel_and_wait
 from flowfabric.server.engine.budget_admission import BudgetCheck, BudgetReleaser
 from flowfabric.server.engine.budgets import budget_jobs
+from flowfabric.server.engine.bulk import BulkJobs, BulkRunner
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.flows import (
     FlowCanceller,
@@ -74,6 +76,8 @@ from flowfabric.v1 import (
     execution_pb2,
     flow_pb2,
     flow_pb2_grpc,
+    lane_pb2,
+    lane_pb2_grpc,
     schedule_pb2,
     schedule_pb2_grpc,
     signal_pb2,
@@ -212,6 +216,13 @@ class FlowFabricServer:
         # periodic work (docs/schedules.md)
         self.schedules = ScheduleEngine(self.store, fn, cfg.flow_partitions)
         self.scanners.cycles.append(self.schedules)
+        # bulk cancel / replay jobs (docs/lanes.md#bulk-actions)
+        self.bulk_jobs = BulkJobs(self.store, fn, cfg.flow_partitions, cfg.bulk_page_size)
+        self.bulk_runner = BulkRunner(
+            self.bulk_jobs, lease_ms=cfg.bulk_lease_ms, page_pause_ms=cfg.bulk_page_pause_ms
+        )
+        self.bulk_runner.on_created = self.scheduler.wake_local
+        self.scanners.cycles.append(self.bulk_runner)
         self.scanners.cycles.append(
             FlowProjector(
                 self.store, fn, cfg.flow_partitions, cfg.interval_ms("FF_FLOW_PROJECTOR_INTERVAL_S")
@@ -373,6 +384,9 @@ class FlowFabricServer:
         schedule_pb2_grpc.add_ScheduleServiceServicer_to_server(
             schedule.ScheduleServicer(ctx, self.schedules), server
         )
+        lane_pb2_grpc.add_LaneServiceServicer_to_server(
+            lane.LaneServicer(ctx, self.scheduler.lane_controls, self.bulk_jobs), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             m.DESCRIPTOR.services_by_name[s].full_name
@@ -384,6 +398,7 @@ class FlowFabricServer:
                 (flow_pb2, "FlowService"),
                 (budget_pb2, "BudgetService"),
                 (schedule_pb2, "ScheduleService"),
+                (lane_pb2, "LaneService"),
                 (admin_pb2, "AdminService"),
             ]
         ]

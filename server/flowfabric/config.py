@@ -145,6 +145,10 @@ class Config:
     durability_timeout_ms: int = 1000
     scanner_intervals_ms: Mapping[str, int] = field(default_factory=dict)
     tenant_weights: Mapping[str, int] = field(default_factory=dict)  # namespace -> weight
+    # bulk jobs (docs/lanes.md#bulk-actions): items per page, the job lease, a pause per page
+    bulk_page_size: int = 100
+    bulk_lease_ms: int = 5000
+    bulk_page_pause_ms: int = 0
 
     def __repr__(self) -> str:
         """Every field, with the secrets (HMAC secret, API tokens) redacted."""
@@ -371,6 +375,9 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "FF_DURABILITY_REPLICAS": ("durability_replicas", _replicas),
     "FF_DURABILITY_TIMEOUT_MS": ("durability_timeout_ms", _durability_timeout),
     "FF_TENANT_WEIGHTS": ("tenant_weights", _weights),
+    "FF_BULK_PAGE_SIZE": ("bulk_page_size", lambda n, r: _int(n, r, 1)),
+    "FF_BULK_LEASE_MS": ("bulk_lease_ms", lambda n, r: _int(n, r, 500)),
+    "FF_BULK_PAGE_PAUSE_MS": ("bulk_page_pause_ms", lambda n, r: _int(n, r, 0)),
 }
 
 
@@ -405,6 +412,9 @@ def flag_parser() -> argparse.ArgumentParser:
         "durability_replicas",
         "durability_timeout_ms",
         "tenant_weights",
+        "bulk_page_size",
+        "bulk_lease_ms",
+        "bulk_page_pause_ms",
     ]
     names += [var[3:].lower() for var in SCANNER_INTERVALS]
     for name in names:

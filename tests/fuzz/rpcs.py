@@ -10,7 +10,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 
 # The generated modules that declare services (types_pb2 declares messages only).
-SERVICE_MODULES = ("admin", "budget", "execution", "flow", "signal", "stream", "worker")
+SERVICE_MODULES = ("admin", "budget", "execution", "flow", "lane", "signal", "stream", "worker")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ audit = logging.getLogger("audit")
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_PREFIX = "/flowfabric.v1.AdminService/"
+# operator-only services: FF_ADMIN_TOKEN, when set, is required for them (docs/lanes.md)
+OPERATOR_PREFIXES = (ADMIN_PREFIX, "/flowfabric.v1.LaneService/")
 # Operator actions: each call writes one audit line (docs/architecture.md#logs)
 AUDITED = frozenset(
     f"/flowfabric.v1.{m}"
@@ -36,11 +38,12 @@ AUDITED = frozenset(
         "BudgetService/ResetBudget", "AdminService/RotateWaitpointSecret",
         "AdminService/RepairSweep", "ScheduleService/PauseSchedule",
         "ScheduleService/ResumeSchedule", "ScheduleService/DeleteSchedule",
-        "ScheduleService/TriggerSchedule",
+        "ScheduleService/TriggerSchedule", "LaneService/PauseLane", "LaneService/ResumeLane",
+        "LaneService/DrainLane", "LaneService/StartBulkAction", "LaneService/CancelBulkAction",
     )
 )  # fmt: skip
 # the request fields an audit line names its target by (ids only, never payloads)
-TARGET_FIELDS = ("execution_id", "flow_id", "budget_id", "schedule_id")
+TARGET_FIELDS = ("execution_id", "flow_id", "budget_id", "schedule_id", "lane_id", "bulk_action_id")
 
 if TYPE_CHECKING:  # generic only in the stubs, not at run time
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -87,10 +90,18 @@ def _bind(request: Any, context: Context, method: str) -> None:
               _execution_id(request))  # fmt: skip
 
 
-def _audit(method: str, request: Any, outcome: str) -> None:
-    targets = " ".join(
-        f"{f}={getattr(request, f)}" for f in TARGET_FIELDS if getattr(request, f, "")
-    )
+def _targets(message: Any) -> list[str]:
+    return [f"{f}={getattr(message, f)}" for f in TARGET_FIELDS if getattr(message, f, "")]
+
+
+def _audit(method: str, request: Any, outcome: str, reply: Any = None) -> None:
+    found = _targets(request)
+    # a bulk action names its filter's lane, and the job the reply names
+    for part in (getattr(request, "filter", None), getattr(reply, "bulk_action", None)):
+        found += [x for x in _targets(part) if x not in found] if part is not None else []
+    if getattr(request, "dry_run", False):
+        found.append("dry_run=true")
+    targets = " ".join(found)
     audit.info("operator_action method=%s %s outcome=%s", method.rsplit("/", 1)[1], targets,
                outcome)  # fmt: skip
 
@@ -102,7 +113,7 @@ async def _audited(call: Awaitable[Any], method: str, request: Any) -> Any:
     except FlowFabricError as exc:
         _audit(method, request, exc.code)
         raise
-    _audit(method, request, "ok")
+    _audit(method, request, "ok", reply)
     return reply
 
 
@@ -187,7 +198,7 @@ class FlowFabricInterceptor(Interceptor):
         return _wrap(handler, method, self._deny(method, details.invocation_metadata))
 
     def _deny(self, method: str, metadata: tuple[Any, ...] | None) -> FlowFabricError | None:
-        if method.startswith(ADMIN_PREFIX) and self.admin_token:
+        if method.startswith(OPERATOR_PREFIXES) and self.admin_token:
             if _token_ok(metadata, self.admin_token):
                 return None
             return FlowFabricError(

@@ -64,6 +64,7 @@ from flowfabric.server.engine.claims import (
     claimed_from_row,
 )
 from flowfabric.server.engine.events import EventHub
+from flowfabric.server.engine.lanes import LaneControls
 from flowfabric.server.engine.ready import ReadyHints
 from flowfabric.server.engine.reclaim import Reclaimer
 from flowfabric.server.valkey.codec import hash_to_dict, text
@@ -127,6 +128,9 @@ class Scheduler:
         self.hints = hints if hints is not None else ReadyHints(None, partitions)
         self.hints.on_ready(self._wake_lane)
         self.admission = Admission(functions)
+        # paused and draining lanes hand out nothing (engine/lanes.py, docs/lanes.md)
+        self.lane_controls = LaneControls(store)
+        self.lane_controls.on_resume(self._wake_lane)
         self.reclaimer = Reclaimer(functions, store, partitions)
         self._lane_calls = 0
         self.closing = asyncio.Event()
@@ -155,7 +159,9 @@ class Scheduler:
         `max_reply_bytes` (docs/lifecycle.md#claim-reply-size)."""
         out: list[Claimed] = []
         budget = Budget(req.max_reply_bytes)
-        lanes = list(req.lanes)
+        lanes = await self.lane_controls.claimable(req.lanes)
+        if not lanes:
+            return out
         shift = next(self._lane_rotation) % len(lanes)
         with claim_pass():  # budget verdicts are read once per claim call
             for lane in lanes[shift:] + lanes[:shift]:
@@ -427,6 +433,11 @@ class Scheduler:
 
     async def grant(self, req: ClaimRequest, who: Claimer) -> tuple[ExecutionId, Granted] | None:
         """Two-step claim, step one: a grant for the first grantable head (ClaimForWorker)."""
+        if not await self.lane_controls.claimable([who.lane_id]):
+            return None
+        return await self._grant(req, who)
+
+    async def _grant(self, req: ClaimRequest, who: Claimer) -> tuple[ExecutionId, Granted] | None:
         parts = self.probe_order(who.lane_id, req.worker_instance_id)
         parts += [p for p, _ in self.hints.of_lane(who.lane_id) if p not in parts]
         pipe = self.store.pipeline()

@@ -55,7 +55,8 @@ def _table() -> dict[str, ErrorSpec]:
         C.NOT_FOUND,
         "terminal",
         "execution_not_found flow_not_found budget_not_found quota_policy_not_found "
-        "attempt_not_found result_not_found edge_not_found schedule_not_found",
+        "attempt_not_found result_not_found edge_not_found schedule_not_found "
+        "bulk_action_not_found",
     )
     put(C.NOT_FOUND, "retryable", "waitpoint_not_found")
     put(C.NOT_FOUND, "informational", "stream_not_found")

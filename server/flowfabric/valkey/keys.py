@@ -15,6 +15,11 @@ from flowfabric.server.valkey.ids import ExecutionId
 PARTITION_CONFIG = "ff:config:partitions"
 WORKERS_INDEX = "ff:idx:workers"
 DURABILITY_TICK = "ff:durability:tick"
+# lane control states (docs/lanes.md#lane-control): lane -> JSON {state, reason, at}
+LANE_CONTROL = "ff:config:lane_control"
+# bulk jobs (docs/lanes.md#bulk-actions): every job id by creation time, and the running ones
+BULK_INDEX = "ff:idx:bulk"
+BULK_RUNNING = "ff:idx:bulk:running"
 
 
 def durability_tick(first_key: str) -> str:
@@ -309,6 +314,26 @@ class FlowKeys:
 
     def incoming(self, eid: str) -> str:
         return self._k(f"in:{eid}")
+
+
+@dataclass(frozen=True)
+class BulkKeys:
+    """The keys of one bulk job (docs/lanes.md#bulk-actions): global (no hash tag), not
+    execution state; each is read and written alone."""
+
+    bulk_id: str
+
+    @property
+    def job(self) -> str:
+        return f"ff:bulk:{self.bulk_id}"
+
+    @property
+    def lease(self) -> str:
+        return f"ff:bulk:{self.bulk_id}:lease"
+
+    @staticmethod
+    def request(request_id: str) -> str:
+        return f"ff:bulk:request:{request_id}"
 
 
 @dataclass(frozen=True)
