@@ -10,6 +10,7 @@ modules; `tests/sdk/test_exports.py` pins the list.
 """
 
 from flowfabric._client import Client, ExecutionState, Page, Submitted
+from flowfabric._client_lanes import BulkAction, Lane
 from flowfabric._client_schedules import Schedule
 from flowfabric._errors import (
     Aborted,
@@ -80,6 +81,7 @@ __all__ = [
     "BudgetCreated",
     "BudgetExceeded",
     "BudgetStatus",
+    "BulkAction",
     "Cancelled",
     "Client",
     "DeadlineExceeded",
@@ -99,6 +101,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidFlow",
     "InvalidWaitpointToken",
+    "Lane",
     "NonRetryableError",
     "NotFound",
     "Page",

@@ -22,6 +22,7 @@ from flowfabric._client_admin import AdminMixin
 from flowfabric._client_budgets import BudgetsMixin
 from flowfabric._client_executions import ExecutionsMixin
 from flowfabric._client_flows import FlowsMixin
+from flowfabric._client_lanes import LanesMixin
 from flowfabric._client_schedules import SchedulesMixin
 from flowfabric._client_signals import SignalsMixin
 from flowfabric._client_streams import StreamsMixin
@@ -51,7 +52,7 @@ __all__ = [
 
 class Client(
     ExecutionsMixin, FlowsMixin, StreamsMixin, SignalsMixin, BudgetsMixin, SchedulesMixin,
-    AdminMixin,
+    AdminMixin, LanesMixin,
 ):  # fmt: skip
     """Async FlowFabric client over one gRPC channel.
 

@@ -213,6 +213,17 @@ class SyncClient:
     resume_schedule = blocking(Client.resume_schedule)
     delete_schedule = blocking(Client.delete_schedule)
     trigger_schedule = blocking(Client.trigger_schedule)
+    # LaneService
+    pause_lane = blocking(Client.pause_lane)
+    resume_lane = blocking(Client.resume_lane)
+    drain_lane = blocking(Client.drain_lane)
+    lane = blocking(Client.lane)
+    lanes = blocking(Client.lanes)
+    bulk_cancel = blocking(Client.bulk_cancel)
+    bulk_replay = blocking(Client.bulk_replay)
+    bulk_action = blocking(Client.bulk_action)
+    bulk_actions = blocking_iter(Client.bulk_actions)
+    cancel_bulk_action = blocking(Client.cancel_bulk_action)
     # AdminService
     rotate_waitpoint_secret = blocking(Client.rotate_waitpoint_secret)
     waitpoint_kids = blocking(Client.waitpoint_kids)

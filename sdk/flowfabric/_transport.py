@@ -24,6 +24,7 @@ from flowfabric.v1 import (
     budget_pb2_grpc,
     execution_pb2_grpc,
     flow_pb2_grpc,
+    lane_pb2_grpc,
     schedule_pb2_grpc,
     signal_pb2_grpc,
     stream_pb2_grpc,
@@ -139,6 +140,7 @@ class Transport:
         self.flows = flow_pb2_grpc.FlowServiceStub(self.channel)
         self.budgets = budget_pb2_grpc.BudgetServiceStub(self.channel)
         self.schedules = schedule_pb2_grpc.ScheduleServiceStub(self.channel)
+        self.lanes = lane_pb2_grpc.LaneServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close(None)

@@ -941,6 +941,12 @@ from flowfabric.cli_schedules import schedules as _schedule_commands  # noqa: E4
 
 main.add_command(_schedule_commands)
 
+from flowfabric.cli_lanes import bulk as _bulk_commands  # noqa: E402
+from flowfabric.cli_lanes import lanes as _lane_commands  # noqa: E402
+
+main.add_command(_lane_commands)
+main.add_command(_bulk_commands)
+
 from flowfabric.cli_submit import submit_many as _submit_many_command  # noqa: E402
 from flowfabric.cli_worker import worker as _worker_command  # noqa: E402
 
