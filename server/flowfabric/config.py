@@ -145,6 +145,9 @@ class Config:
     durability_timeout_ms: int = 1000
     scanner_intervals_ms: Mapping[str, int] = field(default_factory=dict)
     tenant_weights: Mapping[str, int] = field(default_factory=dict)  # namespace -> weight
+    # OpenTelemetry server spans (docs/observability.md#traces): FF_OTEL, else on when an
+    # OTLP endpoint is configured
+    otel: bool = False
 
     def __repr__(self) -> str:
         """Every field, with the secrets (HMAC secret, API tokens) redacted."""
@@ -229,6 +232,8 @@ class Config:
                 if intervals[var] < 100:
                     raise ConfigError(f"{var} must be at least 100 ms")
         kw["scanner_intervals_ms"] = intervals
+        if "FF_OTEL" not in values:
+            kw["otel"] = any(v in values for v in OTLP_ENDPOINT_VARS)
         config = cls(**kw)
         problem = config.hmac_secret_problem() or config.durability_problem()
         if problem:
@@ -371,7 +376,10 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "FF_DURABILITY_REPLICAS": ("durability_replicas", _replicas),
     "FF_DURABILITY_TIMEOUT_MS": ("durability_timeout_ms", _durability_timeout),
     "FF_TENANT_WEIGHTS": ("tenant_weights", _weights),
+    "FF_OTEL": ("otel", _bool),
 }
+# The standard variables whose presence turns tracing on when FF_OTEL is unset.
+OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
 def flag_parser() -> argparse.ArgumentParser:
@@ -405,6 +413,7 @@ def flag_parser() -> argparse.ArgumentParser:
         "durability_replicas",
         "durability_timeout_ms",
         "tenant_weights",
+        "otel",
     ]
     names += [var[3:].lower() for var in SCANNER_INTERVALS]
     for name in names:
