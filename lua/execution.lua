@@ -7,7 +7,7 @@
 --   KEYS (10): 1 core, 2 payload, 3 policy, 4 tags, 5 lane eligible, 6 lane delayed,
 --     7 idempotency key (ff:idem:{p}:<ns>:<key>) or the ff:noop:{p} placeholder,
 --     8 execution_deadline index, 9 all_executions, 10 lanes registry (ff:idx:{p}:lanes).
---   ARGV (17): 1 execution_id, 2 namespace, 3 lane_id, 4 execution_kind, 5 priority,
+--   ARGV (18): 1 execution_id, 2 namespace, 3 lane_id, 4 execution_kind, 5 priority,
 --     6 creator_identity, 7 policy_json ("" or "{}" = none), 8 input_payload (raw bytes),
 --     9 delay_until ("" = none), 10 dedup_ttl_ms ("" = policy.dedup_window_ms or 24 h),
 --     11 tags_json, 12 execution_deadline_at ("" = policy.timeout_policy.execution_deadline_ms
@@ -15,13 +15,17 @@
 --     16 blocked_by_dependencies ("1" = start blocked_by_dependencies / waiting_for_children in
 --     lane blocked:dependencies, for a flow member whose edges come later,
 --     docs/flows.md#building-a-flow; "" = no), 17 concurrency_key ("" = none; needs a
---     quota_policy_id: docs/budgets.md#per-key-limits).
+--     quota_policy_id: docs/budgets.md#per-key-limits), 18 trace_context ("" = none; the
+--     submitter's W3C context as `parent|link <traceparent>[ <tracestate>]`, checked at the API
+--     edge, stored verbatim in core trace_context and handed back by the claims:
+--     docs/observability.md#traces).
 --   Now: TIME.
 --   Replies: {1,"OK",execution_id,public_state} | {1,"DUPLICATE",existing_execution_id}
 --   Errors (nothing written on any): invalid_input (numeric ARGV and their bounds, delay_until or
 --     execution_deadline_at more than Bounds.HORIZON_MS after now, tags_json, more than
 --     Bounds.TAGS tags, tag key/value sizes, a concurrency_key over Bounds.LABEL_BYTES, with
-    --     whitespace or control bytes, or without a quota_policy_id), invalid_policy_json (malformed, or the field that
+--     whitespace or control bytes, or without a quota_policy_id, a trace_context over
+--     Bounds.TRACE_STATE_BYTES + 64 bytes or not printable ASCII), invalid_policy_json (malformed, or the field that
 --     breaks the schema of include/policy.lua), invalid_capabilities (required:<why>),
 --     invalid_tag_key; invalid_input for delay_until with blocked_by_dependencies.
 --   Writes: core, payload, policy, tags, eligible|delayed|blocked:dependencies,
@@ -36,7 +40,7 @@ local CREATE_ARGV = {
 }
 
 -- One create on `tag`: `idem` is the idempotency key (ff:idem:{p}:<ns>:<key>) or any other key
--- (no deduplication), `argv` the 17 ARGV above. Validates everything before its first write.
+-- (no deduplication), `argv` the 18 ARGV above. Validates everything before its first write.
 -- Shared by ff_create_execution and ff_create_executions.
 local function create_one(tag, idem, argv)
   local a, e = Argv.parse(argv, CREATE_ARGV)
@@ -61,6 +65,10 @@ local function create_one(tag, idem, argv)
   if kerr then
     return kerr
   end
+  local trerr = Create.check_trace_context(argv[18])
+  if trerr then
+    return trerr
+  end
   local policy, caps_csv, perr = Create.parse_policy(argv[7])
   if policy == nil then
     return perr
@@ -81,7 +89,7 @@ local function create_one(tag, idem, argv)
     policy_json = argv[7], caps_csv = caps_csv, payload = argv[8], encoding = argv[14],
     tags = tags, delay_until = a.delay_until, deadline = a.execution_deadline_at,
     partition = a.partition_id, quota_policy_id = argv[15], concurrency_key = argv[17],
-    blocked = blocked}, now)
+    trace_context = argv[18], blocked = blocked}, now)
   if string.sub(idem, 1, 8) == 'ff:idem:' then
     local ttl = a.dedup_ttl_ms or Create.policy_number(policy, nil, 'dedup_window_ms')
       or Create.DEFAULT_DEDUP_WINDOW_MS
@@ -102,23 +110,23 @@ redis.register_function('ff_create_execution', create_execution)
 --   Several creates on one partition in one call (docs/lifecycle.md#batch-create).
 --   KEYS (3): 1 all_executions, 2 execution_deadline index, 3 lanes registry (ff:idx:{p}:lanes);
 --     every per-execution, lane and idempotency key is built from KEYS[1]'s tag.
---   ARGV (1+18n): 1 partition_id, then one group of 18 per item: the 17 ARGV of ff_create_execution
+--   ARGV (1+19n): 1 partition_id, then one group of 19 per item: the 18 ARGV of ff_create_execution
 --     followed by the item's idempotency key ("" = none).
 --   Now: TIME.
 --   Replies: {1,"OK",r1,r2,...}: one reply per item, in order, each exactly what
 --     ff_create_execution answers for it ({1,"OK",id,public_state} | {1,"DUPLICATE",id} |
 --     {0,code,detail...}). Items run in order, so an item sees the idempotency keys of the
 --     ones before it; an item's error writes nothing and leaves the others alone.
---   Errors (nothing written): invalid_input (ARGV not 1 + 18 per item, no items, more than
+--   Errors (nothing written): invalid_input (ARGV not 1 + 19 per item, no items, more than
 --     Bounds.BATCH_ITEMS, partition_id not an integer). An item whose partition_id is not the
 --     batch's fails alone with invalid_input.
 --   Writes: per created item, what ff_create_execution writes.
-local CREATE_ITEM_ARGC = 18
+local CREATE_ITEM_ARGC = 19
 
 local function create_executions(keys, argv)
   local n = (#argv - 1) / CREATE_ITEM_ARGC
   if #argv < 1 + CREATE_ITEM_ARGC or n ~= math.floor(n) then
-    return Reply.err('invalid_input', 'ARGV must be partition_id then 18 values per item')
+    return Reply.err('invalid_input', 'ARGV must be partition_id then 19 values per item')
   end
   if n > Bounds.BATCH_ITEMS then
     return Reply.err('invalid_input', 'at most ' .. Bounds.BATCH_ITEMS .. ' items per call')

@@ -813,6 +813,8 @@ local function submit_members(tag, list, argv)
     elseif Create.check_concurrency_key(m.concurrency_key, m.quota, 'member ' .. m.key .. ': ') then
       return nil, nil, Create.check_concurrency_key(m.concurrency_key, m.quota,
         'member ' .. m.key .. ': ')
+    elseif Create.check_trace_context(m.trace_context, 'member ' .. m.key .. ': ') then
+      return nil, nil, Create.check_trace_context(m.trace_context, 'member ' .. m.key .. ': ')
     elseif argv[7 + i] == nil then
       return nil, nil, Reply.err('invalid_input', 'member ' .. m.key .. ': no input payload')
     end
@@ -930,7 +932,9 @@ end
 --   ARGV (7+n): 1 flow_id, 2 flow_kind (non-empty), 3 namespace (non-empty), 4 partition_id,
 --     5 members_json: [{key, id (execution id on the flow's tag), lane, kind, priority,
 --     creator, policy (policy JSON text, "" = none), encoding, tags {k: v}, join (all | any |
---     quorum), quorum (k), expected_edges (0 or its inbound edge count)}] (1..1000),
+--     quorum), quorum (k), expected_edges (0 or its inbound edge count), trace_context
+--     ("" = none; stored as ff_create_execution's ARGV 18: docs/observability.md#traces)}]
+--     (1..1000),
 --     6 edges_json: [{id, up, down (member keys), kind (success | completion), ref
 --     (data_passing_ref)}] (0..5000), 7 failure_policy ("" = skip_dependents; fail_fast,
 --     continue), 8.. one input payload per member, in member order.
@@ -1014,8 +1018,8 @@ local function submit_flow(keys, argv)
       policy_json = m.policy or '', caps_csv = m.caps, payload = m.payload,
       encoding = m.encoding or '', tags = m.tag_table, delay_until = false, deadline = false,
       partition = a.partition_id, quota_policy_id = m.quota or '',
-      concurrency_key = m.concurrency_key or '', flow_id = fid,
-      blocked = m.indegree > 0, quiet = true}, now)
+      concurrency_key = m.concurrency_key or '', trace_context = m.trace_context or '',
+      flow_id = fid, blocked = m.indegree > 0, quiet = true}, now)
     if m.indegree == 0 and not ready[m.lane] then
       ready[m.lane] = true
       State.ready(tag, m.lane)

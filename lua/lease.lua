@@ -309,8 +309,8 @@ redis.register_function('ff_issue_reclaim_grant', issue_reclaim_grant)
 --     payload and tags (built from the tag).
 --   Now: TIME.
 --   Replies: {1,"OK",lease_id,lease_epoch,lease_expires_at,attempt_id,attempt_index,"reclaim",
---     payload,payload_encoding,execution_kind,namespace,priority,flow_id,tags (flat name/value)}
---     (after the lease, what the worker needs, as in an ff_claim_batch `claimed` row)
+--     payload,payload_encoding,execution_kind,namespace,priority,flow_id,tags (flat name/value),
+--     trace_context} (after the lease, what the worker needs, as in an ff_claim_batch `claimed` row)
 --     | {1,"OK","max_reclaims_exceeded"} (execution is now terminal failed).
 --   Errors (in order): invalid_input, execution_not_found, execution_not_reclaimable; then the
 --     reclaim limit (reply above); invalid_claim_grant (missing or another worker's),
@@ -368,7 +368,7 @@ local function reclaim_execution(keys, argv)
   return Reply.ok(a.lease_id, Util.num(a.epoch), Util.num(a.expires), a.attempt_id, Util.num(a.idx),
     'reclaim', redis.call('GET', Keys.exec(x.tag, x.eid, 'payload')) or '',
     c.payload_encoding or '', c.execution_kind or '', c.namespace or '', c.priority or '0',
-    c.flow_id or '', redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags')))
+    c.flow_id or '', redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags')), c.trace_context or '')
 end
 
 redis.register_function('ff_reclaim_execution', reclaim_execution)

@@ -352,7 +352,7 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --     7 renew_before_ms (>= 0), 8 max_tasks (> 0), 9 max_scanned (>= max_tasks: due leases and
 --     heads examined at most, each), 10 max_reply_bytes (0 = no cap; else the most the rows
 --     may cost, a row costing Claim.ROW_BYTES + the bytes of its payload, tags, kind,
---     namespace, flow id and encoding), 11 tenant_weights (a JSON object namespace -> weight,
+--     namespace, flow id, encoding and trace context), 11 tenant_weights (a JSON object namespace -> weight,
 --     an integer 1..Bounds.TENANT_WEIGHT; "" = every namespace 1), then max_tasks pairs
 --     lease_id, attempt_id (the i-th lease takes the i-th pair).
 --   Now: TIME, once.
@@ -361,7 +361,8 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --       lease_id, lease_epoch, lease_expires_at, attempt_id, attempt_index, attempt_type
 --       (initial | retry | replay | reclaim; a resumed claim gives its attempt's stored type),
 --       resumed ("1" | "0"), payload, payload_encoding, execution_kind, namespace, priority,
---       flow_id, tags (flat name/value)}.
+--       flow_id, tags (flat name/value), trace_context (core trace_context, "" = none:
+--       docs/observability.md#traces)}.
 --     mismatched: eligible ids that failed the capability check (only core
 --       last_capability_mismatch_at written, as by the grant; the caller blocks them for
 --       route).
@@ -447,7 +448,7 @@ local function claimed_row(x, a, attempt_type, resumed)
     attempt_type, resumed and '1' or '0',
     redis.call('GET', Keys.exec(x.tag, x.eid, 'payload')) or '', c.payload_encoding or '',
     c.execution_kind or '', c.namespace or '', c.priority or '0', c.flow_id or '',
-    redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags'))}
+    redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags')), c.trace_context or ''}
 end
 
 -- Fixed cost of one claimed row on top of its variable fields: ids, numbers and the framing
@@ -459,7 +460,7 @@ local function row_cost(x)
   local c = x.core
   local n = ROW_BYTES + redis.call('STRLEN', Keys.exec(x.tag, x.eid, 'payload'))
     + #(c.payload_encoding or '') + #(c.execution_kind or '') + #(c.namespace or '')
-    + #(c.flow_id or '')
+    + #(c.flow_id or '') + #(c.trace_context or '')
   for _, v in ipairs(redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags'))) do
     n = n + #v
   end

@@ -121,6 +121,21 @@ function Create.check_concurrency_key(key, quota_policy_id, who)
   return why and Reply.err('invalid_input', (who or '') .. why) or nil
 end
 
+-- A stored trace context (docs/observability.md#traces): `parent|link <traceparent>[ <tracestate>]`,
+-- checked in full at the API edge; here only its size and bytes, so a direct FCALL caller cannot
+-- store a huge or binary one. nil when valid (or unset), else the invalid_input reply.
+function Create.check_trace_context(v, who)
+  if v == nil or v == '' then
+    return nil
+  end
+  if type(v) ~= 'string' or #v > Bounds.TRACE_STATE_BYTES + 64
+      or string.find(v, '[%z\1-\31\127-\255]') then
+    return Reply.err('invalid_input', (who or '') .. 'trace_context must be at most '
+      .. string.format('%.0f', Bounds.TRACE_STATE_BYTES + 64) .. ' printable ASCII bytes')
+  end
+  return nil
+end
+
 function Create.policy_number(policy, section, field)
   if not policy then
     return false
@@ -144,7 +159,7 @@ end
 -- execution_deadline entry, all_executions and the lanes registry. `m` = {eid, namespace,
 -- lane, kind, priority, creator, policy (table or false), policy_json, caps_csv, payload,
 -- encoding, tags (table), delay_until, deadline (numbers or false), partition,
--- quota_policy_id, concurrency_key, flow_id, blocked (start blocked_by_dependencies), quiet (the caller says
+-- quota_policy_id, concurrency_key, trace_context, flow_id, blocked (start blocked_by_dependencies), quiet (the caller says
 -- where work is ready: State.ready)}. Returns public_state.
 function Create.write(tag, m, now)
   local eid = m.eid
@@ -176,6 +191,7 @@ function Create.write(tag, m, now)
   extra.budget_ids = budget_ids
   extra.quota_policy_id = m.quota_policy_id or ''
   extra.concurrency_key = m.concurrency_key or ''
+  extra.trace_context = m.trace_context or ''
   extra.execution_deadline_at = deadline and Util.num(deadline) or ''
   extra.flow_id = m.flow_id or ''
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from typing import Any
 
+from flowfabric import _tracing
 from flowfabric._errors import DeadlineExceeded, FlowFabricError, ResultNotReady, from_item_error
 from flowfabric._models import (
     INDEXES,
@@ -157,9 +158,11 @@ class ExecutionsMixin(Connected):
             budgets=budgets, quota=quota, concurrency_key=concurrency_key,
         )  # fmt: skip
         safe = bool(idempotency_key or execution_id)
-        reply = await self._transport.unary(
-            self._transport.executions.CreateExecution, request, retry=safe
-        )
+        with _tracing.producing(f"submit {kind}", execution_kind=kind, lane_id=lane) as context:
+            request.trace_context.update(context)  # docs/observability.md#traces
+            reply = await self._transport.unary(
+                self._transport.executions.CreateExecution, request, retry=safe
+            )
         if reply.WhichOneof("outcome") == "duplicate":
             eid = reply.duplicate.execution_id
             return Submitted(eid, True, await self.state(eid))
@@ -182,6 +185,16 @@ class ExecutionsMixin(Connected):
         """
         requests = [create_request(**job) for job in jobs]
         out: list[Submitted | FlowFabricError] = []
+        with _tracing.producing("submit_many", jobs=len(requests)) as context:
+            for r in requests:
+                r.trace_context.update(context)
+            await self._submit_chunks(requests, out)
+        return out
+
+    async def _submit_chunks(
+        self, requests: list[execution_pb2.CreateExecutionRequest],
+        out: list[Submitted | FlowFabricError],
+    ) -> None:  # fmt: skip
         for chunk in chunks(requests):
             safe = all(r.idempotency_key or r.execution_id for r in chunk)
             reply = await self._transport.unary(
@@ -190,7 +203,6 @@ class ExecutionsMixin(Connected):
                 retry=safe,
             )
             out += await asyncio.gather(*(self._answer(r) for r in reply.results))
-        return out
 
     async def _answer(
         self, r: execution_pb2.CreateExecutionsResponse.Result

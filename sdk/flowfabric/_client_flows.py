@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import grpc
 
+from flowfabric import _tracing
 from flowfabric._errors import DeadlineExceeded, FlowFabricError
 from flowfabric._flows import FlowBuilder
 from flowfabric._models import (
@@ -77,7 +78,12 @@ class FlowsMixin(Connected):
             request = flow_pb2.SubmitFlowRequest()
             request.CopyFrom(flow)
             request.flow_id = request.flow_id or str(uuid.uuid4())
-        reply = await self._transport.unary(self._transport.flows.SubmitFlow, request)
+        with _tracing.producing(
+            f"submit flow {request.flow_kind}", flow_id=request.flow_id,
+            members=len(request.members),
+        ) as context:  # fmt: skip
+            request.trace_context.update(context)  # docs/observability.md#traces
+            reply = await self._transport.unary(self._transport.flows.SubmitFlow, request)
         duplicate = reply.WhichOneof("outcome") == "already_submitted"
         body = reply.already_submitted if duplicate else reply.submitted
         states = {m.key: ExecutionState(m.public_state) for m in body.members}

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from flowfabric import _tracing
 from flowfabric._errors import from_rpc_error
 from flowfabric._retry import RETRY_CODES, Backoff, with_retries
 from flowfabric.v1 import (
@@ -160,7 +161,7 @@ class Transport:
         timeout = deadline if deadline is not None else self.default_timeout
 
         def attempt() -> Awaitable[T]:
-            return method(request, timeout=timeout, metadata=self.metadata)
+            return method(request, timeout=timeout, metadata=self.metadata + _tracing.metadata())
 
         return await with_retries(attempt, backoff or self.backoff, retry=retry)
 
@@ -178,7 +179,8 @@ class Transport:
         retries = 0
         while True:
             remaining = None if end is None else max(end - time.monotonic(), 0.001)
-            call = method(request(), timeout=remaining, metadata=self.metadata)
+            metadata = self.metadata + _tracing.metadata()
+            call = method(request(), timeout=remaining, metadata=metadata)
             try:
                 async for message in call:
                     retries = 0

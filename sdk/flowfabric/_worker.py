@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from flowfabric import _tracing
 from flowfabric._batching import MAX_ITEMS as MAX_COMPLETION_ITEMS
 from flowfabric._batching import CompletionBatcher
 from flowfabric._client import Client, encode_payload
@@ -735,10 +736,12 @@ class Worker:
                 return
             if run.task.resumed and not await self._load_resume_signals(run):
                 return
-            handler: asyncio.Task[HandlerResult] = asyncio.create_task(fn(TaskContext(run)))
-            run.handler = handler
-            await asyncio.wait({handler})
-            await self._finish(run, handler)
+            with _tracing.handling(run.task) as span:  # docs/observability.md#traces
+                handler: asyncio.Task[HandlerResult] = asyncio.create_task(fn(TaskContext(run)))
+                run.handler = handler
+                await asyncio.wait({handler})
+                _tracing.outcome(span, handler, run.suspended)
+                await self._finish(run, handler)
         except Exception:
             log.exception("worker error on %s", run.execution_id)
         finally:

@@ -13,6 +13,7 @@ with a persisting shutdown (SIGTERM), then release the data dir lock.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -152,6 +153,11 @@ class FlowFabricServer:
         problem = cfg.durability_problem()
         if problem:
             raise BootError(problem)
+        if cfg.otel and importlib.util.find_spec("opentelemetry.sdk") is None:
+            raise BootError(
+                "tracing is on (FF_OTEL or OTEL_EXPORTER_OTLP_ENDPOINT) but OpenTelemetry is not "
+                "installed: install the `otel` extra (flowfabric[otel]), or set FF_OTEL=0"
+            )
         self._secret = secret
         if cfg.embedded:
             data_dir = cfg.data_dir.resolve()
@@ -341,8 +347,16 @@ class FlowFabricServer:
     def _build_server(
         self, ctx: ServerContext, valkey_version: str, registry: WorkerRegistry
     ) -> grpc.aio.Server:
+        trace = None
+        if self.config.otel:  # docs/observability.md#traces; imports OpenTelemetry only then
+            from flowfabric.server.api import tracing
+
+            tracing.configure()
+            trace = tracing.wrap
         server = grpc.aio.server(
-            interceptors=[FlowFabricInterceptor(self.config.api_token, self.config.admin_token)],
+            interceptors=[
+                FlowFabricInterceptor(self.config.api_token, self.config.admin_token, trace)
+            ],
             options=[
                 ("grpc.max_receive_message_length", limits.GRPC_MAX_RECEIVE),
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -541,6 +555,10 @@ class FlowFabricServer:
             await self.stream_store.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
+        if self.config.otel:
+            from flowfabric.server.api import tracing
+
+            await asyncio.to_thread(tracing.shutdown)  # flush the spans still batched
         if self._lock_fd is not None:
             unlock_data_dir(self._lock_fd)
             self._lock_fd = None

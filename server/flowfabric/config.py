@@ -149,6 +149,9 @@ class Config:
     bulk_page_size: int = 100
     bulk_lease_ms: int = 5000
     bulk_page_pause_ms: int = 0
+    # OpenTelemetry server spans (docs/observability.md#traces): FF_OTEL, else on when an
+    # OTLP endpoint is configured
+    otel: bool = False
 
     def __repr__(self) -> str:
         """Every field, with the secrets (HMAC secret, API tokens) redacted."""
@@ -233,6 +236,8 @@ class Config:
                 if intervals[var] < 100:
                     raise ConfigError(f"{var} must be at least 100 ms")
         kw["scanner_intervals_ms"] = intervals
+        if "FF_OTEL" not in values:
+            kw["otel"] = any(v in values for v in OTLP_ENDPOINT_VARS)
         config = cls(**kw)
         problem = config.hmac_secret_problem() or config.durability_problem()
         if problem:
@@ -378,7 +383,10 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "FF_BULK_PAGE_SIZE": ("bulk_page_size", lambda n, r: _int(n, r, 1)),
     "FF_BULK_LEASE_MS": ("bulk_lease_ms", lambda n, r: _int(n, r, 500)),
     "FF_BULK_PAGE_PAUSE_MS": ("bulk_page_pause_ms", lambda n, r: _int(n, r, 0)),
+    "FF_OTEL": ("otel", _bool),
 }
+# The standard variables whose presence turns tracing on when FF_OTEL is unset.
+OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
 def flag_parser() -> argparse.ArgumentParser:
@@ -415,6 +423,7 @@ def flag_parser() -> argparse.ArgumentParser:
         "bulk_page_size",
         "bulk_lease_ms",
         "bulk_page_pause_ms",
+        "otel",
     ]
     names += [var[3:].lower() for var in SCANNER_INTERVALS]
     for name in names:

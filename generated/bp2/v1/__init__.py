@@ -2746,6 +2746,23 @@ class ClaimedTask(betterproto2.Message):
     Set for flow members.
     """
 
+    trace_context: "dict[str, str]" = betterproto2.field(
+        11,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+    )
+    """
+    The submitter's W3C trace context (`traceparent`, and `tracestate` when
+    it had one), as given at create; empty = none
+    (docs/observability.md#traces).
+    """
+
+    trace_link: "bool" = betterproto2.field(12, betterproto2.TYPE_BOOL)
+    """
+    True: start the handler's span in a new trace with a link to
+    `trace_context`, not as its child (a SubmitFlow member past the first 8).
+    """
+
 
 default_message_pool.register_message("flowfabric.v1", "ClaimedTask", ClaimedTask)
 
@@ -3036,8 +3053,8 @@ class ClaimNextRequest(betterproto2.Message):
     max_reply_bytes: "int" = betterproto2.field(9, betterproto2.TYPE_UINT64)
     """
     The caller's receive limit in bytes. The server leases no more than fits in one reply
-    below it: each task counts its payload, tags, kind, namespace, flow id and encoding plus
-    512 bytes, and the tasks together stay under this limit less 65536 bytes of framing. A
+    below it: each task counts its payload, tags, kind, namespace, flow id, encoding and
+    trace context plus 512 bytes, and the tasks together stay under this limit less 65536 bytes of framing. A
     task that would not fit stays queued for the next call. 0 = 4194304 (gRPC's default
     receive limit); otherwise 2097152..268435456, which always fits one task at the
     documented maxima.
@@ -3599,6 +3616,22 @@ class CreateExecutionRequest(betterproto2.Message):
     Create as a member of this flow (minted on the flow's partition; a
     supplied execution id must be on it: INVALID_ARGUMENT
     `partition_mismatch`).
+    """
+
+    trace_context: "dict[str, str]" = betterproto2.field(
+        21,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+    )
+    """
+    The submitter's W3C trace context (docs/observability.md#traces): key
+    `traceparent` (version 00: `00-<32 hex>-<16 hex>-<2 hex>`, ids not all
+    zero) and optionally `tracestate` (at most 512 printable ASCII bytes, at
+    most 32 comma-separated `key=value` members). Stored on the execution
+    and handed to the worker that claims it (ClaimedTask.trace_context), so
+    its handler span joins the submitter's trace. Empty = none. Any other
+    key, or a malformed value, is INVALID_ARGUMENT `invalid_input` naming
+    the field; nothing is written.
     """
 
 
@@ -8382,6 +8415,18 @@ class SubmitFlowRequest(betterproto2.Message):
     failure_policy: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
     """
     As in CreateFlow: `skip_dependents` (default), `fail_fast`, `continue`.
+    """
+
+    trace_context: "dict[str, str]" = betterproto2.field(
+        7,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+    )
+    """
+    The submitter's W3C trace context, checked as CreateExecution's
+    `trace_context`. The first 8 members (in request order) are handed it as
+    their parent; every later member as a link (ClaimedTask.trace_link), so a
+    wide flow is not one giant trace (docs/observability.md#traces).
     """
 
 

@@ -70,6 +70,26 @@ class CreateExecutionRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     EXECUTION_ID_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
     LANE_ID_FIELD_NUMBER: _builtins.int
@@ -90,6 +110,7 @@ class CreateExecutionRequest(_message.Message):
     QUOTA_POLICY_ID_FIELD_NUMBER: _builtins.int
     CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     FLOW_ID_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     """Optional: empty = the server mints `{fp:N}:<uuid>` on the lane's
     partition (or the flow's, with `flow_id`). Supply it to make retries
@@ -159,6 +180,18 @@ class CreateExecutionRequest(_message.Message):
 
     @_builtins.property
     def policy(self) -> _types_pb2.ExecutionPolicy: ...
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The submitter's W3C trace context (docs/observability.md#traces): key
+        `traceparent` (version 00: `00-<32 hex>-<16 hex>-<2 hex>`, ids not all
+        zero) and optionally `tracestate` (at most 512 printable ASCII bytes, at
+        most 32 comma-separated `key=value` members). Stored on the execution
+        and handed to the worker that claims it (ClaimedTask.trace_context), so
+        its handler span joins the submitter's trace. Empty = none. Any other
+        key, or a malformed value, is INVALID_ARGUMENT `invalid_input` naming
+        the field; nothing is written.
+        """
+
     def __init__(
         self,
         *,
@@ -182,10 +215,11 @@ class CreateExecutionRequest(_message.Message):
         quota_policy_id: _builtins.str | None = ...,
         concurrency_key: _builtins.str = ...,
         flow_id: _builtins.str | None = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until", "_execution_deadline_at", b"_execution_deadline_at", "_flow_id", b"_flow_id", "_idempotency_key", b"_idempotency_key", "_partition_id", b"_partition_id", "_payload_encoding", b"_payload_encoding", "_quota_policy_id", b"_quota_policy_id", "delay_until", b"delay_until", "execution_deadline_at", b"execution_deadline_at", "flow_id", b"flow_id", "idempotency_key", b"idempotency_key", "partition_id", b"partition_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "quota_policy_id", b"quota_policy_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until", "_execution_deadline_at", b"_execution_deadline_at", "_flow_id", b"_flow_id", "_idempotency_key", b"_idempotency_key", "_partition_id", b"_partition_id", "_payload_encoding", b"_payload_encoding", "_quota_policy_id", b"_quota_policy_id", "blocked_by_dependencies", b"blocked_by_dependencies", "concurrency_key", b"concurrency_key", "creator_identity", b"creator_identity", "delay_until", b"delay_until", "execution_deadline_at", b"execution_deadline_at", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "idempotency_key", b"idempotency_key", "input_payload", b"input_payload", "lane_id", b"lane_id", "namespace", b"namespace", "now", b"now", "partition_id", b"partition_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "priority", b"priority", "quota_policy_id", b"quota_policy_id", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until", "_execution_deadline_at", b"_execution_deadline_at", "_flow_id", b"_flow_id", "_idempotency_key", b"_idempotency_key", "_partition_id", b"_partition_id", "_payload_encoding", b"_payload_encoding", "_quota_policy_id", b"_quota_policy_id", "blocked_by_dependencies", b"blocked_by_dependencies", "concurrency_key", b"concurrency_key", "creator_identity", b"creator_identity", "delay_until", b"delay_until", "execution_deadline_at", b"execution_deadline_at", "execution_id", b"execution_id", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "idempotency_key", b"idempotency_key", "input_payload", b"input_payload", "lane_id", b"lane_id", "namespace", b"namespace", "now", b"now", "partition_id", b"partition_id", "payload_encoding", b"payload_encoding", "policy", b"policy", "policy_json", b"policy_json", "policy_spec", b"policy_spec", "priority", b"priority", "quota_policy_id", b"quota_policy_id", "tags", b"tags", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__delay_until: _TypeAlias = _typing.Literal["delay_until"]  # noqa: Y015
     _WhichOneofArgType__delay_until: _TypeAlias = _typing.Literal["_delay_until", b"_delay_until"]  # noqa: Y015

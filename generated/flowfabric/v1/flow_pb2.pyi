@@ -997,12 +997,33 @@ class SubmitFlowRequest(_message.Message):
         _WhichOneofArgType__data_passing_ref: _TypeAlias = _typing.Literal["_data_passing_ref", b"_data_passing_ref"]  # noqa: Y015
         def WhichOneof(self, oneof_group: _WhichOneofArgType__data_passing_ref) -> _WhichOneofReturnType__data_passing_ref | None: ...
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     FLOW_ID_FIELD_NUMBER: _builtins.int
     FLOW_KIND_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
     EDGES_FIELD_NUMBER: _builtins.int
     FAILURE_POLICY_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     flow_id: _builtins.str
     """Optional: empty = the server mints a UUID. Supply it to make retries
     idempotent.
@@ -1023,6 +1044,14 @@ class SubmitFlowRequest(_message.Message):
         pair at most once.
         """
 
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The submitter's W3C trace context, checked as CreateExecution's
+        `trace_context`. The first 8 members (in request order) are handed it as
+        their parent; every later member as a link (ClaimedTask.trace_link), so a
+        wide flow is not one giant trace (docs/observability.md#traces).
+        """
+
     def __init__(
         self,
         *,
@@ -1032,10 +1061,11 @@ class SubmitFlowRequest(_message.Message):
         members: _abc.Iterable[Global___SubmitFlowRequest.Member] | None = ...,
         edges: _abc.Iterable[Global___SubmitFlowRequest.Edge] | None = ...,
         failure_policy: _builtins.str = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edges", b"edges", "failure_policy", b"failure_policy", "flow_id", b"flow_id", "flow_kind", b"flow_kind", "members", b"members", "namespace", b"namespace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edges", b"edges", "failure_policy", b"failure_policy", "flow_id", b"flow_id", "flow_kind", b"flow_kind", "members", b"members", "namespace", b"namespace", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

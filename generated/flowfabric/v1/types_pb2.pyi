@@ -509,6 +509,26 @@ class ClaimedTask(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     LEASE_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     PAYLOAD_ENCODING_FIELD_NUMBER: _builtins.int
@@ -519,6 +539,8 @@ class ClaimedTask(_message.Message):
     RESUMED_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     FLOW_ID_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    TRACE_LINK_FIELD_NUMBER: _builtins.int
     payload: _builtins.bytes
     """Input payload, verbatim."""
     payload_encoding: _builtins.str
@@ -534,11 +556,22 @@ class ClaimedTask(_message.Message):
     priority: _builtins.int
     flow_id: _builtins.str
     """Set for flow members."""
+    trace_link: _builtins.bool
+    """True: start the handler's span in a new trace with a link to
+    `trace_context`, not as its child (a SubmitFlow member past the first 8).
+    """
     @_builtins.property
     def lease(self) -> Global___LeaseHandle: ...
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller labels set at create or by SetExecutionTags."""
+
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The submitter's W3C trace context (`traceparent`, and `tracestate` when
+        it had one), as given at create; empty = none
+        (docs/observability.md#traces).
+        """
 
     def __init__(
         self,
@@ -553,10 +586,12 @@ class ClaimedTask(_message.Message):
         resumed: _builtins.bool = ...,
         priority: _builtins.int = ...,
         flow_id: _builtins.str | None = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        trace_link: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_flow_id", b"_flow_id", "flow_id", b"flow_id", "lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_flow_id", b"_flow_id", "attempt_type", b"attempt_type", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "lease", b"lease", "namespace", b"namespace", "payload", b"payload", "payload_encoding", b"payload_encoding", "priority", b"priority", "resumed", b"resumed", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_flow_id", b"_flow_id", "attempt_type", b"attempt_type", "execution_kind", b"execution_kind", "flow_id", b"flow_id", "lease", b"lease", "namespace", b"namespace", "payload", b"payload", "payload_encoding", b"payload_encoding", "priority", b"priority", "resumed", b"resumed", "tags", b"tags", "trace_context", b"trace_context", "trace_link", b"trace_link"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__flow_id: _TypeAlias = _typing.Literal["flow_id"]  # noqa: Y015
     _WhichOneofArgType__flow_id: _TypeAlias = _typing.Literal["_flow_id", b"_flow_id"]  # noqa: Y015

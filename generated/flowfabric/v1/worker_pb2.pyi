@@ -391,8 +391,8 @@ class ClaimNextRequest(_message.Message):
     """
     max_reply_bytes: _builtins.int
     """The caller's receive limit in bytes. The server leases no more than fits in one reply
-    below it: each task counts its payload, tags, kind, namespace, flow id and encoding plus
-    512 bytes, and the tasks together stay under this limit less 65536 bytes of framing. A
+    below it: each task counts its payload, tags, kind, namespace, flow id, encoding and
+    trace context plus 512 bytes, and the tasks together stay under this limit less 65536 bytes of framing. A
     task that would not fit stays queued for the next call. 0 = 4194304 (gRPC's default
     receive limit); otherwise 2097152..268435456, which always fits one task at the
     documented maxima.

@@ -184,9 +184,14 @@ def _token_ok(metadata: tuple[Any, ...] | None, expected: str) -> bool:
 class FlowFabricInterceptor(Interceptor):
     """Auth, then error mapping, for every FlowFabric RPC (health and reflection untouched)."""
 
-    def __init__(self, api_token: str | None, admin_token: str | None = None) -> None:
+    def __init__(
+        self, api_token: str | None, admin_token: str | None = None,
+        trace: Callable[[Handler, str], Handler] | None = None,
+    ) -> None:  # fmt: skip
         self.api_token = api_token
         self.admin_token = admin_token
+        # api/tracing.wrap when tracing is on (docs/observability.md#traces): a span per RPC
+        self.trace = trace
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -195,7 +200,8 @@ class FlowFabricInterceptor(Interceptor):
         handler: Handler | None = await continuation(details)
         if handler is None or method.startswith(EXEMPT_PREFIXES):
             return handler  # type: ignore[return-value]  # grpc.aio accepts None: unknown method
-        return _wrap(handler, method, self._deny(method, details.invocation_metadata))
+        wrapped = _wrap(handler, method, self._deny(method, details.invocation_metadata))
+        return wrapped if self.trace is None else self.trace(wrapped, method)
 
     def _deny(self, method: str, metadata: tuple[Any, ...] | None) -> FlowFabricError | None:
         if method.startswith(OPERATOR_PREFIXES) and self.admin_token:

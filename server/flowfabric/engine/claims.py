@@ -61,6 +61,7 @@ class Claimed:
     priority: int = 0
     flow_id: str = ""
     resumed: bool = False
+    trace_context: str = ""  # stored form (valkey/tracecontext.py); "" = none
 
 
 class Budget:
@@ -103,7 +104,10 @@ async def row_costs(store: Store, eids: list[ExecutionId]) -> list[int]:
     for eid in eids:
         k = ExecKeys(eid)
         pipe.strlen(k.payload)
-        pipe.hmget(k.core, ["payload_encoding", "execution_kind", "namespace", "flow_id"])
+        pipe.hmget(
+            k.core,
+            ["payload_encoding", "execution_kind", "namespace", "flow_id", "trace_context"],
+        )
         pipe.hgetall(k.tags)
     rows = await store.run_pipeline(pipe)
     out = []
@@ -131,7 +135,7 @@ def claimed_from_reply(eid: ExecutionId, lane: str, reply: Leased) -> Claimed:
         claimed.payload, claimed.payload_encoding = reply.payload, reply.payload_encoding
         claimed.execution_kind, claimed.namespace = reply.execution_kind, reply.namespace
         claimed.tags, claimed.priority = dict(reply.tags), reply.priority
-        claimed.flow_id = reply.flow_id
+        claimed.flow_id, claimed.trace_context = reply.flow_id, reply.trace_context
     return claimed
 
 
@@ -154,4 +158,5 @@ def claimed_from_row(row: BatchClaim, lane: str, partitions: int) -> Claimed:
         priority=row.priority,
         flow_id=row.flow_id,
         resumed=row.resumed,
+        trace_context=row.trace_context,
     )

@@ -507,15 +507,17 @@ class Scheduler:
             k = ExecKeys(c.execution_id)
             pipe.get(k.payload)
             pipe.hmget(
-                k.core, ["payload_encoding", "execution_kind", "namespace", "priority", "flow_id"]
-            )
+                k.core,
+                ["payload_encoding", "execution_kind", "namespace", "priority", "flow_id",
+                 "trace_context"],
+            )  # fmt: skip
             pipe.hgetall(k.tags)
             pipe.hget(k.attempt(c.attempt_index), "attempt_type")
         rows = await self.store.run_pipeline(pipe)
         for i, c in enumerate(claims):
-            payload, (encoding, kind, namespace, priority, flow_id), tags, attempt_type = rows[
-                4 * i : 4 * i + 4
-            ]
+            payload, (encoding, kind, namespace, priority, flow_id, trace), tags, attempt_type = (
+                rows[4 * i : 4 * i + 4]
+            )
             if c.resumed:
                 c.attempt_type = text(attempt_type) or "initial"
             c.payload = bytes(payload or b"")
@@ -523,7 +525,7 @@ class Scheduler:
                 text(encoding), text(kind), text(namespace),
             )  # fmt: skip
             c.priority = int(text(priority) or 0)
-            c.flow_id = text(flow_id)
+            c.flow_id, c.trace_context = text(flow_id), text(trace)
             c.tags = hash_to_dict(tags)
 
     # -- long poll ----------------------------------------------------------------------------

@@ -175,6 +175,10 @@ LABEL_BYTES = _b(
     "`CreateExecution` `namespace`, `execution_kind`, `idempotency_key`, `payload_encoding`, "
     "`creator_identity`, `quota_policy_id`; policy list items; signal names and labels",
 )  # fmt: skip
+TRACE_STATE_BYTES = _b(
+    "TRACE_STATE_BYTES", 0, 512, "bytes",
+    "`trace_context` `tracestate` of CreateExecution and SubmitFlow (docs/observability.md#traces)",
+)  # fmt: skip
 
 BOUNDS: tuple[Bound, ...] = (
     LEASE_TTL_MS, GRANT_TTL_MS, LEASE_HISTORY_GRACE_MS, HORIZON_MS, DEDUP_TTL_MS, WAIT_MS,
@@ -183,6 +187,7 @@ BOUNDS: tuple[Bound, ...] = (
     REPLY_BYTES, PAGE, TENANT_WEIGHT, FLOW_MEMBERS_MAX, FLOW_EDGES_PER_MEMBER_MAX, FLOW_DEPTH_MAX,
     TAG_KEY_BYTES, TAG_VALUE_BYTES, FAILURE_DETAILS_BYTES, LABEL_BYTES, BUDGET_DIMENSIONS,
     DIMENSION_BYTES, BUDGET_AMOUNT, QUOTA_WINDOW_S, QUOTA_LIMIT, QUOTA_JITTER_MS,
+    TRACE_STATE_BYTES,
 )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from flowfabric.server.api import limits
 from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.engine.events import EventHub
-from flowfabric.server.valkey import reads
+from flowfabric.server.valkey import reads, tracecontext
 from flowfabric.server.valkey.codec import cancel_source, enum_text, enum_value, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Fence, Functions, NewExecution
@@ -214,6 +214,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
             quota_policy_id=request.quota_policy_id,
             concurrency_key=request.concurrency_key,
             blocked_by_dependencies=request.blocked_by_dependencies,
+            trace_context=tracecontext.encode(request.trace_context, "trace_context"),
         )
         return new, flow
 

@@ -20,7 +20,7 @@ from flowfabric.server.api import limits
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.flows import FlowCanceller, cancel_grace_ms
-from flowfabric.server.valkey import bounds, flow_reads
+from flowfabric.server.valkey import bounds, flow_reads, tracecontext
 from flowfabric.server.valkey.codec import enum_value, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Functions
@@ -159,7 +159,16 @@ class FlowServicer(rpc.FlowServiceServicer):
                 "edges", f"a submit has at most {MAX_SUBMIT_EDGES} edges; add more with "
                 "AddDependency",
             )  # fmt: skip
-        members = [self._submit_member(m, i, p) for i, m in enumerate(request.members)]
+        # the first PARENTED_MEMBERS join the submitter's trace, the rest link to it
+        # (docs/observability.md#traces)
+        traces = (
+            tracecontext.encode(request.trace_context, "trace_context"),
+            tracecontext.encode(request.trace_context, "trace_context", link=True),
+        )
+        members = [
+            self._submit_member(m, i, p, traces[i >= tracecontext.PARENTED_MEMBERS])
+            for i, m in enumerate(request.members)
+        ]
         edges = [self._submit_edge(e, i) for i, e in enumerate(request.edges)]
         reply = await self.fn.flow.submit_flow(
             tag, p, fid, request.flow_kind, request.namespace, members, edges,
@@ -185,7 +194,9 @@ class FlowServicer(rpc.FlowServiceServicer):
             )
         )
 
-    def _submit_member(self, m: pb.SubmitFlowRequest.Member, i: int, p: int) -> SubmitMember:
+    def _submit_member(
+        self, m: pb.SubmitFlowRequest.Member, i: int, p: int, trace: str = ""
+    ) -> SubmitMember:
         field = f"members[{i}]"
         if not 1 <= len(m.key.encode()) <= MEMBER_KEY_MAX:
             raise InvalidInput(f"{field}.key", f"{field}.key must be 1..{MEMBER_KEY_MAX} bytes")
@@ -215,7 +226,7 @@ class FlowServicer(rpc.FlowServiceServicer):
             creator_identity=m.creator_identity, policy_json=member_policy_json(m),
             payload_encoding=m.payload_encoding, tags=dict(m.tags), join_kind=join,
             join_quorum=quorum, join_expected_edges=expected, quota_policy_id=m.quota_policy_id,
-            concurrency_key=key,
+            concurrency_key=key, trace_context=trace,
         )  # fmt: skip
 
     def _submit_edge(self, e: pb.SubmitFlowRequest.Edge, i: int) -> SubmitEdge:

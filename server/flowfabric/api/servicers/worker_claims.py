@@ -13,6 +13,7 @@ from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.engine.scheduler import Claimed, ClaimRequest, Scheduler
 from flowfabric.server.engine.workstream import StreamClosed, WorkStream
+from flowfabric.server.valkey import tracecontext
 from flowfabric.server.valkey.codec import enum_value
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Claimer, Functions
@@ -39,6 +40,7 @@ def lanes_of(lanes: list[str], field: str = "lane_ids") -> list[str]:
 
 
 def task_message(c: Claimed, who: Claimer, lease_ttl_ms: int) -> t.ClaimedTask:
+    carrier, link = tracecontext.decode(c.trace_context) if c.trace_context else ({}, False)
     return t.ClaimedTask(
         lease=t.LeaseHandle(
             execution_id=str(c.execution_id),
@@ -61,6 +63,8 @@ def task_message(c: Claimed, who: Claimer, lease_ttl_ms: int) -> t.ClaimedTask:
         priority=c.priority,
         flow_id=c.flow_id or None,
         resumed=c.resumed,
+        trace_context=carrier,
+        trace_link=link,
     )
 
 

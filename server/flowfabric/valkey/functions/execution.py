@@ -55,6 +55,8 @@ class NewExecution:
     concurrency_key: str = ""
     # Start blocked_by_dependencies (a flow member whose edges come later; docs/flows.md).
     blocked_by_dependencies: bool = False
+    # The submitter's trace context, stored form (valkey/tracecontext.py); "" = none.
+    trace_context: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ CREATE: Decl[Created | Duplicate] = Decl(
      arg("tags_json", "json", default={}), opt("execution_deadline_at"),
      arg("partition_id", "int"), arg("payload_encoding", default=""),
      arg("quota_policy_id", default=""), arg("blocked_by_dependencies", "bool", default=False),
-     arg("concurrency_key", default="")),
+     arg("concurrency_key", default=""), arg("trace_context", default="")),
     {"OK": record(Created), "DUPLICATE": record(Duplicate)},
 )  # fmt: skip
 
@@ -285,7 +287,7 @@ def _create_values(x: NewExecution) -> dict[str, object]:
         "partition_id": x.execution_id.partition, "payload_encoding": x.payload_encoding,
         "quota_policy_id": x.quota_policy_id,
         "blocked_by_dependencies": x.blocked_by_dependencies,
-        "concurrency_key": x.concurrency_key,
+        "concurrency_key": x.concurrency_key, "trace_context": x.trace_context,
     }  # fmt: skip
 
 

@@ -158,6 +158,7 @@ class SubmitMember:
     join_expected_edges: int = 0
     quota_policy_id: str = ""
     concurrency_key: str = ""
+    trace_context: str = ""  # stored form (valkey/tracecontext.py); "" = none
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,7 @@ class FlowFunctions:
                 "policy": m.policy_json, "encoding": m.payload_encoding, "tags": dict(m.tags),
                 "join": m.join_kind, "quorum": m.join_quorum,
                 "expected_edges": m.join_expected_edges, "quota": m.quota_policy_id,
-                "concurrency_key": m.concurrency_key,
+                "concurrency_key": m.concurrency_key, "trace_context": m.trace_context,
             }
             for m in members
         ]  # fmt: skip

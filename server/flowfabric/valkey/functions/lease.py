@@ -67,6 +67,7 @@ class Reclaimed(Leased):
     priority: int = 0
     flow_id: str = ""
     tags: dict[str, str] = field(default_factory=dict)
+    trace_context: str = ""  # stored form (valkey/tracecontext.py)
 
 
 def _reclaimed(reply: Reply) -> Reclaimed | ReclaimLimit:
@@ -79,6 +80,7 @@ def _reclaimed(reply: Reply) -> Reclaimed | ReclaimLimit:
         lease.attempt_index, lease.attempt_type, payload=reply.raw(6),
         payload_encoding=reply.str(7), execution_kind=reply.str(8), namespace=reply.str(9),
         priority=int(reply.str(10) or 0), flow_id=reply.str(11), tags=hash_to_dict(tags),
+        trace_context=reply.str(13) if len(reply.values) > 13 else "",
     )  # fmt: skip
 
 

@@ -51,6 +51,7 @@ class BatchClaim:
     priority: int
     flow_id: str
     tags: dict[str, str] = field(default_factory=dict)
+    trace_context: str = ""  # stored form (valkey/tracecontext.py)
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,10 @@ class PriorityChanged:
 
 
 def _row(row: Sequence[object]) -> BatchClaim:
-    if not isinstance(row, list | tuple) or len(row) != 15:
+    if not isinstance(row, list | tuple) or len(row) != 16:
         raise FlowFabricError("protocol_error", message=f"ff_claim_batch: bad claimed row {row!r}")
     (eid, lease_id, epoch, expires, attempt_id, index, attempt_type, resumed, payload, encoding,
-     kind, namespace, priority, flow_id, tags) = row  # fmt: skip
+     kind, namespace, priority, flow_id, tags, trace_context) = row  # fmt: skip
     return BatchClaim(
         execution_id=text(eid), lease_id=text(lease_id), lease_epoch=int(text(epoch)),
         lease_expires_at=int(text(expires)), attempt_id=text(attempt_id),
@@ -92,6 +93,7 @@ def _row(row: Sequence[object]) -> BatchClaim:
         payload=payload if isinstance(payload, bytes) else text(payload).encode(),
         payload_encoding=text(encoding), execution_kind=text(kind), namespace=text(namespace),
         priority=int(text(priority) or 0), flow_id=text(flow_id), tags=hash_to_dict(tags),
+        trace_context=text(trace_context),
     )  # fmt: skip
 
 
