@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flowfabric.server.api import limits, logs, reflection
+from flowfabric.server.api.dashboard import DashboardServer
 from flowfabric.server.api.interceptors import FlowFabricInterceptor
 from flowfabric.server.api.servicers import (
     admin,
@@ -126,6 +127,9 @@ class FlowFabricServer:
         self.streams: stream.StreamServicer | None = None
         self.signal_watches: SignalWatches | None = None
         self.admin: admin.AdminServicer | None = None
+        self.executions: execution.ExecutionServicer | None = None
+        self.dashboard: DashboardServer | None = None
+        self.dashboard_port: int | None = None  # set when FF_DASHBOARD is on (docs/dashboard.md)
         self.server: grpc.aio.Server | None = None
         # grpc_health ships no stubs for its aio module
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -237,6 +241,7 @@ class FlowFabricServer:
         self.server = self._build_server(ctx, ".".join(map(str, version)), registry)
         self.port = self._bind(self.server)
         await self.server.start()
+        await self._start_dashboard(ctx)
         if self.run_scanners:
             self.scanners.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -251,6 +256,29 @@ class FlowFabricServer:
             )
         log.info("flowfabric serving on port %s", self.port)
         return self.port
+
+    async def _start_dashboard(self, ctx: ServerContext) -> None:
+        """The web dashboard on its own port, when FF_DASHBOARD names one (docs/dashboard.md)."""
+        addr = self.config.dashboard_addr
+        if addr is None:
+            return
+        assert self.executions is not None and self.streams is not None
+        self.dashboard = DashboardServer(addr, ctx, self.executions, self.streams)
+        try:
+            self.dashboard_port = await self.dashboard.start()
+        except OSError as exc:
+            raise BootError(str(exc)) from None
+        log.info("dashboard on http://%s/", self.dashboard_url_host())
+
+    def dashboard_url_host(self) -> str:
+        """`host:port` of the running dashboard, for its URL."""
+        assert self.config.dashboard_addr is not None
+        host = self.config.dashboard_addr.rpartition(":")[0].strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.dashboard_port}"
 
     async def _durability(self, store: Store) -> None:
         """Check that the primaries can keep FF_DURABILITY's promise, then make writing calls
@@ -370,9 +398,8 @@ class FlowFabricServer:
         from flowfabric.v1 import admin_pb2_grpc, execution_pb2_grpc
 
         assert self.scheduler is not None
-        execution_pb2_grpc.add_ExecutionServiceServicer_to_server(
-            execution.ExecutionServicer(ctx, self.hub, self.scheduler.wake_local), server
-        )
+        self.executions = execution.ExecutionServicer(ctx, self.hub, self.scheduler.wake_local)
+        execution_pb2_grpc.add_ExecutionServiceServicer_to_server(self.executions, server)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             worker.WorkerServicer(ctx, self.scheduler, registry), server
         )
@@ -543,6 +570,8 @@ class FlowFabricServer:
             self.streams.shutdown()  # live tails end with UNAVAILABLE shutting_down
         if self.signal_watches is not None:
             self.signal_watches.shutdown()  # likewise the signal and waitpoint watches
+        if self.dashboard is not None:
+            await self.dashboard.stop()  # its live feeds end with the watches above
         if self.server is not None:
             await self.server.stop(grace)
         await self._stop_background()

@@ -140,6 +140,9 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_addr: str | None = None
+    # FF_DASHBOARD: host:port of the web dashboard, "off" = none (docs/dashboard.md); unset = off,
+    # except that `flowfabric serve` on the embedded Valkey (the quick start) turns it on.
+    dashboard: str | None = None
     durability: str = "os"  # os | fsync | replicated (docs/durability.md)
     durability_replicas: int = 1
     durability_timeout_ms: int = 1000
@@ -199,6 +202,11 @@ class Config:
         if embedded_url is None:
             raise ConfigError("no Valkey configured and no embedded Valkey running")
         return embedded_url
+
+    @property
+    def dashboard_addr(self) -> str | None:
+        """Where the dashboard listens, or None when it is off."""
+        return None if self.dashboard in (None, "off") else self.dashboard
 
     def interval_ms(self, variable: str) -> int:
         default, unit = SCANNER_INTERVALS[variable]
@@ -336,6 +344,16 @@ def _count(name: str, raw: str) -> int:
     return value
 
 
+def _dashboard(name: str, raw: str) -> str:
+    """`host:port` (port 0 = any free one) or `off`."""
+    if raw.strip().lower() in ("off", "0", "false", "no"):
+        return "off"
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{name} must be host:port or off, got: {raw!r}")
+    return raw
+
+
 def _seconds(name: str, raw: str) -> float:
     return float(_int(name, raw))
 
@@ -376,6 +394,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "FF_TLS_CERT": ("tls_cert", _path),
     "FF_TLS_KEY": ("tls_key", _path),
     "FF_METRICS_ADDR": ("metrics_addr", _str),
+    "FF_DASHBOARD": ("dashboard", _dashboard),
     "FF_DURABILITY": ("durability", _durability),
     "FF_DURABILITY_REPLICAS": ("durability_replicas", _replicas),
     "FF_DURABILITY_TIMEOUT_MS": ("durability_timeout_ms", _durability_timeout),
@@ -416,6 +435,7 @@ def flag_parser() -> argparse.ArgumentParser:
         "tls_cert",
         "tls_key",
         "metrics_addr",
+        "dashboard",
         "durability",
         "durability_replicas",
         "durability_timeout_ms",

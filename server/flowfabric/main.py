@@ -6,11 +6,14 @@ The SDK's CLI hands `serve` here, so the SDK itself never imports the server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import sys
 
 from flowfabric.server.app import BootError, FlowFabricServer, configure_logging
 from flowfabric.server.config import Config, ConfigError, flag_parser
+
+QUICKSTART_DASHBOARD = "127.0.0.1:50080"
 
 
 def serve_command(flags: list[str]) -> None:
@@ -23,6 +26,9 @@ def serve_command(flags: list[str]) -> None:
     except ConfigError as exc:
         print(f"flowfabric: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    if config.embedded and config.dashboard is None:
+        # the quick start: the dashboard on by default (docs/dashboard.md)
+        config = dataclasses.replace(config, dashboard=QUICKSTART_DASHBOARD)
     configure_logging(config.log_level, config.log_format)
     try:
         asyncio.run(_serve(config))
@@ -41,6 +47,8 @@ async def _serve(config: Config) -> None:
         port = await server.start()
         host = config.listen_addr.rsplit(":", 1)[0]
         print(f"flowfabric listening on {host}:{port}", flush=True)
+        if server.dashboard_port is not None:
+            print(f"dashboard: http://{server.dashboard_url_host()}/", flush=True)
         await stop.wait()
     finally:
         await server.stop()
