@@ -23,8 +23,8 @@ end
 --     tag_count partition tags, all on this node, then the configured lanes.
 --   Reply: a flat array {position, lane, position, lane, ...}: the 1-based position among the
 --     tags of each partition whose index holds work, and the lane ("" without per_lane), in tag
---     order, then lane order. Per lane, the lanes probed are the partition's lane registry
---     (ff:idx:{p}:lanes) and the configured lanes.
+--     order. Per lane, the lanes probed are the configured lanes, then the other lanes of the
+--     partition's lane registry (ff:idx:{p}:lanes).
 --   Errors: none.  Flags: no-writes, allow-cross-slot-keys (call with FCALL_RO).
 --   (*) every key read is built from the tags in ARGV: a key of another slot of this node, which
 --   the allow-cross-slot-keys flag permits; Valkey refuses a key of another node.
@@ -34,36 +34,30 @@ redis.register_function {
     local test, upper, index, per_lane = argv[1], argv[2], argv[3], argv[4] == '1'
     local count = tonumber(argv[5]) or 0
     local out = {}
-    local configured = {}
+    local configured, is_configured = {}, {}
     for j = 6 + count, #argv do
-      configured[#configured + 1] = argv[j]
+      if not is_configured[argv[j]] then
+        is_configured[argv[j]] = true
+        configured[#configured + 1] = argv[j]
+      end
+    end
+    local function probe(i, key, lane)
+      if has_work(key, test, upper) then
+        out[#out + 1] = i
+        out[#out + 1] = lane
+      end
     end
     for i = 1, count do
       local tag = argv[5 + i]
       if not per_lane then
-        if has_work(Keys.partition(tag, index), test, upper) then
-          out[#out + 1] = i
-          out[#out + 1] = ''
-        end
+        probe(i, Keys.partition(tag, index), '')
       else
-        local seen, lanes = {}, {}
         for _, lane in ipairs(configured) do
-          if not seen[lane] then
-            seen[lane] = true
-            lanes[#lanes + 1] = lane
-          end
+          probe(i, Keys.lane(tag, lane, index), lane)
         end
         for _, lane in ipairs(redis.call('SMEMBERS', Keys.partition(tag, 'lanes'))) do
-          if not seen[lane] then
-            seen[lane] = true
-            lanes[#lanes + 1] = lane
-          end
-        end
-        table.sort(lanes)
-        for _, lane in ipairs(lanes) do
-          if has_work(Keys.lane(tag, lane, index), test, upper) then
-            out[#out + 1] = i
-            out[#out + 1] = lane
+          if not is_configured[lane] then
+            probe(i, Keys.lane(tag, lane, index), lane)
           end
         end
       end

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
+
 from flowfabric.server.config import Config
+from flowfabric.server.engine import scanners as scanners_mod
 from flowfabric.server.engine.lifecycle import lifecycle_scanners
 from flowfabric.server.engine.scanners import Scanner, ScannerSet, probe_index_of
+from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.functions import Functions, NewExecution
 from flowfabric.server.valkey.ids import ExecutionId
-from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store, server_time_ms
 from flowfabric.server.valkey.workers import WorkerRegistry
@@ -33,7 +36,11 @@ def pk(p: int) -> PartitionKeys:
     return PartitionKeys.of(p)
 
 
-async def test_probe_answers_exactly_the_partitions_with_due_entries(store: Store) -> None:
+@pytest.mark.parametrize("per_call", [64, 3])
+async def test_probe_answers_exactly_the_partitions_with_due_entries(
+    store: Store, per_call: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scanners_mod, "PROBE_PARTITIONS_PER_CALL", per_call)
     now = await server_time_ms(store)
     due = {1, 5, 9, 14}
     for p in due:

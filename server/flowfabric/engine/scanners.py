@@ -1,11 +1,13 @@
-"""Background scanners (docs/architecture.md#scanners, docs/architecture.md#scanners): find due work
-in per-partition sorted sets.
+"""Background scanners (docs/architecture.md#scanners): find due work in per-partition sorted sets.
 
-Each cycle walks partitions 0..P-1 (pipelined, 32 at a time), takes due members with
-`ZRANGEBYSCORE <index> -inf <now> LIMIT 0 <batch>`, and calls one idempotent function per
-member. Several server processes may run the same scanners against one Valkey: every function
-re-validates inside its atomic call, so a member handled twice is a no-op the second time.
-A member failing 3 times in a row is skipped for 10 cycles. Never SCAN.
+Each cycle first asks every node, in `ff_probe_due` calls of up to 64 partitions, which of its
+partitions (and lanes) hold work; then it takes the due members of those indexes only with
+`ZRANGEBYSCORE <index> -inf <now> LIMIT 0 <batch>` (pipelined), and calls one idempotent
+function per member. An idle cycle is thus a TIME and a few probe calls, not a read of every
+partition's index and lane registry. Several server processes may run the same scanners
+against one Valkey: every function re-validates inside its atomic call, so a member handled
+twice is a no-op the second time. A member failing 3 times in a row is skipped for 10 cycles.
+Never SCAN.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ __all__ = ["server_time_ms"]  # re-exported: the TIME read lives in the valkey l
 log = logging.getLogger("flowfabric.scanners")
 
 PARTITIONS_PER_ROUND = 32
+# Partitions one ff_probe_due call looks at: bounds how long one call holds Valkey
+# (docs/architecture.md#scanners).
+PROBE_PARTITIONS_PER_CALL = 64
 FAILURES_BEFORE_SKIP = 3
 SKIP_CYCLES = 10
 CRASH_RESTART_S = 5.0
@@ -294,7 +299,12 @@ class ScannerSet:
         lanes = list(self.configured_lanes) if scanner.per_lane else []
         found: list[tuple[str, str | None]] = []
         unprobed: list[int] = []
-        for group in self._nodes():
+        groups = [
+            node[i : i + PROBE_PARTITIONS_PER_CALL]
+            for node in self._nodes()
+            for i in range(0, len(node), PROBE_PARTITIONS_PER_CALL)
+        ]
+        for group in groups:
             tags = [PartitionKeys.of(p).tag for p in group]
             route = PartitionKeys.of(group[0]).noop
             try:
