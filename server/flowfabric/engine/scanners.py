@@ -1,11 +1,13 @@
-"""Background scanners (docs/architecture.md#scanners, docs/architecture.md#scanners): find due work
-in per-partition sorted sets.
+"""Background scanners (docs/architecture.md#scanners): find due work in per-partition sorted sets.
 
-Each cycle walks partitions 0..P-1 (pipelined, 32 at a time), takes due members with
-`ZRANGEBYSCORE <index> -inf <now> LIMIT 0 <batch>`, and calls one idempotent function per
-member. Several server processes may run the same scanners against one Valkey: every function
-re-validates inside its atomic call, so a member handled twice is a no-op the second time.
-A member failing 3 times in a row is skipped for 10 cycles. Never SCAN.
+Each cycle first asks every node, in `ff_probe_due` calls of up to 64 partitions, which of its
+partitions (and lanes) hold work; then it takes the due members of those indexes only with
+`ZRANGEBYSCORE <index> -inf <now> LIMIT 0 <batch>` (pipelined), and calls one idempotent
+function per member. An idle cycle is thus a TIME and a few probe calls, not a read of every
+partition's index and lane registry. Several server processes may run the same scanners
+against one Valkey: every function re-validates inside its atomic call, so a member handled
+twice is a no-op the second time. A member failing 3 times in a row is skipped for 10 cycles.
+Never SCAN.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ __all__ = ["server_time_ms"]  # re-exported: the TIME read lives in the valkey l
 log = logging.getLogger("flowfabric.scanners")
 
 PARTITIONS_PER_ROUND = 32
+# Partitions one ff_probe_due call looks at: bounds how long one call holds Valkey
+# (docs/architecture.md#scanners).
+PROBE_PARTITIONS_PER_CALL = 64
 FAILURES_BEFORE_SKIP = 3
 SKIP_CYCLES = 10
 CRASH_RESTART_S = 5.0
@@ -230,38 +235,130 @@ class ScannerSet:
         return rows
 
     async def run_cycle(self, scanner: Scanner) -> int:
-        """One pass over every partition; returns how many members were acted on."""
+        """One pass over every partition; returns how many members were acted on.
+
+        First one `ff_probe_due` per node answers which partitions (and lanes) hold work; only
+        those are read and acted on (docs/architecture.md#scanners). Where the probe cannot
+        answer (a node mid-resharding, a scanner whose index is not a plain partition or lane
+        set) the partitions are read directly, as before."""
         scanner.cycles += 1
         acted = 0
         now = await server_time_ms(self.store)
-        for start in range(0, self.partitions, PARTITIONS_PER_ROUND):
-            batch = list(range(start, min(start + PARTITIONS_PER_ROUND, self.partitions)))
-            keys: list[tuple[str, str | None]] = []
-            if scanner.per_lane:
-                lanes = await self.lanes_by_partition(batch)
-                for p in batch:
-                    keys += [(scanner.index(PartitionKeys.of(p), ln), ln) for ln in lanes[p]]
-            else:
-                keys = [
-                    (scanner.index(pk, None), pk.tag if scanner.by_partition else None)
-                    for pk in map(PartitionKeys.of, batch)
-                ]
-            rows = await self._read(scanner, keys, now)
-            for (_key, lane), members in zip(keys, rows, strict=True):
-                for raw in members:
-                    member = text(raw)
-                    if scanner._skipped(member):
-                        continue
-                    acted += 1
-                    try:
-                        await scanner.action(member, now, lane)
-                    except FlowFabricError as exc:
-                        if exc.code in ("backend_unavailable", "backend_timeout"):
-                            raise
-                        scanner._record(member, ok=False)
-                        log.debug("%s: %s -> %s", scanner.name, member, exc.code)
-                    else:
-                        scanner._record(member, ok=True)
-                    scanner.last_progress = time.monotonic()
-            scanner.last_progress = time.monotonic()
+        keys, unprobed = await self._probe(scanner, now)
+        scanner.last_progress = time.monotonic()
+        for start in range(0, len(keys), PARTITIONS_PER_ROUND * 4):
+            acted += await self._act(scanner, keys[start : start + PARTITIONS_PER_ROUND * 4], now)
+        for start in range(0, len(unprobed), PARTITIONS_PER_ROUND):
+            batch = unprobed[start : start + PARTITIONS_PER_ROUND]
+            acted += await self._act(scanner, await self._partition_keys(scanner, batch), now)
         return acted
+
+    async def _partition_keys(
+        self, scanner: Scanner, batch: Sequence[int]
+    ) -> list[tuple[str, str | None]]:
+        """Every index key of `batch` for the scanner, with its action's third argument."""
+        keys: list[tuple[str, str | None]] = []
+        if scanner.per_lane:
+            lanes = await self.lanes_by_partition(batch)
+            for p in batch:
+                keys += [(scanner.index(PartitionKeys.of(p), ln), ln) for ln in lanes[p]]
+        else:
+            keys = [
+                (scanner.index(pk, None), pk.tag if scanner.by_partition else None)
+                for pk in map(PartitionKeys.of, batch)
+            ]
+        return keys
+
+    def _key_of(self, scanner: Scanner, partition: int, lane: str) -> tuple[str, str | None]:
+        pk = PartitionKeys.of(partition)
+        if scanner.per_lane:
+            return scanner.index(pk, lane), lane
+        return scanner.index(pk, None), pk.tag if scanner.by_partition else None
+
+    def _nodes(self) -> list[list[int]]:
+        """Partitions grouped by the node that owns them (standalone: one group)."""
+        if not self.store.cluster:
+            return [list(range(self.partitions))]
+        groups: dict[str, list[int]] = {}
+        client = self.store.cluster_client
+        for p in range(self.partitions):
+            node = client.get_node_from_key(PartitionKeys.of(p).noop)
+            groups.setdefault("" if node is None else str(node.name), []).append(p)
+        return list(groups.values())
+
+    async def _probe(
+        self, scanner: Scanner, now: int
+    ) -> tuple[list[tuple[str, str | None]], list[int]]:
+        """(the index keys with work, the partitions the probe could not answer for)."""
+        index = probe_index_of(scanner)
+        if index is None:
+            return [], list(range(self.partitions))
+        test = "any" if scanner.paged or scanner.whole_index else "due"
+        head: list[str | bytes | int] = [test, now - scanner.age_ms, index]
+        head.append("1" if scanner.per_lane else "")
+        lanes = list(self.configured_lanes) if scanner.per_lane else []
+        found: list[tuple[str, str | None]] = []
+        unprobed: list[int] = []
+        groups = [
+            node[i : i + PROBE_PARTITIONS_PER_CALL]
+            for node in self._nodes()
+            for i in range(0, len(node), PROBE_PARTITIONS_PER_CALL)
+        ]
+        for group in groups:
+            tags = [PartitionKeys.of(p).tag for p in group]
+            route = PartitionKeys.of(group[0]).noop
+            try:
+                rows = await self.store.fcall(
+                    "ff_probe_due", [route], [*head, len(tags), *tags, *lanes], read_only=True
+                )
+            except FlowFabricError as exc:
+                log.debug("%s: probe failed (%s); reading directly", scanner.name, exc.code)
+                unprobed += group
+                continue
+            for i in range(0, len(rows) - 1, 2):
+                found.append(self._key_of(scanner, group[int(rows[i]) - 1], text(rows[i + 1])))
+        if scanner.paged:  # an index without work starts again at rank 0 when it has some
+            live = {key for key, _ in found}
+            scanner._offsets = {k: v for k, v in scanner._offsets.items() if k in live}
+        return found, sorted(unprobed)
+
+    async def _act(self, scanner: Scanner, keys: list[tuple[str, str | None]], now: int) -> int:
+        """Read `keys` (one pipeline) and run the action on each member; counts progress."""
+        acted = 0
+        rows = await self._read(scanner, keys, now) if keys else []
+        for (_key, lane), members in zip(keys, rows, strict=True):
+            for raw in members:
+                member = text(raw)
+                if scanner._skipped(member):
+                    continue
+                acted += 1
+                try:
+                    await scanner.action(member, now, lane)
+                except FlowFabricError as exc:
+                    if exc.code in ("backend_unavailable", "backend_timeout"):
+                        raise
+                    scanner._record(member, ok=False)
+                    log.debug("%s: %s -> %s", scanner.name, member, exc.code)
+                else:
+                    scanner._record(member, ok=True)
+                scanner.last_progress = time.monotonic()
+        scanner.last_progress = time.monotonic()
+        return acted
+
+
+def probe_index_of(scanner: Scanner) -> str | None:
+    """What `ff_probe_due` probes for the scanner: the lane set (`delayed`, `blocked:route`, ...)
+    of a per-lane scanner, or the index name (`lease_expiry`, ...) of a per-partition one; None
+    when its index is neither `PartitionKeys.lane(lane, <set>)` nor `ff:idx:{p}:<name>` (the
+    probe then does not serve it, and the cycle reads every partition directly)."""
+    samples = [(PartitionKeys.of(p), lane) for p, lane in ((0, "a"), (1, "b:c"))]
+    first, lane = samples[0]
+    if scanner.per_lane:
+        which = scanner.index(first, lane).removeprefix(first.lane(lane, ""))
+        ok = all(scanner.index(pk, ln) == pk.lane(ln, which) for pk, ln in samples)
+    else:
+        which = scanner.index(first, None).removeprefix(first.lanes.removesuffix("lanes"))
+        ok = all(
+            scanner.index(pk, None) == pk.lanes.removesuffix("lanes") + which for pk, _ in samples
+        )
+    return which if ok and which else None

@@ -68,6 +68,7 @@ DOMAINS = (
     "flow",
     "schedule",
     "maintenance",
+    "probe",
 )
 
 

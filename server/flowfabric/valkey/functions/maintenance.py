@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flowfabric.server.valkey.functions.core import Decl, arg, call, ek, exec_ctx, ok, record
+from flowfabric.server.valkey.functions.core import (
+    Decl,
+    arg,
+    call,
+    ek,
+    exec_ctx,
+    ok,
+    record,
+    routed,
+    tail,
+)
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.store import Store
 
@@ -38,7 +48,17 @@ REPAIR: Decl[Repaired] = Decl(
 # every primary itself (Store.loaded_versions). Declared for the registry and read-only checks.
 VERSION: Decl[None] = Decl("ff_version", (), (), {}, read_only=True)
 
-DECLS = (RECONCILE, REPAIR, VERSION)
+# ff_probe_due (lua/probe.lua) reads many partitions of one node and replies with a flat array,
+# not an outcome; the scanners call it themselves (engine/scanners.py). Declared for the
+# registry and read-only checks.
+PROBE_DUE: Decl[None] = Decl(
+    "ff_probe_due", (routed("route"),),
+    (arg("test"), arg("upper"), arg("index"), arg("per_lane"), arg("tag_count", "int"),
+     tail("tags_and_lanes")),
+    {}, read_only=True,
+)  # fmt: skip
+
+DECLS = (RECONCILE, REPAIR, VERSION, PROBE_DUE)
 
 
 class MaintenanceFunctions:
