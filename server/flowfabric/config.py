@@ -93,6 +93,40 @@ def _weights(name: str, raw: str) -> Mapping[str, int]:
     return out
 
 
+AUTO_SPREAD = 0  # a lane spread of "auto": every primary of a cluster, 1 on standalone
+
+
+def _spread_width(name: str, raw: str) -> int:
+    if raw.strip().lower() == "auto":
+        return AUTO_SPREAD
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise ConfigError(f"{name}: a spread must be auto or an integer >= 1, got: {raw!r}")
+    return value
+
+
+def _spread(name: str, raw: str) -> Mapping[str, int]:
+    """`auto` | `N`, then optional `lane=N` (or `lane=auto`) overrides, comma separated: the
+    partitions a lane's solo executions spread over (docs/lifecycle.md#lanes-across-a-cluster).
+    Key "" holds the default; AUTO_SPREAD means auto."""
+    out: dict[str, int] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        lane, eq, width = item.rpartition("=")
+        if not eq:
+            lane, width = "", item
+        elif not lane:
+            raise ConfigError(f"{name} items must be auto, N or lane=N, got: {item!r}")
+        if lane in out:
+            raise ConfigError(f"{name} sets {lane or 'the default'!r} twice")
+        out[lane] = _spread_width(name, width)
+    return out
+
+
 # Scanner intervals (docs/architecture.md#scanners): variable -> (default, unit multiplier to ms).
 SCANNER_INTERVALS: dict[str, tuple[int, int]] = {
     "FF_LEASE_EXPIRY_INTERVAL_MS": (1500, 1),
@@ -145,6 +179,9 @@ class Config:
     durability_timeout_ms: int = 1000
     scanner_intervals_ms: Mapping[str, int] = field(default_factory=dict)
     tenant_weights: Mapping[str, int] = field(default_factory=dict)  # namespace -> weight
+    # lane -> spread width; "" the default, AUTO_SPREAD = auto
+    # (docs/lifecycle.md#lanes-across-a-cluster)
+    lane_spread: Mapping[str, int] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         """Every field, with the secrets (HMAC secret, API tokens) redacted."""
@@ -371,6 +408,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "FF_DURABILITY_REPLICAS": ("durability_replicas", _replicas),
     "FF_DURABILITY_TIMEOUT_MS": ("durability_timeout_ms", _durability_timeout),
     "FF_TENANT_WEIGHTS": ("tenant_weights", _weights),
+    "FF_LANE_SPREAD": ("lane_spread", _spread),
 }
 
 
@@ -405,6 +443,7 @@ def flag_parser() -> argparse.ArgumentParser:
         "durability_replicas",
         "durability_timeout_ms",
         "tenant_weights",
+        "lane_spread",
     ]
     names += [var[3:].lower() for var in SCANNER_INTERVALS]
     for name in names:
