@@ -73,6 +73,9 @@ async def store(_session_store: Store) -> Store:
 API_TOKEN = "test-token"
 # FF_WAITPOINT_HMAC_SECRET for servers on the fixture Valkey (required with an external Valkey).
 HMAC_SECRET = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+# Lanes on one partition each (FF_LANE_SPREAD=1): the suite's tests read a lane's keys on its
+# home partition; tests/api/test_lane_spread.py runs the spread default on the cluster.
+ONE_PARTITION_LANES = {"": 1}
 
 
 class Api:
@@ -109,6 +112,7 @@ async def _session_api(valkey_url: str, _session_store: Store) -> AsyncIterator[
         waitpoint_hmac_secret=HMAC_SECRET,
         shutdown_grace_s=1.0,
         boot_retry_s=5.0,
+        lane_spread=ONE_PARTITION_LANES,
     )
     # No background scanners here: tests that call functions directly share this keyspace.
     # Tests of scanner-driven behaviour use `engine_api` (scanners on, fast intervals).
@@ -157,6 +161,7 @@ async def engine_api(valkey_url: str, store: Store) -> AsyncIterator[Api]:
         boot_retry_s=5.0,
         flow_partitions=16,
         scanner_intervals_ms=FAST_SCANNERS,
+        lane_spread=ONE_PARTITION_LANES,
     )
     server = FlowFabricServer(config)
     await store.call("DEL", "ff:config:partitions")

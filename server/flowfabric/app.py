@@ -57,6 +57,7 @@ from flowfabric.server.engine.flows import (
     flow_scanners,
 )
 from flowfabric.server.engine.keystore import embedded_password, install_secret, resolve_secret
+from flowfabric.server.engine.lane_partitions import LanePartitions
 from flowfabric.server.engine.lifecycle import lifecycle_scanners
 from flowfabric.server.engine.quota_admission import AdmissionReleaser, QuotaCheck
 from flowfabric.server.engine.ready import ReadyHints
@@ -186,7 +187,10 @@ class FlowFabricServer:
         except FlowFabricError as exc:
             raise BootError(f"installing the waitpoint HMAC secret failed: {exc.code}") from exc
         await self._durability(self.store)
-        ctx = ServerContext(config=cfg, store=self.store, functions=fn)
+        # every lane's partitions, one set for creates and claims
+        # (docs/lifecycle.md#lanes-across-a-cluster)
+        lane_parts = LanePartitions(cfg.flow_partitions, self.store, cfg.lane_spread)
+        ctx = ServerContext(config=cfg, store=self.store, functions=fn, lane_partitions=lane_parts)
         self.hub = EventHub(self.store)
         self.ready = ReadyHints(self.hub, cfg.flow_partitions)
         self.follow_ups = FollowUpResolver(fn, cfg.flow_partitions)
@@ -197,8 +201,9 @@ class FlowFabricServer:
         self.ready.on_released(self.budget_releaser.schedule)
         await self.ready.start()
         self.scheduler = Scheduler(
-            fn, self.store, cfg.flow_partitions, self.hub, self.ready, cfg.tenant_weights
-        )
+            fn, self.store, cfg.flow_partitions, self.hub, self.ready, cfg.tenant_weights,
+            lane_parts,
+        )  # fmt: skip
         # capabilities (the default, in-slot), then budgets, then the quota
         # (docs/lifecycle.md#admission)
         self.scheduler.admission.register(BudgetCheck(self.store, cfg.budget_partitions, fn))
@@ -558,6 +563,14 @@ class FlowFabricServer:
         if self.scanners is not None:
             await self.scanners.stop()
 
+    async def _end_live_feeds(self) -> None:
+        if self.streams is not None:
+            self.streams.shutdown()  # live tails end with UNAVAILABLE shutting_down
+        if self.signal_watches is not None:
+            self.signal_watches.shutdown()  # likewise the signal and waitpoint watches
+        if self.dashboard is not None:
+            await self.dashboard.stop()  # its live feeds end with the watches above
+
     async def stop(self, grace: float | None = None) -> None:
         if self._stopped:
             return
@@ -566,12 +579,7 @@ class FlowFabricServer:
         await self.health.enter_graceful_shutdown()
         if self.scheduler is not None:
             self.scheduler.closing.set()  # long-polling claims answer NoWork now
-        if self.streams is not None:
-            self.streams.shutdown()  # live tails end with UNAVAILABLE shutting_down
-        if self.signal_watches is not None:
-            self.signal_watches.shutdown()  # likewise the signal and waitpoint watches
-        if self.dashboard is not None:
-            await self.dashboard.stop()  # its live feeds end with the watches above
+        await self._end_live_feeds()
         if self.server is not None:
             await self.server.stop(grace)
         await self._stop_background()

@@ -93,6 +93,40 @@ def _weights(name: str, raw: str) -> Mapping[str, int]:
     return out
 
 
+AUTO_SPREAD = 0  # a lane spread of "auto": every primary of a cluster, 1 on standalone
+
+
+def _spread_width(name: str, raw: str) -> int:
+    if raw.strip().lower() == "auto":
+        return AUTO_SPREAD
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise ConfigError(f"{name}: a spread must be auto or an integer >= 1, got: {raw!r}")
+    return value
+
+
+def _spread(name: str, raw: str) -> Mapping[str, int]:
+    """`auto` | `N`, then optional `lane=N` (or `lane=auto`) overrides, comma separated: the
+    partitions a lane's solo executions spread over (docs/lifecycle.md#lanes-across-a-cluster).
+    Key "" holds the default; AUTO_SPREAD means auto."""
+    out: dict[str, int] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        lane, eq, width = item.rpartition("=")
+        if not eq:
+            lane, width = "", item
+        elif not lane:
+            raise ConfigError(f"{name} items must be auto, N or lane=N, got: {item!r}")
+        if lane in out:
+            raise ConfigError(f"{name} sets {lane or 'the default'!r} twice")
+        out[lane] = _spread_width(name, width)
+    return out
+
+
 # Scanner intervals (docs/architecture.md#scanners): variable -> (default, unit multiplier to ms).
 SCANNER_INTERVALS: dict[str, tuple[int, int]] = {
     "FF_LEASE_EXPIRY_INTERVAL_MS": (1500, 1),
@@ -155,6 +189,9 @@ class Config:
     # OpenTelemetry server spans (docs/observability.md#traces): FF_OTEL, else on when an
     # OTLP endpoint is configured
     otel: bool = False
+    # lane -> spread width; "" the default, AUTO_SPREAD = auto
+    # (docs/lifecycle.md#lanes-across-a-cluster)
+    lane_spread: Mapping[str, int] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         """Every field, with the secrets (HMAC secret, API tokens) redacted."""
@@ -403,6 +440,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "FF_BULK_LEASE_MS": ("bulk_lease_ms", lambda n, r: _int(n, r, 500)),
     "FF_BULK_PAGE_PAUSE_MS": ("bulk_page_pause_ms", lambda n, r: _int(n, r, 0)),
     "FF_OTEL": ("otel", _bool),
+    "FF_LANE_SPREAD": ("lane_spread", _spread),
 }
 # The standard variables whose presence turns tracing on when FF_OTEL is unset.
 OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -444,6 +482,7 @@ def flag_parser() -> argparse.ArgumentParser:
         "bulk_lease_ms",
         "bulk_page_pause_ms",
         "otel",
+        "lane_spread",
     ]
     names += [var[3:].lower() for var in SCANNER_INTERVALS]
     for name in names:

@@ -64,7 +64,8 @@ class ServerProcess:
 
     def __init__(self, log_dir: Path, name: str, env: dict[str, str], port: int = 0) -> None:
         self.log_path = log_dir / f"{name}.log"
-        self.env = {**BASE_ENV, "FF_FLOW_PARTITIONS": str(PARTITIONS), **env}
+        # one partition per lane: the scenarios read a lane's keys on its home partition
+        self.env = {**BASE_ENV, "FF_FLOW_PARTITIONS": str(PARTITIONS), "FF_LANE_SPREAD": "1", **env}
         self.port = port or free_port()
         self.proc: subprocess.Popen[str] | None = None
         self.starts = 0

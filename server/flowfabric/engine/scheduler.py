@@ -1,8 +1,10 @@
 """The claim cycle (docs/lifecycle.md#the-claim-cycle): find work for a worker and lease it.
 
-Per lane (lanes tried in rotating order): the lane's solo partition first, then a window of up
-to 32 partitions starting at the worker's FNV-1a offset plus a process-wide cursor that advances
-every 250 ms, so every partition is visited and workers spread out. A partition is claimed from
+Per lane (lanes tried in rotating order): the lane's own partitions first (one, or a spread over
+the primaries of a cluster, in an order that rotates per call: `engine/lane_partitions.py`,
+docs/lifecycle.md#lanes-across-a-cluster), then a window of up to 32 partitions starting at
+the worker's FNV-1a offset plus a process-wide cursor that advances every 250 ms, so every
+partition is visited and workers spread out. A partition is claimed from
 with one `ff_claim_batch` call: it leases up to the wanted number of eligible heads (the checks
 and writes of a claim grant plus a claim, or a resumed claim for an interrupted attempt) and
 returns what the worker needs (payload, tags, ...), plus the heads whose required capabilities
@@ -29,7 +31,7 @@ Before the window, the partitions where flow work of the lane was announced are 
 after the solo partition or, every other pass, before it (`engine/ready.py`: the functions
 publish where a flow member became eligible, and every server listens).
 
-`claim_next` long-polls: it waits for a `waiting` watch event on the lanes' solo partitions, a
+`claim_next` long-polls: it waits for a `waiting` watch event on the lanes' own partitions, a
 ready announcement for one of its lanes, or an in-process wake from a create in this server,
 and re-scans, with a 1 s backstop for work that appears where nothing announces it.
 """
@@ -64,6 +66,7 @@ from flowfabric.server.engine.claims import (
     claimed_from_row,
 )
 from flowfabric.server.engine.events import EventHub
+from flowfabric.server.engine.lane_partitions import LanePartitions
 from flowfabric.server.engine.lanes import LaneControls
 from flowfabric.server.engine.ready import ReadyHints
 from flowfabric.server.engine.reclaim import Reclaimer
@@ -71,7 +74,7 @@ from flowfabric.server.valkey.codec import hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Claimer, Functions
 from flowfabric.server.valkey.functions.lease import Granted
-from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id, solo_partition
+from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
 
@@ -110,8 +113,11 @@ class Scheduler:
         hub: EventHub | None,
         hints: ReadyHints | None = None,
         tenant_weights: Mapping[str, int] | None = None,
+        lane_parts: LanePartitions | None = None,
     ) -> None:
         self.functions = functions
+        # each lane's own partitions (docs/lifecycle.md#lanes-across-a-cluster)
+        self.lane_parts = lane_parts if lane_parts is not None else LanePartitions(partitions)
         # namespace weights within a lane, as ff_claim_batch takes them
         # (docs/lifecycle.md#tenant-fairness); "" = equal shares
         self.tenant_weights = (
@@ -140,6 +146,7 @@ class Scheduler:
     # -- partition choice ---------------------------------------------------------------------
 
     def probe_order(self, lane: str, worker_instance_id: str) -> list[int]:
+        """The lane's own partitions (rotated one further per call), then the window."""
         window = int(time.monotonic() * 1000) // ROTATION_WINDOW_MS
         if window != self._window:
             self._window = window
@@ -148,9 +155,9 @@ class Scheduler:
             worker_offset(worker_instance_id, self.partitions) + self._cursor
         ) % self.partitions
         count = min(MAX_PARTITIONS_PER_SCAN, self.partitions)
-        solo = solo_partition(lane, self.partitions)
+        own = self.lane_parts.rotated(lane)
         window_parts = [(start + i) % self.partitions for i in range(count)]
-        return [solo, *(p for p in window_parts if p != solo)]
+        return [*own, *(p for p in window_parts if p not in own)]
 
     # -- one pass -----------------------------------------------------------------------------
 
@@ -182,6 +189,7 @@ class Scheduler:
         self, req: ClaimRequest, lane: str, want: int, budget: Budget
     ) -> list[Claimed]:
         parts = self.probe_order(lane, req.worker_instance_id)
+        own = parts[: len(self.lane_parts.of(lane))]
         who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
         self._lane_calls += 1
         out: list[Claimed] = []
@@ -191,22 +199,33 @@ class Scheduler:
         # partition cannot starve them (docs/lifecycle.md#lease-expiry-and-reclaim).
         if self._lane_calls % RECLAIM_EVERY == 0:
             out += await self._claim_due(parts[1:], who, req, want, budget)
-        # The lane's solo partition first, alone and without a probe: when it fills the
-        # request (the common case for solo work) the window is never looked at. Where flow
+        # The lane's first own partition of this call, alone and without a probe: when it
+        # fills the request (the common case for solo work) nothing else is looked at; the
+        # rest of its own partitions follow, probed like the window. Where flow
         # work was announced, every other call tries the announced partitions first instead,
         # so a lane whose solo partition is empty does not pay a claim there on every pass,
         # and solo work still gets every other pass.
         if self._lane_calls % 2 and self.hints.of_lane(lane):
-            out += await self._claim_hinted(None, who, req, want - len(out), budget)
-            out += await self._claim_partition(parts[0], who, req, want - len(out), budget)
+            out += await self._claim_hinted((), who, req, want - len(out), budget)
+            out += await self._claim_own(own, who, req, want - len(out), budget)
         else:
-            out += await self._claim_partition(parts[0], who, req, want - len(out), budget)
+            out += await self._claim_own(own, who, req, want - len(out), budget)
             if len(out) < want:
-                out += await self._claim_hinted(parts[0], who, req, want - len(out), budget)
+                out += await self._claim_hinted(own, who, req, want - len(out), budget)
         if len(out) < want:
-            out += await self._claim_window(parts[1:], who, req, want - len(out), budget)
+            out += await self._claim_window(parts[len(own) :], who, req, want - len(out), budget)
         if not out:  # nothing eligible anywhere: due leases on partitions without eligible work
             out += await self._claim_due(parts[1:], who, req, want, budget)
+        return out
+
+    async def _claim_own(
+        self, own: Sequence[int], who: Claimer, req: ClaimRequest, want: int, budget: Budget
+    ) -> list[Claimed]:
+        """The lane's own partitions in this call's order: the first claimed from directly,
+        the others probed like the window when it falls short."""
+        out = await self._claim_partition(own[0], who, req, want, budget)
+        if len(out) < want:
+            out += await self._claim_window(own[1:], who, req, want - len(out), budget)
         return out
 
     async def _claim_due(
@@ -223,16 +242,16 @@ class Scheduler:
         return out
 
     async def _claim_hinted(
-        self, solo: int | None, who: Claimer, req: ClaimRequest, want: int, budget: Budget
+        self, own: Sequence[int], who: Claimer, req: ClaimRequest, want: int, budget: Budget
     ) -> list[Claimed]:
         """Claim from the partitions where flow work of the lane was announced
-        (`engine/ready.py`), dropping each hint whose claim comes back short. `solo`: the
-        lane's own partition when it was just claimed from."""
+        (`engine/ready.py`), dropping each hint whose claim comes back short. `own`: the
+        lane's own partitions when they were just claimed from."""
         out: list[Claimed] = []
         for p, seq in self.hints.of_lane(who.lane_id):
             if len(out) >= want or budget.spent:
                 break
-            if p == solo:
+            if p in own:
                 # just claimed from, and came back short; a release there after that claim
                 # also wakes the waiter through the partition's state events
                 self.hints.drained(who.lane_id, p, seq)
@@ -570,8 +589,8 @@ class Scheduler:
         with self.local_wakes(wake, frozenset(req.lanes)):
             async with contextlib.AsyncExitStack() as stack:
                 if self.hub is not None:
-                    for lane in set(req.lanes):
-                        part = PartitionKeys.of(solo_partition(lane, self.partitions))
+                    for p in {p for lane in req.lanes for p in self.lane_parts.of(lane)}:
+                        part = PartitionKeys.of(p)
                         await stack.enter_async_context(self.hub.listen(part.exec_events, on_event))
                 while True:
                     wake.clear()

@@ -32,7 +32,7 @@ from typing import Any
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.scheduler import WAIT_BACKSTOP_S, Claimed, ClaimRequest, Scheduler
 from flowfabric.server.valkey.codec import text
-from flowfabric.server.valkey.ids import ExecutionId, solo_partition
+from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.keys import ExecKeys, PartitionKeys
 from flowfabric.server.valkey.store import Store
 
@@ -123,9 +123,9 @@ class WorkStream:
         # wake claim_next
         with self.scheduler.local_wakes(self.wake, frozenset(self.req.lanes)):
             async with self._stack:
-                for lane in set(self.req.lanes):
-                    part = PartitionKeys.of(solo_partition(lane, self.scheduler.partitions))
-                    await self._listen(part.exec_events, self._on_work)
+                own = self.scheduler.lane_parts
+                for p in {p for lane in self.req.lanes for p in own.of(lane)}:
+                    await self._listen(PartitionKeys.of(p).exec_events, self._on_work)
                 next_full = time.monotonic() + RECHECK_S
                 while True:
                     if closing.is_set():

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from flowfabric.server.config import Config
+from flowfabric.server.engine.lane_partitions import LanePartitions
 from flowfabric.server.valkey.errors import FlowFabricError, not_implemented
 from flowfabric.server.valkey.functions import Functions
 from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
@@ -21,6 +22,8 @@ class ServerContext:
     config: Config
     store: Store
     functions: Functions
+    # every lane's partitions, shared with the scheduler (None: one partition per lane)
+    lane_partitions: LanePartitions | None = None
 
     @property
     def partitions(self) -> int:

@@ -14,6 +14,7 @@ from flowfabric.server.api import limits
 from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.engine.events import EventHub
+from flowfabric.server.engine.lane_partitions import LanePartitions
 from flowfabric.server.valkey import reads, tracecontext
 from flowfabric.server.valkey.codec import cancel_source, enum_text, enum_value, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
@@ -25,7 +26,6 @@ from flowfabric.server.valkey.ids import (
     flow_partition,
     mint_execution_id,
     parse_uuid,
-    solo_partition,
     validate_lane,
 )
 from flowfabric.server.valkey.keys import ExecKeys, FlowKeys, PartitionKeys
@@ -124,6 +124,8 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         self.ctx = ctx
         self.hub = hub
         self.on_created = on_created
+        # one set per process, shared with the scheduler (docs/lifecycle.md#lanes-across-a-cluster)
+        self.lane_parts = ctx.lane_partitions or LanePartitions(ctx.partitions)
 
     @property
     def fn(self) -> Functions:
@@ -150,7 +152,11 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         return fid, p
 
     def _new_id(
-        self, request: pb.CreateExecutionRequest, lane: str, flow_partition_id: int | None
+        self,
+        request: pb.CreateExecutionRequest,
+        lane: str,
+        flow_partition_id: int | None,
+        turn: int,
     ) -> ExecutionId:
         if request.execution_id:
             eid = self.ctx.execution_id(request.execution_id)
@@ -170,17 +176,20 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
             return eid
         if flow_partition_id is not None:
             return mint_execution_id(flow_partition_id)
-        partition = solo_partition(lane, self.ctx.partitions)
         if request.HasField("partition_id"):
             if request.partition_id >= self.ctx.partitions:
                 raise InvalidInput("partition_id", "partition_id is out of range")
-            partition = request.partition_id
-        return mint_execution_id(partition)
+            return mint_execution_id(request.partition_id)
+        namespace = request.namespace or DEFAULT_NAMESPACE
+        return mint_execution_id(
+            self.lane_parts.for_create(lane, namespace, request.idempotency_key, turn)
+        )
 
     async def _decode_create(
-        self, request: pb.CreateExecutionRequest
+        self, request: pb.CreateExecutionRequest, turn: int
     ) -> tuple[NewExecution, tuple[str, int] | None]:
-        """A CreateExecution's (or a CreateExecutions item's) validated create and its flow."""
+        """A CreateExecution's (or a CreateExecutions item's) validated create and its flow.
+        `turn`: the request's pick of the lane's partitions (LanePartitions.for_create)."""
         lane = validate_lane(request.lane_id or DEFAULT_LANE)
         if not request.execution_kind:
             raise InvalidInput("execution_kind", "execution_kind is required")
@@ -194,7 +203,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         check_create(request)
         tags = tags_of(request.tags)
         flow = await self._flow_of(request)
-        eid = self._new_id(request, lane, flow[1] if flow else None)
+        eid = self._new_id(request, lane, flow[1] if flow else None, turn)
         new = NewExecution(
             execution_id=eid,
             namespace=request.namespace or DEFAULT_NAMESPACE,
@@ -221,7 +230,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
     async def CreateExecution(
         self, request: pb.CreateExecutionRequest, context: Any
     ) -> pb.CreateExecutionResponse:
-        new, flow = await self._decode_create(request)
+        new, flow = await self._decode_create(request, self.lane_parts.next_create())
         reply = await self.fn.execution.create_execution(new)
         if flow is not None:
             # Both calls are idempotent, so a retry converges (docs/flows.md#building-a-flow).
@@ -240,7 +249,9 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
             )
         )
 
-    async def _decode_item(self, item: pb.CreateExecutionRequest, limit: int) -> NewExecution:
+    async def _decode_item(
+        self, item: pb.CreateExecutionRequest, limit: int, turn: int
+    ) -> NewExecution:
         """One CreateExecutions item, decoded as CreateExecution (no flow members)."""
         if item.ByteSize() > limit:
             raise FlowFabricError(
@@ -252,7 +263,7 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
             raise InvalidInput(
                 "flow_id", "a flow member is created with CreateExecution or SubmitFlow"
             )
-        new, _ = await self._decode_create(item)
+        new, _ = await self._decode_create(item, turn)
         return new
 
     async def CreateExecutions(
@@ -269,9 +280,12 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         result = pb.CreateExecutionsResponse.Result
         results: list[pb.CreateExecutionsResponse.Result | None] = [None] * len(request.items)
         groups: dict[int, list[tuple[int, NewExecution]]] = {}
+        # one turn for the batch: its items of one lane without an idempotency key share a
+        # partition, so the batch stays one call per lane (docs/lifecycle.md#lanes-across-a-cluster)
+        turn = self.lane_parts.next_create()
         for i, item in enumerate(request.items):
             try:
-                new = await self._decode_item(item, limit)
+                new = await self._decode_item(item, limit, turn)
             except FlowFabricError as exc:
                 results[i] = result(error=create_item_error(exc))
                 continue

@@ -26,7 +26,7 @@ from flowfabric.server.valkey.codec import cancel_source
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Claimer, Fence, Outcome
 from flowfabric.server.valkey.functions.execution import DelayReplayed, FailReplayed, Replayed
-from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id, solo_partition
+from flowfabric.server.valkey.ids import ExecutionId, parse_execution_id
 from flowfabric.v1 import types_pb2 as t
 from flowfabric.v1 import worker_pb2 as pb
 
@@ -122,7 +122,7 @@ class TerminalMixin(WorkerParts):
                     with contextlib.suppress(FlowFabricError):
                         eid = parse_execution_id(res.execution_id, self.ctx.partitions)
                         for lane in claim.lanes:
-                            if eid.partition != solo_partition(lane, self.ctx.partitions):
+                            if eid.partition not in self.scheduler.lane_parts.of(lane):
                                 self.scheduler.hints.note(lane, eid.partition)
             await self._claim_into(claim, reply)
         return reply
