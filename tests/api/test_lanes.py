@@ -11,6 +11,7 @@ import uuid
 import grpc
 import pytest
 
+from flowfabric.server.api.interceptors import FlowFabricInterceptor
 from flowfabric.server.engine import lanes as lane_engine
 from flowfabric.v1 import execution_pb2 as epb
 from flowfabric.v1 import lane_pb2 as lpb
@@ -234,3 +235,16 @@ async def test_cancel_bulk_action_stops_it(api: Api) -> None:
         lpb.CancelBulkActionRequest(bulk_action_id=bid), metadata=api.metadata
     )
     assert again.bulk_action.state == lpb.BULK_ACTION_STATE_CANCELLED
+
+
+def test_lane_service_is_operator_only_under_an_admin_token() -> None:
+    guard = FlowFabricInterceptor("api-token", "admin-token")
+    method = "/flowfabric.v1.LaneService/StartBulkAction"
+    denied = guard._deny(method, (("authorization", "Bearer api-token"),))
+    assert denied is not None and denied.code == "admin_token_required"
+    assert guard._deny(method, (("authorization", "Bearer admin-token"),)) is None
+    # without an admin token the API token is enough, as for AdminService
+    assert (
+        FlowFabricInterceptor("api-token")._deny(method, (("authorization", "Bearer api-token"),))
+        is None
+    )
