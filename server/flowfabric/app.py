@@ -357,7 +357,13 @@ class FlowFabricServer:
 
         assert self.scheduler is not None
         execution_pb2_grpc.add_ExecutionServiceServicer_to_server(
-            execution.ExecutionServicer(ctx, self.hub, self.scheduler.wake_local), server
+            execution.ExecutionServicer(
+                ctx,
+                self.hub,
+                self.scheduler.wake_local,
+                intake=self.scheduler.lane_controls.check_intake,
+            ),
+            server,
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             worker.WorkerServicer(ctx, self.scheduler, registry), server

@@ -85,22 +85,39 @@ async def test_pause_holds_every_claim_path_and_resume_releases(
     assert any(f"method=ResumeLane lane_id={lane} outcome=ok" in x for x in lines), lines
 
 
-async def test_drain_reports_drained_once_nothing_is_active(api: Api) -> None:
+async def test_drain_refuses_creates_hands_out_the_rest_and_reports_drained(api: Api) -> None:
     lane = f"drain-{uuid.uuid4().hex[:8]}"
     running = await create(api, lane)
-    await create(api, lane)
+    waiting = await create(api, lane)
     assert (await claim(api, lane)).task.lease.execution_id == running
     svc = lanes(api)
-    drained = await svc.DrainLane(lpb.DrainLaneRequest(lane_id=lane), metadata=api.metadata)
+    drained = await svc.DrainLane(
+        lpb.DrainLaneRequest(lane_id=lane, reason="retire"), metadata=api.metadata
+    )
     assert drained.lane.control == lpb.LANE_CONTROL_DRAINING and not drained.lane.drained
     assert drained.lane.depth["active"] == 1 and drained.lane.depth["eligible"] == 1
-    assert (await claim(api, lane)).WhichOneof("outcome") == "no_work"
-    await api.execution.CancelExecution(
-        epb.CancelExecutionRequest(execution_id=running), metadata=api.metadata
+    info = await expect_error(
+        create(api, lane), grpc.StatusCode.FAILED_PRECONDITION, "lane_draining"
     )
+    assert info.metadata["lane_id"] == lane
+    batch = await api.execution.CreateExecutions(
+        epb.CreateExecutionsRequest(items=[
+            epb.CreateExecutionRequest(execution_kind="k", lane_id=lane),
+            epb.CreateExecutionRequest(execution_kind="k", lane_id=f"{lane}-other"),
+        ]),
+        metadata=api.metadata,
+    )  # fmt: skip
+    assert batch.results[0].error.reason == "lane_draining"
+    assert batch.results[1].HasField("created")
+    assert (await claim(api, lane)).task.lease.execution_id == waiting  # the rest is handed out
+    for eid in (running, waiting):
+        await api.execution.CancelExecution(
+            epb.CancelExecutionRequest(execution_id=eid), metadata=api.metadata
+        )
     got = await svc.GetLane(lpb.GetLaneRequest(lane_id=lane), metadata=api.metadata)
-    assert got.lane.drained and got.lane.depth["eligible"] == 1
+    assert got.lane.drained and got.lane.depth["terminal"] == 2 and got.lane.reason == "retire"
     await svc.ResumeLane(lpb.ResumeLaneRequest(lane_id=lane), metadata=api.metadata)
+    assert await create(api, lane)
 
 
 async def test_a_pause_through_another_server_is_seen_within_the_cache_ttl(api: Api) -> None:

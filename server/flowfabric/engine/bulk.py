@@ -224,7 +224,14 @@ class BulkJobs:
         for p in sorted(by_part):
             lanes = by_part[p] & {job.filter.lane_id} if job.filter.lane_id else by_part[p]
             out += [(p, lane, s) for lane in sorted(lanes) for s in sorted(sets)]
-        return out
+        if not out:
+            return out
+        # one round trip drops the empty sets, so a page read is spent only where work is
+        pipe = self.store.pipeline()
+        for p, lane, s in out:
+            pipe.zcard(PartitionKeys.of(p).lane(lane, s))
+        sizes = await self.store.run_pipeline(pipe)
+        return [src for src, n in zip(out, sizes, strict=True) if int(n)]
 
     async def _fetch(
         self, job: Job, src: Source, after: tuple[str, str] | None, n: int
