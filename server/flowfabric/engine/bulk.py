@@ -64,7 +64,7 @@ STATE_SETS: dict[str, tuple[str, ...]] = {
 # an item the action no longer applies to: a harmless no-op, counted as skipped
 SKIP_CODES = frozenset({"execution_not_found", "execution_not_active", "execution_not_terminal"})
 REQUEST_TTL_S = 7 * 24 * 3600
-RUNNER_INTERVAL_MS = 500
+RUNNER_INTERVAL_MS = 1000  # one SMEMBERS a second per idle server
 
 
 @dataclass(frozen=True)
@@ -292,6 +292,8 @@ class BulkJobs:
     async def page(self, job: Job, sources: Sequence[Source]) -> tuple[list[str], bool]:
         """The next page's matches, advancing `job.cursor`; (matches, finished)."""
         cur = job.cursor
+        if cur.get("finished"):  # a takeover after the last page, before the state was written
+            return [], True
         at = tuple(cur["source"]) if cur.get("source") else None
         for src in sources:
             if at is not None and src < at:
