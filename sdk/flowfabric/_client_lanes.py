@@ -121,7 +121,8 @@ class LanesMixin(Connected):
         return Lane.from_proto(reply.lane)
 
     async def drain_lane(self, lane: str, *, reason: str = "") -> Lane:
-        """Stop handing out new work; `lane(...).drained` once nothing is active."""
+        """Refuse new creates (`lane_draining`) while workers finish what is there;
+        `lane(...).drained` once all of it is terminal."""
         t = self._transport
         reply = await t.unary(
             t.lanes.DrainLane, lane_pb2.DrainLaneRequest(lane_id=lane, reason=reason)

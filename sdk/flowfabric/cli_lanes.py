@@ -120,15 +120,16 @@ def resume(ctx: click.Context, lane: str) -> None:
 @lanes.command(name="drain")
 @click.argument("lane")
 @click.option("--reason", default="", help="Shown by `lanes get` (at most 256 bytes).")
-@click.option("--wait", is_flag=True, help="Wait until nothing of the lane is active.")
+@click.option("--wait", is_flag=True, help="Wait until all of the lane's work is terminal.")
 @click.pass_context
 def drain(ctx: click.Context, lane: str, reason: str, wait: bool) -> None:
-    """Stop handing out new work; running work finishes."""
+    """Refuse new creates; workers finish what is there."""
     with _client(ctx) as client:
         got = client.drain_lane(lane, reason=reason)
         while wait and not got.drained and got.control == "draining":
             if not _json(ctx):
-                click.echo(f"{lane}: {got.depth.get('active', 0)} active", err=True)
+                left = sum(n for s, n in got.depth.items() if s != "terminal")
+                click.echo(f"{lane}: {left} not terminal", err=True)
             time.sleep(POLL_S)
             got = client.lane(lane)
         _show_lane(ctx, got)

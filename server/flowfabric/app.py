@@ -403,7 +403,12 @@ class FlowFabricServer:
         from flowfabric.v1 import admin_pb2_grpc, execution_pb2_grpc
 
         assert self.scheduler is not None
-        self.executions = execution.ExecutionServicer(ctx, self.hub, self.scheduler.wake_local)
+        self.executions = execution.ExecutionServicer(
+            ctx,
+            self.hub,
+            self.scheduler.wake_local,
+            intake=self.scheduler.lane_controls.check_intake,
+        )
         execution_pb2_grpc.add_ExecutionServiceServicer_to_server(self.executions, server)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             worker.WorkerServicer(ctx, self.scheduler, registry), server

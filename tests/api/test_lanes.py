@@ -5,12 +5,14 @@ with a dry-run count, an empty filter refused, idempotent starts and an audit li
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
 import grpc
 import pytest
 
+from flowfabric.server.api.interceptors import FlowFabricInterceptor
 from flowfabric.server.engine import lanes as lane_engine
 from flowfabric.v1 import execution_pb2 as epb
 from flowfabric.v1 import lane_pb2 as lpb
@@ -84,22 +86,60 @@ async def test_pause_holds_every_claim_path_and_resume_releases(
     assert any(f"method=ResumeLane lane_id={lane} outcome=ok" in x for x in lines), lines
 
 
-async def test_drain_reports_drained_once_nothing_is_active(api: Api) -> None:
+async def test_stream_work_honours_a_pause(api: Api) -> None:
+    lane = f"stream-{uuid.uuid4().hex[:8]}"
+    svc = lanes(api)
+    await svc.PauseLane(lpb.PauseLaneRequest(lane_id=lane), metadata=api.metadata)
+    eid = await create(api, lane)
+    call = api.worker.StreamWork(
+        wpb.StreamWorkRequest(worker_id="w", worker_instance_id="w-s", lane_ids=[lane]),
+        metadata=api.metadata,
+    )
+    try:
+        first = asyncio.ensure_future(call.read())
+        await asyncio.sleep(0.3)  # the stream's claim passes run meanwhile
+        assert not first.done() and await state(api, eid) == t.PUBLIC_STATE_WAITING
+        await svc.ResumeLane(lpb.ResumeLaneRequest(lane_id=lane), metadata=api.metadata)
+        async with asyncio.timeout(30):  # a safety net, not an assertion on timing
+            got = await first
+        assert got.task.lease.execution_id == eid
+    finally:
+        call.cancel()
+
+
+async def test_drain_refuses_creates_hands_out_the_rest_and_reports_drained(api: Api) -> None:
     lane = f"drain-{uuid.uuid4().hex[:8]}"
     running = await create(api, lane)
-    await create(api, lane)
+    waiting = await create(api, lane)
     assert (await claim(api, lane)).task.lease.execution_id == running
     svc = lanes(api)
-    drained = await svc.DrainLane(lpb.DrainLaneRequest(lane_id=lane), metadata=api.metadata)
+    drained = await svc.DrainLane(
+        lpb.DrainLaneRequest(lane_id=lane, reason="retire"), metadata=api.metadata
+    )
     assert drained.lane.control == lpb.LANE_CONTROL_DRAINING and not drained.lane.drained
     assert drained.lane.depth["active"] == 1 and drained.lane.depth["eligible"] == 1
-    assert (await claim(api, lane)).WhichOneof("outcome") == "no_work"
-    await api.execution.CancelExecution(
-        epb.CancelExecutionRequest(execution_id=running), metadata=api.metadata
+    info = await expect_error(
+        create(api, lane), grpc.StatusCode.FAILED_PRECONDITION, "lane_draining"
     )
+    assert info.metadata["lane_id"] == lane
+    batch = await api.execution.CreateExecutions(
+        epb.CreateExecutionsRequest(items=[
+            epb.CreateExecutionRequest(execution_kind="k", lane_id=lane),
+            epb.CreateExecutionRequest(execution_kind="k", lane_id=f"{lane}-other"),
+        ]),
+        metadata=api.metadata,
+    )  # fmt: skip
+    assert batch.results[0].error.reason == "lane_draining"
+    assert batch.results[1].HasField("created")
+    assert (await claim(api, lane)).task.lease.execution_id == waiting  # the rest is handed out
+    for eid in (running, waiting):
+        await api.execution.CancelExecution(
+            epb.CancelExecutionRequest(execution_id=eid), metadata=api.metadata
+        )
     got = await svc.GetLane(lpb.GetLaneRequest(lane_id=lane), metadata=api.metadata)
-    assert got.lane.drained and got.lane.depth["eligible"] == 1
+    assert got.lane.drained and got.lane.depth["terminal"] == 2 and got.lane.reason == "retire"
     await svc.ResumeLane(lpb.ResumeLaneRequest(lane_id=lane), metadata=api.metadata)
+    assert await create(api, lane)
 
 
 async def test_a_pause_through_another_server_is_seen_within_the_cache_ttl(api: Api) -> None:
@@ -234,3 +274,16 @@ async def test_cancel_bulk_action_stops_it(api: Api) -> None:
         lpb.CancelBulkActionRequest(bulk_action_id=bid), metadata=api.metadata
     )
     assert again.bulk_action.state == lpb.BULK_ACTION_STATE_CANCELLED
+
+
+def test_lane_service_is_operator_only_under_an_admin_token() -> None:
+    guard = FlowFabricInterceptor("api-token", "admin-token")
+    method = "/flowfabric.v1.LaneService/StartBulkAction"
+    denied = guard._deny(method, (("authorization", "Bearer api-token"),))
+    assert denied is not None and denied.code == "admin_token_required"
+    assert guard._deny(method, (("authorization", "Bearer admin-token"),)) is None
+    # without an admin token the API token is enough, as for AdminService
+    assert (
+        FlowFabricInterceptor("api-token")._deny(method, (("authorization", "Bearer api-token"),))
+        is None
+    )

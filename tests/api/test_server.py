@@ -149,6 +149,7 @@ async def test_grpcurl_lists_services_and_creates_with_json(api: Api) -> None:
         "flowfabric.v1.ExecutionService",
         "flowfabric.v1.WorkerService",
         "flowfabric.v1.AdminService",
+        "flowfabric.v1.LaneService",
         "grpc.health.v1.Health",
     } <= services
     body = json.dumps({"execution_kind": "grpcurl", "idempotency_key": "shell-1"})

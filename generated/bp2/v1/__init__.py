@@ -966,12 +966,12 @@ class LaneControl(betterproto2.Enum):
 
     PAUSED = 2
     """
-    No claims; the lane's work stays where it is.
+    No claims; the lane's work stays where it is; creates are accepted.
     """
 
     DRAINING = 3
     """
-    No new claims; running work finishes (see `Lane.drained`).
+    Creates refused; claims hand out what is there (see `Lane.drained`).
     """
 
     @classmethod
@@ -5666,7 +5666,7 @@ class Lane(betterproto2.Message):
 
     drained: "bool" = betterproto2.field(7, betterproto2.TYPE_BOOL)
     """
-    Draining and nothing of the lane is active.
+    Draining, and every execution of the lane is terminal.
     """
 
 
@@ -9702,7 +9702,8 @@ class ExecutionServiceStub:
         Errors: INVALID_ARGUMENT `invalid_policy_json`, `invalid_capabilities`,
         `invalid_tag_key`, `payload_too_large` (input over 1 MiB),
         `partition_mismatch`; NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
-        `flow_already_terminal`; ALREADY_EXISTS `execution_already_in_flow`.
+        `flow_already_terminal`, `lane_draining` (the lane is draining:
+        docs/lanes.md); ALREADY_EXISTS `execution_already_in_flow`.
         """
 
         return self._channel.unary_unary(
@@ -9721,7 +9722,9 @@ class ExecutionServiceStub:
         (two items with one key: the second is `duplicate`). A failed item
         writes nothing. An item over the CreateExecution request limit fails
         alone with INVALID_ARGUMENT `payload_too_large`; an item with `flow_id`
-        fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution).
+        fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution);
+        an item into a draining lane fails alone with FAILED_PRECONDITION
+        `lane_draining`.
         Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
         more than 1000 items; then nothing is created.
         """
@@ -10184,7 +10187,8 @@ class LaneServiceStub:
     def pause_lane(self, message: "PauseLaneRequest") -> "PauseLaneResponse":
         """
         Pauses a lane: no claim path hands out its work until it is resumed;
-        eligible, delayed and running work stays where it is. Idempotent.
+        eligible, delayed and running work stays where it is, and creates into
+        it are accepted (they wait). Idempotent.
         Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`, a
         `reason` over 256 bytes).
         """
@@ -10197,8 +10201,8 @@ class LaneServiceStub:
 
     def resume_lane(self, message: "ResumeLaneRequest") -> "ResumeLaneResponse":
         """
-        Resumes a paused or draining lane: claims hand out its work again.
-        Idempotent.
+        Resumes a paused or draining lane: claims hand out its work and creates
+        are accepted again. Idempotent.
         Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`).
         """
 
@@ -10210,8 +10214,10 @@ class LaneServiceStub:
 
     def drain_lane(self, message: "DrainLaneRequest") -> "DrainLaneResponse":
         """
-        Drains a lane: no new work is handed out, running work finishes; the
-        lane reports `drained` once nothing of it is active. Idempotent.
+        Drains a lane: new creates into it are refused (FAILED_PRECONDITION
+        `lane_draining` on CreateExecution / CreateExecutions), while claims keep
+        handing out what is already there; the lane reports `drained` once none
+        of its executions is left outside `terminal`. Idempotent.
         Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`, a
         `reason` over 256 bytes).
         """

@@ -132,7 +132,8 @@ class ExecutionServiceServicer:
         Errors: INVALID_ARGUMENT `invalid_policy_json`, `invalid_capabilities`,
         `invalid_tag_key`, `payload_too_large` (input over 1 MiB),
         `partition_mismatch`; NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
-        `flow_already_terminal`; ALREADY_EXISTS `execution_already_in_flow`.
+        `flow_already_terminal`, `lane_draining` (the lane is draining:
+        docs/lanes.md); ALREADY_EXISTS `execution_already_in_flow`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,7 +148,9 @@ class ExecutionServiceServicer:
         (two items with one key: the second is `duplicate`). A failed item
         writes nothing. An item over the CreateExecution request limit fails
         alone with INVALID_ARGUMENT `payload_too_large`; an item with `flow_id`
-        fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution).
+        fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution);
+        an item into a draining lane fails alone with FAILED_PRECONDITION
+        `lane_draining`.
         Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
         more than 1000 items; then nothing is created.
         """

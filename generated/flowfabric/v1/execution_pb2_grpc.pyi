@@ -49,7 +49,8 @@ class ExecutionServiceStub:
     Errors: INVALID_ARGUMENT `invalid_policy_json`, `invalid_capabilities`,
     `invalid_tag_key`, `payload_too_large` (input over 1 MiB),
     `partition_mismatch`; NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
-    `flow_already_terminal`; ALREADY_EXISTS `execution_already_in_flow`.
+    `flow_already_terminal`, `lane_draining` (the lane is draining:
+    docs/lanes.md); ALREADY_EXISTS `execution_already_in_flow`.
     """
     CreateExecutions: _grpc.UnaryUnaryMultiCallable[_execution_pb2.CreateExecutionsRequest, _execution_pb2.CreateExecutionsResponse]
     """Creates several executions in one round trip. Each item is decoded and
@@ -60,7 +61,9 @@ class ExecutionServiceStub:
     (two items with one key: the second is `duplicate`). A failed item
     writes nothing. An item over the CreateExecution request limit fails
     alone with INVALID_ARGUMENT `payload_too_large`; an item with `flow_id`
-    fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution).
+    fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution);
+    an item into a draining lane fails alone with FAILED_PRECONDITION
+    `lane_draining`.
     Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
     more than 1000 items; then nothing is created.
     """
@@ -165,7 +168,8 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
     Errors: INVALID_ARGUMENT `invalid_policy_json`, `invalid_capabilities`,
     `invalid_tag_key`, `payload_too_large` (input over 1 MiB),
     `partition_mismatch`; NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
-    `flow_already_terminal`; ALREADY_EXISTS `execution_already_in_flow`.
+    `flow_already_terminal`, `lane_draining` (the lane is draining:
+    docs/lanes.md); ALREADY_EXISTS `execution_already_in_flow`.
     """
     CreateExecutions: _aio.UnaryUnaryMultiCallable[_execution_pb2.CreateExecutionsRequest, _execution_pb2.CreateExecutionsResponse]  # type: ignore[assignment]
     """Creates several executions in one round trip. Each item is decoded and
@@ -176,7 +180,9 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
     (two items with one key: the second is `duplicate`). A failed item
     writes nothing. An item over the CreateExecution request limit fails
     alone with INVALID_ARGUMENT `payload_too_large`; an item with `flow_id`
-    fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution).
+    fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution);
+    an item into a draining lane fails alone with FAILED_PRECONDITION
+    `lane_draining`.
     Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
     more than 1000 items; then nothing is created.
     """
@@ -284,7 +290,8 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT `invalid_policy_json`, `invalid_capabilities`,
         `invalid_tag_key`, `payload_too_large` (input over 1 MiB),
         `partition_mismatch`; NOT_FOUND `flow_not_found`; FAILED_PRECONDITION
-        `flow_already_terminal`; ALREADY_EXISTS `execution_already_in_flow`.
+        `flow_already_terminal`, `lane_draining` (the lane is draining:
+        docs/lanes.md); ALREADY_EXISTS `execution_already_in_flow`.
         """
 
     @_abc_1.abstractmethod
@@ -301,7 +308,9 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         (two items with one key: the second is `duplicate`). A failed item
         writes nothing. An item over the CreateExecution request limit fails
         alone with INVALID_ARGUMENT `payload_too_large`; an item with `flow_id`
-        fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution).
+        fails alone with INVALID_ARGUMENT `invalid_input` (use CreateExecution);
+        an item into a draining lane fails alone with FAILED_PRECONDITION
+        `lane_draining`.
         Errors: INVALID_ARGUMENT `invalid_input` for an empty batch or one of
         more than 1000 items; then nothing is created.
         """

@@ -30,9 +30,9 @@ class _LaneControlEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LaneContr
     LANE_CONTROL_ACTIVE: _LaneControl.ValueType  # 1
     """The default: claims hand out the lane's work."""
     LANE_CONTROL_PAUSED: _LaneControl.ValueType  # 2
-    """No claims; the lane's work stays where it is."""
+    """No claims; the lane's work stays where it is; creates are accepted."""
     LANE_CONTROL_DRAINING: _LaneControl.ValueType  # 3
-    """No new claims; running work finishes (see `Lane.drained`)."""
+    """Creates refused; claims hand out what is there (see `Lane.drained`)."""
 
 class LaneControl(_LaneControl, metaclass=_LaneControlEnumTypeWrapper): ...
 
@@ -40,9 +40,9 @@ LANE_CONTROL_UNSPECIFIED: LaneControl.ValueType  # 0
 LANE_CONTROL_ACTIVE: LaneControl.ValueType  # 1
 """The default: claims hand out the lane's work."""
 LANE_CONTROL_PAUSED: LaneControl.ValueType  # 2
-"""No claims; the lane's work stays where it is."""
+"""No claims; the lane's work stays where it is; creates are accepted."""
 LANE_CONTROL_DRAINING: LaneControl.ValueType  # 3
-"""No new claims; running work finishes (see `Lane.drained`)."""
+"""Creates refused; claims hand out what is there (see `Lane.drained`)."""
 Global___LaneControl: _TypeAlias = LaneControl  # noqa: Y015
 
 class _BulkActionKind:
@@ -131,7 +131,7 @@ class Lane(_message.Message):
     head_age_ms: _builtins.int
     """How long the head of the queue has been eligible (ms)."""
     drained: _builtins.bool
-    """Draining and nothing of the lane is active."""
+    """Draining, and every execution of the lane is terminal."""
     @_builtins.property
     def depth(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Members per index set: `eligible`, `delayed`, `active`, `suspended`,

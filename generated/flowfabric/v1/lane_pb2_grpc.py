@@ -98,7 +98,8 @@ class LaneServiceServicer:
 
     def PauseLane(self, request, context):
         """Pauses a lane: no claim path hands out its work until it is resumed;
-        eligible, delayed and running work stays where it is. Idempotent.
+        eligible, delayed and running work stays where it is, and creates into
+        it are accepted (they wait). Idempotent.
         Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`, a
         `reason` over 256 bytes).
         """
@@ -107,8 +108,8 @@ class LaneServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResumeLane(self, request, context):
-        """Resumes a paused or draining lane: claims hand out its work again.
-        Idempotent.
+        """Resumes a paused or draining lane: claims hand out its work and creates
+        are accepted again. Idempotent.
         Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -116,8 +117,10 @@ class LaneServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DrainLane(self, request, context):
-        """Drains a lane: no new work is handed out, running work finishes; the
-        lane reports `drained` once nothing of it is active. Idempotent.
+        """Drains a lane: new creates into it are refused (FAILED_PRECONDITION
+        `lane_draining` on CreateExecution / CreateExecutions), while claims keep
+        handing out what is already there; the lane reports `drained` once none
+        of its executions is left outside `terminal`. Idempotent.
         Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`, a
         `reason` over 256 bytes).
         """

@@ -41,18 +41,21 @@ class LaneServiceStub:
     def __new__(cls, channel: _aio.Channel) -> LaneServiceAsyncStub: ...
     PauseLane: _grpc.UnaryUnaryMultiCallable[_lane_pb2.PauseLaneRequest, _lane_pb2.PauseLaneResponse]
     """Pauses a lane: no claim path hands out its work until it is resumed;
-    eligible, delayed and running work stays where it is. Idempotent.
+    eligible, delayed and running work stays where it is, and creates into
+    it are accepted (they wait). Idempotent.
     Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`, a
     `reason` over 256 bytes).
     """
     ResumeLane: _grpc.UnaryUnaryMultiCallable[_lane_pb2.ResumeLaneRequest, _lane_pb2.ResumeLaneResponse]
-    """Resumes a paused or draining lane: claims hand out its work again.
-    Idempotent.
+    """Resumes a paused or draining lane: claims hand out its work and creates
+    are accepted again. Idempotent.
     Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`).
     """
     DrainLane: _grpc.UnaryUnaryMultiCallable[_lane_pb2.DrainLaneRequest, _lane_pb2.DrainLaneResponse]
-    """Drains a lane: no new work is handed out, running work finishes; the
-    lane reports `drained` once nothing of it is active. Idempotent.
+    """Drains a lane: new creates into it are refused (FAILED_PRECONDITION
+    `lane_draining` on CreateExecution / CreateExecutions), while claims keep
+    handing out what is already there; the lane reports `drained` once none
+    of its executions is left outside `terminal`. Idempotent.
     Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`, a
     `reason` over 256 bytes).
     """
@@ -106,18 +109,21 @@ class LaneServiceAsyncStub(LaneServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     PauseLane: _aio.UnaryUnaryMultiCallable[_lane_pb2.PauseLaneRequest, _lane_pb2.PauseLaneResponse]  # type: ignore[assignment]
     """Pauses a lane: no claim path hands out its work until it is resumed;
-    eligible, delayed and running work stays where it is. Idempotent.
+    eligible, delayed and running work stays where it is, and creates into
+    it are accepted (they wait). Idempotent.
     Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`, a
     `reason` over 256 bytes).
     """
     ResumeLane: _aio.UnaryUnaryMultiCallable[_lane_pb2.ResumeLaneRequest, _lane_pb2.ResumeLaneResponse]  # type: ignore[assignment]
-    """Resumes a paused or draining lane: claims hand out its work again.
-    Idempotent.
+    """Resumes a paused or draining lane: claims hand out its work and creates
+    are accepted again. Idempotent.
     Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`).
     """
     DrainLane: _aio.UnaryUnaryMultiCallable[_lane_pb2.DrainLaneRequest, _lane_pb2.DrainLaneResponse]  # type: ignore[assignment]
-    """Drains a lane: no new work is handed out, running work finishes; the
-    lane reports `drained` once nothing of it is active. Idempotent.
+    """Drains a lane: new creates into it are refused (FAILED_PRECONDITION
+    `lane_draining` on CreateExecution / CreateExecutions), while claims keep
+    handing out what is already there; the lane reports `drained` once none
+    of its executions is left outside `terminal`. Idempotent.
     Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`, a
     `reason` over 256 bytes).
     """
@@ -174,7 +180,8 @@ class LaneServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lane_pb2.PauseLaneResponse, _abc.Awaitable[_lane_pb2.PauseLaneResponse]]:
         """Pauses a lane: no claim path hands out its work until it is resumed;
-        eligible, delayed and running work stays where it is. Idempotent.
+        eligible, delayed and running work stays where it is, and creates into
+        it are accepted (they wait). Idempotent.
         Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`, a
         `reason` over 256 bytes).
         """
@@ -185,8 +192,8 @@ class LaneServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lane_pb2.ResumeLaneRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lane_pb2.ResumeLaneResponse, _abc.Awaitable[_lane_pb2.ResumeLaneResponse]]:
-        """Resumes a paused or draining lane: claims hand out its work again.
-        Idempotent.
+        """Resumes a paused or draining lane: claims hand out its work and creates
+        are accepted again. Idempotent.
         Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`).
         """
 
@@ -196,8 +203,10 @@ class LaneServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lane_pb2.DrainLaneRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lane_pb2.DrainLaneResponse, _abc.Awaitable[_lane_pb2.DrainLaneResponse]]:
-        """Drains a lane: no new work is handed out, running work finishes; the
-        lane reports `drained` once nothing of it is active. Idempotent.
+        """Drains a lane: new creates into it are refused (FAILED_PRECONDITION
+        `lane_draining` on CreateExecution / CreateExecutions), while claims keep
+        handing out what is already there; the lane reports `drained` once none
+        of its executions is left outside `terminal`. Idempotent.
         Errors: INVALID_ARGUMENT `invalid_input` (a malformed `lane_id`, a
         `reason` over 256 bytes).
         """

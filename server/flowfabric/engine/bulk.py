@@ -64,7 +64,7 @@ STATE_SETS: dict[str, tuple[str, ...]] = {
 # an item the action no longer applies to: a harmless no-op, counted as skipped
 SKIP_CODES = frozenset({"execution_not_found", "execution_not_active", "execution_not_terminal"})
 REQUEST_TTL_S = 7 * 24 * 3600
-RUNNER_INTERVAL_MS = 500
+RUNNER_INTERVAL_MS = 1000  # one SMEMBERS a second per idle server
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,14 @@ class BulkJobs:
         for p in sorted(by_part):
             lanes = by_part[p] & {job.filter.lane_id} if job.filter.lane_id else by_part[p]
             out += [(p, lane, s) for lane in sorted(lanes) for s in sorted(sets)]
-        return out
+        if not out:
+            return out
+        # one round trip drops the empty sets, so a page read is spent only where work is
+        pipe = self.store.pipeline()
+        for p, lane, s in out:
+            pipe.zcard(PartitionKeys.of(p).lane(lane, s))
+        sizes = await self.store.run_pipeline(pipe)
+        return [src for src, n in zip(out, sizes, strict=True) if int(n)]
 
     async def _fetch(
         self, job: Job, src: Source, after: tuple[str, str] | None, n: int
@@ -285,6 +292,8 @@ class BulkJobs:
     async def page(self, job: Job, sources: Sequence[Source]) -> tuple[list[str], bool]:
         """The next page's matches, advancing `job.cursor`; (matches, finished)."""
         cur = job.cursor
+        if cur.get("finished"):  # a takeover after the last page, before the state was written
+            return [], True
         at = tuple(cur["source"]) if cur.get("source") else None
         for src in sources:
             if at is not None and src < at:

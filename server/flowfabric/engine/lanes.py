@@ -5,15 +5,16 @@ A lane's control state lives in one global hash (`ff:config:lane_control`, lane 
 keys of one hash tag only, and a lane's work spans many partitions, so the state is not
 checked inside them: the scheduler asks `LaneControls.claimable` before every claim pass
 (ClaimNext, StreamWork, the claims riding on completions) and before a grant
-(ClaimForWorker). The answer comes from a per-process copy of the hash, re-read when older
-than `CACHE_TTL_S` and at once after a change through this process. So a pause made through
-another server is honoured by this one within `CACHE_TTL_S` (plus a claim already in
-flight): that is the staleness bound.
+(ClaimForWorker), and CreateExecution(s) ask `check_intake`. The answers come from a
+per-process copy of the hash, re-read when older than `CACHE_TTL_S` and at once after a change
+through this process. So a change made through another server is honoured by this one within
+`CACHE_TTL_S` (plus a call already in flight): that is the staleness bound.
 
 Paused: no claim hands out the lane's work; eligible, delayed and running work stays where it
-is (running work finishes, releases and retries land back in the lane and wait). Draining: the
-same for claims, and the lane reports `drained` once nothing of it is active, the point at
-which an operator can retire its workers. Resume returns to active and wakes local waiters.
+is (running work finishes, releases and retries land back in the lane and wait), and creates
+are accepted. Draining (a queue's drain: let it empty): creates into the lane are refused
+(`lane_draining`), claims keep handing out what is there, and the lane reports `drained` once
+all of it is terminal. Resume returns to active and wakes local waiters.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flowfabric.server.valkey.codec import text
+from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.keys import LANE_CONTROL
 from flowfabric.server.valkey.store import Store, server_time_ms
 
@@ -40,6 +42,9 @@ class LaneState:
     state: str = "active"
     reason: str = ""
     at: int = 0  # when it last changed (Valkey ms); 0 = never
+
+
+_ACTIVE = LaneState()
 
 
 def _decode(raw: object) -> LaneState:
@@ -106,7 +111,17 @@ class LaneControls:
             await self._reread()
         if not self._states:
             return list(lanes)
-        return [lane for lane in lanes if lane not in self._states]
+        return [lane for lane in lanes if self._states.get(lane, _ACTIVE).state != "paused"]
+
+    async def check_intake(self, lane: str) -> None:
+        """FAILED_PRECONDITION `lane_draining` when `lane` refuses new creates."""
+        if time.monotonic() - self._read_at > CACHE_TTL_S:
+            await self._reread()
+        if self._states.get(lane, _ACTIVE).state == "draining":
+            raise FlowFabricError(
+                "lane_draining", message=f"lane {lane} is draining: it takes no new work",
+                metadata={"lane_id": lane},
+            )  # fmt: skip
 
     async def _reread(self) -> None:
         """One read for every claim pass that finds the copy stale (single-flight)."""

@@ -134,7 +134,7 @@ class Scheduler:
         self.hints = hints if hints is not None else ReadyHints(None, partitions)
         self.hints.on_ready(self._wake_lane)
         self.admission = Admission(functions)
-        # paused and draining lanes hand out nothing (engine/lanes.py, docs/lanes.md)
+        # paused lanes hand out nothing (engine/lanes.py, docs/lanes.md)
         self.lane_controls = LaneControls(store)
         self.lane_controls.on_resume(self._wake_lane)
         self.reclaimer = Reclaimer(functions, store, partitions)

@@ -90,6 +90,7 @@ def _table() -> dict[str, ErrorSpec]:
         ("failure_reason", "failure_category", "attempt_index"),
     )
     put(C.FAILED_PRECONDITION, "retryable", "capability_mismatch", ("missing",))
+    put(C.FAILED_PRECONDITION, "retryable", "lane_draining", ("lane_id",))
     put(
         C.FAILED_PRECONDITION,
         "retryable",

@@ -119,13 +119,15 @@ def check_create(request: pb.CreateExecutionRequest) -> None:
 
 class ExecutionServicer(rpc.ExecutionServiceServicer):
     def __init__(
-        self, ctx: ServerContext, hub: EventHub | None = None, on_created: Any = None
-    ) -> None:
+        self, ctx: ServerContext, hub: EventHub | None = None, on_created: Any = None,
+        intake: Any = None,
+    ) -> None:  # fmt: skip
         self.ctx = ctx
         self.hub = hub
         self.on_created = on_created
         # one set per process, shared with the scheduler (docs/lifecycle.md#lanes-across-a-cluster)
         self.lane_parts = ctx.lane_partitions or LanePartitions(ctx.partitions)
+        self.intake = intake  # async (lane) -> None: refuses a draining lane (docs/lanes.md)
 
     @property
     def fn(self) -> Functions:
@@ -191,6 +193,8 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         """A CreateExecution's (or a CreateExecutions item's) validated create and its flow.
         `turn`: the request's pick of the lane's partitions (LanePartitions.for_create)."""
         lane = validate_lane(request.lane_id or DEFAULT_LANE)
+        if self.intake is not None:
+            await self.intake(lane)
         if not request.execution_kind:
             raise InvalidInput("execution_kind", "execution_kind is required")
         if len(request.input_payload) > limits.INPUT_PAYLOAD_MAX:

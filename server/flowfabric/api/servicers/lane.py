@@ -84,7 +84,8 @@ def lane_msg(lane: str, control: LaneState, depth: lane_reads.LaneDepth, now: in
     return pb.Lane(
         lane_id=lane, control=CONTROL[control.state], reason=control.reason,
         control_changed_at=control.at, depth=depth.counts, head_age_ms=depth.head_age_ms(now),
-        drained=control.state == "draining" and depth.counts["active"] == 0,
+        drained=control.state == "draining"
+        and all(n == 0 for s, n in depth.counts.items() if s != "terminal"),
     )  # fmt: skip
 
 
