@@ -74,11 +74,20 @@ async def test_pause_holds_every_claim_path_and_resume_releases(
     )
     assert grant.WhichOneof("outcome") == "no_work"
     assert await state(api, eid) == t.PUBLIC_STATE_WAITING  # kept where it was
+    described = await api.execution.DescribeExecution(
+        epb.DescribeExecutionRequest(execution_id=eid), metadata=api.metadata
+    )
+    assert described.why.kind == epb.WhyNotRunning.KIND_LANE_PAUSED, described.why
+    assert f"lane {lane} is paused: deploy" in described.why.summary
     listed = await svc.ListLanes(lpb.ListLanesRequest(), metadata=api.metadata)
     row = next(x for x in listed.lanes if x.lane_id == lane)
     assert row.control == lpb.LANE_CONTROL_PAUSED and row.depth["eligible"] == 1
     resumed = await svc.ResumeLane(lpb.ResumeLaneRequest(lane_id=lane), metadata=api.metadata)
     assert resumed.lane.control == lpb.LANE_CONTROL_ACTIVE
+    described = await api.execution.DescribeExecution(
+        epb.DescribeExecutionRequest(execution_id=eid), metadata=api.metadata
+    )
+    assert described.why.kind == epb.WhyNotRunning.KIND_WAITING_FOR_WORKER
     got = await claim(api, lane)
     assert got.task.lease.execution_id == eid
     lines = [r.getMessage() for r in caplog.records if r.name == "audit"]

@@ -13,6 +13,7 @@ structured fields a budget or quota read will add.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from flowfabric.server.valkey.ids import (
     quota_partition,
 )
 from flowfabric.server.valkey.keys import (
+    LANE_CONTROL,
     WORKERS_INDEX,
     BudgetKeys,
     ExecKeys,
@@ -165,8 +167,29 @@ async def _suspended(
 async def _eligible(
     store: Store, eid: ExecutionId, f: dict[str, str], why: epb.WhyNotRunning
 ) -> None:
+    lane = f.get("lane_id", "")
+    paused = await _lane_pause(store, lane)
+    if paused is not None:  # eligible, but its lane hands nothing out (docs/lanes.md)
+        why.kind = K.KIND_LANE_PAUSED
+        why.summary = f"eligible, but lane {lane} is paused" + (f": {paused}" if paused else "")
+        return
     why.kind = K.KIND_WAITING_FOR_WORKER
-    why.summary = f"eligible; waiting for a worker to claim it from lane {f.get('lane_id', '')}"
+    why.summary = f"eligible; waiting for a worker to claim it from lane {lane}"
+
+
+async def _lane_pause(store: Store, lane: str) -> str | None:
+    """The pause reason of `lane` ("" when none was given), None when it is not paused: its
+    entry in the lane control hash (docs/lanes.md#lane-control)."""
+    raw = await store.call("HGET", LANE_CONTROL, lane)
+    if raw is None:
+        return None
+    try:
+        row = json.loads(text(raw))
+    except ValueError:
+        return None  # an explanation never fails on a field it only decorates with
+    if not isinstance(row, dict) or row.get("state") != "paused":
+        return None
+    return str(row.get("reason", ""))
 
 
 async def _delayed(
