@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from flowfabric.server.api import limits, logs, reflection
+from flowfabric.server.api import limits, logs, metrics, reflection
 from flowfabric.server.api.interceptors import FlowFabricInterceptor
 from flowfabric.server.api.servicers import (
     admin,
@@ -122,6 +122,7 @@ class FlowFabricServer:
         self.signal_watches: SignalWatches | None = None
         self.admin: admin.AdminServicer | None = None
         self.server: grpc.aio.Server | None = None
+        self.metrics: metrics.Metrics | None = None  # FF_METRICS_ADDR (docs/observability.md)
         # grpc_health ships no stubs for its aio module
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port: int | None = None
@@ -217,6 +218,8 @@ class FlowFabricServer:
                 self.store, fn, cfg.flow_partitions, cfg.interval_ms("FF_FLOW_PROJECTOR_INTERVAL_S")
             )
         )
+        scanned = self.scanners if self.run_scanners else None
+        self.metrics = await metrics.start(cfg, [self.store, self.stream_store], scanned)
         self.server = self._build_server(ctx, ".".join(map(str, version)), registry)
         self.port = self._bind(self.server)
         await self.server.start()
@@ -331,7 +334,10 @@ class FlowFabricServer:
         self, ctx: ServerContext, valkey_version: str, registry: WorkerRegistry
     ) -> grpc.aio.Server:
         server = grpc.aio.server(
-            interceptors=[FlowFabricInterceptor(self.config.api_token, self.config.admin_token)],
+            interceptors=[
+                *([self.metrics.interceptor()] if self.metrics is not None else []),
+                FlowFabricInterceptor(self.config.api_token, self.config.admin_token),
+            ],
             options=[
                 ("grpc.max_receive_message_length", limits.GRPC_MAX_RECEIVE),
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -517,6 +523,8 @@ class FlowFabricServer:
         if self.server is not None:
             await self.server.stop(grace)
         await self._stop_background()
+        if self.metrics is not None:
+            await self.metrics.stop()
         if self.hub is not None:
             await self.hub.stop()
         await cancel_and_wait(self._tasks)
