@@ -22,6 +22,7 @@ of figure:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -473,9 +474,13 @@ class Metrics:
         return self.port
 
     async def stop(self) -> None:
+        """Stop listening; a scrape in progress gets a moment to finish."""
         if self._http is not None:
-            self._http.close()
-            self._http = None
+            http, self._http = self._http, None
+            http.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await http.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
