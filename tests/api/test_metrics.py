@@ -199,11 +199,13 @@ async def test_series_stay_within_bounds_at_10000_tenants(quiet_api: Api) -> Non
     lanes = [f"lane-{i:03d}" for i in range(200)]
     # 10,000 tenants, 50 per lane, in batches of 1000
     items = [create(lanes[i % 200], namespace=f"tenant-{i:05d}") for i in range(10_000)]
-    for start in range(0, len(items), 1000):
-        reply = await api.execution.CreateExecutions(
+    replies = await asyncio.gather(*(
+        api.execution.CreateExecutions(
             pb.CreateExecutionsRequest(items=items[start : start + 1000]), metadata=md
         )
-        assert len(reply.results) == 1000
+        for start in range(0, len(items), 1000)
+    ))  # fmt: skip
+    assert [len(r.results) for r in replies] == [1000] * 10
     claimed = await claim(api, lanes[:100], max_tasks=100)
     for lane in lanes[100:160]:  # claims on more lanes than the cap
         claimed += await claim(api, [lane])
