@@ -266,3 +266,20 @@ def test_metrics_settings_are_checked() -> None:
                 {"FF_METRICS_LANES": "0"}, {"FF_METRICS_BUDGETS": "1001"}):  # fmt: skip
         with pytest.raises(ConfigError, match=next(iter(env))):
             Config.load([], env=env)
+
+
+async def test_a_failed_read_leaves_the_gauges_out_instead_of_zero() -> None:
+    """Valkey unreachable (nothing listens on the port): the scrape still answers, without the
+    lane and budget families, and counts the failed reads."""
+    from flowfabric.server.api.metrics import Metrics
+
+    store = Store.from_url("valkey://127.0.0.1:1")
+    try:
+        m = Metrics(Config(flow_partitions=4, budget_partitions=2), store, ["ff_x"])
+        text = (await m.scrape()).decode()
+    finally:
+        await store.close()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert "flowfabric_lane_executions" not in fams and "flowfabric_budget_usage_ratio" not in fams
+    failures = {s.labels["read"]: s.value for s in fams["flowfabric_metrics_read_failures"].samples}
+    assert failures == {"lanes": 1, "budgets": 1}
