@@ -283,3 +283,24 @@ async def test_a_failed_read_leaves_the_gauges_out_instead_of_zero() -> None:
     assert "flowfabric_lane_executions" not in fams and "flowfabric_budget_usage_ratio" not in fams
     failures = {s.labels["read"]: s.value for s in fams["flowfabric_metrics_read_failures"].samples}
     assert failures == {"lanes": 1, "budgets": 1}
+
+
+async def test_open_watches_are_counted_while_open(metrics_api: Api) -> None:
+    api = metrics_api
+    created = await api.execution.CreateExecution(create("m-w"), metadata=api.metadata)
+    call = api.execution.WatchExecution(
+        pb.WatchExecutionRequest(execution_id=created.created.execution_id), metadata=api.metadata
+    )
+    await call.read()  # the current state: the watch is open
+    gauge, svc = "flowfabric_grpc_server_open_streams", "flowfabric.v1.ExecutionService"
+    fams = await scrape(api)
+    assert value(fams, gauge, grpc_service=svc, grpc_method="WatchExecution") == 1
+    call.cancel()
+    handled = "flowfabric_grpc_server_handled"
+    while True:  # the server sees the cancel a moment later
+        fams = await scrape(api)
+        if value(fams, gauge, grpc_method="WatchExecution") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert value(fams, handled, handled + "_total", grpc_method="WatchExecution",
+                 grpc_code="CANCELLED") == 1  # fmt: skip
