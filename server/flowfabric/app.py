@@ -16,11 +16,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from flowfabric.server.api import limits, logs, metrics, reflection
+from flowfabric.server.api import limits, logs, reflection
 from flowfabric.server.api.interceptors import FlowFabricInterceptor
 from flowfabric.server.api.servicers import (
     admin,
@@ -84,6 +85,9 @@ from flowfabric.v1 import (
     worker_pb2_grpc,
 )
 
+if TYPE_CHECKING:
+    from flowfabric.server.api.metrics import Metrics
+
 log = logging.getLogger("flowfabric.server")
 # `flowfabric serve` sets up logging through the boot module (main imports app only)
 configure_logging = logs.configure
@@ -122,7 +126,7 @@ class FlowFabricServer:
         self.signal_watches: SignalWatches | None = None
         self.admin: admin.AdminServicer | None = None
         self.server: grpc.aio.Server | None = None
-        self.metrics: metrics.Metrics | None = None  # FF_METRICS_ADDR (docs/observability.md)
+        self.metrics: Metrics | None = None  # FF_METRICS_ADDR (docs/observability.md)
         # grpc_health ships no stubs for its aio module
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port: int | None = None
@@ -218,8 +222,11 @@ class FlowFabricServer:
                 self.store, fn, cfg.flow_partitions, cfg.interval_ms("FF_FLOW_PROJECTOR_INTERVAL_S")
             )
         )
-        scanned = self.scanners if self.run_scanners else None
-        self.metrics = await metrics.start(cfg, [self.store, self.stream_store], scanned)
+        if cfg.metrics_addr:  # prometheus_client is imported only when metrics are asked for
+            from flowfabric.server.api import metrics
+
+            scanned = self.scanners if self.run_scanners else None
+            self.metrics = await metrics.start(cfg, [self.store, self.stream_store], scanned)
         self.server = self._build_server(ctx, ".".join(map(str, version)), registry)
         self.port = self._bind(self.server)
         await self.server.start()

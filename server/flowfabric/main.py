@@ -41,6 +41,8 @@ async def _serve(config: Config) -> None:
         port = await server.start()
         host = config.listen_addr.rsplit(":", 1)[0]
         print(f"flowfabric listening on {host}:{port}", flush=True)
+        if server.metrics is not None:
+            print(f"flowfabric metrics on {server.metrics.url}", flush=True)
         await stop.wait()
     finally:
         await server.stop()

@@ -8,12 +8,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -304,3 +309,29 @@ async def test_open_watches_are_counted_while_open(metrics_api: Api) -> None:
         await asyncio.sleep(0.05)
     assert value(fams, handled, handled + "_total", grpc_method="WatchExecution",
                  grpc_code="CANCELLED") == 1  # fmt: skip
+
+
+def test_serve_prints_the_metrics_url_and_serves_it(tmp_path: Path) -> None:
+    """The embedded quick start with `--metrics-addr`: the second line names the URL."""
+    cli = [sys.executable, "-c", "from flowfabric.cli import main; main()"]
+    argv = [*cli, "serve", "--listen-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
+            "--data-dir", str(tmp_path / "d")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FF_")}
+    with (
+        (tmp_path / "serve.log").open("w") as stderr,
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env) as proc,
+    ):
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().startswith("flowfabric listening on 127.0.0.1:")
+            line = proc.stdout.readline().strip()
+            assert line.startswith("flowfabric metrics on http://127.0.0.1:"), line
+            body = _get(line.rsplit(" ", 1)[1])
+            assert "\nflowfabric_lanes 0.0\n" in body, "read from the (empty) embedded Valkey"
+            assert 'flowfabric_scanner_lag_seconds{scanner="lease_expiry"}' in body
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

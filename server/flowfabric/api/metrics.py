@@ -325,6 +325,7 @@ class Metrics:
         self.started_at = time.time()
         self.methods: list[tuple[str, str, bool]] = []  # service, method, server-streaming
         self.port: int | None = None
+        self.host = ""
         self._http: asyncio.Server | None = None
         self._scrape_lock = asyncio.Lock()
         r = self.registry
@@ -471,7 +472,14 @@ class Metrics:
         host, port = parse_addr(addr)
         self._http = await asyncio.start_server(self._handle, host, port)
         self.port = int(self._http.sockets[0].getsockname()[1])
+        self.host = "127.0.0.1" if host == "0.0.0.0" else host
         return self.port
+
+    @property
+    def url(self) -> str:
+        """Where to scrape (every interface: shown as the loopback address)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
 
     async def stop(self) -> None:
         """Stop listening; a scrape in progress gets a moment to finish."""
@@ -660,9 +668,8 @@ async def start(
     metrics = Metrics(config, stores[0], library_functions(stores[0].library.source))
     metrics.register_methods(served_methods())
     metrics.attach(stores, scanners)
-    port = await metrics.serve(config.metrics_addr)
-    host = parse_addr(config.metrics_addr)[0]
-    log.info("metrics on http://%s:%s/metrics", "127.0.0.1" if host == "0.0.0.0" else host, port)
+    await metrics.serve(config.metrics_addr)
+    log.info("metrics on %s", metrics.url)
     return metrics
 
 
