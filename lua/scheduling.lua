@@ -362,7 +362,8 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --       (initial | retry | replay | reclaim; a resumed claim gives its attempt's stored type),
 --       resumed ("1" | "0"), payload, payload_encoding, execution_kind, namespace, priority,
 --       flow_id, tags (flat name/value), trace_context (core trace_context, "" = none:
---       docs/observability.md#traces)}.
+--       docs/observability.md#traces), claim_wait_ms (now - last_transition_at of an
+--       eligible head; "" for a reclaim)}.
 --     mismatched: eligible ids that failed the capability check (only core
 --       last_capability_mismatch_at written, as by the grant; the caller blocks them for
 --       route).
@@ -441,14 +442,15 @@ local function claim_batch_args(keys, argv)
     room = room, weights = weights}
 end
 
--- What the worker needs of one lease (the ff_claim_batch `claimed` row).
-local function claimed_row(x, a, attempt_type, resumed)
+-- What the worker needs of one lease (the ff_claim_batch `claimed` row). `waited` is how long
+-- the head had been eligible ('' for a reclaim): the claim-wait metric (docs/observability.md).
+local function claimed_row(x, a, attempt_type, resumed, waited)
   local c = x.core
   return {x.eid, a.lease_id, Util.num(a.epoch), Util.num(a.expires), a.attempt_id, Util.num(a.idx),
     attempt_type, resumed and '1' or '0',
     redis.call('GET', Keys.exec(x.tag, x.eid, 'payload')) or '', c.payload_encoding or '',
     c.execution_kind or '', c.namespace or '', c.priority or '0', c.flow_id or '',
-    redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags')), c.trace_context or ''}
+    redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags')), c.trace_context or '', waited or ''}
 end
 
 -- Fixed cost of one claimed row on top of its variable fields: ids, numbers and the framing
@@ -521,6 +523,8 @@ local function claim_head(eid, b, argv, pair, room, now, admitted)
   if next(x.core) == nil then
     return nil
   end
+  -- eligible since its last transition (create, promote, unblock, resume): read before the claim
+  local waited = Util.num(math.max(now - (tonumber(x.core.last_transition_at or '') or now), 0))
   local k = {grant = Keys.exec(tag, eid, 'claim_grant'), attempts = Keys.exec(tag, eid, 'attempts'),
     lease = Keys.exec(tag, eid, 'lease:current'), history = Keys.exec(tag, eid, 'lease:history'),
     lease_expiry = b.keys[2], attempt_timeout = b.keys[3], deadline = b.keys[4]}
@@ -545,11 +549,11 @@ local function claim_head(eid, b, argv, pair, room, now, admitted)
   end
   if cerr == nil then
     local a = claim_new_attempt(x, k, p, now)
-    return claimed_row(x, a, a.attempt_type, false), cost
+    return claimed_row(x, a, a.attempt_type, false, waited), cost
   end
   local a = claim_same_attempt(x, k, p, now)
   local stored = redis.call('HGET', Keys.attempt(tag, eid, a.idx), 'attempt_type')
-  return claimed_row(x, a, stored or 'initial', true), cost
+  return claimed_row(x, a, stored or 'initial', true, waited), cost
 end
 
 -- Examines one head (a due lease or an eligible head) with `take` and files the outcome in

@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -91,6 +92,9 @@ from flowfabric.v1 import (
     worker_pb2_grpc,
 )
 
+if TYPE_CHECKING:
+    from flowfabric.server.api.metrics import Metrics
+
 log = logging.getLogger("flowfabric.server")
 # `flowfabric serve` sets up logging through the boot module (main imports app only)
 configure_logging = logs.configure
@@ -132,6 +136,7 @@ class FlowFabricServer:
         self.dashboard: DashboardServer | None = None
         self.dashboard_port: int | None = None  # set when FF_DASHBOARD is on (docs/dashboard.md)
         self.server: grpc.aio.Server | None = None
+        self.metrics: Metrics | None = None  # FF_METRICS_ADDR (docs/observability.md)
         # grpc_health ships no stubs for its aio module
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port: int | None = None
@@ -145,11 +150,10 @@ class FlowFabricServer:
 
     # -- boot ---------------------------------------------------------------------------------
 
-    async def start(self) -> int:
+    def _preflight(self) -> tuple[str, str | None]:
+        """The checks of the configuration before anything starts: the waitpoint secret, the
+        embedded Valkey's password, the durability mode, the tracing extra."""
         cfg = self.config
-        if cfg.embedded:
-            # first of all: one server per data dir (the lock dies with this process)
-            self._lock_fd = lock_data_dir(cfg.data_dir.resolve())
         try:
             secret = resolve_secret(cfg)
             password = embedded_password(cfg.data_dir) if cfg.embedded else None
@@ -163,6 +167,14 @@ class FlowFabricServer:
                 "tracing is on (FF_OTEL or OTEL_EXPORTER_OTLP_ENDPOINT) but OpenTelemetry is not "
                 "installed: install the `otel` extra (flowfabric[otel]), or set FF_OTEL=0"
             )
+        return secret, password
+
+    async def start(self) -> int:
+        cfg = self.config
+        if cfg.embedded:
+            # first of all: one server per data dir (the lock dies with this process)
+            self._lock_fd = lock_data_dir(cfg.data_dir.resolve())
+        secret, password = self._preflight()
         self._secret = secret
         if cfg.embedded:
             data_dir = cfg.data_dir.resolve()
@@ -243,6 +255,11 @@ class FlowFabricServer:
                 self.store, fn, cfg.flow_partitions, cfg.interval_ms("FF_FLOW_PROJECTOR_INTERVAL_S")
             )
         )
+        if cfg.metrics_addr:  # prometheus_client is imported only when metrics are asked for
+            from flowfabric.server.api import metrics
+
+            scanned = self.scanners if self.run_scanners else None
+            self.metrics = await metrics.start(cfg, [self.store, self.stream_store], scanned)
         self.server = self._build_server(ctx, ".".join(map(str, version)), registry)
         self.port = self._bind(self.server)
         await self.server.start()
@@ -388,7 +405,8 @@ class FlowFabricServer:
             trace = tracing.wrap
         server = grpc.aio.server(
             interceptors=[
-                FlowFabricInterceptor(self.config.api_token, self.config.admin_token, trace)
+                *([self.metrics.interceptor()] if self.metrics is not None else []),
+                FlowFabricInterceptor(self.config.api_token, self.config.admin_token, trace),
             ],
             options=[
                 ("grpc.max_receive_message_length", limits.GRPC_MAX_RECEIVE),
@@ -588,6 +606,8 @@ class FlowFabricServer:
         if self.server is not None:
             await self.server.stop(grace)
         await self._stop_background()
+        if self.metrics is not None:
+            await self.metrics.stop()
         if self.hub is not None:
             await self.hub.stop()
         await cancel_and_wait(self._tasks)

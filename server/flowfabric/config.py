@@ -177,6 +177,8 @@ class Config:
     # FF_DASHBOARD: host:port of the web dashboard, "off" = none (docs/dashboard.md); unset = off,
     # except that `flowfabric serve` on the embedded Valkey (the quick start) turns it on.
     dashboard: str | None = None
+    metrics_lanes: int = 50  # lanes labelled by name, the rest `other` (docs/observability.md)
+    metrics_budgets: int = 20  # (budget, dimension) pairs shown, by usage ratio
     durability: str = "os"  # os | fsync | replicated (docs/durability.md)
     durability_replicas: int = 1
     durability_timeout_ms: int = 1000
@@ -374,6 +376,21 @@ def _addr(name: str, raw: str) -> str:
     return raw
 
 
+def _metrics_addr(name: str, raw: str) -> str:
+    """`host:port` or `:port` (every interface); port 0 picks one (docs/observability.md)."""
+    _host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{name} must be host:port or :port, got: {raw!r}")
+    return raw
+
+
+def _capped(name: str, raw: str, maximum: int) -> int:
+    value = _int(name, raw, 1)
+    if value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got: {value}")
+    return value
+
+
 def _count(name: str, raw: str) -> int:
     value = _int(name, raw, 1)
     if value > 65536:
@@ -430,8 +447,10 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "FF_LOG_FORMAT": ("log_format", _log_format),
     "FF_TLS_CERT": ("tls_cert", _path),
     "FF_TLS_KEY": ("tls_key", _path),
-    "FF_METRICS_ADDR": ("metrics_addr", _str),
     "FF_DASHBOARD": ("dashboard", _dashboard),
+    "FF_METRICS_ADDR": ("metrics_addr", _metrics_addr),
+    "FF_METRICS_LANES": ("metrics_lanes", lambda n, r: _capped(n, r, 1000)),
+    "FF_METRICS_BUDGETS": ("metrics_budgets", lambda n, r: _capped(n, r, 1000)),
     "FF_DURABILITY": ("durability", _durability),
     "FF_DURABILITY_REPLICAS": ("durability_replicas", _replicas),
     "FF_DURABILITY_TIMEOUT_MS": ("durability_timeout_ms", _durability_timeout),
@@ -474,6 +493,8 @@ def flag_parser() -> argparse.ArgumentParser:
         "tls_key",
         "metrics_addr",
         "dashboard",
+        "metrics_lanes",
+        "metrics_budgets",
         "durability",
         "durability_replicas",
         "durability_timeout_ms",

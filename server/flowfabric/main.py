@@ -49,6 +49,8 @@ async def _serve(config: Config) -> None:
         print(f"flowfabric listening on {host}:{port}", flush=True)
         if server.dashboard_port is not None:
             print(f"dashboard: http://{server.dashboard_url_host()}/", flush=True)
+        if server.metrics is not None:
+            print(f"flowfabric metrics on {server.metrics.url}", flush=True)
         await stop.wait()
     finally:
         await server.stop()

@@ -40,7 +40,7 @@ TTL = 30_000
 ROW = (
     "execution_id", "lease_id", "lease_epoch", "lease_expires_at", "attempt_id",
     "attempt_index", "attempt_type", "resumed", "payload", "payload_encoding", "execution_kind",
-    "namespace", "priority", "flow_id", "tags", "trace_context",
+    "namespace", "priority", "flow_id", "tags", "trace_context", "claim_wait_ms",
 )  # fmt: skip
 
 

@@ -75,6 +75,20 @@ async def test_reclaims_and_eligible_heads_share_one_call(store: Store) -> None:
     ]  # fmt: skip
 
 
+async def test_a_claimed_row_carries_the_heads_eligible_wait(store: Store) -> None:
+    """The claim-wait metric's figure (docs/observability.md#where-events-are-counted): an
+    eligible head's row says how long it had been eligible (now - last_transition_at, read
+    before the claim wrote it); a reclaim row carries none."""
+    head = await created(store)
+    eid = await due_lease(store)  # its lease is already due: the head has waited that long
+    since = int((await core_of(store, head))["last_transition_at"])
+    before = await now_ms(store)
+    got = {r["execution_id"]: r for r in rows(await batch_raw(store, 2))}
+    after = await now_ms(store)
+    assert got[str(eid)]["claim_wait_ms"] == ""
+    assert before - since <= int(got[str(head)]["claim_wait_ms"]) <= after - since
+
+
 async def test_a_revoked_lease_is_reclaimed_at_once(store: Store) -> None:
     eid = await created(store)
     lease = await claim(store, eid, worker="other", instance="other-1", ttl=600_000)

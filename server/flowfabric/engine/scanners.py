@@ -118,6 +118,8 @@ class ScannerSet:
         self.cycles: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        # (name, interval_ms, seconds, ok) after each cycle: the metrics (docs/observability.md)
+        self.on_cycle: Callable[[str, int, float, bool], None] = lambda *_: None
 
     def add(self, scanner: Scanner) -> None:
         self.scanners.append(scanner)
@@ -183,24 +185,30 @@ class ScannerSet:
 
     async def _supervise_cycle(self, job: Any) -> None:
         while not self._stopping.is_set():
-            started = time.monotonic()
+            started, ok = time.monotonic(), False
             try:
                 await job.run_cycle()
+                ok = True
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("%s cycle failed", getattr(job, "name", "index reconciler"))
             elapsed_ms = (time.monotonic() - started) * 1000
+            self.on_cycle(
+                getattr(job, "name", "index_reconciler"), job.interval_ms, elapsed_ms / 1000, ok
+            )
             await self._pause(max(job.interval_ms - elapsed_ms, 0) / 1000)
 
     async def _loop(self, scanner: Scanner) -> None:
         while not self._stopping.is_set():
-            started = time.monotonic()
+            started, ok = time.monotonic(), False
             try:
                 await self.run_cycle(scanner)
+                ok = True
             except FlowFabricError as exc:  # Valkey down: retry next tick
                 log.warning("scanner %s cycle failed: %s", scanner.name, exc)
             elapsed_ms = (time.monotonic() - started) * 1000
+            self.on_cycle(scanner.name, scanner.interval_ms, elapsed_ms / 1000, ok)
             await self._pause(max(scanner.interval_ms - elapsed_ms, 0) / 1000)
 
     async def lanes_by_partition(self, partitions: Sequence[int]) -> dict[int, list[str]]:

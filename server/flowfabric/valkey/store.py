@@ -32,6 +32,7 @@ from flowfabric.server.valkey.durability import (
 )
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.library import Library, default_library
+from flowfabric.server.valkey.observe import FcallObserver
 
 log = logging.getLogger("flowfabric.store")
 
@@ -115,6 +116,7 @@ class Store:
         self.library = library or default_library()
         self._reload_lock = asyncio.Lock()
         self.durability = Durability("os")
+        self.observer = FcallObserver()  # the metrics' view of each FCALL (valkey/observe.py)
 
     @classmethod
     def from_url(cls, url: str, *, library: Library | None = None) -> Store:

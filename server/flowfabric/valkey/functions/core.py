@@ -335,8 +335,13 @@ def decode_reply(decl: Decl[R], raw: Any) -> R:
 async def call(store: Store, decl: Decl[R], ctx: KeyCtx, values: Mapping[str, object]) -> R:
     """Build, FCALL (FCALL_RO for a read-only declaration) and decode one call."""
     keys, argv = build(decl, ctx, values)
-    raw = await store.fcall(decl.name, keys, argv, read_only=decl.read_only, durable=decl.durable)
-    return decode_reply(decl, raw)
+    with store.observer.timed(decl.name):
+        raw = await store.fcall(
+            decl.name, keys, argv, read_only=decl.read_only, durable=decl.durable
+        )
+    reply = decode_reply(decl, raw)
+    store.observer.replied(decl.name, ctx, values, reply)
+    return reply
 
 
 @dataclass(frozen=True)
@@ -372,7 +377,8 @@ async def call_batch(
         argv += a
     assert counts is not None
     head: list[str | bytes] = [str(counts[0]), str(counts[1])]
-    raw = await store.fcall(batch.name, keys, head + argv, durable=batch.single.durable)
+    with store.observer.timed(batch.name):
+        raw = await store.fcall(batch.name, keys, head + argv, durable=batch.single.durable)
     if isinstance(raw, list) and raw and not isinstance(raw[0], list):
         decode(raw, batch.name)  # the batch's own error reply: raised
     complete = isinstance(raw, list) and (
@@ -386,6 +392,7 @@ async def call_batch(
             out.append(decode_reply(batch.single, one))
         except FlowFabricError as exc:
             out.append(exc)
+    store.observer.replied_batch(batch.single.name, items, out)
     return out
 
 

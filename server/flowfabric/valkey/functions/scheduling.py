@@ -52,6 +52,8 @@ class BatchClaim:
     flow_id: str
     tags: dict[str, str] = field(default_factory=dict)
     trace_context: str = ""  # stored form (valkey/tracecontext.py)
+    # how long an eligible head waited to be claimed; None for a reclaim (docs/observability.md)
+    claim_wait_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def _row(row: Sequence[object]) -> BatchClaim:
     if not isinstance(row, list | tuple) or len(row) != 16:
         raise FlowFabricError("protocol_error", message=f"ff_claim_batch: bad claimed row {row!r}")
     (eid, lease_id, epoch, expires, attempt_id, index, attempt_type, resumed, payload, encoding,
-     kind, namespace, priority, flow_id, tags, trace_context) = row  # fmt: skip
+     kind, namespace, priority, flow_id, tags, trace_context, waited) = row  # fmt: skip
     return BatchClaim(
         execution_id=text(eid), lease_id=text(lease_id), lease_epoch=int(text(epoch)),
         lease_expires_at=int(text(expires)), attempt_id=text(attempt_id),
@@ -94,6 +96,7 @@ def _row(row: Sequence[object]) -> BatchClaim:
         payload_encoding=text(encoding), execution_kind=text(kind), namespace=text(namespace),
         priority=int(text(priority) or 0), flow_id=text(flow_id), tags=hash_to_dict(tags),
         trace_context=text(trace_context),
+        claim_wait_ms=int(text(waited)) if text(waited) else None,
     )  # fmt: skip
 
 
