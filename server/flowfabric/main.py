@@ -26,9 +26,6 @@ def serve_command(flags: list[str]) -> None:
     except ConfigError as exc:
         print(f"flowfabric: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    if config.embedded and config.dashboard is None:
-        # the quick start: the dashboard on by default (docs/dashboard.md)
-        config = dataclasses.replace(config, dashboard=QUICKSTART_DASHBOARD)
     configure_logging(config.log_level, config.log_format)
     try:
         asyncio.run(_serve(config))
@@ -37,8 +34,19 @@ def serve_command(flags: list[str]) -> None:
         raise SystemExit(1) from None
 
 
+def quickstart_defaults(config: Config) -> tuple[Config, bool]:
+    """The quick start (embedded Valkey, FF_DASHBOARD unset) serves the dashboard on
+    QUICKSTART_DASHBOARD (docs/dashboard.md#turning-it-on); returns the config and whether
+    that default is in force (a taken port then only warns)."""
+    if config.embedded and config.dashboard is None:
+        return dataclasses.replace(config, dashboard=QUICKSTART_DASHBOARD), True
+    return config, False
+
+
 async def _serve(config: Config) -> None:
+    config, default_dashboard = quickstart_defaults(config)
     server = FlowFabricServer(config)
+    server.dashboard_optional = default_dashboard
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

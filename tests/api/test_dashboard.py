@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -22,9 +27,10 @@ from typing import Any
 import pytest
 
 from flowfabric import Client, Worker
-from flowfabric.server.app import FlowFabricServer
+from flowfabric.server.app import BootError, FlowFabricServer
 from flowfabric.server.config import Config
 from flowfabric.server.embedded import ValkeyProcess
+from flowfabric.server.main import QUICKSTART_DASHBOARD, quickstart_defaults
 from flowfabric.server.valkey.store import Store
 from tests.conftest import API_TOKEN, HMAC_SECRET, flush
 
@@ -245,3 +251,54 @@ async def test_dashboard_in_chromium(
     for name in ("lanes", "executions", "execution", "workers", "flow", "budgets"):
         assert (shots / f"{name}.png").stat().st_size > 1000
     await page.close()
+
+
+def test_the_quick_start_turns_the_dashboard_on() -> None:
+    config, default = quickstart_defaults(Config())  # embedded Valkey, FF_DASHBOARD unset
+    assert (config.dashboard_addr, default) == (QUICKSTART_DASHBOARD, True)
+    off, default = quickstart_defaults(Config(dashboard="off"))
+    assert (off.dashboard_addr, default) == (None, False)
+    external = Config(valkey_url="valkey://127.0.0.1:1", waitpoint_hmac_secret=HMAC_SECRET)
+    assert quickstart_defaults(external)[0].dashboard_addr is None  # production: off
+
+
+def test_serve_prints_the_dashboard_url(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FF_")}
+    cmd = [sys.executable, "-c", "from flowfabric.cli import main; main()", "serve",
+           "--data-dir", str(tmp_path / "data"), "--listen-addr", "127.0.0.1:0",
+           "--dashboard", "127.0.0.1:0"]  # fmt: skip
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().startswith("flowfabric listening on 127.0.0.1:")
+            line = proc.stdout.readline().strip()
+            assert line.startswith("dashboard: http://127.0.0.1:") and line.endswith("/")
+            status, _, page = _request(line.removeprefix("dashboard: "))
+            assert status == 200 and b"<title>FlowFabric dashboard</title>" in page
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+
+
+async def test_a_taken_dashboard_port(valkey_standalone: ValkeyProcess, dash: Dash) -> None:
+    """FF_DASHBOARD on a taken port stops the boot; the quick start's default only warns."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = Config(valkey_url=valkey_standalone.url, listen_addr="127.0.0.1:0",
+                        dashboard=addr, waitpoint_hmac_secret=HMAC_SECRET, boot_retry_s=5.0,
+                        lanes=("dash",))  # fmt: skip
+        server = FlowFabricServer(config, run_scanners=False)
+        with pytest.raises(BootError, match=f"cannot bind the dashboard on {addr}"):
+            await server.start()
+        await server.stop()
+        server = FlowFabricServer(config, run_scanners=False)
+        server.dashboard_optional = True
+        try:
+            assert await server.start() > 0
+            assert server.dashboard is None and server.dashboard_port is None
+        finally:
+            await server.stop()
