@@ -266,7 +266,7 @@ def test_serve_prints_the_dashboard_url(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FF_")}
     cmd = [sys.executable, "-c", "from flowfabric.cli import main; main()", "serve",
            "--data-dir", str(tmp_path / "data"), "--listen-addr", "127.0.0.1:0",
-           "--dashboard", "127.0.0.1:0"]  # fmt: skip
+           "--dashboard", "127.0.0.1:0", "--flow-partitions", "4"]  # fmt: skip
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
     ) as proc:

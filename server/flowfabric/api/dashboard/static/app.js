@@ -163,7 +163,9 @@ function viewLanes() {
     const rows = data.lanes.map((lane) => el("tr", { "data-lane": lane.lane },
       el("td", {}, el("a", { href: "#/executions?lane=" + encodeURIComponent(lane.lane) }, lane.lane)),
       states.filter((s) => !s.startsWith("blocked:")).map((s) =>
-        el("td", { class: "num", "data-count": s }, lane.counts[s])),
+        el("td", { class: "num", "data-count": s }, LIST_STATES.includes(s)
+          ? el("a", { href: "#/executions?" + new URLSearchParams({ lane: lane.lane, state: s }) }, lane.counts[s])
+          : lane.counts[s])),
       el("td", { class: "num", "data-count": "blocked" }, lane.blocked),
       el("td", { class: "num", "data-wait": "" }, duration(lane.head_wait_ms))));
     const headers = ["lane", ...states.filter((s) => !s.startsWith("blocked:")), "blocked", "head wait"];
