@@ -107,6 +107,9 @@ async def test_access_errors_and_no_token_in_page(dash: Dash) -> None:
     _, _, script = await http(dash.url + "/static/app.js")
     for token in (API_TOKEN, ADMIN_TOKEN):
         assert token.encode() not in page + script
+    # a page elsewhere that rebinds its name to 127.0.0.1 is refused
+    status, _, body = await http(dash.url + "/", headers={"Host": "rebound.example:80"})
+    assert status == 403 and json.loads(body)["error"] == "bad_host"
     status, _, _ = await http(dash.url + "/api/session", "POST", {"token": "wrong"},
                               {"X-FF-Dashboard": "1"})  # fmt: skip
     assert status == 401
