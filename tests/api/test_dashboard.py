@@ -133,6 +133,16 @@ async def test_access_errors_and_no_token_in_page(dash: Dash) -> None:
     assert status == 403
     status, _, body = await http(url, "POST", {}, {**admin, "X-FF-Dashboard": "1"})
     assert status == 404 and json.loads(body)["error"] == "execution_not_found"
+    # with the admin session: cancel, then replay, a real execution
+    async with Client(dash.target, token=API_TOKEN) as client:
+        job = await client.submit("noop", {}, lane="dash")
+        act = f"{dash.url}/api/executions/{job.execution_id}"
+        post = {**admin, "X-FF-Dashboard": "1"}
+        assert (await http(act + "/cancel", "POST", {}, post))[0] == 200
+        assert (await client.state(job.execution_id)).name == "CANCELLED"
+        assert (await http(act + "/replay", "POST", {}, post))[0] == 200
+        assert (await client.state(job.execution_id)).name == "WAITING"
+        await client.cancel(job.execution_id)
 
 
 @pytest.fixture(scope="module")
