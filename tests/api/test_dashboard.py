@@ -20,7 +20,7 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,15 @@ async def http(
     return await asyncio.to_thread(_request, url, method, body, headers)
 
 
+async def _until(check: Callable[[], bool]) -> None:
+    """Poll `check` every 10 ms, for at most 5 s."""
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in 5 s")
+
+
 async def _session(dash: Dash, token: str) -> str:
     status, headers, _ = await http(
         dash.url + "/api/session", "POST", {"token": token}, {"X-FF-Dashboard": "1"}
@@ -142,6 +151,20 @@ async def test_access_errors_and_no_token_in_page(dash: Dash) -> None:
         assert (await client.state(job.execution_id)).name == "CANCELLED"
         assert (await http(act + "/replay", "POST", {}, post))[0] == 200
         assert (await client.state(job.execution_id)).name == "WAITING"
+        await client.cancel(job.execution_id)
+        # a tail holds a stream-op slot while open, and gives it back when the browser leaves
+        slots = dash.server.streams.slots if dash.server.streams else None
+        assert slots is not None and slots.in_use == 0
+        job = await client.submit("noop", {}, lane="dash")
+        reader, writer = await asyncio.open_connection("127.0.0.1", dash.server.dashboard_port)
+        path = f"/api/executions/{job.execution_id}/attempts/0/tail"
+        cookie = read["Cookie"]
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n".encode())
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        await reader.readuntil(b"retry: 2000\n\n")
+        await _until(lambda: slots.in_use == 1)
+        writer.close()
+        await _until(lambda: slots.in_use == 0)
         await client.cancel(job.execution_id)
 
 
