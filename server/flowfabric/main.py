@@ -43,6 +43,15 @@ def quickstart_defaults(config: Config) -> tuple[Config, bool]:
     return config, False
 
 
+def announce(server: FlowFabricServer) -> list[str]:
+    """What a started server prints on stdout: the gRPC address, then the dashboard's URL."""
+    host = server.config.listen_addr.rsplit(":", 1)[0]
+    lines = [f"flowfabric listening on {host}:{server.port}"]
+    if server.dashboard_port is not None:
+        lines.append(f"dashboard: http://{server.dashboard_url_host()}/")
+    return lines
+
+
 async def _serve(config: Config) -> None:
     config, default_dashboard = quickstart_defaults(config)
     server = FlowFabricServer(config)
@@ -52,11 +61,9 @@ async def _serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        port = await server.start()
-        host = config.listen_addr.rsplit(":", 1)[0]
-        print(f"flowfabric listening on {host}:{port}", flush=True)
-        if server.dashboard_port is not None:
-            print(f"dashboard: http://{server.dashboard_url_host()}/", flush=True)
+        await server.start()
+        for line in announce(server):
+            print(line, flush=True)
         await stop.wait()
     finally:
         await server.stop()

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -30,7 +26,7 @@ from flowfabric import Client, Worker
 from flowfabric.server.app import BootError, FlowFabricServer
 from flowfabric.server.config import Config
 from flowfabric.server.embedded import ValkeyProcess
-from flowfabric.server.main import QUICKSTART_DASHBOARD, quickstart_defaults
+from flowfabric.server.main import QUICKSTART_DASHBOARD, announce, quickstart_defaults
 from flowfabric.server.valkey.store import Store
 from tests.conftest import API_TOKEN, HMAC_SECRET, flush
 
@@ -257,6 +253,13 @@ async def test_dashboard_in_chromium(
                 worker.stop()
                 await running
 
+        # the admin session's Cancel button
+        doomed = await client.submit("echo", {"n": 2}, lane="dash")
+        await page.goto(f"{dash.url}/#/execution/{doomed.execution_id}")
+        await page.wait_for_selector("#state [data-state='waiting']")
+        await page.click("#cancel")
+        await page.wait_for_selector("#state [data-state='cancelled']")
+
         # a flow as a graph: the ten-way fan-out is one node
         f = client.flow()
         fetch = f.add("fetch", {}, lane="dash")
@@ -298,24 +301,12 @@ def test_the_quick_start_turns_the_dashboard_on() -> None:
     assert quickstart_defaults(external)[0].dashboard_addr is None  # production: off
 
 
-def test_serve_prints_the_dashboard_url(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FF_")}
-    cmd = [sys.executable, "-c", "from flowfabric.cli import main; main()", "serve",
-           "--data-dir", str(tmp_path / "data"), "--listen-addr", "127.0.0.1:0",
-           "--dashboard", "127.0.0.1:0", "--flow-partitions", "4"]  # fmt: skip
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-    ) as proc:
-        try:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().startswith("flowfabric listening on 127.0.0.1:")
-            line = proc.stdout.readline().strip()
-            assert line.startswith("dashboard: http://127.0.0.1:") and line.endswith("/")
-            status, _, page = _request(line.removeprefix("dashboard: "))
-            assert status == 200 and b"<title>FlowFabric dashboard</title>" in page
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
+async def test_the_dashboard_url_is_printed(dash: Dash) -> None:
+    grpc_line, url_line = announce(dash.server)  # what `flowfabric serve` prints
+    assert grpc_line == f"flowfabric listening on {dash.target}"
+    assert url_line == f"dashboard: {dash.url}/"
+    status, _, page = await http(url_line.removeprefix("dashboard: "))
+    assert status == 200 and b"<title>FlowFabric dashboard</title>" in page
 
 
 async def test_a_taken_dashboard_port(valkey_standalone: ValkeyProcess, dash: Dash) -> None:
