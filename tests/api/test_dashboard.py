@@ -112,6 +112,11 @@ async def test_access_errors_and_no_token_in_page(dash: Dash) -> None:
     _, _, script = await http(dash.url + "/static/app.js")
     for token in (API_TOKEN, ADMIN_TOKEN):
         assert token.encode() not in page + script
+    # a malformed request is a 400, never a dropped connection
+    reader, writer = await asyncio.open_connection("127.0.0.1", dash.server.dashboard_port)
+    writer.write(b"GET /?" + b"&".join(b"a%d=1" % i for i in range(30)) + b" HTTP/1.1\r\n\r\n")
+    assert (await reader.readline()).startswith(b"HTTP/1.1 400")
+    writer.close()
     # a page elsewhere that rebinds its name to 127.0.0.1 is refused
     status, _, body = await http(dash.url + "/", headers={"Host": "rebound.example:80"})
     assert status == 403 and json.loads(body)["error"] == "bad_host"

@@ -199,6 +199,11 @@ class DashboardServer:
                 response = await self._dispatch(request)
             except HttpError as exc:
                 response = _error(exc.status, exc.code, exc.message)
+            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                raise
+            except Exception:
+                log.exception("dashboard request failed")
+                response = _error(500, "internal", "the request failed; see the server log")
             if response.events is not None:
                 response.path = request.path
                 await self._stream(reader, writer, response)
@@ -229,12 +234,12 @@ class DashboardServer:
                 if size > BODY_LIMIT or size < 0:
                     raise HttpError(413, "too_large", f"request bodies are at most {BODY_LIMIT}")
                 body = await reader.readexactly(size) if size else b""
+            url = urlsplit(target)
+            query = {k: v[0] for k, v in parse_qs(url.query, max_num_fields=20).items()}
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
             raise HttpError(431, "too_large", "request head too large") from exc
         except ValueError as exc:
             raise HttpError(400, "bad_request", "malformed request") from exc
-        url = urlsplit(target)
-        query = {k: v[0] for k, v in parse_qs(url.query, max_num_fields=20).items()}
         return Request(method, url.path, query, headers, body)
 
     def _write_head(self, writer: asyncio.StreamWriter, response: Response) -> None:
