@@ -135,6 +135,8 @@ class FlowFabricServer:
         self.executions: execution.ExecutionServicer | None = None
         self.dashboard: DashboardServer | None = None
         self.dashboard_port: int | None = None  # set when FF_DASHBOARD is on (docs/dashboard.md)
+        # the quick start's default dashboard: a taken port is a warning, not a boot failure
+        self.dashboard_optional = False
         self.server: grpc.aio.Server | None = None
         self.metrics: Metrics | None = None  # FF_METRICS_ADDR (docs/observability.md)
         # grpc_health ships no stubs for its aio module
@@ -289,7 +291,11 @@ class FlowFabricServer:
         try:
             self.dashboard_port = await self.dashboard.start()
         except OSError as exc:
-            raise BootError(str(exc)) from None
+            self.dashboard = None
+            if not self.dashboard_optional:
+                raise BootError(str(exc)) from None
+            log.warning("%s; serving without it (set FF_DASHBOARD=host:port)", exc)
+            return
         log.info("dashboard on http://%s/", self.dashboard_url_host())
 
     def dashboard_url_host(self) -> str:

@@ -26,9 +26,6 @@ def serve_command(flags: list[str]) -> None:
     except ConfigError as exc:
         print(f"flowfabric: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    if config.embedded and config.dashboard is None:
-        # the quick start: the dashboard on by default (docs/dashboard.md)
-        config = dataclasses.replace(config, dashboard=QUICKSTART_DASHBOARD)
     configure_logging(config.log_level, config.log_format)
     try:
         asyncio.run(_serve(config))
@@ -37,20 +34,39 @@ def serve_command(flags: list[str]) -> None:
         raise SystemExit(1) from None
 
 
+def quickstart_defaults(config: Config) -> tuple[Config, bool]:
+    """The quick start (embedded Valkey, FF_DASHBOARD unset) serves the dashboard on
+    QUICKSTART_DASHBOARD (docs/dashboard.md#turning-it-on); returns the config and whether
+    that default is in force (a taken port then only warns)."""
+    if config.embedded and config.dashboard is None:
+        return dataclasses.replace(config, dashboard=QUICKSTART_DASHBOARD), True
+    return config, False
+
+
+def announce(server: FlowFabricServer) -> list[str]:
+    """What a started server prints on stdout: the gRPC address, then the dashboard's
+    URL and the metrics endpoint's, when they are on."""
+    host = server.config.listen_addr.rsplit(":", 1)[0]
+    lines = [f"flowfabric listening on {host}:{server.port}"]
+    if server.dashboard_port is not None:
+        lines.append(f"dashboard: http://{server.dashboard_url_host()}/")
+    if server.metrics is not None:
+        lines.append(f"flowfabric metrics on {server.metrics.url}")
+    return lines
+
+
 async def _serve(config: Config) -> None:
+    config, default_dashboard = quickstart_defaults(config)
     server = FlowFabricServer(config)
+    server.dashboard_optional = default_dashboard
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        port = await server.start()
-        host = config.listen_addr.rsplit(":", 1)[0]
-        print(f"flowfabric listening on {host}:{port}", flush=True)
-        if server.dashboard_port is not None:
-            print(f"dashboard: http://{server.dashboard_url_host()}/", flush=True)
-        if server.metrics is not None:
-            print(f"flowfabric metrics on {server.metrics.url}", flush=True)
+        await server.start()
+        for line in announce(server):
+            print(line, flush=True)
         await stop.wait()
     finally:
         await server.stop()

@@ -12,19 +12,21 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flowfabric import Client, Worker
-from flowfabric.server.app import FlowFabricServer
+from flowfabric.server.app import BootError, FlowFabricServer
 from flowfabric.server.config import Config
 from flowfabric.server.embedded import ValkeyProcess
+from flowfabric.server.main import QUICKSTART_DASHBOARD, announce, quickstart_defaults
 from flowfabric.server.valkey.store import Store
 from tests.conftest import API_TOKEN, HMAC_SECRET, flush
 
@@ -82,6 +84,15 @@ async def http(
     return await asyncio.to_thread(_request, url, method, body, headers)
 
 
+async def _until(check: Callable[[], bool]) -> None:
+    """Poll `check` every 10 ms, for at most 5 s."""
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in 5 s")
+
+
 async def _session(dash: Dash, token: str) -> str:
     status, headers, _ = await http(
         dash.url + "/api/session", "POST", {"token": token}, {"X-FF-Dashboard": "1"}
@@ -101,6 +112,14 @@ async def test_access_errors_and_no_token_in_page(dash: Dash) -> None:
     _, _, script = await http(dash.url + "/static/app.js")
     for token in (API_TOKEN, ADMIN_TOKEN):
         assert token.encode() not in page + script
+    # a malformed request is a 400, never a dropped connection
+    reader, writer = await asyncio.open_connection("127.0.0.1", dash.server.dashboard_port)
+    writer.write(b"GET /?" + b"&".join(b"a%d=1" % i for i in range(30)) + b" HTTP/1.1\r\n\r\n")
+    assert (await reader.readline()).startswith(b"HTTP/1.1 400")
+    writer.close()
+    # a page elsewhere that rebinds its name to 127.0.0.1 is refused
+    status, _, body = await http(dash.url + "/", headers={"Host": "rebound.example:80"})
+    assert status == 403 and json.loads(body)["error"] == "bad_host"
     status, _, _ = await http(dash.url + "/api/session", "POST", {"token": "wrong"},
                               {"X-FF-Dashboard": "1"})  # fmt: skip
     assert status == 401
@@ -124,6 +143,30 @@ async def test_access_errors_and_no_token_in_page(dash: Dash) -> None:
     assert status == 403
     status, _, body = await http(url, "POST", {}, {**admin, "X-FF-Dashboard": "1"})
     assert status == 404 and json.loads(body)["error"] == "execution_not_found"
+    # with the admin session: cancel, then replay, a real execution
+    async with Client(dash.target, token=API_TOKEN) as client:
+        job = await client.submit("noop", {}, lane="dash")
+        act = f"{dash.url}/api/executions/{job.execution_id}"
+        post = {**admin, "X-FF-Dashboard": "1"}
+        assert (await http(act + "/cancel", "POST", {}, post))[0] == 200
+        assert (await client.state(job.execution_id)).name == "CANCELLED"
+        assert (await http(act + "/replay", "POST", {}, post))[0] == 200
+        assert (await client.state(job.execution_id)).name == "WAITING"
+        await client.cancel(job.execution_id)
+        # a tail holds a stream-op slot while open, and gives it back when the browser leaves
+        slots = dash.server.streams.slots if dash.server.streams else None
+        assert slots is not None and slots.in_use == 0
+        job = await client.submit("noop", {}, lane="dash")
+        reader, writer = await asyncio.open_connection("127.0.0.1", dash.server.dashboard_port)
+        path = f"/api/executions/{job.execution_id}/attempts/0/tail"
+        cookie = read["Cookie"]
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n".encode())
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        await reader.readuntil(b"retry: 2000\n\n")
+        await _until(lambda: slots.in_use == 1)
+        writer.close()
+        await _until(lambda: slots.in_use == 0)
+        await client.cancel(job.execution_id)
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +258,13 @@ async def test_dashboard_in_chromium(
                 worker.stop()
                 await running
 
+        # the admin session's Cancel button
+        doomed = await client.submit("echo", {"n": 2}, lane="dash")
+        await page.goto(f"{dash.url}/#/execution/{doomed.execution_id}")
+        await page.wait_for_selector("#state [data-state='waiting']")
+        await page.click("#cancel")
+        await page.wait_for_selector("#state [data-state='cancelled']")
+
         # a flow as a graph: the ten-way fan-out is one node
         f = client.flow()
         fetch = f.add("fetch", {}, lane="dash")
@@ -245,3 +295,42 @@ async def test_dashboard_in_chromium(
     for name in ("lanes", "executions", "execution", "workers", "flow", "budgets"):
         assert (shots / f"{name}.png").stat().st_size > 1000
     await page.close()
+
+
+def test_the_quick_start_turns_the_dashboard_on() -> None:
+    config, default = quickstart_defaults(Config())  # embedded Valkey, FF_DASHBOARD unset
+    assert (config.dashboard_addr, default) == (QUICKSTART_DASHBOARD, True)
+    off, default = quickstart_defaults(Config(dashboard="off"))
+    assert (off.dashboard_addr, default) == (None, False)
+    external = Config(valkey_url="valkey://127.0.0.1:1", waitpoint_hmac_secret=HMAC_SECRET)
+    assert quickstart_defaults(external)[0].dashboard_addr is None  # production: off
+
+
+async def test_the_dashboard_url_is_printed(dash: Dash) -> None:
+    grpc_line, url_line = announce(dash.server)  # what `flowfabric serve` prints
+    assert grpc_line == f"flowfabric listening on {dash.target}"
+    assert url_line == f"dashboard: {dash.url}/"
+    status, _, page = await http(url_line.removeprefix("dashboard: "))
+    assert status == 200 and b"<title>FlowFabric dashboard</title>" in page
+
+
+async def test_a_taken_dashboard_port(valkey_standalone: ValkeyProcess, dash: Dash) -> None:
+    """FF_DASHBOARD on a taken port stops the boot; the quick start's default only warns."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = Config(valkey_url=valkey_standalone.url, listen_addr="127.0.0.1:0",
+                        dashboard=addr, waitpoint_hmac_secret=HMAC_SECRET, boot_retry_s=5.0,
+                        lanes=("dash",))  # fmt: skip
+        server = FlowFabricServer(config, run_scanners=False)
+        with pytest.raises(BootError, match=f"cannot bind the dashboard on {addr}"):
+            await server.start()
+        await server.stop()
+        server = FlowFabricServer(config, run_scanners=False)
+        server.dashboard_optional = True
+        try:
+            assert await server.start() > 0
+            assert server.dashboard is None and server.dashboard_port is None
+        finally:
+            await server.stop()

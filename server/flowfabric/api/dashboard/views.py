@@ -75,9 +75,9 @@ def _core_key(ctx: ServerContext, raw: str) -> str | None:
 async def lanes(ctx: ServerContext) -> dict[str, Any]:
     """Every known lane (and the configured ones) with its depth by state and head wait."""
     now = await ctx.store.time_ms()
-    parts = range(ctx.partitions)
-    wanted = set(await lane_reads.known_lanes(ctx.store, parts)) | set(ctx.config.lanes)
-    depths = await lane_reads.lane_depths(ctx.store, parts, lanes=wanted, now_ms=now)
+    depths = await lane_reads.lane_depths(ctx.store, range(ctx.partitions), now_ms=now)
+    for lane in ctx.config.lanes:  # a configured lane nothing was sent to yet shows as empty
+        depths.setdefault(lane, lane_reads.LaneDepth(lane))
     rows = [
         {
             "lane": d.lane,
@@ -86,7 +86,7 @@ async def lanes(ctx: ServerContext) -> dict[str, Any]:
             "head_wait_ms": d.head_age_ms(now),
             "partitions": len(d.partitions),
         }
-        for d in depths.values()
+        for d in sorted(depths.values(), key=lambda d: d.lane)
     ]
     return {"now": now, "states": list(lane_reads.LANE_STATES), "lanes": rows}
 

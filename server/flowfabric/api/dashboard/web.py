@@ -47,6 +47,7 @@ SESSIONS_MAX = 1000
 COOKIE = "ff_dashboard"
 OVERVIEW_INTERVAL_S = 2.0
 OVERVIEW_FULL_EVERY = 5  # push the wait times at least every this many intervals
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
 STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -134,6 +135,7 @@ class DashboardServer:
         self._conns: set[asyncio.Task[None]] = set()
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._stopping = asyncio.Event()
+        self._loopback = True
         Route = tuple[str, re.Pattern[str], Callable[[Request], Awaitable[Response]], str]
         self._routes: list[Route] = [
             ("GET", re.compile(r"/api/session"), self._session_info, "none"),
@@ -165,7 +167,8 @@ class DashboardServer:
         except (OSError, ValueError) as exc:
             raise OSError(f"cannot bind the dashboard on {self.addr}: {exc}") from None
         self.port = int(self._server.sockets[0].getsockname()[1])
-        if host not in ("127.0.0.1", "localhost", "::1") and not self.api_token:
+        self._loopback = host in ("127.0.0.1", "localhost", "::1")
+        if not self._loopback and not self.api_token:
             log.warning(
                 "dashboard on %s without FF_API_TOKEN: anyone who can reach it can read "
                 "every execution's state and output", self.addr,
@@ -196,6 +199,11 @@ class DashboardServer:
                 response = await self._dispatch(request)
             except HttpError as exc:
                 response = _error(exc.status, exc.code, exc.message)
+            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                raise
+            except Exception:
+                log.exception("dashboard request failed")
+                response = _error(500, "internal", "the request failed; see the server log")
             if response.events is not None:
                 response.path = request.path
                 await self._stream(reader, writer, response)
@@ -226,12 +234,12 @@ class DashboardServer:
                 if size > BODY_LIMIT or size < 0:
                     raise HttpError(413, "too_large", f"request bodies are at most {BODY_LIMIT}")
                 body = await reader.readexactly(size) if size else b""
+            url = urlsplit(target)
+            query = {k: v[0] for k, v in parse_qs(url.query, max_num_fields=20).items()}
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
             raise HttpError(431, "too_large", "request head too large") from exc
         except ValueError as exc:
             raise HttpError(400, "bad_request", "malformed request") from exc
-        url = urlsplit(target)
-        query = {k: v[0] for k, v in parse_qs(url.query, max_num_fields=20).items()}
         return Request(method, url.path, query, headers, body)
 
     def _write_head(self, writer: asyncio.StreamWriter, response: Response) -> None:
@@ -308,7 +316,18 @@ class DashboardServer:
                 return self._sessions[value]
         return "none" if self.api_token else "read"
 
+    def _host_ok(self, request: Request) -> bool:
+        """On a loopback address only loopback names are served: a page elsewhere cannot
+        rebind its own name to 127.0.0.1 and read the dashboard."""
+        if not self._loopback:
+            return True
+        host = request.headers.get("host", "")
+        name = host.rpartition("]")[0] + "]" if host.startswith("[") else host.partition(":")[0]
+        return name in LOOPBACK_NAMES
+
     async def _dispatch(self, request: Request) -> Response:
+        if not self._host_ok(request):
+            raise HttpError(403, "bad_host", "the dashboard answers to 127.0.0.1 or localhost")
         if request.method == "GET" and request.path in STATIC:
             name, ctype = STATIC[request.path]
             body = (resources.files(__package__) / "static" / name).read_bytes()

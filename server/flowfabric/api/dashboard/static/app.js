@@ -89,6 +89,8 @@ function showError(err) {
 
 function feed(path, handlers) {
   const source = new EventSource(path);
+  const live = document.getElementById("live");
+  source.addEventListener("open", () => { live.textContent = "live"; live.className = "live on"; });
   for (const [name, fn] of Object.entries(handlers)) {
     source.addEventListener(name, (ev) => fn(JSON.parse(ev.data), ev));
   }
@@ -128,7 +130,6 @@ document.getElementById("login").addEventListener("submit", async (ev) => {
     input.value = "";
     document.getElementById("login").hidden = true;
     await loadSession();
-    openOverview();
     route();
   } catch (err) {
     document.getElementById("login-error").textContent = err.message;
@@ -163,7 +164,9 @@ function viewLanes() {
     const rows = data.lanes.map((lane) => el("tr", { "data-lane": lane.lane },
       el("td", {}, el("a", { href: "#/executions?lane=" + encodeURIComponent(lane.lane) }, lane.lane)),
       states.filter((s) => !s.startsWith("blocked:")).map((s) =>
-        el("td", { class: "num", "data-count": s }, lane.counts[s])),
+        el("td", { class: "num", "data-count": s }, LIST_STATES.includes(s)
+          ? el("a", { href: "#/executions?" + new URLSearchParams({ lane: lane.lane, state: s }) }, lane.counts[s])
+          : lane.counts[s])),
       el("td", { class: "num", "data-count": "blocked" }, lane.blocked),
       el("td", { class: "num", "data-wait": "" }, duration(lane.head_wait_ms))));
     const headers = ["lane", ...states.filter((s) => !s.startsWith("blocked:")), "blocked", "head wait"];
@@ -433,6 +436,10 @@ function route() {
     a.classList.toggle("active", a.dataset.view === view || (view === "execution" && a.dataset.view === "executions") || (view === "flow" && a.dataset.view === "flows"));
   }
   if (session.auth_required && session.role === "none") { showLogin(); main.replaceChildren(); return; }
+  // an execution's page holds its own two feeds; the overview is closed there, so a browser's
+  // six connections per host go further across tabs
+  if (view === "execution") { if (overview) { overview.close(); overview = null; } }
+  else if (!overview) openOverview();
   const id = parts[1] ? decodeURIComponent(parts[1]) : "";
   if (view === "executions") viewExecutions(params);
   else if (view === "execution") viewExecution(id);
@@ -444,7 +451,4 @@ function route() {
 }
 
 window.addEventListener("hashchange", route);
-loadSession().then(() => {
-  if (!(session.auth_required && session.role === "none")) openOverview();
-  route();
-}, showError);
+loadSession().then(route, showError);
