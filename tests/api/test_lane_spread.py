@@ -17,7 +17,7 @@ import pytest
 
 from flowfabric.server.app import FlowFabricServer
 from flowfabric.server.config import AUTO_SPREAD, Config, ConfigError
-from flowfabric.server.engine.lane_partitions import lane_partition_set
+from flowfabric.server.engine.lane_partitions import LanePartitions, lane_partition_set
 from flowfabric.server.valkey.ids import parse_execution_id, solo_partition
 from flowfabric.server.valkey.keys import PartitionKeys
 from flowfabric.server.valkey.store import Store
@@ -166,6 +166,11 @@ def test_partition_sets_take_one_partition_per_primary_first() -> None:
     assert lane_partition_set(HOT, 24, 3, None) == (home, (home + 1) % 24, (home + 2) % 24)
     assert lane_partition_set(HOT, 24, 1, owners) == (home,)
     assert len(lane_partition_set(HOT, 4, 9, None)) == 4  # never more than the partitions
+    # a lane's own width wins over the default; auto without a cluster is 1
+    lanes = LanePartitions(24, None, {"": 2, "cold": 1, "warm": AUTO_SPREAD})
+    assert (len(lanes.of(HOT)), len(lanes.of("cold")), len(lanes.of("warm"))) == (2, 1, 1)
+    nxt = (home + 1) % 24
+    assert [lanes.rotated(HOT)[0] for _ in range(4)] == [home, nxt, home, nxt]
 
 
 def test_lane_spread_setting() -> None:
