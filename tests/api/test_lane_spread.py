@@ -3,11 +3,12 @@ spread over one partition per primary by default (one partition on standalone), 
 claims all of them, priority order holds within a partition, the claims rotate over the
 partitions, and an idempotent create retry reaches the partition of its first try.
 
-Both topologies, on a server of its own with the default FF_LANE_SPREAD (auto).
+Both topologies, on a server of the module's own with the default FF_LANE_SPREAD (auto).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
@@ -16,19 +17,20 @@ import pytest
 
 from flowfabric.server.app import FlowFabricServer
 from flowfabric.server.config import AUTO_SPREAD, Config, ConfigError
-from flowfabric.server.engine.lane_partitions import lane_partition_set
+from flowfabric.server.engine.lane_partitions import LanePartitions, lane_partition_set
 from flowfabric.server.valkey.ids import parse_execution_id, solo_partition
+from flowfabric.server.valkey.keys import PartitionKeys
 from flowfabric.server.valkey.store import Store
 from flowfabric.v1 import execution_pb2 as pb
-from tests.api.test_lifecycle import claim_next, create
+from tests.api.test_lifecycle import claim_next, create, eventually
 from tests.conftest import API_TOKEN, HMAC_SECRET, Api
 
 HOT = "hot"
 PARTITIONS = 256  # the session server's count: ff:config:partitions stays as it is
 
 
-@pytest.fixture
-async def spread_api(valkey_url: str, store: Store) -> AsyncIterator[Api]:
+@pytest.fixture(scope="module")
+async def _spread_server(valkey_url: str, _session_store: Store) -> AsyncIterator[Api]:
     config = Config(
         valkey_url=valkey_url,
         listen_addr="127.0.0.1:0",
@@ -40,9 +42,16 @@ async def spread_api(valkey_url: str, store: Store) -> AsyncIterator[Api]:
     server = FlowFabricServer(config, run_scanners=False)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    yield Api(channel, store, server)
+    yield Api(channel, _session_store, server)
     await channel.close()
     await server.stop()
+
+
+@pytest.fixture
+async def spread_api(_spread_server: Api, store: Store) -> Api:
+    """The module's server (its rotations carry over between tests: no test depends on where
+    they start) on an empty keyspace."""
+    return _spread_server
 
 
 def primary_of(store: Store, partition: int) -> str:
@@ -129,6 +138,23 @@ async def test_an_idempotent_retry_reaches_the_partition_of_its_first_try(
         assert len({partition_of(e) for e in first.values()}) > 1
 
 
+async def test_a_waiting_claim_listens_to_every_partition_of_the_set(spread_api: Api) -> None:
+    api = spread_api
+    server = api.server
+    assert server.scheduler is not None and server.hub is not None
+    hub = server.hub
+    channels = [PartitionKeys.of(p).exec_events for p in server.scheduler.lane_parts.of(HOT)]
+    assert len(channels) == (3 if api.store.cluster else 1)
+    waiter = asyncio.ensure_future(claim_next(api, lanes=(HOT,), wait_ms=10_000))
+
+    async def listening() -> bool:
+        return all(hub._listeners.get(c) for c in channels)
+
+    await eventually(listening, "the waiting claim listens to every partition of the lane")
+    eid = await create(api, lane_id=HOT)
+    assert (await waiter).task.lease.execution_id == eid
+
+
 def test_partition_sets_take_one_partition_per_primary_first() -> None:
     owners = [f"n{(p // 4) % 3}" for p in range(24)]  # runs of 4 partitions per node
     home = solo_partition(HOT, 24)
@@ -140,6 +166,11 @@ def test_partition_sets_take_one_partition_per_primary_first() -> None:
     assert lane_partition_set(HOT, 24, 3, None) == (home, (home + 1) % 24, (home + 2) % 24)
     assert lane_partition_set(HOT, 24, 1, owners) == (home,)
     assert len(lane_partition_set(HOT, 4, 9, None)) == 4  # never more than the partitions
+    # a lane's own width wins over the default; auto without a cluster is 1
+    lanes = LanePartitions(24, None, {"": 2, "cold": 1, "warm": AUTO_SPREAD})
+    assert (len(lanes.of(HOT)), len(lanes.of("cold")), len(lanes.of("warm"))) == (2, 1, 1)
+    nxt = (home + 1) % 24
+    assert [lanes.rotated(HOT)[0] for _ in range(4)] == [home, nxt, home, nxt]
 
 
 def test_lane_spread_setting() -> None:

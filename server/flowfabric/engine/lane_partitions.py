@@ -18,6 +18,7 @@ a partition that left it are still claimed, by the rotating window of the claim 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from flowfabric.server.valkey.ids import crc16, solo_partition
 from flowfabric.server.valkey.store import Store
 
 __all__ = ["LanePartitions", "lane_partition_set"]
+
+log = logging.getLogger("flowfabric.lane_partitions")
 
 REFRESH_S = 5.0
 MAX_LANES = 4096  # lanes whose sets are cached; past it the cache starts over
@@ -79,7 +82,7 @@ class LanePartitions:
         self.spread = dict(spread or {})
         self._owners: tuple[str, ...] | None = None
         self._primaries = 1
-        self._read_at = -REFRESH_S
+        self._read_at = float("-inf")
         self._lanes: dict[str, _Lane] = {}
         self._creates = itertools.count()
 
@@ -92,9 +95,13 @@ class LanePartitions:
             return
         client = self.store.cluster_client
         owners: list[str] = []
-        for p in range(self.partitions):
-            node = client.get_node_from_key(f"{{fp:{p}}}")
-            owners.append(node.name if node is not None else "")
+        try:
+            for p in range(self.partitions):
+                node = client.get_node_from_key(f"{{fp:{p}}}")
+                owners.append(node.name if node is not None else "")
+        except Exception as exc:  # a slot not covered (mid-failover): keep the last map
+            log.warning("lane partitions: slot map not readable (%s); keeping the last one", exc)
+            return
         found = tuple(owners)
         if found != self._owners:
             self._owners = found

@@ -189,7 +189,6 @@ class Scheduler:
         self, req: ClaimRequest, lane: str, want: int, budget: Budget
     ) -> list[Claimed]:
         parts = self.probe_order(lane, req.worker_instance_id)
-        own = parts[: len(self.lane_parts.of(lane))]
         who = Claimer(req.worker_id, req.worker_instance_id, lane, req.capabilities_csv)
         self._lane_calls += 1
         out: list[Claimed] = []
@@ -200,32 +199,22 @@ class Scheduler:
         if self._lane_calls % RECLAIM_EVERY == 0:
             out += await self._claim_due(parts[1:], who, req, want, budget)
         # The lane's first own partition of this call, alone and without a probe: when it
-        # fills the request (the common case for solo work) nothing else is looked at; the
-        # rest of its own partitions follow, probed like the window. Where flow
+        # fills the request (the common case for solo work) the window (which starts with the
+        # lane's other own partitions) is never looked at. Where flow
         # work was announced, every other call tries the announced partitions first instead,
         # so a lane whose solo partition is empty does not pay a claim there on every pass,
         # and solo work still gets every other pass.
         if self._lane_calls % 2 and self.hints.of_lane(lane):
-            out += await self._claim_hinted((), who, req, want - len(out), budget)
-            out += await self._claim_own(own, who, req, want - len(out), budget)
+            out += await self._claim_hinted(None, who, req, want - len(out), budget)
+            out += await self._claim_partition(parts[0], who, req, want - len(out), budget)
         else:
-            out += await self._claim_own(own, who, req, want - len(out), budget)
+            out += await self._claim_partition(parts[0], who, req, want - len(out), budget)
             if len(out) < want:
-                out += await self._claim_hinted(own, who, req, want - len(out), budget)
+                out += await self._claim_hinted(parts[0], who, req, want - len(out), budget)
         if len(out) < want:
-            out += await self._claim_window(parts[len(own) :], who, req, want - len(out), budget)
+            out += await self._claim_window(parts[1:], who, req, want - len(out), budget)
         if not out:  # nothing eligible anywhere: due leases on partitions without eligible work
             out += await self._claim_due(parts[1:], who, req, want, budget)
-        return out
-
-    async def _claim_own(
-        self, own: Sequence[int], who: Claimer, req: ClaimRequest, want: int, budget: Budget
-    ) -> list[Claimed]:
-        """The lane's own partitions in this call's order: the first claimed from directly,
-        the others probed like the window when it falls short."""
-        out = await self._claim_partition(own[0], who, req, want, budget)
-        if len(out) < want:
-            out += await self._claim_window(own[1:], who, req, want - len(out), budget)
         return out
 
     async def _claim_due(
@@ -242,16 +231,16 @@ class Scheduler:
         return out
 
     async def _claim_hinted(
-        self, own: Sequence[int], who: Claimer, req: ClaimRequest, want: int, budget: Budget
+        self, solo: int | None, who: Claimer, req: ClaimRequest, want: int, budget: Budget
     ) -> list[Claimed]:
         """Claim from the partitions where flow work of the lane was announced
-        (`engine/ready.py`), dropping each hint whose claim comes back short. `own`: the
-        lane's own partitions when they were just claimed from."""
+        (`engine/ready.py`), dropping each hint whose claim comes back short. `solo`: the
+        lane's own partition of this call when it was just claimed from."""
         out: list[Claimed] = []
         for p, seq in self.hints.of_lane(who.lane_id):
             if len(out) >= want or budget.spent:
                 break
-            if p in own:
+            if p == solo:
                 # just claimed from, and came back short; a release there after that claim
                 # also wakes the waiter through the partition's state events
                 self.hints.drained(who.lane_id, p, seq)
