@@ -60,13 +60,14 @@ def _load_spec(path: str) -> Mapping[str, Any]:
     except OSError as exc:
         raise click.UsageError(f"cannot read {path}: {exc.strerror}") from None
     wants_yaml = path.endswith((".yaml", ".yml"))
+    not_json = ""
     if not wants_yaml:
         try:
             spec = json.loads(text)
         except ValueError as exc:
             if not _has_yaml():
                 raise click.UsageError(f"{path} is not JSON: {exc}") from None
-            wants_yaml = True
+            wants_yaml, not_json = True, f"is not JSON ({exc}) nor YAML"
     if wants_yaml:
         if not _has_yaml():
             raise click.UsageError("YAML needs PyYAML (pip install pyyaml); or give JSON")
@@ -74,7 +75,8 @@ def _load_spec(path: str) -> Mapping[str, Any]:
         try:
             spec = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise click.UsageError(f"{path} is not YAML: {exc}") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "bad YAML"
+            raise click.UsageError(f"{path} {not_json or 'is not YAML'}: {first}") from None
     if not isinstance(spec, Mapping):
         raise click.UsageError(f"{path}: a flow is a mapping with a `members` list")
     return spec

@@ -317,6 +317,7 @@ def test_serve_prints_the_metrics_url_and_serves_it(tmp_path: Path) -> None:
     argv = [*cli, "serve", "--listen-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
             "--data-dir", str(tmp_path / "d")]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("FF_")}
+    env["FF_DASHBOARD"] = "off"  # the quick start would print its URL first
     with (
         (tmp_path / "serve.log").open("w") as stderr,
         subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env) as proc,

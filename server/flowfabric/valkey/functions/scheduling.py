@@ -83,7 +83,7 @@ class PriorityChanged:
 
 
 def _row(row: Sequence[object]) -> BatchClaim:
-    if not isinstance(row, list | tuple) or len(row) != 16:
+    if not isinstance(row, list | tuple) or len(row) != 17:
         raise FlowFabricError("protocol_error", message=f"ff_claim_batch: bad claimed row {row!r}")
     (eid, lease_id, epoch, expires, attempt_id, index, attempt_type, resumed, payload, encoding,
      kind, namespace, priority, flow_id, tags, trace_context, waited) = row  # fmt: skip
