@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 PROPAGATOR = TraceContextTextMapPropagator()
 TRACER_NAME = "flowfabric.server"
-_installed: Any = None  # the provider configure() installed, shut down by shutdown()
+_installed: Any = None  # the provider configure() installed
+FLUSH_TIMEOUT_MS = 5000
 
 
 def configure() -> None:
@@ -45,12 +46,11 @@ def configure() -> None:
     _installed = provider
 
 
-def shutdown() -> None:
-    """Flush and stop the provider `configure()` installed (none otherwise)."""
-    global _installed
+def flush() -> None:
+    """Export the spans the provider `configure()` installed still holds (at server stop; the
+    provider itself shuts down at process exit)."""
     if _installed is not None:
-        _installed.shutdown()
-        _installed = None
+        _installed.force_flush(FLUSH_TIMEOUT_MS)
 
 
 def _carrier(context: Context) -> dict[str, str]:
