@@ -153,9 +153,10 @@ async def test_flow_members_past_the_bound_link_instead_of_parent(
     async with Client(address, token=API_TOKEN) as client:
         f = client.flow()
         members = [f.add("traced", {"i": i}, lane=lane) for i in range(width)]
-        with trace.get_tracer("test").start_as_current_span("caller"):
-            flow = await f.submit()
+        # the worker first: its long poll hears of the flow's partition as the submit lands
         async with running(worker_for(address, lane)):
+            with trace.get_tracer("test").start_as_current_span("caller"):
+                flow = await f.submit()
             spans = await handler_spans(exporter, width)
 
     (submit,) = named(exporter.get_finished_spans(), "submit flow dag")
@@ -222,7 +223,7 @@ async def main(url):
     server = FlowFabricServer(config, run_scanners=False)
     await server.start()
     address = f"127.0.0.1:{server.port}"
-    worker = Worker(address, lanes=["untraced"], handle_signals=False)
+    worker = Worker(address, lanes=["untraced"], handle_signals=False, claim_wait_ms=100)
 
     @worker.handler("untraced")
     async def untraced(ctx):
