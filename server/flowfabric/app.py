@@ -626,7 +626,7 @@ class FlowFabricServer:
         if self.config.otel:
             from flowfabric.server.api import tracing
 
-            await asyncio.to_thread(tracing.shutdown)  # flush the spans still batched
+            await asyncio.to_thread(tracing.flush)  # export the spans still batched
         if self._lock_fd is not None:
             unlock_data_dir(self._lock_fd)
             self._lock_fd = None

@@ -6,6 +6,8 @@ a wide flow's members past the bound start new traces linked to the submitter's.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 
@@ -15,12 +17,12 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
 
-from flowfabric import Client, Worker
-from flowfabric.server.app import FlowFabricServer
-from flowfabric.server.config import Config
+from flowfabric import Client, NotFound, Worker
+from flowfabric.server.app import BootError, FlowFabricServer
+from flowfabric.server.config import Config, ConfigError
 from flowfabric.server.valkey.store import Store
 from flowfabric.server.valkey.tracecontext import PARENTED_MEMBERS
 from flowfabric.v1 import execution_pb2
@@ -103,6 +105,9 @@ async def test_submit_server_and_handler_spans_are_one_trace(
         async with running(worker_for(address, lane)):
             await client.wait(job.execution_id, timeout=10)
             (handler,) = await handler_spans(exporter, 1)
+        missing = f"{job.execution_id.rsplit(':', 1)[0]}:{uuid.uuid4()}"
+        with tracer.start_as_current_span("caller of a failing call"), pytest.raises(NotFound):
+            await client.get(missing)
 
     spans = exporter.get_finished_spans()
     trace_id = caller.get_span_context().trace_id
@@ -129,6 +134,12 @@ async def test_submit_server_and_handler_spans_are_one_trace(
     (inside,) = named(spans, "inside the handler")
     assert inside.parent is not None and inside.parent.span_id == ids(handler)[1]
     assert {ids(s)[0] for s in (submit, create, handler, inside)} == {trace_id}
+    # a refused call: its span carries the status the error table gave it
+    (get,) = named(spans, "flowfabric.v1.ExecutionService/GetExecution")
+    assert get.attributes is not None
+    assert get.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert get.attributes["flowfabric.execution_id"] == missing
+    assert get.status.status_code is StatusCode.ERROR and get.parent is not None
     # calls outside any span carry no context: the worker's claims start traces of their own
     claims = named(spans, "flowfabric.v1.WorkerService/ClaimNext")
     assert claims and all(s.parent is None for s in claims)
@@ -142,9 +153,10 @@ async def test_flow_members_past_the_bound_link_instead_of_parent(
     async with Client(address, token=API_TOKEN) as client:
         f = client.flow()
         members = [f.add("traced", {"i": i}, lane=lane) for i in range(width)]
-        with trace.get_tracer("test").start_as_current_span("caller"):
-            flow = await f.submit()
+        # the worker first: its long poll hears of the flow's partition as the submit lands
         async with running(worker_for(address, lane)):
+            with trace.get_tracer("test").start_as_current_span("caller"):
+                flow = await f.submit()
             spans = await handler_spans(exporter, width)
 
     (submit,) = named(exporter.get_finished_spans(), "submit flow dag")
@@ -190,3 +202,81 @@ async def test_a_bad_trace_context_is_invalid_and_writes_nothing(
     )
     assert info.metadata["field"] == field
     assert await keyspace_size(api.store) == before
+
+
+OFF = """
+import asyncio, importlib.abc, sys
+
+class NoOpenTelemetry(importlib.abc.MetaPathFinder):  # as if the otel extra were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "opentelemetry":
+            raise ImportError(name)
+
+sys.meta_path.insert(0, NoOpenTelemetry())
+from flowfabric import Client, NotFound, Worker
+from flowfabric.server.app import FlowFabricServer
+from flowfabric.server.config import Config
+
+async def main(url):
+    config = Config(valkey_url=url, listen_addr="127.0.0.1:0", waitpoint_hmac_secret="00" * 32,
+                    shutdown_grace_s=1.0)
+    server = FlowFabricServer(config, run_scanners=False)
+    await server.start()
+    address = f"127.0.0.1:{server.port}"
+    worker = Worker(address, lanes=["untraced"], handle_signals=False, claim_wait_ms=100)
+
+    @worker.handler("untraced")
+    async def untraced(ctx):
+        return b"done"
+
+    async with Client(address) as client, worker:
+        running = asyncio.create_task(worker.run())
+        job = await client.submit("untraced", b"", lane="untraced")
+        await client.wait(job.execution_id, timeout=10)
+        assert await client.result(job.execution_id) == b"done"
+        worker.stop()
+        await running
+    await server.stop()
+    print(sorted(m for m in sys.modules if "opentelemetry" in m or m.endswith(".tracing")))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_without_the_extra_nothing_needs_opentelemetry(valkey_url: str, store: Store) -> None:
+    """OpenTelemetry not importable and tracing off: a server, a submit, a claim and a
+    completion work, and the server's tracing module is never loaded."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OFF, valkey_url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().strip().splitlines()[-1] == "[]"
+
+
+def test_tracing_switch(valkey_url: str) -> None:
+    """FF_OTEL decides; unset, a standard OTLP endpoint variable turns tracing on."""
+    base = {"FF_VALKEY_URL": valkey_url, "FF_WAITPOINT_HMAC_SECRET": HMAC_SECRET}
+    assert not Config.from_env(base).otel
+    assert Config.from_env({**base, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}).otel
+    assert Config.from_env({**base, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"}).otel
+    assert Config.from_env({**base, "FF_OTEL": "1"}).otel
+    endpoint_but_off = {**base, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "FF_OTEL": "0"}
+    assert not Config.from_env(endpoint_but_off).otel
+    with pytest.raises(ConfigError, match="FF_OTEL"):
+        Config.from_env({**base, "FF_OTEL": "maybe"})
+
+
+async def test_tracing_on_without_the_extra_refuses_to_boot(
+    valkey_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "opentelemetry.sdk" else real(name, *a),
+    )
+    config = Config(valkey_url=valkey_url, waitpoint_hmac_secret=HMAC_SECRET, otel=True)
+    with pytest.raises(BootError, match="otel"):
+        await FlowFabricServer(config).start()

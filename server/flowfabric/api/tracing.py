@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 PROPAGATOR = TraceContextTextMapPropagator()
 TRACER_NAME = "flowfabric.server"
-_installed: Any = None  # the provider configure() installed, shut down by shutdown()
+_installed: Any = None  # the provider configure() installed
+FLUSH_TIMEOUT_S = 2.0
 
 
 def configure() -> None:
@@ -39,18 +41,26 @@ def configure() -> None:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": "flowfabric"}
-    provider = TracerProvider(resource=Resource.create(attributes))
+    # not shut down at exit: that waits out the exporter's retries when the collector is gone;
+    # server stop flushes instead (flush)
+    provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _installed = provider
 
 
-def shutdown() -> None:
-    """Flush and stop the provider `configure()` installed (none otherwise)."""
-    global _installed
-    if _installed is not None:
-        _installed.shutdown()
-        _installed = None
+def flush() -> None:
+    """Export what the provider `configure()` installed still holds, waiting at most
+    FLUSH_TIMEOUT_S (server stop): an unreachable collector must not hold up a shutdown, so the
+    flush runs on a daemon thread that is left behind if it takes longer."""
+    if _installed is None:
+        return
+    flusher = threading.Thread(
+        target=_installed.force_flush, args=(int(FLUSH_TIMEOUT_S * 1000),), daemon=True,
+        name="flowfabric-otel-flush",
+    )  # fmt: skip
+    flusher.start()
+    flusher.join(FLUSH_TIMEOUT_S)
 
 
 def _carrier(context: Context) -> dict[str, str]:
