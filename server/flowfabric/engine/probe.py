@@ -9,6 +9,7 @@ is asked the old way, one read per partition in a pipeline, so an answer is neve
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Literal
@@ -21,9 +22,14 @@ from flowfabric.server.valkey.store import Store
 log = logging.getLogger("flowfabric.probe")
 
 # Partitions one ff_probe_due call looks at: bounds how long one call holds Valkey.
-PROBE_PARTITIONS_PER_CALL = 64
+PROBE_PARTITIONS_PER_CALL = 128
 
 Test = Literal["any", "due"]
+
+
+@functools.cache
+def _tag(partition: int) -> str:
+    return PartitionKeys.of(partition).tag
 
 
 def lane_index(lane: str, which: str) -> str:
@@ -65,7 +71,7 @@ async def probe(
     found: list[tuple[int, str]] = []
     unprobed: list[int] = []
     for group in node_groups(store, parts):
-        tags = [PartitionKeys.of(p).tag for p in group]
+        tags = [_tag(p) for p in group]
         try:
             rows = await store.fcall(
                 "ff_probe_due",

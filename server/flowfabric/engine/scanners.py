@@ -1,6 +1,6 @@
 """Background scanners (docs/architecture.md#scanners): find due work in per-partition sorted sets.
 
-Each cycle first asks every node, in `ff_probe_due` calls of up to 64 partitions, which of its
+Each cycle first asks every node, in `ff_probe_due` calls of up to 128 partitions, which of its
 partitions (and lanes) hold work; then it takes the due members of those indexes only with
 `ZRANGEBYSCORE <index> -inf <now> LIMIT 0 <batch>` (pipelined), and calls one idempotent
 function per member. An idle cycle is thus a TIME and a few probe calls, not a read of every
