@@ -36,7 +36,7 @@ def pk(p: int) -> PartitionKeys:
     return PartitionKeys.of(p)
 
 
-@pytest.mark.parametrize("per_call", [64, 3])
+@pytest.mark.parametrize("per_call", [128, 3])
 async def test_probe_answers_exactly_the_partitions_with_due_entries(
     store: Store, per_call: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
