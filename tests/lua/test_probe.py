@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from flowfabric.server.config import Config
-from flowfabric.server.engine import scanners as scanners_mod
+from flowfabric.server.engine import probe as probe_mod
 from flowfabric.server.engine.lifecycle import lifecycle_scanners
 from flowfabric.server.engine.scanners import Scanner, ScannerSet, probe_index_of
 from flowfabric.server.valkey.codec import text
@@ -36,11 +36,11 @@ def pk(p: int) -> PartitionKeys:
     return PartitionKeys.of(p)
 
 
-@pytest.mark.parametrize("per_call", [64, 3])
+@pytest.mark.parametrize("per_call", [128, 3])
 async def test_probe_answers_exactly_the_partitions_with_due_entries(
     store: Store, per_call: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(scanners_mod, "PROBE_PARTITIONS_PER_CALL", per_call)
+    monkeypatch.setattr(probe_mod, "PROBE_PARTITIONS_PER_CALL", per_call)
     now = await server_time_ms(store)
     due = {1, 5, 9, 14}
     for p in due:
@@ -130,3 +130,29 @@ async def test_the_delayed_promoter_promotes_through_the_probe(store: Store) -> 
         state = await store.call("HGET", ExecKeys(eid).core, "eligibility_state")
         assert text(state) == "eligible_now"
     assert await scanners.run_cycle(promoter) == 0  # nothing left: the idle cycle acts on none
+
+
+@pytest.mark.parametrize("one_group", [False, True])
+async def test_partitions_with_work_in_order_and_when_a_node_cannot_answer(
+    store: Store, one_group: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim window's probe: eligible heads and due leases of one lane, in the order asked.
+    As one group on the cluster, the call reaches keys of other nodes, Valkey refuses it, and
+    those partitions are read directly: the same answer."""
+    if one_group:
+        monkeypatch.setattr(probe_mod, "node_groups", lambda _store, parts: [list(parts)])
+    now = await server_time_ms(store)
+    for p in (13, 2, 6):
+        await store.call("ZADD", pk(p).lane("w", "eligible"), 1, f"e-{p}")
+    await store.call("ZADD", pk(3).lane("w", "active"), now - 10, "due")
+    await store.call("ZADD", pk(4).lane("w", "active"), now + 3_600_000, "held")
+    await store.call("ZADD", pk(5).lane("other", "eligible"), 1, "not-this-lane")
+    order = [13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    eligible = probe_mod.lane_index("w", "eligible")
+    _found, unprobed = await probe_mod.probe(store, order, eligible, test="any")
+    assert unprobed == (order if one_group and store.cluster else [])
+    got = await probe_mod.partitions_with_work(store, order, eligible, test="any")
+    assert got == [13, 6, 2]
+    active = probe_mod.lane_index("w", "active")
+    got = await probe_mod.partitions_with_work(store, order, active, test="due", upper=now)
+    assert got == [3]

@@ -27,6 +27,7 @@ from typing import TypeVar
 
 from flowfabric.server.config import Config
 from flowfabric.server.engine.aio import TaskSet
+from flowfabric.server.engine.probe import partitions_with_work
 from flowfabric.server.engine.scanners import Scanner
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
@@ -242,7 +243,11 @@ class FlowProjector:
 
     async def run_cycle(self) -> int:
         repaired = 0
-        for part in range(self.partitions):
+        # only the partitions that hold flows (one ff_probe_due per node: engine/probe.py)
+        index = PartitionKeys.of(0).flow_index.removeprefix(PartitionKeys.of(0).index(""))
+        for part in await partitions_with_work(
+            self.store, range(self.partitions), index, test="any"
+        ):
             pk = PartitionKeys.of(part)
             cursor = 0
             while True:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from flowfabric.server.config import Config
 from flowfabric.server.engine.budget_admission import BUDGET_REASON, exhausted_budget
+from flowfabric.server.engine.probe import partitions_with_work
 from flowfabric.server.engine.quota_admission import QUOTA_REASON, quota_clear
 from flowfabric.server.engine.scanners import Scanner, ScannerSet
 from flowfabric.server.engine.unblock import Unblocker
@@ -288,7 +289,11 @@ class IndexReconciler:
 
     async def run_cycle(self) -> int:
         repaired = 0
-        for part in range(self.partitions):
+        # only the partitions that hold executions (one ff_probe_due per node: engine/probe.py)
+        index = PartitionKeys.of(0).all_executions.removeprefix(PartitionKeys.of(0).index(""))
+        for part in await partitions_with_work(
+            self.store, range(self.partitions), index, test="any"
+        ):
             key = PartitionKeys.of(part).all_executions
             cursor = 0
             while True:

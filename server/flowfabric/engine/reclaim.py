@@ -24,6 +24,7 @@ from flowfabric.server.engine.claims import (
     claimed_from_reply,
     row_costs,
 )
+from flowfabric.server.engine.probe import lane_index, partitions_with_work
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions import Claimer, Functions, ReclaimLimit
@@ -70,9 +71,14 @@ class Reclaimer:
         return list(await self.store.run_pipeline(pipe))
 
     async def due_partitions(self, parts: Sequence[int], lane: str) -> list[int]:
-        """The partitions of `parts` whose lane active set holds a due lease."""
-        rows = await self._due(parts, lane, 1)
-        return [p for p, members in zip(parts, rows, strict=True) if members]
+        """The partitions of `parts` whose lane active set holds a due lease (one
+        `ff_probe_due` per node: engine/probe.py)."""
+        if not parts:
+            return []
+        index = lane_index(lane, "active")
+        return await partitions_with_work(
+            self.store, parts, index, test="due", upper=await self._now_ms()
+        )
 
     async def reclaim(
         self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, budget: Budget

@@ -1,6 +1,6 @@
 """Background scanners (docs/architecture.md#scanners): find due work in per-partition sorted sets.
 
-Each cycle first asks every node, in `ff_probe_due` calls of up to 64 partitions, which of its
+Each cycle first asks every node, in `ff_probe_due` calls of up to 128 partitions, which of its
 partitions (and lanes) hold work; then it takes the due members of those indexes only with
 `ZRANGEBYSCORE <index> -inf <now> LIMIT 0 <batch>` (pipelined), and calls one idempotent
 function per member. An idle cycle is thus a TIME and a few probe calls, not a read of every
@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowfabric.server.engine.probe import probe
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.durability import acknowledges_nobody
 from flowfabric.server.valkey.errors import FlowFabricError
@@ -31,9 +32,6 @@ __all__ = ["server_time_ms"]  # re-exported: the TIME read lives in the valkey l
 log = logging.getLogger("flowfabric.scanners")
 
 PARTITIONS_PER_ROUND = 32
-# Partitions one ff_probe_due call looks at: bounds how long one call holds Valkey
-# (docs/architecture.md#scanners).
-PROBE_PARTITIONS_PER_CALL = 64
 FAILURES_BEFORE_SKIP = 3
 SKIP_CYCLES = 10
 CRASH_RESTART_S = 5.0
@@ -283,17 +281,6 @@ class ScannerSet:
             return scanner.index(pk, lane), lane
         return scanner.index(pk, None), pk.tag if scanner.by_partition else None
 
-    def _nodes(self) -> list[list[int]]:
-        """Partitions grouped by the node that owns them (standalone: one group)."""
-        if not self.store.cluster:
-            return [list(range(self.partitions))]
-        groups: dict[str, list[int]] = {}
-        client = self.store.cluster_client
-        for p in range(self.partitions):
-            node = client.get_node_from_key(PartitionKeys.of(p).noop)
-            groups.setdefault("" if node is None else str(node.name), []).append(p)
-        return list(groups.values())
-
     async def _probe(
         self, scanner: Scanner, now: int
     ) -> tuple[list[tuple[str, str | None]], list[int]]:
@@ -301,34 +288,17 @@ class ScannerSet:
         index = probe_index_of(scanner)
         if index is None:
             return [], list(range(self.partitions))
-        test = "any" if scanner.paged or scanner.whole_index else "due"
-        head: list[str | bytes | int] = [test, now - scanner.age_ms, index]
-        head.append("1" if scanner.per_lane else "")
-        lanes = list(self.configured_lanes) if scanner.per_lane else []
-        found: list[tuple[str, str | None]] = []
-        unprobed: list[int] = []
-        groups = [
-            node[i : i + PROBE_PARTITIONS_PER_CALL]
-            for node in self._nodes()
-            for i in range(0, len(node), PROBE_PARTITIONS_PER_CALL)
-        ]
-        for group in groups:
-            tags = [PartitionKeys.of(p).tag for p in group]
-            route = PartitionKeys.of(group[0]).noop
-            try:
-                rows = await self.store.fcall(
-                    "ff_probe_due", [route], [*head, len(tags), *tags, *lanes], read_only=True
-                )
-            except FlowFabricError as exc:
-                log.debug("%s: probe failed (%s); reading directly", scanner.name, exc.code)
-                unprobed += group
-                continue
-            for i in range(0, len(rows) - 1, 2):
-                found.append(self._key_of(scanner, group[int(rows[i]) - 1], text(rows[i + 1])))
+        hits, unprobed = await probe(
+            self.store, range(self.partitions), index,
+            test="any" if scanner.paged or scanner.whole_index else "due",
+            upper=now - scanner.age_ms,
+            lanes=self.configured_lanes if scanner.per_lane else None,
+        )  # fmt: skip
+        found = [self._key_of(scanner, p, lane) for p, lane in hits]
         if scanner.paged:  # an index without work starts again at rank 0 when it has some
             live = {key for key, _ in found}
             scanner._offsets = {k: v for k, v in scanner._offsets.items() if k in live}
-        return found, sorted(unprobed)
+        return found, unprobed
 
     async def _act(self, scanner: Scanner, keys: list[tuple[str, str | None]], now: int) -> int:
         """Read `keys` (one pipeline) and run the action on each member; counts progress."""
@@ -365,8 +335,6 @@ def probe_index_of(scanner: Scanner) -> str | None:
         which = scanner.index(first, lane).removeprefix(first.lane(lane, ""))
         ok = all(scanner.index(pk, ln) == pk.lane(ln, which) for pk, ln in samples)
     else:
-        which = scanner.index(first, None).removeprefix(first.lanes.removesuffix("lanes"))
-        ok = all(
-            scanner.index(pk, None) == pk.lanes.removesuffix("lanes") + which for pk, _ in samples
-        )
+        which = scanner.index(first, None).removeprefix(first.index(""))
+        ok = all(scanner.index(pk, None) == pk.index(which) for pk, _ in samples)
     return which if ok and which else None

@@ -68,6 +68,7 @@ from flowfabric.server.engine.claims import (
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.lane_partitions import LanePartitions
 from flowfabric.server.engine.lanes import LaneControls
+from flowfabric.server.engine.probe import lane_index, partitions_with_work
 from flowfabric.server.engine.ready import ReadyHints
 from flowfabric.server.engine.reclaim import Reclaimer
 from flowfabric.server.valkey.codec import hash_to_dict, text
@@ -255,19 +256,16 @@ class Scheduler:
     async def _claim_window(
         self, parts: Sequence[int], who: Claimer, req: ClaimRequest, want: int, budget: Budget
     ) -> list[Claimed]:
-        """Probe `parts` in one pipeline; claim from those with eligible heads, in order."""
+        """Probe `parts` (one `ff_probe_due` per node: engine/probe.py); claim from those with
+        eligible heads, in order."""
         if not parts or want <= 0 or budget.spent:
             return []
-        pipe = self.store.pipeline()
-        for p in parts:
-            pipe.exists(PartitionKeys.of(p).lane(who.lane_id, "eligible"))
-        found = await self.store.run_pipeline(pipe)
+        index = lane_index(who.lane_id, "eligible")
         out: list[Claimed] = []
-        for p, present in zip(parts, found, strict=True):
+        for p in await partitions_with_work(self.store, parts, index, test="any"):
             if len(out) >= want or budget.spent:
                 break
-            if present:
-                out += await self._claim_partition(p, who, req, want - len(out), budget)
+            out += await self._claim_partition(p, who, req, want - len(out), budget)
         return out
 
     async def _claim_partition(

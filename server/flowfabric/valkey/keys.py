@@ -191,6 +191,12 @@ class PartitionKeys:
     def _idx(self, name: str) -> str:
         return f"ff:idx:{self.tag}:{name}"
 
+    def index(self, name: str) -> str:
+        """`ff:idx:{p}:<name>`: the partition's index `name` (`lease_expiry`,
+        `lane:<lane>:eligible`, ...), as `ff_probe_due` builds it
+        (docs/architecture.md#scanners)."""
+        return self._idx(name)
+
     @property
     def lease_expiry(self) -> str:
         return self._idx("lease_expiry")
