@@ -290,8 +290,8 @@ redis.register_function('ff_issue_reclaim_grant', issue_reclaim_grant)
 
 -- ff_reclaim_execution
 --   KEYS (14): 1 core, 2 claim_grant, 3 old attempt hash (*), 4 old stream meta (*),
---     5 new attempt hash (*), 6 new attempt usage (*), 7 attempts, 8 lease current,
---     9 lease history, 10 lease_expiry, 11 new worker's leases (*), 12 lane active (*),
+--     5 new attempt hash (*), 6 new attempt usage (unused), 7 attempts (unused), 8 lease
+--     current (unused), 9 lease history, 10 lease_expiry, 11 new worker's leases (*), 12 lane active (*),
 --     13 attempt_timeout, 14 execution_deadline.
 --     (*) built from the tag of KEYS[1]: attempt keys from core.current_attempt_index and
 --     core.total_attempt_count, the lease set from ARGV[3], the lane from core.lane_id.
@@ -313,7 +313,8 @@ redis.register_function('ff_issue_reclaim_grant', issue_reclaim_grant)
 --     lease_reclaim_count+1, expiry/revoke markers cleared; DEL grant; old attempt
 --     interrupted_reclaimed (ended_at, failure_reason = lease_expired|lease_revoked); old stream
 --     meta closed `reclaimed` + stream_closed event; new attempt (type reclaim, reclaim_reason,
---     previous_attempt_index), attempts, usage, policy snapshot; lease current replaced;
+--     previous_attempt_index), policy snapshot (attempts, usage and lease current are no longer
+--     written: docs/lifecycle.md#leases-and-fencing); core attempt_timeout_at;
 --     ZADD lease_expiry, lane active; SREM the previous holder's lease set, SADD the new one;
 --     attempt_timeout re-armed from the policy (or removed); history `reclaimed`.
 --     Limit path: terminal failed (failure_reason max_reclaims_exceeded), old attempt
