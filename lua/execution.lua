@@ -28,8 +28,9 @@
 --     Bounds.TRACE_STATE_BYTES + 64 bytes or not printable ASCII), invalid_policy_json (malformed, or the field that
 --     breaks the schema of include/policy.lua), invalid_capabilities (required:<why>),
 --     invalid_tag_key; invalid_input for delay_until with blocked_by_dependencies.
---   Writes: core, payload, policy, tags, eligible|delayed|blocked:dependencies,
---     execution_deadline, all_executions,
+--   Writes: core (one HSET, with policy_attempt_timeout_ms: the policy's attempt timeout, "0" =
+--     none), payload (only when non-empty), policy (only when not empty or "{}"), tags,
+--     eligible|delayed|blocked:dependencies, execution_deadline, all_executions,
 --     lanes, idempotency key (PX ttl); SPUBLISH ff:exec_events:{p} state_changed.
 local CREATE_ARGV = {
   {5, 'priority', 'int'},
@@ -41,7 +42,6 @@ local CREATE_ARGV = {
 
 -- One create on `tag`: `idem` is the idempotency key (ff:idem:{p}:<ns>:<key>) or any other key
 -- (no deduplication), `argv` the 18 ARGV above. Validates everything before its first write.
--- Shared by ff_create_execution and ff_create_executions.
 local function create_one(tag, idem, argv)
   local a, e = Argv.parse(argv, CREATE_ARGV)
   if not a then
@@ -89,7 +89,7 @@ local function create_one(tag, idem, argv)
     policy_json = argv[7], caps_csv = caps_csv, payload = argv[8], encoding = argv[14],
     tags = tags, delay_until = a.delay_until, deadline = a.execution_deadline_at,
     partition = a.partition_id, quota_policy_id = argv[15], concurrency_key = argv[17],
-    trace_context = argv[18], blocked = blocked}, now)
+    trace_context = argv[18], blocked = blocked, fresh = true}, now)
   if string.sub(idem, 1, 8) == 'ff:idem:' then
     local ttl = a.dedup_ttl_ms or Create.policy_number(policy, nil, 'dedup_window_ms')
       or Create.DEFAULT_DEDUP_WINDOW_MS
@@ -106,61 +106,22 @@ end
 
 redis.register_function('ff_create_execution', create_execution)
 
--- ff_create_executions
---   Several creates on one partition in one call (docs/lifecycle.md#batch-create).
---   KEYS (3): 1 all_executions, 2 execution_deadline index, 3 lanes registry (ff:idx:{p}:lanes);
---     every per-execution, lane and idempotency key is built from KEYS[1]'s tag.
---   ARGV (1+19n): 1 partition_id, then one group of 19 per item: the 18 ARGV of ff_create_execution
---     followed by the item's idempotency key ("" = none).
---   Now: TIME.
---   Replies: {1,"OK",r1,r2,...}: one reply per item, in order, each exactly what
---     ff_create_execution answers for it ({1,"OK",id,public_state} | {1,"DUPLICATE",id} |
---     {0,code,detail...}). Items run in order, so an item sees the idempotency keys of the
---     ones before it; an item's error writes nothing and leaves the others alone.
---   Errors (nothing written): invalid_input (ARGV not 1 + 19 per item, no items, more than
---     Bounds.BATCH_ITEMS, partition_id not an integer). An item whose partition_id is not the
---     batch's fails alone with invalid_input.
+-- ff_create_executions (docs/lifecycle.md#batch-create, docs/lifecycle.md#batched-functions)
+--   KEYS (10n), ARGV (2+18n): ARGV 1 = 10, 2 = 18, then n items each with the KEYS and ARGV of
+--     ff_create_execution, all on one partition.
+--   Replies: the list of the items' ff_create_execution replies, in order, each item created
+--     on its own ({1,"OK",id,public_state} | {1,"DUPLICATE",id} | {0,code,detail...}). Items
+--     run in order, so an item sees the idempotency keys of the ones before it; an item's error
+--     writes nothing and leaves the others alone.
+--   Errors (nothing written): invalid_input (the counts do not match, more than
+--     Bounds.BATCH_ITEMS items).
 --   Writes: per created item, what ff_create_execution writes.
-local CREATE_ITEM_ARGC = 19
-
-local function create_executions(keys, argv)
-  local n = (#argv - 1) / CREATE_ITEM_ARGC
-  if #argv < 1 + CREATE_ITEM_ARGC or n ~= math.floor(n) then
-    return Reply.err('invalid_input', 'ARGV must be partition_id then 19 values per item')
-  end
-  if n > Bounds.BATCH_ITEMS then
+redis.register_function('ff_create_executions', function(keys, argv)
+  if tonumber(argv[1]) == 10 and #keys / 10 > Bounds.BATCH_ITEMS then
     return Reply.err('invalid_input', 'at most ' .. Bounds.BATCH_ITEMS .. ' items per call')
   end
-  local partition = tonumber(argv[1])
-  if partition == nil then
-    return Reply.err('invalid_input', 'partition_id must be an integer')
-  end
-  local tag = Util.tag_of(keys[1])
-  local out = {1, 'OK'}
-  for i = 0, n - 1 do
-    local base = 1 + i * CREATE_ITEM_ARGC
-    local item = {}
-    for j = 1, CREATE_ITEM_ARGC - 1 do
-      item[j] = argv[base + j]
-    end
-    local ikey = argv[base + CREATE_ITEM_ARGC]
-    local r
-    if tonumber(item[13]) ~= partition then
-      r = Reply.err('invalid_input', 'partition_id of item ' .. (i + 1)
-        .. ' is not the batch partition')
-    else
-      local idem = keys[1]
-      if ikey ~= '' then
-        idem = 'ff:idem:' .. tag .. ':' .. item[2] .. ':' .. ikey
-      end
-      r = create_one(tag, idem, item)
-    end
-    out[#out + 1] = r
-  end
-  return out
-end
-
-redis.register_function('ff_create_executions', create_executions)
+  return Util.each_item(keys, argv, create_execution)
+end)
 
 -- ff_set_execution_tags
 --   KEYS (2): 1 core, 2 tags.
@@ -217,7 +178,8 @@ redis.register_function('ff_set_execution_tags', set_execution_tags)
 -- expired lease is marked and that write is kept behind the lease_expired reply.
 -- A call that finds the execution no longer active first asks `replay(x)` whether its own outcome
 -- already committed (docs/lifecycle.md#replays): a reply there is returned instead of
--- execution_not_active. Returns x (x.now set) or nil plus the reply to return.
+-- execution_not_active. Returns x (x.now set; x.fresh: nothing written yet, so the core
+-- snapshot stands in for the previous state) or nil plus the reply to return.
 local OWNER_ARGV = {{3, 'lease_epoch', 'int?'}}
 
 local function owner_mutation(keys, argv, history_key, source, replay)
@@ -245,12 +207,13 @@ local function owner_mutation(keys, argv, history_key, source, replay)
   if lerr then
     return nil, lerr
   end
+  x.fresh = true
   return x
 end
 
 -- ff_complete_execution
 --   KEYS (12): 1 core, 2 attempt hash (*), 3 lease_expiry, 4 holder's worker leases (*),
---     5 lane terminal (*), 6 lease current, 7 lease history, 8 lane active (*),
+--     5 lane terminal (*), 6 lease current (unused), 7 lease history, 8 lane active (*),
 --     9 stream meta (*), 10 result, 11 attempt_timeout, 12 execution_deadline.
 --   ARGV (7): 1 execution_id, 2 lease_id, 3 lease_epoch, 4 attempt_id, 5 result_payload (bytes,
 --     stored verbatim; "" = none), 6 source ("" = operator_override), 7 result_encoding.
@@ -263,11 +226,14 @@ end
 --     fence_required (unfenced without operator_override), execution_not_active (enriched:
 --     terminal_outcome, current_lease_epoch, lifecycle_phase, current_attempt_id),
 --     lease_revoked, lease_expired (mark_expired kept), stale_lease.
---   Writes: core terminal success vector, completed_at, result_encoding, lease mirror cleared;
---     ZREM attempt_timeout, execution_deadline; ZADD lane terminal; PUBLISH ff:dag:completions
---     (flow member); attempt ended_success, ended_at; stream meta closed attempt_success +
---     stream_closed event; SET result when non-empty; lease release (DEL lease current, ZREM
---     lease_expiry, lane active, SREM holder's lease set, history `released` reason completed).
+--   Writes: core terminal success vector, completed_at, result_encoding, lease mirror cleared
+--     (one HSET; the previous state is the core as read, not read again); ZREM attempt_timeout
+--     unless the core's attempt_timeout_at is "0", ZREM execution_deadline only with an
+--     execution_deadline_at; ZADD lane terminal; PUBLISH ff:dag:completions (flow member);
+--     attempt ended_success, ended_at (its state not read again: the core says running); stream
+--     meta closed attempt_success (its stream_closed event is the state_changed one: one
+--     SPUBLISH); SET result when non-empty; lease release (ZREM lease_expiry, lane active, SREM
+--     holder's lease set, history `released` reason completed).
 local function complete_replay(argv)
   return function(x)
     local c = x.core
@@ -395,8 +361,8 @@ end
 --     (retry_policy_json malformed or off the retry_policy schema of include/policy.lua), then as
 --     ff_complete_execution.
 --   Writes (both): attempt ended_failure, ended_at, failure_reason, failure_category,
---     failure_details; stream
---     meta closed attempt_failure + stream_closed event; lease release (history `released`).
+--     failure_details; stream meta closed attempt_failure (its event is the call's
+--     state_changed); lease release (history `released`).
 --     Retry: core retry vector ("retry backoff until <ts> (attempt <idx> failed: <reason>)"),
 --     pending_retry_reason, pending_previous_attempt_index, retry_count+1,
 --     current_attempt_id="", lease mirror cleared, delay_until, failure_reason;
@@ -486,7 +452,8 @@ local function fail_execution(keys, argv)
       .. idx .. ' failed: ' .. reason .. ')', 'none', 'pending_retry_attempt'}, now,
       Lease.cleared({pending_retry_reason = reason, pending_previous_attempt_index = idx,
         retry_count = Util.num(retry_count + 1), current_attempt_id = '',
-        delay_until = Util.num(delay_until), failure_reason = reason}))
+        delay_until = Util.num(delay_until), failure_reason = reason}), c)
+    x.announced = true
   else
     Terminal.transition(x, 'failed', now, Lease.cleared({failure_reason = reason}), true)
   end

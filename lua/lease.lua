@@ -10,7 +10,8 @@
 -- uses: reply, util, bounds, argv, keys, state, lease, policy, capabilities, grant, reclaim
 
 -- ff_renew_lease
---   KEYS (4): 1 core, 2 lease current, 3 lease history, 4 lease_expiry.
+--   KEYS (4): 1 core, 2 lease current (unused: the lease lives on the core mirror), 3 lease
+--     history, 4 lease_expiry.
 --   ARGV (7): 1 execution_id, 2 attempt_index, 3 attempt_id, 4 lease_id, 5 lease_epoch,
 --     6 lease_ttl_ms (> 0), 7 lease_history_grace_ms (>= 0).
 --   Now: TIME.
@@ -20,9 +21,9 @@
 --     lease_expired (after mark_expired, whose writes are kept), stale_lease (attempt_index,
 --     attempt_id, lease_id or lease_epoch differ from the core).
 --   Writes: core lease_expires_at, lease_renewal_deadline, lease_last_renewed_at,
---     last_mutation_at; lease current rewritten from the core mirror, PEXPIREAT expires+grace;
---     ZADD lease_expiry and lane active (built from core.lane_id) at the new expiry. No history
---     event; epoch unchanged. On lease_expired: mark_expired
+--     last_mutation_at (one HSET); ZADD lease_expiry and lane active (built from core.lane_id)
+--     at the new expiry. No history event; epoch unchanged. lease_history_grace_ms is checked
+--     and otherwise unused (it was the expiry of the lease:current copy, no longer written). On lease_expired: mark_expired
 --     (history `expired`, stream meta closed lease_expired + stream_closed event).
 local RENEW_ARGV = {
   {6, 'lease_ttl_ms', 'int', min = 1, max = Bounds.LEASE_TTL_MS},
@@ -36,7 +37,7 @@ local function renew_lease(keys, argv)
   if not a then
     return e
   end
-  local ttl, grace, idx = a.lease_ttl_ms, a.lease_history_grace_ms, a.attempt_index
+  local ttl, idx = a.lease_ttl_ms, a.attempt_index
   local x = State.load_exec(keys, argv)
   if not x then
     return Reply.err('execution_not_found')
@@ -61,13 +62,6 @@ local function renew_lease(keys, argv)
   redis.call('HSET', keys[1], 'lease_expires_at', Util.num(expires),
     'lease_renewal_deadline', Util.num(renewal), 'lease_last_renewed_at', Util.num(now),
     'last_mutation_at', Util.num(now))
-  redis.call('HSET', keys[2], 'lease_id', c.current_lease_id,
-    'lease_epoch', c.current_lease_epoch, 'execution_id', x.eid,
-    'attempt_id', c.current_attempt_id, 'worker_id', c.current_worker_id or '',
-    'worker_instance_id', c.current_worker_instance_id or '',
-    'acquired_at', c.lease_acquired_at or '', 'expires_at', Util.num(expires),
-    'last_renewed_at', Util.num(now), 'renewal_deadline', Util.num(renewal))
-  redis.call('PEXPIREAT', keys[2], Util.num(expires + grace))
   redis.call('ZADD', keys[4], Util.num(expires), x.eid)
   -- Lane index built from core.lane_id on the tag of KEYS[1]
   -- (docs/architecture.md#keys-built-inside-lua): scored at the lease expiry, it is what a
@@ -296,8 +290,8 @@ redis.register_function('ff_issue_reclaim_grant', issue_reclaim_grant)
 
 -- ff_reclaim_execution
 --   KEYS (14): 1 core, 2 claim_grant, 3 old attempt hash (*), 4 old stream meta (*),
---     5 new attempt hash (*), 6 new attempt usage (*), 7 attempts, 8 lease current,
---     9 lease history, 10 lease_expiry, 11 new worker's leases (*), 12 lane active (*),
+--     5 new attempt hash (*), 6 new attempt usage (unused), 7 attempts (unused), 8 lease
+--     current (unused), 9 lease history, 10 lease_expiry, 11 new worker's leases (*), 12 lane active (*),
 --     13 attempt_timeout, 14 execution_deadline.
 --     (*) built from the tag of KEYS[1]: attempt keys from core.current_attempt_index and
 --     core.total_attempt_count, the lease set from ARGV[3], the lane from core.lane_id.
@@ -319,7 +313,8 @@ redis.register_function('ff_issue_reclaim_grant', issue_reclaim_grant)
 --     lease_reclaim_count+1, expiry/revoke markers cleared; DEL grant; old attempt
 --     interrupted_reclaimed (ended_at, failure_reason = lease_expired|lease_revoked); old stream
 --     meta closed `reclaimed` + stream_closed event; new attempt (type reclaim, reclaim_reason,
---     previous_attempt_index), attempts, usage, policy snapshot; lease current replaced;
+--     previous_attempt_index), policy snapshot (attempts, usage and lease current are no longer
+--     written: docs/lifecycle.md#leases-and-fencing); core attempt_timeout_at;
 --     ZADD lease_expiry, lane active; SREM the previous holder's lease set, SADD the new one;
 --     attempt_timeout re-armed from the policy (or removed); history `reclaimed`.
 --     Limit path: terminal failed (failure_reason max_reclaims_exceeded), old attempt

@@ -140,10 +140,7 @@ end
 -- now + LEASE_TTL_MS; the holder keeps it and renews as usual.
 local function repair_lease(x, now, fixes)
   local b = Bounds.LEASE_TTL_MS
-  local at = clamp_field(x.core_key, 'lease_expires_at', now, b, 'lease_expires_at', fixes)
-  if at then
-    redis.call('HSET', Keys.exec(x.tag, x.eid, 'lease:current'), 'expires_at', at)
-  end
+  clamp_field(x.core_key, 'lease_expires_at', now, b, 'lease_expires_at', fixes)
   clamp_field(x.core_key, 'lease_renewal_deadline', now, b, 'lease_renewal_deadline', fixes)
   clamp_index(Keys.partition(x.tag, 'lease_expiry'), x.eid, now, b, 'lease_expiry', fixes)
   clamp_index(Keys.lane(x.tag, x.core.lane_id or '', 'active'), x.eid, now, b, 'active', fixes)

@@ -27,8 +27,10 @@
 -- grant
 -- outstanding, in the lane's eligible set, capabilities (a mismatch stamps the core's
 -- last_capability_mismatch_at, the only write). Returns nil or the error reply. Shared by
--- ff_issue_claim_grant and ff_claim_batch.
-local function grant_denied(x, grant_key, worker_csv, now)
+-- ff_issue_claim_grant and ff_claim_batch. `listed`: the id was read from the lane's eligible
+-- set in this call (and nothing in the call takes an id out of it without moving its core off
+-- eligible_now), so the set is not read again.
+local function grant_denied(x, grant_key, worker_csv, now, listed)
   local c = x.core
   if c.lifecycle_phase ~= 'runnable' or c.eligibility_state ~= 'eligible_now' then
     return Reply.err('execution_not_eligible')
@@ -38,7 +40,7 @@ local function grant_denied(x, grant_key, worker_csv, now)
   end
   -- Lane index built from core.lane_id on the tag of KEYS[1]
   -- (docs/architecture.md#keys-built-inside-lua).
-  if not redis.call('ZSCORE', Keys.lane(x.tag, c.lane_id, 'eligible'), x.eid) then
+  if not listed and not redis.call('ZSCORE', Keys.lane(x.tag, c.lane_id, 'eligible'), x.eid) then
     return Reply.err('execution_not_in_eligible_set')
   end
   return Caps.check(x, worker_csv, now)
@@ -100,8 +102,19 @@ local function new_attempt_lineage(c)
   return 'initial', {}
 end
 
+-- The attempt timeout of the stored policy: the core's copy made at create
+-- (policy_attempt_timeout_ms, "0" = none), else (a core written before that field) the policy.
+local function stored_timeout(x)
+  local t = tonumber(x.core.policy_attempt_timeout_ms or '')
+  if t then
+    return t > 0 and t or false
+  end
+  return Policy.attempt_timeout_of(Policy.stored(x))
+end
+
 -- The writes of a claim that starts a new attempt (docs/lifecycle.md#claims), once every check
--- passed. k = {grant, attempts, lease, history, lease_expiry, attempt_timeout, deadline} (keys);
+-- passed. k = {grant (false: the caller checked there is none), history, lease_expiry,
+-- attempt_timeout, deadline} (keys);
 -- p = {worker_id, worker_instance_id, lane ("" = core.lane_id; stored as current_lane),
 -- lease_id, attempt_id, ttl, renew_before, timeout (false = the stored policy's), deadline
 -- (false = none), policy (flat list)}. Returns the attempt table. Shared by ff_claim_execution
@@ -118,9 +131,10 @@ local function claim_new_attempt(x, k, p, now)
   }
   local timeout = p.timeout
   if timeout == false then
-    timeout = Policy.attempt_timeout_of(Policy.stored(x))
+    timeout = stored_timeout(x)
   end
   local extra = Lease.claimed_fields(a, (p.lane ~= '' and p.lane) or c.lane_id, now)
+  extra.attempt_timeout_at = (timeout and timeout > 0) and Util.num(now + timeout) or '0'
   extra.pending_retry_reason = ''
   extra.pending_replay_reason = ''
   extra.pending_replay_requested_by = ''
@@ -131,9 +145,10 @@ local function claim_new_attempt(x, k, p, now)
   if p.deadline then
     extra.execution_deadline_at = Util.num(p.deadline)
   end
-  State.write_vector(x.core_key, x.eid, Lease.CLAIMED, now, extra)
-  redis.call('DEL', k.grant)
-  x.attempts, x.lease = k.attempts, k.lease
+  State.write_vector(x.core_key, x.eid, Lease.CLAIMED, now, extra, c)
+  if k.grant then
+    redis.call('DEL', k.grant)
+  end
   Attempt.start(x, a, now)
   Lease.index(x, c.lane_id, k.lease_expiry, a)
   if timeout and timeout > 0 then
@@ -163,13 +178,16 @@ local function claim_same_attempt(x, k, p, now)
     expires = now + p.ttl, renewal = now + math.floor(p.ttl * 2 / 3),
   }
   local extra = Lease.claimed_fields(a, (p.lane ~= '' and p.lane) or c.lane_id, now)
-  State.write_vector(x.core_key, x.eid, Lease.CLAIMED, now, extra)
-  redis.call('DEL', k.grant)
+  extra.attempt_timeout_at = (p.remaining and p.remaining > 0) and Util.num(now + p.remaining)
+    or '0'
+  State.write_vector(x.core_key, x.eid, Lease.CLAIMED, now, extra, c)
+  if k.grant then
+    redis.call('DEL', k.grant)
+  end
   redis.call('HSET', Keys.attempt(x.tag, x.eid, idx), 'attempt_state', 'started',
     'resumed_at', Util.num(now), 'lease_id', a.lease_id, 'lease_epoch', Util.num(a.epoch),
     'worker_id', a.worker_id, 'worker_instance_id', a.worker_instance_id,
     'suspended_at', '', 'suspension_id', '')
-  Lease.write(k.lease, x.eid, a, now)
   Lease.index(x, c.lane_id, k.lease_expiry, a)
   if p.remaining and p.remaining > 0 then
     redis.call('ZADD', k.attempt_timeout, Util.num(now + p.remaining), x.eid)
@@ -182,9 +200,9 @@ end
 
 -- ff_claim_execution
 --   KEYS (14): 1 core, 2 claim_grant, 3 lane eligible (*), 4 lease_expiry,
---     5 claimer's worker leases (*), 6 attempt hash (*), 7 attempt usage (*),
---     8 attempt policy (*), 9 attempts, 10 lease current, 11 lease history, 12 lane active (*),
---     13 attempt_timeout, 14 execution_deadline.
+--     5 claimer's worker leases (*), 6 attempt hash (*), 7 attempt usage (unused),
+--     8 attempt policy (*), 9 attempts (unused), 10 lease current (unused), 11 lease history,
+--     12 lane active (*), 13 attempt_timeout, 14 execution_deadline.
 --     (*) built from the tag of KEYS[1]: lanes from core.lane_id, the lease set from ARGV[3],
 --     attempt keys from core.total_attempt_count (the caller's expected index only names them).
 --   ARGV (12): 1 execution_id, 2 worker_id, 3 worker_instance_id, 4 lane (stored as
@@ -201,13 +219,14 @@ end
 --     execution_not_leaseable (not eligible_now, or terminal_outcome set),
 --     active_attempt_exists, use_claim_resumed_execution (attempt_interrupted; grant kept),
 --     invalid_claim_grant (missing or another worker's), claim_grant_expired.
---   Writes: core claimed vector, attempt pointers, total_attempt_count, lease mirror,
---     current_lane, started_at (first claim only), pending lineage and expiry/revoke markers
---     cleared; DEL grant; attempt hash (started, lineage), attempts, usage
---     (last_usage_report_seq=0), attempt policy; lease current replaced; ZREM eligible;
---     ZADD lease_expiry, lane active (both at expires); SADD claimer's lease set;
---     ZADD attempt_timeout (now + timeout) when one applies; ZADD execution_deadline when given;
---     history `acquired`.
+--   Writes: core claimed vector (one HSET), attempt pointers, total_attempt_count, lease mirror
+--     (the only copy of the lease), current_lane, started_at (first claim only),
+--     attempt_timeout_at (the attempt_timeout entry's due time, "0" = none), pending lineage and
+--     expiry/revoke markers cleared; DEL grant; attempt hash (started, lineage), attempt policy
+--     when given; ZREM eligible (and its namespace sub-index); ZADD lease_expiry, lane active
+--     (both at expires); SADD claimer's lease set; ZADD attempt_timeout (now + timeout) when
+--     one applies (the stored policy's comes from the core's policy_attempt_timeout_ms, not a
+--     policy read); ZADD execution_deadline when given; history `acquired`.
 local CLAIM_ARGV = {
   {7, 'lease_ttl_ms', 'int', min = 1, max = Bounds.LEASE_TTL_MS},
   {8, 'renew_before_ms', 'int', min = 0, max = Bounds.LEASE_TTL_MS},
@@ -243,8 +262,7 @@ local function claim_execution(keys, argv)
   if gerr then
     return gerr
   end
-  local a = claim_new_attempt(x, {grant = keys[2], attempts = keys[9], lease = keys[10],
-    history = keys[11], lease_expiry = keys[4], attempt_timeout = keys[13],
+  local a = claim_new_attempt(x, {grant = keys[2], history = keys[11], lease_expiry = keys[4], attempt_timeout = keys[13],
     deadline = keys[14]}, {worker_id = argv[2], worker_instance_id = argv[3], lane = argv[4],
     lease_id = argv[6], attempt_id = argv[9], ttl = ttl, renew_before = renew_before,
     timeout = timeout, deadline = deadline, policy = policy_flat}, now)
@@ -258,7 +276,7 @@ redis.register_function('ff_claim_execution', claim_execution)
 -- (resumed suspension, worker self-delay, waiting-children) reusing its attempt.
 --   KEYS (11): 1 core, 2 claim_grant, 3 lane eligible (*), 4 lease_expiry, 5 claimer's worker
 --     leases (*), 6 attempt hash (*), 7 lease current, 8 lease history, 9 lane active (*),
---     10 attempt_timeout, 11 execution_deadline (unused).
+--     10 attempt_timeout, 11 execution_deadline (unused); 7 lease current is unused.
 --     (*) built from the tag of KEYS[1] (docs/architecture.md#keys-built-inside-lua): lanes from
 --     core.lane_id, the lease
 --     set from ARGV[3], the attempt from core.current_attempt_index.
@@ -271,9 +289,9 @@ redis.register_function('ff_claim_execution', claim_execution)
 --     execution_not_leaseable (not runnable, or not eligible_now), not_a_resumed_execution
 --     (attempt_state not attempt_interrupted), invalid_claim_grant (missing or another worker's),
 --     claim_grant_expired (grant deleted).
---   Writes: core claimed vector with the same attempt and a new lease (epoch + 1); DEL grant;
---     attempt started, resumed_at, lease and worker ids, suspended_at/suspension_id cleared;
---     lease current replaced; ZREM eligible; ZADD lease_expiry and lane active at expires; SADD
+--   Writes: core claimed vector with the same attempt and a new lease (epoch + 1),
+--     attempt_timeout_at; DEL grant; attempt started, resumed_at, lease and worker ids,
+--     suspended_at/suspension_id cleared; ZREM eligible; ZADD lease_expiry and lane active at expires; SADD
 --     claimer's lease set; ZADD attempt_timeout at now + remaining when > 0; history `acquired`
 --     (reason claim_resumed).
 local CLAIM_RESUMED_ARGV = {
@@ -309,7 +327,7 @@ local function claim_resumed_execution(keys, argv)
     end
     return gerr
   end
-  local a = claim_same_attempt(x, {grant = keys[2], lease = keys[7], history = keys[8],
+  local a = claim_same_attempt(x, {grant = keys[2], history = keys[8],
     lease_expiry = keys[4], attempt_timeout = keys[10]}, {worker_id = argv[2],
     worker_instance_id = argv[3], lane = argv[4], lease_id = argv[5], ttl = ttl,
     remaining = remaining}, now)
@@ -381,9 +399,10 @@ redis.register_function('ff_claim_resumed_execution', claim_resumed_execution)
 --     mismatch (core last_capability_mismatch_at written), or not due after all (a leased
 --     entry is re-scored at its lease expiry; an entry whose core is gone, not active or of
 --     another lane is removed from the set).
---   Writes per lease: those of ff_claim_execution (or ff_claim_resumed_execution), or of
---     ff_reclaim_execution for a due lease, including its reclaim-limit path (terminal
---     failed; nothing leased). With several namespaces: ZADD XX of each namespace examined,
+--   Writes per lease: those of ff_claim_execution (or ff_claim_resumed_execution; no DEL of a
+--     grant, there is none), or of ff_reclaim_execution for a due lease, including its
+--     reclaim-limit path (terminal failed; nothing leased). Each head's payload and tags are
+--     read once, for its reply-size cost and its row. With several namespaces: ZADD XX of each namespace examined,
 --     at its new virtual time (one whose last head was leased has left the set); a namespace
 --     whose sub-index is found empty leaves the set.
 local CLAIM_BATCH_ARGV = {
@@ -442,28 +461,31 @@ local function claim_batch_args(keys, argv)
     room = room, weights = weights}
 end
 
--- What the worker needs of one lease (the ff_claim_batch `claimed` row). `waited` is how long
--- the head had been eligible ('' for a reclaim): the claim-wait metric (docs/observability.md).
+-- What the worker needs of one lease (the ff_claim_batch `claimed` row); the payload and tags
+-- as row_cost read them. `waited` is how long the head had been eligible ('' for a reclaim):
+-- the claim-wait metric (docs/observability.md).
 local function claimed_row(x, a, attempt_type, resumed, waited)
   local c = x.core
   return {x.eid, a.lease_id, Util.num(a.epoch), Util.num(a.expires), a.attempt_id, Util.num(a.idx),
-    attempt_type, resumed and '1' or '0',
-    redis.call('GET', Keys.exec(x.tag, x.eid, 'payload')) or '', c.payload_encoding or '',
-    c.execution_kind or '', c.namespace or '', c.priority or '0', c.flow_id or '',
-    redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags')), c.trace_context or '', waited or ''}
+    attempt_type, resumed and '1' or '0', x.row_payload, c.payload_encoding or '',
+    c.execution_kind or '', c.namespace or '', c.priority or '0', c.flow_id or '', x.row_tags,
+    c.trace_context or '', waited or ''}
 end
 
 -- Fixed cost of one claimed row on top of its variable fields: ids, numbers and the framing
 -- of the row and of the task message the server makes of it (docs/lifecycle.md#claim-reply-size).
 local ROW_BYTES = 512
 
--- What the row of execution x would cost, read before any write.
+-- What the row of execution x would cost, read before any write: reads the payload and tags
+-- once, for the row too (x.row_payload, x.row_tags).
 local function row_cost(x)
   local c = x.core
-  local n = ROW_BYTES + redis.call('STRLEN', Keys.exec(x.tag, x.eid, 'payload'))
+  x.row_payload = redis.call('GET', Keys.exec(x.tag, x.eid, 'payload')) or ''
+  x.row_tags = redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags'))
+  local n = ROW_BYTES + #x.row_payload
     + #(c.payload_encoding or '') + #(c.execution_kind or '') + #(c.namespace or '')
     + #(c.flow_id or '') + #(c.trace_context or '')
-  for _, v in ipairs(redis.call('HGETALL', Keys.exec(x.tag, x.eid, 'tags'))) do
+  for _, v in ipairs(x.row_tags) do
     n = n + #v
   end
   return n
@@ -497,7 +519,6 @@ local function reclaim_head(eid, b, argv, pair, room, now)
   if redis.call('EXISTS', grant) == 1 or Caps.check(x, argv[5] or '', now) then
     return nil
   end
-  x.attempts, x.lease = Keys.exec(tag, eid, 'attempts'), Keys.exec(tag, eid, 'lease:current')
   x.lease_expiry, x.attempt_timeout, x.deadline = b.keys[2], b.keys[3], b.keys[4]
   local policy = Policy.stored(x)
   if Reclaim.at_limit(x, policy) then
@@ -525,13 +546,15 @@ local function claim_head(eid, b, argv, pair, room, now, admitted)
   end
   -- eligible since its last transition (create, promote, unblock, resume): read before the claim
   local waited = Util.num(math.max(now - (tonumber(x.core.last_transition_at or '') or now), 0))
-  local k = {grant = Keys.exec(tag, eid, 'claim_grant'), attempts = Keys.exec(tag, eid, 'attempts'),
-    lease = Keys.exec(tag, eid, 'lease:current'), history = Keys.exec(tag, eid, 'lease:history'),
-    lease_expiry = b.keys[2], attempt_timeout = b.keys[3], deadline = b.keys[4]}
-  local gerr = grant_denied(x, k.grant, argv[5] or '', now)
+  local k = {grant = Keys.exec(tag, eid, 'claim_grant'),
+    history = Keys.exec(tag, eid, 'lease:history'), lease_expiry = b.keys[2],
+    attempt_timeout = b.keys[3], deadline = b.keys[4]}
+  local gerr = grant_denied(x, k.grant, argv[5] or '', now,
+    b.listed and not admitted and x.core.lane_id == argv[3])
   if gerr then
     return gerr[2] == 'capability_mismatch' and 'mismatch' or nil
   end
+  k.grant = false  -- none outstanding (grant_denied): nothing to delete
   local p = {worker_id = argv[1], worker_instance_id = argv[2], lane = argv[3],
     lease_id = argv[pair], attempt_id = argv[pair + 1], ttl = b.ttl,
     renew_before = b.renew_before, timeout = false, deadline = false, policy = {},
@@ -672,6 +695,7 @@ local function claim_batch(keys, argv)
     if #raw > 2 then
       examine_fair(st, raw, b, argv, now)
     else
+      b.listed = true  -- the heads come from the eligible set itself
       examine_all(st, claim_head, redis.call('ZRANGE', keys[1], 0, b.scan - 1), b, argv, now)
     end
   end

@@ -32,27 +32,36 @@ end
 
 -- ff_append_frame
 --   KEYS (3): 1 core, 2 stream (ff:stream:{p}:<eid>:<idx>), 3 stream meta (…:<idx>:meta).
---   ARGV (14): 1 execution_id, 2 attempt_index, 3 lease_id, 4 lease_epoch, 5 attempt_id
+--   ARGV (14 + 7n): 1 execution_id, 2 attempt_index, 3 lease_id, 4 lease_epoch, 5 attempt_id
 --     (stored in meta, not validated), 6 frame_type (non-empty), 7 timestamp ("" or ms; "" =
 --     server time), 8 payload (bytes, stored verbatim), 9 encoding ("" = utf8),
 --     10 metadata_json ("" = none), 11 correlation_id ("" = none), 12 source ("" = worker),
 --     13 retention_maxlen ("" or 0 = MAXLEN ~ 10000; n > 0 = MAXLEN = n, exact),
---     14 max_payload_bytes ("" = 65536; 1..65536).
+--     14 max_payload_bytes ("" = 65536; 1..65536); then n >= 0 more frames of the same attempt
+--     (AppendFramesRequest.frames, docs/streams.md#appending), 7 values each: frame_type,
+--     timestamp, payload, encoding, metadata_json, correlation_id, source (as ARGV 6-12), at
+--     most Bounds.BATCH_ITEMS of them; appended after the first under the same fence check,
+--     retention and payload cap.
 --   Now: TIME.
---   Replies: {1,"OK",entry_id,frame_count} (frame_count = lifetime count after this append).
---   Errors (in order, first wins, nothing written): invalid_input (numeric ARGV,
---     max_payload_bytes outside 1..65536, negative retention_maxlen), invalid_frame_type
+--   Replies: {1,"OK",entry_id,frame_count} (the last frame's entry id; frame_count = lifetime
+--     count after this call).
+--   Errors (in order, first wins, nothing written: every frame is checked before the first
+--     write, so a call appends all of its frames or none): invalid_input (numeric ARGV,
+--     max_payload_bytes outside 1..65536, negative retention_maxlen, ARGV not 14 + 7n, more than
+--     Bounds.BATCH_ITEMS more frames; a bad timestamp names its frame), invalid_frame_type
 --     (empty), retention_limit_exceeded (payload longer than max_payload_bytes), stream_closed
 --     (core missing or lifecycle_phase ~= active), stale_owner_cannot_append (ownership
 --     lease_expired_reclaimable or lease_revoked; lease_expires_at empty or <= now;
 --     current_attempt_index ~= attempt_index; lease_id or lease_epoch differ), stream_closed
 --     (meta closed_at set). Never marks a lease expired; never uses the shared lease codes.
---   Writes: meta created on first append (stream_id, execution_id, attempt_id, attempt_index,
---     created_at, closed_at "", closed_reason "", durability_mode durable_full,
---     retention_maxlen as given, last_sequence "", frame_count 0, total_bytes 0,
---     last_frame_at ""); XADD frame_type, ts, payload, encoding, source, [correlation_id],
---     [metadata_json]; meta frame_count += 1, total_bytes += #payload, last_sequence,
---     last_frame_at; XTRIM per retention. State vector untouched. Not idempotent.
+--   Writes: per frame XADD frame_type, ts, payload, encoding, source, [correlation_id],
+--     [metadata_json] with the retention trim (MAXLEN = n, or ~ 10000); then one HSET of the
+--     meta: frame_count and total_bytes (read with the closed check, plus this call's),
+--     last_sequence, last_frame_at, and on the first append the rest of the meta (stream_id,
+--     execution_id, attempt_id, attempt_index, created_at, closed_at "", closed_reason "",
+--     durability_mode durable_full, retention_maxlen as given, and core stream_attempt =
+--     attempt_index: Stream.close reads it instead of the meta). State vector untouched. Not
+--     idempotent.
 local APPEND_ARGV = {
   {2, 'attempt_index', 'int'},
   {4, 'lease_epoch', 'int?'},
@@ -60,24 +69,58 @@ local APPEND_ARGV = {
   {13, 'retention_maxlen', 'int?', min = 0, max = Bounds.STREAM_MAXLEN, default = 0},
   {14, 'max_payload_bytes', 'int?', min = 1, max = MAX_PAYLOAD_BYTES, default = MAX_PAYLOAD_BYTES},
 }
+local FRAME_ARGC = 7
+
+-- The frames of one call: {frame_type, ts (number or false), payload, encoding, metadata_json,
+-- correlation_id, source} each, or nil plus the error reply.
+local function append_frames_of(argv, first_ts, cap)
+  local extra = (#argv - 14) / FRAME_ARGC
+  if #argv < 14 or extra ~= math.floor(extra) then
+    return nil, Reply.err('invalid_input', 'ARGV must be 14 values, then 7 per further frame')
+  end
+  if extra > Bounds.BATCH_ITEMS then
+    return nil, Reply.err('invalid_input', 'at most ' .. Bounds.BATCH_ITEMS
+      .. ' further frames per call')
+  end
+  local frames = {{argv[6] or '', first_ts or false, argv[8] or '', argv[9], argv[10], argv[11],
+    argv[12]}}
+  for i = 0, extra - 1 do
+    local b = 14 + i * FRAME_ARGC
+    local ts = argv[b + 2]
+    local n = false
+    if ts ~= '' then
+      n = Argv.is_int(ts) and tonumber(ts) or nil
+      if not n or n < 0 or n > Bounds.TIMESTAMP_MS then
+        return nil, Reply.err('invalid_input', 'timestamp of frame ' .. (i + 2)
+          .. ' must be an integer 0..' .. Util.num(Bounds.TIMESTAMP_MS))
+      end
+    end
+    frames[#frames + 1] = {argv[b + 1], n, argv[b + 3], argv[b + 4], argv[b + 5], argv[b + 6],
+      argv[b + 7]}
+  end
+  for i, f in ipairs(frames) do
+    if f[1] == '' then
+      return nil, Reply.err('invalid_frame_type', 'frame_type must not be empty'
+        .. (i > 1 and (' (frame ' .. i .. ')') or ''))
+    end
+    if #f[3] > cap then
+      return nil, Reply.err('retention_limit_exceeded', 'payload is ' .. #f[3]
+        .. ' bytes; the cap is ' .. cap .. (i > 1 and (' (frame ' .. i .. ')') or ''))
+    end
+  end
+  return frames
+end
 
 local function append_frame(keys, argv)
   local a, e = Argv.parse(argv, APPEND_ARGV)
   if not a then
     return e
   end
-  local idx, ts, maxlen, cap = a.attempt_index, a.timestamp, a.retention_maxlen,
-    a.max_payload_bytes
-  local frame_type = argv[6] or ''
-  if frame_type == '' then
-    return Reply.err('invalid_frame_type', 'frame_type must not be empty')
-  end
-  local payload = argv[8] or ''
-
-  -- 1. payload cap
-  if #payload > cap then
-    return Reply.err('retention_limit_exceeded', 'payload is ' .. #payload .. ' bytes; the cap is '
-      .. cap)
+  local idx, maxlen, cap = a.attempt_index, a.retention_maxlen, a.max_payload_bytes
+  -- 1. frame types and payload caps, every frame
+  local frames, ferr = append_frames_of(argv, a.timestamp, cap)
+  if not frames then
+    return ferr
   end
   -- 2. execution active (a missing core is stream_closed too)
   local x = State.load_exec(keys, argv)
@@ -105,37 +148,52 @@ local function append_frame(keys, argv)
     or tonumber(argv[4]) ~= tonumber(c.current_lease_epoch or '') then
     return Reply.err('stale_owner_cannot_append', 'lease')
   end
-  -- 7. lazily create the meta hash; 8. closed?
+  -- 7. closed? (one read of the meta: a missing one is created by the HSET below)
   local meta = keys[3]
-  if redis.call('EXISTS', meta) == 0 then
-    redis.call('HSET', meta, 'stream_id', x.eid .. ':' .. Util.num(idx), 'execution_id', x.eid,
-      'attempt_id', argv[5] or '', 'attempt_index', Util.num(idx), 'created_at', Util.num(now),
-      'closed_at', '', 'closed_reason', '', 'durability_mode', 'durable_full',
-      'retention_maxlen', argv[13] or '', 'last_sequence', '', 'frame_count', '0',
-      'total_bytes', '0', 'last_frame_at', '')
-  elseif Util.is_set(redis.call('HGET', meta, 'closed_at')) then
-    return Reply.err('stream_closed', redis.call('HGET', meta, 'closed_reason') or '')
+  local m = redis.call('HMGET', meta, 'created_at', 'closed_at', 'closed_reason', 'frame_count',
+    'total_bytes')
+  if Util.is_set(m[2]) then
+    return Reply.err('stream_closed', m[3] or '')
   end
 
-  local args = {'XADD', keys[2], '*', 'frame_type', frame_type, 'ts', Util.num(ts or now),
-    'payload', payload, 'encoding', Util.is_set(argv[9]) and argv[9] or 'utf8',
-    'source', Util.is_set(argv[12]) and argv[12] or 'worker'}
-  if Util.is_set(argv[11]) then
-    args[#args + 1] = 'correlation_id'
-    args[#args + 1] = argv[11]
-  end
-  if Util.is_set(argv[10]) then
-    args[#args + 1] = 'metadata_json'
-    args[#args + 1] = argv[10]
-  end
-  local id = redis.call(unpack(args))
-  local count = redis.call('HINCRBY', meta, 'frame_count', 1)
-  redis.call('HINCRBY', meta, 'total_bytes', #payload)
-  redis.call('HSET', meta, 'last_sequence', id, 'last_frame_at', Util.num(now))
+  local trim = {'MAXLEN', '~', Util.num(DEFAULT_APPROX_MAXLEN)}
   if maxlen > 0 then
-    redis.call('XTRIM', keys[2], 'MAXLEN', '=', Util.num(maxlen))
-  else
-    redis.call('XTRIM', keys[2], 'MAXLEN', '~', Util.num(DEFAULT_APPROX_MAXLEN))
+    trim = {'MAXLEN', '=', Util.num(maxlen)}
+  end
+  local id, bytes = nil, 0
+  for _, f in ipairs(frames) do
+    local args = {'XADD', keys[2], trim[1], trim[2], trim[3], '*', 'frame_type', f[1],
+      'ts', Util.num(f[2] or now), 'payload', f[3],
+      'encoding', Util.is_set(f[4]) and f[4] or 'utf8',
+      'source', Util.is_set(f[7]) and f[7] or 'worker'}
+    if Util.is_set(f[6]) then
+      args[#args + 1] = 'correlation_id'
+      args[#args + 1] = f[6]
+    end
+    if Util.is_set(f[5]) then
+      args[#args + 1] = 'metadata_json'
+      args[#args + 1] = f[5]
+    end
+    id = redis.call(unpack(args))
+    bytes = bytes + #f[3]
+  end
+  local count = (tonumber(m[4] or '') or 0) + #frames
+  local fields = {'frame_count', Util.num(count),
+    'total_bytes', Util.num((tonumber(m[5] or '') or 0) + bytes), 'last_sequence', id,
+    'last_frame_at', Util.num(now)}
+  if not m[1] then
+    local first = {'stream_id', x.eid .. ':' .. Util.num(idx), 'execution_id', x.eid,
+      'attempt_id', argv[5] or '', 'attempt_index', Util.num(idx), 'created_at', Util.num(now),
+      'closed_at', '', 'closed_reason', '', 'durability_mode', 'durable_full',
+      'retention_maxlen', argv[13] or ''}
+    for _, v in ipairs(first) do
+      fields[#fields + 1] = v
+    end
+  end
+  redis.call('HSET', meta, unpack(fields))
+  if not m[1] then
+    -- the core says which attempt has a meta, so closes need not look (include/stream.lua)
+    redis.call('HSET', keys[1], 'stream_attempt', Util.num(idx))
   end
   return Reply.ok(id, Util.num(count))
 end
@@ -144,7 +202,7 @@ redis.register_function('ff_append_frame', append_frame)
 
 -- ff_append_frames (docs/lifecycle.md#batched-functions)
 --   KEYS (3n), ARGV (2+14n): ARGV 1 = 3, 2 = 14, then n frames each with the KEYS and ARGV of
---     ff_append_frame, all on one partition.
+--     ff_append_frame (one frame each), all on one partition.
 --   Replies: the list of the frames' ff_append_frame replies, in order, each frame checked and
 --     appended on its own; the first error reply ends the list (the frames after it are not
 --     appended). invalid_input when the counts do not match.

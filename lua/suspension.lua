@@ -270,7 +270,7 @@ end
 --     at that id), invalid_keys_missing_hmac, hmac_secret_not_initialized, invalid_secret.
 --   Writes (suspended): core suspend vector (blocking_reason from reason_code, "suspended:
 --     waitpoint <wp> awaiting <reason_code>", attempt_interrupted), lease mirror cleared,
---     current_suspension_id, current_waitpoint_id; lease release (DEL lease current, ZREM
+--     current_suspension_id, current_waitpoint_id; lease release (ZREM
 --     lease_expiry, lane active, attempt_timeout, SREM holder's lease set, history `released`
 --     reason suspend); ZADD lane suspended at timeout_at or 9999999999999; ZADD
 --     suspension_timeout when timeout_at; ZREM pending_waitpoint_expiry; SADD waitpoints set

@@ -194,6 +194,10 @@ function Create.write(tag, m, now)
   extra.trace_context = m.trace_context or ''
   extra.execution_deadline_at = deadline and Util.num(deadline) or ''
   extra.flow_id = m.flow_id or ''
+  -- The policy's attempt timeout ("0" = none), so a claim need not read the policy key; the
+  -- attempt that last created a stream meta ("" = none yet: include/stream.lua).
+  extra.stream_attempt = ''
+  extra.policy_attempt_timeout_ms = Util.num(Policy.attempt_timeout_of(m.policy or {}) or 0)
 
   local vector, set, score
   if m.blocked then
@@ -209,13 +213,20 @@ function Create.write(tag, m, now)
       'pending_first_attempt'}
     set, score = 'eligible', State.eligible_score(priority, now)
   end
-  local public = State.write_vector(Keys.exec(tag, eid, 'core'), eid, vector, now, extra)
+  -- m.fresh: the caller checked the core does not exist, so there is no previous state to read.
+  local snap = nil
+  if m.fresh then
+    snap = false
+  end
+  local public = State.write_vector(Keys.exec(tag, eid, 'core'), eid, vector, now, extra, snap)
 
-  redis.call('SET', Keys.exec(tag, eid, 'payload'), m.payload)
-  if m.policy_json ~= '' then
+  -- An empty payload and an empty policy are no key: every reader takes a missing one as
+  -- empty (GET nil = '', Policy.stored = {}).
+  if m.payload ~= '' then
+    redis.call('SET', Keys.exec(tag, eid, 'payload'), m.payload)
+  end
+  if m.policy_json ~= '' and m.policy_json ~= '{}' then
     redis.call('SET', Keys.exec(tag, eid, 'policy'), m.policy_json)
-  else
-    redis.call('SET', Keys.exec(tag, eid, 'policy'), '{}')
   end
   if next(m.tags) ~= nil then
     Util.hmset(Keys.exec(tag, eid, 'tags'), m.tags)

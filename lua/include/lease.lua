@@ -93,6 +93,7 @@ function Lease.mark_expired(x, now)
     c.eligibility_state or 'not_applicable', 'waiting_for_worker',
     'lease expired, awaiting reclaim', 'none', 'attempt_interrupted'}, now,
     {lease_expired_at = Util.num(now)})
+  x.announced = true
   Lease.event(x.history, 'expired', Lease.fields(c, 'lease_expired'), now)
   Stream.close(x, c.current_attempt_index, 'lease_expired', now, true)
   c.ownership_state = 'lease_expired_reclaimable'
@@ -139,12 +140,12 @@ function Lease.cleared(extra)
   return extra
 end
 
--- Lease release (docs/lifecycle.md#lease-release), after the core was written. Needs x.lease,
--- x.lease_expiry,
--- x.attempt_timeout, x.history; reads the holder from the pre-write x.core snapshot.
+-- Lease release (docs/lifecycle.md#lease-release), after the core was written. Needs
+-- x.lease_expiry, x.attempt_timeout, x.history; reads the holder from the pre-write x.core
+-- snapshot. The attempt_timeout entry is removed unless the terminal transition already did
+-- (x.timeout_cleared) or the core says the attempt has none (Lease.no_timeout).
 function Lease.release(x, reason, now)
   local c = x.core
-  redis.call('DEL', x.lease)
   redis.call('ZREM', x.lease_expiry, x.eid)
   -- The holder's lease set and the lane's active index: built from core fields on the tag of
   -- KEYS[1] (docs/architecture.md#keys-built-inside-lua); the caller may not know the holder.
@@ -152,7 +153,9 @@ function Lease.release(x, reason, now)
     redis.call('SREM', Keys.worker_leases(x.tag, c.current_worker_instance_id), x.eid)
   end
   redis.call('ZREM', Keys.lane(x.tag, c.lane_id, 'active'), x.eid)
-  redis.call('ZREM', x.attempt_timeout, x.eid)
+  if not x.timeout_cleared and not Lease.no_timeout(c) then
+    redis.call('ZREM', x.attempt_timeout, x.eid)
+  end
   Lease.event(x.history, 'released', {'lease_id', c.current_lease_id,
     'lease_epoch', c.current_lease_epoch, 'attempt_index', c.current_attempt_index,
     'attempt_id', c.current_attempt_id, 'reason', reason}, now)
@@ -168,14 +171,13 @@ function Lease.release(x, reason, now)
   end
 end
 
--- Replaces lease:current with lease `a` (docs/architecture.md#key-schema fields).
-function Lease.write(key, eid, a, now)
-  redis.call('DEL', key)
-  redis.call('HSET', key, 'lease_id', a.lease_id, 'lease_epoch', Util.num(a.epoch),
-    'execution_id', eid, 'attempt_id', a.attempt_id, 'worker_id', a.worker_id,
-    'worker_instance_id', a.worker_instance_id, 'acquired_at', Util.num(now),
-    'expires_at', Util.num(a.expires), 'last_renewed_at', Util.num(now),
-    'renewal_deadline', Util.num(a.renewal))
+-- The core field attempt_timeout_at: what the claim that started the current lease put in the
+-- attempt_timeout index (the due time, or "0" for nothing). A core that says "0" is not in the
+-- index, so paths that take it out skip the ZREM; any other value (a core written before the
+-- field existed has none) removes as before. A stale entry would only cost the scanner a call:
+-- ff_expire_execution drops an entry whose execution moved on.
+function Lease.no_timeout(c)
+  return c.attempt_timeout_at == '0'
 end
 
 -- A fresh lease on lane `lane`: out of eligible, into lease_expiry and lane active at its

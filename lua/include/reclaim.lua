@@ -67,6 +67,8 @@ function Reclaim.take(x, p, policy, grant_key, now)
   }
   local extra = Lease.claimed_fields(a, (p.lane ~= '' and p.lane) or c.lane_id, now)
   extra.lease_reclaim_count = Util.num((tonumber(c.lease_reclaim_count or '0') or 0) + 1)
+  local timeout = Policy.attempt_timeout_of(policy)
+  extra.attempt_timeout_at = timeout and Util.num(now + timeout) or '0'
   State.write_vector(x.core_key, x.eid, Lease.CLAIMED, now, extra)
   redis.call('DEL', grant_key)
   Attempt.finish(x, old_idx, 'interrupted_reclaimed', {'failure_reason', reason}, now)
@@ -81,7 +83,6 @@ function Reclaim.take(x, p, policy, grant_key, now)
   end
   redis.call('SADD', Keys.worker_leases(x.tag, p.worker_instance_id), x.eid)
   redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'active'), Util.num(a.expires), x.eid)
-  local timeout = Policy.attempt_timeout_of(policy)
   if timeout then
     redis.call('ZADD', x.attempt_timeout, Util.num(now + timeout), x.eid)
   else

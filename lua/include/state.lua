@@ -43,11 +43,21 @@ end
 -- (plus any `extra` fields) in one HSET, then publishes the watch event. Returns public_state.
 -- A flow member's move between public states also moves its flow's counters
 -- (docs/flows.md#flow-state). v = {phase, ownership, eligibility, blocking, detail, outcome,
--- attempt}
-function State.write_vector(core_key, eid, v, now, extra)
+-- attempt}. `snap`: the core as this call read it (State.load_exec), when nothing in this call
+-- wrote the core's state since; its public_state, flow_id, eligibility_state and lane_id stand
+-- in for a fresh read. false: the core does not exist yet (create). nil: read them here.
+function State.write_vector(core_key, eid, v, now, extra, snap)
   local public = State.public_state_of(v[1], v[3], v[6])
-  local prev = redis.call('HMGET', core_key, 'public_state', 'flow_id', 'eligibility_state',
-    'lane_id')
+  local prev
+  if snap then
+    prev = {snap.public_state or false, snap.flow_id or false, snap.eligibility_state or false,
+      snap.lane_id or false}
+  elseif snap == false then
+    prev = {false, false, false, false}
+  else
+    prev = redis.call('HMGET', core_key, 'public_state', 'flow_id', 'eligibility_state',
+      'lane_id')
+  end
   local args = {
     'lifecycle_phase', v[1], 'ownership_state', v[2], 'eligibility_state', v[3],
     'blocking_reason', v[4], 'blocking_detail', v[5], 'terminal_outcome', v[6],

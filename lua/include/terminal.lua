@@ -13,7 +13,9 @@ Terminal.FAILURE = {failed = true, expired = true, cancelled = true}
 -- ff:dag:completions for a flow member when `publish`. A flow member's outgoing edges are
 -- resolved here, in the same call (docs/flows.md#resolution), whatever `publish` says, unless
 -- x.no_deps (a fail_fast sweep cancelling every member at once).
--- Needs x.attempt_timeout, x.deadline.
+-- Needs x.attempt_timeout, x.deadline. With x.fresh the core snapshot stands in for the previous
+-- state (State.write_vector's snap); the index removals skip the indexes the core says the
+-- execution is not in (no execution_deadline_at; attempt_timeout_at "0").
 function Terminal.transition(x, outcome, now, extra, publish)
   local c = x.core
   local attempt = 'attempt_terminal'
@@ -22,9 +24,16 @@ function Terminal.transition(x, outcome, now, extra, publish)
   end
   extra.completed_at = Util.num(now)
   local public = State.write_vector(x.core_key, x.eid,
-    {'terminal', 'unowned', 'not_applicable', 'none', '', outcome, attempt}, now, extra)
-  redis.call('ZREM', x.attempt_timeout, x.eid)
-  redis.call('ZREM', x.deadline, x.eid)
+    {'terminal', 'unowned', 'not_applicable', 'none', '', outcome, attempt}, now, extra,
+    x.fresh and c or nil)
+  x.announced = true
+  if c.attempt_timeout_at ~= '0' then
+    redis.call('ZREM', x.attempt_timeout, x.eid)
+  end
+  x.timeout_cleared = true
+  if Util.is_set(c.execution_deadline_at) then
+    redis.call('ZREM', x.deadline, x.eid)
+  end
   -- Lane index built from core.lane_id on the tag of KEYS[1]
   -- (docs/architecture.md#keys-built-inside-lua).
   redis.call('ZADD', Keys.lane(x.tag, c.lane_id, 'terminal'), Util.num(now), x.eid)

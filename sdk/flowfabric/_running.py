@@ -52,10 +52,24 @@ SUSPEND_BACKOFF = Backoff(max_attempts=10)
 
 
 async def _frame_requests(
-    frames: list[worker_pb2.AppendFrameRequest],
+    frames: list[worker_pb2.AppendFrameRequest], packed: bool
 ) -> AsyncIterator[worker_pb2.AppendFramesRequest]:
-    for frame in frames:
-        yield worker_pb2.AppendFramesRequest(frame=frame)
+    """The batch as AppendFrames messages: `packed`, one message whose `frames` carry all but
+    the first (one store call, one fence check: docs/streams.md#appending); else one message
+    per frame."""
+    if not packed:
+        for frame in frames:
+            yield worker_pb2.AppendFramesRequest(frame=frame)
+        return
+    more = [
+        worker_pb2.AppendFramesRequest.Frame(
+            frame_type=f.frame_type, payload=f.payload, encoding=f.encoding,
+            metadata_json=f.metadata_json if f.HasField("metadata_json") else None,
+            correlation_id=f.correlation_id if f.HasField("correlation_id") else None,
+        )
+        for f in frames[1:]
+    ]  # fmt: skip
+    yield worker_pb2.AppendFramesRequest(frame=frames[0], frames=more)
 
 
 class RunningTask:
@@ -80,6 +94,7 @@ class RunningTask:
         self.suspended: TaskSuspended | None = None
         self._suspending = False
         self._frames: list[worker_pb2.AppendFrameRequest] = []
+        self._pack_frames = True  # AppendFramesRequest.frames, until a server shows it lacks them
         self._frame_bytes = 0
         self._flush_lock = asyncio.Lock()
         self._linger: asyncio.Task[None] | None = None
@@ -236,19 +251,30 @@ class RunningTask:
             unsure = False
             if done == len(frames):
                 return
-            try:
-                reply = await self.transport.unary(
-                    self.transport.workers.AppendFrames,
-                    _frame_requests(frames[done:]),
-                    deadline=deadline,
-                    retry=False,
-                )
-            except FlowFabricError as exc:
-                unsure = exc.code in OUTAGE_CODES
-                if not unsure:
-                    self._last_frame_id = None  # a prefix may have landed (`appended_count`)
-                raise
-            done = len(frames)
+            while done < len(frames):
+                pending = frames[done:]
+                try:
+                    reply = await self.transport.unary(
+                        self.transport.workers.AppendFrames,
+                        _frame_requests(pending, self._pack_frames),
+                        deadline=deadline,
+                        retry=False,
+                    )
+                except FlowFabricError as exc:
+                    unsure = exc.code in OUTAGE_CODES
+                    if not unsure:
+                        self._last_frame_id = None  # a prefix may have landed (`appended_count`)
+                    raise
+                if self._pack_frames and len(pending) > 1 and reply.appended_count < len(pending):
+                    # a server without AppendFramesRequest.frames took the first frame only:
+                    # send the rest one per message from now on
+                    self._pack_frames = False
+                    done += reply.appended_count
+                    self.frames_appended += reply.appended_count
+                    if self._last_frame_id is not None and reply.last_entry_id:
+                        self._last_frame_id = reply.last_entry_id
+                    continue
+                done = len(frames)
             self.frames_appended += reply.appended_count
             if self._last_frame_id is not None and reply.last_entry_id:
                 self._last_frame_id = reply.last_entry_id

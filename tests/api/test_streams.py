@@ -201,6 +201,71 @@ async def test_append_frames_client_stream(api: Api) -> None:
     )
 
 
+async def test_append_frames_many_per_message(api: Api) -> None:
+    """`frames` ride on `frame`'s fence: one message appends all of its frames or none
+    (docs/streams.md#appending); one-frame messages mix with them in order."""
+    lease = await started(api)
+    more = wpb.AppendFramesRequest.Frame
+
+    def message(first: bytes, rest: list[Any]) -> wpb.AppendFramesRequest:
+        return wpb.AppendFramesRequest(
+            frame=wpb.AppendFrameRequest(lease=lease, frame_type="token", payload=first),
+            frames=rest,
+        )
+
+    async def messages(*ms: wpb.AppendFramesRequest) -> AsyncIterator[wpb.AppendFramesRequest]:
+        for m in ms:
+            yield m
+
+    rest = [more(frame_type="token", payload=str(i).encode()) for i in range(1, 5)]
+    rest[1].correlation_id, rest[2].frame_type = "c-2", "log"
+    reply = await api.worker.AppendFrames(
+        messages(message(b"0", rest), message(b"5", [])), metadata=api.metadata
+    )
+    assert (reply.appended_count, reply.frame_count) == (6, 6)
+    got = (await read(api, lease.execution_id, count_limit=100)).frames
+    assert [f.payload for f in got] == [str(i).encode() for i in range(6)]
+    assert [f.frame_type for f in got][2:4] == ["token", "log"]
+    assert got[2].correlation_id == "c-2"
+    assert reply.last_entry_id == got[-1].id
+    # a bad frame anywhere in a message: none of that message lands
+    bad = [more(frame_type="token", payload=b"a"), more(frame_type="", payload=b"b")]
+    info = await expect_error(
+        api.worker.AppendFrames(
+            messages(message(b"6", []), message(b"7", bad)), metadata=api.metadata
+        ),
+        C.INVALID_ARGUMENT,
+        "invalid_frame_type",
+    )
+    assert info.metadata["appended_count"] == "1"
+    assert len((await read(api, lease.execution_id, count_limit=100)).frames) == 7
+    await expect_error(
+        api.worker.AppendFrames(
+            messages(message(b"8", [more(frame_type="t", payload=b"x" * 70_000)])),
+            metadata=api.metadata,
+        ),
+        C.RESOURCE_EXHAUSTED,
+        "retention_limit_exceeded",
+    )
+    await expect_error(
+        api.worker.AppendFrames(
+            messages(message(b"9", [more(frame_type="t")] * 1001)), metadata=api.metadata
+        ),
+        C.INVALID_ARGUMENT,
+        "invalid_input",
+    )
+    stale = with_epoch(lease, lease.lease_epoch + 1)
+    stale_message = wpb.AppendFramesRequest(
+        frame=wpb.AppendFrameRequest(lease=stale, frame_type="t", payload=b"x"), frames=rest
+    )
+    await expect_error(
+        api.worker.AppendFrames(messages(stale_message), metadata=api.metadata),
+        C.FAILED_PRECONDITION,
+        "stale_owner_cannot_append",
+    )
+    assert len((await read(api, lease.execution_id, count_limit=100)).frames) == 7
+
+
 # -- tails --------------------------------------------------------------------------------------
 
 

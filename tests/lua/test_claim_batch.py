@@ -236,6 +236,7 @@ VOLATILE = {
     "created_at", "started_at", "acquired_at", "expires_at", "last_renewed_at",
     "renewal_deadline", "last_transition_at", "last_mutation_at", "lease_acquired_at",
     "lease_expires_at", "lease_last_renewed_at", "lease_renewal_deadline", "resumed_at", "ts",
+    "attempt_timeout_at",
 }  # fmt: skip
 
 

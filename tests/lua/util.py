@@ -553,11 +553,13 @@ async def snapshot(store: Store, eid: ExecutionId, instances: tuple[str, ...] = 
 
 
 async def open_stream(store: Store, eid: ExecutionId, idx: int) -> None:
-    """A stream meta as the first append would create it (streams are another area's)."""
+    """A stream meta as the first append would create it (streams are another area's), with
+    the core's pointer to it (`stream_attempt`)."""
     await store.call(
         "HSET", ExecKeys(eid).stream_meta(idx), "stream_id", f"{eid}:{idx}", "closed_at", ""
     )
     await store.call("HSET", ExecKeys(eid).stream_meta(idx), "closed_reason", "")
+    await store.call("HSET", ExecKeys(eid).core, "stream_attempt", str(idx))
 
 
 # -- pub/sub ---------------------------------------------------------------------------------------

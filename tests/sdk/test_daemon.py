@@ -215,6 +215,56 @@ async def test_frames_retried_after_a_lost_reply_land_once(api: Api, client: Cli
     assert appended == [10] and lossy.appends == 2
 
 
+class DropMoreFrames(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    """Clears AppendFramesRequest.frames on the way out: what a server that predates the field
+    sees (it parses past an unknown field and appends `frame` only)."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+
+    async def intercept_stream_unary(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        async def stripped() -> AsyncIterator[Any]:
+            async for message in request_iterator:
+                if message.frames:
+                    self.dropped += len(message.frames)
+                    del message.frames[:]
+                yield message
+
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        if method.endswith("/AppendFrames"):
+            return await continuation(details, stripped())
+        return await continuation(details, request_iterator)
+
+
+async def test_frames_fall_back_to_one_per_message_on_a_server_without_frames(
+    api: Api, client: Client
+) -> None:
+    eid = (await client.submit("frames", b"{}", lane=LANE)).execution_id
+    old = DropMoreFrames()
+    async with Client(api.address, token=API_TOKEN, interceptors=[old]) as worker_client:
+        worker = Worker(worker_client, lanes=[LANE], concurrency=1, claim_wait_ms=100)
+        appended: list[int] = []
+
+        @worker.handler("frames")
+        async def frames(ctx: TaskContext) -> None:
+            for batch in range(2):
+                for i in range(4):
+                    await ctx.emit("token", f"b{batch}-{i}")
+                await ctx.flush()
+            appended.append(ctx.frames_appended)
+
+        async with running(worker):
+            assert await client.wait(eid, timeout=10) is ExecutionState.COMPLETED
+    page = await client.read_stream(eid, limit=100)
+    assert [f.payload.decode() for f in page.frames] == [
+        f"b{b}-{i}" for b in range(2) for i in range(4)
+    ]
+    # the first batch went packed (3 frames lost on the way), the rest one per message
+    assert appended == [8] and old.dropped == 3
+
+
 async def test_workers_in_one_process_share_the_signal_and_restore_it(client: Client) -> None:
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     first = Worker(client, lanes=[LANE], claim_wait_ms=100)

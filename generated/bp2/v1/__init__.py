@@ -15,6 +15,7 @@ __all__ = (
     "AppendFrameResponse",
     "AppendFrameResponseAppended",
     "AppendFramesRequest",
+    "AppendFramesRequestFrame",
     "AppendFramesResponse",
     "ApplyDependencyToChildRequest",
     "ApplyDependencyToChildResponse",
@@ -1610,8 +1611,44 @@ class AppendFramesRequest(betterproto2.Message):
     One frame; every message is fenced on its own.
     """
 
+    frames: "list[AppendFramesRequestFrame]" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    More frames of the same attempt, appended right after `frame` under its
+    fence, retention_maxlen and max_payload_bytes, in one store call that
+    appends all of the message's frames or none; at most 1000. Each frame
+    is held to AppendFrame's size limit on its own.
+    """
+
 
 default_message_pool.register_message("flowfabric.v1", "AppendFramesRequest", AppendFramesRequest)
+
+
+@dataclass(eq=False, repr=False)
+class AppendFramesRequestFrame(betterproto2.Message):
+    """
+    One more frame of an attempt: the frame fields of AppendFrameRequest.
+    """
+
+    frame_type: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    timestamp: "int" = betterproto2.field(2, betterproto2.TYPE_INT64)
+
+    payload: "bytes" = betterproto2.field(3, betterproto2.TYPE_BYTES)
+
+    encoding: "str | None" = betterproto2.field(4, betterproto2.TYPE_STRING, optional=True)
+
+    metadata_json: "str | None" = betterproto2.field(5, betterproto2.TYPE_STRING, optional=True)
+
+    correlation_id: "str | None" = betterproto2.field(6, betterproto2.TYPE_STRING, optional=True)
+
+    source: "str | None" = betterproto2.field(7, betterproto2.TYPE_STRING, optional=True)
+
+
+default_message_pool.register_message(
+    "flowfabric.v1", "AppendFramesRequest.Frame", AppendFramesRequestFrame
+)
 
 
 @dataclass(eq=False, repr=False)
@@ -10747,9 +10784,12 @@ class WorkerServiceStub:
     def append_frames(self, messages: "Iterable[AppendFramesRequest]") -> "AppendFramesResponse":
         """
         Appends many frames over one client stream, in order, and answers once
-        at the end. On the first failing frame the call ends with that frame's
-        error (ErrorInfo metadata `appended_count` = frames appended before it).
-        Errors: as AppendFrame.
+        at the end; a message may carry many frames of one attempt (`frames`).
+        On the first failing frame the call ends with that frame's error
+        (ErrorInfo metadata `appended_count` = frames appended before it; a
+        failing message appends none of its frames).
+        Errors: as AppendFrame; INVALID_ARGUMENT `invalid_input` (more than
+        1000 `frames`).
         """
 
         return self._channel.stream_unary(

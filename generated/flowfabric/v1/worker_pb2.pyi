@@ -987,19 +987,81 @@ Global___AppendFrameResponse: _TypeAlias = AppendFrameResponse  # noqa: Y015
 class AppendFramesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class Frame(_message.Message):
+        """One more frame of an attempt: the frame fields of AppendFrameRequest."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        FRAME_TYPE_FIELD_NUMBER: _builtins.int
+        TIMESTAMP_FIELD_NUMBER: _builtins.int
+        PAYLOAD_FIELD_NUMBER: _builtins.int
+        ENCODING_FIELD_NUMBER: _builtins.int
+        METADATA_JSON_FIELD_NUMBER: _builtins.int
+        CORRELATION_ID_FIELD_NUMBER: _builtins.int
+        SOURCE_FIELD_NUMBER: _builtins.int
+        frame_type: _builtins.str
+        timestamp: _builtins.int
+        payload: _builtins.bytes
+        encoding: _builtins.str
+        metadata_json: _builtins.str
+        correlation_id: _builtins.str
+        source: _builtins.str
+        def __init__(
+            self,
+            *,
+            frame_type: _builtins.str = ...,
+            timestamp: _builtins.int = ...,
+            payload: _builtins.bytes = ...,
+            encoding: _builtins.str | None = ...,
+            metadata_json: _builtins.str | None = ...,
+            correlation_id: _builtins.str | None = ...,
+            source: _builtins.str | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["_correlation_id", b"_correlation_id", "_encoding", b"_encoding", "_metadata_json", b"_metadata_json", "_source", b"_source", "correlation_id", b"correlation_id", "encoding", b"encoding", "metadata_json", b"metadata_json", "source", b"source"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["_correlation_id", b"_correlation_id", "_encoding", b"_encoding", "_metadata_json", b"_metadata_json", "_source", b"_source", "correlation_id", b"correlation_id", "encoding", b"encoding", "frame_type", b"frame_type", "metadata_json", b"metadata_json", "payload", b"payload", "source", b"source", "timestamp", b"timestamp"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        _WhichOneofReturnType__correlation_id: _TypeAlias = _typing.Literal["correlation_id"]  # noqa: Y015
+        _WhichOneofArgType__correlation_id: _TypeAlias = _typing.Literal["_correlation_id", b"_correlation_id"]  # noqa: Y015
+        _WhichOneofReturnType__encoding: _TypeAlias = _typing.Literal["encoding"]  # noqa: Y015
+        _WhichOneofArgType__encoding: _TypeAlias = _typing.Literal["_encoding", b"_encoding"]  # noqa: Y015
+        _WhichOneofReturnType__metadata_json: _TypeAlias = _typing.Literal["metadata_json"]  # noqa: Y015
+        _WhichOneofArgType__metadata_json: _TypeAlias = _typing.Literal["_metadata_json", b"_metadata_json"]  # noqa: Y015
+        _WhichOneofReturnType__source: _TypeAlias = _typing.Literal["source"]  # noqa: Y015
+        _WhichOneofArgType__source: _TypeAlias = _typing.Literal["_source", b"_source"]  # noqa: Y015
+        @_typing.overload
+        def WhichOneof(self, oneof_group: _WhichOneofArgType__correlation_id) -> _WhichOneofReturnType__correlation_id | None: ...
+        @_typing.overload
+        def WhichOneof(self, oneof_group: _WhichOneofArgType__encoding) -> _WhichOneofReturnType__encoding | None: ...
+        @_typing.overload
+        def WhichOneof(self, oneof_group: _WhichOneofArgType__metadata_json) -> _WhichOneofReturnType__metadata_json | None: ...
+        @_typing.overload
+        def WhichOneof(self, oneof_group: _WhichOneofArgType__source) -> _WhichOneofReturnType__source | None: ...
+
     FRAME_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def frame(self) -> Global___AppendFrameRequest:
         """One frame; every message is fenced on its own."""
+
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppendFramesRequest.Frame]:
+        """More frames of the same attempt, appended right after `frame` under its
+        fence, retention_maxlen and max_payload_bytes, in one store call that
+        appends all of the message's frames or none; at most 1000. Each frame
+        is held to AppendFrame's size limit on its own.
+        """
 
     def __init__(
         self,
         *,
         frame: Global___AppendFrameRequest | None = ...,
+        frames: _abc.Iterable[Global___AppendFramesRequest.Frame] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "frames", b"frames"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

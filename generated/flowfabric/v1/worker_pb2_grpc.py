@@ -295,9 +295,12 @@ class WorkerServiceServicer:
 
     def AppendFrames(self, request_iterator, context):
         """Appends many frames over one client stream, in order, and answers once
-        at the end. On the first failing frame the call ends with that frame's
-        error (ErrorInfo metadata `appended_count` = frames appended before it).
-        Errors: as AppendFrame.
+        at the end; a message may carry many frames of one attempt (`frames`).
+        On the first failing frame the call ends with that frame's error
+        (ErrorInfo metadata `appended_count` = frames appended before it; a
+        failing message appends none of its frames).
+        Errors: as AppendFrame; INVALID_ARGUMENT `invalid_input` (more than
+        1000 `frames`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -119,9 +119,12 @@ class WorkerServiceStub:
     """
     AppendFrames: _grpc.StreamUnaryMultiCallable[_worker_pb2.AppendFramesRequest, _worker_pb2.AppendFramesResponse]
     """Appends many frames over one client stream, in order, and answers once
-    at the end. On the first failing frame the call ends with that frame's
-    error (ErrorInfo metadata `appended_count` = frames appended before it).
-    Errors: as AppendFrame.
+    at the end; a message may carry many frames of one attempt (`frames`).
+    On the first failing frame the call ends with that frame's error
+    (ErrorInfo metadata `appended_count` = frames appended before it; a
+    failing message appends none of its frames).
+    Errors: as AppendFrame; INVALID_ARGUMENT `invalid_input` (more than
+    1000 `frames`).
     """
     CreatePendingWaitpoint: _grpc.UnaryUnaryMultiCallable[_worker_pb2.CreatePendingWaitpointRequest, _worker_pb2.CreatePendingWaitpointResponse]
     """Pre-creates a `pending` waitpoint while holding the lease, so signals
@@ -288,9 +291,12 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """
     AppendFrames: _aio.StreamUnaryMultiCallable[_worker_pb2.AppendFramesRequest, _worker_pb2.AppendFramesResponse]  # type: ignore[assignment]
     """Appends many frames over one client stream, in order, and answers once
-    at the end. On the first failing frame the call ends with that frame's
-    error (ErrorInfo metadata `appended_count` = frames appended before it).
-    Errors: as AppendFrame.
+    at the end; a message may carry many frames of one attempt (`frames`).
+    On the first failing frame the call ends with that frame's error
+    (ErrorInfo metadata `appended_count` = frames appended before it; a
+    failing message appends none of its frames).
+    Errors: as AppendFrame; INVALID_ARGUMENT `invalid_input` (more than
+    1000 `frames`).
     """
     CreatePendingWaitpoint: _aio.UnaryUnaryMultiCallable[_worker_pb2.CreatePendingWaitpointRequest, _worker_pb2.CreatePendingWaitpointResponse]  # type: ignore[assignment]
     """Pre-creates a `pending` waitpoint while holding the lease, so signals
@@ -526,9 +532,12 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.AppendFramesResponse, _abc.Awaitable[_worker_pb2.AppendFramesResponse]]:
         """Appends many frames over one client stream, in order, and answers once
-        at the end. On the first failing frame the call ends with that frame's
-        error (ErrorInfo metadata `appended_count` = frames appended before it).
-        Errors: as AppendFrame.
+        at the end; a message may carry many frames of one attempt (`frames`).
+        On the first failing frame the call ends with that frame's error
+        (ErrorInfo metadata `appended_count` = frames appended before it; a
+        failing message appends none of its frames).
+        Errors: as AppendFrame; INVALID_ARGUMENT `invalid_input` (more than
+        1000 `frames`).
         """
 
     @_abc_1.abstractmethod

@@ -98,11 +98,11 @@ def attempt_outcome(a: dict[str, str]) -> t.AttemptOutcome:
     )
 
 
-async def _attempts(store: Store, eid: ExecutionId) -> list[dict[str, str]]:
-    """The latest ATTEMPTS_SHOWN attempt hashes, oldest first."""
+async def _attempts(store: Store, eid: ExecutionId, total: int) -> list[dict[str, str]]:
+    """The latest ATTEMPTS_SHOWN attempt hashes, oldest first: attempts are numbered 0 ..
+    total_attempt_count - 1 (a claim starts the next one)."""
     k = ExecKeys(eid)
-    members = await store.call("ZRANGE", k.attempts, -ATTEMPTS_SHOWN, -1)
-    idxs = [int(text(m)) for m in members if text(m).isdigit()]
+    idxs = list(range(max(0, total - ATTEMPTS_SHOWN), total))
     if not idxs:
         return []
     pipe = store.pipeline()
@@ -172,7 +172,7 @@ async def describe_execution(
         execution_kind=f.get("execution_kind", ""),
         priority=_int(f, "priority", 0),
     )
-    attempts = await _attempts(store, eid)
+    attempts = await _attempts(store, eid, _int(f, "total_attempt_count", 0))
     snap.attempts.extend(attempt_outcome(a) for a in attempts)
     idx = _failed_index(f)
     failed = next((a for a in attempts if a.get("attempt_index") == idx), None)

@@ -185,28 +185,61 @@ class LeasesMixin(WorkerParts):
         reader.result()  # raises the stream's error
         return None  # pragma: no cover - the reader ends only after putting None
 
+    @staticmethod
+    def _more(message: pb.AppendFramesRequest) -> list[Frame]:
+        """The message's further frames (`frames`), each checked at the edge."""
+        if len(message.frames) > bounds.BATCH_ITEMS.hi:
+            raise InvalidInput("frames", f"at most {bounds.BATCH_ITEMS.hi} frames per message")
+        limit = limits.REQUEST_LIMITS["/flowfabric.v1.WorkerService/AppendFrame"]
+        out = []
+        for i, f in enumerate(message.frames):
+            if f.ByteSize() > limit:
+                raise FlowFabricError(
+                    "payload_too_large",
+                    message=f"frames[{i}] is {f.ByteSize()} bytes; the limit is {limit}",
+                    metadata={"limit_bytes": str(limit)},
+                )
+            limits.check(bounds.TIMESTAMP_MS, f.timestamp, f"frames[{i}].timestamp")
+            out.append(Frame(
+                frame_type=f.frame_type, payload=f.payload, timestamp=f.timestamp or None,
+                encoding=f.encoding, metadata_json=f.metadata_json,
+                correlation_id=f.correlation_id, source=f.source,
+            ))  # fmt: skip
+        return out
+
     async def _append_arrived(
         self, messages: list[pb.AppendFramesRequest], out: pb.AppendFramesResponse
     ) -> None:
-        """Check each frame, append each run of consecutive frames of one partition in one
-        FCALL; at the first failure raise it with `appended_count` set."""
+        """Check each frame, append each run of consecutive one-frame messages of one
+        partition in one FCALL, and a message with further frames in an FCALL of its own (one
+        fence check for all of them, docs/streams.md#appending); at the first failure raise it
+        with `appended_count` set."""
         limit = limits.REQUEST_LIMITS["/flowfabric.v1.WorkerService/AppendFrame"]
         run: list[AppendArgs] = []
         try:
             for message in messages:
                 try:
-                    if message.ByteSize() > limit:
+                    size = message.frame.ByteSize() if message.frames else message.ByteSize()
+                    if size > limit:
                         raise FlowFabricError(
                             "payload_too_large",
-                            message=f"frame message is {message.ByteSize()} bytes; "
-                            f"the limit is {limit}",
+                            message=f"frame message is {size} bytes; the limit is {limit}",
                             metadata={"limit_bytes": str(limit)},
                         )
                     args = self._frame(message.frame)
+                    more = self._more(message)
                 except FlowFabricError:
                     await self._append_run(run, out)
                     run = []
                     raise
+                if more:
+                    await self._append_run(run, out)
+                    run = []
+                    reply = await self.fn.stream.append_frame(*args, more)
+                    out.appended_count += 1 + len(more)
+                    out.last_entry_id = reply.entry_id
+                    out.frame_count = reply.frame_count
+                    continue
                 if run and run[-1][0].tag != args[0].tag:
                     await self._append_run(run, out)
                     run = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from flowfabric.server.valkey.codec import Reply, decode
 from flowfabric.server.valkey.errors import FlowFabricError
 from flowfabric.server.valkey.functions.core import (
     Batch,
@@ -15,7 +14,6 @@ from flowfabric.server.valkey.functions.core import (
     KeyCtx,
     Outcome,
     arg,
-    build,
     call,
     call_batch,
     ek,
@@ -162,27 +160,7 @@ class CreatedMany:
     results: tuple[Created | Duplicate | FlowFabricError, ...]
 
 
-_ONE = CREATE.replies
-
-
-def _created_many(reply: Reply) -> CreatedMany:
-    out: list[Created | Duplicate | FlowFabricError] = []
-    for raw in reply.values:
-        try:
-            one = decode(raw, CREATE.name)
-        except FlowFabricError as exc:
-            out.append(exc)
-            continue
-        out.append(_ONE[one.status](one))
-    return CreatedMany(tuple(out))
-
-
-CREATE_MANY: Decl[CreatedMany] = Decl(
-    "ff_create_executions",
-    (pk("all_executions"), pk("execution_deadline"), pk("lanes")),
-    (arg("partition_id", "int"), tail("items")),
-    ok(_created_many),
-)
+CREATES: Batch[Created | Duplicate] = Batch("ff_create_executions", CREATE)
 SET_TAGS: Decl[TagsSet] = Decl(
     "ff_set_execution_tags", (ek("core"), ek("tags")), (tail("pairs"),), ok(record(TagsSet))
 )
@@ -259,11 +237,10 @@ REPLAY: Decl[PublicState] = Decl(
     ok(record(PublicState)),
 )
 
-BATCHES = (COMPLETES,)
+BATCHES = (CREATES, COMPLETES)
 
 DECLS = (
     CREATE,
-    CREATE_MANY,
     SET_TAGS,
     COMPLETE,
     FAIL,
@@ -291,29 +268,30 @@ def _create_values(x: NewExecution) -> dict[str, object]:
     }  # fmt: skip
 
 
+def _create_ctx(x: NewExecution) -> KeyCtx:
+    return exec_ctx(
+        x.execution_id, lane=x.lane_id, namespace=x.namespace, idempotency_key=x.idempotency_key
+    )
+
+
 class ExecutionFunctions:
     def __init__(self, store: Store) -> None:
         self.store = store
 
     async def create_execution(self, x: NewExecution) -> Created | Duplicate:
-        ctx = exec_ctx(
-            x.execution_id, lane=x.lane_id, namespace=x.namespace, idempotency_key=x.idempotency_key
-        )
-        return await call(self.store, CREATE, ctx, _create_values(x))
+        return await call(self.store, CREATE, _create_ctx(x), _create_values(x))
 
     async def create_executions(
         self, tag: str, partition: int, items: Sequence[NewExecution]
     ) -> CreatedMany:
         """Several creates on partition `partition` (tag `tag`) in one call: each item exactly
-        as `create_execution`, answered on its own, in order (docs/lifecycle.md#batch-create)."""
-        flat: list[str | bytes] = []
-        for x in items:
-            values = _create_values(x)
-            _, argv = build(CREATE, exec_ctx(x.execution_id), values)
-            flat += argv
-            flat.append(x.idempotency_key)
-        ctx = KeyCtx(tag=tag)
-        return await call(self.store, CREATE_MANY, ctx, {"partition_id": partition, "items": flat})
+        as `create_execution`, answered on its own, in order (docs/lifecycle.md#batch-create;
+        one batched Function, docs/lifecycle.md#batched-functions)."""
+        assert all(x.execution_id.tag == tag for x in items), "one partition per call"
+        replies: list[Created | Duplicate | FlowFabricError] = await call_batch(
+            self.store, CREATES, [(_create_ctx(x), _create_values(x)) for x in items]
+        )
+        return CreatedMany(tuple(replies))
 
     async def set_execution_tags(self, eid: ExecutionId, tags: Mapping[str, str]) -> TagsSet:
         pairs = [v for k in sorted(tags) for v in (k, tags[k])]

@@ -20,6 +20,7 @@ from flowfabric.server.valkey.functions.core import (
     ok,
     opt,
     record,
+    tail,
 )
 from flowfabric.server.valkey.ids import ExecutionId
 from flowfabric.server.valkey.store import Store
@@ -77,7 +78,7 @@ APPEND: Decl[Appended] = Decl(
     (arg("execution_id"), arg("attempt_index", "int"), arg("lease_id"), opt("lease_epoch"),
      arg("attempt_id"), arg("frame_type"), opt("timestamp"), arg("payload", "bytes"),
      arg("encoding"), arg("metadata_json"), arg("correlation_id"), arg("source"),
-     opt("retention_maxlen"), opt("max_payload_bytes")),
+     opt("retention_maxlen"), opt("max_payload_bytes"), tail("more_frames")),
     ok(record(Appended)),
 )  # fmt: skip
 READ: Decl[StreamRead] = Decl(
@@ -94,20 +95,36 @@ BATCHES = (APPENDS,)
 DECLS = (APPEND, READ)
 
 
+def _more(frames: Sequence[Frame]) -> list[str | bytes]:
+    """Further frames of one `ff_append_frame` call: 7 values each (lua/stream.lua)."""
+    out: list[str | bytes] = []
+    for f in frames:
+        out += [f.frame_type, "" if f.timestamp is None else str(f.timestamp), f.payload,
+                f.encoding, f.metadata_json, f.correlation_id, f.source]  # fmt: skip
+    return out
+
+
 class StreamFunctions:
     def __init__(self, store: Store) -> None:
         self.store = store
 
     async def append_frame(
-        self, eid: ExecutionId, attempt_index: int, fence: Fence, frame: Frame
+        self,
+        eid: ExecutionId,
+        attempt_index: int,
+        fence: Fence,
+        frame: Frame,
+        more: Sequence[Frame] = (),
     ) -> Appended:
+        """`frame`, then `more` (same attempt, fence, retention and payload cap: theirs are
+        ignored), in one call that appends all of them or none; the reply is the last one's."""
         return await call(self.store, APPEND, exec_ctx(eid, attempt_index=attempt_index), {
             "execution_id": str(eid), "attempt_index": attempt_index, **fence.values(),
             "frame_type": frame.frame_type, "timestamp": frame.timestamp,
             "payload": frame.payload, "encoding": frame.encoding,
             "metadata_json": frame.metadata_json, "correlation_id": frame.correlation_id,
             "source": frame.source, "retention_maxlen": frame.retention_maxlen,
-            "max_payload_bytes": frame.max_payload_bytes,
+            "max_payload_bytes": frame.max_payload_bytes, "more_frames": _more(more),
         })  # fmt: skip
 
     async def append_frames(
