@@ -8,9 +8,9 @@ member's final state and the flow's state equal those of a reference evaluator w
 independently of the engine; after every step the lane's namespace sub-indexes on the flow's
 partition add up to its eligible set (docs/lifecycle.md#tenant-fairness).
 
-25 examples per topology by default (seconds each); set FF_FLOW_PROPERTY_EXAMPLES
-for a longer run, e.g. `FF_FLOW_PROPERTY_EXAMPLES=500 .venv/bin/pytest -q
-tests/api/test_flow_properties.py`.
+15 examples on standalone and 5 on the Cluster by default (seconds each; the Cluster run is the
+slow one, and the same derandomized specs); set FF_FLOW_PROPERTY_EXAMPLES for a longer run on
+both, e.g. `FF_FLOW_PROPERTY_EXAMPLES=500 .venv/bin/pytest -q tests/api/test_flow_properties.py`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +36,7 @@ from tests.conftest import Api
 from tests.lua.util import check_lane_namespaces
 
 EXAMPLES = int(os.environ.get("FF_FLOW_PROPERTY_EXAMPLES", "15"))
+CLUSTER_EXAMPLES = int(os.environ.get("FF_FLOW_PROPERTY_EXAMPLES", "5"))
 MAX_MEMBERS = 30
 ABANDON_TTL_MS = 500
 EXAMPLE_DEADLINE_S = 30.0
@@ -237,13 +240,7 @@ def tag_of(run: Run) -> str:
     return run.ids[0][: run.ids[0].index("}") + 1]
 
 
-@settings(
-    max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
-    derandomize=EXAMPLES <= 25,
-)  # fmt: skip
-@given(spec=specs())
-async def test_random_flows_end_as_the_reference_says(engine_api: Api, spec: Spec) -> None:
-    api = engine_api
+async def check_random_flow(api: Api, spec: Spec) -> None:
     run = await submit(api, spec)
     await work(api, run)
     expected = reference(spec, run.halted_after, run.failed_first)
@@ -257,3 +254,25 @@ async def test_random_flows_end_as_the_reference_says(engine_api: Api, spec: Spe
     )
     assert view.flow.public_flow_state == flow_state(expected), spec
     await check_lane_namespaces(api.store, tag_of(run), run.lane)
+
+
+def _property(examples: int, name: str) -> Any:
+    @settings(
+        max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck),
+        derandomize=examples <= 25,
+    )  # fmt: skip
+    @given(spec=specs())
+    async def test(engine_api: Api, spec: Spec) -> None:
+        await check_random_flow(engine_api, spec)
+
+    test.__name__ = test.__qualname__ = name
+    return test
+
+
+# One property per topology, so each gets its own example count (CI time: tests/README.md).
+test_random_flows_end_as_the_reference_says = pytest.mark.parametrize(
+    "valkey_url", ["standalone"], indirect=True
+)(_property(EXAMPLES, "test_random_flows_end_as_the_reference_says"))
+test_random_flows_end_as_the_reference_says_on_a_cluster = pytest.mark.parametrize(
+    "valkey_url", ["cluster"], indirect=True
+)(_property(CLUSTER_EXAMPLES, "test_random_flows_end_as_the_reference_says_on_a_cluster"))

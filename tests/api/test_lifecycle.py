@@ -445,7 +445,8 @@ async def test_retry_after_is_the_handlers_delay_within_the_budget(api: Api) -> 
 async def test_deadline_and_attempt_timeout_expire(engine_api: Api) -> None:
     api = engine_api
     now = await server_time_ms(api.store)
-    by_deadline = await create(api, execution_deadline_at=now + 300)
+    # 1.5 s: the deadline must not pass before the claim below on a loaded machine
+    by_deadline = await create(api, execution_deadline_at=now + 1500)
     by_timeout = await create(
         api, policy=t.ExecutionPolicy(timeout_policy=t.TimeoutPolicy(attempt_timeout_ms=300))
     )

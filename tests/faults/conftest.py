@@ -1,9 +1,11 @@
 """The fault suite's report: each scenario's one-line count summary is printed in the normal
 pytest output (a terminal-summary section, with or without `-s`) and appended as a JSON line
-to `tests/faults/.last-run.jsonl` (rewritten by each run; gitignored)."""
+to `tests/faults/.last-run.jsonl` (rewritten by each run; gitignored). Under pytest-xdist each
+worker writes its own `.last-run.<worker>.jsonl` (and its summary lines are not shown)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ import pytest
 
 from tests.faults.harness import append_jsonl, summary_line
 
-RESULTS = Path(__file__).with_name(".last-run.jsonl")
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+RESULTS = Path(__file__).with_name(f".last-run.{_WORKER}.jsonl" if _WORKER else ".last-run.jsonl")
 _lines: list[str] = []
 
 Report = Callable[[str, dict[str, Any]], None]
