@@ -563,7 +563,9 @@ class Scheduler:
 
         The waiter listens before it claims and clears its wake flag before each claim, so an
         event that lands while a claim is in flight triggers another claim instead of being
-        lost until the backstop."""
+        lost until the backstop. A wait that runs out with no event answers [] without a last
+        claim: the next call's first claim is that pass, so an idle long poll costs one pass a
+        second rather than two."""
         if wait_ms <= 0:
             return await self.claim(req)
         deadline = time.monotonic() + wait_ms / 1000
@@ -594,3 +596,7 @@ class Scheduler:
                     )
                     closing.cancel()
                     woken.cancel()
+                    if not wake.is_set() and time.monotonic() >= deadline:
+                        # the wait ran out with no event: no last pass, the caller's next
+                        # ClaimNext claims first thing (docs/lifecycle.md#the-claim-cycle)
+                        return []
