@@ -19,6 +19,7 @@ import grpc
 from grpc_status import rpc_status
 
 from flowfabric.server.api import limits, logs
+from flowfabric.server.api.handlers import rewrap
 from flowfabric.server.valkey.errors import FlowFabricError
 
 log = logging.getLogger("flowfabric.rpc")
@@ -157,17 +158,7 @@ def _wrap(handler: Handler, method: str, deny: FlowFabricError | None) -> Handle
                 return
             yield item
 
-    codec = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **codec)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **codec)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **codec)
-    return grpc.stream_stream_rpc_method_handler(streaming, **codec)
+    return rewrap(handler, unary, streaming)
 
 
 def _token_ok(metadata: tuple[Any, ...] | None, expected: str) -> bool:

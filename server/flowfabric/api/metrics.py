@@ -43,6 +43,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from flowfabric.server.api.handlers import rewrap
 from flowfabric.server.valkey import budget_reads
 from flowfabric.server.valkey.functions.core import Leased, Outcome
 from flowfabric.server.valkey.functions.execution import Ended, FailOutcome
@@ -586,10 +587,6 @@ class MetricsInterceptor(Interceptor):
 
 
 def _instrument(handler: Handler, m: Metrics, service: str, method: str) -> Handler:
-    codec = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
 
     def done(code: str) -> None:
         m.rpc_handled.labels(service, method, code).inc()
@@ -625,13 +622,7 @@ def _instrument(handler: Handler, m: Metrics, service: str, method: str) -> Hand
             gauge.dec()
         done(_status(context) or "OK")
 
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **codec)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **codec)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **codec)
-    return grpc.stream_stream_rpc_method_handler(streaming, **codec)
+    return rewrap(handler, unary, streaming)
 
 
 def served_methods() -> list[tuple[str, str, bool]]:

@@ -20,6 +20,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from flowfabric.server.api.handlers import rewrap
+
 if TYPE_CHECKING:
     from flowfabric.server.api.interceptors import Context, Handler
 
@@ -142,14 +144,4 @@ def wrap(handler: Handler, method: str) -> Handler:
             _end(span, context, failed)
             span.end()
 
-    codec = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **codec)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **codec)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **codec)
-    return grpc.stream_stream_rpc_method_handler(streaming, **codec)
+    return rewrap(handler, unary, streaming)

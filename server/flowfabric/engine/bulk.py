@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flowfabric.server.valkey import lane_reads
+from flowfabric.server.valkey import flow_reads, lane_reads
 from flowfabric.server.valkey.codec import text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Fence, Functions
@@ -38,7 +38,6 @@ from flowfabric.server.valkey.keys import (
     BULK_RUNNING,
     BulkKeys,
     ExecKeys,
-    FlowKeys,
     PartitionKeys,
 )
 from flowfabric.server.valkey.store import Store, server_time_ms
@@ -332,21 +331,11 @@ class BulkJobs:
                     eid, reason, "operator_override", Fence()
                 )
                 return "skipped" if isinstance(reply, Replayed) else "done"
-            await self.fn.execution.replay_execution(eid, await self._inbound_edges(eid_text))
+            inbound = await flow_reads.replay_inbound_edges(self.store, eid)
+            await self.fn.execution.replay_execution(eid, inbound)
             return "done"
         except FlowFabricError as exc:
             return "skipped" if exc.code in SKIP_CODES else exc.code
-
-    async def _inbound_edges(self, eid_text: str) -> tuple[str, ...]:
-        """A skipped flow member's inbound edge ids, as ReplayExecution reads them."""
-        eid = parse_execution_id(eid_text, self.partitions)
-        fid, outcome = await self.store.call(
-            "HMGET", ExecKeys(eid).core, "flow_id", "terminal_outcome"
-        )
-        if not text(fid) or text(outcome) != "skipped":
-            return ()
-        members = await self.store.call("SMEMBERS", FlowKeys(eid.tag, text(fid)).incoming(eid_text))
-        return tuple(sorted(text(m) for m in members))
 
 
 class BulkRunner:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from flowfabric.server.valkey.codec import hash_to_dict, text
 from flowfabric.server.valkey.errors import FlowFabricError
-from flowfabric.server.valkey.keys import FlowKeys
+from flowfabric.server.valkey.ids import ExecutionId
+from flowfabric.server.valkey.keys import ExecKeys, FlowKeys
 from flowfabric.server.valkey.store import Store
 from flowfabric.v1 import flow_pb2 as fpb
 from flowfabric.v1 import types_pb2 as t
@@ -149,3 +150,14 @@ async def list_edges(
             )
         out.append(edge_snapshot(fields, f"edge {edge_id}"))
     return out, (page[-1] if more else "")
+
+
+async def replay_inbound_edges(store: Store, eid: ExecutionId) -> tuple[str, ...]:
+    """A skipped flow member's inbound edge ids (its flow's `in:` set), which its replay
+    reopens (docs/flows.md#replaying-a-skipped-member); () for anything else. Read by
+    ReplayExecution and by bulk replay."""
+    fid, outcome = await store.call("HMGET", ExecKeys(eid).core, "flow_id", "terminal_outcome")
+    if not text(fid) or text(outcome) != "skipped":
+        return ()
+    members = await store.call("SMEMBERS", FlowKeys(eid.tag, text(fid)).incoming(str(eid)))
+    return tuple(sorted(text(m) for m in members))

@@ -15,7 +15,7 @@ from flowfabric.server.api.limits import bounds
 from flowfabric.server.api.servicers.base import ServerContext
 from flowfabric.server.engine.events import EventHub
 from flowfabric.server.engine.lane_partitions import LanePartitions
-from flowfabric.server.valkey import reads, tracecontext
+from flowfabric.server.valkey import flow_reads, reads, tracecontext
 from flowfabric.server.valkey.codec import cancel_source, enum_text, enum_value, text
 from flowfabric.server.valkey.errors import FlowFabricError, InvalidInput
 from flowfabric.server.valkey.functions import Fence, Functions, NewExecution
@@ -426,7 +426,8 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
         self, request: pb.ReplayExecutionRequest, context: Any
     ) -> pb.ReplayExecutionResponse:
         eid = self.ctx.execution_id(request.execution_id)
-        reply = await self.fn.execution.replay_execution(eid, await self._inbound_edges(eid))
+        inbound = await flow_reads.replay_inbound_edges(self.ctx.store, eid)
+        reply = await self.fn.execution.replay_execution(eid, inbound)
         if self.on_created is not None:
             self.on_created()
         return pb.ReplayExecutionResponse(
@@ -434,19 +435,6 @@ class ExecutionServicer(rpc.ExecutionServiceServicer):
                 public_state=enum_value(t.PublicState, reply.public_state)
             )
         )
-
-    async def _inbound_edges(self, eid: ExecutionId) -> tuple[str, ...]:
-        """A skipped flow member's inbound edge ids (its flow's `in:` set), which its replay
-        reopens (docs/flows.md#replaying-a-skipped-member); () for anything else."""
-        fid, outcome = await self.ctx.store.call(
-            "HMGET", ExecKeys(eid).core, "flow_id", "terminal_outcome"
-        )
-        if not text(fid) or text(outcome) != "skipped":
-            return ()
-        members = await self.ctx.store.call(
-            "SMEMBERS", FlowKeys(eid.tag, text(fid)).incoming(str(eid))
-        )
-        return tuple(sorted(text(m) for m in members))
 
     async def ResumeExecution(
         self, request: pb.ResumeExecutionRequest, context: Any
