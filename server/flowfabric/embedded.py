@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger("flowfabric.embedded")
 
@@ -141,6 +143,13 @@ def valkey_binary() -> Path:
     return Path(get_binary_path())
 
 
+PORT_RETRIES = 5
+
+
+class _PortTaken(RuntimeError):
+    """valkey-server could not bind a port picked for it."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -175,6 +184,7 @@ class ValkeyProcess:
         self.persistent = persistent
         self.cluster = cluster
         self.port = port or free_port()
+        self._ports_chosen = port is None  # ours to choose again if another process takes one
         # Valkey derives the cluster bus port as port + 10000 unless told; pick a free one.
         self.bus_port = free_port() if cluster else 0
         self.password = password
@@ -237,6 +247,20 @@ class ValkeyProcess:
         return args
 
     def start(self, timeout: float = 10.0) -> ValkeyProcess:
+        """Start and wait for PING. A port picked by `free_port` can be taken by another process
+        before valkey-server binds it (two test workers, any client's ephemeral port): then
+        fresh ports are picked and the start is tried again, a few times."""
+        for attempt in range(PORT_RETRIES):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                if not self._ports_chosen or attempt == PORT_RETRIES - 1:
+                    raise
+                self.port = free_port()
+                self.bus_port = free_port() if self.cluster else 0
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _start(self, timeout: float) -> ValkeyProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.password:
             conf = self.data_dir / CONF_FILE
@@ -244,24 +268,27 @@ class ValkeyProcess:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(f"requirepass {self.password}\n")
+        log_file = self.data_dir / "valkey.log"
+        log_from = log_file.stat().st_size if log_file.exists() else 0
         self.proc = _spawn(self.argv())
         if self.persistent:
             (self.data_dir / PID_FILE).write_text(f"{self.proc.pid}\n")
         deadline = time.monotonic() + timeout
         while True:
+            if self.proc.poll() is not None:  # exited: never ping whoever holds the port
+                this_start = log_file.read_text()[log_from:] if log_file.exists() else ""
+                error = _PortTaken if "Address already in use" in this_start else RuntimeError
+                raise error(
+                    f"valkey-server exited with {self.proc.returncode}:\n{this_start[-2000:]}"
+                )
             try:
                 with redis.Redis(
-                    port=self.port, password=self.password, socket_connect_timeout=0.5
-                ) as r:
+                    port=self.port, password=self.password, socket_connect_timeout=0.5,
+                    socket_timeout=0.5, retry=Retry(NoBackoff(), 0),
+                ) as r:  # fmt: skip
                     r.ping()
                 return self
-            except redis.exceptions.ConnectionError:
-                if self.proc.poll() is not None:
-                    log_file = self.data_dir / "valkey.log"
-                    tail = log_file.read_text()[-2000:] if log_file.exists() else ""
-                    raise RuntimeError(
-                        f"valkey-server exited with {self.proc.returncode}:\n{tail}"
-                    ) from None
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
